@@ -1,0 +1,33 @@
+"""isobranch: state-graph workflows whose parallel branches are isolated.
+
+Every branch of a fan-out gets a deep copy of the state and its own fresh Lua
+VM, and runs on a pluggable isolation backend (inline, thread, ...).
+"""
+
+from .branch import ParallelFlowResult
+from .errors import GraphError, GraphExecutionError
+from .graph import CompiledGraph, StateGraph
+from .isolation.base import IsolationBackend, available_backends, register_backend
+from .lua.runtime import LuaMemoryError, LuaRuntime, LuaRuntimeError, LuaTimeoutError
+from .runner import END, START
+from .yaml_engine import YAMLEngine
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "END",
+    "START",
+    "CompiledGraph",
+    "GraphError",
+    "GraphExecutionError",
+    "IsolationBackend",
+    "LuaMemoryError",
+    "LuaRuntime",
+    "LuaRuntimeError",
+    "LuaTimeoutError",
+    "ParallelFlowResult",
+    "StateGraph",
+    "YAMLEngine",
+    "available_backends",
+    "register_backend",
+]

@@ -1,0 +1,191 @@
+"""One branch of a fan-out: its task, its result, and the code that runs it.
+
+``run_branch`` is the same function on every backend; only the place it runs
+differs. A branch gets a private deep copy of the state and a private
+execution context (fresh Lua VM, created lazily), runs from its first node
+until it reaches the fan-in node or END, and always returns a
+``ParallelFlowResult``: failures are data, not exceptions.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .context import BranchCancelled, BranchTimeout, ExecutionContext
+from .errors import GraphExecutionError
+from .statecopy import StateSnapshot
+
+if TYPE_CHECKING:
+    from .graph import CompiledGraph
+
+
+@dataclass
+class ParallelFlowResult:
+    """What one branch produced.
+
+    ``state`` is the branch's final state, or its state as of the failure.
+    ``error`` is a message (it must cross process boundaries) naming the
+    failing node; ``error_type`` the exception's class name. Reads like a
+    dict too: ``result["state"]``, ``result.get("branch")``.
+    """
+
+    branch: str
+    state: dict = field(default_factory=dict)
+    success: bool = True
+    error: str | None = None
+    error_type: str | None = None
+    timed_out: bool = False
+    duration_ms: float = 0.0
+    isolation: str = "inline"
+    worker: str | int | None = None
+    node: str | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Return the field ``key``, or ``default`` if there is no such field."""
+        return getattr(self, key, default) if key in self.__dataclass_fields__ else default
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.__dataclass_fields__
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.__dataclass_fields__)
+
+    def keys(self) -> list[str]:
+        """Field names, so ``dict(result)`` works."""
+        return list(self.__dataclass_fields__)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict of every field (the state is copied)."""
+        return asdict(self)
+
+
+@dataclass
+class BranchLimits:
+    """Limits shared by every branch of one fan-out."""
+
+    branch_timeout: float | None = None
+    fail_fast: bool = False
+
+
+@dataclass
+class BranchTask:
+    """Plain data describing one branch; backends ship it wherever they run it."""
+
+    graph: CompiledGraph
+    branch: str
+    fan_in: str
+    snapshot: StateSnapshot
+    limits: BranchLimits
+    isolation: str
+    path: str = ""
+
+    @property
+    def label(self) -> str:
+        """The branch name as shown in messages (``outer/inner`` when nested)."""
+        return self.path or self.branch
+
+
+class BranchMonitor:
+    """Live view of a running branch for an in-process backend.
+
+    The backend reads ``started_at``/``node`` to judge and report a timeout,
+    and sets ``cancelled`` so the branch stops at its next node boundary.
+    """
+
+    def __init__(self) -> None:
+        self.started_at: float | None = None
+        self.node: str | None = None
+        self.state: dict | None = None
+        self.cancelled = threading.Event()
+
+
+def run_branch(task: BranchTask, monitor: BranchMonitor | None = None) -> ParallelFlowResult:
+    """Run one branch to its fan-in node (or END) and describe the outcome."""
+    from .runner import NodeFailure, run_steps
+
+    started = time.monotonic()
+    if monitor is not None:
+        monitor.started_at = started
+    deadline = started + task.limits.branch_timeout if task.limits.branch_timeout else None
+    worker = _worker_name(task.isolation)
+    state: dict = {}
+    context = ExecutionContext(
+        task.graph, deadline=deadline, time_limit=task.limits.branch_timeout, branch=task.label,
+        monitor=monitor, fan_out_limits=task.limits,
+        nested_isolation="inline" if task.isolation == "inline" else "thread")
+    try:
+        state = task.snapshot.copy()
+        if monitor is not None:
+            monitor.state = state
+        for _event in run_steps(task.graph, state, context, start=task.branch,
+                                stop_at=task.fan_in):
+            pass
+        return ParallelFlowResult(branch=task.branch, state=state, success=True,
+                                  duration_ms=_ms_since(started), isolation=task.isolation,
+                                  worker=worker)
+    except NodeFailure as failure:
+        return ParallelFlowResult(
+            branch=task.branch, state=failure.state, success=False, error=str(failure),
+            error_type=failure.error_type, timed_out=failure.timed_out,
+            duration_ms=_ms_since(started), isolation=task.isolation, worker=worker,
+            node=failure.node)
+    except BranchTimeout as timeout:
+        return ParallelFlowResult(
+            branch=task.branch, state=state, success=False, error=str(timeout),
+            error_type="BranchTimeout", timed_out=True, duration_ms=_ms_since(started),
+            isolation=task.isolation, worker=worker, node=timeout.node)
+    except BranchCancelled as cancelled:
+        return cancelled_result(task, str(cancelled))
+    except GraphExecutionError as exc:
+        return ParallelFlowResult(
+            branch=task.branch, state=exc.state if exc.state is not None else state,
+            success=False, error=str(exc), error_type=exc.error_type or type(exc).__name__,
+            timed_out=exc.timed_out, duration_ms=_ms_since(started),
+            isolation=task.isolation, worker=worker, node=exc.node)
+    except Exception as exc:  # a branch must never take its siblings down
+        return ParallelFlowResult(
+            branch=task.branch, state=state, success=False,
+            error=f"branch {task.label!r}: {type(exc).__name__}: {exc}",
+            error_type=type(exc).__name__, duration_ms=_ms_since(started),
+            isolation=task.isolation, worker=worker)
+    finally:
+        context.close()
+
+
+def cancelled_result(task: BranchTask, reason: str) -> ParallelFlowResult:
+    """The result of a branch that was stopped (or never started) because of ``reason``."""
+    return ParallelFlowResult(branch=task.branch, success=False, error=reason,
+                              error_type="Cancelled", isolation=task.isolation)
+
+
+def timed_out_result(task: BranchTask, monitor: BranchMonitor | None) -> ParallelFlowResult:
+    """The result of a branch the backend gave up waiting for after ``branch_timeout``."""
+    node = monitor.node if monitor else None
+    where = f" in node {node!r}" if node else ""
+    started = monitor.started_at if monitor and monitor.started_at else time.monotonic()
+    state = dict(monitor.state) if monitor and monitor.state is not None else {}
+    return ParallelFlowResult(
+        branch=task.branch, state=state, success=False,
+        error=(f"branch {task.label!r} timed out after {task.limits.branch_timeout:g}s{where}"),
+        error_type="BranchTimeout", timed_out=True, duration_ms=_ms_since(started),
+        isolation=task.isolation, worker=None, node=node)
+
+
+def _ms_since(started: float) -> float:
+    return (time.monotonic() - started) * 1000.0
+
+
+def _worker_name(isolation: str) -> str | int:
+    if isolation in ("inline", "thread"):
+        return threading.current_thread().name
+    return os.getpid()

@@ -1,0 +1,180 @@
+"""The ``isobranch`` command: run, validate and draw YAML workflows.
+
+Exit codes: 0 success, 1 the workflow failed while running, 2 invalid input
+(bad YAML, unknown node or backend, bad ``--input``). Errors are one line
+on stderr; ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .branch import ParallelFlowResult
+from .errors import GraphError, GraphExecutionError
+from .yaml_engine import YAMLEngine, read_yaml_file
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+
+
+class InputError(Exception):
+    """The command line or its ``--input`` is unusable."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``isobranch`` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (GraphError, InputError) as exc:
+        return _fail(args, exc, EXIT_INVALID)
+    except GraphExecutionError as exc:
+        return _fail(args, exc, EXIT_FAILED)
+    except KeyboardInterrupt:
+        print("isobranch: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an engine bug still gets one readable line
+        return _fail(args, exc, EXIT_FAILED, label=f"internal error ({type(exc).__name__})")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="isobranch", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a workflow and print the final state as JSON")
+    run.add_argument("file", help="workflow YAML file")
+    run.add_argument("--input", "-i", default=None,
+                     help="initial state: a JSON object, or @path/to/file.json")
+    run.add_argument("--isolation", default=None,
+                     help="isolation backend (overrides settings.parallel.isolation)")
+    run.add_argument("--stream", action="store_true",
+                     help="print one JSON event per line as nodes finish")
+    run.set_defaults(handler=_run)
+
+    validate = commands.add_parser("validate", help="report every problem in a workflow")
+    validate.add_argument("file")
+    validate.set_defaults(handler=_validate)
+
+    draw = commands.add_parser("graph", help="print the workflow as a Mermaid flowchart")
+    draw.add_argument("file")
+    draw.set_defaults(handler=_graph)
+
+    for sub in (run, validate, draw):
+        sub.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    state = _read_input(args.input)
+    engine = YAMLEngine(isolation=args.isolation)
+    with engine.load_from_file(args.file) as graph:
+        if not args.stream:
+            _print_json(graph.invoke(state))
+            return EXIT_OK
+        for event in graph.stream(state):
+            _print_json(_event_json(event), compact=True)
+            sys.stdout.flush()
+    return EXIT_OK
+
+
+def _validate(args: argparse.Namespace) -> int:
+    problems = YAMLEngine().validate_file(args.file)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        return EXIT_INVALID
+    print(f"{args.file}: ok")
+    return EXIT_OK
+
+
+def _graph(args: argparse.Namespace) -> int:
+    YAMLEngine().load_from_file(args.file).close()  # validate first
+    document, _ = read_yaml_file(args.file)
+    nodes = [spec["name"] for spec in document["nodes"]]
+    edges = document.get("edges")
+    if edges is None:
+        chain = ["__start__", *nodes, "__end__"]
+        edges = [{"from": a, "to": b} for a, b in zip(chain, chain[1:], strict=False)]
+    lines = ["flowchart TD"]
+    for edge in edges:
+        label = ""
+        if edge.get("type") == "parallel":
+            label = f"parallel, fan-in {edge['fan_in']}"
+        elif "when" in edge:
+            when = edge["when"]
+            label = f"lua: {when['lua']}" if isinstance(when, dict) and "lua" in when else str(
+                when.get("python") if isinstance(when, dict) else when)
+        arrow = f" -->|{_mermaid_text(label)}| " if label else " --> "
+        lines.append(f"    {_mermaid_id(edge['from'])}{arrow}{_mermaid_id(edge['to'])}")
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+def _mermaid_id(name: str) -> str:
+    return f'{"n_" + "".join(c if c.isalnum() else "_" for c in name)}["{_mermaid_text(name)}"]'
+
+
+def _mermaid_text(text: str) -> str:
+    return text.replace('"', "#quot;").replace("|", "#124;")
+
+
+def _read_input(raw: str | None) -> dict:
+    if raw is None:
+        return {}
+    where = "--input"
+    if raw.startswith("@"):
+        path = Path(raw[1:])
+        where = f"--input file {str(path)!r}"
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"{where}: cannot read: {exc}") from exc
+    try:
+        state = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{where}: invalid JSON at line {exc.lineno} column {exc.colno}: "
+                         f"{exc.msg}") from exc
+    if not isinstance(state, dict):
+        raise InputError(f"{where}: must be a JSON object, got {type(state).__name__}")
+    return state
+
+
+def _event_json(event: dict[str, Any]) -> dict[str, Any]:
+    if event["type"] == "parallel":
+        return {**event, "branches": [r.to_dict() for r in event["branches"]]}
+    return event
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, ParallelFlowResult):
+        return value.to_dict()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    return repr(value)
+
+
+def _print_json(value: Any, *, compact: bool = False) -> None:
+    print(json.dumps(value, default=_json_default, ensure_ascii=False,
+                     indent=None if compact else 2, sort_keys=not compact))
+
+
+def _fail(args: argparse.Namespace, exc: BaseException, code: int, label: str = "error") -> int:
+    if getattr(args, "debug", False):
+        traceback.print_exception(exc, file=sys.stderr)
+    message = " ".join(str(exc).split("\n")) if code != EXIT_INVALID else str(exc)
+    if isinstance(exc, GraphError) and len(exc.problems) > 1:
+        message = "; ".join(exc.problems)
+        if exc.source:
+            message = f"{exc.source}: {message}"
+    print(f"isobranch: {label}: {message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The execution context: everything one invocation or one branch owns.
+
+A context is created per ``invoke`` and per branch and passed explicitly to
+every node; it owns one lazily created Lua VM that its sequential nodes
+share and that dies with it. Nothing here lives in a thread-local, so a
+reused pool thread can never see a previous branch's VM.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from .lua.runtime import LuaRuntime, LuaTimeoutError
+
+if TYPE_CHECKING:
+    from .branch import BranchLimits, BranchMonitor
+    from .graph import CompiledGraph
+    from .isolation.base import IsolationBackend
+
+
+class BranchTimeout(Exception):
+    """A branch ran past its ``branch_timeout``."""
+
+    def __init__(self, message: str, node: str | None = None) -> None:
+        super().__init__(message)
+        self.node = node
+
+
+class BranchCancelled(Exception):
+    """A branch was stopped because a sibling failed under ``fail_fast``."""
+
+
+class ExecutionContext:
+    """State of one invocation or one branch: Lua VM, deadline, fan-out backend."""
+
+    def __init__(self, graph: CompiledGraph, *, deadline: float | None = None,
+                 branch: str | None = None, monitor: BranchMonitor | None = None,
+                 time_limit: float | None = None, backend: IsolationBackend | None = None,
+                 nested_isolation: str = "thread", max_workers: int | None = None,
+                 fan_out_limits: BranchLimits) -> None:
+        self.graph = graph
+        self.deadline = deadline
+        self.time_limit = time_limit
+        self.branch = branch
+        self.monitor = monitor
+        self.max_workers = max_workers
+        self.fan_out_limits = fan_out_limits
+        self._backend = backend
+        self._owns_backend = backend is None
+        self._nested_isolation = nested_isolation
+        self._lua: LuaRuntime | None = None
+        self.node: str | None = None
+
+    @property
+    def isolation(self) -> str:
+        """Name of the backend this context's fan-outs run on."""
+        return self._backend.name if self._backend is not None else self._nested_isolation
+
+    @property
+    def lua(self) -> LuaRuntime:
+        """This context's Lua VM, created on first use."""
+        if self._lua is None:
+            self._lua = LuaRuntime(timeout=self.graph.lua_timeout,
+                                   max_memory=self.graph.lua_max_memory)
+        return self._lua
+
+    def enter_node(self, node: str, state: dict) -> None:
+        """Record the running node; stop here if the branch is out of time or cancelled."""
+        self.node = node
+        if self.monitor is not None:
+            self.monitor.node = node
+            if self.monitor.cancelled.is_set():
+                raise BranchCancelled(f"branch {self.branch!r} cancelled before node {node!r}")
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise self._timeout(node)
+
+    def run_lua(self, method: str, code: str, state: dict, *, chunk_name: str) -> Any:
+        """Call ``LuaRuntime.<method>`` with the Lua timeout cut to the branch deadline."""
+        runtime = self.lua
+        limit = self.graph.lua_timeout
+        cut_by_deadline = False
+        if self.deadline is not None:
+            remaining = max(self.deadline - time.monotonic(), 0.001)
+            if limit is None or remaining < limit:
+                limit, cut_by_deadline = remaining, True
+        try:
+            return getattr(runtime, method)(code, state, variables=self.graph.variables,
+                                            chunk_name=chunk_name, timeout=limit)
+        except LuaTimeoutError as exc:
+            if cut_by_deadline:
+                raise self._timeout(self.node) from exc
+            raise
+
+    def fan_out_backend(self) -> IsolationBackend:
+        """The backend for fan-outs started from this context.
+
+        The main path uses the compiled graph's pooled backend; a branch runs
+        its nested fan-outs on a backend of its own that dies with it.
+        """
+        if self._backend is None:
+            from .isolation.base import create_backend
+
+            self._backend = create_backend(self._nested_isolation, max_workers=self.max_workers)
+        return self._backend
+
+    def _timeout(self, node: str | None) -> BranchTimeout:
+        where = f" in node {node!r}" if node else ""
+        limit = f" after {self.time_limit:g}s" if self.time_limit else ""
+        return BranchTimeout(f"branch {self.branch!r} timed out{limit}{where}", node)
+
+    def close(self) -> None:
+        """Drop the Lua VM and any backend this context created."""
+        if self._lua is not None:
+            self._lua.close()
+            self._lua = None
+        if self._owns_backend and self._backend is not None:
+            self._backend.close()
+            self._backend = None

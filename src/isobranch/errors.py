@@ -1,0 +1,52 @@
+"""Exceptions raised by the engine for invalid graphs and failed runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class GraphError(Exception):
+    """A graph or YAML document is invalid.
+
+    ``problems`` lists every problem found, each already naming its location
+    (file, node or edge); the message joins them.
+    """
+
+    def __init__(self, message: str | None = None, *, problems: list[str] | None = None,
+                 source: str | None = None) -> None:
+        self.problems = list(problems) if problems else ([message] if message else [])
+        self.source = source
+        text = message if message is not None else "; ".join(self.problems)
+        if source and not text.startswith(source):
+            text = f"{source}: {text}"
+        super().__init__(text)
+
+
+class GraphExecutionError(Exception):
+    """A node failed while the graph ran.
+
+    Attributes name where it happened: ``node``, ``branch`` (None on the main
+    path), ``error_type`` (the class name of the original exception),
+    ``state`` (the state as of the failure) and, for a failed fan-out,
+    ``results`` (every branch's ``ParallelFlowResult``).
+    """
+
+    def __init__(self, message: str, *, node: str | None = None, branch: str | None = None,
+                 error_type: str | None = None, state: dict | None = None,
+                 results: list[Any] | None = None, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.node = node
+        self.branch = branch
+        self.error_type = error_type
+        self.state = state
+        self.results = results
+        self.timed_out = timed_out
+
+    def __reduce__(self):  # keep the keyword attributes across pickling
+        return (_rebuild_execution_error, (self.args[0], self.__dict__))
+
+
+def _rebuild_execution_error(message: str, attrs: dict) -> GraphExecutionError:
+    error = GraphExecutionError(message)
+    error.__dict__.update(attrs)
+    return error

@@ -1,0 +1,385 @@
+"""StateGraph (building and validating a graph) and CompiledGraph (running it)."""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .branch import BranchLimits
+from .conditions import Condition, as_condition
+from .context import ExecutionContext
+from .errors import GraphError, GraphExecutionError
+from .isolation.base import IsolationBackend, available_backends, create_backend
+from .lua.runtime import DEFAULT_MAX_MEMORY
+from .nodes import Node, as_node
+from .runner import END, START, run_steps
+from .statecopy import StateCopyError, StateSnapshot
+
+DEFAULT_MAX_STEPS = 10_000
+CONFIG_KEYS = ("isolation", "max_workers", "branch_timeout", "fail_fast")
+
+
+@dataclass
+class Routes:
+    """Where to go after a node: a router, conditional edges, a default edge."""
+
+    router: Callable[[dict], Any] | None = None
+    mapping: dict[Any, str] | None = None
+    conditional: list[tuple[Condition, str]] = field(default_factory=list)
+    default: str | None = None
+
+
+class StateGraph:
+    """A graph of nodes over a dict state, built in Python.
+
+    Nodes are callables ``fn(state) -> dict | None`` (fan-in nodes:
+    ``fn(state, parallel_results)``) or ``Node`` objects. ``compile``
+    validates everything and returns a ``CompiledGraph``.
+    """
+
+    def __init__(self, state_schema: Any = None) -> None:
+        self.state_schema = state_schema
+        self._nodes: dict[str, Node] = {}
+        self._fan_in_nodes: set[str] = set()
+        self._edges: list[tuple[str, str, Condition | None]] = []
+        self._routers: dict[str, tuple[Callable[[dict], Any], dict[Any, str] | None]] = {}
+        self._parallel: list[tuple[str, str, str]] = []
+        self._entry: str | None = None
+        self._finish: set[str] = set()
+
+    def add_node(self, name: str, fn: Callable[..., Any] | Node) -> StateGraph:
+        """Add a node; ``fn`` is a callable of ``state`` or a ``Node``."""
+        if not isinstance(name, str) or not name:
+            raise GraphError(f"node name must be a non-empty string, got {name!r}")
+        if name in (START, END):
+            raise GraphError(f"node name {name!r} is reserved")
+        if name in self._nodes:
+            raise GraphError(f"node {name!r} is defined twice")
+        try:
+            self._nodes[name] = as_node(name, fn)
+        except (TypeError, ValueError) as exc:
+            raise GraphError(f"node {name!r}: {exc}") from exc
+        return self
+
+    def add_fan_in_node(self, name: str, fn: Callable[..., Any] | Node) -> StateGraph:
+        """Add a fan-in node: it runs once after all branches, with ``parallel_results``."""
+        self.add_node(name, fn)
+        self._fan_in_nodes.add(name)
+        return self
+
+    def add_edge(self, source: str, target: str,
+                 when: Condition | Callable[[dict], Any] | str | None = None) -> StateGraph:
+        """Add an edge; with ``when`` it is taken only if the condition holds.
+
+        ``add_edge(START, n)`` sets the entry point; a target of ``END``
+        finishes the run.
+        """
+        if source == START:
+            if when is not None:
+                raise GraphError(f"edge {START} -> {target}: the start edge cannot have a condition")
+            self.set_entry_point(target)
+            return self
+        try:
+            condition = as_condition(when) if when is not None else None
+        except (TypeError, SyntaxError) as exc:
+            raise GraphError(f"edge {source} -> {target}: invalid condition: {exc}") from exc
+        self._edges.append((source, target, condition))
+        return self
+
+    def add_conditional_edges(self, source: str, router: Callable[[dict], Any],
+                              mapping: dict[Any, str] | None = None) -> StateGraph:
+        """Route from ``source`` by ``router(state)``: its value (through ``mapping``) names the next node."""
+        if source in self._routers:
+            raise GraphError(f"node {source!r} already has conditional edges")
+        if not callable(router):
+            raise GraphError(f"conditional edges from {source!r}: router must be callable")
+        self._routers[source] = (router, dict(mapping) if mapping is not None else None)
+        return self
+
+    def add_parallel_edge(self, source: str, target: str, fan_in: str) -> StateGraph:
+        """Start ``target`` as a branch after ``source``; branches meet at ``fan_in``."""
+        if not fan_in:
+            raise GraphError(f"parallel edge {source} -> {target}: fan_in is required")
+        self._parallel.append((source, target, fan_in))
+        return self
+
+    def set_entry_point(self, name: str) -> StateGraph:
+        """Make ``name`` the first node."""
+        if self._entry is not None and self._entry != name:
+            raise GraphError(f"two entry points: {self._entry!r} and {name!r}")
+        self._entry = name
+        return self
+
+    def set_finish_point(self, name: str) -> StateGraph:
+        """End the run after ``name``."""
+        self._finish.add(name)
+        return self
+
+    def validate(self) -> list[str]:
+        """Every problem with the graph, each naming its node or edge."""
+        problems: list[str] = []
+        known = set(self._nodes)
+
+        def check(name: str, where: str) -> None:
+            if name != END and name not in known:
+                problems.append(f"{where}: unknown node {name!r}")
+
+        if self._entry is None:
+            problems.append(f"no entry point: add an edge from {START} or set_entry_point()")
+        elif self._entry not in known:
+            problems.append(f"entry point: unknown node {self._entry!r}")
+        for source, target, _ in self._edges:
+            check(source, f"edge {source} -> {target}")
+            check(target, f"edge {source} -> {target}")
+        for name in self._finish:
+            check(name, "finish point")
+        for source, (_, mapping) in self._routers.items():
+            check(source, f"conditional edges from {source!r}")
+            for value, target in (mapping or {}).items():
+                check(target, f"conditional edge {source} -[{value!r}]-> {target}")
+        fan_ins: dict[str, set[str]] = {}
+        for source, target, fan_in in self._parallel:
+            where = f"parallel edge {source} -> {target}"
+            check(source, where)
+            check(target, where)
+            if fan_in not in known:
+                problems.append(f"{where}: fan-in node {fan_in!r} does not exist")
+            elif fan_in not in self._fan_in_nodes:
+                problems.append(f"{where}: node {fan_in!r} is used as a fan-in node but was not "
+                                f"declared as one (add_fan_in_node / YAML 'fan_in: true')")
+            if target == fan_in:
+                problems.append(f"{where}: a branch cannot start at its own fan-in node")
+            fan_ins.setdefault(source, set()).add(fan_in)
+        for source, targets in fan_ins.items():
+            if len(targets) > 1:
+                problems.append(f"fan-out from {source!r} names {len(targets)} fan-in nodes "
+                                f"({', '.join(sorted(targets))}); one fan-out has one fan-in")
+            normal = [t for s, t, _ in self._edges if s == source]
+            if normal or source in self._routers or source in self._finish:
+                problems.append(f"node {source!r} has parallel edges and other outgoing edges; "
+                                f"route after its fan-in node instead")
+        for source in {s for s, _, _ in self._edges}:
+            defaults = [t for s, t, c in self._edges if s == source and c is None]
+            if source in self._finish:
+                defaults.append(END)
+            if len(defaults) > 1:
+                problems.append(f"node {source!r} has {len(defaults)} unconditional edges "
+                                f"({', '.join(defaults)}); use parallel edges or conditions")
+            if source in self._routers:
+                problems.append(f"node {source!r} has both a router and plain edges")
+        return problems
+
+    def compile(self, isolation: str = "thread", max_workers: int | None = None,
+                branch_timeout: float | None = None, fail_fast: bool = False, *,
+                lua_timeout: float | None = 30.0, lua_max_memory: int | None = DEFAULT_MAX_MEMORY,
+                variables: dict | None = None, max_steps: int = DEFAULT_MAX_STEPS,
+                backend_options: dict[str, Any] | None = None,
+                name: str | None = None) -> CompiledGraph:
+        """Validate the graph and freeze it into a runnable ``CompiledGraph``.
+
+        ``backend_options`` are extra keyword arguments for the ``isolation``
+        backend's factory. Raises ``GraphError`` listing every problem.
+        """
+        problems = self.validate()
+        if isolation not in available_backends():
+            problems.append(f"unknown isolation backend {isolation!r}; available: "
+                            f"{', '.join(available_backends())}")
+        problems.extend(_limit_problems(max_workers=max_workers, branch_timeout=branch_timeout,
+                                        max_steps=max_steps))
+        backend = None
+        if not problems:
+            # Built now (its workers start lazily) so bad backend options fail here.
+            try:
+                backend = create_backend(isolation, max_workers=max_workers,
+                                         **(backend_options or {}))
+            except (GraphError, ValueError) as exc:
+                problems.append(str(exc))
+        if problems:
+            raise GraphError(problems=problems)
+        routes: dict[str, Routes] = {name: Routes() for name in self._nodes}
+        for source, target, condition in self._edges:
+            if condition is None:
+                routes[source].default = target
+            else:
+                routes[source].conditional.append((condition, target))
+        for source in self._finish:
+            routes[source].default = END
+        for source, (router, mapping) in self._routers.items():
+            routes[source].router, routes[source].mapping = router, mapping
+        fan_outs: dict[str, tuple[list[str], str]] = {}
+        for source, target, fan_in in self._parallel:
+            fan_outs.setdefault(source, ([], fan_in))[0].append(target)
+        assert self._entry is not None and backend is not None
+        compiled = CompiledGraph(
+            nodes=dict(self._nodes), routes=routes, fan_outs=fan_outs, entry=self._entry,
+            isolation=isolation, max_workers=max_workers, branch_timeout=branch_timeout,
+            fail_fast=fail_fast, lua_timeout=lua_timeout, lua_max_memory=lua_max_memory,
+            variables=dict(variables or {}), max_steps=max_steps,
+            backend_options=dict(backend_options or {}), name=name)
+        compiled._adopt_backend(isolation, backend, max_workers)
+        return compiled
+
+
+def _limit_problems(**limits: Any) -> list[str]:
+    problems = []
+    for key, value in limits.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            problems.append(f"{key} must be a positive number, got {value!r}")
+    return problems
+
+
+class CompiledGraph:
+    """A validated graph, ready to run; owns the worker pools of its backends.
+
+    Pools are created on first use, reused across invocations, and released
+    by ``close()`` (also on ``with`` exit, garbage collection and interpreter
+    exit).
+    """
+
+    def __init__(self, *, nodes: dict[str, Node], routes: dict[str, Routes],
+                 fan_outs: dict[str, tuple[list[str], str]], entry: str, isolation: str,
+                 max_workers: int | None, branch_timeout: float | None, fail_fast: bool,
+                 lua_timeout: float | None, lua_max_memory: int | None, variables: dict,
+                 max_steps: int, backend_options: dict[str, Any], name: str | None) -> None:
+        self.nodes = nodes
+        self._routes = routes
+        self._fan_outs = fan_outs
+        self.entry = entry
+        self.isolation = isolation
+        self.max_workers = max_workers
+        self.branch_timeout = branch_timeout
+        self.fail_fast = fail_fast
+        self.lua_timeout = lua_timeout
+        self.lua_max_memory = lua_max_memory
+        self.variables = variables
+        self.max_steps = max_steps
+        self.backend_options = backend_options
+        self.name = name
+        self._init_pools()
+
+    def _init_pools(self) -> None:
+        self._backends: dict[tuple[str, int | None], IsolationBackend] = {}
+        self._pool_lock = threading.Lock()
+        self._closed = False
+        self._finalizer = weakref.finalize(self, _close_backends, self._backends)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        for private in ("_backends", "_pool_lock", "_finalizer", "_closed"):
+            state.pop(private, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_pools()
+
+    def fan_out_of(self, node: str) -> tuple[list[str], str] | None:
+        """``(branch targets in declaration order, fan-in node)`` if ``node`` fans out."""
+        return self._fan_outs.get(node)
+
+    def routes_of(self, node: str) -> Routes:
+        """The outgoing routes of ``node``."""
+        return self._routes[node]
+
+    def invoke(self, state: dict | None = None, config: dict | None = None) -> dict:
+        """Run the graph on a copy of ``state`` and return the final state.
+
+        ``config`` may override ``isolation``, ``max_workers``,
+        ``branch_timeout`` and ``fail_fast``. Raises
+        ``GraphExecutionError`` naming the node and branch that failed.
+        """
+        final: dict = {}
+        for event in self._events(state, config, snapshots=False):
+            if event["type"] == "final":
+                final = event["state"]
+        return final
+
+    def stream(self, state: dict | None = None, config: dict | None = None
+               ) -> Iterator[dict[str, Any]]:
+        """Run the graph, yielding events as they happen.
+
+        ``{"type": "node", "node", "state"}`` after each node of the main
+        path, ``{"type": "parallel", "fan_in", "branches"}`` after each
+        fan-out, and ``{"type": "final", "state"}`` last.
+        """
+        return self._events(state, config, snapshots=True)
+
+    def _events(self, state: dict | None, config: dict | None, *, snapshots: bool
+                ) -> Iterator[dict[str, Any]]:
+        settings = self._resolve(config)
+        if state is None:
+            state = {}
+        if not isinstance(state, dict):
+            raise GraphError(f"the input state must be a dict, got {type(state).__name__}")
+        try:
+            working = StateSnapshot(state).copy()
+        except StateCopyError as exc:
+            raise GraphError(f"the input state cannot be copied: {exc}") from exc
+        backend = self._backend(settings["isolation"], settings["max_workers"])
+        context = ExecutionContext(
+            self, backend=backend, max_workers=settings["max_workers"],
+            fan_out_limits=BranchLimits(branch_timeout=settings["branch_timeout"],
+                                        fail_fast=settings["fail_fast"]))
+        try:
+            yield from run_steps(self, working, context, start=self.entry, snapshots=snapshots)
+        finally:
+            context.close()
+        yield {"type": "final", "state": working}
+
+    def _resolve(self, config: dict | None) -> dict[str, Any]:
+        settings = {"isolation": self.isolation, "max_workers": self.max_workers,
+                    "branch_timeout": self.branch_timeout, "fail_fast": self.fail_fast}
+        if not config:
+            return settings
+        unknown = sorted(set(config) - set(CONFIG_KEYS))
+        if unknown:
+            raise GraphError(f"config: unknown key(s) {', '.join(map(repr, unknown))}; "
+                             f"allowed: {', '.join(CONFIG_KEYS)}")
+        settings.update(config)
+        problems = _limit_problems(max_workers=settings["max_workers"],
+                                   branch_timeout=settings["branch_timeout"])
+        if settings["isolation"] not in available_backends():
+            problems.append(f"unknown isolation backend {settings['isolation']!r}; available: "
+                            f"{', '.join(available_backends())}")
+        if problems:
+            raise GraphError("config: " + "; ".join(problems))
+        return settings
+
+    def _adopt_backend(self, isolation: str, backend: IsolationBackend,
+                       max_workers: int | None) -> None:
+        self._backends[(isolation, max_workers)] = backend
+
+    def _backend(self, isolation: str, max_workers: int | None) -> IsolationBackend:
+        key = (isolation, max_workers)
+        with self._pool_lock:
+            if self._closed:
+                raise GraphExecutionError("this compiled graph is closed")
+            backend = self._backends.get(key)
+            if backend is None:
+                options = self.backend_options if isolation == self.isolation else {}
+                backend = create_backend(isolation, max_workers=max_workers, **options)
+                self._backends[key] = backend
+            return backend
+
+    def close(self) -> None:
+        """Release every worker pool this graph owns. Safe to call twice."""
+        with self._pool_lock:
+            self._closed = True
+        self._finalizer()
+
+    def __enter__(self) -> CompiledGraph:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _close_backends(backends: dict[Any, IsolationBackend]) -> None:
+    while backends:
+        _, backend = backends.popitem()
+        backend.close()

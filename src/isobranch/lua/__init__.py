@@ -1,0 +1,1 @@
+"""Sandboxed Lua 5.4 runtime used by isobranch nodes."""

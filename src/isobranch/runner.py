@@ -1,0 +1,150 @@
+"""The step loop: run nodes, route along edges, fan out and fan in, emit events."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from .branch import BranchTask, ParallelFlowResult
+from .context import BranchCancelled, BranchTimeout
+from .errors import GraphExecutionError
+from .statecopy import StateCopyError, StateSnapshot
+
+if TYPE_CHECKING:
+    from .context import ExecutionContext
+    from .graph import CompiledGraph
+
+START = "__start__"
+END = "__end__"
+
+
+class NodeFailure(GraphExecutionError):
+    """A node raised or returned something unusable; names the node and branch."""
+
+
+def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, start: str,
+              stop_at: str | None = None, snapshots: bool = False) -> Iterator[dict[str, Any]]:
+    """Run from ``start`` until END or ``stop_at`` (not run), mutating ``state``.
+
+    Yields ``node`` and ``parallel`` events; with ``snapshots`` each event
+    carries a shallow copy of the state so later steps do not change it.
+    """
+    current = start
+    steps = 0
+    while current not in (END, stop_at):
+        steps += 1
+        if steps > graph.max_steps:
+            raise NodeFailure(
+                f"{_where(current, context)}: stopped after {graph.max_steps} steps "
+                f"(max_steps); the graph loops", node=current, branch=context.branch,
+                error_type="MaxStepsExceeded", state=dict(state))
+        _run_node(graph, current, state, context, None)
+        yield _node_event(current, state, snapshots)
+        fan_out = graph.fan_out_of(current)
+        if fan_out is not None:
+            targets, fan_in = fan_out
+            results = _fan_out(graph, current, targets, fan_in, state, context)
+            yield {"type": "parallel", "fan_in": fan_in, "branches": results}
+            _run_node(graph, fan_in, state, context, results)
+            yield _node_event(fan_in, state, snapshots)
+            current = fan_in
+        current = _route(graph, current, state, context)
+
+
+def _node_event(node: str, state: dict, snapshot: bool) -> dict[str, Any]:
+    return {"type": "node", "node": node, "state": dict(state) if snapshot else state}
+
+
+def _where(node: str | None, context: ExecutionContext) -> str:
+    where = f"node {node!r}"
+    return f"{where} in branch {context.branch!r}" if context.branch else where
+
+
+def _run_node(graph: CompiledGraph, name: str, state: dict, context: ExecutionContext,
+              parallel_results: list[ParallelFlowResult] | None) -> None:
+    context.enter_node(name, state)
+    node = graph.nodes[name]
+    try:
+        update = node.run(state, context, parallel_results)
+    except (BranchTimeout, BranchCancelled, GraphExecutionError):
+        raise
+    except Exception as exc:
+        raise NodeFailure(f"{_where(name, context)} failed: {type(exc).__name__}: {exc}",
+                          node=name, branch=context.branch, error_type=type(exc).__name__,
+                          state=dict(state)) from exc
+    if update is None:
+        return
+    if not isinstance(update, dict):
+        raise NodeFailure(
+            f"{_where(name, context)} returned {type(update).__name__}, expected a dict or None",
+            node=name, branch=context.branch, error_type="TypeError", state=dict(state))
+    state.update(update)
+
+
+def _fan_out(graph: CompiledGraph, node: str, targets: list[str], fan_in: str, state: dict,
+             context: ExecutionContext) -> list[ParallelFlowResult]:
+    try:
+        snapshot = StateSnapshot(state)
+    except StateCopyError as exc:
+        raise NodeFailure(f"{_where(node, context)}: cannot copy the state for its branches: "
+                          f"{exc}", node=node, branch=context.branch,
+                          error_type="StateCopyError", state=dict(state)) from exc
+    limits = context.fan_out_limits
+    backend = context.fan_out_backend()
+    tasks = [BranchTask(graph=graph, branch=target, fan_in=fan_in, snapshot=snapshot,
+                        limits=limits, isolation=backend.name,
+                        path=f"{context.branch}/{target}" if context.branch else target)
+             for target in targets]
+    results = backend.run_branches(tasks)
+    if len(results) != len(tasks):
+        raise NodeFailure(f"{_where(node, context)}: backend {backend.name!r} returned "
+                          f"{len(results)} results for {len(tasks)} branches",
+                          node=node, branch=context.branch, error_type="BackendError",
+                          state=dict(state))
+    if limits.fail_fast:
+        failed = next((r for r in results if not r.success and r.error_type != "Cancelled"),
+                      None)
+        if failed is not None:
+            raise GraphExecutionError(
+                f"fan-out from {_where(node, context)}: branch {failed.branch!r} failed "
+                f"(fail_fast): {failed.error}", node=failed.node, branch=failed.branch,
+                error_type=failed.error_type, state=failed.state, results=results,
+                timed_out=failed.timed_out)
+    return results
+
+
+def _route(graph: CompiledGraph, node: str, state: dict, context: ExecutionContext) -> str:
+    routes = graph.routes_of(node)
+    try:
+        if routes.router is not None:
+            value = routes.router(state)
+            if routes.mapping is None:
+                target = value
+            elif value in routes.mapping:
+                target = routes.mapping[value]
+            else:
+                raise NodeFailure(
+                    f"{_where(node, context)}: router returned {value!r}, which is not one of "
+                    f"{sorted(map(repr, routes.mapping))}", node=node, branch=context.branch,
+                    error_type="RoutingError", state=dict(state))
+            if target != END and target not in graph.nodes:
+                raise NodeFailure(f"{_where(node, context)}: router chose unknown node "
+                                  f"{target!r}", node=node, branch=context.branch,
+                                  error_type="RoutingError", state=dict(state))
+            return target
+        for condition, target in routes.conditional:
+            if condition.holds(state, context):
+                return target
+    except (BranchTimeout, BranchCancelled, GraphExecutionError):
+        raise
+    except Exception as exc:
+        raise NodeFailure(f"{_where(node, context)}: edge condition failed: "
+                          f"{type(exc).__name__}: {exc}", node=node, branch=context.branch,
+                          error_type=type(exc).__name__, state=dict(state)) from exc
+    if routes.default is not None:
+        return routes.default
+    if routes.conditional:
+        raise NodeFailure(f"{_where(node, context)}: no outgoing edge condition held and there "
+                          f"is no unconditional edge", node=node, branch=context.branch,
+                          error_type="RoutingError", state=dict(state))
+    return END

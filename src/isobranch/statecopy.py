@@ -1,0 +1,79 @@
+"""Deep copies of branch state, and the path of whatever cannot be copied."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from typing import Any
+
+
+class StateCopyError(Exception):
+    """The state holds a value that cannot be copied; ``path`` locates it."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class StateSnapshot:
+    """The state after a fan-out node, from which each branch takes its own copy.
+
+    The state is pickled once and unpickled per branch: several times faster
+    than ``copy.deepcopy`` for JSON-like data. State that pickle refuses but
+    ``deepcopy`` accepts (a lambda, say) still works on in-process backends;
+    ``picklable`` tells backends that must cross a process boundary.
+    """
+
+    __slots__ = ("_frozen", "_original", "picklable")
+
+    def __init__(self, state: dict) -> None:
+        self._original: dict | None = None
+        try:
+            self._frozen: bytes | None = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+            self.picklable = True
+        except Exception as pickle_exc:
+            self._frozen = None
+            self.picklable = False
+            try:
+                copy.deepcopy(state)
+            except Exception as exc:
+                path, reason = find_unpicklable(state, "state")
+                raise StateCopyError(path, reason or f"cannot be copied ({exc})") from pickle_exc
+            self._original = state
+
+    def copy(self) -> dict:
+        """Return a new deep copy of the snapshotted state."""
+        if self._frozen is not None:
+            return pickle.loads(self._frozen)
+        return copy.deepcopy(self._original)
+
+
+def copy_state(state: dict) -> dict:
+    """Return a deep copy of ``state``; ``StateCopyError`` names what cannot be copied."""
+    return StateSnapshot(state).copy()
+
+
+def find_unpicklable(value: Any, path: str, _seen: set[int] | None = None) -> tuple[str, str]:
+    """Return ``(path, reason)`` of the innermost value that fails to pickle."""
+    seen = _seen if _seen is not None else set()
+    if id(value) in seen:
+        return path, ""
+    seen.add(id(value))
+    children: list[tuple[str, Any]] = []
+    if isinstance(value, dict):
+        children = [(f"{path}[{key!r}]", item) for key, item in value.items()]
+    elif isinstance(value, (list, tuple)):
+        children = [(f"{path}[{index}]", item) for index, item in enumerate(value)]
+    elif isinstance(value, (set, frozenset)):
+        children = [(f"{path}{{{item!r}}}", item) for item in value]
+    for child_path, child in children:
+        try:
+            pickle.dumps(child, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            return find_unpicklable(child, child_path, seen)
+    try:
+        pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        return path, f"cannot copy a {type(value).__name__} ({exc})"
+    return path, ""
