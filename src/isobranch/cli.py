@@ -12,6 +12,7 @@ import json
 import sys
 import traceback
 from collections.abc import Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,7 @@ def _graph(args: argparse.Namespace) -> int:
     edges = document.get("edges")
     if edges is None:
         chain = ["__start__", *nodes, "__end__"]
-        edges = [{"from": a, "to": b} for a, b in zip(chain, chain[1:], strict=False)]
+        edges = [{"from": a, "to": b} for a, b in pairwise(chain)]
     lines = ["flowchart TD"]
     for edge in edges:
         label = ""

@@ -61,8 +61,10 @@ class ExecutionContext:
     def lua(self) -> LuaRuntime:
         """This context's Lua VM, created on first use."""
         if self._lua is None:
+            # A branch's Lua stops when the branch is cancelled or out of time.
+            stop = self.monitor.cancelled.is_set if self.monitor is not None else None
             self._lua = LuaRuntime(timeout=self.graph.lua_timeout,
-                                   max_memory=self.graph.lua_max_memory)
+                                   max_memory=self.graph.lua_max_memory, should_stop=stop)
         return self._lua
 
     def enter_node(self, node: str, state: dict) -> None:
@@ -88,6 +90,9 @@ class ExecutionContext:
             return getattr(runtime, method)(code, state, variables=self.graph.variables,
                                             chunk_name=chunk_name, timeout=limit)
         except LuaTimeoutError as exc:
+            if self.monitor is not None and self.monitor.cancelled.is_set():
+                raise BranchCancelled(f"branch {self.branch!r} cancelled in node "
+                                      f"{self.node!r}") from exc
             if cut_by_deadline:
                 raise self._timeout(self.node) from exc
             raise

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -240,8 +241,12 @@ class _Builder:
                 self.problem(f"{where}: must be a mapping with 'name' and 'run'")
                 continue
             name = spec.get("name")
-            if not isinstance(name, str) or not name:
+            if name is None or name == "":
                 self.problem(f"{where}: missing 'name'")
+                continue
+            if not isinstance(name, str):
+                self.problem(f"{where}: 'name' must be a string, got {type(name).__name__} "
+                             f"{name!r} (quote it in YAML)")
                 continue
             where = f"node {name!r}"
             for key in sorted(set(spec) - NODE_KEYS, key=str):
@@ -314,7 +319,7 @@ class _Builder:
             # Without edges, nodes chain in list order.
             if names:
                 graph.set_entry_point(names[0])
-                for source, target in zip(names, names[1:], strict=False):
+                for source, target in pairwise(names):
                     graph.add_edge(source, target)
                 graph.set_finish_point(names[-1])
             return fan_ins

@@ -1,0 +1,5 @@
+"""isobranch benchmarks: DESIGN.md §7 targets measured as ratios in one run.
+
+Run ``python -m benchmarks`` (``--json FILE`` to save the rows, ``--quick``
+for a smoke run with fewer repetitions).
+"""

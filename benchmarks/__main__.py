@@ -1,0 +1,50 @@
+"""Run every benchmark case and print the table (``--json FILE`` saves it)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+
+from . import cases
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure every DESIGN.md §7 target that applies, print a table, exit 1 on a miss."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
+    args = parser.parse_args(argv)
+    scale = 0.2 if args.quick else 1.0
+
+    def reps(n: int) -> int:
+        return max(int(n * scale), 2)
+
+    runs = [
+        lambda: cases.vm_creation(repeat=reps(2000)),
+        lambda: cases.hot_loop_thread_hook(repeat=reps(5)),
+        lambda: cases.lua_branches_thread_vs_inline(repeat=reps(3)),
+        lambda: cases.per_branch_overhead("thread", 0.2, repeat=reps(30)),
+        lambda: cases.per_branch_overhead("inline", None, repeat=reps(30)),
+        lambda: cases.state_copy(repeat=reps(7)),
+        lambda: cases.lua_round_trip(repeat=reps(5)),
+        lambda: cases.branch_soak(branches=2_000 if args.quick else 10_000),
+    ]
+    rows = []
+    print(f"{'benchmark':<62} {'target':<26} {'ratio':>8}  verdict  detail")
+    for run in runs:
+        row = run()
+        rows.append(row)
+        verdict = "ok" if row.ok else "MISSED"
+        print(f"{row.name:<62} {row.target:<26} {row.ratio:>8.2f}  {verdict:<7}  {row.detail}",
+              flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as out:
+            json.dump({"python": sys.version, "machine": platform.machine(),
+                       "rows": [row.as_dict() for row in rows]}, out, indent=2)
+    return 0 if all(row.ok for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Benchmark cases: each returns a Row comparing a measurement with its baseline.
+
+Every ratio is measured in one run on the same machine, so it does not
+depend on how fast the machine is.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import lupa.lua54
+from isobranch.lua.runtime import LuaRuntime as _Runtime
+
+from isobranch import LuaRuntime, StateGraph
+from isobranch.statecopy import StateSnapshot
+
+HOT_LOOP = """
+local s = 0
+for i = 1, %d do
+  s = s + (i %% 7) * 3 - (i %% 5)
+end
+return s
+"""
+
+
+@dataclass
+class Row:
+    """One line of the benchmark table."""
+
+    name: str
+    target: str
+    baseline_seconds: float
+    measured_seconds: float
+    ratio: float
+    ok: bool
+    detail: str = ""
+
+    def as_dict(self) -> dict:
+        """The row as JSON-ready data."""
+        return asdict(self)
+
+
+def best_of(fn: Callable[[], object], repeat: int) -> float:
+    """Smallest wall time of ``repeat`` calls: the least disturbed measurement."""
+    timings = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        timings.append(time.perf_counter() - start)
+    return min(timings)
+
+
+def median_of(fn: Callable[[], object], repeat: int) -> float:
+    """Median wall time of ``repeat`` calls."""
+    timings = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        timings.append(time.perf_counter() - start)
+    return statistics.median(timings)
+
+
+def twenty_k_state() -> dict:
+    """A JSON-like state with 20,000 items (the §7 state size)."""
+    return {"items": [{"id": i, "name": f"item-{i}", "score": i * 0.5, "tags": ["a", "b"],
+                       "ok": i % 2 == 0} for i in range(20_000)],
+            "meta": {"source": "benchmark", "version": 3}}
+
+
+def vm_creation(repeat: int = 2000) -> Row:
+    """Sandboxed ``LuaRuntime()`` plus a first call, against bare lupa doing the same."""
+
+    def bare() -> None:
+        runtime = lupa.lua54.LuaRuntime()
+        runtime.execute("return 1")
+
+    def sandboxed() -> None:
+        runtime = LuaRuntime()
+        runtime.execute("return 1")
+        runtime.close()
+
+    def many(fn: Callable[[], None]) -> Callable[[], None]:
+        return lambda: [fn() for _ in range(50)]
+
+    rounds = max(repeat // 50, 3)
+    baseline = best_of(many(bare), rounds) / 50
+    measured = best_of(many(sandboxed), rounds) / 50
+    ratio = measured / baseline
+    return Row("sandboxed LuaRuntime() creation + first call", "<= 2.0x bare lupa",
+               baseline, measured, ratio, ratio <= 2.0,
+               f"bare {baseline * 1e6:.0f} us, sandboxed {measured * 1e6:.0f} us")
+
+
+def hot_loop_thread_hook(iterations: int = 5_000_000, repeat: int = 5) -> Row:
+    """A hot Lua loop with the timeout armed (count hook) against bare lupa."""
+    code = HOT_LOOP % iterations
+    bare_runtime = lupa.lua54.LuaRuntime()
+    guarded = _Runtime(timeout=600.0)
+    expected = bare_runtime.execute(code)
+    assert guarded.execute(code) == expected
+    baseline = best_of(lambda: bare_runtime.execute(code), repeat)
+    measured = best_of(lambda: guarded.execute(code), repeat)
+    ratio = measured / baseline
+    return Row("hot Lua loop, timeout armed (inline/thread)", "<= 2.5x bare lupa",
+               baseline, measured, ratio, ratio <= 2.5, f"{iterations:,} iterations")
+
+
+def _fan_out_graph(branches: int, node: Callable[[str], object], isolation: str,
+                   max_workers: int | None = None):
+    graph = StateGraph()
+    graph.add_node("start", lambda state: None)
+    graph.add_fan_in_node("join", lambda state, results: {"ok": all(r.success for r in results)})
+    for index in range(branches):
+        name = f"b{index}"
+        graph.add_node(name, node(name))
+        graph.add_parallel_edge("start", name, fan_in="join")
+    graph.set_entry_point("start")
+    graph.set_finish_point("join")
+    return graph.compile(isolation=isolation, max_workers=max_workers)
+
+
+def lua_branches_thread_vs_inline(branches: int = 8, iterations: int = 3_000_000,
+                                  repeat: int = 3) -> Row:
+    """Eight CPU-bound Lua branches: thread backend against inline."""
+    from isobranch.nodes import LuaNode
+
+    code = HOT_LOOP % iterations
+    inline = _fan_out_graph(branches, lambda name: LuaNode(name, code), "inline")
+    threaded = _fan_out_graph(branches, lambda name: LuaNode(name, code), "thread",
+                              max_workers=branches)
+    with inline, threaded:
+        assert inline.invoke({})["ok"] and threaded.invoke({})["ok"]
+        baseline = best_of(lambda: inline.invoke({}), repeat)
+        measured = best_of(lambda: threaded.invoke({}), repeat)
+    speedup = baseline / measured
+    return Row(f"{branches} CPU-bound Lua branches, thread vs inline ({os.cpu_count()} cores)",
+               ">= 1.8x faster", baseline, measured, speedup, speedup >= 1.8,
+               f"inline {baseline:.2f} s, thread {measured:.2f} s")
+
+
+def per_branch_overhead(isolation: str, target_ms: float | None, repeat: int = 30,
+                        branches: int = 64) -> Row:
+    """Extra wall time per trivial branch on a warm pool: (t(N) - t(1)) / (N - 1)."""
+
+    def trivial(name: str):
+        return lambda state: {"done": True}
+
+    many = _fan_out_graph(branches, trivial, isolation)
+    one = _fan_out_graph(1, trivial, isolation)
+    with many, one:
+        many.invoke({"payload": list(range(20))})  # warm the pool
+        one.invoke({"payload": list(range(20))})
+        baseline = median_of(lambda: one.invoke({"payload": list(range(20))}), repeat)
+        measured = median_of(lambda: many.invoke({"payload": list(range(20))}), repeat)
+    per_branch = (measured - baseline) / (branches - 1)
+    target = f"<= {target_ms} ms" if target_ms is not None else "(reference)"
+    ok = target_ms is None or per_branch * 1000 <= target_ms
+    ratio = per_branch * 1000 / target_ms if target_ms else per_branch * 1000
+    return Row(f"per-branch overhead, trivial branch, warm pool ({isolation})", target,
+               baseline, measured, ratio, ok,
+               f"{per_branch * 1000:.3f} ms per branch (ratio column: ms / target)")
+
+
+def state_copy(repeat: int = 7) -> Row:
+    """Copying a 20k-item state for a branch against ``copy.deepcopy``."""
+    state = twenty_k_state()
+    assert StateSnapshot(state).copy() == state
+    baseline = best_of(lambda: copy.deepcopy(state), repeat)
+    measured = best_of(lambda: StateSnapshot(state).copy(), repeat)
+    speedup = baseline / measured
+    return Row("state copy for a branch (20k items)", ">= 3x faster than deepcopy",
+               baseline, measured, speedup, speedup >= 3.0,
+               f"deepcopy {baseline * 1000:.1f} ms, snapshot+copy {measured * 1000:.1f} ms")
+
+
+def lua_round_trip(repeat: int = 5) -> Row:
+    """Python state -> Lua tables -> Python for a 20k-item state."""
+    state = twenty_k_state()
+    runtime = LuaRuntime()
+    assert runtime.execute_node_code("return state", state) == state
+    measured = best_of(lambda: runtime.execute_node_code("return state", state), repeat)
+    return Row("Lua round trip of a 20k-item state", "<= 100 ms", 0.1, measured,
+               measured / 0.1, measured <= 0.1, f"{measured * 1000:.1f} ms")
+
+
+def branch_soak(branches: int = 10_000) -> Row:
+    """10,000 Lua branch runs in one process: RSS growth and thread count stay flat."""
+    from isobranch.nodes import LuaNode
+
+    graph = _fan_out_graph(100, lambda name: LuaNode(name, "x = {} return {n = 1}"), "thread",
+                           max_workers=4)
+    with graph:
+        graph.invoke({})
+        gc.collect()
+        rss_before, threads_before = rss_bytes(), threading.active_count()
+        start = time.perf_counter()
+        for _ in range(branches // 100):
+            graph.invoke({})
+        elapsed = time.perf_counter() - start
+        gc.collect()
+        growth = rss_bytes() - rss_before
+        threads_after = threading.active_count()
+    growth_mib = growth / 2**20
+    return Row(f"{branches:,} Lua branch runs: RSS growth", "< 20 MiB, threads flat",
+               20.0, growth_mib, growth_mib / 20.0,
+               growth_mib < 20 and threads_after == threads_before,
+               f"{growth_mib:.1f} MiB, threads {threads_before}->{threads_after}, "
+               f"{elapsed / branches * 1000:.3f} ms per branch")
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux ``/proc``)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -1,0 +1,7 @@
+"""``python -m isobranch`` is the ``isobranch`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,80 @@
+"""The backend protocol and registry."""
+
+from __future__ import annotations
+
+import pytest
+
+from isobranch import GraphError, IsolationBackend, StateGraph, available_backends, register_backend
+from isobranch.branch import run_branch
+from isobranch.isolation.base import create_backend
+
+
+class RecordingBackend:
+    """A user backend: runs branches in reverse order, returns them in task order."""
+
+    name = "recording"
+    instances: list[RecordingBackend] = []
+
+    def __init__(self, max_workers=None, label="default"):
+        self.label = label
+        self.seen: list[str] = []
+        self.closed = False
+        RecordingBackend.instances.append(self)
+
+    def run_branches(self, tasks):
+        results = {}
+        for task in reversed(tasks):
+            self.seen.append(task.branch)
+            results[task.branch] = run_branch(task)
+        return [results[task.branch] for task in tasks]
+
+    def close(self):
+        self.closed = True
+
+
+def test_builtin_backends_are_registered():
+    assert {"inline", "thread"} <= set(available_backends())
+    for name in ("inline", "thread"):
+        backend = create_backend(name)
+        assert isinstance(backend, IsolationBackend) and backend.name == name
+        backend.close()
+
+
+def test_registered_backend_runs_branches_and_is_closed_with_the_graph():
+    register_backend("recording", RecordingBackend, replace=True)
+    assert "recording" in available_backends()
+    graph = StateGraph()
+    graph.add_node("start", lambda s: None)
+    graph.add_node("a", lambda s: {"v": "a"})
+    graph.add_node("b", lambda s: {"v": "b"})
+    graph.add_fan_in_node("join", lambda s, r: {"order": [x.state["v"] for x in r]})
+    graph.add_parallel_edge("start", "a", fan_in="join")
+    graph.add_parallel_edge("start", "b", fan_in="join")
+    graph.set_entry_point("start")
+    with graph.compile(isolation="recording", backend_options={"label": "x"}) as compiled:
+        assert compiled.invoke({})["order"] == ["a", "b"]
+        backend = RecordingBackend.instances[-1]
+        assert backend.seen == ["b", "a"] and backend.label == "x"
+    assert backend.closed
+
+
+def test_registering_a_name_twice_needs_replace():
+    register_backend("twice", RecordingBackend, replace=True)
+    with pytest.raises(ValueError, match="already registered"):
+        register_backend("twice", lambda **kw: RecordingBackend())
+
+
+def test_unknown_backend_option_is_a_graph_error():
+    graph = StateGraph()
+    graph.add_node("a", lambda s: None)
+    graph.set_entry_point("a")
+    with pytest.raises(GraphError, match="no_such_option"):
+        graph.compile(isolation="thread", backend_options={"no_such_option": 1})
+
+
+def test_invalid_max_workers_is_a_graph_error():
+    graph = StateGraph()
+    graph.add_node("a", lambda s: None)
+    graph.set_entry_point("a")
+    with pytest.raises(GraphError, match="max_workers"):
+        graph.compile(isolation="thread", max_workers=0)

@@ -1,0 +1,122 @@
+"""The ``isobranch`` command line: output, exit codes, error lines."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from isobranch.cli import main
+
+ROOT = Path(__file__).parent.parent
+DEMO = ROOT / "examples" / "fan_out_demo.yaml"
+
+
+@pytest.fixture
+def flow(tmp_path):
+    def write(text: str, name: str = "flow.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text))
+        return path
+    return write
+
+
+def test_run_prints_final_state_as_json(capsys):
+    assert main(["run", str(DEMO), "--input", '{"items": [4, 8, 15]}']) == 0
+    final = json.loads(capsys.readouterr().out)
+    assert final["markers"] == ["lua", "python"]
+    assert final["total"] == 27 and final["largest"] == 15
+    assert final["verdict"] == "big: total 27 >= 10"
+
+
+def test_run_input_from_file_and_isolation_override(capsys, tmp_path):
+    data = tmp_path / "in.json"
+    data.write_text('{"items": [1, 2]}')
+    assert main(["run", str(DEMO), "--input", f"@{data}", "--isolation", "inline"]) == 0
+    assert json.loads(capsys.readouterr().out)["verdict"] == "small: total 3 < 10"
+
+
+def test_stream_prints_one_json_event_per_line(capsys):
+    assert main(["run", str(DEMO), "--stream", "--input", '{"items": [1]}']) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    events = [json.loads(line) for line in lines]
+    assert [e["type"] for e in events] == ["node", "parallel", "node", "node", "final"]
+    assert [e.get("node") for e in events] == ["start", None, "combine", "small", None]
+    assert [b["branch"] for b in events[1]["branches"]] == ["lua_stats", "python_stats"]
+
+
+def test_failed_run_exits_1_with_one_line_naming_the_node(capsys, flow):
+    path = flow("""
+        nodes:
+          - {name: ok, run: "return {}"}
+          - {name: broken, run: "-- lua\\nreturn nil + 1"}
+    """)
+    assert main(["run", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "broken" in err and "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(capsys, flow):
+    path = flow("nodes:\n  - {name: broken, run: 'raise ValueError(1)'}\n")
+    assert main(["run", str(path), "--debug"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [
+    ["run", "{missing}"],
+    ["run", "{demo}", "--input", "{{not json"],
+    ["run", "{demo}", "--input", "[1, 2]"],
+    ["run", "{demo}", "--input", "@{missing}"],
+    ["run", "{demo}", "--isolation", "quantum"],
+    ["validate", "{bad}"],
+])
+def test_invalid_input_exits_2_with_one_line(args, capsys, flow, tmp_path):
+    bad = flow("nodes:\n  - {name: a, run: 'return {'}\n", "bad.yaml")
+    values = {"missing": tmp_path / "missing.yaml", "demo": DEMO, "bad": bad}
+    assert main([a.format(**values) for a in args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err and "Traceback" not in err
+
+
+def test_validate_reports_every_problem_with_location(capsys, flow):
+    path = flow("""
+        nodes:
+          - {name: a, run: "return {"}
+          - {name: b, run: "pass"}
+        edges:
+          - {from: a, to: ghost}
+          - {from: b, to: a, type: parallel}
+    """)
+    assert main(["validate", str(path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith(str(path)) for line in lines)
+    assert any("ghost" in line for line in lines) and any("fan_in" in line for line in lines)
+
+
+def test_validate_ok(capsys):
+    assert main(["validate", str(DEMO)]) == 0
+    assert "ok" in capsys.readouterr().out
+
+
+def test_yaml_syntax_error_names_line(capsys, flow):
+    path = flow("nodes:\n  - name: a\n   run: x\n")
+    assert main(["run", str(path)]) == 2
+    assert f"{path}:3:" in capsys.readouterr().err
+
+
+def test_graph_prints_mermaid(capsys):
+    assert main(["graph", str(DEMO)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("flowchart TD") and "parallel, fan-in combine" in out
+
+
+def test_console_script_entry_point_runs():
+    completed = subprocess.run(
+        [sys.executable, "-m", "isobranch.cli", "run", str(DEMO), "--input", '{"items": [20]}'],
+        capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout)["verdict"].startswith("big")

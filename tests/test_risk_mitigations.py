@@ -1,0 +1,127 @@
+"""Mitigations from the thread-local runtime risk profile, as tests.
+
+TECH-001 race conditions (stress), TECH-002 pool reuse, TECH-003 memory and
+thread growth, DATA-001 runtime identity, TECH-004 sequential behaviour.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+
+import pytest
+
+from isobranch import StateGraph
+from isobranch.nodes import LuaNode
+
+LEAK_PROBE = """
+local seen = leaked_global
+leaked_global = state.branch_name
+function leaked_function() return state.branch_name end
+return {seen = seen, fn_seen = seen ~= nil, me = leaked_global}
+"""
+
+
+def isolation_graph(branches: int, isolation: str, max_workers: int | None = None):
+    graph = StateGraph()
+    graph.add_node("start", lambda state: None)
+    graph.add_fan_in_node("join", lambda state, results: {"results": results})
+    for index in range(branches):
+        name = f"b{index:02d}"
+        graph.add_node(name, LuaNode(name, f"state.branch_name = '{name}'\n" + LEAK_PROBE))
+        graph.add_parallel_edge("start", name, fan_in="join")
+    graph.set_entry_point("start")
+    return graph.compile(isolation=isolation, max_workers=max_workers)
+
+
+@pytest.mark.stress
+def test_TECH_001_stress_50_fan_outs_of_20_branches_never_leak(isolation):
+    with isolation_graph(20, isolation, max_workers=8) as graph:
+        for _ in range(50):
+            results = graph.invoke({})["results"]
+            assert [r.branch for r in results] == [f"b{i:02d}" for i in range(20)]
+            for result in results:
+                assert result.success, result.error
+                assert result.state.get("seen") is None, "a Lua global crossed branches"
+                assert result.state["me"] == result.branch
+
+
+def test_TECH_002_thread_pool_is_reused_across_invocations_with_fresh_vms():
+    with isolation_graph(6, "thread", max_workers=2) as graph:
+        workers = set()
+        for _ in range(10):
+            for result in graph.invoke({})["results"]:
+                workers.add(result.worker)
+                assert result.state.get("seen") is None
+        # Two pool threads served sixty branches: threads are reused, VMs are not.
+        assert len(workers) == 2
+
+
+def test_TECH_002_reused_thread_gets_a_fresh_vm_even_with_one_worker():
+    with isolation_graph(5, "thread", max_workers=1) as graph:
+        results = graph.invoke({})["results"]
+    assert len({r.worker for r in results}) == 1
+    assert all(r.state.get("seen") is None for r in results)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.stress
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
+def test_TECH_003_memory_and_threads_stay_flat_over_thousands_of_branches(isolation):
+    with isolation_graph(50, isolation, max_workers=4) as graph:
+        for _ in range(4):  # warm up pools, allocator arenas and caches
+            graph.invoke({})
+        gc.collect()
+        rss_before, threads_before = _rss(), threading.active_count()
+        for _ in range(60):  # 3,000 branches, each with its own Lua VM
+            graph.invoke({})
+        gc.collect()
+        growth = _rss() - rss_before
+        assert threading.active_count() == threads_before
+    assert growth < 20 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 3,000 branches"
+
+
+def test_DATA_001_each_branch_and_invocation_has_its_own_runtime(isolation):
+    graph = StateGraph()
+    graph.add_node("start", lambda s: None)
+    counter = "counter = (counter or 0) + 1 return {count = counter}"
+    for name in ("a", "b"):
+        graph.add_node(name, LuaNode(name, counter))
+        graph.add_node(f"{name}2", LuaNode(f"{name}2", counter))
+        graph.add_parallel_edge("start", name, fan_in="join")
+        graph.add_edge(name, f"{name}2")
+        graph.add_edge(f"{name}2", "join")
+    graph.add_fan_in_node("join", lambda s, r: {"counts": [x.state["count"] for x in r]})
+    graph.add_node("main", LuaNode("main", counter))
+    graph.add_edge("join", "main")
+    graph.set_entry_point("start")
+    with graph.compile(isolation=isolation) as compiled:
+        for _ in range(3):
+            final = compiled.invoke({})
+            # Sequential nodes in one branch share a VM (1 then 2); branches and
+            # the main path each start from nothing.
+            assert final["counts"] == [2, 2]
+            assert final["count"] == 1
+
+
+def test_TECH_004_sequential_execution_shares_one_vm_within_an_invocation(isolation):
+    graph = StateGraph()
+    graph.add_node("define", LuaNode("define", "function helper() return 41 end"))
+    graph.add_node("use", LuaNode("use", "return {v = helper() + 1}"))
+    graph.add_edge("define", "use")
+    graph.set_entry_point("define")
+    with graph.compile(isolation=isolation) as compiled:
+        assert compiled.invoke({}) == {"v": 42}
+
+
+def test_no_thread_local_storage_in_the_engine():
+    import pathlib
+
+    source = pathlib.Path(__file__).parent.parent / "src" / "isobranch"
+    offenders = [str(p) for p in source.rglob("*.py") if "threading.local" in p.read_text()]
+    assert offenders == []

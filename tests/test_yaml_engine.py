@@ -1,0 +1,295 @@
+"""The YAML format (DESIGN.md §2) and its error reporting."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+
+import pytest
+import yaml
+
+from isobranch import GraphError, GraphExecutionError, YAMLEngine
+from isobranch.yaml_engine import parse_size
+
+DEMO = """
+name: fan-out-demo
+variables: {threshold: 10}
+settings:
+  lua: {timeout: 5, max_memory: 64MiB}
+  parallel: {max_workers: 4, branch_timeout: 10, fail_fast: false}
+nodes:
+  - name: start
+    run: |
+      return {"items": [1, 2, 3]}
+  - name: branch_a
+    run: |
+      -- lua
+      marker = "a"
+      return {marker = marker, n = #state.items}
+  - name: branch_b
+    language: lua
+    run: return {marker = marker or "b"}
+  - name: combine
+    fan_in: true
+    run: |
+      return {"markers": sorted(r.state["marker"] for r in parallel_results)}
+  - name: big
+    run: 'return {"size": "big"}'
+  - name: small
+    run: 'return {"size": "small"}'
+edges:
+  - {from: __start__, to: start}
+  - {from: start, to: branch_a, type: parallel, fan_in: combine}
+  - {from: start, to: branch_b, type: parallel, fan_in: combine}
+  - {from: branch_a, to: combine}
+  - {from: branch_b, to: combine}
+  - {from: combine, to: big, when: "state['markers'] == ['a', 'b']"}
+  - {from: combine, to: small, when: {lua: "#state.markers ~= 2"}}
+"""
+
+
+def test_design_example_runs(load):
+    assert load(DEMO).invoke({}) == {"items": [1, 2, 3], "markers": ["a", "b"], "size": "big"}
+
+
+def test_lua_condition_routes(load):
+    document = yaml.safe_load(DEMO)
+    document["nodes"][2]["run"] = "return {marker = 'a'}"  # both branches say "a"
+    document["edges"][5]["when"] = "False"
+    document["edges"][6]["when"] = {"lua": "state.markers[1] == state.markers[2]"}
+    final = load(document).invoke({})
+    assert final["size"] == "small"
+
+
+def test_settings_are_applied():
+    graph = YAMLEngine().load_from_dict(yaml.safe_load(DEMO))
+    with graph:
+        assert (graph.isolation, graph.max_workers, graph.branch_timeout, graph.fail_fast) == (
+            "thread", 4, 10, False)
+        assert graph.lua_timeout == 5 and graph.lua_max_memory == 64 * 2**20
+        assert graph.variables == {"threshold": 10}
+
+
+@pytest.mark.parametrize(("engine_args", "settings", "expected"), [
+    ({}, {}, "thread"),
+    ({}, {"isolation": "inline"}, "inline"),
+    ({}, {"strategy": "inline"}, "inline"),
+    ({"isolation": "thread"}, {"isolation": "inline"}, "thread"),
+])
+def test_isolation_precedence(engine_args, settings, expected):
+    document = {"settings": {"parallel": settings}, "nodes": [{"name": "a", "run": "pass"}]}
+    with YAMLEngine(**engine_args).load_from_dict(document) as graph:
+        assert graph.isolation == expected
+
+
+def test_engine_options_override_yaml_settings():
+    document = {"settings": {"parallel": {"branch_timeout": 5, "fail_fast": False}},
+                "nodes": [{"name": "a", "run": "pass"}]}
+    with YAMLEngine(branch_timeout=1.5, fail_fast=True).load_from_dict(document) as graph:
+        assert graph.branch_timeout == 1.5 and graph.fail_fast is True
+
+
+def test_lua_timeout_precedence():
+    document = {"settings": {"lua": {"timeout": 2}}, "nodes": [{"name": "a", "run": "pass"}]}
+    with YAMLEngine().load_from_dict(document) as graph:
+        assert graph.lua_timeout == 2
+    with YAMLEngine(lua_timeout=7).load_from_dict(document) as graph:
+        assert graph.lua_timeout == 7
+
+
+def test_nodes_chain_in_list_order_without_edges(load):
+    graph = load({"nodes": [
+        {"name": "one", "run": "return {'trail': ['one']}"},
+        {"name": "two", "run": "-- lua\nreturn {trail = {state.trail[1], 'two'}}"},
+        {"name": "three", "run": "return {'trail': state['trail'] + ['three']}"},
+    ]})
+    assert graph.invoke({}) == {"trail": ["one", "two", "three"]}
+
+
+def test_variables_are_visible_to_python_lua_and_conditions(load):
+    graph = load("""
+    variables: {factor: 3, label: x}
+    nodes:
+      - {name: py, run: "return {'a': variables['factor'] * 2}"}
+      - {name: lua, run: "-- lua\\nreturn {b = variables.factor * state.a, c = variables.label}"}
+      - {name: accept, run: "return {'went': 'yes'}"}
+    edges:
+      - {from: __start__, to: py}
+      - {from: py, to: lua}
+      - {from: lua, to: accept, when: {lua: "state.b == variables.factor * 6"}}
+    """)
+    assert graph.invoke({}) == {"a": 6, "b": 18, "c": "x", "went": "yes"}
+
+
+def test_python_node_globals_do_not_leak_between_branches(load):
+    graph = load("""
+    nodes:
+      - {name: start, run: "return {}"}
+      - name: a
+        run: |
+          global leaked
+          leaked = "a"
+          return {"set": True}
+      - name: b
+        run: |
+          return {"seen": "leaked" in globals()}
+      - {name: join, fan_in: true, run: "return {'seen': parallel_results[1].state['seen']}"}
+    edges:
+      - {from: start, to: a, type: parallel, fan_in: join}
+      - {from: start, to: b, type: parallel, fan_in: join}
+    """, max_workers=1)
+    assert graph.invoke({})["seen"] is False
+
+
+def test_lua_fan_in_sees_parallel_results(load):
+    graph = load("""
+    nodes:
+      - {name: start, run: "return {}"}
+      - {name: a, run: "return {'v': 1}"}
+      - {name: b, run: "raise RuntimeError('nope')"}
+      - name: join
+        fan_in: true
+        run: |
+          -- lua
+          local names, ok = {}, {}
+          for i, r in ipairs(state.parallel_results) do
+            names[i] = r.branch
+            ok[i] = r.success
+          end
+          return {names = names, ok = ok, v = state.parallel_results[1].state.v,
+                  err = state.parallel_results[2].error}
+    edges:
+      - {from: start, to: a, type: parallel, fan_in: join}
+      - {from: start, to: b, type: parallel, fan_in: join}
+    """)
+    final = graph.invoke({})
+    assert final["names"] == ["a", "b"] and final["ok"] == [True, False] and final["v"] == 1
+    assert "RuntimeError: nope" in final["err"]
+    assert "parallel_results" not in final
+
+
+def test_load_from_file_resolves_node_files_next_to_the_yaml(tmp_path, monkeypatch):
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "score.lua").write_text("return {score = #state.items * 10}\n")
+    flow = tmp_path / "flow.yaml"
+    flow.write_text(textwrap.dedent("""
+        nodes:
+          - {name: score, language: lua, file: lib/score.lua}
+    """))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with YAMLEngine().load_from_file(flow) as graph:
+        assert graph.invoke({"items": [1, 2]}) == {"items": [1, 2], "score": 20}
+
+
+def test_relative_node_file_without_a_base_directory_is_an_error():
+    with pytest.raises(GraphError, match="relative file"):
+        YAMLEngine().load_from_dict({"nodes": [{"name": "a", "file": "x.lua"}]})
+
+
+@pytest.mark.parametrize(("document", "fragment"), [
+    ({"nodes": []}, "nodes: must be a non-empty list"),
+    ({"nodes": [{"run": "pass"}]}, "nodes[0]: missing 'name'"),
+    ({"nodes": [{"name": "a"}]}, "node 'a': missing 'run'"),
+    ({"nodes": [{"name": "a", "run": "return {"}]}, "node 'a': invalid Python"),
+    ({"nodes": [{"name": "a", "run": "x", "language": "rust"}]}, "language must be"),
+    ({"nodes": [{"name": "a", "run": "pass"}, {"name": "a", "run": "pass"}]}, "defined twice"),
+    ({"nodes": [{"name": "a", "run": "pass"}], "edges": [{"from": "a", "to": "ghost"}]},
+     "edges[0] (a -> ghost): unknown node 'ghost' in 'to'"),
+    ({"nodes": [{"name": "a", "run": "pass"}, {"name": "b", "run": "pass"}],
+      "edges": [{"from": "a", "to": "b", "type": "parallel"}]}, "needs 'fan_in'"),
+    ({"nodes": [{"name": "a", "run": "pass"}, {"name": "b", "run": "pass"}],
+      "edges": [{"from": "a", "to": "b", "type": "parallel", "fan_in": "join"}]},
+     "fan-in node 'join' does not exist"),
+    ({"nodes": [{"name": "a", "run": "pass"}, {"name": "b", "run": "pass"},
+                {"name": "j", "run": "pass"}, {"name": "k", "run": "pass"}],
+      "edges": [{"from": "a", "to": "b", "type": "parallel", "fan_in": "j"},
+                {"from": "a", "to": "k", "type": "parallel", "fan_in": "k"}]},
+     "a branch cannot start at its own fan-in"),
+    ({"nodes": [{"name": "a", "run": "pass"}], "settings": {"parallel": {"isolation": "gpu"}}},
+     "unknown isolation backend 'gpu'"),
+    ({"nodes": [{"name": "a", "run": "pass"}], "settings": {"lua": {"max_memory": "lots"}}},
+     "settings.lua.max_memory"),
+    ({"nodes": [{"name": "a", "run": "pass"}], "nodez": []}, "unknown top-level key 'nodez'"),
+    ({"nodes": [{"name": "a", "run": "pass"}, {"name": "b", "run": "pass"}],
+      "edges": [{"from": "a", "to": "b", "when": "state[)"}]}, "invalid Python condition"),
+    ({"nodes": [{"name": "a", "run": "pass"}],
+      "settings": {"parallel": {"fresh_worker_per_branch": True}}},
+     "fresh_worker_per_branch"),
+    ([1, 2], "must be a mapping"),
+    ({"nodes": [{"name": True, "run": "pass"}]}, "'name' must be a string, got bool True"),
+])
+def test_bad_documents_raise_graph_error_naming_the_location(document, fragment):
+    with pytest.raises(GraphError) as info:
+        YAMLEngine().load_from_dict(document, source="flow.yaml")
+    assert fragment in str(info.value)
+    assert str(info.value).startswith("flow.yaml")
+
+
+def test_lua_nodes_are_rejected_when_lua_is_disabled():
+    with pytest.raises(GraphError, match="lua_enabled=False"):
+        YAMLEngine(lua_enabled=False).load_from_dict(
+            {"nodes": [{"name": "a", "run": "-- lua\nreturn {}"}]})
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("nodes:\n  - name: a\n    run: [unclosed\n")
+    with pytest.raises(GraphError) as info:
+        YAMLEngine().load_from_file(path)
+    assert f"{path}:" in str(info.value) and "invalid YAML" in str(info.value)
+
+
+def test_missing_file_is_a_graph_error(tmp_path):
+    with pytest.raises(GraphError, match="cannot read"):
+        YAMLEngine().load_from_file(tmp_path / "nope.yaml")
+
+
+def test_validate_lists_every_problem():
+    problems = YAMLEngine().validate_dict({
+        "nodes": [{"name": "a", "run": "return {"}, {"name": "b"}],
+        "edges": [{"from": "a", "to": "zzz"}],
+    }, source="f.yaml")
+    assert len(problems) == 3 and all(p.startswith("f.yaml: ") for p in problems)
+
+
+def test_python_node_error_names_node_and_line(load):
+    graph = load({"nodes": [{"name": "explode", "run": "x = 1\ny = x / 0\nreturn {}"}]})
+    with pytest.raises(GraphExecutionError) as info:
+        graph.invoke({})
+    assert info.value.node == "explode" and "ZeroDivisionError" in str(info.value)
+    import traceback
+
+    last = traceback.extract_tb(info.value.__cause__.__traceback__)[-1]
+    assert (last.filename, last.lineno, last.line) == ("<node explode>", 2, "y = x / 0")
+
+
+def test_lua_node_error_keeps_the_line_number(load):
+    graph = load({"nodes": [{"name": "lua_bad", "run": "-- lua\nlocal t = nil\nreturn t.x"}]})
+    with pytest.raises(GraphExecutionError) as info:
+        graph.invoke({})
+    assert "lua_bad:3:" in str(info.value) and info.value.error_type == "LuaRuntimeError"
+
+
+def test_lua_state_that_cannot_be_converted_names_the_key(load):
+    graph = load({"nodes": [{"name": "py", "run": "return {'bad': {'inner': {1, 2}}}"},
+                            {"name": "lua", "run": "-- lua\nreturn {}"}]})
+    with pytest.raises(GraphExecutionError) as info:
+        graph.invoke({})
+    assert info.value.node == "lua" and "['bad']['inner']" in str(info.value)
+
+
+@pytest.mark.parametrize(("text", "size"), [
+    (1024, 1024), ("64MiB", 64 * 2**20), ("1GB", 10**9), ("512 KiB", 512 * 1024),
+    ("2k", 2048), (None, None)])
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+def test_examples_directory_workflows_validate():
+    examples = os.path.join(os.path.dirname(__file__), "..", "examples")
+    files = [f for f in os.listdir(examples) if f.endswith(".yaml")]
+    assert files
+    for name in files:
+        assert YAMLEngine().validate_file(os.path.join(examples, name)) == [], name
