@@ -293,3 +293,16 @@ def test_examples_directory_workflows_validate():
     assert files
     for name in files:
         assert YAMLEngine().validate_file(os.path.join(examples, name)) == [], name
+
+
+def test_readme_yaml_example_runs():
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    block = re.search(r"```yaml\n(.*?)```", readme, re.DOTALL).group(1)
+    with YAMLEngine().load_from_dict(yaml.safe_load(block)) as graph:
+        final = graph.invoke({"items": [4, 8, 15]})
+    assert final["markers"] == ["lua", "python"] and final["verdict"] == "big"
+    with YAMLEngine().load_from_dict(yaml.safe_load(block)) as graph:
+        assert graph.invoke({"items": [1]})["verdict"] == "small"

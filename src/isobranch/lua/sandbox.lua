@@ -240,6 +240,7 @@ end
 local STRING_PREFIX = memo(function(size) return pack_string("<Bi4", B_UNICODE, size) end)
 local LIST_PREFIX = memo(function(size) return pack_string("<Bi4", B_LIST, size) end)
 local INT_BYTES = memo(function(v) return pack_string("<Bi4", B_INT, v) end)
+local KEY_BYTES = memo(function(key) return pack_string("<Bs4", B_UNICODE, key) end)
 
 local function is_list_meta(mt)
   return mt == LIST or (type(mt) == "table" and rawget(mt, "__name") == "isobranch.list")
@@ -300,9 +301,22 @@ local function encode(value)
     else
       n = n + 1; out[n] = "{"
       for k, v in next, t do
-        if type(k) == "table" then fail(k, "a table cannot be a Python dict key") end
-        enc(k, k)
-        enc(v, k)
+        -- The common case inline: a string key and a string or number value.
+        if type(k) == "string" then
+          n = n + 1; out[n] = KEY_BYTES[k]
+        elseif type(k) == "table" then
+          fail(k, "a table cannot be a Python dict key")
+        else
+          enc(k, k)
+        end
+        local kind = type(v)
+        if kind == "string" then
+          n = n + 2; out[n - 1] = STRING_PREFIX[#v]; out[n] = v
+        elseif kind == "number" and math_type(v) == "float" then
+          n = n + 1; out[n] = pack_string("<Bd", B_FLOAT, v)
+        else
+          enc(v, k)
+        end
       end
       n = n + 1; out[n] = "0"
     end
@@ -317,7 +331,8 @@ local function encode(value)
     elseif kind == "number" then
       n = n + 1
       if math_type(v) == "integer" then
-        if v >= INT32_MIN and v <= INT32_MAX then out[n] = INT_BYTES[v]
+        if v >= 0 and v < 1024 then out[n] = INT_BYTES[v]
+        elseif v >= INT32_MIN and v <= INT32_MAX then out[n] = pack_string("<Bi4", B_INT, v)
         else out[n] = long_bytes(v) end
       else
         out[n] = pack_string("<Bd", B_FLOAT, v)
@@ -333,6 +348,9 @@ local function encode(value)
     end
   end
 
+  -- Encoding makes little garbage: pausing the collector saves its
+  -- incremental steps (run() restarts it whatever happens).
+  raw_collect("stop")
   enc(value, nil)
   return concat(out, "", 1, n)
 end
@@ -376,6 +394,7 @@ local function run(mode, code, chunk_name, state_source, variables_source)
     return encode(result)
   end, on_error)
   armed = false
+  raw_collect("restart")
   if hook_count then sethook() end
   if expired then return "timeout", "timeout" end
   if ok then return "ok", text end
