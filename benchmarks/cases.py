@@ -57,6 +57,18 @@ def best_of(fn: Callable[[], object], repeat: int) -> float:
     return min(timings)
 
 
+def paired_best(baseline: Callable[[], object], measured: Callable[[], object],
+                repeat: int) -> tuple[float, float]:
+    """Best time of each, measured alternately so machine drift hits both alike."""
+    base, meas = [], []
+    for _ in range(repeat):
+        for fn, timings in ((baseline, base), (measured, meas)):
+            start = time.perf_counter()
+            fn()
+            timings.append(time.perf_counter() - start)
+    return min(base), min(meas)
+
+
 def median_of(fn: Callable[[], object], repeat: int) -> float:
     """Median wall time of ``repeat`` calls."""
     timings = []
@@ -90,8 +102,8 @@ def vm_creation(repeat: int = 2000) -> Row:
         return lambda: [fn() for _ in range(50)]
 
     rounds = max(repeat // 50, 3)
-    baseline = best_of(many(bare), rounds) / 50
-    measured = best_of(many(sandboxed), rounds) / 50
+    baseline, measured = paired_best(many(bare), many(sandboxed), rounds)
+    baseline, measured = baseline / 50, measured / 50
     ratio = measured / baseline
     return Row("sandboxed LuaRuntime() creation + first call", "<= 2.0x bare lupa",
                baseline, measured, ratio, ratio <= 2.0,
@@ -105,8 +117,8 @@ def hot_loop_thread_hook(iterations: int = 5_000_000, repeat: int = 5) -> Row:
     guarded = _Runtime(timeout=600.0)
     expected = bare_runtime.execute(code)
     assert guarded.execute(code) == expected
-    baseline = best_of(lambda: bare_runtime.execute(code), repeat)
-    measured = best_of(lambda: guarded.execute(code), repeat)
+    baseline, measured = paired_best(lambda: bare_runtime.execute(code),
+                                     lambda: guarded.execute(code), repeat)
     ratio = measured / baseline
     return Row("hot Lua loop, timeout armed (inline/thread)", "<= 2.5x bare lupa",
                baseline, measured, ratio, ratio <= 2.5, f"{iterations:,} iterations")
@@ -137,8 +149,8 @@ def lua_branches_thread_vs_inline(branches: int = 8, iterations: int = 3_000_000
                               max_workers=branches)
     with inline, threaded:
         assert inline.invoke({})["ok"] and threaded.invoke({})["ok"]
-        baseline = best_of(lambda: inline.invoke({}), repeat)
-        measured = best_of(lambda: threaded.invoke({}), repeat)
+        baseline, measured = paired_best(lambda: inline.invoke({}),
+                                         lambda: threaded.invoke({}), repeat)
     speedup = baseline / measured
     return Row(f"{branches} CPU-bound Lua branches, thread vs inline ({os.cpu_count()} cores)",
                ">= 1.8x faster", baseline, measured, speedup, speedup >= 1.8,
@@ -172,8 +184,8 @@ def state_copy(repeat: int = 7) -> Row:
     """Copying a 20k-item state for a branch against ``copy.deepcopy``."""
     state = twenty_k_state()
     assert StateSnapshot(state).copy() == state
-    baseline = best_of(lambda: copy.deepcopy(state), repeat)
-    measured = best_of(lambda: StateSnapshot(state).copy(), repeat)
+    baseline, measured = paired_best(lambda: copy.deepcopy(state),
+                                     lambda: StateSnapshot(state).copy(), repeat)
     speedup = baseline / measured
     return Row("state copy for a branch (20k items)", ">= 3x faster than deepcopy",
                baseline, measured, speedup, speedup >= 3.0,

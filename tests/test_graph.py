@@ -98,23 +98,41 @@ def test_failed_branch_is_recorded_and_siblings_finish(isolation):
 
 
 def test_fail_fast_raises_naming_branch_and_cause(isolation):
+    release = threading.Event()
     started = threading.Event()
 
     def waits(state):
         started.set()
+        release.wait(10)
         return {"late": True}
 
     graph = fan_out(("boom", lambda s: 1 / 0), ("other", waits))
-    compiled = graph.compile(isolation=isolation, fail_fast=True, max_workers=1)
-    with compiled, pytest.raises(GraphExecutionError) as info:
-        compiled.invoke({})
+    compiled = graph.compile(isolation=isolation, fail_fast=True, max_workers=2)
+    try:
+        begin = time.monotonic()
+        with pytest.raises(GraphExecutionError) as info:
+            compiled.invoke({})
+        # The failure is raised without waiting for the sibling still running.
+        assert time.monotonic() - begin < 5
+    finally:
+        release.set()
+        compiled.close()
     error = info.value
     assert error.branch == "boom" and error.node == "boom"
     assert error.error_type == "ZeroDivisionError"
     assert "fail_fast" in str(error) and "division by zero" in str(error)
     assert [r.branch for r in error.results] == ["boom", "other"]
     assert error.results[1].error_type == "Cancelled"
-    assert not started.is_set(), "the queued sibling must not start after the failure"
+    if isolation == "inline":
+        assert not started.is_set(), "inline must not start a branch after a failure"
+
+
+def test_fail_fast_cancels_a_running_lua_sibling():
+    graph = fan_out(("boom", lambda s: 1 / 0), ("spin", LuaNode("spin", "while true do end")))
+    compiled = graph.compile(isolation="thread", fail_fast=True, max_workers=2)
+    with compiled, pytest.raises(GraphExecutionError, match="boom"):
+        compiled.invoke({})
+    # close() joined the pool: the spinning Lua branch was stopped, not left running.
 
 
 def test_branch_timeout_stops_a_lua_loop_and_marks_timed_out(isolation):

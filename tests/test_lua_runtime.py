@@ -263,7 +263,7 @@ def without_none_values(value):
     return value
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, database=None)
 @given(json_like)
 def test_round_trip_property(value):
     runtime = LuaRuntime()
