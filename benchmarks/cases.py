@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import lupa.lua54
-from isobranch.lua.runtime import LuaRuntime as _Runtime
 
 from isobranch import LuaRuntime, StateGraph
 from isobranch.statecopy import StateSnapshot
@@ -114,7 +113,7 @@ def hot_loop_thread_hook(iterations: int = 5_000_000, repeat: int = 5) -> Row:
     """A hot Lua loop with the timeout armed (count hook) against bare lupa."""
     code = HOT_LOOP % iterations
     bare_runtime = lupa.lua54.LuaRuntime()
-    guarded = _Runtime(timeout=600.0)
+    guarded = LuaRuntime(timeout=600.0)
     expected = bare_runtime.execute(code)
     assert guarded.execute(code) == expected
     baseline, measured = paired_best(lambda: bare_runtime.execute(code),
