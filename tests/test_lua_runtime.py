@@ -6,7 +6,7 @@ import math
 from collections import OrderedDict
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from isobranch import LuaMemoryError, LuaRuntime, LuaRuntimeError
@@ -263,8 +263,10 @@ def without_none_values(value):
     return value
 
 
-@settings(max_examples=100, deadline=None, database=None)
+@settings(max_examples=200, deadline=None, database=None, derandomize=True)
 @given(json_like)
+@example({"": None, 1: False})
+@example({1: "one", 2: "two"})
 def test_round_trip_property(value):
     runtime = LuaRuntime()
     result = runtime.execute_node_code("return state", {"v": value})

@@ -152,7 +152,8 @@ local function decode(data)
       while byte(data, pos) ~= B_NULL do
         local k = read()
         local v = read()
-        if int_keys and math_type(k) ~= "integer" then int_keys = false end
+        -- Only entries that exist in Lua count: a None value drops its key.
+        if int_keys and v ~= nil and math_type(k) ~= "integer" then int_keys = false end
         if k == nil then error("isobranch.convert: None cannot be a Lua table key", 0) end
         if k ~= k then error("isobranch.convert: NaN cannot be a Lua table key", 0) end
         t[k] = v
