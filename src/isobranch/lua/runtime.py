@@ -30,20 +30,21 @@ from .convert import ConversionError, from_lua_bytes, plain, to_lua_bytes
 DEFAULT_MAX_MEMORY = 512 * 1024 * 1024
 HOOK_INSTRUCTIONS = 1000
 _SANDBOX_SOURCE = (Path(__file__).parent / "sandbox.lua").read_bytes()
+_CODEC_SOURCE = (Path(__file__).parent / "codec.lua").read_bytes()
 
 
 @functools.cache
-def _sandbox_bytecode() -> bytes:
-    """The sandbox chunk compiled once per process.
+def _bytecode() -> tuple[bytes, bytes]:
+    """The sandbox and codec chunks, compiled once per process.
 
     Loading bytecode skips the parser, which is most of the cost of a new VM.
-    Only this trusted chunk is ever loaded as bytecode; user code cannot load
-    binary chunks.
+    Only these trusted chunks are ever loaded as bytecode; user code cannot
+    load binary chunks.
     """
     compiler = lua54.LuaRuntime(register_eval=False, register_builtins=False, encoding=None)
-    dump = compiler.eval(b"string.dump")
-    load = compiler.eval(b"load")
-    return dump(load(_SANDBOX_SOURCE, b"=isobranch/sandbox.lua", b"t"), True)
+    dump, load = compiler.eval(b"string.dump"), compiler.eval(b"load")
+    return (dump(load(_SANDBOX_SOURCE, b"=isobranch/sandbox.lua", b"t"), True),
+            dump(load(_CODEC_SOURCE, b"=isobranch/codec.lua", b"t"), True))
 
 
 class LuaRuntimeError(Exception):
@@ -148,7 +149,8 @@ class LuaRuntime:
         # No limit to enforce, no hook: Lua then runs at bare speed.
         enforce = self.timeout_hook and (self.timeout is not None or self.should_stop is not None)
         hook_count = HOOK_INSTRUCTIONS if enforce else None
-        self._run = vm.execute(_sandbox_bytecode(), self._out_of_time, hook_count)
+        sandbox, codec = _bytecode()
+        self._run = vm.execute(sandbox, self._out_of_time, hook_count, codec)
         self._vm = vm
 
     def _out_of_time(self) -> bool:
@@ -190,6 +192,14 @@ class LuaRuntime:
             self._deadline = None
         status, payload = (*returned, None)[:2]
         status = status.decode() if isinstance(status, bytes) else status
+        if status == "scalar":
+            if isinstance(payload, bytes):
+                try:
+                    return payload.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise LuaConversionError(f"{what}: result: a Lua string is not valid UTF-8 "
+                                             f"text ({exc.reason})") from exc
+            return payload
         if status == "ok":
             try:
                 return from_lua_bytes(payload)

@@ -1,0 +1,285 @@
+-- Conversion between Python marshal bytes (format 4) and Lua values, for
+-- isobranch's sandbox. Loaded lazily by sandbox.lua, with an empty
+-- environment and its library functions passed in, so nothing user code did
+-- to the globals can reach it. Returns {decode = ..., encode = ...}.
+local lib = ...
+local type, next, error, tostring = lib.type, lib.next, lib.error, lib.tostring
+local rawget, rawlen = lib.rawget, lib.rawlen
+local getmetatable, setmetatable = lib.getmetatable, lib.setmetatable
+local math_type, format, sub, byte = lib.math_type, lib.format, lib.sub, lib.byte
+local concat, raw_collect = lib.concat, lib.raw_collect
+
+---------------------------------------------------------------- Python -> Lua
+-- Values arrive as Python marshal bytes (format 4) and leave as marshal
+-- bytes: both ends are C-speed, strings need no escaping, and integer,
+-- float and key types survive exactly.
+local LIST = {__name = "isobranch.list"}       -- marks tables that came from lists
+-- Marks dicts whose keys are all integers, so {1: x} does not come back as [x].
+local INT_DICT = {__name = "isobranch.dict"}
+local unpack_string, pack_string, char = lib.unpack_string, lib.pack_string, lib.char
+local B_NULL, B_NONE, B_FALSE, B_TRUE = 48, 78, 70, 84          -- 0 N F T
+local B_INT, B_LONG, B_FLOAT = 105, 108, 103                     -- i l g
+local B_UNICODE, B_INTERNED, B_ASCII, B_ASCII_INTERNED = 117, 116, 97, 65   -- u t a A
+local B_SHORT_ASCII, B_SHORT_ASCII_INTERNED, B_BYTES = 122, 90, 115         -- z Z s
+local B_TUPLE, B_SMALL_TUPLE, B_LIST, B_DICT, B_REF = 40, 41, 91, 123, 114  -- ( ) [ { r
+local FLAG_REF = 128
+
+local function decode(data)
+  raw_collect("stop")
+  local pos = 1
+  local refs, building, ref_count = {}, {}, 0
+  local read
+
+  local function list_of(count, flagged)
+    local t = setmetatable({}, LIST)
+    if flagged then ref_count = ref_count + 1; refs[ref_count] = t end
+    building[t] = true
+    local holes = false
+    for i = 1, count do
+      local v = read()
+      if v == nil then holes = true else t[i] = v end
+    end
+    building[t] = nil
+    if holes then setmetatable(t, {__name = "isobranch.list", n = count}) end
+    return t
+  end
+
+  function read()
+    local code = byte(data, pos)
+    if code == nil then error("isobranch.convert: truncated data", 0) end
+    pos = pos + 1
+    local flagged = code >= FLAG_REF
+    if flagged then code = code - FLAG_REF end
+    local value
+    if code == B_REF then
+      local index
+      index, pos = unpack_string("<i4", data, pos)
+      value = refs[index + 1]
+      if type(value) == "table" and building[value] then
+        error("isobranch.convert: cycle (a container that contains itself)", 0)
+      end
+      return value
+    elseif code == B_SHORT_ASCII or code == B_SHORT_ASCII_INTERNED then
+      local size = byte(data, pos)
+      value = sub(data, pos + 1, pos + size); pos = pos + 1 + size
+    elseif code == B_INT then
+      value, pos = unpack_string("<i4", data, pos)
+    elseif code == B_UNICODE or code == B_INTERNED or code == B_ASCII or code == B_ASCII_INTERNED
+        or code == B_BYTES then
+      value, pos = unpack_string("<s4", data, pos)
+    elseif code == B_FLOAT then
+      value, pos = unpack_string("<d", data, pos)
+    elseif code == B_DICT then
+      local t = {}
+      if flagged then ref_count = ref_count + 1; refs[ref_count] = t end
+      building[t] = true
+      local int_keys = true
+      while byte(data, pos) ~= B_NULL do
+        local k = read()
+        local v = read()
+        -- Only entries that exist in Lua count: a None value drops its key.
+        if int_keys and v ~= nil and math_type(k) ~= "integer" then int_keys = false end
+        if k == nil then error("isobranch.convert: None cannot be a Lua table key", 0) end
+        if k ~= k then error("isobranch.convert: NaN cannot be a Lua table key", 0) end
+        t[k] = v
+      end
+      pos = pos + 1
+      building[t] = nil
+      if int_keys and next(t) ~= nil then setmetatable(t, INT_DICT) end
+      return t
+    elseif code == B_LIST or code == B_TUPLE then
+      local count
+      count, pos = unpack_string("<i4", data, pos)
+      return list_of(count, flagged)
+    elseif code == B_SMALL_TUPLE then
+      local count = byte(data, pos); pos = pos + 1
+      return list_of(count, flagged)
+    elseif code == B_NONE then return nil
+    elseif code == B_TRUE then return true
+    elseif code == B_FALSE then return false
+    elseif code == B_REF then
+      local index
+      index, pos = unpack_string("<i4", data, pos)
+      value = refs[index + 1]
+      if type(value) == "table" and building[value] then
+        error("isobranch.convert: cycle (a container that contains itself)", 0)
+      end
+      return value
+    elseif code == B_LONG then
+      local digits
+      digits, pos = unpack_string("<i4", data, pos)
+      local negative = digits < 0
+      if negative then digits = -digits end
+      if digits > 5 then error("isobranch.convert: integer does not fit in 64 bits", 0) end
+      local n, scale = 0, 1
+      for i = 1, digits do
+        local d
+        d, pos = unpack_string("<I2", data, pos)
+        -- 4 digits hold 60 bits; a 5th may add 3 more (8 only for -2^63).
+        if i == 5 and (d > 8 or (d == 8 and not (negative and n == 0))) then
+          error("isobranch.convert: integer does not fit in 64 bits", 0)
+        end
+        n = n + d * scale
+        scale = scale * 32768
+      end
+      value = negative and -n or n
+    else
+      error(format("isobranch.convert: unsupported value (marshal code %q)", char(code)), 0)
+    end
+    if flagged then ref_count = ref_count + 1; refs[ref_count] = value end
+    return value
+  end
+
+  local value = read()
+  raw_collect("restart")
+  return value
+end
+
+---------------------------------------------------------------- Lua -> Python
+local INT32_MIN, INT32_MAX = -2147483648, 2147483647
+
+local function long_bytes(v)
+  -- Python's 'l' marshal type: a signed count of base-2^15 digits. Work on
+  -- the non-positive value so that math.mininteger cannot overflow.
+  local negative = v < 0
+  local rest = negative and v or -v
+  local parts, count = {""}, 0
+  while rest ~= 0 do
+    local digit = -(rest % -32768)
+    count = count + 1
+    parts[count + 1] = pack_string("<I2", digit)
+    rest = (rest + digit) // 32768
+  end
+  parts[1] = pack_string("<Bi4", B_LONG, negative and -count or count)
+  return concat(parts)
+end
+
+-- Memo tables: most prefixes and small integers repeat, and string.pack is
+-- the slowest step of encoding.
+local function memo(build)
+  return setmetatable({}, {__index = function(cache, key)
+    local value = build(key)
+    cache[key] = value
+    return value
+  end, __mode = "v"})
+end
+local STRING_PREFIX = memo(function(size) return pack_string("<Bi4", B_UNICODE, size) end)
+local LIST_PREFIX = memo(function(size) return pack_string("<Bi4", B_LIST, size) end)
+local INT_BYTES = memo(function(v) return pack_string("<Bi4", B_INT, v) end)
+local KEY_BYTES = memo(function(key) return pack_string("<Bs4", B_UNICODE, key) end)
+
+local function is_list_meta(mt)
+  return mt == LIST or (type(mt) == "table" and rawget(mt, "__name") == "isobranch.list")
+end
+
+local function encode(value)
+  local out, n = {}, 0
+  local visiting = {}
+  local keys, depth = {}, 0
+
+  local function fail(key, message)
+    local parts = {"result"}
+    for i = 1, depth do
+      local k = keys[i]
+      if k ~= nil then
+        parts[#parts + 1] = type(k) == "string" and ("['" .. k .. "']") or ("[" .. tostring(k) .. "]")
+      end
+    end
+    if key ~= nil then
+      parts[#parts + 1] = type(key) == "string" and ("['" .. key .. "']") or ("[" .. tostring(key) .. "]")
+    end
+    error("isobranch.convert: " .. concat(parts) .. ": " .. message, 0)
+  end
+
+  local enc
+
+  local function enc_table(t, key)
+    if visiting[t] then fail(key, "cycle (a table that contains itself)") end
+    visiting[t] = true
+    depth = depth + 1
+    keys[depth] = key
+    local length = rawlen(t)
+    local mt = getmetatable(t)
+    local marked = is_list_meta(mt)
+    local list = marked or (length > 0 and mt ~= INT_DICT)
+    if list then
+      local max_int = 0
+      for k in next, t do
+        if math_type(k) ~= "integer" or k < 1 then list = false; break end
+        if k > max_int then max_int = k end
+      end
+      if list then
+        if marked then
+          local declared = type(mt) == "table" and rawget(mt, "n")
+          if math_type(declared) == "integer" and declared > max_int then max_int = declared end
+          length = max_int
+        elseif max_int ~= length then
+          list = false
+        end
+      end
+    end
+    if list then
+      n = n + 1; out[n] = LIST_PREFIX[length]
+      for i = 1, length do
+        local v = rawget(t, i)
+        if v == nil then n = n + 1; out[n] = "N" else enc(v, i) end
+      end
+    else
+      n = n + 1; out[n] = "{"
+      for k, v in next, t do
+        -- The common case inline: a string key and a string or number value.
+        if type(k) == "string" then
+          n = n + 1; out[n] = KEY_BYTES[k]
+        elseif type(k) == "table" then
+          fail(k, "a table cannot be a Python dict key")
+        else
+          enc(k, k)
+        end
+        local kind = type(v)
+        if kind == "string" then
+          n = n + 2; out[n - 1] = STRING_PREFIX[#v]; out[n] = v
+        elseif kind == "number" and math_type(v) == "float" then
+          n = n + 1; out[n] = pack_string("<Bd", B_FLOAT, v)
+        else
+          enc(v, k)
+        end
+      end
+      n = n + 1; out[n] = "0"
+    end
+    depth = depth - 1
+    visiting[t] = nil
+  end
+
+  function enc(v, key)
+    local kind = type(v)
+    if kind == "string" then
+      n = n + 2; out[n - 1] = STRING_PREFIX[#v]; out[n] = v
+    elseif kind == "number" then
+      n = n + 1
+      if math_type(v) == "integer" then
+        if v >= 0 and v < 1024 then out[n] = INT_BYTES[v]
+        elseif v >= INT32_MIN and v <= INT32_MAX then out[n] = pack_string("<Bi4", B_INT, v)
+        else out[n] = long_bytes(v) end
+      else
+        out[n] = pack_string("<Bd", B_FLOAT, v)
+      end
+    elseif kind == "boolean" then
+      n = n + 1; out[n] = v and "T" or "F"
+    elseif kind == "table" then
+      enc_table(v, key)
+    elseif kind == "nil" then
+      n = n + 1; out[n] = "N"
+    else
+      fail(key, "cannot convert a Lua " .. kind .. " to Python")
+    end
+  end
+
+  -- Encoding makes little garbage: pausing the collector saves its
+  -- incremental steps (run() restarts it whatever happens).
+  raw_collect("stop")
+  enc(value, nil)
+  return concat(out, "", 1, n)
+end
+
+
+return {decode = decode, encode = encode}
