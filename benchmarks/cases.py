@@ -46,36 +46,31 @@ class Row:
         return asdict(self)
 
 
-def best_of(fn: Callable[[], object], repeat: int) -> float:
-    """Smallest wall time of ``repeat`` calls: the least disturbed measurement."""
-    timings = []
+def timings(fn: Callable[[], object], repeat: int) -> list[float]:
+    """Wall time of each of ``repeat`` calls."""
+    result = []
     for _ in range(repeat):
         start = time.perf_counter()
         fn()
-        timings.append(time.perf_counter() - start)
-    return min(timings)
+        result.append(time.perf_counter() - start)
+    return result
+
+
+def best_of(fn: Callable[[], object], repeat: int) -> float:
+    """Smallest wall time of ``repeat`` calls: the least disturbed measurement."""
+    return min(timings(fn, repeat))
 
 
 def paired_best(baseline: Callable[[], object], measured: Callable[[], object],
                 repeat: int) -> tuple[float, float]:
     """Best time of each, measured alternately so machine drift hits both alike."""
-    base, meas = [], []
-    for _ in range(repeat):
-        for fn, timings in ((baseline, base), (measured, meas)):
-            start = time.perf_counter()
-            fn()
-            timings.append(time.perf_counter() - start)
-    return min(base), min(meas)
+    pairs = [(timings(baseline, 1)[0], timings(measured, 1)[0]) for _ in range(repeat)]
+    return min(p[0] for p in pairs), min(p[1] for p in pairs)
 
 
 def median_of(fn: Callable[[], object], repeat: int) -> float:
     """Median wall time of ``repeat`` calls."""
-    timings = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        timings.append(time.perf_counter() - start)
-    return statistics.median(timings)
+    return statistics.median(timings(fn, repeat))
 
 
 def twenty_k_state() -> dict:

@@ -97,14 +97,6 @@ local function decode(data)
     elseif code == B_NONE then return nil
     elseif code == B_TRUE then return true
     elseif code == B_FALSE then return false
-    elseif code == B_REF then
-      local index
-      index, pos = unpack_string("<i4", data, pos)
-      value = refs[index + 1]
-      if type(value) == "table" and building[value] then
-        error("isobranch.convert: cycle (a container that contains itself)", 0)
-      end
-      return value
     elseif code == B_LONG then
       local digits
       digits, pos = unpack_string("<i4", data, pos)
