@@ -70,6 +70,13 @@ class StateGraph:
         self._fan_in_nodes.add(name)
         return self
 
+    def mark_fan_in(self, name: str) -> StateGraph:
+        """Declare an already added node as a fan-in node."""
+        if name not in self._nodes:
+            raise GraphError(f"unknown node {name!r}")
+        self._fan_in_nodes.add(name)
+        return self
+
     def add_edge(self, source: str, target: str,
                  when: Condition | Callable[[dict], Any] | str | None = None) -> StateGraph:
         """Add an edge; with ``when`` it is taken only if the condition holds.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import builtins
-import inspect
 import linecache
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -137,13 +136,3 @@ def compile_python_body(source: str, filename: str, *, node: str) -> Any:
     ast.increment_lineno(tree, -1)
     linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
     return compile(tree, filename, "exec")
-
-
-def is_fan_in_callable(fn: Callable[..., Any]) -> bool:
-    """True if ``fn`` accepts a second positional argument (``parallel_results``)."""
-    try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):
-        return True
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)

@@ -162,7 +162,7 @@ class _Builder:
         if self.problems:
             raise self.fail()
         for name in fan_in_names:
-            graph._fan_in_nodes.add(name)  # YAML marks fan-in nodes by use as well as by flag
+            graph.mark_fan_in(name)  # YAML marks fan-in nodes by use as well as by flag
         for problem in graph.validate():
             self.problem(problem)
         if self.problems:
