@@ -1,52 +1,52 @@
--- Conversion between Python marshal bytes (format 4) and Lua values, for
--- isobranch's sandbox. Loaded lazily by sandbox.lua, with an empty
--- environment and its library functions passed in, so nothing user code did
--- to the globals can reach it. Returns {decode = ..., encode = ...}.
+-- Conversion between Python marshal bytes and Lua values, for isobranch's
+-- sandbox (sandbox.lua loads it on first use, with an empty environment and
+-- the library functions it needs passed in, so nothing user code did to the
+-- globals can reach it). Returns {decode = ..., encode = ...}.
 local lib = ...
 local type, next, error, tostring = lib.type, lib.next, lib.error, lib.tostring
-local rawget, rawlen = lib.rawget, lib.rawlen
-local getmetatable, setmetatable = lib.getmetatable, lib.setmetatable
-local math_type, format, sub, byte = lib.math_type, lib.format, lib.sub, lib.byte
-local concat, raw_collect = lib.concat, lib.raw_collect
+local rawget, rawlen, setmetatable = lib.rawget, lib.rawlen, lib.setmetatable
+local math_type, format, sub, byte, char = lib.math_type, lib.format, lib.sub, lib.byte, lib.char
+local concat, unpack_string, pack_string = lib.concat, lib.unpack_string, lib.pack_string
+local CONVERT = lib.CONVERT
 
----------------------------------------------------------------- Python -> Lua
--- Values arrive as Python marshal bytes (format 4) and leave as marshal
--- bytes: both ends are C-speed, strings need no escaping, and integer,
--- float and key types survive exactly.
-local LIST = {__name = "isobranch.list"}       -- marks tables that came from lists
--- Marks dicts whose keys are all integers, so {1: x} does not come back as [x].
-local INT_DICT = {__name = "isobranch.dict"}
-local unpack_string, pack_string, char = lib.unpack_string, lib.pack_string, lib.char
-local B_NULL, B_NONE, B_FALSE, B_TRUE = 48, 78, 70, 84          -- 0 N F T
-local B_INT, B_LONG, B_FLOAT = 105, 108, 103                     -- i l g
+-- Values cross as Python marshal bytes (format 4) both ways: Python reads
+-- and writes them in C, strings need no escaping, and int/float and key
+-- types survive exactly. What Python container a table came from is kept
+-- in KIND, a private weak-keyed table (never a metatable user code could
+-- reach): true = a list, an integer = a list of that length whose tail is
+-- None, false = a dict whose keys are all integers (so it stays a dict).
+local KIND = setmetatable({}, {__mode = "k"})
+
+local B_NULL, B_NONE, B_FALSE, B_TRUE = 48, 78, 70, 84                    -- 0 N F T
+local B_INT, B_LONG, B_FLOAT = 105, 108, 103                               -- i l g
 local B_UNICODE, B_INTERNED, B_ASCII, B_ASCII_INTERNED = 117, 116, 97, 65   -- u t a A
 local B_SHORT_ASCII, B_SHORT_ASCII_INTERNED, B_BYTES = 122, 90, 115         -- z Z s
 local B_TUPLE, B_SMALL_TUPLE, B_LIST, B_DICT, B_REF = 40, 41, 91, 123, 114  -- ( ) [ { r
 local FLAG_REF = 128
 
 local function decode(data)
-  raw_collect("stop")
   local pos = 1
   local refs, building, ref_count = {}, {}, 0
   local read
 
   local function list_of(count, flagged)
-    local t = setmetatable({}, LIST)
+    local t = {}
     if flagged then ref_count = ref_count + 1; refs[ref_count] = t end
     building[t] = true
-    local holes = false
+    local last = 0
     for i = 1, count do
       local v = read()
-      if v == nil then holes = true else t[i] = v end
+      if v ~= nil then t[i] = v; last = i end
     end
     building[t] = nil
-    if holes then setmetatable(t, {__name = "isobranch.list", n = count}) end
+    -- Trailing None would be lost (a table cannot hold nil): keep the length.
+    KIND[t] = last == count or count
     return t
   end
 
   function read()
     local code = byte(data, pos)
-    if code == nil then error("isobranch.convert: truncated data", 0) end
+    if code == nil then error(CONVERT .. "truncated data", 0) end
     pos = pos + 1
     local flagged = code >= FLAG_REF
     if flagged then code = code - FLAG_REF end
@@ -55,8 +55,8 @@ local function decode(data)
       local index
       index, pos = unpack_string("<i4", data, pos)
       value = refs[index + 1]
-      if type(value) == "table" and building[value] then
-        error("isobranch.convert: cycle (a container that contains itself)", 0)
+      if building[value] then
+        error(CONVERT .. "cycle (a container that contains itself)", 0)
       end
       return value
     elseif code == B_SHORT_ASCII or code == B_SHORT_ASCII_INTERNED then
@@ -64,9 +64,6 @@ local function decode(data)
       value = sub(data, pos + 1, pos + size); pos = pos + 1 + size
     elseif code == B_INT then
       value, pos = unpack_string("<i4", data, pos)
-    elseif code == B_UNICODE or code == B_INTERNED or code == B_ASCII or code == B_ASCII_INTERNED
-        or code == B_BYTES then
-      value, pos = unpack_string("<s4", data, pos)
     elseif code == B_FLOAT then
       value, pos = unpack_string("<d", data, pos)
     elseif code == B_DICT then
@@ -77,57 +74,62 @@ local function decode(data)
       while byte(data, pos) ~= B_NULL do
         local k = read()
         local v = read()
-        -- Only entries that exist in Lua count: a None value drops its key.
-        if int_keys and v ~= nil and math_type(k) ~= "integer" then int_keys = false end
-        if k == nil then error("isobranch.convert: None cannot be a Lua table key", 0) end
-        if k ~= k then error("isobranch.convert: NaN cannot be a Lua table key", 0) end
-        t[k] = v
+        if type(k) ~= "string" then
+          if k == nil then error(CONVERT .. "None cannot be a Lua table key", 0) end
+          if k ~= k then error(CONVERT .. "NaN cannot be a Lua table key", 0) end
+          if type(k) == "table" then error(CONVERT .. "a container cannot be a key", 0) end
+          if int_keys and v ~= nil and math_type(k) ~= "integer" then int_keys = false end
+        elseif v ~= nil then
+          int_keys = false
+        end
+        -- A None value drops its key: a Lua table cannot hold nil.
+        if v ~= nil then t[k] = v end
       end
       pos = pos + 1
       building[t] = nil
-      if int_keys and next(t) ~= nil then setmetatable(t, INT_DICT) end
+      if int_keys and next(t) ~= nil then KIND[t] = false end
       return t
+    elseif code == B_UNICODE or code == B_INTERNED or code == B_ASCII or code == B_ASCII_INTERNED
+        or code == B_BYTES then
+      value, pos = unpack_string("<s4", data, pos)
+    elseif code == B_SMALL_TUPLE then
+      local count = byte(data, pos); pos = pos + 1
+      return list_of(count, flagged)
     elseif code == B_LIST or code == B_TUPLE then
       local count
       count, pos = unpack_string("<i4", data, pos)
       return list_of(count, flagged)
-    elseif code == B_SMALL_TUPLE then
-      local count = byte(data, pos); pos = pos + 1
-      return list_of(count, flagged)
-    elseif code == B_NONE then return nil
     elseif code == B_TRUE then return true
     elseif code == B_FALSE then return false
+    elseif code == B_NONE then return nil
     elseif code == B_LONG then
       local digits
       digits, pos = unpack_string("<i4", data, pos)
       local negative = digits < 0
       if negative then digits = -digits end
-      if digits > 5 then error("isobranch.convert: integer does not fit in 64 bits", 0) end
+      if digits > 5 then error(CONVERT .. "integer does not fit in 64 bits", 0) end
       local n, scale = 0, 1
       for i = 1, digits do
         local d
         d, pos = unpack_string("<I2", data, pos)
         -- 4 digits hold 60 bits; a 5th may add 3 more (8 only for -2^63).
         if i == 5 and (d > 8 or (d == 8 and not (negative and n == 0))) then
-          error("isobranch.convert: integer does not fit in 64 bits", 0)
+          error(CONVERT .. "integer does not fit in 64 bits", 0)
         end
         n = n + d * scale
         scale = scale * 32768
       end
       value = negative and -n or n
     else
-      error(format("isobranch.convert: unsupported value (marshal code %q)", char(code)), 0)
+      error(format(CONVERT .. "unsupported value (marshal code %q)", char(code)), 0)
     end
     if flagged then ref_count = ref_count + 1; refs[ref_count] = value end
     return value
   end
 
-  local value = read()
-  raw_collect("restart")
-  return value
+  return read()
 end
 
----------------------------------------------------------------- Lua -> Python
 local INT32_MIN, INT32_MAX = -2147483648, 2147483647
 
 local function long_bytes(v)
@@ -146,8 +148,8 @@ local function long_bytes(v)
   return concat(parts)
 end
 
--- Memo tables: most prefixes and small integers repeat, and string.pack is
--- the slowest step of encoding.
+-- Memo tables: prefixes and small integers repeat, and string.pack is the
+-- slowest step of encoding. Weak values: they cannot grow without bound.
 local function memo(build)
   return setmetatable({}, {__index = function(cache, key)
     local value = build(key)
@@ -160,8 +162,9 @@ local LIST_PREFIX = memo(function(size) return pack_string("<Bi4", B_LIST, size)
 local INT_BYTES = memo(function(v) return pack_string("<Bi4", B_INT, v) end)
 local KEY_BYTES = memo(function(key) return pack_string("<Bs4", B_UNICODE, key) end)
 
-local function is_list_meta(mt)
-  return mt == LIST or (type(mt) == "table" and rawget(mt, "__name") == "isobranch.list")
+local function key_text(k)
+  if type(k) == "string" then return "['" .. k .. "']" end
+  return "[" .. tostring(k) .. "]"
 end
 
 local function encode(value)
@@ -172,15 +175,10 @@ local function encode(value)
   local function fail(key, message)
     local parts = {"result"}
     for i = 1, depth do
-      local k = keys[i]
-      if k ~= nil then
-        parts[#parts + 1] = type(k) == "string" and ("['" .. k .. "']") or ("[" .. tostring(k) .. "]")
-      end
+      if keys[i] ~= nil then parts[#parts + 1] = key_text(keys[i]) end
     end
-    if key ~= nil then
-      parts[#parts + 1] = type(key) == "string" and ("['" .. key .. "']") or ("[" .. tostring(key) .. "]")
-    end
-    error("isobranch.convert: " .. concat(parts) .. ": " .. message, 0)
+    if key ~= nil then parts[#parts + 1] = key_text(key) end
+    error(CONVERT .. concat(parts) .. ": " .. message, 0)
   end
 
   local enc
@@ -191,22 +189,22 @@ local function encode(value)
     depth = depth + 1
     keys[depth] = key
     local length = rawlen(t)
-    local mt = getmetatable(t)
-    local marked = is_list_meta(mt)
-    local list = marked or (length > 0 and mt ~= INT_DICT)
+    local kind = KIND[t]
+    local list = kind or (kind == nil and length > 0)
     if list then
+      -- A list only if every key is an integer 1..n (a marked list may
+      -- also declare a longer length, for a tail of None).
       local max_int = 0
       for k in next, t do
         if math_type(k) ~= "integer" or k < 1 then list = false; break end
         if k > max_int then max_int = k end
       end
       if list then
-        if marked then
-          local declared = type(mt) == "table" and rawget(mt, "n")
-          if math_type(declared) == "integer" and declared > max_int then max_int = declared end
-          length = max_int
-        elseif max_int ~= length then
+        if kind == nil and max_int ~= length then
           list = false
+        else
+          if math_type(kind) == "integer" and kind > max_int then max_int = kind end
+          length = max_int
         end
       end
     end
@@ -219,7 +217,7 @@ local function encode(value)
     else
       n = n + 1; out[n] = "{"
       for k, v in next, t do
-        -- The common case inline: a string key and a string or number value.
+        -- The common case inline: a string key and a string or float value.
         if type(k) == "string" then
           n = n + 1; out[n] = KEY_BYTES[k]
         elseif type(k) == "table" then
@@ -227,10 +225,10 @@ local function encode(value)
         else
           enc(k, k)
         end
-        local kind = type(v)
-        if kind == "string" then
+        local kind_v = type(v)
+        if kind_v == "string" then
           n = n + 2; out[n - 1] = STRING_PREFIX[#v]; out[n] = v
-        elseif kind == "number" and math_type(v) == "float" then
+        elseif kind_v == "number" and math_type(v) == "float" then
           n = n + 1; out[n] = pack_string("<Bd", B_FLOAT, v)
         else
           enc(v, k)
@@ -266,12 +264,8 @@ local function encode(value)
     end
   end
 
-  -- Encoding makes little garbage: pausing the collector saves its
-  -- incremental steps (run() restarts it whatever happens).
-  raw_collect("stop")
   enc(value, nil)
   return concat(out, "", 1, n)
 end
-
 
 return {decode = decode, encode = encode}

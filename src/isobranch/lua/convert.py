@@ -57,15 +57,15 @@ def plain(value: Any, path: str = "state", _active: set[int] | None = None) -> A
     if isinstance(value, int):
         if not _INT64_MIN <= value <= _INT64_MAX:
             raise ConversionError(path, f"integer {value} does not fit in a Lua integer (64 bits)")
-        return int(value)
+        return int.__int__(value)
     if isinstance(value, float):
-        return float(value)
+        return float.__float__(value)
     if isinstance(value, str):
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as exc:
             raise ConversionError(path, f"string is not valid Unicode text ({exc.reason})") from None
-        return str(value)
+        return str.__str__(value)
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     if isinstance(value, (dict, list, tuple)):
@@ -87,4 +87,4 @@ def plain(value: Any, path: str = "state", _active: set[int] | None = None) -> A
             return [plain(item, f"{path}[{index}]", active) for index, item in enumerate(value)]
         finally:
             active.discard(id(value))
-    raise ConversionError(path, f"cannot convert a {type(value).__name__} to Lua")
+    raise ConversionError(path, f"cannot convert object of type {type(value).__name__} to Lua")

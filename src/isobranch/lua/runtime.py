@@ -29,12 +29,15 @@ from .convert import ConversionError, from_lua_bytes, plain, to_lua_bytes
 
 DEFAULT_MAX_MEMORY = 512 * 1024 * 1024
 HOOK_INSTRUCTIONS = 1000
+# Room for lupa's own allocations while it pushes a call's arguments, and
+# for each Lua string's header.
+_PUSH_SLACK, _STRING_OVERHEAD = 4096, 64
 _SANDBOX_SOURCE = (Path(__file__).parent / "sandbox.lua").read_bytes()
 _CODEC_SOURCE = (Path(__file__).parent / "codec.lua").read_bytes()
 
 
 @functools.cache
-def _bytecode() -> tuple[bytes, bytes]:
+def _sandbox_bytecode() -> tuple[bytes, bytes]:
     """The sandbox and codec chunks, compiled once per process.
 
     Loading bytecode skips the parser, which is most of the cost of a new VM.
@@ -43,8 +46,15 @@ def _bytecode() -> tuple[bytes, bytes]:
     """
     compiler = lua54.LuaRuntime(register_eval=False, register_builtins=False, encoding=None)
     dump, load = compiler.eval(b"string.dump"), compiler.eval(b"load")
-    return (dump(load(_SANDBOX_SOURCE, b"=isobranch/sandbox.lua", b"t"), True),
-            dump(load(_CODEC_SOURCE, b"=isobranch/codec.lua", b"t"), True))
+
+    def compile_chunk(source: bytes, name: bytes) -> bytes:
+        chunk = load(source, name, b"t")
+        if chunk is None:
+            raise RuntimeError(f"isobranch: cannot compile {name.decode()}")
+        return dump(chunk, True)
+
+    return (compile_chunk(_SANDBOX_SOURCE, b"=isobranch/sandbox.lua"),
+            compile_chunk(_CODEC_SOURCE, b"=isobranch/codec.lua"))
 
 
 class LuaRuntimeError(Exception):
@@ -52,35 +62,43 @@ class LuaRuntimeError(Exception):
 
 
 class LuaTimeoutError(LuaRuntimeError):
-    """Lua code ran past its timeout."""
+    """Lua code ran past its timeout (or was stopped); the VM was discarded."""
 
 
 class LuaMemoryError(LuaRuntimeError):
-    """Lua code exceeded the VM's ``max_memory``."""
+    """Lua code exceeded the VM's ``max_memory``; the VM was discarded."""
 
 
 class LuaConversionError(LuaRuntimeError):
-    """A value cannot cross the Python/Lua boundary; the message names its path."""
+    """A value cannot cross the Python/Lua boundary; the message starts with its path."""
 
 
 class LuaRuntime:
-    """A sandboxed Lua 5.4 VM.
+    """A sandboxed Lua 5.4 VM with a per-call wall-clock timeout and a memory limit.
 
     ``timeout`` (seconds, wall clock, per call; None for no limit) and
-    ``max_memory`` (bytes; None for no limit) bound every call. Globals
-    persist between calls until a limit error discards the VM.
-    ``timeout_hook=False`` runs Lua at bare speed with no hook, for callers
-    that enforce the deadline from outside (a worker that can be killed);
-    with ``timeout=None`` and no ``should_stop`` there is no hook either, and
-    a per-call ``timeout`` is then not enforced.
+    ``max_memory`` (bytes; None for no limit) bound every call. The VM is
+    created on first use; globals persist between calls until ``close()`` or
+    a timeout/memory error, after which the next call gets a fresh VM.
+
+    ``timeout_hook=False`` (or ``timeout=None`` with no ``should_stop``)
+    installs no hook at all, so Lua runs at bare speed; the caller must then
+    enforce deadlines from outside, e.g. by killing a worker process.
     ``should_stop`` is polled with the wall clock; when it returns true the
-    running call ends as a timeout (used to cancel a branch).
+    running call ends as a timeout (used to cancel a branch). A per-call
+    ``timeout=`` overrides the default, but only on a runtime that has a hook.
+
+    The hook cannot interrupt one single long C call, such as a
+    pathological pattern match (``string.find`` with heavy backtracking on
+    a huge string) or sorting a huge table with the default comparator: the
+    deadline is noticed only when that call returns. Only a backend that can
+    kill its worker bounds such a call.
     """
 
     def __init__(self, timeout: float | None = 30.0, max_memory: int | None = DEFAULT_MAX_MEMORY,
                  *, timeout_hook: bool = True,
                  should_stop: Callable[[], bool] | None = None) -> None:
-        if timeout is not None and timeout <= 0:
+        if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be positive or None, got {timeout!r}")
         if max_memory is not None and max_memory <= 0:
             raise ValueError(f"max_memory must be positive or None, got {max_memory!r}")
@@ -97,13 +115,20 @@ class LuaRuntime:
 
     def execute(self, code: str, state: dict | None = None, *, variables: dict | None = None,
                 chunk_name: str | None = None, timeout: float | None = None) -> Any:
-        """Run a chunk with ``state`` as the global ``state``; return its ``return`` value."""
+        """Run a chunk with ``state`` as the global ``state``; return its ``return`` value.
+
+        ``nil`` comes back as None, tables as lists or dicts.
+        """
         return self._call("execute", code, state, variables, chunk_name, timeout)
 
     def eval_condition(self, expr: str, state: dict | None = None, *,
                        variables: dict | None = None, chunk_name: str | None = None,
                        timeout: float | None = None) -> str | None:
-        """Evaluate a condition (``return`` optional): ``"true"``/``"false"``, a string, or None."""
+        """Evaluate a condition (``return`` optional) with ``state`` as a global.
+
+        Booleans give ``"true"``/``"false"``, strings come back as they are,
+        other values as their ``str()``, ``nil`` as None.
+        """
         value = self._call("condition", expr, state, variables, chunk_name, timeout)
         if value is None:
             return None
@@ -118,7 +143,8 @@ class LuaRuntime:
                           timeout: float | None = None) -> dict:
         """Run a node body with ``state`` as a local; a returned table is the update dict.
 
-        ``nil`` gives ``{}``; anything that is not a dict is ``{"result": value}``.
+        ``nil`` gives ``{}``; anything that is not a dict (a scalar, or a
+        table that converts to a list) is ``{"result": value}``.
         """
         value = self._call("node", code, state, variables, chunk_name, timeout)
         if value is None:
@@ -149,99 +175,124 @@ class LuaRuntime:
         # No limit to enforce, no hook: Lua then runs at bare speed.
         enforce = self.timeout_hook and (self.timeout is not None or self.should_stop is not None)
         hook_count = HOOK_INSTRUCTIONS if enforce else None
-        sandbox, codec = _bytecode()
+        # The only Python object the VM ever holds: a bound method, kept as
+        # a private upvalue of the hook.
+        sandbox, codec = _sandbox_bytecode()
+        if self.max_memory is not None:
+            # The setup must not fail half-way however small the limit is.
+            vm.set_max_memory(0)
         self._run = vm.execute(sandbox, self._out_of_time, hook_count, codec)
+        if self.max_memory is not None:
+            vm.set_max_memory(self.max_memory)
         self._vm = vm
 
+    def _arguments_fit(self, *arguments: bytes | None) -> bool:
+        """Whether lupa can push the call's arguments without exceeding ``max_memory``.
+
+        lupa copies arguments onto the Lua stack outside any protected call,
+        where running out of memory makes Lua abort the whole process; so a
+        call whose input cannot fit fails here instead, before Lua sees it.
+        """
+        incoming = _PUSH_SLACK + sum(len(argument) + _STRING_OVERHEAD
+                                     for argument in arguments if argument)
+        return self._vm.get_memory_used() + incoming <= self._vm.get_max_memory()
+
     def _out_of_time(self) -> bool:
-        # Called from the Lua hook about every 5 ms of CPU time.
+        # Called from the Lua hook about once per 5 ms of CPU time.
         past_deadline = self._deadline is not None and time.monotonic() >= self._deadline
         if past_deadline or (self.should_stop is not None and self.should_stop()):
             self._expired = True
         return self._expired
 
-    def _call(self, mode: str, code: str, state: dict | None, variables: dict | None,
+    def _call(self, mode: str, code: str, state: Any, variables: Any,
               chunk_name: str | None, timeout: float | None) -> Any:
         if not isinstance(code, str):
             raise TypeError(f"Lua code must be a str, got {type(code).__name__}")
-        what = chunk_name or "lua"
+        name = chunk_name or "lua"
         state_data = self._to_lua(state, "state")
         variables_data = self._to_lua(variables, "variables")
+        source = code.encode("utf-8", "surrogateescape")
+        lua_name = ("=" + name).encode("utf-8", "surrogateescape")
         if self._run is None:
             self._start_vm()
+        if self.max_memory is not None and not self._arguments_fit(source, lua_name, state_data,
+                                                                   variables_data):
+            self.close()
+            raise self._memory_error(name)
         limit = timeout if timeout is not None else self.timeout
         self._deadline = time.monotonic() + limit if limit is not None else None
         self._expired = False
         try:
-            returned = self._run(mode.encode(), code.encode("utf-8", "surrogateescape"),
-                                 ("=" + what).encode("utf-8", "replace"), state_data,
-                                 variables_data)
+            status, payload = self._run(mode.encode(), source, lua_name, state_data,
+                                        variables_data)
         except lua54.LuaMemoryError as exc:
             self.close()
-            raise LuaMemoryError(f"{what}: not enough memory (max_memory={self.max_memory})"
-                                 ) from exc
+            raise self._memory_error(name) from exc
         except lua54.LuaError as exc:
+            # Only the sandbox's own code runs unprotected; treat as fatal for this VM.
+            self.close()
             if self._expired:
-                self.close()
-                raise self._timeout_error(what, limit) from exc
-            message = _lua_message(exc.args[0] if exc.args else exc)
-            if message.startswith(_CONVERT):
-                raise self._conversion_error(message, state, variables) from exc
-            raise LuaRuntimeError(f"{what}: {message}") from exc
+                raise self._timeout_error(name, limit) from exc
+            raise LuaRuntimeError(f"{name}: {_lua_message(exc.args[0] if exc.args else exc)}"
+                                  ) from exc
         finally:
             self._deadline = None
-        status, payload = (*returned, None)[:2]
-        status = status.decode() if isinstance(status, bytes) else status
+        status = status.decode()
         if status == "scalar":
             if isinstance(payload, bytes):
                 try:
                     return payload.decode("utf-8")
                 except UnicodeDecodeError as exc:
-                    raise LuaConversionError(f"{what}: result: a Lua string is not valid UTF-8 "
-                                             f"text ({exc.reason})") from exc
+                    raise LuaConversionError(f"result: a Lua string is not valid UTF-8 text "
+                                             f"({exc.reason})") from exc
             return payload
         if status == "ok":
             try:
                 return from_lua_bytes(payload)
             except ConversionError as exc:
-                raise LuaConversionError(f"{what}: {exc}") from exc
+                raise LuaConversionError(str(exc)) from exc
         if status == "timeout":
             self.close()
-            raise self._timeout_error(what, limit)
+            raise self._timeout_error(name, limit)
         if status == "memory":
             self.close()
-            raise LuaMemoryError(f"{what}: not enough memory (max_memory={self.max_memory})")
+            raise self._memory_error(name)
         message = _lua_message(payload)
+        if status == "convert_input":
+            raise self._input_conversion_error(message, state, variables)
         if status == "convert":
-            raise LuaConversionError(f"{what}: {message}")
+            raise LuaConversionError(message)
         raise LuaRuntimeError(message)
 
-    def _conversion_error(self, message: str, state: Any, variables: Any) -> LuaConversionError:
-        # The VM refused the input; find the exact path on the Python side.
+    def _input_conversion_error(self, message: str, state: Any,
+                                variables: Any) -> LuaConversionError:
+        # The VM refused an input; find the exact path on the Python side.
         for value, root in ((state, "state"), (variables, "variables")):
             try:
                 plain(value, root)
             except ConversionError as exc:
                 return LuaConversionError(str(exc))
-        return LuaConversionError(message[len(_CONVERT):])
+        return LuaConversionError(f"state: {message}")
 
-    def _timeout_error(self, chunk_name: str | None, limit: float | None) -> LuaTimeoutError:
-        cancelled = self._deadline is None and self.should_stop is not None
-        what = chunk_name or "lua"
+    def _timeout_error(self, name: str, limit: float | None) -> LuaTimeoutError:
+        if self.should_stop is not None and self.should_stop():
+            return LuaTimeoutError(f"{name}: Lua code was stopped (cancelled)")
         if limit is not None:
-            return LuaTimeoutError(f"{what}: Lua code ran past its {limit:g}s timeout")
-        return LuaTimeoutError(f"{what}: Lua code was stopped{' (cancelled)' if cancelled else ''}")
+            return LuaTimeoutError(f"{name}: Lua code ran past its {limit:g}s timeout")
+        return LuaTimeoutError(f"{name}: Lua code was stopped")
 
-    def _to_lua(self, value: Any, root: str) -> bytes | None:
+    def _memory_error(self, name: str) -> LuaMemoryError:
+        limit = "no limit" if self.max_memory is None else f"max_memory={self.max_memory}"
+        return LuaMemoryError(f"{name}: not enough memory ({limit})")
+
+    @staticmethod
+    def _to_lua(value: Any, root: str) -> bytes | None:
         if value is None:
             return None
         try:
             return to_lua_bytes(value, root)
         except ConversionError as exc:
             raise LuaConversionError(str(exc)) from exc
-
-
-_CONVERT = "isobranch.convert: "
 
 
 def _lua_message(raw: Any) -> str:

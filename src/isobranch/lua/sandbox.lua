@@ -1,34 +1,57 @@
--- Sandbox setup for one isobranch Lua VM. Runs once per VM, before any user
--- code. Everything the engine needs is captured here as a local, so user code
--- that replaces globals cannot reach or break it.
+-- Sandbox for one isobranch Lua VM. This file holds two chunks, split by
+-- runtime.py at the line that starts with the codec marker comment, and
+-- precompiled once per process. The first runs once per VM, before any user code, and returns
+-- the function the runtime calls for every execution; the second (the value
+-- conversion code) is loaded only when a VM first converts a table, which
+-- keeps VM creation cheap.
+-- Everything the engine needs is captured here as a local upvalue, so user
+-- code that replaces or mutates globals cannot reach or break it. No table
+-- that user code can see carries a metatable of ours: a reachable marker
+-- metatable could be given __gc or __newindex and run user code where no
+-- hook can stop it.
 local wall_check, hook_count, codec_bytecode = ...
 
-local type, next, pairs, ipairs, select, error = type, next, pairs, ipairs, select, error
+local type, next, select, error, tostring = type, next, select, error, tostring
 local rawget, rawset, rawlen, rawequal = rawget, rawset, rawlen, rawequal
-local getmetatable, setmetatable, tostring, load = getmetatable, setmetatable, tostring, load
-local xpcall, pcall = xpcall, pcall
-local math_type, huge = math.type, math.huge
-local find, format, sub, byte = string.find, string.format, string.sub, string.byte
+local setmetatable, load, xpcall, pcall = setmetatable, load, xpcall, pcall
+local math_type = math.type
+local find, format, sub, byte, char = string.find, string.format, string.sub, string.byte,
+  string.char
+local unpack_string, pack_string = string.unpack, string.pack
 local concat, pack, unpack = table.concat, table.pack, table.unpack
 local co_create, co_resume, co_status, co_close = coroutine.create, coroutine.resume,
   coroutine.status, coroutine.close
 local sethook = debug.sethook
 local clock = os.clock
-local string_unpack, string_pack, string_char = string.unpack, string.pack, string.char
+local raw_collect = collectgarbage
 local G = _G
+local CONVERT = "isobranch.convert: "
 
 ---------------------------------------------------------------- time limit
-local TIMEOUT = setmetatable({}, {__name = "isobranch.timeout"})
-local armed, expired, last_cpu = false, false, 0
+-- A count hook reads the process CPU clock (a cheap C call) and asks Python
+-- for the wall clock only once per CPU_SLICE of CPU: a running Lua program
+-- always burns CPU, so this never delays the check by more than a slice,
+-- and Lua runs without the GIL in between.
+local TIMEOUT = setmetatable({}, {__name = "isobranch.timeout", __metatable = false})
 local CPU_SLICE = 0.005
+-- armed: a call is running. expired: its deadline passed. in_wall_check:
+-- stays true if an error (out of memory, say) escaped the hook's Python
+-- call, which leaves hooks off on that thread; it is treated as expired.
+local armed, expired, in_wall_check, last_cpu = false, false, false, 0
 
 local function hook()
   if not armed then return end
-  if expired then error(TIMEOUT, 0) end
+  if expired or in_wall_check then
+    expired = true
+    error(TIMEOUT, 0)
+  end
   local now = clock()
   if now - last_cpu >= CPU_SLICE then
     last_cpu = now
-    if wall_check() then
+    in_wall_check = true
+    local past = wall_check()
+    in_wall_check = false
+    if past then
       expired = true
       -- From now on every instruction raises, so no pcall loop can go on.
       sethook(hook, "", 1)
@@ -37,13 +60,23 @@ local function hook()
   end
 end
 
-local function hook_thread(co)
+-- A new coroutine inherits the C side of the hook but not the debug
+-- library's Lua function, so each one must be hooked explicitly.
+local function hooked(co)
   if hook_count then sethook(co, hook, "", hook_count) end
   return co
 end
 
+-- After an error thrown by the hook, Lua leaves hooks disabled on that
+-- thread until a protected call catches it; code that runs before then
+-- (message handlers, closing a dead coroutine's <close> variables) would be
+-- unstoppable, so the wrappers below refuse to run user code once time is up.
+local function out_of_time()
+  return expired or in_wall_check
+end
+
 ---------------------------------------------------------------- sandbox
-local raw_load, raw_collect = load, collectgarbage
+if package and package.loaded then package.loaded.python = nil end
 G.python = nil
 G.io, G.debug, G.package, G.require, G.dofile, G.loadfile = nil, nil, nil, nil, nil, nil
 G.os = {time = os.time, clock = os.clock, date = os.date}
@@ -53,58 +86,66 @@ G.collectgarbage = function(option)
   error("collectgarbage: only \"count\" is available in the sandbox", 2)
 end
 G.load = function(chunk, name, mode, ...)
-  if select("#", ...) > 0 then return raw_load(chunk, name, "t", (...)) end
-  return raw_load(chunk, name, "t")
+  -- Text only: a crafted binary chunk can crash the VM.
+  if select("#", ...) > 0 then return load(chunk, name, "t", (...)) end
+  return load(chunk, name, "t")
 end
 G.setmetatable = function(t, mt)
-  -- Finalizers run with hooks disabled: a looping __gc could never be stopped.
+  -- Lua 5.4 runs finalizers with hooks disabled, so a looping __gc could
+  -- never be stopped; objects are marked for finalization only here.
   if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
     error("setmetatable: __gc metamethods are not allowed in the sandbox", 2)
   end
   return setmetatable(t, mt)
 end
 local coroutine_lib = G.coroutine
-coroutine_lib.create = function(f) return hook_thread(co_create(f)) end
+coroutine_lib.create = function(f) return hooked(co_create(f)) end
 coroutine_lib.wrap = function(f)
-  local co = hook_thread(co_create(f))
+  local co = hooked(co_create(f))
   return function(...)
     local results = pack(co_resume(co, ...))
     if results[1] then return unpack(results, 2, results.n) end
-    if co_status(co) == "dead" then co_close(co) end
-    error(results[2], 0)
+    if out_of_time() then error(TIMEOUT, 0) end
+    local err = results[2]
+    if co_status(co) == "dead" then
+      -- Like the built-in wrap: close its <close> variables; their error wins.
+      local closed, close_err = co_close(co)
+      if not closed then err = close_err end
+    end
+    error(err, 2)
   end
 end
+coroutine_lib.close = function(co)
+  if out_of_time() then error(TIMEOUT, 0) end
+  return co_close(co)
+end
 G.xpcall = function(f, handler, ...)
-  -- A timeout raised by the hook leaves hooks disabled until the error reaches
-  -- a protected call, and message handlers run before that: a user handler
-  -- would run unstoppable. After a timeout, handlers are skipped.
   return xpcall(f, function(err)
-    if expired then return err end
+    if out_of_time() then return err end
     return handler(err)
   end, ...)
 end
+-- Protect the string metatable: ("").x reaches the string table through it.
 getmetatable("").__metatable = false
 
----------------------------------------------------------------- codec
--- Loaded on first use: a VM that only ever sees scalars never pays for it.
+---------------------------------------------------------------- calls
 local codec
 local function get_codec()
   if codec == nil then
-    local chunk = raw_load(codec_bytecode, "=isobranch/codec.lua", "b", {})
-    codec = chunk({
+    -- An empty environment: the codec sees only what it is given.
+    codec = load(codec_bytecode, "=isobranch/codec", "b", {})({
       type = type, next = next, error = error, tostring = tostring, rawget = rawget,
-      rawlen = rawlen, getmetatable = getmetatable, setmetatable = setmetatable,
-      math_type = math_type, format = format, sub = sub, byte = byte, concat = concat,
-      raw_collect = raw_collect, unpack_string = string_unpack, pack_string = string_pack,
-      char = string_char,
+      rawlen = rawlen, setmetatable = setmetatable, math_type = math_type, format = format,
+      sub = sub, byte = byte, char = char, concat = concat, unpack_string = unpack_string,
+      pack_string = pack_string, CONVERT = CONVERT,
     })
   end
   return codec
 end
 
----------------------------------------------------------------- calls
 local handled
 local function on_error(err)
+  -- Runs with hooks disabled after a hook error: only our own code here.
   handled = true
   if type(err) == "string" then return err end
   if rawequal(err, TIMEOUT) then return "timeout" end
@@ -112,48 +153,81 @@ local function on_error(err)
   return "(error object is a " .. type(err) .. " value)"
 end
 
+local function call_and_encode(fn, state, variables)
+  local result = fn(state, variables)
+  local kind = type(result)
+  if kind == "table" then
+    -- Encoding makes little garbage; pausing the collector saves its steps.
+    raw_collect("stop")
+    return "ok", get_codec().encode(result)
+  end
+  if kind == "function" or kind == "thread" or kind == "userdata" then
+    error(CONVERT .. "result: cannot convert a Lua " .. kind .. " to Python", 0)
+  end
+  return "scalar", result
+end
+
+local function decode_failed(err)
+  raw_collect("restart")
+  if find(err, CONVERT, 1, true) == 1 then return "convert_input", sub(err, #CONVERT + 1) end
+  if err == "not enough memory" then return "memory", err end
+  return "error", err
+end
+
+local NODE_PREFIX = "local state, variables = ...; "
+
 -- Modes: "execute" (state is a global, returns the chunk's value),
 -- "node" (state and variables are locals), "condition" (an expression).
-local function run(mode, code, chunk_name, state_source, variables_source)
-  local state, variables
-  if state_source then state = get_codec().decode(state_source) end
-  if variables_source then variables = get_codec().decode(variables_source) end
+-- Returns a status ("ok", "scalar", "error", "convert", "timeout",
+-- "memory") and a payload.
+local function run(mode, code, chunk_name, state_data, variables_data)
+  local ok, state, variables
+  if state_data or variables_data then
+    -- Decoding builds many tables at once: the collector would only slow it.
+    raw_collect("stop")
+    if state_data then
+      ok, state = pcall(get_codec().decode, state_data)
+      if not ok then return decode_failed(state) end
+    end
+    if variables_data then
+      ok, variables = pcall(get_codec().decode, variables_data)
+      if not ok then return decode_failed(variables) end
+    end
+    raw_collect("restart")
+  end
   local fn, err
   if mode == "node" then
-    fn, err = raw_load("local state, variables = ...; " .. code, chunk_name, "t", G)
+    -- Same line as the user's first line, so line numbers stay right.
+    fn, err = load(NODE_PREFIX .. code, chunk_name, "t", G)
   elseif mode == "condition" then
-    fn = raw_load("return " .. code, chunk_name, "t", G)
-    if not fn then fn, err = raw_load(code, chunk_name, "t", G) end
+    fn = load("return " .. code, chunk_name, "t", G)
+    if not fn then fn, err = load(code, chunk_name, "t", G) end
   else
-    fn, err = raw_load(code, chunk_name, "t", G)
+    fn, err = load(code, chunk_name, "t", G)
   end
-  if not fn then return "error", err end
-  if mode ~= "node" then
-    G.state = state
-    G.variables = variables
+  if not fn then
+    if err == "not enough memory" then return "memory", err end
+    return "error", err
   end
-  handled = false
-  expired = false
+  -- rawset: a metatable user code put on _G must not run before the hook is armed.
+  rawset(G, "variables", variables)
+  if mode ~= "node" then rawset(G, "state", state) end
+  handled, expired, in_wall_check = false, false, false
   last_cpu = clock()
   armed = true
   if hook_count then sethook(hook, "", hook_count) end
-  local ok, status, payload = xpcall(function()
-    local result = fn(state, variables)
-    local kind = type(result)
-    if kind == "table" then return "ok", get_codec().encode(result) end
-    if kind == "function" or kind == "thread" or kind == "userdata" then
-      error("isobranch.convert: result: cannot convert a Lua " .. kind .. " to Python", 0)
-    end
-    return "scalar", result
-  end, on_error)
+  local status, payload
+  ok, status, payload = xpcall(call_and_encode, on_error, fn, state, variables)
   armed = false
-  raw_collect("restart")
   if hook_count then sethook() end
-  if expired then return "timeout", "timeout" end
+  raw_collect("restart")
+  if expired or in_wall_check then return "timeout", "timeout" end
   if ok then return status, payload end
-  if not handled then return "memory", status end
-  if find(status, "^isobranch%.convert: ") then return "convert", sub(status, 20) end
+  -- Lua calls no message handler for out-of-memory errors.
+  if not handled and status == "not enough memory" then return "memory", status end
+  if find(status, CONVERT, 1, true) == 1 then return "convert", sub(status, #CONVERT + 1) end
   return "error", status
 end
 
 return run
+
