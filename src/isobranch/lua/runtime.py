@@ -195,7 +195,7 @@ class LuaRuntime:
         """
         incoming = _PUSH_SLACK + sum(len(argument) + _STRING_OVERHEAD
                                      for argument in arguments if argument)
-        return self._vm.get_memory_used() + incoming <= self._vm.get_max_memory()
+        return self._vm.get_memory_used() + incoming <= self.max_memory
 
     def _out_of_time(self) -> bool:
         # Called from the Lua hook about once per 5 ms of CPU time.

@@ -1,9 +1,8 @@
--- Sandbox for one isobranch Lua VM. This file holds two chunks, split by
--- runtime.py at the line that starts with the codec marker comment, and
--- precompiled once per process. The first runs once per VM, before any user code, and returns
--- the function the runtime calls for every execution; the second (the value
--- conversion code) is loaded only when a VM first converts a table, which
--- keeps VM creation cheap.
+-- Sandbox for one isobranch Lua VM, precompiled once per process. It runs
+-- once per VM, before any user code, and returns the function the runtime
+-- calls for every execution. The value conversion code (codec.lua) is
+-- loaded only when a VM first converts a table, which keeps VM creation
+-- cheap.
 -- Everything the engine needs is captured here as a local upvalue, so user
 -- code that replaces or mutates globals cannot reach or break it. No table
 -- that user code can see carries a metatable of ours: a reachable marker
