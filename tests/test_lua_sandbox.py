@@ -103,7 +103,7 @@ def test_a_looping_finalizer_added_after_setmetatable_never_runs():
                     "mt.__gc = function() while true do end end "
                     "for i = 1, 1e5 do local t = {i} end")
     assert runtime.execute("return 1") == 1
-    assert time.monotonic() - start < 2.3
+    assert time.monotonic() - start < 5.3
 
 
 def test_converted_tables_carry_no_metatable():
@@ -128,7 +128,7 @@ def test_user_metatables_on_state_tables_cannot_hijack_later_conversions():
     for _ in range(3):
         assert runtime.execute_node_code("return state", {"l": [1, [2]], "d": {}}) == {
             "l": [1, [2]], "d": {}}
-    assert time.monotonic() - start < 2.3
+    assert time.monotonic() - start < 5.3
 
 
 def test_replacing_globals_does_not_break_the_runtime():
@@ -152,7 +152,7 @@ def test_replacing_coroutine_functions_keeps_coroutines_hooked():
     with pytest.raises(LuaTimeoutError):
         runtime.execute("local create = coroutine.create coroutine.create = nil "
                         "coroutine.resume(create(function() while true do end end))")
-    assert time.monotonic() - start < 2.3
+    assert time.monotonic() - start < 5.3
 
 
 def test_library_tables_are_per_runtime():

@@ -14,7 +14,7 @@ import pytest
 from isobranch import LuaMemoryError, LuaRuntime, LuaRuntimeError, LuaTimeoutError
 
 LIMIT = 0.2
-MARGIN = 2.0
+MARGIN = 5.0  # "it stopped", not "how fast": generous for a loaded 2-core CI machine
 
 ESCAPES = {
     # plain loops
