@@ -111,7 +111,7 @@ class BranchMonitor:
 
 def run_branch(task: BranchTask, monitor: BranchMonitor | None = None) -> ParallelFlowResult:
     """Run one branch to its fan-in node (or END) and describe the outcome."""
-    from .runner import NodeFailure, run_steps
+    from .runner import run_steps
 
     started = time.monotonic()
     if monitor is not None:
@@ -123,6 +123,12 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None) -> Parall
         task.graph, deadline=deadline, time_limit=task.limits.branch_timeout, branch=task.label,
         monitor=monitor, fan_out_limits=task.limits,
         nested_isolation="inline" if task.isolation == "inline" else "thread")
+
+    def result(**outcome: Any) -> ParallelFlowResult:
+        outcome.setdefault("state", state)
+        return ParallelFlowResult(branch=task.branch, duration_ms=_ms_since(started),
+                                  isolation=task.isolation, worker=worker, **outcome)
+
     try:
         state = task.snapshot.copy()
         if monitor is not None:
@@ -130,34 +136,19 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None) -> Parall
         for _event in run_steps(task.graph, state, context, start=task.branch,
                                 stop_at=task.fan_in):
             pass
-        return ParallelFlowResult(branch=task.branch, state=state, success=True,
-                                  duration_ms=_ms_since(started), isolation=task.isolation,
-                                  worker=worker)
-    except NodeFailure as failure:
-        return ParallelFlowResult(
-            branch=task.branch, state=failure.state, success=False, error=str(failure),
-            error_type=failure.error_type, timed_out=failure.timed_out,
-            duration_ms=_ms_since(started), isolation=task.isolation, worker=worker,
-            node=failure.node)
+        return result(success=True)
     except BranchTimeout as timeout:
-        return ParallelFlowResult(
-            branch=task.branch, state=state, success=False, error=str(timeout),
-            error_type="BranchTimeout", timed_out=True, duration_ms=_ms_since(started),
-            isolation=task.isolation, worker=worker, node=timeout.node)
+        return result(success=False, error=str(timeout), error_type="BranchTimeout",
+                      timed_out=True, node=timeout.node)
     except BranchCancelled as cancelled:
         return cancelled_result(task, str(cancelled))
-    except GraphExecutionError as exc:
-        return ParallelFlowResult(
-            branch=task.branch, state=exc.state if exc.state is not None else state,
-            success=False, error=str(exc), error_type=exc.error_type or type(exc).__name__,
-            timed_out=exc.timed_out, duration_ms=_ms_since(started),
-            isolation=task.isolation, worker=worker, node=exc.node)
+    except GraphExecutionError as exc:  # a node failed, or a nested fan-out under fail_fast
+        return result(state=exc.state if exc.state is not None else state, success=False,
+                      error=str(exc), error_type=exc.error_type or type(exc).__name__,
+                      timed_out=exc.timed_out, node=exc.node)
     except Exception as exc:  # a branch must never take its siblings down
-        return ParallelFlowResult(
-            branch=task.branch, state=state, success=False,
-            error=f"branch {task.label!r}: {type(exc).__name__}: {exc}",
-            error_type=type(exc).__name__, duration_ms=_ms_since(started),
-            isolation=task.isolation, worker=worker)
+        return result(success=False, error=f"branch {task.label!r}: {type(exc).__name__}: {exc}",
+                      error_type=type(exc).__name__)
     finally:
         context.close()
 

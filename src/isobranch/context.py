@@ -67,7 +67,7 @@ class ExecutionContext:
                                    max_memory=self.graph.lua_max_memory, should_stop=stop)
         return self._lua
 
-    def enter_node(self, node: str, state: dict) -> None:
+    def enter_node(self, node: str) -> None:
         """Record the running node; stop here if the branch is out of time or cancelled."""
         self.node = node
         if self.monitor is not None:

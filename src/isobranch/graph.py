@@ -66,9 +66,7 @@ class StateGraph:
 
     def add_fan_in_node(self, name: str, fn: Callable[..., Any] | Node) -> StateGraph:
         """Add a fan-in node: it runs once after all branches, with ``parallel_results``."""
-        self.add_node(name, fn)
-        self._fan_in_nodes.add(name)
-        return self
+        return self.add_node(name, fn).mark_fan_in(name)
 
     def mark_fan_in(self, name: str) -> StateGraph:
         """Declare an already added node as a fan-in node."""

@@ -62,7 +62,7 @@ def _where(node: str | None, context: ExecutionContext) -> str:
 
 def _run_node(graph: CompiledGraph, name: str, state: dict, context: ExecutionContext,
               parallel_results: list[ParallelFlowResult] | None) -> None:
-    context.enter_node(name, state)
+    context.enter_node(name)
     node = graph.nodes[name]
     try:
         update = node.run(state, context, parallel_results)

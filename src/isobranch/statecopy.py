@@ -49,11 +49,6 @@ class StateSnapshot:
         return copy.deepcopy(self._original)
 
 
-def copy_state(state: dict) -> dict:
-    """Return a deep copy of ``state``; ``StateCopyError`` names what cannot be copied."""
-    return StateSnapshot(state).copy()
-
-
 def find_unpicklable(value: Any, path: str, _seen: set[int] | None = None) -> tuple[str, str]:
     """Return ``(path, reason)`` of the innermost value that fails to pickle."""
     seen = _seen if _seen is not None else set()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from ..branch import (
@@ -80,10 +81,10 @@ class ThreadBackend:
             self._abandon(overdue)
         return [r for r in results if r is not None]
 
-    def _abandon(self, futures: object) -> None:
+    def _abandon(self, futures: Iterable[Future]) -> None:
         with self._lock:
             self._abandoned = [f for f in self._abandoned if not f.done()]
-            self._abandoned.extend(f for f in futures if not f.done())  # type: ignore[attr-defined]
+            self._abandoned.extend(f for f in futures if not f.done())
 
     @staticmethod
     def _next_wakeup(tasks: list[BranchTask], monitors: list[BranchMonitor],
