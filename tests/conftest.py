@@ -9,7 +9,7 @@ import pytest
 from isobranch import YAMLEngine, available_backends
 
 # Every built-in backend that exists; later backends join this list.
-BACKENDS = [name for name in ("inline", "thread") if name in available_backends()]
+BACKENDS = [name for name in ("inline", "thread", "process") if name in available_backends()]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -47,3 +47,55 @@ def no_thread_leak():
         thread.join(timeout=5)
     still = [t.name for t in leaked if t.is_alive()]
     assert not still, f"threads left running: {still}"
+
+
+def descendants(pid: int | None = None) -> set[int]:
+    """Pids of every live process below ``pid`` (default: this process), from ``/proc``."""
+    import os
+
+    root = os.getpid() if pid is None else pid
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":  # a zombie is dead; whether it is reaped is checked separately
+            parents.setdefault(int(fields[1]), []).append(int(entry))
+    found: set[int] = set()
+    stack = [root]
+    while stack:
+        for child in parents.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+def children_including_zombies() -> set[int]:
+    """Direct children of this process, reaped or not (a zombie is an unreaped child)."""
+    import os
+
+    me = str(os.getpid())
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    if stat.read().rsplit(")", 1)[1].split()[1] == me:
+                        found.add(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.fixture
+def no_process_leak():
+    """Fail if the test leaves any process (or unreaped child) below this one."""
+    before, before_children = descendants(), children_including_zombies()
+    yield
+    left = (descendants() - before) | (children_including_zombies() - before_children)
+    assert not left, f"processes left behind: {sorted(left)}"

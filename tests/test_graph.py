@@ -106,7 +106,10 @@ def test_fail_fast_raises_naming_branch_and_cause(isolation):
         release.wait(10)
         return {"late": True}
 
-    graph = fan_out(("boom", lambda s: 1 / 0), ("other", waits))
+    def sleeps(state):  # a worker process cannot share an Event; fail_fast kills it
+        time.sleep(60)
+
+    graph = fan_out(("boom", lambda s: 1 / 0), ("other", sleeps if isolation == "process" else waits))
     compiled = graph.compile(isolation=isolation, fail_fast=True, max_workers=2)
     try:
         begin = time.monotonic()

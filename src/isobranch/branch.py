@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .context import BranchCancelled, BranchTimeout, ExecutionContext
+from .context import BranchCancelled, BranchTimeout, ExecutionContext, Watchdog
 from .errors import GraphExecutionError
 from .statecopy import StateSnapshot
 
@@ -109,8 +109,14 @@ class BranchMonitor:
         self.cancelled = threading.Event()
 
 
-def run_branch(task: BranchTask, monitor: BranchMonitor | None = None) -> ParallelFlowResult:
-    """Run one branch to its fan-in node (or END) and describe the outcome."""
+def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
+               watchdog: Watchdog | None = None) -> ParallelFlowResult:
+    """Run one branch to its fan-in node (or END) and describe the outcome.
+
+    ``monitor`` lets an in-process backend watch and cancel the branch;
+    ``watchdog`` is told the branch's progress and Lua deadlines by a branch
+    running in a worker process (whose Lua then runs without a hook).
+    """
     from .runner import run_steps
 
     started = time.monotonic()
@@ -121,7 +127,7 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None) -> Parall
     state: dict = {}
     context = ExecutionContext(
         task.graph, deadline=deadline, time_limit=task.limits.branch_timeout, branch=task.label,
-        monitor=monitor, fan_out_limits=task.limits,
+        monitor=monitor, fan_out_limits=task.limits, watchdog=watchdog,
         nested_isolation="inline" if task.isolation == "inline" else "thread")
 
     def result(**outcome: Any) -> ParallelFlowResult:

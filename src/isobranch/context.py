@@ -9,7 +9,7 @@ reused pool thread can never see a previous branch's VM.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .lua.runtime import LuaRuntime, LuaTimeoutError
 
@@ -31,6 +31,32 @@ class BranchCancelled(Exception):
     """A branch was stopped because a sibling failed under ``fail_fast``."""
 
 
+class Watchdog(Protocol):
+    """Someone outside the running code who enforces its time limits.
+
+    A branch in a worker process runs Lua without a count hook; it tells the
+    watchdog (its parent process) where it is and when each Lua call must
+    end, and the watchdog ends the worker if a deadline passes.
+    """
+
+    def node_started(self, node: str) -> None:
+        """``node`` is about to run."""
+
+    def node_merged(self, node: str, update: dict) -> None:
+        """``node`` returned ``update``, now merged into the branch state."""
+
+    def lua_started(self, chunk: str, deadline: float | None, limit: float | None,
+                    branch_deadline: bool) -> None:
+        """A Lua call named ``chunk`` starts; it must end by ``deadline`` (``time.monotonic``).
+
+        ``branch_deadline`` tells whether the deadline is the branch's own
+        (a branch timeout) rather than the Lua timeout.
+        """
+
+    def lua_finished(self) -> None:
+        """The Lua call returned (or raised)."""
+
+
 class ExecutionContext:
     """State of one invocation or one branch: Lua VM, deadline, fan-out backend."""
 
@@ -38,7 +64,7 @@ class ExecutionContext:
                  branch: str | None = None, monitor: BranchMonitor | None = None,
                  time_limit: float | None = None, backend: IsolationBackend | None = None,
                  nested_isolation: str = "thread", max_workers: int | None = None,
-                 fan_out_limits: BranchLimits) -> None:
+                 fan_out_limits: BranchLimits, watchdog: Watchdog | None = None) -> None:
         self.graph = graph
         self.deadline = deadline
         self.time_limit = time_limit
@@ -51,6 +77,7 @@ class ExecutionContext:
         self._nested_isolation = nested_isolation
         self._lua: LuaRuntime | None = None
         self.node: str | None = None
+        self.watchdog = watchdog
 
     @property
     def isolation(self) -> str:
@@ -63,13 +90,18 @@ class ExecutionContext:
         if self._lua is None:
             # A branch's Lua stops when the branch is cancelled or out of time.
             stop = self.monitor.cancelled.is_set if self.monitor is not None else None
+            # Under a watchdog no hook is installed: Lua runs at bare speed and
+            # the watchdog ends the whole worker when a deadline passes.
             self._lua = LuaRuntime(timeout=self.graph.lua_timeout,
-                                   max_memory=self.graph.lua_max_memory, should_stop=stop)
+                                   max_memory=self.graph.lua_max_memory, should_stop=stop,
+                                   timeout_hook=self.watchdog is None)
         return self._lua
 
     def enter_node(self, node: str) -> None:
         """Record the running node; stop here if the branch is out of time or cancelled."""
         self.node = node
+        if self.watchdog is not None:
+            self.watchdog.node_started(node)
         if self.monitor is not None:
             self.monitor.node = node
             if self.monitor.cancelled.is_set():
@@ -86,6 +118,9 @@ class ExecutionContext:
             remaining = max(self.deadline - time.monotonic(), 0.001)
             if limit is None or remaining < limit:
                 limit, cut_by_deadline = remaining, True
+        if self.watchdog is not None:
+            deadline = time.monotonic() + limit if limit is not None else None
+            self.watchdog.lua_started(chunk_name, deadline, limit, cut_by_deadline)
         try:
             return getattr(runtime, method)(code, state, variables=self.graph.variables,
                                             chunk_name=chunk_name, timeout=limit)
@@ -96,6 +131,14 @@ class ExecutionContext:
             if cut_by_deadline:
                 raise self._timeout(self.node) from exc
             raise
+        finally:
+            if self.watchdog is not None:
+                self.watchdog.lua_finished()
+
+    def merged(self, node: str, update: dict) -> None:
+        """``node``'s update has been merged into the state (reported to the watchdog)."""
+        if self.watchdog is not None:
+            self.watchdog.node_merged(node, update)
 
     def fan_out_backend(self) -> IsolationBackend:
         """The backend for fan-outs started from this context.

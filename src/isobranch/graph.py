@@ -182,12 +182,14 @@ class StateGraph:
                 lua_timeout: float | None = 30.0, lua_max_memory: int | None = DEFAULT_MAX_MEMORY,
                 variables: dict | None = None, max_steps: int = DEFAULT_MAX_STEPS,
                 backend_options: dict[str, Any] | None = None,
-                name: str | None = None) -> CompiledGraph:
+                name: str | None = None, **backend_keywords: Any) -> CompiledGraph:
         """Validate the graph and freeze it into a runnable ``CompiledGraph``.
 
-        ``backend_options`` are extra keyword arguments for the ``isolation``
-        backend's factory. Raises ``GraphError`` listing every problem.
+        ``backend_options`` and any other keyword (``fresh_worker_per_branch=True``,
+        ``start_method="spawn"``) go to the ``isolation`` backend's factory.
+        Raises ``GraphError`` listing every problem.
         """
+        backend_options = {**(backend_options or {}), **backend_keywords}
         problems = self.validate()
         if isolation not in available_backends():
             problems.append(f"unknown isolation backend {isolation!r}; available: "

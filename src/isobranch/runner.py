@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from .branch import BranchTask, ParallelFlowResult
 from .context import BranchCancelled, BranchTimeout
 from .errors import GraphExecutionError
-from .statecopy import StateCopyError, StateSnapshot
+from .statecopy import StateCopyError, StateSnapshot, find_unpicklable
 
 if TYPE_CHECKING:
     from .context import ExecutionContext
@@ -79,6 +79,7 @@ def _run_node(graph: CompiledGraph, name: str, state: dict, context: ExecutionCo
             f"{_where(name, context)} returned {type(update).__name__}, expected a dict or None",
             node=name, branch=context.branch, error_type="TypeError", state=dict(state))
     state.update(update)
+    context.merged(name, update)
 
 
 def _fan_out(graph: CompiledGraph, node: str, targets: list[str], fan_in: str, state: dict,
@@ -91,11 +92,24 @@ def _fan_out(graph: CompiledGraph, node: str, targets: list[str], fan_in: str, s
                           error_type="StateCopyError", state=dict(state)) from exc
     limits = context.fan_out_limits
     backend = context.fan_out_backend()
+    if getattr(backend, "crosses_processes", False) and not snapshot.picklable:
+        path, reason = find_unpicklable(state, "state")
+        raise NodeFailure(f"{_where(node, context)}: the state cannot be sent to "
+                          f"{backend.name!r} workers: {path}: {reason}", node=node,
+                          branch=context.branch, error_type="StateCopyError", state=dict(state))
     tasks = [BranchTask(graph=graph, branch=target, fan_in=fan_in, snapshot=snapshot,
                         limits=limits, isolation=backend.name,
                         path=f"{context.branch}/{target}" if context.branch else target)
              for target in targets]
-    results = backend.run_branches(tasks)
+    try:
+        results = backend.run_branches(tasks)
+    except GraphExecutionError:
+        raise
+    except Exception as exc:  # the backend could not run the fan-out at all
+        raise NodeFailure(f"fan-out from {_where(node, context)}: backend {backend.name!r} "
+                          f"failed: {type(exc).__name__}: {exc}", node=node,
+                          branch=context.branch, error_type=type(exc).__name__,
+                          state=dict(state)) from exc
     if len(results) != len(tasks):
         raise NodeFailure(f"{_where(node, context)}: backend {backend.name!r} returned "
                           f"{len(results)} results for {len(tasks)} branches",

@@ -1,0 +1,244 @@
+"""Starting, reaping and describing the worker processes of the process backend.
+
+Two start methods, both safe to use from a process that already runs
+threads (fork after threads is the hazard: a forked child inherits locks
+held by threads that do not exist in it):
+
+* ``forkserver`` (default): one fresh interpreter per pool imports the
+  engine and loads the compiled graph once; every worker is a fork of it.
+  A new worker costs a fork, not an interpreter start.
+* ``spawn``: every worker is a fresh interpreter that loads the graph itself.
+
+Neither goes through ``multiprocessing``'s process start, so the caller's
+``__main__`` is never re-imported: no ``if __name__ == "__main__"`` guard is
+needed, and scripts, ``python -c``, REPLs and pytest-xdist workers all work.
+Functions defined in ``__main__`` travel by value with cloudpickle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from .process_worker import PID, STATUS
+
+START_METHODS = ("forkserver", "spawn")
+# Interpreter start plus imports can be slow on a loaded machine; past this
+# the pool gives up with an error instead of hanging.
+START_TIMEOUT_SECONDS = 60.0
+STOP_TIMEOUT_SECONDS = 5.0
+_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent.parent)
+_BOOTSTRAP = ("import sys; from isobranch.isolation.process_worker import main; "
+              "sys.exit(main(sys.argv[1:]))")
+
+
+class WorkerStartError(RuntimeError):
+    """A worker process (or the fork server) could not be started."""
+
+
+def describe_wait_status(status: int) -> str:
+    """``exited with code 3`` / ``was killed by signal 11 (SIGSEGV)`` from a wait status."""
+    if os.WIFSIGNALED(status):
+        return describe_signal(os.WTERMSIG(status))
+    if os.WIFEXITED(status):
+        return f"exited with code {os.WEXITSTATUS(status)}"
+    return f"ended with wait status {status}"
+
+
+def describe_signal(number: int) -> str:
+    """How a worker killed by signal ``number`` is reported."""
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        name = "unknown signal"
+    if number == signal.SIGKILL:
+        return (f"was killed by signal {number} ({name}: sent from outside the worker, "
+                f"e.g. by the kernel's out-of-memory killer)")
+    return f"was killed by signal {number} ({name})"
+
+
+class WorkerProcess:
+    """The parent's handle on one worker: its pid and its message connection."""
+
+    def __init__(self, pid: int, conn: Connection, launcher: ForkServer | Spawner,
+                 popen: subprocess.Popen | None = None) -> None:
+        self.pid = pid
+        self.conn = conn
+        self._launcher = launcher
+        self._popen = popen
+        self._ending: str | None = None
+
+    def kill(self) -> None:
+        """SIGKILL the worker (a no-op if it is already gone)."""
+        if self._ending is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+    def reap(self) -> str:
+        """Wait for the worker to end; close its connection; describe how it ended."""
+        if self._ending is None:
+            self.conn.close()
+            self._ending = self._launcher.reap(self)
+        return self._ending
+
+    @property
+    def popen(self) -> subprocess.Popen | None:
+        """The ``Popen`` of a spawned worker; None for a forked one."""
+        return self._popen
+
+
+def _child_environment() -> dict[str, str]:
+    # The child must import isobranch before it can read the parent's sys.path.
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _init_payload(graph_bytes: bytes) -> bytes:
+    return pickle.dumps({"sys_path": list(sys.path), "graph": graph_bytes},
+                        protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _start_child(args: list[str], keep_fd: int, graph_bytes: bytes) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "-c", _BOOTSTRAP, *args], stdin=subprocess.PIPE,
+                               pass_fds=(keep_fd,), env=_child_environment(), close_fds=True)
+    assert process.stdin is not None
+    try:
+        process.stdin.write(_init_payload(graph_bytes))
+        process.stdin.close()
+    except OSError:
+        pass  # the child died at start; its own report or exit status says why
+    return process
+
+
+class ForkServer:
+    """A preloaded interpreter that forks workers on request (``start_method="forkserver"``)."""
+
+    method = "forkserver"
+
+    def __init__(self, graph_bytes: bytes) -> None:
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._lock = threading.Lock()
+        self._control = parent_end
+        try:
+            self._process = _start_child(["fork-server", str(child_end.fileno())],
+                                         child_end.fileno(), graph_bytes)
+        finally:
+            child_end.close()
+        parent_end.settimeout(START_TIMEOUT_SECONDS)
+        try:
+            reply = parent_end.recv(65536)
+        except (TimeoutError, OSError) as exc:
+            self.close()
+            raise WorkerStartError(f"the fork server did not start: {exc}") from exc
+        if reply[:1] != b"R":
+            self.close()
+            detail = reply[1:].decode("utf-8", "replace") if reply else "it exited at start"
+            raise WorkerStartError(f"the fork server could not load the graph: {detail}")
+
+    @property
+    def pid(self) -> int:
+        """Process id of the fork server."""
+        return self._process.pid
+
+    def start_worker(self, *, once: bool) -> WorkerProcess:
+        """Fork a worker that already holds the graph; ``once``: it exits after one branch."""
+        ours, theirs = socket.socketpair()
+        try:
+            with self._lock:
+                socket.send_fds(self._control, [b"F1" if once else b"F0"], [theirs.fileno()])
+                reply = self._control.recv(64)
+        except OSError as exc:
+            ours.close()
+            raise WorkerStartError(f"the fork server is gone: {exc}") from exc
+        finally:
+            theirs.close()
+        if reply[:1] != b"P":
+            ours.close()
+            raise WorkerStartError("the fork server is gone")
+        return WorkerProcess(PID.unpack(reply[1:])[0], Connection(ours.detach()), self)
+
+    def reap(self, worker: WorkerProcess) -> str:
+        """Have the fork server wait for ``worker`` and describe how it ended."""
+        try:
+            with self._lock:
+                self._control.send(b"S" + PID.pack(worker.pid))
+                reply = self._control.recv(64)
+        except OSError:
+            return "ended (its exit status is unknown: the fork server is gone)"
+        if reply[:1] != b"S":
+            return "ended (its exit status is unknown: the fork server is gone)"
+        return describe_wait_status(STATUS.unpack(reply[1:])[0])
+
+    def close(self) -> None:
+        """Stop the fork server; it ends any worker still running and exits."""
+        self._control.close()
+        _stop(self._process)
+
+
+class Spawner:
+    """Starts every worker as a fresh interpreter (``start_method="spawn"``)."""
+
+    method = "spawn"
+
+    def __init__(self, graph_bytes: bytes) -> None:
+        self._graph_bytes = graph_bytes
+
+    def start_worker(self, *, once: bool) -> WorkerProcess:
+        """Start an interpreter, load the graph in it, and wait until it is ready."""
+        ours, theirs = socket.socketpair()
+        try:
+            process = _start_child(["worker", str(theirs.fileno()), "1" if once else "0"],
+                                   theirs.fileno(), self._graph_bytes)
+        finally:
+            theirs.close()
+        conn = Connection(ours.detach())
+        worker = WorkerProcess(process.pid, conn, self, popen=process)
+        try:
+            if not conn.poll(START_TIMEOUT_SECONDS):
+                raise WorkerStartError("a worker process did not start in time")
+            reply = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError) as exc:
+            worker.kill()
+            raise WorkerStartError(f"a worker process {worker.reap()} at start") from exc
+        except WorkerStartError:
+            worker.kill()
+            worker.reap()
+            raise
+        if reply[0] != "ready":
+            worker.reap()
+            raise WorkerStartError(f"a worker process could not load the graph: {reply[1]}")
+        return worker
+
+    @staticmethod
+    def reap(worker: WorkerProcess) -> str:
+        """Wait for a spawned worker and describe how it ended."""
+        assert worker.popen is not None
+        code = worker.popen.wait()
+        return describe_signal(-code) if code < 0 else f"exited with code {code}"
+
+    def close(self) -> None:
+        """Nothing outlives the workers themselves."""
+
+
+def _stop(process: subprocess.Popen) -> None:
+    try:
+        process.wait(timeout=STOP_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def start_launcher(method: str, graph_bytes: bytes) -> ForkServer | Spawner:
+    """The launcher for ``method`` (one of ``START_METHODS``)."""
+    if method == "forkserver":
+        return ForkServer(graph_bytes)
+    return Spawner(graph_bytes)
