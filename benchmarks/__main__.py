@@ -9,12 +9,18 @@ import sys
 
 from . import cases
 
+NAMES = ["vm", "hook", "lua-threads", "overhead-thread", "overhead-inline", "hot-loop-process",
+         "python-processes", "overhead-process", "overhead-fresh", "state-copy", "round-trip",
+         "soak-thread", "soak-process"]
+
 
 def main(argv: list[str] | None = None) -> int:
     """Measure every DESIGN.md §7 target that applies, print a table, exit 1 on a miss."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
+    parser.add_argument("--only", nargs="+", choices=NAMES, metavar="NAME",
+                        help=f"run only these rows ({', '.join(NAMES)})")
     args = parser.parse_args(argv)
     scale = 0.2 if args.quick else 1.0
 
@@ -27,10 +33,18 @@ def main(argv: list[str] | None = None) -> int:
         lambda: cases.lua_branches_thread_vs_inline(repeat=reps(5)),
         lambda: cases.per_branch_overhead("thread", 0.2, repeat=reps(30)),
         lambda: cases.per_branch_overhead("inline", None, repeat=reps(30)),
+        lambda: cases.hot_loop_process(repeat=reps(3)),
+        lambda: cases.python_branches_process_vs_inline(repeat=reps(3)),
+        lambda: cases.per_branch_overhead("process", 1.0, repeat=reps(30)),
+        lambda: cases.per_branch_overhead("process", None, repeat=reps(10), branches=16,
+                                          fresh_worker_per_branch=True),
         lambda: cases.state_copy(repeat=reps(7)),
         lambda: cases.lua_round_trip(repeat=reps(5)),
         lambda: cases.branch_soak(branches=2_000 if args.quick else 10_000),
+        lambda: cases.branch_soak(branches=2_000 if args.quick else 10_000, isolation="process"),
     ]
+    if args.only:
+        runs = [run for run, name in zip(runs, NAMES, strict=True) if name in args.only]
     rows = []
     print(f"{'benchmark':<62} {'target':<26} {'ratio':>8}  verdict  detail")
     for run in runs:

@@ -119,7 +119,7 @@ def hot_loop_thread_hook(iterations: int = 5_000_000, repeat: int = 5) -> Row:
 
 
 def _fan_out_graph(branches: int, node: Callable[[str], object], isolation: str,
-                   max_workers: int | None = None):
+                   max_workers: int | None = None, **backend_options: object):
     graph = StateGraph()
     graph.add_node("start", lambda state: None)
     graph.add_fan_in_node("join", lambda state, results: {"ok": all(r.success for r in results)})
@@ -129,7 +129,8 @@ def _fan_out_graph(branches: int, node: Callable[[str], object], isolation: str,
         graph.add_parallel_edge("start", name, fan_in="join")
     graph.set_entry_point("start")
     graph.set_finish_point("join")
-    return graph.compile(isolation=isolation, max_workers=max_workers)
+    return graph.compile(isolation=isolation, max_workers=max_workers,
+                         backend_options=backend_options)
 
 
 def lua_branches_thread_vs_inline(branches: int = 8, iterations: int = 3_000_000,
@@ -152,14 +153,14 @@ def lua_branches_thread_vs_inline(branches: int = 8, iterations: int = 3_000_000
 
 
 def per_branch_overhead(isolation: str, target_ms: float | None, repeat: int = 30,
-                        branches: int = 64) -> Row:
+                        branches: int = 64, **backend_options: object) -> Row:
     """Extra wall time per trivial branch on a warm pool: (t(N) - t(1)) / (N - 1)."""
 
     def trivial(name: str):
         return lambda state: {"done": True}
 
-    many = _fan_out_graph(branches, trivial, isolation)
-    one = _fan_out_graph(1, trivial, isolation)
+    many = _fan_out_graph(branches, trivial, isolation, **backend_options)
+    one = _fan_out_graph(1, trivial, isolation, **backend_options)
     with many, one:
         many.invoke({"payload": list(range(20))})  # warm the pool
         one.invoke({"payload": list(range(20))})
@@ -169,9 +170,60 @@ def per_branch_overhead(isolation: str, target_ms: float | None, repeat: int = 3
     target = f"<= {target_ms} ms" if target_ms is not None else "(reference)"
     ok = target_ms is None or per_branch * 1000 <= target_ms
     ratio = per_branch * 1000 / target_ms if target_ms else per_branch * 1000
-    return Row(f"per-branch overhead, trivial branch, warm pool ({isolation})", target,
+    mode = ", ".join([isolation, *(k for k, v in backend_options.items() if v is True)])
+    return Row(f"per-branch overhead, trivial branch, warm pool ({mode})", target,
                baseline, measured, ratio, ok,
-               f"{per_branch * 1000:.3f} ms per branch (ratio column: ms / target)")
+               f"{per_branch * 1000:.3f} ms per branch; a 1-branch fan-out takes "
+               f"{baseline * 1000:.2f} ms (ratio column: ms / target)")
+
+
+def hot_loop_process(iterations: int = 60_000_000, repeat: int = 3) -> Row:
+    """A hot Lua loop in a process branch (limits armed, watchdog, no hook) against bare lupa."""
+    from isobranch.nodes import LuaNode
+
+    code = HOT_LOOP % iterations
+    bare_runtime = lupa.lua54.LuaRuntime()
+    expected = bare_runtime.execute(code)
+    graph = StateGraph()
+    graph.add_node("start", lambda state: None)
+    graph.add_node("loop", LuaNode("loop", "return {s = (function() " + code + " end)()}"))
+    graph.add_fan_in_node("join", lambda state, results: {"s": results[0].state.get("s")})
+    graph.add_parallel_edge("start", "loop", fan_in="join")
+    graph.set_entry_point("start")
+    # Every limit armed: Lua timeout, memory limit, branch timeout.
+    with graph.compile(isolation="process", branch_timeout=600, lua_timeout=600,
+                       lua_max_memory=256 * 2**20) as compiled:
+        assert compiled.invoke({})["s"] == expected
+        baseline, measured = paired_best(lambda: bare_runtime.execute(code),
+                                         lambda: compiled.invoke({}), repeat)
+    ratio = measured / baseline
+    return Row("hot Lua loop, limits armed, process backend (whole fan-out)",
+               "<= 1.10x bare lupa", baseline, measured, ratio, ratio <= 1.10,
+               f"{iterations:,} iterations: bare {baseline:.2f} s, process branch {measured:.2f} s")
+
+
+def python_branches_process_vs_inline(branches: int = 8, iterations: int = 5_000_000,
+                                      repeat: int = 3) -> Row:
+    """Eight CPU-bound Python branches: process backend against inline."""
+
+    def busy(name: str):
+        def node(state: dict) -> dict:
+            total = 0
+            for i in range(iterations):
+                total += i * i % 7
+            return {"total": total}
+        return node
+
+    inline = _fan_out_graph(branches, busy, "inline")
+    processes = _fan_out_graph(branches, busy, "process")
+    with inline, processes:
+        assert inline.invoke({})["ok"] and processes.invoke({})["ok"]
+        baseline, measured = paired_best(lambda: inline.invoke({}),
+                                         lambda: processes.invoke({}), repeat)
+    speedup = baseline / measured
+    return Row(f"{branches} CPU-bound Python branches, process vs inline ({os.cpu_count()} cores)",
+               ">= 1.7x faster", baseline, measured, speedup, speedup >= 1.7,
+               f"inline {baseline:.2f} s, process {measured:.2f} s")
 
 
 def state_copy(repeat: int = 7) -> Row:
@@ -196,16 +248,17 @@ def lua_round_trip(repeat: int = 5) -> Row:
                measured / 0.1, measured <= 0.1, f"{measured * 1000:.1f} ms")
 
 
-def branch_soak(branches: int = 10_000) -> Row:
-    """10,000 Lua branch runs in one process: RSS growth and thread count stay flat."""
+def branch_soak(branches: int = 10_000, isolation: str = "thread") -> Row:
+    """10,000 Lua branch runs in one process: RSS growth, threads and processes stay flat."""
     from isobranch.nodes import LuaNode
 
-    graph = _fan_out_graph(100, lambda name: LuaNode(name, "x = {} return {n = 1}"), "thread",
+    graph = _fan_out_graph(100, lambda name: LuaNode(name, "x = {} return {n = 1}"), isolation,
                            max_workers=4)
     with graph:
         graph.invoke({})
         gc.collect()
         rss_before, threads_before = rss_bytes(), threading.active_count()
+        processes_before = len(child_processes())
         start = time.perf_counter()
         for _ in range(branches // 100):
             graph.invoke({})
@@ -213,12 +266,32 @@ def branch_soak(branches: int = 10_000) -> Row:
         gc.collect()
         growth = rss_bytes() - rss_before
         threads_after = threading.active_count()
+        processes_after = len(child_processes())
+    processes_left = len(child_processes())
     growth_mib = growth / 2**20
-    return Row(f"{branches:,} Lua branch runs: RSS growth", "< 20 MiB, threads flat",
-               20.0, growth_mib, growth_mib / 20.0,
-               growth_mib < 20 and threads_after == threads_before,
+    flat = (threads_after == threads_before and processes_after == processes_before
+            and processes_left == 0)
+    return Row(f"{branches:,} Lua branch runs ({isolation}): RSS growth",
+               "< 20 MiB, threads/processes flat", 20.0, growth_mib, growth_mib / 20.0,
+               growth_mib < 20 and flat,
                f"{growth_mib:.1f} MiB, threads {threads_before}->{threads_after}, "
+               f"processes {processes_before}->{processes_after}->{processes_left} after close, "
                f"{elapsed / branches * 1000:.3f} ms per branch")
+
+
+def child_processes() -> list[int]:
+    """Pids of this process's children (the fork server counts; its workers are below it)."""
+    me = str(os.getpid())
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    if stat.read().rsplit(")", 1)[1].split()[1] == me:
+                        children.append(int(entry))
+            except OSError:
+                continue
+    return children
 
 
 def rss_bytes() -> int:

@@ -306,6 +306,19 @@ def test_a_dying_worker_fails_only_its_branch_and_the_pool_recovers(crash, descr
         assert all(r.success for r in again) and again[1].state["survived"]
 
 
+def test_a_killed_fork_server_is_replaced_at_the_next_fan_out():
+    graph = fan_out(("a", worker_facts), ("b", worker_facts))
+    with graph.compile(isolation="process") as compiled:
+        compiled.invoke({})
+        backend = compiled._backend("process", None)
+        old_server = backend.fork_server_pid
+        os.kill(old_server, signal.SIGKILL)
+        os.waitpid(old_server, 0)
+        results = compiled.invoke({})["results"]
+        assert all(r.success for r in results)
+        assert backend.fork_server_pid not in (None, old_server)
+
+
 @pytest.mark.parametrize("stuck", [sleep_long, catastrophic_regex], ids=["sleep", "c-call"])
 def test_branch_timeout_kills_a_stuck_worker(stuck):
     graph = StateGraph()
@@ -621,3 +634,17 @@ def test_cli_runs_the_example_on_processes():
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert '"verdict"' in done.stdout
+
+
+def test_readme_process_settings_block_runs():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### The process backend", 1)[1]
+    settings = yaml.safe_load(section.split("```yaml\n", 1)[1].split("```", 1)[0])
+    assert settings["settings"]["parallel"]["isolation"] == "process"
+    document = {**settings, "nodes": [
+        {"name": "start", "run": "return {}"},
+        {"name": "a", "language": "lua", "run": "return {lua = true}"},
+        {"name": "join", "fan_in": True, "run": "return {'ok': parallel_results[0].success}"}],
+        "edges": [{"from": "start", "to": "a", "type": "parallel", "fan_in": "join"}]}
+    with YAMLEngine().load_from_dict(document) as graph:
+        assert graph.invoke({})["ok"] is True

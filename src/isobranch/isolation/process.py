@@ -167,10 +167,11 @@ class ProcessBackend:
             with self._lock:
                 if self._closed:
                     raise BackendError("the process backend is closed")
-                if self._launcher is not None and self._graph is not None \
-                        and self._graph() is graph:
+                if self._launcher is not None and self._launcher.alive \
+                        and self._graph is not None and self._graph() is graph:
                     return
-            # A backend serves one compiled graph; another graph gets a new pool.
+            # A backend serves one compiled graph; another graph (or a fork
+            # server that died) gets a new pool.
             graph_bytes = _pickle_graph(graph)
             self._retire_pool()
             try:

@@ -149,6 +149,11 @@ class ForkServer:
         """Process id of the fork server."""
         return self._process.pid
 
+    @property
+    def alive(self) -> bool:
+        """False once the fork server has exited (killed from outside, say)."""
+        return self._process.poll() is None
+
     def start_worker(self, *, once: bool) -> WorkerProcess:
         """Fork a worker that already holds the graph; ``once``: it exits after one branch."""
         ours, theirs = socket.socketpair()
@@ -188,6 +193,8 @@ class Spawner:
     """Starts every worker as a fresh interpreter (``start_method="spawn"``)."""
 
     method = "spawn"
+
+    alive = True
 
     def __init__(self, graph_bytes: bytes) -> None:
         self._graph_bytes = graph_bytes
