@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from isobranch import YAMLEngine, available_backends
+from isobranch import END, START, StateGraph, YAMLEngine, available_backends
 
 # Every built-in backend that exists; later backends join this list.
 BACKENDS = [name for name in ("inline", "thread", "process") if name in available_backends()]
@@ -99,3 +99,19 @@ def no_process_leak():
     yield
     left = (descendants() - before) | (children_including_zombies() - before_children)
     assert not left, f"processes left behind: {sorted(left)}"
+
+
+def fan_out(*branches, fan_in=None, start=None):
+    """A graph start -> branches -> join, with branches given as (name, fn) pairs.
+
+    The default fan-in keeps every ``ParallelFlowResult`` as ``results``.
+    """
+    graph = StateGraph()
+    graph.add_node("start", start or (lambda state: None))
+    graph.add_fan_in_node("join", fan_in or (lambda state, results: {"results": results}))
+    for name, fn in branches:
+        graph.add_node(name, fn)
+        graph.add_parallel_edge("start", name, fan_in="join")
+    graph.add_edge(START, "start")
+    graph.add_edge("join", END)
+    return graph

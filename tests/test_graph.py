@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from conftest import fan_out
 from isobranch import (
     END,
     START,
@@ -17,19 +18,6 @@ from isobranch import (
     StateGraph,
 )
 from isobranch.nodes import LuaNode
-
-
-def fan_out(*branches, fan_in=None, start=None):
-    """A graph start -> branches -> join, with callables given as name=fn pairs."""
-    graph = StateGraph()
-    graph.add_node("start", start or (lambda state: None))
-    graph.add_fan_in_node("join", fan_in or (lambda state, results: {"results": results}))
-    for name, fn in branches:
-        graph.add_node(name, fn)
-        graph.add_parallel_edge("start", name, fan_in="join")
-    graph.add_edge(START, "start")
-    graph.add_edge("join", END)
-    return graph
 
 
 def test_start_and_end_constants():

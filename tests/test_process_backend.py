@@ -20,10 +20,8 @@ import time
 import pytest
 import yaml
 
-from conftest import descendants
+from conftest import descendants, fan_out
 from isobranch import (
-    END,
-    START,
     GraphError,
     GraphExecutionError,
     StateGraph,
@@ -43,19 +41,6 @@ pytestmark = pytest.mark.usefixtures("no_process_leak")
 def isolation():
     """The ``load`` fixture compiles on this backend only, in this file."""
     return "process"
-
-
-def fan_out(*branches, fan_in=None, start=None):
-    """start -> branches (name, fn) -> join, where join keeps every result."""
-    graph = StateGraph()
-    graph.add_node("start", start or (lambda state: None))
-    graph.add_fan_in_node("join", fan_in or (lambda state, results: {"results": results}))
-    for name, fn in branches:
-        graph.add_node(name, fn)
-        graph.add_parallel_edge("start", name, fan_in="join")
-    graph.add_edge(START, "start")
-    graph.add_edge("join", END)
-    return graph
 
 
 def worker_facts(state):
