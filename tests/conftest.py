@@ -35,6 +35,7 @@ def load(isolation: str):
     yield _load
     for graph in graphs:
         graph.close()
+    assert not descendants(), "closing the graphs must end every worker process"
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import threading
 
 import pytest
 
+from conftest import descendants
 from isobranch import StateGraph
 from isobranch.nodes import LuaNode
 
@@ -78,11 +79,15 @@ def test_TECH_003_memory_and_threads_stay_flat_over_thousands_of_branches(isolat
             graph.invoke({})
         gc.collect()
         rss_before, threads_before = _rss(), threading.active_count()
+        processes_before = descendants()
         for _ in range(60):  # 3,000 branches, each with its own Lua VM
             graph.invoke({})
         gc.collect()
         growth = _rss() - rss_before
         assert threading.active_count() == threads_before
+        # The process backend keeps the same fork server and workers throughout.
+        assert descendants() == processes_before
+    assert not descendants()
     assert growth < 20 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 3,000 branches"
 
 
