@@ -45,7 +45,9 @@ def isolation():
 
 def worker_facts(state):
     """What a branch can observe about the process it runs in."""
-    return {"pid": os.getpid(), "ppid": os.getppid(), "threads": threading.active_count()}
+    # A spawned worker runs one thread of its own that watches for its parent's death.
+    threads = [t for t in threading.enumerate() if not t.name.startswith("isobranch-")]
+    return {"pid": os.getpid(), "ppid": os.getppid(), "threads": len(threads)}
 
 
 def segfault(state):
@@ -347,6 +349,35 @@ def test_fail_fast_on_a_crashed_worker():
             pytest.raises(GraphExecutionError, match="exited with code 3") as info:
         compiled.invoke({})
     assert info.value.branch == "dies" and info.value.error_type == "WorkerCrashed"
+
+
+class NeedsTwoArguments(Exception):
+    def __init__(self, code, detail):
+        super().__init__(f"{code}: {detail}")
+
+
+def test_a_result_the_parent_cannot_unpickle_fails_only_that_branch():
+    # Pickles in the worker, but unpickling calls NeedsTwoArguments(message) and fails.
+    graph = fan_out(("odd", lambda s: {"err": NeedsTwoArguments(1, "x")}), ("ok", worker_facts))
+    with graph.compile(isolation="process") as compiled:
+        odd, ok = compiled.invoke({})["results"]
+    assert ok.success and not odd.success and odd.error_type == "StateCopyError"
+    assert "branch 'odd'" in odd.error
+
+
+def test_lua_timeout_does_not_count_state_conversion(load):
+    # Converting this state takes far longer than the Lua timeout; only the
+    # Lua call itself is timed, as on the other backends.
+    graph = load({
+        "settings": {"lua": {"timeout": 0.1}, "parallel": {"isolation": "process"}},
+        "nodes": [{"name": "start", "run": "return {'items': list(range(1_000_000))}"},
+                  {"name": "count", "language": "lua", "run": "return {n = #state.items}"},
+                  {"name": "join", "fan_in": True,
+                   "run": "return {'n': parallel_results[0].state.get('n'), "
+                          "'error': parallel_results[0].error}"}],
+        "edges": [{"from": "start", "to": "count", "type": "parallel", "fan_in": "join"}]})
+    final = graph.invoke({})
+    assert final["error"] is None and final["n"] == 1_000_000
 
 
 def test_more_branches_than_workers_all_run():

@@ -78,6 +78,7 @@ class ExecutionContext:
         self._lua: LuaRuntime | None = None
         self.node: str | None = None
         self.watchdog = watchdog
+        self._lua_call: tuple[str, float | None, bool] = ("lua", None, False)
 
     @property
     def isolation(self) -> str:
@@ -94,7 +95,9 @@ class ExecutionContext:
             # the watchdog ends the whole worker when a deadline passes.
             self._lua = LuaRuntime(timeout=self.graph.lua_timeout,
                                    max_memory=self.graph.lua_max_memory, should_stop=stop,
-                                   timeout_hook=self.watchdog is None)
+                                   timeout_hook=self.watchdog is None,
+                                   deadline_listener=(self._lua_deadline if self.watchdog
+                                                      is not None else None))
         return self._lua
 
     def enter_node(self, node: str) -> None:
@@ -118,9 +121,7 @@ class ExecutionContext:
             remaining = max(self.deadline - time.monotonic(), 0.001)
             if limit is None or remaining < limit:
                 limit, cut_by_deadline = remaining, True
-        if self.watchdog is not None:
-            deadline = time.monotonic() + limit if limit is not None else None
-            self.watchdog.lua_started(chunk_name, deadline, limit, cut_by_deadline)
+        self._lua_call = (chunk_name, limit, cut_by_deadline)
         try:
             return getattr(runtime, method)(code, state, variables=self.graph.variables,
                                             chunk_name=chunk_name, timeout=limit)
@@ -131,9 +132,16 @@ class ExecutionContext:
             if cut_by_deadline:
                 raise self._timeout(self.node) from exc
             raise
-        finally:
-            if self.watchdog is not None:
-                self.watchdog.lua_finished()
+
+    def _lua_deadline(self, deadline: float | None) -> None:
+        # Called by the runtime right around the Lua call itself, so the time
+        # spent converting the state in and out is not charged to Lua.
+        assert self.watchdog is not None
+        if deadline is None:
+            self.watchdog.lua_finished()
+        else:
+            chunk, limit, cut_by_deadline = self._lua_call
+            self.watchdog.lua_started(chunk, deadline, limit, cut_by_deadline)
 
     def merged(self, node: str, update: dict) -> None:
         """``node``'s update has been merged into the state (reported to the watchdog)."""

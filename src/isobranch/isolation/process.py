@@ -40,6 +40,8 @@ from .process_pool import START_METHODS, WorkerProcess, WorkerStartError, start_
 BRANCH_KILL_GRACE_SECONDS = 0.25
 # Lua has no hook in a worker; this margin only absorbs message latency.
 LUA_KILL_GRACE_SECONDS = 0.02
+# A fan-out waiting for a worker that another thread's fan-out may release.
+POOL_RECHECK_SECONDS = 0.05
 
 
 class BackendError(RuntimeError):
@@ -111,7 +113,15 @@ class ProcessBackend:
         try:
             while queue or running:
                 self._dispatch(queue, running, payloads)
-                ready = wait(list(running), timeout=_next_wakeup(running, tasks))
+                timeout = _next_wakeup(running, tasks)
+                if queue:
+                    # Waiting for a worker another thread may free: look again soon.
+                    timeout = min(timeout if timeout is not None else POOL_RECHECK_SECONDS,
+                                  POOL_RECHECK_SECONDS)
+                with self._lock:
+                    if self._closed:
+                        raise BackendError("the process backend was closed while running")
+                ready = wait(list(running), timeout=timeout)
                 for conn in ready:
                     slot = running[conn]
                     outcome = self._receive(slot, tasks[slot.index])
@@ -219,6 +229,7 @@ class ProcessBackend:
                 if not block:
                     return None
                 self._lock.wait()
+        worker = None
         try:
             worker = launcher.start_worker(once=self.fresh_worker_per_branch)
         except WorkerStartError as exc:
@@ -226,8 +237,9 @@ class ProcessBackend:
         finally:
             with self._lock:
                 self._starting -= 1
-        with self._lock:
-            self._workers.add(worker)
+                if worker is not None:
+                    self._workers.add(worker)
+                self._lock.notify_all()  # a failed start frees its place too
         return worker
 
     def _release(self, worker: WorkerProcess) -> None:
@@ -258,22 +270,34 @@ class ProcessBackend:
             worker = self._acquire(block=not running)
             if worker is None:
                 return
+            if worker.conn in running:  # cannot happen; guards the bookkeeping below
+                raise BackendError("a worker was handed out twice")
             index = queue.popleft()
+            # Tracked first: if anything interrupts the send, the caller's
+            # cleanup kills this worker instead of losing its pool place.
+            running[worker.conn] = _Running(index, worker, time.monotonic())
             try:
                 worker.conn.send_bytes(payloads[index])
             except OSError:  # it died while idle; the branch has not started
+                del running[worker.conn]
                 self._discard(worker, kill=True)
                 queue.appendleft(index)
-                continue
-            running[worker.conn] = _Running(index, worker, time.monotonic())
 
     def _receive(self, slot: _Running, task: BranchTask) -> ParallelFlowResult | str | None:
         """Read what a worker said; a result, "retry", or None if it is still running."""
         conn = slot.worker.conn
         try:
             while conn.poll():
-                message = pickle.loads(conn.recv_bytes())
+                data = conn.recv_bytes()
                 slot.heard_from = True
+                try:
+                    message = pickle.loads(data)
+                except Exception as exc:  # e.g. an exception class that cannot be rebuilt
+                    self._discard(slot.worker, kill=True)
+                    return self._failed(
+                        task, slot, f"branch {task.label!r}: what its worker sent back cannot "
+                        f"be unpickled here: {type(exc).__name__}: {exc}", "StateCopyError",
+                        timed_out=False)
                 kind = message[0]
                 if kind == "node":
                     slot.node, slot.lua = message[1], None
@@ -287,6 +311,9 @@ class ProcessBackend:
                     self._release(slot.worker)
                     return message[1]
         except (EOFError, OSError):
+            with self._lock:
+                if self._closed:
+                    raise BackendError("the process backend was closed while running") from None
             if not slot.heard_from:
                 self._discard(slot.worker, kill=True)
                 return "retry"
@@ -308,8 +335,8 @@ class ProcessBackend:
                 outcome = self._receive(slot, task)  # it may have just finished
                 if outcome is not None:
                     del running[conn]
-                    results[slot.index] = (self._crashed(task, slot) if outcome == "retry"
-                                           else outcome)
+                    results[slot.index] = (outcome if isinstance(outcome, ParallelFlowResult)
+                                           else self._crashed(task, slot))
                     continue
                 if _lua_overdue(slot, now):
                     del running[conn]
@@ -318,7 +345,11 @@ class ProcessBackend:
             limit = task.limits.branch_timeout
             if limit and now >= slot.started + limit + BRANCH_KILL_GRACE_SECONDS:
                 del running[conn]
-                results[slot.index] = self._branch_timed_out(task, slot, limit)
+                outcome = self._receive(slot, task)  # its result may be waiting unread
+                if isinstance(outcome, ParallelFlowResult):
+                    results[slot.index] = outcome
+                else:
+                    results[slot.index] = self._branch_timed_out(task, slot, limit)
 
     def _lua_timed_out(self, task: BranchTask, slot: _Running) -> ParallelFlowResult:
         assert slot.lua is not None
@@ -391,7 +422,10 @@ def _state_as_of(task: BranchTask, slot: _Running) -> dict:
     state = task.snapshot.copy()
     for update in slot.updates:
         if update is not None:
-            state.update(pickle.loads(update))
+            try:
+                state.update(pickle.loads(update))
+            except Exception:
+                continue  # an update that cannot be rebuilt here is left out
     return state
 
 

@@ -36,8 +36,10 @@ START_METHODS = ("forkserver", "spawn")
 START_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 5.0
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent.parent)
-_BOOTSTRAP = ("import sys; from isobranch.isolation.process_worker import main; "
-              "sys.exit(main(sys.argv[1:]))")
+# os._exit: a worker ends at once, without waiting for threads a nested
+# fan-out abandoned (interpreter shutdown would join them).
+_BOOTSTRAP = ("import os, sys; from isobranch.isolation.process_worker import main; "
+              "code = main(sys.argv[1:]); sys.stdout.flush(); sys.stderr.flush(); os._exit(code)")
 
 
 class WorkerStartError(RuntimeError):
@@ -75,6 +77,8 @@ class WorkerProcess:
         self._launcher = launcher
         self._popen = popen
         self._ending: str | None = None
+        # close() on one thread and a fan-out on another may both reap it.
+        self._reap_lock = threading.Lock()
 
     def kill(self) -> None:
         """SIGKILL the worker (a no-op if it is already gone)."""
@@ -84,10 +88,11 @@ class WorkerProcess:
 
     def reap(self) -> str:
         """Wait for the worker to end; close its connection; describe how it ended."""
-        if self._ending is None:
-            self.conn.close()
-            self._ending = self._launcher.reap(self)
-        return self._ending
+        with self._reap_lock:
+            if self._ending is None:
+                self.conn.close()
+                self._ending = self._launcher.reap(self)
+            return self._ending
 
     @property
     def popen(self) -> subprocess.Popen | None:
@@ -133,6 +138,7 @@ class ForkServer:
                                          child_end.fileno(), graph_bytes)
         finally:
             child_end.close()
+        self._broken = False
         parent_end.settimeout(START_TIMEOUT_SECONDS)
         try:
             reply = parent_end.recv(65536)
@@ -151,16 +157,31 @@ class ForkServer:
 
     @property
     def alive(self) -> bool:
-        """False once the fork server has exited (killed from outside, say)."""
-        return self._process.poll() is None
+        """False once the fork server has exited, or a request to it was interrupted."""
+        return not self._broken and self._process.poll() is None
+
+    def _request(self, message: bytes, fds: list[int] | None = None) -> bytes:
+        """One request and its reply. Anything that interrupts the pair (Ctrl-C,
+        a timeout) would leave a reply queued for the next request, so it
+        retires this fork server for good."""
+        with self._lock:
+            if self._broken:
+                raise OSError("the fork server was retired after an interrupted request")
+            try:
+                if fds:
+                    socket.send_fds(self._control, [message], fds)
+                else:
+                    self._control.send(message)
+                return self._control.recv(64)
+            except BaseException:
+                self._broken = True
+                raise
 
     def start_worker(self, *, once: bool) -> WorkerProcess:
         """Fork a worker that already holds the graph; ``once``: it exits after one branch."""
         ours, theirs = socket.socketpair()
         try:
-            with self._lock:
-                socket.send_fds(self._control, [b"F1" if once else b"F0"], [theirs.fileno()])
-                reply = self._control.recv(64)
+            reply = self._request(b"F1" if once else b"F0", [theirs.fileno()])
         except OSError as exc:
             ours.close()
             raise WorkerStartError(f"the fork server is gone: {exc}") from exc
@@ -174,9 +195,7 @@ class ForkServer:
     def reap(self, worker: WorkerProcess) -> str:
         """Have the fork server wait for ``worker`` and describe how it ended."""
         try:
-            with self._lock:
-                self._control.send(b"S" + PID.pack(worker.pid))
-                reply = self._control.recv(64)
+            reply = self._request(b"S" + PID.pack(worker.pid))
         except OSError:
             return "ended (its exit status is unknown: the fork server is gone)"
         if reply[:1] != b"S":
@@ -216,7 +235,7 @@ class Spawner:
         except (EOFError, OSError) as exc:
             worker.kill()
             raise WorkerStartError(f"a worker process {worker.reap()} at start") from exc
-        except WorkerStartError:
+        except BaseException:  # also Ctrl-C: no half-started worker is left behind
             worker.kill()
             worker.reap()
             raise
@@ -229,7 +248,11 @@ class Spawner:
     def reap(worker: WorkerProcess) -> str:
         """Wait for a spawned worker and describe how it ended."""
         assert worker.popen is not None
-        code = worker.popen.wait()
+        try:
+            code = worker.popen.wait(timeout=STOP_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            worker.popen.kill()  # it did not exit after its connection closed
+            code = worker.popen.wait()
         return describe_signal(-code) if code < 0 else f"exited with code {code}"
 
     def close(self) -> None:

@@ -40,6 +40,8 @@ STATUS = struct.Struct("!i")
 # Idle workers and the fork server exit when their parent goes away; busy
 # workers are killed by the fork server when it notices.
 WORKER_EXIT_GRACE_SECONDS = 2.0
+# How often a spawned worker checks that its parent still exists.
+PARENT_CHECK_SECONDS = 0.5
 
 
 def read_init(stream: Any) -> dict[str, Any]:
@@ -205,9 +207,24 @@ def _end_children(children: set[int]) -> None:
         _reap(pid)
 
 
+def _exit_with_parent() -> None:
+    """End this process if its parent dies: a busy worker has no hook to stop its Lua."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        import time
+
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="isobranch-parent-watch", daemon=True).start()
+
+
 def spawned_worker(conn_fd: int, once: bool) -> int:
     """A worker started as its own interpreter (``start_method="spawn"``)."""
     _quiet_signals()
+    _exit_with_parent()
     conn = Connection(conn_fd)
     try:
         graph = load_graph(read_init(sys.stdin.buffer))

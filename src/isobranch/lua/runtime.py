@@ -85,7 +85,11 @@ class LuaRuntime:
     installs no hook at all, so Lua runs at bare speed; the caller must then
     enforce deadlines from outside, e.g. by killing a worker process.
     ``should_stop`` is polled with the wall clock; when it returns true the
-    running call ends as a timeout (used to cancel a branch). A per-call
+    running call ends as a timeout (used to cancel a branch).
+    ``deadline_listener`` is called with a call's deadline (``time.monotonic``
+    seconds) when the user code starts (after the input is decoded), and with
+    None when Lua returns; only calls with a time limit are reported. An
+    outside watchdog enforces that window. A per-call
     ``timeout=`` overrides the default, but only on a runtime that has a hook.
 
     The hook cannot interrupt one single long C call, such as a
@@ -97,7 +101,8 @@ class LuaRuntime:
 
     def __init__(self, timeout: float | None = 30.0, max_memory: int | None = DEFAULT_MAX_MEMORY,
                  *, timeout_hook: bool = True,
-                 should_stop: Callable[[], bool] | None = None) -> None:
+                 should_stop: Callable[[], bool] | None = None,
+                 deadline_listener: Callable[[float | None], None] | None = None) -> None:
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be positive or None, got {timeout!r}")
         if max_memory is not None and max_memory <= 0:
@@ -106,9 +111,11 @@ class LuaRuntime:
         self.max_memory = max_memory
         self.timeout_hook = timeout_hook
         self.should_stop = should_stop
+        self.deadline_listener = deadline_listener
         self._vm: Any = None
         self._run: Any = None
         self._deadline: float | None = None
+        self._limit: float | None = None
         self._expired = False
 
     # -- public calls -------------------------------------------------------
@@ -175,13 +182,14 @@ class LuaRuntime:
         # No limit to enforce, no hook: Lua then runs at bare speed.
         enforce = self.timeout_hook and (self.timeout is not None or self.should_stop is not None)
         hook_count = HOOK_INSTRUCTIONS if enforce else None
-        # The only Python object the VM ever holds: a bound method, kept as
-        # a private upvalue of the hook.
+        # The only Python objects the VM ever holds: bound methods, kept as
+        # private upvalues of the sandbox.
         sandbox, codec = _sandbox_bytecode()
         if self.max_memory is not None:
             # The setup must not fail half-way however small the limit is.
             vm.set_max_memory(0)
-        self._run = vm.execute(sandbox, self._out_of_time, hook_count, codec)
+        armed = self._armed if self.deadline_listener is not None else None
+        self._run = vm.execute(sandbox, self._out_of_time, hook_count, codec, armed)
         if self.max_memory is not None:
             vm.set_max_memory(self.max_memory)
         self._vm = vm
@@ -196,6 +204,11 @@ class LuaRuntime:
         incoming = _PUSH_SLACK + sum(len(argument) + _STRING_OVERHEAD
                                      for argument in arguments if argument)
         return self._vm.get_memory_used() + incoming <= self.max_memory
+
+    def _armed(self) -> None:
+        # Called from Lua once the input is decoded and the user code starts.
+        if self._limit is not None and self.deadline_listener is not None:
+            self.deadline_listener(time.monotonic() + self._limit)
 
     def _out_of_time(self) -> bool:
         # Called from the Lua hook about once per 5 ms of CPU time.
@@ -221,6 +234,7 @@ class LuaRuntime:
             raise self._memory_error(name)
         limit = timeout if timeout is not None else self.timeout
         self._deadline = time.monotonic() + limit if limit is not None else None
+        self._limit = limit
         self._expired = False
         try:
             status, payload = self._run(mode.encode(), source, lua_name, state_data,
@@ -237,6 +251,8 @@ class LuaRuntime:
                                   ) from exc
         finally:
             self._deadline = None
+            if self.deadline_listener is not None and self._limit is not None:
+                self.deadline_listener(None)
         status = status.decode()
         if status == "scalar":
             if isinstance(payload, bytes):

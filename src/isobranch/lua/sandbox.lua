@@ -8,7 +8,7 @@
 -- that user code can see carries a metatable of ours: a reachable marker
 -- metatable could be given __gc or __newindex and run user code where no
 -- hook can stop it.
-local wall_check, hook_count, codec_bytecode = ...
+local wall_check, hook_count, codec_bytecode, on_armed = ...
 
 local type, next, select, error, tostring = type, next, select, error, tostring
 local rawget, rawset, rawlen, rawequal = rawget, rawset, rawlen, rawequal
@@ -214,6 +214,9 @@ local function run(mode, code, chunk_name, state_data, variables_data)
   handled, expired, in_wall_check = false, false, false
   last_cpu = clock()
   armed = true
+  -- An outside watchdog (a worker's parent) times the call from here on,
+  -- after the input has been decoded, as the hook does.
+  if on_armed then on_armed() end
   if hook_count then sethook(hook, "", hook_count) end
   local status, payload
   ok, status, payload = xpcall(call_and_encode, on_error, fn, state, variables)
