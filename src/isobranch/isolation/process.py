@@ -270,8 +270,6 @@ class ProcessBackend:
             worker = self._acquire(block=not running)
             if worker is None:
                 return
-            if worker.conn in running:  # cannot happen; guards the bookkeeping below
-                raise BackendError("a worker was handed out twice")
             index = queue.popleft()
             # Tracked first: if anything interrupts the send, the caller's
             # cleanup kills this worker instead of losing its pool place.
