@@ -664,3 +664,124 @@ def test_readme_process_settings_block_runs():
         "edges": [{"from": "start", "to": "a", "type": "parallel", "fan_in": "join"}]}
     with YAMLEngine().load_from_dict(document) as graph:
         assert graph.invoke({})["ok"] is True
+
+
+# -- concurrency and interruption, synchronised over a loopback socket --------
+
+
+class Rendezvous:
+    """A loopback listener branches report to; a held branch waits for a reply byte.
+
+    Each branch connects to ``state["addr"]`` and sends ``who:branch``; a
+    branch named in ``state["hold"]`` then blocks until the test answers.
+    """
+
+    def __init__(self):
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(30)
+        self.addr = self.server.getsockname()
+        self.open: list[socket.socket] = []
+
+    def accept(self, count):
+        """The next ``count`` reports, as a set of ``who:branch``; their sockets stay open."""
+        seen = set()
+        for _ in range(count):
+            conn, _ = self.server.accept()
+            conn.settimeout(30)
+            seen.add(conn.makefile().readline().strip())
+            self.open.append(conn)
+        return seen
+
+    def close(self):
+        for conn in self.open:
+            conn.close()
+        self.server.close()
+
+
+def report_and_maybe_hold(name):
+    def node(state):
+        with socket.create_connection(tuple(state["addr"]), timeout=60) as conn:
+            conn.sendall(f"{state['who']}:{name}\n".encode())
+            if name in state.get("hold", ()):
+                conn.recv(1)  # until the test answers (or closes)
+        return {"ran": name}
+    return node
+
+
+def test_a_worker_freed_by_another_invocation_is_picked_up_at_once():
+    rendezvous = Rendezvous()
+    graph = fan_out(*[(name, report_and_maybe_hold(name)) for name in ("hold", "q1", "q2")])
+    finals = {}
+
+    def invoke(who):
+        state = {"addr": rendezvous.addr, "who": who, "hold": ["hold"]}
+        finals[who] = compiled.invoke(state)
+
+    try:
+        with graph.compile(isolation="process", max_workers=2) as compiled:
+            first = threading.Thread(target=invoke, args=("first",))
+            first.start()
+            # first's "hold" keeps one worker; its q1 and q2 share the other.
+            assert rendezvous.accept(3) == {"first:hold", "first:q1", "first:q2"}
+            second = threading.Thread(target=invoke, args=("second",))
+            second.start()
+            # second's "hold" takes the free worker; its q1 and q2 must wait...
+            assert rendezvous.accept(1) == {"second:hold"}
+            for conn in rendezvous.open[:3]:
+                conn.sendall(b"x")  # ...until first's hold ends and frees a worker.
+            # second's queued branches run on that worker while its own hold still blocks.
+            assert rendezvous.accept(2) == {"second:q1", "second:q2"}
+            rendezvous.open[3].sendall(b"x")
+            first.join(30)
+            second.join(30)
+    finally:
+        rendezvous.close()
+    for who in ("first", "second"):
+        assert [r.state["ran"] for r in finals[who]["results"]] == ["hold", "q1", "q2"]
+
+
+class Interrupted(BaseException):
+    """Stands in for KeyboardInterrupt (a BaseException too) without touching pytest's own."""
+
+
+def test_an_interrupted_fan_out_kills_its_workers_and_keeps_the_pool_usable():
+    rendezvous = Rendezvous()
+    graph = fan_out(("hold", report_and_maybe_hold("hold")))
+
+    def interrupt(signum, frame):
+        raise Interrupted
+
+    def signal_once_held():
+        rendezvous.accept(1)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        with graph.compile(isolation="process", max_workers=1) as compiled:
+            backend = compiled._backend("process", 1)
+            helper = threading.Thread(target=signal_once_held)
+            helper.start()
+            with pytest.raises(Interrupted):
+                compiled.invoke({"addr": rendezvous.addr, "who": "a", "hold": ["hold"]})
+            helper.join(30)
+            # The interrupted branch's worker is gone; only the fork server is left.
+            assert descendants() == {backend.fork_server_pid}
+            # Its pool place was given back: the single-worker pool still runs a branch.
+            final = compiled.invoke({"addr": rendezvous.addr, "who": "b"})
+            assert rendezvous.accept(1) == {"b:hold"}
+            assert final["results"][0].success
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        rendezvous.close()
+
+
+def test_start_up_data_nobody_reads_times_out_instead_of_blocking():
+    from isobranch.isolation.process_pool import write_all
+
+    read_end, write_end = os.pipe()
+    try:
+        with pytest.raises(TimeoutError):
+            write_all(write_end, b"x" * (4 * 2**20), timeout=0.2)
+    finally:
+        os.close(read_end)
+        os.close(write_end)

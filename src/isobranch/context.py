@@ -45,7 +45,7 @@ class Watchdog(Protocol):
     def node_merged(self, node: str, update: dict) -> None:
         """``node`` returned ``update``, now merged into the branch state."""
 
-    def lua_started(self, chunk: str, deadline: float | None, limit: float | None,
+    def lua_started(self, chunk: str, deadline: float, limit: float | None,
                     branch_deadline: bool) -> None:
         """A Lua call named ``chunk`` starts; it must end by ``deadline`` (``time.monotonic``).
 

@@ -56,7 +56,7 @@ class _Running:
     worker: WorkerProcess
     started: float
     node: str | None = None
-    lua: tuple[str, float | None, float | None, bool] | None = None
+    lua: tuple[str, float, float | None, bool] | None = None  # chunk, deadline, limit, cut
     updates: list[bytes | None] = field(default_factory=list)
     heard_from: bool = False
 
@@ -428,14 +428,13 @@ def _state_as_of(task: BranchTask, slot: _Running) -> dict:
 
 
 def _lua_overdue(slot: _Running, now: float) -> bool:
-    return (slot.lua is not None and slot.lua[1] is not None
-            and now >= slot.lua[1] + LUA_KILL_GRACE_SECONDS)
+    return slot.lua is not None and now >= slot.lua[1] + LUA_KILL_GRACE_SECONDS
 
 
 def _next_wakeup(running: dict[Connection, _Running], tasks: list[BranchTask]) -> float | None:
     deadlines = []
     for slot in running.values():
-        if slot.lua is not None and slot.lua[1] is not None:
+        if slot.lua is not None:
             deadlines.append(slot.lua[1] + LUA_KILL_GRACE_SECONDS)
         limit = tasks[slot.index].limits.branch_timeout
         if limit:

@@ -20,11 +20,13 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import selectors
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -112,15 +114,41 @@ def _init_payload(graph_bytes: bytes) -> bytes:
                         protocol=pickle.HIGHEST_PROTOCOL)
 
 
+def write_all(fd: int, data: bytes, timeout: float) -> None:
+    """Write ``data`` to the pipe ``fd`` within ``timeout`` seconds, or raise ``TimeoutError``.
+
+    A child that hangs before reading its start-up data must not block the
+    parent once the data is larger than the pipe's buffer.
+    """
+    os.set_blocking(fd, False)
+    deadline = time.monotonic() + timeout
+    view = memoryview(data)
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_WRITE)
+        while view:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not selector.select(remaining):
+                raise TimeoutError(f"the reader took more than {timeout:g}s")
+            try:
+                view = view[os.write(fd, view):]
+            except BlockingIOError:
+                continue
+
+
 def _start_child(args: list[str], keep_fd: int, graph_bytes: bytes) -> subprocess.Popen:
     process = subprocess.Popen([sys.executable, "-c", _BOOTSTRAP, *args], stdin=subprocess.PIPE,
                                pass_fds=(keep_fd,), env=_child_environment(), close_fds=True)
     assert process.stdin is not None
     try:
-        process.stdin.write(_init_payload(graph_bytes))
-        process.stdin.close()
+        write_all(process.stdin.fileno(), _init_payload(graph_bytes), START_TIMEOUT_SECONDS)
+    except TimeoutError as exc:
+        process.kill()
+        process.wait()
+        raise WorkerStartError(f"a new interpreter did not read its start-up data: {exc}") from exc
     except OSError:
         pass  # the child died at start; its own report or exit status says why
+    finally:
+        process.stdin.close()
     return process
 
 

@@ -88,7 +88,7 @@ class ParentWatchdog:
             data = None  # reported when the final state fails to pickle
         self._send(("merged", node, data))
 
-    def lua_started(self, chunk: str, deadline: float | None, limit: float | None,
+    def lua_started(self, chunk: str, deadline: float, limit: float | None,
                     branch_deadline: bool) -> None:
         """Arm the parent's watchdog for one Lua call."""
         self._send(("lua", chunk, deadline, limit, branch_deadline))
