@@ -29,11 +29,10 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-import cloudpickle
-
 from ..branch import BranchTask, ParallelFlowResult, cancelled_result
 from .base import register_backend
 from .process_pool import START_METHODS, WorkerProcess, WorkerStartError, start_launcher
+from .shipping import BackendError, pickle_graph
 
 # A branch past its branch_timeout gets this long to report its own timeout
 # (with its state) at a node boundary before the watchdog kills its worker.
@@ -42,10 +41,6 @@ BRANCH_KILL_GRACE_SECONDS = 0.25
 LUA_KILL_GRACE_SECONDS = 0.02
 # A fan-out waiting for a worker that another thread's fan-out may release.
 POOL_RECHECK_SECONDS = 0.05
-
-
-class BackendError(RuntimeError):
-    """The process backend cannot run a fan-out at all (not one branch's failure)."""
 
 
 @dataclass
@@ -182,7 +177,7 @@ class ProcessBackend:
                     return
             # A backend serves one compiled graph; another graph (or a fork
             # server that died) gets a new pool.
-            graph_bytes = _pickle_graph(graph)
+            graph_bytes = pickle_graph(graph, "worker processes")
             self._retire_pool()
             try:
                 launcher = start_launcher(self.start_method, graph_bytes)
@@ -398,21 +393,6 @@ def _payload(task: BranchTask) -> bytes:
                                  "snapshot": task.snapshot, "limits": task.limits,
                                  "isolation": task.isolation, "path": task.path}),
                         protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def _pickle_graph(graph: Any) -> bytes:
-    """The compiled graph for the workers; a clear error names what cannot travel."""
-    try:
-        return cloudpickle.dumps(graph, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception as exc:
-        for name, node in graph.nodes.items():
-            try:
-                cloudpickle.dumps(node)
-            except Exception as node_exc:
-                raise BackendError(f"node {name!r} cannot be sent to worker processes: "
-                                   f"{type(node_exc).__name__}: {node_exc}") from exc
-        raise BackendError(f"the graph cannot be sent to worker processes (an edge condition "
-                           f"or router?): {type(exc).__name__}: {exc}") from exc
 
 
 def _state_as_of(task: BranchTask, slot: _Running) -> dict:
