@@ -67,4 +67,4 @@ def create_backend(name: str, **options: Any) -> IsolationBackend:
 
 def _ensure_builtins() -> None:
     # Imported lazily so the registry module has no import cycle with them.
-    from . import inline, process, thread  # noqa: F401
+    from . import dask, inline, process, thread  # noqa: F401
