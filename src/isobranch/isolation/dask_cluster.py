@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +72,16 @@ def borrow(client: Any) -> Connection:
     return Connection(client, owns_client=False)
 
 
+def _main_guard_hint() -> str:
+    # Spawned workers re-import a script run as __main__ (not ``python -m pkg``).
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if getattr(main, "__file__", None) and not (spec and spec.name.endswith(".__main__")):
+        return (" (Dask starts local workers with multiprocessing spawn, which re-runs "
+                f"{main.__file__}: guard its entry point with `if __name__ == \"__main__\":`)")
+    return ""
+
+
 def start_local_cluster(n_workers: int | None, timeout: float) -> Connection:
     """A ``LocalCluster`` of single-threaded worker processes on 127.0.0.1.
 
@@ -89,11 +100,8 @@ def start_local_cluster(n_workers: int | None, timeout: float) -> Connection:
                 scheduler_port=0, dashboard_address="127.0.0.1:0",
                 silence_logs=logging.CRITICAL)
     except Exception as exc:
-        raise DaskUnavailable(
-            f"could not start a local Dask cluster of {workers} worker(s): "
-            f"{type(exc).__name__}: {exc} (a script that starts one must guard its entry point "
-            f"with `if __name__ == \"__main__\":`, because Dask starts workers with "
-            f"multiprocessing spawn)") from exc
+        raise DaskUnavailable(f"could not start a local Dask cluster of {workers} worker(s): "
+                              f"{type(exc).__name__}: {exc}{_main_guard_hint()}") from exc
     try:
         client = distributed.Client(cluster, timeout=timeout, set_as_default=False)
     except Exception:
