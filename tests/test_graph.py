@@ -94,10 +94,11 @@ def test_fail_fast_raises_naming_branch_and_cause(isolation):
         release.wait(10)
         return {"late": True}
 
-    def sleeps(state):  # a worker process cannot share an Event; fail_fast kills it
+    def sleeps(state):  # a worker process cannot share an Event; close() ends it
         time.sleep(60)
 
-    graph = fan_out(("boom", lambda s: 1 / 0), ("other", sleeps if isolation == "process" else waits))
+    crosses_processes = isolation in ("process", "dask")
+    graph = fan_out(("boom", lambda s: 1 / 0), ("other", sleeps if crosses_processes else waits))
     compiled = graph.compile(isolation=isolation, fail_fast=True, max_workers=2)
     try:
         begin = time.monotonic()

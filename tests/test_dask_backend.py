@@ -1,0 +1,397 @@
+"""The Dask backend: branches as tasks on a ``distributed`` cluster.
+
+The graph-level scenarios every backend shares (seeds, fan-out semantics,
+risk mitigations) run on ``dask`` through the ``isolation`` fixture; this
+file covers where the cluster comes from and what only a cluster can break.
+Every cluster here is a LocalCluster on 127.0.0.1 with ports the OS picks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import yaml
+
+from conftest import HAVE_DASK, descendants, fan_out
+from isobranch import GraphError, GraphExecutionError, YAMLEngine
+
+pytestmark = [
+    pytest.mark.skipif(not HAVE_DASK, reason="the dask extra is not installed: "
+                       "pip install -e '.[test,dask]'"),
+    pytest.mark.usefixtures("no_process_leak"),
+]
+
+ROOT = pathlib.Path(__file__).parent.parent
+DEMO = ROOT / "examples" / "fan_out_demo.yaml"
+DEMO_INPUT = {"items": [4, 8, 15]}
+
+
+def start_cluster(n_workers: int = 2):
+    """A cluster a user would have started: default scheduler settings, loopback, any port."""
+    from distributed import LocalCluster
+
+    return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                        host="127.0.0.1", scheduler_port=0, dashboard_address="127.0.0.1:0",
+                        silence_logs=logging.CRITICAL)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One cluster for this module's tests that do not break workers."""
+    with start_cluster() as local:
+        yield local
+
+
+@pytest.fixture
+def no_process_leak(cluster):
+    """Like conftest's, but the module's own cluster is expected to stay up."""
+    before = descendants()
+    yield
+    assert not descendants() - before, "the test left processes behind"
+
+
+def worker_addresses(cluster) -> set[str]:
+    return set(cluster.scheduler_info["workers"])
+
+
+def demo(**engine_options):
+    return YAMLEngine(**engine_options).load_from_file(DEMO)
+
+
+def dies_once(marker: str):
+    """A branch whose first run kills its worker process; a re-run finishes."""
+
+    def node(state):
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(7)
+        return {"survived": True, "pid": os.getpid()}
+
+    return node
+
+
+def test_workflow_on_a_cluster_given_by_address_matches_the_other_backends(cluster):
+    with demo(isolation="inline") as graph:
+        expected = graph.invoke(DEMO_INPUT)
+    with demo(isolation="dask", dask_address=cluster.scheduler_address) as graph:
+        events = list(graph.stream(DEMO_INPUT))
+    final = events[-1]["state"]
+    (parallel,) = [e for e in events if e["type"] == "parallel"]
+    assert final == expected
+    assert {r.isolation for r in parallel["branches"]} == {"dask"}
+    assert {r.worker for r in parallel["branches"]} <= worker_addresses(cluster)
+
+
+def test_yaml_settings_parallel_dask_address_selects_the_cluster(cluster):
+    document = yaml.safe_load(DEMO.read_text())
+    document["settings"]["parallel"] = {"isolation": "dask",
+                                        "dask": {"address": cluster.scheduler_address}}
+    with YAMLEngine().load_from_dict(document) as graph:
+        before = descendants()
+        events = list(graph.stream(DEMO_INPUT))
+        assert descendants() == before, "a cluster given by address must not start a local one"
+    (parallel,) = [e for e in events if e["type"] == "parallel"]
+    assert {r.worker for r in parallel["branches"]} <= worker_addresses(cluster)
+    assert events[-1]["state"]["verdict"] == "big: total 27 >= 10"
+
+
+def test_an_existing_client_is_used_and_left_open(cluster):
+    from distributed import Client
+
+    with Client(cluster, set_as_default=False) as client:
+        graph = fan_out(("a", lambda s: {"n": 1}), ("b", lambda s: {"n": 2}))
+        with graph.compile(isolation="dask", client=client) as compiled:
+            results = compiled.invoke({})["results"]
+        assert [r.state["n"] for r in results] == [1, 2]
+        assert {r.worker for r in results} <= worker_addresses(cluster)
+        assert client.status == "running", "closing the graph must not close the caller's client"
+        assert client.submit(sum, [1, 2]).result() == 3
+
+
+def test_local_cluster_starts_on_first_use_on_loopback_and_closes_with_the_graph():
+    before = descendants()
+    graph = demo(isolation="dask", max_workers=2)
+    try:
+        assert descendants() == before, "compiling must not start a cluster"
+        events = list(graph.stream(DEMO_INPUT))
+        assert len(descendants() - before) >= 2
+        (parallel,) = [e for e in events if e["type"] == "parallel"]
+        assert all(r.worker.startswith("tcp://127.0.0.1:") for r in parallel["branches"])
+    finally:
+        graph.close()
+    assert descendants() == before, "closing the graph must end the local cluster"
+
+
+def test_the_graph_is_scattered_once_not_sent_per_task(cluster):
+    def graph_keys(dask_scheduler):
+        # Scattered data is keyed by its type name and a random token.
+        return sorted(str(key) for key in dask_scheduler.tasks
+                      if str(key).startswith("CompiledGraph-"))
+
+    from distributed import Client
+
+    branches = [(f"b{i}", lambda s: {"ok": True}) for i in range(6)]
+    with Client(cluster, set_as_default=False) as client:
+        with fan_out(*branches).compile(isolation="dask", client=client) as compiled:
+            for _ in range(3):
+                assert all(r.success for r in compiled.invoke({})["results"])
+            keys = client.run_on_scheduler(graph_keys)
+        assert len(keys) == 1, f"one graph on the cluster for 18 branches, found {keys}"
+        # Closing the graph releases it from the cluster.
+        deadline = time.monotonic() + 10
+        while client.run_on_scheduler(graph_keys) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.run_on_scheduler(graph_keys) == []
+
+
+def test_a_worker_dying_mid_branch_fails_only_that_branch_and_names_the_worker(tmp_path):
+    marker = str(tmp_path / "died")
+    graph = fan_out(("dies", dies_once(marker)), ("lives", lambda s: {"fine": True}))
+    with graph.compile(isolation="dask", max_workers=2) as compiled:
+        dies, lives = compiled.invoke({})["results"]
+        again = compiled.invoke({})["results"]  # the cluster recovered
+    assert not dies.success and dies.error_type == "WorkerDied"
+    assert "died while running it" in dies.error and "tcp://127.0.0.1:" in dies.error
+    assert dies.worker is None or dies.worker in dies.error
+    assert lives.success and lives.state["fine"] is True
+    assert [r.success for r in again] == [True, True]
+
+
+def test_a_dead_workers_branch_is_retried_elsewhere_only_when_asked(tmp_path):
+    marker = str(tmp_path / "died")
+    graph = fan_out(("dies", dies_once(marker)))
+    with graph.compile(isolation="dask", max_workers=2, retries=1) as compiled:
+        (result,) = compiled.invoke({})["results"]
+    assert os.path.exists(marker), "the first attempt ran and killed its worker"
+    assert result.success and result.state["survived"] is True
+
+
+def test_a_scheduler_that_reruns_tasks_itself_cannot_hide_a_worker_death(tmp_path):
+    # A user's scheduler re-runs a task whose worker died (allowed-failures: 3);
+    # without retries asked, the branch still fails, naming the dead worker.
+    marker = str(tmp_path / "died")
+    graph = fan_out(("dies", dies_once(marker)), ("lives", lambda s: {"fine": True}))
+    with start_cluster() as user_cluster:
+        before = worker_addresses(user_cluster)
+        with graph.compile(isolation="dask", dask_address=user_cluster.scheduler_address
+                           ) as compiled:
+            dies, lives = compiled.invoke({})["results"]
+    assert not dies.success and dies.error_type == "WorkerDied"
+    dead = dies.error.split("Dask worker ")[1].split(" ")[0]
+    assert dead in before and "re-ran it on" in dies.error
+    assert lives.success
+
+
+def test_an_unreachable_scheduler_is_a_clear_error_within_seconds():
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    graph = fan_out(("a", lambda s: None))
+    with graph.compile(isolation="dask", dask_address=address, connect_timeout=2) as compiled:
+        begin = time.monotonic()
+        with pytest.raises(GraphExecutionError) as info:
+            compiled.invoke({})
+    assert time.monotonic() - begin < 10
+    assert f"cannot reach the Dask scheduler at {address}" in str(info.value)
+    assert info.value.node == "start"
+
+
+def test_a_branch_stuck_in_one_python_call_times_out_and_its_worker_is_restarted():
+    def maybe_stuck(state):
+        if state.get("hang"):
+            time.sleep(120)
+        return {"done": True}
+
+    graph = fan_out(("stuck", maybe_stuck), ("quick", lambda s: {"done": True}))
+    # One single-threaded worker: whatever runs after the timeout needs it restarted.
+    with graph.compile(isolation="dask", max_workers=1, branch_timeout=0.5) as compiled:
+        begin = time.monotonic()
+        stuck, quick = compiled.invoke({"hang": True})["results"]
+        assert time.monotonic() - begin < 30
+        again = compiled.invoke({})["results"]
+    assert stuck.timed_out and stuck.error_type == "BranchTimeout"
+    assert "is being restarted" in stuck.error and stuck.worker in stuck.error
+    assert quick.success
+    assert [r.success for r in again] == [True, True]
+
+
+def test_options_are_checked_when_the_graph_compiles():
+    graph = fan_out(("a", lambda s: None))
+    with pytest.raises(GraphError, match="not both"):
+        graph.compile(isolation="dask", dask_address="tcp://127.0.0.1:1", client=object())
+    with pytest.raises(GraphError, match="retries"):
+        graph.compile(isolation="dask", retries=-1)
+    with pytest.raises(GraphError, match="disagree"):
+        graph.compile(isolation="dask", dask_address="tcp://a:1", address="tcp://b:1")
+
+
+def test_without_the_extra_compiling_for_dask_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "distributed" else real(name, *a))
+    with pytest.raises(GraphError, match=r"pip install 'isobranch\[dask\]'"):
+        fan_out(("a", lambda s: None)).compile(isolation="dask")
+
+
+def test_a_node_that_cannot_travel_is_named(cluster):
+    lock = threading.Lock()
+    graph = fan_out(("holds_lock", lambda s: {"locked": lock.locked()}))
+    compiled = graph.compile(isolation="dask", dask_address=cluster.scheduler_address)
+    with compiled, pytest.raises(GraphExecutionError,
+                                 match="node 'holds_lock' cannot be sent to Dask workers"):
+        compiled.invoke({})
+
+
+def test_readme_dask_settings_block_runs(cluster):
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### The Dask backend", 1)[1]
+    settings = yaml.safe_load(section.split("```yaml\n", 1)[1].split("```", 1)[0])
+    parallel = settings["settings"]["parallel"]
+    assert parallel["isolation"] == "dask" and parallel["dask"]["address"].startswith("tcp://")
+    parallel["dask"]["address"] = cluster.scheduler_address  # the README's host is an example
+    document = {**settings, "nodes": [
+        {"name": "start", "run": "return {}"},
+        {"name": "a", "language": "lua", "run": "return {lua = true}"},
+        {"name": "join", "fan_in": True,
+         "run": "return {'ok': parallel_results[0].success, 'worker': parallel_results[0].worker}"}],
+        "edges": [{"from": "start", "to": "a", "type": "parallel", "fan_in": "join"}]}
+    with YAMLEngine().load_from_dict(document) as graph:
+        final = graph.invoke({})
+    assert final["ok"] is True and final["worker"] in worker_addresses(cluster)
+
+
+class CommandLineCluster:
+    """``dask scheduler`` and ``dask worker`` as a user starts them, on loopback, any port."""
+
+    def __init__(self, directory: pathlib.Path, workers: int = 1) -> None:
+        self.scheduler_file = directory / "scheduler.json"
+        dask = [sys.executable, "-m", "dask"]
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        self.scheduler = subprocess.Popen(
+            [*dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+             "--scheduler-file", str(self.scheduler_file)], **quiet)
+        self.workers = [subprocess.Popen(
+            [*dask, "worker", "--scheduler-file", str(self.scheduler_file), "--nthreads", "1",
+             "--host", "127.0.0.1", "--no-dashboard"], **quiet) for _ in range(workers)]
+        self.address = self._wait_for_workers(workers)
+
+    def _wait_for_workers(self, count: int) -> str:
+        from distributed import Client
+
+        deadline = time.monotonic() + 60
+        while not self.scheduler_file.exists():
+            assert time.monotonic() < deadline and self.scheduler.poll() is None, \
+                "dask scheduler did not start"
+            time.sleep(0.05)  # polling for a file another process writes
+        with Client(scheduler_file=str(self.scheduler_file), set_as_default=False) as client:
+            client.wait_for_workers(count, timeout=60)
+            return client.scheduler.address
+
+    def close(self) -> None:
+        for process in [*self.workers, self.scheduler]:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=30)
+
+
+@pytest.fixture
+def command_line_cluster(tmp_path):
+    started = CommandLineCluster(tmp_path)
+    yield started
+    started.close()
+
+
+def test_a_cluster_started_with_the_dask_commands_runs_the_workflow(command_line_cluster):
+    with demo(isolation="inline") as graph:
+        expected = graph.invoke(DEMO_INPUT)
+    with demo(isolation="dask", dask_address=command_line_cluster.address) as graph:
+        final = graph.invoke(DEMO_INPUT)
+        (parallel,) = [e for e in graph.stream(DEMO_INPUT) if e["type"] == "parallel"]
+    assert final == expected
+    assert all(r.worker.startswith("tcp://127.0.0.1:") for r in parallel["branches"])
+
+
+def test_a_scheduler_lost_mid_run_fails_the_pending_branches_within_seconds(
+        command_line_cluster, tmp_path):
+    started = tmp_path / "started"
+
+    def long_branch(state):
+        open(started, "w").close()
+        time.sleep(60)
+
+    graph = fan_out(("long", long_branch))
+    with graph.compile(isolation="dask", dask_address=command_line_cluster.address,
+                       connect_timeout=2) as compiled:
+        outcome: dict = {}
+
+        def run() -> None:
+            begin = time.monotonic()
+            outcome["results"] = compiled.invoke({})["results"]
+            outcome["seconds"] = time.monotonic() - begin
+
+        runner = threading.Thread(target=run)
+        runner.start()
+        deadline = time.monotonic() + 60
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling for a file the branch writes
+        assert started.exists(), "the branch never started"
+        killed_at = time.monotonic()
+        command_line_cluster.scheduler.kill()
+        runner.join(timeout=60)
+        assert not runner.is_alive(), "a lost scheduler must not hang the fan-out"
+        assert time.monotonic() - killed_at < 20
+    (result,) = outcome["results"]
+    assert not result.success
+    assert "lost the connection to the Dask scheduler" in result.error
+
+
+SCRIPT = """
+from isobranch import StateGraph
+
+def build():
+    graph = StateGraph()
+    graph.add_node("start", lambda s: None)
+    graph.add_node("a", lambda s: {"a": 1})
+    graph.add_fan_in_node("join", lambda s, results: {"worker": results[0].worker})
+    graph.add_parallel_edge("start", "a", fan_in="join")
+    graph.set_entry_point("start")
+    with graph.compile(isolation="dask", max_workers=1) as app:
+        print("worker", app.invoke({})["worker"])
+"""
+
+
+@pytest.mark.parametrize("guarded", [True, False], ids=["guarded", "unguarded"])
+def test_a_script_on_the_local_cluster_needs_a_main_guard_and_is_told_so(tmp_path, guarded):
+    entry = 'if __name__ == "__main__":\n    build()\n' if guarded else "build()\n"
+    script = tmp_path / "flow.py"
+    script.write_text(SCRIPT + entry)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    if guarded:
+        assert done.returncode == 0, done.stderr
+        assert "worker tcp://127.0.0.1:" in done.stdout
+    else:
+        assert done.returncode != 0
+        assert "could not start a local Dask cluster" in done.stderr
+        assert f'{script}: guard its entry point with `if __name__ == "__main__":`' in done.stderr
+
+
+def test_the_command_line_runs_a_workflow_on_a_local_dask_cluster():
+    command = [sys.executable, "-m", "isobranch", "run", str(DEMO), "--input",
+               '{"items": [4, 8, 15]}']
+    on_dask = subprocess.run([*command, "--isolation", "dask"], capture_output=True, text=True,
+                             timeout=120, cwd=ROOT)
+    inline = subprocess.run([*command, "--isolation", "inline"], capture_output=True, text=True,
+                            timeout=120, cwd=ROOT)
+    assert on_dask.returncode == 0, on_dask.stderr
+    assert on_dask.stdout == inline.stdout
