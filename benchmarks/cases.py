@@ -64,8 +64,14 @@ def best_of(fn: Callable[[], object], repeat: int) -> float:
 def paired_best(baseline: Callable[[], object], measured: Callable[[], object],
                 repeat: int) -> tuple[float, float]:
     """Best time of each, measured alternately so machine drift hits both alike."""
-    pairs = [(timings(baseline, 1)[0], timings(measured, 1)[0]) for _ in range(repeat)]
-    return min(p[0] for p in pairs), min(p[1] for p in pairs)
+    baseline_best, measured_best = round_robin_best([baseline, measured], repeat)
+    return baseline_best, measured_best
+
+
+def round_robin_best(fns: list[Callable[[], object]], repeat: int) -> list[float]:
+    """Best time of each function, taking turns so machine drift hits all alike."""
+    rounds = [[timings(fn, 1)[0] for fn in fns] for _ in range(repeat)]
+    return [min(times) for times in zip(*rounds, strict=True)]
 
 
 def median_of(fn: Callable[[], object], repeat: int) -> float:
@@ -202,10 +208,7 @@ def hot_loop_process(iterations: int = 60_000_000, repeat: int = 3) -> Row:
                f"{iterations:,} iterations: bare {baseline:.2f} s, process branch {measured:.2f} s")
 
 
-def python_branches_process_vs_inline(branches: int = 8, iterations: int = 5_000_000,
-                                      repeat: int = 3) -> Row:
-    """Eight CPU-bound Python branches: process backend against inline."""
-
+def _busy_python(iterations: int) -> Callable[[str], Callable[[dict], dict]]:
     def busy(name: str):
         def node(state: dict) -> dict:
             total = 0
@@ -213,7 +216,13 @@ def python_branches_process_vs_inline(branches: int = 8, iterations: int = 5_000
                 total += i * i % 7
             return {"total": total}
         return node
+    return busy
 
+
+def python_branches_process_vs_inline(branches: int = 8, iterations: int = 5_000_000,
+                                      repeat: int = 3) -> Row:
+    """Eight CPU-bound Python branches: process backend against inline."""
+    busy = _busy_python(iterations)
     inline = _fan_out_graph(branches, busy, "inline")
     processes = _fan_out_graph(branches, busy, "process")
     with inline, processes:
@@ -224,6 +233,29 @@ def python_branches_process_vs_inline(branches: int = 8, iterations: int = 5_000
     return Row(f"{branches} CPU-bound Python branches, process vs inline ({os.cpu_count()} cores)",
                ">= 1.7x faster", baseline, measured, speedup, speedup >= 1.7,
                f"inline {baseline:.2f} s, process {measured:.2f} s")
+
+
+def python_branches_dask_vs_process(branches: int = 8, iterations: int = 5_000_000,
+                                    repeat: int = 3) -> Row:
+    """Eight CPU-bound Python branches on a local Dask cluster, against process and inline.
+
+    Both pools have one worker per core; the ratio column is dask time over
+    process time (below 1 would mean dask is faster).
+    """
+    busy = _busy_python(iterations)
+    inline = _fan_out_graph(branches, busy, "inline")
+    processes = _fan_out_graph(branches, busy, "process")
+    dask = _fan_out_graph(branches, busy, "dask")
+    with inline, processes, dask:
+        assert inline.invoke({})["ok"] and processes.invoke({})["ok"] and dask.invoke({})["ok"]
+        inline_s, process_s, dask_s = round_robin_best(
+            [lambda: inline.invoke({}), lambda: processes.invoke({}), lambda: dask.invoke({})],
+            repeat)
+    return Row(f"{branches} CPU-bound Python branches, dask LocalCluster vs process "
+               f"({os.cpu_count()} cores)", "(comparison)", process_s, dask_s,
+               dask_s / process_s, True,
+               f"inline {inline_s:.2f} s, process {process_s:.2f} s "
+               f"({inline_s / process_s:.2f}x), dask {dask_s:.2f} s ({inline_s / dask_s:.2f}x)")
 
 
 def state_copy(repeat: int = 7) -> Row:
