@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -130,12 +131,18 @@ def test_local_cluster_starts_on_first_use_on_loopback_and_closes_with_the_graph
     assert descendants() == before, "closing the graph must end the local cluster"
 
 
-def test_the_graph_is_scattered_once_not_sent_per_task(cluster):
-    def graph_keys(dask_scheduler):
-        # Scattered data is keyed by its type name and a random token.
-        return sorted(str(key) for key in dask_scheduler.tasks
-                      if str(key).startswith("CompiledGraph-"))
+def worker_graph_plugins(dask_worker) -> list[str]:
+    """Names of isobranch graph plugins on a worker (run there by ``client.run``)."""
+    return sorted(name for name in dask_worker.plugins if name.startswith("isobranch-graph-"))
 
+
+def scheduler_graph_plugins(dask_scheduler) -> list[str]:
+    """Names of isobranch graph plugins the scheduler hands to workers."""
+    return sorted(name for name in dask_scheduler.worker_plugins
+                  if name.startswith("isobranch-graph-"))
+
+
+def test_the_graph_travels_once_in_a_worker_plugin_not_per_task(cluster):
     from distributed import Client
 
     branches = [(f"b{i}", lambda s: {"ok": True}) for i in range(6)]
@@ -143,13 +150,46 @@ def test_the_graph_is_scattered_once_not_sent_per_task(cluster):
         with fan_out(*branches).compile(isolation="dask", client=client) as compiled:
             for _ in range(3):
                 assert all(r.success for r in compiled.invoke({})["results"])
-            keys = client.run_on_scheduler(graph_keys)
-        assert len(keys) == 1, f"one graph on the cluster for 18 branches, found {keys}"
-        # Closing the graph releases it from the cluster.
-        deadline = time.monotonic() + 10
-        while client.run_on_scheduler(graph_keys) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert client.run_on_scheduler(graph_keys) == []
+            on_scheduler = client.run_on_scheduler(scheduler_graph_plugins)
+            on_workers = client.run(worker_graph_plugins)
+        assert len(on_scheduler) == 1, f"one graph for 18 branches, found {on_scheduler}"
+        assert all(names == on_scheduler for names in on_workers.values())
+        # Closing the graph takes it off the scheduler and every worker.
+        assert client.run_on_scheduler(scheduler_graph_plugins) == []
+        assert all(names == [] for names in client.run(worker_graph_plugins).values())
+
+
+def test_the_graph_reaches_workers_that_restart_or_join_later():
+    from distributed import Client
+
+    graph = fan_out(*[(f"b{i}", lambda s: {"ok": True}) for i in range(4)])
+    with start_cluster() as own, Client(own, set_as_default=False) as client, \
+            graph.compile(isolation="dask", client=client) as compiled:
+        assert all(r.success for r in compiled.invoke({})["results"])
+        client.restart_workers(list(worker_addresses(own)))  # every holder of the graph
+        own.scale(3)
+        client.wait_for_workers(3, timeout=60)
+        results = compiled.invoke({})["results"]
+        assert all(r.success for r in results), [r.error for r in results]
+        assert all(names != [] for names in client.run(worker_graph_plugins).values())
+
+
+def test_concurrent_first_fan_outs_send_the_graph_once(cluster):
+    from distributed import Client
+
+    graph = fan_out(("a", lambda s: {"ok": True}), ("b", lambda s: {"ok": True}))
+    with Client(cluster, set_as_default=False) as client, \
+            graph.compile(isolation="dask", client=client) as compiled:
+        outcomes: list = []
+        threads = [threading.Thread(target=lambda: outcomes.append(compiled.invoke({})))
+                   for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert len(outcomes) == 4
+        assert all(r.success for final in outcomes for r in final["results"])
+        assert len(client.run_on_scheduler(scheduler_graph_plugins)) == 1
 
 
 def test_a_worker_dying_mid_branch_fails_only_that_branch_and_names_the_worker(tmp_path):
@@ -204,13 +244,25 @@ def test_an_unreachable_scheduler_is_a_clear_error_within_seconds():
     assert info.value.node == "start"
 
 
-def test_a_branch_stuck_in_one_python_call_times_out_and_its_worker_is_restarted():
-    def maybe_stuck(state):
+def hang_in(how: str):
+    """A node that never returns on its own when ``state["hang"]`` is set."""
+
+    def node(state):
         if state.get("hang"):
-            time.sleep(120)
+            if how == "sleep":
+                time.sleep(120)
+            else:  # catastrophic backtracking: one C call that holds the GIL throughout
+                import re
+
+                re.match(r"(a+)+$", "a" * 64 + "b")
         return {"done": True}
 
-    graph = fan_out(("stuck", maybe_stuck), ("quick", lambda s: {"done": True}))
+    return node
+
+
+@pytest.mark.parametrize("how", ["sleep", "gil"])
+def test_a_branch_stuck_in_one_python_call_times_out_and_its_worker_is_restarted(how):
+    graph = fan_out(("stuck", hang_in(how)), ("quick", lambda s: {"done": True}))
     # One single-threaded worker: whatever runs after the timeout needs it restarted.
     with graph.compile(isolation="dask", max_workers=1, branch_timeout=0.5) as compiled:
         begin = time.monotonic()
@@ -218,9 +270,141 @@ def test_a_branch_stuck_in_one_python_call_times_out_and_its_worker_is_restarted
         assert time.monotonic() - begin < 30
         again = compiled.invoke({})["results"]
     assert stuck.timed_out and stuck.error_type == "BranchTimeout"
+    assert stuck.node == "stuck" and "in node 'stuck'" in stuck.error
     assert "is being restarted" in stuck.error and stuck.worker in stuck.error
     assert quick.success
     assert [r.success for r in again] == [True, True]
+
+
+def test_a_branch_queued_behind_a_dying_one_on_the_same_worker_is_not_failed(tmp_path):
+    marker = str(tmp_path / "died")
+    graph = fan_out(("dies", dies_once(marker)), ("queued", lambda s: {"fine": True}))
+    with graph.compile(isolation="dask", max_workers=1) as compiled:
+        dies, queued = compiled.invoke({})["results"]
+    assert dies.error_type == "WorkerDied"
+    assert queued.success, queued.error
+
+
+def pid_file_then(seconds: float, directory: str):
+    """A node that writes its worker's pid to ``directory``/``<node>.pid`` and sleeps."""
+
+    def node(state):
+        with open(os.path.join(directory, "sleeper.pid"), "w") as out:
+            out.write(str(os.getpid()))
+        time.sleep(seconds)
+        return {"slept": True}
+
+    return node
+
+
+def wait_until(condition, seconds: float = 60) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)  # polling for another process's file or exit
+    return True
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_fail_fast_on_the_local_cluster_stops_the_running_sibling(tmp_path):
+    pid_file = tmp_path / "sleeper.pid"
+
+    def boom(state):  # fails once the sibling is surely running
+        assert wait_until(pid_file.exists)
+        raise RuntimeError("boom")
+
+    graph = fan_out(("boom", boom), ("sleeper", pid_file_then(120, str(tmp_path))))
+    with graph.compile(isolation="dask", max_workers=2, fail_fast=True) as compiled:
+        with pytest.raises(GraphExecutionError, match="boom"):
+            compiled.invoke({})
+        sleeper_pid = int(pid_file.read_text())
+        assert wait_until(lambda: process_gone(sleeper_pid), 60), \
+            "the worker running the cancelled sibling must be restarted"
+
+
+class Interrupted(BaseException):
+    """Stands in for KeyboardInterrupt (a BaseException too) without touching pytest's own."""
+
+
+def test_an_interrupted_fan_out_stops_its_running_branch(tmp_path):
+    pid_file = tmp_path / "sleeper.pid"
+    graph = fan_out(("sleeper", pid_file_then(120, str(tmp_path))))
+
+    def interrupt(signum, frame):
+        raise Interrupted
+
+    def signal_once_running():
+        if wait_until(pid_file.exists):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        with graph.compile(isolation="dask", max_workers=1) as compiled:
+            helper = threading.Thread(target=signal_once_running)
+            helper.start()
+            with pytest.raises(Interrupted):
+                compiled.invoke({})
+            helper.join(60)
+            sleeper_pid = int(pid_file.read_text())
+            assert wait_until(lambda: process_gone(sleeper_pid), 60)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_closing_the_graph_during_a_fan_out_fails_it_as_closed(tmp_path):
+    pid_file = tmp_path / "sleeper.pid"
+    graph = fan_out(("sleeper", pid_file_then(120, str(tmp_path))))
+    compiled = graph.compile(isolation="dask", max_workers=1)
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["final"] = compiled.invoke({})
+        except Exception as exc:
+            outcome["error"] = exc
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    assert wait_until(pid_file.exists)
+    compiled.close()
+    runner.join(60)
+    assert not runner.is_alive()
+    assert isinstance(outcome.get("error"), GraphExecutionError), outcome
+    assert "the dask backend was closed while running" in str(outcome["error"])
+
+
+def test_a_closed_client_is_a_clear_error(cluster):
+    from distributed import Client
+
+    client = Client(cluster, set_as_default=False)
+    client.close()
+    graph = fan_out(("a", lambda s: None))
+    compiled = graph.compile(isolation="dask", client=client)
+    with compiled, pytest.raises(GraphExecutionError,
+                                 match=r"the distributed\.Client passed in is closed"):
+        compiled.invoke({})
+
+
+def test_a_scheduler_that_accepts_but_never_answers_is_unreachable_within_seconds():
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        address = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
+        graph = fan_out(("a", lambda s: None))
+        compiled = graph.compile(isolation="dask", dask_address=address, connect_timeout=1)
+        begin = time.monotonic()
+        with compiled, pytest.raises(GraphExecutionError,
+                                     match="accepted the connection but did not answer"):
+            compiled.invoke({})
+        assert time.monotonic() - begin < 10
 
 
 def test_options_are_checked_when_the_graph_compiles():
@@ -395,3 +579,32 @@ def test_the_command_line_runs_a_workflow_on_a_local_dask_cluster():
                             timeout=120, cwd=ROOT)
     assert on_dask.returncode == 0, on_dask.stderr
     assert on_dask.stdout == inline.stdout
+
+
+def test_a_scheduler_that_stops_answering_mid_run_fails_the_fan_out_within_seconds(
+        command_line_cluster, tmp_path):
+    pid_file = tmp_path / "sleeper.pid"
+    graph = fan_out(("sleeper", pid_file_then(120, str(tmp_path))))
+    compiled = graph.compile(isolation="dask", dask_address=command_line_cluster.address,
+                             connect_timeout=2)
+    outcome: dict = {}
+
+    def run() -> None:
+        outcome["final"] = compiled.invoke({})
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    try:
+        assert wait_until(pid_file.exists)
+        stopped_at = time.monotonic()
+        command_line_cluster.scheduler.send_signal(signal.SIGSTOP)
+        runner.join(60)
+        assert not runner.is_alive(), "a frozen scheduler must not hang the fan-out"
+        assert time.monotonic() - stopped_at < 30
+        begin = time.monotonic()
+        compiled.close()
+        assert time.monotonic() - begin < 10, "nor close()"
+    finally:
+        command_line_cluster.scheduler.send_signal(signal.SIGCONT)
+    (result,) = outcome["final"]["results"]
+    assert not result.success and "stopped answering" in result.error

@@ -154,6 +154,16 @@ def test_branch_timeout_between_python_nodes(isolation):
     assert result.timed_out and "reached" not in result.state
 
 
+def test_a_branch_whose_last_node_overruns_branch_timeout_is_timed_out(isolation):
+    # The last node returns after the deadline but before any backend's grace
+    # would give up on it: the branch still ran too long.
+    graph = fan_out(("late", lambda s: time.sleep(0.5) or {"late": True}))
+    with graph.compile(isolation=isolation, branch_timeout=0.3) as compiled:
+        (result,) = compiled.invoke({})["results"]
+    assert result.timed_out and not result.success
+    assert result.error_type == "BranchTimeout" and result.node == "late"
+
+
 def test_thread_backend_abandons_a_python_node_stuck_past_its_timeout():
     release = threading.Event()
     graph = fan_out(("stuck", lambda s: release.wait(30)), ("ok", lambda s: {"ok": 1}))

@@ -142,6 +142,8 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
         for _event in run_steps(task.graph, state, context, start=task.branch,
                                 stop_at=task.fan_in):
             pass
+        # A last node that ran past the deadline makes the branch late too.
+        context.check_deadline()
         return result(success=True)
     except BranchTimeout as timeout:
         return result(success=False, error=str(timeout), error_type="BranchTimeout",

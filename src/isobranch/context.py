@@ -109,8 +109,12 @@ class ExecutionContext:
             self.monitor.node = node
             if self.monitor.cancelled.is_set():
                 raise BranchCancelled(f"branch {self.branch!r} cancelled before node {node!r}")
+        self.check_deadline()
+
+    def check_deadline(self) -> None:
+        """Raise ``BranchTimeout`` (naming the current node) if the branch is out of time."""
         if self.deadline is not None and time.monotonic() >= self.deadline:
-            raise self._timeout(node)
+            raise self._timeout(self.node)
 
     def run_lua(self, method: str, code: str, state: dict, *, chunk_name: str) -> Any:
         """Call ``LuaRuntime.<method>`` with the Lua timeout cut to the branch deadline."""

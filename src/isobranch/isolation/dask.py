@@ -6,29 +6,32 @@ processes on 127.0.0.1 started on first use and closed with the graph.
 
 Each branch is one task running ``run_branch``, the function every backend
 uses, so it gets a fresh Lua VM and its own copy of the state on the worker.
-The compiled graph is scattered to the workers once per backend and passed
-to every task as a dependency, never pickled per task.
+The compiled graph travels once, in a worker plugin the scheduler hands to
+every worker (also to workers that join or restart later), never per task.
 
 A Dask worker cannot be killed per branch the way a process-backend worker
 can, so Lua runs with its count hook (as on threads) and ``branch_timeout``
-is enforced inside the branch. Only a branch stuck past its deadline in one
-Python call is given up on by the client; its worker is then restarted.
+is enforced inside the branch. A branch stuck past its deadline in one
+Python call is given up on by the client, and its worker is restarted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import importlib.util
 import queue
 import threading
 import time
 import uuid
 import weakref
+from collections.abc import Iterable
+from concurrent.futures import Future as ProbeFuture
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..branch import BranchTask, ParallelFlowResult, cancelled_result, run_branch
+from ..branch import BranchTask, ParallelFlowResult, cancelled_result
 from .base import register_backend
 from .dask_cluster import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -45,10 +48,17 @@ from .shipping import BackendError, pickle_graph
 TIMEOUT_GRACE_SECONDS = 1.0
 # How long the scheduler may take to restart a worker stuck past a deadline.
 RESTART_TIMEOUT_SECONDS = 30.0
-# How long a fan-out waits for a cluster with no workers to get one.
-WORKER_WAIT_SECONDS = 60.0
-# How often a waiting fan-out looks at the client's connection and deadlines.
+# How often a waiting fan-out looks at its branches, the client and the clock.
 POLL_SECONDS = 0.25
+# A fan-out that heard nothing from the scheduler for this long asks it
+# whether it is still there (and has any worker).
+QUIET_SECONDS = 5.0
+# The longest a fan-out waits to fetch finished results before it goes on
+# judging deadlines (a worker frozen in a call holding the GIL cannot serve).
+FETCH_SECONDS = 2.0
+# A restart is remembered this long, to tell a branch it killed from a death.
+RESTART_MEMORY_SECONDS = 120.0
+DEFAULT_WORKER_WAIT = 60.0
 
 
 @dataclass
@@ -57,8 +67,10 @@ class _FanOut:
 
     # Futures as they finish (their done callbacks put them here).
     finished: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
-    # Workers this fan-out had restarted; a task killed with one did not fail.
-    restarted: set[str] = field(default_factory=set)
+    # When the scheduler last showed signs of life to this fan-out.
+    heard_at: float = field(default_factory=time.monotonic)
+    probe: ProbeFuture | None = None
+    no_workers_since: float | None = None
 
 
 @dataclass
@@ -67,20 +79,26 @@ class _Branch:
 
     index: int
     task: BranchTask
-    key: str
     fan_out: _FanOut
-    submissions: int = 0
+    key: str = ""
     # (client-side arrival time, worker address) of every start the workers
-    # reported, over every submission; more starts than submissions means the
-    # scheduler itself re-ran the task after its worker died.
+    # confirmed, over every submission. Starts are confirmed before the
+    # branch runs, so more starts than retries allow means the scheduler
+    # itself re-ran the task after its worker died.
     starts: list[tuple[float, str]] = field(default_factory=list)
     # Where the current submission's starts begin in ``starts``.
     current: int = 0
+    node: str | None = None
 
     @property
-    def attempts(self) -> int:
-        """How often the branch has run (or been sent to run) so far."""
-        return max(self.submissions, len(self.starts))
+    def running_on(self) -> str | None:
+        """The worker the current submission runs on, once it has started."""
+        return self.starts[-1][1] if len(self.starts) > self.current else None
+
+    @property
+    def started_at(self) -> float | None:
+        """When the current submission started (client clock)."""
+        return self.starts[-1][0] if len(self.starts) > self.current else None
 
 
 class DaskBackend:
@@ -90,9 +108,11 @@ class DaskBackend:
     ``tcp://host:8786``. ``client``: a ``distributed.Client`` the caller
     owns (left open on close). With neither, a local cluster of
     ``max_workers`` (default: CPU count) single-threaded worker processes is
-    started on first use. ``retries``: how often a branch whose worker died
-    runs again elsewhere (default 0: it fails, naming the worker).
-    ``connect_timeout``: seconds to reach the scheduler before failing.
+    started on first use; ``max_workers`` only sizes that local cluster.
+    ``retries``: how often a branch whose worker died runs again elsewhere
+    (default 0: it fails, naming the worker). ``connect_timeout``: seconds
+    the scheduler may take to answer. ``worker_wait``: seconds a fan-out
+    waits for a cluster without workers to get one.
     """
 
     name = "dask"
@@ -101,7 +121,8 @@ class DaskBackend:
 
     def __init__(self, max_workers: int | None = None, *, dask_address: str | None = None,
                  address: str | None = None, client: Any = None, retries: int = 0,
-                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 worker_wait: float = DEFAULT_WORKER_WAIT) -> None:
         if max_workers is not None and max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers}")
         if dask_address and address and dask_address != address:
@@ -114,38 +135,49 @@ class DaskBackend:
             raise ValueError("give either a dask address or a client, not both")
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
+        for option, value in (("connect_timeout", connect_timeout),
+                              ("worker_wait", worker_wait)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"{option} must be a positive number, got {value!r}")
         if importlib.util.find_spec("distributed") is None:
             raise ValueError("isolation 'dask' needs Dask's distributed package: "
                              "pip install 'isobranch[dask]'")
-        if (isinstance(connect_timeout, bool) or not isinstance(connect_timeout, (int, float))
-                or connect_timeout <= 0):
-            raise ValueError(f"connect_timeout must be a positive number, got {connect_timeout!r}")
         self.max_workers = max_workers
         self.address = address
         self.retries = retries
         self.connect_timeout = float(connect_timeout)
+        self.worker_wait = float(worker_wait)
         self._given_client = client
         self._connection: Connection | None = None
+        # Guards what the client's event-loop thread touches (starts, nodes).
         self._lock = threading.Lock()
+        # Serialises connecting and shipping the graph (slow, never under _lock).
+        self._ship_lock = threading.Lock()
         self._closed = False
         self._graph: weakref.ref | None = None
-        self._graph_future: Any = None
+        self._plugin: str | None = None
         self._topic = f"isobranch-{uuid.uuid4().hex}"
         self._following: dict[str, _Branch] = {}
-        self._connection_confirms_starts = True
+        # Workers this backend restarted (address -> when): a branch killed
+        # with one of them did not fail and runs again.
+        self._restarted: dict[str, float] = {}
 
-    # -- the cluster ---------------------------------------------------------
+    # -- the cluster and the graph on it --------------------------------------
 
-    def _connect(self) -> Connection:
-        with self._lock:
+    def _prepare(self, graph: Any) -> tuple[Connection, str]:
+        """The connection, and the name of the plugin carrying ``graph`` to the workers."""
+        with self._ship_lock:
             if self._closed:
                 raise BackendError("the dask backend is closed")
-            stale = self._connection
-            if stale is not None and stale.owns_client and stale.client.status == "closed":
+            connection = self._connection
+            if connection is not None and not connection.usable:
+                if not connection.owns_client:
+                    raise BackendError("the distributed.Client passed in is closed")
                 # The scheduler went away and the client gave up: connect afresh.
-                _quietly(stale.close)
-                self._connection = self._graph_future = None
-            if self._connection is None:
+                _quietly(connection.close)
+                connection = self._connection = None
+                self._plugin = None
+            if connection is None:
                 try:
                     if self._given_client is not None:
                         connection = borrow(self._given_client)
@@ -153,134 +185,208 @@ class DaskBackend:
                         connection = connect(self.address, self.connect_timeout)
                     else:
                         connection = start_local_cluster(self.max_workers, self.connect_timeout)
+                    connection.client.subscribe_topic(self._topic, self._on_event)
                 except DaskUnavailable as exc:
                     raise BackendError(str(exc)) from exc
-                connection.client.subscribe_topic(self._topic, self._branch_started)
                 self._connection = connection
-                # Only the scheduler of a cluster isobranch started is known not to
-                # re-run a task whose worker died; elsewhere every start is confirmed.
-                self._connection_confirms_starts = connection.cluster is None
-            return self._connection
+            if self._plugin is None or self._graph is None or self._graph() is not graph:
+                self._ship(connection, graph)
+            assert self._plugin is not None
+            return connection, self._plugin
 
-    def _branch_started(self, event: tuple[float, dict]) -> None:
-        # Runs on the client's event loop thread, as workers report starts.
-        _, message = event
-        with self._lock:
-            branch = self._following.get(message.get("key"))
-            if branch is not None:
-                branch.starts.append((time.monotonic(), str(message.get("worker"))))
+    def _ship(self, connection: Connection, graph: Any) -> None:
+        from .dask_worker import GraphPlugin
 
-    def _ship_graph(self, client: Any, graph: Any) -> Any:
-        """The graph's future on the cluster, scattered once (again only if it was lost)."""
-        with self._lock:
-            if (self._graph is not None and self._graph() is graph
-                    and self._graph_future is not None and self._graph_future.status == "finished"):
-                return self._graph_future
-        # Backend options may hold live objects (a client) and workers never need them.
+        # Backend options may hold live objects (a client); workers never need them.
         shipped = copy.copy(graph)
         shipped.backend_options = {}
-        pickle_graph(shipped, "Dask workers")  # names the node that cannot travel
+        plugin = GraphPlugin(pickle_graph(shipped, "Dask workers"))
+        name = f"isobranch-graph-{uuid.uuid4().hex}"
         try:
-            future = client.scatter(shipped, broadcast=True, hash=False,
-                                    timeout=WORKER_WAIT_SECONDS)
-        except TimeoutError as exc:
-            raise BackendError(f"the Dask cluster at {self._connection_address()} had no "
-                               f"worker to take the graph within {WORKER_WAIT_SECONDS:g}s") from exc
+            connection.client.register_plugin(plugin, name=name)
+        except Exception as exc:
+            raise BackendError(f"could not send the graph to the Dask cluster at "
+                               f"{connection.address}: {type(exc).__name__}: {exc}") from exc
+        if self._plugin is not None:
+            _quietly(connection.client.unregister_worker_plugin, self._plugin)
+        self._plugin, self._graph = name, weakref.ref(graph)
+
+    def _on_event(self, event: tuple[float, dict]) -> None:
+        # Runs on the client's event-loop thread as workers report progress.
+        _, message = event
+        now = time.monotonic()
         with self._lock:
-            self._graph, self._graph_future = weakref.ref(graph), future
-        return future
+            branch = self._following.get(message.get("key"))
+            if branch is None:
+                return
+            branch.fan_out.heard_at = now
+            if message.get("kind") == "start":
+                branch.starts.append((now, str(message.get("worker"))))
+                # A branch begins at the node it is named after; later nodes are
+                # reported as entered (unless a call holding the GIL stops that).
+                branch.node = branch.task.branch
+            elif message.get("kind") == "node":
+                branch.node = str(message.get("node"))
 
     # -- running a fan-out ---------------------------------------------------
 
     def run_branches(self, tasks: list[BranchTask]) -> list[ParallelFlowResult]:
         """Run ``tasks`` as Dask tasks and return their results in task order."""
-        connection = self._connect()
+        connection, plugin = self._prepare(tasks[0].graph)
         client = connection.client
-        graph_future = self._ship_graph(client, tasks[0].graph)
+        fan_out = _FanOut()
         pending: dict[Any, _Branch] = {}
         results: list[ParallelFlowResult | None] = [None] * len(tasks)
-        fan_out = _FanOut()
         try:
             for index, task in enumerate(tasks):
-                branch = _Branch(index, task, key="", fan_out=fan_out)
-                pending[self._submit(client, graph_future, branch)] = branch
-            self._follow(connection, pending, results, fan_out.finished)
+                branch = _Branch(index, task, fan_out)
+                pending[self._submit(client, plugin, branch)] = branch
+            self._follow(connection, plugin, pending, results, fan_out)
+        except BaseException:
+            # Interrupted (Ctrl-C, say): branches already running must not keep
+            # a cluster isobranch owns busy after the fan-out is gone.
+            self._stop_running(connection, pending.values())
+            raise
         finally:
-            with self._lock:
-                for branch in pending.values():
-                    self._following.pop(branch.key, None)
-            if pending:  # interrupted or the connection was lost: nothing may keep running
+            self._forget(pending, list(pending))
+            if pending:
                 _quietly(client.cancel, list(pending))
         return [r for r in results if r is not None]
 
-    def _submit(self, client: Any, graph_future: Any, branch: _Branch) -> Any:
+    def _submit(self, client: Any, plugin: str, branch: _Branch) -> Any:
+        from .dask_worker import run_on_worker
+
         task = branch.task
         branch.key = f"isobranch-{task.label.replace('/', '.')}-{uuid.uuid4().hex}"
-        branch.submissions += 1
-        branch.current = len(branch.starts)
         with self._lock:
+            branch.current = len(branch.starts)
             self._following[branch.key] = branch
         payload = {"branch": task.branch, "fan_in": task.fan_in, "snapshot": task.snapshot,
                    "limits": task.limits, "isolation": task.isolation, "path": task.path}
-        future = client.submit(run_on_worker, graph_future, payload, self._topic, branch.key,
-                               self._connection_confirms_starts, key=branch.key, pure=False)
+        future = client.submit(run_on_worker, plugin, payload, self._topic, branch.key,
+                               key=branch.key, pure=False)
         future.add_done_callback(branch.fan_out.finished.put)
         return future
 
-    def _follow(self, connection: Connection, pending: dict[Any, _Branch],
-                results: list[ParallelFlowResult | None], finished: queue.SimpleQueue) -> None:
+    def _follow(self, connection: Connection, plugin: str, pending: dict[Any, _Branch],
+                results: list[ParallelFlowResult | None], fan_out: _FanOut) -> None:
         client = connection.client
-        disconnected_since: float | None = None
         while pending:
-            done = set()
             try:
-                done.add(finished.get(timeout=self._wakeup(pending)))
+                fan_out.finished.get(timeout=self._wakeup(pending))
+                fan_out.heard_at = time.monotonic()
                 while True:
-                    done.add(finished.get_nowait())
+                    fan_out.finished.get_nowait()
             except queue.Empty:
                 pass
-            # A future given up on (timeout, fail_fast) may still finish later; one
-            # the scheduler dropped (cancelled, lost) reports through no callback.
-            done = {future for future in done if future in pending}
-            done.update(future for future in pending if future.status != "pending")
-            self._collect(client, connection, done, pending, results)
-            self._judge_running(client, connection, pending, results)
-            failed = next((r for r in results if r is not None and not r.success), None)
-            if failed is not None and failed.error_type != "Cancelled" and pending \
-                    and pending[next(iter(pending))].task.limits.fail_fast:
+            lost = self._lost(connection, fan_out, pending)
+            if lost is not None:
+                for branch in pending.values():
+                    results[branch.index] = _failed(branch, lost, "DaskError")
+                self._stop_running(connection, pending.values())
+                self._forget(pending, list(pending))
+                return
+            self._judge_running(connection, pending, results)
+            self._collect(connection, plugin, pending, results)
+            failed = next((r for r in results if r is not None and not r.success
+                           and r.error_type != "Cancelled"), None)
+            if failed is not None and pending \
+                    and next(iter(pending.values())).task.limits.fail_fast:
                 reason = f"cancelled: branch {failed.branch!r} failed first (fail_fast)"
                 _quietly(client.cancel, list(pending))
+                self._stop_running(connection, pending.values())
                 for branch in pending.values():
                     results[branch.index] = cancelled_result(branch.task, reason)
                 self._forget(pending, list(pending))
-            if client.status == "running":
-                disconnected_since = None
-            elif disconnected_since is None:
-                disconnected_since = time.monotonic()
-            elif time.monotonic() - disconnected_since > self.connect_timeout:
-                for branch in pending.values():
-                    results[branch.index] = _failed(
-                        branch, f"lost the connection to the Dask scheduler at "
-                        f"{connection.address} (client status {client.status!r})", "DaskError")
-                self._forget(pending, list(pending))
 
     def _wakeup(self, pending: dict[Any, _Branch]) -> float:
-        deadlines = [started + limit + TIMEOUT_GRACE_SECONDS
+        deadlines = [branch.started_at + limit + TIMEOUT_GRACE_SECONDS
                      for branch in pending.values()
                      if (limit := branch.task.limits.branch_timeout)
-                     for started in _last_start(branch)]
+                     and branch.started_at is not None]
         if not deadlines:
             return POLL_SECONDS
         return min(max(min(deadlines) - time.monotonic(), 0.0), POLL_SECONDS)
 
-    def _collect(self, client: Any, connection: Connection, done: set, pending: dict[Any, _Branch],
-                 results: list[ParallelFlowResult | None]) -> None:
-        finished = [future for future in done if future.status == "finished"]
-        if finished:
+    def _lost(self, connection: Connection, fan_out: _FanOut,
+              pending: dict[Any, _Branch]) -> str | None:
+        """Why no pending branch can finish any more, if that is the case."""
+        if self._closed:
+            # As on the process backend: the whole fan-out fails, not its branches.
+            raise BackendError("the dask backend was closed while running")
+        client = connection.client
+        if not connection.usable:
+            who = "the Dask client" if connection.owns_client else "the Dask client passed in"
+            return f"{who} was closed while running"
+        now = time.monotonic()
+        if client.status != "running":
+            # Reconnecting after the scheduler dropped the connection.
+            if now - fan_out.heard_at > self.connect_timeout:
+                return (f"lost the connection to the Dask scheduler at {connection.address} "
+                        f"(client status {client.status!r})")
+            return None
+        probe = fan_out.probe
+        if probe is not None and probe.done():
+            fan_out.probe = None
             try:
-                values = client.gather(finished)
-            except Exception:  # one result was lost; fetch them one by one to tell which
-                values = [_result_or_error(future) for future in finished]
+                n_workers = probe.result().get("n_workers", 1)
+            except Exception as exc:
+                return (f"the Dask scheduler at {connection.address} stopped answering "
+                        f"(no reply within {self.connect_timeout:g}s: {type(exc).__name__})")
+            fan_out.heard_at = now
+            nothing_started = not any(branch.starts for branch in pending.values())
+            if n_workers == 0 and nothing_started:
+                fan_out.no_workers_since = fan_out.no_workers_since or now
+                if now - fan_out.no_workers_since > self.worker_wait:
+                    return (f"the Dask cluster at {connection.address} had no worker for "
+                            f"{self.worker_wait:g}s")
+            else:
+                fan_out.no_workers_since = None
+        elif probe is None and now - fan_out.heard_at > QUIET_SECONDS:
+            fan_out.probe = asyncio.run_coroutine_threadsafe(
+                asyncio.wait_for(client.scheduler.identity(n_workers=0), self.connect_timeout),
+                client.loop.asyncio_loop)
+        return None
+
+    def _judge_running(self, connection: Connection, pending: dict[Any, _Branch],
+                       results: list[ParallelFlowResult | None]) -> None:
+        now = time.monotonic()
+        for future, branch in list(pending.items()):
+            if future.status != "pending":
+                continue  # finished meanwhile: _collect takes it as it is
+            rerun = self._rerun_failure(branch, connection)
+            if rerun is not None:
+                results[branch.index] = rerun
+                _quietly(future.cancel)
+                self._forget(pending, [future])
+                continue
+            limit, started, worker = (branch.task.limits.branch_timeout, branch.started_at,
+                                      branch.running_on)
+            if limit and started is not None and worker is not None \
+                    and now >= started + limit + TIMEOUT_GRACE_SECONDS:
+                where = f" in node {branch.node!r}" if branch.node else ""
+                results[branch.index] = ParallelFlowResult(
+                    branch=branch.task.branch, state=branch.task.snapshot.copy(), success=False,
+                    error=(f"branch {branch.task.label!r} timed out after {limit:g}s{where}: "
+                           f"stuck in one call on Dask worker {worker}, which is being "
+                           f"restarted"),
+                    error_type="BranchTimeout", timed_out=True,
+                    duration_ms=(now - started) * 1000.0, isolation=self.name, worker=worker,
+                    node=branch.node)
+                _quietly(future.cancel)
+                self._forget(pending, [future])
+                self._restart(connection, [worker])
+
+    def _collect(self, connection: Connection, plugin: str, pending: dict[Any, _Branch],
+                 results: list[ParallelFlowResult | None]) -> None:
+        client = connection.client
+        # Read each status once: the event-loop thread may change it meanwhile.
+        statuses = {future: future.status for future in pending}
+        finished = [future for future, status in statuses.items() if status == "finished"]
+        if finished:
+            values = self._fetch(client, finished)
+            if values is None:
+                return  # not now: deadlines are judged again before the next try
             for future, value in zip(finished, values, strict=True):
                 branch = pending[future]
                 rerun = self._rerun_failure(branch, connection)
@@ -293,112 +399,124 @@ class DaskBackend:
                         branch, f"its result could not be fetched from the cluster: {value}",
                         "DaskError")
             self._forget(pending, finished)
-        for future in [f for f in done if f.status != "finished"]:
+        for future, status in statuses.items():
+            if status in ("pending", "finished"):
+                continue
             branch = pending[future]
             self._forget(pending, [future])
-            error = _quietly(future.exception) if future.status == "error" else None
+            error = _quietly(future.exception) if status == "error" else None
             dead = _dead_worker(error)
-            # Killed with a worker this fan-out restarted (queued behind or beside
-            # a stuck branch) is not the branch's failure: it runs again.
-            if dead is not None and (dead in branch.fan_out.restarted
-                                     or branch.attempts <= self.retries):
-                pending[self._submit(client, self._ship_graph(client, branch.task.graph),
-                                     branch)] = branch
+            if dead is not None and self._may_run_again(branch, dead):
+                pending[self._submit(client, plugin, branch)] = branch
                 continue
             results[branch.index] = _failed(branch, _describe_failure(
-                branch, future.status, error, dead, connection), _error_type(error, dead))
+                branch, status, error, dead, connection), _error_type(error, dead))
 
-    def _judge_running(self, client: Any, connection: Connection, pending: dict[Any, _Branch],
-                       results: list[ParallelFlowResult | None]) -> None:
-        now = time.monotonic()
-        for future, branch in list(pending.items()):
-            rerun = self._rerun_failure(branch, connection)
-            if rerun is not None:
-                results[branch.index] = rerun
-                _quietly(future.cancel)
-                self._forget(pending, [future])
-                continue
-            limit = branch.task.limits.branch_timeout
-            started = _last_start(branch)
-            if limit and started and now >= started[0] + limit + TIMEOUT_GRACE_SECONDS:
-                worker = branch.starts[-1][1]
-                results[branch.index] = ParallelFlowResult(
-                    branch=branch.task.branch, state=branch.task.snapshot.copy(), success=False,
-                    error=(f"branch {branch.task.label!r} timed out after {limit:g}s: stuck in "
-                           f"one call on Dask worker {worker}, which is being restarted"),
-                    error_type="BranchTimeout", timed_out=True,
-                    duration_ms=(now - started[0]) * 1000.0, isolation=self.name, worker=worker)
-                _quietly(future.cancel)
-                self._forget(pending, [future])
-                branch.fan_out.restarted.add(worker)
-                _restart_in_background(client, worker)
-
-    def _rerun_failure(self, branch: _Branch, connection: Connection) -> ParallelFlowResult | None:
-        """A failed result if the scheduler re-ran the branch more often than asked."""
-        restarted = branch.fan_out.restarted
-        runs = [worker for _, worker in branch.starts[:-1] if worker not in restarted]
-        if len(runs) + 1 <= self.retries + 1:
+    def _fetch(self, client: Any, futures: list[Any]) -> list[Any] | None:
+        """Results of finished futures, or None if they cannot be had within FETCH_SECONDS."""
+        try:
+            return client.sync(client.gather, futures, callback_timeout=FETCH_SECONDS)
+        except TimeoutError:
             return None
-        # Its allowed-failures is above isobranch's retries: the scheduler re-ran
-        # the task itself after its worker died.
-        dead, rerun_on = runs[-1], branch.starts[-1][1]
+        except Exception:  # one result was lost; fetch them one by one to tell which
+            return [_result_or_error(future) for future in futures]
+
+    def _may_run_again(self, branch: _Branch, dead: str) -> bool:
+        """Whether a branch killed with worker ``dead`` is submitted again."""
+        with self._lock:
+            restarted = self._restarted.get(dead, 0.0) > time.monotonic() - RESTART_MEMORY_SECONDS
+            ran_there = any(worker == dead for _, worker in branch.starts[branch.current:])
+        if restarted or not ran_there:
+            # Killed by a restart isobranch asked for, or queued on a worker that
+            # died before it started: not the branch's failure.
+            return True
+        return self._attempts(branch) <= self.retries
+
+    def _attempts(self, branch: _Branch) -> int:
+        """How often the branch ran, not counting runs on workers isobranch restarted."""
+        with self._lock:
+            return sum(1 for at, worker in branch.starts
+                       if not self._restarted_since(worker, at))
+
+    def _restarted_since(self, worker: str, when: float) -> bool:
+        return self._restarted.get(worker, -1.0) >= when
+
+    def _rerun_failure(self, branch: _Branch, connection: Connection
+                       ) -> ParallelFlowResult | None:
+        """A failed result if the scheduler itself re-ran the branch more often than asked."""
+        with self._lock:
+            runs = [worker for at, worker in branch.starts
+                    if not self._restarted_since(worker, at)]
+        if len(runs) <= self.retries + 1:
+            return None
+        # The scheduler's allowed-failures is above isobranch's retries.
+        dead, rerun_on = runs[-2], runs[-1]
         plural = "y" if self.retries == 1 else "ies"
         return _failed(branch, f"Dask worker {dead} died while running it (the scheduler at "
                        f"{connection.address} re-ran it on {rerun_on}; isobranch allows "
                        f"{self.retries} retr{plural})", "WorkerDied")
 
-    def _connection_address(self) -> str:
-        connection = self._connection
-        return connection.address if connection is not None else "(closed)"
+    def _stop_running(self, connection: Connection, branches: Iterable[_Branch]) -> None:
+        """Restart the workers of branches given up on, on a cluster isobranch started."""
+        if connection.cluster is None:
+            return  # a shared cluster's workers are restarted only for a stuck branch
+        workers = {branch.running_on for branch in branches} - {None}
+        if workers:
+            self._restart(connection, sorted(w for w in workers if w is not None))
+
+    def _restart(self, connection: Connection, workers: list[str]) -> None:
+        """Restart ``workers`` through their nannies without waiting for it.
+
+        Without a nanny the restart fails quietly and the call runs on.
+        """
+        now = time.monotonic()
+        with self._lock:
+            for worker in workers:
+                self._restarted[worker] = now
+            for worker, when in list(self._restarted.items()):
+                if when < now - RESTART_MEMORY_SECONDS:
+                    del self._restarted[worker]
+        client = connection.client
+        if not connection.usable:
+            return  # closing: its workers end with it
+        try:
+            coroutine = client.scheduler.restart_workers(
+                workers=workers, timeout=RESTART_TIMEOUT_SECONDS, on_error="return",
+                stimulus_id=f"isobranch-stop-{time.time()}")
+        except Exception:
+            return  # the client is going away under us: nothing to restart through
+        try:
+            asyncio.run_coroutine_threadsafe(coroutine, client.loop.asyncio_loop)
+        except Exception:
+            coroutine.close()
 
     def _forget(self, pending: dict[Any, _Branch], futures: list[Any]) -> None:
         with self._lock:
             for future in futures:
-                branch = pending.pop(future)
-                self._following.pop(branch.key, None)
+                branch = pending.pop(future, None)
+                if branch is not None:
+                    self._following.pop(branch.key, None)
 
     def close(self) -> None:
-        """Drop the scattered graph and close the client and cluster isobranch started.
+        """Take the graph off the cluster and close the client and cluster isobranch started.
 
         A client passed in by the caller stays open (its cluster is theirs).
+        A fan-out still running fails its pending branches.
         """
-        with self._lock:
+        with self._ship_lock:
             self._closed = True
             connection, self._connection = self._connection, None
-            graph_future, self._graph_future = self._graph_future, None
+            plugin, self._plugin = self._plugin, None
         if connection is None:
             return
-        if graph_future is not None:
-            _quietly(graph_future.release)
+        client = connection.client
+        if connection.cluster is None and plugin is not None and connection.usable:
+            # Bounded: a scheduler that stopped answering must not hang close().
+            _quietly(functools.partial(client.sync, client.unregister_worker_plugin, plugin,
+                                       callback_timeout=self.connect_timeout))
         _quietly(connection.client.unsubscribe_topic, self._topic)
-        connection.close()
-
-
-def run_on_worker(graph: Any, payload: dict[str, Any], topic: str, key: str,
-                  confirm_start: bool) -> ParallelFlowResult:
-    """The Dask task: one branch on this worker, reported as started first.
-
-    ``confirm_start`` waits until the scheduler has the report, so a re-run
-    after this worker dies can never go unnoticed (on a scheduler that
-    re-runs tasks); otherwise the report is sent without waiting.
-    """
-    from distributed import get_worker
-    from distributed.utils import sync
-
-    worker = get_worker()
-    started = {"key": key, "worker": worker.address}
-    if confirm_start:
-        sync(worker.loop, worker.scheduler.log_event, topic=topic, msg=started)
-    else:
-        worker.log_event(topic, started)
-    result = run_branch(BranchTask(graph=graph, **payload))
-    result.worker = worker.address
-    return result
-
-
-def _last_start(branch: _Branch) -> list[float]:
-    """When the current submission last started running, as a list of zero or one."""
-    return [branch.starts[-1][0]] if len(branch.starts) > branch.current else []
+        if connection.owns_client:
+            connection.close()
 
 
 def _failed(branch: _Branch, reason: str, error_type: str) -> ParallelFlowResult:
@@ -406,7 +524,7 @@ def _failed(branch: _Branch, reason: str, error_type: str) -> ParallelFlowResult
     return ParallelFlowResult(
         branch=task.branch, state=task.snapshot.copy(), success=False,
         error=f"branch {task.label!r}: {reason}", error_type=error_type, isolation="dask",
-        worker=branch.starts[-1][1] if branch.starts else None)
+        worker=branch.starts[-1][1] if branch.starts else None, node=branch.node)
 
 
 def _dead_worker(error: BaseException | None) -> str | None:
@@ -420,7 +538,8 @@ def _dead_worker(error: BaseException | None) -> str | None:
 def _describe_failure(branch: _Branch, status: str, error: BaseException | None,
                       dead: str | None, connection: Connection) -> str:
     if dead is not None:
-        tried = f" after {branch.attempts} attempts" if branch.attempts > 1 else ""
+        runs = len(branch.starts)
+        tried = f" (it ran {runs} times)" if runs > 1 else ""
         return f"Dask worker {dead} died while running it{tried}"
     if error is not None:
         hint = ""
@@ -441,24 +560,9 @@ def _error_type(error: BaseException | None, dead: str | None) -> str:
 
 def _result_or_error(future: Any) -> Any:
     try:
-        return future.result(timeout=POLL_SECONDS * 4)
+        return future.result(timeout=FETCH_SECONDS)
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
-
-
-def _restart_in_background(client: Any, worker: str) -> None:
-    """Restart a worker stuck in a branch past its deadline without waiting for it.
-
-    Needs a nanny (``dask worker`` and ``LocalCluster`` have one); without
-    one the restart fails quietly and the call runs on until it returns.
-    """
-    coroutine = client.scheduler.restart_workers(
-        workers=[worker], timeout=RESTART_TIMEOUT_SECONDS, on_error="return",
-        stimulus_id=f"isobranch-branch-timeout-{time.time()}")
-    try:
-        asyncio.run_coroutine_threadsafe(coroutine, client.loop.asyncio_loop)
-    except Exception:
-        coroutine.close()
 
 
 def _quietly(function: Any, *args: Any) -> Any:

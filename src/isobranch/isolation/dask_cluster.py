@@ -7,9 +7,11 @@ the ``dask`` extra until ``isolation="dask"`` is actually used.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,13 +27,15 @@ class Connection:
     """A client and, when isobranch started it, the local cluster behind it."""
 
     client: Any
+    # The scheduler's address, for messages (kept: a closed client forgets it).
+    address: str
     cluster: Any = None
     owns_client: bool = True
 
     @property
-    def address(self) -> str:
-        """The scheduler's address, for messages."""
-        return str(self.client.scheduler.address)
+    def usable(self) -> bool:
+        """Whether the client can still take work (it may reconnect, but is not closed)."""
+        return self.client.status not in ("closing", "closed")
 
     def close(self) -> None:
         """Close what isobranch opened; a client the user passed in stays open."""
@@ -54,22 +58,65 @@ def import_distributed() -> Any:
 
 
 def connect(address: str, timeout: float) -> Connection:
-    """A client for the scheduler at ``address``; unreachable is an error within ``timeout``."""
+    """A client for the scheduler at ``address``; unreachable is an error within ``timeout``.
+
+    A scheduler that accepts the connection but never answers (stopped,
+    overloaded, or not a scheduler at all) counts as unreachable too: the
+    client's own handshake would wait for it forever.
+    """
     distributed = import_distributed()
+    problem = _probe(address, timeout)
+    if problem is not None:
+        raise DaskUnavailable(f"cannot reach the Dask scheduler at {address} within "
+                              f"{timeout:g}s: {problem}")
     try:
         client = distributed.Client(address, timeout=timeout, set_as_default=False)
     except (OSError, TimeoutError) as exc:
         raise DaskUnavailable(f"cannot reach the Dask scheduler at {address} within "
                               f"{timeout:g}s: {exc}") from exc
-    except ValueError as exc:  # a malformed address
-        raise DaskUnavailable(f"bad Dask scheduler address {address!r}: {exc}") from exc
-    return Connection(client)
+    return Connection(client, address)
+
+
+def _probe(address: str, timeout: float) -> str | None:
+    """Why the scheduler at ``address`` does not answer within ``timeout`` (None: it does).
+
+    Runs on a thread of its own so it works under a caller's running event
+    loop (a notebook, say); the thread ends by the timeout whatever happens.
+    """
+    from distributed.core import rpc
+
+    outcome: list[str | None] = ["no answer"]
+
+    async def ask() -> None:
+        scheduler = rpc(address, timeout=timeout)
+        try:
+            await asyncio.wait_for(scheduler.identity(n_workers=0), timeout)
+            outcome[0] = None
+        except TimeoutError:
+            outcome[0] = "it accepted the connection but did not answer"
+        except (OSError, ValueError, TypeError) as exc:
+            outcome[0] = f"{type(exc).__name__}: {exc}"
+        finally:
+            await scheduler.close_rpc()
+
+    def run() -> None:
+        try:
+            asyncio.run(ask())
+        except Exception as exc:  # reported, never raised on a helper thread
+            outcome[0] = f"{type(exc).__name__}: {exc}"
+
+    prober = threading.Thread(target=run, name="isobranch-dask-probe", daemon=True)
+    prober.start()
+    prober.join(timeout + 1.0)
+    return outcome[0]
 
 
 def borrow(client: Any) -> Connection:
     """Use a ``distributed.Client`` the caller owns (it is not closed with the graph)."""
     import_distributed()
-    return Connection(client, owns_client=False)
+    if client.status in ("closing", "closed"):
+        raise DaskUnavailable("the distributed.Client passed in is closed")
+    return Connection(client, str(client.scheduler.address), owns_client=False)
 
 
 def _main_guard_hint() -> str:
@@ -94,7 +141,10 @@ def start_local_cluster(n_workers: int | None, timeout: float) -> Connection:
 
     workers = n_workers or os.cpu_count() or 1
     try:
-        with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        # A scheduler that re-runs nothing by itself, and hands each worker only
+        # the task it runs: a worker that dies takes no queued branch with it.
+        with dask.config.set({"distributed.scheduler.allowed-failures": 0,
+                              "distributed.scheduler.worker-saturation": 1.0}):
             cluster = distributed.LocalCluster(
                 n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                 scheduler_port=0, dashboard_address="127.0.0.1:0",
@@ -107,5 +157,5 @@ def start_local_cluster(n_workers: int | None, timeout: float) -> Connection:
     except Exception:
         cluster.close()
         raise
-    return Connection(client, cluster)
+    return Connection(client, cluster.scheduler_address, cluster)
 

@@ -1,0 +1,83 @@
+"""The worker side of the Dask backend: the graph plugin and the branch task.
+
+Imported on Dask workers (which need isobranch installed) and lazily by the
+client, because it needs ``distributed`` at import time.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+from distributed import WorkerPlugin, get_worker
+from distributed.utils import sync
+
+from ..branch import BranchMonitor, BranchTask, ParallelFlowResult, run_branch
+
+
+class GraphPlugin(WorkerPlugin):
+    """Carries one compiled graph to every worker, including ones that join or restart later.
+
+    The scheduler keeps the pickled plugin and hands it to each worker as it
+    registers, so the graph crosses once per worker, never per task, and
+    survives the loss of any worker. The graph is unpickled once per worker.
+    """
+
+    def __init__(self, graph_bytes: bytes) -> None:
+        self.graph_bytes = graph_bytes
+        self.graph: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"graph_bytes": self.graph_bytes, "graph": None}
+
+    def setup(self, worker: Any) -> None:
+        """Unpickle the graph on this worker."""
+        self.graph = pickle.loads(self.graph_bytes)
+
+    def teardown(self, worker: Any) -> None:
+        """Let the graph go when the backend closes."""
+        self.graph = None
+
+
+class _ProgressReporter(BranchMonitor):
+    """A monitor that tells the client which node the branch has entered.
+
+    The report is sent without waiting; the client uses it to name the node
+    of a branch it has to give up on.
+    """
+
+    def __init__(self, worker: Any, topic: str, key: str) -> None:
+        super().__init__()
+        self._worker, self._topic, self._key = worker, topic, key
+        self._node: str | None = None
+
+    @property  # type: ignore[override]
+    def node(self) -> str | None:
+        return self._node
+
+    @node.setter
+    def node(self, name: str | None) -> None:
+        self._node = name
+        if name is not None:
+            self._worker.log_event(self._topic, {"kind": "node", "key": self._key, "node": name})
+
+
+def run_on_worker(plugin: str, payload: dict[str, Any], topic: str, key: str
+                  ) -> ParallelFlowResult:
+    """The Dask task: one branch of the graph that ``plugin`` carries, on this worker.
+
+    The start is confirmed with the scheduler before the branch runs, so the
+    client knows where and since when it runs even if a call in the branch
+    then holds the GIL, and a re-run after this worker dies cannot go unseen.
+    """
+    worker = get_worker()
+    graph_plugin = worker.plugins.get(plugin)
+    if graph_plugin is None or graph_plugin.graph is None:
+        raise RuntimeError(f"Dask worker {worker.address} has no graph {plugin!r} "
+                           f"(the backend was closed?)")
+    sync(worker.loop, worker.scheduler.log_event, topic=topic,
+         msg={"kind": "start", "key": key, "worker": worker.address})
+    task = BranchTask(graph=graph_plugin.graph, **payload)
+    result = run_branch(task, monitor=_ProgressReporter(worker, topic, key))
+    result.worker = worker.address
+    return result
