@@ -141,10 +141,12 @@ def start_local_cluster(n_workers: int | None, timeout: float) -> Connection:
 
     workers = n_workers or os.cpu_count() or 1
     try:
-        # A scheduler that re-runs nothing by itself, and hands each worker only
-        # the task it runs: a worker that dies takes no queued branch with it.
+        # A scheduler that re-runs nothing by itself (the backend decides), and
+        # sends every task to a worker at once: queueing them on the scheduler
+        # would cost a round trip per branch, and a branch queued on a worker
+        # that dies is told apart from one that ran there by its confirmed start.
         with dask.config.set({"distributed.scheduler.allowed-failures": 0,
-                              "distributed.scheduler.worker-saturation": 1.0}):
+                              "distributed.scheduler.worker-saturation": float("inf")}):
             cluster = distributed.LocalCluster(
                 n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                 scheduler_port=0, dashboard_address="127.0.0.1:0",

@@ -46,10 +46,11 @@ class _ProgressReporter(BranchMonitor):
     of a branch it has to give up on.
     """
 
-    def __init__(self, worker: Any, topic: str, key: str) -> None:
-        super().__init__()
+    def __init__(self, worker: Any, topic: str, key: str, first_node: str) -> None:
         self._worker, self._topic, self._key = worker, topic, key
-        self._node: str | None = None
+        # The client knows a branch starts at the node it is named after.
+        self._node: str | None = first_node
+        super().__init__()
 
     @property  # type: ignore[override]
     def node(self) -> str | None:
@@ -57,18 +58,19 @@ class _ProgressReporter(BranchMonitor):
 
     @node.setter
     def node(self, name: str | None) -> None:
-        self._node = name
-        if name is not None:
+        if name is not None and name != self._node:
             self._worker.log_event(self._topic, {"kind": "node", "key": self._key, "node": name})
+        self._node = name if name is not None else self._node
 
 
 def run_on_worker(plugin: str, payload: dict[str, Any], topic: str, key: str
                   ) -> ParallelFlowResult:
     """The Dask task: one branch of the graph that ``plugin`` carries, on this worker.
 
-    The start is confirmed with the scheduler before the branch runs, so the
-    client knows where and since when it runs even if a call in the branch
-    then holds the GIL, and a re-run after this worker dies cannot go unseen.
+    The start is confirmed with the scheduler before the branch runs (one
+    round trip), so the client knows where and since when it runs even if a
+    call in it then holds the GIL; a branch queued on a worker that dies is
+    told apart from one that ran there, and a re-run cannot go unseen.
     """
     worker = get_worker()
     graph_plugin = worker.plugins.get(plugin)
@@ -78,6 +80,6 @@ def run_on_worker(plugin: str, payload: dict[str, Any], topic: str, key: str
     sync(worker.loop, worker.scheduler.log_event, topic=topic,
          msg={"kind": "start", "key": key, "worker": worker.address})
     task = BranchTask(graph=graph_plugin.graph, **payload)
-    result = run_branch(task, monitor=_ProgressReporter(worker, topic, key))
+    result = run_branch(task, monitor=_ProgressReporter(worker, topic, key, task.branch))
     result.worker = worker.address
     return result
