@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import threading
 import time
@@ -176,6 +177,45 @@ def test_thread_backend_abandons_a_python_node_stuck_past_its_timeout():
     finally:
         release.set()
         compiled.close()
+
+
+class Interrupted(BaseException):
+    """Stands in for KeyboardInterrupt (a BaseException too) without touching pytest's own."""
+
+
+def test_an_interrupted_thread_fan_out_does_not_make_close_wait_for_a_stuck_branch():
+    import signal
+
+    entered, release = threading.Event(), threading.Event()
+
+    def stuck(state):
+        entered.set()
+        release.wait(60)
+
+    def interrupt(signum, frame):
+        raise Interrupted
+
+    def signal_once_entered():
+        if entered.wait(30):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    # One pool thread: the quick branch starts it, so the stuck one is only
+    # queued by submit() and the interrupt lands while the fan-out waits.
+    graph = fan_out(("quick", lambda s: None), ("stuck", stuck))
+    compiled = graph.compile(isolation="thread", max_workers=1)
+    previous = signal.signal(signal.SIGINT, interrupt)
+    helper = threading.Thread(target=signal_once_entered)
+    try:
+        helper.start()
+        with pytest.raises(Interrupted):
+            compiled.invoke({})
+        begin = time.monotonic()
+        compiled.close()
+        assert time.monotonic() - begin < 2, "close() must not wait for the abandoned branch"
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        release.set()
+        helper.join(30)
 
 
 def test_nested_fan_out_inside_a_branch(isolation):

@@ -61,24 +61,34 @@ class ThreadBackend:
         """Run ``tasks`` concurrently and return their results in task order."""
         pool = self._pool()
         monitors = [BranchMonitor() for _ in tasks]
-        pending: dict[Future, int] = {
-            pool.submit(run_branch, task, monitor): index
-            for index, (task, monitor) in enumerate(zip(tasks, monitors, strict=True))
-        }
+        pending: dict[Future, int] = {}
         results: list[ParallelFlowResult | None] = [None] * len(tasks)
-        while pending:
-            done, _ = wait(pending, timeout=self._next_wakeup(tasks, monitors, pending),
-                           return_when=FIRST_COMPLETED)
-            for future in done:
-                index = pending.pop(future)
-                results[index] = future.result()
-            first_failure = next((r for r in results if r is not None and not r.success), None)
-            if first_failure is not None and tasks[0].limits.fail_fast:
-                self._abandon(pending)
-                self._cancel(pending, tasks, monitors, results, first_failure)
-                break
-            overdue = self._expire_overdue(pending, tasks, monitors, results)
-            self._abandon(overdue)
+        try:
+            for index, (task, monitor) in enumerate(zip(tasks, monitors, strict=True)):
+                pending[pool.submit(run_branch, task, monitor)] = index
+            while pending:
+                done, _ = wait(pending, timeout=self._next_wakeup(tasks, monitors, pending),
+                               return_when=FIRST_COMPLETED)
+                for future in done:
+                    index = pending.pop(future)
+                    results[index] = future.result()
+                first_failure = next((r for r in results if r is not None and not r.success),
+                                     None)
+                if first_failure is not None and tasks[0].limits.fail_fast:
+                    self._abandon(pending)
+                    self._cancel(pending, tasks, monitors, results, first_failure)
+                    break
+                overdue = self._expire_overdue(pending, tasks, monitors, results)
+                self._abandon(overdue)
+        except BaseException:
+            # Interrupted (Ctrl-C, a test timeout): branches stop at their next
+            # node boundary or Lua hook, and close() does not wait for one stuck
+            # in a single Python call.
+            for future, index in pending.items():
+                monitors[index].cancelled.set()
+                future.cancel()
+            self._abandon(pending)
+            raise
         return [r for r in results if r is not None]
 
     def _abandon(self, futures: Iterable[Future]) -> None:
