@@ -293,7 +293,8 @@ def test_branch_failure_before_a_failing_fan_in_is_listed(pytester: pytest.Pytes
         "  node: combine",
         "  branch: (main path)",
         "  failed branches:",
-        "    python_stats (fan-out from 'start'): ValueError: *items must be a list*",
+        "    python_stats (fan-out from 'start'): node 'python_stats' in branch 'python_stats' "
+        "failed: ValueError: *items must be a list*",
         "  route: start -> [[]lua_stats | python_stats (failed)[]]",
     ])
 
@@ -646,7 +647,7 @@ def test_subset_matching_rules() -> None:
     assert subset_differences({"flag": 1}, final) == [
         "flag: expected 1, got True (a boolean, not an integer)"]
     assert subset_differences({"nested": {"y": [1]}}, final) == [
-        "nested.y: expected 1 item, got 2: expected [1], got [1, {'k': 2}]"]
+        "nested.y: expected 1 item, got 2; first difference at index 1: expected [], got [{'k': 2}]"]
     # Inside lists nothing is a subset: mappings there must match exactly.
     assert subset_differences({"nested": {"y": [1, {}]}}, final) == ["unexpected key: nested.y[1].k = 2"]
     assert subset_differences({"b": None}, final) == ["missing key: b (expected None)"]
@@ -687,3 +688,119 @@ def test_yaml_merge_keys_may_be_overridden_in_a_case(tmp_path: Path) -> None:
     assert case_file.problems == ()
     assert [(c.name, c.input, c.expect, c.problems) for c in case_file.cases] == [
         ("one", {"items": [1]}, {"ok": True}, ()), ("two", {"items": [2]}, {"ok": True}, ())]
+
+
+# --- the shared graphs and bounded reports ---------------------------------------
+
+
+def test_a_graph_that_fails_to_close_is_reported_and_the_others_still_close(
+        pytester: pytest.Pytester) -> None:
+    write(pytester, "stats.yaml", STATS_AGENT)
+    write(pytester, "conftest.py", """
+        from isobranch import register_backend
+        from isobranch.isolation.thread import ThreadBackend
+
+        class BadClose(ThreadBackend):
+            name = "badclose"
+            def close(self):
+                super().close()
+                raise RuntimeError("cluster shutdown timed out")
+
+        register_backend("badclose", BadClose, replace=True)
+        """)
+    write(pytester, "test_bad.agent.yaml", """
+        agent: stats.yaml
+        isolation: badclose
+        cases:
+          - {name: one, input: {items: [1]}, expect: {}}
+        """)
+    write(pytester, "test_good.agent.yaml", """
+        agent: stats.yaml
+        cases:
+          - {name: two, input: {items: [2]}, expect: {}}
+        """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "default")
+    result.assert_outcomes(passed=2)
+    assert result.ret == pytest.ExitCode.OK
+    assert "closing a compiled agent failed: stats (badclose): RuntimeError: cluster shutdown " \
+           "timed out" in result.stdout.str() + result.stderr.str()
+
+
+def test_shared_graphs_key_live_objects_by_identity_and_recompile_when_needed(
+        tmp_path: Path) -> None:
+    from isobranch import register_backend
+    from isobranch.isolation.thread import ThreadBackend
+    from isobranch.pytest_plugin import AgentGraphs
+
+    class Holder(ThreadBackend):
+        def __init__(self, max_workers=None, *, thing=None):
+            super().__init__(max_workers)
+
+    class Alike:
+        def __repr__(self) -> str:
+            return "<the same repr>"
+
+    register_backend("test-holder", Holder, replace=True)
+    agent = tmp_path / "stats.yaml"
+    agent.write_text(STATS_AGENT)
+    graphs = AgentGraphs()
+    try:
+        first, second = Alike(), Alike()
+        one = graphs.get(agent, {"isolation": "test-holder", "thing": first})
+        assert graphs.get(agent, {"isolation": "test-holder", "thing": first}) is one
+        assert graphs.get(agent, {"isolation": "test-holder", "thing": second}) is not one
+        # Somebody closed the shared graph: the next case gets a fresh one.
+        one.close()
+        again = graphs.get(agent, {"isolation": "test-holder", "thing": first})
+        assert again is not one and not again.closed
+        # The agent file changed: it is compiled again.
+        plain = graphs.get(agent)
+        agent.write_text(STATS_AGENT.replace("threshold: 10", "threshold: 100"))
+        changed = graphs.get(agent)
+        assert changed is not plain and changed.variables["threshold"] == 100
+    finally:
+        assert graphs.close() == []
+
+
+def test_failure_reports_stay_short_for_huge_states_and_messages(
+        pytester: pytest.Pytester) -> None:
+    write(pytester, "huge.yaml", """
+        nodes:
+          - name: start
+            run: |
+              if state.get("explode"):
+                  raise ValueError("x" * 50000)
+              return {f"key{i}": i for i in range(3000)}
+        """)
+    write(pytester, "test_huge.agent.yaml", """
+        agent: huge.yaml
+        cases:
+          - {name: succeeded, expect_error: "never"}
+          - {name: exploded, input: {explode: true}, expect: {}}
+        """)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=2)
+    text = result.stdout.str()
+    assert "... and 2980 more keys" in text
+    assert "characters left out" in text
+    assert max(len(line) for line in result.outlines) < 1000
+    assert len(result.outlines) < 120
+
+
+def test_the_rerun_line_says_when_it_is_only_approximate() -> None:
+    import datetime
+
+    from isobranch.regression import CaseContext, reproduce_command
+
+    exact = CaseContext(case_name="c", case_file="f", line=1, agent="a.yaml", isolation="thread",
+                        input={"items": [1, 2]})
+    command, missing = reproduce_command(exact)
+    assert command == "isobranch run a.yaml --input '{\"items\": [1, 2]}' --isolation thread"
+    assert missing == []
+    approximate = CaseContext(case_name="c", case_file="f", line=1, agent="a.yaml",
+                              isolation=None, input={"day": datetime.date(2024, 1, 1)},
+                              cli_gaps=("fail_fast",))
+    command, missing = reproduce_command(approximate)
+    assert "--input" not in command
+    assert missing == ["the input is not JSON; it is left out",
+                       "fail_fast is not set by this command"]

@@ -373,6 +373,11 @@ class CompiledGraph:
                 self._backends[key] = backend
             return backend
 
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called (a closed graph cannot run)."""
+        return self._closed
+
     def close(self) -> None:
         """Release every worker pool this graph owns. Safe to call twice."""
         with self._pool_lock:

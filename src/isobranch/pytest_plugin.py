@@ -50,6 +50,7 @@ import argparse
 import math
 import os
 import threading
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -134,16 +135,22 @@ def pytest_report_header(config: pytest.Config) -> str | None:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """Close every compiled agent (and its worker pools) of this process."""
-    graphs = session.config.stash.get(_GRAPHS, None)
-    if graphs is not None:
-        graphs.close()
+    _close_graphs(session.config)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     """Close anything left open (a session that never finished normally)."""
+    _close_graphs(config)
+
+
+def _close_graphs(config: pytest.Config) -> None:
     graphs = config.stash.get(_GRAPHS, None)
-    if graphs is not None:
-        graphs.close()
+    if graphs is None:
+        return
+    # Reported, never raised: the run's results are already in.
+    for failure in graphs.close():
+        warnings.warn(f"isobranch: closing a compiled agent failed: {failure}",
+                      pytest.PytestWarning, stacklevel=1)
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
@@ -162,37 +169,75 @@ class AgentGraphs:
     """
 
     def __init__(self) -> None:
-        self._entries: dict[tuple[str, str], CompiledGraph | GraphError] = {}
+        self._entries: dict[tuple, tuple[CompiledGraph | GraphError, dict[str, Any]]] = {}
         self._lock = threading.Lock()
 
     def get(self, path: str | Path, options: Mapping[str, Any] | None = None) -> CompiledGraph:
-        """The shared compiled graph for ``path`` under ``options``; raises ``GraphError``."""
+        """The shared compiled graph for ``path`` under ``options``; raises ``GraphError``.
+
+        A graph somebody closed, or an agent file changed since it was
+        compiled, is compiled afresh.
+        """
         absolute = os.path.abspath(path)
         options = dict(options or {})
-        key = (absolute, repr(sorted(options.items())))
+        key = (absolute, _file_version(absolute), _options_key(options))
         with self._lock:
             entry = self._entries.get(key)
-            if entry is None:
+            if entry is None or (isinstance(entry[0], CompiledGraph) and entry[0].closed):
                 try:
-                    entry = YAMLEngine(**options).load_from_file(display_path(absolute))
+                    compiled: CompiledGraph | GraphError = YAMLEngine(**options).load_from_file(
+                        display_path(absolute))
                 except GraphError as exc:
-                    entry = exc
-                self._entries[key] = entry
-        if isinstance(entry, GraphError):
-            raise entry.with_traceback(None)
-        return entry
+                    compiled = exc
+                # The options are kept with the graph: a key may hold their ids.
+                entry = self._entries[key] = (compiled, options)
+        if isinstance(entry[0], GraphError):
+            raise entry[0].with_traceback(None)
+        return entry[0]
 
-    def close(self) -> None:
-        """Close every compiled graph (ending its worker pools). Safe to call twice."""
+    def close(self) -> list[str]:
+        """Close every compiled graph (ending its worker pools). Safe to call twice.
+
+        A graph whose ``close()`` fails does not stop the others from closing;
+        the failures are returned, one line each.
+        """
         with self._lock:
-            entries = list(self._entries.values())
+            entries = [entry for entry, _ in self._entries.values()]
             self._entries.clear()
+        failures = []
         for entry in entries:
             if isinstance(entry, CompiledGraph):
-                entry.close()
+                try:
+                    entry.close()
+                except Exception as exc:
+                    failures.append(f"{entry.name or 'an agent'} ({entry.isolation}): "
+                                    f"{type(exc).__name__}: {exc}")
+        return failures
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _file_version(path: str) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+def _options_key(options: Mapping[str, Any]) -> tuple:
+    # Plain values by value; anything else (a dask client, say) by identity,
+    # since two live objects may print alike but are not interchangeable.
+    def part(value: Any) -> Any:
+        if value is None or isinstance(value, (str, int, float, bool)):
+            return ("value", type(value).__name__, value)
+        if isinstance(value, (tuple, list)) and all(
+                v is None or isinstance(v, (str, int, float, bool)) for v in value):
+            return ("value", type(value).__name__, tuple(value))
+        return ("object", id(value))
+
+    return tuple(sorted((str(key), part(value)) for key, value in options.items()))
 
 
 def agent_graphs(config: pytest.Config) -> AgentGraphs:
@@ -243,11 +288,13 @@ class AgentCaseItem(pytest.Item):
 
     def _context(self, isolation: str | None) -> CaseContext:
         agent = self.case_file.agent_path()
+        # Options that override the agent YAML and that `isobranch run` cannot set.
+        gaps = tuple(sorted(key for key in self.engine_options() if key != "isolation"))
         return CaseContext(
             case_name=self.name, case_file=self.parent.nodeid if self.parent else str(self.path),
             line=self.case.line if self.case else None,
             agent=display_path(agent) if agent else None, isolation=isolation,
-            input=self.case.input if self.case else {})
+            input=self.case.input if self.case else {}, cli_gaps=gaps)
 
     def engine_options(self) -> dict[str, Any]:
         """Options for this case's agent: the case file's, then the command line's on top."""

@@ -422,8 +422,13 @@ def _diff(expected: Any, actual: Any, path: str, *, subset: bool,
         return
     if _is_list(expected) and _is_list(actual):
         if len(expected) != len(actual):
-            out.append((path, f"{path}: expected {len(expected)} item{'s' * (len(expected) != 1)}, "
-                              f"got {len(actual)}: expected {_short(expected)}, got {_short(actual)}"))
+            line = (f"{path}: expected {len(expected)} item{'s' * (len(expected) != 1)}, "
+                    f"got {len(actual)}")
+            at = next((i for i, (want, got) in enumerate(zip(expected, actual, strict=False))
+                       if not values_equal(want, got)), min(len(expected), len(actual)))
+            line += (f"; first difference at index {at}: expected "
+                     f"{_short(list(expected[at:at + 3]))}, got {_short(list(actual[at:at + 3]))}")
+            out.append((path, line))
             return
         for index, (want, got) in enumerate(zip(expected, actual, strict=True)):
             # Inside a list nothing is a subset: a list states the whole value.
@@ -494,6 +499,8 @@ class CaseContext:
     agent: str | None               # as usable from the current directory
     isolation: str | None
     input: Mapping[str, Any]
+    # Engine options in effect that ``isobranch run`` cannot set.
+    cli_gaps: tuple[str, ...] = ()
 
 
 class CaseFailure(Exception):
@@ -514,11 +521,11 @@ def check_case(case: Case, record: RunRecord, context: CaseContext) -> str | Non
             head = f"the error does not contain {case.expect_error!r}"
             body = [f"expected substring: {case.expect_error!r}", *_error_lines(error, record)]
             return _report(context, head, body, record)
-        return _report(context, "the agent could not run", [str(error)], record)
+        return _report(context, "the agent could not run", [_bounded(str(error))], record)
     if error is not None:
         if isinstance(error, GraphExecutionError):
             return _report(context, _error_headline(error), _error_lines(error, record), record)
-        return _report(context, "the agent could not run", [str(error)], record)
+        return _report(context, "the agent could not run", [_bounded(str(error))], record)
     differences = _differences(case.expect or {}, record.final or {})
     if not differences:
         return None
@@ -540,9 +547,12 @@ def _error_headline(error: GraphExecutionError) -> str:
 
 
 def _error_lines(error: GraphExecutionError, record: RunRecord) -> list[str]:
-    lines = ["error: " + _indent_rest(str(error), "  "),
-             f"node: {error.node}", f"branch: {error.branch or '(main path)'}",
-             f"error_type: {error.error_type}"]
+    lines = ["error: " + _indent_rest(_bounded(str(error)), "  ")]
+    # A failure outside any node (a closed graph, say) has no node to name.
+    if error.node is not None:
+        lines += [f"node: {error.node}", f"branch: {error.branch or '(main path)'}"]
+    if error.error_type is not None:
+        lines.append(f"error_type: {error.error_type}")
     if getattr(error, "timed_out", False):
         lines.append("timed out: yes")
     failed = [(source, r) for source, results in record.fan_outs for r in results if not r.success]
@@ -551,17 +561,38 @@ def _error_lines(error: GraphExecutionError, record: RunRecord) -> list[str]:
     failed = [(source, r) for source, r in failed if str(r.error) not in str(error)]
     if failed:
         lines.append("failed branches:")
-        for source, result in failed:
+        for source, result in failed[:MAX_STATE_LINES]:
             origin = f" (fan-out from {source!r})" if source else ""
-            lines.append(f"  {result.branch}{origin}: {result.error_type}: "
-                         + _indent_rest(str(result.error), "    "))
+            message = str(result.error)
+            # Errors usually name their type already; say it only when they do not.
+            kind = "" if str(result.error_type) in message else f"{result.error_type}: "
+            lines.append(f"  {result.branch}{origin}: {kind}"
+                         + _indent_rest(_bounded(message), "    "))
+        if len(failed) > MAX_STATE_LINES:
+            lines.append(f"  ... and {len(failed) - MAX_STATE_LINES} more failed branches")
     return lines
+
+
+MAX_STATE_LINES = 20
+MAX_MESSAGE_CHARS = 600
 
 
 def _state_lines(state: Mapping[str, Any]) -> list[str]:
     if not state:
         return ["  {}"]
-    return [f"  {_join('', key)}: {_short(value)}" for key, value in state.items()]
+    lines = [f"  {_join('', key)}: {_short(value)}"
+             for key, value in list(state.items())[:MAX_STATE_LINES]]
+    if len(state) > MAX_STATE_LINES:
+        lines.append(f"  ... and {len(state) - MAX_STATE_LINES} more keys")
+    return lines
+
+
+def _bounded(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``text``, or its start and end around a note of what was left out."""
+    if len(text) <= limit:
+        return text
+    keep = limit // 2
+    return f"{text[:keep]} ... [{len(text) - 2 * keep} characters left out] ... {text[-keep:]}"
 
 
 def _indent_rest(text: str, indent: str) -> str:
@@ -580,22 +611,44 @@ def _report(context: CaseContext, head: str, body: list[str], record: RunRecord 
     if record is not None and record.route:
         lines.append(f"  route: {' -> '.join(record.route)}")
     if run_details and context.agent:
-        lines.append(f"  rerun: {reproduce_command(context)}")
+        command, missing = reproduce_command(context)
+        if missing:
+            lines.append(f"  rerun (approximate: {'; '.join(missing)}): {command}")
+        else:
+            lines.append(f"  rerun: {command}")
     return "\n".join(lines)
 
 
-def reproduce_command(context: CaseContext) -> str:
-    """An ``isobranch run`` command line that runs the case's agent on its input."""
+MAX_INLINE_INPUT = 400
+
+
+def reproduce_command(context: CaseContext) -> tuple[str, list[str]]:
+    """An ``isobranch run`` command line for the case's agent and input, and what it misses.
+
+    The command is exact only when the input survives JSON unchanged, is
+    short enough to read, and no option the command line cannot express
+    applies (``branch_timeout``, ``fail_fast`` from the case file or the
+    pytest options); otherwise the second item names what differs.
+    """
+    missing: list[str] = []
+    state: str | None
     try:
         state = json.dumps(dict(context.input), separators=(", ", ": "))
+        if json.loads(state) != dict(context.input):
+            missing.append("the input does not survive JSON unchanged")
     except (TypeError, ValueError):
         state = None
+        missing.append("the input is not JSON; it is left out")
+    if state is not None and len(state) > MAX_INLINE_INPUT:
+        state = "@input.json"
+        missing.append("save the case's input as input.json")
     command = ["isobranch", "run", context.agent or "?"]
     if state is not None:
         command += ["--input", state]
     if context.isolation:
         command += ["--isolation", context.isolation]
-    return shlex.join(command)
+    missing += [f"{option} is not set by this command" for option in context.cli_gaps]
+    return shlex.join(command), missing
 
 
 def invalid_case_report(context: CaseContext, file_problems: Sequence[str],
