@@ -202,14 +202,24 @@ class DaskBackend:
         shipped.backend_options = {}
         plugin = GraphPlugin(pickle_graph(shipped, "Dask workers"))
         name = f"isobranch-graph-{uuid.uuid4().hex}"
+        client = connection.client
         try:
-            connection.client.register_plugin(plugin, name=name)
+            # The scheduler waits for every current worker to take the plugin.
+            client.sync(client.register_plugin, plugin, name=name,
+                        callback_timeout=self.worker_wait)
         except Exception as exc:
             raise BackendError(f"could not send the graph to the Dask cluster at "
-                               f"{connection.address}: {type(exc).__name__}: {exc}") from exc
+                               f"{connection.address} within {self.worker_wait:g}s: "
+                               f"{type(exc).__name__}: {exc}") from exc
         if self._plugin is not None:
-            _quietly(connection.client.unregister_worker_plugin, self._plugin)
+            self._unregister(connection, self._plugin)
         self._plugin, self._graph = name, weakref.ref(graph)
+
+    def _unregister(self, connection: Connection, plugin: str) -> None:
+        # Bounded: a scheduler that stopped answering must not hang anybody.
+        client = connection.client
+        _quietly(functools.partial(client.sync, client.unregister_worker_plugin, plugin,
+                                   callback_timeout=self.connect_timeout))
 
     def _on_event(self, event: tuple[float, dict]) -> None:
         # Runs on the client's event-loop thread as workers report progress.
@@ -501,7 +511,7 @@ class DaskBackend:
         """Take the graph off the cluster and close the client and cluster isobranch started.
 
         A client passed in by the caller stays open (its cluster is theirs).
-        A fan-out still running fails its pending branches.
+        A fan-out still running fails with a ``BackendError``.
         """
         with self._ship_lock:
             self._closed = True
@@ -509,11 +519,8 @@ class DaskBackend:
             plugin, self._plugin = self._plugin, None
         if connection is None:
             return
-        client = connection.client
         if connection.cluster is None and plugin is not None and connection.usable:
-            # Bounded: a scheduler that stopped answering must not hang close().
-            _quietly(functools.partial(client.sync, client.unregister_worker_plugin, plugin,
-                                       callback_timeout=self.connect_timeout))
+            self._unregister(connection, plugin)
         _quietly(connection.client.unsubscribe_topic, self._topic)
         if connection.owns_client:
             connection.close()
