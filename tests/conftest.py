@@ -132,3 +132,15 @@ def fan_out(*branches, fan_in=None, start=None):
     graph.add_edge(START, "start")
     graph.add_edge("join", END)
     return graph
+
+
+def invoke_concurrently(compiled, times: int = 4, state: dict | None = None) -> list[dict]:
+    """Final states of ``times`` invocations of ``compiled`` started at once from threads."""
+    outcomes: list[dict] = []
+    threads = [threading.Thread(target=lambda: outcomes.append(compiled.invoke(dict(state or {}))))
+               for _ in range(times)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return outcomes

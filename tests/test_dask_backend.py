@@ -21,7 +21,7 @@ import time
 import pytest
 import yaml
 
-from conftest import HAVE_DASK, descendants, fan_out
+from conftest import HAVE_DASK, descendants, fan_out, invoke_concurrently
 from isobranch import GraphError, GraphExecutionError, YAMLEngine
 
 pytestmark = [
@@ -180,13 +180,7 @@ def test_concurrent_first_fan_outs_send_the_graph_once(cluster):
     graph = fan_out(("a", lambda s: {"ok": True}), ("b", lambda s: {"ok": True}))
     with Client(cluster, set_as_default=False) as client, \
             graph.compile(isolation="dask", client=client) as compiled:
-        outcomes: list = []
-        threads = [threading.Thread(target=lambda: outcomes.append(compiled.invoke({})))
-                   for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
+        outcomes = invoke_concurrently(compiled)
         assert len(outcomes) == 4
         assert all(r.success for final in outcomes for r in final["results"])
         assert len(client.run_on_scheduler(scheduler_graph_plugins)) == 1

@@ -20,7 +20,7 @@ import time
 import pytest
 import yaml
 
-from conftest import descendants, fan_out
+from conftest import descendants, fan_out, invoke_concurrently
 from isobranch import (
     GraphError,
     GraphExecutionError,
@@ -390,14 +390,8 @@ def test_more_branches_than_workers_all_run():
 
 def test_concurrent_invocations_share_one_pool():
     graph = fan_out(*[(f"b{i}", worker_facts) for i in range(3)])
-    outcomes = []
     with graph.compile(isolation="process", max_workers=2) as compiled:
-        threads = [threading.Thread(target=lambda: outcomes.append(compiled.invoke({})))
-                   for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
+        outcomes = invoke_concurrently(compiled)
     assert len(outcomes) == 4
     pids = {r.worker for final in outcomes for r in final["results"]}
     assert all(r.success for final in outcomes for r in final["results"]) and len(pids) <= 2
