@@ -38,31 +38,37 @@ local CPU_SLICE = 0.005
 -- call, which leaves hooks off on that thread; it is treated as expired.
 local armed, expired, in_wall_check, last_cpu = false, false, false, 0
 
-local function hook()
+-- Once time is up, every thread whose hook fires is switched to a hook on
+-- every instruction before the error is raised. A hook error unwinds only
+-- to the nearest pcall, so a thread left on the normal interval would get
+-- hook_count more instructions after each caught error: a pcall loop
+-- inside a coroutine could then run for ever. On every instruction nothing
+-- makes progress: each instruction raises before it executes, so every
+-- protected call only unwinds one level further.
+local hook
+local function expire()
+  expired = true
+  sethook(hook, "", 1)
+  error(TIMEOUT, 0)
+end
+
+hook = function()
   if not armed then return end
-  if expired or in_wall_check then
-    expired = true
-    error(TIMEOUT, 0)
-  end
+  if expired or in_wall_check then expire() end
   local now = clock()
   if now - last_cpu >= CPU_SLICE then
     last_cpu = now
     in_wall_check = true
     local past = wall_check()
     in_wall_check = false
-    if past then
-      expired = true
-      -- From now on every instruction raises, so no pcall loop can go on.
-      sethook(hook, "", 1)
-      error(TIMEOUT, 0)
-    end
+    if past then expire() end
   end
 end
 
 -- A new coroutine inherits the C side of the hook but not the debug
 -- library's Lua function, so each one must be hooked explicitly.
 local function hooked(co)
-  if hook_count then sethook(co, hook, "", hook_count) end
+  if hook_count then sethook(co, hook, "", expired and 1 or hook_count) end
   return co
 end
 
@@ -98,8 +104,14 @@ G.setmetatable = function(t, mt)
   return setmetatable(t, mt)
 end
 local coroutine_lib = G.coroutine
-coroutine_lib.create = function(f) return hooked(co_create(f)) end
+-- No new coroutine once time is up: one that was never hooked would not
+-- have seen the deadline.
+coroutine_lib.create = function(f)
+  if out_of_time() then error(TIMEOUT, 0) end
+  return hooked(co_create(f))
+end
 coroutine_lib.wrap = function(f)
+  if out_of_time() then error(TIMEOUT, 0) end
   local co = hooked(co_create(f))
   return function(...)
     local results = pack(co_resume(co, ...))
