@@ -1,4 +1,4 @@
-"""isobranch benchmarks: DESIGN.md §7 targets measured as ratios in one run.
+"""isobranch benchmarks: the performance targets (docs/benchmarks.md), measured as ratios in one run.
 
 Run ``python -m benchmarks`` (``--json FILE`` to save the rows, ``--quick``
 for a smoke run with fewer repetitions).

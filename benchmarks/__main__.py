@@ -15,7 +15,7 @@ NAMES = ["vm", "hook", "lua-threads", "overhead-thread", "overhead-inline", "hot
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Measure every DESIGN.md §7 target that applies, print a table, exit 1 on a miss."""
+    """Measure every performance target that applies, print a table, exit 1 on a miss."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")

@@ -80,7 +80,7 @@ def median_of(fn: Callable[[], object], repeat: int) -> float:
 
 
 def twenty_k_state() -> dict:
-    """A JSON-like state with 20,000 items (the §7 state size)."""
+    """A JSON-like state with 20,000 items (the size the targets name)."""
     return {"items": [{"id": i, "name": f"item-{i}", "score": i * 0.5, "tags": ["a", "b"],
                        "ok": i % 2 == 0} for i in range(20_000)],
             "meta": {"source": "benchmark", "version": 3}}

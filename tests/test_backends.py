@@ -78,19 +78,3 @@ def test_invalid_max_workers_is_a_graph_error():
     graph.set_entry_point("a")
     with pytest.raises(GraphError, match="max_workers"):
         graph.compile(isolation="thread", max_workers=0)
-
-
-def test_readme_python_examples_run(monkeypatch, capsys):
-    """Every Python block in the README runs as written (from the repository root)."""
-    import pathlib
-    import re
-
-    root = pathlib.Path(__file__).parent.parent
-    blocks = re.findall(r"```python\n(.*?)```", (root / "README.md").read_text(), re.DOTALL)
-    assert len(blocks) >= 2
-    monkeypatch.chdir(root)
-    for block in blocks:
-        namespace: dict = {"__name__": "readme_example"}
-        exec(compile(block, "README.md", "exec"), namespace)
-    output = capsys.readouterr().out
-    assert "final" in output and "'verdict': 'small: total 3 < 10'" in output

@@ -1,6 +1,6 @@
 """The Dask backend: branches as tasks on a ``distributed`` cluster.
 
-The graph-level scenarios every backend shares (seeds, fan-out semantics,
+The graph-level scenarios every backend shares (PY-002-*, fan-out semantics,
 risk mitigations) run on ``dask`` through the ``isolation`` fixture; this
 file covers where the cluster comes from and what only a cluster can break.
 Every cluster here is a LocalCluster on 127.0.0.1 with ports the OS picks.
@@ -430,13 +430,13 @@ def test_a_node_that_cannot_travel_is_named(cluster):
         compiled.invoke({})
 
 
-def test_readme_dask_settings_block_runs(cluster):
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("### The Dask backend", 1)[1]
+def test_documented_dask_settings_block_runs(cluster):
+    page = (ROOT / "docs" / "backends.md").read_text()
+    section = page.split("## The Dask backend", 1)[1]
     settings = yaml.safe_load(section.split("```yaml\n", 1)[1].split("```", 1)[0])
     parallel = settings["settings"]["parallel"]
     assert parallel["isolation"] == "dask" and parallel["dask"]["address"].startswith("tcp://")
-    parallel["dask"]["address"] = cluster.scheduler_address  # the README's host is an example
+    parallel["dask"]["address"] = cluster.scheduler_address  # the documented host is an example
     document = {**settings, "nodes": [
         {"name": "start", "run": "return {}"},
         {"name": "a", "language": "lua", "run": "return {lua = true}"},

@@ -1,4 +1,4 @@
-"""LuaRuntime: seed unit scenarios PY-002-UNIT-001..004, the three call forms, errors, limits."""
+"""LuaRuntime: unit scenarios PY-002-UNIT-001..004, the three call forms, errors, limits."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The process backend: branches in worker processes, immune to crashes and hangs.
 
-The graph-level scenarios that every backend shares (seeds, fan-out
+The graph-level scenarios that every backend shares (PY-002-*, fan-out
 semantics, risk mitigations) run on ``process`` through the ``isolation``
 fixture; this file covers what only worker processes can do or break.
 """
@@ -646,9 +646,9 @@ def test_cli_runs_the_example_on_processes():
     assert '"verdict"' in done.stdout
 
 
-def test_readme_process_settings_block_runs():
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("### The process backend", 1)[1]
+def test_documented_process_settings_block_runs():
+    page = (ROOT / "docs" / "backends.md").read_text()
+    section = page.split("## The process backend", 1)[1]
     settings = yaml.safe_load(section.split("```yaml\n", 1)[1].split("```", 1)[0])
     assert settings["settings"]["parallel"]["isolation"] == "process"
     document = {**settings, "nodes": [

@@ -1,4 +1,4 @@
-"""The YAML format (DESIGN.md §2) and its error reporting."""
+"""The YAML format (docs/yaml.md) and its error reporting."""
 
 from __future__ import annotations
 
@@ -296,6 +296,7 @@ def test_examples_directory_workflows_validate():
 
 
 def test_readme_yaml_example_runs():
+    """The README's workflow runs as described there: big for [4, 8, 15], small for [1]."""
     import pathlib
     import re
 
@@ -303,6 +304,6 @@ def test_readme_yaml_example_runs():
     block = re.search(r"```yaml\n(.*?)```", readme, re.DOTALL).group(1)
     with YAMLEngine().load_from_dict(yaml.safe_load(block)) as graph:
         final = graph.invoke({"items": [4, 8, 15]})
-    assert final["markers"] == ["lua", "python"] and final["verdict"] == "big"
+    assert final["markers"] == ["lua", "python"] and final["verdict"] == "big: total 27 >= 10"
     with YAMLEngine().load_from_dict(yaml.safe_load(block)) as graph:
-        assert graph.invoke({"items": [1]})["verdict"] == "small"
+        assert graph.invoke({"items": [1]})["verdict"] == "small: total 1 < 10"

@@ -1,4 +1,4 @@
-"""Build a CompiledGraph from a YAML document (see DESIGN.md §2).
+"""Build a CompiledGraph from a YAML document (the format: docs/yaml.md).
 
 Every mistake becomes a ``GraphError`` that lists all problems found, each
 naming the file and the node, edge or setting at fault.

@@ -1,4 +1,4 @@
-"""Seed scenarios PY-002-INT-*, PY-002-E2E-* and PY-002-UNIT-005..006.
+"""Scenarios PY-002-INT-*, PY-002-E2E-* and PY-002-UNIT-005..006.
 
 Each graph-level scenario runs on every isolation backend (the ``isolation``
 fixture); the unit scenarios 001-004 live in test_lua_runtime.py.
