@@ -295,7 +295,7 @@ def test_pages_are_well_formed_and_have_blocks() -> None:
     """Every fence closes, every marker precedes a block, and the parser finds the blocks."""
     problems = [problem for page in PAGES for problem in parse_page(page)[1]]
     assert problems == []
-    assert {block.page for block in BLOCKS} == set(PAGES) - {ROOT / "docs" / "architecture.md"}
+    assert ROOT / "README.md" in {block.page for block in BLOCKS} and len(BLOCKS) > len(PAGES)
 
 
 def test_the_parser_sees_markers_defaults_and_mistakes() -> None:
