@@ -223,3 +223,9 @@ def test_a_dask_worker_past_the_limit_is_restarted_and_its_branch_fails_alone():
     assert not hogged.timed_out
     assert fine.success and score.success
     assert score.state["adj"] == memory_limit.WORKER_OOM_SCORE_ADJ
+
+
+@needs_dask
+def test_dask_refuses_a_limit_too_small_for_a_worker_to_start():
+    with pytest.raises(GraphError, match="Dask worker uses about 60 MiB by itself"):
+        fan_out(("a", sibling)).compile(isolation="dask", branch_max_memory="64MiB")

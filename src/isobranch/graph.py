@@ -214,7 +214,7 @@ class StateGraph:
             except (GraphError, ValueError) as exc:
                 problems.append(str(exc))
         if backend is not None and branch_max_memory is not None:
-            refused = memory_limit.refusal(isolation, backend)
+            refused = memory_limit.refusal(isolation, backend, branch_max_memory)
             if refused:
                 backend.close()
                 problems.append(refused)
@@ -388,7 +388,7 @@ class CompiledGraph:
             if backend is None:
                 options = self.backend_options if isolation == self.isolation else {}
                 backend = create_backend(isolation, max_workers=max_workers, **options)
-                refused = (memory_limit.refusal(isolation, backend)
+                refused = (memory_limit.refusal(isolation, backend, self.branch_max_memory)
                            if self.branch_max_memory is not None else None)
                 if refused:
                     backend.close()

@@ -63,6 +63,8 @@ DEFAULT_WORKER_WAIT = 60.0
 # The nanny's "restarted for memory" event and the task's failure travel on
 # different connections; a death is matched with its event for this long.
 MEMORY_EVENT_SECONDS = 5.0
+# The smallest branch_max_memory the local cluster takes (it caps whole workers).
+MIN_WORKER_MEMORY = 128 * 1024 * 1024
 # The topic on which a nanny reports a worker it restarted for memory.
 MEMORY_RESTART_TOPIC = "worker-restart-memory"
 
@@ -172,13 +174,18 @@ class DaskBackend:
         self._memory_restarts: dict[str, int] = {}
         self._memory_seen = threading.Condition()
 
-    def check_branch_max_memory(self) -> str | None:
+    def check_branch_max_memory(self, limit: int) -> str | None:
         """Only the local cluster isobranch starts is given ``branch_max_memory`` per worker."""
         if self.address or self._given_client is not None:
             return ("isolation 'dask' enforces it only on the local cluster isobranch starts; "
                     "a cluster given by address or client is configured by its owner: set its "
                     "workers' memory limit there (dask worker --memory-limit, or "
                     "LocalCluster(memory_limit=...)) and leave branch_max_memory unset")
+        if limit < MIN_WORKER_MEMORY:
+            # Below it a worker would be restarted for memory before it ran anything.
+            return (f"on isolation 'dask' it caps each local worker process as a whole, and a "
+                    f"Dask worker uses about 60 MiB by itself: give at least "
+                    f"{format_size(MIN_WORKER_MEMORY)}, got {format_size(limit)}")
         return None
 
     # -- the cluster and the graph on it --------------------------------------

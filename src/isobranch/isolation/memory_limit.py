@@ -156,10 +156,10 @@ def parse_limit(value: object) -> int | None:
         raise ValueError(f"branch_max_memory: {exc}") from None
 
 
-def refusal(isolation: str, backend: object) -> str | None:
-    """Why ``backend`` cannot enforce ``branch_max_memory`` (None: it can).
+def refusal(isolation: str, backend: object, limit: int) -> str | None:
+    """Why ``backend`` cannot enforce a ``branch_max_memory`` of ``limit`` bytes (None: it can).
 
-    A backend enforces it by having ``check_branch_max_memory() -> str | None``
+    A backend enforces it by having ``check_branch_max_memory(limit) -> str | None``
     (the reason it cannot, in its present configuration, or None).
     """
     check = getattr(backend, "check_branch_max_memory", None)
@@ -168,5 +168,5 @@ def refusal(isolation: str, backend: object) -> str | None:
                 f"per branch (its branches share one process's memory); it is enforced by "
                 f"isolation 'process' (each worker process) and 'dask' (each worker of the "
                 f"local cluster isobranch starts)")
-    reason = check()
+    reason = check(limit)
     return f"branch_max_memory: {reason}" if reason else None

@@ -74,8 +74,8 @@ class ProcessBackend:
     crosses_processes = True
 
     @staticmethod
-    def check_branch_max_memory() -> str | None:
-        """Nothing stops a worker process from enforcing ``branch_max_memory``."""
+    def check_branch_max_memory(limit: int) -> str | None:
+        """Any limit can be enforced: it counts what the branch allocates in its worker."""
         return None
 
     def __init__(self, max_workers: int | None = None, *, fresh_worker_per_branch: bool = False,
