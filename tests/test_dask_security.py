@@ -64,3 +64,28 @@ def test_the_local_cluster_admits_only_isobranch_s_own_client():
             assert isinstance(outcome, Exception), f"{attempt} with {security}: {outcome}"
         (again,) = app.invoke({})["results"]
         assert again.success, "refused strangers do not disturb the cluster"
+
+
+def test_a_cluster_given_by_address_uses_the_tls_settings_of_the_dask_configuration():
+    import logging
+
+    import dask
+    from distributed import LocalCluster
+    from distributed.security import Security
+
+    credentials = Security.temporary()
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      scheduler_port=0, dashboard_address="127.0.0.1:0", security=credentials,
+                      silence_logs=logging.CRITICAL) as secured:
+        assert secured.scheduler_address.startswith("tls://")
+        # The settings a user would put in ~/.config/dask/*.yaml (file paths there;
+        # distributed takes the PEM text itself as well).
+        settings = {"distributed.comm.require-encryption": True,
+                    "distributed.comm.tls.ca-file": credentials.tls_ca_file,
+                    "distributed.comm.tls.client.cert": credentials.tls_client_cert,
+                    "distributed.comm.tls.client.key": credentials.tls_client_key}
+        graph = fan_out(("work", lambda state: {"done": True}))
+        with dask.config.set(settings), graph.compile(
+                isolation="dask", dask_address=secured.scheduler_address) as app:
+            (result,) = app.invoke({})["results"]
+        assert result.success and result.worker.startswith("tls://")

@@ -82,13 +82,17 @@ def _probe(address: str, timeout: float) -> str | None:
 
     Runs on a thread of its own so it works under a caller's running event
     loop (a notebook, say); the thread ends by the timeout whatever happens.
+    It presents the TLS credentials of the Dask configuration, as the
+    client does (``distributed.comm.tls.*``).
     """
     from distributed.core import rpc
+    from distributed.security import Security
 
     outcome: list[str | None] = ["no answer"]
 
     async def ask() -> None:
-        scheduler = rpc(address, timeout=timeout)
+        scheduler = rpc(address, timeout=timeout,
+                        connection_args=Security().get_connection_args("client"))
         try:
             await asyncio.wait_for(scheduler.identity(n_workers=0), timeout)
             outcome[0] = None
