@@ -89,3 +89,19 @@ def test_a_cluster_given_by_address_uses_the_tls_settings_of_the_dask_configurat
                 isolation="dask", dask_address=secured.scheduler_address) as app:
             (result,) = app.invoke({})["results"]
         assert result.success and result.worker.startswith("tls://")
+
+
+def test_without_cryptography_the_local_cluster_is_not_started_and_the_error_says_why(
+        monkeypatch):
+    from distributed.security import Security
+
+    from isobranch import GraphExecutionError
+
+    def missing(cls, **kwargs):
+        raise ImportError("Using `Security.temporary` requires `cryptography`")
+
+    monkeypatch.setattr(Security, "temporary", classmethod(missing))
+    graph = fan_out(("work", lambda state: {"done": True}))
+    with graph.compile(isolation="dask", max_workers=1) as app, \
+            pytest.raises(GraphExecutionError, match=r"cryptography.*isobranch\[dask\]"):
+        app.invoke({})
