@@ -56,6 +56,20 @@ def test_a_process_branch_past_its_limit_fails_alone_twice_on_one_graph(hog):
 
 
 @pytest.mark.usefixtures("no_process_leak")
+def test_lua_allocations_count_against_the_branch_limit():
+    from isobranch.nodes import LuaNode
+
+    # Lua's own max_memory (512 MiB by default) is above the branch limit.
+    grows = LuaNode("grows", "local t = {} for i = 1, 1e9 do t[i] = string.rep('x', 1000) .. i "
+                             "end return {n = #t}")
+    graph = fan_out(("grows", grows), ("sibling", sibling))
+    with graph.compile(isolation="process", branch_max_memory="128MiB") as app:
+        grown, fine = app.invoke({})["results"]
+    assert grown.error_type == "BranchMemoryError" and "128 MiB" in grown.error
+    assert "'grows'" in grown.error and fine.success
+
+
+@pytest.mark.usefixtures("no_process_leak")
 def test_a_memory_error_raised_in_a_python_node_is_a_branch_memory_error():
     def raises(state):
         raise MemoryError("simulated")

@@ -146,7 +146,7 @@ class ThreadBackend:
 
         A Python node that never returns cannot be stopped from outside its
         thread; if a branch was abandoned that way, ``close`` does not wait
-        for it (the thread ends when the node returns).
+        for it (the thread, a daemon, ends when the node returns or the process exits).
         """
         with self._lock:
             self._closed = True
