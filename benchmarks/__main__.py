@@ -11,7 +11,7 @@ from . import cases
 
 NAMES = ["vm", "hook", "lua-threads", "overhead-thread", "overhead-inline", "hot-loop-process",
          "python-processes", "overhead-process", "overhead-fresh", "state-copy", "round-trip",
-         "soak-thread", "soak-process", "python-dask", "overhead-dask"]
+         "soak-thread", "soak-process", "python-dask", "overhead-dask", "dask-start"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         lambda: cases.branch_soak(branches=2_000 if args.quick else 10_000, isolation="process"),
         lambda: cases.python_branches_dask_vs_process(repeat=reps(5)),
         lambda: cases.per_branch_overhead("dask", None, repeat=reps(30)),
+        lambda: cases.dask_start_tls_vs_plain(repeat=reps(5)),
     ]
     if args.only:
         runs = [run for run, name in zip(runs, NAMES, strict=True) if name in args.only]

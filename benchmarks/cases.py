@@ -258,6 +258,40 @@ def python_branches_dask_vs_process(branches: int = 8, iterations: int = 5_000_0
                f"({inline_s / process_s:.2f}x), dask {dask_s:.2f} s ({inline_s / dask_s:.2f}x)")
 
 
+def dask_start_tls_vs_plain(workers: int = 2, repeat: int = 3) -> Row:
+    """Starting isobranch's local cluster (TLS, fresh credentials) against the same cluster in plain TCP.
+
+    Each start runs one task and closes the cluster again; the ratio column
+    is TLS time over plain time.
+    """
+    import logging
+
+    import distributed
+
+    from isobranch.isolation.dask_cluster import start_local_cluster
+
+    def secured() -> None:
+        connection = start_local_cluster(workers, 30.0)
+        try:
+            assert connection.address.startswith("tls://")
+            connection.client.submit(sum, [1, 2]).result()
+        finally:
+            connection.close()
+
+    def plain() -> None:
+        with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                      host="127.0.0.1", scheduler_port=0,
+                                      dashboard_address="127.0.0.1:0",
+                                      silence_logs=logging.CRITICAL) as cluster, \
+                distributed.Client(cluster, set_as_default=False) as client:
+            client.submit(sum, [1, 2]).result()
+
+    plain_s, tls_s = round_robin_best([plain, secured], repeat)
+    return Row(f"local Dask cluster start, TLS vs plain TCP ({workers} workers)", "(comparison)",
+               plain_s, tls_s, tls_s / plain_s, True,
+               f"plain {plain_s:.2f} s, TLS {tls_s:.2f} s (start, one task, close)")
+
+
 def state_copy(repeat: int = 7) -> Row:
     """Copying a 20k-item state for a branch against ``copy.deepcopy``."""
     state = twenty_k_state()

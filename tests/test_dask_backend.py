@@ -125,7 +125,8 @@ def test_local_cluster_starts_on_first_use_on_loopback_and_closes_with_the_graph
         events = list(graph.stream(DEMO_INPUT))
         assert len(descendants() - before) >= 2
         (parallel,) = [e for e in events if e["type"] == "parallel"]
-        assert all(r.worker.startswith("tcp://127.0.0.1:") for r in parallel["branches"])
+        # The local cluster speaks TLS only (tests/test_dask_security.py).
+        assert all(r.worker.startswith("tls://127.0.0.1:") for r in parallel["branches"])
     finally:
         graph.close()
     assert descendants() == before, "closing the graph must end the local cluster"
@@ -193,7 +194,7 @@ def test_a_worker_dying_mid_branch_fails_only_that_branch_and_names_the_worker(t
         dies, lives = compiled.invoke({})["results"]
         again = compiled.invoke({})["results"]  # the cluster recovered
     assert not dies.success and dies.error_type == "WorkerDied"
-    assert "died while running it" in dies.error and "tcp://127.0.0.1:" in dies.error
+    assert "died while running it" in dies.error and "tls://127.0.0.1:" in dies.error
     assert dies.worker is None or dies.worker in dies.error
     assert lives.success and lives.state["fine"] is True
     assert [r.success for r in again] == [True, True]
@@ -557,7 +558,7 @@ def test_a_script_on_the_local_cluster_needs_a_main_guard_and_is_told_so(tmp_pat
                           timeout=120, cwd=tmp_path)
     if guarded:
         assert done.returncode == 0, done.stderr
-        assert "worker tcp://127.0.0.1:" in done.stdout
+        assert "worker tls://127.0.0.1:" in done.stdout
     else:
         assert done.returncode != 0
         assert "could not start a local Dask cluster" in done.stderr

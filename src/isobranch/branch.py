@@ -71,10 +71,15 @@ class ParallelFlowResult:
 
 @dataclass
 class BranchLimits:
-    """Limits shared by every branch of one fan-out."""
+    """Limits shared by every branch of one fan-out.
+
+    ``branch_max_memory`` (bytes) is enforced by backends that run branches
+    in processes of their own; compile refuses it for the others.
+    """
 
     branch_timeout: float | None = None
     fail_fast: bool = False
+    branch_max_memory: int | None = None
 
 
 @dataclass

@@ -12,6 +12,7 @@ from .branch import BranchLimits
 from .conditions import Condition, as_condition
 from .context import ExecutionContext
 from .errors import GraphError, GraphExecutionError
+from .isolation import memory_limit
 from .isolation.base import IsolationBackend, available_backends, create_backend
 from .lua.runtime import DEFAULT_MAX_MEMORY
 from .nodes import Node, as_node
@@ -182,11 +183,15 @@ class StateGraph:
                 lua_timeout: float | None = 30.0, lua_max_memory: int | None = DEFAULT_MAX_MEMORY,
                 variables: dict | None = None, max_steps: int = DEFAULT_MAX_STEPS,
                 backend_options: dict[str, Any] | None = None,
-                name: str | None = None, **backend_keywords: Any) -> CompiledGraph:
+                name: str | None = None, branch_max_memory: int | str | None = None,
+                **backend_keywords: Any) -> CompiledGraph:
         """Validate the graph and freeze it into a runnable ``CompiledGraph``.
 
         ``backend_options`` and any other keyword (``fresh_worker_per_branch=True``,
         ``start_method="spawn"``) go to the ``isolation`` backend's factory.
+        ``branch_max_memory`` (bytes or a size such as ``"512MiB"``) caps each
+        branch's memory where the backend can enforce it (``process``, a
+        local ``dask`` cluster) and is refused elsewhere.
         Raises ``GraphError`` listing every problem.
         """
         backend_options = {**(backend_options or {}), **backend_keywords}
@@ -196,6 +201,10 @@ class StateGraph:
                             f"{', '.join(available_backends())}")
         problems.extend(_limit_problems(max_workers=max_workers, branch_timeout=branch_timeout,
                                         max_steps=max_steps))
+        try:
+            branch_max_memory = memory_limit.parse_limit(branch_max_memory)
+        except ValueError as exc:
+            problems.append(str(exc))
         backend = None
         if not problems:
             # Built now (its workers start lazily) so bad backend options fail here.
@@ -204,6 +213,11 @@ class StateGraph:
                                          **(backend_options or {}))
             except (GraphError, ValueError) as exc:
                 problems.append(str(exc))
+        if backend is not None and branch_max_memory is not None:
+            refused = memory_limit.refusal(isolation, backend, branch_max_memory)
+            if refused:
+                backend.close()
+                problems.append(refused)
         if problems:
             raise GraphError(problems=problems)
         routes: dict[str, Routes] = {name: Routes() for name in self._nodes}
@@ -225,7 +239,8 @@ class StateGraph:
             isolation=isolation, max_workers=max_workers, branch_timeout=branch_timeout,
             fail_fast=fail_fast, lua_timeout=lua_timeout, lua_max_memory=lua_max_memory,
             variables=dict(variables or {}), max_steps=max_steps,
-            backend_options=dict(backend_options or {}), name=name)
+            backend_options=dict(backend_options or {}), name=name,
+            branch_max_memory=branch_max_memory)
         compiled._adopt_backend(isolation, backend, max_workers)
         return compiled
 
@@ -252,7 +267,8 @@ class CompiledGraph:
                  fan_outs: dict[str, tuple[list[str], str]], entry: str, isolation: str,
                  max_workers: int | None, branch_timeout: float | None, fail_fast: bool,
                  lua_timeout: float | None, lua_max_memory: int | None, variables: dict,
-                 max_steps: int, backend_options: dict[str, Any], name: str | None) -> None:
+                 max_steps: int, backend_options: dict[str, Any], name: str | None,
+                 branch_max_memory: int | None = None) -> None:
         self.nodes = nodes
         self._routes = routes
         self._fan_outs = fan_outs
@@ -267,6 +283,7 @@ class CompiledGraph:
         self.max_steps = max_steps
         self.backend_options = backend_options
         self.name = name
+        self.branch_max_memory = branch_max_memory
         self._init_pools()
 
     def _init_pools(self) -> None:
@@ -331,7 +348,8 @@ class CompiledGraph:
         context = ExecutionContext(
             self, backend=backend, max_workers=settings["max_workers"],
             fan_out_limits=BranchLimits(branch_timeout=settings["branch_timeout"],
-                                        fail_fast=settings["fail_fast"]))
+                                        fail_fast=settings["fail_fast"],
+                                        branch_max_memory=self.branch_max_memory))
         try:
             yield from run_steps(self, working, context, start=self.entry, snapshots=snapshots)
         finally:
@@ -370,6 +388,11 @@ class CompiledGraph:
             if backend is None:
                 options = self.backend_options if isolation == self.isolation else {}
                 backend = create_backend(isolation, max_workers=max_workers, **options)
+                refused = (memory_limit.refusal(isolation, backend, self.branch_max_memory)
+                           if self.branch_max_memory is not None else None)
+                if refused:
+                    backend.close()
+                    raise GraphError(f"config: {refused}")
                 self._backends[key] = backend
             return backend
 

@@ -26,7 +26,8 @@ DEFAULT_LUA_TIMEOUT = 30.0
 TOP_LEVEL_KEYS = {"name", "description", "variables", "settings", "nodes", "edges"}
 NODE_KEYS = {"name", "run", "file", "language", "fan_in", "description"}
 EDGE_KEYS = {"from", "to", "type", "fan_in", "when"}
-PARALLEL_KEYS = {"isolation", "strategy", "max_workers", "branch_timeout", "fail_fast", "max_steps"}
+PARALLEL_KEYS = {"isolation", "strategy", "max_workers", "branch_timeout", "fail_fast", "max_steps",
+                 "branch_max_memory"}
 LUA_KEYS = {"timeout", "max_memory"}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4,
@@ -213,8 +214,15 @@ class _Builder:
         fail_fast = parallel.pop("fail_fast", False)
         if not isinstance(fail_fast, bool):
             self.problem(f"settings.parallel.fail_fast: must be true or false, got {fail_fast!r}")
+        branch_max_memory = parallel.pop("branch_max_memory", None)
+        try:
+            branch_max_memory = parse_size(branch_max_memory)
+        except ValueError as exc:
+            self.problem(f"settings.parallel.branch_max_memory: {exc}")
+            branch_max_memory = None
         options: dict[str, Any] = {
             "isolation": isolation, "max_workers": max_workers,
+            "branch_max_memory": branch_max_memory,
             "branch_timeout": parallel.pop("branch_timeout", None), "fail_fast": fail_fast,
             "max_steps": parallel.pop("max_steps", DEFAULT_MAX_STEPS),
             "lua_timeout": lua_timeout, "lua_max_memory": max_memory,

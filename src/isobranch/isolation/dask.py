@@ -41,6 +41,7 @@ from .dask_cluster import (
     connect,
     start_local_cluster,
 )
+from .memory_limit import BRANCH_MEMORY_ERROR, format_size, memory_message
 from .shipping import BackendError, pickle_graph
 
 # A branch past its branch_timeout reports its own timeout (with its state)
@@ -59,6 +60,13 @@ FETCH_SECONDS = 2.0
 # A restart is remembered this long, to tell a branch it killed from a death.
 RESTART_MEMORY_SECONDS = 120.0
 DEFAULT_WORKER_WAIT = 60.0
+# The nanny's "restarted for memory" event and the task's failure travel on
+# different connections; a death is matched with its event for this long.
+MEMORY_EVENT_SECONDS = 5.0
+# The smallest branch_max_memory the local cluster takes (it caps whole workers).
+MIN_WORKER_MEMORY = 128 * 1024 * 1024
+# The topic on which a nanny reports a worker it restarted for memory.
+MEMORY_RESTART_TOPIC = "worker-restart-memory"
 
 
 @dataclass
@@ -161,6 +169,24 @@ class DaskBackend:
         # Workers this backend restarted (address -> when): a branch killed
         # with one of them did not fail and runs again.
         self._restarted: dict[str, float] = {}
+        # Workers of the local cluster their nannies restarted for memory
+        # (address -> resident bytes at the time), as the events arrive.
+        self._memory_restarts: dict[str, int] = {}
+        self._memory_seen = threading.Condition()
+
+    def check_branch_max_memory(self, limit: int) -> str | None:
+        """Only the local cluster isobranch starts is given ``branch_max_memory`` per worker."""
+        if self.address or self._given_client is not None:
+            return ("isolation 'dask' enforces it only on the local cluster isobranch starts; "
+                    "a cluster given by address or client is configured by its owner: set its "
+                    "workers' memory limit there (dask worker --memory-limit, or "
+                    "LocalCluster(memory_limit=...)) and leave branch_max_memory unset")
+        if limit < MIN_WORKER_MEMORY:
+            # Below it a worker would be restarted for memory before it ran anything.
+            return (f"on isolation 'dask' it caps each local worker process as a whole, and a "
+                    f"Dask worker uses about 60 MiB by itself: give at least "
+                    f"{format_size(MIN_WORKER_MEMORY)}, got {format_size(limit)}")
+        return None
 
     # -- the cluster and the graph on it --------------------------------------
 
@@ -184,7 +210,11 @@ class DaskBackend:
                     elif self.address:
                         connection = connect(self.address, self.connect_timeout)
                     else:
-                        connection = start_local_cluster(self.max_workers, self.connect_timeout)
+                        connection = start_local_cluster(
+                            self.max_workers, self.connect_timeout,
+                            memory_limit=getattr(graph, "branch_max_memory", None))
+                        connection.client.subscribe_topic(MEMORY_RESTART_TOPIC,
+                                                          self._on_memory_restart)
                     connection.client.subscribe_topic(self._topic, self._on_event)
                 except DaskUnavailable as exc:
                     raise BackendError(str(exc)) from exc
@@ -200,7 +230,9 @@ class DaskBackend:
         # Backend options may hold live objects (a client); workers never need them.
         shipped = copy.copy(graph)
         shipped.backend_options = {}
-        plugin = GraphPlugin(pickle_graph(shipped, "Dask workers"))
+        # Workers of the local cluster volunteer for the OOM killer; a user's are left alone.
+        plugin = GraphPlugin(pickle_graph(shipped, "Dask workers"),
+                             raise_oom_score=connection.cluster is not None)
         name = f"isobranch-graph-{uuid.uuid4().hex}"
         client = connection.client
         try:
@@ -220,6 +252,34 @@ class DaskBackend:
         client = connection.client
         _quietly(functools.partial(client.sync, client.unregister_worker_plugin, plugin,
                                    callback_timeout=self.connect_timeout))
+
+    def _on_memory_restart(self, event: tuple[float, dict]) -> None:
+        # Runs on the client's event-loop thread when a nanny restarts a worker.
+        _, message = event
+        with self._memory_seen:
+            self._memory_restarts[str(message.get("worker"))] = int(message.get("rss") or 0)
+            self._memory_seen.notify_all()
+
+    def _killed_for_memory(self, branch: _Branch, dead: str | None,
+                           connection: Connection) -> ParallelFlowResult | None:
+        """A ``BranchMemoryError`` result if the branch's worker was restarted for memory."""
+        limit = branch.task.limits.branch_max_memory
+        if dead is None or limit is None or connection.cluster is None:
+            return None
+        with self._lock:
+            if not any(worker == dead for _, worker in branch.starts[branch.current:]):
+                return None  # only queued there: not the branch that used the memory
+        with self._memory_seen:
+            self._memory_seen.wait_for(lambda: dead in self._memory_restarts,
+                                       timeout=MEMORY_EVENT_SECONDS)
+            used = self._memory_restarts.get(dead)
+        if used is None:
+            return None
+        result = _failed(branch, "", BRANCH_MEMORY_ERROR)
+        result.error = memory_message(
+            branch.task.label, branch.node, limit,
+            f"Dask worker {dead} reached {format_size(used)} and its nanny restarted it")
+        return result
 
     def _on_event(self, event: tuple[float, dict]) -> None:
         # Runs on the client's event-loop thread as workers report progress.
@@ -416,6 +476,10 @@ class DaskBackend:
             self._forget(pending, [future])
             error = _quietly(future.exception) if status == "error" else None
             dead = _dead_worker(error)
+            memory = self._killed_for_memory(branch, dead, connection)
+            if memory is not None:  # it would only run out again: no retry
+                results[branch.index] = memory
+                continue
             if dead is not None and self._may_run_again(branch, dead):
                 pending[self._submit(client, plugin, branch)] = branch
                 continue
@@ -522,6 +586,8 @@ class DaskBackend:
         if connection.cluster is None and plugin is not None and connection.usable:
             self._unregister(connection, plugin)
         _quietly(connection.client.unsubscribe_topic, self._topic)
+        if connection.cluster is not None:
+            _quietly(connection.client.unsubscribe_topic, MEMORY_RESTART_TOPIC)
         if connection.owns_client:
             connection.close()
 

@@ -82,13 +82,17 @@ def _probe(address: str, timeout: float) -> str | None:
 
     Runs on a thread of its own so it works under a caller's running event
     loop (a notebook, say); the thread ends by the timeout whatever happens.
+    It presents the TLS credentials of the Dask configuration, as the
+    client does (``distributed.comm.tls.*``).
     """
     from distributed.core import rpc
+    from distributed.security import Security
 
     outcome: list[str | None] = ["no answer"]
 
     async def ask() -> None:
-        scheduler = rpc(address, timeout=timeout)
+        scheduler = rpc(address, timeout=timeout,
+                        connection_args=Security().get_connection_args("client"))
         try:
             await asyncio.wait_for(scheduler.identity(n_workers=0), timeout)
             outcome[0] = None
@@ -129,28 +133,53 @@ def _main_guard_hint() -> str:
     return ""
 
 
-def start_local_cluster(n_workers: int | None, timeout: float) -> Connection:
+def start_local_cluster(n_workers: int | None, timeout: float,
+                        memory_limit: int | None = None) -> Connection:
     """A ``LocalCluster`` of single-threaded worker processes on 127.0.0.1.
+
+    Every connection to it (client, scheduler, nannies, workers) is TLS with
+    a key and self-signed certificate made for this cluster and held only in
+    memory, and each end must present that certificate: another local user
+    or process that finds its port cannot submit work. Its HTTP server
+    serves no routes (a dashboard would be unauthenticated).
 
     Its scheduler does not re-run a task whose worker died
     (``allowed-failures: 0``): the backend reports that branch as failed and
-    retries only when asked.
+    retries only when asked. ``memory_limit`` (bytes) caps each worker
+    process's resident memory: its nanny restarts a worker that passes it.
     """
     distributed = import_distributed()
     import dask
 
     workers = n_workers or os.cpu_count() or 1
-    try:
+    security = _temporary_credentials()
+    config: dict[str, Any] = {
         # A scheduler that re-runs nothing by itself (the backend decides), and
         # sends every task to a worker at once: queueing them on the scheduler
         # would cost a round trip per branch, and a branch queued on a worker
         # that dies is told apart from one that ran there by its confirmed start.
-        with dask.config.set({"distributed.scheduler.allowed-failures": 0,
-                              "distributed.scheduler.worker-saturation": float("inf")}):
+        "distributed.scheduler.allowed-failures": 0,
+        "distributed.scheduler.worker-saturation": float("inf"),
+        "distributed.scheduler.http.routes": [],
+        "distributed.worker.http.routes": [],
+    }
+    limits: dict[str, Any] = {}
+    if memory_limit is not None:
+        # The limit means what it says: no spilling to disk or pausing on the
+        # way (a paused worker would stall its queued branches); the nanny
+        # restarts the worker once its memory passes the limit itself.
+        config.update({"distributed.worker.memory.target": False,
+                       "distributed.worker.memory.spill": False,
+                       "distributed.worker.memory.pause": False,
+                       "distributed.worker.memory.terminate": 1.0})
+        limits["memory_limit"] = memory_limit
+    try:
+        with dask.config.set(config):
             cluster = distributed.LocalCluster(
                 n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                 scheduler_port=0, dashboard_address="127.0.0.1:0",
-                silence_logs=logging.CRITICAL)
+                scheduler_kwargs={"dashboard": False}, security=security,
+                silence_logs=logging.CRITICAL, **limits)
     except Exception as exc:
         raise DaskUnavailable(f"could not start a local Dask cluster of {workers} worker(s): "
                               f"{type(exc).__name__}: {exc}{_main_guard_hint()}") from exc
@@ -161,3 +190,14 @@ def start_local_cluster(n_workers: int | None, timeout: float) -> Connection:
         raise
     return Connection(client, cluster.scheduler_address, cluster)
 
+
+def _temporary_credentials() -> Any:
+    """A ``Security`` with a fresh in-memory key and certificate, required on every connection."""
+    from distributed.security import Security
+
+    try:
+        return Security.temporary()
+    except ImportError as exc:
+        raise DaskUnavailable("the local Dask cluster is secured with temporary TLS "
+                              "credentials, which need the cryptography package: "
+                              "pip install 'isobranch[dask]'") from exc

@@ -13,6 +13,7 @@ from distributed import WorkerPlugin, get_worker
 from distributed.utils import sync
 
 from ..branch import BranchMonitor, BranchTask, ParallelFlowResult, run_branch
+from .memory_limit import raise_oom_score
 
 
 class GraphPlugin(WorkerPlugin):
@@ -21,17 +22,23 @@ class GraphPlugin(WorkerPlugin):
     The scheduler keeps the pickled plugin and hands it to each worker as it
     registers, so the graph crosses once per worker, never per task, and
     survives the loss of any worker. The graph is unpickled once per worker.
+    With ``raise_oom_score`` each worker makes itself the kernel's first
+    choice when the machine runs out of memory.
     """
 
-    def __init__(self, graph_bytes: bytes) -> None:
+    def __init__(self, graph_bytes: bytes, raise_oom_score: bool = False) -> None:
         self.graph_bytes = graph_bytes
+        self.raise_oom_score = raise_oom_score
         self.graph: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"graph_bytes": self.graph_bytes, "graph": None}
+        return {"graph_bytes": self.graph_bytes, "raise_oom_score": self.raise_oom_score,
+                "graph": None}
 
     def setup(self, worker: Any) -> None:
         """Unpickle the graph on this worker."""
+        if self.raise_oom_score:
+            raise_oom_score()
         self.graph = pickle.loads(self.graph_bytes)
 
     def teardown(self, worker: Any) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 
 from ..branch import BranchTask, ParallelFlowResult, cancelled_result
 from .base import register_backend
+from .memory_limit import BRANCH_MEMORY_ERROR, kernel_oom_kills, memory_message, oom_killed
 from .process_pool import START_METHODS, WorkerProcess, WorkerStartError, start_launcher
 from .shipping import BackendError, pickle_graph
 
@@ -54,6 +55,8 @@ class _Running:
     lua: tuple[str, float, float | None, bool] | None = None  # chunk, deadline, limit, cut
     updates: list[bytes | None] = field(default_factory=list)
     heard_from: bool = False
+    # The kernel's OOM-kill count when the branch started (with branch_max_memory).
+    oom_kills: int | None = None
 
 
 class ProcessBackend:
@@ -69,6 +72,11 @@ class ProcessBackend:
     name = "process"
     # The runner checks this before fan-out: state must pickle to get here.
     crosses_processes = True
+
+    @staticmethod
+    def check_branch_max_memory(limit: int) -> str | None:
+        """Any limit can be enforced: it counts what the branch allocates in its worker."""
+        return None
 
     def __init__(self, max_workers: int | None = None, *, fresh_worker_per_branch: bool = False,
                  start_method: str = "forkserver") -> None:
@@ -105,9 +113,10 @@ class ProcessBackend:
         retried: set[int] = set()
         running: dict[Connection, _Running] = {}
         fail_fast = tasks[0].limits.fail_fast
+        oom_kills = kernel_oom_kills() if tasks[0].limits.branch_max_memory else None
         try:
             while queue or running:
-                self._dispatch(queue, running, payloads)
+                self._dispatch(queue, running, payloads, oom_kills)
                 timeout = _next_wakeup(running, tasks)
                 if queue:
                     # Waiting for a worker another thread may free: look again soon.
@@ -260,7 +269,7 @@ class ProcessBackend:
     # -- one fan-out ------------------------------------------------------------
 
     def _dispatch(self, queue: deque[int], running: dict[Connection, _Running],
-                  payloads: list[bytes]) -> None:
+                  payloads: list[bytes], oom_kills: int | None = None) -> None:
         while queue:
             worker = self._acquire(block=not running)
             if worker is None:
@@ -268,7 +277,7 @@ class ProcessBackend:
             index = queue.popleft()
             # Tracked first: if anything interrupts the send, the caller's
             # cleanup kills this worker instead of losing its pool place.
-            running[worker.conn] = _Running(index, worker, time.monotonic())
+            running[worker.conn] = _Running(index, worker, time.monotonic(), oom_kills=oom_kills)
             try:
                 worker.conn.send_bytes(payloads[index])
             except OSError:  # it died while idle; the branch has not started
@@ -301,7 +310,11 @@ class ProcessBackend:
                 elif kind == "merged":
                     slot.updates.append(message[2])
                 elif kind == "result":
-                    self._release(slot.worker)
+                    if message[1].error_type == BRANCH_MEMORY_ERROR:
+                        # An allocation failed somewhere in it: not reused.
+                        self._discard(slot.worker, kill=True)
+                    else:
+                        self._release(slot.worker)
                     return message[1]
         except (EOFError, OSError):
             with self._lock:
@@ -316,6 +329,12 @@ class ProcessBackend:
     def _crashed(self, task: BranchTask, slot: _Running) -> ParallelFlowResult:
         how = self._discard(slot.worker, kill=True)
         where = f" (running node {slot.node!r})" if slot.node else ""
+        if oom_killed(slot.oom_kills, how):
+            assert task.limits.branch_max_memory is not None
+            return self._failed(task, slot, memory_message(
+                task.label, slot.node, task.limits.branch_max_memory,
+                f"the kernel's out-of-memory killer ended worker process {slot.worker.pid}"),
+                BRANCH_MEMORY_ERROR, timed_out=False)
         return self._failed(task, slot, f"branch {task.label!r}: worker process {slot.worker.pid}"
                                         f"{where} {how}", "WorkerCrashed", timed_out=False)
 

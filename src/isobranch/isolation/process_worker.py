@@ -32,8 +32,11 @@ import socket
 import struct
 import sys
 import threading
+import time
 from multiprocessing.connection import Connection
 from typing import Any
+
+from .memory_limit import as_memory_failure, data_limit, out_of_memory_result, raise_oom_score
 
 PID = struct.Struct("!q")
 STATUS = struct.Struct("!i")
@@ -104,7 +107,15 @@ def run_task(graph: Any, payload: dict[str, Any], conn: Connection) -> bytes:
     from ..statecopy import find_unpicklable
 
     task = BranchTask(graph=graph, **payload)
-    result = run_branch(task, watchdog=ParentWatchdog(conn))
+    started = time.monotonic()
+    try:
+        with data_limit(task.limits.branch_max_memory):
+            result = run_branch(task, watchdog=ParentWatchdog(conn))
+        result = as_memory_failure(task, result)
+    except MemoryError:
+        if task.limits.branch_max_memory is None:
+            raise
+        result = out_of_memory_result(task, (time.monotonic() - started) * 1000.0)
     try:
         return pickle.dumps(("result", result), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
@@ -141,6 +152,7 @@ def _quiet_signals() -> None:
 def fork_server(control_fd: int) -> int:
     """Load the graph once, then fork workers on request until the parent closes the socket."""
     _quiet_signals()
+    raise_oom_score()  # inherited by every worker it forks
     control = socket.socket(fileno=control_fd)
     try:
         graph = load_graph(read_init(sys.stdin.buffer))
@@ -224,6 +236,7 @@ def _exit_with_parent() -> None:
 def spawned_worker(conn_fd: int, once: bool) -> int:
     """A worker started as its own interpreter (``start_method="spawn"``)."""
     _quiet_signals()
+    raise_oom_score()
     _exit_with_parent()
     conn = Connection(conn_fd)
     try:

@@ -1,4 +1,4 @@
-"""The thread backend: branches run on a reusable ``ThreadPoolExecutor``.
+"""The thread backend: branches run on a reusable pool of daemon threads.
 
 Lupa releases the GIL while Lua runs, so Lua-heavy branches scale with
 cores. The pool is created on first use and reused until ``close()``; each
@@ -11,7 +11,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 from ..branch import (
     BranchMonitor,
@@ -22,6 +22,7 @@ from ..branch import (
     timed_out_result,
 )
 from .base import register_backend
+from .thread_pool import DaemonThreadPool
 
 # A branch gets this long past its deadline to report its own timeout (with
 # its state and node) before the backend stops waiting for it.
@@ -42,19 +43,21 @@ class ThreadBackend:
         if max_workers is not None and max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers}")
         self.max_workers = max_workers or min(32, (os.cpu_count() or 1) + 4)
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: DaemonThreadPool | None = None
         self._lock = threading.Lock()
         self._closed = False
         # Branches given up on (timeout, fail_fast) that may still be running.
         self._abandoned: list[Future] = []
 
-    def _pool(self) -> ThreadPoolExecutor:
+    def _pool(self) -> DaemonThreadPool:
         with self._lock:
             if self._closed:
                 raise RuntimeError("thread backend is closed")
             if self._executor is None:
-                self._executor = ThreadPoolExecutor(self.max_workers,
-                                                    thread_name_prefix="isobranch-branch")
+                # Daemon threads: a call abandoned at branch_timeout must not
+                # keep the interpreter from exiting.
+                self._executor = DaemonThreadPool(self.max_workers,
+                                                  thread_name_prefix="isobranch-branch")
             return self._executor
 
     def run_branches(self, tasks: list[BranchTask]) -> list[ParallelFlowResult]:
@@ -143,7 +146,7 @@ class ThreadBackend:
 
         A Python node that never returns cannot be stopped from outside its
         thread; if a branch was abandoned that way, ``close`` does not wait
-        for it (the thread ends when the node returns).
+        for it (the thread, a daemon, ends when the node returns or the process exits).
         """
         with self._lock:
             self._closed = True
