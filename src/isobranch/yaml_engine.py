@@ -318,8 +318,8 @@ class _Builder:
         origin.update({key: f"YAMLEngine({key}=...)" for key in engine._options})
         isolation = engine._isolation or parallel.get("isolation") or "thread"
         if not isinstance(isolation, str) or isolation not in available_backends():
-            self.problem(f"settings.parallel.isolation: unknown isolation backend {isolation!r}; "
-                         f"available: {', '.join(available_backends())}")
+            self.problem(unknown(f"settings.parallel.isolation: unknown isolation backend "
+                                 f"{isolation!r}", isolation, available_backends()))
             isolation = None
         fail_fast = parallel.get("fail_fast", False)
         if not isinstance(fail_fast, bool):
@@ -347,9 +347,9 @@ class _Builder:
             isolation, {k: v for k, v in engine._options.items() if k not in PARALLEL_KEYS},
             "YAMLEngine()")
         if not engine._allow_python:
-            for key, where in sorted(from_document.items()):
+            for key, (_, where) in sorted(from_document.items()):
                 if key not in UNTRUSTED_BACKEND_OPTIONS and key not in from_engine:
-                    self.problem(f"{where[1]}: a Lua-only document cannot set this backend "
+                    self.problem(f"{where}: a Lua-only document cannot set this backend "
                                  f"option (it may decide where this process connects or what "
                                  f"it loads); pass it to YAMLEngine(...) instead")
         merged = {key: value for key, (value, _) in from_document.items()}
