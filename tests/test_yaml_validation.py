@@ -122,6 +122,17 @@ def test_the_chosen_backends_section_and_flat_keys_are_merged_flat_winning():
         assert graph.backend_options == {"fresh_worker_per_branch": True, "start_method": "spawn"}
 
 
+def test_flat_options_of_the_documents_backend_are_dropped_when_the_engine_chooses_another():
+    document = {"settings": {"parallel": {"isolation": "process", "fresh_worker_per_branch": True,
+                                          "thread": {}}},
+                "nodes": ONE_NODE}
+    with YAMLEngine(isolation="inline").load_from_dict(document) as graph:
+        assert (graph.isolation, graph.backend_options) == ("inline", {})
+    document["settings"]["parallel"]["fresh_worker_per_brnch"] = True
+    assert only_problem(document, isolation="inline").endswith(
+        "did you mean 'fresh_worker_per_branch'?")
+
+
 def test_map_edge_keys_are_not_unknown_keys():
     problems = problems_of({
         "nodes": [{"name": "a", "run": "pass"}, {"name": "b", "run": "pass"}],

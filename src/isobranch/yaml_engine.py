@@ -340,12 +340,17 @@ class _Builder:
         handled = {"isolation", "strategy", *options}
         for key in sorted(PARALLEL_KEYS & set(parallel) - handled):
             options[key] = parallel[key]
+        # Flat backend options in the document belong to the backend the
+        # document chose; when the engine chose another, they do not apply.
+        chosen_by_document = document.get("isolation") or "thread"
+        if not isinstance(chosen_by_document, str) or chosen_by_document not in available_backends():
+            chosen_by_document = isolation
         from_document = self.backend_options(
-            isolation, {k: v for k, v in document.items() if k not in PARALLEL_KEYS},
-            "settings.parallel")
+            isolation, chosen_by_document,
+            {k: v for k, v in document.items() if k not in PARALLEL_KEYS}, "settings.parallel")
         from_engine = self.backend_options(
-            isolation, {k: v for k, v in engine._options.items() if k not in PARALLEL_KEYS},
-            "YAMLEngine()")
+            isolation, isolation,
+            {k: v for k, v in engine._options.items() if k not in PARALLEL_KEYS}, "YAMLEngine()")
         if not engine._allow_python:
             for key, (_, where) in sorted(from_document.items()):
                 if key not in UNTRUSTED_BACKEND_OPTIONS and key not in from_engine:
@@ -384,17 +389,18 @@ class _Builder:
                 max_memory = DEFAULT_MAX_MEMORY
         return lua_timeout, max_memory
 
-    def backend_options(self, isolation: str | None, rest: Mapping[str, Any],
-                        prefix: str) -> dict[str, tuple[Any, str]]:
-        """The chosen backend's options in ``rest``: ``{option: (value, where)}``.
+    def backend_options(self, isolation: str | None, flat_for: str | None,
+                        rest: Mapping[str, Any], prefix: str) -> dict[str, tuple[Any, str]]:
+        """The options ``rest`` gives backend ``isolation``: ``{option: (value, where)}``.
 
         ``rest`` is what is left of ``settings.parallel`` (or of the engine's
-        options) after the engine's own keys: a mapping per backend name, or
-        flat options of the chosen backend, which win over its mapping.
-        Every key of every backend's mapping is checked, chosen or not.
+        options) after the engine's own keys: a mapping per backend name,
+        and flat options of backend ``flat_for``, which win over its mapping
+        and apply only if it is ``isolation``. Every key is checked, whether
+        it applies or not.
         """
         backends = available_backends()
-        accepted = backend_options(isolation) if isolation else frozenset()
+        accepted = backend_options(flat_for) if flat_for else frozenset()
         section: dict[str, tuple[Any, str]] = {}
         flat: dict[str, tuple[Any, str]] = {}
         for key, value in rest.items():
@@ -408,9 +414,10 @@ class _Builder:
                     section.update({option: (option_value, f"{where}.{option}")
                                     for option, option_value in options.items()})
             elif accepted is None or key in accepted:
-                flat[key] = (value, where)
+                if flat_for == isolation:
+                    flat[key] = (value, where)
             elif elsewhere := backends_accepting(key):
-                self.problem(f"{where}: not an option of isolation backend {isolation!r} but of "
+                self.problem(f"{where}: not an option of isolation backend {flat_for!r} but of "
                              f"{', '.join(map(repr, elsewhere))}; choose that backend or put it "
                              f"under settings.parallel.{elsewhere[0]}")
             else:
