@@ -225,3 +225,17 @@ def test_cli_lua_only(tmp_path, capsys):
     lua_flow.write_text("nodes:\n  - {name: a, language: lua, run: 'return {a = 1}'}\n")
     assert main(["run", "--lua-only", "--isolation", "inline", str(lua_flow)]) == 0
     assert json.loads(capsys.readouterr().out) == {"a": 1}
+
+
+def test_unusable_file_paths_are_problems_not_crashes(tmp_path):
+    os.symlink(tmp_path / "b", tmp_path / "a")
+    os.symlink(tmp_path / "a", tmp_path / "b")
+    (tmp_path / "folder").mkdir()
+    document = {"nodes": [{"name": "loop", "language": "lua", "file": "a"},
+                          {"name": "nul", "language": "lua", "file": "x\0y"},
+                          {"name": "directory", "language": "lua", "file": "folder"}]}
+    for allow_python in (False, True):
+        with pytest.raises(GraphError) as info:
+            YAMLEngine(allow_python=allow_python).load_from_dict(document, base_dir=tmp_path)
+        assert [p.split(":")[0] for p in info.value.problems] == [
+            "node 'loop'", "node 'nul'", "node 'directory'"]

@@ -213,7 +213,10 @@ def contained_file(base_dir: Path, reference: str) -> Path:
     if ".." in path.parts:
         raise ValueError("must not contain '..'")
     root = base_dir.resolve()
-    resolved = (root / path).resolve()
+    try:
+        resolved = (root / path).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # a NUL byte; a symlink loop (3.11)
+        raise ValueError(f"is not a usable path ({exc})") from exc
     if not resolved.is_relative_to(root):
         raise ValueError("resolves (through a symlink) outside the workflow's directory")
     if resolved.exists() and not resolved.is_file():
@@ -536,7 +539,7 @@ class _Builder:
             path = self.base_dir / path
         try:
             return path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: undecodable, or a NUL in the path
             self.problem(f"{where}: cannot read file {str(path)!r}: {exc}")
             return None
 
