@@ -68,12 +68,17 @@ def _parser() -> argparse.ArgumentParser:
 
     for sub in (run, validate, draw):
         sub.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    for sub in (run, validate):
+        sub.add_argument("--lua-only", action="store_true",
+                         help="for workflows you do not trust: refuse any Python node or "
+                              "condition and any file outside the workflow's directory, so "
+                              "only sandboxed Lua runs")
     return parser
 
 
 def _run(args: argparse.Namespace) -> int:
     state = _read_input(args.input)
-    engine = YAMLEngine(isolation=args.isolation)
+    engine = YAMLEngine(isolation=args.isolation, allow_python=not args.lua_only)
     with engine.load_from_file(args.file) as graph:
         if not args.stream:
             _print_json(graph.invoke(state))
@@ -85,7 +90,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    problems = YAMLEngine().validate_file(args.file)
+    problems = YAMLEngine(allow_python=not args.lua_only).validate_file(args.file)
     for problem in problems:
         print(problem, file=sys.stderr)
     if problems:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -14,6 +16,8 @@ from .context import ExecutionContext
 from .errors import GraphError, GraphExecutionError
 from .isolation import memory_limit
 from .isolation.base import IsolationBackend, available_backends, create_backend
+from .keys import backend_options as declared_backend_options
+from .keys import unknown
 from .lua.runtime import DEFAULT_MAX_MEMORY
 from .nodes import Node, as_node
 from .runner import END, START, run_steps
@@ -205,6 +209,8 @@ class StateGraph:
             branch_max_memory = memory_limit.parse_limit(branch_max_memory)
         except ValueError as exc:
             problems.append(str(exc))
+        if isolation in available_backends():
+            problems.extend(_backend_option_problems(isolation, backend_options))
         backend = None
         if not problems:
             # Built now (its workers start lazily) so bad backend options fail here.
@@ -243,6 +249,30 @@ class StateGraph:
             branch_max_memory=branch_max_memory)
         compiled._adopt_backend(isolation, backend, max_workers)
         return compiled
+
+
+@functools.cache
+def _compile_keywords() -> frozenset[str]:
+    parameters = inspect.signature(StateGraph.compile).parameters.values()
+    return frozenset(p.name for p in parameters
+                     if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self")
+
+
+def _backend_option_problems(isolation: str, options: dict[str, Any]) -> list[str]:
+    """Options the backend's factory does not declare, named before it is called."""
+    accepted = declared_backend_options(isolation)
+    if accepted is None:
+        return []
+    own = _compile_keywords()
+    problems = []
+    for key in sorted(set(options) - accepted, key=str):
+        if key in own:
+            problems.append(f"compile(): {key!r} is a keyword of compile() itself, "
+                            f"not an option of isolation backend {isolation!r}")
+            continue
+        problems.append(unknown(f"compile(): unknown keyword {key!r} for isolation backend "
+                                f"{isolation!r}", key, own - {"backend_options"} | accepted))
+    return problems
 
 
 def _limit_problems(**limits: Any) -> list[str]:

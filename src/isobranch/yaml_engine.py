@@ -1,11 +1,15 @@
 """Build a CompiledGraph from a YAML document (the format: docs/yaml.md).
 
 Every mistake becomes a ``GraphError`` that lists all problems found, each
-naming the file and the node, edge or setting at fault.
+naming the file and the node, edge or setting at fault: unknown keys at
+every level (with the closest allowed name), Python and Lua syntax errors
+(found without running anything), bad settings. With
+``allow_python=False`` a document may contain only sandboxed Lua.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from itertools import pairwise
@@ -18,17 +22,30 @@ from .conditions import Condition, LuaCondition, PythonCondition
 from .errors import GraphError
 from .graph import DEFAULT_MAX_STEPS, CompiledGraph, StateGraph
 from .isolation.base import available_backends
+from .keys import (
+    EDGE_KEYS,
+    LUA_SETTINGS_KEYS,
+    NODE_KEYS,
+    PARALLEL_KEYS,
+    SETTINGS_KEYS,
+    TOP_LEVEL_KEYS,
+    UNTRUSTED_BACKEND_OPTIONS,
+    Language,
+    backend_options,
+    backends_accepting,
+    unknown,
+)
 from .lua.runtime import DEFAULT_MAX_MEMORY
+from .lua.syntax import LuaSyntaxChecker
 from .nodes import LuaNode, Node, PythonNode
 from .runner import END, START
 
 DEFAULT_LUA_TIMEOUT = 30.0
-TOP_LEVEL_KEYS = {"name", "description", "variables", "settings", "nodes", "edges"}
-NODE_KEYS = {"name", "run", "file", "language", "fan_in", "description"}
-EDGE_KEYS = {"from", "to", "type", "fan_in", "when"}
-PARALLEL_KEYS = {"isolation", "strategy", "max_workers", "branch_timeout", "fail_fast", "max_steps",
-                 "branch_max_memory"}
-LUA_KEYS = {"timeout", "max_memory"}
+# settings.parallel keys the engine's own arguments stand for, so not options.
+_ENGINE_ARGUMENTS = frozenset({"isolation", "strategy", "max_workers"})
+# Keys whose value is code: a YAML error on their line gets the block-form hint.
+_CODE_KEYS = frozenset({"run", "when", "over"})
+_KEY = re.compile(r"(?:^|[\s{,])([A-Za-z_][\w-]*)\s*:(?=\s|$)")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4,
                "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
@@ -42,18 +59,32 @@ class YAMLEngine:
     Isolation precedence: the ``isolation`` argument, then YAML
     ``settings.parallel.isolation`` (alias ``strategy``), then ``"thread"``.
     ``options`` override any ``settings.parallel`` key (``branch_timeout``,
-    ``fail_fast``, ``max_steps`` or a backend's own option).
+    ``fail_fast``, ``max_steps`` or a backend's own option); an option no
+    backend knows is a ``GraphError`` at once.
+
+    ``allow_python=False`` is for documents you do not trust: a Python
+    ``run:`` body or ``when:`` condition is full Python with the caller's
+    rights, so every one is refused at load time, and so is a ``file:``
+    outside the document's directory. What remains is sandboxed Lua, whose
+    time and memory limits the document may lower but not raise.
     """
 
     def __init__(self, lua_enabled: bool = True, lua_timeout: float = _UNSET,
-                 isolation: str | None = None, max_workers: int | None = None,
-                 **options: Any) -> None:
+                 isolation: str | None = None, max_workers: int | None = None, *,
+                 allow_python: bool = True, **options: Any) -> None:
+        _check_engine_options(options)
         self._lua_enabled = lua_enabled
         self._lua_timeout_explicit = lua_timeout is not _UNSET
         self._lua_timeout = DEFAULT_LUA_TIMEOUT if lua_timeout is _UNSET else lua_timeout
         self._isolation = isolation
         self._max_workers = max_workers
+        self._allow_python = allow_python
         self._options = options
+
+    @property
+    def allow_python(self) -> bool:
+        """Whether documents may contain Python code (False: Lua only)."""
+        return self._allow_python
 
     def load_from_file(self, path: str | Path) -> CompiledGraph:
         """Read, validate and compile the workflow in ``path``.
@@ -90,6 +121,21 @@ class YAMLEngine:
         return []
 
 
+def _check_engine_options(options: Mapping[str, Any]) -> None:
+    """Refuse at once a ``YAMLEngine`` keyword that no backend or setting knows."""
+    backends = available_backends()
+    allowed = set(PARALLEL_KEYS - _ENGINE_ARGUMENTS) | set(backends)
+    for name in backends:
+        declared = backend_options(name)
+        if declared is None:
+            return  # some backend takes any option
+        allowed |= declared
+    problems = [unknown(f"YAMLEngine(): unknown option {key!r}", key, allowed)
+                for key in sorted(set(options) - allowed, key=str)]
+    if problems:
+        raise GraphError(problems=problems)
+
+
 def read_yaml_file(path: str | Path) -> tuple[Any, str]:
     """Parse a YAML file; errors are a ``GraphError`` with file, line and column."""
     source = str(path)
@@ -105,7 +151,34 @@ def read_yaml_file(path: str | Path) -> tuple[Any, str]:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
         problem = getattr(exc, "problem", None) or str(exc)
-        raise GraphError(f"{where}: invalid YAML: {problem}") from exc
+        raise GraphError(f"{where}: invalid YAML: {problem}{_code_value_hint(text, exc)}"
+                         ) from exc
+
+
+def _code_value_hint(text: str, error: yaml.YAMLError) -> str:
+    """Advice when a YAML error sits in a one-line code value such as ``run: return {"a": 1}``.
+
+    Code is full of ``: ``, ``{`` and ``#``, which YAML reads as its own
+    syntax; the block form (``run: |``) takes the text literally.
+    """
+    lines = text.splitlines()
+    for mark in (getattr(error, "problem_mark", None), getattr(error, "context_mark", None)):
+        if mark is None or not 0 <= mark.line < len(lines):
+            continue
+        # The key is the last one before the error on its line (flow style puts
+        # several on one line) or, on a continuation line of a multi-line
+        # plain value, the last one on the nearest line above that has one.
+        for number in range(mark.line, -1, -1):
+            line = lines[number][:mark.column] if number == mark.line else lines[number]
+            keys = _KEY.findall(line)
+            if not keys:
+                continue
+            if keys[-1] in _CODE_KEYS:
+                return (f" (line {number + 1}: code in '{keys[-1]}:' on one line is read as "
+                        f"YAML; write '{keys[-1]}: |' and put the code on the following lines, "
+                        f"indented)")
+            break
+    return ""
 
 
 def parse_size(value: Any) -> int | None:
@@ -128,6 +201,29 @@ def parse_size(value: Any) -> int | None:
     return size
 
 
+def contained_file(base_dir: Path, reference: str) -> Path:
+    """``reference`` resolved inside ``base_dir``; ``ValueError`` if it could leave it.
+
+    Refused: absolute paths, ``..`` components, and paths whose symlinks
+    resolve outside ``base_dir``.
+    """
+    path = Path(reference)
+    if path.is_absolute():
+        raise ValueError("must be a path relative to the workflow's directory")
+    if ".." in path.parts:
+        raise ValueError("must not contain '..'")
+    root = base_dir.resolve()
+    try:
+        resolved = (root / path).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # a NUL byte; a symlink loop (3.11)
+        raise ValueError(f"is not a usable path ({exc})") from exc
+    if not resolved.is_relative_to(root):
+        raise ValueError("resolves (through a symlink) outside the workflow's directory")
+    if resolved.exists() and not resolved.is_file():
+        raise ValueError("is not a regular file")
+    return resolved
+
+
 class _Builder:
     """Turns one document into a StateGraph, collecting every problem on the way."""
 
@@ -138,6 +234,7 @@ class _Builder:
         self.source = source
         self.base_dir = base_dir
         self.problems: list[str] = []
+        self.lua = LuaSyntaxChecker()
 
     def problem(self, text: str) -> None:
         self.problems.append(text)
@@ -145,13 +242,27 @@ class _Builder:
     def fail(self) -> GraphError:
         return GraphError(problems=self.problems, source=self.source)
 
+    def python_allowed(self, where: str, what: str, hint: str) -> bool:
+        """The one door through which any part of the document becomes Python code.
+
+        Every place that would build a Python callable from the document
+        (node bodies, fan-in nodes, conditions, and any future expression)
+        must ask here first; with ``allow_python=False`` the answer is no
+        and the refusal is recorded as a problem.
+        """
+        if self.engine._allow_python:
+            return True
+        self.problem(f"{where}: {what} is Python, which this engine refuses "
+                     f"(allow_python=False runs only sandboxed Lua); {hint}")
+        return False
+
     def build(self) -> CompiledGraph:
         doc = self.document
         if not isinstance(doc, Mapping):
             self.problem(f"the document must be a mapping with 'nodes', got {type(doc).__name__}")
             raise self.fail()
         for key in sorted(set(doc) - TOP_LEVEL_KEYS, key=str):
-            self.problem(f"unknown top-level key {key!r} (allowed: {', '.join(sorted(TOP_LEVEL_KEYS))})")
+            self.problem(unknown(f"unknown top-level key {key!r}", key, TOP_LEVEL_KEYS))
         variables = doc.get("variables") or {}
         if not isinstance(variables, Mapping):
             self.problem("variables: must be a mapping")
@@ -169,74 +280,160 @@ class _Builder:
         if self.problems:
             raise self.fail()
         try:
-            return graph.compile(variables=dict(variables), name=doc.get("name"),
-                                 **compile_options)
+            compiled = graph.compile(variables=dict(variables), name=doc.get("name"),
+                                     **compile_options)
         except GraphError as exc:
             raise GraphError(problems=exc.problems, source=self.source) from None
+        if not self.engine._allow_python:
+            _assert_lua_only(compiled)
+        return compiled
+
+    # -- settings -------------------------------------------------------------
+
+    def mapping(self, value: Any, path: str) -> Mapping[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            self.problem(f"{path}: must be a mapping, got {type(value).__name__}")
+            return {}
+        return value
+
+    def check_keys(self, mapping: Mapping[str, Any], allowed: frozenset[str], path: str) -> None:
+        for key in sorted(set(mapping) - allowed, key=str):
+            self.problem(unknown(f"{path}.{key}: unknown key", key, allowed))
 
     def settings(self, settings: Any) -> dict[str, Any]:
+        settings = self.mapping(settings, "settings")
+        self.check_keys(settings, SETTINGS_KEYS, "settings")
+        lua = self.mapping(settings.get("lua"), "settings.lua")
+        self.check_keys(lua, LUA_SETTINGS_KEYS, "settings.lua")
+        lua_timeout, max_memory = self.lua_limits(lua)
+        document = dict(self.mapping(settings.get("parallel"), "settings.parallel"))
+        if "strategy" in document:
+            if "isolation" in document and document["isolation"] != document["strategy"]:
+                self.problem("settings.parallel: 'isolation' and its alias 'strategy' disagree")
+            document.setdefault("isolation", document["strategy"])
+            del document["strategy"]
         engine = self.engine
-        if not isinstance(settings, Mapping):
-            self.problem("settings: must be a mapping")
-            settings = {}
-        lua = settings.get("lua") or {}
-        parallel = dict(settings.get("parallel") or {})
-        if not isinstance(lua, Mapping):
-            self.problem("settings.lua: must be a mapping")
-            lua = {}
-        for key in sorted(set(lua) - LUA_KEYS, key=str):
-            self.problem(f"settings.lua: unknown key {key!r} (allowed: timeout, max_memory)")
+        # The engine's options override the document's; a message names where a value came from.
+        parallel = {**document, **engine._options}
+        origin = {key: f"settings.parallel.{key}" for key in document}
+        origin.update({key: f"YAMLEngine({key}=...)" for key in engine._options})
+        isolation = engine._isolation or parallel.get("isolation") or "thread"
+        if not isinstance(isolation, str) or isolation not in available_backends():
+            self.problem(unknown(f"settings.parallel.isolation: unknown isolation backend "
+                                 f"{isolation!r}", isolation, available_backends()))
+            isolation = None
+        fail_fast = parallel.get("fail_fast", False)
+        if not isinstance(fail_fast, bool):
+            self.problem(f"{origin['fail_fast']}: must be true or false, got {fail_fast!r}")
+        max_steps = parallel.get("max_steps", DEFAULT_MAX_STEPS)
+        if (not engine._allow_python and "max_steps" not in engine._options
+                and isinstance(max_steps, (int, float)) and max_steps > DEFAULT_MAX_STEPS):
+            self.problem(f"settings.parallel.max_steps: a Lua-only document may lower the "
+                         f"limit of {DEFAULT_MAX_STEPS} steps, not raise it; got {max_steps!r}")
+            max_steps = DEFAULT_MAX_STEPS
+        options: dict[str, Any] = {
+            "isolation": isolation or "thread",
+            "max_workers": engine._max_workers or parallel.get("max_workers"),
+            "branch_timeout": parallel.get("branch_timeout"), "fail_fast": fail_fast,
+            "max_steps": max_steps, "lua_timeout": lua_timeout, "lua_max_memory": max_memory,
+        }
+        if "branch_max_memory" in parallel:
+            try:
+                options["branch_max_memory"] = parse_size(parallel["branch_max_memory"])
+            except ValueError as exc:
+                self.problem(f"{origin['branch_max_memory']}: {exc}")
+        # Settings interpreted further on (compile keywords of their own).
+        handled = {"isolation", "strategy", "branch_max_memory", *options}
+        for key in sorted(PARALLEL_KEYS & set(parallel) - handled):
+            options[key] = parallel[key]
+        # Flat backend options in the document belong to the backend the
+        # document chose; when the engine chose another, they do not apply.
+        chosen_by_document = document.get("isolation") or "thread"
+        if not isinstance(chosen_by_document, str) or chosen_by_document not in available_backends():
+            chosen_by_document = isolation
+        from_document = self.backend_options(
+            isolation, chosen_by_document,
+            {k: v for k, v in document.items() if k not in PARALLEL_KEYS}, "settings.parallel")
+        from_engine = self.backend_options(
+            isolation, isolation,
+            {k: v for k, v in engine._options.items() if k not in PARALLEL_KEYS}, "YAMLEngine()")
+        if not engine._allow_python:
+            for key, (_, where) in sorted(from_document.items()):
+                if key not in UNTRUSTED_BACKEND_OPTIONS and key not in from_engine:
+                    self.problem(f"{where}: a Lua-only document cannot set this backend "
+                                 f"option (it may decide where this process connects or what "
+                                 f"it loads); pass it to YAMLEngine(...) instead")
+        merged = {key: value for key, (value, _) in from_document.items()}
+        merged.update({key: value for key, (value, _) in from_engine.items()})
+        options["backend_options"] = merged
+        return options
+
+    def lua_limits(self, lua: Mapping[str, Any]) -> tuple[float | None, int | None]:
+        engine = self.engine
         lua_timeout = engine._lua_timeout
         if not engine._lua_timeout_explicit and "timeout" in lua:
             lua_timeout = lua["timeout"]
+            if not engine._allow_python and (lua_timeout is None or (
+                    isinstance(lua_timeout, (int, float)) and lua_timeout > engine._lua_timeout)):
+                self.problem(f"settings.lua.timeout: a Lua-only document may lower the engine's "
+                             f"limit of {engine._lua_timeout}s, not raise or remove it; "
+                             f"got {lua_timeout!r}")
+                lua_timeout = engine._lua_timeout
         if lua_timeout is not None and (isinstance(lua_timeout, bool) or not isinstance(
                 lua_timeout, (int, float)) or lua_timeout <= 0):
             self.problem(f"settings.lua.timeout: must be a positive number, got {lua_timeout!r}")
             lua_timeout = DEFAULT_LUA_TIMEOUT
-        try:
-            max_memory = parse_size(lua["max_memory"]) if "max_memory" in lua else DEFAULT_MAX_MEMORY
-        except ValueError as exc:
-            self.problem(f"settings.lua.max_memory: {exc}")
-            max_memory = DEFAULT_MAX_MEMORY
-        if "strategy" in parallel:
-            if "isolation" in parallel and parallel["isolation"] != parallel["strategy"]:
-                self.problem("settings.parallel: 'isolation' and its alias 'strategy' disagree")
-            parallel.setdefault("isolation", parallel.pop("strategy"))
-            parallel.pop("strategy", None)
-        parallel.update(engine._options)
-        isolation = engine._isolation or parallel.pop("isolation", None) or "thread"
-        parallel.pop("isolation", None)
-        if not isinstance(isolation, str) or isolation not in available_backends():
-            self.problem(f"settings.parallel.isolation: unknown isolation backend {isolation!r}; "
-                         f"available: {', '.join(available_backends())}")
-        max_workers = engine._max_workers or parallel.pop("max_workers", None)
-        parallel.pop("max_workers", None)
-        fail_fast = parallel.pop("fail_fast", False)
-        if not isinstance(fail_fast, bool):
-            self.problem(f"settings.parallel.fail_fast: must be true or false, got {fail_fast!r}")
-        branch_max_memory = parallel.pop("branch_max_memory", None)
-        try:
-            branch_max_memory = parse_size(branch_max_memory)
-        except ValueError as exc:
-            self.problem(f"settings.parallel.branch_max_memory: {exc}")
-            branch_max_memory = None
-        options: dict[str, Any] = {
-            "isolation": isolation, "max_workers": max_workers,
-            "branch_max_memory": branch_max_memory,
-            "branch_timeout": parallel.pop("branch_timeout", None), "fail_fast": fail_fast,
-            "max_steps": parallel.pop("max_steps", DEFAULT_MAX_STEPS),
-            "lua_timeout": lua_timeout, "lua_max_memory": max_memory,
-        }
-        # What is left belongs to backends: a mapping under a backend's name, or
-        # flat keys for the chosen backend.
-        backend_options = dict(parallel.pop(isolation, None) or {}) if isinstance(
-            isolation, str) else {}
-        for key in list(parallel):
-            if isinstance(parallel[key], Mapping) and key in available_backends():
-                parallel.pop(key)
-        backend_options.update(parallel)
-        options["backend_options"] = backend_options
-        return options
+        max_memory: int | None = DEFAULT_MAX_MEMORY
+        if "max_memory" in lua:
+            try:
+                max_memory = parse_size(lua["max_memory"])
+            except ValueError as exc:
+                self.problem(f"settings.lua.max_memory: {exc}")
+            if not engine._allow_python and (max_memory is None or max_memory > DEFAULT_MAX_MEMORY):
+                self.problem(f"settings.lua.max_memory: a Lua-only document may lower the limit "
+                             f"of {DEFAULT_MAX_MEMORY} bytes, not raise or remove it")
+                max_memory = DEFAULT_MAX_MEMORY
+        return lua_timeout, max_memory
+
+    def backend_options(self, isolation: str | None, flat_for: str | None,
+                        rest: Mapping[str, Any], prefix: str) -> dict[str, tuple[Any, str]]:
+        """The options ``rest`` gives backend ``isolation``: ``{option: (value, where)}``.
+
+        ``rest`` is what is left of ``settings.parallel`` (or of the engine's
+        options) after the engine's own keys: a mapping per backend name,
+        and flat options of backend ``flat_for``, which win over its mapping
+        and apply only if it is ``isolation``. Every key is checked, whether
+        it applies or not.
+        """
+        backends = available_backends()
+        accepted = backend_options(flat_for) if flat_for else frozenset()
+        section: dict[str, tuple[Any, str]] = {}
+        flat: dict[str, tuple[Any, str]] = {}
+        for key, value in rest.items():
+            where = f"{prefix}.{key}" if prefix.startswith("settings") else f"YAMLEngine({key}=...)"
+            if key in backends:
+                options = self.mapping(value, where)
+                declared = backend_options(key)
+                if declared is not None:
+                    self.check_keys(options, declared, where)
+                if key == isolation:
+                    section.update({option: (option_value, f"{where}.{option}")
+                                    for option, option_value in options.items()})
+            elif accepted is None or key in accepted:
+                if flat_for == isolation:
+                    flat[key] = (value, where)
+            elif elsewhere := backends_accepting(key):
+                self.problem(f"{where}: not an option of isolation backend {flat_for!r} but of "
+                             f"{', '.join(map(repr, elsewhere))}; choose that backend or put it "
+                             f"under settings.parallel.{elsewhere[0]}")
+            else:
+                allowed = PARALLEL_KEYS | (accepted or frozenset()) | set(backends)
+                self.problem(unknown(f"{where}: unknown key", key, allowed))
+        return {**section, **flat}
+
+    # -- nodes ----------------------------------------------------------------
 
     def nodes(self, graph: StateGraph, nodes: Any) -> list[str]:
         if not isinstance(nodes, list) or not nodes:
@@ -258,7 +455,7 @@ class _Builder:
                 continue
             where = f"node {name!r}"
             for key in sorted(set(spec) - NODE_KEYS, key=str):
-                self.problem(f"{where}: unknown key {key!r} (allowed: {', '.join(sorted(NODE_KEYS))})")
+                self.problem(unknown(f"{where}: unknown key {key!r}", key, NODE_KEYS))
             if name in names:
                 self.problem(f"{where}: defined twice")
                 continue
@@ -277,28 +474,45 @@ class _Builder:
 
     def node(self, name: str, spec: Mapping[str, Any], where: str) -> Node | None:
         code = spec.get("run")
+        language = spec.get("language")
         if "file" in spec:
             if code is not None:
                 self.problem(f"{where}: give either 'run' or 'file', not both")
                 return None
-            code = self.read_node_file(spec["file"], where)
+            reference = spec["file"]
+            code = self.read_node_file(reference, where)
             if code is None:
                 return None
+            where = f"{where} (file {reference!r})"
+            if language is None and isinstance(reference, str):
+                language = _language_of_file(reference)
         if not isinstance(code, str):
-            self.problem(f"{where}: missing 'run' (the node's Python or Lua code)")
+            if code is None:
+                self.problem(f"{where}: missing 'run' (the node's Python or Lua code)")
+            else:
+                self.problem(f"{where}: 'run' must be code (a string), got a "
+                             f"{type(code).__name__}: YAML read the value as its own syntax; "
+                             f"write 'run: |' and put the code on the following lines, indented")
             return None
-        language = spec.get("language")
         first_line = next((line.strip() for line in code.splitlines() if line.strip()), "")
         if language is None:
-            language = "lua" if first_line.lower().startswith("-- lua") else "python"
-        if language not in ("python", "lua"):
+            language = Language.LUA if first_line.lower().startswith("-- lua") else Language.PYTHON
+        if language not in tuple(Language):
             self.problem(f"{where}: language must be 'python' or 'lua', got {language!r}")
             return None
-        if language == "lua":
+        if language == Language.LUA:
             if not self.engine._lua_enabled:
                 self.problem(f"{where}: is a Lua node but this engine has lua_enabled=False")
                 return None
+            error = self.lua.check_node(code)
+            if error is not None:
+                self.problem(f"{where}, {error}")
+                return None
             return LuaNode(name, code)
+        if not self.python_allowed(where, "the node body" if "file" not in spec else "the file",
+                                   "write it in Lua and mark it 'language: lua' or start it "
+                                   "with a '-- lua' line"):
+            return None
         try:
             return PythonNode(name, code, origin=f"<node {name}>")
         except SyntaxError as exc:
@@ -310,16 +524,31 @@ class _Builder:
             self.problem(f"{where}: 'file' must be a path")
             return None
         path = Path(reference)
-        if not path.is_absolute():
+        if self.base_dir is None and not path.is_absolute():
+            self.problem(f"{where}: relative file {reference!r} needs load_from_file or base_dir")
+            return None
+        if not self.engine._allow_python:
+            # An untrusted document must not read (and echo, in a syntax error)
+            # files of this machine outside its own directory.
             if self.base_dir is None:
-                self.problem(f"{where}: relative file {reference!r} needs load_from_file or base_dir")
+                self.problem(f"{where}: file {reference!r}: a Lua-only document needs "
+                             f"load_from_file or base_dir to confine its files")
                 return None
+            try:
+                path = contained_file(self.base_dir, reference)
+            except ValueError as exc:
+                self.problem(f"{where}: file {reference!r} {exc} (allow_python=False)")
+                return None
+        elif not path.is_absolute():
+            assert self.base_dir is not None
             path = self.base_dir / path
         try:
             return path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: undecodable, or a NUL in the path
             self.problem(f"{where}: cannot read file {str(path)!r}: {exc}")
             return None
+
+    # -- edges ----------------------------------------------------------------
 
     def edges(self, graph: StateGraph, edges: Any, names: list[str]) -> set[str]:
         fan_ins: set[str] = set()
@@ -343,7 +572,7 @@ class _Builder:
             source, target = spec.get("from"), spec.get("to")
             where = f"edges[{index}] ({source} -> {target})"
             for key in sorted(set(spec) - EDGE_KEYS, key=str):
-                self.problem(f"{where}: unknown key {key!r} (allowed: {', '.join(sorted(EDGE_KEYS))})")
+                self.problem(unknown(f"{where}: unknown key {key!r}", key, EDGE_KEYS))
             bad = False
             for role, name, allowed in (("from", source, {START}), ("to", target, {END})):
                 if not isinstance(name, str):
@@ -390,22 +619,50 @@ class _Builder:
     def condition(self, when: Any, where: str, origin: str) -> Condition | None:
         if when is None:
             return None
-        language, expression = "python", when
+        language, expression = Language.PYTHON, when
         if isinstance(when, Mapping):
-            if len(when) != 1 or next(iter(when)) not in ("lua", "python"):
+            if len(when) != 1 or next(iter(when)) not in tuple(Language):
                 self.problem(f"{where}: 'when' must be an expression or {{lua: ...}} / {{python: ...}}")
                 return None
             language, expression = next(iter(when.items()))
         if not isinstance(expression, str) or not expression.strip():
             self.problem(f"{where}: 'when' must be a non-empty expression")
             return None
-        if language == "lua":
+        if language == Language.LUA:
             if not self.engine._lua_enabled:
                 self.problem(f"{where}: Lua condition but this engine has lua_enabled=False")
                 return None
+            error = self.lua.check_condition(expression)
+            if error is not None:
+                self.problem(f"{where}: invalid Lua condition, {error}")
+                return None
             return LuaCondition(expression, origin=origin)
+        if not self.python_allowed(where, "the 'when' condition",
+                                   "write it in Lua as when: {lua: ...}"):
+            return None
         try:
             return PythonCondition(expression, origin=f"<{origin}>")
         except SyntaxError as exc:
             self.problem(f"{where}: invalid Python condition: {exc.msg}")
             return None
+
+
+def _language_of_file(reference: str) -> Language | None:
+    """The language a node file's name implies (``.lua`` / ``.py``), if any."""
+    suffix = os.path.splitext(reference)[1].lower()
+    return {".lua": Language.LUA, ".py": Language.PYTHON}.get(suffix)
+
+
+def _assert_lua_only(graph: CompiledGraph) -> None:
+    """Last check of a Lua-only graph: nothing in it can run Python.
+
+    The builder already refused every Python part; this catches a code path
+    that forgot to ask ``_Builder.python_allowed``.
+    """
+    for name, node in graph.nodes.items():
+        routes = graph.routes_of(name)
+        conditions = [condition for condition, _ in routes.conditional]
+        if (not isinstance(node, LuaNode) or routes.router is not None
+                or not all(isinstance(c, LuaCondition) for c in conditions)):
+            graph.close()
+            raise GraphError(f"internal error: node {name!r} of a Lua-only graph has Python parts")

@@ -1,0 +1,95 @@
+"""The keys a workflow may use at each level, and the message for one it may not.
+
+Each level of a YAML workflow (top level, ``settings``, ``settings.lua``,
+``settings.parallel``, a node, an edge) has its set of known keys here and
+nowhere else. A backend's own options are not listed: they are read from its
+factory's signature (``backend_options``), so a registered third-party
+backend is checked the same way, and one whose factory takes ``**kwargs``
+accepts anything.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Iterable
+from enum import StrEnum
+from typing import Any
+
+from .isolation import base as backend_registry
+from .isolation.base import available_backends
+
+
+class Language(StrEnum):
+    """The languages a node body or a condition may be written in."""
+
+    PYTHON = "python"
+    LUA = "lua"
+
+
+TOP_LEVEL_KEYS: frozenset[str] = frozenset(
+    {"name", "description", "variables", "settings", "nodes", "edges"})
+SETTINGS_KEYS: frozenset[str] = frozenset({"lua", "parallel"})
+LUA_SETTINGS_KEYS: frozenset[str] = frozenset({"timeout", "max_memory"})
+# Besides these, settings.parallel takes the chosen backend's own options and
+# a mapping per backend name (that backend's options).
+PARALLEL_KEYS: frozenset[str] = frozenset({
+    "isolation", "strategy", "max_workers", "branch_timeout", "fail_fast", "max_steps",
+    "branch_max_memory", "max_concurrency",
+})
+NODE_KEYS: frozenset[str] = frozenset({"name", "run", "file", "language", "fan_in", "description"})
+EDGE_KEYS: frozenset[str] = frozenset({
+    "from", "to", "type", "fan_in", "when",
+    # map fan-out edges
+    "over", "as", "index_as", "max_concurrency", "retry",
+})
+# Backend options a Lua-only (untrusted) document may set. Anything else, such
+# as a Dask scheduler address, decides where this process connects and what it
+# unpickles, so only the caller may give it (YAMLEngine(...) keywords).
+UNTRUSTED_BACKEND_OPTIONS: frozenset[str] = frozenset(
+    {"fresh_worker_per_branch", "start_method", "retries", "connect_timeout", "worker_wait"})
+# Passed by compile() itself, never as a backend option.
+_FACTORY_OWN = frozenset({"max_workers"})
+
+
+def unknown(prefix: str, key: Any, allowed: Iterable[str]) -> str:
+    """``"<prefix> (allowed: a, b); did you mean 'a'?"`` for an unknown ``key``.
+
+    The suggestion is the closest allowed name (``difflib``), if any is close.
+    """
+    names = sorted(allowed)
+    text = f"{prefix} (allowed: {', '.join(names) if names else 'none'})"
+    match = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+    if match:
+        text += f"; did you mean {match[0]!r}?"
+    return text
+
+
+def backend_options(isolation: str) -> frozenset[str] | None:
+    """The option names backend ``isolation``'s factory accepts (besides ``max_workers``).
+
+    ``None`` means any option: the factory takes ``**kwargs`` or has no
+    readable signature. An unknown backend accepts none.
+    """
+    available_backends()  # registers the built-in backends
+    # Read-only use of the registry: the factory's signature is its declaration.
+    factory = backend_registry._registry.get(isolation)
+    if factory is None:
+        return frozenset()
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return None
+    names = set()
+    for parameter in signature.parameters.values():
+        if parameter.kind is parameter.VAR_KEYWORD:
+            return None
+        if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY):
+            names.add(parameter.name)
+    return frozenset(names - _FACTORY_OWN)
+
+
+def backends_accepting(option: str) -> list[str]:
+    """Names of the registered backends that declare ``option``."""
+    return [name for name in available_backends()
+            if option in (backend_options(name) or frozenset())]
