@@ -15,6 +15,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from .interrupts import sigint_blocked
+
 DEFAULT_CONNECT_TIMEOUT = 5.0
 
 
@@ -129,35 +131,63 @@ def _main_guard_hint() -> str:
     return ""
 
 
+def _refuse_in_bootstrapping_worker() -> None:
+    """Exit quietly if this process is a worker re-running the parent's script.
+
+    A script without an ``if __name__ == "__main__":`` guard starts a cluster
+    again in every spawned worker while it re-imports the script. Without
+    this, each worker prints a long traceback of its own; the parent, which
+    sees its workers fail, explains what to do in one message.
+    """
+    import multiprocessing
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise SystemExit(1)
+
+
 def start_local_cluster(n_workers: int | None, timeout: float) -> Connection:
     """A ``LocalCluster`` of single-threaded worker processes on 127.0.0.1.
 
     Its scheduler does not re-run a task whose worker died
     (``allowed-failures: 0``): the backend reports that branch as failed and
-    retries only when asked.
+    retries only when asked. The workers start with SIGINT blocked (see
+    ``interrupts``): Ctrl-C is the caller's, and one arriving while the
+    cluster starts takes effect once it has started, so no half-started
+    cluster is left to tear down.
     """
+    _refuse_in_bootstrapping_worker()
     distributed = import_distributed()
     import dask
 
     workers = n_workers or os.cpu_count() or 1
-    try:
-        # A scheduler that re-runs nothing by itself (the backend decides), and
-        # sends every task to a worker at once: queueing them on the scheduler
-        # would cost a round trip per branch, and a branch queued on a worker
-        # that dies is told apart from one that ran there by its confirmed start.
-        with dask.config.set({"distributed.scheduler.allowed-failures": 0,
-                              "distributed.scheduler.worker-saturation": float("inf")}):
-            cluster = distributed.LocalCluster(
-                n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                scheduler_port=0, dashboard_address="127.0.0.1:0",
-                silence_logs=logging.CRITICAL)
-    except Exception as exc:
-        raise DaskUnavailable(f"could not start a local Dask cluster of {workers} worker(s): "
-                              f"{type(exc).__name__}: {exc}{_main_guard_hint()}") from exc
-    try:
-        client = distributed.Client(cluster, timeout=timeout, set_as_default=False)
-    except Exception:
-        cluster.close()
-        raise
-    return Connection(client, cluster.scheduler_address, cluster)
+    # Starting multiprocessing's resource tracker unblocks SIGINT in the thread
+    # that starts it (the cluster's event loop, from which workers are
+    # started); started here first, it is already running then.
+    from multiprocessing import resource_tracker
 
+    resource_tracker.ensure_running()
+    with sigint_blocked():
+        try:
+            # A scheduler that re-runs nothing by itself (the backend decides), and
+            # sends every task to a worker at once: queueing them on the scheduler
+            # would cost a round trip per branch, and a branch queued on a worker
+            # that dies is told apart from one that ran there by its confirmed start.
+            with dask.config.set({"distributed.scheduler.allowed-failures": 0,
+                                  "distributed.scheduler.worker-saturation": float("inf")}):
+                cluster = distributed.LocalCluster(
+                    n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                    scheduler_port=0, dashboard_address="127.0.0.1:0",
+                    silence_logs=logging.CRITICAL)
+        except Exception as exc:
+            hint = _main_guard_hint()
+            message = (f"could not start a local Dask cluster of {workers} worker(s): "
+                       f"{type(exc).__name__}: {exc}{hint}")
+            if hint:  # Dask's own chain of nanny errors says nothing more
+                raise DaskUnavailable(message) from None
+            raise DaskUnavailable(message) from exc
+        try:
+            client = distributed.Client(cluster, timeout=timeout, set_as_default=False)
+        except BaseException:
+            cluster.close()
+            raise
+    return Connection(client, cluster.scheduler_address, cluster)
