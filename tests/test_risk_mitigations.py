@@ -69,15 +69,20 @@ def test_TECH_002_reused_thread_gets_a_fresh_vm_even_with_one_worker():
     assert all(r.state.get("seen") is None for r in results)
 
 
-# Dask's scheduler (in this process, for a local cluster) keeps its last
-# computations, one per fan-out, for its dashboard: growth that levels off
-# only after that many fan-outs (100 by default). A short history lets the
-# warm-up reach the plateau; the engine's own memory is measured the same.
-SOAK_DASK_CONFIG = {"distributed.diagnostics.computations.max-history": 5}
+# Dask's scheduler (in this process, for a local cluster) keeps bounded
+# logs: its last 1,000 transitions and events per topic
+# (``low-level-log-length``) and its last 100 computations. Filling them
+# grows the caller's memory by some 30 MiB over the first ~5,000 branches,
+# then levels off. Short logs let the warm-up reach that plateau; the
+# engine's own memory is measured as on every other backend.
+SOAK_DASK_CONFIG = {"distributed.admin.low-level-log-length": 10,
+                    "distributed.diagnostics.computations.max-history": 5}
 SOAK_BRANCHES = 50
 SOAK_WARMUP_ROUNDS, SOAK_WINDOW_ROUNDS = 10, 25  # two windows of 1,250 branches
-# 1.6 KiB per branch between the windows; a Lua VM alone is several times that.
-SOAK_GROWTH_LIMIT = 2 * 2**20
+# 3.2 KiB per branch between the windows (a Lua VM alone is several times
+# that); measured growth after the warm-up is under 0.5 MiB per window on
+# inline, thread and process, about 1.7 MiB on dask.
+SOAK_GROWTH_LIMIT = 4 * 2**20
 
 
 def _soak_config(isolation: str):
