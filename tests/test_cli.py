@@ -120,3 +120,30 @@ def test_console_script_entry_point_runs():
         capture_output=True, text=True, timeout=60)
     assert completed.returncode == 0, completed.stderr
     assert json.loads(completed.stdout)["verdict"].startswith("big")
+
+
+def test_internal_error_is_one_line(capfd, monkeypatch):
+    def broken(self, path):
+        raise RuntimeError("engine bug\nwith a second line")
+
+    monkeypatch.setattr("isobranch.cli.YAMLEngine.load_from_file", broken)
+    assert main(["run", str(DEMO)]) == 1
+    captured = capfd.readouterr()
+    assert captured.err.splitlines() == [
+        "isobranch: internal error (RuntimeError): engine bug with a second line"]
+    assert captured.out == ""
+
+
+def test_interrupt_is_one_line_and_restores_stdout(capfd, monkeypatch):
+    def interrupted(self, path):
+        print("printed by a node")
+        raise KeyboardInterrupt
+
+    stdout_before = sys.stdout
+    monkeypatch.setattr("isobranch.cli.YAMLEngine.load_from_file", interrupted)
+    assert main(["run", str(DEMO)]) == 130
+    assert sys.stdout is stdout_before
+    print("the caller's own output")
+    captured = capfd.readouterr()
+    assert captured.err.splitlines() == ["printed by a node", "isobranch: interrupted"]
+    assert captured.out == "the caller's own output\n"

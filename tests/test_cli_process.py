@@ -68,11 +68,16 @@ settings:
   parallel: {branch_timeout: 300, max_workers: 2}
 nodes:
   - name: start
-    run: return {}
+    run: |
+      import os, pathlib
+      if os.environ["ISOBRANCH_TEST_MOMENT"] == "starting":  # the backend starts next
+          pathlib.Path(os.environ["ISOBRANCH_TEST_MARKER"]).write_text("started")
+      return {}
   - name: sleeper
     run: |
       import os, pathlib, time
-      pathlib.Path(os.environ["ISOBRANCH_TEST_MARKER"]).write_text("started")
+      if os.environ["ISOBRANCH_TEST_MOMENT"] == "running":
+          pathlib.Path(os.environ["ISOBRANCH_TEST_MARKER"]).write_text("started")
       time.sleep(300)
       return {}
   - name: spinner
@@ -100,6 +105,24 @@ def write(tmp_path: Path, text: str, name: str = "flow.yaml") -> Path:
 def run_cli(*args: str, timeout: float = 120, **options) -> subprocess.CompletedProcess:
     return subprocess.run([*ISOBRANCH, *args], capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT, **options)
+
+
+def worker_children(pid: int) -> list[int]:
+    """Children of ``pid`` that are backend workers (fork server, Dask's spawned workers)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                command = cmdline.read()
+        except OSError:
+            continue
+        if parent == pid and (b"spawn_main" in command or b"process_worker" in command):
+            found.append(int(entry))
+    return found
 
 
 def process_group(pgid: int) -> list[int]:
@@ -216,21 +239,26 @@ def test_a_closed_stdout_is_one_line_and_exit_141(tmp_path):
     assert len(lines) == 1 and "standard output was closed" in lines[0], completed.stderr
 
 
+@pytest.mark.parametrize("moment", ["starting", "running"])
 @pytest.mark.parametrize("isolation", BACKENDS)
-def test_ctrl_c_exits_130_with_one_line_and_leaves_no_process(isolation, tmp_path):
+def test_ctrl_c_exits_130_with_one_line_and_leaves_no_process(isolation, moment, tmp_path):
+    """Ctrl-C while the backend starts its workers, or while branches run."""
     flow = write(tmp_path, LONG)
     marker = tmp_path / "started"
-    env = dict(os.environ, ISOBRANCH_TEST_MARKER=str(marker))
+    env = dict(os.environ, ISOBRANCH_TEST_MARKER=str(marker), ISOBRANCH_TEST_MOMENT=moment)
     # A session of its own: SIGINT goes to the whole group, as a terminal's Ctrl-C does.
     process = subprocess.Popen([*ISOBRANCH, "run", str(flow), "--isolation", isolation],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=env, cwd=ROOT, start_new_session=True)
     try:
         deadline = time.monotonic() + 90
-        while not marker.exists():
+        # Starting: as soon as the first worker process exists (it is still
+        # importing). Running: once a branch has begun.
+        while not marker.exists() or (moment == "starting" and isolation in ("process", "dask")
+                                      and not worker_children(process.pid)):
             assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "the workflow never started its branch"
-            time.sleep(0.05)
+            assert time.monotonic() < deadline, "the workflow never reached that moment"
+            time.sleep(0.01)
         os.killpg(process.pid, signal.SIGINT)
         out, err = process.communicate(timeout=60)
     finally:
