@@ -298,3 +298,18 @@ def test_a_script_without_main_guard_on_dask_fails_in_a_few_lines_saying_what_to
     # The script's own traceback only: the workers that re-ran it said nothing.
     assert completed.stderr.count("Traceback") <= 2, completed.stderr
     assert len(completed.stderr.splitlines()) <= 40, completed.stderr
+
+
+@pytest.mark.parametrize(("source", "guarded"), [
+    ("main()\n", False),
+    ("if __name__ == '__main__':\n    main()\n", True),
+    ("if '__main__' == __name__:\n    main()\n", True),
+    ("def f():\n    if __name__ == '__main__':\n        main()\n", False),  # not top level
+    ("if __name__ != '__main__':\n    main()\n", False),
+])
+def test_the_main_guard_hint_is_given_only_to_a_script_without_one(source, guarded, tmp_path):
+    from isobranch.isolation.dask_cluster import _has_main_guard
+
+    script = tmp_path / "script.py"
+    script.write_text(source)
+    assert _has_main_guard(str(script)) is guarded

@@ -122,13 +122,35 @@ def borrow(client: Any) -> Connection:
 
 
 def _main_guard_hint() -> str:
+    """Advice for a script whose top level would be re-run by every spawned worker."""
     # Spawned workers re-import a script run as __main__ (not ``python -m pkg``).
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
-    if getattr(main, "__file__", None) and not (spec and spec.name.endswith(".__main__")):
-        return (" (Dask starts local workers with multiprocessing spawn, which re-runs "
-                f"{main.__file__}: guard its entry point with `if __name__ == \"__main__\":`)")
-    return ""
+    path = getattr(main, "__file__", None)
+    if not path or (spec and spec.name.endswith(".__main__")) or _has_main_guard(path):
+        return ""
+    return (" (Dask starts local workers with multiprocessing spawn, which re-runs "
+            f"{path}: guard its entry point with `if __name__ == \"__main__\":`)")
+
+
+def _has_main_guard(path: str) -> bool:
+    """Whether the script at ``path`` has a top-level ``if __name__ == "__main__":``."""
+    import ast
+    from pathlib import Path
+
+    try:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"), path)
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return False  # cannot tell: the hint may help
+    for statement in tree.body:
+        test = statement.test if isinstance(statement, ast.If) else None
+        if isinstance(test, ast.Compare) and len(test.ops) == 1 \
+                and isinstance(test.ops[0], ast.Eq):
+            sides = [test.left, *test.comparators]
+            if any(isinstance(x, ast.Name) and x.id == "__name__" for x in sides) and any(
+                    isinstance(x, ast.Constant) and x.value == "__main__" for x in sides):
+                return True
+    return False
 
 
 def _refuse_in_bootstrapping_worker() -> None:
