@@ -139,6 +139,8 @@ def worker_loop(conn: Connection, graph: Any, *, once: bool) -> int:
 def _quiet_signals() -> None:
     # Ctrl-C reaches the whole process group; the parent handles it and
     # closes its pools, so workers must not die half-way through a branch.
+    # (They start with SIGINT blocked, see ``interrupts``; ignoring it also
+    # covers code in a node that unblocks it.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
