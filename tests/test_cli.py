@@ -25,45 +25,45 @@ def flow(tmp_path):
     return write
 
 
-def test_run_prints_final_state_as_json(capsys):
+def test_run_prints_final_state_as_json(capfd):
     assert main(["run", str(DEMO), "--input", '{"items": [4, 8, 15]}']) == 0
-    final = json.loads(capsys.readouterr().out)
+    final = json.loads(capfd.readouterr().out)
     assert final["markers"] == ["lua", "python"]
     assert final["total"] == 27 and final["largest"] == 15
     assert final["verdict"] == "big: total 27 >= 10"
 
 
-def test_run_input_from_file_and_isolation_override(capsys, tmp_path):
+def test_run_input_from_file_and_isolation_override(capfd, tmp_path):
     data = tmp_path / "in.json"
     data.write_text('{"items": [1, 2]}')
     assert main(["run", str(DEMO), "--input", f"@{data}", "--isolation", "inline"]) == 0
-    assert json.loads(capsys.readouterr().out)["verdict"] == "small: total 3 < 10"
+    assert json.loads(capfd.readouterr().out)["verdict"] == "small: total 3 < 10"
 
 
-def test_stream_prints_one_json_event_per_line(capsys):
+def test_stream_prints_one_json_event_per_line(capfd):
     assert main(["run", str(DEMO), "--stream", "--input", '{"items": [1]}']) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    lines = capfd.readouterr().out.strip().splitlines()
     events = [json.loads(line) for line in lines]
     assert [e["type"] for e in events] == ["node", "parallel", "node", "node", "final"]
     assert [e.get("node") for e in events] == ["start", None, "combine", "small", None]
     assert [b["branch"] for b in events[1]["branches"]] == ["lua_stats", "python_stats"]
 
 
-def test_failed_run_exits_1_with_one_line_naming_the_node(capsys, flow):
+def test_failed_run_exits_1_with_one_line_naming_the_node(capfd, flow):
     path = flow("""
         nodes:
           - {name: ok, run: "return {}"}
           - {name: broken, run: "-- lua\\nreturn nil + 1"}
     """)
     assert main(["run", str(path)]) == 1
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert err.count("\n") == 1 and "broken" in err and "Traceback" not in err
 
 
-def test_debug_shows_the_traceback(capsys, flow):
+def test_debug_shows_the_traceback(capfd, flow):
     path = flow("nodes:\n  - {name: broken, run: 'raise ValueError(1)'}\n")
     assert main(["run", str(path), "--debug"]) == 1
-    assert "Traceback" in capsys.readouterr().err
+    assert "Traceback" in capfd.readouterr().err
 
 
 @pytest.mark.parametrize("args", [
@@ -74,15 +74,15 @@ def test_debug_shows_the_traceback(capsys, flow):
     ["run", "{demo}", "--isolation", "quantum"],
     ["validate", "{bad}"],
 ])
-def test_invalid_input_exits_2_with_one_line(args, capsys, flow, tmp_path):
+def test_invalid_input_exits_2_with_one_line(args, capfd, flow, tmp_path):
     bad = flow("nodes:\n  - {name: a, run: 'return {'}\n", "bad.yaml")
     values = {"missing": tmp_path / "missing.yaml", "demo": DEMO, "bad": bad}
     assert main([a.format(**values) for a in args]) == 2
-    err = capsys.readouterr().err.strip()
+    err = capfd.readouterr().err.strip()
     assert err and "Traceback" not in err
 
 
-def test_validate_reports_every_problem_with_location(capsys, flow):
+def test_validate_reports_every_problem_with_location(capfd, flow):
     path = flow("""
         nodes:
           - {name: a, run: "return {"}
@@ -92,25 +92,25 @@ def test_validate_reports_every_problem_with_location(capsys, flow):
           - {from: b, to: a, type: parallel}
     """)
     assert main(["validate", str(path)]) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
+    lines = capfd.readouterr().err.strip().splitlines()
     assert len(lines) == 3 and all(line.startswith(str(path)) for line in lines)
     assert any("ghost" in line for line in lines) and any("fan_in" in line for line in lines)
 
 
-def test_validate_ok(capsys):
+def test_validate_ok(capfd):
     assert main(["validate", str(DEMO)]) == 0
-    assert "ok" in capsys.readouterr().out
+    assert "ok" in capfd.readouterr().out
 
 
-def test_yaml_syntax_error_names_line(capsys, flow):
+def test_yaml_syntax_error_names_line(capfd, flow):
     path = flow("nodes:\n  - name: a\n   run: x\n")
     assert main(["run", str(path)]) == 2
-    assert f"{path}:3:" in capsys.readouterr().err
+    assert f"{path}:3:" in capfd.readouterr().err
 
 
-def test_graph_prints_mermaid(capsys):
+def test_graph_prints_mermaid(capfd):
     assert main(["graph", str(DEMO)]) == 0
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
     assert out.startswith("flowchart TD") and "parallel, fan-in combine" in out
 
 
@@ -120,3 +120,30 @@ def test_console_script_entry_point_runs():
         capture_output=True, text=True, timeout=60)
     assert completed.returncode == 0, completed.stderr
     assert json.loads(completed.stdout)["verdict"].startswith("big")
+
+
+def test_internal_error_is_one_line(capfd, monkeypatch):
+    def broken(self, path):
+        raise RuntimeError("engine bug\nwith a second line")
+
+    monkeypatch.setattr("isobranch.cli.YAMLEngine.load_from_file", broken)
+    assert main(["run", str(DEMO)]) == 1
+    captured = capfd.readouterr()
+    assert captured.err.splitlines() == [
+        "isobranch: internal error (RuntimeError): engine bug with a second line"]
+    assert captured.out == ""
+
+
+def test_interrupt_is_one_line_and_restores_stdout(capfd, monkeypatch):
+    def interrupted(self, path):
+        print("printed by a node")
+        raise KeyboardInterrupt
+
+    stdout_before = sys.stdout
+    monkeypatch.setattr("isobranch.cli.YAMLEngine.load_from_file", interrupted)
+    assert main(["run", str(DEMO)]) == 130
+    assert sys.stdout is stdout_before
+    print("the caller's own output")
+    captured = capfd.readouterr()
+    assert captured.err.splitlines() == ["printed by a node", "isobranch: interrupted"]
+    assert captured.out == "the caller's own output\n"

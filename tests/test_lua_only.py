@@ -210,21 +210,21 @@ def test_the_last_check_catches_python_that_slipped_through():
     assert graph.closed
 
 
-def test_cli_lua_only(tmp_path, capsys):
+def test_cli_lua_only(tmp_path, capfd):
     python_flow = tmp_path / "python.yaml"
     python_flow.write_text("nodes:\n  - {name: a, run: 'return {\"a\": 1}'}\n"
                            "  - {name: b, run: 'return {}'}\n")
     assert main(["validate", str(python_flow)]) == 0
-    capsys.readouterr()
+    capfd.readouterr()
     assert main(["validate", "--lua-only", str(python_flow)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all("allow_python=False" in line for line in err)
     assert main(["run", "--lua-only", str(python_flow)]) == 2
-    assert "node 'a'" in capsys.readouterr().err
+    assert "node 'a'" in capfd.readouterr().err
     lua_flow = tmp_path / "lua.yaml"
     lua_flow.write_text("nodes:\n  - {name: a, language: lua, run: 'return {a = 1}'}\n")
     assert main(["run", "--lua-only", "--isolation", "inline", str(lua_flow)]) == 0
-    assert json.loads(capsys.readouterr().out) == {"a": 1}
+    assert json.loads(capfd.readouterr().out) == {"a": 1}
 
 
 def test_unusable_file_paths_are_problems_not_crashes(tmp_path):

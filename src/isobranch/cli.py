@@ -1,51 +1,88 @@
 """The ``isobranch`` command: run, validate and draw YAML workflows.
 
 Exit codes: 0 success, 1 the workflow failed while running, 2 invalid input
-(bad YAML, unknown node or backend, bad ``--input``). Errors are one line
-on stderr; ``--debug`` adds the traceback.
+(bad YAML, unknown node or backend, bad ``--input``, bad arguments), 130
+interrupted (Ctrl-C), 141 standard output closed by its reader (e.g.
+``| head``). Every failure is one line on stderr; ``--debug`` adds the
+traceback. Standard output carries only the command's own output: whatever
+nodes print (Python, Lua, worker processes) goes to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+import threading
 import traceback
 from collections.abc import Sequence
+from importlib import metadata
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .branch import ParallelFlowResult
+from .cli_stdout import PrivateStdout, StdoutClosed, stdout_to_stderr
 from .errors import GraphError, GraphExecutionError
 from .yaml_engine import YAMLEngine, read_yaml_file
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+# The shell's codes for death by SIGINT and SIGPIPE (128 + signal number).
+EXIT_INTERRUPTED, EXIT_STDOUT_CLOSED = 130, 141
 
 
 class InputError(Exception):
     """The command line or its ``--input`` is unusable."""
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, like every other failure."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_INVALID, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``isobranch`` console script."""
-    parser = _parser()
-    args = parser.parse_args(argv)
+    """Run the ``isobranch`` command with ``argv`` (default: ``sys.argv[1:]``); its exit code."""
+    args = _parser().parse_args(argv)
     try:
-        return args.handler(args)
+        with stdout_to_stderr() as out:
+            return args.handler(args, out)
     except (GraphError, InputError) as exc:
         return _fail(args, exc, EXIT_INVALID)
     except GraphExecutionError as exc:
         return _fail(args, exc, EXIT_FAILED)
-    except KeyboardInterrupt:
-        print("isobranch: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        return _fail(args, exc, EXIT_INTERRUPTED, label="interrupted", message="")
+    except StdoutClosed as exc:
+        return _fail(args, exc, EXIT_STDOUT_CLOSED)
     except Exception as exc:  # an engine bug still gets one readable line
         return _fail(args, exc, EXIT_FAILED, label=f"internal error ({type(exc).__name__})")
 
 
+def console() -> NoReturn:
+    """The console script: ``main()``, then exit without waiting for abandoned threads.
+
+    A branch the thread backend gave up on (interrupted, timed out) may still
+    be stuck in a call; interpreter shutdown would wait for it, so the command
+    would not end. When such a thread is left, the process exits at once
+    (the graph, its pools and worker processes are closed by then).
+    """
+    code = main()
+    if any(thread.is_alive() and not thread.daemon and thread is not threading.main_thread()
+           for thread in threading.enumerate()):
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # nothing more can be said to a closed stream
+                stream.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="isobranch", description=__doc__.splitlines()[0])
+    parser = _OneLineParser(prog="isobranch", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"isobranch {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run a workflow and print the final state as JSON")
@@ -76,30 +113,51 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace) -> int:
+def _version() -> str:
+    try:
+        return metadata.version("isobranch")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _run(args: argparse.Namespace, out: PrivateStdout) -> int:
     state = _read_input(args.input)
     engine = YAMLEngine(isolation=args.isolation, allow_python=not args.lua_only)
     with engine.load_from_file(args.file) as graph:
         if not args.stream:
-            _print_json(graph.invoke(state))
+            final = graph.invoke(state)
+            out.write_line(_json(final))
             return EXIT_OK
-        for event in graph.stream(state):
-            _print_json(_event_json(event), compact=True)
-            sys.stdout.flush()
+        try:
+            for event in graph.stream(state):
+                out.write_line(_json(_event_json(event), compact=True))
+        except (StdoutClosed, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            out.write_line(_json(_error_event(exc), compact=True))
+            raise
     return EXIT_OK
 
 
-def _validate(args: argparse.Namespace) -> int:
+def _error_event(exc: Exception) -> dict[str, Any]:
+    """The last ``--stream`` line of a failed run: where it failed and why."""
+    return {"type": "error", "node": getattr(exc, "node", None),
+            "branch": getattr(exc, "branch", None),
+            "error_type": getattr(exc, "error_type", None) or type(exc).__name__,
+            "message": str(exc)}
+
+
+def _validate(args: argparse.Namespace, out: PrivateStdout) -> int:
     problems = YAMLEngine(allow_python=not args.lua_only).validate_file(args.file)
     for problem in problems:
         print(problem, file=sys.stderr)
     if problems:
         return EXIT_INVALID
-    print(f"{args.file}: ok")
+    out.write_line(f"{args.file}: ok")
     return EXIT_OK
 
 
-def _graph(args: argparse.Namespace) -> int:
+def _graph(args: argparse.Namespace, out: PrivateStdout) -> int:
     YAMLEngine().load_from_file(args.file).close()  # validate first
     document, _ = read_yaml_file(args.file)
     nodes = [spec["name"] for spec in document["nodes"]]
@@ -118,7 +176,7 @@ def _graph(args: argparse.Namespace) -> int:
                 when.get("python") if isinstance(when, dict) else when)
         arrow = f" -->|{_mermaid_text(label)}| " if label else " --> "
         lines.append(f"    {_mermaid_id(edge['from'])}{arrow}{_mermaid_id(edge['to'])}")
-    print("\n".join(lines))
+    out.write_line("\n".join(lines))
     return EXIT_OK
 
 
@@ -165,22 +223,25 @@ def _json_default(value: Any) -> Any:
     return repr(value)
 
 
-def _print_json(value: Any, *, compact: bool = False) -> None:
-    print(json.dumps(value, default=_json_default, ensure_ascii=False,
-                     indent=None if compact else 2, sort_keys=not compact))
+def _json(value: Any, *, compact: bool = False) -> str:
+    return json.dumps(value, default=_json_default, ensure_ascii=False,
+                      indent=None if compact else 2, sort_keys=not compact)
 
 
-def _fail(args: argparse.Namespace, exc: BaseException, code: int, label: str = "error") -> int:
+def _fail(args: argparse.Namespace, exc: BaseException, code: int, label: str = "error",
+          message: str | None = None) -> int:
     if getattr(args, "debug", False):
         traceback.print_exception(exc, file=sys.stderr)
-    message = " ".join(str(exc).split("\n")) if code != EXIT_INVALID else str(exc)
-    if isinstance(exc, GraphError) and len(exc.problems) > 1:
-        message = "; ".join(exc.problems)
-        if exc.source:
-            message = f"{exc.source}: {message}"
-    print(f"isobranch: {label}: {message}", file=sys.stderr)
+    if message is None:
+        message = str(exc)
+        if isinstance(exc, GraphError) and len(exc.problems) > 1:
+            message = "; ".join(exc.problems)
+            if exc.source:
+                message = f"{exc.source}: {message}"
+        message = " ".join(message.split("\n"))
+    print(f"isobranch: {label}: {message}" if message else f"isobranch: {label}", file=sys.stderr)
     return code
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console()

@@ -217,7 +217,7 @@ class DaskBackend:
                                                           self._on_memory_restart)
                     connection.client.subscribe_topic(self._topic, self._on_event)
                 except DaskUnavailable as exc:
-                    raise BackendError(str(exc)) from exc
+                    raise BackendError(str(exc)) from exc.__cause__  # the message says it all
                 self._connection = connection
             if self._plugin is None or self._graph is None or self._graph() is not graph:
                 self._ship(connection, graph)

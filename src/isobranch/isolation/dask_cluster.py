@@ -15,6 +15,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from .interrupts import sigint_blocked
+
 DEFAULT_CONNECT_TIMEOUT = 5.0
 
 
@@ -124,13 +126,49 @@ def borrow(client: Any) -> Connection:
 
 
 def _main_guard_hint() -> str:
+    """Advice for a script whose top level would be re-run by every spawned worker."""
     # Spawned workers re-import a script run as __main__ (not ``python -m pkg``).
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
-    if getattr(main, "__file__", None) and not (spec and spec.name.endswith(".__main__")):
-        return (" (Dask starts local workers with multiprocessing spawn, which re-runs "
-                f"{main.__file__}: guard its entry point with `if __name__ == \"__main__\":`)")
-    return ""
+    path = getattr(main, "__file__", None)
+    if not path or (spec and spec.name.endswith(".__main__")) or _has_main_guard(path):
+        return ""
+    return (" (Dask starts local workers with multiprocessing spawn, which re-runs "
+            f"{path}: guard its entry point with `if __name__ == \"__main__\":`)")
+
+
+def _has_main_guard(path: str) -> bool:
+    """Whether the script at ``path`` has a top-level ``if __name__ == "__main__":``."""
+    import ast
+    from pathlib import Path
+
+    try:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"), path)
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return False  # cannot tell: the hint may help
+    for statement in tree.body:
+        test = statement.test if isinstance(statement, ast.If) else None
+        if isinstance(test, ast.Compare) and len(test.ops) == 1 \
+                and isinstance(test.ops[0], ast.Eq):
+            sides = [test.left, *test.comparators]
+            if any(isinstance(x, ast.Name) and x.id == "__name__" for x in sides) and any(
+                    isinstance(x, ast.Constant) and x.value == "__main__" for x in sides):
+                return True
+    return False
+
+
+def _refuse_in_bootstrapping_worker() -> None:
+    """Exit quietly if this process is a worker re-running the parent's script.
+
+    A script without an ``if __name__ == "__main__":`` guard starts a cluster
+    again in every spawned worker while it re-imports the script. Without
+    this, each worker prints a long traceback of its own; the parent, which
+    sees its workers fail, explains what to do in one message.
+    """
+    import multiprocessing
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise SystemExit(1)
 
 
 def start_local_cluster(n_workers: int | None, timeout: float,
@@ -147,7 +185,11 @@ def start_local_cluster(n_workers: int | None, timeout: float,
     (``allowed-failures: 0``): the backend reports that branch as failed and
     retries only when asked. ``memory_limit`` (bytes) caps each worker
     process's resident memory: its nanny restarts a worker that passes it.
+    The workers start with SIGINT blocked (see ``interrupts``): Ctrl-C is
+    the caller's, and one arriving while the cluster starts takes effect
+    once it has started, so no half-started cluster is left to tear down.
     """
+    _refuse_in_bootstrapping_worker()
     distributed = import_distributed()
     import dask
 
@@ -173,21 +215,32 @@ def start_local_cluster(n_workers: int | None, timeout: float,
                        "distributed.worker.memory.pause": False,
                        "distributed.worker.memory.terminate": 1.0})
         limits["memory_limit"] = memory_limit
-    try:
-        with dask.config.set(config):
-            cluster = distributed.LocalCluster(
-                n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                scheduler_port=0, dashboard_address="127.0.0.1:0",
-                scheduler_kwargs={"dashboard": False}, security=security,
-                silence_logs=logging.CRITICAL, **limits)
-    except Exception as exc:
-        raise DaskUnavailable(f"could not start a local Dask cluster of {workers} worker(s): "
-                              f"{type(exc).__name__}: {exc}{_main_guard_hint()}") from exc
-    try:
-        client = distributed.Client(cluster, timeout=timeout, set_as_default=False)
-    except Exception:
-        cluster.close()
-        raise
+    # Starting multiprocessing's resource tracker unblocks SIGINT in the thread
+    # that starts it (the cluster's event loop, from which workers are
+    # started); started here first, it is already running then.
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    with sigint_blocked():
+        try:
+            with dask.config.set(config):
+                cluster = distributed.LocalCluster(
+                    n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                    scheduler_port=0, dashboard_address="127.0.0.1:0",
+                    scheduler_kwargs={"dashboard": False}, security=security,
+                    silence_logs=logging.CRITICAL, **limits)
+        except Exception as exc:
+            hint = _main_guard_hint()
+            message = (f"could not start a local Dask cluster of {workers} worker(s): "
+                       f"{type(exc).__name__}: {exc}{hint}")
+            if hint:  # Dask's own chain of nanny errors says nothing more
+                raise DaskUnavailable(message) from None
+            raise DaskUnavailable(message) from exc
+        try:
+            client = distributed.Client(cluster, timeout=timeout, set_as_default=False)
+        except BaseException:
+            cluster.close()
+            raise
     return Connection(client, cluster.scheduler_address, cluster)
 
 

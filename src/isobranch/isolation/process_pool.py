@@ -30,6 +30,7 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from .interrupts import sigint_blocked
 from .process_worker import PID, STATUS
 
 START_METHODS = ("forkserver", "spawn")
@@ -136,8 +137,12 @@ def write_all(fd: int, data: bytes, timeout: float) -> None:
 
 
 def _start_child(args: list[str], keep_fd: int, graph_bytes: bytes) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-c", _BOOTSTRAP, *args], stdin=subprocess.PIPE,
-                               pass_fds=(keep_fd,), env=_child_environment(), close_fds=True)
+    # Ctrl-C is the parent's to handle: the child starts with SIGINT blocked
+    # (and ignores it once running), so it cannot die half-way through a branch.
+    with sigint_blocked():
+        process = subprocess.Popen([sys.executable, "-c", _BOOTSTRAP, *args],
+                                   stdin=subprocess.PIPE, pass_fds=(keep_fd,),
+                                   env=_child_environment(), close_fds=True)
     assert process.stdin is not None
     try:
         write_all(process.stdin.fileno(), _init_payload(graph_bytes), START_TIMEOUT_SECONDS)

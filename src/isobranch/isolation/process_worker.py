@@ -138,7 +138,11 @@ def worker_loop(conn: Connection, graph: Any, *, once: bool) -> int:
             return 0
         if message[0] != "run":
             return 0
-        conn.send_bytes(run_task(graph, message[1], conn))
+        reply = run_task(graph, message[1], conn)
+        try:
+            conn.send_bytes(reply)
+        except OSError:
+            return 0  # the parent went away (closed or interrupted): nobody to tell
         if once:
             return 0
 
@@ -146,6 +150,8 @@ def worker_loop(conn: Connection, graph: Any, *, once: bool) -> int:
 def _quiet_signals() -> None:
     # Ctrl-C reaches the whole process group; the parent handles it and
     # closes its pools, so workers must not die half-way through a branch.
+    # (They start with SIGINT blocked, see ``interrupts``; ignoring it also
+    # covers code in a node that unblocks it.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -157,9 +163,13 @@ def fork_server(control_fd: int) -> int:
     try:
         graph = load_graph(read_init(sys.stdin.buffer))
     except BaseException as exc:
-        control.send(b"E" + f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")[:60000])
+        with contextlib.suppress(OSError):
+            control.send(b"E" + f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")[:60000])
         return 1
-    control.send(b"R")
+    try:
+        control.send(b"R")
+    except OSError:
+        return 0  # the parent gave up waiting (closed or interrupted)
     children: set[int] = set()
     while True:
         try:
@@ -169,14 +179,17 @@ def fork_server(control_fd: int) -> int:
         if not message:
             break
         kind = message[:1]
-        if kind == b"F":
-            pid = _fork_worker(control, fds[0], graph, once=message[1:2] == b"1")
-            children.add(pid)
-            control.send(b"P" + PID.pack(pid))
-        elif kind == b"S":
-            pid = PID.unpack(message[1:])[0]
-            control.send(b"S" + STATUS.pack(_reap(pid)))
-            children.discard(pid)
+        try:
+            if kind == b"F":
+                pid = _fork_worker(control, fds[0], graph, once=message[1:2] == b"1")
+                children.add(pid)
+                control.send(b"P" + PID.pack(pid))
+            elif kind == b"S":
+                pid = PID.unpack(message[1:])[0]
+                control.send(b"S" + STATUS.pack(_reap(pid)))
+                children.discard(pid)
+        except OSError:
+            break  # the parent went away mid-request (closed or interrupted)
     _end_children(children)
     return 0
 
@@ -242,9 +255,13 @@ def spawned_worker(conn_fd: int, once: bool) -> int:
     try:
         graph = load_graph(read_init(sys.stdin.buffer))
     except BaseException as exc:
-        conn.send_bytes(pickle.dumps(("init_error", f"{type(exc).__name__}: {exc}")))
+        with contextlib.suppress(OSError):
+            conn.send_bytes(pickle.dumps(("init_error", f"{type(exc).__name__}: {exc}")))
         return 1
-    conn.send_bytes(pickle.dumps(("ready",)))
+    try:
+        conn.send_bytes(pickle.dumps(("ready",)))
+    except OSError:
+        return 0  # the parent gave up waiting (closed or interrupted)
     return worker_loop(conn, graph, once=once)
 
 

@@ -1,0 +1,81 @@
+"""Keeping the command's standard output for its own JSON.
+
+Nodes may print: Python ``print()``, Lua's ``print`` (which writes through
+the C library's ``stdout`` of the Lua VM, not through ``sys.stdout``), or
+worker processes that inherited file descriptor 1. Redirecting
+``sys.stdout`` alone catches only the first, so the redirection is done on
+the descriptor: while a run lasts, fd 1 is a copy of fd 2 (stderr), and the
+command writes its own output through a private duplicate of the original
+fd 1. Processes started during the run (fork servers, spawned workers,
+Dask's local workers) inherit the redirected fd 1; the private duplicate is
+close-on-exec, so none of them can write to the real stdout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import sys
+from collections.abc import Iterator
+
+
+class StdoutClosed(Exception):
+    """The reader of the command's standard output went away (e.g. ``| head``)."""
+
+
+class PrivateStdout:
+    """Writes lines to the command's real standard output, unbuffered."""
+
+    def __init__(self, fd: int, encoding: str, errors: str) -> None:
+        self._fd = fd
+        self._encoding = encoding
+        self._errors = errors
+
+    def write_line(self, text: str) -> None:
+        """Write ``text`` and a newline, all of it, or raise ``StdoutClosed``."""
+        data = memoryview((text + "\n").encode(self._encoding, self._errors))
+        try:
+            while data:
+                data = data[os.write(self._fd, data):]
+        except BrokenPipeError as exc:
+            raise StdoutClosed("standard output was closed by its reader") from exc
+
+
+def _flush_c_stdio() -> None:
+    # Lua's print() buffers in the C library's stdout: flush it while fd 1
+    # still points at stderr, or its bytes would reach the real stdout later.
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).fflush(None)
+
+
+def _flush_python_stdio() -> None:
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.flush()
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[PrivateStdout]:
+    """Point fd 1 and ``sys.stdout`` at stderr; yield a writer for the real stdout.
+
+    Everything is restored on exit, after flushing what nodes printed (Python
+    and C buffers) to stderr.
+    """
+    _flush_python_stdio()
+    _flush_c_stdio()
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    errors = getattr(sys.stdout, "errors", None) or "strict"
+    private = os.dup(1)  # not inheritable: children never see the real stdout
+    saved_stdout = sys.stdout
+    try:
+        os.dup2(2, 1)  # inheritable, so processes started meanwhile write to stderr
+        sys.stdout = sys.stderr
+        yield PrivateStdout(private, encoding, errors)
+    finally:
+        _flush_python_stdio()
+        _flush_c_stdio()
+        sys.stdout = saved_stdout
+        os.dup2(private, 1)
+        os.close(private)

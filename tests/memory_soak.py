@@ -1,0 +1,42 @@
+"""Telling a memory leak from a warm-up in soak tests.
+
+A long run's memory often grows at first and then levels off: pools and
+allocator arenas fill, caches warm up, and libraries keep bounded histories
+(Dask's scheduler keeps its last computations for its dashboard). A leak is
+growth that keeps going. So growth is measured between two windows that both
+come after a warm-up: the median resident size over the second window minus
+the median over the first. A plateau reached during the warm-up or the first
+window shows as no growth; a leak shows as the growth of one window's worth
+of rounds.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+from collections.abc import Callable
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux ``/proc``)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def late_growth(run_round: Callable[[], object], *, warmup_rounds: int,
+                window_rounds: int) -> int:
+    """Bytes the RSS grew between two windows of ``window_rounds`` after ``warmup_rounds``.
+
+    ``run_round`` is called ``warmup_rounds + 2 * window_rounds`` times; the
+    RSS is sampled after each call of the two windows.
+    """
+    for _ in range(warmup_rounds):
+        run_round()
+    windows: list[list[int]] = [[], []]
+    for window in windows:
+        for _ in range(window_rounds):
+            run_round()
+            gc.collect()
+            window.append(rss_bytes())
+    return int(statistics.median(windows[1]) - statistics.median(windows[0]))
