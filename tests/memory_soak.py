@@ -40,3 +40,32 @@ def late_growth(run_round: Callable[[], object], *, warmup_rounds: int,
             gc.collect()
             window.append(rss_bytes())
     return int(statistics.median(windows[1]) - statistics.median(windows[0]))
+
+
+def probe_growth(kind: str, *, branches: int, warmup_rounds: int, window_rounds: int) -> int:
+    """``late_growth`` of an inline fan-out whose branches each keep 8 KiB.
+
+    ``kind`` "leak" keeps them for good; "bounded" keeps them in a history
+    that is full five rounds after the warm-up. Meant for a fresh
+    interpreter: in a process that has freed memory before, new allocations
+    reuse pages that are already resident and the RSS does not move.
+    """
+    import collections
+
+    from isobranch import StateGraph
+
+    kept: list[bytes] | collections.deque[bytes] = (
+        [] if kind == "leak" else collections.deque(maxlen=branches * (warmup_rounds + 5)))
+    graph = StateGraph()
+    graph.add_node("start", lambda state: None)
+    graph.add_fan_in_node("join", lambda state, results: {})
+    for index in range(branches):
+        graph.add_node(f"b{index}", lambda state: kept.append(b"x" * 8192))
+        graph.add_parallel_edge("start", f"b{index}", fan_in="join")
+    graph.set_entry_point("start")
+    with graph.compile(isolation="inline") as compiled:
+        growth = late_growth(lambda: compiled.invoke({}), warmup_rounds=warmup_rounds,
+                             window_rounds=window_rounds)
+    if kind == "bounded":
+        assert len(kept) == kept.maxlen
+    return growth

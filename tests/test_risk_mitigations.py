@@ -6,11 +6,12 @@ thread growth, DATA-001 runtime identity, TECH-004 sequential behaviour.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import os
+import subprocess
+import sys
 import threading
-from typing import Any
+from pathlib import Path
 
 import pytest
 
@@ -113,45 +114,26 @@ def test_TECH_003_memory_and_threads_stay_flat_over_thousands_of_branches(isolat
         f"after a warm-up: memory that keeps growing is a leak")
 
 
-# What the leak and warm-up probes below hold on to (module level: it outlives
-# every branch, as leaked memory would).
-_LEAKED: list[bytes] = []
-_BOUNDED: collections.deque[bytes] = collections.deque(
-    maxlen=SOAK_BRANCHES * (SOAK_WARMUP_ROUNDS + 5))
-
-
-def _probe_graph(keep) -> Any:
-    graph = StateGraph()
-    graph.add_node("start", lambda state: None)
-    graph.add_fan_in_node("join", lambda state, results: {})
-    for index in range(SOAK_BRANCHES):
-        graph.add_node(f"b{index}", lambda state: keep(b"x" * 8192))
-        graph.add_parallel_edge("start", f"b{index}", fan_in="join")
-    graph.set_entry_point("start")
-    return graph.compile(isolation="inline")
+def _probe_growth_in_fresh_interpreter(kind: str) -> int:
+    code = (f"import memory_soak; print(memory_soak.probe_growth({kind!r}, "
+            f"branches={SOAK_BRANCHES}, warmup_rounds={SOAK_WARMUP_ROUNDS}, "
+            f"window_rounds={SOAK_WINDOW_ROUNDS}))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
 def test_TECH_003_measurement_flags_memory_that_keeps_growing():
-    try:
-        with _probe_graph(_LEAKED.append) as graph:  # 8 KiB kept for good per branch
-            growth = late_growth(lambda: graph.invoke({}), warmup_rounds=SOAK_WARMUP_ROUNDS,
-                                 window_rounds=SOAK_WINDOW_ROUNDS)
-    finally:
-        _LEAKED.clear()
+    growth = _probe_growth_in_fresh_interpreter("leak")  # 8 KiB kept for good per branch
     assert growth >= SOAK_GROWTH_LIMIT, f"a leak of 8 KiB per branch grew only {growth} bytes"
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
 def test_TECH_003_measurement_ignores_growth_that_levels_off():
     # 6 MiB kept in a bounded history, full five rounds after the warm-up.
-    try:
-        with _probe_graph(_BOUNDED.append) as graph:
-            growth = late_growth(lambda: graph.invoke({}), warmup_rounds=SOAK_WARMUP_ROUNDS,
-                                 window_rounds=SOAK_WINDOW_ROUNDS)
-        assert len(_BOUNDED) == _BOUNDED.maxlen
-    finally:
-        _BOUNDED.clear()
+    growth = _probe_growth_in_fresh_interpreter("bounded")
     assert growth < SOAK_GROWTH_LIMIT, f"a bounded history counted as {growth} bytes of growth"
 
 

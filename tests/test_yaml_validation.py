@@ -360,11 +360,11 @@ edges:
 """
 
 
-def test_validate_lists_all_ten_mistakes(tmp_path, capsys):
+def test_validate_lists_all_ten_mistakes(tmp_path, capfd):
     flow = tmp_path / "flow.yaml"
     flow.write_text(TEN_MISTAKES)
     assert main(["validate", str(flow)]) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
+    lines = capfd.readouterr().err.strip().splitlines()
     expected = [
         "unknown top-level key 'descripton'", "settings.paralel: unknown key",
         "settings.lua.timeot: unknown key", "settings.parallel.isolaton: unknown key",
@@ -378,7 +378,7 @@ def test_validate_lists_all_ten_mistakes(tmp_path, capsys):
     assert all(line.startswith(f"{flow}: ") for line in lines)
 
 
-def test_validate_of_a_good_file_is_ok(tmp_path, capsys):
+def test_validate_of_a_good_file_is_ok(tmp_path, capfd):
     flow = tmp_path / "flow.yaml"
     flow.write_text(textwrap.dedent("""
         settings: {parallel: {isolation: inline}, lua: {timeout: 2}}
@@ -386,4 +386,4 @@ def test_validate_of_a_good_file_is_ok(tmp_path, capsys):
           - {name: a, run: "-- lua\\nreturn {x = 1}"}
     """))
     assert main(["validate", str(flow)]) == 0
-    assert capsys.readouterr().out.strip() == f"{flow}: ok"
+    assert capfd.readouterr().out.strip() == f"{flow}: ok"
