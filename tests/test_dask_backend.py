@@ -418,7 +418,7 @@ def test_without_the_extra_compiling_for_dask_says_what_to_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "distributed" else real(name, *a))
-    with pytest.raises(GraphError, match=r"pip install 'isobranch\[dask\]'"):
+    with pytest.raises(GraphError, match=r"pip install '\.\[dask\]' in the isobranch checkout"):
         fan_out(("a", lambda s: None)).compile(isolation="dask")
 
 

@@ -35,6 +35,7 @@ from ..branch import BranchTask, ParallelFlowResult, cancelled_result
 from .base import register_backend
 from .dask_cluster import (
     DEFAULT_CONNECT_TIMEOUT,
+    INSTALL_HINT,
     Connection,
     DaskUnavailable,
     borrow,
@@ -148,8 +149,8 @@ class DaskBackend:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"{option} must be a positive number, got {value!r}")
         if importlib.util.find_spec("distributed") is None:
-            raise ValueError("isolation 'dask' needs Dask's distributed package: "
-                             "pip install 'isobranch[dask]'")
+            raise ValueError("isolation 'dask' needs Dask's distributed package "
+                             f"{INSTALL_HINT}")
         self.max_workers = max_workers
         self.address = address
         self.retries = retries

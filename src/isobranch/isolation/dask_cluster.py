@@ -48,14 +48,18 @@ class Connection:
                 if self.cluster is not None:
                     self.cluster.close()
 
+# How to get what the dask backend needs (isobranch is installed from a checkout).
+INSTALL_HINT = ("(the 'dask' extra: pip install '.[dask]' in the isobranch checkout, "
+                "or pip install distributed cryptography)")
+
 
 def import_distributed() -> Any:
     """The ``distributed`` module, or a ``DaskUnavailable`` saying how to install it."""
     try:
         import distributed
     except ImportError as exc:
-        raise DaskUnavailable("isolation 'dask' needs Dask's distributed package: "
-                              "pip install 'isobranch[dask]'") from exc
+        raise DaskUnavailable("isolation 'dask' needs Dask's distributed package "
+                              f"{INSTALL_HINT}") from exc
     return distributed
 
 
@@ -252,5 +256,5 @@ def _temporary_credentials() -> Any:
         return Security.temporary()
     except ImportError as exc:
         raise DaskUnavailable("the local Dask cluster is secured with temporary TLS "
-                              "credentials, which need the cryptography package: "
-                              "pip install 'isobranch[dask]'") from exc
+                              "credentials, which need the cryptography package "
+                              f"{INSTALL_HINT}") from exc
