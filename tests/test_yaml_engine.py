@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from isobranch import GraphError, GraphExecutionError, YAMLEngine
-from isobranch.yaml_engine import parse_size
+from isobranch.sizes import parse_size
 
 DEMO = """
 name: fan-out-demo

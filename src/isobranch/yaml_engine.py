@@ -39,6 +39,7 @@ from .lua.runtime import DEFAULT_MAX_MEMORY
 from .lua.syntax import LuaSyntaxChecker
 from .nodes import LuaNode, Node, PythonNode
 from .runner import END, START
+from .sizes import parse_size
 
 DEFAULT_LUA_TIMEOUT = 30.0
 # settings.parallel keys the engine's own arguments stand for, so not options.
@@ -46,10 +47,6 @@ _ENGINE_ARGUMENTS = frozenset({"isolation", "strategy", "max_workers"})
 # Keys whose value is code: a YAML error on their line gets the block-form hint.
 _CODE_KEYS = frozenset({"run", "when", "over"})
 _KEY = re.compile(r"(?:^|[\s{,])([A-Za-z_][\w-]*)\s*:(?=\s|$)")
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4,
-               "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
-               "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
 _UNSET: Any = object()
 
 
@@ -179,26 +176,6 @@ def _code_value_hint(text: str, error: yaml.YAMLError) -> str:
                         f"indented)")
             break
     return ""
-
-
-def parse_size(value: Any) -> int | None:
-    """``64MiB``, ``1GB``, ``1048576`` -> bytes; ``None`` stays ``None``."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise ValueError(f"not a size: {value!r}")
-    if isinstance(value, int):
-        if value <= 0:
-            raise ValueError(f"size must be positive, got {value}")
-        return value
-    match = _SIZE.match(str(value))
-    unit = (match.group(2) or "").lower() if match else ""
-    if not match or unit not in _SIZE_UNITS:
-        raise ValueError(f"not a size: {value!r} (use bytes or e.g. 64MiB, 1GB)")
-    size = int(float(match.group(1)) * _SIZE_UNITS[unit])
-    if size <= 0:
-        raise ValueError(f"size must be positive, got {value!r}")
-    return size
 
 
 def contained_file(base_dir: Path, reference: str) -> Path:

@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from ..sizes import parse_size
+
 if TYPE_CHECKING:
     from ..branch import BranchTask, ParallelFlowResult
 
@@ -148,8 +150,6 @@ def oom_killed(kills_before: int | None, ending: str) -> bool:
 
 def parse_limit(value: object) -> int | None:
     """``branch_max_memory`` as bytes: an int, or a size string such as ``"512MiB"``."""
-    from ..yaml_engine import parse_size
-
     try:
         return parse_size(value)
     except ValueError as exc:
