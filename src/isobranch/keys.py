@@ -16,8 +16,7 @@ from collections.abc import Iterable
 from enum import StrEnum
 from typing import Any
 
-from .isolation import base as backend_registry
-from .isolation.base import available_backends
+from .isolation.base import available_backends, backend_factory
 
 
 class Language(StrEnum):
@@ -71,9 +70,8 @@ def backend_options(isolation: str) -> frozenset[str] | None:
     ``None`` means any option: the factory takes ``**kwargs`` or has no
     readable signature. An unknown backend accepts none.
     """
-    available_backends()  # registers the built-in backends
-    # Read-only use of the registry: the factory's signature is its declaration.
-    factory = backend_registry._registry.get(isolation)
+    # The factory's signature is its declaration.
+    factory = backend_factory(isolation)
     if factory is None:
         return frozenset()
     try:

@@ -52,6 +52,12 @@ def available_backends() -> list[str]:
     return sorted(_registry)
 
 
+def backend_factory(name: str) -> BackendFactory | None:
+    """The factory registered as ``name`` (None if there is none)."""
+    _ensure_builtins()
+    return _registry.get(name)
+
+
 def create_backend(name: str, **options: Any) -> IsolationBackend:
     """Build a backend by name; unknown names and options are a ``GraphError``."""
     _ensure_builtins()
