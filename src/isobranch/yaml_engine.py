@@ -25,8 +25,11 @@ from .runner import END, START
 DEFAULT_LUA_TIMEOUT = 30.0
 TOP_LEVEL_KEYS = {"name", "description", "variables", "settings", "nodes", "edges"}
 NODE_KEYS = {"name", "run", "file", "language", "fan_in", "description"}
-EDGE_KEYS = {"from", "to", "type", "fan_in", "when"}
-PARALLEL_KEYS = {"isolation", "strategy", "max_workers", "branch_timeout", "fail_fast", "max_steps"}
+EDGE_KEYS = {"from", "to", "type", "fan_in", "when", "over", "as", "index_as",
+             "max_concurrency", "retry"}
+MAP_EDGE_KEYS = {"over", "as", "index_as", "max_concurrency", "retry"}
+PARALLEL_KEYS = {"isolation", "strategy", "max_workers", "branch_timeout", "fail_fast",
+                 "max_steps", "max_concurrency"}
 LUA_KEYS = {"timeout", "max_memory"}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4,
@@ -217,6 +220,7 @@ class _Builder:
             "isolation": isolation, "max_workers": max_workers,
             "branch_timeout": parallel.pop("branch_timeout", None), "fail_fast": fail_fast,
             "max_steps": parallel.pop("max_steps", DEFAULT_MAX_STEPS),
+            "max_concurrency": parallel.pop("max_concurrency", None),
             "lua_timeout": lua_timeout, "lua_max_memory": max_memory,
         }
         # What is left belongs to backends: a mapping under a backend's name, or
@@ -347,6 +351,12 @@ class _Builder:
             if bad:
                 continue
             kind = spec.get("type", "normal")
+            if kind != "map":
+                for key in sorted(MAP_EDGE_KEYS & set(spec)):
+                    self.problem(f"{where}: {key!r} belongs to map edges (type: map)")
+            if kind == "map":
+                self.map_edge(graph, spec, where, known, fan_ins)
+                continue
             if kind == "parallel":
                 fan_in = spec.get("fan_in")
                 if not isinstance(fan_in, str):
@@ -360,7 +370,7 @@ class _Builder:
                     graph.add_parallel_edge(source, target, fan_in)
                 continue
             if kind not in ("normal", "simple", "conditional"):
-                self.problem(f"{where}: unknown edge type {kind!r} (normal or parallel)")
+                self.problem(f"{where}: unknown edge type {kind!r} (normal, parallel or map)")
                 continue
             condition = self.condition(spec.get("when"), where, f"when {source}->{target}")
             if "when" in spec and condition is None:
@@ -379,25 +389,68 @@ class _Builder:
             graph.set_entry_point(names[0])
         return fan_ins
 
-    def condition(self, when: Any, where: str, origin: str) -> Condition | None:
+    def map_edge(self, graph: StateGraph, spec: Mapping[str, Any], where: str, known: set[str],
+                 fan_ins: set[str]) -> None:
+        source, target, fan_in = spec["from"], spec["to"], spec.get("fan_in")
+        problems_before = len(self.problems)
+        if "when" in spec:
+            self.problem(f"{where}: a map edge cannot have a 'when' condition")
+        if not isinstance(fan_in, str):
+            self.problem(f"{where}: a map edge needs 'fan_in' (the node where branches meet)")
+        elif fan_in not in known:
+            self.problem(f"{where}: fan-in node {fan_in!r} does not exist")
+        if source == START or target == END:
+            self.problem(f"{where}: map edges run between nodes")
+        over: Any = spec.get("over")
+        if "over" not in spec:
+            self.problem(f"{where}: a map edge needs 'over' (a state key, or "
+                         f"{{python: ...}} / {{lua: ...}})")
+        elif isinstance(over, Mapping):
+            over = self.condition(over, where, f"over {source}->{target}", role="over")
+        elif not isinstance(over, str) or not over:
+            self.problem(f"{where}: 'over' must be a state key or {{python: ...}} / {{lua: ...}}, "
+                         f"got {over!r}")
+        keys = {}
+        for yaml_key, default in (("as", "item"), ("index_as", "index")):
+            value = spec.get(yaml_key, default)
+            if not isinstance(value, str) or not value:
+                self.problem(f"{where}: '{yaml_key}' must be a non-empty state key, got {value!r}")
+            keys[yaml_key] = value
+        if len(self.problems) > problems_before or over is None:
+            return
+        try:
+            graph.add_map_edge(source, target, over=over, fan_in=fan_in, item_key=keys["as"],
+                               index_key=keys["index_as"],
+                               max_concurrency=spec.get("max_concurrency"),
+                               retry=spec.get("retry"))
+        except GraphError as exc:
+            for problem in exc.problems:
+                self.problem(problem.replace(f"map edge {source} -> {target}", where, 1))
+            return
+        fan_ins.add(fan_in)
+
+    def condition(self, when: Any, where: str, origin: str, role: str = "when"
+                  ) -> Condition | None:
         if when is None:
             return None
         language, expression = "python", when
         if isinstance(when, Mapping):
             if len(when) != 1 or next(iter(when)) not in ("lua", "python"):
-                self.problem(f"{where}: 'when' must be an expression or {{lua: ...}} / {{python: ...}}")
+                self.problem(f"{where}: '{role}' must be an expression or {{lua: ...}} / {{python: ...}}")
                 return None
             language, expression = next(iter(when.items()))
         if not isinstance(expression, str) or not expression.strip():
-            self.problem(f"{where}: 'when' must be a non-empty expression")
+            self.problem(f"{where}: '{role}' must be a non-empty expression")
             return None
         if language == "lua":
             if not self.engine._lua_enabled:
-                self.problem(f"{where}: Lua condition but this engine has lua_enabled=False")
+                what = "condition" if role == "when" else f"expression in '{role}'"
+                self.problem(f"{where}: Lua {what} but this engine has lua_enabled=False")
                 return None
             return LuaCondition(expression, origin=origin)
         try:
             return PythonCondition(expression, origin=f"<{origin}>")
         except SyntaxError as exc:
-            self.problem(f"{where}: invalid Python condition: {exc.msg}")
+            what = "condition" if role == "when" else f"expression in '{role}'"
+            self.problem(f"{where}: invalid Python {what}: {exc.msg}")
             return None
