@@ -110,7 +110,7 @@ def run_task(graph: Any, payload: dict[str, Any], conn: Connection) -> bytes:
     except Exception as exc:
         path, reason = find_unpicklable(result.state, "state")
         failed = ParallelFlowResult(
-            branch=result.branch, state={}, success=False,
+            branch=result.branch, index=result.index, state={}, success=False,
             error=(f"branch {task.label!r}: its final state cannot be sent back from the "
                    f"worker process: {path}: {reason or exc}"),
             error_type="StateCopyError", duration_ms=result.duration_ms,
