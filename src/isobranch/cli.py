@@ -18,6 +18,7 @@ from typing import Any
 
 from .branch import ParallelFlowResult
 from .errors import GraphError, GraphExecutionError
+from .fanout import print_branch_tracebacks
 from .yaml_engine import YAMLEngine, read_yaml_file
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
@@ -105,6 +106,10 @@ def _graph(args: argparse.Namespace) -> int:
     lines = ["flowchart TD"]
     for edge in edges:
         label = ""
+        if edge.get("type") == "map":
+            lines.append(f"    {_mermaid_id(edge['from'])} -. \"{_mermaid_text(_map_label(edge))}\" .-> "
+                         f"{_mermaid_id(edge['to'])}")
+            continue
         if edge.get("type") == "parallel":
             label = f"parallel, fan-in {edge['fan_in']}"
         elif "when" in edge:
@@ -115,6 +120,14 @@ def _graph(args: argparse.Namespace) -> int:
         lines.append(f"    {_mermaid_id(edge['from'])}{arrow}{_mermaid_id(edge['to'])}")
     print("\n".join(lines))
     return EXIT_OK
+
+
+def _map_label(edge: dict[str, Any]) -> str:
+    over = edge.get("over")
+    if isinstance(over, dict) and len(over) == 1:
+        over = "{}: {}".format(*next(iter(over.items())))
+    label = f"map over {over} as {edge.get('as', 'item')}"
+    return f"{label}, fan-in {edge['fan_in']}"
 
 
 def _mermaid_id(name: str) -> str:
@@ -168,6 +181,7 @@ def _print_json(value: Any, *, compact: bool = False) -> None:
 def _fail(args: argparse.Namespace, exc: BaseException, code: int, label: str = "error") -> int:
     if getattr(args, "debug", False):
         traceback.print_exception(exc, file=sys.stderr)
+        print_branch_tracebacks(exc, sys.stderr)
     message = " ".join(str(exc).split("\n")) if code != EXIT_INVALID else str(exc)
     if isinstance(exc, GraphError) and len(exc.problems) > 1:
         message = "; ".join(exc.problems)

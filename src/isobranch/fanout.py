@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from .branch import (
     CANCELLED,
@@ -236,3 +236,21 @@ class Gathered:
                                f"{', '.join(names(i) for i in missing[:5])}"
                                f"{', ...' if len(missing) > 5 else ''})")
         return [result for result in self.results if result is not None]
+
+
+def print_branch_tracebacks(exc: BaseException, out: TextIO, *, limit: int = 5) -> None:
+    """Write where ``exc`` (a failed run) came from in the code: its failing code's
+    traceback, then those of failed branches (at most ``limit``), wherever they ran."""
+    text = getattr(exc, "traceback", None)
+    if text:
+        print(f"traceback of the failing code ({getattr(exc, 'branch', None) or 'main path'}):",
+              file=out)
+        print(text.rstrip(), file=out)
+    failed = [r for r in getattr(exc, "results", None) or []
+              if not r.success and r.traceback and r.traceback != text]
+    for result in failed[:limit]:
+        print(f"traceback of branch {result.branch!r} ({result.isolation}, worker "
+              f"{result.worker}):", file=out)
+        print(result.traceback.rstrip(), file=out)
+    if len(failed) > limit:
+        print(f"... and {len(failed) - limit} more failed branches with tracebacks", file=out)
