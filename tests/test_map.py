@@ -450,3 +450,147 @@ def test_cli_debug_shows_the_failed_branch_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "traceback of the failing code (score[4])" in err
     assert "inner_helper_for_debug" in err and "ValueError: doc 4 is bad" in err
+
+
+# -- scale, crashes, memory ---------------------------------------------------------
+
+
+@pytest.mark.stress
+@pytest.mark.parametrize("isolation", ["thread", "process"])
+def test_a_10000_item_map(isolation):
+    graph = map_graph(list(range(10_000)), lambda s: {"v": s["item"] + 1},
+                      fan_in=lambda s, rs: {"total": sum(r.state["v"] for r in rs),
+                                            "ordered": [r.index for r in rs] == list(range(10_000)),
+                                            "ok": all(r.success for r in rs)})
+    with compiled(graph, isolation) as app:
+        final = app.invoke({})
+    assert final["ok"] and final["ordered"]
+    assert final["total"] == sum(range(1, 10_001))
+
+
+def test_a_worker_crash_in_one_item_fails_only_that_item(no_process_leak):
+    def body(state):
+        if state["item"] == 2:
+            os._exit(7)
+        return {"v": state["item"]}
+
+    with compiled(map_graph(list(range(6)), body), "process") as app:
+        results = app.invoke({})["results"]
+    assert [r.success for r in results] == [True, True, False, True, True, True]
+    assert results[2].error_type == "WorkerCrashed" and "exited with code 7" in results[2].error
+    assert results[2].branch == "body[2]" and results[2].index == 2
+    assert [r.state["v"] for r in results if r.success] == [0, 1, 3, 4, 5]
+
+
+def test_an_item_that_cannot_be_pickled_fails_naming_its_path():
+    items = [1, 2, lambda: None]
+    with compiled(map_graph(items, lambda s: None), "process") as app, \
+            pytest.raises(GraphExecutionError, match=r"node 'start'.*state\['items'\]\[2\]"):
+        app.invoke({})
+    # In-process backends copy what pickle refuses with deepcopy.
+    with compiled(map_graph(items, lambda s: None), "thread") as app:
+        assert len(app.invoke({})["results"]) == 3
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_map_memory_stays_within_three_times_the_items_bytes():
+    """10,000 items of 1 KiB in, 1 KiB out each, on threads: the caller's RSS
+    grows by at most 3x the items' bytes (no per-branch copy of the list)."""
+    count, size = 10_000, 1024
+    graph = StateGraph()
+    graph.add_node("start", lambda s: {"docs": [f"{i:08d}" + "x" * (size - 8)
+                                                for i in range(count)]})
+    graph.add_node("body", lambda s: {"out": s["doc"][::-1]})
+    graph.add_fan_in_node("join", lambda s, rs: {"n": sum(len(r.state["out"]) for r in rs),
+                                                 "results": rs})
+    graph.add_edge(START, "start")
+    graph.add_map_edge("start", "body", over="docs", item_key="doc", fan_in="join")
+    graph.add_edge("body", "join")
+    graph.add_edge("join", END)
+    with graph.compile(isolation="thread", max_workers=2) as app:
+        app.invoke({"docs": []}, config={"max_concurrency": 2})  # warm the pool
+        before = _rss_bytes()
+        final = app.invoke({})
+        grown = _rss_bytes() - before
+    assert final["n"] == count * size
+    # 3x the items' own bytes (the 1 KiB outputs held in the results count against it too)
+    assert grown <= 3 * count * size, f"RSS grew by {grown / 2**20:.1f} MiB"
+
+
+# -- the backend protocol -----------------------------------------------------------
+
+
+class ListOnlyBackend:
+    """A third-party backend of the old protocol: run_branches(list) -> list only."""
+
+    name = "list-only"
+    chunks: list[int] = []
+
+    def __init__(self, max_workers=None):
+        self.max_workers = max_workers
+
+    def run_branches(self, tasks):
+        from isobranch.branch import run_branch
+
+        ListOnlyBackend.chunks.append(len(tasks))
+        return [run_branch(task) for task in tasks]
+
+    def close(self):
+        pass
+
+
+def test_a_backend_with_only_run_branches_works_through_the_adapter():
+    from isobranch import register_backend
+
+    register_backend("list-only", ListOnlyBackend, replace=True)
+    ListOnlyBackend.chunks = []
+    graph = map_graph(list(range(10)), lambda s: {"v": s["item"] * 2})
+    with graph.compile(isolation="list-only", max_concurrency=3) as app:
+        events = list(app.stream({}))
+    results = events[-1]["state"]["results"]
+    assert [r.state["v"] for r in results] == [i * 2 for i in range(10)]
+    assert [r.branch for r in results] == [f"body[{i}]" for i in range(10)]
+    assert ListOnlyBackend.chunks == [3, 3, 3, 1]
+    assert [e["done"] for e in events if e["type"] == "branch"] == list(range(1, 11))
+
+
+def _tasks(app, isolation, count, pulled):
+    """``count`` map tasks of ``app``'s body, recording in ``pulled`` how many were taken."""
+    from isobranch.branch import BranchLimits, BranchTask
+    from isobranch.statecopy import StateSnapshot
+
+    snapshot = StateSnapshot({})
+    for index in range(count):
+        pulled.append(index)
+        yield BranchTask(graph=app, branch="body", fan_in="join", snapshot=snapshot,
+                         limits=BranchLimits(), isolation=isolation, index=index,
+                         overlay=StateSnapshot({"item": index, "index": index}))
+
+
+def test_stream_branches_pulls_tasks_lazily_and_stops_when_closed(isolation, no_process_leak):
+    from isobranch.isolation.base import create_backend
+
+    graph = map_graph([], lambda s: {"v": s["item"]})
+    with compiled(graph, isolation) as app:
+        backend = create_backend(isolation, max_workers=2)
+        try:
+            pulled: list[int] = []
+            stream = backend.stream_branches(_tasks(app, isolation, 1000, pulled),
+                                             max_concurrency=2)
+            seen = []
+            for position, result in stream:
+                assert result.success and result.state["v"] == position
+                seen.append(position)
+                # started and unfinished <= 2; one more may be built and waiting
+                assert len(pulled) - len(seen) <= 3
+                if len(seen) == 5:
+                    break
+            stream.close()
+            assert len(pulled) <= 8, "a closed stream takes no more tasks"
+            assert len(set(seen)) == len(seen) == 5
+        finally:
+            backend.close()
