@@ -15,6 +15,7 @@ import yaml
 
 from isobranch import END, START, GraphError, GraphExecutionError, StateGraph, YAMLEngine
 from isobranch.cli import main
+from isobranch.isolation.process import SEND_AHEAD_DEPTH
 
 MAP_YAML = """
 name: map-demo
@@ -581,16 +582,60 @@ def test_stream_branches_pulls_tasks_lazily_and_stops_when_closed(isolation, no_
             pulled: list[int] = []
             stream = backend.stream_branches(_tasks(app, isolation, 1000, pulled),
                                              max_concurrency=2)
+            # Started and unfinished <= 2 (the in-flight test checks that); one more
+            # may be built and waiting; the process backend also sends short
+            # branches ahead to its busy workers.
+            ahead = 3 if isolation != "process" else 3 + 2 * SEND_AHEAD_DEPTH
             seen = []
             for position, result in stream:
                 assert result.success and result.state["v"] == position
                 seen.append(position)
-                # started and unfinished <= 2; one more may be built and waiting
-                assert len(pulled) - len(seen) <= 3
+                assert len(pulled) - len(seen) <= ahead
                 if len(seen) == 5:
                     break
+            taken = len(pulled)
             stream.close()
-            assert len(pulled) <= 8, "a closed stream takes no more tasks"
+            assert len(pulled) == taken, "a closed stream takes no more tasks"
             assert len(set(seen)) == len(seen) == 5
         finally:
             backend.close()
+
+
+@pytest.mark.parametrize("failure", ["crash", "timeout"])
+def test_branches_sent_ahead_to_a_worker_that_dies_run_once_elsewhere(
+        tmp_path, monkeypatch, failure, no_process_leak):
+    """Short branches are sent ahead to a busy worker; when the branch it runs
+    crashes or overruns its timeout, only that branch fails, and the ones
+    queued behind it run (once each) on a new worker."""
+    from isobranch.isolation import process
+
+    requeued: list[int] = []
+    retry_all = process._Source.retry_all
+
+    def spy(self, queued):
+        queued = list(queued)
+        requeued.extend(q.position for q in queued)
+        retry_all(self, queued)
+
+    monkeypatch.setattr(process._Source, "retry_all", spy)
+    marks = str(tmp_path)
+
+    def body(state):
+        # O_EXCL: a branch that ran twice fails here
+        os.close(os.open(os.path.join(marks, str(state["item"])), os.O_CREAT | os.O_EXCL))
+        if state["item"] == 12:
+            if failure == "crash":
+                os._exit(3)
+            while True:
+                pass
+        return {"v": state["item"]}
+
+    with compiled(map_graph(list(range(30)), body), "process", max_workers=1,
+                  branch_timeout=1.0) as app:
+        results = app.invoke({})["results"]
+    assert [r.index for r in results if not r.success] == [12]
+    expected_type = "WorkerCrashed" if failure == "crash" else "BranchTimeout"
+    assert results[12].error_type == expected_type
+    assert [r.state["v"] for r in results if r.success] == [i for i in range(30) if i != 12]
+    assert requeued and min(requeued) == 13, "the branches behind it were sent ahead"
+    assert sorted(int(name) for name in os.listdir(marks)) == list(range(30))

@@ -42,6 +42,14 @@ BRANCH_KILL_GRACE_SECONDS = 0.25
 LUA_KILL_GRACE_SECONDS = 0.02
 # A fan-out waiting for a worker that another thread's fan-out may release.
 POOL_RECHECK_SECONDS = 0.05
+# Short branches are sent ahead to busy workers, so a worker never waits a
+# round trip for its next one: at most this many per worker, each input at
+# most this big (a worker's socket buffer holds them without blocking the
+# parent), once this many branches in a row took at most this long.
+SEND_AHEAD_DEPTH = 8
+SEND_AHEAD_MAX_BYTES = 8 * 1024
+SEND_AHEAD_AFTER = 4
+SEND_AHEAD_BRANCH_MS = 2.0
 
 
 @dataclass
@@ -82,6 +90,30 @@ class _Source:
     def retry(self, queued: _Queued) -> None:
         """Start ``queued`` again before any other."""
         self._front.appendleft(queued)
+
+    def retry_all(self, queued: Iterable[_Queued]) -> None:
+        """Start every branch of ``queued`` again, in order, before any other."""
+        self._front.extendleft(reversed(list(queued)))
+
+
+class _Pace:
+    """Whether this fan-out's branches are short enough to be sent ahead to busy workers."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self.short_in_a_row = 0
+
+    def observe(self, result: ParallelFlowResult) -> None:
+        """Count a finished branch; one long branch stops sending ahead until short ones return."""
+        if result.duration_ms <= SEND_AHEAD_BRANCH_MS:
+            self.short_in_a_row += 1
+        else:
+            self.short_in_a_row = 0
+
+    @property
+    def send_ahead(self) -> bool:
+        """True once enough branches in a row were short."""
+        return self.enabled and self.short_in_a_row >= SEND_AHEAD_AFTER
 
 
 @dataclass
@@ -154,9 +186,13 @@ class ProcessBackend:
             return
         self._ensure_launcher(first.task.graph)
         running: dict[Connection, _Running] = {}
+        # Branches sent ahead to a busy worker, behind the one it runs (short branches only).
+        backlog: dict[Connection, deque[_Queued]] = {}
+        pace = _Pace(enabled=not self.fresh_worker_per_branch)
         try:
             while source.peek() is not None or running:
                 self._dispatch(source, running, limit)
+                self._send_ahead(source, running, backlog, pace)
                 timeout = _next_wakeup(running)
                 if source.peek() is not None and len(running) < limit:
                     # Waiting for a worker another thread may free: look again soon.
@@ -171,7 +207,14 @@ class ProcessBackend:
                     outcome = self._receive(slot)
                     if outcome is None:
                         continue
+                    if isinstance(outcome, ParallelFlowResult) and not conn.closed:
+                        pace.observe(outcome)
+                        self._next_in_worker(conn, running, backlog)
+                        finished.append((slot.position, outcome))
+                        continue
+                    # The worker is gone: what was sent ahead to it never started.
                     del running[conn]
+                    source.retry_all(backlog.pop(conn, ()))
                     if outcome == "retry" and not slot.retried:
                         # The worker died before it said anything: it never
                         # started the branch (it was already dead when idle).
@@ -180,13 +223,55 @@ class ProcessBackend:
                         finished.append((slot.position, self._crashed(slot)))
                     else:
                         finished.append((slot.position, outcome))
-                finished.extend(self._expire(running))
+                for conn, position, result, worker_lost in self._expire(running):
+                    if worker_lost:
+                        source.retry_all(backlog.pop(conn, ()))
+                    else:
+                        self._next_in_worker(conn, running, backlog)
+                    finished.append((position, result))
                 yield from finished
         finally:
             # Stopped early (fail_fast, Ctrl-C, a consumer gone) or failed:
             # unfinished branches' workers are killed; queued tasks never start.
             for slot in running.values():
                 self._discard(slot.worker, kill=True)
+
+    def _next_in_worker(self, conn: Connection, running: dict[Connection, _Running],
+                        backlog: dict[Connection, deque[_Queued]]) -> None:
+        """The worker of ``conn`` finished a branch: it starts the next one sent ahead, or is free."""
+        worker = running.pop(conn).worker
+        ahead = backlog.get(conn)
+        if ahead:
+            queued = ahead.popleft()
+            running[conn] = _Running(queued.position, queued.task, queued.payload, worker,
+                                     time.monotonic(), retried=queued.retried)
+            return
+        backlog.pop(conn, None)
+        self._release(worker)
+
+    def _send_ahead(self, source: _Source, running: dict[Connection, _Running],
+                    backlog: dict[Connection, deque[_Queued]], pace: _Pace) -> None:
+        """Queue short branches in busy workers so none waits a round trip for its next one.
+
+        Only while branches are seen to be short (a long one waiting behind
+        another would idle a free worker), and only small inputs: what waits
+        in a worker's socket never blocks the parent.
+        """
+        if not pace.send_ahead or not running:
+            return
+        for conn in list(running):
+            ahead = backlog.setdefault(conn, deque())
+            while len(ahead) < SEND_AHEAD_DEPTH:
+                queued = source.peek()
+                if queued is None or len(queued.payload) > SEND_AHEAD_MAX_BYTES:
+                    return
+                source.take()
+                try:
+                    conn.send_bytes(queued.payload)
+                except OSError:  # it died; its reader reports that
+                    source.retry(queued)
+                    return
+                ahead.append(queued)
 
     def run_branches(self, tasks: list[BranchTask]) -> list[ParallelFlowResult]:
         """Run ``tasks`` in workers and return their results in task order."""
@@ -354,7 +439,6 @@ class ProcessBackend:
                 elif kind == "merged":
                     slot.updates.append(message[2])
                 elif kind == "result":
-                    self._release(slot.worker)
                     return message[1]
         except (EOFError, OSError):
             with self._lock:
@@ -372,30 +456,41 @@ class ProcessBackend:
         return self._failed(slot, f"branch {slot.task.label!r}: worker process {slot.worker.pid}"
                                   f"{where} {how}", "WorkerCrashed", timed_out=False)
 
-    def _expire(self, running: dict[Connection, _Running]) -> list[tuple[int, ParallelFlowResult]]:
-        """Results of branches past a deadline (their workers killed), by position."""
+    def _expire(self, running: dict[Connection, _Running]
+                ) -> list[tuple[Connection, int, ParallelFlowResult, bool]]:
+        """Branches past a deadline: ``(conn, position, result, worker lost)``.
+
+        A branch that turns out to have just finished is reported with its
+        result and its worker kept (still in ``running``); any other is
+        removed from ``running`` and its worker killed.
+        """
         now = time.monotonic()
-        expired: list[tuple[int, ParallelFlowResult]] = []
+        expired: list[tuple[Connection, int, ParallelFlowResult, bool]] = []
         for conn, slot in list(running.items()):
             if _lua_overdue(slot, now):
                 outcome = self._receive(slot)  # it may have just finished
                 if outcome is not None:
                     del running[conn]
-                    expired.append((slot.position, outcome if isinstance(
-                        outcome, ParallelFlowResult) else self._crashed(slot)))
+                    if not isinstance(outcome, ParallelFlowResult):
+                        outcome = self._crashed(slot)
+                    elif not conn.closed:
+                        running[conn] = slot  # it finished: its worker goes on
+                    expired.append((conn, slot.position, outcome, conn.closed))
                     continue
                 if _lua_overdue(slot, now):
                     del running[conn]
-                    expired.append((slot.position, self._lua_timed_out(slot)))
+                    expired.append((conn, slot.position, self._lua_timed_out(slot), True))
                     continue
             limit = slot.task.limits.branch_timeout
             if limit and now >= slot.started + limit + BRANCH_KILL_GRACE_SECONDS:
-                del running[conn]
                 outcome = self._receive(slot)  # its result may be waiting unread
                 if isinstance(outcome, ParallelFlowResult):
-                    expired.append((slot.position, outcome))
-                else:
-                    expired.append((slot.position, self._branch_timed_out(slot, limit)))
+                    if conn.closed:
+                        del running[conn]
+                    expired.append((conn, slot.position, outcome, conn.closed))
+                    continue
+                del running[conn]
+                expired.append((conn, slot.position, self._branch_timed_out(slot, limit), True))
         return expired
 
     def _lua_timed_out(self, slot: _Running) -> ParallelFlowResult:
