@@ -16,6 +16,7 @@ import yaml
 from isobranch import END, START, GraphError, GraphExecutionError, StateGraph, YAMLEngine
 from isobranch.cli import main
 from isobranch.isolation.process import SEND_AHEAD_DEPTH
+from isobranch.isolation.thread import SUBMIT_AHEAD_PER_THREAD
 
 MAP_YAML = """
 name: map-demo
@@ -583,9 +584,10 @@ def test_stream_branches_pulls_tasks_lazily_and_stops_when_closed(isolation, no_
             stream = backend.stream_branches(_tasks(app, isolation, 1000, pulled),
                                              max_concurrency=2)
             # Started and unfinished <= 2 (the in-flight test checks that); one more
-            # may be built and waiting; the process backend also sends short
-            # branches ahead to its busy workers.
-            ahead = 3 if isolation != "process" else 3 + 2 * SEND_AHEAD_DEPTH
+            # may be built and waiting; the thread backend queues a few more in its
+            # pool, the process backend sends short branches ahead to busy workers.
+            ahead = {"thread": 3 + 2 * SUBMIT_AHEAD_PER_THREAD,
+                     "process": 3 + 2 * SEND_AHEAD_DEPTH}.get(isolation, 3)
             seen = []
             for position, result in stream:
                 assert result.success and result.state["v"] == position

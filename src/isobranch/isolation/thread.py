@@ -8,10 +8,11 @@ branch still gets a fresh context, so a reused thread never carries a VM over.
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..branch import (
@@ -26,6 +27,8 @@ from .base import register_backend, run_in_order
 # A branch gets this long past its deadline to report its own timeout (with
 # its state and node) before the backend stops waiting for it.
 TIMEOUT_GRACE_SECONDS = 0.25
+# Branches submitted beyond the pool's threads, per thread (they wait in its queue).
+SUBMIT_AHEAD_PER_THREAD = 2
 
 
 class ThreadBackend:
@@ -66,27 +69,34 @@ class ThreadBackend:
         when one of them is done.
         """
         limit = max_concurrency or self.max_workers
+        # When the pool itself is the bound, a few more wait in its queue, so a
+        # thread that finishes starts the next branch without waiting for this one.
+        queued_ahead = SUBMIT_AHEAD_PER_THREAD * self.max_workers if limit >= self.max_workers \
+            else 0
         source = iter(tasks)
         pending: dict[Future, _Submitted] = {}
+        # Futures as they finish (their done callbacks put them here).
+        finished: queue.SimpleQueue[Future] = queue.SimpleQueue()
         position = 0
         exhausted = False
         try:
             while True:
-                while not exhausted and len(pending) < limit:
+                while not exhausted and len(pending) < limit + queued_ahead:
                     task = next(source, None)
                     if task is None:
                         exhausted = True
                         break
                     submitted = _Submitted(position, task, BranchMonitor())
-                    pending[self._pool().submit(run_branch, task, submitted.monitor)] = submitted
+                    future = self._pool().submit(run_branch, task, submitted.monitor)
+                    pending[future] = submitted
+                    future.add_done_callback(finished.put)
                     position += 1
                 if not pending:
                     return
-                done, _ = wait(pending, timeout=_next_wakeup(pending.values()),
-                               return_when=FIRST_COMPLETED)
-                for future in done:
-                    submitted = pending.pop(future)
-                    yield submitted.position, future.result()
+                for future in _next_finished(finished, _next_wakeup(pending.values())):
+                    submitted = pending.pop(future, None)
+                    if submitted is not None:  # not one given up on meanwhile
+                        yield submitted.position, future.result()
                 for future, submitted in _overdue(pending):
                     del pending[future]
                     submitted.monitor.cancelled.set()
@@ -132,6 +142,19 @@ class _Submitted:
     position: int
     task: BranchTask
     monitor: BranchMonitor
+
+
+def _next_finished(finished: queue.SimpleQueue[Future], timeout: float | None) -> list[Future]:
+    """Futures that finished: at least one unless ``timeout`` passes first."""
+    try:
+        done = [finished.get(timeout=timeout)]
+    except queue.Empty:
+        return []
+    while True:
+        try:
+            done.append(finished.get_nowait())
+        except queue.Empty:
+            return done
 
 
 def _next_wakeup(pending: Iterable[_Submitted]) -> float | None:
