@@ -641,3 +641,14 @@ def test_branches_sent_ahead_to_a_worker_that_dies_run_once_elsewhere(
     assert [r.state["v"] for r in results if r.success] == [i for i in range(30) if i != 12]
     assert requeued and min(requeued) == 13, "the branches behind it were sent ahead"
     assert sorted(int(name) for name in os.listdir(marks)) == list(range(30))
+
+
+def test_the_readme_map_yaml_example_runs(isolation):
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Map fan-out", 1)[1]
+    block = re.search(r"```yaml\n(.*?)```", section, re.DOTALL).group(1)
+    with YAMLEngine(isolation=isolation).load_from_dict(yaml.safe_load(block)) as app:
+        assert app.invoke({})["scores"] == list(range(500))
