@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .graph import CompiledGraph
 
 
-@dataclass
+@dataclass(slots=True)
 class ParallelFlowResult:
     """What one branch produced.
 

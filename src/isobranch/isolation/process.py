@@ -438,6 +438,9 @@ class ProcessBackend:
                     slot.lua = None
                 elif kind == "merged":
                     slot.updates.append(message[2])
+                elif kind == "step":
+                    slot.updates.append(message[2])
+                    slot.node, slot.lua = message[3], None
                 elif kind == "result":
                     return message[1]
         except (EOFError, OSError):
