@@ -19,6 +19,7 @@ from typing import Any
 from .branch import ParallelFlowResult
 from .errors import GraphError, GraphExecutionError
 from .fanout import print_branch_tracebacks
+from .progress import FanOutProgress, wants_progress
 from .yaml_engine import YAMLEngine, read_yaml_file
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
@@ -57,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="isolation backend (overrides settings.parallel.isolation)")
     run.add_argument("--stream", action="store_true",
                      help="print one JSON event per line as nodes finish")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="a live progress line per running fan-out on stderr "
+                          "(default: when stderr is a terminal)")
     run.set_defaults(handler=_run)
 
     validate = commands.add_parser("validate", help="report every problem in a workflow")
@@ -76,12 +80,22 @@ def _run(args: argparse.Namespace) -> int:
     state = _read_input(args.input)
     engine = YAMLEngine(isolation=args.isolation)
     with engine.load_from_file(args.file) as graph:
-        if not args.stream:
+        progress = wants_progress(args.progress, sys.stderr)
+        if not args.stream and not progress:
             _print_json(graph.invoke(state))
             return EXIT_OK
-        for event in graph.stream(state):
-            _print_json(_event_json(event), compact=True)
-            sys.stdout.flush()
+        events = graph.stream(state)
+        if progress:  # on stderr only: stdout keeps just the JSON
+            events = FanOutProgress(sys.stderr).follow(events)
+        final: dict = {}
+        for event in events:
+            if args.stream:
+                _print_json(_event_json(event), compact=True)
+                sys.stdout.flush()
+            elif event["type"] == "final":
+                final = event["state"]
+        if not args.stream:
+            _print_json(final)
     return EXIT_OK
 
 
