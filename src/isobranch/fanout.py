@@ -14,7 +14,6 @@ runner and the backends' list-returning ``run_branches`` both use it.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
@@ -34,20 +33,12 @@ if TYPE_CHECKING:
     from .graph import CompiledGraph
 
 
-class FanOutKind(enum.Enum):
-    """How a node fans out."""
-
-    PARALLEL = "parallel"
-    MAP = "map"
-
-
 @dataclass(frozen=True)
 class StaticFanOut:
     """One branch per parallel edge, in declaration order."""
 
     targets: tuple[str, ...]
     fan_in: str
-    kind = FanOutKind.PARALLEL
     max_concurrency: int | None = None
 
 
@@ -62,7 +53,6 @@ class MapFanOut:
     index_key: str = "index"
     max_concurrency: int | None = None
     retry: Any = None
-    kind = FanOutKind.MAP
 
     def describe_over(self) -> str:
         """``over`` as messages show it: ``'docs'``, ``python: expr``, ``lua: expr``."""

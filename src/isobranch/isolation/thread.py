@@ -64,9 +64,12 @@ class ThreadBackend:
                         ) -> Iterator[tuple[int, ParallelFlowResult]]:
         """Run ``tasks`` concurrently, yielding ``(position, result)`` as each finishes.
 
-        At most ``max_concurrency`` (default: the pool size) branches are
-        submitted and unfinished; the next task is taken from ``tasks`` only
-        when one of them is done.
+        At most ``max_concurrency`` (default: the pool size) branches run at
+        once. Tasks are taken from ``tasks`` only as branches finish: up to
+        ``max_concurrency`` submitted and unfinished, plus, when the pool's
+        own size is the bound, ``SUBMIT_AHEAD_PER_THREAD`` per thread waiting
+        in its queue. Closing the generator cancels the queued ones and tells
+        the running ones to stop (abandoning one stuck in a call).
         """
         limit = max_concurrency or self.max_workers
         # When the pool itself is the bound, a few more wait in its queue, so a
