@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from .context import BranchCancelled, BranchTimeout, ExecutionContext, Watchdog
 from .errors import GraphExecutionError
-from .statecopy import StateSnapshot
+from .statecopy import ScalarSnapshot, StateSnapshot
 
 if TYPE_CHECKING:
     from .graph import CompiledGraph
@@ -100,7 +100,7 @@ class BranchTask:
     isolation: str
     path: str = ""
     index: int | None = None
-    overlay: StateSnapshot | None = None
+    overlay: StateSnapshot | ScalarSnapshot | None = None
 
     @property
     def name(self) -> str:

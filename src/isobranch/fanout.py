@@ -26,7 +26,12 @@ from .branch import (
     branch_name,
 )
 from .conditions import Expression
-from .statecopy import StateCopyError, StateSnapshot, find_unpicklable
+from .statecopy import (
+    StateCopyError,
+    StateSnapshot,
+    find_unpicklable,
+    snapshot_of,
+)
 
 if TYPE_CHECKING:
     from .context import ExecutionContext
@@ -141,7 +146,7 @@ def map_plan(graph: CompiledGraph, fan_out: MapFanOut, items: Sequence[Any],
     def tasks() -> Iterator[BranchTask]:
         for index, item in enumerate(items):
             try:
-                overlay = StateSnapshot({item_key: item, index_key: index})
+                overlay = snapshot_of({item_key: item, index_key: index})
             except StateCopyError as exc:
                 path, reason = find_unpicklable(item, f"{where}[{index}]")
                 raise StateCopyError(path, reason or exc.reason) from exc

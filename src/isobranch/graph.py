@@ -428,7 +428,9 @@ class CompiledGraph:
             fan_out_limits=BranchLimits(branch_timeout=settings["branch_timeout"],
                                         fail_fast=settings["fail_fast"]))
         try:
-            yield from run_steps(self, working, context, start=self.entry, snapshots=snapshots)
+            # invoke() needs no per-branch events; stream() reports them.
+            yield from run_steps(self, working, context, start=self.entry, snapshots=snapshots,
+                                 branch_events=snapshots)
         finally:
             context.close()
         yield {"type": "final", "state": working}

@@ -34,12 +34,14 @@ class NodeFailure(GraphExecutionError):
 
 
 def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, start: str,
-              stop_at: str | None = None, snapshots: bool = False) -> Iterator[dict[str, Any]]:
+              stop_at: str | None = None, snapshots: bool = False,
+              branch_events: bool = False) -> Iterator[dict[str, Any]]:
     """Run from ``start`` until END or ``stop_at`` (not run), mutating ``state``.
 
-    Yields ``node``, ``branch`` (main path only) and ``parallel`` events;
-    with ``snapshots`` each node event carries a shallow copy of the state
-    so later steps do not change it.
+    Yields ``node`` and ``parallel`` events, and with ``branch_events`` a
+    ``branch`` event per finished branch of a main-path fan-out; with
+    ``snapshots`` each node event carries a shallow copy of the state so
+    later steps do not change it.
     """
     current = start
     steps = 0
@@ -54,7 +56,8 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
         yield _node_event(current, state, snapshots)
         fan_out = graph.fan_out_of(current)
         if fan_out is not None:
-            results = yield from _fan_out(graph, current, fan_out, state, context)
+            results = yield from _fan_out(graph, current, fan_out, state, context,
+                                          branch_events=branch_events)
             yield {"type": "parallel", "fan_in": fan_out.fan_in, "branches": results}
             _run_node(graph, fan_out.fan_in, state, context, results)
             yield _node_event(fan_out.fan_in, state, snapshots)
@@ -94,7 +97,8 @@ def _run_node(graph: CompiledGraph, name: str, state: dict, context: ExecutionCo
 
 
 def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
-             context: ExecutionContext) -> Generator[dict[str, Any], None, list[ParallelFlowResult]]:
+             context: ExecutionContext, *, branch_events: bool
+             ) -> Generator[dict[str, Any], None, list[ParallelFlowResult]]:
     """Run the branches of ``node``'s fan-out; yield a ``branch`` event per finished one
     (main path only) and return every result in declaration / item order."""
     backend = context.fan_out_backend()
@@ -132,12 +136,12 @@ def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
         plan = static_plan(graph, fan_out, snapshot, limits, backend.name, context.branch)
     gathered = Gathered(plan.total, limits.fail_fast, backend.name)
     max_concurrency = fan_out.max_concurrency or context.max_concurrency
-    main_path = context.branch is None
+    emit = branch_events and context.branch is None  # branches' own fan-outs never emit
     stream = stream_results(backend, plan.tasks, max_concurrency)
     try:
         for position, result in stream:
             stop = gathered.add(position, result)
-            if main_path:
+            if emit:
                 yield _branch_event(node, fan_out.fan_in, result, gathered)
             if stop:
                 break

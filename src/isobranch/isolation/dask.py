@@ -60,6 +60,8 @@ FETCH_SECONDS = 2.0
 # A restart is remembered this long, to tell a branch it killed from a death.
 RESTART_MEMORY_SECONDS = 120.0
 DEFAULT_WORKER_WAIT = 60.0
+# Branches submitted beyond the cluster's threads, per thread (they wait at the scheduler).
+SUBMIT_AHEAD_PER_THREAD = 2
 
 
 @dataclass
@@ -245,9 +247,11 @@ class DaskBackend:
                         ) -> Iterator[tuple[int, ParallelFlowResult]]:
         """Run ``tasks`` as Dask tasks, yielding ``(position, result)`` as each finishes.
 
-        At most ``max_concurrency`` tasks are submitted and unfinished
-        (default: the cluster's worker threads); the next is taken from
-        ``tasks`` only when one is done. Closing the generator cancels the
+        At most ``max_concurrency`` branches run at once (default: the
+        cluster's worker threads). Tasks are taken from ``tasks`` only as
+        branches finish: up to ``max_concurrency`` submitted and unfinished,
+        plus, when the cluster's threads are the bound,
+        ``SUBMIT_AHEAD_PER_THREAD`` per thread waiting at the scheduler. Closing the generator cancels the
         submitted tasks and restarts the workers running them on a cluster
         isobranch started.
         """
@@ -257,7 +261,12 @@ class DaskBackend:
             return
         connection, plugin = self._prepare(first.graph)
         client = connection.client
-        limit = max_concurrency or self._worker_slots(connection)
+        slots = self._worker_slots(connection)
+        limit = max_concurrency or slots
+        if limit >= slots:
+            # The cluster's threads are the bound: a few more wait at the
+            # scheduler, so a thread that finishes does not wait a round trip.
+            limit += SUBMIT_AHEAD_PER_THREAD * slots
         fan_out = _FanOut()
         pending: dict[Any, _Branch] = {}
         # Results found by one look at the cluster, handed out before the next.
