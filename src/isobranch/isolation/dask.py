@@ -61,7 +61,7 @@ FETCH_SECONDS = 2.0
 RESTART_MEMORY_SECONDS = 120.0
 DEFAULT_WORKER_WAIT = 60.0
 # Branches submitted beyond the cluster's threads, per thread (they wait at the scheduler).
-SUBMIT_AHEAD_PER_THREAD = 2
+SUBMIT_AHEAD_PER_THREAD = 8
 
 
 @dataclass
