@@ -12,6 +12,13 @@ and report each node and each Lua deadline; when a deadline or
 call or a Python ``time.sleep`` ends on time. A worker that dies fails only
 its own branch; the pool replaces it on demand.
 
+Branches come from a lazy stream (a map's tasks are built as workers free
+up). Once a fan-out's branches are seen to be short, a few small inputs are
+sent ahead to each busy worker, which runs them one after another: no
+worker waits a round trip for its next branch. If the worker dies or is
+killed, only the branch it was running fails; those queued behind it never
+started and run on another worker.
+
 The pool is not ``concurrent.futures.ProcessPoolExecutor``: that pool
 breaks as a whole when one worker dies, failing every sibling, and cannot
 kill one stuck worker. This one tracks each worker separately.
