@@ -182,10 +182,12 @@ class ProcessBackend:
                         ) -> Iterator[tuple[int, ParallelFlowResult]]:
         """Run ``tasks`` in workers, yielding ``(position, result)`` as each finishes.
 
-        A task is taken from ``tasks`` (and pickled) only when a worker is
-        free for it, and at most ``max_concurrency`` (default: ``max_workers``)
-        run at once. Closing the generator kills the workers of unfinished
-        branches; the pool replaces them on demand.
+        At most ``max_concurrency`` (default: ``max_workers``) run at once.
+        A task is taken from ``tasks`` (and pickled) when a worker is free
+        for it, or, once branches are seen to be short, to be sent ahead to
+        a busy worker (at most ``SEND_AHEAD_DEPTH`` each). Closing the
+        generator kills the workers of unfinished branches; the pool
+        replaces them on demand.
         """
         limit = max_concurrency or self.max_workers
         source = _Source(tasks)
