@@ -672,3 +672,23 @@ def test_the_readme_map_yaml_example_runs(isolation):
     block = re.search(r"```yaml\n(.*?)```", section, re.DOTALL).group(1)
     with YAMLEngine(isolation=isolation).load_from_dict(yaml.safe_load(block)) as app:
         assert app.invoke({})["scores"] == list(range(500))
+
+
+def test_closing_the_stream_early_stops_running_and_queued_branches(isolation, no_process_leak):
+    """A consumer that stops reading events (as on Ctrl-C) ends the fan-out at once:
+    branches stuck in Lua loops are stopped (cancelled, killed or restarted)."""
+    from isobranch.nodes import LuaNode
+
+    spin = LuaNode("body", "if state.item > 0 then while true do end end\nreturn {done = true}")
+    graph = map_graph(list(range(6)), spin)
+    with compiled(graph, isolation, lua_timeout=60) as app:
+        started = time.monotonic()
+        events = app.stream({})
+        for event in events:
+            if event["type"] == "branch":
+                assert event["index"] == 0 and event["success"]
+                break
+        events.close()
+        elapsed = time.monotonic() - started
+    # Lua would run for 60 s per item if nothing stopped it.
+    assert elapsed < 30, f"closing the stream took {elapsed:.1f}s"
