@@ -7,11 +7,12 @@ import json
 import platform
 import sys
 
-from . import cases
+from . import cases, map_cases
 
 NAMES = ["vm", "hook", "lua-threads", "overhead-thread", "overhead-inline", "hot-loop-process",
          "python-processes", "overhead-process", "overhead-fresh", "state-copy", "round-trip",
-         "soak-thread", "soak-process", "python-dask", "overhead-dask", "dask-start"]
+         "soak-thread", "soak-process", "python-dask", "overhead-dask", "dask-start",
+         "map-process", "map-thread", "map-width-thread", "map-width-process", "map-dask"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         lambda: cases.python_branches_dask_vs_process(repeat=reps(5)),
         lambda: cases.per_branch_overhead("dask", None, repeat=reps(30)),
         lambda: cases.dask_start_tls_vs_plain(repeat=reps(5)),
+        lambda: map_cases.map_process_vs_pool(repeat=reps(5)),
+        lambda: map_cases.map_thread_vs_pool(repeat=reps(5)),
+        lambda: map_cases.map_width_scaling("thread", repeat=reps(5)),
+        lambda: map_cases.map_width_scaling("process", repeat=reps(3)),
+        lambda: map_cases.map_dask_vs_process(repeat=reps(3)),
     ]
     if args.only:
         runs = [run for run, name in zip(runs, NAMES, strict=True) if name in args.only]

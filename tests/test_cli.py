@@ -44,6 +44,10 @@ def test_stream_prints_one_json_event_per_line(capfd):
     assert main(["run", str(DEMO), "--stream", "--input", '{"items": [1]}']) == 0
     lines = capfd.readouterr().out.strip().splitlines()
     events = [json.loads(line) for line in lines]
+    branch_events = [e for e in events if e["type"] == "branch"]
+    assert sorted(e["branch"] for e in branch_events) == ["lua_stats", "python_stats"]
+    assert [e["type"] for e in events[1:3]] == ["branch", "branch"]
+    events = [e for e in events if e["type"] != "branch"]
     assert [e["type"] for e in events] == ["node", "parallel", "node", "node", "final"]
     assert [e.get("node") for e in events] == ["start", None, "combine", "small", None]
     assert [b["branch"] for b in events[1]["branches"]] == ["lua_stats", "python_stats"]

@@ -357,7 +357,9 @@ def test_stream_yields_node_parallel_and_final_events(isolation):
                     fan_in=lambda s, r: {"n": len(r)})
     with graph.compile(isolation=isolation) as compiled:
         events = list(compiled.stream({"x": 0}))
-    assert [e["type"] for e in events] == ["node", "parallel", "node", "final"]
+    assert [e["type"] for e in events] == ["node", "branch", "branch", "parallel", "node", "final"]
+    assert sorted(e["branch"] for e in events[1:3]) == ["a", "b"]
+    events = [e for e in events if e["type"] != "branch"]
     assert events[0] == {"type": "node", "node": "start", "state": {"x": 0}}
     assert events[1]["fan_in"] == "join"
     assert [r.branch for r in events[1]["branches"]] == ["a", "b"]

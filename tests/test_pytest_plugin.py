@@ -277,6 +277,25 @@ def test_failing_node_in_a_branch_is_named_with_its_branch(pytester: pytest.Pyte
     assert_no_plugin_traceback(result.stdout.str())
 
 
+def test_failure_report_shows_the_branch_traceback_without_engine_frames(
+        pytester: pytest.Pytester) -> None:
+    write(pytester, "stats.yaml", STATS_AGENT)
+    write(pytester, "test_fail.agent.yaml", """
+        agent: stats.yaml
+        cases:
+          - {name: crash, input: {items: "x"}, expect: {verdict: "small: total 0"}}
+        """)
+    result = pytester.runpytest("--isobranch-isolation", "process")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        "  traceback (python_stats):",
+        '      File "<node python_stats>", line *',
+        "    ValueError: items must be a list, got 'x'",
+    ])
+    assert "runner.py" not in result.stdout.str(), "the engine's own frames are left out"
+    assert_no_plugin_traceback(result.stdout.str())
+
+
 def test_branch_failure_before_a_failing_fan_in_is_listed(pytester: pytest.Pytester) -> None:
     # Without fail_fast the fan-in runs and fails on the missing branch state;
     # the report still names the branch that failed first.

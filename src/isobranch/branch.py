@@ -12,26 +12,30 @@ from __future__ import annotations
 import os
 import threading
 import time
+import traceback as traceback_module
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .context import BranchCancelled, BranchTimeout, ExecutionContext, Watchdog
 from .errors import GraphExecutionError
-from .statecopy import StateSnapshot
+from .statecopy import ScalarSnapshot, StateSnapshot
 
 if TYPE_CHECKING:
     from .graph import CompiledGraph
 
 
-@dataclass
+@dataclass(slots=True)
 class ParallelFlowResult:
     """What one branch produced.
 
     ``state`` is the branch's final state, or its state as of the failure.
     ``error`` is a message (it must cross process boundaries) naming the
-    failing node; ``error_type`` the exception's class name. Reads like a
-    dict too: ``result["state"]``, ``result.get("branch")``.
+    failing node; ``error_type`` the exception's class name; ``traceback``
+    the failure's traceback as text (None when no Python code raised, e.g.
+    a worker crash). ``index`` is the item's position for a map branch
+    (named ``"target[index]"``), None for a static branch. Reads like a dict
+    too: ``result["state"]``, ``result.get("branch")``.
     """
 
     branch: str
@@ -44,6 +48,8 @@ class ParallelFlowResult:
     isolation: str = "inline"
     worker: str | int | None = None
     node: str | None = None
+    index: int | None = None
+    traceback: str | None = None
 
     def __getitem__(self, key: str) -> Any:
         if key not in self.__dataclass_fields__:
@@ -84,7 +90,12 @@ class BranchLimits:
 
 @dataclass
 class BranchTask:
-    """Plain data describing one branch; backends ship it wherever they run it."""
+    """Plain data describing one branch; backends ship it wherever they run it.
+
+    ``branch`` is the first node. A map branch also has its ``index`` and an
+    ``overlay``: the few keys (item and index) laid over the shared
+    ``snapshot``, so no branch carries the whole list.
+    """
 
     graph: CompiledGraph
     branch: str
@@ -93,11 +104,36 @@ class BranchTask:
     limits: BranchLimits
     isolation: str
     path: str = ""
+    index: int | None = None
+    overlay: StateSnapshot | ScalarSnapshot | None = None
+
+    @property
+    def name(self) -> str:
+        """The branch's name: its first node, ``"node[3]"`` for item 3 of a map."""
+        return branch_name(self.branch, self.index)
 
     @property
     def label(self) -> str:
         """The branch name as shown in messages (``outer/inner`` when nested)."""
-        return self.path or self.branch
+        return self.path or self.name
+
+    def initial_state(self) -> dict:
+        """A new private copy of the state this branch starts from."""
+        state = self.snapshot.copy()
+        if self.overlay is not None:
+            state.update(self.overlay.copy())
+        return state
+
+    def payload(self) -> dict[str, Any]:
+        """Every field but the graph (which workers already hold): ``BranchTask(graph=g, **p)``."""
+        return {"branch": self.branch, "fan_in": self.fan_in, "snapshot": self.snapshot,
+                "limits": self.limits, "isolation": self.isolation, "path": self.path,
+                "index": self.index, "overlay": self.overlay}
+
+
+def branch_name(first_node: str, index: int | None) -> str:
+    """``first_node`` for a static branch, ``"first_node[index]"`` for a map branch."""
+    return first_node if index is None else f"{first_node}[{index}]"
 
 
 class BranchMonitor:
@@ -111,7 +147,24 @@ class BranchMonitor:
         self.started_at: float | None = None
         self.node: str | None = None
         self.state: dict | None = None
-        self.cancelled = threading.Event()
+        self.cancelled = CancelFlag()
+
+
+class CancelFlag:
+    """A flag one thread sets and another polls (``threading.Event`` without waiting, cheaper)."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        """Raise the flag; it stays raised."""
+        self._set = True
+
+    def is_set(self) -> bool:
+        """Whether the flag was raised."""
+        return self._set
 
 
 def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
@@ -137,11 +190,12 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
 
     def result(**outcome: Any) -> ParallelFlowResult:
         outcome.setdefault("state", state)
-        return ParallelFlowResult(branch=task.branch, duration_ms=_ms_since(started),
-                                  isolation=task.isolation, worker=worker, **outcome)
+        return ParallelFlowResult(branch=task.name, index=task.index,
+                                  duration_ms=_ms_since(started), isolation=task.isolation,
+                                  worker=worker, **outcome)
 
     try:
-        state = task.snapshot.copy()
+        state = task.initial_state()
         if monitor is not None:
             monitor.state = state
         for _event in run_steps(task.graph, state, context, start=task.branch,
@@ -152,24 +206,34 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
         return result(success=True)
     except BranchTimeout as timeout:
         return result(success=False, error=str(timeout), error_type="BranchTimeout",
-                      timed_out=True, node=timeout.node)
+                      timed_out=True, node=timeout.node, traceback=format_traceback(timeout))
     except BranchCancelled as cancelled:
         return cancelled_result(task, str(cancelled))
     except GraphExecutionError as exc:  # a node failed, or a nested fan-out under fail_fast
         return result(state=exc.state if exc.state is not None else state, success=False,
                       error=str(exc), error_type=exc.error_type or type(exc).__name__,
-                      timed_out=exc.timed_out, node=exc.node)
+                      timed_out=exc.timed_out, node=exc.node,
+                      traceback=exc.traceback or format_traceback(exc))
     except Exception as exc:  # a branch must never take its siblings down
         return result(success=False, error=f"branch {task.label!r}: {type(exc).__name__}: {exc}",
-                      error_type=type(exc).__name__)
+                      error_type=type(exc).__name__, traceback=format_traceback(exc))
     finally:
         context.close()
 
 
+def format_traceback(exc: BaseException) -> str:
+    """``exc``'s traceback (with its causes) as text that can cross process boundaries."""
+    return "".join(traceback_module.format_exception(exc))
+
+
 def cancelled_result(task: BranchTask, reason: str) -> ParallelFlowResult:
     """The result of a branch that was stopped (or never started) because of ``reason``."""
-    return ParallelFlowResult(branch=task.branch, success=False, error=reason,
-                              error_type="Cancelled", isolation=task.isolation)
+    return ParallelFlowResult(branch=task.name, index=task.index, success=False, error=reason,
+                              error_type=CANCELLED, isolation=task.isolation)
+
+
+# ``error_type`` of a branch stopped because of another one; never a cause itself.
+CANCELLED = "Cancelled"
 
 
 def timed_out_result(task: BranchTask, monitor: BranchMonitor | None) -> ParallelFlowResult:
@@ -179,7 +243,7 @@ def timed_out_result(task: BranchTask, monitor: BranchMonitor | None) -> Paralle
     started = monitor.started_at if monitor and monitor.started_at else time.monotonic()
     state = dict(monitor.state) if monitor and monitor.state is not None else {}
     return ParallelFlowResult(
-        branch=task.branch, state=state, success=False,
+        branch=task.name, index=task.index, state=state, success=False,
         error=(f"branch {task.label!r} timed out after {task.limits.branch_timeout:g}s{where}"),
         error_type="BranchTimeout", timed_out=True, duration_ms=_ms_since(started),
         isolation=task.isolation, worker=None, node=node)

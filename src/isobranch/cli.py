@@ -26,6 +26,8 @@ from typing import Any, NoReturn
 from .branch import ParallelFlowResult
 from .cli_stdout import PrivateStdout, StdoutClosed, stdout_to_stderr
 from .errors import GraphError, GraphExecutionError
+from .fanout import print_branch_tracebacks
+from .progress import FanOutProgress, wants_progress
 from .yaml_engine import YAMLEngine, read_yaml_file
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
@@ -93,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="isolation backend (overrides settings.parallel.isolation)")
     run.add_argument("--stream", action="store_true",
                      help="print one JSON event per line as nodes finish")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="a live progress line per running fan-out on stderr "
+                          "(default: when stderr is a terminal)")
     run.set_defaults(handler=_run)
 
     validate = commands.add_parser("validate", help="report every problem in a workflow")
@@ -124,18 +129,28 @@ def _run(args: argparse.Namespace, out: PrivateStdout) -> int:
     state = _read_input(args.input)
     engine = YAMLEngine(isolation=args.isolation, allow_python=not args.lua_only)
     with engine.load_from_file(args.file) as graph:
-        if not args.stream:
-            final = graph.invoke(state)
-            out.write_line(_json(final))
+        progress = wants_progress(args.progress, sys.stderr)
+        if not args.stream and not progress:
+            out.write_line(_json(graph.invoke(state)))
             return EXIT_OK
+        events = graph.stream(state)
+        if progress:  # on stderr only: stdout keeps just the JSON
+            events = FanOutProgress(sys.stderr).follow(events)
+        final: dict = {}
         try:
-            for event in graph.stream(state):
-                out.write_line(_json(_event_json(event), compact=True))
+            for event in events:
+                if args.stream:
+                    out.write_line(_json(_event_json(event), compact=True))
+                elif event["type"] == "final":
+                    final = event["state"]
         except (StdoutClosed, KeyboardInterrupt):
             raise
         except Exception as exc:
-            out.write_line(_json(_error_event(exc), compact=True))
+            if args.stream:
+                out.write_line(_json(_error_event(exc), compact=True))
             raise
+        if not args.stream:
+            out.write_line(_json(final))
     return EXIT_OK
 
 
@@ -168,6 +183,10 @@ def _graph(args: argparse.Namespace, out: PrivateStdout) -> int:
     lines = ["flowchart TD"]
     for edge in edges:
         label = ""
+        if edge.get("type") == "map":
+            lines.append(f"    {_mermaid_id(edge['from'])} -. \"{_mermaid_text(_map_label(edge))}\" .-> "
+                         f"{_mermaid_id(edge['to'])}")
+            continue
         if edge.get("type") == "parallel":
             label = f"parallel, fan-in {edge['fan_in']}"
         elif "when" in edge:
@@ -178,6 +197,14 @@ def _graph(args: argparse.Namespace, out: PrivateStdout) -> int:
         lines.append(f"    {_mermaid_id(edge['from'])}{arrow}{_mermaid_id(edge['to'])}")
     out.write_line("\n".join(lines))
     return EXIT_OK
+
+
+def _map_label(edge: dict[str, Any]) -> str:
+    over = edge.get("over")
+    if isinstance(over, dict) and len(over) == 1:
+        over = "{}: {}".format(*next(iter(over.items())))
+    label = f"map over {over} as {edge.get('as', 'item')}"
+    return f"{label}, fan-in {edge['fan_in']}"
 
 
 def _mermaid_id(name: str) -> str:
@@ -232,6 +259,7 @@ def _fail(args: argparse.Namespace, exc: BaseException, code: int, label: str = 
           message: str | None = None) -> int:
     if getattr(args, "debug", False):
         traceback.print_exception(exc, file=sys.stderr)
+        print_branch_tracebacks(exc, sys.stderr)
     if message is None:
         message = str(exc)
         if isinstance(exc, GraphError) and len(exc.problems) > 1:

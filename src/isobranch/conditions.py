@@ -1,4 +1,8 @@
-"""Edge conditions: a Python expression, a Lua expression, or a callable."""
+"""Edge conditions and state expressions: Python, Lua, or a callable.
+
+An expression yields a value of the state (a map edge's ``over``); a
+condition is an expression whose truth decides whether an edge is taken.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,21 @@ if TYPE_CHECKING:
     from .context import ExecutionContext
 
 
-class Condition:
+class Expression:
+    """A value computed from the state (and ``variables``)."""
+
+    expression: str = ""
+
+    def evaluate(self, state: dict, context: ExecutionContext) -> Any:
+        """The expression's value for ``state``."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """How the expression is shown in messages and drawings."""
+        return self.expression
+
+
+class Condition(Expression):
     """Decides whether a conditional edge is taken."""
 
     def holds(self, state: dict, context: ExecutionContext) -> bool:
@@ -32,9 +50,15 @@ class PythonCondition(Condition):
     def __setstate__(self, data: dict) -> None:
         self.__init__(data["expression"], origin=data["origin"])
 
-    def holds(self, state: dict, context: ExecutionContext) -> bool:
+    def evaluate(self, state: dict, context: ExecutionContext) -> Any:
         scope = {"state": state, "variables": context.graph.variables}
-        return bool(eval(self._code, {"__builtins__": builtins}, scope))
+        return eval(self._code, {"__builtins__": builtins}, scope)
+
+    def holds(self, state: dict, context: ExecutionContext) -> bool:
+        return bool(self.evaluate(state, context))
+
+    def describe(self) -> str:
+        return f"python: {self.expression}"
 
 
 class LuaCondition(Condition):
@@ -44,9 +68,15 @@ class LuaCondition(Condition):
         self.expression = expression
         self.origin = origin
 
+    def evaluate(self, state: dict, context: ExecutionContext) -> Any:
+        return context.run_lua("evaluate", self.expression, state, chunk_name=self.origin)
+
     def holds(self, state: dict, context: ExecutionContext) -> bool:
         value = context.run_lua("eval_condition", self.expression, state, chunk_name=self.origin)
         return value not in (None, "false")
+
+    def describe(self) -> str:
+        return f"lua: {self.expression}"
 
 
 class CallableCondition(Condition):
@@ -54,6 +84,10 @@ class CallableCondition(Condition):
 
     def __init__(self, fn: Callable[[dict], Any]) -> None:
         self.fn = fn
+        self.expression = getattr(fn, "__name__", "callable")
+
+    def evaluate(self, state: dict, context: ExecutionContext) -> Any:
+        return self.fn(state)
 
     def holds(self, state: dict, context: ExecutionContext) -> bool:
         return bool(self.fn(state))

@@ -64,13 +64,16 @@ class ExecutionContext:
                  branch: str | None = None, monitor: BranchMonitor | None = None,
                  time_limit: float | None = None, backend: IsolationBackend | None = None,
                  nested_isolation: str = "thread", max_workers: int | None = None,
-                 fan_out_limits: BranchLimits, watchdog: Watchdog | None = None) -> None:
+                 fan_out_limits: BranchLimits, watchdog: Watchdog | None = None,
+                 max_concurrency: int | None = None) -> None:
         self.graph = graph
         self.deadline = deadline
         self.time_limit = time_limit
         self.branch = branch
         self.monitor = monitor
         self.max_workers = max_workers
+        # Branches of one fan-out running at once, unless its edge says otherwise.
+        self.max_concurrency = max_concurrency
         self.fan_out_limits = fan_out_limits
         self._backend = backend
         self._owns_backend = backend is None

@@ -27,13 +27,15 @@ class GraphExecutionError(Exception):
 
     Attributes name where it happened: ``node``, ``branch`` (None on the main
     path), ``error_type`` (the class name of the original exception),
-    ``state`` (the state as of the failure) and, for a failed fan-out,
-    ``results`` (every branch's ``ParallelFlowResult``).
+    ``state`` (the state as of the failure), ``traceback`` (the failing
+    code's traceback as text, also when it ran in another process) and, for
+    a failed fan-out, ``results`` (every branch's ``ParallelFlowResult``).
     """
 
     def __init__(self, message: str, *, node: str | None = None, branch: str | None = None,
                  error_type: str | None = None, state: dict | None = None,
-                 results: list[Any] | None = None, timed_out: bool = False) -> None:
+                 results: list[Any] | None = None, timed_out: bool = False,
+                 traceback: str | None = None) -> None:
         super().__init__(message)
         self.node = node
         self.branch = branch
@@ -41,6 +43,7 @@ class GraphExecutionError(Exception):
         self.state = state
         self.results = results
         self.timed_out = timed_out
+        self.traceback = traceback
 
     def __reduce__(self):  # keep the keyword attributes across pickling
         return (_rebuild_execution_error, (self.args[0], self.__dict__))
@@ -48,5 +51,6 @@ class GraphExecutionError(Exception):
 
 def _rebuild_execution_error(message: str, attrs: dict) -> GraphExecutionError:
     error = GraphExecutionError(message)
+    error.traceback = None  # errors pickled before the attribute existed
     error.__dict__.update(attrs)
     return error

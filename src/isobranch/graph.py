@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .branch import BranchLimits
-from .conditions import Condition, as_condition
+from .conditions import Condition, Expression, as_condition
 from .context import ExecutionContext
 from .errors import GraphError, GraphExecutionError
+from .fanout import FanOut, MapFanOut, StaticFanOut
 from .isolation import memory_limit
 from .isolation.base import IsolationBackend, available_backends, create_backend
 from .keys import backend_options as declared_backend_options
@@ -24,7 +25,7 @@ from .runner import END, START, run_steps
 from .statecopy import StateCopyError, StateSnapshot
 
 DEFAULT_MAX_STEPS = 10_000
-CONFIG_KEYS = ("isolation", "max_workers", "branch_timeout", "fail_fast")
+CONFIG_KEYS = ("isolation", "max_workers", "branch_timeout", "fail_fast", "max_concurrency")
 
 
 @dataclass
@@ -52,6 +53,8 @@ class StateGraph:
         self._edges: list[tuple[str, str, Condition | None]] = []
         self._routers: dict[str, tuple[Callable[[dict], Any], dict[Any, str] | None]] = {}
         self._parallel: list[tuple[str, str, str]] = []
+        self._maps: list[MapFanOut] = []
+        self._map_sources: list[str] = []
         self._entry: str | None = None
         self._finish: set[str] = set()
 
@@ -116,6 +119,49 @@ class StateGraph:
         self._parallel.append((source, target, fan_in))
         return self
 
+    def add_map_edge(self, source: str, target: str, *,
+                     over: str | Expression | Callable[[dict], Any], fan_in: str,
+                     item_key: str = "item", index_key: str = "index",
+                     max_concurrency: int | None = None, retry: Any = None) -> StateGraph:
+        """After ``source``, run one branch from ``target`` per item of ``over``; they meet at ``fan_in``.
+
+        ``over`` is a state key whose value is a list or tuple, or a callable
+        ``state -> iterable`` (or an ``Expression``). Branch *i* starts from
+        a copy of the state without the ``over`` key (when it is a key), plus
+        ``state[item_key] = items[i]`` and ``state[index_key] = i``. The
+        fan-in node gets ``parallel_results`` in item order, named
+        ``"target[i]"``. ``max_concurrency`` bounds the branches running at
+        once. ``retry`` is reserved: branch retries are not supported yet,
+        and any value but None is a ``GraphError``.
+        """
+        where = f"map edge {source} -> {target}"
+        problems = []
+        if not fan_in or not isinstance(fan_in, str):
+            problems.append(f"{where}: fan_in is required (the node where the branches meet)")
+        if isinstance(over, str):
+            if not over:
+                problems.append(f"{where}: 'over' must be a non-empty state key")
+        elif not (isinstance(over, Expression) or callable(over)):
+            problems.append(f"{where}: 'over' must be a state key, an expression or a callable "
+                            f"of the state, got {type(over).__name__}")
+        for role, key in (("item_key", item_key), ("index_key", index_key)):
+            if not isinstance(key, str) or not key:
+                problems.append(f"{where}: {role} must be a non-empty string, got {key!r}")
+        if isinstance(item_key, str) and item_key == index_key:
+            problems.append(f"{where}: item_key and index_key are both {item_key!r}")
+        problems.extend(f"{where}: {p}" for p in _limit_problems(max_concurrency=max_concurrency,
+                                                                  integers=True))
+        if retry is not None:
+            problems.append(f"{where}: retry is not supported on map edges yet "
+                            f"(branch retries are not implemented); remove it")
+        if problems:
+            raise GraphError(problems=problems)
+        self._maps.append(MapFanOut(target=target, fan_in=fan_in, over=over, item_key=item_key,
+                                    index_key=index_key, max_concurrency=max_concurrency,
+                                    retry=retry))
+        self._map_sources.append(source)
+        return self
+
     def set_entry_point(self, name: str) -> StateGraph:
         """Make ``name`` the first node."""
         if self._entry is not None and self._entry != name:
@@ -163,6 +209,32 @@ class StateGraph:
             if target == fan_in:
                 problems.append(f"{where}: a branch cannot start at its own fan-in node")
             fan_ins.setdefault(source, set()).add(fan_in)
+        map_counts: dict[str, int] = {}
+        for source, fan_out in zip(self._map_sources, self._maps, strict=True):
+            where = f"map edge {source} -> {fan_out.target}"
+            check(source, where)
+            check(fan_out.target, where)
+            if fan_out.target == END:
+                problems.append(f"{where}: a map branch must start at a node, not {END}")
+            if fan_out.fan_in not in known:
+                problems.append(f"{where}: fan-in node {fan_out.fan_in!r} does not exist")
+            elif fan_out.fan_in not in self._fan_in_nodes:
+                problems.append(f"{where}: node {fan_out.fan_in!r} is used as a fan-in node but "
+                                f"was not declared as one (add_fan_in_node / YAML 'fan_in: true')")
+            if fan_out.target == fan_out.fan_in:
+                problems.append(f"{where}: a branch cannot start at its own fan-in node")
+            map_counts[source] = map_counts.get(source, 0) + 1
+            if map_counts[source] == 2:
+                problems.append(f"node {source!r} has two map edges; a node fans out through "
+                                f"one map edge at most")
+            if source in fan_ins:
+                problems.append(f"{where}: node {source!r} also has parallel edges; a node fans "
+                                f"out through parallel edges or one map edge, never both")
+            normal = [t for s, t, _ in self._edges if s == source]
+            if (normal or source in self._routers or source in self._finish) \
+                    and map_counts[source] == 1:
+                problems.append(f"{where}: node {source!r} also has other outgoing edges; "
+                                f"route after its fan-in node instead")
         for source, targets in fan_ins.items():
             if len(targets) > 1:
                 problems.append(f"fan-out from {source!r} names {len(targets)} fan-in nodes "
@@ -184,6 +256,7 @@ class StateGraph:
 
     def compile(self, isolation: str = "thread", max_workers: int | None = None,
                 branch_timeout: float | None = None, fail_fast: bool = False, *,
+                max_concurrency: int | None = None,
                 lua_timeout: float | None = 30.0, lua_max_memory: int | None = DEFAULT_MAX_MEMORY,
                 variables: dict | None = None, max_steps: int = DEFAULT_MAX_STEPS,
                 backend_options: dict[str, Any] | None = None,
@@ -191,6 +264,8 @@ class StateGraph:
                 **backend_keywords: Any) -> CompiledGraph:
         """Validate the graph and freeze it into a runnable ``CompiledGraph``.
 
+        ``max_concurrency`` bounds the branches of one fan-out running at once
+        (default: the backend's worker count; a map edge may set its own).
         ``backend_options`` and any other keyword (``fresh_worker_per_branch=True``,
         ``start_method="spawn"``) go to the ``isolation`` backend's factory.
         ``branch_max_memory`` (bytes or a size such as ``"512MiB"``) caps each
@@ -211,6 +286,7 @@ class StateGraph:
             problems.append(str(exc))
         if isolation in available_backends():
             problems.extend(_backend_option_problems(isolation, backend_options))
+        problems.extend(_limit_problems(max_concurrency=max_concurrency, integers=True))
         backend = None
         if not problems:
             # Built now (its workers start lazily) so bad backend options fail here.
@@ -236,9 +312,13 @@ class StateGraph:
             routes[source].default = END
         for source, (router, mapping) in self._routers.items():
             routes[source].router, routes[source].mapping = router, mapping
-        fan_outs: dict[str, tuple[list[str], str]] = {}
+        static: dict[str, tuple[list[str], str]] = {}
         for source, target, fan_in in self._parallel:
-            fan_outs.setdefault(source, ([], fan_in))[0].append(target)
+            static.setdefault(source, ([], fan_in))[0].append(target)
+        fan_outs: dict[str, FanOut] = {
+            source: StaticFanOut(tuple(targets), fan_in)
+            for source, (targets, fan_in) in static.items()}
+        fan_outs.update(zip(self._map_sources, self._maps, strict=True))
         assert self._entry is not None and backend is not None
         compiled = CompiledGraph(
             nodes=dict(self._nodes), routes=routes, fan_outs=fan_outs, entry=self._entry,
@@ -246,7 +326,7 @@ class StateGraph:
             fail_fast=fail_fast, lua_timeout=lua_timeout, lua_max_memory=lua_max_memory,
             variables=dict(variables or {}), max_steps=max_steps,
             backend_options=dict(backend_options or {}), name=name,
-            branch_max_memory=branch_max_memory)
+            branch_max_memory=branch_max_memory, max_concurrency=max_concurrency)
         compiled._adopt_backend(isolation, backend, max_workers)
         return compiled
 
@@ -275,12 +355,15 @@ def _backend_option_problems(isolation: str, options: dict[str, Any]) -> list[st
     return problems
 
 
-def _limit_problems(**limits: Any) -> list[str]:
+def _limit_problems(*, integers: bool = False, **limits: Any) -> list[str]:
     problems = []
     for key, value in limits.items():
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        if integers:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                problems.append(f"{key} must be a positive integer, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             problems.append(f"{key} must be a positive number, got {value!r}")
     return problems
 
@@ -294,11 +377,12 @@ class CompiledGraph:
     """
 
     def __init__(self, *, nodes: dict[str, Node], routes: dict[str, Routes],
-                 fan_outs: dict[str, tuple[list[str], str]], entry: str, isolation: str,
+                 fan_outs: dict[str, FanOut], entry: str, isolation: str,
                  max_workers: int | None, branch_timeout: float | None, fail_fast: bool,
                  lua_timeout: float | None, lua_max_memory: int | None, variables: dict,
                  max_steps: int, backend_options: dict[str, Any], name: str | None,
-                 branch_max_memory: int | None = None) -> None:
+                 branch_max_memory: int | None = None,
+                 max_concurrency: int | None = None) -> None:
         self.nodes = nodes
         self._routes = routes
         self._fan_outs = fan_outs
@@ -307,6 +391,7 @@ class CompiledGraph:
         self.max_workers = max_workers
         self.branch_timeout = branch_timeout
         self.fail_fast = fail_fast
+        self.max_concurrency = max_concurrency
         self.lua_timeout = lua_timeout
         self.lua_max_memory = lua_max_memory
         self.variables = variables
@@ -332,9 +417,14 @@ class CompiledGraph:
         self.__dict__.update(state)
         self._init_pools()
 
-    def fan_out_of(self, node: str) -> tuple[list[str], str] | None:
-        """``(branch targets in declaration order, fan-in node)`` if ``node`` fans out."""
+    def fan_out_of(self, node: str) -> FanOut | None:
+        """How ``node`` fans out (a ``StaticFanOut`` or a ``MapFanOut``), or None."""
         return self._fan_outs.get(node)
+
+    @property
+    def fan_outs(self) -> dict[str, FanOut]:
+        """Every fan-out by source node."""
+        return dict(self._fan_outs)
 
     def routes_of(self, node: str) -> Routes:
         """The outgoing routes of ``node``."""
@@ -344,7 +434,7 @@ class CompiledGraph:
         """Run the graph on a copy of ``state`` and return the final state.
 
         ``config`` may override ``isolation``, ``max_workers``,
-        ``branch_timeout`` and ``fail_fast``. Raises
+        ``branch_timeout``, ``fail_fast`` and ``max_concurrency``. Raises
         ``GraphExecutionError`` naming the node and branch that failed.
         """
         final: dict = {}
@@ -358,8 +448,11 @@ class CompiledGraph:
         """Run the graph, yielding events as they happen.
 
         ``{"type": "node", "node", "state"}`` after each node of the main
-        path, ``{"type": "parallel", "fan_in", "branches"}`` after each
-        fan-out, and ``{"type": "final", "state"}`` last.
+        path, ``{"type": "branch", "fan_out", "fan_in", "branch", "index",
+        "success", "error_type", "timed_out", "duration_ms", "attempts",
+        "done", "total"}`` as each branch of a main-path fan-out finishes
+        (completion order), ``{"type": "parallel", "fan_in", "branches"}``
+        after each fan-out, and ``{"type": "final", "state"}`` last.
         """
         return self._events(state, config, snapshots=True)
 
@@ -377,18 +470,22 @@ class CompiledGraph:
         backend = self._backend(settings["isolation"], settings["max_workers"])
         context = ExecutionContext(
             self, backend=backend, max_workers=settings["max_workers"],
+            max_concurrency=settings["max_concurrency"],
             fan_out_limits=BranchLimits(branch_timeout=settings["branch_timeout"],
                                         fail_fast=settings["fail_fast"],
                                         branch_max_memory=self.branch_max_memory))
         try:
-            yield from run_steps(self, working, context, start=self.entry, snapshots=snapshots)
+            # invoke() needs no per-branch events; stream() reports them.
+            yield from run_steps(self, working, context, start=self.entry, snapshots=snapshots,
+                                 branch_events=snapshots)
         finally:
             context.close()
         yield {"type": "final", "state": working}
 
     def _resolve(self, config: dict | None) -> dict[str, Any]:
         settings = {"isolation": self.isolation, "max_workers": self.max_workers,
-                    "branch_timeout": self.branch_timeout, "fail_fast": self.fail_fast}
+                    "branch_timeout": self.branch_timeout, "fail_fast": self.fail_fast,
+                    "max_concurrency": self.max_concurrency}
         if not config:
             return settings
         unknown = sorted(set(config) - set(CONFIG_KEYS))
@@ -398,6 +495,7 @@ class CompiledGraph:
         settings.update(config)
         problems = _limit_problems(max_workers=settings["max_workers"],
                                    branch_timeout=settings["branch_timeout"])
+        problems += _limit_problems(max_concurrency=settings["max_concurrency"], integers=True)
         if settings["isolation"] not in available_backends():
             problems.append(f"unknown isolation backend {settings['isolation']!r}; available: "
                             f"{', '.join(available_backends())}")

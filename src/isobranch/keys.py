@@ -19,6 +19,16 @@ from typing import Any
 from .isolation.base import available_backends, backend_factory
 
 
+class EdgeType(StrEnum):
+    """The ``type:`` of a YAML edge (``simple`` and ``conditional`` are aliases of normal)."""
+
+    NORMAL = "normal"
+    SIMPLE = "simple"
+    CONDITIONAL = "conditional"
+    PARALLEL = "parallel"
+    MAP = "map"
+
+
 class Language(StrEnum):
     """The languages a node body or a condition may be written in."""
 
@@ -37,11 +47,9 @@ PARALLEL_KEYS: frozenset[str] = frozenset({
     "branch_max_memory", "max_concurrency",
 })
 NODE_KEYS: frozenset[str] = frozenset({"name", "run", "file", "language", "fan_in", "description"})
-EDGE_KEYS: frozenset[str] = frozenset({
-    "from", "to", "type", "fan_in", "when",
-    # map fan-out edges
-    "over", "as", "index_as", "max_concurrency", "retry",
-})
+# Keys only a map fan-out edge takes.
+MAP_EDGE_KEYS: frozenset[str] = frozenset({"over", "as", "index_as", "max_concurrency", "retry"})
+EDGE_KEYS: frozenset[str] = frozenset({"from", "to", "type", "fan_in", "when"}) | MAP_EDGE_KEYS
 # Backend options a Lua-only (untrusted) document may set. Anything else, such
 # as a Dask scheduler address, decides where this process connects and what it
 # unpickles, so only the caller may give it (YAMLEngine(...) keywords).

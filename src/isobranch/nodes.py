@@ -80,7 +80,8 @@ class LuaNode(Node):
         if parallel_results is not None:
             state = dict(state)
             state["parallel_results"] = [
-                {"branch": r.branch, "state": r.state, "success": r.success, "error": r.error}
+                {"branch": r.branch, "index": r.index, "state": r.state, "success": r.success,
+                 "error": r.error}
                 for r in parallel_results
             ]
         return context.run_lua("execute_node_code", self.source, state, chunk_name=self.name)

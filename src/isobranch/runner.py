@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .branch import BranchTask, ParallelFlowResult
+from .branch import ParallelFlowResult, format_traceback
 from .context import BranchCancelled, BranchTimeout
 from .errors import GraphExecutionError
+from .fanout import (
+    FanOut,
+    Gathered,
+    MapFanOut,
+    MapOverError,
+    map_base_state,
+    map_items,
+    map_plan,
+    static_plan,
+)
+from .isolation.base import stream_results
 from .statecopy import StateCopyError, StateSnapshot, find_unpicklable
 
 if TYPE_CHECKING:
@@ -23,11 +34,14 @@ class NodeFailure(GraphExecutionError):
 
 
 def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, start: str,
-              stop_at: str | None = None, snapshots: bool = False) -> Iterator[dict[str, Any]]:
+              stop_at: str | None = None, snapshots: bool = False,
+              branch_events: bool = False) -> Iterator[dict[str, Any]]:
     """Run from ``start`` until END or ``stop_at`` (not run), mutating ``state``.
 
-    Yields ``node`` and ``parallel`` events; with ``snapshots`` each event
-    carries a shallow copy of the state so later steps do not change it.
+    Yields ``node`` and ``parallel`` events, and with ``branch_events`` a
+    ``branch`` event per finished branch of a main-path fan-out; with
+    ``snapshots`` each node event carries a shallow copy of the state so
+    later steps do not change it.
     """
     current = start
     steps = 0
@@ -42,12 +56,12 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
         yield _node_event(current, state, snapshots)
         fan_out = graph.fan_out_of(current)
         if fan_out is not None:
-            targets, fan_in = fan_out
-            results = _fan_out(graph, current, targets, fan_in, state, context)
-            yield {"type": "parallel", "fan_in": fan_in, "branches": results}
-            _run_node(graph, fan_in, state, context, results)
-            yield _node_event(fan_in, state, snapshots)
-            current = fan_in
+            results = yield from _fan_out(graph, current, fan_out, state, context,
+                                          branch_events=branch_events)
+            yield {"type": "parallel", "fan_in": fan_out.fan_in, "branches": results}
+            _run_node(graph, fan_out.fan_in, state, context, results)
+            yield _node_event(fan_out.fan_in, state, snapshots)
+            current = fan_out.fan_in
         current = _route(graph, current, state, context)
 
 
@@ -71,7 +85,7 @@ def _run_node(graph: CompiledGraph, name: str, state: dict, context: ExecutionCo
     except Exception as exc:
         raise NodeFailure(f"{_where(name, context)} failed: {type(exc).__name__}: {exc}",
                           node=name, branch=context.branch, error_type=type(exc).__name__,
-                          state=dict(state)) from exc
+                          state=dict(state), traceback=format_traceback(exc)) from exc
     if update is None:
         return
     if not isinstance(update, dict):
@@ -82,49 +96,89 @@ def _run_node(graph: CompiledGraph, name: str, state: dict, context: ExecutionCo
     context.merged(name, update)
 
 
-def _fan_out(graph: CompiledGraph, node: str, targets: list[str], fan_in: str, state: dict,
-             context: ExecutionContext) -> list[ParallelFlowResult]:
+def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
+             context: ExecutionContext, *, branch_events: bool
+             ) -> Generator[dict[str, Any], None, list[ParallelFlowResult]]:
+    """Run the branches of ``node``'s fan-out; yield a ``branch`` event per finished one
+    (main path only) and return every result in declaration / item order."""
+    backend = context.fan_out_backend()
+    crosses = bool(getattr(backend, "crosses_processes", False))
+    base = state
+    items: Sequence[Any] = ()
+    if isinstance(fan_out, MapFanOut):
+        try:
+            items = map_items(fan_out, state, context)
+        except (BranchTimeout, BranchCancelled, GraphExecutionError):
+            raise
+        except Exception as exc:
+            detail = str(exc) if isinstance(exc, MapOverError) else (
+                f"map over {fan_out.describe_over()} failed: {type(exc).__name__}: {exc}")
+            raise NodeFailure(f"{_where(node, context)}: {detail}", node=node,
+                              branch=context.branch, error_type=type(exc).__name__,
+                              state=dict(state), traceback=format_traceback(exc)) from exc
+        base = map_base_state(fan_out, state)
     try:
-        snapshot = StateSnapshot(state)
+        snapshot = StateSnapshot(base)
     except StateCopyError as exc:
         raise NodeFailure(f"{_where(node, context)}: cannot copy the state for its branches: "
                           f"{exc}", node=node, branch=context.branch,
                           error_type="StateCopyError", state=dict(state)) from exc
-    limits = context.fan_out_limits
-    backend = context.fan_out_backend()
-    if getattr(backend, "crosses_processes", False) and not snapshot.picklable:
-        path, reason = find_unpicklable(state, "state")
+    if crosses and not snapshot.picklable:
+        path, reason = find_unpicklable(base, "state")
         raise NodeFailure(f"{_where(node, context)}: the state cannot be sent to "
                           f"{backend.name!r} workers: {path}: {reason}", node=node,
                           branch=context.branch, error_type="StateCopyError", state=dict(state))
-    tasks = [BranchTask(graph=graph, branch=target, fan_in=fan_in, snapshot=snapshot,
-                        limits=limits, isolation=backend.name,
-                        path=f"{context.branch}/{target}" if context.branch else target)
-             for target in targets]
+    limits = context.fan_out_limits
+    if isinstance(fan_out, MapFanOut):
+        plan = map_plan(graph, fan_out, items, snapshot, limits, backend.name, context.branch,
+                        must_pickle=crosses)
+    else:
+        plan = static_plan(graph, fan_out, snapshot, limits, backend.name, context.branch)
+    gathered = Gathered(plan.total, limits.fail_fast, backend.name)
+    max_concurrency = fan_out.max_concurrency or context.max_concurrency
+    emit = branch_events and context.branch is None  # branches' own fan-outs never emit
+    stream = stream_results(backend, plan.tasks, max_concurrency)
     try:
-        results = backend.run_branches(tasks)
+        for position, result in stream:
+            stop = gathered.add(position, result)
+            if emit:
+                yield _branch_event(node, fan_out.fan_in, result, gathered)
+            if stop:
+                break
+        results = gathered.finish(plan.names, plan.indexes, backend.name)
+    except StateCopyError as exc:  # an item that cannot be copied or sent
+        raise NodeFailure(f"{_where(node, context)}: cannot copy an item for its map branches: "
+                          f"{exc}", node=node, branch=context.branch,
+                          error_type="StateCopyError", state=dict(state)) from exc
     except GraphExecutionError:
         raise
     except Exception as exc:  # the backend could not run the fan-out at all
         raise NodeFailure(f"fan-out from {_where(node, context)}: backend {backend.name!r} "
                           f"failed: {type(exc).__name__}: {exc}", node=node,
                           branch=context.branch, error_type=type(exc).__name__,
-                          state=dict(state)) from exc
-    if len(results) != len(tasks):
-        raise NodeFailure(f"{_where(node, context)}: backend {backend.name!r} returned "
-                          f"{len(results)} results for {len(tasks)} branches",
-                          node=node, branch=context.branch, error_type="BackendError",
-                          state=dict(state))
-    if limits.fail_fast:
-        failed = next((r for r in results if not r.success and r.error_type != "Cancelled"),
-                      None)
-        if failed is not None:
-            raise GraphExecutionError(
-                f"fan-out from {_where(node, context)}: branch {failed.branch!r} failed "
-                f"(fail_fast): {failed.error}", node=failed.node, branch=failed.branch,
-                error_type=failed.error_type, state=failed.state, results=results,
-                timed_out=failed.timed_out)
+                          state=dict(state), traceback=format_traceback(exc)) from exc
+    finally:
+        # Stops whatever still runs (fail_fast, an exception, a consumer that
+        # stopped reading events) before the fan-out is left.
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+    failed = gathered.failure
+    if failed is not None:
+        raise GraphExecutionError(
+            f"fan-out from {_where(node, context)}: branch {failed.branch!r} failed "
+            f"(fail_fast): {failed.error}", node=failed.node, branch=failed.branch,
+            error_type=failed.error_type, state=failed.state, results=results,
+            timed_out=failed.timed_out, traceback=failed.traceback)
     return results
+
+
+def _branch_event(node: str, fan_in: str, result: ParallelFlowResult, gathered: Gathered
+                  ) -> dict[str, Any]:
+    return {"type": "branch", "fan_out": node, "fan_in": fan_in, "branch": result.branch,
+            "index": result.index, "success": result.success, "error_type": result.error_type,
+            "timed_out": result.timed_out, "duration_ms": result.duration_ms, "attempts": 1,
+            "done": gathered.done, "total": len(gathered.results)}
 
 
 def _route(graph: CompiledGraph, node: str, state: dict, context: ExecutionContext) -> str:
@@ -154,7 +208,8 @@ def _route(graph: CompiledGraph, node: str, state: dict, context: ExecutionConte
     except Exception as exc:
         raise NodeFailure(f"{_where(node, context)}: edge condition failed: "
                           f"{type(exc).__name__}: {exc}", node=node, branch=context.branch,
-                          error_type=type(exc).__name__, state=dict(state)) from exc
+                          error_type=type(exc).__name__, state=dict(state),
+                          traceback=format_traceback(exc)) from exc
     if routes.default is not None:
         return routes.default
     if routes.conditional:

@@ -49,6 +49,32 @@ class StateSnapshot:
         return copy.deepcopy(self._original)
 
 
+# Values that cannot change: a copy may share them.
+_IMMUTABLE_SCALARS = frozenset({int, float, complex, str, bytes, bool, type(None)})
+
+
+class ScalarSnapshot:
+    """A snapshot of a small dict whose values are immutable scalars (a map item and its
+    index, say): a copy is a new dict sharing those values, with no pickling."""
+
+    __slots__ = ("_values",)
+    picklable = True
+
+    def __init__(self, values: dict) -> None:
+        self._values = dict(values)
+
+    def copy(self) -> dict:
+        """Return a new dict of the snapshotted values."""
+        return dict(self._values)
+
+
+def snapshot_of(values: dict) -> StateSnapshot | ScalarSnapshot:
+    """The cheapest snapshot that copies ``values`` faithfully."""
+    if all(type(value) in _IMMUTABLE_SCALARS for value in values.values()):
+        return ScalarSnapshot(values)
+    return StateSnapshot(values)
+
+
 def find_unpicklable(value: Any, path: str, _seen: set[int] | None = None) -> tuple[str, str]:
     """Return ``(path, reason)`` of the innermost value that fails to pickle."""
     seen = _seen if _seen is not None else set()

@@ -25,11 +25,13 @@ from .isolation.base import available_backends
 from .keys import (
     EDGE_KEYS,
     LUA_SETTINGS_KEYS,
+    MAP_EDGE_KEYS,
     NODE_KEYS,
     PARALLEL_KEYS,
     SETTINGS_KEYS,
     TOP_LEVEL_KEYS,
     UNTRUSTED_BACKEND_OPTIONS,
+    EdgeType,
     Language,
     backend_options,
     backends_accepting,
@@ -560,8 +562,14 @@ class _Builder:
                     bad = True
             if bad:
                 continue
-            kind = spec.get("type", "normal")
-            if kind == "parallel":
+            kind = spec.get("type", EdgeType.NORMAL)
+            if kind != EdgeType.MAP:
+                for key in sorted(MAP_EDGE_KEYS & set(spec)):
+                    self.problem(f"{where}: {key!r} belongs to map edges (type: map)")
+            if kind == EdgeType.MAP:
+                self.map_edge(graph, spec, where, known, fan_ins)
+                continue
+            if kind == EdgeType.PARALLEL:
                 fan_in = spec.get("fan_in")
                 if not isinstance(fan_in, str):
                     self.problem(f"{where}: a parallel edge needs 'fan_in' (the node where branches meet)")
@@ -573,8 +581,9 @@ class _Builder:
                     fan_ins.add(fan_in)
                     graph.add_parallel_edge(source, target, fan_in)
                 continue
-            if kind not in ("normal", "simple", "conditional"):
-                self.problem(f"{where}: unknown edge type {kind!r} (normal or parallel)")
+            if kind not in (EdgeType.NORMAL, EdgeType.SIMPLE, EdgeType.CONDITIONAL):
+                self.problem(unknown(f"{where}: unknown edge type {kind!r}", kind,
+                                     [EdgeType.NORMAL, EdgeType.PARALLEL, EdgeType.MAP]))
                 continue
             condition = self.condition(spec.get("when"), where, f"when {source}->{target}")
             if "when" in spec and condition is None:
@@ -593,34 +602,78 @@ class _Builder:
             graph.set_entry_point(names[0])
         return fan_ins
 
-    def condition(self, when: Any, where: str, origin: str) -> Condition | None:
+    def map_edge(self, graph: StateGraph, spec: Mapping[str, Any], where: str, known: set[str],
+                 fan_ins: set[str]) -> None:
+        source, target, fan_in = spec["from"], spec["to"], spec.get("fan_in")
+        problems_before = len(self.problems)
+        if "when" in spec:
+            self.problem(f"{where}: a map edge cannot have a 'when' condition")
+        if not isinstance(fan_in, str):
+            self.problem(f"{where}: a map edge needs 'fan_in' (the node where branches meet)")
+        elif fan_in not in known:
+            self.problem(f"{where}: fan-in node {fan_in!r} does not exist")
+        if source == START or target == END:
+            self.problem(f"{where}: map edges run between nodes")
+        over: Any = spec.get("over")
+        if "over" not in spec:
+            self.problem(f"{where}: a map edge needs 'over' (a state key, or "
+                         f"{{python: ...}} / {{lua: ...}})")
+        elif isinstance(over, Mapping):
+            over = self.condition(over, where, f"over {source}->{target}", role="over")
+        elif not isinstance(over, str) or not over:
+            self.problem(f"{where}: 'over' must be a state key or {{python: ...}} / {{lua: ...}}, "
+                         f"got {over!r}")
+        keys = {}
+        for yaml_key, default in (("as", "item"), ("index_as", "index")):
+            value = spec.get(yaml_key, default)
+            if not isinstance(value, str) or not value:
+                self.problem(f"{where}: '{yaml_key}' must be a non-empty state key, got {value!r}")
+            keys[yaml_key] = value
+        if len(self.problems) > problems_before or over is None:
+            return
+        try:
+            graph.add_map_edge(source, target, over=over, fan_in=fan_in, item_key=keys["as"],
+                               index_key=keys["index_as"],
+                               max_concurrency=spec.get("max_concurrency"),
+                               retry=spec.get("retry"))
+        except GraphError as exc:
+            for problem in exc.problems:
+                self.problem(problem.replace(f"map edge {source} -> {target}", where, 1))
+            return
+        fan_ins.add(fan_in)
+
+    def condition(self, when: Any, where: str, origin: str, role: str = "when"
+                  ) -> Condition | None:
         if when is None:
             return None
         language, expression = Language.PYTHON, when
         if isinstance(when, Mapping):
             if len(when) != 1 or next(iter(when)) not in tuple(Language):
-                self.problem(f"{where}: 'when' must be an expression or {{lua: ...}} / {{python: ...}}")
+                self.problem(f"{where}: '{role}' must be an expression or {{lua: ...}} / {{python: ...}}")
                 return None
             language, expression = next(iter(when.items()))
         if not isinstance(expression, str) or not expression.strip():
-            self.problem(f"{where}: 'when' must be a non-empty expression")
+            self.problem(f"{where}: '{role}' must be a non-empty expression")
             return None
         if language == Language.LUA:
             if not self.engine._lua_enabled:
-                self.problem(f"{where}: Lua condition but this engine has lua_enabled=False")
+                what = "condition" if role == "when" else f"expression in '{role}'"
+                self.problem(f"{where}: Lua {what} but this engine has lua_enabled=False")
                 return None
             error = self.lua.check_condition(expression)
             if error is not None:
                 self.problem(f"{where}: invalid Lua condition, {error}")
                 return None
             return LuaCondition(expression, origin=origin)
-        if not self.python_allowed(where, "the 'when' condition",
-                                   "write it in Lua as when: {lua: ...}"):
+        if not self.python_allowed(where, f"the '{role}' expression" if role != "when"
+                                   else "the 'when' condition",
+                                   f"write it in Lua as {role}: {{lua: ...}}"):
             return None
         try:
             return PythonCondition(expression, origin=f"<{origin}>")
         except SyntaxError as exc:
-            self.problem(f"{where}: invalid Python condition: {exc.msg}")
+            what = "condition" if role == "when" else f"expression in '{role}'"
+            self.problem(f"{where}: invalid Python {what}: {exc.msg}")
             return None
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..errors import GraphError
@@ -17,6 +19,10 @@ class IsolationBackend(Protocol):
 
     ``run_branches`` returns one result per task, in task order, and never
     raises for a failing branch. ``close`` releases every worker it owns.
+
+    A backend may also offer ``stream_branches`` (see ``StreamingBackend``);
+    the runner then sees results as they finish. Without it the runner calls
+    ``run_branches`` on chunks of ``max_concurrency`` tasks.
     """
 
     name: str
@@ -24,6 +30,77 @@ class IsolationBackend(Protocol):
     def run_branches(self, tasks: list[BranchTask]) -> list[ParallelFlowResult]: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class StreamingBackend(Protocol):
+    """A backend that runs a lazy stream of tasks and reports each result as it finishes.
+
+    ``stream_branches`` pulls tasks from ``tasks`` only as it can start them
+    (never more than ``max_concurrency`` started and unfinished; None: the
+    backend's worker count) and yields ``(position in tasks, result)`` in
+    completion order. It applies no fail-fast rule (the runner does). When
+    the consumer closes the generator early, queued branches are dropped and
+    running ones stopped before ``close()`` of the generator returns.
+    """
+
+    name: str
+
+    def stream_branches(self, tasks: Iterable[BranchTask], *, max_concurrency: int | None
+                        ) -> Iterator[tuple[int, ParallelFlowResult]]: ...
+
+
+# Chunk size for a backend that has neither stream_branches nor max_workers.
+DEFAULT_LEGACY_CHUNK = max(os.cpu_count() or 1, 8)
+
+
+def stream_results(backend: IsolationBackend, tasks: Iterable[BranchTask],
+                   max_concurrency: int | None) -> Iterator[tuple[int, ParallelFlowResult]]:
+    """``(position, result)`` pairs of ``tasks`` run on ``backend``, as they finish.
+
+    Uses the backend's ``stream_branches`` when it has one; otherwise calls
+    its ``run_branches`` on successive chunks of ``max_concurrency`` tasks
+    (default: its ``max_workers``), so a backend that only returns lists
+    keeps working, lazily, chunk by chunk.
+    """
+    stream = getattr(backend, "stream_branches", None)
+    if callable(stream):
+        return stream(tasks, max_concurrency=max_concurrency)
+    return _chunked(backend, iter(tasks), max_concurrency or getattr(backend, "max_workers", None)
+                    or DEFAULT_LEGACY_CHUNK)
+
+
+def _chunked(backend: IsolationBackend, tasks: Iterator[BranchTask], size: int
+             ) -> Iterator[tuple[int, ParallelFlowResult]]:
+    position = 0
+    while chunk := list(islice(tasks, size)):
+        results = backend.run_branches(chunk)
+        if len(results) != len(chunk):
+            raise RuntimeError(f"backend {backend.name!r} returned {len(results)} results for "
+                               f"{len(chunk)} branches")
+        for result in results:
+            yield position, result
+            position += 1
+
+
+def run_in_order(stream: Iterator[tuple[int, ParallelFlowResult]],
+                 tasks: list[BranchTask]) -> list[ParallelFlowResult]:
+    """A streaming backend's ``run_branches``: every result in task order, fail_fast applied."""
+    from ..fanout import Gathered
+
+    if not tasks:
+        return []
+    gathered = Gathered(len(tasks), tasks[0].limits.fail_fast, tasks[0].isolation)
+    try:
+        for position, result in stream:
+            if gathered.add(position, result):
+                break
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+    return gathered.finish(lambda i: tasks[i].name, lambda i: tasks[i].index,
+                           tasks[0].isolation)
 
 
 BackendFactory = Callable[..., IsolationBackend]

@@ -21,18 +21,19 @@ import asyncio
 import copy
 import functools
 import importlib.util
+import os
 import queue
 import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future as ProbeFuture
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..branch import BranchTask, ParallelFlowResult, cancelled_result
-from .base import register_backend
+from ..branch import BranchTask, ParallelFlowResult
+from .base import register_backend, run_in_order
 from .dask_cluster import (
     DEFAULT_CONNECT_TIMEOUT,
     INSTALL_HINT,
@@ -68,6 +69,8 @@ MEMORY_EVENT_SECONDS = 5.0
 MIN_WORKER_MEMORY = 128 * 1024 * 1024
 # The topic on which a nanny reports a worker it restarted for memory.
 MEMORY_RESTART_TOPIC = "worker-restart-memory"
+# Branches submitted beyond the cluster's threads, per thread (they wait at the scheduler).
+SUBMIT_AHEAD_PER_THREAD = 8
 
 
 @dataclass
@@ -301,28 +304,80 @@ class DaskBackend:
 
     # -- running a fan-out ---------------------------------------------------
 
-    def run_branches(self, tasks: list[BranchTask]) -> list[ParallelFlowResult]:
-        """Run ``tasks`` as Dask tasks and return their results in task order."""
-        connection, plugin = self._prepare(tasks[0].graph)
+    def stream_branches(self, tasks: Iterable[BranchTask], *, max_concurrency: int | None = None
+                        ) -> Iterator[tuple[int, ParallelFlowResult]]:
+        """Run ``tasks`` as Dask tasks, yielding ``(position, result)`` as each finishes.
+
+        At most ``max_concurrency`` branches run at once (default: the
+        cluster's worker threads). Tasks are taken from ``tasks`` only as
+        branches finish: up to ``max_concurrency`` submitted and unfinished,
+        plus, when the cluster's threads are the bound,
+        ``SUBMIT_AHEAD_PER_THREAD`` per thread waiting at the scheduler. Closing the generator cancels the
+        submitted tasks and restarts the workers running them on a cluster
+        isobranch started.
+        """
+        source = iter(tasks)
+        first = next(source, None)
+        if first is None:
+            return
+        connection, plugin = self._prepare(first.graph)
         client = connection.client
+        slots = self._worker_slots(connection)
+        limit = max_concurrency or slots
+        if limit >= slots:
+            # The cluster's threads are the bound: a few more wait at the
+            # scheduler, so a thread that finishes does not wait a round trip.
+            limit += SUBMIT_AHEAD_PER_THREAD * slots
         fan_out = _FanOut()
         pending: dict[Any, _Branch] = {}
-        results: list[ParallelFlowResult | None] = [None] * len(tasks)
+        # Results found by one look at the cluster, handed out before the next.
+        results: dict[int, ParallelFlowResult] = {}
+        position = 0
+        upcoming: BranchTask | None = first
         try:
-            for index, task in enumerate(tasks):
-                branch = _Branch(index, task, fan_out)
-                pending[self._submit(client, plugin, branch)] = branch
-            self._follow(connection, plugin, pending, results, fan_out)
+            while True:
+                while upcoming is not None and len(pending) < limit:
+                    branch = _Branch(position, upcoming, fan_out)
+                    pending[self._submit(client, plugin, branch)] = branch
+                    position += 1
+                    upcoming = next(source, None)
+                if not pending:
+                    return
+                lost = self._follow_once(connection, plugin, pending, results, fan_out)
+                for finished in sorted(results):
+                    yield finished, results.pop(finished)
+                if lost is not None:
+                    # Nothing can run on this cluster any more: the rest fail alike.
+                    while upcoming is not None:
+                        yield position, _failed(_Branch(position, upcoming, fan_out), lost,
+                                                "DaskError")
+                        position += 1
+                        upcoming = next(source, None)
+                    return
         except BaseException:
-            # Interrupted (Ctrl-C, say): branches already running must not keep
-            # a cluster isobranch owns busy after the fan-out is gone.
+            # Stopped early (fail_fast, Ctrl-C, a consumer gone): branches already
+            # running must not keep a cluster isobranch owns busy.
             self._stop_running(connection, pending.values())
             raise
         finally:
             self._forget(pending, list(pending))
             if pending:
                 _quietly(client.cancel, list(pending))
-        return [r for r in results if r is not None]
+
+    def run_branches(self, tasks: list[BranchTask]) -> list[ParallelFlowResult]:
+        """Run ``tasks`` as Dask tasks and return their results in task order."""
+        return run_in_order(self.stream_branches(tasks), tasks)
+
+    def _worker_slots(self, connection: Connection) -> int:
+        """How many branches the cluster runs at once: its worker threads."""
+        client = connection.client
+        try:
+            # Bounded: a scheduler that stopped answering is reported by the fan-out.
+            threads = client.sync(client.scheduler.ncores, callback_timeout=self.connect_timeout)
+            total = sum(threads.values()) if isinstance(threads, dict) else 0
+        except Exception:
+            total = 0
+        return total or self.max_workers or os.cpu_count() or 1
 
     def _submit(self, client: Any, plugin: str, branch: _Branch) -> Any:
         from .dask_worker import run_on_worker
@@ -332,43 +387,35 @@ class DaskBackend:
         with self._lock:
             branch.current = len(branch.starts)
             self._following[branch.key] = branch
-        payload = {"branch": task.branch, "fan_in": task.fan_in, "snapshot": task.snapshot,
-                   "limits": task.limits, "isolation": task.isolation, "path": task.path}
-        future = client.submit(run_on_worker, plugin, payload, self._topic, branch.key,
+        future = client.submit(run_on_worker, plugin, task.payload(), self._topic, branch.key,
                                key=branch.key, pure=False)
         future.add_done_callback(branch.fan_out.finished.put)
         return future
 
-    def _follow(self, connection: Connection, plugin: str, pending: dict[Any, _Branch],
-                results: list[ParallelFlowResult | None], fan_out: _FanOut) -> None:
-        client = connection.client
-        while pending:
-            try:
-                fan_out.finished.get(timeout=self._wakeup(pending))
-                fan_out.heard_at = time.monotonic()
-                while True:
-                    fan_out.finished.get_nowait()
-            except queue.Empty:
-                pass
-            lost = self._lost(connection, fan_out, pending)
-            if lost is not None:
-                for branch in pending.values():
-                    results[branch.index] = _failed(branch, lost, "DaskError")
-                self._stop_running(connection, pending.values())
-                self._forget(pending, list(pending))
-                return
-            self._judge_running(connection, pending, results)
-            self._collect(connection, plugin, pending, results)
-            failed = next((r for r in results if r is not None and not r.success
-                           and r.error_type != "Cancelled"), None)
-            if failed is not None and pending \
-                    and next(iter(pending.values())).task.limits.fail_fast:
-                reason = f"cancelled: branch {failed.branch!r} failed first (fail_fast)"
-                _quietly(client.cancel, list(pending))
-                self._stop_running(connection, pending.values())
-                for branch in pending.values():
-                    results[branch.index] = cancelled_result(branch.task, reason)
-                self._forget(pending, list(pending))
+    def _follow_once(self, connection: Connection, plugin: str, pending: dict[Any, _Branch],
+                     results: dict[int, ParallelFlowResult], fan_out: _FanOut) -> str | None:
+        """Wait for a branch to finish (or a deadline), and put what is done in ``results``.
+
+        Returns why nothing pending can finish any more, if so (its branches
+        are then failed with that reason).
+        """
+        try:
+            fan_out.finished.get(timeout=self._wakeup(pending))
+            fan_out.heard_at = time.monotonic()
+            while True:
+                fan_out.finished.get_nowait()
+        except queue.Empty:
+            pass
+        lost = self._lost(connection, fan_out, pending)
+        if lost is not None:
+            for branch in pending.values():
+                results[branch.index] = _failed(branch, lost, "DaskError")
+            self._stop_running(connection, pending.values())
+            self._forget(pending, list(pending))
+            return lost
+        self._judge_running(connection, pending, results)
+        self._collect(connection, plugin, pending, results)
+        return None
 
     def _wakeup(self, pending: dict[Any, _Branch]) -> float:
         deadlines = [branch.started_at + limit + TIMEOUT_GRACE_SECONDS
@@ -420,7 +467,7 @@ class DaskBackend:
         return None
 
     def _judge_running(self, connection: Connection, pending: dict[Any, _Branch],
-                       results: list[ParallelFlowResult | None]) -> None:
+                       results: dict[int, ParallelFlowResult]) -> None:
         now = time.monotonic()
         for future, branch in list(pending.items()):
             if future.status != "pending":
@@ -437,7 +484,8 @@ class DaskBackend:
                     and now >= started + limit + TIMEOUT_GRACE_SECONDS:
                 where = f" in node {branch.node!r}" if branch.node else ""
                 results[branch.index] = ParallelFlowResult(
-                    branch=branch.task.branch, state=branch.task.snapshot.copy(), success=False,
+                    branch=branch.task.name, index=branch.task.index,
+                    state=branch.task.initial_state(), success=False,
                     error=(f"branch {branch.task.label!r} timed out after {limit:g}s{where}: "
                            f"stuck in one call on Dask worker {worker}, which is being "
                            f"restarted"),
@@ -449,7 +497,7 @@ class DaskBackend:
                 self._restart(connection, [worker])
 
     def _collect(self, connection: Connection, plugin: str, pending: dict[Any, _Branch],
-                 results: list[ParallelFlowResult | None]) -> None:
+                 results: dict[int, ParallelFlowResult]) -> None:
         client = connection.client
         # Read each status once: the event-loop thread may change it meanwhile.
         statuses = {future: future.status for future in pending}
@@ -596,7 +644,7 @@ class DaskBackend:
 def _failed(branch: _Branch, reason: str, error_type: str) -> ParallelFlowResult:
     task = branch.task
     return ParallelFlowResult(
-        branch=task.branch, state=task.snapshot.copy(), success=False,
+        branch=task.name, index=task.index, state=task.initial_state(), success=False,
         error=f"branch {task.label!r}: {reason}", error_type=error_type, isolation="dask",
         worker=branch.starts[-1][1] if branch.starts else None, node=branch.node)
 

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from ..branch import (
-    BranchMonitor,
-    BranchTask,
-    ParallelFlowResult,
-    cancelled_result,
-    run_branch,
-)
-from .base import register_backend
+from collections.abc import Iterable, Iterator
+
+from ..branch import BranchMonitor, BranchTask, ParallelFlowResult, run_branch
+from .base import register_backend, run_in_order
 
 
 class InlineBackend:
@@ -25,20 +21,15 @@ class InlineBackend:
     def __init__(self, max_workers: int | None = None) -> None:
         self.max_workers = max_workers  # accepted for a uniform factory signature
 
+    def stream_branches(self, tasks: Iterable[BranchTask], *, max_concurrency: int | None = None
+                        ) -> Iterator[tuple[int, ParallelFlowResult]]:
+        """Run ``tasks`` one at a time, each built only when the previous one finished."""
+        for position, task in enumerate(tasks):
+            yield position, run_branch(task, BranchMonitor())
+
     def run_branches(self, tasks: list[BranchTask]) -> list[ParallelFlowResult]:
         """Run ``tasks`` in order; with ``fail_fast`` the rest are cancelled after a failure."""
-        results: list[ParallelFlowResult] = []
-        failed: ParallelFlowResult | None = None
-        for task in tasks:
-            if failed is not None:
-                results.append(cancelled_result(
-                    task, f"cancelled: branch {failed.branch!r} failed first (fail_fast)"))
-                continue
-            result = run_branch(task, BranchMonitor())
-            results.append(result)
-            if not result.success and task.limits.fail_fast:
-                failed = result
-        return results
+        return run_in_order(self.stream_branches(tasks), tasks)
 
     def close(self) -> None:
         """Nothing to release."""

@@ -14,7 +14,10 @@ Wire format: every message is one pickled tuple in a
 * parent -> worker: ``("run", payload)``; ``("exit",)``.
 * worker -> parent: ``("node", name)``, ``("lua", chunk, deadline, limit,
   branch_deadline)``, ``("lua_done",)``, ``("merged", node, update_bytes)``,
-  ``("result", ParallelFlowResult)``.
+  ``("step", node, update_bytes, next_node)`` (a merge and the next node in
+  one frame), ``("result", ParallelFlowResult)``. A node's merged update is
+  held back until something else is sent (the next node, a Lua call) and
+  dropped when the result follows: the result carries the whole state.
 
 The fork server speaks over a ``SOCK_SEQPACKET`` control socket:
 ``F0``/``F1`` + one passed file descriptor forks a worker (``1``: it runs
@@ -73,27 +76,41 @@ class ParentWatchdog:
         self._conn = conn
         # Nested fan-outs run on threads in this worker; frames must not interleave.
         self._lock = threading.Lock()
+        # The last merged update, not sent yet: (node, update bytes).
+        self._merged: tuple[str, bytes | None] | None = None
 
     def _send(self, message: tuple) -> None:
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         with self._lock:
             self._conn.send_bytes(data)
 
+    def _flush(self) -> None:
+        with self._lock:
+            merged, self._merged = self._merged, None
+        if merged is not None:
+            self._send(("merged", *merged))
+
     def node_started(self, node: str) -> None:
         """Tell the parent which node runs (named in a timeout or crash report)."""
-        self._send(("node", node))
+        with self._lock:
+            merged, self._merged = self._merged, None
+        self._send(("node", node) if merged is None else ("step", *merged, node))
 
     def node_merged(self, node: str, update: dict) -> None:
-        """Send the update so the parent can rebuild the state if this worker dies."""
+        """Keep the update for the parent, which rebuilds the state if this worker dies."""
         try:
             data = pickle.dumps(update, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception:
             data = None  # reported when the final state fails to pickle
-        self._send(("merged", node, data))
+        with self._lock:
+            previous, self._merged = self._merged, (node, data)
+        if previous is not None:  # nested fan-outs: two branches' merges in a row
+            self._send(("merged", *previous))
 
     def lua_started(self, chunk: str, deadline: float, limit: float | None,
                     branch_deadline: bool) -> None:
         """Arm the parent's watchdog for one Lua call."""
+        self._flush()  # the worker may be ended in it: the state as of now goes first
         self._send(("lua", chunk, deadline, limit, branch_deadline))
 
     def lua_finished(self) -> None:
@@ -121,7 +138,7 @@ def run_task(graph: Any, payload: dict[str, Any], conn: Connection) -> bytes:
     except Exception as exc:
         path, reason = find_unpicklable(result.state, "state")
         failed = ParallelFlowResult(
-            branch=result.branch, state={}, success=False,
+            branch=result.branch, index=result.index, state={}, success=False,
             error=(f"branch {task.label!r}: its final state cannot be sent back from the "
                    f"worker process: {path}: {reason or exc}"),
             error_type="StateCopyError", duration_ms=result.duration_ms,

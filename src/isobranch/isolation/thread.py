@@ -8,25 +8,28 @@ branch still gets a fresh context, so a reused thread never carries a VM over.
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
-from collections.abc import Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
 
 from ..branch import (
     BranchMonitor,
     BranchTask,
     ParallelFlowResult,
-    cancelled_result,
     run_branch,
     timed_out_result,
 )
-from .base import register_backend
+from .base import register_backend, run_in_order
 from .thread_pool import DaemonThreadPool
 
 # A branch gets this long past its deadline to report its own timeout (with
 # its state and node) before the backend stops waiting for it.
 TIMEOUT_GRACE_SECONDS = 0.25
+# Branches submitted beyond the pool's threads, per thread (they wait in its queue).
+SUBMIT_AHEAD_PER_THREAD = 2
 
 
 class ThreadBackend:
@@ -60,86 +63,68 @@ class ThreadBackend:
                                                   thread_name_prefix="isobranch-branch")
             return self._executor
 
-    def run_branches(self, tasks: list[BranchTask]) -> list[ParallelFlowResult]:
-        """Run ``tasks`` concurrently and return their results in task order."""
-        pool = self._pool()
-        monitors = [BranchMonitor() for _ in tasks]
-        pending: dict[Future, int] = {}
-        results: list[ParallelFlowResult | None] = [None] * len(tasks)
+    def stream_branches(self, tasks: Iterable[BranchTask], *, max_concurrency: int | None = None
+                        ) -> Iterator[tuple[int, ParallelFlowResult]]:
+        """Run ``tasks`` concurrently, yielding ``(position, result)`` as each finishes.
+
+        At most ``max_concurrency`` (default: the pool size) branches run at
+        once. Tasks are taken from ``tasks`` only as branches finish: up to
+        ``max_concurrency`` submitted and unfinished, plus, when the pool's
+        own size is the bound, ``SUBMIT_AHEAD_PER_THREAD`` per thread waiting
+        in its queue. Closing the generator cancels the queued ones and tells
+        the running ones to stop (abandoning one stuck in a call).
+        """
+        limit = max_concurrency or self.max_workers
+        # When the pool itself is the bound, a few more wait in its queue, so a
+        # thread that finishes starts the next branch without waiting for this one.
+        queued_ahead = SUBMIT_AHEAD_PER_THREAD * self.max_workers if limit >= self.max_workers \
+            else 0
+        source = iter(tasks)
+        pending: dict[Future, _Submitted] = {}
+        # Futures as they finish (their done callbacks put them here).
+        finished: queue.SimpleQueue[Future] = queue.SimpleQueue()
+        position = 0
+        exhausted = False
         try:
-            for index, (task, monitor) in enumerate(zip(tasks, monitors, strict=True)):
-                pending[pool.submit(run_branch, task, monitor)] = index
-            while pending:
-                done, _ = wait(pending, timeout=self._next_wakeup(tasks, monitors, pending),
-                               return_when=FIRST_COMPLETED)
-                for future in done:
-                    index = pending.pop(future)
-                    results[index] = future.result()
-                first_failure = next((r for r in results if r is not None and not r.success),
-                                     None)
-                if first_failure is not None and tasks[0].limits.fail_fast:
-                    self._abandon(pending)
-                    self._cancel(pending, tasks, monitors, results, first_failure)
-                    break
-                overdue = self._expire_overdue(pending, tasks, monitors, results)
-                self._abandon(overdue)
-        except BaseException:
-            # Interrupted (Ctrl-C, a test timeout): branches stop at their next
-            # node boundary or Lua hook, and close() does not wait for one stuck
-            # in a single Python call.
-            for future, index in pending.items():
-                monitors[index].cancelled.set()
+            while True:
+                while not exhausted and len(pending) < limit + queued_ahead:
+                    task = next(source, None)
+                    if task is None:
+                        exhausted = True
+                        break
+                    submitted = _Submitted(position, task, BranchMonitor())
+                    future = self._pool().submit(run_branch, task, submitted.monitor)
+                    pending[future] = submitted
+                    future.add_done_callback(finished.put)
+                    position += 1
+                if not pending:
+                    return
+                for future in _next_finished(finished, _next_wakeup(pending.values())):
+                    submitted = pending.pop(future, None)
+                    if submitted is not None:  # not one given up on meanwhile
+                        yield submitted.position, future.result()
+                for future, submitted in _overdue(pending):
+                    del pending[future]
+                    submitted.monitor.cancelled.set()
+                    self._abandon([future])
+                    yield submitted.position, timed_out_result(submitted.task, submitted.monitor)
+        finally:
+            # Stopped early (fail_fast, Ctrl-C, a consumer gone): branches stop at
+            # their next node boundary or Lua hook, queued ones never start, and
+            # close() does not wait for one stuck in a single Python call.
+            for future, submitted in pending.items():
+                submitted.monitor.cancelled.set()
                 future.cancel()
             self._abandon(pending)
-            raise
-        return [r for r in results if r is not None]
+
+    def run_branches(self, tasks: list[BranchTask]) -> list[ParallelFlowResult]:
+        """Run ``tasks`` concurrently and return their results in task order."""
+        return run_in_order(self.stream_branches(tasks), tasks)
 
     def _abandon(self, futures: Iterable[Future]) -> None:
         with self._lock:
             self._abandoned = [f for f in self._abandoned if not f.done()]
             self._abandoned.extend(f for f in futures if not f.done())
-
-    @staticmethod
-    def _next_wakeup(tasks: list[BranchTask], monitors: list[BranchMonitor],
-                     pending: dict[Future, int]) -> float | None:
-        deadlines = [
-            monitors[i].started_at + tasks[i].limits.branch_timeout + TIMEOUT_GRACE_SECONDS
-            for i in pending.values()
-            if tasks[i].limits.branch_timeout and monitors[i].started_at is not None
-        ]
-        waiting_to_start = any(tasks[i].limits.branch_timeout and monitors[i].started_at is None
-                               for i in pending.values())
-        if not deadlines:
-            # A queued branch with a timeout starts later; look again soon.
-            return 0.05 if waiting_to_start else None
-        wakeup = max(min(deadlines) - time.monotonic(), 0.0)
-        return min(wakeup, 0.05) if waiting_to_start else wakeup
-
-    @staticmethod
-    def _expire_overdue(pending: dict[Future, int], tasks: list[BranchTask],
-                        monitors: list[BranchMonitor],
-                        results: list[ParallelFlowResult | None]) -> list[Future]:
-        now = time.monotonic()
-        overdue = []
-        for future, index in list(pending.items()):
-            limit, started = tasks[index].limits.branch_timeout, monitors[index].started_at
-            if limit and started is not None and now >= started + limit + TIMEOUT_GRACE_SECONDS:
-                monitors[index].cancelled.set()
-                results[index] = timed_out_result(tasks[index], monitors[index])
-                del pending[future]
-                overdue.append(future)
-        return overdue
-
-    @staticmethod
-    def _cancel(pending: dict[Future, int], tasks: list[BranchTask],
-                monitors: list[BranchMonitor], results: list[ParallelFlowResult | None],
-                failure: ParallelFlowResult) -> None:
-        reason = f"cancelled: branch {failure.branch!r} failed first (fail_fast)"
-        for future, index in pending.items():
-            monitors[index].cancelled.set()
-            future.cancel()
-            results[index] = cancelled_result(tasks[index], reason)
-        pending.clear()
 
     def close(self) -> None:
         """Shut the pool down and wait for its threads.
@@ -154,6 +139,54 @@ class ThreadBackend:
             stuck = any(not f.done() for f in self._abandoned)
         if executor is not None:
             executor.shutdown(wait=not stuck, cancel_futures=True)
+
+
+@dataclass
+class _Submitted:
+    """A branch handed to the pool: where it stands in the fan-out, and its monitor."""
+
+    position: int
+    task: BranchTask
+    monitor: BranchMonitor
+
+
+def _next_finished(finished: queue.SimpleQueue[Future], timeout: float | None) -> list[Future]:
+    """Futures that finished: at least one unless ``timeout`` passes first."""
+    try:
+        done = [finished.get(timeout=timeout)]
+    except queue.Empty:
+        return []
+    while True:
+        try:
+            done.append(finished.get_nowait())
+        except queue.Empty:
+            return done
+
+
+def _next_wakeup(pending: Iterable[_Submitted]) -> float | None:
+    deadlines = []
+    waiting_to_start = False
+    for submitted in pending:
+        limit, started = submitted.task.limits.branch_timeout, submitted.monitor.started_at
+        if not limit:
+            continue
+        if started is None:
+            waiting_to_start = True
+        else:
+            deadlines.append(started + limit + TIMEOUT_GRACE_SECONDS)
+    if not deadlines:
+        # A queued branch with a timeout starts later; look again soon.
+        return 0.05 if waiting_to_start else None
+    wakeup = max(min(deadlines) - time.monotonic(), 0.0)
+    return min(wakeup, 0.05) if waiting_to_start else wakeup
+
+
+def _overdue(pending: dict[Future, _Submitted]) -> list[tuple[Future, _Submitted]]:
+    now = time.monotonic()
+    return [(future, submitted) for future, submitted in pending.items()
+            if (limit := submitted.task.limits.branch_timeout)
+            and submitted.monitor.started_at is not None
+            and now >= submitted.monitor.started_at + limit + TIMEOUT_GRACE_SECONDS]
 
 
 register_backend("thread", ThreadBackend)

@@ -145,6 +145,15 @@ class LuaRuntime:
             return value
         return str(value)
 
+    def evaluate(self, expr: str, state: dict | None = None, *, variables: dict | None = None,
+                 chunk_name: str | None = None, timeout: float | None = None) -> Any:
+        """Evaluate an expression (``return`` optional) with ``state`` as a global.
+
+        Unlike ``eval_condition`` the value comes back as Python, unchanged:
+        a sequence table is a list, ``nil`` is None.
+        """
+        return self._call("condition", expr, state, variables, chunk_name, timeout)
+
     def execute_node_code(self, code: str, state: dict | None = None, *,
                           variables: dict | None = None, chunk_name: str | None = None,
                           timeout: float | None = None) -> dict:

@@ -1,0 +1,693 @@
+"""Map fan-out: one isolated branch per item of a list known only at run time.
+
+Every semantic runs on every backend (the ``isolation`` fixture).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+
+import pytest
+import yaml
+
+from isobranch import END, START, GraphError, GraphExecutionError, StateGraph, YAMLEngine
+from isobranch.cli import main
+from isobranch.isolation.dask import SUBMIT_AHEAD_PER_THREAD as DASK_SUBMIT_AHEAD_PER_THREAD
+from isobranch.isolation.process import SEND_AHEAD_DEPTH
+from isobranch.isolation.thread import SUBMIT_AHEAD_PER_THREAD
+
+MAP_YAML = """
+name: map-demo
+nodes:
+  - name: split
+    run: |
+      return {"docs": [{"id": i, "text": "x" * i} for i in range(12)], "keep": "me"}
+  - name: score
+    language: lua
+    run: |
+      return {score = #state.doc.text, id = state.doc.id, position = state.idx,
+              saw_list = state.docs ~= nil, keep = state.keep}
+  - name: collect
+    fan_in: true
+    run: |
+      return {"scores": [r.state["score"] for r in parallel_results],
+              "names": [r.branch for r in parallel_results],
+              "indexes": [r.index for r in parallel_results],
+              "positions": [r.state["position"] for r in parallel_results],
+              "saw_list": any(r.state["saw_list"] for r in parallel_results),
+              "keeps": {r.state["keep"] for r in parallel_results}}
+edges:
+  - {from: __start__, to: split}
+  - {from: split, to: score, type: map, over: docs, as: doc, index_as: idx, fan_in: collect,
+     max_concurrency: 8}
+  - {from: score, to: collect}
+"""
+
+
+def map_graph(items, body, *, fan_in=None, over="items", **edge):
+    """start -> map(body) over ``items`` -> join (keeps every result as ``results``)."""
+    graph = StateGraph()
+    graph.add_node("start", lambda state: {"items": items} if items is not None else None)
+    graph.add_node("body", body)
+    graph.add_fan_in_node("join", fan_in or (lambda state, results: {"results": results}))
+    graph.add_edge(START, "start")
+    graph.add_map_edge("start", "body", over=over, fan_in="join", **edge)
+    graph.add_edge("body", "join")
+    graph.add_edge("join", END)
+    return graph
+
+
+def compiled(graph, isolation, **options):
+    options.setdefault("max_workers", 2)
+    return graph.compile(isolation=isolation, **options)
+
+
+# -- the §8 rules on every backend ------------------------------------------------
+
+
+def test_yaml_map_runs_one_lua_branch_per_item_in_item_order(load):
+    final = load(MAP_YAML).invoke({})
+    assert final["scores"] == list(range(12))
+    assert final["names"] == [f"score[{i}]" for i in range(12)]
+    assert final["indexes"] == list(range(12))
+    assert final["positions"] == list(range(12))
+    assert final["saw_list"] is False, "a branch must receive its item, never the whole list"
+    assert final["keeps"] == {"me"}, "the rest of the state reaches every branch"
+    assert len(final["docs"]) == 12, "the main state keeps the list"
+
+
+def test_python_branch_gets_a_private_item_and_no_list(isolation):
+    def body(state):
+        state["item"]["mutated"] = True  # a private copy: must not reach the caller's list
+        return {"out": state["item"]["n"] * 10, "has_items": "items" in state,
+                "index_seen": state["index"]}
+
+    items = [{"n": n} for n in range(7)]
+    with compiled(map_graph(items, body), isolation) as app:
+        final = app.invoke({})
+    results = final["results"]
+    assert [r.state["out"] for r in results] == [n * 10 for n in range(7)]
+    assert [r.state["index_seen"] for r in results] == list(range(7))
+    assert [r.index for r in results] == list(range(7))
+    assert not any(r.state["has_items"] for r in results)
+    assert final["items"] == [{"n": n} for n in range(7)]
+
+
+def test_empty_list_runs_no_branch_and_the_fan_in_gets_an_empty_list(isolation):
+    ran = []
+
+    def fan_in(state, results):
+        ran.append(results)
+        return {"n": len(results)}
+
+    with compiled(map_graph([], lambda s: {"x": 1}, fan_in=fan_in), isolation) as app:
+        events = list(app.stream({}))
+    assert events[-1]["state"]["n"] == 0
+    parallel = [e for e in events if e["type"] == "parallel"]
+    assert parallel and parallel[0]["branches"] == []
+    assert not [e for e in events if e["type"] == "branch"]
+
+
+@pytest.mark.parametrize("value", [{"a": 1}, "abc", 42, None])
+def test_a_value_that_is_not_a_list_fails_the_run_naming_node_and_key(isolation, value):
+    graph = map_graph(None, lambda s: None)
+    with compiled(graph, isolation) as app, pytest.raises(GraphExecutionError) as info:
+        app.invoke({"items": value})
+    message = str(info.value)
+    assert "node 'start'" in message and "'items'" in message
+    assert type(value).__name__ in message
+    assert info.value.node == "start"
+
+
+def test_a_missing_key_fails_the_run_naming_node_and_key(isolation):
+    with compiled(map_graph(None, lambda s: None), isolation) as app, \
+            pytest.raises(GraphExecutionError, match=r"node 'start'.*no key 'items'"):
+        app.invoke({})
+
+
+def test_a_tuple_is_mapped_like_a_list(isolation):
+    with compiled(map_graph((5, 6), lambda s: {"v": s["item"] + 1}), isolation) as app:
+        assert [r.state["v"] for r in app.invoke({})["results"]] == [6, 7]
+
+
+@pytest.mark.parametrize("over", [{"python": "[d for d in state['raw'] if d > 1]"},
+                                  {"lua": "state.raw"}])
+def test_over_may_be_a_python_or_lua_expression(load, over):
+    document = {
+        "nodes": [
+            {"name": "start", "run": "return {'raw': [1, 2, 3]}"},
+            {"name": "body", "run": "return {'double': state['item'] * 2, 'raw_seen': 'raw' in state}"},
+            {"name": "join", "fan_in": True,
+             "run": "return {'doubles': [r.state['double'] for r in parallel_results],"
+                    " 'raw_seen': all(r.state['raw_seen'] for r in parallel_results)}"},
+        ],
+        "edges": [
+            {"from": START, "to": "start"},
+            {"from": "start", "to": "body", "type": "map", "over": over, "fan_in": "join"},
+            {"from": "body", "to": "join"},
+        ],
+    }
+    final = load(document).invoke({})
+    expected = [4, 6] if "python" in over else [2, 4, 6]
+    assert final["doubles"] == expected
+    assert final["raw_seen"] is True, "with an expression, the state keeps every key"
+
+
+def test_an_empty_lua_table_maps_as_an_empty_list(load):
+    document = yaml.safe_load(MAP_YAML)
+    document["edges"][1] = {"from": "split", "to": "score", "type": "map",
+                            "over": {"lua": "{}"}, "as": "doc", "fan_in": "collect"}
+    assert load(document).invoke({})["scores"] == []
+
+
+def test_over_may_be_a_callable_giving_any_iterable(isolation):
+    graph = map_graph(None, lambda s: {"sq": s["item"] ** 2}, over=lambda s: range(s["n"]))
+    with compiled(graph, isolation) as app:
+        assert [r.state["sq"] for r in app.invoke({"n": 4})["results"]] == [0, 1, 4, 9]
+
+
+def test_lua_fan_in_sees_the_same_list_in_item_order(load):
+    document = yaml.safe_load(MAP_YAML)
+    document["nodes"][2] = {"name": "collect", "fan_in": True, "language": "lua", "run": (
+        "local names, scores = {}, {}\n"
+        "for i, r in ipairs(state.parallel_results) do\n"
+        "  names[i] = r.branch .. '@' .. r.index; scores[i] = r.state.score\n"
+        "end\n"
+        "return {names = names, scores = scores}")}
+    final = load(document).invoke({})
+    assert final["names"] == [f"score[{i}]@{i}" for i in range(12)]
+    assert final["scores"] == list(range(12))
+
+
+def test_fail_fast_applies_per_item(isolation):
+    def body(state):
+        if state["item"] == 3:
+            raise ValueError("item three is bad")
+        return {"ok": True}
+
+    with compiled(map_graph(list(range(6)), body), isolation, fail_fast=True) as app, \
+            pytest.raises(GraphExecutionError) as info:
+        app.invoke({})
+    error = info.value
+    assert error.branch == "body[3]" and "item three is bad" in str(error)
+    assert [r.branch for r in error.results] == [f"body[{i}]" for i in range(6)]
+    assert error.results[3].error_type == "ValueError"
+    assert all(r.success or r.error_type in ("Cancelled", "ValueError") for r in error.results)
+
+
+def test_without_fail_fast_one_failed_item_leaves_the_others(isolation):
+    def body(state):
+        if state["item"] == 1:
+            raise KeyError("nope")
+        return {"v": state["item"]}
+
+    with compiled(map_graph([0, 1, 2], body), isolation) as app:
+        results = app.invoke({})["results"]
+    assert [r.success for r in results] == [True, False, True]
+    assert results[1].branch == "body[1]" and results[1].index == 1
+
+
+def test_branch_timeout_applies_per_item(load):
+    document = yaml.safe_load(MAP_YAML)
+    document["settings"] = {"parallel": {"branch_timeout": 1.0}}
+    document["nodes"][1]["run"] = (
+        "if state.idx == 2 then while true do end end\n"
+        "return {score = #state.doc.text}")
+    document["nodes"][2]["run"] = "return {'results': parallel_results}"
+    document["nodes"][0]["run"] = "return {'docs': [{'text': 'ab'}] * 4}"
+    results = load(document).invoke({})["results"]
+    assert [r.timed_out for r in results] == [False, False, True, False]
+    assert results[2].branch == "score[2]" and "timed out" in results[2].error
+    assert [r.state.get("score") for r in results if r.success] == [2, 2, 2]
+
+
+def test_a_map_inside_a_static_branch_and_a_map_inside_a_map_branch(isolation):
+    graph = StateGraph()
+    graph.add_node("start", lambda s: {"groups": [[1, 2], [3, 4, 5]]})
+    # static branch "plain" and static branch "outer", which maps over groups
+    graph.add_node("plain", lambda s: {"plain": True})
+    graph.add_node("outer", lambda s: None)
+    graph.add_node("group", lambda s: None)  # one branch per group ...
+    graph.add_node("member", lambda s: {"sq": s["member"] ** 2})  # ... one per member
+    graph.add_fan_in_node("group_join",
+                          lambda s, rs: {"sum": sum(r.state["sq"] for r in rs),
+                                         "names": [r.branch for r in rs]})
+    graph.add_fan_in_node("outer_join", lambda s, rs: {"sums": [r.state["sum"] for r in rs],
+                                                       "inner": [r.state["names"] for r in rs]})
+    graph.add_fan_in_node("join", lambda s, rs: {"results": {r.branch: r.state for r in rs}})
+    graph.add_edge(START, "start")
+    graph.add_parallel_edge("start", "plain", fan_in="join")
+    graph.add_parallel_edge("start", "outer", fan_in="join")
+    graph.add_edge("plain", "join")
+    graph.add_map_edge("outer", "group", over="groups", item_key="group", fan_in="outer_join")
+    graph.add_map_edge("group", "member", over=lambda s: s["group"], item_key="member",
+                       fan_in="group_join")
+    graph.add_edge("member", "group_join")
+    graph.add_edge("group_join", "outer_join")
+    graph.add_edge("outer_join", "join")
+    graph.add_edge("join", END)
+    with compiled(graph, isolation) as app:
+        events = list(app.stream({}))
+    results = events[-1]["state"]["results"]
+    assert results["plain"]["plain"] is True
+    assert results["outer"]["sums"] == [1 + 4, 9 + 16 + 25]
+    assert results["outer"]["inner"] == [["member[0]", "member[1]"],
+                                         ["member[0]", "member[1]", "member[2]"]]
+    # only the main path's fan-out reports its branches
+    branch_events = [e for e in events if e["type"] == "branch"]
+    assert sorted(e["branch"] for e in branch_events) == ["outer", "plain"]
+
+
+def test_branch_events_come_per_finished_branch_before_the_parallel_event(isolation):
+    with compiled(map_graph(list(range(5)), lambda s: {"v": 1}), isolation) as app:
+        events = list(app.stream({}))
+    kinds = [e["type"] for e in events]
+    first_branch, parallel = kinds.index("branch"), kinds.index("parallel")
+    branch_events = [e for e in events if e["type"] == "branch"]
+    assert kinds[first_branch:parallel] == ["branch"] * 5
+    assert [e["done"] for e in branch_events] == [1, 2, 3, 4, 5]
+    assert {e["total"] for e in branch_events} == {5}
+    assert sorted(e["index"] for e in branch_events) == list(range(5))
+    event = branch_events[0]
+    assert set(event) == {"type", "fan_out", "fan_in", "branch", "index", "success",
+                          "error_type", "timed_out", "duration_ms", "attempts", "done", "total"}
+    assert event["fan_out"] == "start" and event["fan_in"] == "join"
+    assert event["branch"] == f"body[{event['index']}]"
+    assert event["success"] is True and event["attempts"] == 1
+
+
+def test_a_failed_branch_carries_its_traceback_as_text(isolation):
+    def deep_helper_that_raises(value):
+        raise RuntimeError(f"bad value {value}")
+
+    def body(state):
+        if state["item"] == 1:
+            deep_helper_that_raises(state["item"])
+        return {}
+
+    with compiled(map_graph([0, 1], body), isolation) as app:
+        results = app.invoke({})["results"]
+    assert results[0].traceback is None
+    assert "deep_helper_that_raises" in results[1].traceback
+    assert "RuntimeError: bad value 1" in results[1].traceback
+    with compiled(map_graph([0, 1], body), isolation, fail_fast=True) as app, \
+            pytest.raises(GraphExecutionError) as info:
+        app.invoke({})
+    assert "deep_helper_that_raises" in info.value.traceback
+
+
+def test_max_concurrency_bounds_branches_in_flight(isolation, tmp_path):
+    """Branches count themselves in and out under a file lock (works across processes).
+
+    Each branch waits, after entering, until ``bound`` branches are in flight
+    (or every branch has entered): a backend that ran more at once would be
+    seen exceeding the bound, one that ran fewer would never let it reach it.
+    """
+    bound = 1 if isolation == "inline" else 2
+    items = 8
+    counter = str(tmp_path / "counter.json")
+    with open(counter, "w") as out:
+        json.dump({"in": 0, "entered": 0, "max": 0}, out)
+
+    def update(change):
+        with open(counter, "r+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            data = json.load(handle)
+            change(data)
+            handle.seek(0)
+            handle.truncate()
+            json.dump(data, handle)
+            return data
+
+    def enter(data):
+        data["in"] += 1
+        data["entered"] += 1
+        data["max"] = max(data["max"], data["in"])
+
+    def body(state):
+        update(enter)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            seen = update(lambda data: None)
+            if seen["in"] >= bound or seen["entered"] == items:
+                break
+            time.sleep(0.002)  # polling the shared counter, not waiting for time to pass
+        update(lambda data: data.__setitem__("in", data["in"] - 1))
+        return {}
+
+    with compiled(map_graph(list(range(items)), body, max_concurrency=bound), isolation,
+                  max_workers=3) as app:
+        app.invoke({})
+    with open(counter) as handle:
+        final = json.load(handle)
+    assert final["entered"] == items and final["in"] == 0
+    assert final["max"] == bound
+
+
+def test_max_concurrency_comes_from_edge_compile_or_config(tmp_path):
+    graph = map_graph([1], lambda s: None)
+    with graph.compile(isolation="thread", max_concurrency=3) as app:
+        assert app.max_concurrency == 3
+        app.invoke({}, config={"max_concurrency": 2})
+        with pytest.raises(GraphError, match="max_concurrency"):
+            app.invoke({}, config={"max_concurrency": 0})
+    with pytest.raises(GraphError, match="max_concurrency must be a positive integer"):
+        map_graph([1], lambda s: None).compile(max_concurrency=1.5)
+    with pytest.raises(GraphError, match="max_concurrency must be a positive integer"):
+        map_graph([1], lambda s: None, max_concurrency=-1)
+
+
+def test_settings_parallel_max_concurrency_reaches_the_graph():
+    document = yaml.safe_load(MAP_YAML)
+    document["settings"] = {"parallel": {"max_concurrency": 5}}
+    with YAMLEngine(isolation="inline").load_from_dict(document) as app:
+        assert app.max_concurrency == 5
+
+
+# -- graph validation ---------------------------------------------------------
+
+
+def test_a_node_with_a_map_edge_and_parallel_edges_is_a_graph_error():
+    graph = map_graph([1], lambda s: None)
+    graph.add_node("other", lambda s: None)
+    graph.add_parallel_edge("start", "other", fan_in="join")
+    with pytest.raises(GraphError, match="parallel edges or one map edge, never both"):
+        graph.compile()
+
+
+def test_two_map_edges_from_one_node_is_a_graph_error():
+    graph = map_graph([1], lambda s: None)
+    graph.add_node("second", lambda s: None)
+    graph.add_map_edge("start", "second", over="items", fan_in="join")
+    with pytest.raises(GraphError, match="two map edges"):
+        graph.compile()
+
+
+def test_retry_on_a_map_edge_is_not_supported_yet():
+    with pytest.raises(GraphError, match="retry is not supported on map edges yet"):
+        map_graph([1], lambda s: None, retry={"max_attempts": 2})
+
+
+@pytest.mark.parametrize(("edge", "message"), [
+    ({"over": "docs"}, "needs 'fan_in'"),
+    ({"fan_in": "collect"}, "needs 'over'"),
+    ({"over": "docs", "fan_in": "nowhere"}, "fan-in node 'nowhere' does not exist"),
+    ({"over": "docs", "fan_in": "collect", "as": ""}, "'as' must be a non-empty state key"),
+    ({"over": "docs", "fan_in": "collect", "as": "i", "index_as": "i"},
+     "item_key and index_key are both 'i'"),
+    ({"over": {"ruby": "x"}, "fan_in": "collect"}, "'over' must be an expression"),
+    ({"over": {"python": "state["}, "fan_in": "collect"}, "invalid Python expression in 'over'"),
+    ({"over": 3, "fan_in": "collect"}, "'over' must be a state key"),
+    ({"over": "docs", "fan_in": "collect", "max_concurrency": 0},
+     "max_concurrency must be a positive integer"),
+    ({"over": "docs", "fan_in": "collect", "when": "True"}, "cannot have a 'when'"),
+])
+def test_invalid_map_edges_are_graph_errors_naming_the_edge(edge, message):
+    document = yaml.safe_load(MAP_YAML)
+    document["edges"][1] = {"from": "split", "to": "score", "type": "map", **edge}
+    with pytest.raises(GraphError) as info:
+        YAMLEngine().load_from_dict(document)
+    assert message in str(info.value)
+    assert "edges[1] (split -> score)" in str(info.value)
+
+
+def test_map_keys_on_a_plain_edge_are_reported():
+    document = yaml.safe_load(MAP_YAML)
+    document["edges"][2]["over"] = "docs"
+    with pytest.raises(GraphError, match="'over' belongs to map edges"):
+        YAMLEngine().load_from_dict(document)
+
+
+def test_cli_validate_names_the_bad_map_edge_and_graph_draws_map_edges(tmp_path, capfd):
+    good = tmp_path / "map.yaml"
+    good.write_text(MAP_YAML)
+    assert main(["validate", str(good)]) == 0
+    assert main(["graph", str(good)]) == 0
+    drawing = capfd.readouterr().out
+    assert 'n_split["split"] -. "map over docs as doc, fan-in collect" .-> n_score["score"]' \
+        in drawing
+    document = yaml.safe_load(MAP_YAML)
+    document["edges"][1]["fan_in"] = "missing"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(document))
+    assert main(["validate", str(bad)]) == 2
+    assert "edges[1] (split -> score): fan-in node 'missing' does not exist" \
+        in capfd.readouterr().err
+
+
+def test_cli_debug_shows_the_failed_branch_traceback(tmp_path, capsys):
+    document = yaml.safe_load(MAP_YAML)
+    document["settings"] = {"parallel": {"fail_fast": True, "isolation": "process"}}
+    document["nodes"][1] = {"name": "score", "run": (
+        "def inner_helper_for_debug(doc):\n"
+        "    raise ValueError('doc %s is bad' % doc['id'])\n"
+        "if state['idx'] == 4:\n"
+        "    inner_helper_for_debug(state['doc'])\n"
+        "return {'score': 1}")}
+    path = tmp_path / "fails.yaml"
+    path.write_text(yaml.safe_dump(document))
+    assert main(["run", str(path), "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert "traceback of the failing code (score[4])" in err
+    assert "inner_helper_for_debug" in err and "ValueError: doc 4 is bad" in err
+
+
+# -- scale, crashes, memory ---------------------------------------------------------
+
+
+@pytest.mark.stress
+@pytest.mark.parametrize("isolation", ["thread", "process"])
+def test_a_10000_item_map(isolation):
+    graph = map_graph(list(range(10_000)), lambda s: {"v": s["item"] + 1},
+                      fan_in=lambda s, rs: {"total": sum(r.state["v"] for r in rs),
+                                            "ordered": [r.index for r in rs] == list(range(10_000)),
+                                            "ok": all(r.success for r in rs)})
+    with compiled(graph, isolation) as app:
+        final = app.invoke({})
+    assert final["ok"] and final["ordered"]
+    assert final["total"] == sum(range(1, 10_001))
+
+
+def test_a_worker_crash_in_one_item_fails_only_that_item(no_process_leak):
+    def body(state):
+        if state["item"] == 2:
+            os._exit(7)
+        return {"v": state["item"]}
+
+    with compiled(map_graph(list(range(6)), body), "process") as app:
+        results = app.invoke({})["results"]
+    assert [r.success for r in results] == [True, True, False, True, True, True]
+    assert results[2].error_type == "WorkerCrashed" and "exited with code 7" in results[2].error
+    assert results[2].branch == "body[2]" and results[2].index == 2
+    assert [r.state["v"] for r in results if r.success] == [0, 1, 3, 4, 5]
+
+
+def test_an_item_that_cannot_be_pickled_fails_naming_its_path():
+    items = [1, 2, lambda: None]
+    with compiled(map_graph(items, lambda s: None), "process") as app, \
+            pytest.raises(GraphExecutionError, match=r"node 'start'.*state\['items'\]\[2\]"):
+        app.invoke({})
+    # In-process backends copy what pickle refuses with deepcopy.
+    with compiled(map_graph(items, lambda s: None), "thread") as app:
+        assert len(app.invoke({})["results"]) == 3
+
+
+MEMORY_PROBE = """
+import json, os
+from isobranch import END, START, StateGraph
+
+def rss():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+count, size = 10_000, 1024
+graph = StateGraph()
+graph.add_node("start", lambda s: {"docs": [f"{i:08d}" + "x" * (size - 8) for i in range(count)]})
+graph.add_node("body", lambda s: {"out": s["doc"][::-1]})
+graph.add_fan_in_node("join", lambda s, rs: {"n": sum(len(r.state["out"]) for r in rs),
+                                             "results": rs})
+graph.add_edge(START, "start")
+graph.add_map_edge("start", "body", over="docs", item_key="doc", fan_in="join")
+graph.add_edge("body", "join")
+graph.add_edge("join", END)
+with graph.compile(isolation="thread", max_workers=2) as app:
+    app.invoke({"docs": []})  # warm the pool
+    before = rss()
+    final = app.invoke({})
+    print(json.dumps({"grown": rss() - before, "n": final["n"]}))
+"""
+
+
+def test_map_memory_stays_within_three_times_the_items_bytes():
+    """10,000 items of 1 KiB in, 1 KiB out each, on threads: the caller's RSS
+    grows by at most 3x the items' bytes (no per-branch copy of the list).
+
+    Measured in a fresh interpreter: RSS in a test worker depends on what
+    other tests left in its heap.
+    """
+    import subprocess
+    import sys
+
+    count, size = 10_000, 1024
+    done = subprocess.run([sys.executable, "-c", MEMORY_PROBE], capture_output=True, text=True,
+                          timeout=120, check=True)
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    assert measured["n"] == count * size
+    # 3x the items' own bytes (the 1 KiB outputs held in the results count against it too)
+    assert measured["grown"] <= 3 * count * size, \
+        f"RSS grew by {measured['grown'] / 2**20:.1f} MiB"
+
+
+# -- the backend protocol -----------------------------------------------------------
+
+
+class ListOnlyBackend:
+    """A third-party backend of the old protocol: run_branches(list) -> list only."""
+
+    name = "list-only"
+    chunks: list[int] = []
+
+    def __init__(self, max_workers=None):
+        self.max_workers = max_workers
+
+    def run_branches(self, tasks):
+        from isobranch.branch import run_branch
+
+        ListOnlyBackend.chunks.append(len(tasks))
+        return [run_branch(task) for task in tasks]
+
+    def close(self):
+        pass
+
+
+def test_a_backend_with_only_run_branches_works_through_the_adapter():
+    from isobranch import register_backend
+
+    register_backend("list-only", ListOnlyBackend, replace=True)
+    ListOnlyBackend.chunks = []
+    graph = map_graph(list(range(10)), lambda s: {"v": s["item"] * 2})
+    with graph.compile(isolation="list-only", max_concurrency=3) as app:
+        events = list(app.stream({}))
+    results = events[-1]["state"]["results"]
+    assert [r.state["v"] for r in results] == [i * 2 for i in range(10)]
+    assert [r.branch for r in results] == [f"body[{i}]" for i in range(10)]
+    assert ListOnlyBackend.chunks == [3, 3, 3, 1]
+    assert [e["done"] for e in events if e["type"] == "branch"] == list(range(1, 11))
+
+
+def _tasks(app, isolation, count, pulled):
+    """``count`` map tasks of ``app``'s body, recording in ``pulled`` how many were taken."""
+    from isobranch.branch import BranchLimits, BranchTask
+    from isobranch.statecopy import StateSnapshot
+
+    snapshot = StateSnapshot({})
+    for index in range(count):
+        pulled.append(index)
+        yield BranchTask(graph=app, branch="body", fan_in="join", snapshot=snapshot,
+                         limits=BranchLimits(), isolation=isolation, index=index,
+                         overlay=StateSnapshot({"item": index, "index": index}))
+
+
+def test_stream_branches_pulls_tasks_lazily_and_stops_when_closed(isolation, no_process_leak):
+    from isobranch.isolation.base import create_backend
+
+    graph = map_graph([], lambda s: {"v": s["item"]})
+    with compiled(graph, isolation) as app:
+        backend = create_backend(isolation, max_workers=2)
+        try:
+            pulled: list[int] = []
+            stream = backend.stream_branches(_tasks(app, isolation, 1000, pulled),
+                                             max_concurrency=2)
+            # Started and unfinished <= 2 (the in-flight test checks that); one more
+            # may be built and waiting; the thread backend queues a few more in its
+            # pool, the process backend sends short branches ahead to busy workers.
+            # Dask queues a few more at its scheduler (two single-threaded workers here).
+            ahead = {"thread": 3 + 2 * SUBMIT_AHEAD_PER_THREAD,
+                     "dask": 3 + 2 * DASK_SUBMIT_AHEAD_PER_THREAD,
+                     "process": 3 + 2 * SEND_AHEAD_DEPTH}.get(isolation, 3)
+            seen = []
+            for position, result in stream:
+                assert result.success and result.state["v"] == position
+                seen.append(position)
+                assert len(pulled) - len(seen) <= ahead
+                if len(seen) == 5:
+                    break
+            taken = len(pulled)
+            stream.close()
+            assert len(pulled) == taken, "a closed stream takes no more tasks"
+            assert len(set(seen)) == len(seen) == 5
+        finally:
+            backend.close()
+
+
+@pytest.mark.parametrize("failure", ["crash", "timeout"])
+def test_branches_sent_ahead_to_a_worker_that_dies_run_once_elsewhere(
+        tmp_path, monkeypatch, failure, no_process_leak):
+    """Short branches are sent ahead to a busy worker; when the branch it runs
+    crashes or overruns its timeout, only that branch fails, and the ones
+    queued behind it run (once each) on a new worker."""
+    from isobranch.isolation import process
+
+    requeued: list[int] = []
+    retry_all = process._Source.retry_all
+
+    def spy(self, queued):
+        queued = list(queued)
+        requeued.extend(q.position for q in queued)
+        retry_all(self, queued)
+
+    monkeypatch.setattr(process._Source, "retry_all", spy)
+    marks = str(tmp_path)
+
+    def body(state):
+        # O_EXCL: a branch that ran twice fails here
+        os.close(os.open(os.path.join(marks, str(state["item"])), os.O_CREAT | os.O_EXCL))
+        if state["item"] == 12:
+            if failure == "crash":
+                os._exit(3)
+            while True:
+                pass
+        return {"v": state["item"]}
+
+    with compiled(map_graph(list(range(30)), body), "process", max_workers=1,
+                  branch_timeout=1.0) as app:
+        results = app.invoke({})["results"]
+    assert [r.index for r in results if not r.success] == [12]
+    expected_type = "WorkerCrashed" if failure == "crash" else "BranchTimeout"
+    assert results[12].error_type == expected_type
+    assert [r.state["v"] for r in results if r.success] == [i for i in range(30) if i != 12]
+    assert requeued and min(requeued) == 13, "the branches behind it were sent ahead"
+    assert sorted(int(name) for name in os.listdir(marks)) == list(range(30))
+
+
+def test_the_documented_map_yaml_example_runs(isolation):
+    import pathlib
+    import re
+
+    section = (pathlib.Path(__file__).parent.parent / "docs" / "map.md").read_text()
+    block = re.search(r"```yaml\n(.*?)```", section, re.DOTALL).group(1)
+    with YAMLEngine(isolation=isolation).load_from_dict(yaml.safe_load(block)) as app:
+        assert app.invoke({})["scores"] == list(range(500))
+
+
+def test_closing_the_stream_early_stops_running_and_queued_branches(isolation, no_process_leak):
+    """A consumer that stops reading events (as on Ctrl-C) ends the fan-out at once:
+    branches stuck in Lua loops are stopped (cancelled, killed or restarted)."""
+    from isobranch.nodes import LuaNode
+
+    spin = LuaNode("body", "if state.item > 0 then while true do end end\nreturn {done = true}")
+    graph = map_graph(list(range(6)), spin)
+    with compiled(graph, isolation, lua_timeout=60) as app:
+        started = time.monotonic()
+        events = app.stream({})
+        for event in events:
+            if event["type"] == "branch":
+                assert event["index"] == 0 and event["success"]
+                break
+        events.close()
+        elapsed = time.monotonic() - started
+    # Lua would run for 60 s per item if nothing stopped it.
+    assert elapsed < 30, f"closing the stream took {elapsed:.1f}s"
