@@ -100,15 +100,18 @@ class ParentWatchdog:
 
 def run_task(graph: Any, payload: dict[str, Any], conn: Connection) -> bytes:
     """Run one branch here and return its pickled ``("result", ...)`` message."""
-    from ..branch import BranchTask, ParallelFlowResult, run_branch
+    from ..branch import BranchTask, ParallelFlowResult, run_branch, without_unsendable_state
     from ..statecopy import find_unpicklable
 
     task = BranchTask(graph=graph, **payload)
-    result = run_branch(task, watchdog=ParentWatchdog(conn))
+    result = without_unsendable_state(run_branch(task, watchdog=ParentWatchdog(conn)))
     try:
         return pickle.dumps(("result", result), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
-        path, reason = find_unpicklable(result.state, "state")
+        try:
+            path, reason = find_unpicklable(result.state, "state")
+        except RecursionError:
+            path, reason = "state", "nested too deeply to pickle"
         failed = ParallelFlowResult(
             branch=result.branch, state={}, success=False,
             error=(f"branch {task.label!r}: its final state cannot be sent back from the "

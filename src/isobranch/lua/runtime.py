@@ -25,7 +25,7 @@ from typing import Any
 
 import lupa.lua54 as lua54
 
-from .convert import ConversionError, from_lua_bytes, plain, to_lua_bytes
+from .convert import DEPTH_REASON, MAX_DEPTH, ConversionError, from_lua_bytes, plain, to_lua_bytes
 
 DEFAULT_MAX_MEMORY = 512 * 1024 * 1024
 HOOK_INSTRUCTIONS = 1000
@@ -189,7 +189,8 @@ class LuaRuntime:
             # The setup must not fail half-way however small the limit is.
             vm.set_max_memory(0)
         armed = self._armed if self.deadline_listener is not None else None
-        self._run = vm.execute(sandbox, self._out_of_time, hook_count, codec, armed)
+        self._run = vm.execute(sandbox, self._out_of_time, hook_count, codec, armed, MAX_DEPTH,
+                               DEPTH_REASON.encode())
         if self.max_memory is not None:
             vm.set_max_memory(self.max_memory)
         self._vm = vm

@@ -8,7 +8,7 @@
 -- that user code can see carries a metatable of ours: a reachable marker
 -- metatable could be given __gc or __newindex and run user code where no
 -- hook can stop it.
-local wall_check, hook_count, codec_bytecode, on_armed = ...
+local wall_check, hook_count, codec_bytecode, on_armed, max_depth, depth_reason = ...
 
 local type, next, select, error, tostring = type, next, select, error, tostring
 local rawget, rawset, rawlen, rawequal = rawget, rawset, rawlen, rawequal
@@ -231,7 +231,8 @@ local function get_codec()
       type = type, next = next, error = error, tostring = tostring, rawget = rawget,
       rawlen = rawlen, setmetatable = setmetatable, math_type = math_type, format = format,
       sub = sub, byte = byte, char = char, concat = concat, unpack_string = unpack_string,
-      pack_string = pack_string, CONVERT = CONVERT,
+      pack_string = pack_string, CONVERT = CONVERT, MAX_DEPTH = max_depth,
+      DEPTH_REASON = depth_reason,
     })
   end
   return codec
