@@ -9,8 +9,10 @@ The time limit is a Lua count hook (every 1,000 VM instructions) that reads
 the process CPU clock and, once per 5 ms of CPU, asks Python for the wall
 clock: Lua runs without the GIL almost all the time, so Lua branches on
 threads still scale with cores. The hook is set on every coroutine, a
-timeout cannot be caught (after it, every instruction raises), and ``__gc``
-finalizers — which run with hooks disabled — are refused. What no hook can
+timeout cannot be caught (after it, every instruction raises and no
+coroutine is created or resumed), no user code runs while Lua has a
+thread's hooks off, and ``__gc`` finalizers — which run with hooks disabled
+— are refused (``sandbox.lua`` explains each rule). What no hook can
 interrupt is one single long C call (a pathological pattern match on a huge
 string, say): only a backend that can kill its worker stops that.
 """
