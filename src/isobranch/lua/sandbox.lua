@@ -53,16 +53,22 @@ local function expire()
 end
 
 -- The hook may fire inside this function when a wrapper below calls it, so
--- only the hook's own call marks in_wall_check.
+-- only the hook's own call marks in_wall_check; a wrapper catches a failed
+-- Python call (out of memory) itself, and it counts as time being up too.
 local function check_time(from_hook)
   if expired or in_wall_check then expire() end
   local now = clock()
   if now - last_cpu >= CPU_SLICE then
     last_cpu = now
-    if from_hook then in_wall_check = true end
-    local past = wall_check()
-    if from_hook then in_wall_check = false end
-    if past then expire() end
+    local answered, past
+    if from_hook then
+      in_wall_check = true
+      answered, past = true, wall_check()
+      in_wall_check = false
+    else
+      answered, past = pcall(wall_check)
+    end
+    if past or not answered then expire() end
   end
 end
 
