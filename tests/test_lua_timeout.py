@@ -304,6 +304,19 @@ FAMILY = {
         "  if spinning then while true do end end return 1 end "
         "local depth = 0 while pcall(function() return t[depth + 1] end) do depth = depth + 1 end "
         "spinning = true while true do pcall(function() return t[depth] end) end",
+    "protected calls piled up across yields":
+        # Found by the generator (long run): yielding inside a pcall frees the
+        # C stack, so the nesting had no limit, and once time was up each
+        # level's catch walked the whole call stack: minutes of unwinding.
+        "local co = coroutine.wrap(function() "
+        "  local function f() coroutine.yield() pcall(f) while true do end end pcall(f) end) "
+        "for _ = 1, 200000 do co() end while true do end",
+    "message handlers piled up across yields":
+        "local co = coroutine.wrap(function() local function body() coroutine.yield() "
+        "  error(setmetatable({}, {__tostring = function() while true do end end})) end "
+        "  local h h = function(e) return xpcall(body, h) end "
+        "  while true do xpcall(body, h) end end) "
+        "while true do co() end",
     "coroutine closed after dying at the C stack limit":
         # Its hook failed where the coroutine died, so hooks stayed off on it.
         "local mt = {} local t = setmetatable({}, mt) local spinning = false "
@@ -446,6 +459,18 @@ def test_xpcall_handler_semantics_are_kept():
         == [True, 3]
     with pytest.raises(LuaRuntimeError, match="bad argument #2 to 'xpcall'"):
         runtime.execute("xpcall(print)")
+
+
+def test_protected_calls_nest_200_deep_in_a_coroutine_that_yields():
+    runtime = LuaRuntime(timeout=5)
+    # Outside coroutines Lua's C stack stops nesting first, as it always did.
+    assert runtime.execute("local n = 0 local function f() n = n + 1 pcall(f) end f() "
+                           "return n") < 200
+    message = runtime.execute(
+        "local co = coroutine.wrap(function() local n = 0 local function f() n = n + 1 "
+        "coroutine.yield() local ok, e = pcall(f) if not ok then coroutine.yield(e) end end "
+        "f() end) for i = 1, 300 do local r = co() if r then return r end end")
+    assert "too many nested protected calls" in message and "allows 200" in message
 
 
 def test_coroutine_semantics_are_kept():

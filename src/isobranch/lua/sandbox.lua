@@ -20,6 +20,7 @@ local unpack_string, pack_string = string.unpack, string.pack
 local concat, pack, unpack = table.concat, table.pack, table.unpack
 local co_create, co_resume, co_status, co_close = coroutine.create, coroutine.resume,
   coroutine.status, coroutine.close
+local co_running = coroutine.running
 local sethook, getinfo = debug.sethook, debug.getinfo
 local clock = os.clock
 local raw_collect = collectgarbage
@@ -151,30 +152,65 @@ G.setmetatable = function(t, mt)
   return setmetatable(t, mt)
 end
 
+-- Protected calls nest at most MAX_PROTECTED_DEPTH deep on one thread.
+-- Lua's C stack limit already stops them there, except in a coroutine that
+-- yields inside them: each resume starts on a fresh C stack, so a coroutine
+-- could pile up a hundred thousand. Once time is up each of them catches the
+-- timeout once, and each catch costs Lua a walk over the whole call stack:
+-- unwinding would take minutes. Depths are kept per thread as absolute
+-- values, so a level whose return was skipped is corrected by the next one.
+local MAX_PROTECTED_DEPTH = 200
+local protected_depth = setmetatable({}, {__mode = "k"})
+local function enter_protected()
+  local thread = co_running()
+  local depth = (protected_depth[thread] or 0) + 1
+  if depth > MAX_PROTECTED_DEPTH then
+    error(format("too many nested protected calls (pcall/xpcall) in one coroutine "
+                 .. "(the sandbox allows %d)", MAX_PROTECTED_DEPTH), 3)
+  end
+  protected_depth[thread] = depth
+  return thread, depth
+end
+
 local function after_protected_call(ok, ...)
   if not ok then check_after_error() end
   return ok, ...
 end
+local function after_pcall(thread, depth, ok, ...)
+  protected_depth[thread] = depth - 1
+  if not ok then check_after_error() end
+  return ok, ...
+end
 G.pcall = function(f, ...)
-  return after_protected_call(pcall(f, ...))
+  local thread, depth = enter_protected()
+  return after_pcall(thread, depth, pcall(f, ...))
 end
 
 -- Like Lua's own: a handler that raises is called again with its own error,
 -- until the C stack runs out (about 200 times).
 local HANDLER_CALLS = 200
-local function handle(handler, err)
+local function handle(thread, depth, handler, err)
+  -- The handler runs in a protected call one level below xpcall's.
+  if depth >= MAX_PROTECTED_DEPTH then return "error in error handling" end
   for _ = 1, HANDLER_CALLS do
+    protected_depth[thread] = depth + 1
     local ok, result = pcall(handler, err)
+    protected_depth[thread] = depth
     if ok then return result end
     check_after_error()
     err = result
   end
   return "error in error handling"
 end
-local function after_xpcall(handler, ok, ...)
-  if ok then return ok, ... end
+local function after_xpcall(thread, depth, handler, ok, ...)
+  if ok then
+    protected_depth[thread] = depth - 1
+    return ok, ...
+  end
   check_after_error()
-  return false, handle(handler, (...))
+  local result = handle(thread, depth, handler, (...))
+  protected_depth[thread] = depth - 1
+  return false, result
 end
 G.xpcall = function(f, ...)
   local handler = ...
@@ -182,7 +218,8 @@ G.xpcall = function(f, ...)
     local got = select("#", ...) == 0 and "no value" or type(handler)
     error("bad argument #2 to 'xpcall' (function expected, got " .. got .. ")", 2)
   end
-  return after_xpcall(handler, pcall(f, select(2, ...)))
+  local thread, depth = enter_protected()
+  return after_xpcall(thread, depth, handler, pcall(f, select(2, ...)))
 end
 
 local function body_finished(ok, ...)
