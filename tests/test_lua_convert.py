@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 from collections import OrderedDict, defaultdict
 
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from isobranch import LuaRuntime
+from isobranch import END, START, LuaRuntime, StateGraph
+from isobranch.lua.convert import MAX_DEPTH, key_path
 from isobranch.lua.runtime import LuaConversionError, LuaRuntimeError
+from isobranch.nodes import LuaNode
 
 
 def round_trip(value):
@@ -240,3 +243,86 @@ def same_types(a, b) -> bool:
 def test_round_trip_property(value):
     result = LuaRuntime().execute_node_code("return state", {"v": value})
     assert same_types(result, without_none_values({"v": value}))
+
+
+def nested_dicts(levels: int) -> dict:
+    """``levels`` dicts, each the value of the key "a" in the one above it."""
+    outer: dict = {}
+    inner = outer
+    for _ in range(levels - 1):
+        inner["a"] = {}
+        inner = inner["a"]
+    return outer
+
+
+def test_nesting_up_to_the_depth_limit_crosses_both_ways():
+    runtime = LuaRuntime()
+    assert runtime.execute("return state", nested_dicts(MAX_DEPTH)) == nested_dicts(MAX_DEPTH)
+    built = runtime.execute(f"local t = {{}} for i = 2, {MAX_DEPTH} do t = {{a = t}} end return t")
+    assert built == nested_dicts(MAX_DEPTH)
+
+
+@pytest.mark.parametrize("levels", [MAX_DEPTH + 1, 1_000, 100_000])
+def test_python_state_nested_too_deeply_names_its_path_and_the_limit(levels):
+    runtime = LuaRuntime()
+    with pytest.raises(LuaConversionError) as info:
+        runtime.execute_node_code("return {}", {"deep": nested_dicts(levels)})
+    message = str(info.value)
+    # The path to the first container past the limit, its middle left out.
+    assert message.startswith("state['deep']['a']['a']['a']...(")
+    assert f"deeper than {MAX_DEPTH} levels" in message and len(message) < 300
+    assert runtime.execute("return 1 + 1") == 2
+
+
+def test_lua_result_nested_too_deeply_names_its_path_and_the_limit():
+    runtime = LuaRuntime()
+    with pytest.raises(LuaConversionError) as info:
+        runtime.execute_node_code("local t = {} for i = 1, 200000 do t = {t} end "
+                                  "return {deep = t}", {})
+    message = str(info.value)
+    assert message.startswith("result['deep'][1][1][1]...(")
+    assert f"deeper than {MAX_DEPTH} levels" in message and len(message) < 300
+    assert runtime.execute("return 1 + 1") == 2
+
+
+def test_the_depth_limit_path_is_shortened_the_same_way_on_both_sides():
+    assert key_path("state", [f"[{i}]" for i in range(3)]) == "state[0][1][2]"
+    assert key_path("state", [f"[{i}]" for i in range(20)]) == "state[0][1][2][3]...(13 more)...[17][18][19]"
+    runtime = LuaRuntime()
+    with pytest.raises(LuaConversionError, match=re.escape(
+            "result[1][2][3][4]...(13 more)...[18][19][20]: cannot convert a Lua function")):
+        runtime.execute("local t = {} local inner = t for i = 1, 19 do "
+                        "local next_t = {} for j = 1, i do next_t[j] = 0 end "
+                        "inner[#inner] = nil inner[i] = next_t inner = next_t end "
+                        "inner[20] = print for j = 1, 19 do inner[j] = 0 end return t")
+
+
+def _deep_graph(kind: str) -> StateGraph:
+    graph = StateGraph()
+    graph.add_node("start", lambda state: None)
+    graph.add_fan_in_node("join", lambda state, results: {"results": results})
+    if kind == "python state":
+        graph.add_node("make", lambda state: {"deep": nested_dicts(100_000)})
+        graph.add_node("use", LuaNode("use", "return {seen = true}"))
+        graph.add_parallel_edge("start", "make", fan_in="join")
+        graph.add_edge("make", "use").add_edge("use", "join")
+    else:
+        graph.add_node("use", LuaNode("use", "local t = {} for i = 1, 200000 do t = {t} end "
+                                             "return {deep = t}"))
+        graph.add_parallel_edge("start", "use", fan_in="join")
+    graph.add_node("sibling", LuaNode("sibling", "return {sum = 1 + 1}"))
+    graph.add_parallel_edge("start", "sibling", fan_in="join")
+    graph.add_edge(START, "start").add_edge("join", END)
+    return graph
+
+
+@pytest.mark.parametrize("kind", ["python state", "lua result"])
+def test_nesting_past_the_limit_in_a_graph_names_node_branch_and_limit(isolation, kind):
+    with _deep_graph(kind).compile(isolation=isolation) as compiled:
+        failed, sibling = compiled.invoke({})["results"]
+    assert not failed.success and failed.error_type == "LuaConversionError"
+    assert failed.node == "use"
+    assert failed.error.startswith(f"node 'use' in branch '{failed.branch}' failed")
+    assert f"deeper than {MAX_DEPTH} levels" in failed.error
+    assert ("state['deep']['a']" if kind == "python state" else "result['deep'][1]") in failed.error
+    assert sibling.success and sibling.state["sum"] == 2

@@ -6,8 +6,12 @@ before limit + MARGIN: this checks "does not hang", not speed.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -259,3 +263,238 @@ def test_memory_error_discards_the_vm_and_the_runtime_recovers():
         runtime.execute("local t = {} for i = 1, 1e8 do t[i] = string.rep('x', 64) .. i end")
     assert runtime.execute("return kept") is None
     assert runtime.execute("return 1 + 1") == 2
+
+
+# -- the coroutine/pcall family -------------------------------------------------
+# Each program catches the timeout over and over, in threads that had not yet
+# seen it. FAMILY_LIMIT and FAMILY_BOUND are a correctness bound ("it ends"),
+# not a speed claim.
+FAMILY_LIMIT = 0.3
+FAMILY_BOUND = 1.5
+SPIN = "local function spin() while true do pcall(function() while true do end end) end end "
+FAMILY = {
+    "pcall loops in fresh coroutines (the reported program)":
+        SPIN + "while true do local co = coroutine.create(function() pcall(spin) end) "
+               "coroutine.resume(co) end",
+    "pcall loops in fresh wrapped coroutines":
+        SPIN + "while true do pcall(coroutine.wrap(function() pcall(spin) end)) end",
+    "xpcall loops in fresh coroutines":
+        SPIN + "while true do coroutine.resume(coroutine.create(function() "
+               "xpcall(spin, function(e) return e end) end)) end",
+    "fresh coroutines nested in fresh coroutines":
+        SPIN + "local function nest(n) if n == 0 then pcall(spin) return end "
+               "coroutine.resume(coroutine.create(function() pcall(nest, n - 1) end)) end "
+               "while true do pcall(nest, 5) end",
+    "a fresh coroutine per caught error":
+        "while true do local ok = pcall(function() while true do end end) "
+        "coroutine.resume(coroutine.create(function() while true do pcall(error) end end)) end",
+    "message handler that loops in a fresh coroutine":
+        "while true do coroutine.resume(coroutine.create(function() xpcall(function() "
+        "while true do end end, function() while true do pcall(error) end end) end)) end",
+    "message handler that retries the body through a load reader":
+        # Found by the generator: the reader's error makes load call the handler
+        # while the body runs inside it; at the C stack limit the hook itself fails.
+        "local h h = function(e) return xpcall(function() while true do "
+        "load(function() error('boom') end) end end, h) end while true do pcall(h) end",
+    "every hook fires at the C stack limit":
+        # Found while studying the above: the hook call fails ("C stack
+        # overflow") before it can check the clock, every time.
+        "local mt = {} local t = setmetatable({}, mt) local spinning = false "
+        "mt.__index = function(_, k) if k > 0 then return t[k - 1] end "
+        "  if spinning then while true do end end return 1 end "
+        "local depth = 0 while pcall(function() return t[depth + 1] end) do depth = depth + 1 end "
+        "spinning = true while true do pcall(function() return t[depth] end) end",
+    "protected calls piled up across yields":
+        # Found by the generator (long run): yielding inside a pcall frees the
+        # C stack, so the nesting had no limit, and once time was up each
+        # level's catch walked the whole call stack: minutes of unwinding.
+        "local co = coroutine.wrap(function() "
+        "  local function f() coroutine.yield() pcall(f) while true do end end pcall(f) end) "
+        "for _ = 1, 200000 do co() end while true do end",
+    "message handlers piled up across yields":
+        "local co = coroutine.wrap(function() local function body() coroutine.yield() "
+        "  error(setmetatable({}, {__tostring = function() while true do end end})) end "
+        "  local h h = function(e) return xpcall(body, h) end "
+        "  while true do xpcall(body, h) end end) "
+        "while true do co() end",
+    "coroutine closed after dying at the C stack limit":
+        # Its hook failed where the coroutine died, so hooks stayed off on it.
+        "local mt = {} local t = setmetatable({}, mt) local spinning = false "
+        "mt.__index = function(_, k) if k > 0 then return t[k - 1] end "
+        "  if spinning then while true do end end return 1 end "
+        "local function probe(d) "
+        "  return (coroutine.resume(coroutine.create(function() return t[d] end))) end "
+        "local depth = 0 while probe(depth + 1) do depth = depth + 1 end "
+        "spinning = true "
+        "while true do local co = coroutine.create(function() "
+        "  local x <close> = setmetatable({}, {__close = function() while true do end end}) "
+        "  return t[depth] end) coroutine.resume(co) pcall(coroutine.close, co) end",
+}
+
+
+# A program that escapes would hang whatever runs it (no hook can stop it and a
+# thread cannot be killed), so these run in a child process that is killed
+# after CHILD_LIMIT: an escape fails the test instead of hanging the suite.
+CHILD_LIMIT = 30
+ROOT = Path(__file__).resolve().parent.parent
+RUNTIME_CHILD = """
+import json, sys, time
+from isobranch import LuaRuntime, LuaTimeoutError
+runtime = LuaRuntime(timeout=float(sys.argv[2]))
+start = time.monotonic()
+try:
+    runtime.execute(sys.argv[1])
+    outcome = "returned"
+except LuaTimeoutError:
+    outcome = "timeout"
+except Exception as exc:
+    outcome = f"{type(exc).__name__}: {exc}"
+elapsed = time.monotonic() - start
+print(json.dumps({"outcome": outcome, "elapsed": elapsed, "again": runtime.execute("return 1 + 1")}))
+"""
+BRANCH_CHILD = """
+import json, os, sys, threading, time
+sys.path.insert(0, "tests")
+from conftest import fan_out
+from isobranch.nodes import LuaNode
+code, limit, sibling_code = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+graph = fan_out(("spin", LuaNode("spin", code)), ("sibling", LuaNode("sibling", sibling_code)))
+# branch_timeout: should the Lua program escape, the invocation still returns
+# (its branch abandoned, still spinning on its thread), so the checks below
+# report it rather than a hang.
+with graph.compile(isolation="thread", lua_timeout=limit, max_workers=2,
+                   branch_timeout=float(sys.argv[4])) as compiled:
+    start = time.monotonic()
+    spin, sibling = compiled.invoke({})["results"]
+    elapsed = time.monotonic() - start
+    # The pool threads (the one that ran the timed-out branch among them):
+    # their CPU clocks over a window after the fan-in (the window is what is
+    # measured, not a wait).
+    clocks = [time.pthread_getcpuclockid(t.ident) for t in threading.enumerate()
+              if t.name.startswith("isobranch-branch")]
+    before = sum(time.clock_gettime(clock) for clock in clocks)
+    time.sleep(0.3)
+    idle_cpu = sum(time.clock_gettime(clock) for clock in clocks) - before
+    ran_on_pool = spin.worker is not None and spin.worker.startswith("isobranch-branch")
+    stopped = spin.error_type == "LuaTimeoutError"
+    again = compiled.invoke({})["results"][1].state if stopped else None
+print(json.dumps({"elapsed": elapsed, "spin_error_type": spin.error_type, "spin_node": spin.node,
+                  "spin_error": spin.error, "sibling_success": sibling.success,
+                  "sibling_state": sibling.state, "idle_cpu": idle_cpu, "again": again,
+                  "ran_on_pool": ran_on_pool}))
+sys.stdout.flush()
+os._exit(0)  # an escaped program would keep its pool thread, and the exit, busy
+"""
+
+
+def _in_child(script: str, *args: str) -> dict:
+    """Run ``script`` in a fresh interpreter (killed after CHILD_LIMIT); its JSON output."""
+    try:
+        done = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=CHILD_LIMIT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the Lua program did not end within {CHILD_LIMIT}s (child killed):\n"
+                    f"{args[0]}")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def _runtime_outcome(code: str, limit: float) -> dict:
+    return _in_child(RUNTIME_CHILD, code, str(limit))
+
+
+@pytest.mark.parametrize("code", FAMILY.values(), ids=FAMILY.keys())
+def test_the_pcall_in_coroutine_family_ends_at_the_timeout(code):
+    outcome = _runtime_outcome(code, FAMILY_LIMIT)
+    assert outcome["outcome"] == "timeout"
+    assert outcome["elapsed"] < FAMILY_BOUND
+    assert outcome["again"] == 2  # the same LuaRuntime works after the timeout
+
+
+@pytest.mark.parametrize("code", FAMILY.values(), ids=FAMILY.keys())
+def test_the_pcall_in_coroutine_family_ends_in_a_thread_branch(code):
+    outcome = _in_child(BRANCH_CHILD, code, str(FAMILY_LIMIT), SUM_BODY, str(2 * FAMILY_BOUND))
+    assert outcome["elapsed"] < FAMILY_BOUND
+    assert outcome["spin_error_type"] == "LuaTimeoutError", outcome["spin_error"]
+    assert outcome["spin_node"] == "spin" and "'spin'" in outcome["spin_error"]
+    assert outcome["sibling_success"] and outcome["sibling_state"]["sum"] == SUM_RESULT
+
+
+SUM_BODY = "local s = 0 for i = 1, 1e5 do s = s + i end return {sum = s}"
+SUM_RESULT = 5_000_050_000
+
+# Each pooled coroutine has not run since time was up, so each would get a
+# whole hook interval of costly instructions (tens of milliseconds) of its own.
+POOLED_AFTER_TIME_IS_UP = """
+local pool = {}
+local function body()
+  for _ = 1, 2 do local c = table.remove(pool) if c then coroutine.resume(c) end end
+  while true do local _ = string.rep("x", 100000) end
+end
+for i = 1, 200 do pool[i] = coroutine.create(body) end
+coroutine.resume(coroutine.create(function() while true do end end))
+coroutine.resume(table.remove(pool))
+"""
+
+
+def test_coroutines_made_before_the_timeout_cannot_run_after_it():
+    outcome = _runtime_outcome(POOLED_AFTER_TIME_IS_UP, FAMILY_LIMIT)
+    assert outcome["outcome"] == "timeout"
+    assert outcome["elapsed"] < FAMILY_BOUND
+
+
+def test_xpcall_handler_semantics_are_kept():
+    runtime = LuaRuntime(timeout=5)
+    # The handler's value is xpcall's second result (only the first value).
+    assert runtime.execute("return {xpcall(error, function(e) return e .. '!', 2 end, 'x')}") \
+        == [False, "x!"]
+    # A handler that raises is called again with its own error...
+    assert runtime.execute("local n = 0 local ok, e = xpcall(error, function(e) n = n + 1 "
+                           "if n < 3 then error('again', 0) end return e end) return {ok, e, n}") \
+        == [False, "again", 3]
+    # ... until Lua gives up.
+    assert runtime.execute("return {xpcall(error, function(e) error(e) end)}") \
+        == [False, "error in error handling"]
+    assert runtime.execute("return {xpcall(function(a, b) return a + b end, print, 1, 2)}") \
+        == [True, 3]
+    with pytest.raises(LuaRuntimeError, match="bad argument #2 to 'xpcall'"):
+        runtime.execute("xpcall(print)")
+
+
+def test_protected_calls_nest_200_deep_in_a_coroutine_that_yields():
+    runtime = LuaRuntime(timeout=5)
+    # Outside coroutines Lua's C stack stops nesting first, as it always did.
+    assert runtime.execute("local n = 0 local function f() n = n + 1 pcall(f) end f() "
+                           "return n") < 200
+    message = runtime.execute(
+        "local co = coroutine.wrap(function() local n = 0 local function f() n = n + 1 "
+        "coroutine.yield() local ok, e = pcall(f) if not ok then coroutine.yield(e) end end "
+        "f() end) for i = 1, 300 do local r = co() if r then return r end end")
+    assert "too many nested protected calls" in message and "allows 200" in message
+
+
+def test_coroutine_semantics_are_kept():
+    runtime = LuaRuntime(timeout=5)
+    assert runtime.execute(
+        "local co = coroutine.create(function(a) local b = coroutine.yield(a + 1) "
+        "error({code = b}) end) "
+        "local _, first = coroutine.resume(co, 1) local ok, err = coroutine.resume(co, 7) "
+        "return {first, ok, err.code, coroutine.status(co), (coroutine.close(co))}") \
+        == [2, False, 7, "dead", False]
+    assert runtime.execute("local w = coroutine.wrap(function(...) coroutine.yield(...) "
+                           "return 'done' end) return {w(1, 2), w()}") == [1, "done"]
+    with pytest.raises(LuaRuntimeError, match="bad argument #1 to 'create'"):
+        runtime.execute("coroutine.create(1)")
+    with pytest.raises(LuaRuntimeError, match="boom"):
+        runtime.execute("coroutine.wrap(function() error('boom') end)()")
+
+
+def test_a_timed_out_thread_branch_leaves_its_pool_thread_idle():
+    outcome = _in_child(BRANCH_CHILD, FAMILY["pcall loops in fresh coroutines (the reported program)"],
+                        str(FAMILY_LIMIT), SUM_BODY, str(2 * FAMILY_BOUND))
+    # A Lua program still running on a pool thread would use the whole 0.3 s window.
+    assert outcome["idle_cpu"] < 0.05, f"pool threads busy after the fan-in: {outcome}"
+    assert outcome["spin_error_type"] == "LuaTimeoutError" and outcome["ran_on_pool"]
+    # The sibling branch is unaffected, and the pool runs the next invocation.
+    assert outcome["sibling_success"] and outcome["sibling_state"]["sum"] == SUM_RESULT
+    assert outcome["again"]["sum"] == SUM_RESULT

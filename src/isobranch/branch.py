@@ -10,11 +10,12 @@ until it reaches the fan-in node or END, and always returns a
 from __future__ import annotations
 
 import os
+import pickle
 import threading
 import time
 import traceback as traceback_module
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from .context import BranchCancelled, BranchTimeout, ExecutionContext, Watchdog
@@ -73,6 +74,26 @@ class ParallelFlowResult:
     def to_dict(self) -> dict[str, Any]:
         """A plain dict of every field (the state is copied)."""
         return asdict(self)
+
+
+def without_unsendable_state(result: ParallelFlowResult) -> ParallelFlowResult:
+    """``result``, or for a failed branch whose state cannot be pickled, that failure without it.
+
+    A worker process must pickle the result to send it back. A branch that
+    failed because of its state (one nested too deeply for Lua, say) must
+    still report that failure, naming its node, not a failure to send it.
+    """
+    if result.success:
+        return result
+    try:
+        pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, TypeError, ValueError, AttributeError, RecursionError) as exc:
+        reason = ("nested too deeply to pickle" if isinstance(exc, RecursionError)
+                  or "recursion" in str(exc) else f"{type(exc).__name__}: {exc}")
+        return replace(result, state={},
+                       error=f"{result.error} (its state as of the failure is not sent back "
+                             f"from the worker: {reason})")
+    return result
 
 
 @dataclass

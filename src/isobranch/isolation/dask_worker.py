@@ -12,7 +12,13 @@ from typing import Any
 from distributed import WorkerPlugin, get_worker
 from distributed.utils import sync
 
-from ..branch import BranchMonitor, BranchTask, ParallelFlowResult, run_branch
+from ..branch import (
+    BranchMonitor,
+    BranchTask,
+    ParallelFlowResult,
+    run_branch,
+    without_unsendable_state,
+)
 from .memory_limit import raise_oom_score
 
 
@@ -89,4 +95,4 @@ def run_on_worker(plugin: str, payload: dict[str, Any], topic: str, key: str
     task = BranchTask(graph=graph_plugin.graph, **payload)
     result = run_branch(task, monitor=_ProgressReporter(worker, topic, key, task.branch))
     result.worker = worker.address
-    return result
+    return without_unsendable_state(result)

@@ -120,7 +120,7 @@ class ParentWatchdog:
 
 def run_task(graph: Any, payload: dict[str, Any], conn: Connection) -> bytes:
     """Run one branch here and return its pickled ``("result", ...)`` message."""
-    from ..branch import BranchTask, ParallelFlowResult, run_branch
+    from ..branch import BranchTask, ParallelFlowResult, run_branch, without_unsendable_state
     from ..statecopy import find_unpicklable
 
     task = BranchTask(graph=graph, **payload)
@@ -133,10 +133,14 @@ def run_task(graph: Any, payload: dict[str, Any], conn: Connection) -> bytes:
         if task.limits.branch_max_memory is None:
             raise
         result = out_of_memory_result(task, (time.monotonic() - started) * 1000.0)
+    result = without_unsendable_state(result)
     try:
         return pickle.dumps(("result", result), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
-        path, reason = find_unpicklable(result.state, "state")
+        try:
+            path, reason = find_unpicklable(result.state, "state")
+        except RecursionError:
+            path, reason = "state", "nested too deeply to pickle"
         failed = ParallelFlowResult(
             branch=result.branch, index=result.index, state={}, success=False,
             error=(f"branch {task.label!r}: its final state cannot be sent back from the "

@@ -8,6 +8,10 @@ local rawget, rawlen, setmetatable = lib.rawget, lib.rawlen, lib.setmetatable
 local math_type, format, sub, byte, char = lib.math_type, lib.format, lib.sub, lib.byte, lib.char
 local concat, unpack_string, pack_string = lib.concat, lib.unpack_string, lib.pack_string
 local CONVERT = lib.CONVERT
+-- convert.py's MAX_DEPTH and the reason it gives: containers nested deeper
+-- are refused both ways, with their path.
+local MAX_DEPTH, DEPTH_REASON = lib.MAX_DEPTH, lib.DEPTH_REASON
+local PATH_KEYS_SHOWN = 8
 
 -- Values cross as Python marshal bytes (format 4) both ways: Python reads
 -- and writes them in C, strings need no escaping, and int/float and key
@@ -27,9 +31,17 @@ local FLAG_REF = 128
 local function decode(data)
   local pos = 1
   local refs, building, ref_count = {}, {}, 0
+  local depth = 0
   local read
 
+  -- The path is found on the Python side, from the original value.
+  local function enter()
+    depth = depth + 1
+    if depth > MAX_DEPTH then error(CONVERT .. DEPTH_REASON, 0) end
+  end
+
   local function list_of(count, flagged)
+    enter()
     local t = {}
     if flagged then ref_count = ref_count + 1; refs[ref_count] = t end
     building[t] = true
@@ -39,6 +51,7 @@ local function decode(data)
       if v ~= nil then t[i] = v; last = i end
     end
     building[t] = nil
+    depth = depth - 1
     -- Trailing None would be lost (a table cannot hold nil): keep the length.
     KIND[t] = last == count or count
     return t
@@ -67,6 +80,7 @@ local function decode(data)
     elseif code == B_FLOAT then
       value, pos = unpack_string("<d", data, pos)
     elseif code == B_DICT then
+      enter()
       local t = {}
       if flagged then ref_count = ref_count + 1; refs[ref_count] = t end
       building[t] = true
@@ -87,6 +101,7 @@ local function decode(data)
       end
       pos = pos + 1
       building[t] = nil
+      depth = depth - 1
       if int_keys and next(t) ~= nil then KIND[t] = false end
       return t
     elseif code == B_UNICODE or code == B_INTERNED or code == B_ASCII or code == B_ASCII_INTERNED
@@ -173,12 +188,19 @@ local function encode(value)
   local keys, depth = {}, 0
 
   local function fail(key, message)
-    local parts = {"result"}
+    local parts = {}
     for i = 1, depth do
       if keys[i] ~= nil then parts[#parts + 1] = key_text(keys[i]) end
     end
     if key ~= nil then parts[#parts + 1] = key_text(key) end
-    error(CONVERT .. concat(parts) .. ": " .. message, 0)
+    local path = concat(parts)
+    if #parts > PATH_KEYS_SHOWN then
+      -- Like convert.key_path: the ends of a long path, and how much is left out.
+      local head, tail = PATH_KEYS_SHOWN // 2, PATH_KEYS_SHOWN // 2 - 1
+      path = concat(parts, "", 1, head) .. format("...(%d more)...", #parts - head - tail)
+        .. concat(parts, "", #parts - tail + 1, #parts)
+    end
+    error(CONVERT .. "result" .. path .. ": " .. message, 0)
   end
 
   local enc
@@ -188,6 +210,7 @@ local function encode(value)
     visiting[t] = true
     depth = depth + 1
     keys[depth] = key
+    if depth > MAX_DEPTH then fail(nil, DEPTH_REASON) end
     local length = rawlen(t)
     local kind = KIND[t]
     local list = kind or (kind == nil and length > 0)

@@ -9,8 +9,10 @@ The time limit is a Lua count hook (every 1,000 VM instructions) that reads
 the process CPU clock and, once per 5 ms of CPU, asks Python for the wall
 clock: Lua runs without the GIL almost all the time, so Lua branches on
 threads still scale with cores. The hook is set on every coroutine, a
-timeout cannot be caught (after it, every instruction raises), and ``__gc``
-finalizers — which run with hooks disabled — are refused. What no hook can
+timeout cannot be caught (after it, every instruction raises and no
+coroutine is created or resumed), no user code runs while Lua has a
+thread's hooks off, and ``__gc`` finalizers — which run with hooks disabled
+— are refused (``sandbox.lua`` explains each rule). What no hook can
 interrupt is one single long C call (a pathological pattern match on a huge
 string, say): only a backend that can kill its worker stops that.
 """
@@ -25,7 +27,7 @@ from typing import Any
 
 import lupa.lua54 as lua54
 
-from .convert import ConversionError, from_lua_bytes, plain, to_lua_bytes
+from .convert import DEPTH_REASON, MAX_DEPTH, ConversionError, from_lua_bytes, plain, to_lua_bytes
 
 DEFAULT_MAX_MEMORY = 512 * 1024 * 1024
 HOOK_INSTRUCTIONS = 1000
@@ -198,7 +200,8 @@ class LuaRuntime:
             # The setup must not fail half-way however small the limit is.
             vm.set_max_memory(0)
         armed = self._armed if self.deadline_listener is not None else None
-        self._run = vm.execute(sandbox, self._out_of_time, hook_count, codec, armed)
+        self._run = vm.execute(sandbox, self._out_of_time, hook_count, codec, armed, MAX_DEPTH,
+                               DEPTH_REASON.encode())
         if self.max_memory is not None:
             vm.set_max_memory(self.max_memory)
         self._vm = vm

@@ -8,7 +8,7 @@
 -- that user code can see carries a metatable of ours: a reachable marker
 -- metatable could be given __gc or __newindex and run user code where no
 -- hook can stop it.
-local wall_check, hook_count, codec_bytecode, on_armed = ...
+local wall_check, hook_count, codec_bytecode, on_armed, max_depth, depth_reason = ...
 
 local type, next, select, error, tostring = type, next, select, error, tostring
 local rawget, rawset, rawlen, rawequal = rawget, rawset, rawlen, rawequal
@@ -20,7 +20,8 @@ local unpack_string, pack_string = string.unpack, string.pack
 local concat, pack, unpack = table.concat, table.pack, table.unpack
 local co_create, co_resume, co_status, co_close = coroutine.create, coroutine.resume,
   coroutine.status, coroutine.close
-local sethook = debug.sethook
+local co_running = coroutine.running
+local sethook, getinfo = debug.sethook, debug.getinfo
 local clock = os.clock
 local raw_collect = collectgarbage
 local G = _G
@@ -52,17 +53,33 @@ local function expire()
   error(TIMEOUT, 0)
 end
 
-hook = function()
-  if not armed then return end
+-- The hook may fire inside this function when a wrapper below calls it, so
+-- only the hook's own call marks in_wall_check; a wrapper catches a failed
+-- Python call (out of memory) itself, and it counts as time being up too.
+local function check_time(from_hook)
   if expired or in_wall_check then expire() end
   local now = clock()
   if now - last_cpu >= CPU_SLICE then
     last_cpu = now
-    in_wall_check = true
-    local past = wall_check()
-    in_wall_check = false
-    if past then expire() end
+    local answered, past
+    if from_hook then
+      in_wall_check = true
+      answered, past = true, wall_check()
+      in_wall_check = false
+    else
+      answered, past = pcall(wall_check)
+    end
+    if past or not answered then expire() end
   end
+end
+
+local run
+hook = function()
+  if not armed then return end
+  -- Once time is up the hook fires on every instruction, the sandbox's own
+  -- too: run() must be able to finish the call it made.
+  if expired and getinfo(2, "f").func == run then return end
+  check_time(true)
 end
 
 -- A new coroutine inherits the C side of the hook but not the debug
@@ -72,12 +89,36 @@ local function hooked(co)
   return co
 end
 
--- After an error thrown by the hook, Lua leaves hooks disabled on that
--- thread until a protected call catches it; code that runs before then
--- (message handlers, closing a dead coroutine's <close> variables) would be
--- unstoppable, so the wrappers below refuse to run user code once time is up.
-local function out_of_time()
-  return expired or in_wall_check
+-- Calling the hook is itself a call that can fail before any line of it
+-- runs: at Lua's C stack limit ("C stack overflow", "error in error
+-- handling"), at the Lua stack limit, or out of memory. Such a failure is an
+-- ordinary error, raised where the hook fired, so two rules follow.
+--
+-- 1. Lua turns hooks off on a thread while its hook runs and leaves them off
+--    when the hook raises, until a protected call catches the error (that
+--    call restores the value it saw when it started). No user code may run
+--    in that window, or it runs unhooked, and every protected call it starts
+--    would restore "off" again. The window runs message handlers and, on a
+--    coroutine that died there, its <close> variables when it is closed. So
+--    no user function is ever a message handler (xpcall below calls the
+--    handler after unwinding), and a coroutine's body runs inside a pcall of
+--    ours, which closes its <close> variables with hooks on before it dies.
+-- 2. A program that makes every hook fire at the C stack limit would never
+--    have its deadline checked. Each failed hook call raises an error that a
+--    protected call catches, and every protected call user code can make is
+--    a wrapper below (pcall, xpcall, load, coroutine resume/wrap/close, a
+--    coroutine's body), each of which checks the clock after a caught error.
+local function check_after_error()
+  if hook_count and armed then check_time(false) end
+end
+
+-- Each thread has its own hook counter, so a coroutine that has not run
+-- since time was up still has up to hook_count instructions before its hook
+-- fires. Creating, resuming or closing a coroutine is therefore refused once
+-- time is up: only threads already on the resume chain (bounded by Lua's C
+-- stack limit) can still run, each until its own hook fires once.
+local function refuse_when_out_of_time()
+  if expired or in_wall_check then expire() end
 end
 
 ---------------------------------------------------------------- sandbox
@@ -92,8 +133,15 @@ G.collectgarbage = function(option)
 end
 G.load = function(chunk, name, mode, ...)
   -- Text only: a crafted binary chunk can crash the VM.
-  if select("#", ...) > 0 then return load(chunk, name, "t", (...)) end
-  return load(chunk, name, "t")
+  local fn, err
+  if select("#", ...) > 0 then
+    fn, err = load(chunk, name, "t", (...))
+  else
+    fn, err = load(chunk, name, "t")
+  end
+  -- A failed load may be an error of its reader function that load caught.
+  if fn == nil then check_after_error() end
+  return fn, err
 end
 G.setmetatable = function(t, mt)
   -- Lua 5.4 runs finalizers with hooks disabled, so a looping __gc could
@@ -103,20 +151,104 @@ G.setmetatable = function(t, mt)
   end
   return setmetatable(t, mt)
 end
+
+-- Protected calls nest at most MAX_PROTECTED_DEPTH deep on one thread.
+-- Lua's C stack limit already stops them there, except in a coroutine that
+-- yields inside them: each resume starts on a fresh C stack, so a coroutine
+-- could pile up a hundred thousand. Once time is up each of them catches the
+-- timeout once, and each catch costs Lua a walk over the whole call stack:
+-- unwinding would take minutes. Depths are kept per thread as absolute
+-- values, so a level whose return was skipped is corrected by the next one.
+local MAX_PROTECTED_DEPTH = 200
+local protected_depth = setmetatable({}, {__mode = "k"})
+local function enter_protected()
+  local thread = co_running()
+  local depth = (protected_depth[thread] or 0) + 1
+  if depth > MAX_PROTECTED_DEPTH then
+    error(format("too many nested protected calls (pcall/xpcall) in one coroutine "
+                 .. "(the sandbox allows %d)", MAX_PROTECTED_DEPTH), 3)
+  end
+  protected_depth[thread] = depth
+  return thread, depth
+end
+
+local function after_protected_call(ok, ...)
+  if not ok then check_after_error() end
+  return ok, ...
+end
+local function after_pcall(thread, depth, ok, ...)
+  protected_depth[thread] = depth - 1
+  if not ok then check_after_error() end
+  return ok, ...
+end
+G.pcall = function(f, ...)
+  local thread, depth = enter_protected()
+  return after_pcall(thread, depth, pcall(f, ...))
+end
+
+-- Like Lua's own: a handler that raises is called again with its own error,
+-- until the C stack runs out (about 200 times).
+local HANDLER_CALLS = 200
+local function handle(thread, depth, handler, err)
+  -- The handler runs in a protected call one level below xpcall's.
+  if depth >= MAX_PROTECTED_DEPTH then return "error in error handling" end
+  for _ = 1, HANDLER_CALLS do
+    protected_depth[thread] = depth + 1
+    local ok, result = pcall(handler, err)
+    protected_depth[thread] = depth
+    if ok then return result end
+    check_after_error()
+    err = result
+  end
+  return "error in error handling"
+end
+local function after_xpcall(thread, depth, handler, ok, ...)
+  if ok then
+    protected_depth[thread] = depth - 1
+    return ok, ...
+  end
+  check_after_error()
+  local result = handle(thread, depth, handler, (...))
+  protected_depth[thread] = depth - 1
+  return false, result
+end
+G.xpcall = function(f, ...)
+  local handler = ...
+  if type(handler) ~= "function" then
+    local got = select("#", ...) == 0 and "no value" or type(handler)
+    error("bad argument #2 to 'xpcall' (function expected, got " .. got .. ")", 2)
+  end
+  local thread, depth = enter_protected()
+  return after_xpcall(thread, depth, handler, pcall(f, select(2, ...)))
+end
+
+local function body_finished(ok, ...)
+  if ok then return ... end
+  check_after_error()
+  error((...), 0)
+end
+local function new_coroutine(f, name)
+  refuse_when_out_of_time()
+  if type(f) ~= "function" then
+    error("bad argument #1 to '" .. name .. "' (function expected, got " .. type(f) .. ")", 3)
+  end
+  return hooked(co_create(function(...) return body_finished(pcall(f, ...)) end))
+end
 local coroutine_lib = G.coroutine
--- No new coroutine once time is up: one that was never hooked would not
--- have seen the deadline.
 coroutine_lib.create = function(f)
-  if out_of_time() then error(TIMEOUT, 0) end
-  return hooked(co_create(f))
+  return new_coroutine(f, "create")
+end
+coroutine_lib.resume = function(co, ...)
+  refuse_when_out_of_time()
+  return after_protected_call(co_resume(co, ...))
 end
 coroutine_lib.wrap = function(f)
-  if out_of_time() then error(TIMEOUT, 0) end
-  local co = hooked(co_create(f))
+  local co = new_coroutine(f, "wrap")
   return function(...)
+    refuse_when_out_of_time()
     local results = pack(co_resume(co, ...))
     if results[1] then return unpack(results, 2, results.n) end
-    if out_of_time() then error(TIMEOUT, 0) end
+    check_after_error()
     local err = results[2]
     if co_status(co) == "dead" then
       -- Like the built-in wrap: close its <close> variables; their error wins.
@@ -127,14 +259,8 @@ coroutine_lib.wrap = function(f)
   end
 end
 coroutine_lib.close = function(co)
-  if out_of_time() then error(TIMEOUT, 0) end
-  return co_close(co)
-end
-G.xpcall = function(f, handler, ...)
-  return xpcall(f, function(err)
-    if out_of_time() then return err end
-    return handler(err)
-  end, ...)
+  refuse_when_out_of_time()
+  return after_protected_call(co_close(co))
 end
 -- Protect the string metatable: ("").x reaches the string table through it.
 getmetatable("").__metatable = false
@@ -148,7 +274,8 @@ local function get_codec()
       type = type, next = next, error = error, tostring = tostring, rawget = rawget,
       rawlen = rawlen, setmetatable = setmetatable, math_type = math_type, format = format,
       sub = sub, byte = byte, char = char, concat = concat, unpack_string = unpack_string,
-      pack_string = pack_string, CONVERT = CONVERT,
+      pack_string = pack_string, CONVERT = CONVERT, MAX_DEPTH = max_depth,
+      DEPTH_REASON = depth_reason,
     })
   end
   return codec
@@ -191,7 +318,7 @@ local NODE_PREFIX = "local state, variables = ...; "
 -- "node" (state and variables are locals), "condition" (an expression).
 -- Returns a status ("ok", "scalar", "error", "convert", "timeout",
 -- "memory") and a payload.
-local function run(mode, code, chunk_name, state_data, variables_data)
+function run(mode, code, chunk_name, state_data, variables_data)
   local ok, state, variables
   if state_data or variables_data then
     -- Decoding builds many tables at once: the collector would only slow it.
