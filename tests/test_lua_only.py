@@ -239,3 +239,41 @@ def test_unusable_file_paths_are_problems_not_crashes(tmp_path):
             YAMLEngine(allow_python=allow_python).load_from_dict(document, base_dir=tmp_path)
         assert [p.split(":")[0] for p in info.value.problems] == [
             "node 'loop'", "node 'nul'", "node 'directory'"]
+
+
+@pytest.mark.parametrize("isolation", ["thread", "process"])
+def test_generated_hostile_programs_as_a_lua_only_agent_all_time_out(tmp_path, isolation):
+    """Branches of an untrusted agent built from the hostile-program generator all end at
+    their Lua timeout; run by ``isobranch run --lua-only`` in a child process with a hard
+    limit, so an escape fails here instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    from benchmarks.hostile_lua import hostile_program
+
+    seeds = range(1000, 1012)
+    document = {
+        "name": "untrusted-generated",
+        "settings": {"lua": {"timeout": 0.3}, "parallel": {"isolation": isolation}},
+        "nodes": [{"name": "start", "language": "lua", "run": "return {}"},
+                  *({"name": f"hostile{seed}", "language": "lua",
+                     "run": hostile_program(seed)} for seed in seeds),
+                  {"name": "join", "fan_in": True, "language": "lua", "run": (
+                      "local timeouts = 0\n"
+                      "for _, r in ipairs(state.parallel_results) do\n"
+                      "  if not r.success and string.find(r.error, 'timeout', 1, true) then\n"
+                      "    timeouts = timeouts + 1 end end\n"
+                      "return {timeouts = timeouts, branches = #state.parallel_results}")}],
+        "edges": [{"from": "__start__", "to": "start"},
+                  *({"from": "start", "to": f"hostile{seed}", "type": "parallel",
+                     "fan_in": "join"} for seed in seeds),
+                  *({"from": f"hostile{seed}", "to": "join"} for seed in seeds)],
+    }
+    agent = tmp_path / "agent.yaml"
+    agent.write_text(yaml.safe_dump(document))
+    done = subprocess.run([sys.executable, "-m", "isobranch", "run", "--lua-only", str(agent)],
+                          capture_output=True, text=True, timeout=90, check=False)
+    assert done.returncode == 0, done.stderr
+    final = json.loads(done.stdout)
+    assert final["branches"] == len(seeds)
+    assert final["timeouts"] == len(seeds), final
