@@ -158,7 +158,8 @@ def test_stream_stdout_is_only_json_lines(isolation, tmp_path):
     completed = run_cli("run", str(flow), "--isolation", isolation, "--stream")
     assert completed.returncode == 0, completed.stderr
     events = [json.loads(line) for line in completed.stdout.splitlines()]
-    assert [e["type"] for e in events] == ["node", "parallel", "node", "node", "final"]
+    assert [e["type"] for e in events] == ["node", "branch", "branch", "parallel", "node", "node",
+                                          "final"]
     assert all(line in completed.stderr for line in PRINTED)
 
 
