@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import threading
+from collections.abc import Iterator
 
 import pytest
 
@@ -63,15 +64,14 @@ def _resource_tracker(pid: int) -> bool:
         return False
 
 
-def descendants(pid: int | None = None) -> set[int]:
-    """Pids of every live process below ``pid`` (default: this process), from ``/proc``.
+def live_processes() -> Iterator[tuple[int, list[str]]]:
+    """``(pid, fields of /proc/PID/stat after the command name)`` of every process but zombies.
 
-    multiprocessing's per-interpreter resource tracker is left out.
+    ``fields[0]`` is the state, ``fields[1]`` the parent pid, ``fields[2]`` the
+    process group.
     """
     import os
 
-    root = os.getpid() if pid is None else pid
-    parents: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -81,7 +81,20 @@ def descendants(pid: int | None = None) -> set[int]:
         except OSError:
             continue
         if fields[0] != "Z":  # a zombie is dead; whether it is reaped is checked separately
-            parents.setdefault(int(fields[1]), []).append(int(entry))
+            yield int(entry), fields
+
+
+def descendants(pid: int | None = None) -> set[int]:
+    """Pids of every live process below ``pid`` (default: this process), from ``/proc``.
+
+    multiprocessing's per-interpreter resource tracker is left out.
+    """
+    import os
+
+    root = os.getpid() if pid is None else pid
+    parents: dict[int, list[int]] = {}
+    for child, fields in live_processes():
+        parents.setdefault(int(fields[1]), []).append(child)
     found: set[int] = set()
     stack = [root]
     while stack:

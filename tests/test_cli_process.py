@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BACKENDS, HAVE_DASK
+from conftest import BACKENDS, HAVE_DASK, live_processes
 
 ROOT = Path(__file__).parent.parent
 ISOBRANCH = [sys.executable, "-m", "isobranch"]
@@ -110,35 +110,22 @@ def run_cli(*args: str, timeout: float = 120, **options) -> subprocess.Completed
 def worker_children(pid: int) -> list[int]:
     """Children of ``pid`` that are backend workers (fork server, Dask's spawned workers)."""
     found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+    for child, fields in live_processes():
+        if int(fields[1]) != pid:
             continue
         try:
-            with open(f"/proc/{entry}/stat") as stat:
-                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+            with open(f"/proc/{child}/cmdline", "rb") as cmdline:
                 command = cmdline.read()
         except OSError:
             continue
-        if parent == pid and (b"spawn_main" in command or b"process_worker" in command):
-            found.append(int(entry))
+        if b"spawn_main" in command or b"process_worker" in command:
+            found.append(child)
     return found
 
 
 def process_group(pgid: int) -> list[int]:
     """Live (non-zombie) processes whose process group is ``pgid``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            found.append(int(entry))
-    return found
+    return [pid for pid, fields in live_processes() if int(fields[2]) == pgid]
 
 
 @pytest.mark.parametrize("isolation", BACKENDS)
