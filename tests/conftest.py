@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import signal
 import threading
 from collections.abc import Iterator
 
@@ -11,6 +12,15 @@ import pytest
 from isobranch import END, START, StateGraph, YAMLEngine
 
 HAVE_DASK = importlib.util.find_spec("distributed") is not None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A session started with SIGINT ignored (a background job of a
+    # non-interactive shell, some CI runners) passes that on to every process
+    # it starts, and Python then installs no KeyboardInterrupt handler: the
+    # tests that press Ctrl-C on a child need Python's normal disposition.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 # Every built-in backend; dask only runs where its extra is installed (CI installs it).
 BACKENDS = ["inline", "thread", "process", pytest.param("dask", marks=pytest.mark.skipif(
     not HAVE_DASK, reason="the dask extra is not installed: pip install -e '.[test,dask]'"))]
