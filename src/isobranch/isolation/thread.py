@@ -11,7 +11,8 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -28,8 +29,11 @@ from .thread_pool import DaemonThreadPool
 # A branch gets this long past its deadline to report its own timeout (with
 # its state and node) before the backend stops waiting for it.
 TIMEOUT_GRACE_SECONDS = 0.25
-# Branches submitted beyond the pool's threads, per thread (they wait in its queue).
-SUBMIT_AHEAD_PER_THREAD = 2
+# Branches taken beyond the pool's threads, per thread (built and waiting for a lane):
+# enough that lanes rarely run dry while the consumer waits for the GIL.
+SUBMIT_AHEAD_PER_THREAD = 8
+# Branches a lane runs in a row before it lets other pool work go first.
+LANE_BATCH = 64
 
 
 class ThreadBackend:
@@ -71,51 +75,35 @@ class ThreadBackend:
         once. Tasks are taken from ``tasks`` only as branches finish: up to
         ``max_concurrency`` submitted and unfinished, plus, when the pool's
         own size is the bound, ``SUBMIT_AHEAD_PER_THREAD`` per thread waiting
-        in its queue. Closing the generator cancels the queued ones and tells
-        the running ones to stop (abandoning one stuck in a call).
+        in a queue. Closing the generator drops the queued ones and tells the
+        running ones to stop (abandoning one stuck in a call).
         """
         limit = max_concurrency or self.max_workers
-        # When the pool itself is the bound, a few more wait in its queue, so a
+        # When the pool itself is the bound, a few more wait in the queue, so a
         # thread that finishes starts the next branch without waiting for this one.
         queued_ahead = SUBMIT_AHEAD_PER_THREAD * self.max_workers if limit >= self.max_workers \
             else 0
-        source = iter(tasks)
-        pending: dict[Future, _Submitted] = {}
-        # Futures as they finish (their done callbacks put them here).
-        finished: queue.SimpleQueue[Future] = queue.SimpleQueue()
-        position = 0
-        exhausted = False
+        lanes = _Lanes(self._pool, iter(tasks), width=min(limit, self.max_workers),
+                       cap=limit + queued_ahead)
         try:
-            while True:
-                while not exhausted and len(pending) < limit + queued_ahead:
-                    task = next(source, None)
-                    if task is None:
-                        exhausted = True
-                        break
-                    submitted = _Submitted(position, task, BranchMonitor())
-                    future = self._pool().submit(run_branch, task, submitted.monitor)
-                    pending[future] = submitted
-                    future.add_done_callback(finished.put)
-                    position += 1
-                if not pending:
-                    return
-                for future in _next_finished(finished, _next_wakeup(pending.values())):
-                    submitted = pending.pop(future, None)
-                    if submitted is not None:  # not one given up on meanwhile
-                        yield submitted.position, future.result()
-                for future, submitted in _overdue(pending):
-                    del pending[future]
+            lanes.fill()
+            while not lanes.all_done():
+                reports = _next_finished(lanes.finished, _next_wakeup(lanes.outstanding()))
+                for submitted, result in lanes.consume(reports):
+                    yield submitted.position, result
+                for submitted in _overdue(lanes.outstanding()):
                     submitted.monitor.cancelled.set()
-                    self._abandon([future])
+                    self._abandon(lanes.give_up(submitted))
                     yield submitted.position, timed_out_result(submitted.task, submitted.monitor)
         finally:
             # Stopped early (fail_fast, Ctrl-C, a consumer gone): branches stop at
             # their next node boundary or Lua hook, queued ones never start, and
             # close() does not wait for one stuck in a single Python call.
-            for future, submitted in pending.items():
+            stopped_early = lanes.stop()
+            for submitted in stopped_early:
                 submitted.monitor.cancelled.set()
-                future.cancel()
-            self._abandon(pending)
+            if stopped_early:
+                self._abandon(lanes.futures())
 
     def run_branches(self, tasks: list[BranchTask]) -> list[ParallelFlowResult]:
         """Run ``tasks`` concurrently and return their results in task order."""
@@ -141,17 +129,230 @@ class ThreadBackend:
             executor.shutdown(wait=not stuck, cancel_futures=True)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Submitted:
-    """A branch handed to the pool: where it stands in the fan-out, and its monitor."""
+    """A branch taken from the tasks: where it stands in the fan-out, its monitor, its lane."""
 
     position: int
     task: BranchTask
     monitor: BranchMonitor
+    lane: _Lane | None = None
 
 
-def _next_finished(finished: queue.SimpleQueue[Future], timeout: float | None) -> list[Future]:
-    """Futures that finished: at least one unless ``timeout`` passes first."""
+# What a lane reports: the branch and its result, or the exception run_branch
+# raised; ``(None, None, error)`` when a lane itself failed, ``(None, None,
+# None)`` to wake the consumer when the tasks ran out.
+_Finished = tuple["_Submitted | None", "ParallelFlowResult | None", "BaseException | None"]
+
+
+class _Lanes:
+    """The branches of one ``stream_branches`` call and the lanes that run them.
+
+    A lane is one pool call that runs branches one after another, taking
+    each from the queue or, when that is empty, building it from the tasks
+    itself; so a branch costs no future, pool hand-off or done-callback of
+    its own, and no round trip through the consumer between branches. At
+    most ``width`` lanes are live, so at most ``width`` branches run at once;
+    at most ``cap`` branches are taken and not yet consumed. A lane leaves
+    when there is nothing to take, and after ``LANE_BATCH`` branches goes to
+    the back of the pool's queue, so other fan-outs sharing the pool get
+    their turn. Everything shared is guarded by one lock.
+    """
+
+    def __init__(self, pool: Callable[[], DaemonThreadPool], source: Iterator[BranchTask], *,
+                 width: int, cap: int) -> None:
+        self._pool = pool
+        self._source = source
+        self._width = width
+        self._cap = cap
+        self._lock = threading.Lock()
+        self._queued: deque[_Submitted] = deque()
+        self._outstanding: dict[int, _Submitted] = {}
+        self._position = 0
+        self._exhausted = False
+        self._live = 0
+        self._stopped = False
+        self._futures: list[Future] = []
+        self.finished: queue.SimpleQueue[_Finished] = queue.SimpleQueue()
+
+    def fill(self) -> None:
+        """Take the first ``cap`` tasks (in the caller's thread) and start lanes for them."""
+        with self._lock:
+            while len(self._outstanding) < self._cap:
+                submitted = self._take_task()
+                if submitted is None:
+                    break
+                self._queued.append(submitted)
+            self._start_lanes()
+
+    def _take_task(self) -> _Submitted | None:
+        # Called with the lock held: the tasks are an iterator no two threads may advance.
+        if self._exhausted:
+            return None
+        try:
+            task = next(self._source, None)
+        except BaseException:
+            self._exhausted = True
+            raise
+        if task is None:
+            self._exhausted = True
+            return None
+        submitted = _Submitted(self._position, task, BranchMonitor())
+        self._outstanding[self._position] = submitted
+        self._position += 1
+        return submitted
+
+    def _has_work(self) -> bool:
+        return not self._stopped and bool(
+            self._queued or (not self._exhausted and len(self._outstanding) < self._cap))
+
+    def _start_lanes(self) -> None:
+        # Called with the lock held.
+        while self._live < self._width and self._has_work() \
+                and (self._live < len(self._queued) or not self._queued):
+            self._submit(_Lane(self))
+            self._live += 1
+
+    def _submit(self, lane: _Lane) -> None:
+        # Called with the lock held. The done callback only puts to a queue:
+        # the pool runs it (on cancel) under the pool's own lock.
+        lane.future = self._pool().submit(lane.run)
+        if len(self._futures) > 4 * self._width:
+            self._futures = [f for f in self._futures if not f.done()]
+        self._futures.append(lane.future)
+        lane.future.add_done_callback(self._lane_ended)
+
+    def _lane_ended(self, future: Future) -> None:
+        if future.cancelled():
+            self.finished.put((None, None, RuntimeError(
+                "thread backend: its pool was shut down while branches were waiting")))
+
+    def take(self, lane: _Lane) -> _Submitted | None:
+        """The next branch for ``lane``, or None when the lane must leave."""
+        with self._lock:
+            if lane.retired:
+                return None
+            submitted = None
+            if not self._stopped:
+                if self._queued:
+                    submitted = self._queued.popleft()
+                elif len(self._outstanding) < self._cap:
+                    try:
+                        submitted = self._take_task()
+                    except BaseException as exc:  # building a task failed: the consumer raises it
+                        self.finished.put((None, None, exc))
+                    if submitted is None:
+                        self.finished.put((None, None, None))  # wake the consumer to finish
+            if submitted is None:
+                self._live -= 1
+                lane.retired = True
+                return None
+            submitted.lane = lane
+            return submitted
+
+    def requeue(self, lane: _Lane) -> None:
+        """``lane`` ran its batch: send it to the back of the pool's queue, or let it leave."""
+        with self._lock:
+            if lane.retired:
+                return
+            if not self._has_work():
+                self._live -= 1
+                lane.retired = True
+                return
+            try:
+                self._submit(lane)
+            except BaseException as exc:  # the backend was closed meanwhile
+                self._live -= 1
+                lane.retired = True
+                self.finished.put((None, None, exc))
+
+    def consume(self, reports: list[_Finished]) -> list[tuple[_Submitted, ParallelFlowResult]]:
+        """The reported results still wanted (raising what a lane raised); lanes restart
+        for the room they leave."""
+        wanted = []
+        with self._lock:
+            for submitted, result, error in reports:
+                if submitted is None:
+                    if error is not None:
+                        raise error
+                    continue  # a wake-up: the tasks ran out
+                if self._outstanding.pop(submitted.position, None) is None:
+                    continue  # given up on meanwhile
+                if error is not None:
+                    raise error
+                assert result is not None
+                wanted.append((submitted, result))
+            self._start_lanes()
+        return wanted
+
+    def outstanding(self) -> list[_Submitted]:
+        """Branches taken and not yet consumed or given up on."""
+        with self._lock:
+            return list(self._outstanding.values())
+
+    def all_done(self) -> bool:
+        """Every task taken, and every branch consumed or given up on."""
+        with self._lock:
+            return self._exhausted and not self._outstanding
+
+    def give_up(self, submitted: _Submitted) -> list[Future]:
+        """Stop waiting for ``submitted`` (it is stuck): its lane takes no more branches,
+        another takes its place, and the stuck lane's future is returned."""
+        with self._lock:
+            self._outstanding.pop(submitted.position, None)
+            lane = submitted.lane
+            stuck = []
+            if lane is not None and not lane.retired:
+                lane.retired = True
+                self._live -= 1
+                if lane.future is not None:
+                    stuck.append(lane.future)
+            self._start_lanes()
+            return stuck
+
+    def stop(self) -> list[_Submitted]:
+        """Take no more tasks and drop the queued ones; return those still outstanding."""
+        with self._lock:
+            self._stopped = True
+            self._queued.clear()
+            return list(self._outstanding.values())
+
+    def futures(self) -> list[Future]:
+        """Futures of the lanes that may still run."""
+        with self._lock:
+            return [f for f in self._futures if not f.done()]
+
+
+class _Lane:
+    """One pool call running branches of a ``_Lanes`` in a row."""
+
+    __slots__ = ("_lanes", "future", "retired")
+
+    def __init__(self, lanes: _Lanes) -> None:
+        self._lanes = lanes
+        self.future: Future | None = None
+        self.retired = False
+
+    def run(self) -> None:
+        lanes = self._lanes
+        finished = lanes.finished
+        for _ in range(LANE_BATCH):
+            submitted = lanes.take(self)
+            if submitted is None:
+                return
+            try:
+                result = run_branch(submitted.task, submitted.monitor)
+            except BaseException as exc:  # reported to the consumer, which raises it
+                finished.put((submitted, None, exc))
+            else:
+                finished.put((submitted, result, None))
+            del submitted
+        lanes.requeue(self)
+
+
+def _next_finished(finished: queue.SimpleQueue[_Finished], timeout: float | None
+                   ) -> list[_Finished]:
+    """What lanes reported: at least one unless ``timeout`` passes first."""
     try:
         done = [finished.get(timeout=timeout)]
     except queue.Empty:
@@ -181,9 +382,9 @@ def _next_wakeup(pending: Iterable[_Submitted]) -> float | None:
     return min(wakeup, 0.05) if waiting_to_start else wakeup
 
 
-def _overdue(pending: dict[Future, _Submitted]) -> list[tuple[Future, _Submitted]]:
+def _overdue(pending: Iterable[_Submitted]) -> list[_Submitted]:
     now = time.monotonic()
-    return [(future, submitted) for future, submitted in pending.items()
+    return [submitted for submitted in pending
             if (limit := submitted.task.limits.branch_timeout)
             and submitted.monitor.started_at is not None
             and now >= submitted.monitor.started_at + limit + TIMEOUT_GRACE_SECONDS]
