@@ -1,0 +1,120 @@
+"""The thread backend's lanes: pool calls that run a fan-out's branches in a row.
+
+A lane builds the next task itself and reports results through one queue, so
+what used to happen per branch in the consumer (submitting, a future, a done
+callback) now happens in the lane; these tests pin what must stay true there.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from isobranch import END, START, GraphExecutionError, StateGraph
+from isobranch.isolation.thread import SUBMIT_AHEAD_PER_THREAD
+from isobranch.nodes import Node
+
+
+def _map_app(body, *, max_workers: int = 2, items: list | None = None, **options):
+    graph = StateGraph()
+    # Items made by a node, not given as input, may hold what cannot be copied.
+    graph.add_node("start", lambda state: None if items is None else {"items": items})
+    graph.add_node("body", body)
+    graph.add_fan_in_node("join", lambda state, results: {"results": results})
+    graph.add_edge(START, "start")
+    graph.add_map_edge("start", "body", over="items", fan_in="join")
+    graph.add_edge("body", "join")
+    graph.add_edge("join", END)
+    return graph.compile(isolation="thread", max_workers=max_workers, **options)
+
+
+def test_a_branch_stuck_in_a_call_is_given_up_and_the_rest_of_the_map_still_runs():
+    release = threading.Event()
+    lock = threading.Lock()
+    running = [0]
+    most = [0]
+
+    def body(state):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            if state["item"] == 3:
+                release.wait(60)  # stuck in one call, far past branch_timeout
+            return {"v": state["item"] * 2}
+        finally:
+            with lock:
+                running[0] -= 1
+
+    app = _map_app(body, branch_timeout=0.3)
+    try:
+        results = app.invoke({"items": list(range(60))})["results"]
+    finally:
+        release.set()
+        app.close()
+    assert [r.branch for r in results] == [f"body[{i}]" for i in range(60)]
+    stuck = results[3]
+    assert stuck.timed_out and not stuck.success and stuck.node == "body"
+    assert all(r.success and r.state["v"] == r.index * 2 for r in results if r.index != 3)
+    assert most[0] <= 2, "never more branches at once than threads"
+
+
+def test_an_item_that_cannot_be_copied_is_named_when_a_lane_builds_its_task():
+    # Far past the branches taken up front (2 threads + 2 * ahead), so the
+    # lane, not the caller, builds this task.
+    bad = 2 + 2 * SUBMIT_AHEAD_PER_THREAD + 20
+    items: list = list(range(bad + 10))
+    items[bad] = threading.Lock()
+    app = _map_app(lambda state: {"v": 1}, items=items)
+    with app, pytest.raises(GraphExecutionError) as info:
+        app.invoke({})
+    assert info.value.error_type == "StateCopyError"
+    assert f"state['items'][{bad}]" in str(info.value)
+
+
+class _Escape(BaseException):
+    """Not an Exception: run_branch does not turn it into a failed result."""
+
+
+def test_a_base_exception_in_a_branch_reaches_the_caller_and_the_backend_still_works():
+    def body(state):
+        if state["item"] == 30:
+            raise _Escape("out")
+        return {"v": state["item"]}
+
+    app = _map_app(body)
+    with app:
+        with pytest.raises(_Escape):
+            app.invoke({"items": list(range(50))})
+        results = app.invoke({"items": list(range(29))})["results"]
+    assert [r.state["v"] for r in results] == list(range(29))
+
+
+def test_every_branch_gets_its_own_state_copy_and_context_on_a_reused_lane():
+    contexts = []
+    lock = threading.Lock()
+
+    class Probe(Node):
+        name = "body"
+
+        def run(self, state, context, parallel_results=None):
+            with lock:
+                contexts.append(context)
+            state["scratch"].append(state["item"])  # must not leak into a sibling
+            return {"seen": list(state["scratch"])}
+
+    graph = StateGraph()
+    graph.add_node("start", lambda state: None)
+    graph.add_node("body", Probe())
+    graph.add_fan_in_node("join", lambda state, results: {"results": results})
+    graph.add_edge(START, "start")
+    graph.add_map_edge("start", "body", over="items", fan_in="join")
+    graph.add_edge("body", "join")
+    graph.add_edge("join", END)
+    with graph.compile(isolation="thread", max_workers=2) as app:
+        results = app.invoke({"items": list(range(200)), "scratch": []})["results"]
+    assert [r.state["seen"] for r in results] == [[i] for i in range(200)]
+    # All still alive, so distinct ids mean distinct contexts.
+    assert len({id(c) for c in contexts}) == len(contexts) == 200
+    assert {c.branch for c in contexts} == {f"body[{i}]" for i in range(200)}
