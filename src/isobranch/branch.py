@@ -196,8 +196,6 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
     ``watchdog`` is told the branch's progress and Lua deadlines by a branch
     running in a worker process (whose Lua then runs without a hook).
     """
-    from .runner import run_steps
-
     started = time.monotonic()
     if monitor is not None:
         monitor.started_at = started
@@ -219,8 +217,8 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
         state = task.initial_state()
         if monitor is not None:
             monitor.state = state
-        for _event in run_steps(task.graph, state, context, start=task.branch,
-                                stop_at=task.fan_in):
+        for _event in runner.run_steps(task.graph, state, context, start=task.branch,
+                                       stop_at=task.fan_in):
             pass
         # A last node that ran past the deadline makes the branch late too.
         context.check_deadline()
@@ -278,3 +276,9 @@ def _worker_name(isolation: str) -> str | int:
     if isolation in ("inline", "thread"):
         return threading.current_thread().name
     return os.getpid()
+
+
+# Last, and as a module: the runner imports names from this one, which exist by
+# now whichever of the two is imported first. (An import inside run_branch
+# would cost about a microsecond per branch.)
+from . import runner  # noqa: E402
