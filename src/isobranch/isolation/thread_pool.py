@@ -52,8 +52,10 @@ class DaemonThreadPool:
         thread = threading.Thread(target=self._serve, name=f"{self._prefix}_{self._started}",
                                   daemon=True)
         self._started += 1
-        self._threads.add(thread)
+        # Tracked once started: a Ctrl-C that interrupts start() must not leave
+        # a thread that shutdown() would try to join before it ever ran.
         thread.start()
+        self._threads.add(thread)
 
     def _serve(self) -> None:
         me = threading.current_thread()
