@@ -615,12 +615,15 @@ def test_stream_branches_pulls_tasks_lazily_and_stops_when_closed(isolation, no_
                 assert len(pulled) - len(seen) <= ahead
                 if len(seen) == 5:
                     break
-            taken = len(pulled)
+            # A backend may build tasks in the background until the stream is
+            # closed (within the same bound); once close() returns, none.
             stream.close()
-            assert len(pulled) == taken, "a closed stream takes no more tasks"
+            taken = len(pulled)
+            assert taken - len(seen) <= ahead
             assert len(set(seen)) == len(seen) == 5
         finally:
             backend.close()
+        assert len(pulled) == taken, "a closed stream takes no more tasks"
 
 
 @pytest.mark.parametrize("failure", ["crash", "timeout"])
