@@ -60,14 +60,20 @@ def raise_oom_score(score: int = WORKER_OOM_SCORE_ADJ) -> None:
             adj.write(str(score))
 
 
-def data_size() -> int | None:
-    """This process's data size in bytes (``VmData``, what ``RLIMIT_DATA`` is measured against)."""
+def _proc_number(path: str, pattern: re.Pattern[bytes]) -> int | None:
+    """The number ``pattern`` captures in the ``/proc`` file ``path`` (None if absent)."""
     try:
-        with open("/proc/self/status", "rb") as status:
-            match = _VMDATA.search(status.read())
+        with open(path, "rb") as file:
+            match = pattern.search(file.read())
     except OSError:
         return None
-    return int(match.group(1)) * 1024 if match else None
+    return int(match.group(1)) if match else None
+
+
+def data_size() -> int | None:
+    """This process's data size in bytes (``VmData``, what ``RLIMIT_DATA`` is measured against)."""
+    kib = _proc_number("/proc/self/status", _VMDATA)
+    return kib * 1024 if kib is not None else None
 
 
 @contextlib.contextmanager
@@ -92,12 +98,7 @@ def data_limit(limit: int | None) -> Iterator[None]:
 
 def kernel_oom_kills() -> int | None:
     """How many processes the kernel's OOM killer has killed since boot (``/proc/vmstat``)."""
-    try:
-        with open("/proc/vmstat", "rb") as vmstat:
-            match = _OOM_KILLS.search(vmstat.read())
-    except OSError:
-        return None
-    return int(match.group(1)) if match else None
+    return _proc_number("/proc/vmstat", _OOM_KILLS)
 
 
 def memory_message(label: str, node: str | None, limit: int, what: str) -> str:
