@@ -20,6 +20,8 @@ import lupa.lua54
 from isobranch import LuaRuntime, StateGraph
 from isobranch.statecopy import StateSnapshot
 
+from .proc_scan import children, rss_bytes
+
 HOT_LOOP = """
 local s = 0
 for i = 1, %d do
@@ -324,7 +326,7 @@ def branch_soak(branches: int = 10_000, isolation: str = "thread") -> Row:
         graph.invoke({})
         gc.collect()
         rss_before, threads_before = rss_bytes(), threading.active_count()
-        processes_before = len(child_processes())
+        processes_before = len(children())
         start = time.perf_counter()
         for _ in range(branches // 100):
             graph.invoke({})
@@ -332,8 +334,8 @@ def branch_soak(branches: int = 10_000, isolation: str = "thread") -> Row:
         gc.collect()
         growth = rss_bytes() - rss_before
         threads_after = threading.active_count()
-        processes_after = len(child_processes())
-    processes_left = len(child_processes())
+        processes_after = len(children())
+    processes_left = len(children())
     growth_mib = growth / 2**20
     flat = (threads_after == threads_before and processes_after == processes_before
             and processes_left == 0)
@@ -343,24 +345,3 @@ def branch_soak(branches: int = 10_000, isolation: str = "thread") -> Row:
                f"{growth_mib:.1f} MiB, threads {threads_before}->{threads_after}, "
                f"processes {processes_before}->{processes_after}->{processes_left} after close, "
                f"{elapsed / branches * 1000:.3f} ms per branch")
-
-
-def child_processes() -> list[int]:
-    """Pids of this process's children (the fork server counts; its workers are below it)."""
-    me = str(os.getpid())
-    children = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    if stat.read().rsplit(")", 1)[1].split()[1] == me:
-                        children.append(int(entry))
-            except OSError:
-                continue
-    return children
-
-
-def rss_bytes() -> int:
-    """Resident set size of this process (Linux ``/proc``)."""
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -19,6 +19,7 @@ import time
 
 import pytest
 import yaml
+from benchmarks.proc_scan import is_gone
 
 from conftest import descendants, fan_out, invoke_concurrently
 from isobranch import (
@@ -189,14 +190,6 @@ def _worker_pids(output):
     return [int(pid) for pid in pids]
 
 
-def _gone(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
 @pytest.mark.parametrize("how", ["script", "-c", "repl", "stdin"])
 def test_works_without_a_main_guard_and_cleans_up_at_interpreter_exit(tmp_path, how):
     # The script never calls close(): interpreter exit must release the pool.
@@ -214,7 +207,7 @@ def test_works_without_a_main_guard_and_cleans_up_at_interpreter_exit(tmp_path, 
         done = run_python(SCRIPT, "-", tmpdir=str(tmp_path))
     assert done.returncode == 0, done.stderr
     pids = _worker_pids(done.stdout)
-    assert len(pids) == 2 and all(_gone(pid) for pid in pids)
+    assert len(pids) == 2 and all(is_gone(pid) for pid in pids)
     assert "Traceback" not in done.stderr
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "agent.py"]
     assert leftovers == [], "no temp files may be left behind"
@@ -287,7 +280,7 @@ def test_a_dying_worker_fails_only_its_branch_and_the_pool_recovers(crash, descr
         assert described in dies.error and "branch 'dies'" in dies.error
         assert "node 'dies'" in dies.error and dies.node == "dies"
         assert dies.state == {"crash": True}, "the state as of the failure"
-        assert _gone(dies.worker)
+        assert is_gone(dies.worker)
         # The pool is whole again for the next fan-out.
         again = compiled.invoke({"crash": False})["results"]
         assert all(r.success for r in again) and again[1].state["survived"]
@@ -326,7 +319,7 @@ def test_branch_timeout_kills_a_stuck_worker(stuck):
         assert stuck_result.timed_out and stuck_result.error_type == "BranchTimeout"
         assert stuck_result.node == "stuck" and "node 'stuck'" in stuck_result.error
         assert stuck_result.state == {"first": "done"}, "updates merged before the kill survive"
-        assert _gone(stuck_result.worker)
+        assert is_gone(stuck_result.worker)
         assert all(r.success for r in compiled.invoke({})["results"][1:])
 
 
@@ -457,7 +450,7 @@ def test_lua_timeout_in_a_worker_is_enforced_by_the_watchdog(load, code):
     assert quick.success
     assert spin.error_type == "LuaTimeoutError" and not spin.success
     assert "node 'spin' in branch 'spin'" in spin.error and "0.4s timeout" in spin.error
-    assert spin.node == "spin" and _gone(spin.worker)
+    assert spin.node == "spin" and is_gone(spin.worker)
     assert spin.state == {"before": 1}
 
 

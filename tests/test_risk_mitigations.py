@@ -118,7 +118,11 @@ def _probe_growth_in_fresh_interpreter(kind: str) -> int:
     code = (f"import memory_soak; print(memory_soak.probe_growth({kind!r}, "
             f"branches={SOAK_BRANCHES}, warmup_rounds={SOAK_WARMUP_ROUNDS}, "
             f"window_rounds={SOAK_WINDOW_ROUNDS}))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent,
+    here = Path(__file__).parent
+    # memory_soak is found in tests/, the /proc helpers it uses in benchmarks/.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
+        str(here.parent), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-c", code], cwd=here, env=env,
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     return int(done.stdout)

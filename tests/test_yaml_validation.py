@@ -11,7 +11,6 @@ import pytest
 
 from isobranch import GraphError, LuaRuntime, LuaRuntimeError, StateGraph, YAMLEngine
 from isobranch.cli import main
-from isobranch.isolation.base import register_backend
 from isobranch.lua import syntax
 
 ONE_NODE = [{"name": "a", "run": "pass"}]
@@ -196,9 +195,9 @@ def _permissive(max_workers=None, **options):
     return backend
 
 
-def test_registered_backends_options_come_from_the_factorys_signature():
-    register_backend("strict-test", _Strict, replace=True)
-    register_backend("permissive-test", _permissive, replace=True)
+def test_registered_backends_options_come_from_the_factorys_signature(test_backend):
+    test_backend("strict-test", _Strict)
+    test_backend("permissive-test", _permissive)
     settings = {"parallel": {"isolation": "strict-test", "colur": "blue"}}
     assert only_problem({"settings": settings, "nodes": ONE_NODE}).endswith(
         "did you mean 'colour'?")
