@@ -48,6 +48,22 @@ class Row:
         return asdict(self)
 
 
+def speedup_row(name: str, at_least: float, baseline: float, measured: float,
+                detail: str) -> Row:
+    """A row whose target is being ``at_least`` times faster: ratio = baseline / measured."""
+    speedup = baseline / measured
+    return Row(name, f">= {at_least:g}x faster", baseline, measured, speedup, speedup >= at_least,
+               detail)
+
+
+def slowdown_row(name: str, at_most: float, against: str, baseline: float, measured: float,
+                 detail: str) -> Row:
+    """A row whose target is costing at most ``at_most`` times ``against``: ratio = measured / baseline."""
+    ratio = measured / baseline
+    return Row(name, f"<= {at_most:g}x {against}", baseline, measured, ratio, ratio <= at_most,
+               detail)
+
+
 def timings(fn: Callable[[], object], repeat: int) -> list[float]:
     """Wall time of each of ``repeat`` calls."""
     result = []
@@ -106,10 +122,9 @@ def vm_creation(repeat: int = 2000) -> Row:
     rounds = max(repeat // 50, 3)
     baseline, measured = paired_best(many(bare), many(sandboxed), rounds)
     baseline, measured = baseline / 50, measured / 50
-    ratio = measured / baseline
-    return Row("sandboxed LuaRuntime() creation + first call", "<= 2.0x bare lupa",
-               baseline, measured, ratio, ratio <= 2.0,
-               f"bare {baseline * 1e6:.0f} us, sandboxed {measured * 1e6:.0f} us")
+    return slowdown_row("sandboxed LuaRuntime() creation + first call", 2.0, "bare lupa",
+                        baseline, measured,
+                        f"bare {baseline * 1e6:.0f} us, sandboxed {measured * 1e6:.0f} us")
 
 
 def hot_loop_thread_hook(iterations: int = 5_000_000, repeat: int = 5) -> Row:
@@ -121,9 +136,8 @@ def hot_loop_thread_hook(iterations: int = 5_000_000, repeat: int = 5) -> Row:
     assert guarded.execute(code) == expected
     baseline, measured = paired_best(lambda: bare_runtime.execute(code),
                                      lambda: guarded.execute(code), repeat)
-    ratio = measured / baseline
-    return Row("hot Lua loop, timeout armed (inline/thread)", "<= 2.5x bare lupa",
-               baseline, measured, ratio, ratio <= 2.5, f"{iterations:,} iterations")
+    return slowdown_row("hot Lua loop, timeout armed (inline/thread)", 2.5, "bare lupa",
+                        baseline, measured, f"{iterations:,} iterations")
 
 
 def _fan_out_graph(branches: int, node: Callable[[str], object], isolation: str,
@@ -154,10 +168,8 @@ def lua_branches_thread_vs_inline(branches: int = 8, iterations: int = 3_000_000
         assert inline.invoke({})["ok"] and threaded.invoke({})["ok"]
         baseline, measured = paired_best(lambda: inline.invoke({}),
                                          lambda: threaded.invoke({}), repeat)
-    speedup = baseline / measured
-    return Row(f"{branches} CPU-bound Lua branches, thread vs inline ({os.cpu_count()} cores)",
-               ">= 1.8x faster", baseline, measured, speedup, speedup >= 1.8,
-               f"inline {baseline:.2f} s, thread {measured:.2f} s")
+    return speedup_row(f"{branches} CPU-bound Lua branches, thread vs inline ({os.cpu_count()} cores)",
+                       1.8, baseline, measured, f"inline {baseline:.2f} s, thread {measured:.2f} s")
 
 
 def per_branch_overhead(isolation: str, target_ms: float | None, repeat: int = 30,
@@ -204,10 +216,10 @@ def hot_loop_process(iterations: int = 60_000_000, repeat: int = 3) -> Row:
         assert compiled.invoke({})["s"] == expected
         baseline, measured = paired_best(lambda: bare_runtime.execute(code),
                                          lambda: compiled.invoke({}), repeat)
-    ratio = measured / baseline
-    return Row("hot Lua loop, limits armed, process backend (whole fan-out)",
-               "<= 1.10x bare lupa", baseline, measured, ratio, ratio <= 1.10,
-               f"{iterations:,} iterations: bare {baseline:.2f} s, process branch {measured:.2f} s")
+    return slowdown_row("hot Lua loop, limits armed, process backend (whole fan-out)", 1.10,
+                        "bare lupa", baseline, measured,
+                        f"{iterations:,} iterations: bare {baseline:.2f} s, "
+                        f"process branch {measured:.2f} s")
 
 
 def _busy_python(iterations: int) -> Callable[[str], Callable[[dict], dict]]:
@@ -231,10 +243,9 @@ def python_branches_process_vs_inline(branches: int = 8, iterations: int = 5_000
         assert inline.invoke({})["ok"] and processes.invoke({})["ok"]
         baseline, measured = paired_best(lambda: inline.invoke({}),
                                          lambda: processes.invoke({}), repeat)
-    speedup = baseline / measured
-    return Row(f"{branches} CPU-bound Python branches, process vs inline ({os.cpu_count()} cores)",
-               ">= 1.7x faster", baseline, measured, speedup, speedup >= 1.7,
-               f"inline {baseline:.2f} s, process {measured:.2f} s")
+    return speedup_row(f"{branches} CPU-bound Python branches, process vs inline "
+                       f"({os.cpu_count()} cores)", 1.7, baseline, measured,
+                       f"inline {baseline:.2f} s, process {measured:.2f} s")
 
 
 def python_branches_dask_vs_process(branches: int = 8, iterations: int = 5_000_000,
@@ -300,10 +311,9 @@ def state_copy(repeat: int = 7) -> Row:
     assert StateSnapshot(state).copy() == state
     baseline, measured = paired_best(lambda: copy.deepcopy(state),
                                      lambda: StateSnapshot(state).copy(), repeat)
-    speedup = baseline / measured
-    return Row("state copy for a branch (20k items)", ">= 3x faster than deepcopy",
-               baseline, measured, speedup, speedup >= 3.0,
-               f"deepcopy {baseline * 1000:.1f} ms, snapshot+copy {measured * 1000:.1f} ms")
+    return speedup_row("state copy for a branch (20k items), snapshot vs deepcopy", 3.0, baseline,
+                       measured,
+                       f"deepcopy {baseline * 1000:.1f} ms, snapshot+copy {measured * 1000:.1f} ms")
 
 
 def lua_round_trip(repeat: int = 5) -> Row:

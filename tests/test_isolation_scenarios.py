@@ -291,7 +291,10 @@ def test_PY_002_UNIT_006_creation_overhead_is_measured_against_bare_lupa():
 
     row = vm_creation(repeat=200)
     assert row.name.startswith("sandboxed LuaRuntime() creation")
-    assert row.baseline_seconds > 0 and row.measured_seconds > 0
-    assert row.ratio == pytest.approx(row.measured_seconds / row.baseline_seconds)
+    assert row.target == "<= 2x bare lupa"
+    # The verdict, not just the division: ok exactly when the sandboxed VM
+    # costs at most twice bare lupa's (whether it does is the benchmark's call).
+    assert row.baseline_seconds > 0
+    assert row.ok is (row.measured_seconds <= 2.0 * row.baseline_seconds)
     # A runtime that was created is real: it runs code in its own VM.
     assert LuaRuntime().execute("return 6 * 7") == 42
