@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from benchmarks import __main__ as table
 from benchmarks import cases
 from benchmarks.cases import Row, slowdown_row, speedup_row
