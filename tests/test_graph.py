@@ -45,15 +45,32 @@ def test_invoke_does_not_mutate_the_callers_state():
     assert state == {"items": [1, 2, 3]}
 
 
-def test_parallel_results_follow_declaration_order_not_completion_order(isolation):
-    def slow(state):
-        time.sleep(0.05)
+def test_parallel_results_follow_declaration_order_not_completion_order(isolation, tmp_path):
+    go = tmp_path / "go"  # a file: branches in worker processes see it too
+    waits = isolation != "inline"  # inline runs branches one after another, in order
+
+    def slow(state):  # finishes once the caller has seen both others finish
+        deadline = time.monotonic() + 60
+        while waits and not go.exists():
+            assert time.monotonic() < deadline, "the other branches never finished"
+            time.sleep(0.01)  # polling for the file the caller writes
         return {"who": "slow"}
 
     graph = fan_out(("slow", slow), ("fast", lambda s: {"who": "fast"}),
                     ("mid", lambda s: {"who": "mid"}))
-    with graph.compile(isolation=isolation) as compiled:
-        results = compiled.invoke({})["results"]
+    finished = []
+    with graph.compile(isolation=isolation, max_workers=3) as compiled:
+        for event in compiled.stream({}):
+            if event["type"] == "branch":  # branch events come in completion order
+                finished.append(event["branch"])
+                if set(finished) == {"fast", "mid"}:
+                    go.touch()
+            elif event["type"] == "final":
+                results = event["state"]["results"]
+    if waits:  # the first-declared branch did finish last
+        assert sorted(finished[:2]) == ["fast", "mid"] and finished[2:] == ["slow"]
+    else:
+        assert finished == ["slow", "fast", "mid"]
     assert [r.branch for r in results] == ["slow", "fast", "mid"]
     assert [r.state["who"] for r in results] == ["slow", "fast", "mid"]
     assert all(isinstance(r, ParallelFlowResult) and r.isolation == isolation for r in results)
@@ -120,12 +137,33 @@ def test_fail_fast_raises_naming_branch_and_cause(isolation):
         assert not started.is_set(), "inline must not start a branch after a failure"
 
 
-def test_fail_fast_cancels_a_running_lua_sibling():
-    graph = fan_out(("boom", lambda s: 1 / 0), ("spin", LuaNode("spin", "while true do end")))
-    compiled = graph.compile(isolation="thread", fail_fast=True, max_workers=2)
-    with compiled, pytest.raises(GraphExecutionError, match="boom"):
+def test_fail_fast_stops_a_running_lua_sibling():
+    spinning: dict = {}
+    entered = threading.Event()
+
+    def enter(state):  # the sibling's first node: says which thread the Lua loop runs on
+        spinning["thread"] = threading.current_thread()
+        spinning["clock"] = time.pthread_getcpuclockid(threading.get_ident())
+        entered.set()
+
+    def boom(state):  # fails once that thread has spent 50 ms of CPU time in the loop
+        assert entered.wait(30)
+        begin, deadline = time.clock_gettime(spinning["clock"]), time.monotonic() + 30
+        while time.clock_gettime(spinning["clock"]) - begin < 0.05:
+            assert time.monotonic() < deadline, "the Lua loop never ran"
+            time.sleep(0.005)  # polling the other thread's CPU clock
+        return 1 / 0
+
+    graph = fan_out(("boom", boom), ("sibling", enter))
+    graph.add_node("spin", LuaNode("spin", "while true do end"))
+    graph.add_edge("sibling", "spin").add_edge("spin", "join")
+    with graph.compile(isolation="thread", fail_fast=True, max_workers=2, lua_timeout=600) as compiled, \
+            pytest.raises(GraphExecutionError, match="boom") as info:
         compiled.invoke({})
-    # close() joined the pool: the spinning Lua branch was stopped, not left running.
+    assert info.value.results[1].branch == "sibling" and not info.value.results[1].success
+    # The pool's threads end with close(): one still inside the Lua loop could not.
+    spinning["thread"].join(10)
+    assert not spinning["thread"].is_alive(), "the Lua sibling kept running after fail_fast"
 
 
 def test_branch_timeout_stops_a_lua_loop_and_marks_timed_out(isolation):
