@@ -444,6 +444,25 @@ def test_close_releases_pool_threads_and_blocks_further_use(no_thread_leak):
         compiled.invoke({})
 
 
+def test_a_graph_that_is_garbage_collected_releases_its_pool_threads():
+    import gc
+    import weakref
+
+    before = set(threading.enumerate())
+    compiled = fan_out(("a", lambda s: None), ("b", lambda s: None)).compile(
+        isolation="thread", max_workers=2)
+    compiled.invoke({})
+    started = set(threading.enumerate()) - before
+    assert started, "the fan-out ran on pool threads"
+    collected = weakref.ref(compiled)
+    del compiled  # never closed: only garbage collection can release the pool
+    gc.collect()
+    assert collected() is None
+    for thread in started:
+        thread.join(10)
+    assert [t.name for t in started if t.is_alive()] == [], "pool threads outlived their graph"
+
+
 def test_context_manager_closes_pools(no_thread_leak):
     graph = fan_out(("a", lambda s: None), ("b", lambda s: None))
     with graph.compile(isolation="thread", max_workers=2) as compiled:

@@ -772,3 +772,82 @@ def test_start_up_data_nobody_reads_times_out_instead_of_blocking():
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+# -- claims of docs/backends.md: garbage collection, a killed caller, Ctrl-C ----------
+
+
+def test_a_pool_is_released_when_its_graph_is_garbage_collected():
+    import gc
+    import weakref
+
+    compiled = fan_out(("a", worker_facts), ("b", worker_facts)).compile(isolation="process")
+    workers = {r.worker for r in compiled.invoke({})["results"]}
+    assert workers <= descendants()
+    collected = weakref.ref(compiled)
+    del compiled  # never closed: only garbage collection can release the pool
+    gc.collect()
+    assert collected() is None
+    assert not descendants(), "the pool of a collected graph must end with it"
+
+
+CALLER = """
+import pathlib, sys, time
+from isobranch import StateGraph
+
+MARKER = pathlib.Path(sys.argv[1])  # travels with the node (a worker's own argv differs)
+
+def stays(state):
+    MARKER.write_text("running")
+    time.sleep(300)
+
+graph = StateGraph()
+graph.add_node("start", lambda state: None)
+graph.add_fan_in_node("join", lambda state, results: {})
+for name in ("one", "two"):
+    graph.add_node(name, stays)
+    graph.add_parallel_edge("start", name, fan_in="join")
+graph.set_entry_point("start")
+graph.compile(isolation="process", max_workers=2).invoke({})
+"""
+
+
+def test_nothing_keeps_running_after_the_caller_is_killed(tmp_path):
+    marker = tmp_path / "running"
+    caller = subprocess.Popen([sys.executable, "-c", CALLER, str(marker)], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert caller.poll() is None and time.monotonic() < deadline, "no branch started"
+            time.sleep(0.02)  # polling for the file a branch writes
+        below = descendants(caller.pid)  # the fork server and its workers
+        assert len(below) >= 2
+        caller.kill()  # SIGKILL: no cleanup of any kind runs in the caller
+        caller.wait(30)
+        deadline = time.monotonic() + 15
+        while not all(is_gone(pid) for pid in below) and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling for processes to exit
+        assert [pid for pid in below if not is_gone(pid)] == [], "processes outlived their caller"
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+            caller.wait(30)
+
+
+def interrupts_its_worker_and_server(state):
+    # A terminal's Ctrl-C reaches every process of the foreground group: here,
+    # the worker and the fork server above it each get their SIGINT directly.
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getppid(), signal.SIGINT)
+    return {"pid": os.getpid(), "server": os.getppid()}
+
+
+def test_worker_processes_ignore_sigint():
+    graph = fan_out(("interrupted", interrupts_its_worker_and_server))
+    with graph.compile(isolation="process", max_workers=1) as compiled:
+        (first,) = compiled.invoke({})["results"]
+        assert first.success, first.error
+        (again,) = compiled.invoke({})["results"]
+    # Neither the worker nor its fork server died of it: both served the next fan-out.
+    assert again.success and (again.state["pid"], again.state["server"]) == (
+        first.state["pid"], first.state["server"])
