@@ -474,7 +474,8 @@ class CommandLineCluster:
                 "dask scheduler did not start"
             time.sleep(0.05)  # polling for a file another process writes
         with Client(scheduler_file=str(self.scheduler_file), set_as_default=False) as client:
-            client.wait_for_workers(count, timeout=60)
+            if count:
+                client.wait_for_workers(count, timeout=60)
             return client.scheduler.address
 
     def close(self) -> None:
@@ -533,6 +534,24 @@ def test_a_scheduler_lost_mid_run_fails_the_pending_branches_within_seconds(
     (result,) = outcome["results"]
     assert not result.success
     assert "lost the connection to the Dask scheduler" in result.error
+
+
+def test_a_cluster_with_no_worker_fails_the_branches_after_worker_wait(tmp_path):
+    scheduler_only = CommandLineCluster(tmp_path, workers=0)
+    try:
+        graph = fan_out(("a", lambda s: {"ran": True}), ("b", lambda s: {"ran": True}))
+        with graph.compile(isolation="dask", dask_address=scheduler_only.address,
+                           worker_wait=2) as compiled:
+            begin = time.monotonic()
+            results = compiled.invoke({})["results"]
+            waited = time.monotonic() - begin
+    finally:
+        scheduler_only.close()
+    assert [r.success for r in results] == [False, False]
+    assert all(f"the Dask cluster at {scheduler_only.address} had no worker for 2s" in r.error
+               for r in results), [r.error for r in results]
+    assert waited >= 2, "a cluster is given worker_wait seconds to get a worker"
+    assert not any("ran" in r.state for r in results)
 
 
 SCRIPT = """

@@ -301,6 +301,35 @@ def test_router_value_outside_mapping_names_the_node():
         compiled.invoke({})
 
 
+def test_a_router_whose_value_matches_no_edge_fails_naming_the_node():
+    graph = StateGraph()
+    graph.add_node("check", lambda s: {"checked": True})
+    graph.add_node("a", lambda s: None)
+    graph.add_conditional_edges("check", lambda s: None, {"x": "a"})
+    graph.set_entry_point("check")
+    with graph.compile() as compiled, pytest.raises(GraphExecutionError) as info:
+        compiled.invoke({})
+    assert info.value.node == "check" and "router returned None" in str(info.value)
+    assert info.value.state == {"checked": True}
+
+
+def test_conditions_none_of_which_holds_without_a_fallback_fail_naming_the_node():
+    graph = StateGraph()
+    graph.add_node("check", lambda s: None)
+    graph.add_node("high", lambda s: {"went": "high"})
+    graph.add_node("low", lambda s: {"went": "low"})
+    graph.add_edge("check", "high", when=lambda s: s["v"] > 5)
+    graph.add_edge("check", "low", when="state['v'] < 0")
+    graph.set_entry_point("check")
+    with graph.compile() as compiled:
+        assert compiled.invoke({"v": 9})["went"] == "high"
+        with pytest.raises(GraphExecutionError, match="node 'check': no outgoing edge condition "
+                                                      "held and there is no unconditional edge"
+                           ) as info:
+            compiled.invoke({"v": 3})
+    assert info.value.node == "check" and info.value.state == {"v": 3}
+
+
 def test_when_conditions_are_tried_in_order_with_default(isolation):
     graph = StateGraph()
     graph.add_node("n", lambda s: None)

@@ -61,6 +61,17 @@ def test_lua_condition_routes(load):
     assert final["size"] == "small"
 
 
+def test_yaml_conditions_none_of_which_holds_fail_naming_the_node(load):
+    document = yaml.safe_load(DEMO)
+    # Neither condition holds and combine has no unconditional edge.
+    document["edges"][5]["when"] = "False"
+    document["edges"][6]["when"] = {"lua": "false"}
+    with pytest.raises(GraphExecutionError, match="node 'combine': no outgoing edge condition held"
+                       ) as info:
+        load(document).invoke({})
+    assert info.value.node == "combine" and info.value.branch is None
+
+
 def test_settings_are_applied():
     graph = YAMLEngine().load_from_dict(yaml.safe_load(DEMO))
     with graph:
