@@ -554,6 +554,47 @@ def test_a_cluster_with_no_worker_fails_the_branches_after_worker_wait(tmp_path)
     assert not any("ran" in r.state for r in results)
 
 
+def hangs_when_asked(seconds: float, directory: str):
+    """Like ``pid_file_then``, but returns at once unless ``state["hang"]`` is set."""
+    sleeper = pid_file_then(seconds, directory)
+    return lambda state: sleeper(state) if state.get("hang") else {"quick": True}
+
+
+def cuts_the_connection_when_asked_whether_it_is_there():
+    """A function for ``run_on_scheduler``: the scheduler drops the connection of every ``identity`` request.
+
+    Made here, not at module level, so it travels by value (the scheduler
+    cannot import this test module).
+    """
+
+    def install(dask_scheduler) -> None:
+        def cut(comm, **kwargs):
+            comm.abort()
+
+        dask_scheduler.handlers["identity"] = cut
+
+    return install
+
+
+def test_a_connection_lost_while_a_fan_out_asks_after_the_scheduler_is_a_lost_connection(
+        command_line_cluster, tmp_path):
+    # The client's own connection stays up: only the question's breaks, so
+    # the answer (a broken connection, not silence) decides the message.
+    from distributed import Client
+
+    address = command_line_cluster.address
+    graph = fan_out(("long", hangs_when_asked(120, str(tmp_path))))
+    with graph.compile(isolation="dask", dask_address=address, connect_timeout=2) as compiled:
+        assert compiled.invoke({})["results"][0].success  # connected, the graph shipped
+        with Client(address, set_as_default=False) as other:
+            other.run_on_scheduler(cuts_the_connection_when_asked_whether_it_is_there())
+        # Quiet for five seconds, the fan-out asks the scheduler whether it is still there.
+        (result,) = compiled.invoke({"hang": True})["results"]
+    assert not result.success
+    assert f"lost the connection to the Dask scheduler at {address}" in result.error, result.error
+    assert "stopped answering" not in result.error
+
+
 SCRIPT = """
 from isobranch import StateGraph
 
