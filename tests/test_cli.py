@@ -121,6 +121,26 @@ def test_graph_prints_mermaid(capfd):
     assert out.startswith("flowchart TD") and "parallel, fan-in combine" in out
 
 
+def test_graph_draws_what_was_compiled_including_implied_links(capfd, flow):
+    # No __start__ edge (the first node is the entry) and a fallback edge.
+    path = flow("""
+        nodes:
+          - {name: check, run: "return {}"}
+          - {name: high, run: "return {}"}
+          - {name: low, run: "-- lua\\nreturn {}"}
+        edges:
+          - {from: check, to: low}
+          - {from: check, to: high, when: {lua: "state.n > 5"}}
+    """)
+    assert main(["graph", str(path)]) == 0
+    assert capfd.readouterr().out.splitlines() == [
+        "flowchart TD",
+        '    n___start__["__start__"] --> n_check["check"]',
+        '    n_check["check"] -->|lua: state.n > 5| n_high["high"]',
+        '    n_check["check"] --> n_low["low"]',
+    ]
+
+
 def test_console_script_entry_point_runs():
     completed = subprocess.run(
         [sys.executable, "-m", "isobranch.cli", "run", str(DEMO), "--input", '{"items": [20]}'],
