@@ -27,48 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "regression"
 
 # A fan-out to a Lua and a Python branch, a fan-in, and a conditional route.
-STATS_AGENT = """
-name: stats
-variables: {threshold: 10}
-settings:
-  parallel: {isolation: thread, fail_fast: true}
-nodes:
-  - name: start
-    run: |
-      return {"items": state.get("items", [1, 2, 3])}
-  - name: lua_stats
-    run: |
-      -- lua
-      local total = 0
-      for _, v in ipairs(state.items) do total = total + v end
-      return {total = total, count = #state.items}
-  - name: python_stats
-    run: |
-      items = state["items"]
-      if not isinstance(items, list):
-          raise ValueError(f"items must be a list, got {items!r}")
-      return {"largest": max(items)}
-  - name: combine
-    fan_in: true
-    run: |
-      by = {r.branch: r.state for r in parallel_results}
-      return {"stats": {"total": by["lua_stats"]["total"], "count": by["lua_stats"]["count"],
-                        "largest": by["python_stats"]["largest"]}}
-  - name: big
-    run: |
-      return {"verdict": f"big: total {state['stats']['total']}"}
-  - name: small
-    run: |
-      return {"verdict": f"small: total {state['stats']['total']}"}
-edges:
-  - {from: __start__, to: start}
-  - {from: start, to: lua_stats, type: parallel, fan_in: combine}
-  - {from: start, to: python_stats, type: parallel, fan_in: combine}
-  - {from: lua_stats, to: combine}
-  - {from: python_stats, to: combine}
-  - {from: combine, to: big, when: "state['stats']['total'] >= variables['threshold']"}
-  - {from: combine, to: small}
-"""
+STATS_AGENT = (ROOT / "tests" / "fixtures" / "stats_agent.yaml").read_text(encoding="utf-8")
 
 # Reports where its Python branch ran, as seen from the main path (the caller).
 WHERE_AGENT = """
