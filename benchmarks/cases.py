@@ -64,6 +64,11 @@ def slowdown_row(name: str, at_most: float, against: str, baseline: float, measu
                detail)
 
 
+def comparison_row(name: str, baseline: float, measured: float, detail: str) -> Row:
+    """A row with no target, only a comparison: ratio = measured / baseline, always ok."""
+    return Row(name, "(comparison)", baseline, measured, measured / baseline, True, detail)
+
+
 def timings(fn: Callable[[], object], repeat: int) -> list[float]:
     """Wall time of each of ``repeat`` calls."""
     result = []
@@ -264,11 +269,11 @@ def python_branches_dask_vs_process(branches: int = 8, iterations: int = 5_000_0
         inline_s, process_s, dask_s = round_robin_best(
             [lambda: inline.invoke({}), lambda: processes.invoke({}), lambda: dask.invoke({})],
             repeat)
-    return Row(f"{branches} CPU-bound Python branches, dask LocalCluster vs process "
-               f"({os.cpu_count()} cores)", "(comparison)", process_s, dask_s,
-               dask_s / process_s, True,
-               f"inline {inline_s:.2f} s, process {process_s:.2f} s "
-               f"({inline_s / process_s:.2f}x), dask {dask_s:.2f} s ({inline_s / dask_s:.2f}x)")
+    return comparison_row(f"{branches} CPU-bound Python branches, dask LocalCluster vs process "
+                          f"({os.cpu_count()} cores)", process_s, dask_s,
+                          f"inline {inline_s:.2f} s, process {process_s:.2f} s "
+                          f"({inline_s / process_s:.2f}x), dask {dask_s:.2f} s "
+                          f"({inline_s / dask_s:.2f}x)")
 
 
 def dask_start_tls_vs_plain(workers: int = 2, repeat: int = 3) -> Row:
@@ -300,9 +305,9 @@ def dask_start_tls_vs_plain(workers: int = 2, repeat: int = 3) -> Row:
             client.submit(sum, [1, 2]).result()
 
     plain_s, tls_s = round_robin_best([plain, secured], repeat)
-    return Row(f"local Dask cluster start, TLS vs plain TCP ({workers} workers)", "(comparison)",
-               plain_s, tls_s, tls_s / plain_s, True,
-               f"plain {plain_s:.2f} s, TLS {tls_s:.2f} s (start, one task, close)")
+    return comparison_row(f"local Dask cluster start, TLS vs plain TCP ({workers} workers)",
+                          plain_s, tls_s, f"plain {plain_s:.2f} s, TLS {tls_s:.2f} s "
+                          f"(start, one task, close)")
 
 
 def state_copy(repeat: int = 7) -> Row:

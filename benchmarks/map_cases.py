@@ -7,7 +7,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 from isobranch import END, START, StateGraph
 
-from .cases import Row, round_robin_best, slowdown_row
+from .cases import Row, comparison_row, round_robin_best, slowdown_row
 
 
 def trivial(item: int) -> int:
@@ -81,7 +81,7 @@ def map_width_scaling(isolation: str = "thread", small: int = 1_000, large: int 
             [lambda: app.invoke({"items": few}), lambda: app.invoke({"items": many})], repeat)
     per_small, per_large = small_s / small, large_s / large
     return slowdown_row(f"map per-item time at {large:,} vs {small:,} items ({isolation})",
-                        1.25, f"the per-item time at {small:,}", per_small, per_large,
+                        1.25, f"at {small:,} items", per_small, per_large,
                         f"{per_small * 1000:.4f} ms/item at {small:,}, "
                         f"{per_large * 1000:.4f} ms/item at {large:,}")
 
@@ -95,8 +95,7 @@ def map_dask_vs_process(items: int = 2_000, workers: int = 2, repeat: int = 2) -
         process_s, dask_s = round_robin_best(
             [lambda: processes.invoke({"items": values}), lambda: dask.invoke({"items": values})],
             repeat)
-    return Row(f"map of {items:,} trivial items, dask LocalCluster vs process "
-               f"({workers} workers, {os.cpu_count()} cores)", "(comparison)", process_s, dask_s,
-               dask_s / process_s, True,
-               f"process {process_s / items * 1000:.3f} ms/item, "
-               f"dask {dask_s / items * 1000:.3f} ms/item")
+    return comparison_row(f"map of {items:,} trivial items, dask LocalCluster vs process "
+                          f"({workers} workers, {os.cpu_count()} cores)", process_s, dask_s,
+                          f"process {process_s / items * 1000:.3f} ms/item, "
+                          f"dask {dask_s / items * 1000:.3f} ms/item")
