@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import fan_out
+from conftest import fan_out, invoke_concurrently
 from isobranch import (
     END,
     START,
@@ -490,6 +490,24 @@ def test_a_graph_that_is_garbage_collected_releases_its_pool_threads():
     for thread in started:
         thread.join(10)
     assert [t.name for t in started if t.is_alive()] == [], "pool threads outlived their graph"
+
+
+def test_concurrent_invocations_in_tests_surface_a_failure():
+    # The helper the concurrency tests use must not swallow what a thread raised.
+    calls, lock = [], threading.Lock()
+
+    def fails_once(state):
+        with lock:
+            calls.append(1)
+            number = len(calls)
+        if number == 2:
+            raise ValueError("the second call fails")
+
+    graph = fan_out(("a", lambda s: None), fan_in=lambda s, r: fails_once(s))
+    with graph.compile(isolation="thread") as compiled, \
+            pytest.raises(GraphExecutionError, match="the second call fails"):
+        invoke_concurrently(compiled, times=3)
+    assert len(calls) == 3, "every invocation ran to its end first"
 
 
 def test_context_manager_closes_pools(no_thread_leak):

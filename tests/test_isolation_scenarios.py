@@ -239,11 +239,10 @@ def test_PY_002_INT_006_no_cross_branch_leakage(load):
 
 def test_PY_002_INT_007_public_api_unchanged(tmp_path):
     engine = YAMLEngine(lua_enabled=True, lua_timeout=30.0)
-    assert engine._lua_enabled is True
-    assert engine._lua_timeout == 30.0
     document = {"nodes": [{"name": "only", "run": "-- lua\nreturn {ok = true}"}]}
     with engine.load_from_dict(document) as graph:
-        assert graph.invoke({}) == {"ok": True}
+        assert graph.lua_timeout == 30.0  # the engine's option reached the graph
+        assert graph.invoke({}) == {"ok": True}  # and Lua is enabled
     path = tmp_path / "flow.yaml"
     path.write_text(yaml.safe_dump(document))
     with engine.load_from_file(path) as graph:
