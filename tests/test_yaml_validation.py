@@ -260,7 +260,12 @@ def test_valid_lua_is_checked_but_never_run():
                           {"name": "b", "language": "lua", "run": "while true do end"}],
                 "edges": [{"from": "a", "to": "b", "when": {"lua": "error('ran')"}},
                           {"from": "a", "to": "__end__"}]}
-    YAMLEngine().load_from_dict(document).close()
+    with YAMLEngine().load_from_dict(document) as graph:
+        assert list(graph.nodes) == ["a", "b"]
+    # The same load does check them: one syntax error and it fails, naming the node.
+    document["nodes"][1]["run"] = "while true do"
+    with pytest.raises(GraphError, match="node 'b'"):
+        YAMLEngine().load_from_dict(document)
 
 
 def test_checker_wraps_node_bodies_as_the_sandbox_does():
