@@ -257,6 +257,14 @@ def test_the_error_says_when_a_key_is_at_fault_and_when_a_subclass_is():
     assert "subclass" not in str(caught.value)
 
 
+def test_an_encode_error_survives_pickling_with_its_path():
+    with pytest.raises(StateEncodeError) as caught:
+        encode_value({"when": WHEN})
+    copied = pickle.loads(pickle.dumps(caught.value))
+    assert (type(copied), copied.path, str(copied)) == (StateEncodeError, "state['when']",
+                                                        str(caught.value))
+
+
 def test_the_path_starts_with_the_name_given():
     with pytest.raises(StateEncodeError) as caught:
         encode_value({"x": [WHEN]}, path="result['branch-3']")

@@ -83,6 +83,10 @@ class StateEncodeError(ValueError):
         self.path = path
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Keeps path and reason when the error crosses a process boundary.
+        return type(self), (self.path, self.reason)
+
 
 class StateDecodeError(ValueError):
     """Stored text is not a value this codec wrote: malformed or tampered text, an
@@ -95,10 +99,9 @@ _KEY = object()  # in a failure's step: the key of that dict entry failed, not i
 class _Failure(Exception):
     """Raised inside the walk; each container it leaves adds where the value was."""
 
-    def __init__(self, reason: str, value: Any, *, too_deep: bool = False) -> None:
+    def __init__(self, reason: str, *, too_deep: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.value = value
         self.too_deep = too_deep
         self.steps: list[tuple[Any, Any, Any]] = []  # (container, key or index, item), innermost first
 
@@ -169,7 +172,7 @@ def _encode_items(items: Any, depth: int, pickling: bool) -> Any:
     """The items of a list, tuple or set, encoded: ``items`` itself if none changed,
     else a new list."""
     if depth > MAX_DEPTH:
-        raise _Failure(f"nested deeper than {MAX_DEPTH} levels", items, too_deep=True)
+        raise _Failure(f"nested deeper than {MAX_DEPTH} levels", too_deep=True)
     out = None
     index, item = 0, None
     try:
@@ -203,7 +206,7 @@ def _encode_items(items: Any, depth: int, pickling: bool) -> Any:
 
 def _encode_dict(mapping: dict, depth: int, pickling: bool) -> Any:
     if depth > MAX_DEPTH:
-        raise _Failure(f"nested deeper than {MAX_DEPTH} levels", mapping, too_deep=True)
+        raise _Failure(f"nested deeper than {MAX_DEPTH} levels", too_deep=True)
     out = None
     key = item = None
     try:
@@ -270,7 +273,7 @@ def _encode_other(value: Any, kind: type, depth: int, pickling: bool) -> dict:
         try:
             data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
-            raise _Failure(f"{_type_name(kind)} cannot be pickled: {exc}", value) from None
+            raise _Failure(f"{_type_name(kind)} cannot be pickled: {exc}") from None
         return {TAG_KEY: Tag.PICKLE, VALUE_KEY: base64.b64encode(data).decode("ascii")}
     subclass = next((base for base in (dict, list, tuple, set, frozenset, str, bytes, int, float)
                      if isinstance(value, base)), None)
@@ -278,7 +281,7 @@ def _encode_other(value: Any, kind: type, depth: int, pickling: bool) -> dict:
            "which would lose its type)" if subclass is not None else "")
     raise _Failure(f"{_type_name(kind)} is not a type checkpoints store as JSON{why}; "
                    f"supported: {_SUPPORTED}. Convert it, or make the checkpointer with "
-                   "pickle=True to store it with pickle", value)
+                   "pickle=True to store it with pickle")
 
 
 def _big_int(value: int) -> dict:
