@@ -383,3 +383,35 @@ def test_aresume_runs_resume_off_the_loop_with_the_run_signal():
         compiled.resume = resume  # stands for the checkpointer's resume()
         assert asyncio.run(compiled.aresume("run-7", force=True)) == {"resumed": "run-7"}
     assert calls == [("run-7", True, True, True)]
+
+
+def test_a_backend_that_only_returns_lists_stops_before_its_next_chunk(tmp_path):
+    from isobranch import register_backend
+    from isobranch.branch import run_branch
+
+    class ListsOnly:
+        name = "async-lists-only"
+
+        def __init__(self, max_workers=None):
+            self.max_workers = max_workers
+
+        def run_branches(self, tasks):
+            return [run_branch(task) for task in tasks]
+
+        def close(self):
+            pass
+
+    register_backend(ListsOnly.name, ListsOnly, replace=True)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    with build_graph().compile(isolation=ListsOnly.name, max_workers=1) as compiled:
+        async def scenario():
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(compiled.ainvoke(
+                    {"mode": "sleep", "marks": str(marks)}, {"max_concurrency": 1}), 0.1)
+
+        asyncio.run(scenario())
+        # The first chunk (one branch, sleeping 0.3 s) runs out; no other starts.
+        assert _wait_until(lambda: not any("run_steps" in _frames_of(t.ident)
+                                           for t in compiled._run_threads.threads), 5)
+    assert [name for name, _, _ in _started(marks)] == ["b1"]
