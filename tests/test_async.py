@@ -21,7 +21,7 @@ import traceback
 import pytest
 
 from conftest import BACKENDS
-from isobranch import END, START, StateGraph
+from isobranch import END, START, GraphExecutionError, StateGraph
 from isobranch.cancellation import CancelSignal, RunCancelled
 from isobranch.nodes import LuaNode
 
@@ -415,3 +415,44 @@ def test_a_backend_that_only_returns_lists_stops_before_its_next_chunk(tmp_path)
         assert _wait_until(lambda: not any("run_steps" in _frames_of(t.ident)
                                            for t in compiled._run_threads.threads), 5)
     assert [name for name, _, _ in _started(marks)] == ["b1"]
+
+
+def _nested_spin_graph(extra_branch=None) -> StateGraph:
+    """outer -> branch "b", which fans out again to two Lua loops that never end."""
+    graph = StateGraph()
+    graph.add_node("outer", lambda state: None)
+    graph.add_node("b", lambda state: None)
+    for name in ("n1", "n2"):
+        graph.add_node(name, LuaNode(name, "while true do end"))
+        graph.add_parallel_edge("b", name, fan_in="inner_join")
+    graph.add_fan_in_node("inner_join", lambda state, results: None)
+    graph.add_parallel_edge("outer", "b", fan_in="join")
+    if extra_branch is not None:
+        graph.add_node("other", extra_branch)
+        graph.add_parallel_edge("outer", "other", fan_in="join")
+    graph.add_fan_in_node("join", lambda state, results: None)
+    graph.add_edge(START, "outer")
+    graph.add_edge("join", END)
+    return graph
+
+
+@pytest.mark.parametrize("isolation", ["inline", "thread"])
+def test_cancelling_stops_nested_fan_outs_in_branches(isolation, no_thread_leak):
+    with _nested_spin_graph().compile(isolation=isolation, lua_timeout=None) as compiled:
+        async def scenario():
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(compiled.ainvoke({}), 0.3)
+
+        asyncio.run(scenario())
+    # no_thread_leak: the nested fan-out's own threads (and their Lua loops) end too.
+
+
+def test_fail_fast_stops_a_siblings_nested_fan_out(no_thread_leak):
+    def fails(state):
+        time.sleep(0.2)
+        raise ValueError("broken")
+
+    graph = _nested_spin_graph(extra_branch=fails)
+    with graph.compile(isolation="thread", lua_timeout=None, fail_fast=True) as compiled, \
+            pytest.raises(GraphExecutionError, match="broken"):
+        compiled.invoke({})

@@ -31,17 +31,23 @@ class CancelSignal:
     ``cancel()`` sets the signal and calls every registered callback once
     (in the cancelling thread, so callbacks must only wake something up:
     put to a queue, write to a pipe, notify a condition). A callback added
-    after ``cancel()`` is called at once.
+    after ``cancel()`` is called at once. What a cancelled wait raises is an
+    ``error_type`` (default ``RunCancelled``); a branch's own signal raises
+    ``BranchCancelled``, which makes the branch's result a cancelled one.
+    Cheap to make (one lock; the event behind ``wait`` is made on first wait),
+    so every branch has one.
     """
 
-    __slots__ = ("_callbacks", "_event", "_lock", "_set", "reason")
+    __slots__ = ("_callbacks", "_event", "_lock", "_set", "error_type", "reason")
 
-    def __init__(self) -> None:
+    def __init__(self, reason: str = "the run was cancelled",
+                 error_type: type[BaseException] = RunCancelled) -> None:
         self._set = False
-        self._event = threading.Event()
+        self._event: threading.Event | None = None
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[], None]] = []
-        self.reason = "the run was cancelled"
+        self.reason = reason
+        self.error_type = error_type
 
     def cancel(self, reason: str | None = None) -> None:
         """Set the signal and wake everything listening to it. Safe to call twice."""
@@ -52,7 +58,9 @@ class CancelSignal:
                 self.reason = reason
             self._set = True
             callbacks, self._callbacks = self._callbacks, []
-        self._event.set()
+            event = self._event
+        if event is not None:
+            event.set()
         for callback in callbacks:
             callback()
 
@@ -66,7 +74,13 @@ class CancelSignal:
         A backoff or any other pause inside a run waits with this instead
         of ``time.sleep``, so a cancellation ends the pause at once.
         """
-        return self._event.wait(timeout)
+        with self._lock:
+            if self._set:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
 
     def add_callback(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback()`` on cancellation (now, if already cancelled).
@@ -85,14 +99,14 @@ class CancelSignal:
         with self._lock, contextlib.suppress(ValueError):  # already called
             self._callbacks.remove(callback)
 
-    def error(self) -> RunCancelled:
-        """The exception a cancelled run raises."""
-        return RunCancelled(self.reason)
+    def error(self) -> BaseException:
+        """The exception a cancelled wait raises."""
+        return self.error_type(self.reason)
 
     def raise_if_set(self) -> None:
-        """Raise ``RunCancelled`` if the signal is set."""
+        """Raise ``error()`` if the signal is set."""
         if self._set:
-            raise RunCancelled(self.reason)
+            raise self.error_type(self.reason)
 
 
 class CancelPipe:

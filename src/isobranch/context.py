@@ -152,6 +152,13 @@ class ExecutionContext:
                 raise self._timeout(self.node) from exc
             raise
 
+    @property
+    def fan_out_cancel(self) -> CancelSignal | None:
+        """What stops this context's fan-outs: the run's signal, or its branch's own."""
+        if self.cancel is not None:
+            return self.cancel
+        return self.monitor.cancelled if self.monitor is not None else None
+
     def resolve(self, value: Any) -> Any:
         """``value``, or if it is awaitable (an ``async def`` node's result) what it gives.
 

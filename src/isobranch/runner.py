@@ -137,7 +137,7 @@ def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
     gathered = Gathered(plan.total, limits.fail_fast, backend.name)
     max_concurrency = fan_out.max_concurrency or context.max_concurrency
     emit = branch_events and context.branch is None  # branches' own fan-outs never emit
-    stream = stream_results(backend, plan.tasks, max_concurrency, context.cancel)
+    stream = stream_results(backend, plan.tasks, max_concurrency, context.fan_out_cancel)
     try:
         for position, result in stream:
             stop = gathered.add(position, result)
@@ -150,8 +150,8 @@ def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
         raise NodeFailure(f"{_where(node, context)}: cannot copy an item for its map branches: "
                           f"{exc}", node=node, branch=context.branch,
                           error_type="StateCopyError", state=dict(state)) from exc
-    except GraphExecutionError:
-        raise
+    except (GraphExecutionError, BranchCancelled, BranchTimeout):
+        raise  # a failure under fail_fast; the branch this fan-out is in was cancelled
     except Exception as exc:  # the backend could not run the fan-out at all
         raise NodeFailure(f"fan-out from {_where(node, context)}: backend {backend.name!r} "
                           f"failed: {type(exc).__name__}: {exc}", node=node,

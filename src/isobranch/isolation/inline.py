@@ -39,7 +39,7 @@ class InlineBackend:
         for position, task in enumerate(tasks):
             cancel.raise_if_set()
             monitor = BranchMonitor()
-            forget = cancel.add_callback(monitor.cancelled.set)
+            forget = cancel.add_callback(monitor.cancelled.cancel)
             try:
                 result = run_branch(task, monitor)
             finally:

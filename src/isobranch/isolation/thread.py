@@ -105,7 +105,7 @@ class ThreadBackend:
                 for submitted, result in lanes.consume(reports):
                     yield submitted.position, result
                 for submitted in _overdue(lanes.outstanding()):
-                    submitted.monitor.cancelled.set()
+                    submitted.monitor.cancelled.cancel()
                     self._abandon(lanes.give_up(submitted))
                     yield submitted.position, timed_out_result(submitted.task, submitted.monitor)
         finally:
@@ -114,7 +114,7 @@ class ThreadBackend:
             # close() does not wait for one stuck in a single Python call.
             stopped_early = lanes.stop()
             for submitted in stopped_early:
-                submitted.monitor.cancelled.set()
+                submitted.monitor.cancelled.cancel()
             if stopped_early:
                 self._abandon(lanes.futures())
             if forget is not None:
