@@ -456,3 +456,23 @@ def test_fail_fast_stops_a_siblings_nested_fan_out(no_thread_leak):
     with graph.compile(isolation="thread", lua_timeout=None, fail_fast=True) as compiled, \
             pytest.raises(GraphExecutionError, match="broken"):
         compiled.invoke({})
+
+
+def test_errors_reach_the_awaiting_caller_as_they_do_in_sync_calls():
+    from isobranch import GraphError
+
+    compiled = build_graph().compile(isolation="inline")
+
+    async def scenario():
+        with pytest.raises(GraphError, match="unknown key"):
+            await compiled.ainvoke({}, {"isolaton": "thread"})
+        with pytest.raises(GraphError, match="must be a dict"):
+            await compiled.ainvoke([1])
+        with pytest.raises(GraphError, match="unknown key"):
+            async for _ in compiled.astream({}, {"isolaton": "thread"}):
+                pass
+        compiled.close()
+        with pytest.raises(GraphExecutionError, match="closed"):
+            await compiled.ainvoke({})
+
+    asyncio.run(scenario())
