@@ -339,7 +339,8 @@ class DaskBackend:
         position = 0
         upcoming: BranchTask | None = first
         # A cancellation wakes the wait for finished futures (any item does).
-        forget = cancel.add_callback(lambda: fan_out.finished.put(None)) if cancel else None
+        forget = (cancel.add_callback(lambda: fan_out.finished.put(None))
+                  if cancel is not None else None)
         try:
             while True:
                 if cancel is not None:
