@@ -207,25 +207,35 @@ def _wait_until(condition, seconds: float) -> bool:
     return True
 
 
-async def _cancelled_by(how: str, run) -> float:
-    """Start ``run()``, cancel it ``how`` once its branch started; seconds from cancel to raise."""
+async def _until_marked(marks, task: asyncio.Task) -> None:
+    """Wait until a branch wrote its mark (the run is under way), failing if the run ended."""
+    deadline = time.monotonic() + 60
+    while not os.listdir(marks):
+        assert not task.done(), "the run ended before any branch started"
+        assert time.monotonic() < deadline, "no branch started within 60 s"
+        await asyncio.sleep(0.01)
+
+
+async def _cancel_once_started(how: str, run, marks) -> float:
+    """Start ``run()``, cancel it ``how`` once a branch runs; seconds from cancel to raise."""
+    task = asyncio.create_task(run())
+    await _until_marked(marks, task)
+    cancelled_at = time.monotonic()
     if how == "task.cancel":
-        task = asyncio.create_task(run())
-        await asyncio.sleep(0.3)
-        cancelled_at = time.monotonic()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
     elif how == "asyncio.timeout":
+        cancelled_at += 0.05
         with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.3):
-                await run()
-        cancelled_at = None
+            async with asyncio.timeout(0.05):
+                await task
     else:
+        cancelled_at += 0.05
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(run(), 0.3)
-        cancelled_at = None
-    return cancelled_at  # type: ignore[return-value]
+            await asyncio.wait_for(task, 0.05)
+    assert task.cancelled()
+    return time.monotonic() - cancelled_at
 
 
 @pytest.mark.parametrize("how", ["task.cancel", "asyncio.timeout", "wait_for"])
@@ -234,15 +244,8 @@ def test_cancelling_stops_the_run_for_real(app, how, tmp_path):
     marks.mkdir()
     # One branch at a time: the other two are pending when the cancellation comes.
     config = {"max_concurrency": 1}
-
-    async def scenario():
-        started = time.monotonic()
-        cancelled_at = await _cancelled_by(
-            how, lambda: app.ainvoke({"x": 1, "mode": "spin", "marks": str(marks)}, config))
-        ended = time.monotonic()
-        return ended - (cancelled_at or started + 0.3)
-
-    latency = asyncio.run(scenario())
+    latency = asyncio.run(_cancel_once_started(
+        how, lambda: app.ainvoke({"x": 1, "mode": "spin", "marks": str(marks)}, config), marks))
     assert latency < 1.0, f"CancelledError came {latency:.2f}s after the cancellation"
     started = _started(marks)
     assert len(started) == 1, f"pending branches must never start: {started}"
@@ -406,9 +409,12 @@ def test_a_backend_that_only_returns_lists_stops_before_its_next_chunk(tmp_path)
     marks.mkdir()
     with build_graph().compile(isolation=ListsOnly.name, max_workers=1) as compiled:
         async def scenario():
-            with pytest.raises(TimeoutError):
-                await asyncio.wait_for(compiled.ainvoke(
-                    {"mode": "sleep", "marks": str(marks)}, {"max_concurrency": 1}), 0.1)
+            task = asyncio.create_task(compiled.ainvoke(
+                {"mode": "sleep", "marks": str(marks)}, {"max_concurrency": 1}))
+            await _until_marked(marks, task)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
 
         asyncio.run(scenario())
         # The first chunk (one branch, sleeping 0.3 s) runs out; no other starts.
