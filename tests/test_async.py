@@ -482,3 +482,38 @@ def test_errors_reach_the_awaiting_caller_as_they_do_in_sync_calls():
             await compiled.ainvoke({})
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("isolation", ["inline", "thread", "process"])
+def test_cancelling_at_any_moment_stops_cleanly(isolation):
+    """Cancellations at moments spread over a run: before it starts, in a node, in the
+    fan-out, at the fan-in. Each call ends at once, nothing keeps running, the graph works."""
+    import random
+
+    chooser = random.Random(15)
+    with build_graph().compile(isolation=isolation, max_workers=2, lua_timeout=None) as compiled:
+        compiled.invoke({})
+
+        async def once(delay: float, mode: str) -> tuple[str, float]:
+            task = asyncio.create_task(compiled.ainvoke({"x": 2, "mode": mode}))
+            await asyncio.sleep(delay)  # the moment varies on purpose: it is the input here
+            task.cancel()
+            cancelled_at = time.monotonic()
+            try:
+                state = await task
+            except asyncio.CancelledError:
+                return "cancelled", time.monotonic() - cancelled_at
+            assert final(state) == expected(2)
+            return "finished", time.monotonic() - cancelled_at
+
+        outcomes = set()
+        for _ in range(20):
+            delay = chooser.choice([0, 0.0005, 0.002, 0.005, 0.02, 0.05])
+            outcome, latency = asyncio.run(once(delay, chooser.choice(["quick", "spin"])))
+            outcomes.add(outcome)
+            assert latency < 1.0
+            busy = [t.name for t in threading.enumerate()
+                    if {"run_steps", "run_branch"} & set(_frames_of(t.ident))]
+            assert not busy, f"still running after a cancellation at {delay}s: {busy}"
+        assert "cancelled" in outcomes
+        assert final(compiled.invoke({"x": 3})) == expected(3)
