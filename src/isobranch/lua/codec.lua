@@ -8,6 +8,8 @@ local rawget, rawlen, setmetatable = lib.rawget, lib.rawlen, lib.setmetatable
 local math_type, format, sub, byte, char = lib.math_type, lib.format, lib.sub, lib.byte, lib.char
 local concat, unpack_string, pack_string = lib.concat, lib.unpack_string, lib.pack_string
 local CONVERT = lib.CONVERT
+-- Lazily filled states (lazy.lua): each is filled before it is encoded.
+local LAZY, fill_lazy = lib.LAZY, lib.fill_lazy
 -- convert.py's MAX_DEPTH and the reason it gives: containers nested deeper
 -- are refused both ways, with their path.
 local MAX_DEPTH, DEPTH_REASON = lib.MAX_DEPTH, lib.DEPTH_REASON
@@ -28,10 +30,11 @@ local B_SHORT_ASCII, B_SHORT_ASCII_INTERNED, B_BYTES = 122, 90, 115         -- z
 local B_TUPLE, B_SMALL_TUPLE, B_LIST, B_DICT, B_REF = 40, 41, 91, 123, 114  -- ( ) [ { r
 local FLAG_REF = 128
 
-local function decode(data)
+-- depth: how deep in the whole value the decoded one sits (0 for the root).
+local function decode(data, depth)
   local pos = 1
   local refs, building, ref_count = {}, {}, 0
-  local depth = 0
+  depth = depth or 0
   local read
 
   -- The path is found on the Python side, from the original value.
@@ -207,6 +210,7 @@ local function encode(value)
 
   local function enc_table(t, key)
     if visiting[t] then fail(key, "cycle (a table that contains itself)") end
+    if LAZY[t] then fill_lazy(t) end
     visiting[t] = true
     depth = depth + 1
     keys[depth] = key

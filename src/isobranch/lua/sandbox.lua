@@ -8,11 +8,14 @@
 -- that user code can see carries a metatable of ours: a reachable marker
 -- metatable could be given __gc or __newindex and run user code where no
 -- hook can stop it.
-local wall_check, hook_count, codec_bytecode, on_armed, max_depth, depth_reason = ...
+local wall_check, hook_count, codec_bytecode, on_armed, max_depth, depth_reason, lazy_bytecode,
+  fetch = ...
 
 local type, next, select, error, tostring = type, next, select, error, tostring
 local rawget, rawset, rawlen, rawequal = rawget, rawset, rawlen, rawequal
-local setmetatable, load, xpcall, pcall = setmetatable, load, xpcall, pcall
+local setmetatable, getmetatable, load, xpcall, pcall = setmetatable, getmetatable, load, xpcall,
+  pcall
+local pairs = pairs
 local math_type = math.type
 local find, format, sub, byte, char = string.find, string.format, string.sub, string.byte,
   string.char
@@ -143,12 +146,39 @@ G.load = function(chunk, name, mode, ...)
   if fn == nil then check_after_error() end
   return fn, err
 end
+---------------------------------------------------------------- lazy state
+local codec, lazy
+local function get_codec()
+  if codec == nil then
+    -- An empty environment: the codec sees only what it is given.
+    codec = load(codec_bytecode, "=isobranch/codec", "b", {})({
+      type = type, next = next, error = error, tostring = tostring, rawget = rawget,
+      rawlen = rawlen, setmetatable = setmetatable, math_type = math_type, format = format,
+      sub = sub, byte = byte, char = char, concat = concat, unpack_string = unpack_string,
+      pack_string = pack_string, CONVERT = CONVERT, MAX_DEPTH = max_depth,
+      DEPTH_REASON = depth_reason, LAZY = lazy.records, fill_lazy = lazy.fill_all,
+    })
+  end
+  return codec
+end
+-- lazy.lua's replacements know a lazily filled state from a plain table;
+-- nothing else in the VM has to.
+lazy = load(lazy_bytecode, "=isobranch/lazy", "b", {})({
+  type = type, error = error, select = select, pcall = pcall, find = find, sub = sub,
+  next = next, pairs = pairs, rawget = rawget, rawset = rawset, getmetatable = getmetatable,
+  setmetatable = setmetatable, fetch = fetch, CONVERT = CONVERT,
+  get_decode = function() return get_codec().decode end,
+})
+G.next, G.pairs, G.rawget, G.rawset = lazy.next, lazy.pairs, lazy.rawget, lazy.rawset
+G.getmetatable = lazy.getmetatable
+local before_setmetatable = lazy.before_setmetatable
 G.setmetatable = function(t, mt)
   -- Lua 5.4 runs finalizers with hooks disabled, so a looping __gc could
   -- never be stopped; objects are marked for finalization only here.
   if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
     error("setmetatable: __gc metamethods are not allowed in the sandbox", 2)
   end
+  before_setmetatable(t)
   return setmetatable(t, mt)
 end
 
@@ -266,21 +296,6 @@ end
 getmetatable("").__metatable = false
 
 ---------------------------------------------------------------- calls
-local codec
-local function get_codec()
-  if codec == nil then
-    -- An empty environment: the codec sees only what it is given.
-    codec = load(codec_bytecode, "=isobranch/codec", "b", {})({
-      type = type, next = next, error = error, tostring = tostring, rawget = rawget,
-      rawlen = rawlen, setmetatable = setmetatable, math_type = math_type, format = format,
-      sub = sub, byte = byte, char = char, concat = concat, unpack_string = unpack_string,
-      pack_string = pack_string, CONVERT = CONVERT, MAX_DEPTH = max_depth,
-      DEPTH_REASON = depth_reason,
-    })
-  end
-  return codec
-end
-
 local handled
 local function on_error(err)
   -- Runs with hooks disabled after a hook error: only our own code here.
@@ -318,7 +333,7 @@ local NODE_PREFIX = "local state, variables = ...; "
 -- "node" (state and variables are locals), "condition" (an expression).
 -- Returns a status ("ok", "scalar", "error", "convert", "timeout",
 -- "memory") and a payload.
-function run(mode, code, chunk_name, state_data, variables_data)
+function run(mode, code, chunk_name, state_data, variables_data, lazy_state)
   local ok, state, variables
   if state_data or variables_data then
     -- Decoding builds many tables at once: the collector would only slow it.
@@ -326,6 +341,8 @@ function run(mode, code, chunk_name, state_data, variables_data)
     if state_data then
       ok, state = pcall(get_codec().decode, state_data)
       if not ok then return decode_failed(state) end
+      -- A lazy state arrives as the list of its keys; values come on first read.
+      if lazy_state then state = lazy.new_state(state) end
     end
     if variables_data then
       ok, variables = pcall(get_codec().decode, variables_data)
@@ -363,6 +380,11 @@ function run(mode, code, chunk_name, state_data, variables_data)
   if hook_count then sethook() end
   raw_collect("restart")
   if expired or in_wall_check then return "timeout", "timeout" end
+  local failed = lazy.take_failure()
+  if failed then
+    if failed.memory then return "memory", "not enough memory" end
+    return "convert_input", failed.message, failed.index
+  end
   if ok then return status, payload end
   -- Lua calls no message handler for out-of-memory errors.
   if not handled and status == "not enough memory" then return "memory", status end
@@ -370,5 +392,35 @@ function run(mode, code, chunk_name, state_data, variables_data)
   return "error", status
 end
 
-return run
+local function fill_escaped_states()
+  -- Only the value of this call is in Python: a lazy state still reachable
+  -- after the call (kept in a global, say) is filled now, or a later call
+  -- would read another call's values. One full collection tells.
+  if not lazy.any_pending() then return nil end
+  raw_collect("collect")
+  if not lazy.any_pending() then return nil end
+  raw_collect("stop")
+  local ok, err = pcall(lazy.fill_every_state)
+  raw_collect("restart")
+  local failed = lazy.take_failure()
+  if failed and failed.memory then return "memory", "not enough memory" end
+  if failed then return "convert_input", failed.message, failed.index end
+  if not ok then return decode_failed(err) end
+  return nil
+end
+
+-- The call the runtime makes: run() in its own frame, so that once it has
+-- returned nothing on this stack still holds the call's state.
+return function(mode, code, chunk_name, state_data, variables_data, lazy_state)
+  lazy.take_failure()
+  local status, payload, index = run(mode, code, chunk_name, state_data, variables_data,
+                                     lazy_state)
+  -- After a timeout or a memory error the VM is thrown away.
+  if lazy_state and status ~= "timeout" and status ~= "memory" then
+    rawset(G, "state", nil)
+    local escaped_status, escaped_payload, escaped_index = fill_escaped_states()
+    if escaped_status then return escaped_status, escaped_payload, escaped_index end
+  end
+  return status, payload, index
+end
 

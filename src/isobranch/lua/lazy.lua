@@ -1,0 +1,187 @@
+-- A lazily filled `state` for isobranch's sandbox (sandbox.lua loads it
+-- once per VM with the library functions it needs, so nothing user code did
+-- to the globals can reach it). Returns the functions the sandbox uses and
+-- the replacements it installs for the globals that could tell a lazy state
+-- from a plain table.
+--
+-- `state` is a real Lua table. Its top-level values stay in Python until
+-- first read: a shared metatable, LAZY_META, fills a key from Python on its
+-- first read (__index) and forgets the pending value on a write to it
+-- (__newindex). Once every key is filled the metatable is removed, so the
+-- table is then plain in every way. User code never sees LAZY_META:
+-- getmetatable answers nil for a lazy table, and everything that walks or
+-- reads a table raw (next, pairs, rawget, setmetatable, the result encoder)
+-- fills what it needs first. rawset drops the pending value it overwrites.
+-- `#`, rawlen and ipairs need nothing: only states whose keys are all
+-- strings are lazy, so the array part is never pending.
+local lib = ...
+local type, error, select, pcall = lib.type, lib.error, lib.select, lib.pcall
+local find, sub = lib.find, lib.sub
+local raw_next, rawget, rawset = lib.next, lib.rawget, lib.rawset
+local raw_getmetatable, raw_setmetatable = lib.getmetatable, lib.setmetatable
+local fetch, get_decode, CONVERT = lib.fetch, lib.get_decode, lib.CONVERT
+
+-- lazy table -> its record: pending (key -> index into the call's values),
+-- count (how many keys are still pending). Weak keys: a state user code no
+-- longer reaches disappears from here at the next collection, which is how
+-- the sandbox tells whether a state outlives its call.
+local RECORDS = raw_setmetatable({}, {__mode = "k"})
+-- The first failed fill of this call: {index = i, message = m} or
+-- {memory = true}. It is sticky: user code that catches the error still
+-- ends with it.
+local failure
+
+local function fill(t, record, key, index)
+  local data = fetch(index)
+  if type(data) ~= "string" then
+    if data == nil then
+      failure = failure or {memory = true}
+      error("not enough memory", 0)
+    end
+    failure = failure or {index = index, message = "cannot be converted"}
+    error(CONVERT .. "state: a value cannot be converted to Lua", 0)
+  end
+  -- Depth 1: a top-level value sits one level below `state` itself.
+  local ok, value = pcall(get_decode(), data, 1)
+  if not ok then
+    if type(value) == "string" and find(value, CONVERT, 1, true) == 1 then
+      failure = failure or {index = index, message = sub(value, #CONVERT + 1)}
+    end
+    error(value, 0)
+  end
+  record.pending[key] = nil
+  record.count = record.count - 1
+  rawset(t, key, value)
+  if record.count == 0 then
+    RECORDS[t] = nil
+    raw_setmetatable(t, nil)
+  end
+  return value
+end
+
+local function fill_all(t)
+  local record = RECORDS[t]
+  if record == nil then return end
+  for key, index in raw_next, record.pending do fill(t, record, key, index) end
+end
+
+local function drop_pending(t, record, key)
+  if record.pending[key] ~= nil then
+    record.pending[key] = nil
+    record.count = record.count - 1
+    if record.count == 0 then
+      RECORDS[t] = nil
+      raw_setmetatable(t, nil)
+    end
+  end
+end
+
+local LAZY_META = {
+  __index = function(t, key)
+    local record = RECORDS[t]
+    local index = record and record.pending[key]
+    if index == nil then return nil end
+    return fill(t, record, key, index)
+  end,
+  __newindex = function(t, key, value)
+    -- The messages Lua gives for a plain table, at the caller's line.
+    if key == nil then error("index is nil", 2) end
+    if key ~= key then error("index is NaN", 2) end
+    local record = RECORDS[t]
+    if record then drop_pending(t, record, key) end
+    rawset(t, key, value)
+  end,
+}
+
+local M = {}
+
+-- A table whose keys are `keys` (a list of strings), each filled on first
+-- read with the decoded value fetch(i) gives for keys[i].
+function M.new_state(keys)
+  local t, pending, count = {}, {}, 0
+  for i = 1, #keys do
+    if pending[keys[i]] == nil then count = count + 1 end
+    pending[keys[i]] = i
+  end
+  if count == 0 then return t end
+  RECORDS[t] = {pending = pending, count = count}
+  return raw_setmetatable(t, LAZY_META)
+end
+
+M.fill_all = fill_all
+-- For the result encoder: a table found here must be filled before it is walked.
+M.records = RECORDS
+M.is_lazy = function(t) return RECORDS[t] ~= nil end
+M.any_pending = function() return raw_next(RECORDS) ~= nil end
+function M.fill_every_state()
+  for t in raw_next, RECORDS do fill_all(t) end
+end
+function M.take_failure()
+  local f = failure
+  failure = nil
+  return f
+end
+
+local function table_expected(name, argument, count, ...)
+  local got = select("#", ...) < count and "no value" or type(argument)
+  error("bad argument #1 to '" .. name .. "' (table expected, got " .. got .. ")", 3)
+end
+
+-- Replacements for the globals of the same names.
+local function next(t, ...)
+  if type(t) ~= "table" then table_expected("next", t, 1, t, ...) end
+  if RECORDS[t] then fill_all(t) end
+  return raw_next(t, ...)
+end
+M.next = next
+
+local pairs = lib.pairs
+function M.pairs(...)
+  local t = ...
+  if type(t) ~= "table" then
+    -- Lua's own message, at the caller's line.
+    local mt = raw_getmetatable(t)
+    if type(mt) ~= "table" or rawget(mt, "__pairs") == nil then
+      table_expected("pairs", t, 1, ...)
+    end
+  elseif RECORDS[t] then
+    fill_all(t)
+  end
+  local iterator, subject, control = pairs(...)
+  -- pairs hands out next: it must be this one, not the raw one.
+  if iterator == raw_next then iterator = next end
+  return iterator, subject, control
+end
+
+function M.rawget(t, ...)
+  if type(t) ~= "table" then table_expected("rawget", t, 1, t, ...) end
+  local record = RECORDS[t]
+  if record and select("#", ...) > 0 then
+    local key = ...
+    local index = record.pending[key]
+    if index ~= nil then fill(t, record, key, index) end
+  end
+  return rawget(t, ...)
+end
+
+function M.rawset(t, ...)
+  if type(t) ~= "table" then table_expected("rawset", t, 1, t, ...) end
+  local record = RECORDS[t]
+  if record and select("#", ...) >= 2 then drop_pending(t, record, (...)) end
+  return rawset(t, ...)
+end
+
+function M.getmetatable(...)
+  if select("#", ...) == 0 then error("bad argument #1 to 'getmetatable' (value expected)", 2) end
+  local t = ...
+  if RECORDS[t] then return nil end
+  return raw_getmetatable(t)
+end
+
+-- Before user code gives a lazy state a metatable of its own, it becomes a
+-- plain table (the sandbox's setmetatable calls this first).
+M.before_setmetatable = function(t)
+  if RECORDS[t] then fill_all(t) end
+end
+
+return M
