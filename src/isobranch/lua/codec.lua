@@ -23,106 +23,208 @@ local PATH_KEYS_SHOWN = 8
 -- None, false = a dict whose keys are all integers (so it stays a dict).
 local KIND = setmetatable({}, {__mode = "k"})
 
-local B_NULL, B_NONE, B_FALSE, B_TRUE = 48, 78, 70, 84                    -- 0 N F T
-local B_INT, B_LONG, B_FLOAT = 105, 108, 103                               -- i l g
-local B_UNICODE, B_INTERNED, B_ASCII, B_ASCII_INTERNED = 117, 116, 97, 65   -- u t a A
-local B_SHORT_ASCII, B_SHORT_ASCII_INTERNED, B_BYTES = 122, 90, 115         -- z Z s
-local B_TUPLE, B_SMALL_TUPLE, B_LIST, B_DICT, B_REF = 40, 41, 91, 123, 114  -- ( ) [ { r
-local FLAG_REF = 128
+local B_NULL <const>, B_NONE <const>, B_FALSE <const>, B_TRUE <const> = 48, 78, 70, 84 -- 0 N F T
+local B_INT <const>, B_LONG <const>, B_FLOAT <const> = 105, 108, 103                  -- i l g
+local B_UNICODE <const>, B_INTERNED <const> = 117, 116                                 -- u t
+local B_ASCII <const>, B_ASCII_INTERNED <const> = 97, 65                               -- a A
+local B_SHORT_ASCII <const>, B_SHORT_ASCII_INTERNED <const>, B_BYTES <const> = 122, 90, 115 -- z Z s
+local B_TUPLE <const>, B_SMALL_TUPLE <const>, B_LIST <const> = 40, 41, 91              -- ( ) [
+local B_DICT <const>, B_REF <const> = 123, 114                                         -- { r
+local FLAG_REF <const> = 128
+local B_KEY_FIRST <const> = B_SHORT_ASCII_INTERNED + FLAG_REF -- an interned key, first time
 
+-- Table constructors that make an empty table with room for n entries.
+-- (nil fields size the table without filling it.)
+local LIST_OF_SIZE = {
+  function() return {nil} end, function() return {nil, nil} end,
+  function() return {nil, nil, nil} end, function() return {nil, nil, nil, nil} end,
+  function() return {nil, nil, nil, nil, nil} end, function() return {nil, nil, nil, nil, nil, nil} end,
+  function() return {nil, nil, nil, nil, nil, nil, nil} end,
+  function() return {nil, nil, nil, nil, nil, nil, nil, nil} end,
+}
+local function room_for_1() return {a = nil} end
+local function room_for_2() return {a = nil, b = nil} end
+local function room_for_4() return {a = nil, b = nil, c = nil, d = nil} end
+local function room_for_8() return {a = nil, b = nil, c = nil, d = nil, e = nil, f = nil, g = nil,
+                                    h = nil} end
+local function room_for_16() return {a = nil, b = nil, c = nil, d = nil, e = nil, f = nil, g = nil,
+  h = nil, i = nil, j = nil, k = nil, l = nil, m = nil, n = nil, o = nil, p = nil} end
+-- Indexed by 1 + the number of keys expected.
+local DICT_OF_SIZE = {room_for_1, room_for_1, room_for_2, room_for_4, room_for_4, room_for_8,
+  room_for_8, room_for_8, room_for_8, room_for_16, room_for_16, room_for_16, room_for_16,
+  room_for_16, room_for_16, room_for_16, room_for_16}
+local DICT_SIZES = #DICT_OF_SIZE
+
+-- Speed: this runs once per value of every state crossing into Lua. One
+-- string.byte call reads a value's type code and the 4 bytes after it,
+-- which hold a back reference's index, an int32 or a short string's size;
+-- the value types JSON-like data is made of are read inline in the list
+-- and dict loops, everything else through read().
 -- depth: how deep in the whole value the decoded one sits (0 for the root).
 local function decode(data, depth)
   local pos = 1
   local refs, building, ref_count = {}, {}, 0
+  -- Which back references are strings (most keys are): no type() call then.
+  local ref_is_string = {}
   depth = depth or 0
   local read
 
-  -- The path is found on the Python side, from the original value.
-  local function enter()
-    depth = depth + 1
-    if depth > MAX_DEPTH then error(CONVERT .. DEPTH_REASON, 0) end
+  -- Errors name no path: the Python side finds it from the original value.
+  local function cycle()
+    error(CONVERT .. "cycle (a container that contains itself)", 0)
   end
 
-  local function list_of(count, flagged)
-    enter()
-    local t = {}
-    if flagged then ref_count = ref_count + 1; refs[ref_count] = t end
-    building[t] = true
+  -- Tables are made with room for what goes in: growing one key at a time
+  -- would rehash it at every power of two. A list's length is known; a
+  -- dict is given room for as many keys as the previous dict had (the
+  -- dicts of a list are often alike).
+  local dict_hint = 1
+  local list_of, dict
+
+  -- Only a flagged container can be referred to again, so only a flagged
+  -- one is marked as being built (a reference to it then is a cycle).
+  function list_of(count, flagged)
+    depth = depth + 1
+    if depth > MAX_DEPTH then error(CONVERT .. DEPTH_REASON, 0) end
+    local make = LIST_OF_SIZE[count]
+    local t = make and make() or {}
+    if flagged then ref_count = ref_count + 1; refs[ref_count] = t; building[t] = true end
     local last = 0
     for i = 1, count do
-      local v = read()
+      local code, b1, b2, b3, b4 = byte(data, pos, pos + 4)
+      local v
+      if code == B_REF then
+        v = refs[b1 + b2 * 256 + b3 * 65536 + b4 * 16777216 + 1]; pos = pos + 5
+        if building[v] then cycle() end
+      elseif code == B_SHORT_ASCII then
+        v = sub(data, pos + 2, pos + 1 + b1); pos = pos + 2 + b1
+      elseif code == B_INT then
+        v = b1 + b2 * 256 + b3 * 65536 + b4 * 16777216; pos = pos + 5
+        if v >= 2147483648 then v = v - 4294967296 end
+      elseif code == B_FLOAT then
+        v, pos = unpack_string("<d", data, pos + 1)
+      elseif code == B_DICT then
+        pos = pos + 1; v = dict(false)
+      elseif code == B_LIST then
+        pos = pos + 5; v = list_of(b1 + b2 * 256 + b3 * 65536 + b4 * 16777216, false)
+      else
+        v = read()
+      end
       if v ~= nil then t[i] = v; last = i end
     end
-    building[t] = nil
+    if flagged then building[t] = nil end
     depth = depth - 1
     -- Trailing None would be lost (a table cannot hold nil): keep the length.
     KIND[t] = last == count or count
     return t
   end
 
-  function read()
-    local code = byte(data, pos)
-    if code == nil then error(CONVERT .. "truncated data", 0) end
+  function dict(flagged)
+    depth = depth + 1
+    if depth > MAX_DEPTH then error(CONVERT .. DEPTH_REASON, 0) end
+    local t = DICT_OF_SIZE[dict_hint]()
+    if flagged then ref_count = ref_count + 1; refs[ref_count] = t; building[t] = true end
+    local int_keys, count = true, 0
+    while true do
+      local code, b1, b2, b3, b4 = byte(data, pos, pos + 4)
+      if code == B_NULL then break end
+      local k, v, string_key
+      if code == B_REF then
+        -- A container key is refused below, whether it is being built or not.
+        local index = b1 + b2 * 256 + b3 * 65536 + b4 * 16777216 + 1
+        k, string_key = refs[index], ref_is_string[index]
+        pos = pos + 5
+      elseif code == B_KEY_FIRST then
+        k = sub(data, pos + 2, pos + 1 + b1); pos = pos + 2 + b1
+        ref_count = ref_count + 1; refs[ref_count] = k; ref_is_string[ref_count] = true
+        string_key = true
+      elseif code == B_SHORT_ASCII then
+        k = sub(data, pos + 2, pos + 1 + b1); pos = pos + 2 + b1
+        string_key = true
+      else
+        k = read()
+      end
+      code, b1, b2, b3, b4 = byte(data, pos, pos + 4)
+      if code == B_REF then
+        v = refs[b1 + b2 * 256 + b3 * 65536 + b4 * 16777216 + 1]; pos = pos + 5
+        if building[v] then cycle() end
+      elseif code == B_SHORT_ASCII then
+        v = sub(data, pos + 2, pos + 1 + b1); pos = pos + 2 + b1
+      elseif code == B_INT then
+        v = b1 + b2 * 256 + b3 * 65536 + b4 * 16777216; pos = pos + 5
+        if v >= 2147483648 then v = v - 4294967296 end
+      elseif code == B_FLOAT then
+        v, pos = unpack_string("<d", data, pos + 1)
+      elseif code == B_TRUE then
+        v = true; pos = pos + 1
+      elseif code == B_FALSE then
+        v = false; pos = pos + 1
+      elseif code == B_DICT then
+        pos = pos + 1; v = dict(false)
+      elseif code == B_LIST then
+        pos = pos + 5; v = list_of(b1 + b2 * 256 + b3 * 65536 + b4 * 16777216, false)
+      else
+        v = read()
+      end
+      count = count + 1
+      if string_key or type(k) == "string" then
+        -- A None value drops its key: a Lua table cannot hold nil.
+        if v ~= nil then t[k] = v; int_keys = false end
+      else
+        if k == nil then error(CONVERT .. "None cannot be a Lua table key", 0) end
+        if k ~= k then error(CONVERT .. "NaN cannot be a Lua table key", 0) end
+        if type(k) == "table" then error(CONVERT .. "a container cannot be a key", 0) end
+        if v ~= nil then
+          t[k] = v
+          if int_keys and math_type(k) ~= "integer" then int_keys = false end
+        end
+      end
+    end
     pos = pos + 1
+    if flagged then building[t] = nil end
+    depth = depth - 1
+    dict_hint = count < DICT_SIZES and count + 1 or DICT_SIZES
+    if int_keys and next(t) ~= nil then KIND[t] = false end
+    return t
+  end
+
+  function read()
+    local code, b1, b2, b3, b4 = byte(data, pos, pos + 4)
+    if code == nil then error(CONVERT .. "truncated data", 0) end
     local flagged = code >= FLAG_REF
     if flagged then code = code - FLAG_REF end
     local value
     if code == B_REF then
-      local index
-      index, pos = unpack_string("<i4", data, pos)
-      value = refs[index + 1]
-      if building[value] then
-        error(CONVERT .. "cycle (a container that contains itself)", 0)
-      end
+      pos = pos + 5
+      value = refs[b1 + b2 * 256 + b3 * 65536 + b4 * 16777216 + 1]
+      if building[value] then cycle() end
       return value
     elseif code == B_SHORT_ASCII or code == B_SHORT_ASCII_INTERNED then
-      local size = byte(data, pos)
-      value = sub(data, pos + 1, pos + size); pos = pos + 1 + size
+      value = sub(data, pos + 2, pos + 1 + b1); pos = pos + 2 + b1
     elseif code == B_INT then
-      value, pos = unpack_string("<i4", data, pos)
+      value = b1 + b2 * 256 + b3 * 65536 + b4 * 16777216; pos = pos + 5
+      if value >= 2147483648 then value = value - 4294967296 end
     elseif code == B_FLOAT then
-      value, pos = unpack_string("<d", data, pos)
+      value, pos = unpack_string("<d", data, pos + 1)
     elseif code == B_DICT then
-      enter()
-      local t = {}
-      if flagged then ref_count = ref_count + 1; refs[ref_count] = t end
-      building[t] = true
-      local int_keys = true
-      while byte(data, pos) ~= B_NULL do
-        local k = read()
-        local v = read()
-        if type(k) ~= "string" then
-          if k == nil then error(CONVERT .. "None cannot be a Lua table key", 0) end
-          if k ~= k then error(CONVERT .. "NaN cannot be a Lua table key", 0) end
-          if type(k) == "table" then error(CONVERT .. "a container cannot be a key", 0) end
-          if int_keys and v ~= nil and math_type(k) ~= "integer" then int_keys = false end
-        elseif v ~= nil then
-          int_keys = false
-        end
-        -- A None value drops its key: a Lua table cannot hold nil.
-        if v ~= nil then t[k] = v end
-      end
       pos = pos + 1
-      building[t] = nil
-      depth = depth - 1
-      if int_keys and next(t) ~= nil then KIND[t] = false end
-      return t
+      return dict(flagged)
     elseif code == B_UNICODE or code == B_INTERNED or code == B_ASCII or code == B_ASCII_INTERNED
         or code == B_BYTES then
-      value, pos = unpack_string("<s4", data, pos)
+      value, pos = unpack_string("<s4", data, pos + 1)
     elseif code == B_SMALL_TUPLE then
-      local count = byte(data, pos); pos = pos + 1
-      return list_of(count, flagged)
+      pos = pos + 2
+      return list_of(b1, flagged)
     elseif code == B_LIST or code == B_TUPLE then
       local count
-      count, pos = unpack_string("<i4", data, pos)
+      count, pos = unpack_string("<i4", data, pos + 1)
       return list_of(count, flagged)
-    elseif code == B_TRUE then return true
-    elseif code == B_FALSE then return false
-    elseif code == B_NONE then return nil
+    elseif code == B_TRUE then pos = pos + 1; return true
+    elseif code == B_FALSE then pos = pos + 1; return false
+    elseif code == B_NONE then pos = pos + 1; return nil
     elseif code == B_LONG then
       local digits
-      digits, pos = unpack_string("<i4", data, pos)
+      digits, pos = unpack_string("<i4", data, pos + 1)
       local negative = digits < 0
       if negative then digits = -digits end
       if digits > 5 then error(CONVERT .. "integer does not fit in 64 bits", 0) end
@@ -178,7 +280,11 @@ end
 local STRING_PREFIX = memo(function(size) return pack_string("<Bi4", B_UNICODE, size) end)
 local LIST_PREFIX = memo(function(size) return pack_string("<Bi4", B_LIST, size) end)
 local INT_BYTES = memo(function(v) return pack_string("<Bi4", B_INT, v) end)
-local KEY_BYTES = memo(function(key) return pack_string("<Bs4", B_UNICODE, key) end)
+-- A string key is written once per result, flagged so that Python keeps a
+-- reference to it, and then as a back reference ('r' and its index):
+-- Python then makes one str per distinct key, not one per dict entry.
+local KEY_BYTES = memo(function(key) return pack_string("<Bs4", B_UNICODE + FLAG_REF, key) end)
+local REF_BYTES = memo(function(index) return pack_string("<Bi4", B_REF, index) end)
 
 local function key_text(k)
   if type(k) == "string" then return "['" .. k .. "']" end
@@ -189,6 +295,8 @@ local function encode(value)
   local out, n = {}, 0
   local visiting = {}
   local keys, depth = {}, 0
+  -- String key -> its reference index in this result (0-based, as Python counts).
+  local key_refs, ref_count = {}, 0
 
   local function fail(key, message)
     local parts = {}
@@ -208,6 +316,9 @@ local function encode(value)
 
   local enc
 
+  -- Speed: the scalar types JSON-like data is made of are written inline
+  -- (SCALAR below, the same in both loops); only tables and rare values
+  -- go through enc().
   local function enc_table(t, key)
     if visiting[t] then fail(key, "cycle (a table that contains itself)") end
     if LAZY[t] then fill_lazy(t) end
@@ -215,9 +326,50 @@ local function encode(value)
     depth = depth + 1
     keys[depth] = key
     if depth > MAX_DEPTH then fail(nil, DEPTH_REASON) end
-    local length = rawlen(t)
     local kind = KIND[t]
-    local list = kind or (kind == nil and length > 0)
+    local list = kind
+    if kind == nil then list = rawlen(t) > 0 end
+    if list then
+      -- One pass when next gives exactly 1, 2, ..., n in order (a sequence
+      -- in the array part, the usual case); else the output is dropped and
+      -- the checks below decide.
+      local start, expected = n, 1
+      n = n + 1
+      for k, v in next, t do
+        if k ~= expected then list = nil; break end
+        expected = expected + 1
+        local kind_v = type(v)                                          -- SCALAR
+        if kind_v == "string" then
+          n = n + 2; out[n - 1] = STRING_PREFIX[#v]; out[n] = v
+        elseif kind_v == "number" then
+          n = n + 1
+          if math_type(v) == "float" then out[n] = pack_string("<Bd", B_FLOAT, v)
+          elseif v >= 0 and v < 1024 then out[n] = INT_BYTES[v]
+          elseif v >= INT32_MIN and v <= INT32_MAX then out[n] = pack_string("<Bi4", B_INT, v)
+          else out[n] = long_bytes(v) end
+        elseif kind_v == "boolean" then
+          n = n + 1; out[n] = v and "T" or "F"
+        elseif kind_v == "table" then
+          enc_table(v, k)
+        else
+          enc(v, k)
+        end
+      end
+      if list then
+        local length = expected - 1
+        if math_type(kind) == "integer" then
+          for _ = length + 1, kind do n = n + 1; out[n] = "N" end
+          if kind > length then length = kind end
+        end
+        out[start + 1] = LIST_PREFIX[length]
+        depth = depth - 1
+        visiting[t] = nil
+        return
+      end
+      n = start
+      list = true
+    end
+    local length = rawlen(t)
     if list then
       -- A list only if every key is an integer 1..n (a marked list may
       -- also declare a longer length, for a tail of None).
@@ -244,19 +396,33 @@ local function encode(value)
     else
       n = n + 1; out[n] = "{"
       for k, v in next, t do
-        -- The common case inline: a string key and a string or float value.
         if type(k) == "string" then
-          n = n + 1; out[n] = KEY_BYTES[k]
+          n = n + 1
+          local index = key_refs[k]
+          if index then
+            out[n] = REF_BYTES[index]
+          else
+            out[n] = KEY_BYTES[k]
+            key_refs[k] = ref_count; ref_count = ref_count + 1
+          end
         elseif type(k) == "table" then
           fail(k, "a table cannot be a Python dict key")
         else
           enc(k, k)
         end
-        local kind_v = type(v)
+        local kind_v = type(v)                                          -- SCALAR
         if kind_v == "string" then
           n = n + 2; out[n - 1] = STRING_PREFIX[#v]; out[n] = v
-        elseif kind_v == "number" and math_type(v) == "float" then
-          n = n + 1; out[n] = pack_string("<Bd", B_FLOAT, v)
+        elseif kind_v == "number" then
+          n = n + 1
+          if math_type(v) == "float" then out[n] = pack_string("<Bd", B_FLOAT, v)
+          elseif v >= 0 and v < 1024 then out[n] = INT_BYTES[v]
+          elseif v >= INT32_MIN and v <= INT32_MAX then out[n] = pack_string("<Bi4", B_INT, v)
+          else out[n] = long_bytes(v) end
+        elseif kind_v == "boolean" then
+          n = n + 1; out[n] = v and "T" or "F"
+        elseif kind_v == "table" then
+          enc_table(v, k)
         else
           enc(v, k)
         end

@@ -15,11 +15,11 @@
 -- `#`, rawlen and ipairs need nothing: only states whose keys are all
 -- strings are lazy, so the array part is never pending.
 local lib = ...
-local type, error, select, pcall = lib.type, lib.error, lib.select, lib.pcall
+local type, error, select = lib.type, lib.error, lib.select
 local find, sub = lib.find, lib.sub
 local raw_next, rawget, rawset = lib.next, lib.rawget, lib.rawset
 local raw_getmetatable, raw_setmetatable = lib.getmetatable, lib.setmetatable
-local fetch, get_decode, CONVERT = lib.fetch, lib.get_decode, lib.CONVERT
+local fetch, get_decode, unhooked, CONVERT = lib.fetch, lib.get_decode, lib.unhooked, lib.CONVERT
 
 -- lazy table -> its record: pending (key -> index into the call's values),
 -- count (how many keys are still pending). Weak keys: a state user code no
@@ -42,7 +42,7 @@ local function fill(t, record, key, index)
     error(CONVERT .. "state: a value cannot be converted to Lua", 0)
   end
   -- Depth 1: a top-level value sits one level below `state` itself.
-  local ok, value = pcall(get_decode(), data, 1)
+  local ok, value = unhooked(get_decode(), data, 1)
   if not ok then
     if type(value) == "string" and find(value, CONVERT, 1, true) == 1 then
       failure = failure or {index = index, message = sub(value, #CONVERT + 1)}
