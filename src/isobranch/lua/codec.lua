@@ -8,6 +8,12 @@ local rawget, rawlen, setmetatable = lib.rawget, lib.rawlen, lib.setmetatable
 local math_type, format, sub, byte, char = lib.math_type, lib.format, lib.sub, lib.byte, lib.char
 local concat, unpack_string, pack_string = lib.concat, lib.unpack_string, lib.pack_string
 local CONVERT = lib.CONVERT
+-- Conversion runs without the count hook (sandbox.lua's unhooked), so it
+-- looks at the clock itself, every TICK values: check_time raises the
+-- timeout once a call's deadline has passed.
+local check_time = lib.check_time
+local TICK <const> = 1024
+local ticks = TICK
 -- Lazily filled states (lazy.lua): each is filled before it is encoded.
 local LAZY, fill_lazy = lib.LAZY, lib.fill_lazy
 -- convert.py's MAX_DEPTH and the reason it gives: containers nested deeper
@@ -92,6 +98,8 @@ local function decode(data, depth)
     local last = 0
     for i = 1, count do
       local code, b1, b2, b3, b4 = byte(data, pos, pos + 4)
+      ticks = ticks - 1
+      if ticks == 0 then ticks = TICK; check_time() end
       local v
       if code == B_REF then
         v = refs[b1 + b2 * 256 + b3 * 65536 + b4 * 16777216 + 1]; pos = pos + 5
@@ -126,25 +134,31 @@ local function decode(data, depth)
     if flagged then ref_count = ref_count + 1; refs[ref_count] = t; building[t] = true end
     local int_keys, count = true, 0
     while true do
-      local code, b1, b2, b3, b4 = byte(data, pos, pos + 4)
+      -- Most keys are back references: then one call reads the value's code too.
+      local code, b1, b2, b3, b4, c, c1, c2, c3, c4 = byte(data, pos, pos + 9)
       if code == B_NULL then break end
+      ticks = ticks - 1
+      if ticks == 0 then ticks = TICK; check_time() end
       local k, v, string_key
       if code == B_REF then
         -- A container key is refused below, whether it is being built or not.
         local index = b1 + b2 * 256 + b3 * 65536 + b4 * 16777216 + 1
         k, string_key = refs[index], ref_is_string[index]
         pos = pos + 5
-      elseif code == B_KEY_FIRST then
-        k = sub(data, pos + 2, pos + 1 + b1); pos = pos + 2 + b1
-        ref_count = ref_count + 1; refs[ref_count] = k; ref_is_string[ref_count] = true
-        string_key = true
-      elseif code == B_SHORT_ASCII then
-        k = sub(data, pos + 2, pos + 1 + b1); pos = pos + 2 + b1
-        string_key = true
+        code, b1, b2, b3, b4 = c, c1, c2, c3, c4
       else
-        k = read()
+        if code == B_KEY_FIRST then
+          k = sub(data, pos + 2, pos + 1 + b1); pos = pos + 2 + b1
+          ref_count = ref_count + 1; refs[ref_count] = k; ref_is_string[ref_count] = true
+          string_key = true
+        elseif code == B_SHORT_ASCII then
+          k = sub(data, pos + 2, pos + 1 + b1); pos = pos + 2 + b1
+          string_key = true
+        else
+          k = read()
+        end
+        code, b1, b2, b3, b4 = byte(data, pos, pos + 4)
       end
-      code, b1, b2, b3, b4 = byte(data, pos, pos + 4)
       if code == B_REF then
         v = refs[b1 + b2 * 256 + b3 * 65536 + b4 * 16777216 + 1]; pos = pos + 5
         if building[v] then cycle() end
@@ -337,6 +351,8 @@ local function encode(value)
       n = n + 1
       for k, v in next, t do
         if k ~= expected then list = nil; break end
+        ticks = ticks - 1
+        if ticks == 0 then ticks = TICK; check_time() end
         expected = expected + 1
         local kind_v = type(v)                                          -- SCALAR
         if kind_v == "string" then
@@ -391,20 +407,21 @@ local function encode(value)
       n = n + 1; out[n] = LIST_PREFIX[length]
       for i = 1, length do
         local v = rawget(t, i)
+        ticks = ticks - 1
+        if ticks == 0 then ticks = TICK; check_time() end
         if v == nil then n = n + 1; out[n] = "N" else enc(v, i) end
       end
     else
       n = n + 1; out[n] = "{"
       for k, v in next, t do
-        if type(k) == "string" then
-          n = n + 1
-          local index = key_refs[k]
-          if index then
-            out[n] = REF_BYTES[index]
-          else
-            out[n] = KEY_BYTES[k]
-            key_refs[k] = ref_count; ref_count = ref_count + 1
-          end
+        ticks = ticks - 1
+        if ticks == 0 then ticks = TICK; check_time() end
+        local index = key_refs[k]
+        if index then
+          n = n + 1; out[n] = REF_BYTES[index]
+        elseif type(k) == "string" then
+          n = n + 1; out[n] = KEY_BYTES[k]
+          key_refs[k] = ref_count; ref_count = ref_count + 1
         elseif type(k) == "table" then
           fail(k, "a table cannot be a Python dict key")
         else

@@ -31,7 +31,12 @@ local RECORDS = raw_setmetatable({}, {__mode = "k"})
 -- ends with it.
 local failure
 
+-- Which call is running: a record belongs to one call, and only that
+-- call's values can fill it.
+local call_id = 0
+
 local function fill(t, record, key, index)
+  if record.call ~= call_id then error("isobranch: a state outlived its call", 0) end
   local data = fetch(index)
   if type(data) ~= "string" then
     if data == nil then
@@ -104,7 +109,7 @@ function M.new_state(keys)
     pending[keys[i]] = i
   end
   if count == 0 then return t end
-  RECORDS[t] = {pending = pending, count = count}
+  RECORDS[t] = {pending = pending, count = count, call = call_id}
   return raw_setmetatable(t, LAZY_META)
 end
 
@@ -115,6 +120,17 @@ M.is_lazy = function(t) return RECORDS[t] ~= nil end
 M.any_pending = function() return raw_next(RECORDS) ~= nil end
 function M.fill_every_state()
   for t in raw_next, RECORDS do fill_all(t) end
+end
+function M.begin_call()
+  call_id = call_id + 1
+end
+-- After a failed fill of a state that outlived its call: what it still
+-- misses can never be filled, so it stops being lazy (the VM is discarded).
+function M.abandon_all()
+  for t in raw_next, RECORDS do
+    RECORDS[t] = nil
+    raw_setmetatable(t, nil)
+  end
 end
 function M.take_failure()
   local f = failure
@@ -128,10 +144,11 @@ local function table_expected(name, argument, count, ...)
 end
 
 -- Replacements for the globals of the same names.
-local function next(t, ...)
-  if type(t) ~= "table" then table_expected("next", t, 1, t, ...) end
+local function next(...)
+  local t = ...
+  if type(t) ~= "table" then table_expected("next", t, 1, ...) end
   if RECORDS[t] then fill_all(t) end
-  return raw_next(t, ...)
+  return raw_next(...)
 end
 M.next = next
 
@@ -153,22 +170,23 @@ function M.pairs(...)
   return iterator, subject, control
 end
 
-function M.rawget(t, ...)
-  if type(t) ~= "table" then table_expected("rawget", t, 1, t, ...) end
+function M.rawget(...)
+  local t, key = ...
+  if type(t) ~= "table" then table_expected("rawget", t, 1, ...) end
   local record = RECORDS[t]
-  if record and select("#", ...) > 0 then
-    local key = ...
+  if record and select("#", ...) > 1 then
     local index = record.pending[key]
     if index ~= nil then fill(t, record, key, index) end
   end
-  return rawget(t, ...)
+  return rawget(...)
 end
 
-function M.rawset(t, ...)
-  if type(t) ~= "table" then table_expected("rawset", t, 1, t, ...) end
+function M.rawset(...)
+  local t, key = ...
+  if type(t) ~= "table" then table_expected("rawset", t, 1, ...) end
   local record = RECORDS[t]
-  if record and select("#", ...) >= 2 then drop_pending(t, record, (...)) end
-  return rawset(t, ...)
+  if record and select("#", ...) >= 3 then drop_pending(t, record, key) end
+  return rawset(...)
 end
 
 function M.getmetatable(...)

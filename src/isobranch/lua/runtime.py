@@ -327,6 +327,11 @@ class LuaRuntime:
             self.close()
             raise self._memory_error(name)
         message = _lua_message(payload)
+        if status == "convert_escaped":
+            # A state kept past its call could not be filled: the VM, which
+            # still refers to it, is thrown away.
+            self.close()
+            status = "convert_input"
         if status == "convert_input":
             if self._lazy_error is not None:
                 raise LuaConversionError(str(self._lazy_error))

@@ -157,6 +157,7 @@ local function get_codec()
       sub = sub, byte = byte, char = char, concat = concat, unpack_string = unpack_string,
       pack_string = pack_string, CONVERT = CONVERT, MAX_DEPTH = max_depth,
       DEPTH_REASON = depth_reason, LAZY = lazy.records, fill_lazy = lazy.fill_all,
+      check_time = function() if hook_count and armed then check_time(false) end end,
     })
   end
   return codec
@@ -424,16 +425,19 @@ local function fill_escaped_states()
   local ok, err = pcall(lazy.fill_every_state)
   raw_collect("restart")
   local failed = lazy.take_failure()
+  if ok then return nil end
+  lazy.abandon_all()
   if failed and failed.memory then return "memory", "not enough memory" end
-  if failed then return "convert_input", failed.message, failed.index end
-  if not ok then return decode_failed(err) end
-  return nil
+  if failed then return "convert_escaped", failed.message, failed.index end
+  local status, message = decode_failed(err)
+  return status == "convert_input" and "convert_escaped" or status, message
 end
 
 -- The call the runtime makes: run() in its own frame, so that once it has
 -- returned nothing on this stack still holds the call's state.
 return function(mode, code, chunk_name, state_data, variables_data, lazy_state)
   lazy.take_failure()
+  lazy.begin_call()
   local status, payload, index = run(mode, code, chunk_name, state_data, variables_data,
                                      lazy_state)
   -- After a timeout or a memory error the VM is thrown away.
