@@ -310,7 +310,7 @@ local function encode(value)
   local visiting = {}
   local keys, depth = {}, 0
   -- String key -> its reference index in this result (0-based, as Python counts).
-  local key_refs, ref_count = {}, 0
+  local key_refs, ref_count, ref_keys = {}, 0, {}
 
   local function fail(key, message)
     local parts = {}
@@ -347,7 +347,7 @@ local function encode(value)
       -- One pass when next gives exactly 1, 2, ..., n in order (a sequence
       -- in the array part, the usual case); else the output is dropped and
       -- the checks below decide.
-      local start, expected = n, 1
+      local start, expected, refs_before = n, 1, ref_count
       n = n + 1
       for k, v in next, t do
         if k ~= expected then list = nil; break end
@@ -382,7 +382,10 @@ local function encode(value)
         visiting[t] = nil
         return
       end
+      -- Dropped output: keys first written in it must be written again.
       n = start
+      for i = ref_count, refs_before + 1, -1 do key_refs[ref_keys[i]] = nil end
+      ref_count = refs_before
       list = true
     end
     local length = rawlen(t)
@@ -421,7 +424,7 @@ local function encode(value)
           n = n + 1; out[n] = REF_BYTES[index]
         elseif type(k) == "string" then
           n = n + 1; out[n] = KEY_BYTES[k]
-          key_refs[k] = ref_count; ref_count = ref_count + 1
+          key_refs[k] = ref_count; ref_count = ref_count + 1; ref_keys[ref_count] = k
         elseif type(k) == "table" then
           fail(k, "a table cannot be a Python dict key")
         else

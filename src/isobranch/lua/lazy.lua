@@ -1,8 +1,8 @@
 -- A lazily filled `state` for isobranch's sandbox (sandbox.lua loads it
--- once per VM with the library functions it needs, so nothing user code did
--- to the globals can reach it). Returns the functions the sandbox uses and
--- the replacements it installs for the globals that could tell a lazy state
--- from a plain table.
+-- with a VM's first lazy state, passing the library functions it needs, so
+-- nothing user code did to the globals can reach it). Returns the
+-- functions the sandbox's replacements of next, pairs, rawget, rawset,
+-- getmetatable and setmetatable, its call loop and the encoder use.
 --
 -- `state` is a real Lua table. Its top-level values stay in Python until
 -- first read: a shared metatable, LAZY_META, fills a key from Python on its
@@ -14,18 +14,18 @@
 -- fills what it needs first. rawset drops the pending value it overwrites.
 -- `#`, rawlen and ipairs need nothing: only states whose keys are all
 -- strings are lazy, so the array part is never pending.
-local lib = ...
-local type, error, select = lib.type, lib.error, lib.select
-local find, sub = lib.find, lib.sub
-local raw_next, rawget, rawset = lib.next, lib.rawget, lib.rawset
-local raw_getmetatable, raw_setmetatable = lib.getmetatable, lib.setmetatable
-local fetch, get_decode, unhooked, CONVERT = lib.fetch, lib.get_decode, lib.unhooked, lib.CONVERT
+local type, error, unhooked, find, sub, raw_next, rawset, raw_setmetatable, CONVERT, get_decode,
+  RECORDS = ...
+-- The running call's callback into Python: fetch(i) gives the marshal bytes
+-- of the i-th key's value, false if it cannot convert, nil if it would not
+-- fit in the VM's max_memory.
+local fetch
 
--- lazy table -> its record: pending (key -> index into the call's values),
--- count (how many keys are still pending). Weak keys: a state user code no
--- longer reaches disappears from here at the next collection, which is how
--- the sandbox tells whether a state outlives its call.
-local RECORDS = raw_setmetatable({}, {__mode = "k"})
+-- RECORDS (the sandbox's): lazy table -> its record: pending (key -> index
+-- into the call's values), count (how many keys are still pending), call.
+-- Weak keys: a state user code no longer reaches disappears from it at the
+-- next collection, which is how the sandbox tells whether a state outlives
+-- its call.
 -- The first failed fill of this call: {index = i, message = m} or
 -- {memory = true}. It is sticky: user code that catches the error still
 -- ends with it.
@@ -114,15 +114,13 @@ function M.new_state(keys)
 end
 
 M.fill_all = fill_all
--- For the result encoder: a table found here must be filled before it is walked.
-M.records = RECORDS
-M.is_lazy = function(t) return RECORDS[t] ~= nil end
 M.any_pending = function() return raw_next(RECORDS) ~= nil end
 function M.fill_every_state()
   for t in raw_next, RECORDS do fill_all(t) end
 end
-function M.begin_call()
+function M.begin_call(callback)
   call_id = call_id + 1
+  fetch, failure = callback, nil
 end
 -- After a failed fill of a state that outlived its call: what it still
 -- misses can never be filled, so it stops being lazy (the VM is discarded).
@@ -138,68 +136,15 @@ function M.take_failure()
   return f
 end
 
-local function table_expected(name, argument, count, ...)
-  local got = select("#", ...) < count and "no value" or type(argument)
-  error("bad argument #1 to '" .. name .. "' (table expected, got " .. got .. ")", 3)
-end
-
--- Replacements for the globals of the same names.
-local function next(...)
-  local t = ...
-  if type(t) ~= "table" then table_expected("next", t, 1, ...) end
-  if RECORDS[t] then fill_all(t) end
-  return raw_next(...)
-end
-M.next = next
-
-local pairs = lib.pairs
-function M.pairs(...)
-  local t = ...
-  if type(t) ~= "table" then
-    -- Lua's own message, at the caller's line.
-    local mt = raw_getmetatable(t)
-    if type(mt) ~= "table" or rawget(mt, "__pairs") == nil then
-      table_expected("pairs", t, 1, ...)
-    end
-  elseif RECORDS[t] then
-    fill_all(t)
-  end
-  local iterator, subject, control = pairs(...)
-  -- pairs hands out next: it must be this one, not the raw one.
-  if iterator == raw_next then iterator = next end
-  return iterator, subject, control
-end
-
-function M.rawget(...)
-  local t, key = ...
-  if type(t) ~= "table" then table_expected("rawget", t, 1, ...) end
+-- For the sandbox's rawget and rawset: fill or forget one key.
+function M.fill_key(t, key)
   local record = RECORDS[t]
-  if record and select("#", ...) > 1 then
-    local index = record.pending[key]
-    if index ~= nil then fill(t, record, key, index) end
-  end
-  return rawget(...)
+  local index = record and record.pending[key]
+  if index ~= nil then fill(t, record, key, index) end
 end
-
-function M.rawset(...)
-  local t, key = ...
-  if type(t) ~= "table" then table_expected("rawset", t, 1, ...) end
+function M.forget_key(t, key)
   local record = RECORDS[t]
-  if record and select("#", ...) >= 3 then drop_pending(t, record, key) end
-  return rawset(...)
-end
-
-function M.getmetatable(...)
-  if select("#", ...) == 0 then error("bad argument #1 to 'getmetatable' (value expected)", 2) end
-  local t = ...
-  if RECORDS[t] then return nil end
-  return raw_getmetatable(t)
-end
-
--- Before user code gives a lazy state a metatable of its own, it becomes a
--- plain table (the sandbox's setmetatable calls this first).
-M.before_setmetatable = function(t)
-  if RECORDS[t] then fill_all(t) end
+  if record then drop_pending(t, record, key) end
 end
 
 return M

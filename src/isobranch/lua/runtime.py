@@ -218,7 +218,7 @@ class LuaRuntime:
             vm.set_max_memory(0)
         armed = self._armed if self.deadline_listener is not None else None
         self._run = vm.execute(sandbox, self._out_of_time, hook_count, codec, armed, MAX_DEPTH,
-                               DEPTH_REASON.encode(), lazy, self._fetch_state_value)
+                               DEPTH_REASON.encode(), lazy)
         if self.max_memory is not None:
             vm.set_max_memory(self.max_memory)
         self._vm = vm
@@ -289,8 +289,12 @@ class LuaRuntime:
             else ([], None, None)
         failed_index = None
         try:
+            # A lazy state's values come through this callback, passed only
+            # with the call that needs it (handing a VM a Python callable
+            # costs a microsecond, and most VMs never see a lazy state).
+            fetch = self._fetch_state_value if lazy else None
             status, payload, failed_index = self._run(mode.encode(), source, lua_name,
-                                                      state_data, variables_data, lazy)
+                                                      state_data, variables_data, fetch)
         except lua54.LuaMemoryError as exc:
             self.close()
             raise self._memory_error(name) from exc

@@ -8,8 +8,7 @@
 -- that user code can see carries a metatable of ours: a reachable marker
 -- metatable could be given __gc or __newindex and run user code where no
 -- hook can stop it.
-local wall_check, hook_count, codec_bytecode, on_armed, max_depth, depth_reason, lazy_bytecode,
-  fetch = ...
+local wall_check, hook_count, codec_bytecode, on_armed, max_depth, depth_reason, lazy_bytecode = ...
 
 local type, next, select, error, tostring = type, next, select, error, tostring
 local rawget, rawset, rawlen, rawequal = rawget, rawset, rawlen, rawequal
@@ -147,7 +146,13 @@ G.load = function(chunk, name, mode, ...)
   return fn, err
 end
 ---------------------------------------------------------------- lazy state
+-- A state whose top-level values are filled on first read (lazy.lua,
+-- loaded with a VM's first lazy state). LAZY maps each such table to its
+-- record. The globals below are the only ones that could tell it from a
+-- plain table; each fills what it touches first.
+local LAZY = setmetatable({}, {__mode = "k"})
 local codec, lazy
+local function fill_all(t) lazy.fill_all(t) end
 local function get_codec()
   if codec == nil then
     -- An empty environment: the codec sees only what it is given.
@@ -156,16 +161,17 @@ local function get_codec()
       rawlen = rawlen, setmetatable = setmetatable, math_type = math_type, format = format,
       sub = sub, byte = byte, char = char, concat = concat, unpack_string = unpack_string,
       pack_string = pack_string, CONVERT = CONVERT, MAX_DEPTH = max_depth,
-      DEPTH_REASON = depth_reason, LAZY = lazy.records, fill_lazy = lazy.fill_all,
+      DEPTH_REASON = depth_reason, LAZY = LAZY, fill_lazy = fill_all,
       check_time = function() if hook_count and armed then check_time(false) end end,
     })
   end
   return codec
 end
+
 -- Decoding a lazy state's value is the sandbox's own bounded work, as when
 -- a whole state was decoded before the call: it runs with the collector
--- paused and no count hook (a hooked loop runs 2-2.5x slower). Only our
--- code runs meanwhile; the hook is back before user code continues.
+-- paused and no count hook (a hooked loop runs 2-2.5x slower), and the
+-- codec checks the clock itself. Only our code runs meanwhile.
 local unhooked_now = false
 local function unhooked(fn, a, b)
   if unhooked_now then return pcall(fn, a, b) end
@@ -181,24 +187,66 @@ local function unhooked(fn, a, b)
   if collecting then raw_collect("restart") end
   return ok, value
 end
--- lazy.lua's replacements know a lazily filled state from a plain table;
--- nothing else in the VM has to.
-lazy = load(lazy_bytecode, "=isobranch/lazy", "b", {})({
-  type = type, error = error, select = select, unhooked = unhooked, find = find, sub = sub,
-  next = next, pairs = pairs, rawget = rawget, rawset = rawset, getmetatable = getmetatable,
-  setmetatable = setmetatable, fetch = fetch, CONVERT = CONVERT,
-  get_decode = function() return get_codec().decode end,
-})
-G.next, G.pairs, G.rawget, G.rawset = lazy.next, lazy.pairs, lazy.rawget, lazy.rawset
-G.getmetatable = lazy.getmetatable
-local before_setmetatable = lazy.before_setmetatable
+local function get_lazy()
+  if lazy == nil then
+    lazy = load(lazy_bytecode, "=isobranch/lazy", "b", {})(
+      type, error, unhooked, find, sub, next, rawset, setmetatable, CONVERT,
+      function() return get_codec().decode end, LAZY)
+  end
+  return lazy
+end
+
+-- Lua's own argument errors, at the caller's line.
+local function table_expected(name, ...)
+  local got = select("#", ...) == 0 and "no value" or type((...))
+  error("bad argument #1 to '" .. name .. "' (table expected, got " .. got .. ")", 3)
+end
+local function safe_next(...)
+  local t = ...
+  if type(t) ~= "table" then table_expected("next", ...) end
+  if LAZY[t] then fill_all(t) end
+  return next(...)
+end
+G.next = safe_next
+G.pairs = function(...)
+  local t = ...
+  if type(t) ~= "table" then
+    local mt = getmetatable(t)
+    if type(mt) ~= "table" or rawget(mt, "__pairs") == nil then table_expected("pairs", ...) end
+  elseif LAZY[t] then
+    fill_all(t)
+  end
+  local iterator, subject, control = pairs(...)
+  -- pairs hands out next: it must be this one, not the raw one.
+  if iterator == next then iterator = safe_next end
+  return iterator, subject, control
+end
+G.rawget = function(...)
+  local t, key = ...
+  if type(t) ~= "table" then table_expected("rawget", ...) end
+  if LAZY[t] and select("#", ...) > 1 then lazy.fill_key(t, key) end
+  return rawget(...)
+end
+G.rawset = function(...)
+  local t, key = ...
+  if type(t) ~= "table" then table_expected("rawset", ...) end
+  if LAZY[t] and select("#", ...) > 2 then lazy.forget_key(t, key) end
+  return rawset(...)
+end
+G.getmetatable = function(...)
+  if select("#", ...) == 0 then error("bad argument #1 to 'getmetatable' (value expected)", 2) end
+  local t = ...
+  if LAZY[t] then return nil end
+  return getmetatable(t)
+end
 G.setmetatable = function(t, mt)
   -- Lua 5.4 runs finalizers with hooks disabled, so a looping __gc could
   -- never be stopped; objects are marked for finalization only here.
   if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
     error("setmetatable: __gc metamethods are not allowed in the sandbox", 2)
   end
-  before_setmetatable(t)
+  -- A lazy state becomes a plain table before it gets a metatable of its own.
+  if LAZY[t] then fill_all(t) end
   return setmetatable(t, mt)
 end
 
@@ -402,7 +450,7 @@ function run(mode, code, chunk_name, state_data, variables_data, lazy_state)
   if hook_count then sethook() end
   raw_collect("restart")
   if expired or in_wall_check then return "timeout", "timeout" end
-  local failed = lazy.take_failure()
+  local failed = lazy_state and lazy.take_failure()
   if failed then
     if failed.memory then return "memory", "not enough memory" end
     return "convert_input", failed.message, failed.index
@@ -435,9 +483,10 @@ end
 
 -- The call the runtime makes: run() in its own frame, so that once it has
 -- returned nothing on this stack still holds the call's state.
-return function(mode, code, chunk_name, state_data, variables_data, lazy_state)
-  lazy.take_failure()
-  lazy.begin_call()
+-- fetch (a lazy state's callback) is given only with a lazy state.
+return function(mode, code, chunk_name, state_data, variables_data, fetch)
+  local lazy_state = fetch ~= nil
+  if lazy_state then get_lazy().begin_call(fetch) end
   local status, payload, index = run(mode, code, chunk_name, state_data, variables_data,
                                      lazy_state)
   -- After a timeout or a memory error the VM is thrown away.
