@@ -246,6 +246,7 @@ def same_types(a, b) -> bool:
 @given(json_like)
 @example({"": None, 1: False})
 @example({1: "one", 2: "two"})
+@example({"": [], 1: {"": False}})  # a table tried as a list first, with a key seen before
 @example([[], {}, [None], 0.0, -0.0, 1.0, True, 1])
 def test_round_trip_property(value):
     result = LuaRuntime().execute_node_code("return state", {"v": value})

@@ -44,14 +44,12 @@ HOOK_INSTRUCTIONS = 1000
 # Room for lupa's own allocations while it pushes a call's arguments, and
 # for each Lua string's header.
 _PUSH_SLACK, _STRING_OVERHEAD = 4096, 64
-_SANDBOX_SOURCE = (Path(__file__).parent / "sandbox.lua").read_bytes()
-_CODEC_SOURCE = (Path(__file__).parent / "codec.lua").read_bytes()
-_LAZY_SOURCE = (Path(__file__).parent / "lazy.lua").read_bytes()
+_CHUNKS = ("sandbox", "decode", "encode", "lazy")
 
 
 @functools.cache
-def _sandbox_bytecode() -> tuple[bytes, bytes, bytes]:
-    """The sandbox, codec and lazy-state chunks, compiled once per process.
+def _sandbox_bytecode() -> tuple[bytes, ...]:
+    """The sandbox, decode, encode and lazy-state chunks, compiled once per process.
 
     Loading bytecode skips the parser, which is most of the cost of a new VM.
     Only these trusted chunks are ever loaded as bytecode; user code cannot
@@ -60,15 +58,14 @@ def _sandbox_bytecode() -> tuple[bytes, bytes, bytes]:
     compiler = lua54.LuaRuntime(register_eval=False, register_builtins=False, encoding=None)
     dump, load = compiler.eval(b"string.dump"), compiler.eval(b"load")
 
-    def compile_chunk(source: bytes, name: bytes) -> bytes:
-        chunk = load(source, name, b"t")
+    def compile_chunk(name: str) -> bytes:
+        source = (Path(__file__).parent / f"{name}.lua").read_bytes()
+        chunk = load(source, f"=isobranch/{name}.lua".encode(), b"t")
         if chunk is None:
-            raise RuntimeError(f"isobranch: cannot compile {name.decode()}")
+            raise RuntimeError(f"isobranch: cannot compile {name}.lua")
         return dump(chunk, True)
 
-    return (compile_chunk(_SANDBOX_SOURCE, b"=isobranch/sandbox.lua"),
-            compile_chunk(_CODEC_SOURCE, b"=isobranch/codec.lua"),
-            compile_chunk(_LAZY_SOURCE, b"=isobranch/lazy.lua"))
+    return tuple(compile_chunk(name) for name in _CHUNKS)
 
 
 class LuaRuntimeError(Exception):
@@ -212,13 +209,13 @@ class LuaRuntime:
         hook_count = HOOK_INSTRUCTIONS if enforce else None
         # The only Python objects the VM ever holds: bound methods, kept as
         # private upvalues of the sandbox.
-        sandbox, codec, lazy = _sandbox_bytecode()
+        sandbox, decode, encode, lazy = _sandbox_bytecode()
         if self.max_memory is not None:
             # The setup must not fail half-way however small the limit is.
             vm.set_max_memory(0)
         armed = self._armed if self.deadline_listener is not None else None
-        self._run = vm.execute(sandbox, self._out_of_time, hook_count, codec, armed, MAX_DEPTH,
-                               DEPTH_REASON.encode(), lazy)
+        self._run = vm.execute(sandbox, self._out_of_time, hook_count, decode, encode, lazy, armed,
+                               MAX_DEPTH, DEPTH_REASON.encode())
         if self.max_memory is not None:
             vm.set_max_memory(self.max_memory)
         self._vm = vm

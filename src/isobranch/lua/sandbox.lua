@@ -1,14 +1,16 @@
 -- Sandbox for one isobranch Lua VM, precompiled once per process. It runs
 -- once per VM, before any user code, and returns the function the runtime
--- calls for every execution. The value conversion code (codec.lua) is
--- loaded only when a VM first converts a table, which keeps VM creation
--- cheap.
+-- calls for every execution. The value conversion code (decode.lua,
+-- encode.lua) and the lazy state (lazy.lua) are loaded only when a VM first
+-- needs them, which keeps VM creation cheap.
 -- Everything the engine needs is captured here as a local upvalue, so user
 -- code that replaces or mutates globals cannot reach or break it. No table
--- that user code can see carries a metatable of ours: a reachable marker
+-- that user code can see carries a metatable of ours that it can reach (a
+-- lazy state's is hidden by getmetatable, see below): a reachable marker
 -- metatable could be given __gc or __newindex and run user code where no
 -- hook can stop it.
-local wall_check, hook_count, codec_bytecode, on_armed, max_depth, depth_reason, lazy_bytecode = ...
+local wall_check, hook_count, decode_bytecode, encode_bytecode, lazy_bytecode, on_armed, max_depth,
+  depth_reason = ...
 
 local type, next, select, error, tostring = type, next, select, error, tostring
 local rawget, rawset, rawlen, rawequal = rawget, rawset, rawlen, rawequal
@@ -151,21 +153,28 @@ end
 -- record. The globals below are the only ones that could tell it from a
 -- plain table; each fills what it touches first.
 local LAZY = setmetatable({}, {__mode = "k"})
-local codec, lazy
+local decoder, encoder, lazy
 local function fill_all(t) lazy.fill_all(t) end
-local function get_codec()
-  if codec == nil then
-    -- An empty environment: the codec sees only what it is given.
-    codec = load(codec_bytecode, "=isobranch/codec", "b", {})({
-      type = type, next = next, error = error, tostring = tostring, rawget = rawget,
-      rawlen = rawlen, setmetatable = setmetatable, math_type = math_type, format = format,
-      sub = sub, byte = byte, char = char, concat = concat, unpack_string = unpack_string,
-      pack_string = pack_string, CONVERT = CONVERT, MAX_DEPTH = max_depth,
-      DEPTH_REASON = depth_reason, LAZY = LAZY, fill_lazy = fill_all,
-      check_time = function() if hook_count and armed then check_time(false) end end,
-    })
-  end
-  return codec
+-- Which Python container a decoded table came from (decode.lua explains).
+local KIND = setmetatable({}, {__mode = "k"})
+local function load_codec(bytecode, name)
+  -- An empty environment: the codec sees only what it is given.
+  return load(bytecode, name, "b", {})({
+    type = type, next = next, error = error, tostring = tostring, rawget = rawget,
+    rawlen = rawlen, setmetatable = setmetatable, math_type = math_type, format = format,
+    sub = sub, byte = byte, char = char, concat = concat, unpack_string = unpack_string,
+    pack_string = pack_string, CONVERT = CONVERT, MAX_DEPTH = max_depth,
+    DEPTH_REASON = depth_reason, KIND = KIND, LAZY = LAZY, fill_lazy = fill_all,
+    check_time = function() if hook_count and armed then check_time(false) end end,
+  })
+end
+local function get_decode()
+  if decoder == nil then decoder = load_codec(decode_bytecode, "=isobranch/decode") end
+  return decoder
+end
+local function get_encode()
+  if encoder == nil then encoder = load_codec(encode_bytecode, "=isobranch/encode") end
+  return encoder
 end
 
 -- Decoding a lazy state's value is the sandbox's own bounded work, as when
@@ -191,7 +200,7 @@ local function get_lazy()
   if lazy == nil then
     lazy = load(lazy_bytecode, "=isobranch/lazy", "b", {})(
       type, error, unhooked, find, sub, next, rawset, setmetatable, CONVERT,
-      function() return get_codec().decode end, LAZY)
+      get_decode, LAZY)
   end
   return lazy
 end
@@ -380,7 +389,7 @@ local function call_and_encode(fn, state, variables)
   if kind == "table" then
     -- Encoding runs no user code (raw access only), so like decoding it
     -- runs unhooked, with the collector paused (it makes little garbage).
-    local ok, encoded = unhooked(get_codec().encode, result)
+    local ok, encoded = unhooked(get_encode(), result)
     if not ok then error(encoded, 0) end
     return "ok", encoded
   end
@@ -409,13 +418,13 @@ function run(mode, code, chunk_name, state_data, variables_data, lazy_state)
     -- Decoding builds many tables at once: the collector would only slow it.
     raw_collect("stop")
     if state_data then
-      ok, state = pcall(get_codec().decode, state_data)
+      ok, state = pcall(get_decode(), state_data)
       if not ok then return decode_failed(state) end
       -- A lazy state arrives as the list of its keys; values come on first read.
       if lazy_state then state = lazy.new_state(state) end
     end
     if variables_data then
-      ok, variables = pcall(get_codec().decode, variables_data)
+      ok, variables = pcall(get_decode(), variables_data)
       if not ok then return decode_failed(variables) end
     end
     raw_collect("restart")
