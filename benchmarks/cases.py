@@ -350,10 +350,19 @@ def lua_round_trip(repeat: int = 5) -> Row:
     baseline, measured = paired_best(lambda: eager(state),
                                      lambda: runtime.execute_node_code("return state", state),
                                      repeat)
+    # CPU time too: on a machine loaded by others the wall time is mostly waiting.
+    cpu = min(_cpu_seconds(lambda: runtime.execute_node_code("return state", state))
+              for _ in range(repeat))
     return Row("Lua round trip of a 20k-item state", "<= 100 ms", baseline, measured,
                measured / 0.1, measured <= 0.1,
-               f"{measured * 1000:.1f} ms; the eager codec (bare VM, no hook) "
-               f"{baseline * 1000:.1f} ms")
+               f"{measured * 1000:.1f} ms ({cpu * 1000:.1f} ms CPU); the eager codec "
+               f"(bare VM, no hook) {baseline * 1000:.1f} ms")
+
+
+def _cpu_seconds(fn: Callable[[], object]) -> float:
+    start = time.process_time()
+    fn()
+    return time.process_time() - start
 
 
 def lua_small_read(repeat: int = 200) -> Row:
