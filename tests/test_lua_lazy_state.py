@@ -164,6 +164,16 @@ def test_encoding_a_huge_result_stops_at_the_deadline():
     assert time.monotonic() - started < 2.0
 
 
+def test_converting_a_value_read_lazily_is_not_charged_to_the_timeout():
+    # Decoding a million items takes far longer than the limit; only Lua's own
+    # work counts, as when the whole state was converted before the call.
+    runtime = LuaRuntime(timeout=0.1)
+    state = {"items": list(range(1_000_000))}
+    assert runtime.execute_node_code("return {n = #state.items}", state) == {"n": 1_000_000}
+    with pytest.raises(LuaTimeoutError):
+        runtime.execute("local n = #state.items while true do end", state)
+
+
 def test_states_that_are_not_all_string_keys_cross_whole(fetched):
     runtime = LuaRuntime()
     assert runtime.execute_node_code("return state", {1: "a", "k": [1]}) == {1: "a", "k": [1]}

@@ -8,12 +8,8 @@ local type, next, error = lib.type, lib.next, lib.error
 local math_type, format, sub, byte, char = lib.math_type, lib.format, lib.sub, lib.byte, lib.char
 local unpack_string = lib.unpack_string
 local CONVERT = lib.CONVERT
--- Conversion runs without the count hook (sandbox.lua's unhooked), so it
--- looks at the clock itself, every TICK values: check_time raises the
--- timeout once a call's deadline has passed.
-local check_time = lib.check_time
-local TICK <const> = 1024
-local ticks = TICK
+-- Decoding an input is not timed (the runtime stops the call's clock
+-- meanwhile): its size is the caller's, not the Lua code's.
 -- convert.py's MAX_DEPTH and the reason it gives: containers nested deeper
 -- are refused both ways, with their path.
 local MAX_DEPTH, DEPTH_REASON = lib.MAX_DEPTH, lib.DEPTH_REASON
@@ -96,8 +92,6 @@ local function decode(data, depth)
     local last = 0
     for i = 1, count do
       local code, b1, b2, b3, b4 = byte(data, pos, pos + 4)
-      ticks = ticks - 1
-      if ticks == 0 then ticks = TICK; check_time() end
       local v
       if code == B_REF then
         v = refs[b1 + b2 * 256 + b3 * 65536 + b4 * 16777216 + 1]; pos = pos + 5
@@ -135,8 +129,6 @@ local function decode(data, depth)
       -- Most keys are back references: then one call reads the value's code too.
       local code, b1, b2, b3, b4, c, c1, c2, c3, c4 = byte(data, pos, pos + 9)
       if code == B_NULL then break end
-      ticks = ticks - 1
-      if ticks == 0 then ticks = TICK; check_time() end
       local k, v, string_key
       if code == B_REF then
         -- A container key is refused below, whether it is being built or not.

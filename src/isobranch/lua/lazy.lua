@@ -48,6 +48,7 @@ local function fill(t, record, key, index)
   end
   -- Depth 1: a top-level value sits one level below `state` itself.
   local ok, value = unhooked(get_decode(), data, 1)
+  fetch(index, true)  -- decoded: Python's clock for this call runs again
   if not ok then
     if type(value) == "string" and find(value, CONVERT, 1, true) == 1 then
       failure = failure or {index = index, message = sub(value, #CONVERT + 1)}

@@ -133,6 +133,10 @@ class LuaRuntime:
         self._lazy_keys: list[str] = []
         self._lazy_state: dict | None = None
         self._lazy_error: ConversionError | None = None
+        # When the clock stopped for a lazy value's conversion, and the
+        # deadline last given to deadline_listener.
+        self._paused_at: float | None = None
+        self._reported_deadline: float | None = None
 
     # -- public calls -------------------------------------------------------
 
@@ -234,12 +238,19 @@ class LuaRuntime:
     def _armed(self) -> None:
         # Called from Lua once the input is decoded and the user code starts.
         if self._limit is not None and self.deadline_listener is not None:
-            self.deadline_listener(time.monotonic() + self._limit)
+            self._reported_deadline = time.monotonic() + self._limit
+            self.deadline_listener(self._reported_deadline)
 
-    def _fetch_state_value(self, index: int) -> bytes | bool | None:
+    def _fetch_state_value(self, index: int, decoded: bool = False) -> bytes | bool | None:
         # Called from Lua the first time it reads a key of a lazy state:
         # that value's bytes, False if it cannot be converted (the error is
         # kept for the call's result), None if it would not fit in max_memory.
+        # Converting the state is not Lua's time, as when a whole state was
+        # converted before the call: the clock stops from here until Lua
+        # calls again with decoded=True.
+        if decoded:
+            self._resume_lua_clock()
+            return None
         state = self._lazy_state
         if state is None or not 1 <= index <= len(self._lazy_keys):
             return False
@@ -253,7 +264,20 @@ class LuaRuntime:
         # the process (see _arguments_fit).
         if self.max_memory is not None and not self._arguments_fit(data):
             return None
+        self._paused_at = time.monotonic()
+        if self.deadline_listener is not None and self._limit is not None:
+            self.deadline_listener(None)
         return data
+
+    def _resume_lua_clock(self) -> None:
+        if self._paused_at is None:
+            return
+        paused, self._paused_at = time.monotonic() - self._paused_at, None
+        if self._deadline is not None:
+            self._deadline += paused
+        if self._reported_deadline is not None and self.deadline_listener is not None:
+            self._reported_deadline += paused
+            self.deadline_listener(self._reported_deadline)
 
     def _out_of_time(self) -> bool:
         # Called from the Lua hook about once per 5 ms of CPU time.
@@ -282,6 +306,7 @@ class LuaRuntime:
         self._deadline = time.monotonic() + limit if limit is not None else None
         self._limit = limit
         self._expired = False
+        self._paused_at = self._reported_deadline = None
         self._lazy_keys, self._lazy_state, self._lazy_error = (list(state), state, None) if lazy \
             else ([], None, None)
         failed_index = None
