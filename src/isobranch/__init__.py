@@ -9,6 +9,7 @@ from .errors import GraphError, GraphExecutionError
 from .graph import CompiledGraph, StateGraph
 from .isolation.base import IsolationBackend, available_backends, register_backend
 from .lua.runtime import LuaMemoryError, LuaRuntime, LuaRuntimeError, LuaTimeoutError
+from .retry import RetryPolicy
 from .runner import END, START
 from .yaml_engine import YAMLEngine
 
@@ -26,6 +27,7 @@ __all__ = [
     "LuaRuntimeError",
     "LuaTimeoutError",
     "ParallelFlowResult",
+    "RetryPolicy",
     "StateGraph",
     "YAMLEngine",
     "available_backends",

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .lua.runtime import LuaRuntime, LuaTimeoutError
 
 if TYPE_CHECKING:
-    from .branch import BranchLimits, BranchMonitor
+    from .branch import BranchLimits, BranchMonitor, CancelFlag
     from .graph import CompiledGraph
     from .isolation.base import IsolationBackend
 
@@ -65,8 +65,11 @@ class ExecutionContext:
                  time_limit: float | None = None, backend: IsolationBackend | None = None,
                  nested_isolation: str = "thread", max_workers: int | None = None,
                  fan_out_limits: BranchLimits, watchdog: Watchdog | None = None,
-                 max_concurrency: int | None = None) -> None:
+                 max_concurrency: int | None = None, stop: CancelFlag | None = None) -> None:
         self.graph = graph
+        # Raised by CompiledGraph.close() (and future cancellation) to end
+        # every wait of this run at once; None in a worker process.
+        self.stop = stop
         self.deadline = deadline
         self.time_limit = time_limit
         self.branch = branch
@@ -113,6 +116,22 @@ class ExecutionContext:
             if self.monitor.cancelled.is_set():
                 raise BranchCancelled(f"branch {self.branch!r} cancelled before node {node!r}")
         self.check_deadline()
+
+    def stop_flags(self) -> list[CancelFlag]:
+        """The flags that end this context's waits: the run's stop, the branch's cancel."""
+        flags = [self.stop] if self.stop is not None else []
+        if self.monitor is not None:
+            flags.append(self.monitor.cancelled)
+        return flags
+
+    def cancelled_reason(self) -> str | None:
+        """Why this context must stop now (cancelled branch, closed graph), or None."""
+        if self.monitor is not None and self.monitor.cancelled.is_set():
+            return f"branch {self.branch!r} cancelled in node {self.node!r}"
+        if self.stop is not None and self.stop.is_set():
+            where = f"branch {self.branch!r}" if self.branch else "the run"
+            return f"{where} stopped in node {self.node!r}: the graph was closed"
+        return None
 
     def check_deadline(self) -> None:
         """Raise ``BranchTimeout`` (naming the current node) if the branch is out of time."""

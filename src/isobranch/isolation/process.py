@@ -39,7 +39,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from ..branch import BranchTask, ParallelFlowResult
-from .base import register_backend, run_in_order
+from .base import NotReady, PipeWaker, register_backend, run_in_order, set_waker
 from .memory_limit import BRANCH_MEMORY_ERROR, kernel_oom_kills, memory_message, oom_killed
 from .process_pool import START_METHODS, WorkerProcess, WorkerStartError, start_launcher
 from .shipping import BackendError, pickle_graph
@@ -80,13 +80,19 @@ class _Source:
         self._position = 0
         self._front: deque[_Queued] = deque()
         self._exhausted = False
+        # The tasks answered NotReady: when to ask again (None: after a result).
+        self.waiting = False
+        self.wake_at: float | None = None
 
     def peek(self) -> _Queued | None:
-        """The next branch to start, building it if needed; None when there is none."""
+        """The next branch to start, building it if needed; None when there is none now."""
         if not self._front and not self._exhausted:
             task = next(self._tasks, None)
+            self.waiting = isinstance(task, NotReady)
             if task is None:
                 self._exhausted = True
+            elif isinstance(task, NotReady):
+                self.wake_at = task.wake_at
             else:
                 self._front.append(_Queued(self._position, task, _payload(task)))
                 self._position += 1
@@ -156,6 +162,8 @@ class ProcessBackend:
     name = "process"
     # The runner checks this before fan-out: state must pickle to get here.
     crosses_processes = True
+    # Its tasks may answer NotReady (a retry waiting); running branches go on.
+    accepts_not_ready = True
 
     @staticmethod
     def check_branch_max_memory(limit: int) -> str | None:
@@ -207,8 +215,12 @@ class ProcessBackend:
         # Branches sent ahead to a busy worker, behind the one it runs (short branches only).
         backlog: dict[Connection, deque[_Queued]] = {}
         pace = _Pace(enabled=not self.fresh_worker_per_branch)
+        # Only a source that may answer NotReady can need waking.
+        waker = PipeWaker() if callable(getattr(tasks, "set_waker", None)) else None
+        if waker is not None:
+            set_waker(tasks, waker.wake)
         try:
-            while source.peek() is not None or running:
+            while source.peek() is not None or running or source.waiting:
                 self._dispatch(source, running, limit)
                 self._send_ahead(source, running, backlog, pace)
                 timeout = _next_wakeup(running)
@@ -216,11 +228,18 @@ class ProcessBackend:
                     # Waiting for a worker another thread may free: look again soon.
                     timeout = min(timeout if timeout is not None else POOL_RECHECK_SECONDS,
                                   POOL_RECHECK_SECONDS)
+                elif source.waiting and source.wake_at is not None:
+                    # A retry is due then; a result or the waker may come first.
+                    due = max(source.wake_at - time.monotonic(), 0.0)
+                    timeout = due if timeout is None else min(timeout, due)
                 with self._lock:
                     if self._closed:
                         raise BackendError("the process backend was closed while running")
                 finished: list[tuple[int, ParallelFlowResult]] = []
-                for conn in wait(list(running), timeout=timeout):
+                for conn in wait([*running, waker.fd] if waker else list(running), timeout):
+                    if waker is not None and conn == waker.fd:
+                        waker.clear()
+                        continue
                     slot = running[conn]
                     outcome = self._receive(slot)
                     if outcome is None:
@@ -253,6 +272,8 @@ class ProcessBackend:
             # unfinished branches' workers are killed; queued tasks never start.
             for slot in running.values():
                 self._discard(slot.worker, kill=True)
+            if waker is not None:
+                waker.close()
 
     def _next_in_worker(self, conn: Connection, running: dict[Connection, _Running],
                         backlog: dict[Connection, deque[_Queued]]) -> None:
