@@ -233,9 +233,9 @@ class _Lanes:
     def ask_again(self) -> None:
         """In the consumer, after a result was handed back or a wait ended: if the source
         said it had nothing ready, ask it again (a retry may be due or newly scheduled)."""
+        if not self._not_before:  # the common case, read without the lock
+            return
         with self._lock:
-            if not self._not_before:
-                return
             self._not_before = 0.0
         self.fill()
 
