@@ -132,10 +132,16 @@ def test_a_node_retry_reruns_on_the_same_input_and_never_merges_a_failed_attempt
         return {"ok": True}
 
     with _chain(flaky, RetryPolicy(**FAST)).compile(isolation="inline") as app:
-        final = app.invoke({"items": [1]})
+        events = list(app.stream({"items": [1]}))
+    final = events[-1]["state"]
     assert seen == [{"items": [1]}] * 3, "every attempt starts from the same input"
     assert final == {"items": [1, "touched"], "junk": 3, "ok": True}, \
         "only the attempt that succeeded counts"
+    retries = [e for e in events if e["type"] == "node_retry"]
+    assert [(e["node"], e["attempt"], e["max_attempts"], e["error"], e["retry_in"])
+            for e in retries] == [("a", 1, 3, "ConnectionError: service down", 0.01),
+                                  ("a", 2, 3, "ConnectionError: service down", 0.02)]
+    assert [e["type"] for e in events] == ["node_retry", "node_retry", "node", "final"]
 
 
 def test_a_node_that_fails_every_attempt_says_which_attempt_failed():
@@ -555,6 +561,7 @@ def test_progress_counts_a_branch_once_however_often_it_ran():
                      "attempts": 2, "done": 2})
     bar, _ = progress._bars["join"]
     assert bar.n == 2
+    assert "retried=1" in bar.postfix
     progress.close()
     progress.stream.close()
 
@@ -636,3 +643,37 @@ def test_a_yaml_parallel_edge_retry_reaches_its_branch(tmp_path):
     }
     with YAMLEngine(isolation="inline").load_from_dict(document) as app:
         assert app.invoke({})["attempts"] == [3]
+
+
+def _fails_item_mod_3_times(state):
+    mark = os.path.join(state["dir"], f"n-{state['item']}")
+    with open(mark, "a") as log:
+        log.write("x")
+    with open(mark) as log:
+        attempt = len(log.read())
+    if attempt <= state["item"] % 3:
+        if state["item"] % 2:
+            raise ConnectionError(f"attempt {attempt}")
+        if state["crash"]:
+            os._exit(5)
+        time.sleep(0.3)  # past the 0.15 s branch_timeout
+    return {"attempt": attempt}
+
+
+@pytest.mark.parametrize("isolation", IN_PROCESS_AND_PROCESS)
+def test_many_branches_retried_at_once_are_each_reported_once(isolation, tmp_path):
+    """Item i fails its first i % 3 attempts (an error, a crash or a timeout)."""
+    graph = _map(_fails_item_mod_3_times, items=30,
+                 retry=RetryPolicy(initial_interval=0.001, backoff_factor=1.5,
+                                   retry_on=["ConnectionError", "WorkerCrashed",
+                                             "BranchTimeout"]))
+    crash = isolation == "process"
+    with graph.compile(isolation=isolation, max_workers=2, branch_timeout=0.15) as app:
+        events = list(app.stream({"dir": str(tmp_path), "crash": crash}))
+    results = events[-1]["state"]["results"]
+    assert [r.attempts for r in results] == [i % 3 + 1 for i in range(30)]
+    assert all(r.success and r.state["attempt"] == r.attempts for r in results)
+    finals = [e for e in events if e["type"] == "branch"]
+    assert sorted(e["index"] for e in finals) == list(range(30))
+    assert [e["done"] for e in finals] == list(range(1, 31))
+    assert len([e for e in events if e["type"] == "branch_retry"]) == sum(i % 3 for i in range(30))

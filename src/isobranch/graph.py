@@ -499,7 +499,13 @@ class CompiledGraph:
         "success", "error_type", "timed_out", "duration_ms", "attempts",
         "done", "total"}`` as each branch of a main-path fan-out finishes
         (completion order), ``{"type": "parallel", "fan_in", "branches"}``
-        after each fan-out, and ``{"type": "final", "state"}`` last.
+        after each fan-out, and ``{"type": "final", "state"}`` last. With
+        retry policies, ``{"type": "node_retry", "node", "attempt",
+        "max_attempts", "error", "error_type", "retry_in"}`` before a
+        main-path node runs again, and ``{"type": "branch_retry", ...}``
+        (``"attempt"``, ``"max_attempts"``, ``"error"``, ``"retry_in"``
+        besides the ``branch`` event's fields but ``attempts``) for each
+        branch attempt that will run again.
         """
         return self._events(state, config, snapshots=True)
 

@@ -45,8 +45,10 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
               branch_events: bool = False) -> Iterator[dict[str, Any]]:
     """Run from ``start`` until END or ``stop_at`` (not run), mutating ``state``.
 
-    Yields ``node`` and ``parallel`` events, and with ``branch_events`` a
-    ``branch`` event per finished branch of a main-path fan-out; with
+    Yields ``node`` and ``parallel`` events, a ``node_retry`` event before a
+    node's retry, and with ``branch_events`` a ``branch`` event per finished
+    branch of a main-path fan-out (a ``branch_retry`` per attempt that will
+    be retried); with
     ``snapshots`` each node event carries a shallow copy of the state so
     later steps do not change it.
     """
@@ -59,14 +61,14 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
                 f"{_where(current, context)}: stopped after {graph.max_steps} steps "
                 f"(max_steps); the graph loops", node=current, branch=context.branch,
                 error_type="MaxStepsExceeded", state=dict(state))
-        _run_node(graph, current, state, context, None)
+        yield from _run(graph, current, state, context, None)
         yield _node_event(current, state, snapshots)
         fan_out = graph.fan_out_of(current)
         if fan_out is not None:
             results = yield from _fan_out(graph, current, fan_out, state, context,
                                           branch_events=branch_events)
             yield {"type": "parallel", "fan_in": fan_out.fan_in, "branches": results}
-            _run_node(graph, fan_out.fan_in, state, context, results)
+            yield from _run(graph, fan_out.fan_in, state, context, results)
             yield _node_event(fan_out.fan_in, state, snapshots)
             current = fan_out.fan_in
         current = _route(graph, current, state, context)
@@ -81,37 +83,72 @@ def _where(node: str | None, context: ExecutionContext) -> str:
     return f"{where} in branch {context.branch!r}" if context.branch else where
 
 
+def _run(graph: CompiledGraph, name: str, state: dict, context: ExecutionContext,
+         parallel_results: list[ParallelFlowResult] | None) -> Iterator[dict[str, Any]]:
+    """Run node ``name`` on ``state``; a node with a retry policy yields a ``node_retry``
+    event before each backoff."""
+    if name in graph.node_retries:
+        yield from _run_node_with_retries(graph, name, state, context, parallel_results)
+    else:
+        _run_node(graph, name, state, context, parallel_results)
+
+
 def _run_node(graph: CompiledGraph, name: str, state: dict, context: ExecutionContext,
               parallel_results: list[ParallelFlowResult] | None) -> None:
     context.enter_node(name)
+    try:
+        update = graph.nodes[name].run(state, context, parallel_results)
+    except (BranchTimeout, BranchCancelled, GraphExecutionError):
+        raise
+    except Exception as exc:
+        raise NodeFailure(f"{_where(name, context)} failed: {type(exc).__name__}: {exc}",
+                          node=name, branch=context.branch, error_type=type(exc).__name__,
+                          state=dict(state), traceback=format_traceback(exc),
+                          error_bases=exception_names(type(exc))) from exc
+    _merge(name, update, state, context)
+
+
+def _run_node_with_retries(graph: CompiledGraph, name: str, state: dict,
+                           context: ExecutionContext,
+                           parallel_results: list[ParallelFlowResult] | None
+                           ) -> Iterator[dict[str, Any]]:
+    context.enter_node(name)
     node = graph.nodes[name]
-    policy = graph.node_retries.get(name)
-    # Every attempt of a node that may retry runs on its own deep copy of the
-    # input, so what a failed attempt changed in place is never seen.
-    pristine = _input_snapshot(name, state, context) if policy is not None else None
+    policy = graph.node_retries[name]
+    # Every attempt runs on its own deep copy of the input, so what a failed
+    # attempt changed in place is never seen.
+    pristine = _input_snapshot(name, state, context)
     attempt = 1
     while True:
-        working = pristine.copy() if pristine is not None else state
+        working = pristine.copy()
         try:
             update = node.run(working, context, parallel_results)
             break
         except (BranchTimeout, BranchCancelled, GraphExecutionError):
             raise
         except Exception as exc:
-            delay = _retry_delay(policy, attempt, exc, context)
+            delay = _retry_delay(policy, attempt, exc)
             if delay is None:
-                tried = f" on attempt {attempt} of {policy.max_attempts}" if policy else ""
                 raise NodeFailure(
-                    f"{_where(name, context)} failed{tried}: {type(exc).__name__}: {exc}",
+                    f"{_where(name, context)} failed on attempt {attempt} of "
+                    f"{policy.max_attempts}: {type(exc).__name__}: {exc}",
                     node=name, branch=context.branch, error_type=type(exc).__name__,
                     state=dict(state), traceback=format_traceback(exc),
                     error_bases=exception_names(type(exc)), attempts=attempt) from exc
+            yield {"type": "node_retry", "node": name, "attempt": attempt,
+                   "max_attempts": policy.max_attempts,
+                   "error": f"{type(exc).__name__}: {exc}", "error_type": type(exc).__name__,
+                   "retry_in": delay}
         _wait_to_retry(name, delay, attempt, context)
         attempt += 1
         context.enter_node(name)
-    if working is not state:  # the attempt that succeeded: its changes in place count
-        state.clear()
-        state.update(working)
+    # The attempt that succeeded: what it changed in place counts, as for any node.
+    state.clear()
+    state.update(working)
+    _merge(name, update, state, context)
+
+
+def _merge(name: str, update: Any, state: dict, context: ExecutionContext) -> None:
     if update is None:
         return
     if not isinstance(update, dict):
@@ -131,10 +168,9 @@ def _input_snapshot(name: str, state: dict, context: ExecutionContext) -> StateS
                           error_type="StateCopyError", state=dict(state)) from exc
 
 
-def _retry_delay(policy: RetryPolicy | None, attempt: int, exc: Exception,
-                 context: ExecutionContext) -> float | None:
+def _retry_delay(policy: RetryPolicy, attempt: int, exc: Exception) -> float | None:
     """Seconds before the next attempt of a node that raised ``exc``; None: no next attempt."""
-    if policy is None or attempt >= policy.max_attempts:
+    if attempt >= policy.max_attempts:
         return None
     if not policy.retries(failure_names(type(exc).__name__, exception_names(type(exc)))):
         return None
