@@ -40,6 +40,13 @@ def test_backoff_grows_by_the_factor_and_stops_at_the_cap():
     assert [policy.delay(n) for n in range(1, 7)] == [0.5, 1.0, 2.0, 3.0, 3.0, 3.0]
 
 
+def test_a_backoff_far_past_the_cap_does_not_overflow():
+    policy = RetryPolicy(max_attempts=10_000, backoff_factor=1e300, max_interval=7.0,
+                         jitter=False)
+    assert policy.delay(5_000) == 7.0
+    assert RetryPolicy(initial_interval=0, backoff_factor=1e300).delay(9_999) == 0.0
+
+
 def test_jitter_draws_between_half_the_interval_and_all_of_it():
     policy = RetryPolicy(initial_interval=2.0, backoff_factor=3.0, max_interval=10.0)
     assert policy.delay(2, random=lambda: 0.0) == 3.0
@@ -623,10 +630,12 @@ def test_every_retry_key_is_validated_naming_its_place(path, value, message):
 
 def test_a_number_is_short_for_max_attempts_in_yaml():
     document = yaml.safe_load(MAP_YAML)
+    document["nodes"][0]["retry"] = True
     document["nodes"][1]["retry"] = 5
     document["edges"][0]["retry"] = {"max_attempts": 2, "jitter": False}
     with YAMLEngine().load_from_dict(document) as app:
         assert app.node_retries["body"].max_attempts == 5
+        assert app.node_retries["start"] == RetryPolicy()
         assert app.fan_out_of("start").retry == RetryPolicy(max_attempts=2, jitter=False)
 
 

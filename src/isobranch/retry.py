@@ -82,8 +82,12 @@ class RetryPolicy:
         ``random`` returns a float in [0, 1) (default ``random.random``);
         tests pass their own to make jitter predictable.
         """
-        interval = min(self.initial_interval * self.backoff_factor ** max(attempt - 1, 0),
-                       self.max_interval)
+        try:
+            growth = self.backoff_factor ** max(attempt - 1, 0)
+        except OverflowError:  # far past any cap
+            growth = float("inf")
+        interval = min(self.initial_interval * growth, self.max_interval) \
+            if self.initial_interval else 0.0
         if not self.jitter:
             return interval
         draw = (random or random_module.random)()
@@ -143,7 +147,8 @@ def policy_problems(policy: Any) -> list[str]:
                 or value == float("inf"):
             problems.append(f"{key} must be a number of seconds >= 0, got {value!r}")
     factor = policy.backoff_factor
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 1 <= factor < 1e6:
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) \
+            or not 1 <= factor < float("inf"):
         problems.append(f"backoff_factor must be a number >= 1, got {factor!r}")
     if not isinstance(policy.jitter, bool):
         problems.append(f"jitter must be true or false, got {policy.jitter!r}")
@@ -179,11 +184,14 @@ def parse_policy(value: Any, where: str) -> tuple[RetryPolicy | None, list[str]]
     """A ``retry:`` value from YAML (or a dict) as a policy, with every problem found.
 
     ``retry: 3`` is ``max_attempts: 3`` with the other fields at their
-    defaults; ``retry: false`` or null is no retry; a mapping takes the
-    fields of ``RetryPolicy``. Each problem names ``where`` and the key.
+    defaults; ``retry: true`` is the default policy; ``retry: false`` or
+    null is no retry; a mapping takes the fields of ``RetryPolicy``. Each
+    problem names ``where`` and the key.
     """
     if value is None or value is False:
         return None, []
+    if value is True:
+        return RetryPolicy(), []
     if isinstance(value, RetryPolicy):
         return value, []
     if isinstance(value, int) and not isinstance(value, bool):
