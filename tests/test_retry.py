@@ -116,6 +116,21 @@ def test_the_feed_hands_a_retry_out_only_when_its_backoff_ended():
         next(feed)
 
 
+def test_a_wait_leaves_no_callback_on_its_flags():
+    from isobranch.branch import CancelFlag
+    from isobranch.retry import wait_unless
+
+    flag = CancelFlag()
+    assert wait_unless(0.0, [flag]) is False
+    assert not flag._callbacks
+    fired = threading.Timer(0.05, flag.set)
+    fired.start()
+    started = time.monotonic()
+    assert wait_unless(60, [flag]) is True
+    assert time.monotonic() - started < 5
+    fired.join()
+
+
 # -- node retries -------------------------------------------------------------------
 
 

@@ -192,18 +192,17 @@ class CancelFlag:
     registers a callback; ``set`` calls it from the setting thread.
     """
 
-    __slots__ = ("_callbacks", "_lock", "_set")
+    __slots__ = ("_callbacks", "_set")
 
     def __init__(self) -> None:
         self._set = False
-        self._callbacks: list[Callable[[], None]] = []
-        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] | None = None
 
     def set(self) -> None:
         """Raise the flag (it stays raised) and call every registered callback once."""
-        with self._lock:
+        with _CALLBACKS_LOCK:
             self._set = True
-            callbacks, self._callbacks = self._callbacks, []
+            callbacks, self._callbacks = self._callbacks or [], None
         for callback in callbacks:
             callback()
 
@@ -213,17 +212,24 @@ class CancelFlag:
 
     def add_callback(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` when the flag is raised (at once if it already is)."""
-        with self._lock:
+        with _CALLBACKS_LOCK:
             if not self._set:
-                self._callbacks.append(callback)
+                self._callbacks = [*(self._callbacks or ()), callback]
                 return
         callback()
 
     def remove_callback(self, callback: Callable[[], None]) -> None:
         """Forget ``callback`` (no error if it was called or never added)."""
-        with self._lock:
-            if callback in self._callbacks:
-                self._callbacks.remove(callback)
+        with _CALLBACKS_LOCK:
+            if self._callbacks and callback in self._callbacks:
+                # ``!=``: a bound method is a new object each time it is named.
+                self._callbacks = [c for c in self._callbacks if c != callback]
+
+
+# Guards every flag's callbacks: held only to add, take or drop one (never
+# while one runs), so one lock serves them all without contention worth a
+# lock per flag, which would cost every branch.
+_CALLBACKS_LOCK = threading.Lock()
 
 
 def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,

@@ -61,14 +61,20 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
                 f"{_where(current, context)}: stopped after {graph.max_steps} steps "
                 f"(max_steps); the graph loops", node=current, branch=context.branch,
                 error_type="MaxStepsExceeded", state=dict(state))
-        yield from _run(graph, current, state, context, None)
+        if current in graph.node_retries:  # (a generator per node would cost every branch)
+            yield from _run_node_with_retries(graph, current, state, context, None)
+        else:
+            _run_node(graph, current, state, context, None)
         yield _node_event(current, state, snapshots)
         fan_out = graph.fan_out_of(current)
         if fan_out is not None:
             results = yield from _fan_out(graph, current, fan_out, state, context,
                                           branch_events=branch_events)
             yield {"type": "parallel", "fan_in": fan_out.fan_in, "branches": results}
-            yield from _run(graph, fan_out.fan_in, state, context, results)
+            if fan_out.fan_in in graph.node_retries:
+                yield from _run_node_with_retries(graph, fan_out.fan_in, state, context, results)
+            else:
+                _run_node(graph, fan_out.fan_in, state, context, results)
             yield _node_event(fan_out.fan_in, state, snapshots)
             current = fan_out.fan_in
         current = _route(graph, current, state, context)
@@ -81,16 +87,6 @@ def _node_event(node: str, state: dict, snapshot: bool) -> dict[str, Any]:
 def _where(node: str | None, context: ExecutionContext) -> str:
     where = f"node {node!r}"
     return f"{where} in branch {context.branch!r}" if context.branch else where
-
-
-def _run(graph: CompiledGraph, name: str, state: dict, context: ExecutionContext,
-         parallel_results: list[ParallelFlowResult] | None) -> Iterator[dict[str, Any]]:
-    """Run node ``name`` on ``state``; a node with a retry policy yields a ``node_retry``
-    event before each backoff."""
-    if name in graph.node_retries:
-        yield from _run_node_with_retries(graph, name, state, context, parallel_results)
-    else:
-        _run_node(graph, name, state, context, parallel_results)
 
 
 def _run_node(graph: CompiledGraph, name: str, state: dict, context: ExecutionContext,
@@ -112,6 +108,7 @@ def _run_node_with_retries(graph: CompiledGraph, name: str, state: dict,
                            context: ExecutionContext,
                            parallel_results: list[ParallelFlowResult] | None
                            ) -> Iterator[dict[str, Any]]:
+    """Run a node that has a retry policy; yield a ``node_retry`` event before each backoff."""
     context.enter_node(name)
     node = graph.nodes[name]
     policy = graph.node_retries[name]
