@@ -701,3 +701,22 @@ def test_many_branches_retried_at_once_are_each_reported_once(isolation, tmp_pat
     assert sorted(e["index"] for e in finals) == list(range(30))
     assert [e["done"] for e in finals] == list(range(1, 31))
     assert len([e for e in events if e["type"] == "branch_retry"]) == sum(i % 3 for i in range(30))
+
+
+def test_a_lua_fan_in_node_sees_each_branch_s_attempts(tmp_path):
+    from isobranch.nodes import LuaNode
+
+    graph = StateGraph()
+    graph.add_node("start", lambda state: {"items": [0, 1, 2]})
+    graph.add_node("body", _flaky_branch_node)
+    graph.add_fan_in_node("join", LuaNode("join", """
+        local attempts = {}
+        for i, r in ipairs(state.parallel_results) do attempts[i] = r.attempts end
+        return {attempts = attempts}"""))
+    graph.add_edge(START, "start")
+    graph.add_map_edge("start", "body", over="items", fan_in="join",
+                       retry=RetryPolicy(retry_on=["OSError"], **FAST))
+    graph.add_edge("body", "join")
+    graph.add_edge("join", END)
+    with graph.compile(isolation="thread") as app:
+        assert app.invoke({"dir": str(tmp_path)})["attempts"] == [1, 2, 1]
