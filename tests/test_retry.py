@@ -117,13 +117,13 @@ def test_the_feed_hands_a_retry_out_only_when_its_backoff_ended():
 
 
 def test_a_wait_leaves_no_callback_on_its_flags():
-    from isobranch.branch import CancelFlag
+    from isobranch.cancellation import CancelSignal
     from isobranch.retry import wait_unless
 
-    flag = CancelFlag()
+    flag = CancelSignal()
     assert wait_unless(0.0, [flag]) is False
     assert not flag._callbacks
-    fired = threading.Timer(0.05, flag.set)
+    fired = threading.Timer(0.05, flag.cancel)
     fired.start()
     started = time.monotonic()
     assert wait_unless(60, [flag]) is True
@@ -720,3 +720,25 @@ def test_a_lua_fan_in_node_sees_each_branch_s_attempts(tmp_path):
     graph.add_edge("join", END)
     with graph.compile(isolation="thread") as app:
         assert app.invoke({"dir": str(tmp_path)})["attempts"] == [1, 2, 1]
+
+
+@pytest.mark.parametrize("isolation", ["thread", "process"])
+def test_cancelling_an_async_run_ends_a_long_backoff_at_once(isolation, no_process_leak):
+    import asyncio
+
+    async def main(app):
+        events = app.astream({})
+        async for event in events:
+            if event["type"] == "branch_retry":
+                break
+        started = time.monotonic()
+        task = asyncio.ensure_future(events.__anext__())
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await events.aclose()
+        return time.monotonic() - started
+
+    with _map(_fail_item_0, items=1, retry=LONG).compile(isolation=isolation) as app:
+        assert asyncio.run(main(app)) < 2

@@ -14,10 +14,11 @@ import pickle
 import threading
 import time
 import traceback as traceback_module
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from .cancellation import CancelSignal
 from .context import BranchCancelled, BranchTimeout, ExecutionContext, Watchdog
 from .errors import GraphExecutionError
 from .retry import exception_names
@@ -140,7 +141,7 @@ class BranchTask:
     path: str = ""
     index: int | None = None
     overlay: StateSnapshot | ScalarSnapshot | None = None
-    stop: CancelFlag | None = None
+    stop: CancelSignal | None = None
 
     @property
     def name(self) -> str:
@@ -175,61 +176,16 @@ class BranchMonitor:
     """Live view of a running branch for an in-process backend.
 
     The backend reads ``started_at``/``node`` to judge and report a timeout,
-    and sets ``cancelled`` so the branch stops at its next node boundary.
+    and cancels ``cancelled`` so the branch stops: at its next node boundary,
+    in Lua at once, in an awaited node at its ``await``, and in the waits of
+    its own nested fan-outs.
     """
 
     def __init__(self) -> None:
         self.started_at: float | None = None
         self.node: str | None = None
         self.state: dict | None = None
-        self.cancelled = CancelFlag()
-
-
-class CancelFlag:
-    """A flag one thread sets and another polls (cheaper than ``threading.Event`` to poll).
-
-    A wait that must end when the flag is raised (a retry's backoff)
-    registers a callback; ``set`` calls it from the setting thread.
-    """
-
-    __slots__ = ("_callbacks", "_set")
-
-    def __init__(self) -> None:
-        self._set = False
-        self._callbacks: list[Callable[[], None]] | None = None
-
-    def set(self) -> None:
-        """Raise the flag (it stays raised) and call every registered callback once."""
-        with _CALLBACKS_LOCK:
-            self._set = True
-            callbacks, self._callbacks = self._callbacks or [], None
-        for callback in callbacks:
-            callback()
-
-    def is_set(self) -> bool:
-        """Whether the flag was raised."""
-        return self._set
-
-    def add_callback(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` when the flag is raised (at once if it already is)."""
-        with _CALLBACKS_LOCK:
-            if not self._set:
-                self._callbacks = [*(self._callbacks or ()), callback]
-                return
-        callback()
-
-    def remove_callback(self, callback: Callable[[], None]) -> None:
-        """Forget ``callback`` (no error if it was called or never added)."""
-        with _CALLBACKS_LOCK:
-            if self._callbacks and callback in self._callbacks:
-                # ``!=``: a bound method is a new object each time it is named.
-                self._callbacks = [c for c in self._callbacks if c != callback]
-
-
-# Guards every flag's callbacks: held only to add, take or drop one (never
-# while one runs), so one lock serves them all without contention worth a
-# lock per flag, which would cost every branch.
-_CALLBACKS_LOCK = threading.Lock()
+        self.cancelled = CancelSignal("the branch was cancelled", BranchCancelled)
 
 
 def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,

@@ -25,11 +25,12 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .branch import CANCELLED, BranchTask, CancelFlag, ParallelFlowResult
+from .branch import CANCELLED, BranchTask, ParallelFlowResult
 from .isolation.base import NotReady, accepts_not_ready, stream_results
 from .retry import BRANCH_RETRY_ON, RetryPolicy, failure_names, wait_unless
 
 if TYPE_CHECKING:
+    from .cancellation import CancelSignal
     from .isolation.base import IsolationBackend
 
 
@@ -148,7 +149,8 @@ class RetryFeed:
 def stream_with_retries(backend: IsolationBackend, tasks: Iterator[BranchTask],
                         max_concurrency: int | None, *,
                         policy_of: Callable[[int], RetryPolicy | None],
-                        stop_flags: Iterable[CancelFlag],
+                        stop_flags: Iterable[CancelSignal],
+                        cancel: CancelSignal | None = None,
                         clock: Callable[[], float] = time.monotonic,
                         random: Callable[[], float] | None = None,
                         ) -> Iterator[tuple[int, ParallelFlowResult] | RetryNotice]:
@@ -156,16 +158,16 @@ def stream_with_retries(backend: IsolationBackend, tasks: Iterator[BranchTask],
 
     Yields each branch's final ``(position, result)`` once (``result.attempts``
     set, and the error saying which attempt failed) and a ``RetryNotice`` per
-    attempt that will run again. Raising one of ``stop_flags`` ends every
-    backoff at once (``RetriesStopped`` if a retry was still waiting).
+    attempt that will run again. Setting one of ``stop_flags`` ends every
+    backoff at once (``RetriesStopped`` if a retry was still waiting; the
+    run's ``cancel``, also passed to the backend, raises its own error).
     """
     feed = RetryFeed(tasks, finite=not accepts_not_ready(backend), clock=clock)
     flags = list(stop_flags)
-    for flag in flags:
-        flag.add_callback(feed.stop)
+    forget = [flag.add_callback(feed.stop) for flag in flags]
     try:
         while True:
-            inner = stream_results(backend, feed, max_concurrency)
+            inner = stream_results(backend, feed, max_concurrency, cancel)
             try:
                 for handed, result in inner:
                     position, task, attempt = feed.returned(handed)
@@ -196,6 +198,8 @@ def stream_with_retries(backend: IsolationBackend, tasks: Iterator[BranchTask],
                 # The backend's stream ended with retries still due (a finite
                 # source): the next round starts when the first is due.
                 wait_unless(waiting[0][0] - clock(), flags)
+            if cancel is not None:
+                cancel.raise_if_set()
             if feed.stopped:
                 _, _, task, attempt = waiting[0]
                 more = f" (and {len(waiting) - 1} more)" if len(waiting) > 1 else ""
@@ -204,5 +208,5 @@ def stream_with_retries(backend: IsolationBackend, tasks: Iterator[BranchTask],
                                      f"{attempt}")
             feed.new_round()
     finally:
-        for flag in flags:
-            flag.remove_callback(feed.stop)
+        for unregister in forget:
+            unregister()

@@ -22,10 +22,10 @@ from .branch import (
     CANCELLED,
     BranchLimits,
     BranchTask,
-    CancelFlag,
     ParallelFlowResult,
     branch_name,
 )
+from .cancellation import CancelSignal
 from .conditions import Expression
 from .statecopy import (
     StateCopyError,
@@ -103,7 +103,7 @@ def map_items(fan_out: MapFanOut, state: dict, context: ExecutionContext) -> Seq
         if isinstance(items, dict) and not items:
             items = []  # Lua has one kind of table: an empty one converts to {}
     else:
-        items = over(state)
+        items = context.resolve(over(state))
         if not isinstance(items, (list, tuple, str, bytes, dict)) and hasattr(items, "__iter__"):
             items = list(items)  # a callable may give any iterable (a generator, a range)
     if not isinstance(items, (list, tuple)):
@@ -131,7 +131,7 @@ class FanOutPlan:
 
 def static_plan(graph: CompiledGraph, fan_out: StaticFanOut, snapshot: StateSnapshot,
                 limits: BranchLimits, isolation: str, parent: str | None,
-                stop: CancelFlag | None = None) -> FanOutPlan:
+                stop: CancelSignal | None = None) -> FanOutPlan:
     """The plan of a static fan-out from ``snapshot``; ``stop`` is the run's stop flag."""
     targets = fan_out.targets
 
@@ -146,7 +146,7 @@ def static_plan(graph: CompiledGraph, fan_out: StaticFanOut, snapshot: StateSnap
 
 def map_plan(graph: CompiledGraph, fan_out: MapFanOut, items: Sequence[Any],
              snapshot: StateSnapshot, limits: BranchLimits, isolation: str, parent: str | None,
-             *, must_pickle: bool, stop: CancelFlag | None = None) -> FanOutPlan:
+             *, must_pickle: bool, stop: CancelSignal | None = None) -> FanOutPlan:
     """The plan of a map fan-out over ``items`` from ``snapshot`` (the state without the list).
 
     Each task is built when it is asked for; its item is copied then (and

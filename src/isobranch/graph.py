@@ -6,11 +6,13 @@ import functools
 import inspect
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .branch import BranchLimits, CancelFlag
+from . import async_api
+from .branch import BranchLimits
+from .cancellation import CancelSignal, RunCancelled
 from .conditions import Condition, Expression, as_condition
 from .context import ExecutionContext
 from .errors import GraphError, GraphExecutionError
@@ -450,13 +452,17 @@ class CompiledGraph:
         self._backends: dict[tuple[str, int | None], IsolationBackend] = {}
         self._pool_lock = threading.Lock()
         self._closed = False
-        # The stop flag of every run in progress: close() raises them.
-        self._runs: set[CancelFlag] = set()
-        self._finalizer = weakref.finalize(self, _close_backends, self._backends)
+        # The close() signal of every run in progress: close() sets them.
+        self._runs: set[CancelSignal] = set()
+        # Threads that run ainvoke/astream calls, started on first use.
+        self._run_threads = async_api.RunThreads()
+        self._finalizer = weakref.finalize(self, _close_backends, self._backends,
+                                           self._run_threads)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for private in ("_backends", "_pool_lock", "_finalizer", "_closed", "_runs"):
+        for private in ("_backends", "_pool_lock", "_finalizer", "_closed", "_run_threads",
+                        "_runs"):
             state.pop(private, None)
         return state
 
@@ -484,8 +490,12 @@ class CompiledGraph:
         ``branch_timeout``, ``fail_fast`` and ``max_concurrency``. Raises
         ``GraphExecutionError`` naming the node and branch that failed.
         """
+        return self._final_state(state, config)
+
+    def _final_state(self, state: dict | None, config: dict | None,
+                     cancel: CancelSignal | None = None) -> dict:
         final: dict = {}
-        for event in self._events(state, config, snapshots=False):
+        for event in self._events(state, config, snapshots=False, cancel=cancel):
             if event["type"] == "final":
                 final = event["state"]
         return final
@@ -509,8 +519,44 @@ class CompiledGraph:
         """
         return self._events(state, config, snapshots=True)
 
-    def _events(self, state: dict | None, config: dict | None, *, snapshots: bool
-                ) -> Iterator[dict[str, Any]]:
+    async def ainvoke(self, state: dict | None = None, config: dict | None = None) -> dict:
+        """``invoke`` without blocking the event loop; cancelling the awaiting task stops the run.
+
+        The run goes on in a thread of this graph's run pool. Cancellation
+        (``task.cancel()``, ``asyncio.timeout``, ``asyncio.wait_for``) stops
+        it: queued branches never start, running ones are stopped (thread
+        and inline: at once in Lua, at the next node boundary in Python;
+        process: their workers are killed; dask: their tasks are cancelled),
+        and ``CancelledError`` is raised once they have (see docs/async.md).
+        """
+        return await async_api.run_off_loop(
+            self, lambda cancel: self._final_state(state, config, cancel))
+
+    def astream(self, state: dict | None = None, config: dict | None = None
+                ) -> AsyncIterator[dict[str, Any]]:
+        """``stream`` as an async iterator; the run goes on in a thread of the run pool.
+
+        Events are the same as ``stream``'s. Leaving the ``async for``
+        early (``break``, an exception, cancellation) stops the run as a
+        cancellation does, once the iterator is closed: use
+        ``contextlib.aclosing`` to close it at once.
+        """
+        return async_api.stream_off_loop(
+            self, lambda cancel: self._events(state, config, snapshots=True, cancel=cancel))
+
+    async def aresume(self, run_id: str, **options: Any) -> dict:
+        """``resume(run_id, ...)`` without blocking the event loop (needs a checkpointer).
+
+        Cancelling it stops the resumed run like ``ainvoke``.
+        """
+        resume = getattr(self, "resume", None)
+        if resume is None:
+            raise GraphError("this compiled graph cannot resume runs: resume() is not available")
+        return await async_api.run_off_loop(
+            self, lambda cancel: async_api.call_with_cancel(resume, cancel, run_id, **options))
+
+    def _events(self, state: dict | None, config: dict | None, *, snapshots: bool,
+                cancel: CancelSignal | None = None) -> Iterator[dict[str, Any]]:
         settings = self._resolve(config)
         if state is None:
             state = {}
@@ -521,14 +567,15 @@ class CompiledGraph:
         except StateCopyError as exc:
             raise GraphError(f"the input state cannot be copied: {exc}") from exc
         backend = self._backend(settings["isolation"], settings["max_workers"])
-        stop = CancelFlag()
+        stop = CancelSignal("the graph was closed while the run was in progress", RunCancelled)
         context = ExecutionContext(
             self, backend=backend, max_workers=settings["max_workers"],
             max_concurrency=settings["max_concurrency"], stop=stop,
             fan_out_limits=BranchLimits(branch_timeout=settings["branch_timeout"],
                                         fail_fast=settings["fail_fast"],
                                         branch_max_memory=self.branch_max_memory,
-                                        branch_retry=settings["branch_retry"]))
+                                        branch_retry=settings["branch_retry"]),
+            cancel=cancel)
         with self._pool_lock:
             self._runs.add(stop)
         try:
@@ -601,7 +648,7 @@ class CompiledGraph:
             self._closed = True
             runs = list(self._runs)
         for stop in runs:
-            stop.set()
+            stop.cancel()
         self._finalizer()
 
     def __enter__(self) -> CompiledGraph:
@@ -611,7 +658,10 @@ class CompiledGraph:
         self.close()
 
 
-def _close_backends(backends: dict[Any, IsolationBackend]) -> None:
+def _close_backends(backends: dict[Any, IsolationBackend],
+                    run_threads: async_api.RunThreads | None = None) -> None:
     while backends:
         _, backend = backends.popitem()
         backend.close()
+    if run_threads is not None:  # after the backends: a run still going then fails and ends
+        run_threads.close()

@@ -224,13 +224,11 @@ class _Fields:
 
 
 class Flag(Protocol):
-    """Something set once to ask a wait to end (``CancelFlag``)."""
+    """Something set once to ask a wait to end (a ``CancelSignal``)."""
 
     def is_set(self) -> bool: ...
 
-    def add_callback(self, callback: Callable[[], None]) -> None: ...
-
-    def remove_callback(self, callback: Callable[[], None]) -> None: ...
+    def add_callback(self, callback: Callable[[], None]) -> Callable[[], None]: ...
 
 
 def wait_unless(seconds: float, flags: Iterable[Flag]) -> bool:
@@ -241,13 +239,12 @@ def wait_unless(seconds: float, flags: Iterable[Flag]) -> bool:
     """
     flags = [flag for flag in flags if flag is not None]
     woken = threading.Event()
-    for flag in flags:
-        flag.add_callback(woken.set)
+    forget = [flag.add_callback(woken.set) for flag in flags]
     try:
         if any(flag.is_set() for flag in flags):
             return True
         woken.wait(max(seconds, 0.0))
         return any(flag.is_set() for flag in flags)
     finally:
-        for flag in flags:
-            flag.remove_callback(woken.set)
+        for unregister in forget:
+            unregister()

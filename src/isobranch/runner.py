@@ -93,7 +93,7 @@ def _run_node(graph: CompiledGraph, name: str, state: dict, context: ExecutionCo
               parallel_results: list[ParallelFlowResult] | None) -> None:
     context.enter_node(name)
     try:
-        update = graph.nodes[name].run(state, context, parallel_results)
+        update = context.resolve(graph.nodes[name].run(state, context, parallel_results))
     except (BranchTimeout, BranchCancelled, GraphExecutionError):
         raise
     except Exception as exc:
@@ -119,7 +119,7 @@ def _run_node_with_retries(graph: CompiledGraph, name: str, state: dict,
     while True:
         working = pristine.copy()
         try:
-            update = node.run(working, context, parallel_results)
+            update = context.resolve(node.run(working, context, parallel_results))
             break
         except (BranchTimeout, BranchCancelled, GraphExecutionError):
             raise
@@ -181,6 +181,8 @@ def _wait_to_retry(name: str, delay: float, attempt: int, context: ExecutionCont
     if late:
         delay = max(context.deadline - time.monotonic(), 0.0)
     interrupted = wait_unless(delay, context.stop_flags())
+    if interrupted and context.cancel is not None:
+        context.cancel.raise_if_set()  # the run was cancelled: RunCancelled, as anywhere
     if interrupted:
         reason = context.cancelled_reason() or f"node {name!r} stopped"
         if context.branch is not None:
@@ -250,8 +252,8 @@ def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
         raise NodeFailure(f"{_where(node, context)}: cannot copy an item for its map branches: "
                           f"{exc}", node=node, branch=context.branch,
                           error_type="StateCopyError", state=dict(state)) from exc
-    except GraphExecutionError:
-        raise
+    except (GraphExecutionError, BranchCancelled, BranchTimeout):
+        raise  # a failure under fail_fast; the branch this fan-out is in was cancelled
     except RetriesStopped as exc:
         raise NodeFailure(f"fan-out from {_where(node, context)}: {exc}", node=node,
                           branch=context.branch, error_type=CANCELLED,
@@ -285,13 +287,13 @@ def _branch_stream(fan_out: FanOut, plan: FanOutPlan, backend: IsolationBackend,
     policies = [fan_out.retry_of(i) for i in range(len(fan_out.targets))] \
         if isinstance(fan_out, StaticFanOut) else [fan_out.retry]
     if default is None and not any(policies):
-        return stream_results(backend, plan.tasks, max_concurrency)
+        return stream_results(backend, plan.tasks, max_concurrency, context.fan_out_cancel)
 
     def policy_of(position: int) -> RetryPolicy | None:
         return fan_out.retry_of(position) or default
 
     return stream_with_retries(backend, plan.tasks, max_concurrency, policy_of=policy_of,
-                               stop_flags=context.stop_flags())
+                               stop_flags=context.stop_flags(), cancel=context.fan_out_cancel)
 
 
 def _branch_event(node: str, fan_in: str, result: ParallelFlowResult, gathered: Gathered
@@ -317,7 +319,7 @@ def _route(graph: CompiledGraph, node: str, state: dict, context: ExecutionConte
     routes = graph.routes_of(node)
     try:
         if routes.router is not None:
-            value = routes.router(state)
+            value = context.resolve(routes.router(state))
             if routes.mapping is None:
                 target = value
             elif value in routes.mapping:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..branch import BranchTask, ParallelFlowResult
+from ..cancellation import CancelSignal
 from .base import NotReady, register_backend, run_in_order, set_waker
 from .dask_cluster import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -129,6 +130,7 @@ class DaskBackend:
     """
 
     name = "dask"
+    cancellable = True
     # Its tasks may answer NotReady (a retry waiting); running branches go on.
     accepts_not_ready = True
     # The runner checks this before fan-out: state must pickle to get here.
@@ -307,7 +309,8 @@ class DaskBackend:
 
     # -- running a fan-out ---------------------------------------------------
 
-    def stream_branches(self, tasks: Iterable[BranchTask], *, max_concurrency: int | None = None
+    def stream_branches(self, tasks: Iterable[BranchTask], *, max_concurrency: int | None = None,
+                        cancel: CancelSignal | None = None
                         ) -> Iterator[tuple[int, ParallelFlowResult]]:
         """Run ``tasks`` as Dask tasks, yielding ``(position, result)`` as each finishes.
 
@@ -317,7 +320,8 @@ class DaskBackend:
         plus, when the cluster's threads are the bound,
         ``SUBMIT_AHEAD_PER_THREAD`` per thread waiting at the scheduler. Closing the generator cancels the
         submitted tasks and restarts the workers running them on a cluster
-        isobranch started.
+        isobranch started; so does a set ``cancel``, which wakes the wait and
+        raises ``RunCancelled``.
         """
         source = iter(tasks)
         first = next(source, None)
@@ -338,8 +342,13 @@ class DaskBackend:
         position = 0
         upcoming: BranchTask | NotReady | None = first
         set_waker(source, lambda: fan_out.finished.put(None))
+        # A cancellation wakes the wait for finished futures (any item does).
+        forget = (cancel.add_callback(lambda: fan_out.finished.put(None))
+                  if cancel is not None else None)
         try:
             while True:
+                if cancel is not None:
+                    cancel.raise_if_set()
                 if isinstance(upcoming, NotReady):  # a retry may be due by now
                     upcoming = next(source, None)
                 while isinstance(upcoming, BranchTask) and len(pending) < limit:
@@ -353,7 +362,8 @@ class DaskBackend:
                     _wait_for(fan_out.finished, upcoming.wake_at)
                     continue
                 due = upcoming.wake_at if isinstance(upcoming, NotReady) else None
-                lost = self._follow_once(connection, plugin, pending, results, fan_out, due)
+                lost = self._follow_once(connection, plugin, pending, results, fan_out, cancel,
+                                         due)
                 for finished in sorted(results):
                     yield finished, results.pop(finished)
                 if lost is not None:
@@ -370,6 +380,8 @@ class DaskBackend:
             self._stop_running(connection, pending.values())
             raise
         finally:
+            if forget is not None:
+                forget()
             self._forget(pending, list(pending))
             if pending:
                 _quietly(client.cancel, list(pending))
@@ -404,7 +416,8 @@ class DaskBackend:
 
     def _follow_once(self, connection: Connection, plugin: str, pending: dict[Any, _Branch],
                      results: dict[int, ParallelFlowResult], fan_out: _FanOut,
-                     due: float | None = None) -> str | None:
+                     cancel: CancelSignal | None = None, due: float | None = None
+                     ) -> str | None:
         """Wait for a branch to finish (or a deadline, or ``due``: a task will be ready),
         and put what is done in ``results``.
 
@@ -421,6 +434,8 @@ class DaskBackend:
                 fan_out.finished.get_nowait()
         except queue.Empty:
             pass
+        if cancel is not None:
+            cancel.raise_if_set()
         lost = self._lost(connection, fan_out, pending)
         if lost is not None:
             for branch in pending.values():

@@ -39,6 +39,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from ..branch import BranchTask, ParallelFlowResult
+from ..cancellation import CancelPipe, CancelSignal
 from .base import NotReady, PipeWaker, register_backend, run_in_order, set_waker
 from .memory_limit import BRANCH_MEMORY_ERROR, kernel_oom_kills, memory_message, oom_killed
 from .process_pool import START_METHODS, WorkerProcess, WorkerStartError, start_launcher
@@ -160,6 +161,7 @@ class ProcessBackend:
     """
 
     name = "process"
+    cancellable = True
     # The runner checks this before fan-out: state must pickle to get here.
     crosses_processes = True
     # Its tasks may answer NotReady (a retry waiting); running branches go on.
@@ -194,7 +196,8 @@ class ProcessBackend:
 
     # -- public -------------------------------------------------------------
 
-    def stream_branches(self, tasks: Iterable[BranchTask], *, max_concurrency: int | None = None
+    def stream_branches(self, tasks: Iterable[BranchTask], *, max_concurrency: int | None = None,
+                        cancel: CancelSignal | None = None
                         ) -> Iterator[tuple[int, ParallelFlowResult]]:
         """Run ``tasks`` in workers, yielding ``(position, result)`` as each finishes.
 
@@ -203,7 +206,8 @@ class ProcessBackend:
         for it, or, once branches are seen to be short, to be sent ahead to
         a busy worker (at most ``SEND_AHEAD_DEPTH`` each). Closing the
         generator kills the workers of unfinished branches; the pool
-        replaces them on demand.
+        replaces them on demand. A set ``cancel`` wakes the wait, does the
+        same and raises ``RunCancelled``.
         """
         limit = max_concurrency or self.max_workers
         source = _Source(tasks)
@@ -215,13 +219,16 @@ class ProcessBackend:
         # Branches sent ahead to a busy worker, behind the one it runs (short branches only).
         backlog: dict[Connection, deque[_Queued]] = {}
         pace = _Pace(enabled=not self.fresh_worker_per_branch)
+        wakeup = CancelPipe(cancel, self._lock) if cancel is not None else None
         # Only a source that may answer NotReady can need waking.
         waker = PipeWaker() if callable(getattr(tasks, "set_waker", None)) else None
         if waker is not None:
             set_waker(tasks, waker.wake)
         try:
             while source.peek() is not None or running or source.waiting:
-                self._dispatch(source, running, limit)
+                if cancel is not None:
+                    cancel.raise_if_set()
+                self._dispatch(source, running, limit, cancel)
                 self._send_ahead(source, running, backlog, pace)
                 timeout = _next_wakeup(running)
                 if source.peek() is not None and len(running) < limit:
@@ -236,9 +243,14 @@ class ProcessBackend:
                     if self._closed:
                         raise BackendError("the process backend was closed while running")
                 finished: list[tuple[int, ParallelFlowResult]] = []
-                for conn in wait([*running, waker.fd] if waker else list(running), timeout):
+                watched: list[Any] = [*running]
+                watched += [w for w in (wakeup, waker.fd if waker else None) if w is not None]
+                ready = wait(watched, timeout=timeout)
+                if cancel is not None:
+                    cancel.raise_if_set()
+                for conn in ready:
                     if waker is not None and conn == waker.fd:
-                        waker.clear()
+                        waker.clear()  # the task source changed (a retry was stopped)
                         continue
                     slot = running[conn]
                     outcome = self._receive(slot)
@@ -272,6 +284,8 @@ class ProcessBackend:
             # unfinished branches' workers are killed; queued tasks never start.
             for slot in running.values():
                 self._discard(slot.worker, kill=True)
+            if wakeup is not None:
+                wakeup.close()
             if waker is not None:
                 waker.close()
 
@@ -382,12 +396,14 @@ class ProcessBackend:
         if launcher is not None:
             launcher.close()
 
-    def _acquire(self, block: bool) -> WorkerProcess | None:
+    def _acquire(self, block: bool, cancel: CancelSignal | None = None) -> WorkerProcess | None:
         """An idle worker, a new one if the pool has room, or None (``block``: wait)."""
         with self._lock:
             while True:
                 if self._closed:
                     raise BackendError("the process backend was closed while running")
+                if cancel is not None:
+                    cancel.raise_if_set()
                 while self._idle:
                     worker = self._idle.pop()
                     if not worker.conn.poll():  # an idle worker only speaks by dying
@@ -440,9 +456,10 @@ class ProcessBackend:
 
     # -- one fan-out ------------------------------------------------------------
 
-    def _dispatch(self, source: _Source, running: dict[Connection, _Running], limit: int) -> None:
+    def _dispatch(self, source: _Source, running: dict[Connection, _Running], limit: int,
+                  cancel: CancelSignal | None = None) -> None:
         while len(running) < limit and source.peek() is not None:
-            worker = self._acquire(block=not running)
+            worker = self._acquire(block=not running, cancel=cancel)
             if worker is None:
                 return
             queued = source.take()
