@@ -14,6 +14,7 @@ from .isolation.base import (
     unregister_backend,
 )
 from .lua.runtime import LuaMemoryError, LuaRuntime, LuaRuntimeError, LuaTimeoutError
+from .retry import RetryPolicy
 from .runner import END, START
 from .yaml_engine import YAMLEngine
 
@@ -31,6 +32,7 @@ __all__ = [
     "LuaRuntimeError",
     "LuaTimeoutError",
     "ParallelFlowResult",
+    "RetryPolicy",
     "StateGraph",
     "YAMLEngine",
     "available_backends",

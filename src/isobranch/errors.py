@@ -28,14 +28,17 @@ class GraphExecutionError(Exception):
     Attributes name where it happened: ``node``, ``branch`` (None on the main
     path), ``error_type`` (the class name of the original exception),
     ``state`` (the state as of the failure), ``traceback`` (the failing
-    code's traceback as text, also when it ran in another process) and, for
-    a failed fan-out, ``results`` (every branch's ``ParallelFlowResult``).
+    code's traceback as text, also when it ran in another process),
+    ``error_bases`` (the base class names of that exception, nearest first),
+    ``attempts`` (how often the failing node ran) and, for a failed fan-out,
+    ``results`` (every branch's ``ParallelFlowResult``).
     """
 
     def __init__(self, message: str, *, node: str | None = None, branch: str | None = None,
                  error_type: str | None = None, state: dict | None = None,
                  results: list[Any] | None = None, timed_out: bool = False,
-                 traceback: str | None = None) -> None:
+                 traceback: str | None = None, error_bases: tuple[str, ...] = (),
+                 attempts: int = 1) -> None:
         super().__init__(message)
         self.node = node
         self.branch = branch
@@ -44,6 +47,8 @@ class GraphExecutionError(Exception):
         self.results = results
         self.timed_out = timed_out
         self.traceback = traceback
+        self.error_bases = error_bases
+        self.attempts = attempts
 
     def __reduce__(self):  # keep the keyword attributes across pickling
         return (_rebuild_execution_error, (self.args[0], self.__dict__))
@@ -51,6 +56,7 @@ class GraphExecutionError(Exception):
 
 def _rebuild_execution_error(message: str, attrs: dict) -> GraphExecutionError:
     error = GraphExecutionError(message)
-    error.traceback = None  # errors pickled before the attribute existed
+    error.traceback = None  # errors pickled before these attributes existed
+    error.error_bases, error.attempts = (), 1
     error.__dict__.update(attrs)
     return error
