@@ -22,6 +22,7 @@ from .keys import unknown
 from .lua.runtime import DEFAULT_MAX_MEMORY
 from .nodes import Node, as_node
 from .runner import END, START, run_steps
+from .schema import StateSchema
 from .statecopy import StateCopyError, StateSnapshot
 
 DEFAULT_MAX_STEPS = 10_000
@@ -47,7 +48,10 @@ class StateGraph:
     """
 
     def __init__(self, state_schema: Any = None) -> None:
+        """``state_schema``: a ``TypedDict`` (fields may be ``Annotated[T, reducer]``), a dict
+        ``{key: reducer | type}``, or None; see docs/state.md. Invalid: ``GraphError``."""
         self.state_schema = state_schema
+        self.schema = StateSchema.from_python(state_schema)
         self._nodes: dict[str, Node] = {}
         self._fan_in_nodes: set[str] = set()
         self._edges: list[tuple[str, str, Condition | None]] = []
@@ -326,7 +330,8 @@ class StateGraph:
             fail_fast=fail_fast, lua_timeout=lua_timeout, lua_max_memory=lua_max_memory,
             variables=dict(variables or {}), max_steps=max_steps,
             backend_options=dict(backend_options or {}), name=name,
-            branch_max_memory=branch_max_memory, max_concurrency=max_concurrency)
+            branch_max_memory=branch_max_memory, max_concurrency=max_concurrency,
+            schema=self.schema)
         compiled._adopt_backend(isolation, backend, max_workers)
         return compiled
 
@@ -382,8 +387,10 @@ class CompiledGraph:
                  lua_timeout: float | None, lua_max_memory: int | None, variables: dict,
                  max_steps: int, backend_options: dict[str, Any], name: str | None,
                  branch_max_memory: int | None = None,
-                 max_concurrency: int | None = None) -> None:
+                 max_concurrency: int | None = None, schema: StateSchema | None = None) -> None:
         self.nodes = nodes
+        # Declared types and reducers; every update merges through it.
+        self.schema = schema if schema is not None else StateSchema()
         self._routes = routes
         self._fan_outs = fan_outs
         self.entry = entry
@@ -467,6 +474,8 @@ class CompiledGraph:
             working = StateSnapshot(state).copy()
         except StateCopyError as exc:
             raise GraphError(f"the input state cannot be copied: {exc}") from exc
+        if mismatched := self.schema.check_input(working):
+            raise GraphError(problems=[f"the input state: {p}" for p in mismatched])
         backend = self._backend(settings["isolation"], settings["max_workers"])
         context = ExecutionContext(
             self, backend=backend, max_workers=settings["max_workers"],

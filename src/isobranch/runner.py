@@ -59,6 +59,8 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
             results = yield from _fan_out(graph, current, fan_out, state, context,
                                           branch_events=branch_events)
             yield {"type": "parallel", "fan_in": fan_out.fan_in, "branches": results}
+            # Branches' writes to reducer keys reach the state before the fan-in node runs.
+            graph.schema.combine(state, results, node=fan_out.fan_in, context=context)
             _run_node(graph, fan_out.fan_in, state, context, results)
             yield _node_event(fan_out.fan_in, state, snapshots)
             current = fan_out.fan_in
@@ -92,8 +94,9 @@ def _run_node(graph: CompiledGraph, name: str, state: dict, context: ExecutionCo
         raise NodeFailure(
             f"{_where(name, context)} returned {type(update).__name__}, expected a dict or None",
             node=name, branch=context.branch, error_type="TypeError", state=dict(state))
-    state.update(update)
-    context.merged(name, update)
+    applied = graph.schema.apply(state, update, node=name, context=context,
+                                 from_lua=node.language == "lua")
+    context.merged(name, applied)
 
 
 def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
