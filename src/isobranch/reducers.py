@@ -15,7 +15,6 @@ from enum import StrEnum
 from typing import Any
 
 
-
 class _Missing:
     """The value of a key the state does not have yet (one object, also after pickling)."""
 
@@ -88,8 +87,8 @@ class AppendReducer(Reducer):
 
     produces = list
 
-    def __init__(self, name: str = ReducerName.APPEND) -> None:
-        self.name = str(name)
+    def __init__(self, name: str = ReducerName.APPEND.value) -> None:
+        self.name = name
 
     def reduce(self, old: Any, new: Any) -> Any:
         start = _list_start(old, self.name)
@@ -202,13 +201,14 @@ class _AddAccumulator(Accumulator):
             self._owned = False
 
 
+# Keys are plain strings: they appear in messages and suggestions.
 BUILT_IN: dict[str, Callable[[], Reducer]] = {
-    ReducerName.APPEND: lambda: AppendReducer(ReducerName.APPEND),
-    ReducerName.EXTEND: lambda: AppendReducer(ReducerName.EXTEND),
-    ReducerName.MERGE: MergeReducer,
-    ReducerName.SUM: lambda: BinaryReducer(ReducerName.SUM.value, operator.add),
-    ReducerName.MIN: lambda: BinaryReducer(ReducerName.MIN.value, min),
-    ReducerName.MAX: lambda: BinaryReducer(ReducerName.MAX.value, max),
+    ReducerName.APPEND.value: lambda: AppendReducer(ReducerName.APPEND.value),
+    ReducerName.EXTEND.value: lambda: AppendReducer(ReducerName.EXTEND.value),
+    ReducerName.MERGE.value: MergeReducer,
+    ReducerName.SUM.value: lambda: BinaryReducer(ReducerName.SUM.value, operator.add),
+    ReducerName.MIN.value: lambda: BinaryReducer(ReducerName.MIN.value, min),
+    ReducerName.MAX.value: lambda: BinaryReducer(ReducerName.MAX.value, max),
 }
 
 

@@ -97,7 +97,8 @@ class StateSchema:
             except Exception as exc:  # an unresolvable forward reference, say
                 raise GraphError(f"state_schema {schema.__name__}: cannot read its annotations: "
                                  f"{type(exc).__name__}: {exc}") from exc
-            fields = [_python_field(key, hint, f"state_schema {schema.__name__}.{key}", problems)
+            fields = [_python_field(key, hint, f"state_schema {schema.__name__}.{key}", problems,
+                                    annotation=True)
                       for key, hint in hints.items()]
         elif isinstance(schema, Mapping):
             fields = [_python_field(key, value, f"state_schema[{key!r}]", problems)
@@ -299,12 +300,13 @@ def _field(key: str, check: TypeCheck | None, reducer: Reducer | None, path: str
     return Field(key, check, reducer)
 
 
-def _python_field(key: Any, spec: Any, path: str, problems: list[str]) -> Field | None:
-    """A field from a TypedDict annotation or a ``{key: ...}`` value."""
+def _python_field(key: Any, spec: Any, path: str, problems: list[str], *,
+                  annotation: bool = False) -> Field | None:
+    """A field from a TypedDict annotation (``annotation``) or a ``{key: ...}`` value."""
     if not isinstance(key, str) or not key:
         problems.append(f"state_schema: a state key must be a non-empty string, got {key!r}")
         return None
-    if isinstance(spec, Mapping):  # the long form, as in YAML
+    if isinstance(spec, Mapping) and not annotation:  # the long form, as in YAML
         for extra in sorted(set(spec) - FIELD_KEYS, key=str):
             problems.append(unknown(f"{path}: unknown key {extra!r}", extra, FIELD_KEYS))
         kind = spec.get("type")
@@ -312,9 +314,9 @@ def _python_field(key: Any, spec: Any, path: str, problems: list[str]) -> Field 
             _annotation_check(kind, path, problems) if kind is not None else None)
         reducer = _python_reducer(spec.get("reducer"), path, problems)
         return _field(key, check, reducer, path, problems)
-    if isinstance(spec, str):
+    if isinstance(spec, str) and not annotation:
         return _field(key, None, _named_reducer(spec, path, problems, yaml=False), path, problems)
-    if _is_annotation(spec):
+    if annotation or _is_annotation(spec):
         annotation, metadata = statetypes.split_annotated(spec)
         reducers = [m for m in metadata if callable(m) or (isinstance(m, str) and m in BUILT_IN)]
         ignored = [m for m in metadata if m not in reducers]
