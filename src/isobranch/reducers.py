@@ -91,8 +91,9 @@ class AppendReducer(Reducer):
         self.name = name
 
     def reduce(self, old: Any, new: Any) -> Any:
-        start = _list_start(old, self.name)
-        return start + new if isinstance(new, list) else [*start, new]
+        if type(old) is not list:
+            old = _list_start(old, self.name)
+        return old + new if isinstance(new, list) else [*old, new]
 
     def accumulator(self, old: Any) -> Accumulator:
         return _ListAccumulator(list(_list_start(old, self.name)))

@@ -170,7 +170,7 @@ class StateSchema:
             state.update(update)
             return update
         applied: dict[str, Any] = {}
-        writes: list[tuple[str, Any]] = []
+        writes: list[tuple[str, Any]] | None = None
         for key, value in update.items():
             field = fields.get(key)
             if field is None:
@@ -178,21 +178,24 @@ class StateSchema:
                 continue
             if from_lua and isinstance(value, dict) and not value and field.empty_table_is_list:
                 value = []
-            if field.reducer is not None:
+            new = value
+            reducer = field.reducer
+            if reducer is not None:
                 try:
-                    new = field.reducer.reduce(state.get(key, MISSING), value)
+                    new = reducer.reduce(state.get(key, MISSING), value)
                 except Exception as exc:
                     raise self._violation(node, context, state, REDUCER_ERROR,
                                           _reducer_failed(field, exc)) from exc
+                if writes is None:
+                    writes = []
                 writes.append((key, value))
-            else:
-                new = value
-            if field.check is not None and not field.check.accepts(new):
+            check = field.check
+            if check is not None and not check.accepts(new):
                 raise self._violation(node, context, state, STATE_TYPE_ERROR,
                                       _mismatch(field, new, value))
             applied[key] = new
         state.update(applied)
-        if writes and context.reducer_writes is not None:
+        if writes is not None and context.reducer_writes is not None:
             context.reducer_writes.extend(writes)
         return applied
 
