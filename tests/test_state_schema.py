@@ -420,3 +420,41 @@ def test_peer_style_fan_in_reads_state_keys_from_results(load):
     assert final["values"] == [1, None]
     assert final["markers"] == ["a", "b"]
     assert final["has"] == [True, False]
+
+
+class Point:
+    """A custom class as a declared type (pickled by reference to worker processes)."""
+
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+
+def test_callable_reducers_and_custom_types_work_on_every_backend(isolation):
+    class WithCallable(TypedDict, total=False):
+        longest: Annotated[str, lambda old, new: max(old, new, key=len)]
+        where: Point
+
+    graph = two_branches(WithCallable, lambda s: {"longest": "abc", "where": Point(1)},
+                         lambda s: {"longest": "abcdef"},
+                         lambda s, rs: {"x": rs[0].state["where"].x})
+    with graph.compile(isolation=isolation) as app:
+        final = app.invoke({"longest": "ab"})
+    assert final["longest"] == "abcdef" and final["x"] == 1
+
+
+def test_a_killed_process_branch_reports_its_state_with_reducers_applied():
+    graph = StateGraph({"results": "append"})
+    graph.add_node("start", lambda s: None)
+    graph.add_node("first", lambda s: {"results": ["first"]})
+    graph.add_node("spin", LuaNode("spin", "while true do end"))
+    graph.add_fan_in_node("join", lambda s, rs: {"failed": rs[0]})
+    graph.add_edge(START, "start")
+    graph.add_parallel_edge("start", "first", fan_in="join")
+    graph.add_edge("first", "spin")
+    with graph.compile(isolation="process", branch_timeout=1.0) as app:
+        final = app.invoke({"results": ["init"]})
+    failed = final["failed"]
+    assert failed.timed_out and failed.node == "spin"
+    # The worker was killed; the parent rebuilt the state from what each node set.
+    assert failed.state["results"] == ["init", "first"]
+    assert final["results"] == ["init"]                   # a failed branch writes nothing
