@@ -268,8 +268,8 @@ def test_declared_python_types_check_the_class_of_each_value(key, value, ok):
 
 
 def test_yaml_type_names_and_unions():
-    document = {"state_schema": {"a": "float", "b": "str | none", "c": "number", "d": "any",
-                                 "e": "boolean"},
+    document = {"state_schema": {"a": "float", "b": "str|None", "c": "number", "d": "any",
+                                 "e": "Boolean"},
                 "nodes": [{"name": "n", "run": "return state['out']"}]}
     with YAMLEngine(isolation="inline").load_from_dict(document) as app:
         assert app.invoke({"out": {"a": 1, "b": None, "c": 2.5, "d": [1], "e": False}})["a"] == 1
@@ -337,6 +337,8 @@ class TwoReducers(TypedDict):
     ({"n": 3}, "state_schema['n']: expected a reducer"),
     ({"n": Annotated[int, "append"]}, "reducer 'append' makes a list, which type int"),
     (int, "state_schema must be a TypedDict class or a dict"),
+    ({"n": Optional[Annotated[list, operator.add]]},  # noqa: UP045 (typing's form)
+     "inside another type is not read; put it outermost"),
 ])
 def test_a_python_schema_that_cannot_be_honoured_is_a_graph_error(schema, message):
     with pytest.raises(GraphError) as caught:

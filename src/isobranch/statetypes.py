@@ -87,7 +87,7 @@ def from_name(name: Any) -> TypeCheck | None:
         raise KeyError(name)
     classes: list[type] = []
     labels: list[str] = []
-    for part in (p.strip() for p in name.split("|")):
+    for part in (p.strip().lower() for p in name.split("|")):
         if part not in TYPE_NAMES:
             raise KeyError(part)
         cls = TYPE_NAMES[part]
@@ -143,8 +143,9 @@ class _Literal:
 def _members(annotation: Any) -> list[Any]:
     """The classes (and literal values) a union or a single annotation stands for."""
     annotation, metadata = split_annotated(annotation)
-    if metadata:
-        return _members(annotation)
+    if metadata:  # the outermost Annotated was taken apart already: this one is nested
+        raise UncheckableType(f"Annotated[..., {', '.join(map(repr, metadata))}] inside another "
+                              f"type is not read; put it outermost: Annotated[Optional[T], reducer]")
     if annotation is None or annotation is type(None):
         return [type(None)]
     if annotation is Any or annotation is object:
