@@ -460,3 +460,30 @@ def test_a_killed_process_branch_reports_its_state_with_reducers_applied():
     # The worker was killed; the parent rebuilt the state from what each node set.
     assert failed.state["results"] == ["init", "first"]
     assert final["results"] == ["init"]                   # a failed branch writes nothing
+
+
+def test_a_lua_only_agent_may_declare_a_schema_with_reducers(isolation):
+    document = {
+        "state_schema": {"words": "list", "lengths": {"type": "list", "reducer": "append"},
+                         "longest": {"type": "int", "reducer": "max"}},
+        "nodes": [
+            {"name": "start", "language": "lua", "run": "return {}"},
+            {"name": "measure", "language": "lua",
+             "run": "return {lengths = {#state.word}, longest = #state.word}"},
+            {"name": "done", "fan_in": True, "language": "lua",
+             "run": "return {count = #state.parallel_results}"},
+        ],
+        "edges": [{"from": "start", "to": "measure", "type": "map", "over": "words",
+                   "as": "word", "fan_in": "done"},
+                  {"from": "measure", "to": "done"}],
+    }
+    engine = YAMLEngine(isolation=isolation, allow_python=False)
+    with engine.load_from_dict(document) as app:
+        final = app.invoke({"words": ["a", "abc", "ab"]})
+    assert (final["lengths"], final["longest"], final["count"]) == ([1, 3, 2], 3, 3)
+
+
+def test_a_misspelt_state_schema_key_is_named_with_a_suggestion():
+    document = {"state_shema": {"n": "int"}, "nodes": [{"name": "n", "run": "return {}"}]}
+    problems = YAMLEngine().validate_dict(document)
+    assert len(problems) == 1 and "did you mean 'state_schema'?" in problems[0]
