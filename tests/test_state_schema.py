@@ -487,3 +487,14 @@ def test_a_misspelt_state_schema_key_is_named_with_a_suggestion():
     document = {"state_shema": {"n": "int"}, "nodes": [{"name": "n", "run": "return {}"}]}
     problems = YAMLEngine().validate_dict(document)
     assert len(problems) == 1 and "did you mean 'state_schema'?" in problems[0]
+
+
+def test_a_reducer_failing_at_the_fan_in_names_the_fan_in_node_and_the_branch():
+    graph = two_branches({"mixed": lambda old, new: old + new}, lambda s: {"mixed": 1},
+                         lambda s: {"mixed": "x"})
+    with graph.compile(isolation="thread") as app, pytest.raises(GraphExecutionError) as caught:
+        app.invoke({})
+    exc = caught.value
+    assert (exc.node, exc.branch, exc.error_type) == ("join", None, "ReducerError")
+    assert "node 'join': combining the write of branch 'b': state key 'mixed': reducer" in str(exc)
+    assert "TypeError" in str(exc) and "mixed" not in exc.state
