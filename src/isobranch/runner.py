@@ -19,6 +19,7 @@ from .fanout import (
     static_plan,
 )
 from .isolation.base import stream_results
+from .keys import Language
 from .statecopy import StateCopyError, StateSnapshot, find_unpicklable
 
 if TYPE_CHECKING:
@@ -95,7 +96,7 @@ def _run_node(graph: CompiledGraph, name: str, state: dict, context: ExecutionCo
             f"{_where(name, context)} returned {type(update).__name__}, expected a dict or None",
             node=name, branch=context.branch, error_type="TypeError", state=dict(state))
     applied = graph.schema.apply(state, update, node=name, context=context,
-                                 from_lua=node.language == "lua")
+                                 from_lua=node.language == Language.LUA)
     context.merged(name, applied)
 
 

@@ -298,7 +298,7 @@ def _field(key: str, check: TypeCheck | None, reducer: Reducer | None, path: str
         return None
     if isinstance(reducer, CallableReducer) and check is not None:
         start = check.empty_start
-        if start is not statetypes._NO_START:
+        if start is not statetypes.NO_START:
             reducer.start = start
     return Field(key, check, reducer)
 

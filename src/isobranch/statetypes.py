@@ -64,10 +64,11 @@ class TypeCheck:
         """An empty value of the declared class, when there is one builtin class to make it from."""
         if len(self.classes) == 1 and self.classes[0] in EMPTY_STARTS and not self.literals:
             return self.classes[0]()
-        return _NO_START
+        return NO_START
 
 
-_NO_START = object()
+# ``empty_start`` when there is no single builtin class to make an empty value from.
+NO_START: Any = object()
 
 
 def describe(value: Any, limit: int = 60) -> str:
