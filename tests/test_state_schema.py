@@ -498,3 +498,22 @@ def test_a_reducer_failing_at_the_fan_in_names_the_fan_in_node_and_the_branch():
     assert (exc.node, exc.branch, exc.error_type) == ("join", None, "ReducerError")
     assert "node 'join': combining the write of branch 'b': state key 'mixed': reducer" in str(exc)
     assert "TypeError" in str(exc) and "mixed" not in exc.state
+
+
+def add_in_place(old: list, new: list) -> list:
+    """A reducer that changes ``old`` (here: the start value) in place."""
+    old.extend(new)
+    return old
+
+
+class InPlace(TypedDict):
+    seen: Annotated[list, add_in_place]
+
+
+def test_a_callable_reducer_that_changes_its_start_value_in_place_leaks_nothing():
+    graph = StateGraph(InPlace)
+    graph.add_node("a", lambda s: {"seen": [s["n"]]})
+    graph.set_entry_point("a")
+    with graph.compile(isolation="inline") as app:
+        assert app.invoke({"n": 1}) == {"n": 1, "seen": [1]}
+        assert app.invoke({"n": 2}) == {"n": 2, "seen": [2]}   # not [1, 2]

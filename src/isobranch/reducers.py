@@ -162,21 +162,23 @@ class BinaryReducer(Reducer):
 class CallableReducer(Reducer):
     """Any Python callable ``(old, new) -> value``.
 
-    A missing old value starts from ``start`` (the declared type's empty
-    value: ``[]`` for a list, ``0`` for an int, as LangGraph does) or, when
-    there is none, the first update is stored as it is.
+    A missing old value starts from a new ``start_factory()`` (the declared
+    type's empty value: ``[]`` for a list, ``0`` for an int, as LangGraph
+    does; new each time, as ``fn`` may change it in place) or, without one,
+    the first update is stored as it is.
     """
 
-    def __init__(self, fn: Callable[[Any, Any], Any], start: Any = MISSING) -> None:
+    def __init__(self, fn: Callable[[Any, Any], Any],
+                 start_factory: Callable[[], Any] | None = None) -> None:
         self.fn = fn
-        self.start = start
+        self.start_factory = start_factory
         self.name = getattr(fn, "__qualname__", None) or repr(fn)
 
     def reduce(self, old: Any, new: Any) -> Any:
         if old is MISSING:
-            if self.start is MISSING:
+            if self.start_factory is None:
                 return new
-            old = self.start
+            old = self.start_factory()
         return self.fn(old, new)
 
     def accumulator(self, old: Any) -> Accumulator:

@@ -297,9 +297,7 @@ def _field(key: str, check: TypeCheck | None, reducer: Reducer | None, path: str
                         f"which type {check.label} does not accept")
         return None
     if isinstance(reducer, CallableReducer) and check is not None:
-        start = check.empty_start
-        if start is not statetypes.NO_START:
-            reducer.start = start
+        reducer.start_factory = check.empty_factory
     return Field(key, check, reducer)
 
 

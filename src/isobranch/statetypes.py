@@ -60,15 +60,11 @@ class TypeCheck:
         return any(issubclass(cls, declared) for declared in self.classes)
 
     @property
-    def empty_start(self) -> Any:
-        """An empty value of the declared class, when there is one builtin class to make it from."""
+    def empty_factory(self) -> type | None:
+        """The builtin class that makes this type's empty value (``list``), if there is one."""
         if len(self.classes) == 1 and self.classes[0] in EMPTY_STARTS and not self.literals:
-            return self.classes[0]()
-        return NO_START
-
-
-# ``empty_start`` when there is no single builtin class to make an empty value from.
-NO_START: Any = object()
+            return self.classes[0]
+        return None
 
 
 def describe(value: Any, limit: int = 60) -> str:
