@@ -7,13 +7,14 @@ import json
 import platform
 import sys
 
-from . import cases, checkpoint_codec, map_cases, reducer_cases
+from . import async_cases, cases, checkpoint_codec, map_cases, reducer_cases
 
 NAMES = ["vm", "hook", "lua-threads", "overhead-thread", "overhead-inline", "hot-loop-process",
          "python-processes", "overhead-process", "overhead-fresh", "state-copy", "round-trip",
+         "lua-small-read",
          "soak-thread", "soak-process", "python-dask", "overhead-dask", "dask-start",
          "map-process", "map-thread", "map-width-thread", "map-width-process", "map-dask",
-         "codec-small", "codec-20k", "reducer-map-thread", "reducer-width-thread"]
+         "codec-small", "codec-20k", "ainvoke", "reducer-map-thread", "reducer-width-thread"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                                           fresh_worker_per_branch=True),
         lambda: cases.state_copy(repeat=reps(7)),
         lambda: cases.lua_round_trip(repeat=reps(5)),
+        lambda: cases.lua_small_read(repeat=reps(200)),
         lambda: cases.branch_soak(branches=2_000 if args.quick else 10_000),
         lambda: cases.branch_soak(branches=2_000 if args.quick else 10_000, isolation="process"),
         lambda: cases.python_branches_dask_vs_process(repeat=reps(5)),
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         lambda: map_cases.map_dask_vs_process(repeat=reps(3)),
         lambda: checkpoint_codec.codec_vs_json("small", repeat=reps(9)),
         lambda: checkpoint_codec.codec_vs_json("20k", repeat=reps(9)),
+        lambda: async_cases.ainvoke_overhead(repeat=reps(7)),
         lambda: reducer_cases.reducer_vs_fan_in_code("thread", repeat=reps(5)),
         lambda: reducer_cases.reducer_width_scaling("thread", repeat=reps(5)),
     ]

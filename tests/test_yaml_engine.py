@@ -274,7 +274,7 @@ def test_lua_node_error_keeps_the_line_number(load):
 
 def test_lua_state_that_cannot_be_converted_names_the_key(load):
     graph = load({"nodes": [{"name": "py", "run": "return {'bad': {'inner': {1, 2}}}"},
-                            {"name": "lua", "run": "-- lua\nreturn {}"}]})
+                            {"name": "lua", "run": "-- lua\nreturn {seen = state.bad ~= nil}"}]})
     with pytest.raises(GraphExecutionError) as info:
         graph.invoke({})
     assert info.value.node == "lua" and "['bad']['inner']" in str(info.value)

@@ -6,11 +6,13 @@ import functools
 import inspect
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import async_api
 from .branch import BranchLimits
+from .cancellation import CancelSignal
 from .conditions import Condition, Expression, as_condition
 from .context import ExecutionContext
 from .errors import GraphError, GraphExecutionError
@@ -412,11 +414,14 @@ class CompiledGraph:
         self._backends: dict[tuple[str, int | None], IsolationBackend] = {}
         self._pool_lock = threading.Lock()
         self._closed = False
-        self._finalizer = weakref.finalize(self, _close_backends, self._backends)
+        # Threads that run ainvoke/astream calls, started on first use.
+        self._run_threads = async_api.RunThreads()
+        self._finalizer = weakref.finalize(self, _close_backends, self._backends,
+                                           self._run_threads)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for private in ("_backends", "_pool_lock", "_finalizer", "_closed"):
+        for private in ("_backends", "_pool_lock", "_finalizer", "_closed", "_run_threads"):
             state.pop(private, None)
         return state
 
@@ -444,8 +449,12 @@ class CompiledGraph:
         ``branch_timeout``, ``fail_fast`` and ``max_concurrency``. Raises
         ``GraphExecutionError`` naming the node and branch that failed.
         """
+        return self._final_state(state, config)
+
+    def _final_state(self, state: dict | None, config: dict | None,
+                     cancel: CancelSignal | None = None) -> dict:
         final: dict = {}
-        for event in self._events(state, config, snapshots=False):
+        for event in self._events(state, config, snapshots=False, cancel=cancel):
             if event["type"] == "final":
                 final = event["state"]
         return final
@@ -463,8 +472,44 @@ class CompiledGraph:
         """
         return self._events(state, config, snapshots=True)
 
-    def _events(self, state: dict | None, config: dict | None, *, snapshots: bool
-                ) -> Iterator[dict[str, Any]]:
+    async def ainvoke(self, state: dict | None = None, config: dict | None = None) -> dict:
+        """``invoke`` without blocking the event loop; cancelling the awaiting task stops the run.
+
+        The run goes on in a thread of this graph's run pool. Cancellation
+        (``task.cancel()``, ``asyncio.timeout``, ``asyncio.wait_for``) stops
+        it: queued branches never start, running ones are stopped (thread
+        and inline: at once in Lua, at the next node boundary in Python;
+        process: their workers are killed; dask: their tasks are cancelled),
+        and ``CancelledError`` is raised once they have (see docs/async.md).
+        """
+        return await async_api.run_off_loop(
+            self, lambda cancel: self._final_state(state, config, cancel))
+
+    def astream(self, state: dict | None = None, config: dict | None = None
+                ) -> AsyncIterator[dict[str, Any]]:
+        """``stream`` as an async iterator; the run goes on in a thread of the run pool.
+
+        Events are the same as ``stream``'s. Leaving the ``async for``
+        early (``break``, an exception, cancellation) stops the run as a
+        cancellation does, once the iterator is closed: use
+        ``contextlib.aclosing`` to close it at once.
+        """
+        return async_api.stream_off_loop(
+            self, lambda cancel: self._events(state, config, snapshots=True, cancel=cancel))
+
+    async def aresume(self, run_id: str, **options: Any) -> dict:
+        """``resume(run_id, ...)`` without blocking the event loop (needs a checkpointer).
+
+        Cancelling it stops the resumed run like ``ainvoke``.
+        """
+        resume = getattr(self, "resume", None)
+        if resume is None:
+            raise GraphError("this compiled graph cannot resume runs: resume() is not available")
+        return await async_api.run_off_loop(
+            self, lambda cancel: async_api.call_with_cancel(resume, cancel, run_id, **options))
+
+    def _events(self, state: dict | None, config: dict | None, *, snapshots: bool,
+                cancel: CancelSignal | None = None) -> Iterator[dict[str, Any]]:
         settings = self._resolve(config)
         if state is None:
             state = {}
@@ -482,7 +527,8 @@ class CompiledGraph:
             max_concurrency=settings["max_concurrency"],
             fan_out_limits=BranchLimits(branch_timeout=settings["branch_timeout"],
                                         fail_fast=settings["fail_fast"],
-                                        branch_max_memory=self.branch_max_memory))
+                                        branch_max_memory=self.branch_max_memory),
+            cancel=cancel)
         try:
             # invoke() needs no per-branch events; stream() reports them.
             yield from run_steps(self, working, context, start=self.entry, snapshots=snapshots,
@@ -551,7 +597,10 @@ class CompiledGraph:
         self.close()
 
 
-def _close_backends(backends: dict[Any, IsolationBackend]) -> None:
+def _close_backends(backends: dict[Any, IsolationBackend],
+                    run_threads: async_api.RunThreads | None = None) -> None:
     while backends:
         _, backend = backends.popitem()
         backend.close()
+    if run_threads is not None:  # after the backends: a run still going then fails and ends
+        run_threads.close()
