@@ -517,3 +517,24 @@ def test_a_callable_reducer_that_changes_its_start_value_in_place_leaks_nothing(
     with graph.compile(isolation="inline") as app:
         assert app.invoke({"n": 1}) == {"n": 1, "seen": [1]}
         assert app.invoke({"n": 2}) == {"n": 2, "seen": [2]}   # not [1, 2]
+
+
+def test_reducers_and_type_checks_apply_under_ainvoke_too():
+    import asyncio
+
+    graph = two_branches(Annotated_, lambda s: {"results": ["a"]}, lambda s: {"results": ["b"]})
+    bad = two_branches({"n": int}, lambda s: {"n": 1}, lambda s: {"n": "two"})
+
+    async def run() -> tuple[dict, BaseException | None]:
+        with graph.compile(isolation="thread") as app, \
+                bad.compile(isolation="thread", fail_fast=True) as broken:
+            final = await app.ainvoke({"results": ["init"]})
+            try:
+                await broken.ainvoke({})
+            except GraphExecutionError as exc:
+                return final, exc
+            return final, None
+
+    final, error = asyncio.run(run())
+    assert final == {"results": ["init", "a", "b"]}
+    assert error is not None and error.error_type == "StateTypeError"
