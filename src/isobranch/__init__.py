@@ -7,7 +7,12 @@ VM, and runs on a pluggable isolation backend (inline, thread, ...).
 from .branch import ParallelFlowResult
 from .errors import GraphError, GraphExecutionError
 from .graph import CompiledGraph, StateGraph
-from .isolation.base import IsolationBackend, available_backends, register_backend
+from .isolation.base import (
+    IsolationBackend,
+    available_backends,
+    register_backend,
+    unregister_backend,
+)
 from .lua.runtime import LuaMemoryError, LuaRuntime, LuaRuntimeError, LuaTimeoutError
 from .runner import END, START
 from .yaml_engine import YAMLEngine
@@ -30,4 +35,5 @@ __all__ = [
     "YAMLEngine",
     "available_backends",
     "register_backend",
+    "unregister_backend",
 ]
