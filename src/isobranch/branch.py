@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .cancellation import CancelSignal
 from .context import BranchCancelled, BranchTimeout, ExecutionContext, Watchdog
+from .error_kinds import ErrorKind, plain
 from .errors import GraphExecutionError
 from .retry import exception_names
 from .statecopy import ScalarSnapshot, StateSnapshot
@@ -69,6 +70,11 @@ class ParallelFlowResult(Mapping):
     attempts: int = 1
     error_bases: tuple[str, ...] = ()
     reducer_writes: list[tuple[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # An ``ErrorKind`` member is stored as its plain string: what users see and pickles.
+        if type(self.error_type) is ErrorKind:
+            self.error_type = plain(self.error_type)
 
     def __getitem__(self, key: str) -> Any:
         if key in self.__dataclass_fields__:
@@ -228,7 +234,7 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
         context.check_deadline()
         return result(success=True, reducer_writes=context.reducer_writes)
     except BranchTimeout as timeout:
-        return result(success=False, error=str(timeout), error_type="BranchTimeout",
+        return result(success=False, error=str(timeout), error_type=ErrorKind.BRANCH_TIMEOUT,
                       timed_out=True, node=timeout.node, traceback=format_traceback(timeout))
     except BranchCancelled as cancelled:
         return cancelled_result(task, str(cancelled))
@@ -258,7 +264,7 @@ def cancelled_result(task: BranchTask, reason: str) -> ParallelFlowResult:
 
 
 # ``error_type`` of a branch stopped because of another one; never a cause itself.
-CANCELLED = "Cancelled"
+CANCELLED = ErrorKind.CANCELLED
 
 
 def timed_out_result(task: BranchTask, monitor: BranchMonitor | None) -> ParallelFlowResult:
@@ -270,7 +276,7 @@ def timed_out_result(task: BranchTask, monitor: BranchMonitor | None) -> Paralle
     return ParallelFlowResult(
         branch=task.name, index=task.index, state=state, success=False,
         error=(f"branch {task.label!r} timed out after {task.limits.branch_timeout:g}s{where}"),
-        error_type="BranchTimeout", timed_out=True, duration_ms=_ms_since(started),
+        error_type=ErrorKind.BRANCH_TIMEOUT, timed_out=True, duration_ms=_ms_since(started),
         isolation=task.isolation, worker=None, node=node)
 
 

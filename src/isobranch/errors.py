@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .error_kinds import plain
+
 
 class GraphError(Exception):
     """A graph or YAML document is invalid.
@@ -42,7 +44,7 @@ class GraphExecutionError(Exception):
         super().__init__(message)
         self.node = node
         self.branch = branch
-        self.error_type = error_type
+        self.error_type = plain(error_type)
         self.state = state
         self.results = results
         self.timed_out = timed_out

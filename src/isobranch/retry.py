@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
+from .error_kinds import ErrorKind
 from .keys import unknown
 
 # Exceptions that say the code is wrong, not that the world was: running the
@@ -29,21 +30,22 @@ PROGRAMMING_ERRORS: tuple[str, ...] = (
 # What a branch policy without ``retry_on`` retries: the branch's worker went
 # away, or the branch ran out of time. Not ``BranchMemoryError``: a branch that
 # outgrew its memory limit once does so again on the same input.
-BRANCH_RETRY_ON: tuple[str, ...] = ("WorkerCrashed", "WorkerDied", "BranchTimeout")
+BRANCH_RETRY_ON: tuple[str, ...] = tuple(kind.value for kind in (
+    ErrorKind.WORKER_CRASHED, ErrorKind.WORKER_DIED, ErrorKind.BRANCH_TIMEOUT))
 # A branch stopped because of a sibling (fail_fast) or its fan-out being
 # closed failed through no fault of its own: never retried.
-NEVER_RETRIED: frozenset[str] = frozenset({"Cancelled"})
+NEVER_RETRIED: frozenset[str] = frozenset({ErrorKind.CANCELLED.value})
 # Bases of the failures the engine itself reports by name (the class itself
 # may not exist where the result is judged: a worker reports "WorkerCrashed").
 KNOWN_BASES: Mapping[str, tuple[str, ...]] = {
     "LuaRuntimeError": ("Exception",),
-    "LuaTimeoutError": ("LuaRuntimeError", "Exception"),
+    ErrorKind.LUA_TIMEOUT_ERROR.value: ("LuaRuntimeError", "Exception"),
     "LuaMemoryError": ("LuaRuntimeError", "Exception"),
     "LuaConversionError": ("LuaRuntimeError", "Exception"),
-    "BranchTimeout": ("Exception",),
-    "BranchMemoryError": ("MemoryError", "Exception"),
-    "WorkerCrashed": ("Exception",),
-    "WorkerDied": ("Exception",),
+    ErrorKind.BRANCH_TIMEOUT.value: ("Exception",),
+    ErrorKind.BRANCH_MEMORY_ERROR.value: ("MemoryError", "Exception"),
+    ErrorKind.WORKER_CRASHED.value: ("Exception",),
+    ErrorKind.WORKER_DIED.value: ("Exception",),
 }
 # The keys of a ``retry:`` mapping in YAML.
 RETRY_KEYS: frozenset[str] = frozenset(

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from .branch import CANCELLED, ParallelFlowResult, format_traceback
 from .branch_retry import RetriesStopped, RetryNotice, stream_with_retries
 from .context import BranchCancelled, BranchTimeout
+from .error_kinds import ErrorKind
 from .errors import GraphExecutionError
 from .fanout import (
     FanOut,
@@ -167,7 +168,7 @@ def _input_snapshot(name: str, state: dict, context: ExecutionContext) -> StateS
     except StateCopyError as exc:
         raise NodeFailure(f"{_where(name, context)}: cannot copy the state for its retries: "
                           f"{exc}", node=name, branch=context.branch,
-                          error_type="StateCopyError", state=dict(state)) from exc
+                          error_type=ErrorKind.STATE_COPY_ERROR, state=dict(state)) from exc
 
 
 def _retry_delay(policy: RetryPolicy, attempt: int, exc: Exception) -> float | None:
@@ -223,12 +224,12 @@ def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
     except StateCopyError as exc:
         raise NodeFailure(f"{_where(node, context)}: cannot copy the state for its branches: "
                           f"{exc}", node=node, branch=context.branch,
-                          error_type="StateCopyError", state=dict(state)) from exc
+                          error_type=ErrorKind.STATE_COPY_ERROR, state=dict(state)) from exc
     if crosses and not snapshot.picklable:
         path, reason = find_unpicklable(base, "state")
         raise NodeFailure(f"{_where(node, context)}: the state cannot be sent to "
                           f"{backend.name!r} workers: {path}: {reason}", node=node,
-                          branch=context.branch, error_type="StateCopyError", state=dict(state))
+                          branch=context.branch, error_type=ErrorKind.STATE_COPY_ERROR, state=dict(state))
     limits = context.fan_out_limits
     if isinstance(fan_out, MapFanOut):
         plan = map_plan(graph, fan_out, items, snapshot, limits, backend.name, context.branch,
@@ -256,7 +257,7 @@ def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
     except StateCopyError as exc:  # an item that cannot be copied or sent
         raise NodeFailure(f"{_where(node, context)}: cannot copy an item for its map branches: "
                           f"{exc}", node=node, branch=context.branch,
-                          error_type="StateCopyError", state=dict(state)) from exc
+                          error_type=ErrorKind.STATE_COPY_ERROR, state=dict(state)) from exc
     except (GraphExecutionError, BranchCancelled, BranchTimeout):
         raise  # a failure under fail_fast; the branch this fan-out is in was cancelled
     except RetriesStopped as exc:

@@ -35,6 +35,7 @@ from typing import Any
 
 from ..branch import BranchTask, ParallelFlowResult
 from ..cancellation import CancelSignal
+from ..error_kinds import ErrorKind
 from .base import NotReady, register_backend, run_in_order, set_waker
 from .dask_cluster import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -370,7 +371,7 @@ class DaskBackend:
                     # Nothing can run on this cluster any more: the rest fail alike.
                     while isinstance(upcoming, BranchTask):
                         yield position, _failed(_Branch(position, upcoming, fan_out), lost,
-                                                "DaskError")
+                                                ErrorKind.DASK_ERROR)
                         position += 1
                         upcoming = next(source, None)
                     return
@@ -439,7 +440,7 @@ class DaskBackend:
         lost = self._lost(connection, fan_out, pending)
         if lost is not None:
             for branch in pending.values():
-                results[branch.index] = _failed(branch, lost, "DaskError")
+                results[branch.index] = _failed(branch, lost, ErrorKind.DASK_ERROR)
             self._stop_running(connection, pending.values())
             self._forget(pending, list(pending))
             return lost
@@ -526,7 +527,7 @@ class DaskBackend:
                     error=(f"branch {branch.task.label!r} timed out after {limit:g}s{where}: "
                            f"stuck in one call on Dask worker {worker}, which is being "
                            f"restarted"),
-                    error_type="BranchTimeout", timed_out=True,
+                    error_type=ErrorKind.BRANCH_TIMEOUT, timed_out=True,
                     duration_ms=(now - started) * 1000.0, isolation=self.name, worker=worker,
                     node=branch.node)
                 _quietly(future.cancel)
@@ -553,7 +554,7 @@ class DaskBackend:
                 else:
                     results[branch.index] = _failed(
                         branch, f"its result could not be fetched from the cluster: {value}",
-                        "DaskError")
+                        ErrorKind.DASK_ERROR)
             self._forget(pending, finished)
         for future, status in statuses.items():
             if status in ("pending", "finished"):
@@ -614,7 +615,7 @@ class DaskBackend:
         plural = "y" if self.retries == 1 else "ies"
         return _failed(branch, f"Dask worker {dead} died while running it (the scheduler at "
                        f"{connection.address} re-ran it on {rerun_on}; isobranch allows "
-                       f"{self.retries} retr{plural})", "WorkerDied")
+                       f"{self.retries} retr{plural})", ErrorKind.WORKER_DIED)
 
     def _stop_running(self, connection: Connection, branches: Iterable[_Branch]) -> None:
         """Restart the workers of branches given up on, on a cluster isobranch started."""
@@ -721,8 +722,8 @@ def _describe_failure(branch: _Branch, status: str, error: BaseException | None,
 
 def _error_type(error: BaseException | None, dead: str | None) -> str:
     if dead is not None:
-        return "WorkerDied"
-    return type(error).__name__ if error is not None else "DaskError"
+        return ErrorKind.WORKER_DIED
+    return type(error).__name__ if error is not None else ErrorKind.DASK_ERROR
 
 
 def _result_or_error(future: Any) -> Any:

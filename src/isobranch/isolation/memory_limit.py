@@ -26,12 +26,14 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from ..error_kinds import ErrorKind
 from ..sizes import parse_size
 
 if TYPE_CHECKING:
     from ..branch import BranchTask, ParallelFlowResult
 
-BRANCH_MEMORY_ERROR = "BranchMemoryError"
+# Kept as a name of this module: process.py, dask.py and tests use it.
+BRANCH_MEMORY_ERROR = ErrorKind.BRANCH_MEMORY_ERROR
 # Written to a worker's /proc/self/oom_score_adj (-1000..1000): when the
 # machine runs out of memory, the kernel kills a worker before the caller.
 WORKER_OOM_SCORE_ADJ = 1000

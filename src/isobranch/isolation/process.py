@@ -40,6 +40,7 @@ from typing import Any
 
 from ..branch import BranchTask, ParallelFlowResult
 from ..cancellation import CancelPipe, CancelSignal
+from ..error_kinds import ErrorKind
 from .base import NotReady, PipeWaker, register_backend, run_in_order, set_waker
 from .memory_limit import BRANCH_MEMORY_ERROR, kernel_oom_kills, memory_message, oom_killed
 from .process_pool import START_METHODS, WorkerProcess, WorkerStartError, start_launcher
@@ -490,7 +491,7 @@ class ProcessBackend:
                     self._discard(slot.worker, kill=True)
                     return self._failed(
                         slot, f"branch {task.label!r}: what its worker sent back cannot "
-                        f"be unpickled here: {type(exc).__name__}: {exc}", "StateCopyError",
+                        f"be unpickled here: {type(exc).__name__}: {exc}", ErrorKind.STATE_COPY_ERROR,
                         timed_out=False)
                 kind = message[0]
                 if kind == "node":
@@ -530,7 +531,7 @@ class ProcessBackend:
                 f"the kernel's out-of-memory killer ended worker process {slot.worker.pid}"),
                 BRANCH_MEMORY_ERROR, timed_out=False)
         return self._failed(slot, f"branch {slot.task.label!r}: worker process {slot.worker.pid}"
-                                  f"{where} {how}", "WorkerCrashed", timed_out=False)
+                                  f"{where} {how}", ErrorKind.WORKER_CRASHED, timed_out=False)
 
     def _expire(self, running: dict[Connection, _Running]
                 ) -> list[tuple[Connection, int, ParallelFlowResult, bool]]:
@@ -579,10 +580,10 @@ class ProcessBackend:
             return self._failed(
                 slot, f"branch {task.label!r} timed out after "
                 f"{task.limits.branch_timeout:g}s in node {slot.node!r}{ended}",
-                "BranchTimeout", timed_out=True)
+                ErrorKind.BRANCH_TIMEOUT, timed_out=True)
         return self._failed(
             slot, f"node {slot.node!r} in branch {task.label!r} failed: LuaTimeoutError: "
-            f"{chunk}: Lua code ran past its {limit:g}s timeout{ended}", "LuaTimeoutError",
+            f"{chunk}: Lua code ran past its {limit:g}s timeout{ended}", ErrorKind.LUA_TIMEOUT_ERROR,
             timed_out=False)
 
     def _branch_timed_out(self, slot: _Running, limit: float) -> ParallelFlowResult:
@@ -590,7 +591,7 @@ class ProcessBackend:
         where = f" in node {slot.node!r}" if slot.node else ""
         return self._failed(slot, f"branch {slot.task.label!r} timed out after {limit:g}s{where} "
                                         f"(the watchdog killed worker process {slot.worker.pid})",
-                            "BranchTimeout", timed_out=True)
+                            ErrorKind.BRANCH_TIMEOUT, timed_out=True)
 
     def _failed(self, slot: _Running, error: str, error_type: str, *,
                 timed_out: bool) -> ParallelFlowResult:

@@ -39,6 +39,7 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
+from ..error_kinds import ErrorKind
 from .memory_limit import as_memory_failure, data_limit, out_of_memory_result, raise_oom_score
 
 PID = struct.Struct("!q")
@@ -145,7 +146,7 @@ def run_task(graph: Any, payload: dict[str, Any], conn: Connection) -> bytes:
             branch=result.branch, index=result.index, state={}, success=False,
             error=(f"branch {task.label!r}: its final state cannot be sent back from the "
                    f"worker process: {path}: {reason or exc}"),
-            error_type="StateCopyError", duration_ms=result.duration_ms,
+            error_type=ErrorKind.STATE_COPY_ERROR, duration_ms=result.duration_ms,
             isolation=result.isolation, worker=result.worker, node=result.node)
         return pickle.dumps(("result", failed), protocol=pickle.HIGHEST_PROTOCOL)
 
