@@ -47,6 +47,16 @@ def test_builtin_backends_are_registered():
         backend.close()
 
 
+def test_every_builtin_backend_declares_whether_it_crosses_processes():
+    from isobranch.isolation import dask, inline, process, thread
+    from isobranch.isolation.base import crosses_processes
+
+    declared = {cls.name: cls.crosses_processes for cls in (
+        inline.InlineBackend, thread.ThreadBackend, process.ProcessBackend, dask.DaskBackend)}
+    assert declared == {"inline": False, "thread": False, "process": True, "dask": True}
+    assert crosses_processes(RecordingBackend()) is False, "undeclared: runs in this process"
+
+
 def test_registered_backend_runs_branches_and_is_closed_with_the_graph(test_backend):
     test_backend("recording", RecordingBackend)
     assert "recording" in available_backends()

@@ -23,7 +23,7 @@ from .fanout import (
     map_plan,
     static_plan,
 )
-from .isolation.base import stream_results
+from .isolation.base import crosses_processes, stream_results
 from .keys import Language
 from .retry import exception_names, failure_names, wait_unless
 from .statecopy import StateCopyError, StateSnapshot, find_unpicklable
@@ -204,7 +204,7 @@ def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
     """Run the branches of ``node``'s fan-out; yield a ``branch`` event per finished one
     (main path only) and return every result in declaration / item order."""
     backend = context.fan_out_backend()
-    crosses = bool(getattr(backend, "crosses_processes", False))
+    crosses = crosses_processes(backend)
     base = state
     items: Sequence[Any] = ()
     if isinstance(fan_out, MapFanOut):

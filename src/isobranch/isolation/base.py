@@ -23,6 +23,12 @@ class IsolationBackend(Protocol):
     ``run_branches`` returns one result per task, in task order, and never
     raises for a failing branch. ``close`` releases every worker it owns.
 
+    ``crosses_processes`` says whether branches run in another process
+    (the state must then pickle; the runner checks that before the fan-out
+    and names what does not). Every built-in backend sets it; one that does
+    not is taken to run branches in this process (``crosses_processes()``;
+    it is not a member here, so ``isinstance`` still accepts such a backend).
+
     A backend may also offer ``stream_branches`` (see ``StreamingBackend``);
     the runner then sees results as they finish. Without it the runner calls
     ``run_branches`` on chunks of ``max_concurrency`` tasks.
@@ -92,6 +98,15 @@ def accepts_not_ready(backend: Any) -> bool:
     if not callable(getattr(backend, "stream_branches", None)):
         return True
     return getattr(backend, "accepts_not_ready", False) is True
+
+
+def crosses_processes(backend: Any) -> bool:
+    """Whether ``backend`` runs branches in other processes (so the state must pickle).
+
+    The built-in backends declare it; a third-party backend that predates
+    the attribute runs its branches here.
+    """
+    return bool(getattr(backend, "crosses_processes", False))
 
 
 def set_waker(tasks: Any, callback: Callable[[], None]) -> None:

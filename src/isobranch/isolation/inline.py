@@ -22,6 +22,8 @@ class InlineBackend:
     cancellable = True
     # Its tasks may answer NotReady (a retry waiting): nothing runs meanwhile.
     accepts_not_ready = True
+    # Branches run in this process: the state need not pickle.
+    crosses_processes = False
 
     def __init__(self, max_workers: int | None = None) -> None:
         self.max_workers = max_workers  # accepted for a uniform factory signature

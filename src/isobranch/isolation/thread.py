@@ -54,6 +54,8 @@ class ThreadBackend:
     cancellable = True
     # Its tasks may answer NotReady (a retry waiting); running branches go on.
     accepts_not_ready = True
+    # Branches run in this process: the state need not pickle.
+    crosses_processes = False
 
     def __init__(self, max_workers: int | None = None) -> None:
         if max_workers is not None and max_workers < 1:
