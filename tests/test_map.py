@@ -628,17 +628,17 @@ def test_branches_sent_ahead_to_a_worker_that_dies_run_once_elsewhere(
     """Short branches are sent ahead to a busy worker; when the branch it runs
     crashes or overruns its timeout, only that branch fails, and the ones
     queued behind it run (once each) on a new worker."""
-    from isobranch.isolation import process
+    from isobranch.isolation import process_branches
 
     requeued: list[int] = []
-    retry_all = process._Source.retry_all
+    retry_all = process_branches.TaskSource.retry_all
 
     def spy(self, queued):
         queued = list(queued)
         requeued.extend(q.position for q in queued)
         retry_all(self, queued)
 
-    monkeypatch.setattr(process._Source, "retry_all", spy)
+    monkeypatch.setattr(process_branches.TaskSource, "retry_all", spy)
     marks = str(tmp_path)
 
     def body(state):

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import HAVE_DASK, descendants, fan_out
 from isobranch import GraphError, YAMLEngine
-from isobranch.isolation import memory_limit, process
+from isobranch.isolation import memory_limit, process_branches
 
 MiB = 1024 * 1024
 LIMIT = 256 * MiB
@@ -92,7 +92,7 @@ def test_a_worker_the_oom_killer_ends_is_a_branch_memory_error(monkeypatch):
     # the branch runs, and the worker dies by a SIGKILL nobody here sent.
     kills = iter(range(10, 100))
     monkeypatch.setattr(memory_limit, "kernel_oom_kills", lambda: next(kills))
-    monkeypatch.setattr(process, "kernel_oom_kills", lambda: next(kills))
+    monkeypatch.setattr(process_branches, "kernel_oom_kills", lambda: next(kills))
 
     def killed(state):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -108,7 +108,7 @@ def test_a_worker_the_oom_killer_ends_is_a_branch_memory_error(monkeypatch):
 @pytest.mark.usefixtures("no_process_leak")
 def test_a_sigkill_without_an_oom_kill_stays_a_worker_crash(monkeypatch):
     monkeypatch.setattr(memory_limit, "kernel_oom_kills", lambda: 3)
-    monkeypatch.setattr(process, "kernel_oom_kills", lambda: 3)
+    monkeypatch.setattr(process_branches, "kernel_oom_kills", lambda: 3)
 
     def killed(state):
         os.kill(os.getpid(), signal.SIGKILL)

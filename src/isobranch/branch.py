@@ -9,6 +9,7 @@ until it reaches the fan-in node or END, and always returns a
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import threading
@@ -28,6 +29,8 @@ from .statecopy import ScalarSnapshot, StateSnapshot
 if TYPE_CHECKING:
     from .graph import CompiledGraph
     from .retry import RetryPolicy
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -207,6 +210,10 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
     running in a worker process (whose Lua then runs without a hook).
     """
     started = time.monotonic()
+    debug = logger.isEnabledFor(logging.DEBUG)  # one check: branches can be 0.07 ms each
+    if debug:
+        logger.debug("branch %r started at node %r (%s)", task.label, task.branch,
+                     task.isolation)
     if monitor is not None:
         monitor.started_at = started
     deadline = started + task.limits.branch_timeout if task.limits.branch_timeout else None
@@ -219,9 +226,13 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
 
     def result(**outcome: Any) -> ParallelFlowResult:
         outcome.setdefault("state", state)
-        return ParallelFlowResult(branch=task.name, index=task.index,
+        done = ParallelFlowResult(branch=task.name, index=task.index,
                                   duration_ms=_ms_since(started), isolation=task.isolation,
                                   worker=worker, **outcome)
+        if debug:
+            logger.debug("branch %r finished in %.1f ms: %s", task.label, done.duration_ms,
+                         "success" if done.success else f"failed ({done.error_type})")
+        return done
 
     try:
         state = task.initial_state()
@@ -237,6 +248,8 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
         return result(success=False, error=str(timeout), error_type=ErrorKind.BRANCH_TIMEOUT,
                       timed_out=True, node=timeout.node, traceback=format_traceback(timeout))
     except BranchCancelled as cancelled:
+        if debug:
+            logger.debug("branch %r finished: cancelled (%s)", task.label, cancelled)
         return cancelled_result(task, str(cancelled))
     except GraphExecutionError as exc:  # a node failed, or a nested fan-out under fail_fast
         return result(state=exc.state if exc.state is not None else state, success=False,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -32,6 +33,8 @@ from .retry import BRANCH_RETRY_ON, RetryPolicy, failure_names, wait_unless
 if TYPE_CHECKING:
     from .cancellation import CancelSignal
     from .isolation.base import IsolationBackend
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,9 @@ def stream_with_retries(backend: IsolationBackend, tasks: Iterator[BranchTask],
                             failure_names(result.error_type, result.error_bases),
                             BRANCH_RETRY_ON):
                         delay = policy.delay(attempt, random)
+                        logger.warning("branch %r failed on attempt %d of %d (%s); retrying in "
+                                       "%.3gs", task.label, attempt, policy.max_attempts,
+                                       result.error_type, delay)
                         feed.schedule(position, task, attempt + 1, clock() + delay)
                         yield RetryNotice(position, result, policy.max_attempts, delay)
                         continue

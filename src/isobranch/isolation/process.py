@@ -26,129 +26,43 @@ kill one stuck worker. This one tracks each worker separately.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
-import struct
-import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from ..branch import BranchTask, ParallelFlowResult
 from ..cancellation import CancelPipe, CancelSignal
 from ..error_kinds import ErrorKind
-from .base import NotReady, PipeWaker, register_backend, run_in_order, set_waker
-from .memory_limit import BRANCH_MEMORY_ERROR, kernel_oom_kills, memory_message, oom_killed
-from .process_pool import START_METHODS, WorkerProcess, WorkerStartError, start_launcher
-from .shipping import BackendError, pickle_graph
+from .base import PipeWaker, register_backend, run_in_order, set_waker
+from .memory_limit import BRANCH_MEMORY_ERROR, memory_message, oom_killed
+from .process_branches import (
+    BRANCH_KILL_GRACE_SECONDS,
+    NEVER_STARTED,
+    SEND_AHEAD_DEPTH,
+    SEND_AHEAD_MAX_BYTES,
+    LuaCall,
+    Pace,
+    Queued,
+    Running,
+    TaskSource,
+    WorkerOutcome,
+    next_wakeup,
+    send_frames,
+)
+from .process_pool import START_METHODS
+from .process_worker import LUA, LUA_DONE, MERGED, NODE, RESULT, STEP
+from .process_workers import WorkerPool
+from .shipping import BackendError
 
-# A branch past its branch_timeout gets this long to report its own timeout
-# (with its state) at a node boundary before the watchdog kills its worker.
-BRANCH_KILL_GRACE_SECONDS = 0.25
-# Lua has no hook in a worker; this margin only absorbs message latency.
-LUA_KILL_GRACE_SECONDS = 0.02
+logger = logging.getLogger(__name__)
+
 # A fan-out waiting for a worker that another thread's fan-out may release.
 POOL_RECHECK_SECONDS = 0.05
-# Short branches are sent ahead to busy workers, so a worker never waits a
-# round trip for its next one: at most this many per worker, each input at
-# most this big (a worker's socket buffer holds them without blocking the
-# parent), once this many branches in a row took at most this long.
-SEND_AHEAD_DEPTH = 8
-SEND_AHEAD_MAX_BYTES = 8 * 1024
-SEND_AHEAD_AFTER = 4
-SEND_AHEAD_BRANCH_MS = 2.0
-
-
-@dataclass
-class _Queued:
-    """A branch waiting for a worker: its position in the fan-out and its pickled input."""
-
-    position: int
-    task: BranchTask
-    payload: bytes
-    retried: bool = False
-
-
-class _Source:
-    """The fan-out's tasks, taken lazily (pickled only when a worker is free for one),
-    with branches whose worker died before they started put back in front."""
-
-    def __init__(self, tasks: Iterable[BranchTask]) -> None:
-        self._tasks = iter(tasks)
-        self._position = 0
-        self._front: deque[_Queued] = deque()
-        self._exhausted = False
-        # The tasks answered NotReady: when to ask again (None: after a result).
-        self.waiting = False
-        self.wake_at: float | None = None
-
-    def peek(self) -> _Queued | None:
-        """The next branch to start, building it if needed; None when there is none now."""
-        if not self._front and not self._exhausted:
-            task = next(self._tasks, None)
-            self.waiting = isinstance(task, NotReady)
-            if task is None:
-                self._exhausted = True
-            elif isinstance(task, NotReady):
-                self.wake_at = task.wake_at
-            else:
-                self._front.append(_Queued(self._position, task, _payload(task)))
-                self._position += 1
-        return self._front[0] if self._front else None
-
-    def take(self) -> _Queued:
-        """Remove and return the branch ``peek`` showed."""
-        return self._front.popleft()
-
-    def retry(self, queued: _Queued) -> None:
-        """Start ``queued`` again before any other."""
-        self._front.appendleft(queued)
-
-    def retry_all(self, queued: Iterable[_Queued]) -> None:
-        """Start every branch of ``queued`` again, in order, before any other."""
-        self._front.extendleft(reversed(list(queued)))
-
-
-class _Pace:
-    """Whether this fan-out's branches are short enough to be sent ahead to busy workers."""
-
-    def __init__(self, *, enabled: bool) -> None:
-        self.enabled = enabled
-        self.short_in_a_row = 0
-
-    def observe(self, result: ParallelFlowResult) -> None:
-        """Count a finished branch; one long branch stops sending ahead until short ones return."""
-        if result.duration_ms <= SEND_AHEAD_BRANCH_MS:
-            self.short_in_a_row += 1
-        else:
-            self.short_in_a_row = 0
-
-    @property
-    def send_ahead(self) -> bool:
-        """True once enough branches in a row were short."""
-        return self.enabled and self.short_in_a_row >= SEND_AHEAD_AFTER
-
-
-@dataclass
-class _Running:
-    """A branch running in a worker, as the watchdog sees it."""
-
-    position: int
-    task: BranchTask
-    payload: bytes
-    worker: WorkerProcess
-    started: float
-    node: str | None = None
-    lua: tuple[str, float, float | None, bool] | None = None  # chunk, deadline, limit, cut
-    updates: list[bytes | None] = field(default_factory=list)
-    heard_from: bool = False
-    retried: bool = False
-    # The kernel's OOM-kill count when the branch started (with branch_max_memory).
-    oom_kills: int | None = None
 
 
 class ProcessBackend:
@@ -186,14 +100,8 @@ class ProcessBackend:
         self.max_workers = max_workers or os.cpu_count() or 1
         self.fresh_worker_per_branch = fresh_worker_per_branch
         self.start_method = start_method
-        self._lock = threading.Condition()
-        self._starting_pool = threading.Lock()
-        self._launcher: Any = None
-        self._graph: weakref.ref | None = None
-        self._idle: list[WorkerProcess] = []
-        self._workers: set[WorkerProcess] = set()
-        self._starting = 0
-        self._closed = False
+        self._pool = WorkerPool(self.max_workers, fresh=fresh_worker_per_branch,
+                                start_method=start_method)
 
     # -- public -------------------------------------------------------------
 
@@ -211,16 +119,17 @@ class ProcessBackend:
         same and raises ``RunCancelled``.
         """
         limit = max_concurrency or self.max_workers
-        source = _Source(tasks)
+        source = TaskSource(tasks)
         first = source.peek()
         if first is None:
             return
-        self._ensure_launcher(first.task.graph)
-        running: dict[Connection, _Running] = {}
+        pool = self._pool
+        pool.ensure_launcher(first.task.graph)
+        running: dict[Connection, Running] = {}
         # Branches sent ahead to a busy worker, behind the one it runs (short branches only).
-        backlog: dict[Connection, deque[_Queued]] = {}
-        pace = _Pace(enabled=not self.fresh_worker_per_branch)
-        wakeup = CancelPipe(cancel, self._lock) if cancel is not None else None
+        backlog: dict[Connection, deque[Queued]] = {}
+        pace = Pace(enabled=not self.fresh_worker_per_branch)
+        wakeup = CancelPipe(cancel, pool.lock) if cancel is not None else None
         # Only a source that may answer NotReady can need waking.
         waker = PipeWaker() if callable(getattr(tasks, "set_waker", None)) else None
         if waker is not None:
@@ -231,7 +140,7 @@ class ProcessBackend:
                     cancel.raise_if_set()
                 self._dispatch(source, running, limit, cancel)
                 self._send_ahead(source, running, backlog, pace)
-                timeout = _next_wakeup(running)
+                timeout = next_wakeup(running.values())
                 if source.peek() is not None and len(running) < limit:
                     # Waiting for a worker another thread may free: look again soon.
                     timeout = min(timeout if timeout is not None else POOL_RECHECK_SECONDS,
@@ -240,9 +149,7 @@ class ProcessBackend:
                     # A retry is due then; a result or the waker may come first.
                     due = max(source.wake_at - time.monotonic(), 0.0)
                     timeout = due if timeout is None else min(timeout, due)
-                with self._lock:
-                    if self._closed:
-                        raise BackendError("the process backend was closed while running")
+                pool.check_open()
                 finished: list[tuple[int, ParallelFlowResult]] = []
                 watched: list[Any] = [*running]
                 watched += [w for w in (wakeup, waker.fd if waker else None) if w is not None]
@@ -265,11 +172,10 @@ class ProcessBackend:
                     # The worker is gone: what was sent ahead to it never started.
                     del running[conn]
                     source.retry_all(backlog.pop(conn, ()))
-                    if outcome == "retry" and not slot.retried:
-                        # The worker died before it said anything: it never
-                        # started the branch (it was already dead when idle).
-                        source.retry(_Queued(slot.position, slot.task, slot.payload, True))
-                    elif outcome == "retry":
+                    if outcome is NEVER_STARTED and not slot.retried:
+                        # It was already dead while idle: the branch runs on another worker.
+                        source.retry(Queued(slot.position, slot.task, slot.payload, True))
+                    elif outcome is NEVER_STARTED:
                         finished.append((slot.position, self._crashed(slot)))
                     else:
                         finished.append((slot.position, outcome))
@@ -283,29 +189,29 @@ class ProcessBackend:
         finally:
             # Stopped early (fail_fast, Ctrl-C, a consumer gone) or failed:
             # unfinished branches' workers are killed; queued tasks never start.
+            if running:
+                logger.debug("process backend: stopping %d unfinished branch(es) early: %s",
+                             len(running), ", ".join(repr(s.task.label) for s in running.values()))
             for slot in running.values():
-                self._discard(slot.worker, kill=True)
+                pool.discard(slot.worker, kill=True)
             if wakeup is not None:
                 wakeup.close()
             if waker is not None:
                 waker.close()
 
-    def _next_in_worker(self, conn: Connection, running: dict[Connection, _Running],
-                        backlog: dict[Connection, deque[_Queued]]) -> None:
+    def _next_in_worker(self, conn: Connection, running: dict[Connection, Running],
+                        backlog: dict[Connection, deque[Queued]]) -> None:
         """The worker of ``conn`` finished a branch: it starts the next one sent ahead, or is free."""
         worker = running.pop(conn).worker
         ahead = backlog.get(conn)
         if ahead:
-            queued = ahead.popleft()
-            running[conn] = _Running(queued.position, queued.task, queued.payload, worker,
-                                     time.monotonic(), retried=queued.retried,
-                                     oom_kills=_oom_kills(queued.task))
+            running[conn] = Running.start(ahead.popleft(), worker)
             return
         backlog.pop(conn, None)
-        self._release(worker)
+        self._pool.release(worker)
 
-    def _send_ahead(self, source: _Source, running: dict[Connection, _Running],
-                    backlog: dict[Connection, deque[_Queued]], pace: _Pace) -> None:
+    def _send_ahead(self, source: TaskSource, running: dict[Connection, Running],
+                    backlog: dict[Connection, deque[Queued]], pace: Pace) -> None:
         """Queue short branches in busy workers so none waits a round trip for its next one.
 
         Only while branches are seen to be short (a long one waiting behind
@@ -318,7 +224,7 @@ class ProcessBackend:
             ahead = backlog.setdefault(conn, deque())
             if len(ahead) > SEND_AHEAD_DEPTH // 2:
                 continue  # topped up in batches: one write for several branches
-            batch: list[_Queued] = []
+            batch: list[Queued] = []
             while len(ahead) + len(batch) < SEND_AHEAD_DEPTH:
                 queued = source.peek()
                 if queued is None or len(queued.payload) > SEND_AHEAD_MAX_BYTES:
@@ -327,8 +233,12 @@ class ProcessBackend:
             if not batch:
                 return
             try:
-                _send_frames(conn, [queued.payload for queued in batch])
-            except OSError:  # it died; its reader reports that
+                send_frames(conn, [queued.payload for queued in batch])
+            except OSError as exc:
+                logger.debug("process backend: worker process %s did not take %d branch(es) "
+                             "sent ahead (%s); they wait for another worker, and its death is "
+                             "reported with the branch it runs", running[conn].worker.pid,
+                             len(batch), exc)
                 source.retry_all(batch)
                 return
             ahead.extend(batch)
@@ -339,146 +249,38 @@ class ProcessBackend:
 
     def close(self) -> None:
         """Stop every worker and the fork server; nothing is left behind. Safe twice."""
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-            busy = [w for w in self._workers if w not in idle]
-            launcher, self._launcher = self._launcher, None
-            self._workers.clear()
-            self._lock.notify_all()
-        for worker in idle:
-            worker.conn.close()  # an idle worker exits when its connection closes
-        for worker in busy:
-            worker.kill()
-        for worker in (*idle, *busy):
-            worker.reap()
-        if launcher is not None:
-            launcher.close()
+        self._pool.close()
 
     @property
     def fork_server_pid(self) -> int | None:
         """Pid of this pool's fork server, if one is running."""
-        return getattr(self._launcher, "pid", None)
-
-    # -- workers --------------------------------------------------------------
-
-    def _ensure_launcher(self, graph: Any) -> None:
-        # Held while a pool starts, so concurrent first fan-outs start one pool.
-        with self._starting_pool:
-            with self._lock:
-                if self._closed:
-                    raise BackendError("the process backend is closed")
-                if self._launcher is not None and self._launcher.alive \
-                        and self._graph is not None and self._graph() is graph:
-                    return
-            # A backend serves one compiled graph; another graph (or a fork
-            # server that died) gets a new pool.
-            graph_bytes = pickle_graph(graph, "worker processes")
-            self._retire_pool()
-            try:
-                launcher = start_launcher(self.start_method, graph_bytes)
-            except WorkerStartError as exc:
-                raise BackendError(str(exc)) from exc
-            with self._lock:
-                if self._closed:
-                    launcher.close()
-                    raise BackendError("the process backend is closed")
-                self._launcher, self._graph = launcher, weakref.ref(graph)
-
-    def _retire_pool(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-            launcher, self._launcher = self._launcher, None
-            for worker in idle:
-                self._workers.discard(worker)
-        for worker in idle:
-            worker.conn.close()
-            worker.reap()
-        if launcher is not None:
-            launcher.close()
-
-    def _acquire(self, block: bool, cancel: CancelSignal | None = None) -> WorkerProcess | None:
-        """An idle worker, a new one if the pool has room, or None (``block``: wait)."""
-        with self._lock:
-            while True:
-                if self._closed:
-                    raise BackendError("the process backend was closed while running")
-                if cancel is not None:
-                    cancel.raise_if_set()
-                while self._idle:
-                    worker = self._idle.pop()
-                    if not worker.conn.poll():  # an idle worker only speaks by dying
-                        return worker
-                    self._workers.discard(worker)
-                    self._lock.release()
-                    try:
-                        worker.reap()
-                    finally:
-                        self._lock.acquire()
-                if len(self._workers) + self._starting < self.max_workers:
-                    self._starting += 1
-                    launcher = self._launcher
-                    break
-                if not block:
-                    return None
-                self._lock.wait()
-        worker = None
-        try:
-            worker = launcher.start_worker(once=self.fresh_worker_per_branch)
-        except WorkerStartError as exc:
-            raise BackendError(str(exc)) from exc
-        finally:
-            with self._lock:
-                self._starting -= 1
-                if worker is not None:
-                    self._workers.add(worker)
-                self._lock.notify_all()  # a failed start frees its place too
-        return worker
-
-    def _release(self, worker: WorkerProcess) -> None:
-        if self.fresh_worker_per_branch:
-            self._discard(worker, kill=False)
-            return
-        with self._lock:
-            if not self._closed and worker in self._workers:
-                self._idle.append(worker)
-                self._lock.notify()
-                return
-        self._discard(worker, kill=True)
-
-    def _discard(self, worker: WorkerProcess, *, kill: bool) -> str:
-        if kill:
-            worker.kill()
-        ending = worker.reap()
-        with self._lock:
-            self._workers.discard(worker)
-            self._lock.notify()
-        return ending
+        return self._pool.fork_server_pid
 
     # -- one fan-out ------------------------------------------------------------
 
-    def _dispatch(self, source: _Source, running: dict[Connection, _Running], limit: int,
+    def _dispatch(self, source: TaskSource, running: dict[Connection, Running], limit: int,
                   cancel: CancelSignal | None = None) -> None:
         while len(running) < limit and source.peek() is not None:
-            worker = self._acquire(block=not running, cancel=cancel)
+            worker = self._pool.acquire(block=not running, cancel=cancel)
             if worker is None:
                 return
             queued = source.take()
             # Tracked first: if anything interrupts the send, the caller's
             # cleanup kills this worker instead of losing its pool place.
-            slot = _Running(queued.position, queued.task, queued.payload, worker,
-                            time.monotonic(), retried=queued.retried,
-                            oom_kills=_oom_kills(queued.task))
-            running[worker.conn] = slot
+            running[worker.conn] = Running.start(queued, worker)
             try:
                 worker.conn.send_bytes(queued.payload)
-            except OSError:  # it died while idle; the branch has not started
+            except OSError as exc:  # it died while idle; the branch has not started
                 del running[worker.conn]
-                self._discard(worker, kill=True)
+                how = self._pool.discard(worker, kill=True)
+                logger.warning("process backend: worker process %s %s while idle (%s); "
+                               "branch %r runs on another worker", worker.pid, how, exc,
+                               queued.task.label)
                 source.retry(queued)
 
-    def _receive(self, slot: _Running) -> ParallelFlowResult | str | None:
-        """Read what a worker said; a result, "retry", or None if it is still running."""
+    def _receive(self, slot: Running) -> WorkerOutcome:
+        """Read what a worker said: its branch's result, ``NEVER_STARTED`` (it died before
+        saying anything), or None if it is still running."""
         task = slot.task
         conn = slot.worker.conn
         try:
@@ -488,42 +290,45 @@ class ProcessBackend:
                 try:
                     message = pickle.loads(data)
                 except Exception as exc:  # e.g. an exception class that cannot be rebuilt
-                    self._discard(slot.worker, kill=True)
+                    self._pool.discard(slot.worker, kill=True)
                     return self._failed(
                         slot, f"branch {task.label!r}: what its worker sent back cannot "
-                        f"be unpickled here: {type(exc).__name__}: {exc}", ErrorKind.STATE_COPY_ERROR,
-                        timed_out=False)
+                        f"be unpickled here: {type(exc).__name__}: {exc}",
+                        ErrorKind.STATE_COPY_ERROR, timed_out=False)
                 kind = message[0]
-                if kind == "node":
+                if kind == NODE:
                     slot.node, slot.lua = message[1], None
-                elif kind == "lua":
-                    slot.lua = message[1:]
-                elif kind == "lua_done":
+                elif kind == LUA:
+                    slot.lua = LuaCall(*message[1:])
+                elif kind == LUA_DONE:
                     slot.lua = None
-                elif kind == "merged":
+                elif kind == MERGED:
                     slot.updates.append(message[2])
-                elif kind == "step":
+                elif kind == STEP:
                     slot.updates.append(message[2])
                     slot.node, slot.lua = message[3], None
-                elif kind == "result":
+                elif kind == RESULT:
                     if message[1].error_type == BRANCH_MEMORY_ERROR:
                         # An allocation failed somewhere in it: the worker is not
                         # reused, and what was sent ahead to it runs elsewhere.
-                        self._discard(slot.worker, kill=True)
+                        self._pool.discard(slot.worker, kill=True)
                     return message[1]
         except (EOFError, OSError):
-            with self._lock:
-                if self._closed:
-                    raise BackendError("the process backend was closed while running") from None
+            if self._pool.closed:
+                raise BackendError("the process backend was closed while running") from None
             if not slot.heard_from:
-                self._discard(slot.worker, kill=True)
-                return "retry"
+                how = self._pool.discard(slot.worker, kill=True)
+                logger.warning("process backend: worker process %s %s before it started "
+                               "branch %r", slot.worker.pid, how, task.label)
+                return NEVER_STARTED
             return self._crashed(slot)
         return None
 
-    def _crashed(self, slot: _Running) -> ParallelFlowResult:
-        how = self._discard(slot.worker, kill=True)
+    def _crashed(self, slot: Running) -> ParallelFlowResult:
+        how = self._pool.discard(slot.worker, kill=True)
         where = f" (running node {slot.node!r})" if slot.node else ""
+        logger.warning("process backend: worker process %s %s while it ran branch %r%s",
+                       slot.worker.pid, how, slot.task.label, where)
         limit = slot.task.limits.branch_max_memory
         if limit is not None and oom_killed(slot.oom_kills, how):
             return self._failed(slot, memory_message(
@@ -533,7 +338,7 @@ class ProcessBackend:
         return self._failed(slot, f"branch {slot.task.label!r}: worker process {slot.worker.pid}"
                                   f"{where} {how}", ErrorKind.WORKER_CRASHED, timed_out=False)
 
-    def _expire(self, running: dict[Connection, _Running]
+    def _expire(self, running: dict[Connection, Running]
                 ) -> list[tuple[Connection, int, ParallelFlowResult, bool]]:
         """Branches past a deadline: ``(conn, position, result, worker lost)``.
 
@@ -544,7 +349,7 @@ class ProcessBackend:
         now = time.monotonic()
         expired: list[tuple[Connection, int, ParallelFlowResult, bool]] = []
         for conn, slot in list(running.items()):
-            if _lua_overdue(slot, now):
+            if slot.lua_overdue(now):
                 outcome = self._receive(slot)  # it may have just finished
                 if outcome is not None:
                     del running[conn]
@@ -554,7 +359,7 @@ class ProcessBackend:
                         running[conn] = slot  # it finished: its worker goes on
                     expired.append((conn, slot.position, outcome, conn.closed))
                     continue
-                if _lua_overdue(slot, now):
+                if slot.lua_overdue(now):
                     del running[conn]
                     expired.append((conn, slot.position, self._lua_timed_out(slot), True))
                     continue
@@ -570,92 +375,43 @@ class ProcessBackend:
                 expired.append((conn, slot.position, self._branch_timed_out(slot, limit), True))
         return expired
 
-    def _lua_timed_out(self, slot: _Running) -> ParallelFlowResult:
+    def _lua_timed_out(self, slot: Running) -> ParallelFlowResult:
         task = slot.task
         assert slot.lua is not None
-        chunk, _deadline, limit, branch_deadline = slot.lua
-        self._discard(slot.worker, kill=True)
+        lua = slot.lua
+        self._pool.discard(slot.worker, kill=True)
+        logger.warning("process backend: the watchdog killed worker process %s: Lua in node %r "
+                       "of branch %r ran past its deadline", slot.worker.pid, slot.node,
+                       task.label)
         ended = f" (the watchdog ended worker process {slot.worker.pid})"
-        if branch_deadline and task.limits.branch_timeout:
+        if lua.branch_deadline and task.limits.branch_timeout:
             return self._failed(
                 slot, f"branch {task.label!r} timed out after "
                 f"{task.limits.branch_timeout:g}s in node {slot.node!r}{ended}",
                 ErrorKind.BRANCH_TIMEOUT, timed_out=True)
         return self._failed(
             slot, f"node {slot.node!r} in branch {task.label!r} failed: LuaTimeoutError: "
-            f"{chunk}: Lua code ran past its {limit:g}s timeout{ended}", ErrorKind.LUA_TIMEOUT_ERROR,
-            timed_out=False)
+            f"{lua.chunk}: Lua code ran past its {lua.limit:g}s timeout{ended}",
+            ErrorKind.LUA_TIMEOUT_ERROR, timed_out=False)
 
-    def _branch_timed_out(self, slot: _Running, limit: float) -> ParallelFlowResult:
-        self._discard(slot.worker, kill=True)
+    def _branch_timed_out(self, slot: Running, limit: float) -> ParallelFlowResult:
+        self._pool.discard(slot.worker, kill=True)
+        logger.warning("process backend: the watchdog killed worker process %s: branch %r ran "
+                       "past its %gs branch_timeout", slot.worker.pid, slot.task.label, limit)
         where = f" in node {slot.node!r}" if slot.node else ""
         return self._failed(slot, f"branch {slot.task.label!r} timed out after {limit:g}s{where} "
                                         f"(the watchdog killed worker process {slot.worker.pid})",
                             ErrorKind.BRANCH_TIMEOUT, timed_out=True)
 
-    def _failed(self, slot: _Running, error: str, error_type: str, *,
+    def _failed(self, slot: Running, error: str, error_type: str, *,
                 timed_out: bool) -> ParallelFlowResult:
         task = slot.task
         return ParallelFlowResult(
-            branch=task.name, index=task.index, state=_state_as_of(slot), success=False,
+            branch=task.name, index=task.index, state=slot.state_as_of_now(), success=False,
             error=error,
             error_type=error_type, timed_out=timed_out,
             duration_ms=(time.monotonic() - slot.started) * 1000.0, isolation=self.name,
             worker=slot.worker.pid, node=slot.node)
 
 
-def _send_frames(conn: Connection, messages: list[bytes]) -> None:
-    """Send ``messages`` as ``Connection.send_bytes`` would, one after another, in one write.
-
-    The frames are ``multiprocessing.connection``'s (a 4-byte big-endian
-    length, then the bytes), so the worker reads them with ``recv_bytes``.
-    Only for small messages, which a socket takes without blocking long.
-    """
-    data = b"".join(_FRAME_HEADER.pack(len(message)) + message for message in messages)
-    view = memoryview(data)
-    while view:
-        view = view[os.write(conn.fileno(), view):]
-
-
-_FRAME_HEADER = struct.Struct("!i")
-
-
-def _payload(task: BranchTask) -> bytes:
-    return pickle.dumps(("run", task.payload()), protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def _state_as_of(slot: _Running) -> dict:
-    """The branch's state when its worker ended: its input plus every merged update."""
-    state = slot.task.initial_state()
-    for update in slot.updates:
-        if update is not None:
-            try:
-                state.update(pickle.loads(update))
-            except Exception:
-                continue  # an update that cannot be rebuilt here is left out
-    return state
-
-
-def _lua_overdue(slot: _Running, now: float) -> bool:
-    return slot.lua is not None and now >= slot.lua[1] + LUA_KILL_GRACE_SECONDS
-
-
-def _next_wakeup(running: dict[Connection, _Running]) -> float | None:
-    deadlines = []
-    for slot in running.values():
-        if slot.lua is not None:
-            deadlines.append(slot.lua[1] + LUA_KILL_GRACE_SECONDS)
-        limit = slot.task.limits.branch_timeout
-        if limit:
-            deadlines.append(slot.started + limit + BRANCH_KILL_GRACE_SECONDS)
-    if not deadlines:
-        return None
-    return max(min(deadlines) - time.monotonic(), 0.0)
-
-
 register_backend("process", ProcessBackend)
-
-
-def _oom_kills(task: BranchTask) -> int | None:
-    """The kernel's OOM-kill count now, for a branch with a memory limit (None without)."""
-    return kernel_oom_kills() if task.limits.branch_max_memory else None

@@ -31,7 +31,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from .interrupts import sigint_blocked
-from .process_worker import PID, STATUS
+from .process_worker import PID, READY, STATUS
 
 START_METHODS = ("forkserver", "spawn")
 # Interpreter start plus imports can be slow on a loaded machine; past this
@@ -272,7 +272,7 @@ class Spawner:
             worker.kill()
             worker.reap()
             raise
-        if reply[0] != "ready":
+        if reply[0] != READY:
             worker.reap()
             raise WorkerStartError(f"a worker process could not load the graph: {reply[1]}")
         return worker

@@ -42,6 +42,18 @@ from typing import Any
 from ..error_kinds import ErrorKind
 from .memory_limit import as_memory_failure, data_limit, out_of_memory_result, raise_oom_score
 
+# The kinds of wire messages (the first item of each tuple; see the module docstring).
+RUN = "run"  # parent -> worker: run a branch
+EXIT = "exit"  # parent -> worker: stop
+NODE = "node"  # worker -> parent: a node started
+LUA = "lua"  # a Lua call started: arm the watchdog
+LUA_DONE = "lua_done"  # the Lua call returned: disarm it
+MERGED = "merged"  # a node's update was merged
+STEP = "step"  # MERGED and NODE in one frame
+RESULT = "result"  # the branch's ParallelFlowResult
+READY = "ready"  # a spawned worker loaded the graph
+INIT_ERROR = "init_error"  # it could not
+
 PID = struct.Struct("!q")
 STATUS = struct.Struct("!i")
 # Idle workers and the fork server exit when their parent goes away; busy
@@ -89,13 +101,13 @@ class ParentWatchdog:
         with self._lock:
             merged, self._merged = self._merged, None
         if merged is not None:
-            self._send(("merged", *merged))
+            self._send((MERGED, *merged))
 
     def node_started(self, node: str) -> None:
         """Tell the parent which node runs (named in a timeout or crash report)."""
         with self._lock:
             merged, self._merged = self._merged, None
-        self._send(("node", node) if merged is None else ("step", *merged, node))
+        self._send((NODE, node) if merged is None else (STEP, *merged, node))
 
     def node_merged(self, node: str, update: dict) -> None:
         """Keep the update for the parent, which rebuilds the state if this worker dies."""
@@ -106,17 +118,17 @@ class ParentWatchdog:
         with self._lock:
             previous, self._merged = self._merged, (node, data)
         if previous is not None:  # nested fan-outs: two branches' merges in a row
-            self._send(("merged", *previous))
+            self._send((MERGED, *previous))
 
     def lua_started(self, chunk: str, deadline: float, limit: float | None,
                     branch_deadline: bool) -> None:
         """Arm the parent's watchdog for one Lua call."""
         self._flush()  # the worker may be ended in it: the state as of now goes first
-        self._send(("lua", chunk, deadline, limit, branch_deadline))
+        self._send((LUA, chunk, deadline, limit, branch_deadline))
 
     def lua_finished(self) -> None:
         """Disarm the parent's watchdog."""
-        self._send(("lua_done",))
+        self._send((LUA_DONE,))
 
 
 def run_task(graph: Any, payload: dict[str, Any], conn: Connection) -> bytes:
@@ -136,7 +148,7 @@ def run_task(graph: Any, payload: dict[str, Any], conn: Connection) -> bytes:
         result = out_of_memory_result(task, (time.monotonic() - started) * 1000.0)
     result = without_unsendable_state(result)
     try:
-        return pickle.dumps(("result", result), protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps((RESULT, result), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
         try:
             path, reason = find_unpicklable(result.state, "state")
@@ -148,7 +160,7 @@ def run_task(graph: Any, payload: dict[str, Any], conn: Connection) -> bytes:
                    f"worker process: {path}: {reason or exc}"),
             error_type=ErrorKind.STATE_COPY_ERROR, duration_ms=result.duration_ms,
             isolation=result.isolation, worker=result.worker, node=result.node)
-        return pickle.dumps(("result", failed), protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps((RESULT, failed), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def worker_loop(conn: Connection, graph: Any, *, once: bool) -> int:
@@ -158,7 +170,7 @@ def worker_loop(conn: Connection, graph: Any, *, once: bool) -> int:
             message = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
             return 0
-        if message[0] != "run":
+        if message[0] != RUN:
             return 0
         reply = run_task(graph, message[1], conn)
         try:
@@ -278,10 +290,10 @@ def spawned_worker(conn_fd: int, once: bool) -> int:
         graph = load_graph(read_init(sys.stdin.buffer))
     except BaseException as exc:
         with contextlib.suppress(OSError):
-            conn.send_bytes(pickle.dumps(("init_error", f"{type(exc).__name__}: {exc}")))
+            conn.send_bytes(pickle.dumps((INIT_ERROR, f"{type(exc).__name__}: {exc}")))
         return 1
     try:
-        conn.send_bytes(pickle.dumps(("ready",)))
+        conn.send_bytes(pickle.dumps((READY,)))
     except OSError:
         return 0  # the parent gave up waiting (closed or interrupted)
     return worker_loop(conn, graph, once=once)

@@ -7,6 +7,7 @@ branch still gets a fresh context, so a reused thread never carries a VM over.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import queue
@@ -32,6 +33,8 @@ from .thread_pool import DaemonThreadPool
 # A branch gets this long past its deadline to report its own timeout (with
 # its state and node) before the backend stops waiting for it.
 TIMEOUT_GRACE_SECONDS = 0.25
+logger = logging.getLogger(__name__)
+
 # Branches taken beyond the pool's threads, per thread (built and waiting for a lane):
 # enough that lanes rarely run dry while the consumer waits for the GIL.
 SUBMIT_AHEAD_PER_THREAD = 8
@@ -114,6 +117,10 @@ class ThreadBackend:
                     yield submitted.position, result
                 for submitted in _overdue(lanes.outstanding()):
                     submitted.monitor.cancelled.cancel()
+                    logger.warning("thread backend: branch %r is past its %gs branch_timeout "
+                                   "in node %r and did not stop; its thread is abandoned and "
+                                   "runs on until the call returns", submitted.task.label,
+                                   submitted.task.limits.branch_timeout, submitted.monitor.node)
                     self._abandon(lanes.give_up(submitted))
                     yield submitted.position, timed_out_result(submitted.task, submitted.monitor)
                 lanes.ask_again()
@@ -151,6 +158,9 @@ class ThreadBackend:
             self._closed = True
             executor, self._executor = self._executor, None
             stuck = any(not f.done() for f in self._abandoned)
+        if stuck:
+            logger.warning("thread backend: closing without waiting for a thread still stuck "
+                           "in a branch it gave up on (a daemon thread: it ends with the call)")
         if executor is not None:
             executor.shutdown(wait=not stuck, cancel_futures=True)
 

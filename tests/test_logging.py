@@ -1,0 +1,68 @@
+"""The package logs through stdlib logging under ``isobranch.*``, in the parent process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+
+import pytest
+
+from conftest import fan_out
+
+
+def crash(state):
+    os._exit(3)
+
+
+def fine(state):
+    return {"fine": True}
+
+
+def warnings(caplog, logger_prefix):
+    return [r for r in caplog.records
+            if r.levelno == logging.WARNING and r.name.startswith(logger_prefix)]
+
+
+def test_the_library_installs_no_handler_that_writes():
+    handlers = logging.getLogger("isobranch").handlers
+    assert all(isinstance(h, logging.NullHandler) for h in handlers)
+
+
+@pytest.mark.usefixtures("no_process_leak")
+def test_a_worker_death_logs_a_warning_naming_the_branch(caplog):
+    caplog.set_level(logging.DEBUG, logger="isobranch")
+    with fan_out(("crash", crash), ("fine", fine)).compile(isolation="process") as app:
+        crashed, ok = app.invoke({})["results"]
+    assert crashed.error_type == "WorkerCrashed" and ok.success
+    (record,) = [r for r in warnings(caplog, "isobranch.isolation.process")
+                 if "'crash'" in r.getMessage()]
+    assert str(crashed.worker) in record.getMessage() and "exited with code 3" in record.getMessage()
+
+
+def test_branch_start_and_finish_are_logged_at_debug(caplog):
+    caplog.set_level(logging.DEBUG, logger="isobranch.branch")
+    with fan_out(("fine", fine)).compile(isolation="inline") as app:
+        app.invoke({})
+    messages = [r.getMessage() for r in caplog.records
+                if r.name == "isobranch.branch" and r.levelno == logging.DEBUG]
+    assert any("'fine'" in m and "start" in m for m in messages)
+    assert any("'fine'" in m and "finished" in m for m in messages)
+
+
+def test_an_update_that_cannot_be_rebuilt_is_left_out_with_a_debug_record(caplog):
+    """A crashed branch's state is rebuilt from its merged updates; one that does not
+    unpickle here is swallowed on purpose, and that is logged with its reason."""
+    from isobranch.branch import BranchLimits, BranchTask
+    from isobranch.isolation.process_branches import Running
+    from isobranch.statecopy import StateSnapshot
+
+    caplog.set_level(logging.DEBUG, logger="isobranch")
+    task = BranchTask(graph=None, branch="b", fan_in="join", snapshot=StateSnapshot({"a": 1}),
+                      limits=BranchLimits(), isolation="process")
+    slot = Running(0, task, b"", worker=None, started=0.0,
+                   updates=[b"not a pickle", None, pickle.dumps({"c": 2})])
+    assert slot.state_as_of_now() == {"a": 1, "c": 2}
+    (record,) = [r for r in caplog.records if r.name == "isobranch.isolation.process_branches"]
+    assert record.levelno == logging.DEBUG and "'b'" in record.getMessage()
+    assert "cannot be unpickled" in record.getMessage()
