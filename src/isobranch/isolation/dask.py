@@ -13,6 +13,12 @@ A Dask worker cannot be killed per branch the way a process-backend worker
 can, so Lua runs with its count hook (as on threads) and ``branch_timeout``
 is enforced inside the branch. A branch stuck past its deadline in one
 Python call is given up on by the client, and its worker is restarted.
+
+What a branch is to the client and which of its runs count against
+``retries`` live in ``dask_branches``. This module stays longer than most
+(about 600 lines) because what remains is one loop and the checks it makes
+on every wake-up (deadlines, worker deaths, memory restarts, a silent
+scheduler) against the one client and lock they share.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import contextlib
 import copy
 import functools
 import importlib.util
+import logging
 import os
 import queue
 import threading
@@ -29,14 +36,24 @@ import time
 import uuid
 import weakref
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future as ProbeFuture
-from dataclasses import dataclass, field
 from typing import Any
 
 from ..branch import BranchTask, ParallelFlowResult
 from ..cancellation import CancelSignal
 from ..error_kinds import ErrorKind
 from .base import NotReady, register_backend, run_in_order, set_waker
+from .dask_branches import (
+    FETCH_SECONDS,
+    FanOutWatch,
+    FollowedBranch,
+    RunLedger,
+    dead_worker,
+    describe_failure,
+    error_type,
+    failed,
+    quietly,
+    result_or_error,
+)
 from .dask_cluster import (
     DEFAULT_CONNECT_TIMEOUT,
     INSTALL_HINT,
@@ -49,6 +66,8 @@ from .dask_cluster import (
 from .memory_limit import BRANCH_MEMORY_ERROR, format_size, memory_message
 from .shipping import BackendError, pickle_graph
 
+logger = logging.getLogger(__name__)
+
 # A branch past its branch_timeout reports its own timeout (with its state)
 # at a node boundary; the client gives it this much longer, network included.
 TIMEOUT_GRACE_SECONDS = 1.0
@@ -59,11 +78,6 @@ POLL_SECONDS = 0.25
 # A fan-out that heard nothing from the scheduler for this long asks it
 # whether it is still there (and has any worker).
 QUIET_SECONDS = 5.0
-# The longest a fan-out waits to fetch finished results before it goes on
-# judging deadlines (a worker frozen in a call holding the GIL cannot serve).
-FETCH_SECONDS = 2.0
-# A restart is remembered this long, to tell a branch it killed from a death.
-RESTART_MEMORY_SECONDS = 120.0
 DEFAULT_WORKER_WAIT = 60.0
 # The nanny's "restarted for memory" event and the task's failure travel on
 # different connections; a death is matched with its event for this long.
@@ -74,46 +88,6 @@ MIN_WORKER_MEMORY = 128 * 1024 * 1024
 MEMORY_RESTART_TOPIC = "worker-restart-memory"
 # Branches submitted beyond the cluster's threads, per thread (they wait at the scheduler).
 SUBMIT_AHEAD_PER_THREAD = 8
-
-
-@dataclass
-class _FanOut:
-    """What the branches of one fan-out share on the client side."""
-
-    # Futures as they finish (their done callbacks put them here).
-    finished: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
-    # When the scheduler last showed signs of life to this fan-out.
-    heard_at: float = field(default_factory=time.monotonic)
-    probe: ProbeFuture | None = None
-    no_workers_since: float | None = None
-
-
-@dataclass
-class _Branch:
-    """One branch's task as the client follows it."""
-
-    index: int
-    task: BranchTask
-    fan_out: _FanOut
-    key: str = ""
-    # (client-side arrival time, worker address) of every start the workers
-    # confirmed, over every submission. Starts are confirmed before the
-    # branch runs, so more starts than retries allow means the scheduler
-    # itself re-ran the task after its worker died.
-    starts: list[tuple[float, str]] = field(default_factory=list)
-    # Where the current submission's starts begin in ``starts``.
-    current: int = 0
-    node: str | None = None
-
-    @property
-    def running_on(self) -> str | None:
-        """The worker the current submission runs on, once it has started."""
-        return self.starts[-1][1] if len(self.starts) > self.current else None
-
-    @property
-    def started_at(self) -> float | None:
-        """When the current submission started (client clock)."""
-        return self.starts[-1][0] if len(self.starts) > self.current else None
 
 
 class DaskBackend:
@@ -175,10 +149,10 @@ class DaskBackend:
         self._graph: weakref.ref | None = None
         self._plugin: str | None = None
         self._topic = f"isobranch-{uuid.uuid4().hex}"
-        self._following: dict[str, _Branch] = {}
-        # Workers this backend restarted (address -> when): a branch killed
-        # with one of them did not fail and runs again.
-        self._restarted: dict[str, float] = {}
+        self._following: dict[str, FollowedBranch] = {}
+        # Workers this backend restarted: a branch killed with one of them did
+        # not fail and runs again; other deaths count against ``retries``.
+        self._runs = RunLedger(retries, self._lock)
         # Workers of the local cluster their nannies restarted for memory
         # (address -> resident bytes at the time), as the events arrive.
         self._memory_restarts: dict[str, int] = {}
@@ -210,7 +184,7 @@ class DaskBackend:
                 if not connection.owns_client:
                     raise BackendError("the distributed.Client passed in is closed")
                 # The scheduler went away and the client gave up: connect afresh.
-                _quietly(connection.close)
+                quietly(connection.close)
                 connection = self._connection = None
                 self._plugin = None
             if connection is None:
@@ -260,7 +234,7 @@ class DaskBackend:
     def _unregister(self, connection: Connection, plugin: str) -> None:
         # Bounded: a scheduler that stopped answering must not hang anybody.
         client = connection.client
-        _quietly(functools.partial(client.sync, client.unregister_worker_plugin, plugin,
+        quietly(functools.partial(client.sync, client.unregister_worker_plugin, plugin,
                                    callback_timeout=self.connect_timeout))
 
     def _on_memory_restart(self, event: tuple[float, dict]) -> None:
@@ -270,14 +244,14 @@ class DaskBackend:
             self._memory_restarts[str(message.get("worker"))] = int(message.get("rss") or 0)
             self._memory_seen.notify_all()
 
-    def _killed_for_memory(self, branch: _Branch, dead: str | None,
+    def _killed_for_memory(self, branch: FollowedBranch, dead: str | None,
                            connection: Connection) -> ParallelFlowResult | None:
         """A ``BranchMemoryError`` result if the branch's worker was restarted for memory."""
         limit = branch.task.limits.branch_max_memory
         if dead is None or limit is None or connection.cluster is None:
             return None
         with self._lock:
-            if not any(worker == dead for _, worker in branch.starts[branch.current:]):
+            if not branch.ran_on(dead):
                 return None  # only queued there: not the branch that used the memory
         with self._memory_seen:
             self._memory_seen.wait_for(lambda: dead in self._memory_restarts,
@@ -285,7 +259,7 @@ class DaskBackend:
             used = self._memory_restarts.get(dead)
         if used is None:
             return None
-        result = _failed(branch, "", BRANCH_MEMORY_ERROR)
+        result = failed(branch, "", BRANCH_MEMORY_ERROR)
         result.error = memory_message(
             branch.task.label, branch.node, limit,
             f"Dask worker {dead} reached {format_size(used)} and its nanny restarted it")
@@ -336,8 +310,8 @@ class DaskBackend:
             # The cluster's threads are the bound: a few more wait at the
             # scheduler, so a thread that finishes does not wait a round trip.
             limit += SUBMIT_AHEAD_PER_THREAD * slots
-        fan_out = _FanOut()
-        pending: dict[Any, _Branch] = {}
+        fan_out = FanOutWatch()
+        pending: dict[Any, FollowedBranch] = {}
         # Results found by one look at the cluster, handed out before the next.
         results: dict[int, ParallelFlowResult] = {}
         position = 0
@@ -353,7 +327,7 @@ class DaskBackend:
                 if isinstance(upcoming, NotReady):  # a retry may be due by now
                     upcoming = next(source, None)
                 while isinstance(upcoming, BranchTask) and len(pending) < limit:
-                    branch = _Branch(position, upcoming, fan_out)
+                    branch = FollowedBranch(position, upcoming, fan_out)
                     pending[self._submit(client, plugin, branch)] = branch
                     position += 1
                     upcoming = next(source, None)
@@ -370,7 +344,7 @@ class DaskBackend:
                 if lost is not None:
                     # Nothing can run on this cluster any more: the rest fail alike.
                     while isinstance(upcoming, BranchTask):
-                        yield position, _failed(_Branch(position, upcoming, fan_out), lost,
+                        yield position, failed(FollowedBranch(position, upcoming, fan_out), lost,
                                                 ErrorKind.DASK_ERROR)
                         position += 1
                         upcoming = next(source, None)
@@ -385,7 +359,7 @@ class DaskBackend:
                 forget()
             self._forget(pending, list(pending))
             if pending:
-                _quietly(client.cancel, list(pending))
+                quietly(client.cancel, list(pending))
 
     def run_branches(self, tasks: list[BranchTask]) -> list[ParallelFlowResult]:
         """Run ``tasks`` as Dask tasks and return their results in task order."""
@@ -398,11 +372,13 @@ class DaskBackend:
             # Bounded: a scheduler that stopped answering is reported by the fan-out.
             threads = client.sync(client.scheduler.ncores, callback_timeout=self.connect_timeout)
             total = sum(threads.values()) if isinstance(threads, dict) else 0
-        except Exception:
+        except Exception as exc:
+            logger.debug("dask backend: the scheduler did not say how many threads its workers "
+                         "have (%s: %s); assuming max_workers", type(exc).__name__, exc)
             total = 0
         return total or self.max_workers or os.cpu_count() or 1
 
-    def _submit(self, client: Any, plugin: str, branch: _Branch) -> Any:
+    def _submit(self, client: Any, plugin: str, branch: FollowedBranch) -> Any:
         from .dask_worker import run_on_worker
 
         task = branch.task
@@ -415,8 +391,8 @@ class DaskBackend:
         future.add_done_callback(branch.fan_out.finished.put)
         return future
 
-    def _follow_once(self, connection: Connection, plugin: str, pending: dict[Any, _Branch],
-                     results: dict[int, ParallelFlowResult], fan_out: _FanOut,
+    def _follow_once(self, connection: Connection, plugin: str, pending: dict[Any, FollowedBranch],
+                     results: dict[int, ParallelFlowResult], fan_out: FanOutWatch,
                      cancel: CancelSignal | None = None, due: float | None = None
                      ) -> str | None:
         """Wait for a branch to finish (or a deadline, or ``due``: a task will be ready),
@@ -440,7 +416,7 @@ class DaskBackend:
         lost = self._lost(connection, fan_out, pending)
         if lost is not None:
             for branch in pending.values():
-                results[branch.index] = _failed(branch, lost, ErrorKind.DASK_ERROR)
+                results[branch.index] = failed(branch, lost, ErrorKind.DASK_ERROR)
             self._stop_running(connection, pending.values())
             self._forget(pending, list(pending))
             return lost
@@ -448,7 +424,7 @@ class DaskBackend:
         self._collect(connection, plugin, pending, results)
         return None
 
-    def _wakeup(self, pending: dict[Any, _Branch]) -> float:
+    def _wakeup(self, pending: dict[Any, FollowedBranch]) -> float:
         deadlines = [branch.started_at + limit + TIMEOUT_GRACE_SECONDS
                      for branch in pending.values()
                      if (limit := branch.task.limits.branch_timeout)
@@ -457,8 +433,8 @@ class DaskBackend:
             return POLL_SECONDS
         return min(max(min(deadlines) - time.monotonic(), 0.0), POLL_SECONDS)
 
-    def _lost(self, connection: Connection, fan_out: _FanOut,
-              pending: dict[Any, _Branch]) -> str | None:
+    def _lost(self, connection: Connection, fan_out: FanOutWatch,
+              pending: dict[Any, FollowedBranch]) -> str | None:
         """Why no pending branch can finish any more, if that is the case."""
         if self._closed:
             # As on the process backend: the whole fan-out fails, not its branches.
@@ -504,16 +480,16 @@ class DaskBackend:
                 client.loop.asyncio_loop)
         return None
 
-    def _judge_running(self, connection: Connection, pending: dict[Any, _Branch],
+    def _judge_running(self, connection: Connection, pending: dict[Any, FollowedBranch],
                        results: dict[int, ParallelFlowResult]) -> None:
         now = time.monotonic()
         for future, branch in list(pending.items()):
             if future.status != "pending":
                 continue  # finished meanwhile: _collect takes it as it is
-            rerun = self._rerun_failure(branch, connection)
+            rerun = self._runs.rerun_failure(branch, connection.address)
             if rerun is not None:
                 results[branch.index] = rerun
-                _quietly(future.cancel)
+                quietly(future.cancel)
                 self._forget(pending, [future])
                 continue
             limit, started, worker = (branch.task.limits.branch_timeout, branch.started_at,
@@ -530,11 +506,11 @@ class DaskBackend:
                     error_type=ErrorKind.BRANCH_TIMEOUT, timed_out=True,
                     duration_ms=(now - started) * 1000.0, isolation=self.name, worker=worker,
                     node=branch.node)
-                _quietly(future.cancel)
+                quietly(future.cancel)
                 self._forget(pending, [future])
                 self._restart(connection, [worker])
 
-    def _collect(self, connection: Connection, plugin: str, pending: dict[Any, _Branch],
+    def _collect(self, connection: Connection, plugin: str, pending: dict[Any, FollowedBranch],
                  results: dict[int, ParallelFlowResult]) -> None:
         client = connection.client
         # Read each status once: the event-loop thread may change it meanwhile.
@@ -546,13 +522,13 @@ class DaskBackend:
                 return  # not now: deadlines are judged again before the next try
             for future, value in zip(finished, values, strict=True):
                 branch = pending[future]
-                rerun = self._rerun_failure(branch, connection)
+                rerun = self._runs.rerun_failure(branch, connection.address)
                 if rerun is not None:
                     results[branch.index] = rerun
                 elif isinstance(value, ParallelFlowResult):
                     results[branch.index] = value
                 else:
-                    results[branch.index] = _failed(
+                    results[branch.index] = failed(
                         branch, f"its result could not be fetched from the cluster: {value}",
                         ErrorKind.DASK_ERROR)
             self._forget(pending, finished)
@@ -561,17 +537,23 @@ class DaskBackend:
                 continue
             branch = pending[future]
             self._forget(pending, [future])
-            error = _quietly(future.exception) if status == "error" else None
-            dead = _dead_worker(error)
+            error = quietly(future.exception) if status == "error" else None
+            dead = dead_worker(error)
             memory = self._killed_for_memory(branch, dead, connection)
             if memory is not None:  # it would only run out again: no retry
                 results[branch.index] = memory
                 continue
-            if dead is not None and self._may_run_again(branch, dead):
+            if dead is not None and self._runs.may_run_again(branch, dead):
+                logger.warning("dask backend: Dask worker %s died while it had branch %r; "
+                               "it runs again (run %d)", dead, branch.task.label,
+                               self._runs.attempts(branch) + 1)
                 pending[self._submit(client, plugin, branch)] = branch
                 continue
-            results[branch.index] = _failed(branch, _describe_failure(
-                branch, status, error, dead, connection), _error_type(error, dead))
+            if dead is not None:
+                logger.warning("dask backend: Dask worker %s died while it ran branch %r",
+                               dead, branch.task.label)
+            results[branch.index] = failed(branch, describe_failure(
+                branch, status, error, dead, connection), error_type(error, dead))
 
     def _fetch(self, client: Any, futures: list[Any]) -> list[Any] | None:
         """Results of finished futures, or None if they cannot be had within FETCH_SECONDS."""
@@ -579,45 +561,12 @@ class DaskBackend:
             return client.sync(client.gather, futures, callback_timeout=FETCH_SECONDS)
         except TimeoutError:
             return None
-        except Exception:  # one result was lost; fetch them one by one to tell which
-            return [_result_or_error(future) for future in futures]
+        except Exception as exc:  # one result was lost; fetch them one by one to tell which
+            logger.debug("dask backend: fetching %d results at once failed (%s: %s); "
+                         "fetching them one by one", len(futures), type(exc).__name__, exc)
+            return [result_or_error(future) for future in futures]
 
-    def _may_run_again(self, branch: _Branch, dead: str) -> bool:
-        """Whether a branch killed with worker ``dead`` is submitted again."""
-        with self._lock:
-            restarted = self._restarted.get(dead, 0.0) > time.monotonic() - RESTART_MEMORY_SECONDS
-            ran_there = any(worker == dead for _, worker in branch.starts[branch.current:])
-        if restarted or not ran_there:
-            # Killed by a restart isobranch asked for, or queued on a worker that
-            # died before it started: not the branch's failure.
-            return True
-        return self._attempts(branch) <= self.retries
-
-    def _attempts(self, branch: _Branch) -> int:
-        """How often the branch ran, not counting runs on workers isobranch restarted."""
-        with self._lock:
-            return sum(1 for at, worker in branch.starts
-                       if not self._restarted_since(worker, at))
-
-    def _restarted_since(self, worker: str, when: float) -> bool:
-        return self._restarted.get(worker, -1.0) >= when
-
-    def _rerun_failure(self, branch: _Branch, connection: Connection
-                       ) -> ParallelFlowResult | None:
-        """A failed result if the scheduler itself re-ran the branch more often than asked."""
-        with self._lock:
-            runs = [worker for at, worker in branch.starts
-                    if not self._restarted_since(worker, at)]
-        if len(runs) <= self.retries + 1:
-            return None
-        # The scheduler's allowed-failures is above isobranch's retries.
-        dead, rerun_on = runs[-2], runs[-1]
-        plural = "y" if self.retries == 1 else "ies"
-        return _failed(branch, f"Dask worker {dead} died while running it (the scheduler at "
-                       f"{connection.address} re-ran it on {rerun_on}; isobranch allows "
-                       f"{self.retries} retr{plural})", ErrorKind.WORKER_DIED)
-
-    def _stop_running(self, connection: Connection, branches: Iterable[_Branch]) -> None:
+    def _stop_running(self, connection: Connection, branches: Iterable[FollowedBranch]) -> None:
         """Restart the workers of branches given up on, on a cluster isobranch started."""
         if connection.cluster is None:
             return  # a shared cluster's workers are restarted only for a stuck branch
@@ -630,28 +579,29 @@ class DaskBackend:
 
         Without a nanny the restart fails quietly and the call runs on.
         """
-        now = time.monotonic()
-        with self._lock:
-            for worker in workers:
-                self._restarted[worker] = now
-            for worker, when in list(self._restarted.items()):
-                if when < now - RESTART_MEMORY_SECONDS:
-                    del self._restarted[worker]
+        self._runs.restarting(workers)
         client = connection.client
         if not connection.usable:
             return  # closing: its workers end with it
+        logger.warning("dask backend: restarting Dask worker(s) %s (running branches given up "
+                       "on)", ", ".join(workers))
         try:
             coroutine = client.scheduler.restart_workers(
                 workers=workers, timeout=RESTART_TIMEOUT_SECONDS, on_error="return",
                 stimulus_id=f"isobranch-stop-{time.time()}")
-        except Exception:
-            return  # the client is going away under us: nothing to restart through
+        except Exception as exc:
+            # The client is going away under us: nothing to restart through.
+            logger.debug("dask backend: cannot restart workers, the client is going away "
+                         "(%s: %s)", type(exc).__name__, exc)
+            return
         try:
             asyncio.run_coroutine_threadsafe(coroutine, client.loop.asyncio_loop)
-        except Exception:
+        except Exception as exc:
+            logger.debug("dask backend: cannot restart workers, the client's loop is gone "
+                         "(%s: %s)", type(exc).__name__, exc)
             coroutine.close()
 
-    def _forget(self, pending: dict[Any, _Branch], futures: list[Any]) -> None:
+    def _forget(self, pending: dict[Any, FollowedBranch], futures: list[Any]) -> None:
         with self._lock:
             for future in futures:
                 branch = pending.pop(future, None)
@@ -672,9 +622,9 @@ class DaskBackend:
             return
         if connection.cluster is None and plugin is not None and connection.usable:
             self._unregister(connection, plugin)
-        _quietly(connection.client.unsubscribe_topic, self._topic)
+        quietly(connection.client.unsubscribe_topic, self._topic)
         if connection.cluster is not None:
-            _quietly(connection.client.unsubscribe_topic, MEMORY_RESTART_TOPIC)
+            quietly(connection.client.unsubscribe_topic, MEMORY_RESTART_TOPIC)
         if connection.owns_client:
             connection.close()
 
@@ -685,60 +635,6 @@ def _wait_for(finished: queue.SimpleQueue, due: float | None) -> None:
         raise RuntimeError("the task source waits for a result, but no branch is running")
     with contextlib.suppress(queue.Empty):
         finished.get(timeout=max(due - time.monotonic(), 0.0))
-
-
-def _failed(branch: _Branch, reason: str, error_type: str) -> ParallelFlowResult:
-    task = branch.task
-    return ParallelFlowResult(
-        branch=task.name, index=task.index, state=task.initial_state(), success=False,
-        error=f"branch {task.label!r}: {reason}", error_type=error_type, isolation="dask",
-        worker=branch.starts[-1][1] if branch.starts else None, node=branch.node)
-
-
-def _dead_worker(error: BaseException | None) -> str | None:
-    """The address of the worker whose death failed the task, if that is what happened."""
-    if type(error).__name__ != "KilledWorker":
-        return None
-    last = getattr(error, "last_worker", None)
-    return str(getattr(last, "address", last)) if last is not None else "(unknown worker)"
-
-
-def _describe_failure(branch: _Branch, status: str, error: BaseException | None,
-                      dead: str | None, connection: Connection) -> str:
-    if dead is not None:
-        runs = len(branch.starts)
-        tried = f" (it ran {runs} times)" if runs > 1 else ""
-        return f"Dask worker {dead} died while running it{tried}"
-    if error is not None:
-        hint = ""
-        if isinstance(error, ImportError):
-            hint = " (is isobranch installed on every Dask worker?)"
-        return f"the Dask task failed on the worker: {type(error).__name__}: {error}{hint}"
-    if connection.client.status != "running":
-        return (f"lost the connection to the Dask scheduler at {connection.address} "
-                f"(the task is {status})")
-    return f"the Dask scheduler at {connection.address} dropped the task (status {status!r})"
-
-
-def _error_type(error: BaseException | None, dead: str | None) -> str:
-    if dead is not None:
-        return ErrorKind.WORKER_DIED
-    return type(error).__name__ if error is not None else ErrorKind.DASK_ERROR
-
-
-def _result_or_error(future: Any) -> Any:
-    try:
-        return future.result(timeout=FETCH_SECONDS)
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
-
-
-def _quietly(function: Any, *args: Any) -> Any:
-    # Cleanup on a cluster that may be gone: the failure is already reported.
-    try:
-        return function(*args)
-    except Exception:
-        return None
 
 
 register_backend("dask", DaskBackend)

@@ -1,0 +1,192 @@
+"""The Dask backend's view of one fan-out's branches, and which of their runs count.
+
+``FollowedBranch`` is one branch's task as the client follows it (every
+start a worker confirmed, its node); ``FanOutWatch`` what a fan-out's
+branches share. ``RunLedger`` is the retry bookkeeping: which workers this
+backend restarted and when, so a branch killed by such a restart is not
+counted against its ``retries``, and a branch the scheduler re-ran more
+often than that is failed. The functions below describe a failed branch.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future as ProbeFuture
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..branch import BranchTask, ParallelFlowResult
+from ..error_kinds import ErrorKind
+from .dask_cluster import Connection
+
+logger = logging.getLogger(__name__)
+
+# A restart is remembered this long, to tell a branch it killed from a death.
+RESTART_MEMORY_SECONDS = 120.0
+# The longest a fan-out waits for one result fetched on its own.
+FETCH_SECONDS = 2.0
+
+
+@dataclass
+class FanOutWatch:
+    """What the branches of one fan-out share on the client side."""
+
+    # Futures as they finish (their done callbacks put them here).
+    finished: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    # When the scheduler last showed signs of life to this fan-out.
+    heard_at: float = field(default_factory=time.monotonic)
+    probe: ProbeFuture | None = None
+    no_workers_since: float | None = None
+
+
+@dataclass
+class FollowedBranch:
+    """One branch's task as the client follows it."""
+
+    index: int
+    task: BranchTask
+    fan_out: FanOutWatch
+    key: str = ""
+    # (client-side arrival time, worker address) of every start the workers
+    # confirmed, over every submission. Starts are confirmed before the
+    # branch runs, so more starts than retries allow means the scheduler
+    # itself re-ran the task after its worker died.
+    starts: list[tuple[float, str]] = field(default_factory=list)
+    # Where the current submission's starts begin in ``starts``.
+    current: int = 0
+    node: str | None = None
+
+    @property
+    def running_on(self) -> str | None:
+        """The worker the current submission runs on, once it has started."""
+        return self.starts[-1][1] if len(self.starts) > self.current else None
+
+    @property
+    def started_at(self) -> float | None:
+        """When the current submission started (client clock)."""
+        return self.starts[-1][0] if len(self.starts) > self.current else None
+
+    def ran_on(self, worker: str) -> bool:
+        """Whether the current submission started on ``worker`` (not only queued there)."""
+        return any(where == worker for _, where in self.starts[self.current:])
+
+
+class RunLedger:
+    """Which runs of a branch count against ``retries``: not those on a worker this
+    backend restarted (a branch it gave up on, or stopped), which did not fail.
+
+    ``lock`` is the backend's: the client's event-loop thread appends starts under it.
+    """
+
+    def __init__(self, retries: int, lock: threading.Lock) -> None:
+        self.retries = retries
+        self._lock = lock
+        # Workers this backend restarted: address -> when (client clock).
+        self._restarted: dict[str, float] = {}
+
+    def restarting(self, workers: list[str]) -> None:
+        """Remember that ``workers`` are being restarted now (and forget old restarts)."""
+        now = time.monotonic()
+        with self._lock:
+            for worker in workers:
+                self._restarted[worker] = now
+            for worker, when in list(self._restarted.items()):
+                if when < now - RESTART_MEMORY_SECONDS:
+                    del self._restarted[worker]
+
+    def may_run_again(self, branch: FollowedBranch, dead: str) -> bool:
+        """Whether a branch killed with worker ``dead`` is submitted again."""
+        with self._lock:
+            restarted = self._restarted.get(dead, 0.0) > time.monotonic() - RESTART_MEMORY_SECONDS
+            ran_there = branch.ran_on(dead)
+        if restarted or not ran_there:
+            # Killed by a restart isobranch asked for, or queued on a worker that
+            # died before it started: not the branch's failure.
+            return True
+        return self.attempts(branch) <= self.retries
+
+    def attempts(self, branch: FollowedBranch) -> int:
+        """How often the branch ran, not counting runs on workers isobranch restarted."""
+        return len(self._counted_runs(branch))
+
+    def rerun_failure(self, branch: FollowedBranch, address: str) -> ParallelFlowResult | None:
+        """A failed result if the scheduler at ``address`` re-ran the branch more often
+        than ``retries`` allows."""
+        runs = self._counted_runs(branch)
+        if len(runs) <= self.retries + 1:
+            return None
+        # The scheduler's allowed-failures is above isobranch's retries.
+        dead, rerun_on = runs[-2], runs[-1]
+        plural = "y" if self.retries == 1 else "ies"
+        return failed(branch, f"Dask worker {dead} died while running it (the scheduler at "
+                      f"{address} re-ran it on {rerun_on}; isobranch allows "
+                      f"{self.retries} retr{plural})", ErrorKind.WORKER_DIED)
+
+    def _counted_runs(self, branch: FollowedBranch) -> list[str]:
+        with self._lock:
+            return [worker for at, worker in branch.starts
+                    if self._restarted.get(worker, -1.0) < at]
+
+
+def failed(branch: FollowedBranch, reason: str, error_type: str) -> ParallelFlowResult:
+    """The failed result of ``branch`` for ``reason``, with the state it started from."""
+    task = branch.task
+    return ParallelFlowResult(
+        branch=task.name, index=task.index, state=task.initial_state(), success=False,
+        error=f"branch {task.label!r}: {reason}", error_type=error_type, isolation="dask",
+        worker=branch.starts[-1][1] if branch.starts else None, node=branch.node)
+
+
+def dead_worker(error: BaseException | None) -> str | None:
+    """The address of the worker whose death failed the task, if that is what happened."""
+    if type(error).__name__ != "KilledWorker":
+        return None
+    last = getattr(error, "last_worker", None)
+    return str(getattr(last, "address", last)) if last is not None else "(unknown worker)"
+
+
+def describe_failure(branch: FollowedBranch, status: str, error: BaseException | None,
+                     dead: str | None, connection: Connection) -> str:
+    """Why the Dask task of ``branch`` ended as ``status`` (its worker died, it raised, …)."""
+    if dead is not None:
+        runs = len(branch.starts)
+        tried = f" (it ran {runs} times)" if runs > 1 else ""
+        return f"Dask worker {dead} died while running it{tried}"
+    if error is not None:
+        hint = ""
+        if isinstance(error, ImportError):
+            hint = " (is isobranch installed on every Dask worker?)"
+        return f"the Dask task failed on the worker: {type(error).__name__}: {error}{hint}"
+    if connection.client.status != "running":
+        return (f"lost the connection to the Dask scheduler at {connection.address} "
+                f"(the task is {status})")
+    return f"the Dask scheduler at {connection.address} dropped the task (status {status!r})"
+
+
+def error_type(error: BaseException | None, dead: str | None) -> str:
+    """The ``error_type`` of a branch whose task failed with ``error`` (or its worker died)."""
+    if dead is not None:
+        return ErrorKind.WORKER_DIED
+    return type(error).__name__ if error is not None else ErrorKind.DASK_ERROR
+
+
+def result_or_error(future: Any) -> Any:
+    """The future's result, or its error as text (one lost result among several)."""
+    try:
+        return future.result(timeout=FETCH_SECONDS)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def quietly(function: Any, *args: Any) -> Any:
+    """``function(*args)``, or None if it raises: cleanup on a cluster that may be gone,
+    whose failure is already reported (logged at DEBUG)."""
+    try:
+        return function(*args)
+    except Exception as exc:
+        logger.debug("dask backend: %s failed during cleanup (ignored): %s: %s",
+                     getattr(function, "__name__", function), type(exc).__name__, exc)
+        return None
