@@ -5,6 +5,7 @@ VM, and runs on a pluggable isolation backend (inline, thread, ...).
 """
 
 from .branch import ParallelFlowResult
+from .checkpoint import SqliteCheckpointer
 from .errors import GraphError, GraphExecutionError
 from .graph import CompiledGraph, StateGraph
 from .isolation.base import IsolationBackend, available_backends, register_backend
@@ -26,6 +27,7 @@ __all__ = [
     "LuaRuntimeError",
     "LuaTimeoutError",
     "ParallelFlowResult",
+    "SqliteCheckpointer",
     "StateGraph",
     "YAMLEngine",
     "available_backends",

@@ -15,6 +15,7 @@ from .lua.runtime import LuaRuntime, LuaTimeoutError
 
 if TYPE_CHECKING:
     from .branch import BranchLimits, BranchMonitor
+    from .checkpoint.recorder import RunRecorder
     from .graph import CompiledGraph
     from .isolation.base import IsolationBackend
 
@@ -65,8 +66,11 @@ class ExecutionContext:
                  time_limit: float | None = None, backend: IsolationBackend | None = None,
                  nested_isolation: str = "thread", max_workers: int | None = None,
                  fan_out_limits: BranchLimits, watchdog: Watchdog | None = None,
-                 max_concurrency: int | None = None) -> None:
+                 max_concurrency: int | None = None,
+                 recorder: RunRecorder | None = None) -> None:
         self.graph = graph
+        # Records the main path of a checkpointed run; None in branches.
+        self.recorder = recorder
         self.deadline = deadline
         self.time_limit = time_limit
         self.branch = branch

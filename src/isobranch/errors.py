@@ -28,15 +28,17 @@ class GraphExecutionError(Exception):
     Attributes name where it happened: ``node``, ``branch`` (None on the main
     path), ``error_type`` (the class name of the original exception),
     ``state`` (the state as of the failure), ``traceback`` (the failing
-    code's traceback as text, also when it ran in another process) and, for
-    a failed fan-out, ``results`` (every branch's ``ParallelFlowResult``).
+    code's traceback as text, also when it ran in another process), for
+    a failed fan-out, ``results`` (every branch's ``ParallelFlowResult``),
+    and for a checkpointed run its ``run_id`` (to resume it).
     """
 
     def __init__(self, message: str, *, node: str | None = None, branch: str | None = None,
                  error_type: str | None = None, state: dict | None = None,
                  results: list[Any] | None = None, timed_out: bool = False,
-                 traceback: str | None = None) -> None:
+                 traceback: str | None = None, run_id: str | None = None) -> None:
         super().__init__(message)
+        self.run_id = run_id
         self.node = node
         self.branch = branch
         self.error_type = error_type
@@ -51,6 +53,7 @@ class GraphExecutionError(Exception):
 
 def _rebuild_execution_error(message: str, attrs: dict) -> GraphExecutionError:
     error = GraphExecutionError(message)
-    error.traceback = None  # errors pickled before the attribute existed
+    error.traceback = None  # errors pickled before these attributes existed
+    error.run_id = None
     error.__dict__.update(attrs)
     return error

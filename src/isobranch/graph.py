@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .branch import BranchLimits
+from .checkpoint.runs import begin_run, reopen_run
+from .checkpoint.store import RunStatus, SqliteCheckpointer
 from .conditions import Condition, Expression, as_condition
 from .context import ExecutionContext
 from .errors import GraphError, GraphExecutionError
@@ -261,6 +263,7 @@ class StateGraph:
                 variables: dict | None = None, max_steps: int = DEFAULT_MAX_STEPS,
                 backend_options: dict[str, Any] | None = None,
                 name: str | None = None, branch_max_memory: int | str | None = None,
+                checkpointer: SqliteCheckpointer | None = None,
                 **backend_keywords: Any) -> CompiledGraph:
         """Validate the graph and freeze it into a runnable ``CompiledGraph``.
 
@@ -270,7 +273,8 @@ class StateGraph:
         ``start_method="spawn"``) go to the ``isolation`` backend's factory.
         ``branch_max_memory`` (bytes or a size such as ``"512MiB"``) caps each
         branch's memory where the backend can enforce it (``process``, a
-        local ``dask`` cluster) and is refused elsewhere.
+        local ``dask`` cluster) and is refused elsewhere. ``checkpointer`` (a
+        ``SqliteCheckpointer``) records every run so it can be resumed.
         Raises ``GraphError`` listing every problem.
         """
         backend_options = {**(backend_options or {}), **backend_keywords}
@@ -287,6 +291,9 @@ class StateGraph:
         if isolation in available_backends():
             problems.extend(_backend_option_problems(isolation, backend_options))
         problems.extend(_limit_problems(max_concurrency=max_concurrency, integers=True))
+        if checkpointer is not None and not isinstance(checkpointer, SqliteCheckpointer):
+            problems.append(f"checkpointer must be a SqliteCheckpointer, got "
+                            f"{type(checkpointer).__name__}")
         backend = None
         if not problems:
             # Built now (its workers start lazily) so bad backend options fail here.
@@ -326,7 +333,8 @@ class StateGraph:
             fail_fast=fail_fast, lua_timeout=lua_timeout, lua_max_memory=lua_max_memory,
             variables=dict(variables or {}), max_steps=max_steps,
             backend_options=dict(backend_options or {}), name=name,
-            branch_max_memory=branch_max_memory, max_concurrency=max_concurrency)
+            branch_max_memory=branch_max_memory, max_concurrency=max_concurrency,
+            checkpointer=checkpointer)
         compiled._adopt_backend(isolation, backend, max_workers)
         return compiled
 
@@ -382,7 +390,8 @@ class CompiledGraph:
                  lua_timeout: float | None, lua_max_memory: int | None, variables: dict,
                  max_steps: int, backend_options: dict[str, Any], name: str | None,
                  branch_max_memory: int | None = None,
-                 max_concurrency: int | None = None) -> None:
+                 max_concurrency: int | None = None,
+                 checkpointer: SqliteCheckpointer | None = None) -> None:
         self.nodes = nodes
         self._routes = routes
         self._fan_outs = fan_outs
@@ -399,6 +408,9 @@ class CompiledGraph:
         self.backend_options = backend_options
         self.name = name
         self.branch_max_memory = branch_max_memory
+        self.checkpointer = checkpointer
+        # A checkpointer made from YAML settings belongs to the graph and closes with it.
+        self.owns_checkpointer = False
         self._init_pools()
 
     def _init_pools(self) -> None:
@@ -411,6 +423,7 @@ class CompiledGraph:
         state = self.__dict__.copy()
         for private in ("_backends", "_pool_lock", "_finalizer", "_closed"):
             state.pop(private, None)
+        state["checkpointer"] = None  # branches never record; workers need no database
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -434,14 +447,27 @@ class CompiledGraph:
         """Run the graph on a copy of ``state`` and return the final state.
 
         ``config`` may override ``isolation``, ``max_workers``,
-        ``branch_timeout``, ``fail_fast`` and ``max_concurrency``. Raises
-        ``GraphExecutionError`` naming the node and branch that failed.
+        ``branch_timeout``, ``fail_fast`` and ``max_concurrency``, and with a
+        checkpointer give the new run's ``run_id`` (one that exists is a
+        ``GraphError``). Raises ``GraphExecutionError`` naming the node and
+        branch that failed (and the ``run_id``).
         """
-        final: dict = {}
-        for event in self._events(state, config, snapshots=False):
-            if event["type"] == "final":
-                final = event["state"]
-        return final
+        return _final_state(self._events(state, config, snapshots=False))
+
+    def resume(self, run_id: str, config: dict | None = None, *, force: bool = False) -> dict:
+        """Finish the recorded run ``run_id`` and return its final state.
+
+        It continues after the run's last recorded main-path step; a fan-out
+        that was under way runs only the branches with no recorded success.
+        A run that succeeded returns its final state and runs nothing. A
+        graph changed since the run started (nodes, edges, code) is a
+        ``GraphError`` saying what changed, unless ``force=True``.
+        """
+        if self.checkpointer is None:
+            raise GraphError("resume() needs a checkpointer: compile(checkpointer="
+                             "SqliteCheckpointer(path)) or YAML settings.checkpoint")
+        return _final_state(self._events(None, config, snapshots=False, resume=run_id,
+                                         force=force))
 
     def stream(self, state: dict | None = None, config: dict | None = None
                ) -> Iterator[dict[str, Any]]:
@@ -452,35 +478,77 @@ class CompiledGraph:
         "success", "error_type", "timed_out", "duration_ms", "attempts",
         "done", "total"}`` as each branch of a main-path fan-out finishes
         (completion order), ``{"type": "parallel", "fan_in", "branches"}``
-        after each fan-out, and ``{"type": "final", "state"}`` last.
+        after each fan-out, and ``{"type": "final", "state"}`` last. With a
+        checkpointer the first event is ``{"type": "run", "run_id"}``.
         """
         return self._events(state, config, snapshots=True)
 
-    def _events(self, state: dict | None, config: dict | None, *, snapshots: bool
-                ) -> Iterator[dict[str, Any]]:
+    def _events(self, state: dict | None, config: dict | None, *, snapshots: bool,
+                resume: str | None = None, force: bool = False) -> Iterator[dict[str, Any]]:
+        config = dict(config or {})
+        run_id = config.pop("run_id", None)
         settings = self._resolve(config)
-        if state is None:
-            state = {}
-        if not isinstance(state, dict):
-            raise GraphError(f"the input state must be a dict, got {type(state).__name__}")
-        try:
-            working = StateSnapshot(state).copy()
-        except StateCopyError as exc:
-            raise GraphError(f"the input state cannot be copied: {exc}") from exc
+        if (run_id is not None or resume is not None) and self.checkpointer is None:
+            raise GraphError("config: run_id needs a checkpointer (compile(checkpointer=...) "
+                             "or YAML settings.checkpoint)")
+        if resume is not None and run_id is not None:
+            raise GraphError("config: run_id cannot be given to resume(); it resumes the run "
+                             "it names")
+        if resume is None:
+            working = self._input_copy(state)
         backend = self._backend(settings["isolation"], settings["max_workers"])
+        recorder, point = None, None
+        if resume is not None:
+            assert self.checkpointer is not None
+            reopened = reopen_run(self.checkpointer, self, resume, force=force)
+            if reopened.done:  # it succeeded: its final state, and nothing runs
+                yield {"type": "run", "run_id": resume}
+                yield {"type": "final", "state": reopened.state}
+                return
+            recorder, working, point = reopened.recorder, reopened.state, reopened.point
+        elif self.checkpointer is not None:
+            recorder = begin_run(self.checkpointer, self, working, run_id)
         context = ExecutionContext(
             self, backend=backend, max_workers=settings["max_workers"],
             max_concurrency=settings["max_concurrency"],
             fan_out_limits=BranchLimits(branch_timeout=settings["branch_timeout"],
                                         fail_fast=settings["fail_fast"],
-                                        branch_max_memory=self.branch_max_memory))
+                                        branch_max_memory=self.branch_max_memory),
+            recorder=recorder)
         try:
+            if recorder is not None:
+                yield {"type": "run", "run_id": recorder.run_id}
             # invoke() needs no per-branch events; stream() reports them.
             yield from run_steps(self, working, context, start=self.entry, snapshots=snapshots,
-                                 branch_events=snapshots)
+                                 branch_events=snapshots, resume=point)
+        except GraphExecutionError as exc:
+            if recorder is not None:
+                exc.run_id = recorder.run_id
+                _record_end(recorder, RunStatus.FAILED, exc)
+            raise
+        except Exception as exc:
+            if recorder is not None:
+                _record_end(recorder, RunStatus.FAILED, exc)
+            raise
+        except BaseException as exc:  # Ctrl-C, cancellation, a consumer that stopped reading
+            if recorder is not None:
+                _record_end(recorder, RunStatus.INTERRUPTED, exc)
+            raise
         finally:
             context.close()
+        if recorder is not None:
+            recorder.finished(RunStatus.SUCCEEDED, working)
         yield {"type": "final", "state": working}
+
+    def _input_copy(self, state: dict | None) -> dict:
+        if state is None:
+            state = {}
+        if not isinstance(state, dict):
+            raise GraphError(f"the input state must be a dict, got {type(state).__name__}")
+        try:
+            return StateSnapshot(state).copy()
+        except StateCopyError as exc:
+            raise GraphError(f"the input state cannot be copied: {exc}") from exc
 
     def _resolve(self, config: dict | None) -> dict[str, Any]:
         settings = {"isolation": self.isolation, "max_workers": self.max_workers,
@@ -491,7 +559,7 @@ class CompiledGraph:
         unknown = sorted(set(config) - set(CONFIG_KEYS))
         if unknown:
             raise GraphError(f"config: unknown key(s) {', '.join(map(repr, unknown))}; "
-                             f"allowed: {', '.join(CONFIG_KEYS)}")
+                             f"allowed: {', '.join((*CONFIG_KEYS, 'run_id'))}")
         settings.update(config)
         problems = _limit_problems(max_workers=settings["max_workers"],
                                    branch_timeout=settings["branch_timeout"])
@@ -534,12 +602,31 @@ class CompiledGraph:
         with self._pool_lock:
             self._closed = True
         self._finalizer()
+        if self.owns_checkpointer and self.checkpointer is not None:
+            self.checkpointer.close()
 
     def __enter__(self) -> CompiledGraph:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _final_state(events: Iterator[dict[str, Any]]) -> dict:
+    final: dict = {}
+    for event in events:
+        if event["type"] == "final":
+            final = event["state"]
+    return final
+
+
+def _record_end(recorder: Any, status: RunStatus, exc: BaseException) -> None:
+    """Record a run's failed or interrupted end without hiding the exception that ended it."""
+    try:
+        recorder.finished(status, error=f"{type(exc).__name__}: {exc}")
+    except Exception as record_error:
+        exc.add_note(f"recording the end of run {recorder.run_id!r} failed too: "
+                     f"{type(record_error).__name__}: {record_error}")
 
 
 def _close_backends(backends: dict[Any, IsolationBackend]) -> None:

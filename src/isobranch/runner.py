@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Generator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .branch import ParallelFlowResult, format_traceback
+from .branch import BranchTask, ParallelFlowResult, format_traceback
+from .checkpoint.store import StepKind
 from .context import BranchCancelled, BranchTimeout
 from .errors import GraphExecutionError
 from .fanout import (
     FanOut,
+    FanOutPlan,
     Gathered,
     MapFanOut,
     MapOverError,
@@ -22,6 +24,7 @@ from .isolation.base import stream_results
 from .statecopy import StateCopyError, StateSnapshot, find_unpicklable
 
 if TYPE_CHECKING:
+    from .checkpoint.recorder import ResumePoint, RunRecorder
     from .context import ExecutionContext
     from .graph import CompiledGraph
 
@@ -35,31 +38,43 @@ class NodeFailure(GraphExecutionError):
 
 def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, start: str,
               stop_at: str | None = None, snapshots: bool = False,
-              branch_events: bool = False) -> Iterator[dict[str, Any]]:
+              branch_events: bool = False, resume: ResumePoint | None = None
+              ) -> Iterator[dict[str, Any]]:
     """Run from ``start`` until END or ``stop_at`` (not run), mutating ``state``.
 
     Yields ``node`` and ``parallel`` events, and with ``branch_events`` a
     ``branch`` event per finished branch of a main-path fan-out; with
     ``snapshots`` each node event carries a shallow copy of the state so
-    later steps do not change it.
+    later steps do not change it. ``resume`` continues a recorded run after
+    its last recorded step (``state`` is the state after it).
     """
-    current = start
-    steps = 0
+    recorder = context.recorder if context.branch is None else None
+    current, steps, ran = start, 0, False
+    if resume is not None:
+        current, steps, ran = resume.node, resume.steps, True
+        if resume.after_fan_in:
+            current, ran = _route(graph, current, state, context), False
     while current not in (END, stop_at):
-        steps += 1
-        if steps > graph.max_steps:
-            raise NodeFailure(
-                f"{_where(current, context)}: stopped after {graph.max_steps} steps "
-                f"(max_steps); the graph loops", node=current, branch=context.branch,
-                error_type="MaxStepsExceeded", state=dict(state))
-        _run_node(graph, current, state, context, None)
-        yield _node_event(current, state, snapshots)
+        if not ran:  # a resumed step already ran; its fan-out, if any, is next
+            steps += 1
+            if steps > graph.max_steps:
+                raise NodeFailure(
+                    f"{_where(current, context)}: stopped after {graph.max_steps} steps "
+                    f"(max_steps); the graph loops", node=current, branch=context.branch,
+                    error_type="MaxStepsExceeded", state=dict(state))
+            _run_node(graph, current, state, context, None)
+            if recorder is not None:
+                recorder.step(current, state, steps, StepKind.NODE)
+            yield _node_event(current, state, snapshots)
+        ran = False
         fan_out = graph.fan_out_of(current)
         if fan_out is not None:
             results = yield from _fan_out(graph, current, fan_out, state, context,
-                                          branch_events=branch_events)
+                                          branch_events=branch_events, recorder=recorder)
             yield {"type": "parallel", "fan_in": fan_out.fan_in, "branches": results}
             _run_node(graph, fan_out.fan_in, state, context, results)
+            if recorder is not None:
+                recorder.step(fan_out.fan_in, state, steps, StepKind.FAN_IN)
             yield _node_event(fan_out.fan_in, state, snapshots)
             current = fan_out.fan_in
         current = _route(graph, current, state, context)
@@ -97,10 +112,15 @@ def _run_node(graph: CompiledGraph, name: str, state: dict, context: ExecutionCo
 
 
 def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
-             context: ExecutionContext, *, branch_events: bool
+             context: ExecutionContext, *, branch_events: bool,
+             recorder: RunRecorder | None = None
              ) -> Generator[dict[str, Any], None, list[ParallelFlowResult]]:
     """Run the branches of ``node``'s fan-out; yield a ``branch`` event per finished one
-    (main path only) and return every result in declaration / item order."""
+    (main path only) and return every result in declaration / item order.
+
+    With a ``recorder`` (main path of a checkpointed run) each final result
+    is recorded, and a resumed fan-out runs only the branches that have no
+    recorded success; the recorded ones take their places in the results."""
     backend = context.fan_out_backend()
     crosses = bool(getattr(backend, "crosses_processes", False))
     base = state
@@ -137,10 +157,17 @@ def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
     gathered = Gathered(plan.total, limits.fail_fast, backend.name)
     max_concurrency = fan_out.max_concurrency or context.max_concurrency
     emit = branch_events and context.branch is None  # branches' own fan-outs never emit
-    stream = stream_results(backend, plan.tasks, max_concurrency)
+    tasks, positions = plan.tasks, None
+    if recorder is not None:
+        tasks, positions = _skip_recorded(recorder, node, plan, gathered)
+    stream = stream_results(backend, tasks, max_concurrency)
     try:
         for position, result in stream:
+            if positions is not None:
+                position = positions[position]
             stop = gathered.add(position, result)
+            if recorder is not None:
+                recorder.branch_done(node, position, result)
             if emit:
                 yield _branch_event(node, fan_out.fan_in, result, gathered)
             if stop:
@@ -171,6 +198,21 @@ def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
             error_type=failed.error_type, state=failed.state, results=results,
             timed_out=failed.timed_out, traceback=failed.traceback)
     return results
+
+
+def _skip_recorded(recorder: RunRecorder, node: str, plan: FanOutPlan, gathered: Gathered
+                   ) -> tuple[Iterator[BranchTask], list[int] | None]:
+    """The tasks of ``plan`` still to run, and their positions in the plan (None: all).
+
+    Recorded successes (a resumed fan-out) go into ``gathered`` first.
+    """
+    reused = recorder.fan_out_started(node, plan.total)
+    if not reused:
+        return plan.tasks, None
+    for position, result in sorted(reused.items()):
+        gathered.add(position, result)
+    remaining = [position for position in range(plan.total) if position not in reused]
+    return (task for position, task in enumerate(plan.tasks) if position not in reused), remaining
 
 
 def _branch_event(node: str, fan_in: str, result: ParallelFlowResult, gathered: Gathered
