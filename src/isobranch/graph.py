@@ -469,6 +469,14 @@ class CompiledGraph:
         return _final_state(self._events(None, config, snapshots=False, resume=run_id,
                                          force=force))
 
+    def resume_stream(self, run_id: str, config: dict | None = None, *, force: bool = False
+                      ) -> Iterator[dict[str, Any]]:
+        """``resume``, yielding the events of ``stream`` for what runs (``run`` first)."""
+        if self.checkpointer is None:
+            raise GraphError("resume_stream() needs a checkpointer: compile(checkpointer="
+                             "SqliteCheckpointer(path)) or YAML settings.checkpoint")
+        return self._events(None, config, snapshots=True, resume=run_id, force=force)
+
     def stream(self, state: dict | None = None, config: dict | None = None
                ) -> Iterator[dict[str, Any]]:
         """Run the graph, yielding events as they happen.
