@@ -172,6 +172,8 @@ def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
                 yield _branch_event(node, fan_out.fan_in, result, gathered)
             if stop:
                 break
+        if recorder is not None:
+            recorder.fan_out_done()
         results = gathered.finish(plan.names, plan.indexes, backend.name)
     except StateCopyError as exc:  # an item that cannot be copied or sent
         raise NodeFailure(f"{_where(node, context)}: cannot copy an item for its map branches: "

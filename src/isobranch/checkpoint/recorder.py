@@ -5,19 +5,23 @@ each step (``step``), as each branch of a fan-out finishes (``fan_out_started``
 then ``branch_done``) and when the run ends (``finished``). A branch's own
 nested fan-outs are never recorded.
 
-Steps are committed before the runner goes on. Branch results are encoded
-at once (so nothing the fan-in node does to them later changes what is
-stored) and committed by a writer thread that puts every result queued
-while it was writing into one transaction: a result may be recorded a few
-milliseconds late, never wrongly, and a kill in between loses only results
-that were not yet recorded, whose branches then run again on resume.
+Steps are committed before the runner goes on. Branch results are queued
+for a writer thread, which encodes them and commits every result queued
+while it was busy in one transaction, while the runner waits for the next
+branch: a result may be recorded a few milliseconds late, never wrongly,
+and a kill in between loses only results that were not yet recorded, whose
+branches then run again on resume. The runner waits for the writer before
+the fan-in node runs (``fan_out_done``), so nothing the fan-in node does to
+the results can change what is stored.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 import uuid
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 from ..branch import ParallelFlowResult
@@ -26,6 +30,8 @@ from .codec import StateDecodeError, StateEncodeError, decode_value, encode_valu
 from .store import RunStatus, SqliteCheckpointer, StepKind
 
 _RESULT_FIELDS = tuple(f.name for f in fields(ParallelFlowResult))
+# Fields left at their defaults are not stored (most of them, for a success).
+_DEFAULTS = {f.name: f.default for f in fields(ParallelFlowResult) if f.default is not MISSING}
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,7 @@ class RunRecorder:
         self.run_id = run_id
         self._seq = seq
         self._resumed_seq = resumed_seq
-        self._writer = _BranchWriter(store)
+        self._writer = _BranchWriter(store, self.encode_result)
 
     def encode(self, value: Any, path: str, what: str, **where: Any) -> str:
         """``value`` as stored text; a value that cannot be stored fails the run, naming ``path``."""
@@ -85,11 +91,24 @@ class RunRecorder:
 
     def branch_done(self, node: str, position: int, result: ParallelFlowResult) -> None:
         """Queue the final result of branch ``position`` of the fan-out after the last step."""
-        record = {name: getattr(result, name) for name in _RESULT_FIELDS}
+        self._writer.put((node, self._seq, position, result))
+
+    def fan_out_done(self) -> None:
+        """Wait until every result of the fan-out is committed (before its fan-in node runs)."""
+        self._writer.flush()
+
+    def encode_result(self, node: str, seq: int, position: int, result: ParallelFlowResult
+                      ) -> tuple[str, int, int, bool, str]:
+        """A branch result as its database row."""
+        record = {}
+        for name in _RESULT_FIELDS:
+            value = getattr(result, name)
+            if name not in _DEFAULTS or (value is not _DEFAULTS[name] and value != _DEFAULTS[name]):
+                record[name] = value
         text = self.encode(record, f"result of branch {result.branch!r}",
                            f"the result of branch {result.branch!r}", node=node,
                            branch=result.branch)
-        self._writer.put((self.run_id, self._seq, position, bool(result.success), text))
+        return self.run_id, seq, position, bool(result.success), text
 
     def finished(self, status: RunStatus, state: dict | None = None,
                  error: str | None = None) -> None:
@@ -120,71 +139,84 @@ class RunRecorder:
 
 
 class _BranchWriter:
-    """Commits queued branch results on a thread of its own, all queued ones in one go."""
+    """Commits queued branch results on a thread of its own, all queued ones in one go.
 
-    def __init__(self, store: SqliteCheckpointer) -> None:
+    The queue is a ``SimpleQueue``: putting a result costs the runner well
+    under a microsecond and takes no lock the writer holds while it works.
+    """
+
+    def __init__(self, store: SqliteCheckpointer,
+                 encode: Callable[[str, int, int, ParallelFlowResult],
+                                  tuple[str, int, int, bool, str]]) -> None:
         self._store = store
-        self._changed = threading.Condition()
-        self._pending: list[tuple[str, int, int, bool, str]] = []
-        self._writing = False
-        self._closing = False
+        self._encode = encode
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
 
-    def put(self, row: tuple[str, int, int, bool, str]) -> None:
-        with self._changed:
-            self._raise_error()
-            self._pending.append(row)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="isobranch-checkpoint",
-                                                daemon=True)
-                self._thread.start()
-            self._changed.notify_all()
+    def put(self, row: tuple[str, int, int, ParallelFlowResult]) -> None:
+        """Queue one result; raise the error of an earlier write, if one failed."""
+        self._raise_error()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="isobranch-checkpoint",
+                                            daemon=True)
+            self._thread.start()
+        self._queue.put(row)
 
     def flush(self) -> None:
         """Wait until every queued result is committed; raise a write's error."""
-        with self._changed:
-            while (self._pending or self._writing) and self._error is None:
-                self._changed.wait()
-            self._raise_error()
+        if self._thread is not None:
+            written = threading.Event()
+            self._queue.put(written)
+            while not written.wait(0.1):
+                if not self._thread.is_alive():  # it stopped after a failed write
+                    break
+        self._raise_error()
 
     def close(self, *, write: bool = True) -> None:
         """Commit what is queued (unless ``write`` is False), then end the thread."""
-        with self._changed:
-            if not write:
-                self._pending.clear()
-            self._closing = True
-            self._changed.notify_all()
-            thread = self._thread
-        if thread is not None:
-            thread.join()
-        with self._changed:
-            self._thread = None
-            self._closing = False
+        thread, self._thread = self._thread, None
+        if thread is None:
             if write:
                 self._raise_error()
+            return
+        self._queue.put(_WRITE_AND_STOP if write else _STOP)
+        thread.join()
+        if write:
+            self._raise_error()
 
     def _raise_error(self) -> None:
-        # Sticky: once a write failed, no later result is queued or waited for.
+        # Sticky: once a write failed, every later put, flush and close says so.
         if self._error is not None:
-            self._pending.clear()
             raise self._error
 
     def _run(self) -> None:
         while True:
-            with self._changed:
-                while not self._pending and not self._closing:
-                    self._changed.wait()
-                if not self._pending or self._error is not None:
-                    return
-                batch, self._pending = self._pending, []
-                self._writing = True
+            batch, signals = [self._queue.get()], []
             try:
-                self._store.write_branches(batch)
-            except BaseException as exc:  # reported to the runner by put/flush/close
-                with self._changed:
+                while True:
+                    batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                pass
+            rows = []
+            for entry in batch:
+                if isinstance(entry, tuple):
+                    rows.append(entry)
+                else:
+                    signals.append(entry)
+            if _STOP in signals:
+                rows = []
+            if rows and self._error is None:
+                try:
+                    self._store.write_branches([self._encode(*row) for row in rows])
+                except BaseException as exc:  # reported to the runner by put/flush/close
                     self._error = exc
-            finally:
-                with self._changed:
-                    self._writing = False
-                    self._changed.notify_all()
+            for signal in signals:
+                if isinstance(signal, threading.Event):
+                    signal.set()
+            if _STOP in signals or _WRITE_AND_STOP in signals:
+                return
+
+
+# What close() puts in the queue: stop at once, or after writing what came before.
+_STOP, _WRITE_AND_STOP = "stop", "write and stop"
