@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import pickle
 import sqlite3
@@ -77,10 +78,10 @@ def test_a_generated_run_id_is_the_first_stream_event_and_the_run_is_listed(tmp_
 def test_a_failed_run_carries_its_run_id_and_is_recorded_failed(tmp_path, marks):
     (tmp_path / "fail-3").touch()
     checkpointer = SqliteCheckpointer(tmp_path / "runs.db")
-    with map_graph(tmp_path).compile(isolation="inline", fail_fast=True,
-                                     checkpointer=checkpointer) as app:
-        with pytest.raises(GraphExecutionError) as caught:
-            app.invoke({"marks": str(marks)}, config={"run_id": "nightly-1"})
+    app = map_graph(tmp_path).compile(isolation="inline", fail_fast=True,
+                                      checkpointer=checkpointer)
+    with app, pytest.raises(GraphExecutionError) as caught:
+        app.invoke({"marks": str(marks)}, config={"run_id": "nightly-1"})
     assert caught.value.run_id == "nightly-1"
     run = checkpointer.get_run("nightly-1")
     assert run.status is RunStatus.FAILED and "item 3 fails" in run.error
@@ -195,10 +196,10 @@ def test_run_ids_need_a_checkpointer_and_must_be_usable(tmp_path, marks):
 def test_a_changed_graph_is_refused_saying_what_changed_unless_forced(tmp_path, marks):
     (tmp_path / "fail-0").touch()
     checkpointer = SqliteCheckpointer(tmp_path / "runs.db")
-    with map_graph(tmp_path).compile(isolation="inline", fail_fast=True,
-                                     checkpointer=checkpointer) as app:
-        with pytest.raises(GraphExecutionError):
-            app.invoke({"marks": str(marks)}, config={"run_id": "r"})
+    app = map_graph(tmp_path).compile(isolation="inline", fail_fast=True,
+                                      checkpointer=checkpointer)
+    with app, pytest.raises(GraphExecutionError):
+        app.invoke({"marks": str(marks)}, config={"run_id": "r"})
     (tmp_path / "fail-0").unlink()
 
     def other_join(state, results):
@@ -261,9 +262,9 @@ def test_a_value_that_cannot_be_stored_fails_at_the_first_checkpoint_naming_its_
     graph.add_edge("make", "later")
     graph.add_edge("later", END)
     checkpointer = SqliteCheckpointer(tmp_path / "runs.db")
-    with graph.compile(isolation="inline", checkpointer=checkpointer) as app:
-        with pytest.raises(GraphExecutionError) as caught:
-            app.invoke({}, config={"run_id": "r"})
+    app = graph.compile(isolation="inline", checkpointer=checkpointer)
+    with app, pytest.raises(GraphExecutionError) as caught:
+        app.invoke({}, config={"run_id": "r"})
     assert "node 'make'" in str(caught.value) and "['deep']['list'][1]" in str(caught.value)
     assert caught.value.node == "make" and caught.value.error_type == "StateEncodeError"
     assert checkpointer.get_run("r").status is RunStatus.FAILED
@@ -301,7 +302,7 @@ def test_a_tampered_database_cannot_run_code(tmp_path):
         blob = base64.b64encode(pickle.dumps(Payload())).decode()
         with sqlite3.connect(database) as connection:
             connection.execute("UPDATE steps SET state = ? WHERE run_id = 'r'",
-                               ('{"a": {"$pickle": "%s"}}' % blob,))
+                               (json.dumps({"a": {"$pickle": blob}}),))
         interrupt[0] = False
         with pytest.raises(GraphError, match="unreadable"):
             app.resume("r")
@@ -369,10 +370,10 @@ def test_only_main_path_steps_and_branches_are_recorded(tmp_path):
 def test_a_database_that_is_not_sqlite_is_a_clear_error(tmp_path, marks):
     database = tmp_path / "runs.db"
     database.write_text("not a database at all, " * 100)
-    with map_graph(tmp_path).compile(isolation="inline",
-                                     checkpointer=SqliteCheckpointer(database)) as app:
-        with pytest.raises(GraphError, match="runs.db.* is not usable"):
-            app.invoke({"marks": str(marks)})
+    app = map_graph(tmp_path).compile(isolation="inline",
+                                      checkpointer=SqliteCheckpointer(database))
+    with app, pytest.raises(GraphError, match=r"runs\.db.* is not usable"):
+        app.invoke({"marks": str(marks)})
 
 
 def test_the_checkpointer_pickles_without_its_connection(tmp_path):

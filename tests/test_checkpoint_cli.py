@@ -98,7 +98,7 @@ def test_a_lua_only_document_keeps_its_database_inside_its_directory(tmp_path):
 
     engine = YAMLEngine(allow_python=False)
     for path in ("../outside.db", str(tmp_path / "abs.db")):
-        with pytest.raises(GraphError, match="settings.checkpoint.path"):
+        with pytest.raises(GraphError, match=r"settings\.checkpoint\.path"):
             engine.load_from_dict(document({"path": path}), base_dir=tmp_path)
     with pytest.raises(GraphError, match="cannot turn on pickle"):
         engine.load_from_dict(document({"path": "r.db", "pickle": True}), base_dir=tmp_path)

@@ -84,7 +84,7 @@ class Harness:
                 if child.poll() is None:
                     os.killpg(child.pid, stop)
                     self.kills += stop == signal.SIGKILL
-            out, err = child.communicate(timeout=120)
+            _, err = child.communicate(timeout=120)
         finally:
             if child.poll() is None:
                 os.killpg(child.pid, signal.SIGKILL)
