@@ -384,3 +384,21 @@ def test_the_checkpointer_pickles_without_its_connection(tmp_path):
     assert copy.list_runs() == []
     checkpointer.close()
     copy.close()
+
+
+def test_a_branch_result_that_cannot_be_stored_fails_the_run_naming_the_branch(tmp_path):
+    graph = StateGraph()
+    graph.add_node("start", lambda state: {"items": [1, 2, 3]})
+    graph.add_node("body", lambda state: {"odd": Opaque()} if state["item"] == 2 else None)
+    graph.add_fan_in_node("join", lambda state, results: {"n": len(results)})
+    graph.add_edge(START, "start")
+    graph.add_map_edge("start", "body", over="items", fan_in="join")
+    graph.add_edge("body", "join")
+    graph.add_edge("join", END)
+    checkpointer = SqliteCheckpointer(tmp_path / "runs.db")
+    app = graph.compile(isolation="thread", checkpointer=checkpointer)
+    with app, pytest.raises(GraphExecutionError) as caught:
+        app.invoke({}, config={"run_id": "r"})
+    assert caught.value.branch == "body[1]" and "['odd']" in str(caught.value)
+    assert caught.value.run_id == "r"
+    assert checkpointer.get_run("r").status is RunStatus.FAILED

@@ -174,3 +174,51 @@ def test_cli_run_id_without_a_checkpointer_is_invalid_input(tmp_path, capfd):
     path.write_text("nodes:\n  - {name: a, language: lua, run: 'return {}'}\n")
     assert main(["run", str(path), "--run-id", "x"]) == 2
     assert "run_id needs a checkpointer" in capfd.readouterr().err
+
+
+def test_ctrl_c_of_the_command_records_interrupted_and_resume_finishes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    started = tmp_path / "started"
+    flow = tmp_path / "slow.yaml"
+    flow.write_text(textwrap.dedent(f"""
+        settings:
+          checkpoint: {{path: runs.db}}
+        nodes:
+          - name: first
+            run: |
+              return {{"a": 1}}
+          - name: wait
+            run: |
+              import pathlib, time
+              marker = pathlib.Path({str(started)!r})
+              if not marker.exists():
+                  marker.touch()
+                  time.sleep(60)
+              return {{"b": state["a"] + 1}}
+    """))
+    child = subprocess.Popen([sys.executable, "-m", "isobranch", "run", str(flow), "--run-id",
+                              "c1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert child.poll() is None and time.monotonic() < deadline, child.stderr.read()
+            time.sleep(0.02)
+        os.killpg(child.pid, signal.SIGINT)
+        _, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+    assert child.returncode == 130, err
+    assert SqliteCheckpointer(tmp_path / "runs.db").get_run("c1").status \
+        is RunStatus.INTERRUPTED
+    done = subprocess.run([sys.executable, "-m", "isobranch", "resume", str(flow), "c1"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"a": 1, "b": 2}
