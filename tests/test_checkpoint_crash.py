@@ -39,6 +39,7 @@ class Harness:
         self.marks.mkdir()
         self.result = tmp_path / "final.json"
         self.kills = 0
+        self.kills_mid_map = 0  # kills that left some results recorded and some not
 
     def command(self, database: Path, marks: Path, result: Path) -> list[str]:
         return [sys.executable, str(AGENTS), "map", str(database), RUN_ID, str(marks),
@@ -67,6 +68,7 @@ class Harness:
         """One run of the program, stopped by ``stop`` after a random moment; its exit code."""
         recorded_before = self.recorded()
         ran_before = set(self.executions())
+        killed = False
         child = subprocess.Popen(self.command(self.database, self.marks, self.result),
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  start_new_session=True)
@@ -84,12 +86,15 @@ class Harness:
                 if child.poll() is None:
                     os.killpg(child.pid, stop)
                     self.kills += stop == signal.SIGKILL
+                    killed = True
             _, err = child.communicate(timeout=120)
         finally:
             if child.poll() is None:
                 os.killpg(child.pid, signal.SIGKILL)
                 child.wait()
         self.check_database()
+        if killed and 0 < len(self.recorded()) < ITEMS:
+            self.kills_mid_map += 1
         again = {int(name.split(".")[0]) for name in set(self.executions()) - ran_before}
         assert not again & recorded_before, (
             f"items {sorted(again & recorded_before)} ran again although their results "
@@ -136,6 +141,7 @@ def kill_rounds(tmp_path: Path, kills: int) -> None:
         if code == 0:  # it finished before the moment came: start over on a fresh run
             harness.finish(reference)
             harness = _fresh(harness, tmp_path, seed + attempts)
+    assert harness.kills_mid_map >= kills // 2, "most kills must land inside the map"
     harness.finish(reference)
 
 
@@ -144,7 +150,7 @@ def _fresh(old: Harness, tmp_path: Path, seed: int) -> Harness:
     base = tmp_path / f"again-{seed}"
     base.mkdir()
     harness = Harness(base, seed)
-    harness.kills = kills
+    harness.kills, harness.kills_mid_map = kills, old.kills_mid_map
     return harness
 
 

@@ -411,6 +411,7 @@ class CompiledGraph:
         self.checkpointer = checkpointer
         # A checkpointer made from YAML settings belongs to the graph and closes with it.
         self.owns_checkpointer = False
+        self._fingerprint: dict[str, str] | None = None  # checkpoint.fingerprint fills it
         self._init_pools()
 
     def _init_pools(self) -> None:

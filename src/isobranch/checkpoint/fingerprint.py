@@ -24,7 +24,17 @@ if TYPE_CHECKING:
 
 
 def graph_fingerprint(graph: CompiledGraph) -> dict[str, str]:
-    """``{part: digest}`` for every node and edge of ``graph`` (parts read like ``node 'x'``)."""
+    """``{part: digest}`` for every node and edge of ``graph`` (parts read like ``node 'x'``).
+
+    Computed once per compiled graph (which never changes once compiled).
+    """
+    cached = getattr(graph, "_fingerprint", None)
+    if cached is None:
+        cached = graph._fingerprint = _fingerprint(graph)
+    return dict(cached)
+
+
+def _fingerprint(graph: CompiledGraph) -> dict[str, str]:
     parts: dict[str, str] = {"entry point": graph.entry}
     for name, node in graph.nodes.items():
         parts[f"node {name!r}"] = _digest(_node_identity(node))
