@@ -402,3 +402,18 @@ def test_a_branch_result_that_cannot_be_stored_fails_the_run_naming_the_branch(t
     assert caught.value.branch == "body[1]" and "['odd']" in str(caught.value)
     assert caught.value.run_id == "r"
     assert checkpointer.get_run("r").status is RunStatus.FAILED
+
+
+def test_a_database_that_breaks_mid_run_fails_the_run_saying_so(tmp_path, marks, monkeypatch):
+    checkpointer = SqliteCheckpointer(tmp_path / "runs.db")
+
+    def broken(rows):
+        raise GraphError("checkpoint database 'runs.db' is not usable: disk I/O error")
+
+    monkeypatch.setattr(checkpointer, "write_branches", broken)
+    app = map_graph(tmp_path).compile(isolation="thread", checkpointer=checkpointer)
+    with app, pytest.raises(GraphExecutionError) as caught:
+        app.invoke({"marks": str(marks)}, config={"run_id": "r"})
+    assert "run 'r': recording branch results failed" in str(caught.value)
+    assert "disk I/O error" in str(caught.value) and caught.value.run_id == "r"
+    assert checkpointer.get_run("r").status is RunStatus.FAILED

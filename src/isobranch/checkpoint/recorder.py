@@ -25,7 +25,7 @@ from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 from ..branch import ParallelFlowResult
-from ..errors import GraphExecutionError
+from ..errors import GraphError, GraphExecutionError
 from .codec import StateDecodeError, StateEncodeError, decode_value, encode_value
 from .store import RunStatus, SqliteCheckpointer, StepKind
 
@@ -57,7 +57,7 @@ class RunRecorder:
         self.run_id = run_id
         self._seq = seq
         self._resumed_seq = resumed_seq
-        self._writer = _BranchWriter(store, self.encode_result)
+        self._writer = _BranchWriter(store, self.encode_result, self.failure)
 
     def encode(self, value: Any, path: str, what: str, **where: Any) -> str:
         """``value`` as stored text; a value that cannot be stored fails the run, naming ``path``."""
@@ -68,23 +68,35 @@ class RunRecorder:
                 f"run {self.run_id!r}: cannot checkpoint {what}: {exc}",
                 error_type="StateEncodeError", run_id=self.run_id, **where) from exc
 
+    def failure(self, what: str, exc: BaseException, node: str | None = None
+                ) -> GraphExecutionError:
+        """The error that ends the run when recording ``what`` failed (the database broke)."""
+        return GraphExecutionError(f"run {self.run_id!r}: recording {what} failed: {exc}",
+                                   node=node, error_type=type(exc).__name__, run_id=self.run_id)
+
     def step(self, node: str, state: dict, steps: int, kind: StepKind) -> None:
         """Commit the state after main-path step ``node``."""
         text = self.encode(state, "state", f"the state after node {node!r}", node=node,
                            state=dict(state))
         self._writer.flush()
         self._seq += 1
-        self.store.write_step(self.run_id, self._seq, node, kind, steps, text)
+        try:
+            self.store.write_step(self.run_id, self._seq, node, kind, steps, text)
+        except GraphError as exc:
+            raise self.failure(f"the step of node {node!r}", exc, node) from exc
 
     def fan_out_started(self, node: str, total: int) -> dict[int, ParallelFlowResult]:
         """Record the fan-out after the last step; the successful results already recorded
         for it (only when it is the fan-out a resume continues), by position."""
-        self.store.write_fan_out(self.run_id, self._seq, node, total)
-        if self._resumed_seq is None or self._resumed_seq != self._seq:
-            return {}
-        self._resumed_seq = None
+        try:
+            self.store.write_fan_out(self.run_id, self._seq, node, total)
+            recorded = (self.store.successful_branches(self.run_id, self._seq)
+                        if self._resumed_seq == self._seq else [])
+        except GraphError as exc:
+            raise self.failure(f"the fan-out from node {node!r}", exc, node) from exc
+        self._resumed_seq = None  # only the first fan-out of a resumed run reuses results
         reused = {}
-        for position, text in self.store.successful_branches(self.run_id, self._seq):
+        for position, text in recorded:
             if 0 <= position < total:
                 reused[position] = self._decode_result(text, node, position)
         return reused
@@ -119,7 +131,10 @@ class RunRecorder:
             final = None
             if state is not None:
                 final = self.encode(state, "state", "the final state")
-            self.store.finish_run(self.run_id, status, final, error)
+            try:
+                self.store.finish_run(self.run_id, status, final, error)
+            except GraphError as exc:
+                raise self.failure("the end of the run", exc) from exc
 
     def abandon(self) -> None:
         """Stop the writer thread without recording anything more."""
@@ -147,9 +162,11 @@ class _BranchWriter:
 
     def __init__(self, store: SqliteCheckpointer,
                  encode: Callable[[str, int, int, ParallelFlowResult],
-                                  tuple[str, int, int, bool, str]]) -> None:
+                                  tuple[str, int, int, bool, str]],
+                 failure: Callable[[str, BaseException], GraphExecutionError]) -> None:
         self._store = store
         self._encode = encode
+        self._failure = failure
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -209,8 +226,10 @@ class _BranchWriter:
             if rows and self._error is None:
                 try:
                     self._store.write_branches([self._encode(*row) for row in rows])
-                except BaseException as exc:  # reported to the runner by put/flush/close
+                except GraphExecutionError as exc:  # a result that cannot be encoded
                     self._error = exc
+                except BaseException as exc:  # reported to the runner by put/flush/close
+                    self._error = self._failure("branch results", exc)
             for signal in signals:
                 if isinstance(signal, threading.Event):
                     signal.set()
