@@ -154,15 +154,18 @@ def _fresh(old: Harness, tmp_path: Path, seed: int) -> Harness:
     return harness
 
 
+@pytest.mark.timeout(300)  # about 15 s alone; a loaded machine may take several times that
 def test_sigkill_of_the_caller_at_ten_random_moments_then_resume(tmp_path):
     kill_rounds(tmp_path, kills=10)
 
 
 @pytest.mark.stress
+@pytest.mark.timeout(900)
 def test_sigkill_soak_forty_moments(tmp_path):
     kill_rounds(tmp_path, kills=40)
 
 
+@pytest.mark.timeout(300)
 def test_ctrl_c_records_interrupted_and_resume_finishes(tmp_path):
     harness = Harness(tmp_path, random.randrange(1 << 30))
     reference = harness.reference(tmp_path)
