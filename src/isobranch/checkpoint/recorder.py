@@ -136,10 +136,6 @@ class RunRecorder:
             except GraphError as exc:
                 raise self.failure("the end of the run", exc) from exc
 
-    def abandon(self) -> None:
-        """Stop the writer thread without recording anything more."""
-        self._writer.close(write=False)
-
     def _decode_result(self, text: str, node: str, position: int) -> ParallelFlowResult:
         try:
             record = decode_value(text, allow_pickle=self.store.pickle)
@@ -186,21 +182,17 @@ class _BranchWriter:
             written = threading.Event()
             self._queue.put(written)
             while not written.wait(0.1):
-                if not self._thread.is_alive():  # it stopped after a failed write
+                if not self._thread.is_alive():  # never wait for a writer that is gone
                     break
         self._raise_error()
 
-    def close(self, *, write: bool = True) -> None:
-        """Commit what is queued (unless ``write`` is False), then end the thread."""
+    def close(self) -> None:
+        """Commit what is queued, then end the thread; raise a write's error."""
         thread, self._thread = self._thread, None
-        if thread is None:
-            if write:
-                self._raise_error()
-            return
-        self._queue.put(_WRITE_AND_STOP if write else _STOP)
-        thread.join()
-        if write:
-            self._raise_error()
+        if thread is not None:
+            self._queue.put(_STOP)
+            thread.join()
+        self._raise_error()
 
     def _raise_error(self) -> None:
         # Sticky: once a write failed, every later put, flush and close says so.
@@ -221,8 +213,6 @@ class _BranchWriter:
                     rows.append(entry)
                 else:
                     signals.append(entry)
-            if _STOP in signals:
-                rows = []
             if rows and self._error is None:
                 try:
                     self._store.write_branches([self._encode(*row) for row in rows])
@@ -233,9 +223,9 @@ class _BranchWriter:
             for signal in signals:
                 if isinstance(signal, threading.Event):
                     signal.set()
-            if _STOP in signals or _WRITE_AND_STOP in signals:
+            if _STOP in signals:
                 return
 
 
-# What close() puts in the queue: stop at once, or after writing what came before.
-_STOP, _WRITE_AND_STOP = "stop", "write and stop"
+# What close() puts in the queue: stop after writing what came before.
+_STOP = "stop"
