@@ -28,13 +28,17 @@ def _join(state: dict, results: list) -> dict:
     return {"values": [r.state.get("v") for r in results]}
 
 
-def map_graph(tmp_path: Path, *, body=_body, join=_join, extra_edge: bool = False
-              ) -> StateGraph:
+def _after(state: dict) -> dict:
+    return {"total": sum(state["values"])}
+
+
+def map_graph(tmp_path: Path, *, body=_body, join=_join, after=_after,
+              extra_edge: bool = False) -> StateGraph:
     graph = StateGraph()
     graph.add_node("start", lambda state: {"items": list(ITEMS)})
     graph.add_node("body", body)
     graph.add_fan_in_node("join", join)
-    graph.add_node("after", lambda state: {"total": sum(state["values"])})
+    graph.add_node("after", after)
     graph.add_edge(START, "start")
     graph.add_map_edge("start", "body", over="items", fan_in="join")
     graph.add_edge("body", "join")
@@ -417,3 +421,62 @@ def test_a_database_that_breaks_mid_run_fails_the_run_saying_so(tmp_path, marks,
     assert "run 'r': recording branch results failed" in str(caught.value)
     assert "disk I/O error" in str(caught.value) and caught.value.run_id == "r"
     assert checkpointer.get_run("r").status is RunStatus.FAILED
+
+
+def test_resume_after_a_fan_in_step_reruns_neither_branches_nor_fan_in(tmp_path, marks):
+    calls = {"join": 0, "after": 0}
+    interrupt = [True]
+
+    def join(state, results):
+        calls["join"] += 1
+        return _join(state, results)
+
+    def after(state):
+        calls["after"] += 1
+        if interrupt[0]:
+            raise KeyboardInterrupt
+        return _after(state)
+
+    graph = map_graph(tmp_path, join=join, after=after)
+    checkpointer = SqliteCheckpointer(tmp_path / "runs.db")
+    with graph.compile(isolation="inline", checkpointer=checkpointer) as app:
+        with pytest.raises(KeyboardInterrupt):
+            app.invoke({"marks": str(marks)}, config={"run_id": "r"})
+        interrupt[0] = False
+        final = app.resume("r")
+    assert final["total"] == sum(EXPECTED_VALUES)
+    assert calls == {"join": 1, "after": 2} and executions(marks) == ITEMS
+
+
+def test_a_fan_out_run_again_in_a_loop_reuses_only_its_own_recorded_results(tmp_path):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+
+    def body(state):
+        (marks / f"{state['round']}-{state['item']}.{len(list(marks.iterdir()))}").touch()
+        return {"v": state["item"] + 100 * state["round"]}
+
+    graph = StateGraph()
+    graph.add_node("start", lambda state: {"items": list(range(6)),
+                                           "round": state.get("round", -1) + 1})
+    graph.add_node("body", body)
+    graph.add_fan_in_node("join", lambda state, results: {
+        "seen": [*state.get("seen", []), [r.state["v"] for r in results]]})
+    graph.add_edge(START, "start")
+    graph.add_map_edge("start", "body", over="items", fan_in="join")
+    graph.add_edge("body", "join")
+    graph.add_edge("join", "start", when=lambda state: state["round"] < 1)
+    graph.add_edge("join", END, when=lambda state: state["round"] >= 1)
+    checkpointer = SqliteCheckpointer(tmp_path / "runs.db")
+    with graph.compile(isolation="inline", checkpointer=checkpointer) as app:
+        events = app.stream({}, config={"run_id": "r"})
+        branches = 0
+        for event in events:
+            branches += event["type"] == "branch"
+            if branches == 8:  # two branches into the second round
+                break
+        events.close()
+        final = app.resume("r")
+    assert final["seen"] == [[0, 1, 2, 3, 4, 5], [100, 101, 102, 103, 104, 105]]
+    ran = sorted(path.name.split(".")[0] for path in marks.iterdir())
+    assert ran == sorted(f"{r}-{i}" for r in (0, 1) for i in range(6)), "each ran once"
