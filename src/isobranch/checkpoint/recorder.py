@@ -142,7 +142,7 @@ class RunRecorder:
             if not isinstance(record, dict):
                 raise StateDecodeError("not a branch result")
             return ParallelFlowResult(**{k: v for k, v in record.items() if k in _RESULT_FIELDS})
-        except (StateDecodeError, TypeError) as exc:
+        except (StateDecodeError, ValueError, TypeError, RecursionError) as exc:
             raise GraphExecutionError(
                 f"run {self.run_id!r}: the recorded result of branch {position} of the fan-out "
                 f"from node {node!r} in {str(self.store.path)!r} is unreadable: {exc}",

@@ -87,7 +87,7 @@ def reopen_run(store: SqliteCheckpointer, graph: CompiledGraph, run_id: str, *,
 def _decode(store: SqliteCheckpointer, text: str | None, where: str, what: str) -> dict:
     try:
         value = decode_value(text if text is not None else "null", allow_pickle=store.pickle)
-    except StateDecodeError as exc:
+    except (StateDecodeError, ValueError, TypeError, RecursionError) as exc:  # tampered, damaged
         raise GraphError(f"{where}: the recorded {what} is unreadable: {exc}") from exc
     if not isinstance(value, dict):
         raise GraphError(f"{where}: the recorded {what} is not a state (a dict)")
