@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import pickle
 import sqlite3
@@ -13,6 +12,7 @@ import pytest
 
 from isobranch import END, START, GraphError, GraphExecutionError, SqliteCheckpointer, StateGraph
 from isobranch.checkpoint import RunStatus
+from isobranch.checkpoint.codec import encode_value
 
 ITEMS = list(range(12))
 
@@ -307,12 +307,9 @@ def test_a_tampered_database_cannot_run_code(tmp_path):
     with graph.compile(isolation="inline", checkpointer=SqliteCheckpointer(database)) as app:
         with pytest.raises(KeyboardInterrupt):
             app.invoke({}, config={"run_id": "r"})
-        import base64
-
-        blob = base64.b64encode(pickle.dumps(Payload())).decode()
+        tampered = encode_value({"a": Payload()}, allow_pickle=True)
         with sqlite3.connect(database) as connection:
-            connection.execute("UPDATE steps SET state = ? WHERE run_id = 'r'",
-                               (json.dumps({"a": {"$pickle": blob}}),))
+            connection.execute("UPDATE steps SET state = ? WHERE run_id = 'r'", (tampered,))
         interrupt[0] = False
         with pytest.raises(GraphError, match="unreadable"):
             app.resume("r")
