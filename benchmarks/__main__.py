@@ -7,13 +7,13 @@ import json
 import platform
 import sys
 
-from . import cases, checkpoint_cases, checkpoint_codec, map_cases
+from . import async_cases, cases, checkpoint_cases, checkpoint_codec, map_cases
 
 NAMES = ["vm", "hook", "lua-threads", "overhead-thread", "overhead-inline", "hot-loop-process",
          "python-processes", "overhead-process", "overhead-fresh", "state-copy", "round-trip",
          "soak-thread", "soak-process", "python-dask", "overhead-dask", "dask-start",
          "map-process", "map-thread", "map-width-thread", "map-width-process", "map-dask",
-         "codec-small", "codec-20k", "checkpoint-process", "checkpoint-thread"]
+         "codec-small", "codec-20k", "ainvoke", "checkpoint-process", "checkpoint-thread"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         lambda: map_cases.map_dask_vs_process(repeat=reps(3)),
         lambda: checkpoint_codec.codec_vs_json("small", repeat=reps(9)),
         lambda: checkpoint_codec.codec_vs_json("20k", repeat=reps(9)),
+        lambda: async_cases.ainvoke_overhead(repeat=reps(7)),
         lambda: checkpoint_cases.map_with_checkpointer("process", repeat=reps(9)),
         lambda: checkpoint_cases.map_with_checkpointer("thread", repeat=reps(9)),
     ]

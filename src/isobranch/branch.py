@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from .cancellation import CancelSignal
 from .context import BranchCancelled, BranchTimeout, ExecutionContext, Watchdog
 from .errors import GraphExecutionError
 from .statecopy import ScalarSnapshot, StateSnapshot
@@ -161,31 +162,16 @@ class BranchMonitor:
     """Live view of a running branch for an in-process backend.
 
     The backend reads ``started_at``/``node`` to judge and report a timeout,
-    and sets ``cancelled`` so the branch stops at its next node boundary.
+    and cancels ``cancelled`` so the branch stops: at its next node boundary,
+    in Lua at once, in an awaited node at its ``await``, and in the waits of
+    its own nested fan-outs.
     """
 
     def __init__(self) -> None:
         self.started_at: float | None = None
         self.node: str | None = None
         self.state: dict | None = None
-        self.cancelled = CancelFlag()
-
-
-class CancelFlag:
-    """A flag one thread sets and another polls (``threading.Event`` without waiting, cheaper)."""
-
-    __slots__ = ("_set",)
-
-    def __init__(self) -> None:
-        self._set = False
-
-    def set(self) -> None:
-        """Raise the flag; it stays raised."""
-        self._set = True
-
-    def is_set(self) -> bool:
-        """Whether the flag was raised."""
-        return self._set
+        self.cancelled = CancelSignal("the branch was cancelled", BranchCancelled)
 
 
 def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,

@@ -52,7 +52,7 @@ class PythonCondition(Condition):
 
     def evaluate(self, state: dict, context: ExecutionContext) -> Any:
         scope = {"state": state, "variables": context.graph.variables}
-        return eval(self._code, {"__builtins__": builtins}, scope)
+        return context.resolve(eval(self._code, {"__builtins__": builtins}, scope))
 
     def holds(self, state: dict, context: ExecutionContext) -> bool:
         return bool(self.evaluate(state, context))
@@ -87,10 +87,10 @@ class CallableCondition(Condition):
         self.expression = getattr(fn, "__name__", "callable")
 
     def evaluate(self, state: dict, context: ExecutionContext) -> Any:
-        return self.fn(state)
+        return context.resolve(self.fn(state))
 
     def holds(self, state: dict, context: ExecutionContext) -> bool:
-        return bool(self.fn(state))
+        return bool(self.evaluate(state, context))
 
 
 def as_condition(when: Condition | Callable[[dict], Any] | str) -> Condition:

@@ -8,13 +8,16 @@ reused pool thread can never see a previous branch's VM.
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .lua.runtime import LuaRuntime, LuaTimeoutError
 
 if TYPE_CHECKING:
+    from .async_nodes import AwaitRunner
     from .branch import BranchLimits, BranchMonitor
+    from .cancellation import CancelSignal
     from .checkpoint.recorder import RunRecorder
     from .graph import CompiledGraph
     from .isolation.base import IsolationBackend
@@ -66,9 +69,11 @@ class ExecutionContext:
                  time_limit: float | None = None, backend: IsolationBackend | None = None,
                  nested_isolation: str = "thread", max_workers: int | None = None,
                  fan_out_limits: BranchLimits, watchdog: Watchdog | None = None,
-                 max_concurrency: int | None = None,
+                 max_concurrency: int | None = None, cancel: CancelSignal | None = None,
                  recorder: RunRecorder | None = None) -> None:
         self.graph = graph
+        # The run's cancellation signal (main path of an async run only).
+        self.cancel = cancel
         # Records the main path of a checkpointed run; None in branches.
         self.recorder = recorder
         self.deadline = deadline
@@ -86,6 +91,7 @@ class ExecutionContext:
         self.node: str | None = None
         self.watchdog = watchdog
         self._lua_call: tuple[str, float | None, bool] = ("lua", None, False)
+        self._awaiter: AwaitRunner | None = None
 
     @property
     def isolation(self) -> str:
@@ -96,8 +102,10 @@ class ExecutionContext:
     def lua(self) -> LuaRuntime:
         """This context's Lua VM, created on first use."""
         if self._lua is None:
-            # A branch's Lua stops when the branch is cancelled or out of time.
-            stop = self.monitor.cancelled.is_set if self.monitor is not None else None
+            # A branch's Lua stops when the branch is cancelled or out of time,
+            # the main path's when the run is cancelled.
+            stop = self.monitor.cancelled.is_set if self.monitor is not None else (
+                self.cancel.is_set if self.cancel is not None else None)
             # Under a watchdog no hook is installed: Lua runs at bare speed and
             # the watchdog ends the whole worker when a deadline passes.
             self._lua = LuaRuntime(timeout=self.graph.lua_timeout,
@@ -110,6 +118,8 @@ class ExecutionContext:
     def enter_node(self, node: str) -> None:
         """Record the running node; stop here if the branch is out of time or cancelled."""
         self.node = node
+        if self.cancel is not None:
+            self.cancel.raise_if_set()
         if self.watchdog is not None:
             self.watchdog.node_started(node)
         if self.monitor is not None:
@@ -137,12 +147,45 @@ class ExecutionContext:
             return getattr(runtime, method)(code, state, variables=self.graph.variables,
                                             chunk_name=chunk_name, timeout=limit)
         except LuaTimeoutError as exc:
+            if self.cancel is not None and self.cancel.is_set():
+                raise self.cancel.error() from exc
             if self.monitor is not None and self.monitor.cancelled.is_set():
                 raise BranchCancelled(f"branch {self.branch!r} cancelled in node "
                                       f"{self.node!r}") from exc
             if cut_by_deadline:
                 raise self._timeout(self.node) from exc
             raise
+
+    @property
+    def fan_out_cancel(self) -> CancelSignal | None:
+        """What stops this context's fan-outs: the run's signal, or its branch's own."""
+        if self.cancel is not None:
+            return self.cancel
+        return self.monitor.cancelled if self.monitor is not None else None
+
+    def resolve(self, value: Any) -> Any:
+        """``value``, or if it is awaitable (an ``async def`` node's result) what it gives.
+
+        It is awaited on this context's own event loop, which stops it when
+        the branch or run is cancelled or out of time.
+        """
+        if not inspect.isawaitable(value):
+            return value
+        if self._awaiter is None:
+            from .async_nodes import AwaitRunner
+
+            self._awaiter = AwaitRunner(self.stop_reason)
+        return self._awaiter.run(value)
+
+    def stop_reason(self) -> BaseException | None:
+        """Why the running code must stop now (run or branch cancelled, out of time), or None."""
+        if self.cancel is not None and self.cancel.is_set():
+            return self.cancel.error()
+        if self.monitor is not None and self.monitor.cancelled.is_set():
+            return BranchCancelled(f"branch {self.branch!r} cancelled in node {self.node!r}")
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return self._timeout(self.node)
+        return None
 
     def _lua_deadline(self, deadline: float | None) -> None:
         # Called by the runtime right around the Lua call itself, so the time
@@ -177,7 +220,10 @@ class ExecutionContext:
         return BranchTimeout(f"branch {self.branch!r} timed out{limit}{where}", node)
 
     def close(self) -> None:
-        """Drop the Lua VM and any backend this context created."""
+        """Drop the Lua VM, the event loop of async nodes and any backend this context created."""
+        if self._awaiter is not None:
+            self._awaiter.close()
+            self._awaiter = None
         if self._lua is not None:
             self._lua.close()
             self._lua = None

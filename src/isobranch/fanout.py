@@ -91,7 +91,7 @@ def map_items(fan_out: MapFanOut, state: dict, context: ExecutionContext) -> Seq
         if isinstance(items, dict) and not items:
             items = []  # Lua has one kind of table: an empty one converts to {}
     else:
-        items = over(state)
+        items = context.resolve(over(state))
         if not isinstance(items, (list, tuple, str, bytes, dict)) and hasattr(items, "__iter__"):
             items = list(items)  # a callable may give any iterable (a generator, a range)
     if not isinstance(items, (list, tuple)):

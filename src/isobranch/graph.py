@@ -6,11 +6,13 @@ import functools
 import inspect
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import async_api
 from .branch import BranchLimits
+from .cancellation import CancelSignal
 from .checkpoint.runs import begin_run, reopen_run
 from .checkpoint.store import RunStatus, SqliteCheckpointer
 from .conditions import Condition, Expression, as_condition
@@ -418,11 +420,14 @@ class CompiledGraph:
         self._backends: dict[tuple[str, int | None], IsolationBackend] = {}
         self._pool_lock = threading.Lock()
         self._closed = False
-        self._finalizer = weakref.finalize(self, _close_backends, self._backends)
+        # Threads that run ainvoke/astream calls, started on first use.
+        self._run_threads = async_api.RunThreads()
+        self._finalizer = weakref.finalize(self, _close_backends, self._backends,
+                                           self._run_threads)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for private in ("_backends", "_pool_lock", "_finalizer", "_closed"):
+        for private in ("_backends", "_pool_lock", "_finalizer", "_closed", "_run_threads"):
             state.pop(private, None)
         state["checkpointer"] = None  # branches never record; workers need no database
         return state
@@ -453,9 +458,14 @@ class CompiledGraph:
         ``GraphError``). Raises ``GraphExecutionError`` naming the node and
         branch that failed (and the ``run_id``).
         """
-        return _final_state(self._events(state, config, snapshots=False))
+        return self._final_state(state, config)
 
-    def resume(self, run_id: str, config: dict | None = None, *, force: bool = False) -> dict:
+    def _final_state(self, state: dict | None, config: dict | None,
+                     cancel: CancelSignal | None = None) -> dict:
+        return _last_state(self._events(state, config, snapshots=False, cancel=cancel))
+
+    def resume(self, run_id: str, config: dict | None = None, *, force: bool = False,
+               _cancel: CancelSignal | None = None) -> dict:
         """Finish the recorded run ``run_id`` and return its final state.
 
         It continues after the run's last recorded main-path step; a fan-out
@@ -467,8 +477,8 @@ class CompiledGraph:
         if self.checkpointer is None:
             raise GraphError("resume() needs a checkpointer: compile(checkpointer="
                              "SqliteCheckpointer(path)) or YAML settings.checkpoint")
-        return _final_state(self._events(None, config, snapshots=False, resume=run_id,
-                                         force=force))
+        return _last_state(self._events(None, config, snapshots=False, resume=run_id,
+                                        force=force, cancel=_cancel))
 
     def resume_stream(self, run_id: str, config: dict | None = None, *, force: bool = False
                       ) -> Iterator[dict[str, Any]]:
@@ -492,8 +502,45 @@ class CompiledGraph:
         """
         return self._events(state, config, snapshots=True)
 
+    async def ainvoke(self, state: dict | None = None, config: dict | None = None) -> dict:
+        """``invoke`` without blocking the event loop; cancelling the awaiting task stops the run.
+
+        The run goes on in a thread of this graph's run pool. Cancellation
+        (``task.cancel()``, ``asyncio.timeout``, ``asyncio.wait_for``) stops
+        it: queued branches never start, running ones are stopped (thread
+        and inline: at once in Lua, at the next node boundary in Python;
+        process: their workers are killed; dask: their tasks are cancelled),
+        and ``CancelledError`` is raised once they have (see docs/async.md).
+        """
+        return await async_api.run_off_loop(
+            self, lambda cancel: self._final_state(state, config, cancel))
+
+    def astream(self, state: dict | None = None, config: dict | None = None
+                ) -> AsyncIterator[dict[str, Any]]:
+        """``stream`` as an async iterator; the run goes on in a thread of the run pool.
+
+        Events are the same as ``stream``'s. Leaving the ``async for``
+        early (``break``, an exception, cancellation) stops the run as a
+        cancellation does, once the iterator is closed: use
+        ``contextlib.aclosing`` to close it at once.
+        """
+        return async_api.stream_off_loop(
+            self, lambda cancel: self._events(state, config, snapshots=True, cancel=cancel))
+
+    async def aresume(self, run_id: str, **options: Any) -> dict:
+        """``resume(run_id, ...)`` without blocking the event loop (needs a checkpointer).
+
+        Cancelling it stops the resumed run like ``ainvoke``.
+        """
+        resume = getattr(self, "resume", None)
+        if resume is None:
+            raise GraphError("this compiled graph cannot resume runs: resume() is not available")
+        return await async_api.run_off_loop(
+            self, lambda cancel: async_api.call_with_cancel(resume, cancel, run_id, **options))
+
     def _events(self, state: dict | None, config: dict | None, *, snapshots: bool,
-                resume: str | None = None, force: bool = False) -> Iterator[dict[str, Any]]:
+                cancel: CancelSignal | None = None, resume: str | None = None,
+                force: bool = False) -> Iterator[dict[str, Any]]:
         config = dict(config or {})
         run_id = config.pop("run_id", None)
         settings = self._resolve(config)
@@ -523,7 +570,7 @@ class CompiledGraph:
             fan_out_limits=BranchLimits(branch_timeout=settings["branch_timeout"],
                                         fail_fast=settings["fail_fast"],
                                         branch_max_memory=self.branch_max_memory),
-            recorder=recorder)
+            cancel=cancel, recorder=recorder)
         try:
             if recorder is not None:
                 yield {"type": "run", "run_id": recorder.run_id}
@@ -621,7 +668,7 @@ class CompiledGraph:
         self.close()
 
 
-def _final_state(events: Iterator[dict[str, Any]]) -> dict:
+def _last_state(events: Iterator[dict[str, Any]]) -> dict:
     final: dict = {}
     for event in events:
         if event["type"] == "final":
@@ -638,7 +685,10 @@ def _record_end(recorder: Any, status: RunStatus, exc: BaseException) -> None:
                      f"{type(record_error).__name__}: {record_error}")
 
 
-def _close_backends(backends: dict[Any, IsolationBackend]) -> None:
+def _close_backends(backends: dict[Any, IsolationBackend],
+                    run_threads: async_api.RunThreads | None = None) -> None:
     while backends:
         _, backend = backends.popitem()
         backend.close()
+    if run_threads is not None:  # after the backends: a run still going then fails and ends
+        run_threads.close()

@@ -121,6 +121,8 @@ def as_node(name: str, fn: Callable[..., Any] | Node) -> Node:
 def compile_python_body(source: str, filename: str, *, node: str) -> Any:
     """Compile a ``run:`` body as a function so its ``return`` and line numbers work.
 
+    A body that uses ``await`` (or ``async for`` / ``async with``) outside
+    any function of its own becomes an ``async def``; the runner awaits it.
     Raises ``SyntaxError`` whose ``lineno`` counts from the body's first line.
     """
     header = f"def {_FUNCTION_NAME}(state, variables, parallel_results):\n"
@@ -135,5 +137,29 @@ def compile_python_body(source: str, filename: str, *, node: str) -> Any:
         raise SyntaxError(f"node {node!r}: {exc.msg} (line {max(lineno, 1)})",
                           (filename, max(lineno, 1), exc.offset, exc.text)) from None
     ast.increment_lineno(tree, -1)
+    function = tree.body[0]
+    if isinstance(function, ast.FunctionDef) and _awaits(function.body):
+        tree.body[0] = ast.copy_location(ast.AsyncFunctionDef(
+            name=function.name, args=function.args, body=function.body,
+            decorator_list=[], returns=None, type_comment=None), function)
     linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
-    return compile(tree, filename, "exec")
+    try:
+        return compile(tree, filename, "exec")
+    except SyntaxError as exc:  # e.g. ``await`` in a function the body defines
+        raise SyntaxError(f"node {node!r}: {exc.msg} (line {exc.lineno or 1})",
+                          (filename, exc.lineno or 1, exc.offset, exc.text)) from None
+
+
+def _awaits(body: list[ast.stmt]) -> bool:
+    """Whether ``body`` awaits in its own scope (not only in functions it defines)."""
+    pending: list[ast.AST] = list(body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.Await, ast.AsyncFor, ast.AsyncWith)):
+            return True
+        if isinstance(node, ast.comprehension) and node.is_async:
+            return True
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            continue
+        pending.extend(ast.iter_child_nodes(node))
+    return False

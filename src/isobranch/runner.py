@@ -94,7 +94,7 @@ def _run_node(graph: CompiledGraph, name: str, state: dict, context: ExecutionCo
     context.enter_node(name)
     node = graph.nodes[name]
     try:
-        update = node.run(state, context, parallel_results)
+        update = context.resolve(node.run(state, context, parallel_results))
     except (BranchTimeout, BranchCancelled, GraphExecutionError):
         raise
     except Exception as exc:
@@ -160,7 +160,7 @@ def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
     tasks, positions = plan.tasks, None
     if recorder is not None:
         tasks, positions = _skip_recorded(recorder, node, plan, gathered)
-    stream = stream_results(backend, tasks, max_concurrency)
+    stream = stream_results(backend, tasks, max_concurrency, context.fan_out_cancel)
     try:
         for position, result in stream:
             if positions is not None:
@@ -179,8 +179,8 @@ def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
         raise NodeFailure(f"{_where(node, context)}: cannot copy an item for its map branches: "
                           f"{exc}", node=node, branch=context.branch,
                           error_type="StateCopyError", state=dict(state)) from exc
-    except GraphExecutionError:
-        raise
+    except (GraphExecutionError, BranchCancelled, BranchTimeout):
+        raise  # a failure under fail_fast; the branch this fan-out is in was cancelled
     except Exception as exc:  # the backend could not run the fan-out at all
         raise NodeFailure(f"fan-out from {_where(node, context)}: backend {backend.name!r} "
                           f"failed: {type(exc).__name__}: {exc}", node=node,
@@ -229,7 +229,7 @@ def _route(graph: CompiledGraph, node: str, state: dict, context: ExecutionConte
     routes = graph.routes_of(node)
     try:
         if routes.router is not None:
-            value = routes.router(state)
+            value = context.resolve(routes.router(state))
             if routes.mapping is None:
                 target = value
             elif value in routes.mapping:

@@ -11,6 +11,7 @@ from ..errors import GraphError
 
 if TYPE_CHECKING:
     from ..branch import BranchTask, ParallelFlowResult
+    from ..cancellation import CancelSignal
 
 
 @runtime_checkable
@@ -42,6 +43,11 @@ class StreamingBackend(Protocol):
     completion order. It applies no fail-fast rule (the runner does). When
     the consumer closes the generator early, queued branches are dropped and
     running ones stopped before ``close()`` of the generator returns.
+
+    A backend whose class sets ``cancellable = True`` also takes
+    ``cancel=`` (a ``CancelSignal`` or None): when it is set, the stream
+    raises ``RunCancelled`` from its wait at once and stops its branches as
+    on an early close.
     """
 
     name: str
@@ -55,25 +61,46 @@ DEFAULT_LEGACY_CHUNK = max(os.cpu_count() or 1, 8)
 
 
 def stream_results(backend: IsolationBackend, tasks: Iterable[BranchTask],
-                   max_concurrency: int | None) -> Iterator[tuple[int, ParallelFlowResult]]:
+                   max_concurrency: int | None, cancel: CancelSignal | None = None
+                   ) -> Iterator[tuple[int, ParallelFlowResult]]:
     """``(position, result)`` pairs of ``tasks`` run on ``backend``, as they finish.
 
     Uses the backend's ``stream_branches`` when it has one; otherwise calls
     its ``run_branches`` on successive chunks of ``max_concurrency`` tasks
     (default: its ``max_workers``), so a backend that only returns lists
-    keeps working, lazily, chunk by chunk.
+    keeps working, lazily, chunk by chunk. A set ``cancel`` stops the
+    stream: at once on a ``cancellable`` backend, otherwise when the next
+    result (or chunk) arrives.
     """
     stream = getattr(backend, "stream_branches", None)
     if callable(stream):
-        return stream(tasks, max_concurrency=max_concurrency)
+        if cancel is None:
+            return stream(tasks, max_concurrency=max_concurrency)
+        if getattr(backend, "cancellable", False):
+            return stream(tasks, max_concurrency=max_concurrency, cancel=cancel)
+        return _checked(stream(tasks, max_concurrency=max_concurrency), cancel)
     return _chunked(backend, iter(tasks), max_concurrency or getattr(backend, "max_workers", None)
-                    or DEFAULT_LEGACY_CHUNK)
+                    or DEFAULT_LEGACY_CHUNK, cancel)
 
 
-def _chunked(backend: IsolationBackend, tasks: Iterator[BranchTask], size: int
+def _checked(stream: Iterator[tuple[int, ParallelFlowResult]], cancel: CancelSignal
              ) -> Iterator[tuple[int, ParallelFlowResult]]:
+    try:
+        for pair in stream:
+            cancel.raise_if_set()
+            yield pair
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+
+
+def _chunked(backend: IsolationBackend, tasks: Iterator[BranchTask], size: int,
+             cancel: CancelSignal | None = None) -> Iterator[tuple[int, ParallelFlowResult]]:
     position = 0
     while chunk := list(islice(tasks, size)):
+        if cancel is not None:
+            cancel.raise_if_set()
         results = backend.run_branches(chunk)
         if len(results) != len(chunk):
             raise RuntimeError(f"backend {backend.name!r} returned {len(results)} results for "

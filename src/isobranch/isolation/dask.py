@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..branch import BranchTask, ParallelFlowResult
+from ..cancellation import CancelSignal
 from .base import register_backend, run_in_order
 from .dask_cluster import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -128,6 +129,7 @@ class DaskBackend:
     """
 
     name = "dask"
+    cancellable = True
     # The runner checks this before fan-out: state must pickle to get here.
     crosses_processes = True
 
@@ -304,7 +306,8 @@ class DaskBackend:
 
     # -- running a fan-out ---------------------------------------------------
 
-    def stream_branches(self, tasks: Iterable[BranchTask], *, max_concurrency: int | None = None
+    def stream_branches(self, tasks: Iterable[BranchTask], *, max_concurrency: int | None = None,
+                        cancel: CancelSignal | None = None
                         ) -> Iterator[tuple[int, ParallelFlowResult]]:
         """Run ``tasks`` as Dask tasks, yielding ``(position, result)`` as each finishes.
 
@@ -314,7 +317,8 @@ class DaskBackend:
         plus, when the cluster's threads are the bound,
         ``SUBMIT_AHEAD_PER_THREAD`` per thread waiting at the scheduler. Closing the generator cancels the
         submitted tasks and restarts the workers running them on a cluster
-        isobranch started.
+        isobranch started; so does a set ``cancel``, which wakes the wait and
+        raises ``RunCancelled``.
         """
         source = iter(tasks)
         first = next(source, None)
@@ -334,8 +338,13 @@ class DaskBackend:
         results: dict[int, ParallelFlowResult] = {}
         position = 0
         upcoming: BranchTask | None = first
+        # A cancellation wakes the wait for finished futures (any item does).
+        forget = (cancel.add_callback(lambda: fan_out.finished.put(None))
+                  if cancel is not None else None)
         try:
             while True:
+                if cancel is not None:
+                    cancel.raise_if_set()
                 while upcoming is not None and len(pending) < limit:
                     branch = _Branch(position, upcoming, fan_out)
                     pending[self._submit(client, plugin, branch)] = branch
@@ -343,7 +352,7 @@ class DaskBackend:
                     upcoming = next(source, None)
                 if not pending:
                     return
-                lost = self._follow_once(connection, plugin, pending, results, fan_out)
+                lost = self._follow_once(connection, plugin, pending, results, fan_out, cancel)
                 for finished in sorted(results):
                     yield finished, results.pop(finished)
                 if lost is not None:
@@ -360,6 +369,8 @@ class DaskBackend:
             self._stop_running(connection, pending.values())
             raise
         finally:
+            if forget is not None:
+                forget()
             self._forget(pending, list(pending))
             if pending:
                 _quietly(client.cancel, list(pending))
@@ -393,7 +404,8 @@ class DaskBackend:
         return future
 
     def _follow_once(self, connection: Connection, plugin: str, pending: dict[Any, _Branch],
-                     results: dict[int, ParallelFlowResult], fan_out: _FanOut) -> str | None:
+                     results: dict[int, ParallelFlowResult], fan_out: _FanOut,
+                     cancel: CancelSignal | None = None) -> str | None:
         """Wait for a branch to finish (or a deadline), and put what is done in ``results``.
 
         Returns why nothing pending can finish any more, if so (its branches
@@ -406,6 +418,8 @@ class DaskBackend:
                 fan_out.finished.get_nowait()
         except queue.Empty:
             pass
+        if cancel is not None:
+            cancel.raise_if_set()
         lost = self._lost(connection, fan_out, pending)
         if lost is not None:
             for branch in pending.values():

@@ -39,6 +39,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from ..branch import BranchTask, ParallelFlowResult
+from ..cancellation import CancelPipe, CancelSignal
 from .base import register_backend, run_in_order
 from .memory_limit import BRANCH_MEMORY_ERROR, kernel_oom_kills, memory_message, oom_killed
 from .process_pool import START_METHODS, WorkerProcess, WorkerStartError, start_launcher
@@ -154,6 +155,7 @@ class ProcessBackend:
     """
 
     name = "process"
+    cancellable = True
     # The runner checks this before fan-out: state must pickle to get here.
     crosses_processes = True
 
@@ -186,7 +188,8 @@ class ProcessBackend:
 
     # -- public -------------------------------------------------------------
 
-    def stream_branches(self, tasks: Iterable[BranchTask], *, max_concurrency: int | None = None
+    def stream_branches(self, tasks: Iterable[BranchTask], *, max_concurrency: int | None = None,
+                        cancel: CancelSignal | None = None
                         ) -> Iterator[tuple[int, ParallelFlowResult]]:
         """Run ``tasks`` in workers, yielding ``(position, result)`` as each finishes.
 
@@ -195,7 +198,8 @@ class ProcessBackend:
         for it, or, once branches are seen to be short, to be sent ahead to
         a busy worker (at most ``SEND_AHEAD_DEPTH`` each). Closing the
         generator kills the workers of unfinished branches; the pool
-        replaces them on demand.
+        replaces them on demand. A set ``cancel`` wakes the wait, does the
+        same and raises ``RunCancelled``.
         """
         limit = max_concurrency or self.max_workers
         source = _Source(tasks)
@@ -207,9 +211,12 @@ class ProcessBackend:
         # Branches sent ahead to a busy worker, behind the one it runs (short branches only).
         backlog: dict[Connection, deque[_Queued]] = {}
         pace = _Pace(enabled=not self.fresh_worker_per_branch)
+        wakeup = CancelPipe(cancel, self._lock) if cancel is not None else None
         try:
             while source.peek() is not None or running:
-                self._dispatch(source, running, limit)
+                if cancel is not None:
+                    cancel.raise_if_set()
+                self._dispatch(source, running, limit, cancel)
                 self._send_ahead(source, running, backlog, pace)
                 timeout = _next_wakeup(running)
                 if source.peek() is not None and len(running) < limit:
@@ -220,7 +227,11 @@ class ProcessBackend:
                     if self._closed:
                         raise BackendError("the process backend was closed while running")
                 finished: list[tuple[int, ParallelFlowResult]] = []
-                for conn in wait(list(running), timeout=timeout):
+                ready = wait([*running, wakeup] if wakeup is not None else list(running),
+                             timeout=timeout)
+                if cancel is not None:
+                    cancel.raise_if_set()
+                for conn in ready:
                     slot = running[conn]
                     outcome = self._receive(slot)
                     if outcome is None:
@@ -253,6 +264,8 @@ class ProcessBackend:
             # unfinished branches' workers are killed; queued tasks never start.
             for slot in running.values():
                 self._discard(slot.worker, kill=True)
+            if wakeup is not None:
+                wakeup.close()
 
     def _next_in_worker(self, conn: Connection, running: dict[Connection, _Running],
                         backlog: dict[Connection, deque[_Queued]]) -> None:
@@ -361,12 +374,14 @@ class ProcessBackend:
         if launcher is not None:
             launcher.close()
 
-    def _acquire(self, block: bool) -> WorkerProcess | None:
+    def _acquire(self, block: bool, cancel: CancelSignal | None = None) -> WorkerProcess | None:
         """An idle worker, a new one if the pool has room, or None (``block``: wait)."""
         with self._lock:
             while True:
                 if self._closed:
                     raise BackendError("the process backend was closed while running")
+                if cancel is not None:
+                    cancel.raise_if_set()
                 while self._idle:
                     worker = self._idle.pop()
                     if not worker.conn.poll():  # an idle worker only speaks by dying
@@ -419,9 +434,10 @@ class ProcessBackend:
 
     # -- one fan-out ------------------------------------------------------------
 
-    def _dispatch(self, source: _Source, running: dict[Connection, _Running], limit: int) -> None:
+    def _dispatch(self, source: _Source, running: dict[Connection, _Running], limit: int,
+                  cancel: CancelSignal | None = None) -> None:
         while len(running) < limit and source.peek() is not None:
-            worker = self._acquire(block=not running)
+            worker = self._acquire(block=not running, cancel=cancel)
             if worker is None:
                 return
             queued = source.take()

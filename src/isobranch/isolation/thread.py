@@ -14,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
+from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass
 
 from ..branch import (
@@ -23,6 +24,7 @@ from ..branch import (
     run_branch,
     timed_out_result,
 )
+from ..cancellation import CancelSignal
 from .base import register_backend, run_in_order
 from .thread_pool import DaemonThreadPool
 
@@ -34,6 +36,9 @@ TIMEOUT_GRACE_SECONDS = 0.25
 SUBMIT_AHEAD_PER_THREAD = 8
 # Branches a lane runs in a row before it lets other pool work go first.
 LANE_BATCH = 64
+# After a cancellation, how long the stream waits for its stopped branches to
+# return (Lua stops within milliseconds; a Python node at its next boundary).
+CANCEL_WAIT_SECONDS = 0.5
 
 
 class ThreadBackend:
@@ -45,6 +50,7 @@ class ThreadBackend:
     """
 
     name = "thread"
+    cancellable = True
 
     def __init__(self, max_workers: int | None = None) -> None:
         if max_workers is not None and max_workers < 1:
@@ -67,7 +73,8 @@ class ThreadBackend:
                                                   thread_name_prefix="isobranch-branch")
             return self._executor
 
-    def stream_branches(self, tasks: Iterable[BranchTask], *, max_concurrency: int | None = None
+    def stream_branches(self, tasks: Iterable[BranchTask], *, max_concurrency: int | None = None,
+                        cancel: CancelSignal | None = None
                         ) -> Iterator[tuple[int, ParallelFlowResult]]:
         """Run ``tasks`` concurrently, yielding ``(position, result)`` as each finishes.
 
@@ -76,7 +83,10 @@ class ThreadBackend:
         ``max_concurrency`` submitted and unfinished, plus, when the pool's
         own size is the bound, ``SUBMIT_AHEAD_PER_THREAD`` per thread waiting
         in a queue. Closing the generator drops the queued ones and tells the
-        running ones to stop (abandoning one stuck in a call).
+        running ones to stop (abandoning one stuck in a call). A set
+        ``cancel`` wakes the wait and does the same, waiting up to
+        ``CANCEL_WAIT_SECONDS`` for the stopped branches, then raises
+        ``RunCancelled``.
         """
         limit = max_concurrency or self.max_workers
         # When the pool itself is the bound, a few more wait in the queue, so a
@@ -85,6 +95,9 @@ class ThreadBackend:
             else 0
         lanes = _Lanes(self._pool, iter(tasks), width=min(limit, self.max_workers),
                        cap=limit + queued_ahead)
+        forget = None
+        if cancel is not None:
+            forget = cancel.add_callback(lambda: lanes.finished.put((None, None, cancel.error())))
         try:
             lanes.fill()
             while not lanes.all_done():
@@ -92,7 +105,7 @@ class ThreadBackend:
                 for submitted, result in lanes.consume(reports):
                     yield submitted.position, result
                 for submitted in _overdue(lanes.outstanding()):
-                    submitted.monitor.cancelled.set()
+                    submitted.monitor.cancelled.cancel()
                     self._abandon(lanes.give_up(submitted))
                     yield submitted.position, timed_out_result(submitted.task, submitted.monitor)
         finally:
@@ -101,9 +114,13 @@ class ThreadBackend:
             # close() does not wait for one stuck in a single Python call.
             stopped_early = lanes.stop()
             for submitted in stopped_early:
-                submitted.monitor.cancelled.set()
+                submitted.monitor.cancelled.cancel()
             if stopped_early:
                 self._abandon(lanes.futures())
+            if forget is not None:
+                forget()
+                if cancel is not None and cancel.is_set():
+                    wait_for_futures(lanes.futures(), timeout=CANCEL_WAIT_SECONDS)
 
     def run_branches(self, tasks: list[BranchTask]) -> list[ParallelFlowResult]:
         """Run ``tasks`` concurrently and return their results in task order."""
