@@ -484,3 +484,42 @@ def test_a_fan_out_run_again_in_a_loop_reuses_only_its_own_recorded_results(tmp_
     assert final["seen"] == [[0, 1, 2, 3, 4, 5], [100, 101, 102, 103, 104, 105]]
     ran = sorted(path.name.split(".")[0] for path in marks.iterdir())
     assert ran == sorted(f"{r}-{i}" for r in (0, 1) for i in range(6)), "each ran once"
+
+
+def _slow_unless_released(state: dict) -> dict:
+    marks = Path(state["marks"])
+    (marks / f"{state['item']}.{uuid.uuid4().hex}").touch()
+    if state["item"] >= 3 and not (marks.parent / "released").exists():
+        import time
+
+        time.sleep(60)  # until the cancellation kills this worker
+    return {"v": state["item"] * 10}
+
+
+def test_a_cancelled_ainvoke_is_recorded_interrupted_and_aresume_finishes_it(tmp_path, marks):
+    import asyncio
+
+    graph = map_graph(tmp_path, body=_slow_unless_released)
+    checkpointer = SqliteCheckpointer(tmp_path / "runs.db")
+
+    async def scenario(app):
+        task = asyncio.create_task(app.ainvoke({"marks": str(marks)}, config={"run_id": "a"}))
+        while True:  # until the three quick branches are recorded
+            run = checkpointer.get_run("a")
+            if run is not None and run.branches_done >= 3:
+                break
+            assert not task.done()
+            await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert checkpointer.get_run("a").status is RunStatus.INTERRUPTED
+        (tmp_path / "released").touch()
+        return await app.aresume("a")
+
+    with graph.compile(isolation="process", max_workers=2, max_concurrency=2,
+                       checkpointer=checkpointer) as app:
+        final = asyncio.run(scenario(app))
+    assert final["values"] == EXPECTED_VALUES
+    ran = executions(marks)
+    assert [ran.count(item) for item in (0, 1, 2)] == [1, 1, 1], "recorded branches ran once"
