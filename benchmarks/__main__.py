@@ -11,6 +11,7 @@ from . import async_cases, cases, checkpoint_cases, checkpoint_codec, map_cases
 
 NAMES = ["vm", "hook", "lua-threads", "overhead-thread", "overhead-inline", "hot-loop-process",
          "python-processes", "overhead-process", "overhead-fresh", "state-copy", "round-trip",
+         "lua-small-read",
          "soak-thread", "soak-process", "python-dask", "overhead-dask", "dask-start",
          "map-process", "map-thread", "map-width-thread", "map-width-process", "map-dask",
          "codec-small", "codec-20k", "ainvoke", "checkpoint-process", "checkpoint-thread"]
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                                           fresh_worker_per_branch=True),
         lambda: cases.state_copy(repeat=reps(7)),
         lambda: cases.lua_round_trip(repeat=reps(5)),
+        lambda: cases.lua_small_read(repeat=reps(200)),
         lambda: cases.branch_soak(branches=2_000 if args.quick else 10_000),
         lambda: cases.branch_soak(branches=2_000 if args.quick else 10_000, isolation="process"),
         lambda: cases.python_branches_dask_vs_process(repeat=reps(5)),

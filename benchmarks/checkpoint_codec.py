@@ -14,7 +14,7 @@ import sys
 
 from isobranch.checkpoint.codec import decode_value, encode_value
 
-from .cases import Row, round_robin_best, twenty_k_state
+from .cases import Row, comparison_row, round_robin_best, twenty_k_state
 
 
 def small_state() -> dict:
@@ -55,10 +55,11 @@ def codec_vs_json(size: str = "small", repeat: int = 9) -> Row:
         seconds / batch for seconds in round_robin_best([dumps, loads, encode, decode], repeat))
     baseline, measured = dumps_s + loads_s, encode_s + decode_s
     label = "10-key" if size == "small" else "20k-item"
-    return Row(f"checkpoint codec, encode+decode of a {label} state, vs json", "(reference)",
-               baseline, measured, measured / baseline, True,
-               f"json {baseline * 1e3:.3f} ms, codec {measured * 1e3:.3f} ms per state; "
-               f"encode {encode_s / dumps_s:.2f}x dumps, decode {decode_s / loads_s:.2f}x loads")
+    return comparison_row(f"checkpoint codec, encode+decode of a {label} state, vs json",
+                          baseline, measured,
+                          f"json {baseline * 1e3:.3f} ms, codec {measured * 1e3:.3f} ms per state; "
+                          f"encode {encode_s / dumps_s:.2f}x dumps, "
+                          f"decode {decode_s / loads_s:.2f}x loads")
 
 
 def main() -> int:

@@ -7,7 +7,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 from isobranch import END, START, StateGraph
 
-from .cases import Row, round_robin_best
+from .cases import Row, comparison_row, round_robin_best, slowdown_row
 
 
 def trivial(item: int) -> int:
@@ -50,11 +50,10 @@ def map_process_vs_pool(items: int = 10_000, workers: int = 2, repeat: int = 3) 
         baseline, measured = round_robin_best(
             [lambda: list(pool.map(trivial, values, chunksize=1)),
              lambda: app.invoke({"items": values})], repeat)
-    ratio = measured / baseline
-    return Row(f"map of {items:,} trivial items, process backend, {workers} workers",
-               "<= 1.0x ProcessPoolExecutor.map(chunksize=1)", baseline, measured, ratio,
-               ratio <= 1.0, f"pool {baseline / items * 1000:.3f} ms/item, "
-               f"isobranch {measured / items * 1000:.3f} ms/item")
+    return slowdown_row(f"map of {items:,} trivial items, process backend, {workers} workers",
+                        1.0, "ProcessPoolExecutor.map(chunksize=1)", baseline, measured,
+                        f"pool {baseline / items * 1000:.3f} ms/item, "
+                        f"isobranch {measured / items * 1000:.3f} ms/item")
 
 
 def map_thread_vs_pool(items: int = 10_000, workers: int = 4, repeat: int = 3) -> Row:
@@ -65,11 +64,10 @@ def map_thread_vs_pool(items: int = 10_000, workers: int = 4, repeat: int = 3) -
         baseline, measured = round_robin_best(
             [lambda: list(pool.map(trivial, values)), lambda: app.invoke({"items": values})],
             repeat)
-    ratio = measured / baseline
-    return Row(f"map of {items:,} trivial items, thread backend, {workers} threads",
-               "<= 2.0x ThreadPoolExecutor.map", baseline, measured, ratio, ratio <= 2.0,
-               f"pool {baseline / items * 1000:.4f} ms/item, "
-               f"isobranch {measured / items * 1000:.4f} ms/item")
+    return slowdown_row(f"map of {items:,} trivial items, thread backend, {workers} threads",
+                        2.0, "ThreadPoolExecutor.map", baseline, measured,
+                        f"pool {baseline / items * 1000:.4f} ms/item, "
+                        f"isobranch {measured / items * 1000:.4f} ms/item")
 
 
 def map_width_scaling(isolation: str = "thread", small: int = 1_000, large: int = 10_000,
@@ -82,11 +80,10 @@ def map_width_scaling(isolation: str = "thread", small: int = 1_000, large: int 
         small_s, large_s = round_robin_best(
             [lambda: app.invoke({"items": few}), lambda: app.invoke({"items": many})], repeat)
     per_small, per_large = small_s / small, large_s / large
-    ratio = per_large / per_small
-    return Row(f"map per-item time at {large:,} vs {small:,} items ({isolation})",
-               "<= 1.25x", per_small, per_large, ratio, ratio <= 1.25,
-               f"{per_small * 1000:.4f} ms/item at {small:,}, "
-               f"{per_large * 1000:.4f} ms/item at {large:,}")
+    return slowdown_row(f"map per-item time at {large:,} vs {small:,} items ({isolation})",
+                        1.25, f"at {small:,} items", per_small, per_large,
+                        f"{per_small * 1000:.4f} ms/item at {small:,}, "
+                        f"{per_large * 1000:.4f} ms/item at {large:,}")
 
 
 def map_dask_vs_process(items: int = 2_000, workers: int = 2, repeat: int = 2) -> Row:
@@ -98,8 +95,7 @@ def map_dask_vs_process(items: int = 2_000, workers: int = 2, repeat: int = 2) -
         process_s, dask_s = round_robin_best(
             [lambda: processes.invoke({"items": values}), lambda: dask.invoke({"items": values})],
             repeat)
-    return Row(f"map of {items:,} trivial items, dask LocalCluster vs process "
-               f"({workers} workers, {os.cpu_count()} cores)", "(comparison)", process_s, dask_s,
-               dask_s / process_s, True,
-               f"process {process_s / items * 1000:.3f} ms/item, "
-               f"dask {dask_s / items * 1000:.3f} ms/item")
+    return comparison_row(f"map of {items:,} trivial items, dask LocalCluster vs process "
+                          f"({workers} workers, {os.cpu_count()} cores)", process_s, dask_s,
+                          f"process {process_s / items * 1000:.3f} ms/item, "
+                          f"dask {dask_s / items * 1000:.3f} ms/item")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import importlib.util
 import signal
 import threading
-from collections.abc import Iterator
 
 import pytest
+from benchmarks.proc_scan import children, descendants, live_processes
 
 from isobranch import END, START, StateGraph, YAMLEngine
+from isobranch.isolation.base import available_backends, register_backend, unregister_backend
 
 HAVE_DASK = importlib.util.find_spec("distributed") is not None
 
@@ -21,6 +22,15 @@ def pytest_configure(config: pytest.Config) -> None:
     # tests that press Ctrl-C on a child need Python's normal disposition.
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Imports every built-in backend now. A pytester run in this process drops
+    # the modules first imported during it; importing one of them again later
+    # would register its backend a second time, as a new class.
+    available_backends()
+
+
+__all__ = ["BACKENDS", "HAVE_DASK", "children", "descendants", "fan_out", "invoke_concurrently",
+           "live_processes"]
+
 # Every built-in backend; dask only runs where its extra is installed (CI installs it).
 BACKENDS = ["inline", "thread", "process", pytest.param("dask", marks=pytest.mark.skipif(
     not HAVE_DASK, reason="the dask extra is not installed: pip install -e '.[test,dask]'"))]
@@ -53,6 +63,24 @@ def load(isolation: str):
 
 
 @pytest.fixture
+def test_backend():
+    """``test_backend(name, factory)`` registers a backend for this test only.
+
+    Without ``replace``: a name some other test left registered fails here
+    instead of silently standing in.
+    """
+    names: list[str] = []
+
+    def register(name: str, factory) -> None:
+        register_backend(name, factory)
+        names.append(name)
+
+    yield register
+    for name in names:
+        unregister_backend(name)
+
+
+@pytest.fixture
 def no_thread_leak():
     """Fail if the test leaves more threads running than it found."""
     before = {t.ident for t in threading.enumerate()}
@@ -64,80 +92,12 @@ def no_thread_leak():
     assert not still, f"threads left running: {still}"
 
 
-def _resource_tracker(pid: int) -> bool:
-    # multiprocessing's resource tracker (started by Dask's spawned workers) is
-    # one per interpreter and lives until it exits: Python's, not a leak of ours.
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            return b"multiprocessing.resource_tracker" in cmdline.read()
-    except OSError:
-        return False
-
-
-def live_processes() -> Iterator[tuple[int, list[str]]]:
-    """``(pid, fields of /proc/PID/stat after the command name)`` of every process but zombies.
-
-    ``fields[0]`` is the state, ``fields[1]`` the parent pid, ``fields[2]`` the
-    process group.
-    """
-    import os
-
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":  # a zombie is dead; whether it is reaped is checked separately
-            yield int(entry), fields
-
-
-def descendants(pid: int | None = None) -> set[int]:
-    """Pids of every live process below ``pid`` (default: this process), from ``/proc``.
-
-    multiprocessing's per-interpreter resource tracker is left out.
-    """
-    import os
-
-    root = os.getpid() if pid is None else pid
-    parents: dict[int, list[int]] = {}
-    for child, fields in live_processes():
-        parents.setdefault(int(fields[1]), []).append(child)
-    found: set[int] = set()
-    stack = [root]
-    while stack:
-        for child in parents.get(stack.pop(), []):
-            if child not in found:
-                found.add(child)
-                stack.append(child)
-    return {pid for pid in found if not _resource_tracker(pid)}
-
-
-def children_including_zombies() -> set[int]:
-    """Direct children of this process, reaped or not (a zombie is an unreaped child)."""
-    import os
-
-    me = str(os.getpid())
-    found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    if stat.read().rsplit(")", 1)[1].split()[1] == me:
-                        found.add(int(entry))
-            except OSError:
-                continue
-    return {pid for pid in found if not _resource_tracker(pid)}
-
-
 @pytest.fixture
 def no_process_leak():
     """Fail if the test leaves any process (or unreaped child) below this one."""
-    before, before_children = descendants(), children_including_zombies()
+    before, before_children = descendants(), children()
     yield
-    left = (descendants() - before) | (children_including_zombies() - before_children)
+    left = (descendants() - before) | (children() - before_children)
     assert not left, f"processes left behind: {sorted(left)}"
 
 
@@ -158,12 +118,29 @@ def fan_out(*branches, fan_in=None, start=None):
 
 
 def invoke_concurrently(compiled, times: int = 4, state: dict | None = None) -> list[dict]:
-    """Final states of ``times`` invocations of ``compiled`` started at once from threads."""
+    """Final states of ``times`` invocations of ``compiled`` started at once from threads.
+
+    An invocation that raises re-raises here (the first such exception, after
+    every thread has ended); one still running after a minute is a failure.
+    """
     outcomes: list[dict] = []
-    threads = [threading.Thread(target=lambda: outcomes.append(compiled.invoke(dict(state or {}))))
-               for _ in range(times)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(times)
+
+    def invoke() -> None:
+        try:
+            start.wait(30)
+            outcomes.append(compiled.invoke(dict(state or {})))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=invoke) for _ in range(times)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(60)
+    stuck = [thread.name for thread in threads if thread.is_alive()]
+    assert not stuck, f"invocations still running after 60 s: {stuck}"
+    if errors:
+        raise errors[0]
     return outcomes

@@ -13,15 +13,10 @@ of rounds.
 from __future__ import annotations
 
 import gc
-import os
 import statistics
 from collections.abc import Callable
 
-
-def rss_bytes() -> int:
-    """Resident set size of this process (Linux ``/proc``)."""
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+from benchmarks.proc_scan import rss_bytes
 
 
 def late_growth(run_round: Callable[[], object], *, warmup_rounds: int,

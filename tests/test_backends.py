@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from isobranch import GraphError, IsolationBackend, StateGraph, available_backends, register_backend
+from isobranch import (
+    GraphError,
+    IsolationBackend,
+    StateGraph,
+    available_backends,
+    register_backend,
+    unregister_backend,
+)
 from isobranch.branch import run_branch
 from isobranch.isolation.base import create_backend
 
@@ -40,8 +47,8 @@ def test_builtin_backends_are_registered():
         backend.close()
 
 
-def test_registered_backend_runs_branches_and_is_closed_with_the_graph():
-    register_backend("recording", RecordingBackend, replace=True)
+def test_registered_backend_runs_branches_and_is_closed_with_the_graph(test_backend):
+    test_backend("recording", RecordingBackend)
     assert "recording" in available_backends()
     graph = StateGraph()
     graph.add_node("start", lambda s: None)
@@ -58,10 +65,30 @@ def test_registered_backend_runs_branches_and_is_closed_with_the_graph():
     assert backend.closed
 
 
-def test_registering_a_name_twice_needs_replace():
-    register_backend("twice", RecordingBackend, replace=True)
+def test_registering_a_name_twice_needs_replace(test_backend):
+    test_backend("twice", RecordingBackend)
     with pytest.raises(ValueError, match="already registered"):
         register_backend("twice", lambda **kw: RecordingBackend())
+
+
+def test_an_unregistered_backend_is_unknown_again():
+    register_backend("passing-through", RecordingBackend)
+    assert "passing-through" in available_backends()
+    unregister_backend("passing-through")
+    assert "passing-through" not in available_backends()
+    graph = StateGraph()
+    graph.add_node("a", lambda s: None)
+    graph.set_entry_point("a")
+    with pytest.raises(GraphError, match="unknown isolation backend 'passing-through'"):
+        graph.compile(isolation="passing-through")
+    with pytest.raises(ValueError, match="no isolation backend 'passing-through'"):
+        unregister_backend("passing-through")
+
+
+def test_built_in_backends_cannot_be_unregistered():
+    with pytest.raises(ValueError, match="built in"):
+        unregister_backend("thread")
+    assert "thread" in available_backends()
 
 
 def test_unknown_backend_option_is_a_graph_error():

@@ -70,20 +70,23 @@ def test_debug_shows_the_traceback(capfd, flow):
     assert "Traceback" in capfd.readouterr().err
 
 
-@pytest.mark.parametrize("args", [
-    ["run", "{missing}"],
-    ["run", "{demo}", "--input", "{{not json"],
-    ["run", "{demo}", "--input", "[1, 2]"],
-    ["run", "{demo}", "--input", "@{missing}"],
-    ["run", "{demo}", "--isolation", "quantum"],
-    ["validate", "{bad}"],
+@pytest.mark.parametrize(("args", "names"), [
+    (["run", "{missing}"], ["{missing}: cannot read"]),
+    (["run", "{demo}", "--input", "{{not json"], ["--input: invalid JSON at line 1 column 2"]),
+    (["run", "{demo}", "--input", "[1, 2]"], ["--input: must be a JSON object, got list"]),
+    (["run", "{demo}", "--input", "@{missing}"], ["--input file '{missing}': cannot read"]),
+    (["run", "{demo}", "--isolation", "quantum"], ["{demo}: ", "unknown isolation backend 'quantum'"]),
+    (["validate", "{bad}"], ["{bad}: node 'a': invalid Python"]),
 ])
-def test_invalid_input_exits_2_with_one_line(args, capfd, flow, tmp_path):
+def test_invalid_input_exits_2_with_one_line(args, names, capfd, flow, tmp_path):
     bad = flow("nodes:\n  - {name: a, run: 'return {'}\n", "bad.yaml")
     values = {"missing": tmp_path / "missing.yaml", "demo": DEMO, "bad": bad}
     assert main([a.format(**values) for a in args]) == 2
-    err = capfd.readouterr().err.strip()
-    assert err and "Traceback" not in err
+    captured = capfd.readouterr()
+    (line,) = captured.err.splitlines()  # exactly one line, naming what is at fault
+    for name in names:
+        assert name.format(**values) in line
+    assert captured.out == ""
 
 
 def test_validate_reports_every_problem_with_location(capfd, flow):
@@ -116,6 +119,26 @@ def test_graph_prints_mermaid(capfd):
     assert main(["graph", str(DEMO)]) == 0
     out = capfd.readouterr().out
     assert out.startswith("flowchart TD") and "parallel, fan-in combine" in out
+
+
+def test_graph_draws_what_was_compiled_including_implied_links(capfd, flow):
+    # No __start__ edge (the first node is the entry) and a fallback edge.
+    path = flow("""
+        nodes:
+          - {name: check, run: "return {}"}
+          - {name: high, run: "return {}"}
+          - {name: low, run: "-- lua\\nreturn {}"}
+        edges:
+          - {from: check, to: low}
+          - {from: check, to: high, when: {lua: "state.n > 5"}}
+    """)
+    assert main(["graph", str(path)]) == 0
+    assert capfd.readouterr().out.splitlines() == [
+        "flowchart TD",
+        '    n___start__["__start__"] --> n_check["check"]',
+        '    n_check["check"] -->|lua: state.n > 5| n_high["high"]',
+        '    n_check["check"] --> n_low["low"]',
+    ]
 
 
 def test_console_script_entry_point_runs():

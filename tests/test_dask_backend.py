@@ -195,7 +195,8 @@ def test_a_worker_dying_mid_branch_fails_only_that_branch_and_names_the_worker(t
         again = compiled.invoke({})["results"]  # the cluster recovered
     assert not dies.success and dies.error_type == "WorkerDied"
     assert "died while running it" in dies.error and "tls://127.0.0.1:" in dies.error
-    assert dies.worker is None or dies.worker in dies.error
+    # The start reached the scheduler before the branch ran, so the worker is known: the one named.
+    assert dies.worker is not None and f"Dask worker {dies.worker} died" in dies.error
     assert lives.success and lives.state["fine"] is True
     assert [r.success for r in again] == [True, True]
 
@@ -473,7 +474,8 @@ class CommandLineCluster:
                 "dask scheduler did not start"
             time.sleep(0.05)  # polling for a file another process writes
         with Client(scheduler_file=str(self.scheduler_file), set_as_default=False) as client:
-            client.wait_for_workers(count, timeout=60)
+            if count:
+                client.wait_for_workers(count, timeout=60)
             return client.scheduler.address
 
     def close(self) -> None:
@@ -532,6 +534,65 @@ def test_a_scheduler_lost_mid_run_fails_the_pending_branches_within_seconds(
     (result,) = outcome["results"]
     assert not result.success
     assert "lost the connection to the Dask scheduler" in result.error
+
+
+def test_a_cluster_with_no_worker_fails_the_branches_after_worker_wait(tmp_path):
+    scheduler_only = CommandLineCluster(tmp_path, workers=0)
+    try:
+        graph = fan_out(("a", lambda s: {"ran": True}), ("b", lambda s: {"ran": True}))
+        with graph.compile(isolation="dask", dask_address=scheduler_only.address,
+                           worker_wait=2) as compiled:
+            begin = time.monotonic()
+            results = compiled.invoke({})["results"]
+            waited = time.monotonic() - begin
+    finally:
+        scheduler_only.close()
+    assert [r.success for r in results] == [False, False]
+    assert all(f"the Dask cluster at {scheduler_only.address} had no worker for 2s" in r.error
+               for r in results), [r.error for r in results]
+    assert waited >= 2, "a cluster is given worker_wait seconds to get a worker"
+    assert not any("ran" in r.state for r in results)
+
+
+def hangs_when_asked(seconds: float, directory: str):
+    """Like ``pid_file_then``, but returns at once unless ``state["hang"]`` is set."""
+    sleeper = pid_file_then(seconds, directory)
+    return lambda state: sleeper(state) if state.get("hang") else {"quick": True}
+
+
+def cuts_the_connection_when_asked_whether_it_is_there():
+    """A function for ``run_on_scheduler``: the scheduler drops the connection of every ``identity`` request.
+
+    Made here, not at module level, so it travels by value (the scheduler
+    cannot import this test module).
+    """
+
+    def install(dask_scheduler) -> None:
+        def cut(comm, **kwargs):
+            comm.abort()
+
+        dask_scheduler.handlers["identity"] = cut
+
+    return install
+
+
+def test_a_connection_lost_while_a_fan_out_asks_after_the_scheduler_is_a_lost_connection(
+        command_line_cluster, tmp_path):
+    # The client's own connection stays up: only the question's breaks, so
+    # the answer (a broken connection, not silence) decides the message.
+    from distributed import Client
+
+    address = command_line_cluster.address
+    graph = fan_out(("long", hangs_when_asked(120, str(tmp_path))))
+    with graph.compile(isolation="dask", dask_address=address, connect_timeout=2) as compiled:
+        assert compiled.invoke({})["results"][0].success  # connected, the graph shipped
+        with Client(address, set_as_default=False) as other:
+            other.run_on_scheduler(cuts_the_connection_when_asked_whether_it_is_there())
+        # Quiet for five seconds, the fan-out asks the scheduler whether it is still there.
+        (result,) = compiled.invoke({"hang": True})["results"]
+    assert not result.success
+    assert f"lost the connection to the Dask scheduler at {address}" in result.error, result.error
+    assert "stopped answering" not in result.error
 
 
 SCRIPT = """

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import fan_out
+from conftest import fan_out, invoke_concurrently
 from isobranch import (
     END,
     START,
@@ -45,15 +45,32 @@ def test_invoke_does_not_mutate_the_callers_state():
     assert state == {"items": [1, 2, 3]}
 
 
-def test_parallel_results_follow_declaration_order_not_completion_order(isolation):
-    def slow(state):
-        time.sleep(0.05)
+def test_parallel_results_follow_declaration_order_not_completion_order(isolation, tmp_path):
+    go = tmp_path / "go"  # a file: branches in worker processes see it too
+    waits = isolation != "inline"  # inline runs branches one after another, in order
+
+    def slow(state):  # finishes once the caller has seen both others finish
+        deadline = time.monotonic() + 60
+        while waits and not go.exists():
+            assert time.monotonic() < deadline, "the other branches never finished"
+            time.sleep(0.01)  # polling for the file the caller writes
         return {"who": "slow"}
 
     graph = fan_out(("slow", slow), ("fast", lambda s: {"who": "fast"}),
                     ("mid", lambda s: {"who": "mid"}))
-    with graph.compile(isolation=isolation) as compiled:
-        results = compiled.invoke({})["results"]
+    finished = []
+    with graph.compile(isolation=isolation, max_workers=3) as compiled:
+        for event in compiled.stream({}):
+            if event["type"] == "branch":  # branch events come in completion order
+                finished.append(event["branch"])
+                if set(finished) == {"fast", "mid"}:
+                    go.touch()
+            elif event["type"] == "final":
+                results = event["state"]["results"]
+    if waits:  # the first-declared branch did finish last
+        assert sorted(finished[:2]) == ["fast", "mid"] and finished[2:] == ["slow"]
+    else:
+        assert finished == ["slow", "fast", "mid"]
     assert [r.branch for r in results] == ["slow", "fast", "mid"]
     assert [r.state["who"] for r in results] == ["slow", "fast", "mid"]
     assert all(isinstance(r, ParallelFlowResult) and r.isolation == isolation for r in results)
@@ -86,7 +103,7 @@ def test_failed_branch_is_recorded_and_siblings_finish(isolation):
     assert failed.node == "boom"
 
 
-def test_fail_fast_raises_naming_branch_and_cause(isolation):
+def test_fail_fast_raises_naming_branch_and_cause(isolation, tmp_path):
     release = threading.Event()
     started = threading.Event()
 
@@ -98,15 +115,23 @@ def test_fail_fast_raises_naming_branch_and_cause(isolation):
     def sleeps(state):  # a worker process cannot share an Event; close() ends it
         time.sleep(60)
 
+    failed_at = tmp_path / "failed_at"
+
+    def boom(state):
+        # CLOCK_MONOTONIC is one clock for every process of the machine.
+        failed_at.write_text(repr(time.monotonic()))
+        return 1 / 0
+
     crosses_processes = isolation in ("process", "dask")
-    graph = fan_out(("boom", lambda s: 1 / 0), ("other", sleeps if crosses_processes else waits))
+    graph = fan_out(("boom", boom), ("other", sleeps if crosses_processes else waits))
     compiled = graph.compile(isolation=isolation, fail_fast=True, max_workers=2)
     try:
-        begin = time.monotonic()
         with pytest.raises(GraphExecutionError) as info:
             compiled.invoke({})
-        # The failure is raised without waiting for the sibling still running.
-        assert time.monotonic() - begin < 5
+        # Raised without waiting for the sibling still running (60 s, 10 s on
+        # threads); counted from the failure, not from the start of the pool
+        # (a whole local cluster on dask).
+        assert time.monotonic() - float(failed_at.read_text()) < 5
     finally:
         release.set()
         compiled.close()
@@ -120,12 +145,33 @@ def test_fail_fast_raises_naming_branch_and_cause(isolation):
         assert not started.is_set(), "inline must not start a branch after a failure"
 
 
-def test_fail_fast_cancels_a_running_lua_sibling():
-    graph = fan_out(("boom", lambda s: 1 / 0), ("spin", LuaNode("spin", "while true do end")))
-    compiled = graph.compile(isolation="thread", fail_fast=True, max_workers=2)
-    with compiled, pytest.raises(GraphExecutionError, match="boom"):
+def test_fail_fast_stops_a_running_lua_sibling():
+    spinning: dict = {}
+    entered = threading.Event()
+
+    def enter(state):  # the sibling's first node: says which thread the Lua loop runs on
+        spinning["thread"] = threading.current_thread()
+        spinning["clock"] = time.pthread_getcpuclockid(threading.get_ident())
+        entered.set()
+
+    def boom(state):  # fails once that thread has spent 50 ms of CPU time in the loop
+        assert entered.wait(30)
+        begin, deadline = time.clock_gettime(spinning["clock"]), time.monotonic() + 30
+        while time.clock_gettime(spinning["clock"]) - begin < 0.05:
+            assert time.monotonic() < deadline, "the Lua loop never ran"
+            time.sleep(0.005)  # polling the other thread's CPU clock
+        return 1 / 0
+
+    graph = fan_out(("boom", boom), ("sibling", enter))
+    graph.add_node("spin", LuaNode("spin", "while true do end"))
+    graph.add_edge("sibling", "spin").add_edge("spin", "join")
+    with graph.compile(isolation="thread", fail_fast=True, max_workers=2, lua_timeout=600) as compiled, \
+            pytest.raises(GraphExecutionError, match="boom") as info:
         compiled.invoke({})
-    # close() joined the pool: the spinning Lua branch was stopped, not left running.
+    assert info.value.results[1].branch == "sibling" and not info.value.results[1].success
+    # The pool's threads end with close(): one still inside the Lua loop could not.
+    spinning["thread"].join(10)
+    assert not spinning["thread"].is_alive(), "the Lua sibling kept running after fail_fast"
 
 
 def test_branch_timeout_stops_a_lua_loop_and_marks_timed_out(isolation):
@@ -261,6 +307,35 @@ def test_router_value_outside_mapping_names_the_node():
     graph.set_entry_point("check")
     with graph.compile() as compiled, pytest.raises(GraphExecutionError, match=r"'check'.*'zzz'"):
         compiled.invoke({})
+
+
+def test_a_router_whose_value_matches_no_edge_fails_naming_the_node():
+    graph = StateGraph()
+    graph.add_node("check", lambda s: {"checked": True})
+    graph.add_node("a", lambda s: None)
+    graph.add_conditional_edges("check", lambda s: None, {"x": "a"})
+    graph.set_entry_point("check")
+    with graph.compile() as compiled, pytest.raises(GraphExecutionError) as info:
+        compiled.invoke({})
+    assert info.value.node == "check" and "router returned None" in str(info.value)
+    assert info.value.state == {"checked": True}
+
+
+def test_conditions_none_of_which_holds_without_a_fallback_fail_naming_the_node():
+    graph = StateGraph()
+    graph.add_node("check", lambda s: None)
+    graph.add_node("high", lambda s: {"went": "high"})
+    graph.add_node("low", lambda s: {"went": "low"})
+    graph.add_edge("check", "high", when=lambda s: s["v"] > 5)
+    graph.add_edge("check", "low", when="state['v'] < 0")
+    graph.set_entry_point("check")
+    with graph.compile() as compiled:
+        assert compiled.invoke({"v": 9})["went"] == "high"
+        with pytest.raises(GraphExecutionError, match="node 'check': no outgoing edge condition "
+                                                      "held and there is no unconditional edge"
+                           ) as info:
+            compiled.invoke({"v": 3})
+    assert info.value.node == "check" and info.value.state == {"v": 3}
 
 
 def test_when_conditions_are_tried_in_order_with_default(isolation):
@@ -404,6 +479,43 @@ def test_close_releases_pool_threads_and_blocks_further_use(no_thread_leak):
     compiled.close()
     with pytest.raises(GraphExecutionError, match="closed"):
         compiled.invoke({})
+
+
+def test_a_graph_that_is_garbage_collected_releases_its_pool_threads():
+    import gc
+    import weakref
+
+    before = set(threading.enumerate())
+    compiled = fan_out(("a", lambda s: None), ("b", lambda s: None)).compile(
+        isolation="thread", max_workers=2)
+    compiled.invoke({})
+    started = set(threading.enumerate()) - before
+    assert started, "the fan-out ran on pool threads"
+    collected = weakref.ref(compiled)
+    del compiled  # never closed: only garbage collection can release the pool
+    gc.collect()
+    assert collected() is None
+    for thread in started:
+        thread.join(10)
+    assert [t.name for t in started if t.is_alive()] == [], "pool threads outlived their graph"
+
+
+def test_concurrent_invocations_in_tests_surface_a_failure():
+    # The helper the concurrency tests use must not swallow what a thread raised.
+    calls, lock = [], threading.Lock()
+
+    def fails_once(state):
+        with lock:
+            calls.append(1)
+            number = len(calls)
+        if number == 2:
+            raise ValueError("the second call fails")
+
+    graph = fan_out(("a", lambda s: None), fan_in=lambda s, r: fails_once(s))
+    with graph.compile(isolation="thread") as compiled, \
+            pytest.raises(GraphExecutionError, match="the second call fails"):
+        invoke_concurrently(compiled, times=3)
+    assert len(calls) == 3, "every invocation ran to its end first"
 
 
 def test_context_manager_closes_pools(no_thread_leak):

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 from isobranch import LuaRuntime, StateGraph, YAMLEngine
@@ -240,11 +239,10 @@ def test_PY_002_INT_006_no_cross_branch_leakage(load):
 
 def test_PY_002_INT_007_public_api_unchanged(tmp_path):
     engine = YAMLEngine(lua_enabled=True, lua_timeout=30.0)
-    assert engine._lua_enabled is True
-    assert engine._lua_timeout == 30.0
     document = {"nodes": [{"name": "only", "run": "-- lua\nreturn {ok = true}"}]}
     with engine.load_from_dict(document) as graph:
-        assert graph.invoke({}) == {"ok": True}
+        assert graph.lua_timeout == 30.0  # the engine's option reached the graph
+        assert graph.invoke({}) == {"ok": True}  # and Lua is enabled
     path = tmp_path / "flow.yaml"
     path.write_text(yaml.safe_dump(document))
     with engine.load_from_file(path) as graph:
@@ -291,7 +289,10 @@ def test_PY_002_UNIT_006_creation_overhead_is_measured_against_bare_lupa():
 
     row = vm_creation(repeat=200)
     assert row.name.startswith("sandboxed LuaRuntime() creation")
-    assert row.baseline_seconds > 0 and row.measured_seconds > 0
-    assert row.ratio == pytest.approx(row.measured_seconds / row.baseline_seconds)
+    assert row.target == "<= 2x bare lupa"
+    # The verdict, not just the division: ok exactly when the sandboxed VM
+    # costs at most twice bare lupa's (whether it does is the benchmark's call).
+    assert row.baseline_seconds > 0
+    assert row.ok is (row.measured_seconds <= 2.0 * row.baseline_seconds)
     # A runtime that was created is real: it runs code in its own VM.
     assert LuaRuntime().execute("return 6 * 7") == 42

@@ -142,9 +142,16 @@ def test_scalar_results():
     ({"f": len}, "state['f']:"),
     ({"c": 1j}, "state['c']:"),
 ])
-def test_unconvertible_python_values_name_their_path(state, message):
+@pytest.mark.parametrize("code", [
+    "for _ in pairs(state) do end return 1",
+    "local _, v = next(state) return 1",
+    "local ok = pcall(function() for k in pairs(state) do local _ = state[k] end end) return ok",
+])
+def test_unconvertible_python_values_name_their_path(state, message, code):
+    # A value is converted when Lua first reads it; catching the error in
+    # Lua does not save the call.
     with pytest.raises(LuaConversionError) as info:
-        LuaRuntime().execute("return 1", state)
+        LuaRuntime().execute(code, state)
     assert str(info.value).startswith(message)
 
 
@@ -157,7 +164,7 @@ def test_python_cycles_are_named():
     state = {"loop": []}
     state["loop"].append(state)
     with pytest.raises(LuaConversionError, match=r"state\['loop'\]\[0\]: cycle"):
-        LuaRuntime().execute("return 1", state)
+        LuaRuntime().execute("return state.loop", state)
 
 
 def test_shared_python_containers_are_not_cycles():
@@ -186,7 +193,7 @@ def test_conversion_error_is_a_runtime_error_and_the_vm_survives():
     with pytest.raises(LuaRuntimeError):
         runtime.execute("return {f = print}")
     with pytest.raises(LuaRuntimeError):
-        runtime.execute("return 1", {"s": {1}})
+        runtime.execute("return state.s", {"s": {1}})
     assert runtime.execute("return kept") == 1
 
 
@@ -239,6 +246,7 @@ def same_types(a, b) -> bool:
 @given(json_like)
 @example({"": None, 1: False})
 @example({1: "one", 2: "two"})
+@example({"": [], 1: {"": False}})  # a table tried as a list first, with a key seen before
 @example([[], {}, [None], 0.0, -0.0, 1.0, True, 1])
 def test_round_trip_property(value):
     result = LuaRuntime().execute_node_code("return state", {"v": value})
@@ -266,7 +274,7 @@ def test_nesting_up_to_the_depth_limit_crosses_both_ways():
 def test_python_state_nested_too_deeply_names_its_path_and_the_limit(levels):
     runtime = LuaRuntime()
     with pytest.raises(LuaConversionError) as info:
-        runtime.execute_node_code("return {}", {"deep": nested_dicts(levels)})
+        runtime.execute_node_code("return {seen = state.deep ~= nil}", {"deep": nested_dicts(levels)})
     message = str(info.value)
     # The path to the first container past the limit, its middle left out.
     assert message.startswith("state['deep']['a']['a']['a']...(")
@@ -303,7 +311,7 @@ def _deep_graph(kind: str) -> StateGraph:
     graph.add_fan_in_node("join", lambda state, results: {"results": results})
     if kind == "python state":
         graph.add_node("make", lambda state: {"deep": nested_dicts(100_000)})
-        graph.add_node("use", LuaNode("use", "return {seen = true}"))
+        graph.add_node("use", LuaNode("use", "return {seen = state.deep ~= nil}"))
         graph.add_parallel_edge("start", "make", fan_in="join")
         graph.add_edge("make", "use").add_edge("use", "join")
     else:

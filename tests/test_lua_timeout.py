@@ -250,10 +250,14 @@ def test_no_timeout_means_no_hook():
 
 
 def test_timeout_hook_false_installs_no_hook():
-    # Without a hook a 0.05 s limit is not enforced by the runtime itself
-    # (a process backend kills the worker instead): this loop completes.
-    runtime = LuaRuntime(timeout=0.05, timeout_hook=False)
-    assert runtime.execute("local s = 0 for i = 1, 3e6 do s = s + 1 end return s") == 3_000_000
+    # Without a hook a limit is not enforced by the runtime itself (a process
+    # backend kills the worker instead): a loop that outlasts it completes.
+    # The hooked runtime beside it shows that the loop does outlast the limit.
+    loop = "local s = 0 for i = 1, 3e7 do s = s + 1 end return s"
+    with LuaRuntime(timeout=0.001) as hooked, pytest.raises(LuaTimeoutError):
+        hooked.execute(loop)
+    with LuaRuntime(timeout=0.001, timeout_hook=False) as unhooked:
+        assert unhooked.execute(loop) == 30_000_000
 
 
 def test_memory_error_discards_the_vm_and_the_runtime_recovers():

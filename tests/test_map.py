@@ -9,6 +9,7 @@ import fcntl
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -496,12 +497,9 @@ def test_an_item_that_cannot_be_pickled_fails_naming_its_path():
 
 
 MEMORY_PROBE = """
-import json, os
+import json
+from benchmarks.proc_scan import rss_bytes as rss
 from isobranch import END, START, StateGraph
-
-def rss():
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 count, size = 10_000, 1024
 graph = StateGraph()
@@ -533,7 +531,7 @@ def test_map_memory_stays_within_three_times_the_items_bytes():
 
     count, size = 10_000, 1024
     done = subprocess.run([sys.executable, "-c", MEMORY_PROBE], capture_output=True, text=True,
-                          timeout=120, check=True)
+                          timeout=120, check=True, cwd=Path(__file__).parent.parent)
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     assert measured["n"] == count * size
     # 3x the items' own bytes (the 1 KiB outputs held in the results count against it too)
@@ -563,10 +561,8 @@ class ListOnlyBackend:
         pass
 
 
-def test_a_backend_with_only_run_branches_works_through_the_adapter():
-    from isobranch import register_backend
-
-    register_backend("list-only", ListOnlyBackend, replace=True)
+def test_a_backend_with_only_run_branches_works_through_the_adapter(test_backend):
+    test_backend("list-only", ListOnlyBackend)
     ListOnlyBackend.chunks = []
     graph = map_graph(list(range(10)), lambda s: {"v": s["item"] * 2})
     with graph.compile(isolation="list-only", max_concurrency=3) as app:

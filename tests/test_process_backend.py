@@ -19,6 +19,7 @@ import time
 
 import pytest
 import yaml
+from benchmarks.proc_scan import is_gone
 
 from conftest import descendants, fan_out, invoke_concurrently
 from isobranch import (
@@ -189,14 +190,6 @@ def _worker_pids(output):
     return [int(pid) for pid in pids]
 
 
-def _gone(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
 @pytest.mark.parametrize("how", ["script", "-c", "repl", "stdin"])
 def test_works_without_a_main_guard_and_cleans_up_at_interpreter_exit(tmp_path, how):
     # The script never calls close(): interpreter exit must release the pool.
@@ -214,7 +207,7 @@ def test_works_without_a_main_guard_and_cleans_up_at_interpreter_exit(tmp_path, 
         done = run_python(SCRIPT, "-", tmpdir=str(tmp_path))
     assert done.returncode == 0, done.stderr
     pids = _worker_pids(done.stdout)
-    assert len(pids) == 2 and all(_gone(pid) for pid in pids)
+    assert len(pids) == 2 and all(is_gone(pid) for pid in pids)
     assert "Traceback" not in done.stderr
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "agent.py"]
     assert leftovers == [], "no temp files may be left behind"
@@ -254,8 +247,12 @@ def test_workers_inherit_no_threads_from_the_caller(start_method):
             thread.join()
     for result in results:
         assert result.state["threads"] == 1
-        # Never a fork of this (multi-threaded) process.
-        assert result.state["ppid"] != os.getpid() or start_method == "spawn"
+        # Never a fork of this (multi-threaded) process: forked from the fork
+        # server, or a fresh interpreter spawned by this one.
+        if start_method == "forkserver":
+            assert result.state["ppid"] != os.getpid()
+        else:
+            assert result.state["ppid"] == os.getpid()
 
 
 def test_unknown_start_method_is_a_graph_error():
@@ -287,7 +284,7 @@ def test_a_dying_worker_fails_only_its_branch_and_the_pool_recovers(crash, descr
         assert described in dies.error and "branch 'dies'" in dies.error
         assert "node 'dies'" in dies.error and dies.node == "dies"
         assert dies.state == {"crash": True}, "the state as of the failure"
-        assert _gone(dies.worker)
+        assert is_gone(dies.worker)
         # The pool is whole again for the next fan-out.
         again = compiled.invoke({"crash": False})["results"]
         assert all(r.success for r in again) and again[1].state["survived"]
@@ -326,7 +323,7 @@ def test_branch_timeout_kills_a_stuck_worker(stuck):
         assert stuck_result.timed_out and stuck_result.error_type == "BranchTimeout"
         assert stuck_result.node == "stuck" and "node 'stuck'" in stuck_result.error
         assert stuck_result.state == {"first": "done"}, "updates merged before the kill survive"
-        assert _gone(stuck_result.worker)
+        assert is_gone(stuck_result.worker)
         assert all(r.success for r in compiled.invoke({})["results"][1:])
 
 
@@ -457,7 +454,7 @@ def test_lua_timeout_in_a_worker_is_enforced_by_the_watchdog(load, code):
     assert quick.success
     assert spin.error_type == "LuaTimeoutError" and not spin.success
     assert "node 'spin' in branch 'spin'" in spin.error and "0.4s timeout" in spin.error
-    assert spin.node == "spin" and _gone(spin.worker)
+    assert spin.node == "spin" and is_gone(spin.worker)
     assert spin.state == {"before": 1}
 
 
@@ -779,3 +776,82 @@ def test_start_up_data_nobody_reads_times_out_instead_of_blocking():
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+# -- claims of docs/backends.md: garbage collection, a killed caller, Ctrl-C ----------
+
+
+def test_a_pool_is_released_when_its_graph_is_garbage_collected():
+    import gc
+    import weakref
+
+    compiled = fan_out(("a", worker_facts), ("b", worker_facts)).compile(isolation="process")
+    workers = {r.worker for r in compiled.invoke({})["results"]}
+    assert workers <= descendants()
+    collected = weakref.ref(compiled)
+    del compiled  # never closed: only garbage collection can release the pool
+    gc.collect()
+    assert collected() is None
+    assert not descendants(), "the pool of a collected graph must end with it"
+
+
+CALLER = """
+import pathlib, sys, time
+from isobranch import StateGraph
+
+MARKER = pathlib.Path(sys.argv[1])  # travels with the node (a worker's own argv differs)
+
+def stays(state):
+    MARKER.write_text("running")
+    time.sleep(300)
+
+graph = StateGraph()
+graph.add_node("start", lambda state: None)
+graph.add_fan_in_node("join", lambda state, results: {})
+for name in ("one", "two"):
+    graph.add_node(name, stays)
+    graph.add_parallel_edge("start", name, fan_in="join")
+graph.set_entry_point("start")
+graph.compile(isolation="process", max_workers=2).invoke({})
+"""
+
+
+def test_nothing_keeps_running_after_the_caller_is_killed(tmp_path):
+    marker = tmp_path / "running"
+    caller = subprocess.Popen([sys.executable, "-c", CALLER, str(marker)], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert caller.poll() is None and time.monotonic() < deadline, "no branch started"
+            time.sleep(0.02)  # polling for the file a branch writes
+        below = descendants(caller.pid)  # the fork server and its workers
+        assert len(below) >= 2
+        caller.kill()  # SIGKILL: no cleanup of any kind runs in the caller
+        caller.wait(30)
+        deadline = time.monotonic() + 15
+        while not all(is_gone(pid) for pid in below) and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling for processes to exit
+        assert [pid for pid in below if not is_gone(pid)] == [], "processes outlived their caller"
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+            caller.wait(30)
+
+
+def interrupts_its_worker_and_server(state):
+    # A terminal's Ctrl-C reaches every process of the foreground group: here,
+    # the worker and the fork server above it each get their SIGINT directly.
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getppid(), signal.SIGINT)
+    return {"pid": os.getpid(), "server": os.getppid()}
+
+
+def test_worker_processes_ignore_sigint():
+    graph = fan_out(("interrupted", interrupts_its_worker_and_server))
+    with graph.compile(isolation="process", max_workers=1) as compiled:
+        (first,) = compiled.invoke({})["results"]
+        assert first.success, first.error
+        (again,) = compiled.invoke({})["results"]
+    # Neither the worker nor its fork server died of it: both served the next fan-out.
+    assert again.success and (again.state["pid"], again.state["server"]) == (
+        first.state["pid"], first.state["server"])

@@ -23,51 +23,11 @@ from isobranch.regression import (
 
 pytest_plugins = ["pytester"]
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "regression"
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "regression"
 
 # A fan-out to a Lua and a Python branch, a fan-in, and a conditional route.
-STATS_AGENT = """
-name: stats
-variables: {threshold: 10}
-settings:
-  parallel: {isolation: thread, fail_fast: true}
-nodes:
-  - name: start
-    run: |
-      return {"items": state.get("items", [1, 2, 3])}
-  - name: lua_stats
-    run: |
-      -- lua
-      local total = 0
-      for _, v in ipairs(state.items) do total = total + v end
-      return {total = total, count = #state.items}
-  - name: python_stats
-    run: |
-      items = state["items"]
-      if not isinstance(items, list):
-          raise ValueError(f"items must be a list, got {items!r}")
-      return {"largest": max(items)}
-  - name: combine
-    fan_in: true
-    run: |
-      by = {r.branch: r.state for r in parallel_results}
-      return {"stats": {"total": by["lua_stats"]["total"], "count": by["lua_stats"]["count"],
-                        "largest": by["python_stats"]["largest"]}}
-  - name: big
-    run: |
-      return {"verdict": f"big: total {state['stats']['total']}"}
-  - name: small
-    run: |
-      return {"verdict": f"small: total {state['stats']['total']}"}
-edges:
-  - {from: __start__, to: start}
-  - {from: start, to: lua_stats, type: parallel, fan_in: combine}
-  - {from: start, to: python_stats, type: parallel, fan_in: combine}
-  - {from: lua_stats, to: combine}
-  - {from: python_stats, to: combine}
-  - {from: combine, to: big, when: "state['stats']['total'] >= variables['threshold']"}
-  - {from: combine, to: small}
-"""
+STATS_AGENT = (ROOT / "tests" / "fixtures" / "stats_agent.yaml").read_text(encoding="utf-8")
 
 # Reports where its Python branch ran, as seen from the main path (the caller).
 WHERE_AGENT = """
@@ -591,7 +551,9 @@ def test_same_outcomes_with_n0_n2_n_auto_and_reversed_order(pytester: pytest.Pyt
         assert "error" not in result.parseoutcomes()
 
 
-def test_graphs_and_worker_processes_are_gone_after_the_session(pytester: pytest.Pytester) -> None:
+def test_graphs_and_worker_processes_are_gone_after_the_session(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the inner conftest reads /proc with benchmarks'
     write(pytester, "where.yaml", WHERE_AGENT)
     write(pytester, "test_where.agent.yaml", """
         agent: where.yaml
@@ -602,26 +564,10 @@ def test_graphs_and_worker_processes_are_gone_after_the_session(pytester: pytest
     # Records the processes below pytest after each test and once the plugin has
     # closed everything (a trylast sessionfinish runs after the plugin's).
     write(pytester, "conftest.py", """
-        import json, os
+        import json
         import pytest
+        from benchmarks.proc_scan import descendants
         from isobranch.pytest_plugin import agent_graphs
-
-        def descendants():
-            parents = {}
-            for entry in filter(str.isdigit, os.listdir("/proc")):
-                try:
-                    with open(f"/proc/{entry}/stat") as stat:
-                        fields = stat.read().rsplit(")", 1)[1].split()
-                except (OSError, IndexError):
-                    continue
-                if fields[0] != "Z":
-                    parents.setdefault(int(fields[1]), []).append(int(entry))
-            found, stack = set(), [os.getpid()]
-            while stack:
-                for child in parents.get(stack.pop(), []):
-                    found.add(child)
-                    stack.append(child)
-            return found
 
         SEEN = []
 
@@ -746,12 +692,14 @@ def test_a_graph_that_fails_to_close_is_reported_and_the_others_still_close(
 
 
 def test_shared_graphs_key_live_objects_by_identity_and_recompile_when_needed(
-        tmp_path: Path) -> None:
-    from isobranch import register_backend
-    from isobranch.isolation.thread import ThreadBackend
+        tmp_path: Path, test_backend) -> None:
+    from isobranch.isolation.base import backend_factory
     from isobranch.pytest_plugin import AgentGraphs
 
-    class Holder(ThreadBackend):
+    # The registered class, not a fresh import of its module (see conftest).
+    thread_backend = backend_factory("thread")
+
+    class Holder(thread_backend):
         def __init__(self, max_workers=None, *, thing=None):
             super().__init__(max_workers)
 
@@ -759,7 +707,7 @@ def test_shared_graphs_key_live_objects_by_identity_and_recompile_when_needed(
         def __repr__(self) -> str:
             return "<the same repr>"
 
-    register_backend("test-holder", Holder, replace=True)
+    test_backend("test-holder", Holder)
     agent = tmp_path / "stats.yaml"
     agent.write_text(STATS_AGENT)
     graphs = AgentGraphs()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import textwrap
+from pathlib import Path
 
 import pytest
 import yaml
@@ -11,61 +12,40 @@ import yaml
 from isobranch import GraphError, GraphExecutionError, YAMLEngine
 from isobranch.sizes import parse_size
 
-DEMO = """
-name: fan-out-demo
-variables: {threshold: 10}
-settings:
-  lua: {timeout: 5, max_memory: 64MiB}
-  parallel: {max_workers: 4, branch_timeout: 10, fail_fast: false}
-nodes:
-  - name: start
-    run: |
-      return {"items": [1, 2, 3]}
-  - name: branch_a
-    run: |
-      -- lua
-      marker = "a"
-      return {marker = marker, n = #state.items}
-  - name: branch_b
-    language: lua
-    run: return {marker = marker or "b"}
-  - name: combine
-    fan_in: true
-    run: |
-      return {"markers": sorted(r.state["marker"] for r in parallel_results)}
-  - name: big
-    run: 'return {"size": "big"}'
-  - name: small
-    run: 'return {"size": "small"}'
-edges:
-  - {from: __start__, to: start}
-  - {from: start, to: branch_a, type: parallel, fan_in: combine}
-  - {from: start, to: branch_b, type: parallel, fan_in: combine}
-  - {from: branch_a, to: combine}
-  - {from: branch_b, to: combine}
-  - {from: combine, to: big, when: "state['markers'] == ['a', 'b']"}
-  - {from: combine, to: small, when: {lua: "#state.markers ~= 2"}}
-"""
+# start -> lua_stats | python_stats -> combine -> big (Python condition) / small (Lua condition)
+DEMO = (Path(__file__).parent / "fixtures" / "stats_agent.yaml").read_text(encoding="utf-8")
 
 
 def test_design_example_runs(load):
-    assert load(DEMO).invoke({}) == {"items": [1, 2, 3], "markers": ["a", "b"], "size": "big"}
+    assert load(DEMO).invoke({"items": [4, 8]}) == {
+        "items": [4, 8], "stats": {"total": 12, "count": 2, "largest": 8}, "verdict": "big: total 12"}
 
 
 def test_lua_condition_routes(load):
     document = yaml.safe_load(DEMO)
-    document["nodes"][2]["run"] = "return {marker = 'a'}"  # both branches say "a"
     document["edges"][5]["when"] = "False"
-    document["edges"][6]["when"] = {"lua": "state.markers[1] == state.markers[2]"}
-    final = load(document).invoke({})
-    assert final["size"] == "small"
+    document["edges"][6]["when"] = {"lua": "state.stats.largest == state.stats.count"}
+    assert load(document).invoke({"items": [2, 1]})["verdict"] == "small: total 3"
+    with pytest.raises(GraphExecutionError, match="node 'combine': no outgoing edge condition held"):
+        load(document).invoke({"items": [5, 1]})
+
+
+def test_yaml_conditions_none_of_which_holds_fail_naming_the_node(load):
+    document = yaml.safe_load(DEMO)
+    # Neither condition holds and combine has no unconditional edge.
+    document["edges"][5]["when"] = "False"
+    document["edges"][6]["when"] = {"lua": "false"}
+    with pytest.raises(GraphExecutionError, match="node 'combine': no outgoing edge condition held"
+                       ) as info:
+        load(document).invoke({})
+    assert info.value.node == "combine" and info.value.branch is None
 
 
 def test_settings_are_applied():
     graph = YAMLEngine().load_from_dict(yaml.safe_load(DEMO))
     with graph:
         assert (graph.isolation, graph.max_workers, graph.branch_timeout, graph.fail_fast) == (
-            "thread", 4, 10, False)
+            "thread", 4, 10, True)
         assert graph.lua_timeout == 5 and graph.lua_max_memory == 64 * 2**20
         assert graph.variables == {"threshold": 10}
 
@@ -274,7 +254,7 @@ def test_lua_node_error_keeps_the_line_number(load):
 
 def test_lua_state_that_cannot_be_converted_names_the_key(load):
     graph = load({"nodes": [{"name": "py", "run": "return {'bad': {'inner': {1, 2}}}"},
-                            {"name": "lua", "run": "-- lua\nreturn {}"}]})
+                            {"name": "lua", "run": "-- lua\nreturn {seen = state.bad ~= nil}"}]})
     with pytest.raises(GraphExecutionError) as info:
         graph.invoke({})
     assert info.value.node == "lua" and "['bad']['inner']" in str(info.value)

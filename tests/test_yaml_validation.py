@@ -11,7 +11,6 @@ import pytest
 
 from isobranch import GraphError, LuaRuntime, LuaRuntimeError, StateGraph, YAMLEngine
 from isobranch.cli import main
-from isobranch.isolation.base import register_backend
 from isobranch.lua import syntax
 
 ONE_NODE = [{"name": "a", "run": "pass"}]
@@ -196,9 +195,9 @@ def _permissive(max_workers=None, **options):
     return backend
 
 
-def test_registered_backends_options_come_from_the_factorys_signature():
-    register_backend("strict-test", _Strict, replace=True)
-    register_backend("permissive-test", _permissive, replace=True)
+def test_registered_backends_options_come_from_the_factorys_signature(test_backend):
+    test_backend("strict-test", _Strict)
+    test_backend("permissive-test", _permissive)
     settings = {"parallel": {"isolation": "strict-test", "colur": "blue"}}
     assert only_problem({"settings": settings, "nodes": ONE_NODE}).endswith(
         "did you mean 'colour'?")
@@ -261,7 +260,12 @@ def test_valid_lua_is_checked_but_never_run():
                           {"name": "b", "language": "lua", "run": "while true do end"}],
                 "edges": [{"from": "a", "to": "b", "when": {"lua": "error('ran')"}},
                           {"from": "a", "to": "__end__"}]}
-    YAMLEngine().load_from_dict(document).close()
+    with YAMLEngine().load_from_dict(document) as graph:
+        assert list(graph.nodes) == ["a", "b"]
+    # The same load does check them: one syntax error and it fails, naming the node.
+    document["nodes"][1]["run"] = "while true do"
+    with pytest.raises(GraphError, match="node 'b'"):
+        YAMLEngine().load_from_dict(document)
 
 
 def test_checker_wraps_node_bodies_as_the_sandbox_does():

@@ -8,7 +8,12 @@ from .branch import ParallelFlowResult
 from .checkpoint import SqliteCheckpointer
 from .errors import GraphError, GraphExecutionError
 from .graph import CompiledGraph, StateGraph
-from .isolation.base import IsolationBackend, available_backends, register_backend
+from .isolation.base import (
+    IsolationBackend,
+    available_backends,
+    register_backend,
+    unregister_backend,
+)
 from .lua.runtime import LuaMemoryError, LuaRuntime, LuaRuntimeError, LuaTimeoutError
 from .runner import END, START
 from .yaml_engine import YAMLEngine
@@ -32,4 +37,5 @@ __all__ = [
     "YAMLEngine",
     "available_backends",
     "register_backend",
+    "unregister_backend",
 ]

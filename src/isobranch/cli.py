@@ -19,7 +19,6 @@ import threading
 import traceback
 from collections.abc import Sequence
 from importlib import metadata
-from itertools import pairwise
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -29,9 +28,11 @@ from .checkpoint.store import SqliteCheckpointer
 from .cli_runs import runs_table
 from .cli_stdout import PrivateStdout, StdoutClosed, stdout_to_stderr
 from .errors import GraphError, GraphExecutionError
-from .fanout import print_branch_tracebacks
+from .fanout import MapFanOut, print_branch_tracebacks
+from .graph import CompiledGraph
 from .progress import FanOutProgress, wants_progress
-from .yaml_engine import YAMLEngine, read_yaml_file
+from .runner import START
+from .yaml_engine import YAMLEngine
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 # The shell's codes for death by SIGINT and SIGPIPE (128 + signal number).
@@ -244,38 +245,41 @@ def _validate(args: argparse.Namespace, out: PrivateStdout) -> int:
 
 
 def _graph(args: argparse.Namespace, out: PrivateStdout) -> int:
-    YAMLEngine().load_from_file(args.file).close()  # validate first
-    document, _ = read_yaml_file(args.file)
-    nodes = [spec["name"] for spec in document["nodes"]]
-    edges = document.get("edges")
-    if edges is None:
-        chain = ["__start__", *nodes, "__end__"]
-        edges = [{"from": a, "to": b} for a, b in pairwise(chain)]
-    lines = ["flowchart TD"]
-    for edge in edges:
-        label = ""
-        if edge.get("type") == "map":
-            lines.append(f"    {_mermaid_id(edge['from'])} -. \"{_mermaid_text(_map_label(edge))}\" .-> "
-                         f"{_mermaid_id(edge['to'])}")
-            continue
-        if edge.get("type") == "parallel":
-            label = f"parallel, fan-in {edge['fan_in']}"
-        elif "when" in edge:
-            when = edge["when"]
-            label = f"lua: {when['lua']}" if isinstance(when, dict) and "lua" in when else str(
-                when.get("python") if isinstance(when, dict) else when)
-        arrow = f" -->|{_mermaid_text(label)}| " if label else " --> "
-        lines.append(f"    {_mermaid_id(edge['from'])}{arrow}{_mermaid_id(edge['to'])}")
+    # Drawn from the compiled graph: what is drawn is what runs (entry,
+    # implied chains, fan-outs), whatever the YAML spelt out.
+    with YAMLEngine().load_from_file(args.file) as graph:
+        lines = ["flowchart TD", _mermaid_link(START, graph.entry)]
+        for name in graph.nodes:
+            lines.extend(_links_from(graph, name))
     out.write_line("\n".join(lines))
     return EXIT_OK
 
 
-def _map_label(edge: dict[str, Any]) -> str:
-    over = edge.get("over")
-    if isinstance(over, dict) and len(over) == 1:
-        over = "{}: {}".format(*next(iter(over.items())))
-    label = f"map over {over} as {edge.get('as', 'item')}"
-    return f"{label}, fan-in {edge['fan_in']}"
+def _links_from(graph: CompiledGraph, name: str) -> list[str]:
+    """The Mermaid links out of node ``name``: its fan-out, then its routes in the order tried."""
+    links = []
+    fan_out = graph.fan_out_of(name)
+    if isinstance(fan_out, MapFanOut):
+        over = fan_out.over if isinstance(fan_out.over, str) else fan_out.describe_over()
+        label = f"map over {over} as {fan_out.item_key}, fan-in {fan_out.fan_in}"
+        links.append(f"    {_mermaid_id(name)} -. \"{_mermaid_text(label)}\" .-> "
+                     f"{_mermaid_id(fan_out.target)}")
+    elif fan_out is not None:
+        links.extend(_mermaid_link(name, target, f"parallel, fan-in {fan_out.fan_in}")
+                     for target in fan_out.targets)
+    routes = graph.routes_of(name)
+    links.extend(_mermaid_link(name, target, repr(value))
+                 for value, target in (routes.mapping or {}).items())
+    links.extend(_mermaid_link(name, target, condition.describe())
+                 for condition, target in routes.conditional)
+    if routes.default is not None:
+        links.append(_mermaid_link(name, routes.default))
+    return links
+
+
+def _mermaid_link(source: str, target: str, label: str = "") -> str:
+    arrow = f" -->|{_mermaid_text(label)}| " if label else " --> "
+    return f"    {_mermaid_id(source)}{arrow}{_mermaid_id(target)}"
 
 
 def _mermaid_id(name: str) -> str:

@@ -175,6 +175,24 @@ def create_backend(name: str, **options: Any) -> IsolationBackend:
         raise GraphError(f"isolation backend {name!r}: {exc}") from exc
 
 
+# Always registered: ``unregister_backend`` refuses them (``replace=True`` swaps one).
+BUILTIN_BACKENDS = frozenset({"inline", "thread", "process", "dask"})
+
+
+def unregister_backend(name: str) -> None:
+    """Forget the backend registered as ``name``, so a test's registration does not outlive it.
+
+    Unknown and built-in names are a ``ValueError``. Graphs already compiled
+    for ``name`` keep the pools they have.
+    """
+    if name in BUILTIN_BACKENDS:
+        raise ValueError(f"backend {name!r} is built in and cannot be unregistered "
+                         f"(register_backend({name!r}, factory, replace=True) replaces it)")
+    if name not in _registry:
+        raise ValueError(f"no isolation backend {name!r} is registered")
+    del _registry[name]
+
+
 def _ensure_builtins() -> None:
     # Imported lazily so the registry module has no import cycle with them.
     from . import dask, inline, process, thread  # noqa: F401

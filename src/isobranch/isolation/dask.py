@@ -448,8 +448,12 @@ class DaskBackend:
             raise BackendError("the dask backend was closed while running")
         client = connection.client
         if not connection.usable:
-            who = "the Dask client" if connection.owns_client else "the Dask client passed in"
-            return f"{who} was closed while running"
+            if connection.owns_client:
+                # Only close() closes a client isobranch made, and that raised
+                # above: distributed closed it after failing to reconnect.
+                return (f"lost the connection to the Dask scheduler at {connection.address} "
+                        f"(the client gave up reconnecting)")
+            return "the Dask client passed in was closed while running"
         now = time.monotonic()
         if client.status != "running":
             # Reconnecting after the scheduler dropped the connection.
@@ -462,9 +466,12 @@ class DaskBackend:
             fan_out.probe = None
             try:
                 n_workers = probe.result().get("n_workers", 1)
-            except Exception as exc:
+            except TimeoutError:
                 return (f"the Dask scheduler at {connection.address} stopped answering "
-                        f"(no reply within {self.connect_timeout:g}s: {type(exc).__name__})")
+                        f"(no reply within {self.connect_timeout:g}s)")
+            except Exception as exc:  # the connection closed under the question, or was refused
+                return (f"lost the connection to the Dask scheduler at {connection.address} "
+                        f"({type(exc).__name__}: {exc})")
             fan_out.heard_at = now
             nothing_started = not any(branch.starts for branch in pending.values())
             if n_workers == 0 and nothing_started:

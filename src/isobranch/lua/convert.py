@@ -44,6 +44,34 @@ def to_lua_bytes(value: Any, path: str = "state") -> bytes:
         return marshal.dumps(plain(value, path), MARSHAL_VERSION)
 
 
+def state_key_error(key: str, root: str = "state") -> ConversionError | None:
+    """Why the top-level string ``key`` cannot be a Lua key (not UTF-8 text), or None."""
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return ConversionError(f"{root}[{key!r}]",
+                               f"string is not valid Unicode text ({exc.reason})")
+    return None
+
+
+def item_to_lua_bytes(container: dict, key: Any, root: str = "state") -> bytes:
+    """Encode ``container[key]`` alone, for a table filled one key at a time.
+
+    Errors name the path from ``root`` and count depth from it, as if the
+    whole container had been encoded.
+    """
+    value = container[key]
+    try:
+        return marshal.dumps(value, MARSHAL_VERSION)
+    except (ValueError, TypeError):
+        return marshal.dumps(plain_item(container, key, root), MARSHAL_VERSION)
+
+
+def plain_item(container: dict, key: Any, root: str = "state") -> Any:
+    """``plain(container[key])`` with the path, depth and cycles counted from ``root``."""
+    return _plain(container[key], root, [f"[{key!r}]"], {id(container)})
+
+
 def from_lua_bytes(data: bytes) -> Any:
     """Decode what the VM's encoder wrote."""
     try:

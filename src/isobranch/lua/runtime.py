@@ -27,20 +27,29 @@ from typing import Any
 
 import lupa.lua54 as lua54
 
-from .convert import DEPTH_REASON, MAX_DEPTH, ConversionError, from_lua_bytes, plain, to_lua_bytes
+from .convert import (
+    DEPTH_REASON,
+    MAX_DEPTH,
+    ConversionError,
+    from_lua_bytes,
+    item_to_lua_bytes,
+    plain,
+    plain_item,
+    state_key_error,
+    to_lua_bytes,
+)
 
 DEFAULT_MAX_MEMORY = 512 * 1024 * 1024
 HOOK_INSTRUCTIONS = 1000
 # Room for lupa's own allocations while it pushes a call's arguments, and
 # for each Lua string's header.
 _PUSH_SLACK, _STRING_OVERHEAD = 4096, 64
-_SANDBOX_SOURCE = (Path(__file__).parent / "sandbox.lua").read_bytes()
-_CODEC_SOURCE = (Path(__file__).parent / "codec.lua").read_bytes()
+_CHUNKS = ("sandbox", "decode", "encode", "lazy")
 
 
 @functools.cache
-def _sandbox_bytecode() -> tuple[bytes, bytes]:
-    """The sandbox and codec chunks, compiled once per process.
+def _sandbox_bytecode() -> tuple[bytes, ...]:
+    """The sandbox, decode, encode and lazy-state chunks, compiled once per process.
 
     Loading bytecode skips the parser, which is most of the cost of a new VM.
     Only these trusted chunks are ever loaded as bytecode; user code cannot
@@ -49,14 +58,14 @@ def _sandbox_bytecode() -> tuple[bytes, bytes]:
     compiler = lua54.LuaRuntime(register_eval=False, register_builtins=False, encoding=None)
     dump, load = compiler.eval(b"string.dump"), compiler.eval(b"load")
 
-    def compile_chunk(source: bytes, name: bytes) -> bytes:
-        chunk = load(source, name, b"t")
+    def compile_chunk(name: str) -> bytes:
+        source = (Path(__file__).parent / f"{name}.lua").read_bytes()
+        chunk = load(source, f"=isobranch/{name}.lua".encode(), b"t")
         if chunk is None:
-            raise RuntimeError(f"isobranch: cannot compile {name.decode()}")
+            raise RuntimeError(f"isobranch: cannot compile {name}.lua")
         return dump(chunk, True)
 
-    return (compile_chunk(_SANDBOX_SOURCE, b"=isobranch/sandbox.lua"),
-            compile_chunk(_CODEC_SOURCE, b"=isobranch/codec.lua"))
+    return tuple(compile_chunk(name) for name in _CHUNKS)
 
 
 class LuaRuntimeError(Exception):
@@ -119,6 +128,15 @@ class LuaRuntime:
         self._deadline: float | None = None
         self._limit: float | None = None
         self._expired = False
+        # The state of the running call, when it crosses lazily: its keys and
+        # the dict their values are fetched from on first read in Lua.
+        self._lazy_keys: list[str] = []
+        self._lazy_state: dict | None = None
+        self._lazy_error: ConversionError | None = None
+        # When the clock stopped for a lazy value's conversion, and the
+        # deadline last given to deadline_listener.
+        self._paused_at: float | None = None
+        self._reported_deadline: float | None = None
 
     # -- public calls -------------------------------------------------------
 
@@ -195,13 +213,13 @@ class LuaRuntime:
         hook_count = HOOK_INSTRUCTIONS if enforce else None
         # The only Python objects the VM ever holds: bound methods, kept as
         # private upvalues of the sandbox.
-        sandbox, codec = _sandbox_bytecode()
+        sandbox, decode, encode, lazy = _sandbox_bytecode()
         if self.max_memory is not None:
             # The setup must not fail half-way however small the limit is.
             vm.set_max_memory(0)
         armed = self._armed if self.deadline_listener is not None else None
-        self._run = vm.execute(sandbox, self._out_of_time, hook_count, codec, armed, MAX_DEPTH,
-                               DEPTH_REASON.encode())
+        self._run = vm.execute(sandbox, self._out_of_time, hook_count, decode, encode, lazy, armed,
+                               MAX_DEPTH, DEPTH_REASON.encode())
         if self.max_memory is not None:
             vm.set_max_memory(self.max_memory)
         self._vm = vm
@@ -220,7 +238,46 @@ class LuaRuntime:
     def _armed(self) -> None:
         # Called from Lua once the input is decoded and the user code starts.
         if self._limit is not None and self.deadline_listener is not None:
-            self.deadline_listener(time.monotonic() + self._limit)
+            self._reported_deadline = time.monotonic() + self._limit
+            self.deadline_listener(self._reported_deadline)
+
+    def _fetch_state_value(self, index: int, decoded: bool = False) -> bytes | bool | None:
+        # Called from Lua the first time it reads a key of a lazy state:
+        # that value's bytes, False if it cannot be converted (the error is
+        # kept for the call's result), None if it would not fit in max_memory.
+        # Converting the state is not Lua's time, as when a whole state was
+        # converted before the call: the clock stops from here until Lua
+        # calls again with decoded=True.
+        if decoded:
+            self._resume_lua_clock()
+            return None
+        state = self._lazy_state
+        if state is None or not 1 <= index <= len(self._lazy_keys):
+            return False
+        key = self._lazy_keys[index - 1]
+        try:
+            data = item_to_lua_bytes(state, key)
+        except ConversionError as exc:
+            self._lazy_error = self._lazy_error or exc
+            return False
+        # lupa pushes the result where running out of memory would abort
+        # the process (see _arguments_fit).
+        if self.max_memory is not None and not self._arguments_fit(data):
+            return None
+        self._paused_at = time.monotonic()
+        if self.deadline_listener is not None and self._limit is not None:
+            self.deadline_listener(None)
+        return data
+
+    def _resume_lua_clock(self) -> None:
+        if self._paused_at is None:
+            return
+        paused, self._paused_at = time.monotonic() - self._paused_at, None
+        if self._deadline is not None:
+            self._deadline += paused
+        if self._reported_deadline is not None and self.deadline_listener is not None:
+            self._reported_deadline += paused
+            self.deadline_listener(self._reported_deadline)
 
     def _out_of_time(self) -> bool:
         # Called from the Lua hook about once per 5 ms of CPU time.
@@ -234,7 +291,8 @@ class LuaRuntime:
         if not isinstance(code, str):
             raise TypeError(f"Lua code must be a str, got {type(code).__name__}")
         name = chunk_name or "lua"
-        state_data = self._to_lua(state, "state")
+        lazy = _crosses_lazily(state)
+        state_data = self._to_lua(list(state) if lazy else state, "state")
         variables_data = self._to_lua(variables, "variables")
         source = code.encode("utf-8", "surrogateescape")
         lua_name = ("=" + name).encode("utf-8", "surrogateescape")
@@ -248,9 +306,17 @@ class LuaRuntime:
         self._deadline = time.monotonic() + limit if limit is not None else None
         self._limit = limit
         self._expired = False
+        self._paused_at = self._reported_deadline = None
+        self._lazy_keys, self._lazy_state, self._lazy_error = (list(state), state, None) if lazy \
+            else ([], None, None)
+        failed_index = None
         try:
-            status, payload = self._run(mode.encode(), source, lua_name, state_data,
-                                        variables_data)
+            # A lazy state's values come through this callback, passed only
+            # with the call that needs it (handing a VM a Python callable
+            # costs a microsecond, and most VMs never see a lazy state).
+            fetch = self._fetch_state_value if lazy else None
+            status, payload, failed_index = self._run(mode.encode(), source, lua_name,
+                                                      state_data, variables_data, fetch)
         except lua54.LuaMemoryError as exc:
             self.close()
             raise self._memory_error(name) from exc
@@ -263,6 +329,7 @@ class LuaRuntime:
                                   ) from exc
         finally:
             self._deadline = None
+            lazy_keys, self._lazy_keys, self._lazy_state = self._lazy_keys, [], None
             if self.deadline_listener is not None and self._limit is not None:
                 self.deadline_listener(None)
         status = status.decode()
@@ -286,7 +353,20 @@ class LuaRuntime:
             self.close()
             raise self._memory_error(name)
         message = _lua_message(payload)
+        if status == "convert_escaped":
+            # A state kept past its call could not be filled: the VM, which
+            # still refers to it, is thrown away.
+            self.close()
+            status = "convert_input"
         if status == "convert_input":
+            if self._lazy_error is not None:
+                raise LuaConversionError(str(self._lazy_error))
+            if failed_index is not None and lazy:
+                try:
+                    plain_item(state, lazy_keys[failed_index - 1])
+                except ConversionError as exc:
+                    raise LuaConversionError(str(exc)) from None
+                raise LuaConversionError(f"state[{lazy_keys[failed_index - 1]!r}]: {message}")
             raise self._input_conversion_error(message, state, variables)
         if status == "convert":
             raise LuaConversionError(message)
@@ -321,6 +401,24 @@ class LuaRuntime:
             return to_lua_bytes(value, root)
         except ConversionError as exc:
             raise LuaConversionError(str(exc)) from exc
+
+
+def _crosses_lazily(state: Any) -> bool:
+    """Whether ``state`` goes to Lua one top-level value at a time, on first read.
+
+    Only a non-empty dict whose keys are all plain strings: then Lua's ``#``,
+    ``rawlen`` and ``ipairs`` never depend on a value not yet read. A key
+    that is not valid text fails here, before Lua runs, as it always did.
+    """
+    if type(state) is not dict or not state:
+        return False
+    for key in state:
+        if type(key) is not str:
+            return False
+        error = state_key_error(key)
+        if error is not None:
+            raise LuaConversionError(str(error))
+    return True
 
 
 def _lua_message(raw: Any) -> str:

@@ -1,18 +1,22 @@
 -- Sandbox for one isobranch Lua VM, precompiled once per process. It runs
 -- once per VM, before any user code, and returns the function the runtime
--- calls for every execution. The value conversion code (codec.lua) is
--- loaded only when a VM first converts a table, which keeps VM creation
--- cheap.
+-- calls for every execution. The value conversion code (decode.lua,
+-- encode.lua) and the lazy state (lazy.lua) are loaded only when a VM first
+-- needs them, which keeps VM creation cheap.
 -- Everything the engine needs is captured here as a local upvalue, so user
 -- code that replaces or mutates globals cannot reach or break it. No table
--- that user code can see carries a metatable of ours: a reachable marker
+-- that user code can see carries a metatable of ours that it can reach (a
+-- lazy state's is hidden by getmetatable, see below): a reachable marker
 -- metatable could be given __gc or __newindex and run user code where no
 -- hook can stop it.
-local wall_check, hook_count, codec_bytecode, on_armed, max_depth, depth_reason = ...
+local wall_check, hook_count, decode_bytecode, encode_bytecode, lazy_bytecode, on_armed, max_depth,
+  depth_reason = ...
 
 local type, next, select, error, tostring = type, next, select, error, tostring
 local rawget, rawset, rawlen, rawequal = rawget, rawset, rawlen, rawequal
-local setmetatable, load, xpcall, pcall = setmetatable, load, xpcall, pcall
+local setmetatable, getmetatable, load, xpcall, pcall = setmetatable, getmetatable, load, xpcall,
+  pcall
+local pairs = pairs
 local math_type = math.type
 local find, format, sub, byte, char = string.find, string.format, string.sub, string.byte,
   string.char
@@ -143,12 +147,115 @@ G.load = function(chunk, name, mode, ...)
   if fn == nil then check_after_error() end
   return fn, err
 end
+---------------------------------------------------------------- lazy state
+-- A state whose top-level values are filled on first read (lazy.lua,
+-- loaded with a VM's first lazy state). LAZY maps each such table to its
+-- record. The globals below are the only ones that could tell it from a
+-- plain table; each fills what it touches first.
+local LAZY = setmetatable({}, {__mode = "k"})
+local decoder, encoder, lazy
+local function fill_all(t) lazy.fill_all(t) end
+-- Which Python container a decoded table came from (decode.lua explains).
+local KIND = setmetatable({}, {__mode = "k"})
+local function load_codec(bytecode, name)
+  -- An empty environment: the codec sees only what it is given.
+  return load(bytecode, name, "b", {})({
+    type = type, next = next, error = error, tostring = tostring, rawget = rawget,
+    rawlen = rawlen, setmetatable = setmetatable, math_type = math_type, format = format,
+    sub = sub, byte = byte, char = char, concat = concat, unpack_string = unpack_string,
+    pack_string = pack_string, CONVERT = CONVERT, MAX_DEPTH = max_depth,
+    DEPTH_REASON = depth_reason, KIND = KIND, LAZY = LAZY, fill_lazy = fill_all,
+    check_time = function() if hook_count and armed then check_time(false) end end,
+  })
+end
+local function get_decode()
+  if decoder == nil then decoder = load_codec(decode_bytecode, "=isobranch/decode") end
+  return decoder
+end
+local function get_encode()
+  if encoder == nil then encoder = load_codec(encode_bytecode, "=isobranch/encode") end
+  return encoder
+end
+
+-- Decoding a lazy state's value is the sandbox's own bounded work, as when
+-- a whole state was decoded before the call: it runs with the collector
+-- paused and no count hook (a hooked loop runs 2-2.5x slower), and the
+-- codec checks the clock itself. Only our code runs meanwhile.
+local unhooked_now = false
+local function unhooked(fn, a, b)
+  if unhooked_now then return pcall(fn, a, b) end
+  local collecting = raw_collect("isrunning")
+  if collecting then raw_collect("stop") end
+  local thread = co_running()
+  local hooked_now = hook_count and armed
+  if hooked_now then sethook(thread) end
+  unhooked_now = true
+  local ok, value = pcall(fn, a, b)
+  unhooked_now = false
+  if hooked_now then sethook(thread, hook, "", expired and 1 or hook_count) end
+  if collecting then raw_collect("restart") end
+  return ok, value
+end
+local function get_lazy()
+  if lazy == nil then
+    lazy = load(lazy_bytecode, "=isobranch/lazy", "b", {})(
+      type, error, unhooked, find, sub, next, rawset, setmetatable, CONVERT,
+      get_decode, LAZY)
+  end
+  return lazy
+end
+
+-- Lua's own argument errors, at the caller's line.
+local function table_expected(name, ...)
+  local got = select("#", ...) == 0 and "no value" or type((...))
+  error("bad argument #1 to '" .. name .. "' (table expected, got " .. got .. ")", 3)
+end
+local function safe_next(...)
+  local t = ...
+  if type(t) ~= "table" then table_expected("next", ...) end
+  if LAZY[t] then fill_all(t) end
+  return next(...)
+end
+G.next = safe_next
+G.pairs = function(...)
+  local t = ...
+  if type(t) ~= "table" then
+    local mt = getmetatable(t)
+    if type(mt) ~= "table" or rawget(mt, "__pairs") == nil then table_expected("pairs", ...) end
+  elseif LAZY[t] then
+    fill_all(t)
+  end
+  local iterator, subject, control = pairs(...)
+  -- pairs hands out next: it must be this one, not the raw one.
+  if iterator == next then iterator = safe_next end
+  return iterator, subject, control
+end
+G.rawget = function(...)
+  local t, key = ...
+  if type(t) ~= "table" then table_expected("rawget", ...) end
+  if LAZY[t] and select("#", ...) > 1 then lazy.fill_key(t, key) end
+  return rawget(...)
+end
+G.rawset = function(...)
+  local t, key = ...
+  if type(t) ~= "table" then table_expected("rawset", ...) end
+  if LAZY[t] and select("#", ...) > 2 then lazy.forget_key(t, key) end
+  return rawset(...)
+end
+G.getmetatable = function(...)
+  if select("#", ...) == 0 then error("bad argument #1 to 'getmetatable' (value expected)", 2) end
+  local t = ...
+  if LAZY[t] then return nil end
+  return getmetatable(t)
+end
 G.setmetatable = function(t, mt)
   -- Lua 5.4 runs finalizers with hooks disabled, so a looping __gc could
   -- never be stopped; objects are marked for finalization only here.
   if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
     error("setmetatable: __gc metamethods are not allowed in the sandbox", 2)
   end
+  -- A lazy state becomes a plain table before it gets a metatable of its own.
+  if LAZY[t] then fill_all(t) end
   return setmetatable(t, mt)
 end
 
@@ -266,21 +373,6 @@ end
 getmetatable("").__metatable = false
 
 ---------------------------------------------------------------- calls
-local codec
-local function get_codec()
-  if codec == nil then
-    -- An empty environment: the codec sees only what it is given.
-    codec = load(codec_bytecode, "=isobranch/codec", "b", {})({
-      type = type, next = next, error = error, tostring = tostring, rawget = rawget,
-      rawlen = rawlen, setmetatable = setmetatable, math_type = math_type, format = format,
-      sub = sub, byte = byte, char = char, concat = concat, unpack_string = unpack_string,
-      pack_string = pack_string, CONVERT = CONVERT, MAX_DEPTH = max_depth,
-      DEPTH_REASON = depth_reason,
-    })
-  end
-  return codec
-end
-
 local handled
 local function on_error(err)
   -- Runs with hooks disabled after a hook error: only our own code here.
@@ -295,9 +387,11 @@ local function call_and_encode(fn, state, variables)
   local result = fn(state, variables)
   local kind = type(result)
   if kind == "table" then
-    -- Encoding makes little garbage; pausing the collector saves its steps.
-    raw_collect("stop")
-    return "ok", get_codec().encode(result)
+    -- Encoding runs no user code (raw access only), so like decoding it
+    -- runs unhooked, with the collector paused (it makes little garbage).
+    local ok, encoded = unhooked(get_encode(), result)
+    if not ok then error(encoded, 0) end
+    return "ok", encoded
   end
   if kind == "function" or kind == "thread" or kind == "userdata" then
     error(CONVERT .. "result: cannot convert a Lua " .. kind .. " to Python", 0)
@@ -318,17 +412,19 @@ local NODE_PREFIX = "local state, variables = ...; "
 -- "node" (state and variables are locals), "condition" (an expression).
 -- Returns a status ("ok", "scalar", "error", "convert", "timeout",
 -- "memory") and a payload.
-function run(mode, code, chunk_name, state_data, variables_data)
+function run(mode, code, chunk_name, state_data, variables_data, lazy_state)
   local ok, state, variables
   if state_data or variables_data then
     -- Decoding builds many tables at once: the collector would only slow it.
     raw_collect("stop")
     if state_data then
-      ok, state = pcall(get_codec().decode, state_data)
+      ok, state = pcall(get_decode(), state_data)
       if not ok then return decode_failed(state) end
+      -- A lazy state arrives as the list of its keys; values come on first read.
+      if lazy_state then state = lazy.new_state(state) end
     end
     if variables_data then
-      ok, variables = pcall(get_codec().decode, variables_data)
+      ok, variables = pcall(get_decode(), variables_data)
       if not ok then return decode_failed(variables) end
     end
     raw_collect("restart")
@@ -363,6 +459,11 @@ function run(mode, code, chunk_name, state_data, variables_data)
   if hook_count then sethook() end
   raw_collect("restart")
   if expired or in_wall_check then return "timeout", "timeout" end
+  local failed = lazy_state and lazy.take_failure()
+  if failed then
+    if failed.memory then return "memory", "not enough memory" end
+    return "convert_input", failed.message, failed.index
+  end
   if ok then return status, payload end
   -- Lua calls no message handler for out-of-memory errors.
   if not handled and status == "not enough memory" then return "memory", status end
@@ -370,5 +471,39 @@ function run(mode, code, chunk_name, state_data, variables_data)
   return "error", status
 end
 
-return run
+local function fill_escaped_states()
+  -- Only the value of this call is in Python: a lazy state still reachable
+  -- after the call (kept in a global, say) is filled now, or a later call
+  -- would read another call's values. One full collection tells.
+  if not lazy.any_pending() then return nil end
+  raw_collect("collect")
+  if not lazy.any_pending() then return nil end
+  raw_collect("stop")
+  local ok, err = pcall(lazy.fill_every_state)
+  raw_collect("restart")
+  local failed = lazy.take_failure()
+  if ok then return nil end
+  lazy.abandon_all()
+  if failed and failed.memory then return "memory", "not enough memory" end
+  if failed then return "convert_escaped", failed.message, failed.index end
+  local status, message = decode_failed(err)
+  return status == "convert_input" and "convert_escaped" or status, message
+end
+
+-- The call the runtime makes: run() in its own frame, so that once it has
+-- returned nothing on this stack still holds the call's state.
+-- fetch (a lazy state's callback) is given only with a lazy state.
+return function(mode, code, chunk_name, state_data, variables_data, fetch)
+  local lazy_state = fetch ~= nil
+  if lazy_state then get_lazy().begin_call(fetch) end
+  local status, payload, index = run(mode, code, chunk_name, state_data, variables_data,
+                                     lazy_state)
+  -- After a timeout or a memory error the VM is thrown away.
+  if lazy_state and status ~= "timeout" and status ~= "memory" then
+    rawset(G, "state", nil)
+    local escaped_status, escaped_payload, escaped_index = fill_escaped_states()
+    if escaped_status then return escaped_status, escaped_payload, escaped_index end
+  end
+  return status, payload, index
+end
 

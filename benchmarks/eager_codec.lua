@@ -1,7 +1,7 @@
--- Conversion between Python marshal bytes and Lua values, for isobranch's
--- sandbox (sandbox.lua loads it on first use, with an empty environment and
--- the library functions it needs passed in, so nothing user code did to the
--- globals can reach it). Returns {decode = ..., encode = ...}.
+-- The Lua codec as it was before states crossed lazily (kept for the
+-- round-trip benchmark's baseline only): the whole state decoded into Lua
+-- tables before a call, the whole result encoded after it. Returns
+-- {decode = ..., encode = ...}.
 local lib = ...
 local type, next, error, tostring = lib.type, lib.next, lib.error, lib.tostring
 local rawget, rawlen, setmetatable = lib.rawget, lib.rawlen, lib.setmetatable

@@ -1,0 +1,242 @@
+-- Lua values -> Python marshal bytes, for isobranch's sandbox (loaded like
+-- decode.lua, the first time a VM encodes a table). Returns encode(value).
+local lib = ...
+local type, next, error, tostring = lib.type, lib.next, lib.error, lib.tostring
+local rawget, rawlen, setmetatable = lib.rawget, lib.rawlen, lib.setmetatable
+local math_type, format = lib.math_type, lib.format
+local concat, pack_string = lib.concat, lib.pack_string
+local CONVERT = lib.CONVERT
+-- Conversion runs without the count hook (sandbox.lua's unhooked), so it
+-- looks at the clock itself, every TICK values: check_time raises the
+-- timeout once a call's deadline has passed.
+local check_time = lib.check_time
+local TICK <const> = 1024
+local ticks = TICK
+-- Lazily filled states (lazy.lua): each is filled before it is encoded.
+local LAZY, fill_lazy = lib.LAZY, lib.fill_lazy
+-- convert.py's MAX_DEPTH and the reason it gives (decode.lua has the same).
+local MAX_DEPTH, DEPTH_REASON = lib.MAX_DEPTH, lib.DEPTH_REASON
+local PATH_KEYS_SHOWN = 8
+-- Which Python container a decoded table came from (see decode.lua).
+local KIND = lib.KIND
+local B_INT <const>, B_LONG <const>, B_FLOAT <const>, B_UNICODE <const> = 105, 108, 103, 117
+local B_LIST <const>, B_REF <const>, FLAG_REF <const> = 91, 114, 128
+
+local INT32_MIN, INT32_MAX = -2147483648, 2147483647
+
+local function long_bytes(v)
+  -- Python's 'l' marshal type: a signed count of base-2^15 digits. Work on
+  -- the non-positive value so that math.mininteger cannot overflow.
+  local negative = v < 0
+  local rest = negative and v or -v
+  local parts, count = {""}, 0
+  while rest ~= 0 do
+    local digit = -(rest % -32768)
+    count = count + 1
+    parts[count + 1] = pack_string("<I2", digit)
+    rest = (rest + digit) // 32768
+  end
+  parts[1] = pack_string("<Bi4", B_LONG, negative and -count or count)
+  return concat(parts)
+end
+
+-- Memo tables: prefixes and small integers repeat, and string.pack is the
+-- slowest step of encoding. Weak values: they cannot grow without bound.
+local function memo(build)
+  return setmetatable({}, {__index = function(cache, key)
+    local value = build(key)
+    cache[key] = value
+    return value
+  end, __mode = "v"})
+end
+local STRING_PREFIX = memo(function(size) return pack_string("<Bi4", B_UNICODE, size) end)
+local LIST_PREFIX = memo(function(size) return pack_string("<Bi4", B_LIST, size) end)
+local INT_BYTES = memo(function(v) return pack_string("<Bi4", B_INT, v) end)
+-- A string key is written once per result, flagged so that Python keeps a
+-- reference to it, and then as a back reference ('r' and its index):
+-- Python then makes one str per distinct key, not one per dict entry.
+local KEY_BYTES = memo(function(key) return pack_string("<Bs4", B_UNICODE + FLAG_REF, key) end)
+local REF_BYTES = memo(function(index) return pack_string("<Bi4", B_REF, index) end)
+
+local function key_text(k)
+  if type(k) == "string" then return "['" .. k .. "']" end
+  return "[" .. tostring(k) .. "]"
+end
+
+local function encode(value)
+  local out, n = {}, 0
+  local visiting = {}
+  local keys, depth = {}, 0
+  -- String key -> its reference index in this result (0-based, as Python counts).
+  local key_refs, ref_count, ref_keys = {}, 0, {}
+
+  local function fail(key, message)
+    local parts = {}
+    for i = 1, depth do
+      if keys[i] ~= nil then parts[#parts + 1] = key_text(keys[i]) end
+    end
+    if key ~= nil then parts[#parts + 1] = key_text(key) end
+    local path = concat(parts)
+    if #parts > PATH_KEYS_SHOWN then
+      -- Like convert.key_path: the ends of a long path, and how much is left out.
+      local head, tail = PATH_KEYS_SHOWN // 2, PATH_KEYS_SHOWN // 2 - 1
+      path = concat(parts, "", 1, head) .. format("...(%d more)...", #parts - head - tail)
+        .. concat(parts, "", #parts - tail + 1, #parts)
+    end
+    error(CONVERT .. "result" .. path .. ": " .. message, 0)
+  end
+
+  local enc
+
+  -- Speed: the scalar types JSON-like data is made of are written inline
+  -- (SCALAR below, the same in both loops); only tables and rare values
+  -- go through enc().
+  local function enc_table(t, key)
+    if visiting[t] then fail(key, "cycle (a table that contains itself)") end
+    if LAZY[t] then fill_lazy(t) end
+    visiting[t] = true
+    depth = depth + 1
+    keys[depth] = key
+    if depth > MAX_DEPTH then fail(nil, DEPTH_REASON) end
+    local kind = KIND[t]
+    local list = kind
+    if kind == nil then list = rawlen(t) > 0 end
+    if list then
+      -- One pass when next gives exactly 1, 2, ..., n in order (a sequence
+      -- in the array part, the usual case); else the output is dropped and
+      -- the checks below decide.
+      local start, expected, refs_before = n, 1, ref_count
+      n = n + 1
+      for k, v in next, t do
+        if k ~= expected then list = nil; break end
+        ticks = ticks - 1
+        if ticks == 0 then ticks = TICK; check_time() end
+        expected = expected + 1
+        local kind_v = type(v)                                          -- SCALAR
+        if kind_v == "string" then
+          n = n + 2; out[n - 1] = STRING_PREFIX[#v]; out[n] = v
+        elseif kind_v == "number" then
+          n = n + 1
+          if math_type(v) == "float" then out[n] = pack_string("<Bd", B_FLOAT, v)
+          elseif v >= 0 and v < 1024 then out[n] = INT_BYTES[v]
+          elseif v >= INT32_MIN and v <= INT32_MAX then out[n] = pack_string("<Bi4", B_INT, v)
+          else out[n] = long_bytes(v) end
+        elseif kind_v == "boolean" then
+          n = n + 1; out[n] = v and "T" or "F"
+        elseif kind_v == "table" then
+          enc_table(v, k)
+        else
+          enc(v, k)
+        end
+      end
+      if list then
+        local length = expected - 1
+        if math_type(kind) == "integer" then
+          for _ = length + 1, kind do n = n + 1; out[n] = "N" end
+          if kind > length then length = kind end
+        end
+        out[start + 1] = LIST_PREFIX[length]
+        depth = depth - 1
+        visiting[t] = nil
+        return
+      end
+      -- Dropped output: keys first written in it must be written again.
+      n = start
+      for i = ref_count, refs_before + 1, -1 do key_refs[ref_keys[i]] = nil end
+      ref_count = refs_before
+      list = true
+    end
+    local length = rawlen(t)
+    if list then
+      -- A list only if every key is an integer 1..n (a marked list may
+      -- also declare a longer length, for a tail of None).
+      local max_int = 0
+      for k in next, t do
+        if math_type(k) ~= "integer" or k < 1 then list = false; break end
+        if k > max_int then max_int = k end
+      end
+      if list then
+        if kind == nil and max_int ~= length then
+          list = false
+        else
+          if math_type(kind) == "integer" and kind > max_int then max_int = kind end
+          length = max_int
+        end
+      end
+    end
+    if list then
+      n = n + 1; out[n] = LIST_PREFIX[length]
+      for i = 1, length do
+        local v = rawget(t, i)
+        ticks = ticks - 1
+        if ticks == 0 then ticks = TICK; check_time() end
+        if v == nil then n = n + 1; out[n] = "N" else enc(v, i) end
+      end
+    else
+      n = n + 1; out[n] = "{"
+      for k, v in next, t do
+        ticks = ticks - 1
+        if ticks == 0 then ticks = TICK; check_time() end
+        local index = key_refs[k]
+        if index then
+          n = n + 1; out[n] = REF_BYTES[index]
+        elseif type(k) == "string" then
+          n = n + 1; out[n] = KEY_BYTES[k]
+          key_refs[k] = ref_count; ref_count = ref_count + 1; ref_keys[ref_count] = k
+        elseif type(k) == "table" then
+          fail(k, "a table cannot be a Python dict key")
+        else
+          enc(k, k)
+        end
+        local kind_v = type(v)                                          -- SCALAR
+        if kind_v == "string" then
+          n = n + 2; out[n - 1] = STRING_PREFIX[#v]; out[n] = v
+        elseif kind_v == "number" then
+          n = n + 1
+          if math_type(v) == "float" then out[n] = pack_string("<Bd", B_FLOAT, v)
+          elseif v >= 0 and v < 1024 then out[n] = INT_BYTES[v]
+          elseif v >= INT32_MIN and v <= INT32_MAX then out[n] = pack_string("<Bi4", B_INT, v)
+          else out[n] = long_bytes(v) end
+        elseif kind_v == "boolean" then
+          n = n + 1; out[n] = v and "T" or "F"
+        elseif kind_v == "table" then
+          enc_table(v, k)
+        else
+          enc(v, k)
+        end
+      end
+      n = n + 1; out[n] = "0"
+    end
+    depth = depth - 1
+    visiting[t] = nil
+  end
+
+  function enc(v, key)
+    local kind = type(v)
+    if kind == "string" then
+      n = n + 2; out[n - 1] = STRING_PREFIX[#v]; out[n] = v
+    elseif kind == "number" then
+      n = n + 1
+      if math_type(v) == "integer" then
+        if v >= 0 and v < 1024 then out[n] = INT_BYTES[v]
+        elseif v >= INT32_MIN and v <= INT32_MAX then out[n] = pack_string("<Bi4", B_INT, v)
+        else out[n] = long_bytes(v) end
+      else
+        out[n] = pack_string("<Bd", B_FLOAT, v)
+      end
+    elseif kind == "boolean" then
+      n = n + 1; out[n] = v and "T" or "F"
+    elseif kind == "table" then
+      enc_table(v, key)
+    elseif kind == "nil" then
+      n = n + 1; out[n] = "N"
+    else
+      fail(key, "cannot convert a Lua " .. kind .. " to Python")
+    end
+  end
+
+  enc(value, nil)
+  return concat(out, "", 1, n)
+end
+
+return encode
