@@ -387,9 +387,9 @@ def test_two_map_edges_from_one_node_is_a_graph_error():
         graph.compile()
 
 
-def test_retry_on_a_map_edge_is_not_supported_yet():
-    with pytest.raises(GraphError, match="retry is not supported on map edges yet"):
-        map_graph([1], lambda s: None, retry={"max_attempts": 2})
+def test_an_invalid_retry_on_a_map_edge_is_a_graph_error_naming_the_edge():
+    with pytest.raises(GraphError, match=r"map edge start -> body: retry.max_attempts must be"):
+        map_graph([1], lambda s: None, retry={"max_attempts": 0})
 
 
 @pytest.mark.parametrize(("edge", "message"), [

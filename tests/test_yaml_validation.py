@@ -81,7 +81,7 @@ def test_node_and_edge_keys_are_checked_with_suggestions():
     })
     assert problems == [
         "node 'a': unknown key 'lnguage' (allowed: description, fan_in, file, language, name, "
-        "run); did you mean 'language'?",
+        "retry, run); did you mean 'language'?",
         "edges[0] (a -> b): unknown key 'wen' (allowed: as, fan_in, from, index_as, "
         "max_concurrency, over, retry, to, type, when); did you mean 'when'?",
     ]

@@ -15,6 +15,7 @@ from .isolation.base import (
     unregister_backend,
 )
 from .lua.runtime import LuaMemoryError, LuaRuntime, LuaRuntimeError, LuaTimeoutError
+from .retry import RetryPolicy
 from .runner import END, START
 from .yaml_engine import YAMLEngine
 
@@ -32,6 +33,7 @@ __all__ = [
     "LuaRuntimeError",
     "LuaTimeoutError",
     "ParallelFlowResult",
+    "RetryPolicy",
     "SqliteCheckpointer",
     "StateGraph",
     "YAMLEngine",

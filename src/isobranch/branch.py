@@ -21,10 +21,12 @@ from typing import TYPE_CHECKING, Any
 from .cancellation import CancelSignal
 from .context import BranchCancelled, BranchTimeout, ExecutionContext, Watchdog
 from .errors import GraphExecutionError
+from .retry import exception_names
 from .statecopy import ScalarSnapshot, StateSnapshot
 
 if TYPE_CHECKING:
     from .graph import CompiledGraph
+    from .retry import RetryPolicy
 
 
 @dataclass(slots=True)
@@ -36,8 +38,12 @@ class ParallelFlowResult:
     failing node; ``error_type`` the exception's class name; ``traceback``
     the failure's traceback as text (None when no Python code raised, e.g.
     a worker crash). ``index`` is the item's position for a map branch
-    (named ``"target[index]"``), None for a static branch. Reads like a dict
-    too: ``result["state"]``, ``result.get("branch")``.
+    (named ``"target[index]"``), None for a static branch. ``attempts``
+    counts the runs of the branch (more than 1 after branch retries);
+    ``error_bases`` names the base classes of ``error_type``'s exception,
+    nearest first, so a ``retry_on`` name can match a base of a class that
+    only exists where the branch ran. Reads like a dict too:
+    ``result["state"]``, ``result.get("branch")``.
     """
 
     branch: str
@@ -52,6 +58,8 @@ class ParallelFlowResult:
     node: str | None = None
     index: int | None = None
     traceback: str | None = None
+    attempts: int = 1
+    error_bases: tuple[str, ...] = ()
 
     def __getitem__(self, key: str) -> Any:
         if key not in self.__dataclass_fields__:
@@ -108,6 +116,8 @@ class BranchLimits:
     branch_timeout: float | None = None
     fail_fast: bool = False
     branch_max_memory: int | None = None
+    # The retry policy of fan-outs whose edge sets none (compile(branch_retry=)).
+    branch_retry: RetryPolicy | None = None
 
 
 @dataclass
@@ -116,7 +126,10 @@ class BranchTask:
 
     ``branch`` is the first node. A map branch also has its ``index`` and an
     ``overlay``: the few keys (item and index) laid over the shared
-    ``snapshot``, so no branch carries the whole list.
+    ``snapshot``, so no branch carries the whole list. ``stop`` is the
+    run's stop flag, seen only by branches that run in this process (it is
+    not part of the payload): ``close()`` raises it to end a node retry's
+    backoff at once.
     """
 
     graph: CompiledGraph
@@ -128,6 +141,7 @@ class BranchTask:
     path: str = ""
     index: int | None = None
     overlay: StateSnapshot | ScalarSnapshot | None = None
+    stop: CancelSignal | None = None
 
     @property
     def name(self) -> str:
@@ -190,7 +204,7 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
     state: dict = {}
     context = ExecutionContext(
         task.graph, deadline=deadline, time_limit=task.limits.branch_timeout, branch=task.label,
-        monitor=monitor, fan_out_limits=task.limits, watchdog=watchdog,
+        monitor=monitor, fan_out_limits=task.limits, watchdog=watchdog, stop=task.stop,
         nested_isolation="inline" if task.isolation == "inline" else "thread")
 
     def result(**outcome: Any) -> ParallelFlowResult:
@@ -218,10 +232,12 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
         return result(state=exc.state if exc.state is not None else state, success=False,
                       error=str(exc), error_type=exc.error_type or type(exc).__name__,
                       timed_out=exc.timed_out, node=exc.node,
-                      traceback=exc.traceback or format_traceback(exc))
+                      traceback=exc.traceback or format_traceback(exc),
+                      error_bases=tuple(getattr(exc, "error_bases", ()) or ()))
     except Exception as exc:  # a branch must never take its siblings down
         return result(success=False, error=f"branch {task.label!r}: {type(exc).__name__}: {exc}",
-                      error_type=type(exc).__name__, traceback=format_traceback(exc))
+                      error_type=type(exc).__name__, traceback=format_traceback(exc),
+                      error_bases=exception_names(type(exc)))
     finally:
         context.close()
 

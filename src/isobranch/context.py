@@ -70,10 +70,14 @@ class ExecutionContext:
                  nested_isolation: str = "thread", max_workers: int | None = None,
                  fan_out_limits: BranchLimits, watchdog: Watchdog | None = None,
                  max_concurrency: int | None = None, cancel: CancelSignal | None = None,
+                 stop: CancelSignal | None = None,
                  recorder: RunRecorder | None = None) -> None:
         self.graph = graph
         # The run's cancellation signal (main path of an async run only).
         self.cancel = cancel
+        # Set by CompiledGraph.close() to end a retry's backoff in this run at
+        # once (in-process branches see it too); None in a worker process.
+        self.stop = stop
         # Records the main path of a checkpointed run; None in branches.
         self.recorder = recorder
         self.deadline = deadline
@@ -127,6 +131,23 @@ class ExecutionContext:
             if self.monitor.cancelled.is_set():
                 raise BranchCancelled(f"branch {self.branch!r} cancelled before node {node!r}")
         self.check_deadline()
+
+    def stop_flags(self) -> list[CancelSignal]:
+        """The signals that end this context's backoffs: the run's cancellation, the
+        graph's close(), the branch's cancel."""
+        flags = [flag for flag in (self.cancel, self.stop) if flag is not None]
+        if self.monitor is not None:
+            flags.append(self.monitor.cancelled)
+        return flags
+
+    def cancelled_reason(self) -> str | None:
+        """Why this context must stop now (cancelled branch, closed graph), or None."""
+        if self.monitor is not None and self.monitor.cancelled.is_set():
+            return f"branch {self.branch!r} cancelled in node {self.node!r}"
+        if self.stop is not None and self.stop.is_set():
+            where = f"branch {self.branch!r}" if self.branch else "the run"
+            return f"{where} stopped in node {self.node!r}: the graph was closed"
+        return None
 
     def check_deadline(self) -> None:
         """Raise ``BranchTimeout`` (naming the current node) if the branch is out of time."""

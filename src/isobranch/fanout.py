@@ -25,6 +25,7 @@ from .branch import (
     ParallelFlowResult,
     branch_name,
 )
+from .cancellation import CancelSignal
 from .conditions import Expression
 from .statecopy import (
     StateCopyError,
@@ -36,6 +37,7 @@ from .statecopy import (
 if TYPE_CHECKING:
     from .context import ExecutionContext
     from .graph import CompiledGraph
+    from .retry import RetryPolicy
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,12 @@ class StaticFanOut:
     targets: tuple[str, ...]
     fan_in: str
     max_concurrency: int | None = None
+    # The retry policy of each parallel edge, in target order (None: the default).
+    retries: tuple[RetryPolicy | None, ...] = ()
+
+    def retry_of(self, position: int) -> RetryPolicy | None:
+        """The retry policy the edge of branch ``position`` sets, if any."""
+        return self.retries[position] if position < len(self.retries) else None
 
 
 @dataclass(frozen=True)
@@ -57,7 +65,11 @@ class MapFanOut:
     item_key: str = "item"
     index_key: str = "index"
     max_concurrency: int | None = None
-    retry: Any = None
+    retry: RetryPolicy | None = None
+
+    def retry_of(self, position: int) -> RetryPolicy | None:
+        """The retry policy of the map edge (every branch has the same)."""
+        return self.retry
 
     def describe_over(self) -> str:
         """``over`` as messages show it: ``'docs'``, ``python: expr``, ``lua: expr``."""
@@ -118,22 +130,23 @@ class FanOutPlan:
 
 
 def static_plan(graph: CompiledGraph, fan_out: StaticFanOut, snapshot: StateSnapshot,
-                limits: BranchLimits, isolation: str, parent: str | None) -> FanOutPlan:
-    """The plan of a static fan-out from ``snapshot``."""
+                limits: BranchLimits, isolation: str, parent: str | None,
+                stop: CancelSignal | None = None) -> FanOutPlan:
+    """The plan of a static fan-out from ``snapshot``; ``stop`` is the run's stop flag."""
     targets = fan_out.targets
 
     def tasks() -> Iterator[BranchTask]:
         for target in targets:
             yield BranchTask(graph=graph, branch=target, fan_in=fan_out.fan_in,
                              snapshot=snapshot, limits=limits, isolation=isolation,
-                             path=_path(parent, target))
+                             path=_path(parent, target), stop=stop)
 
     return FanOutPlan(len(targets), lambda position: targets[position], lambda _: None, tasks())
 
 
 def map_plan(graph: CompiledGraph, fan_out: MapFanOut, items: Sequence[Any],
              snapshot: StateSnapshot, limits: BranchLimits, isolation: str, parent: str | None,
-             *, must_pickle: bool) -> FanOutPlan:
+             *, must_pickle: bool, stop: CancelSignal | None = None) -> FanOutPlan:
     """The plan of a map fan-out over ``items`` from ``snapshot`` (the state without the list).
 
     Each task is built when it is asked for; its item is copied then (and
@@ -156,7 +169,8 @@ def map_plan(graph: CompiledGraph, fan_out: MapFanOut, items: Sequence[Any],
             name = branch_name(target, index)
             yield BranchTask(graph=graph, branch=target, fan_in=fan_out.fan_in,
                              snapshot=snapshot, limits=limits, isolation=isolation,
-                             path=_path(parent, name), index=index, overlay=overlay)
+                             path=_path(parent, name), index=index, overlay=overlay,
+                             stop=stop)
 
     return FanOutPlan(len(items), lambda position: branch_name(target, position),
                       lambda position: position, tasks())

@@ -6,13 +6,13 @@ import functools
 import inspect
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import async_api
 from .branch import BranchLimits
-from .cancellation import CancelSignal
+from .cancellation import CancelSignal, RunCancelled
 from .checkpoint.runs import begin_run, reopen_run
 from .checkpoint.store import RunStatus, SqliteCheckpointer
 from .conditions import Condition, Expression, as_condition
@@ -25,11 +25,13 @@ from .keys import backend_options as declared_backend_options
 from .keys import unknown
 from .lua.runtime import DEFAULT_MAX_MEMORY
 from .nodes import Node, as_node
+from .retry import RetryPolicy, as_policy
 from .runner import END, START, run_steps
 from .statecopy import StateCopyError, StateSnapshot
 
 DEFAULT_MAX_STEPS = 10_000
-CONFIG_KEYS = ("isolation", "max_workers", "branch_timeout", "fail_fast", "max_concurrency")
+CONFIG_KEYS = ("isolation", "max_workers", "branch_timeout", "fail_fast", "max_concurrency",
+               "branch_retry")
 
 
 @dataclass
@@ -53,17 +55,24 @@ class StateGraph:
     def __init__(self, state_schema: Any = None) -> None:
         self.state_schema = state_schema
         self._nodes: dict[str, Node] = {}
+        self._node_retries: dict[str, RetryPolicy] = {}
         self._fan_in_nodes: set[str] = set()
         self._edges: list[tuple[str, str, Condition | None]] = []
         self._routers: dict[str, tuple[Callable[[dict], Any], dict[Any, str] | None]] = {}
-        self._parallel: list[tuple[str, str, str]] = []
+        self._parallel: list[tuple[str, str, str, RetryPolicy | None]] = []
         self._maps: list[MapFanOut] = []
         self._map_sources: list[str] = []
         self._entry: str | None = None
         self._finish: set[str] = set()
 
-    def add_node(self, name: str, fn: Callable[..., Any] | Node) -> StateGraph:
-        """Add a node; ``fn`` is a callable of ``state`` or a ``Node``."""
+    def add_node(self, name: str, fn: Callable[..., Any] | Node, *,
+                 retry: RetryPolicy | Mapping[str, Any] | int | None = None) -> StateGraph:
+        """Add a node; ``fn`` is a callable of ``state`` or a ``Node``.
+
+        ``retry`` (a ``RetryPolicy``, a mapping of its fields, or a number of
+        attempts) calls a node that raised again, on the same input state.
+        """
+        policy = _policy(retry, f"node {name!r}: retry")
         if not isinstance(name, str) or not name:
             raise GraphError(f"node name must be a non-empty string, got {name!r}")
         if name in (START, END):
@@ -74,11 +83,15 @@ class StateGraph:
             self._nodes[name] = as_node(name, fn)
         except (TypeError, ValueError) as exc:
             raise GraphError(f"node {name!r}: {exc}") from exc
+        if policy is not None:
+            self._node_retries[name] = policy
         return self
 
-    def add_fan_in_node(self, name: str, fn: Callable[..., Any] | Node) -> StateGraph:
+    def add_fan_in_node(self, name: str, fn: Callable[..., Any] | Node, *,
+                        retry: RetryPolicy | Mapping[str, Any] | int | None = None
+                        ) -> StateGraph:
         """Add a fan-in node: it runs once after all branches, with ``parallel_results``."""
-        return self.add_node(name, fn).mark_fan_in(name)
+        return self.add_node(name, fn, retry=retry).mark_fan_in(name)
 
     def mark_fan_in(self, name: str) -> StateGraph:
         """Declare an already added node as a fan-in node."""
@@ -116,11 +129,18 @@ class StateGraph:
         self._routers[source] = (router, dict(mapping) if mapping is not None else None)
         return self
 
-    def add_parallel_edge(self, source: str, target: str, fan_in: str) -> StateGraph:
-        """Start ``target`` as a branch after ``source``; branches meet at ``fan_in``."""
+    def add_parallel_edge(self, source: str, target: str, fan_in: str, *,
+                          retry: RetryPolicy | Mapping[str, Any] | int | None = None
+                          ) -> StateGraph:
+        """Start ``target`` as a branch after ``source``; branches meet at ``fan_in``.
+
+        ``retry`` runs the branch again from ``target``, on a fresh copy of
+        its input, when it fails (default: ``compile(branch_retry=)``).
+        """
+        where = f"parallel edge {source} -> {target}"
         if not fan_in:
-            raise GraphError(f"parallel edge {source} -> {target}: fan_in is required")
-        self._parallel.append((source, target, fan_in))
+            raise GraphError(f"{where}: fan_in is required")
+        self._parallel.append((source, target, fan_in, _policy(retry, f"{where}: retry")))
         return self
 
     def add_map_edge(self, source: str, target: str, *,
@@ -135,8 +155,9 @@ class StateGraph:
         ``state[item_key] = items[i]`` and ``state[index_key] = i``. The
         fan-in node gets ``parallel_results`` in item order, named
         ``"target[i]"``. ``max_concurrency`` bounds the branches running at
-        once. ``retry`` is reserved: branch retries are not supported yet,
-        and any value but None is a ``GraphError``.
+        once. ``retry`` (a ``RetryPolicy``, a mapping of its fields, or a
+        number of attempts) runs a failed branch again from ``target`` on a
+        fresh copy of its input (default: ``compile(branch_retry=)``).
         """
         where = f"map edge {source} -> {target}"
         problems = []
@@ -155,9 +176,11 @@ class StateGraph:
             problems.append(f"{where}: item_key and index_key are both {item_key!r}")
         problems.extend(f"{where}: {p}" for p in _limit_problems(max_concurrency=max_concurrency,
                                                                   integers=True))
-        if retry is not None:
-            problems.append(f"{where}: retry is not supported on map edges yet "
-                            f"(branch retries are not implemented); remove it")
+        try:
+            retry = as_policy(retry, f"{where}: retry")
+        except ValueError as exc:
+            problems.append(f"{where}: retry: {exc}" if not str(exc).startswith(where)
+                            else str(exc))
         if problems:
             raise GraphError(problems=problems)
         self._maps.append(MapFanOut(target=target, fan_in=fan_in, over=over, item_key=item_key,
@@ -201,7 +224,7 @@ class StateGraph:
             for value, target in (mapping or {}).items():
                 check(target, f"conditional edge {source} -[{value!r}]-> {target}")
         fan_ins: dict[str, set[str]] = {}
-        for source, target, fan_in in self._parallel:
+        for source, target, fan_in, _ in self._parallel:
             where = f"parallel edge {source} -> {target}"
             check(source, where)
             check(target, where)
@@ -265,6 +288,7 @@ class StateGraph:
                 variables: dict | None = None, max_steps: int = DEFAULT_MAX_STEPS,
                 backend_options: dict[str, Any] | None = None,
                 name: str | None = None, branch_max_memory: int | str | None = None,
+                branch_retry: RetryPolicy | Mapping[str, Any] | int | None = None,
                 checkpointer: SqliteCheckpointer | None = None,
                 **backend_keywords: Any) -> CompiledGraph:
         """Validate the graph and freeze it into a runnable ``CompiledGraph``.
@@ -275,8 +299,9 @@ class StateGraph:
         ``start_method="spawn"``) go to the ``isolation`` backend's factory.
         ``branch_max_memory`` (bytes or a size such as ``"512MiB"``) caps each
         branch's memory where the backend can enforce it (``process``, a
-        local ``dask`` cluster) and is refused elsewhere. ``checkpointer`` (a
-        ``SqliteCheckpointer``) records every run so it can be resumed.
+        local ``dask`` cluster) and is refused elsewhere. ``branch_retry`` is
+        the retry policy of every fan-out whose edge sets none. ``checkpointer``
+        (a ``SqliteCheckpointer``) records every run so it can be resumed.
         Raises ``GraphError`` listing every problem.
         """
         backend_options = {**(backend_options or {}), **backend_keywords}
@@ -293,6 +318,10 @@ class StateGraph:
         if isolation in available_backends():
             problems.extend(_backend_option_problems(isolation, backend_options))
         problems.extend(_limit_problems(max_concurrency=max_concurrency, integers=True))
+        try:
+            branch_retry = as_policy(branch_retry, "compile(): branch_retry")
+        except ValueError as exc:
+            problems.append(f"compile(): branch_retry: {exc}")
         if checkpointer is not None and not isinstance(checkpointer, SqliteCheckpointer):
             problems.append(f"checkpointer must be a SqliteCheckpointer, got "
                             f"{type(checkpointer).__name__}")
@@ -321,12 +350,15 @@ class StateGraph:
             routes[source].default = END
         for source, (router, mapping) in self._routers.items():
             routes[source].router, routes[source].mapping = router, mapping
-        static: dict[str, tuple[list[str], str]] = {}
-        for source, target, fan_in in self._parallel:
-            static.setdefault(source, ([], fan_in))[0].append(target)
+        static: dict[str, tuple[list[str], str, list[RetryPolicy | None]]] = {}
+        for source, target, fan_in, retry in self._parallel:
+            entry = static.setdefault(source, ([], fan_in, []))
+            entry[0].append(target)
+            entry[2].append(retry)
         fan_outs: dict[str, FanOut] = {
-            source: StaticFanOut(tuple(targets), fan_in)
-            for source, (targets, fan_in) in static.items()}
+            source: StaticFanOut(tuple(targets), fan_in,
+                                 retries=tuple(retries) if any(retries) else ())
+            for source, (targets, fan_in, retries) in static.items()}
         fan_outs.update(zip(self._map_sources, self._maps, strict=True))
         assert self._entry is not None and backend is not None
         compiled = CompiledGraph(
@@ -336,6 +368,7 @@ class StateGraph:
             variables=dict(variables or {}), max_steps=max_steps,
             backend_options=dict(backend_options or {}), name=name,
             branch_max_memory=branch_max_memory, max_concurrency=max_concurrency,
+            node_retries=dict(self._node_retries), branch_retry=branch_retry,
             checkpointer=checkpointer)
         compiled._adopt_backend(isolation, backend, max_workers)
         return compiled
@@ -363,6 +396,13 @@ def _backend_option_problems(isolation: str, options: dict[str, Any]) -> list[st
         problems.append(unknown(f"compile(): unknown keyword {key!r} for isolation backend "
                                 f"{isolation!r}", key, own - {"backend_options"} | accepted))
     return problems
+
+
+def _policy(value: Any, where: str) -> RetryPolicy | None:
+    try:
+        return as_policy(value, where)
+    except ValueError as exc:
+        raise GraphError(str(exc) if str(exc).startswith(where) else f"{where}: {exc}") from None
 
 
 def _limit_problems(*, integers: bool = False, **limits: Any) -> list[str]:
@@ -393,8 +433,13 @@ class CompiledGraph:
                  max_steps: int, backend_options: dict[str, Any], name: str | None,
                  branch_max_memory: int | None = None,
                  max_concurrency: int | None = None,
+                 node_retries: dict[str, RetryPolicy] | None = None,
+                 branch_retry: RetryPolicy | None = None,
                  checkpointer: SqliteCheckpointer | None = None) -> None:
         self.nodes = nodes
+        # The retry policy of each node that has one.
+        self.node_retries = node_retries or {}
+        self.branch_retry = branch_retry
         self._routes = routes
         self._fan_outs = fan_outs
         self.entry = entry
@@ -420,6 +465,8 @@ class CompiledGraph:
         self._backends: dict[tuple[str, int | None], IsolationBackend] = {}
         self._pool_lock = threading.Lock()
         self._closed = False
+        # The close() signal of every run in progress: close() sets them.
+        self._runs: set[CancelSignal] = set()
         # Threads that run ainvoke/astream calls, started on first use.
         self._run_threads = async_api.RunThreads()
         self._finalizer = weakref.finalize(self, _close_backends, self._backends,
@@ -427,7 +474,8 @@ class CompiledGraph:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for private in ("_backends", "_pool_lock", "_finalizer", "_closed", "_run_threads"):
+        for private in ("_backends", "_pool_lock", "_finalizer", "_closed", "_run_threads",
+                        "_runs"):
             state.pop(private, None)
         state["checkpointer"] = None  # branches never record; workers need no database
         return state
@@ -497,8 +545,14 @@ class CompiledGraph:
         "success", "error_type", "timed_out", "duration_ms", "attempts",
         "done", "total"}`` as each branch of a main-path fan-out finishes
         (completion order), ``{"type": "parallel", "fan_in", "branches"}``
-        after each fan-out, and ``{"type": "final", "state"}`` last. With a
-        checkpointer the first event is ``{"type": "run", "run_id"}``.
+        after each fan-out, and ``{"type": "final", "state"}`` last. With
+        retry policies, ``{"type": "node_retry", "node", "attempt",
+        "max_attempts", "error", "error_type", "retry_in"}`` before a
+        main-path node runs again, and ``{"type": "branch_retry", ...}``
+        (``"attempt"``, ``"max_attempts"``, ``"error"``, ``"retry_in"``
+        besides the ``branch`` event's fields but ``attempts``) for each
+        branch attempt that will run again. With a checkpointer the first event
+        is ``{"type": "run", "run_id"}``.
         """
         return self._events(state, config, snapshots=True)
 
@@ -564,13 +618,17 @@ class CompiledGraph:
             recorder, working, point = reopened.recorder, reopened.state, reopened.point
         elif self.checkpointer is not None:
             recorder = begin_run(self.checkpointer, self, working, run_id)
+        stop = CancelSignal("the graph was closed while the run was in progress", RunCancelled)
         context = ExecutionContext(
             self, backend=backend, max_workers=settings["max_workers"],
-            max_concurrency=settings["max_concurrency"],
+            max_concurrency=settings["max_concurrency"], stop=stop,
             fan_out_limits=BranchLimits(branch_timeout=settings["branch_timeout"],
                                         fail_fast=settings["fail_fast"],
-                                        branch_max_memory=self.branch_max_memory),
+                                        branch_max_memory=self.branch_max_memory,
+                                        branch_retry=settings["branch_retry"]),
             cancel=cancel, recorder=recorder)
+        with self._pool_lock:
+            self._runs.add(stop)
         try:
             if recorder is not None:
                 yield {"type": "run", "run_id": recorder.run_id}
@@ -591,6 +649,8 @@ class CompiledGraph:
                 _record_end(recorder, RunStatus.INTERRUPTED, exc)
             raise
         finally:
+            with self._pool_lock:
+                self._runs.discard(stop)
             context.close()
         if recorder is not None:
             recorder.finished(RunStatus.SUCCEEDED, working)
@@ -609,7 +669,7 @@ class CompiledGraph:
     def _resolve(self, config: dict | None) -> dict[str, Any]:
         settings = {"isolation": self.isolation, "max_workers": self.max_workers,
                     "branch_timeout": self.branch_timeout, "fail_fast": self.fail_fast,
-                    "max_concurrency": self.max_concurrency}
+                    "max_concurrency": self.max_concurrency, "branch_retry": self.branch_retry}
         if not config:
             return settings
         unknown = sorted(set(config) - set(CONFIG_KEYS))
@@ -620,6 +680,10 @@ class CompiledGraph:
         problems = _limit_problems(max_workers=settings["max_workers"],
                                    branch_timeout=settings["branch_timeout"])
         problems += _limit_problems(max_concurrency=settings["max_concurrency"], integers=True)
+        try:
+            settings["branch_retry"] = as_policy(settings["branch_retry"], "branch_retry")
+        except ValueError as exc:
+            problems.append(f"branch_retry: {exc}")
         if settings["isolation"] not in available_backends():
             problems.append(f"unknown isolation backend {settings['isolation']!r}; available: "
                             f"{', '.join(available_backends())}")
@@ -654,9 +718,15 @@ class CompiledGraph:
         return self._closed
 
     def close(self) -> None:
-        """Release every worker pool this graph owns. Safe to call twice."""
+        """Release every worker pool this graph owns. Safe to call twice.
+
+        Runs in progress stop: a retry's backoff ends at once.
+        """
         with self._pool_lock:
             self._closed = True
+            runs = list(self._runs)
+        for stop in runs:
+            stop.cancel()
         self._finalizer()
         if self.owns_checkpointer and self.checkpointer is not None:
             self.checkpointer.close()

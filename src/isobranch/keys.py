@@ -45,12 +45,16 @@ CHECKPOINT_SETTINGS_KEYS: frozenset[str] = frozenset({"path", "pickle"})
 # a mapping per backend name (that backend's options).
 PARALLEL_KEYS: frozenset[str] = frozenset({
     "isolation", "strategy", "max_workers", "branch_timeout", "fail_fast", "max_steps",
-    "branch_max_memory", "max_concurrency",
+    "branch_max_memory", "max_concurrency", "retry",
 })
-NODE_KEYS: frozenset[str] = frozenset({"name", "run", "file", "language", "fan_in", "description"})
+NODE_KEYS: frozenset[str] = frozenset(
+    {"name", "run", "file", "language", "fan_in", "description", "retry"})
 # Keys only a map fan-out edge takes.
-MAP_EDGE_KEYS: frozenset[str] = frozenset({"over", "as", "index_as", "max_concurrency", "retry"})
-EDGE_KEYS: frozenset[str] = frozenset({"from", "to", "type", "fan_in", "when"}) | MAP_EDGE_KEYS
+MAP_EDGE_KEYS: frozenset[str] = frozenset({"over", "as", "index_as", "max_concurrency"})
+# Keys only fan-out edges (parallel and map) take.
+FAN_OUT_EDGE_KEYS: frozenset[str] = frozenset({"retry"})
+EDGE_KEYS: frozenset[str] = (frozenset({"from", "to", "type", "fan_in", "when"}) | MAP_EDGE_KEYS
+                             | FAN_OUT_EDGE_KEYS)
 # Backend options a Lua-only (untrusted) document may set. Anything else, such
 # as a Dask scheduler address, decides where this process connects and what it
 # unpickles, so only the caller may give it (YAMLEngine(...) keywords).

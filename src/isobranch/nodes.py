@@ -81,7 +81,7 @@ class LuaNode(Node):
             state = dict(state)
             state["parallel_results"] = [
                 {"branch": r.branch, "index": r.index, "state": r.state, "success": r.success,
-                 "error": r.error}
+                 "error": r.error, "attempts": r.attempts}
                 for r in parallel_results
             ]
         return context.run_lua("execute_node_code", self.source, state, chunk_name=self.name)

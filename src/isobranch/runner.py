@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Generator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .branch import BranchTask, ParallelFlowResult, format_traceback
+from .branch import CANCELLED, BranchTask, ParallelFlowResult, format_traceback
+from .branch_retry import RetriesStopped, RetryNotice, stream_with_retries
 from .checkpoint.store import StepKind
 from .context import BranchCancelled, BranchTimeout
 from .errors import GraphExecutionError
@@ -15,18 +17,22 @@ from .fanout import (
     Gathered,
     MapFanOut,
     MapOverError,
+    StaticFanOut,
     map_base_state,
     map_items,
     map_plan,
     static_plan,
 )
 from .isolation.base import stream_results
+from .retry import exception_names, failure_names, wait_unless
 from .statecopy import StateCopyError, StateSnapshot, find_unpicklable
 
 if TYPE_CHECKING:
     from .checkpoint.recorder import ResumePoint, RunRecorder
     from .context import ExecutionContext
     from .graph import CompiledGraph
+    from .isolation.base import IsolationBackend
+    from .retry import RetryPolicy
 
 START = "__start__"
 END = "__end__"
@@ -42,8 +48,10 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
               ) -> Iterator[dict[str, Any]]:
     """Run from ``start`` until END or ``stop_at`` (not run), mutating ``state``.
 
-    Yields ``node`` and ``parallel`` events, and with ``branch_events`` a
-    ``branch`` event per finished branch of a main-path fan-out; with
+    Yields ``node`` and ``parallel`` events, a ``node_retry`` event before a
+    node's retry, and with ``branch_events`` a ``branch`` event per finished
+    branch of a main-path fan-out (a ``branch_retry`` per attempt that will
+    be retried); with
     ``snapshots`` each node event carries a shallow copy of the state so
     later steps do not change it. ``resume`` continues a recorded run after
     its last recorded step (``state`` is the state after it).
@@ -62,7 +70,10 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
                     f"{_where(current, context)}: stopped after {graph.max_steps} steps "
                     f"(max_steps); the graph loops", node=current, branch=context.branch,
                     error_type="MaxStepsExceeded", state=dict(state))
-            _run_node(graph, current, state, context, None)
+            if current in graph.node_retries:  # (a generator per node would cost every branch)
+                yield from _run_node_with_retries(graph, current, state, context, None)
+            else:
+                _run_node(graph, current, state, context, None)
             if recorder is not None:
                 recorder.step(current, state, steps, StepKind.NODE)
             yield _node_event(current, state, snapshots)
@@ -72,7 +83,10 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
             results = yield from _fan_out(graph, current, fan_out, state, context,
                                           branch_events=branch_events, recorder=recorder)
             yield {"type": "parallel", "fan_in": fan_out.fan_in, "branches": results}
-            _run_node(graph, fan_out.fan_in, state, context, results)
+            if fan_out.fan_in in graph.node_retries:
+                yield from _run_node_with_retries(graph, fan_out.fan_in, state, context, results)
+            else:
+                _run_node(graph, fan_out.fan_in, state, context, results)
             if recorder is not None:
                 recorder.step(fan_out.fan_in, state, steps, StepKind.FAN_IN)
             yield _node_event(fan_out.fan_in, state, snapshots)
@@ -92,15 +106,60 @@ def _where(node: str | None, context: ExecutionContext) -> str:
 def _run_node(graph: CompiledGraph, name: str, state: dict, context: ExecutionContext,
               parallel_results: list[ParallelFlowResult] | None) -> None:
     context.enter_node(name)
-    node = graph.nodes[name]
     try:
-        update = context.resolve(node.run(state, context, parallel_results))
+        update = context.resolve(graph.nodes[name].run(state, context, parallel_results))
     except (BranchTimeout, BranchCancelled, GraphExecutionError):
         raise
     except Exception as exc:
         raise NodeFailure(f"{_where(name, context)} failed: {type(exc).__name__}: {exc}",
                           node=name, branch=context.branch, error_type=type(exc).__name__,
-                          state=dict(state), traceback=format_traceback(exc)) from exc
+                          state=dict(state), traceback=format_traceback(exc),
+                          error_bases=exception_names(type(exc))) from exc
+    _merge(name, update, state, context)
+
+
+def _run_node_with_retries(graph: CompiledGraph, name: str, state: dict,
+                           context: ExecutionContext,
+                           parallel_results: list[ParallelFlowResult] | None
+                           ) -> Iterator[dict[str, Any]]:
+    """Run a node that has a retry policy; yield a ``node_retry`` event before each backoff."""
+    context.enter_node(name)
+    node = graph.nodes[name]
+    policy = graph.node_retries[name]
+    # Every attempt runs on its own deep copy of the input, so what a failed
+    # attempt changed in place is never seen.
+    pristine = _input_snapshot(name, state, context)
+    attempt = 1
+    while True:
+        working = pristine.copy()
+        try:
+            update = context.resolve(node.run(working, context, parallel_results))
+            break
+        except (BranchTimeout, BranchCancelled, GraphExecutionError):
+            raise
+        except Exception as exc:
+            delay = _retry_delay(policy, attempt, exc)
+            if delay is None:
+                raise NodeFailure(
+                    f"{_where(name, context)} failed on attempt {attempt} of "
+                    f"{policy.max_attempts}: {type(exc).__name__}: {exc}",
+                    node=name, branch=context.branch, error_type=type(exc).__name__,
+                    state=dict(state), traceback=format_traceback(exc),
+                    error_bases=exception_names(type(exc)), attempts=attempt) from exc
+            yield {"type": "node_retry", "node": name, "attempt": attempt,
+                   "max_attempts": policy.max_attempts,
+                   "error": f"{type(exc).__name__}: {exc}", "error_type": type(exc).__name__,
+                   "retry_in": delay}
+        _wait_to_retry(name, delay, attempt, context)
+        attempt += 1
+        context.enter_node(name)
+    # The attempt that succeeded: what it changed in place counts, as for any node.
+    state.clear()
+    state.update(working)
+    _merge(name, update, state, context)
+
+
+def _merge(name: str, update: Any, state: dict, context: ExecutionContext) -> None:
     if update is None:
         return
     if not isinstance(update, dict):
@@ -109,6 +168,42 @@ def _run_node(graph: CompiledGraph, name: str, state: dict, context: ExecutionCo
             node=name, branch=context.branch, error_type="TypeError", state=dict(state))
     state.update(update)
     context.merged(name, update)
+
+
+def _input_snapshot(name: str, state: dict, context: ExecutionContext) -> StateSnapshot:
+    try:
+        return StateSnapshot(state)
+    except StateCopyError as exc:
+        raise NodeFailure(f"{_where(name, context)}: cannot copy the state for its retries: "
+                          f"{exc}", node=name, branch=context.branch,
+                          error_type="StateCopyError", state=dict(state)) from exc
+
+
+def _retry_delay(policy: RetryPolicy, attempt: int, exc: Exception) -> float | None:
+    """Seconds before the next attempt of a node that raised ``exc``; None: no next attempt."""
+    if attempt >= policy.max_attempts:
+        return None
+    if not policy.retries(failure_names(type(exc).__name__, exception_names(type(exc)))):
+        return None
+    return policy.delay(attempt)
+
+
+def _wait_to_retry(name: str, delay: float, attempt: int, context: ExecutionContext) -> None:
+    """Back off before attempt ``attempt + 1``; never past the branch deadline, and not at all
+    once the branch is cancelled or the graph closed."""
+    late = context.deadline is not None and time.monotonic() + delay >= context.deadline
+    if late:
+        delay = max(context.deadline - time.monotonic(), 0.0)
+    interrupted = wait_unless(delay, context.stop_flags())
+    if interrupted and context.cancel is not None:
+        context.cancel.raise_if_set()  # the run was cancelled: RunCancelled, as anywhere
+    if interrupted:
+        reason = context.cancelled_reason() or f"node {name!r} stopped"
+        if context.branch is not None:
+            raise BranchCancelled(f"{reason} (waiting to retry after attempt {attempt})")
+        raise NodeFailure(f"{reason} (waiting to retry after attempt {attempt})", node=name,
+                          error_type=CANCELLED, attempts=attempt)
+    context.check_deadline()
 
 
 def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
@@ -151,19 +246,25 @@ def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
     limits = context.fan_out_limits
     if isinstance(fan_out, MapFanOut):
         plan = map_plan(graph, fan_out, items, snapshot, limits, backend.name, context.branch,
-                        must_pickle=crosses)
+                        must_pickle=crosses, stop=context.stop)
     else:
-        plan = static_plan(graph, fan_out, snapshot, limits, backend.name, context.branch)
+        plan = static_plan(graph, fan_out, snapshot, limits, backend.name, context.branch,
+                           stop=context.stop)
     gathered = Gathered(plan.total, limits.fail_fast, backend.name)
     max_concurrency = fan_out.max_concurrency or context.max_concurrency
     emit = branch_events and context.branch is None  # branches' own fan-outs never emit
     tasks, positions = plan.tasks, None
     if recorder is not None:
         tasks, positions = _skip_recorded(recorder, node, plan, gathered)
-    stream = stream_results(backend, tasks, max_concurrency, context.fan_out_cancel)
+    stream = _branch_stream(fan_out, tasks, positions, backend, max_concurrency, context)
     try:
-        for position, result in stream:
-            if positions is not None:
+        for item in stream:
+            if isinstance(item, RetryNotice):  # an attempt failed; the branch runs again
+                if emit:
+                    yield _retry_event(node, fan_out.fan_in, item, gathered)
+                continue
+            position, result = item  # a branch's final result
+            if positions is not None:  # a resumed fan-out runs only some of its tasks
                 position = positions[position]
             stop = gathered.add(position, result)
             if recorder is not None:
@@ -181,6 +282,10 @@ def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
                           error_type="StateCopyError", state=dict(state)) from exc
     except (GraphExecutionError, BranchCancelled, BranchTimeout):
         raise  # a failure under fail_fast; the branch this fan-out is in was cancelled
+    except RetriesStopped as exc:
+        raise NodeFailure(f"fan-out from {_where(node, context)}: {exc}", node=node,
+                          branch=context.branch, error_type=CANCELLED,
+                          state=dict(state)) from exc
     except Exception as exc:  # the backend could not run the fan-out at all
         raise NodeFailure(f"fan-out from {_where(node, context)}: backend {backend.name!r} "
                           f"failed: {type(exc).__name__}: {exc}", node=node,
@@ -217,11 +322,45 @@ def _skip_recorded(recorder: RunRecorder, node: str, plan: FanOutPlan, gathered:
     return (task for position, task in enumerate(plan.tasks) if position not in reused), remaining
 
 
+def _branch_stream(fan_out: FanOut, tasks: Iterator[BranchTask], positions: list[int] | None,
+                   backend: IsolationBackend, max_concurrency: int | None,
+                   context: ExecutionContext
+                   ) -> Iterator[tuple[int, ParallelFlowResult] | RetryNotice]:
+    """The fan-out's results as they finish; with a retry policy, final ones and notices.
+
+    ``tasks`` are the plan's tasks still to run; ``positions`` their places
+    in the plan (None: all of them, in order).
+    """
+    default = context.fan_out_limits.branch_retry
+    policies = [fan_out.retry_of(i) for i in range(len(fan_out.targets))] \
+        if isinstance(fan_out, StaticFanOut) else [fan_out.retry]
+    if default is None and not any(policies):
+        return stream_results(backend, tasks, max_concurrency, context.fan_out_cancel)
+
+    def policy_of(position: int) -> RetryPolicy | None:
+        in_plan = positions[position] if positions is not None else position
+        return fan_out.retry_of(in_plan) or default
+
+    return stream_with_retries(backend, tasks, max_concurrency, policy_of=policy_of,
+                               stop_flags=context.stop_flags(), cancel=context.fan_out_cancel)
+
+
 def _branch_event(node: str, fan_in: str, result: ParallelFlowResult, gathered: Gathered
                   ) -> dict[str, Any]:
     return {"type": "branch", "fan_out": node, "fan_in": fan_in, "branch": result.branch,
             "index": result.index, "success": result.success, "error_type": result.error_type,
-            "timed_out": result.timed_out, "duration_ms": result.duration_ms, "attempts": 1,
+            "timed_out": result.timed_out, "duration_ms": result.duration_ms,
+            "attempts": result.attempts, "done": gathered.done, "total": len(gathered.results)}
+
+
+def _retry_event(node: str, fan_in: str, notice: RetryNotice, gathered: Gathered
+                 ) -> dict[str, Any]:
+    result = notice.result
+    return {"type": "branch_retry", "fan_out": node, "fan_in": fan_in, "branch": result.branch,
+            "index": result.index, "attempt": result.attempts,
+            "max_attempts": notice.max_attempts, "error": result.error,
+            "error_type": result.error_type, "timed_out": result.timed_out,
+            "duration_ms": result.duration_ms, "retry_in": notice.delay,
             "done": gathered.done, "total": len(gathered.results)}
 
 

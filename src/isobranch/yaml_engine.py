@@ -26,6 +26,7 @@ from .isolation.base import available_backends
 from .keys import (
     CHECKPOINT_SETTINGS_KEYS,
     EDGE_KEYS,
+    FAN_OUT_EDGE_KEYS,
     LUA_SETTINGS_KEYS,
     MAP_EDGE_KEYS,
     NODE_KEYS,
@@ -42,6 +43,7 @@ from .keys import (
 from .lua.runtime import DEFAULT_MAX_MEMORY
 from .lua.syntax import LuaSyntaxChecker
 from .nodes import LuaNode, Node, PythonNode
+from .retry import RetryPolicy, parse_policy
 from .runner import END, START
 from .sizes import parse_size
 
@@ -336,8 +338,11 @@ class _Builder:
                 options["branch_max_memory"] = parse_size(parallel["branch_max_memory"])
             except ValueError as exc:
                 self.problem(f"{origin['branch_max_memory']}: {exc}")
+        if "retry" in parallel:
+            options["branch_retry"], problems = parse_policy(parallel["retry"], origin["retry"])
+            self.problems.extend(problems)
         # Settings interpreted further on (compile keywords of their own).
-        handled = {"isolation", "strategy", "branch_max_memory", *options}
+        handled = {"isolation", "strategy", "branch_max_memory", "retry", *options}
         for key in sorted(PARALLEL_KEYS & set(parallel) - handled):
             options[key] = parallel[key]
         # Flat backend options in the document belong to the backend the
@@ -495,12 +500,14 @@ class _Builder:
                 continue
             names.append(name)
             node = self.node(name, spec, where)
-            if node is None:
+            retry, problems = parse_policy(spec.get("retry"), f"{where}: retry")
+            self.problems.extend(problems)
+            if node is None or problems:
                 continue
             if spec.get("fan_in"):
-                graph.add_fan_in_node(name, node)
+                graph.add_fan_in_node(name, node, retry=retry)
             else:
-                graph.add_node(name, node)
+                graph.add_node(name, node, retry=retry)
         return names
 
     def node(self, name: str, spec: Mapping[str, Any], where: str) -> Node | None:
@@ -618,8 +625,15 @@ class _Builder:
             if kind != EdgeType.MAP:
                 for key in sorted(MAP_EDGE_KEYS & set(spec)):
                     self.problem(f"{where}: {key!r} belongs to map edges (type: map)")
+            if kind not in (EdgeType.MAP, EdgeType.PARALLEL):
+                for key in sorted(FAN_OUT_EDGE_KEYS & set(spec)):
+                    self.problem(f"{where}: {key!r} belongs to parallel and map edges "
+                                 f"(type: parallel / type: map)")
+            retry, problems = parse_policy(spec.get("retry"), f"{where}: retry")
+            self.problems.extend(problems)
             if kind == EdgeType.MAP:
-                self.map_edge(graph, spec, where, known, fan_ins)
+                if not problems:
+                    self.map_edge(graph, spec, where, known, fan_ins, retry)
                 continue
             if kind == EdgeType.PARALLEL:
                 fan_in = spec.get("fan_in")
@@ -629,9 +643,9 @@ class _Builder:
                     self.problem(f"{where}: fan-in node {fan_in!r} does not exist")
                 elif source == START or target == END:
                     self.problem(f"{where}: parallel edges run between nodes")
-                else:
+                elif not problems:
                     fan_ins.add(fan_in)
-                    graph.add_parallel_edge(source, target, fan_in)
+                    graph.add_parallel_edge(source, target, fan_in, retry=retry)
                 continue
             if kind not in (EdgeType.NORMAL, EdgeType.SIMPLE, EdgeType.CONDITIONAL):
                 self.problem(unknown(f"{where}: unknown edge type {kind!r}", kind,
@@ -655,7 +669,7 @@ class _Builder:
         return fan_ins
 
     def map_edge(self, graph: StateGraph, spec: Mapping[str, Any], where: str, known: set[str],
-                 fan_ins: set[str]) -> None:
+                 fan_ins: set[str], retry: RetryPolicy | None) -> None:
         source, target, fan_in = spec["from"], spec["to"], spec.get("fan_in")
         problems_before = len(self.problems)
         if "when" in spec:
@@ -686,8 +700,7 @@ class _Builder:
         try:
             graph.add_map_edge(source, target, over=over, fan_in=fan_in, item_key=keys["as"],
                                index_key=keys["index_as"],
-                               max_concurrency=spec.get("max_concurrency"),
-                               retry=spec.get("retry"))
+                               max_concurrency=spec.get("max_concurrency"), retry=retry)
         except GraphError as exc:
             for problem in exc.problems:
                 self.problem(problem.replace(f"map edge {source} -> {target}", where, 1))

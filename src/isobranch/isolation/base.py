@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
-from itertools import islice
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..errors import GraphError
@@ -56,6 +58,87 @@ class StreamingBackend(Protocol):
                         ) -> Iterator[tuple[int, ParallelFlowResult]]: ...
 
 
+class NotReady:
+    """What a task source may yield in place of a task: no task is ready yet.
+
+    A fan-out whose failed branches wait to be retried hands its backend a
+    source that is not finished while a retry waits. ``wake_at`` is when
+    the next task will be ready (``time.monotonic()``), or None: not before
+    the backend hands back another result (some are still running). A
+    backend that declares ``accepts_not_ready = True`` then starts nothing
+    for now, keeps reporting running branches, and asks the source again
+    at ``wake_at`` or after its next result. A source that has a
+    ``set_waker(callback)`` method is told how to end that wait early (the
+    fan-out was stopped); the callback may be called from any thread. A
+    source never answers ``NotReady`` before its first task.
+    """
+
+    __slots__ = ("wake_at",)
+
+    def __init__(self, wake_at: float | None) -> None:
+        self.wake_at = wake_at
+
+    def __repr__(self) -> str:
+        return f"NotReady(wake_at={self.wake_at!r})"
+
+
+def accepts_not_ready(backend: Any) -> bool:
+    """Whether ``backend``'s streaming takes a source that may answer ``NotReady``.
+
+    True for the built-in backends, and for one with only ``run_branches``
+    (it is driven chunk by chunk here). A third-party ``stream_branches``
+    without the declaration gets finite sources only.
+    """
+    if not callable(getattr(backend, "stream_branches", None)):
+        return True
+    return getattr(backend, "accepts_not_ready", False) is True
+
+
+def set_waker(tasks: Any, callback: Callable[[], None]) -> None:
+    """Tell ``tasks`` how to wake the backend waiting on it, if it wants to know."""
+    hook = getattr(tasks, "set_waker", None)
+    if callable(hook):
+        hook(callback)
+
+
+def wait_until_ready(marker: NotReady, woken: threading.Event) -> None:
+    """For a backend with nothing running: wait until ``marker.wake_at`` or ``woken``."""
+    if marker.wake_at is None:
+        raise RuntimeError("the task source waits for a result, but no branch is running")
+    woken.wait(max(marker.wake_at - time.monotonic(), 0.0))
+    woken.clear()
+
+
+class PipeWaker:
+    """A pipe whose read end ``fd`` joins the file descriptors a backend waits on, so
+    another thread (a fan-out being stopped) can end that wait at once."""
+
+    def __init__(self) -> None:
+        self.fd, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        os.set_blocking(self.fd, False)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def wake(self) -> None:
+        """End the wait (from any thread); nothing after ``close``."""
+        with self._lock, contextlib.suppress(OSError):  # full: a wake-up is pending anyway
+            if not self._closed:
+                os.write(self._write, b"!")
+
+    def clear(self) -> None:
+        """Forget the wake-ups so far."""
+        with contextlib.suppress(OSError):
+            os.read(self.fd, 4096)
+
+    def close(self) -> None:
+        """Close both ends (a later ``wake`` writes nowhere)."""
+        with self._lock:
+            self._closed = True
+            os.close(self.fd)
+            os.close(self._write)
+
+
 # Chunk size for a backend that has neither stream_branches nor max_workers.
 DEFAULT_LEGACY_CHUNK = max(os.cpu_count() or 1, 8)
 
@@ -98,16 +181,38 @@ def _checked(stream: Iterator[tuple[int, ParallelFlowResult]], cancel: CancelSig
 def _chunked(backend: IsolationBackend, tasks: Iterator[BranchTask], size: int,
              cancel: CancelSignal | None = None) -> Iterator[tuple[int, ParallelFlowResult]]:
     position = 0
-    while chunk := list(islice(tasks, size)):
-        if cancel is not None:
-            cancel.raise_if_set()
-        results = backend.run_branches(chunk)
-        if len(results) != len(chunk):
-            raise RuntimeError(f"backend {backend.name!r} returned {len(results)} results for "
-                               f"{len(chunk)} branches")
-        for result in results:
-            yield position, result
-            position += 1
+    woken = threading.Event()
+    set_waker(tasks, woken.set)
+    forget = cancel.add_callback(woken.set) if cancel is not None else None
+    try:
+        while True:
+            chunk: list[BranchTask] = []
+            while len(chunk) < size:
+                task = next(tasks, None)
+                if task is None:
+                    break
+                if isinstance(task, NotReady):
+                    if chunk:
+                        break  # run what is ready; the rest is asked for after it
+                    wait_until_ready(task, woken)  # nothing runs meanwhile
+                    if cancel is not None:
+                        cancel.raise_if_set()
+                    continue
+                chunk.append(task)
+            if not chunk:
+                return
+            if cancel is not None:
+                cancel.raise_if_set()
+            results = backend.run_branches(chunk)
+            if len(results) != len(chunk):
+                raise RuntimeError(f"backend {backend.name!r} returned {len(results)} results "
+                                   f"for {len(chunk)} branches")
+            for result in results:
+                yield position, result
+                position += 1
+    finally:
+        if forget is not None:
+            forget()
 
 
 def run_in_order(stream: Iterator[tuple[int, ParallelFlowResult]],

@@ -18,6 +18,7 @@ Python call is given up on by the client, and its worker is restarted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import functools
 import importlib.util
@@ -34,7 +35,7 @@ from typing import Any
 
 from ..branch import BranchTask, ParallelFlowResult
 from ..cancellation import CancelSignal
-from .base import register_backend, run_in_order
+from .base import NotReady, register_backend, run_in_order, set_waker
 from .dask_cluster import (
     DEFAULT_CONNECT_TIMEOUT,
     INSTALL_HINT,
@@ -130,6 +131,8 @@ class DaskBackend:
 
     name = "dask"
     cancellable = True
+    # Its tasks may answer NotReady (a retry waiting); running branches go on.
+    accepts_not_ready = True
     # The runner checks this before fan-out: state must pickle to get here.
     crosses_processes = True
 
@@ -337,7 +340,8 @@ class DaskBackend:
         # Results found by one look at the cluster, handed out before the next.
         results: dict[int, ParallelFlowResult] = {}
         position = 0
-        upcoming: BranchTask | None = first
+        upcoming: BranchTask | NotReady | None = first
+        set_waker(source, lambda: fan_out.finished.put(None))
         # A cancellation wakes the wait for finished futures (any item does).
         forget = (cancel.add_callback(lambda: fan_out.finished.put(None))
                   if cancel is not None else None)
@@ -345,19 +349,26 @@ class DaskBackend:
             while True:
                 if cancel is not None:
                     cancel.raise_if_set()
-                while upcoming is not None and len(pending) < limit:
+                if isinstance(upcoming, NotReady):  # a retry may be due by now
+                    upcoming = next(source, None)
+                while isinstance(upcoming, BranchTask) and len(pending) < limit:
                     branch = _Branch(position, upcoming, fan_out)
                     pending[self._submit(client, plugin, branch)] = branch
                     position += 1
                     upcoming = next(source, None)
                 if not pending:
-                    return
-                lost = self._follow_once(connection, plugin, pending, results, fan_out, cancel)
+                    if not isinstance(upcoming, NotReady):
+                        return
+                    _wait_for(fan_out.finished, upcoming.wake_at)
+                    continue
+                due = upcoming.wake_at if isinstance(upcoming, NotReady) else None
+                lost = self._follow_once(connection, plugin, pending, results, fan_out, cancel,
+                                         due)
                 for finished in sorted(results):
                     yield finished, results.pop(finished)
                 if lost is not None:
                     # Nothing can run on this cluster any more: the rest fail alike.
-                    while upcoming is not None:
+                    while isinstance(upcoming, BranchTask):
                         yield position, _failed(_Branch(position, upcoming, fan_out), lost,
                                                 "DaskError")
                         position += 1
@@ -405,14 +416,19 @@ class DaskBackend:
 
     def _follow_once(self, connection: Connection, plugin: str, pending: dict[Any, _Branch],
                      results: dict[int, ParallelFlowResult], fan_out: _FanOut,
-                     cancel: CancelSignal | None = None) -> str | None:
-        """Wait for a branch to finish (or a deadline), and put what is done in ``results``.
+                     cancel: CancelSignal | None = None, due: float | None = None
+                     ) -> str | None:
+        """Wait for a branch to finish (or a deadline, or ``due``: a task will be ready),
+        and put what is done in ``results``.
 
         Returns why nothing pending can finish any more, if so (its branches
         are then failed with that reason).
         """
         try:
-            fan_out.finished.get(timeout=self._wakeup(pending))
+            timeout = self._wakeup(pending)
+            if due is not None:
+                timeout = min(timeout, max(due - time.monotonic(), 0.0))
+            fan_out.finished.get(timeout=timeout)
             fan_out.heard_at = time.monotonic()
             while True:
                 fan_out.finished.get_nowait()
@@ -660,6 +676,14 @@ class DaskBackend:
             _quietly(connection.client.unsubscribe_topic, MEMORY_RESTART_TOPIC)
         if connection.owns_client:
             connection.close()
+
+
+def _wait_for(finished: queue.SimpleQueue, due: float | None) -> None:
+    """Nothing runs: wait until ``due`` (a task will be ready) or a wake-up."""
+    if due is None:
+        raise RuntimeError("the task source waits for a result, but no branch is running")
+    with contextlib.suppress(queue.Empty):
+        finished.get(timeout=max(due - time.monotonic(), 0.0))
 
 
 def _failed(branch: _Branch, reason: str, error_type: str) -> ParallelFlowResult:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator
 
 from ..branch import BranchMonitor, BranchTask, ParallelFlowResult, run_branch
 from ..cancellation import CancelSignal
-from .base import register_backend, run_in_order
+from .base import NotReady, register_backend, run_in_order, set_waker, wait_until_ready
 
 
 class InlineBackend:
@@ -19,6 +20,8 @@ class InlineBackend:
 
     name = "inline"
     cancellable = True
+    # Its tasks may answer NotReady (a retry waiting): nothing runs meanwhile.
+    accepts_not_ready = True
 
     def __init__(self, max_workers: int | None = None) -> None:
         self.max_workers = max_workers  # accepted for a uniform factory signature
@@ -30,22 +33,38 @@ class InlineBackend:
 
         A set ``cancel`` stops the running branch as a ``fail_fast`` sibling
         would (at its next node boundary, or in Lua at once) and raises
-        ``RunCancelled``.
+        ``RunCancelled``. A ``NotReady`` task is waited for here (no other
+        branch is running), until it is due or ``cancel`` is set.
         """
-        if cancel is None:
-            for position, task in enumerate(tasks):
-                yield position, run_branch(task, BranchMonitor())
-            return
-        for position, task in enumerate(tasks):
-            cancel.raise_if_set()
-            monitor = BranchMonitor()
-            forget = cancel.add_callback(monitor.cancelled.cancel)
-            try:
-                result = run_branch(task, monitor)
-            finally:
-                forget()
-            cancel.raise_if_set()
-            yield position, result
+        source = iter(tasks)
+        woken = threading.Event()
+        set_waker(source, woken.set)
+        forget_wait = cancel.add_callback(woken.set) if cancel is not None else None
+        position = 0
+        try:
+            for task in source:
+                if isinstance(task, NotReady):
+                    wait_until_ready(task, woken)
+                    if cancel is not None:
+                        cancel.raise_if_set()
+                    continue
+                if cancel is None:
+                    yield position, run_branch(task, BranchMonitor())
+                    position += 1
+                    continue
+                cancel.raise_if_set()
+                monitor = BranchMonitor()
+                forget = cancel.add_callback(monitor.cancelled.cancel)
+                try:
+                    result = run_branch(task, monitor)
+                finally:
+                    forget()
+                cancel.raise_if_set()
+                yield position, result
+                position += 1
+        finally:
+            if forget_wait is not None:
+                forget_wait()
 
     def run_branches(self, tasks: list[BranchTask]) -> list[ParallelFlowResult]:
         """Run ``tasks`` in order; with ``fail_fast`` the rest are cancelled after a failure."""

@@ -40,7 +40,7 @@ from typing import Any
 
 from ..branch import BranchTask, ParallelFlowResult
 from ..cancellation import CancelPipe, CancelSignal
-from .base import register_backend, run_in_order
+from .base import NotReady, PipeWaker, register_backend, run_in_order, set_waker
 from .memory_limit import BRANCH_MEMORY_ERROR, kernel_oom_kills, memory_message, oom_killed
 from .process_pool import START_METHODS, WorkerProcess, WorkerStartError, start_launcher
 from .shipping import BackendError, pickle_graph
@@ -81,13 +81,19 @@ class _Source:
         self._position = 0
         self._front: deque[_Queued] = deque()
         self._exhausted = False
+        # The tasks answered NotReady: when to ask again (None: after a result).
+        self.waiting = False
+        self.wake_at: float | None = None
 
     def peek(self) -> _Queued | None:
-        """The next branch to start, building it if needed; None when there is none."""
+        """The next branch to start, building it if needed; None when there is none now."""
         if not self._front and not self._exhausted:
             task = next(self._tasks, None)
+            self.waiting = isinstance(task, NotReady)
             if task is None:
                 self._exhausted = True
+            elif isinstance(task, NotReady):
+                self.wake_at = task.wake_at
             else:
                 self._front.append(_Queued(self._position, task, _payload(task)))
                 self._position += 1
@@ -158,6 +164,8 @@ class ProcessBackend:
     cancellable = True
     # The runner checks this before fan-out: state must pickle to get here.
     crosses_processes = True
+    # Its tasks may answer NotReady (a retry waiting); running branches go on.
+    accepts_not_ready = True
 
     @staticmethod
     def check_branch_max_memory(limit: int) -> str | None:
@@ -212,8 +220,12 @@ class ProcessBackend:
         backlog: dict[Connection, deque[_Queued]] = {}
         pace = _Pace(enabled=not self.fresh_worker_per_branch)
         wakeup = CancelPipe(cancel, self._lock) if cancel is not None else None
+        # Only a source that may answer NotReady can need waking.
+        waker = PipeWaker() if callable(getattr(tasks, "set_waker", None)) else None
+        if waker is not None:
+            set_waker(tasks, waker.wake)
         try:
-            while source.peek() is not None or running:
+            while source.peek() is not None or running or source.waiting:
                 if cancel is not None:
                     cancel.raise_if_set()
                 self._dispatch(source, running, limit, cancel)
@@ -223,15 +235,23 @@ class ProcessBackend:
                     # Waiting for a worker another thread may free: look again soon.
                     timeout = min(timeout if timeout is not None else POOL_RECHECK_SECONDS,
                                   POOL_RECHECK_SECONDS)
+                elif source.waiting and source.wake_at is not None:
+                    # A retry is due then; a result or the waker may come first.
+                    due = max(source.wake_at - time.monotonic(), 0.0)
+                    timeout = due if timeout is None else min(timeout, due)
                 with self._lock:
                     if self._closed:
                         raise BackendError("the process backend was closed while running")
                 finished: list[tuple[int, ParallelFlowResult]] = []
-                ready = wait([*running, wakeup] if wakeup is not None else list(running),
-                             timeout=timeout)
+                watched: list[Any] = [*running]
+                watched += [w for w in (wakeup, waker.fd if waker else None) if w is not None]
+                ready = wait(watched, timeout=timeout)
                 if cancel is not None:
                     cancel.raise_if_set()
                 for conn in ready:
+                    if waker is not None and conn == waker.fd:
+                        waker.clear()  # the task source changed (a retry was stopped)
+                        continue
                     slot = running[conn]
                     outcome = self._receive(slot)
                     if outcome is None:
@@ -266,6 +286,8 @@ class ProcessBackend:
                 self._discard(slot.worker, kill=True)
             if wakeup is not None:
                 wakeup.close()
+            if waker is not None:
+                waker.close()
 
     def _next_in_worker(self, conn: Connection, running: dict[Connection, _Running],
                         backlog: dict[Connection, deque[_Queued]]) -> None:

@@ -7,6 +7,7 @@ branch still gets a fresh context, so a reused thread never carries a VM over.
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import threading
@@ -25,7 +26,7 @@ from ..branch import (
     timed_out_result,
 )
 from ..cancellation import CancelSignal
-from .base import register_backend, run_in_order
+from .base import NotReady, register_backend, run_in_order, set_waker
 from .thread_pool import DaemonThreadPool
 
 # A branch gets this long past its deadline to report its own timeout (with
@@ -51,6 +52,8 @@ class ThreadBackend:
 
     name = "thread"
     cancellable = True
+    # Its tasks may answer NotReady (a retry waiting); running branches go on.
+    accepts_not_ready = True
 
     def __init__(self, max_workers: int | None = None) -> None:
         if max_workers is not None and max_workers < 1:
@@ -93,21 +96,25 @@ class ThreadBackend:
         # thread that finishes starts the next branch without waiting for this one.
         queued_ahead = SUBMIT_AHEAD_PER_THREAD * self.max_workers if limit >= self.max_workers \
             else 0
-        lanes = _Lanes(self._pool, iter(tasks), width=min(limit, self.max_workers),
+        source = iter(tasks)
+        lanes = _Lanes(self._pool, source, width=min(limit, self.max_workers),
                        cap=limit + queued_ahead)
+        set_waker(source, lanes.wake)
         forget = None
         if cancel is not None:
             forget = cancel.add_callback(lambda: lanes.finished.put((None, None, cancel.error())))
         try:
             lanes.fill()
             while not lanes.all_done():
-                reports = _next_finished(lanes.finished, _next_wakeup(lanes.outstanding()))
+                reports = _next_finished(lanes.finished, _sooner(
+                    _next_wakeup(lanes.outstanding()), lanes.source_wakeup()))
                 for submitted, result in lanes.consume(reports):
                     yield submitted.position, result
                 for submitted in _overdue(lanes.outstanding()):
                     submitted.monitor.cancelled.cancel()
                     self._abandon(lanes.give_up(submitted))
                     yield submitted.position, timed_out_result(submitted.task, submitted.monitor)
+                lanes.ask_again()
         finally:
             # Stopped early (fail_fast, Ctrl-C, a consumer gone): branches stop at
             # their next node boundary or Lua hook, queued ones never start, and
@@ -187,6 +194,9 @@ class _Lanes:
         self._outstanding: dict[int, _Submitted] = {}
         self._position = 0
         self._exhausted = False
+        # The source answered NotReady: not asked again before this time
+        # (inf: not before a result was handed back), 0.0 when it did not.
+        self._not_before = 0.0
         self._live = 0
         self._stopped = False
         self._futures: list[Future] = []
@@ -204,7 +214,7 @@ class _Lanes:
 
     def _take_task(self) -> _Submitted | None:
         # Called with the lock held: the tasks are an iterator no two threads may advance.
-        if self._exhausted:
+        if self._exhausted or not self._source_ready():
             return None
         try:
             task = next(self._source, None)
@@ -214,14 +224,41 @@ class _Lanes:
         if task is None:
             self._exhausted = True
             return None
+        if isinstance(task, NotReady):
+            self._not_before = math.inf if task.wake_at is None else task.wake_at
+            return None
+        self._not_before = 0.0
         submitted = _Submitted(self._position, task, BranchMonitor())
         self._outstanding[self._position] = submitted
         self._position += 1
         return submitted
 
+    def _source_ready(self) -> bool:
+        return not self._not_before or time.monotonic() >= self._not_before
+
     def _has_work(self) -> bool:
-        return not self._stopped and bool(
-            self._queued or (not self._exhausted and len(self._outstanding) < self._cap))
+        return not self._stopped and bool(self._queued or (
+            not self._exhausted and len(self._outstanding) < self._cap and self._source_ready()))
+
+    def source_wakeup(self) -> float | None:
+        """Seconds until the source said a task would be ready (None: no such time)."""
+        with self._lock:
+            if not self._not_before or self._not_before == math.inf:
+                return None
+            return max(self._not_before - time.monotonic(), 0.0)
+
+    def ask_again(self) -> None:
+        """In the consumer, after a result was handed back or a wait ended: if the source
+        said it had nothing ready, ask it again (a retry may be due or newly scheduled)."""
+        if not self._not_before:  # the common case, read without the lock
+            return
+        with self._lock:
+            self._not_before = 0.0
+        self.fill()
+
+    def wake(self) -> None:
+        """Wake the consumer (from any thread): the source has changed."""
+        self.finished.put((None, None, None))
 
     def _start_lanes(self) -> None:
         # Called with the lock held.
@@ -258,7 +295,7 @@ class _Lanes:
                         submitted = self._take_task()
                     except BaseException as exc:  # building a task failed: the consumer raises it
                         self.finished.put((None, None, exc))
-                    if submitted is None:
+                    if submitted is None and self._exhausted:
                         self.finished.put((None, None, None))  # wake the consumer to finish
             if submitted is None:
                 self._live -= 1
@@ -379,6 +416,12 @@ def _next_finished(finished: queue.SimpleQueue[_Finished], timeout: float | None
             done.append(finished.get_nowait())
         except queue.Empty:
             return done
+
+
+def _sooner(first: float | None, second: float | None) -> float | None:
+    if first is None:
+        return second
+    return first if second is None else min(first, second)
 
 
 def _next_wakeup(pending: Iterable[_Submitted]) -> float | None:
