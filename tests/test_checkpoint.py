@@ -523,3 +523,39 @@ def test_a_cancelled_ainvoke_is_recorded_interrupted_and_aresume_finishes_it(tmp
     assert final["values"] == EXPECTED_VALUES
     ran = executions(marks)
     assert [ran.count(item) for item in (0, 1, 2)] == [1, 1, 1], "recorded branches ran once"
+
+
+def test_a_retried_branch_is_recorded_once_with_its_attempts_and_kept_on_resume(tmp_path, marks):
+    from isobranch import RetryPolicy
+
+    def body(state):
+        flag = marks.parent / f"tried-{state['item']}"
+        if state["item"] == 2 and not flag.exists():
+            flag.touch()
+            raise RuntimeError("first attempt fails")
+        if state["item"] == 4 and not (marks.parent / "released").exists():
+            raise KeyboardInterrupt  # stands for a kill while the map is under way
+        (marks / f"{state['item']}.{uuid.uuid4().hex}").touch()
+        return {"v": state["item"] * 10}
+
+    graph = StateGraph()
+    graph.add_node("start", lambda state: {"items": list(range(6))})
+    graph.add_node("body", body)
+    graph.add_fan_in_node("join", lambda state, results: {
+        "values": [r.state["v"] for r in results], "attempts": [r.attempts for r in results]})
+    graph.add_edge(START, "start")
+    graph.add_map_edge("start", "body", over="items", fan_in="join",
+                       retry=RetryPolicy(max_attempts=2, initial_interval=0.0, jitter=False,
+                                         retry_on=["RuntimeError"]))
+    graph.add_edge("body", "join")
+    graph.add_edge("join", END)
+    checkpointer = SqliteCheckpointer(tmp_path / "runs.db")
+    with graph.compile(isolation="inline", checkpointer=checkpointer) as app:
+        with pytest.raises(KeyboardInterrupt):
+            app.invoke({}, config={"run_id": "r"})
+        assert _recorded_successes(tmp_path / "runs.db", "r") == {0, 1, 2, 3}
+        (tmp_path / "released").touch()
+        final = app.resume("r")
+    assert final["values"] == [0, 10, 20, 30, 40, 50]
+    assert final["attempts"] == [1, 1, 2, 1, 1, 1], "the recorded result keeps its attempts"
+    assert executions(marks) == [0, 1, 2, 3, 4, 5]
