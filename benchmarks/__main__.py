@@ -7,14 +7,15 @@ import json
 import platform
 import sys
 
-from . import async_cases, cases, checkpoint_cases, checkpoint_codec, map_cases
+from . import async_cases, cases, checkpoint_cases, checkpoint_codec, map_cases, reducer_cases
 
 NAMES = ["vm", "hook", "lua-threads", "overhead-thread", "overhead-inline", "hot-loop-process",
          "python-processes", "overhead-process", "overhead-fresh", "state-copy", "round-trip",
          "lua-small-read",
          "soak-thread", "soak-process", "python-dask", "overhead-dask", "dask-start",
          "map-process", "map-thread", "map-width-thread", "map-width-process", "map-dask",
-         "codec-small", "codec-20k", "ainvoke", "checkpoint-process", "checkpoint-thread"]
+         "codec-small", "codec-20k", "ainvoke", "reducer-map-thread", "reducer-width-thread",
+         "checkpoint-process", "checkpoint-thread"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         lambda: checkpoint_codec.codec_vs_json("small", repeat=reps(9)),
         lambda: checkpoint_codec.codec_vs_json("20k", repeat=reps(9)),
         lambda: async_cases.ainvoke_overhead(repeat=reps(7)),
+        lambda: reducer_cases.reducer_vs_fan_in_code("thread", repeat=reps(5)),
+        lambda: reducer_cases.reducer_width_scaling("thread", repeat=reps(5)),
         lambda: checkpoint_cases.map_with_checkpointer("process", repeat=reps(9)),
         lambda: checkpoint_cases.map_with_checkpointer("thread", repeat=reps(9)),
     ]

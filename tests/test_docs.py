@@ -131,8 +131,9 @@ def heading_anchors(page: Path) -> set[str]:
 
 def check_python(block: Block, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(ROOT)
-    # Padding keeps line numbers in a traceback equal to the page's.
-    code = compile("\n" * block.line + block.text, str(block.page), "exec")
+    # Padding keeps line numbers in a traceback equal to the page's. The block runs as
+    # a reader's script would: without this module's __future__ imports (annotations).
+    code = compile("\n" * block.line + block.text, str(block.page), "exec", dont_inherit=True)
     exec(code, {"__name__": "docs_example"})
 
 

@@ -14,7 +14,7 @@ import pickle
 import threading
 import time
 import traceback as traceback_module
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 
 @dataclass(slots=True)
-class ParallelFlowResult:
+class ParallelFlowResult(Mapping):
     """What one branch produced.
 
     ``state`` is the branch's final state, or its state as of the failure.
@@ -42,8 +42,16 @@ class ParallelFlowResult:
     counts the runs of the branch (more than 1 after branch retries);
     ``error_bases`` names the base classes of ``error_type``'s exception,
     nearest first, so a ``retry_on`` name can match a base of a class that
-    only exists where the branch ran. Reads like a dict too:
-    ``result["state"]``, ``result.get("branch")``.
+    only exists where the branch ran. ``reducer_writes`` are the
+    ``(key, value)`` updates a successful branch made to reducer keys of the
+    state schema, in order (what the fan-in combines); empty for a failed
+    branch.
+
+    Reads like a dict too: ``result["state"]``, ``result.get("branch")``. A
+    key that is not a field name is looked up in the branch's state
+    (``result["score"]`` is ``result.state["score"]``; fields win), for
+    ``[]``, ``get`` and ``in``. Iterating, ``len``, ``keys()``, ``items()``
+    and ``dict(result)`` cover the fields only.
     """
 
     branch: str
@@ -60,25 +68,21 @@ class ParallelFlowResult:
     traceback: str | None = None
     attempts: int = 1
     error_bases: tuple[str, ...] = ()
+    reducer_writes: list[tuple[str, Any]] = field(default_factory=list)
 
     def __getitem__(self, key: str) -> Any:
-        if key not in self.__dataclass_fields__:
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        """Return the field ``key``, or ``default`` if there is no such field."""
-        return getattr(self, key, default) if key in self.__dataclass_fields__ else default
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.__dataclass_fields__
+        if key in self.__dataclass_fields__:
+            return getattr(self, key)
+        state = self.state
+        if isinstance(state, dict) and key in state:
+            return state[key]
+        raise KeyError(key)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.__dataclass_fields__)
 
-    def keys(self) -> list[str]:
-        """Field names, so ``dict(result)`` works."""
-        return list(self.__dataclass_fields__)
+    def __len__(self) -> int:
+        return len(self.__dataclass_fields__)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict of every field (the state is copied)."""
@@ -222,7 +226,7 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
             pass
         # A last node that ran past the deadline makes the branch late too.
         context.check_deadline()
-        return result(success=True)
+        return result(success=True, reducer_writes=context.reducer_writes)
     except BranchTimeout as timeout:
         return result(success=False, error=str(timeout), error_type="BranchTimeout",
                       timed_out=True, node=timeout.node, traceback=format_traceback(timeout))

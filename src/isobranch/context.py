@@ -95,6 +95,8 @@ class ExecutionContext:
         self.node: str | None = None
         self.watchdog = watchdog
         self._lua_call: tuple[str, float | None, bool] = ("lua", None, False)
+        # A branch's writes to reducer keys, in order, for its fan-in (None on the main path).
+        self.reducer_writes: list[tuple[str, Any]] | None = [] if branch is not None else None
         self._awaiter: AwaitRunner | None = None
 
     @property

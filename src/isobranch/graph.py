@@ -27,6 +27,7 @@ from .lua.runtime import DEFAULT_MAX_MEMORY
 from .nodes import Node, as_node
 from .retry import RetryPolicy, as_policy
 from .runner import END, START, run_steps
+from .schema import StateSchema
 from .statecopy import StateCopyError, StateSnapshot
 
 DEFAULT_MAX_STEPS = 10_000
@@ -53,7 +54,10 @@ class StateGraph:
     """
 
     def __init__(self, state_schema: Any = None) -> None:
+        """``state_schema``: a ``TypedDict`` (fields may be ``Annotated[T, reducer]``), a dict
+        ``{key: reducer | type}``, or None; see docs/state.md. Invalid: ``GraphError``."""
         self.state_schema = state_schema
+        self.schema = StateSchema.from_python(state_schema)
         self._nodes: dict[str, Node] = {}
         self._node_retries: dict[str, RetryPolicy] = {}
         self._fan_in_nodes: set[str] = set()
@@ -369,7 +373,7 @@ class StateGraph:
             backend_options=dict(backend_options or {}), name=name,
             branch_max_memory=branch_max_memory, max_concurrency=max_concurrency,
             node_retries=dict(self._node_retries), branch_retry=branch_retry,
-            checkpointer=checkpointer)
+            schema=self.schema, checkpointer=checkpointer)
         compiled._adopt_backend(isolation, backend, max_workers)
         return compiled
 
@@ -435,11 +439,14 @@ class CompiledGraph:
                  max_concurrency: int | None = None,
                  node_retries: dict[str, RetryPolicy] | None = None,
                  branch_retry: RetryPolicy | None = None,
+                 schema: StateSchema | None = None,
                  checkpointer: SqliteCheckpointer | None = None) -> None:
         self.nodes = nodes
         # The retry policy of each node that has one.
         self.node_retries = node_retries or {}
         self.branch_retry = branch_retry
+        # Declared types and reducers; every update merges through it.
+        self.schema = schema if schema is not None else StateSchema()
         self._routes = routes
         self._fan_outs = fan_outs
         self.entry = entry
@@ -662,9 +669,12 @@ class CompiledGraph:
         if not isinstance(state, dict):
             raise GraphError(f"the input state must be a dict, got {type(state).__name__}")
         try:
-            return StateSnapshot(state).copy()
+            working = StateSnapshot(state).copy()
         except StateCopyError as exc:
             raise GraphError(f"the input state cannot be copied: {exc}") from exc
+        if mismatched := self.schema.check_input(working):
+            raise GraphError(problems=[f"the input state: {p}" for p in mismatched])
+        return working
 
     def _resolve(self, config: dict | None) -> dict[str, Any]:
         settings = {"isolation": self.isolation, "max_workers": self.max_workers,

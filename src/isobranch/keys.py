@@ -37,7 +37,7 @@ class Language(StrEnum):
 
 
 TOP_LEVEL_KEYS: frozenset[str] = frozenset(
-    {"name", "description", "variables", "settings", "nodes", "edges"})
+    {"name", "description", "variables", "state_schema", "settings", "nodes", "edges"})
 SETTINGS_KEYS: frozenset[str] = frozenset({"lua", "parallel", "checkpoint"})
 LUA_SETTINGS_KEYS: frozenset[str] = frozenset({"timeout", "max_memory"})
 CHECKPOINT_SETTINGS_KEYS: frozenset[str] = frozenset({"path", "pickle"})

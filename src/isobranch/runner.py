@@ -24,6 +24,7 @@ from .fanout import (
     static_plan,
 )
 from .isolation.base import stream_results
+from .keys import Language
 from .retry import exception_names, failure_names, wait_unless
 from .statecopy import StateCopyError, StateSnapshot, find_unpicklable
 
@@ -83,6 +84,8 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
             results = yield from _fan_out(graph, current, fan_out, state, context,
                                           branch_events=branch_events, recorder=recorder)
             yield {"type": "parallel", "fan_in": fan_out.fan_in, "branches": results}
+            # Branches' writes to reducer keys reach the state before the fan-in node runs.
+            graph.schema.combine(state, results, node=fan_out.fan_in, context=context)
             if fan_out.fan_in in graph.node_retries:
                 yield from _run_node_with_retries(graph, fan_out.fan_in, state, context, results)
             else:
@@ -115,7 +118,7 @@ def _run_node(graph: CompiledGraph, name: str, state: dict, context: ExecutionCo
                           node=name, branch=context.branch, error_type=type(exc).__name__,
                           state=dict(state), traceback=format_traceback(exc),
                           error_bases=exception_names(type(exc))) from exc
-    _merge(name, update, state, context)
+    _merge(graph, name, update, state, context)
 
 
 def _run_node_with_retries(graph: CompiledGraph, name: str, state: dict,
@@ -156,18 +159,20 @@ def _run_node_with_retries(graph: CompiledGraph, name: str, state: dict,
     # The attempt that succeeded: what it changed in place counts, as for any node.
     state.clear()
     state.update(working)
-    _merge(name, update, state, context)
+    _merge(graph, name, update, state, context)
 
 
-def _merge(name: str, update: Any, state: dict, context: ExecutionContext) -> None:
+def _merge(graph: CompiledGraph, name: str, update: Any, state: dict,
+           context: ExecutionContext) -> None:
     if update is None:
         return
     if not isinstance(update, dict):
         raise NodeFailure(
             f"{_where(name, context)} returned {type(update).__name__}, expected a dict or None",
             node=name, branch=context.branch, error_type="TypeError", state=dict(state))
-    state.update(update)
-    context.merged(name, update)
+    applied = graph.schema.apply(state, update, node=name, context=context,
+                                 from_lua=graph.nodes[name].language == Language.LUA)
+    context.merged(name, applied)
 
 
 def _input_snapshot(name: str, state: dict, context: ExecutionContext) -> StateSnapshot:

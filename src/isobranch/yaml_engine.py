@@ -45,6 +45,7 @@ from .lua.syntax import LuaSyntaxChecker
 from .nodes import LuaNode, Node, PythonNode
 from .retry import RetryPolicy, parse_policy
 from .runner import END, START
+from .schema import StateSchema
 from .sizes import parse_size
 
 DEFAULT_LUA_TIMEOUT = 30.0
@@ -259,7 +260,7 @@ class _Builder:
             self.problem("variables: must be a mapping")
             variables = {}
         compile_options = self.settings(doc.get("settings") or {})
-        graph = StateGraph()
+        graph = StateGraph(StateSchema.from_yaml(doc.get("state_schema"), self.problems))
         names = self.nodes(graph, doc.get("nodes"))
         fan_in_names = self.edges(graph, doc.get("edges"), names)
         if self.problems:
