@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import operator
 import pickle
 import sqlite3
 import uuid
 from pathlib import Path
+from typing import Annotated, TypedDict
 
 import pytest
 
@@ -559,3 +561,35 @@ def test_a_retried_branch_is_recorded_once_with_its_attempts_and_kept_on_resume(
     assert final["values"] == [0, 10, 20, 30, 40, 50]
     assert final["attempts"] == [1, 1, 2, 1, 1, 1], "the recorded result keeps its attempts"
     assert executions(marks) == [0, 1, 2, 3, 4, 5]
+
+
+class ReducerState(TypedDict, total=False):
+    found: Annotated[list, operator.add]
+    item: int
+
+
+def test_a_resumed_map_folds_the_reducer_writes_of_recorded_branches_too(tmp_path, marks):
+    def body(state):
+        if state["item"] == 4 and not (marks.parent / "released").exists():
+            raise KeyboardInterrupt
+        (marks / f"{state['item']}.{uuid.uuid4().hex}").touch()
+        return {"found": [state["item"] * 10]}
+
+    graph = StateGraph(ReducerState)
+    graph.add_node("start", lambda state: {"items": list(range(6))})
+    graph.add_node("body", body)
+    graph.add_fan_in_node("join", lambda state, results: None)
+    graph.add_edge(START, "start")
+    graph.add_map_edge("start", "body", over="items", fan_in="join")
+    graph.add_edge("body", "join")
+    graph.add_edge("join", END)
+    with graph.compile(isolation="inline",
+                       checkpointer=SqliteCheckpointer(tmp_path / "runs.db")) as app:
+        with pytest.raises(KeyboardInterrupt):
+            app.invoke({}, config={"run_id": "r"})
+        (tmp_path / "released").touch()
+        final = app.resume("r")
+        uninterrupted = app.invoke({})
+    assert sorted(final["found"]) == [0, 10, 20, 30, 40, 50]
+    assert final["found"] == uninterrupted["found"]
+    assert executions(marks).count(0) == 2, "item 0 ran once in the run, once uninterrupted"
