@@ -7,6 +7,7 @@ VM, and runs on a pluggable isolation backend (inline, thread, ...).
 import logging
 
 from .branch import ParallelFlowResult
+from .checkpoint import SqliteCheckpointer
 from .errors import GraphError, GraphExecutionError
 from .graph import CompiledGraph, StateGraph
 from .isolation.base import (
@@ -39,6 +40,7 @@ __all__ = [
     "LuaTimeoutError",
     "ParallelFlowResult",
     "RetryPolicy",
+    "SqliteCheckpointer",
     "StateGraph",
     "YAMLEngine",
     "available_backends",
