@@ -66,3 +66,20 @@ def test_an_update_that_cannot_be_rebuilt_is_left_out_with_a_debug_record(caplog
     (record,) = [r for r in caplog.records if r.name == "isobranch.isolation.process_branches"]
     assert record.levelno == logging.DEBUG and "'b'" in record.getMessage()
     assert "cannot be unpickled" in record.getMessage()
+
+
+def test_a_branch_retry_logs_a_warning_with_attempt_and_reason(caplog):
+    from isobranch import RetryPolicy
+
+    def flaky(state):
+        raise RuntimeError("not yet")
+
+    caplog.set_level(logging.WARNING, logger="isobranch")
+    policy = RetryPolicy(max_attempts=2, initial_interval=0, jitter=False,
+                         retry_on=("RuntimeError",))
+    with fan_out(("flaky", flaky)).compile(isolation="inline", branch_retry=policy) as app:
+        (result,) = app.invoke({})["results"]
+    assert not result.success and result.attempts == 2
+    (record,) = warnings(caplog, "isobranch.branch_retry")
+    assert record.getMessage().startswith(
+        "branch 'flaky' failed on attempt 1 of 2 (RuntimeError); retrying in 0s")
