@@ -16,7 +16,7 @@ Python call is given up on by the client, and its worker is restarted.
 
 What a branch is to the client and which of its runs count against
 ``retries`` live in ``dask_branches``. This module stays longer than most
-(about 600 lines) because what remains is one loop and the checks it makes
+(about 630 lines) because what remains is one loop and the checks it makes
 on every wake-up (deadlines, worker deaths, memory restarts, a silent
 scheduler) against the one client and lock they share.
 """
@@ -46,6 +46,7 @@ from .dask_branches import (
     FETCH_SECONDS,
     FanOutWatch,
     FollowedBranch,
+    MemoryRestarts,
     RunLedger,
     dead_worker,
     describe_failure,
@@ -153,10 +154,7 @@ class DaskBackend:
         # Workers this backend restarted: a branch killed with one of them did
         # not fail and runs again; other deaths count against ``retries``.
         self._runs = RunLedger(retries, self._lock)
-        # Workers of the local cluster their nannies restarted for memory
-        # (address -> resident bytes at the time), as the events arrive.
-        self._memory_restarts: dict[str, int] = {}
-        self._memory_seen = threading.Condition()
+        self._memory_restarts = MemoryRestarts()
 
     def check_branch_max_memory(self, limit: int) -> str | None:
         """Only the local cluster isobranch starts is given ``branch_max_memory`` per worker."""
@@ -198,7 +196,7 @@ class DaskBackend:
                             self.max_workers, self.connect_timeout,
                             memory_limit=getattr(graph, "branch_max_memory", None))
                         connection.client.subscribe_topic(MEMORY_RESTART_TOPIC,
-                                                          self._on_memory_restart)
+                                                          self._memory_restarts.on_event)
                     connection.client.subscribe_topic(self._topic, self._on_event)
                 except DaskUnavailable as exc:
                     raise BackendError(str(exc)) from exc.__cause__  # the message says it all
@@ -237,13 +235,6 @@ class DaskBackend:
         quietly(functools.partial(client.sync, client.unregister_worker_plugin, plugin,
                                    callback_timeout=self.connect_timeout))
 
-    def _on_memory_restart(self, event: tuple[float, dict]) -> None:
-        # Runs on the client's event-loop thread when a nanny restarts a worker.
-        _, message = event
-        with self._memory_seen:
-            self._memory_restarts[str(message.get("worker"))] = int(message.get("rss") or 0)
-            self._memory_seen.notify_all()
-
     def _killed_for_memory(self, branch: FollowedBranch, dead: str | None,
                            connection: Connection) -> ParallelFlowResult | None:
         """A ``BranchMemoryError`` result if the branch's worker was restarted for memory."""
@@ -253,10 +244,7 @@ class DaskBackend:
         with self._lock:
             if not branch.ran_on(dead):
                 return None  # only queued there: not the branch that used the memory
-        with self._memory_seen:
-            self._memory_seen.wait_for(lambda: dead in self._memory_restarts,
-                                       timeout=MEMORY_EVENT_SECONDS)
-            used = self._memory_restarts.get(dead)
+        used = self._memory_restarts.used_by(dead, MEMORY_EVENT_SECONDS)
         if used is None:
             return None
         result = failed(branch, "", BRANCH_MEMORY_ERROR)

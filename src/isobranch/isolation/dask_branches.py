@@ -5,7 +5,8 @@ start a worker confirmed, its node); ``FanOutWatch`` what a fan-out's
 branches share. ``RunLedger`` is the retry bookkeeping: which workers this
 backend restarted and when, so a branch killed by such a restart is not
 counted against its ``retries``, and a branch the scheduler re-ran more
-often than that is failed. The functions below describe a failed branch.
+often than that is failed. ``MemoryRestarts`` collects the workers a nanny
+restarted for memory. The functions below describe a failed branch.
 """
 
 from __future__ import annotations
@@ -129,6 +130,29 @@ class RunLedger:
         with self._lock:
             return [worker for at, worker in branch.starts
                     if self._restarted.get(worker, -1.0) < at]
+
+
+class MemoryRestarts:
+    """Workers of the local cluster their nannies restarted for memory (address ->
+    resident bytes at the time), as the events arrive on the client's event-loop thread."""
+
+    def __init__(self) -> None:
+        self._used: dict[str, int] = {}
+        self._seen = threading.Condition()
+
+    def on_event(self, event: tuple[float, dict]) -> None:
+        """The topic callback: a nanny restarted a worker for memory."""
+        _, message = event
+        with self._seen:
+            self._used[str(message.get("worker"))] = int(message.get("rss") or 0)
+            self._seen.notify_all()
+
+    def used_by(self, worker: str, timeout: float) -> int | None:
+        """What ``worker`` used when restarted for memory, waiting up to ``timeout`` seconds
+        for that event (it travels apart from the task's failure); None if it was not."""
+        with self._seen:
+            self._seen.wait_for(lambda: worker in self._used, timeout=timeout)
+            return self._used.get(worker)
 
 
 def failed(branch: FollowedBranch, reason: str, error_type: str) -> ParallelFlowResult:
