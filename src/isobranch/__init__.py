@@ -6,8 +6,9 @@ VM, and runs on a pluggable isolation backend (inline, thread, ...).
 
 from .branch import ParallelFlowResult
 from .checkpoint import SqliteCheckpointer
+from .compiled import CompiledGraph
 from .errors import GraphError, GraphExecutionError
-from .graph import CompiledGraph, StateGraph
+from .graph import StateGraph
 from .isolation.base import (
     IsolationBackend,
     available_backends,
