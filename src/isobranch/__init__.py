@@ -8,8 +8,9 @@ import logging
 
 from .branch import ParallelFlowResult
 from .checkpoint import SqliteCheckpointer
+from .compiled import CompiledGraph
 from .errors import GraphError, GraphExecutionError
-from .graph import CompiledGraph, StateGraph
+from .graph import StateGraph
 from .isolation.base import (
     IsolationBackend,
     available_backends,

@@ -25,7 +25,7 @@ from .errors import GraphExecutionError
 from .isolation.thread_pool import DaemonThreadPool
 
 if TYPE_CHECKING:
-    from .graph import CompiledGraph
+    from .compiled import CompiledGraph
 
 # Runs of one compiled graph in flight at once; more wait for a thread. A run
 # mostly waits (on branches, Lua, I/O), so this is not a CPU bound.

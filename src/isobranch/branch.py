@@ -27,7 +27,7 @@ from .retry import exception_names
 from .statecopy import ScalarSnapshot, StateSnapshot
 
 if TYPE_CHECKING:
-    from .graph import CompiledGraph
+    from .compiled import CompiledGraph
     from .retry import RetryPolicy
 
 logger = logging.getLogger(__name__)

@@ -27,9 +27,9 @@ from .checkpoint.recorder import new_run_id
 from .checkpoint.store import SqliteCheckpointer
 from .cli_runs import runs_table
 from .cli_stdout import PrivateStdout, StdoutClosed, stdout_to_stderr
+from .compiled import CompiledGraph
 from .errors import GraphError, GraphExecutionError
 from .fanout import MapFanOut, print_branch_tracebacks
-from .graph import CompiledGraph
 from .progress import FanOutProgress, wants_progress
 from .runner import START
 from .yaml_engine import YAMLEngine

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from .branch import BranchLimits, BranchMonitor
     from .cancellation import CancelSignal
     from .checkpoint.recorder import RunRecorder
-    from .graph import CompiledGraph
+    from .compiled import CompiledGraph
     from .isolation.base import IsolationBackend
 
 

@@ -35,8 +35,8 @@ from .statecopy import (
 )
 
 if TYPE_CHECKING:
+    from .compiled import CompiledGraph
     from .context import ExecutionContext
-    from .graph import CompiledGraph
     from .retry import RetryPolicy
 
 

@@ -57,8 +57,8 @@ from typing import Any
 
 import pytest
 
+from .compiled import CompiledGraph
 from .errors import GraphError
-from .graph import CompiledGraph
 from .isolation.base import available_backends
 from .regression import (
     FILE_ITEM_NAME,

@@ -31,8 +31,8 @@ from .statecopy import StateCopyError, StateSnapshot, find_unpicklable
 
 if TYPE_CHECKING:
     from .checkpoint.recorder import ResumePoint, RunRecorder
+    from .compiled import CompiledGraph
     from .context import ExecutionContext
-    from .graph import CompiledGraph
     from .isolation.base import IsolationBackend
     from .retry import RetryPolicy
 

@@ -19,9 +19,10 @@ from typing import Any
 import yaml
 
 from .checkpoint.store import SqliteCheckpointer
+from .compiled import CompiledGraph
 from .conditions import Condition, LuaCondition, PythonCondition
 from .errors import GraphError
-from .graph import DEFAULT_MAX_STEPS, CompiledGraph, StateGraph
+from .graph import DEFAULT_MAX_STEPS, StateGraph
 from .isolation.base import available_backends
 from .keys import (
     CHECKPOINT_SETTINGS_KEYS,

@@ -20,7 +20,7 @@ from ..fanout import MapFanOut
 from ..nodes import CallableNode, LuaNode, PythonNode
 
 if TYPE_CHECKING:
-    from ..graph import CompiledGraph
+    from ..compiled import CompiledGraph
 
 
 def graph_fingerprint(graph: CompiledGraph) -> dict[str, str]:

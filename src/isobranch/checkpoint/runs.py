@@ -12,7 +12,7 @@ from .recorder import ResumePoint, RunRecorder, new_run_id
 from .store import RunStatus, SqliteCheckpointer, StepKind
 
 if TYPE_CHECKING:
-    from ..graph import CompiledGraph
+    from ..compiled import CompiledGraph
 
 
 def check_run_id(run_id: Any) -> str:
