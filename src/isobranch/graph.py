@@ -15,6 +15,7 @@ from .branch import BranchLimits
 from .cancellation import CancelSignal, RunCancelled
 from .conditions import Condition, Expression, as_condition
 from .context import ExecutionContext
+from .defaults import DEFAULT_ISOLATION, DEFAULT_LUA_TIMEOUT, DEFAULT_MAX_STEPS
 from .errors import GraphError, GraphExecutionError
 from .fanout import FanOut, MapFanOut, StaticFanOut
 from .isolation import memory_limit
@@ -28,7 +29,6 @@ from .runner import END, START, run_steps
 from .schema import StateSchema
 from .statecopy import StateCopyError, StateSnapshot
 
-DEFAULT_MAX_STEPS = 10_000
 CONFIG_KEYS = ("isolation", "max_workers", "branch_timeout", "fail_fast", "max_concurrency",
                "branch_retry")
 
@@ -283,10 +283,11 @@ class StateGraph:
                 problems.append(f"node {source!r} has both a router and plain edges")
         return problems
 
-    def compile(self, isolation: str = "thread", max_workers: int | None = None,
+    def compile(self, isolation: str = DEFAULT_ISOLATION, max_workers: int | None = None,
                 branch_timeout: float | None = None, fail_fast: bool = False, *,
                 max_concurrency: int | None = None,
-                lua_timeout: float | None = 30.0, lua_max_memory: int | None = DEFAULT_MAX_MEMORY,
+                lua_timeout: float | None = DEFAULT_LUA_TIMEOUT,
+                lua_max_memory: int | None = DEFAULT_MAX_MEMORY,
                 variables: dict | None = None, max_steps: int = DEFAULT_MAX_STEPS,
                 backend_options: dict[str, Any] | None = None,
                 name: str | None = None, branch_max_memory: int | str | None = None,
