@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 import threading
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .branch import ParallelFlowResult
+from .cli_logging import add_verbosity_option, log_to_stderr
 from .cli_stdout import PrivateStdout, StdoutClosed, stdout_to_stderr
 from .errors import GraphError, GraphExecutionError
 from .fanout import MapFanOut, print_branch_tracebacks
@@ -34,6 +36,8 @@ from .yaml_engine import YAMLEngine
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 # The shell's codes for death by SIGINT and SIGPIPE (128 + signal number).
 EXIT_INTERRUPTED, EXIT_STDOUT_CLOSED = 130, 141
+
+log = logging.getLogger(__name__)
 
 
 class InputError(Exception):
@@ -51,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``isobranch`` command with ``argv`` (default: ``sys.argv[1:]``); its exit code."""
     args = _parser().parse_args(argv)
     try:
-        with stdout_to_stderr() as out:
+        with log_to_stderr(getattr(args, "verbose", 0)), stdout_to_stderr() as out:
             return args.handler(args, out)
     except (GraphError, InputError) as exc:
         return _fail(args, exc, EXIT_INVALID)
@@ -111,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
 
     for sub in (run, validate, draw):
         sub.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+        add_verbosity_option(sub)
     for sub in (run, validate):
         sub.add_argument("--lua-only", action="store_true",
                          help="for workflows you do not trust: refuse any Python node or "
@@ -130,6 +135,7 @@ def _run(args: argparse.Namespace, out: PrivateStdout) -> int:
     state = _read_input(args.input)
     engine = YAMLEngine(isolation=args.isolation, allow_python=not args.lua_only)
     with engine.load_from_file(args.file) as graph:
+        log.debug("loaded %s (%d nodes)", args.file, len(graph.nodes))
         progress = wants_progress(args.progress, sys.stderr)
         if not args.stream and not progress:
             out.write_line(_json(graph.invoke(state)))
@@ -165,6 +171,7 @@ def _error_event(exc: Exception) -> dict[str, Any]:
 
 def _validate(args: argparse.Namespace, out: PrivateStdout) -> int:
     problems = YAMLEngine(allow_python=not args.lua_only).validate_file(args.file)
+    log.debug("validated %s (%d problems)", args.file, len(problems))
     for problem in problems:
         print(problem, file=sys.stderr)
     if problems:
@@ -177,6 +184,7 @@ def _graph(args: argparse.Namespace, out: PrivateStdout) -> int:
     # Drawn from the compiled graph: what is drawn is what runs (entry,
     # implied chains, fan-outs), whatever the YAML spelt out.
     with YAMLEngine().load_from_file(args.file) as graph:
+        log.debug("loaded %s (%d nodes)", args.file, len(graph.nodes))
         lines = ["flowchart TD", _mermaid_link(START, graph.entry)]
         for name in graph.nodes:
             lines.extend(_links_from(graph, name))
