@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from isobranch import LuaRuntime, StateGraph, YAMLEngine
 from isobranch.defaults import (
+    DEFAULT_FAIL_FAST,
     DEFAULT_ISOLATION,
     DEFAULT_LUA_MAX_MEMORY,
     DEFAULT_LUA_TIMEOUT,
@@ -12,16 +13,18 @@ from isobranch.defaults import (
 
 
 def test_the_defaults_keep_their_values() -> None:
-    assert (DEFAULT_ISOLATION, DEFAULT_LUA_TIMEOUT, DEFAULT_LUA_MAX_MEMORY, DEFAULT_MAX_STEPS) == (
-        "thread", 30.0, 512 * 1024 * 1024, 10_000)
+    assert (DEFAULT_ISOLATION, DEFAULT_FAIL_FAST, DEFAULT_LUA_TIMEOUT, DEFAULT_LUA_MAX_MEMORY,
+            DEFAULT_MAX_STEPS) == ("thread", False, 30.0, 512 * 1024 * 1024, 10_000)
 
 
 def _limits(graph) -> tuple:
-    return graph.isolation, graph.lua_timeout, graph.lua_max_memory, graph.max_steps
+    return (graph.isolation, graph.fail_fast, graph.lua_timeout, graph.lua_max_memory,
+            graph.max_steps)
 
 
 def test_python_graph_yaml_graph_and_lua_runtime_share_the_defaults() -> None:
-    expected = (DEFAULT_ISOLATION, DEFAULT_LUA_TIMEOUT, DEFAULT_LUA_MAX_MEMORY, DEFAULT_MAX_STEPS)
+    expected = (DEFAULT_ISOLATION, DEFAULT_FAIL_FAST, DEFAULT_LUA_TIMEOUT, DEFAULT_LUA_MAX_MEMORY,
+                DEFAULT_MAX_STEPS)
     built = StateGraph()
     built.add_node("only", lambda state: {"done": True})
     built.set_entry_point("only")

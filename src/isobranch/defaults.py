@@ -9,6 +9,8 @@ from __future__ import annotations
 
 #: The backend that runs parallel branches when no ``isolation`` is given.
 DEFAULT_ISOLATION = "thread"
+#: Whether the first failed branch stops a fan-out's other branches.
+DEFAULT_FAIL_FAST = False
 #: Seconds one Lua call may run (``settings.lua.timeout``); ``None`` lifts the limit.
 DEFAULT_LUA_TIMEOUT = 30.0
 #: Bytes one Lua VM may allocate (``settings.lua.max_memory``).

@@ -15,7 +15,12 @@ from .branch import BranchLimits
 from .cancellation import CancelSignal, RunCancelled
 from .conditions import Condition, Expression, as_condition
 from .context import ExecutionContext
-from .defaults import DEFAULT_ISOLATION, DEFAULT_LUA_TIMEOUT, DEFAULT_MAX_STEPS
+from .defaults import (
+    DEFAULT_FAIL_FAST,
+    DEFAULT_ISOLATION,
+    DEFAULT_LUA_TIMEOUT,
+    DEFAULT_MAX_STEPS,
+)
 from .errors import GraphError, GraphExecutionError
 from .fanout import FanOut, MapFanOut, StaticFanOut
 from .isolation import memory_limit
@@ -284,7 +289,7 @@ class StateGraph:
         return problems
 
     def compile(self, isolation: str = DEFAULT_ISOLATION, max_workers: int | None = None,
-                branch_timeout: float | None = None, fail_fast: bool = False, *,
+                branch_timeout: float | None = None, fail_fast: bool = DEFAULT_FAIL_FAST, *,
                 max_concurrency: int | None = None,
                 lua_timeout: float | None = DEFAULT_LUA_TIMEOUT,
                 lua_max_memory: int | None = DEFAULT_MAX_MEMORY,

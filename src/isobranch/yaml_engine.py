@@ -19,7 +19,12 @@ from typing import Any
 import yaml
 
 from .conditions import Condition, LuaCondition, PythonCondition
-from .defaults import DEFAULT_ISOLATION, DEFAULT_LUA_TIMEOUT, DEFAULT_MAX_STEPS
+from .defaults import (
+    DEFAULT_FAIL_FAST,
+    DEFAULT_ISOLATION,
+    DEFAULT_LUA_TIMEOUT,
+    DEFAULT_MAX_STEPS,
+)
 from .errors import GraphError
 from .graph import CompiledGraph, StateGraph
 from .isolation.base import available_backends
@@ -306,7 +311,7 @@ class _Builder:
             self.problem(unknown(f"settings.parallel.isolation: unknown isolation backend "
                                  f"{isolation!r}", isolation, available_backends()))
             isolation = None
-        fail_fast = parallel.get("fail_fast", False)
+        fail_fast = parallel.get("fail_fast", DEFAULT_FAIL_FAST)
         if not isinstance(fail_fast, bool):
             self.problem(f"{origin['fail_fast']}: must be true or false, got {fail_fast!r}")
         max_steps = parallel.get("max_steps", DEFAULT_MAX_STEPS)
