@@ -7,14 +7,15 @@ import json
 import platform
 import sys
 
-from . import async_cases, cases, checkpoint_codec, map_cases, reducer_cases
+from . import async_cases, cases, checkpoint_cases, checkpoint_codec, map_cases, reducer_cases
 
 NAMES = ["vm", "hook", "lua-threads", "overhead-thread", "overhead-inline", "hot-loop-process",
          "python-processes", "overhead-process", "overhead-fresh", "state-copy", "round-trip",
          "lua-small-read",
          "soak-thread", "soak-process", "python-dask", "overhead-dask", "dask-start",
          "map-process", "map-thread", "map-width-thread", "map-width-process", "map-dask",
-         "codec-small", "codec-20k", "ainvoke", "reducer-map-thread", "reducer-width-thread"]
+         "codec-small", "codec-20k", "ainvoke", "reducer-map-thread", "reducer-width-thread",
+         "checkpoint-process", "checkpoint-thread"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         lambda: async_cases.ainvoke_overhead(repeat=reps(7)),
         lambda: reducer_cases.reducer_vs_fan_in_code("thread", repeat=reps(5)),
         lambda: reducer_cases.reducer_width_scaling("thread", repeat=reps(5)),
+        lambda: checkpoint_cases.map_with_checkpointer("process", repeat=reps(9)),
+        lambda: checkpoint_cases.map_with_checkpointer("thread", repeat=reps(9)),
     ]
     if args.only:
         runs = [run for run, name in zip(runs, NAMES, strict=True) if name in args.only]

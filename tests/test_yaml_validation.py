@@ -59,7 +59,7 @@ def test_unknown_setting_is_named_with_its_path_the_allowed_keys_and_a_suggestio
 
 def test_allowed_keys_are_listed():
     problem = only_problem({"settings": {"paralel": {}}, "nodes": ONE_NODE})
-    assert "(allowed: lua, parallel)" in problem
+    assert "(allowed: checkpoint, lua, parallel)" in problem
 
 
 def test_an_option_of_another_backend_says_which_backend_has_it():

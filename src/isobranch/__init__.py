@@ -5,6 +5,7 @@ VM, and runs on a pluggable isolation backend (inline, thread, ...).
 """
 
 from .branch import ParallelFlowResult
+from .checkpoint import SqliteCheckpointer
 from .errors import GraphError, GraphExecutionError
 from .graph import CompiledGraph, StateGraph
 from .isolation.base import (
@@ -33,6 +34,7 @@ __all__ = [
     "LuaTimeoutError",
     "ParallelFlowResult",
     "RetryPolicy",
+    "SqliteCheckpointer",
     "StateGraph",
     "YAMLEngine",
     "available_backends",

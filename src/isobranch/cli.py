@@ -1,4 +1,4 @@
-"""The ``isobranch`` command: run, validate and draw YAML workflows.
+"""The ``isobranch`` command: run, resume, validate and draw YAML workflows; list runs.
 
 Exit codes: 0 success, 1 the workflow failed while running, 2 invalid input
 (bad YAML, unknown node or backend, bad ``--input``, bad arguments), 130
@@ -24,7 +24,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .branch import ParallelFlowResult
+from .checkpoint.recorder import new_run_id
+from .checkpoint.store import SqliteCheckpointer
 from .cli_logging import add_verbosity_option, log_to_stderr
+from .cli_runs import runs_table
 from .cli_stdout import PrivateStdout, StdoutClosed, stdout_to_stderr
 from .errors import GraphError, GraphExecutionError
 from .fanout import MapFanOut, print_branch_tracebacks
@@ -103,7 +106,35 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="a live progress line per running fan-out on stderr "
                           "(default: when stderr is a terminal)")
+    run.add_argument("--checkpoint", metavar="DB", default=None,
+                     help="record the run in this SQLite database so it can be resumed "
+                          "(overrides settings.checkpoint)")
+    run.add_argument("--run-id", default=None,
+                     help="the id of the recorded run (default: a generated one, shown on "
+                          "stderr)")
     run.set_defaults(handler=_run)
+
+    resume = commands.add_parser("resume", help="finish a recorded run that was killed, "
+                                                "interrupted or failed")
+    resume.add_argument("file", help="workflow YAML file")
+    resume.add_argument("run_id", metavar="RUN_ID", help="the id of the recorded run")
+    resume.add_argument("--checkpoint", metavar="DB", default=None,
+                        help="the database the run is recorded in (default: the workflow's "
+                             "settings.checkpoint)")
+    resume.add_argument("--force", action="store_true",
+                        help="resume even though the workflow changed since the run started")
+    resume.add_argument("--isolation", default=None,
+                        help="isolation backend (overrides settings.parallel.isolation)")
+    resume.add_argument("--stream", action="store_true",
+                        help="print one JSON event per line as nodes finish")
+    resume.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="a live progress line per running fan-out on stderr "
+                             "(default: when stderr is a terminal)")
+    resume.set_defaults(handler=_resume)
+
+    runs = commands.add_parser("runs", help="list the runs recorded in a checkpoint database")
+    runs.add_argument("database", metavar="DB", help="checkpoint database file")
+    runs.set_defaults(handler=_runs)
 
     validate = commands.add_parser("validate", help="report every problem in a workflow")
     validate.add_argument("file")
@@ -113,10 +144,10 @@ def _parser() -> argparse.ArgumentParser:
     draw.add_argument("file")
     draw.set_defaults(handler=_graph)
 
-    for sub in (run, validate, draw):
+    for sub in (run, resume, validate, draw, runs):
         sub.add_argument("--debug", action="store_true", help="show tracebacks on errors")
         add_verbosity_option(sub)
-    for sub in (run, validate):
+    for sub in (run, resume, validate):
         sub.add_argument("--lua-only", action="store_true",
                          help="for workflows you do not trust: refuse any Python node or "
                               "condition and any file outside the workflow's directory, so "
@@ -131,33 +162,74 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def _engine(args: argparse.Namespace) -> YAMLEngine:
+    checkpointer = SqliteCheckpointer(args.checkpoint) if args.checkpoint else None
+    return YAMLEngine(isolation=args.isolation, allow_python=not args.lua_only,
+                      checkpointer=checkpointer)
+
+
 def _run(args: argparse.Namespace, out: PrivateStdout) -> int:
     state = _read_input(args.input)
-    engine = YAMLEngine(isolation=args.isolation, allow_python=not args.lua_only)
-    with engine.load_from_file(args.file) as graph:
+    with _engine(args).load_from_file(args.file) as graph:
         log.debug("loaded %s (%d nodes)", args.file, len(graph.nodes))
-        progress = wants_progress(args.progress, sys.stderr)
-        if not args.stream and not progress:
-            out.write_line(_json(graph.invoke(state)))
+        config = None
+        if graph.checkpointer is not None or args.run_id is not None:
+            run_id = args.run_id or new_run_id()
+            config = {"run_id": run_id}
+            if graph.checkpointer is not None:
+                print(f"isobranch: run {run_id} (recorded in {graph.checkpointer.path})",
+                      file=sys.stderr, flush=True)
+        if not args.stream and not wants_progress(args.progress, sys.stderr):
+            out.write_line(_json(graph.invoke(state, config)))
             return EXIT_OK
-        events = graph.stream(state)
-        if progress:  # on stderr only: stdout keeps just the JSON
-            events = FanOutProgress(sys.stderr).follow(events)
-        final: dict = {}
-        try:
-            for event in events:
-                if args.stream:
-                    out.write_line(_json(_event_json(event), compact=True))
-                elif event["type"] == "final":
-                    final = event["state"]
-        except (StdoutClosed, KeyboardInterrupt):
-            raise
-        except Exception as exc:
+        return _follow(args, out, graph.stream(state, config))
+
+
+def _resume(args: argparse.Namespace, out: PrivateStdout) -> int:
+    with _engine(args).load_from_file(args.file) as graph:
+        log.debug("loaded %s (%d nodes)", args.file, len(graph.nodes))
+        if graph.checkpointer is None:
+            raise InputError(f"{args.file}: resume needs --checkpoint DB (the workflow has no "
+                             f"settings.checkpoint)")
+        if not graph.checkpointer.path.is_file():
+            raise InputError(f"{graph.checkpointer.path}: no such checkpoint database")
+        if not args.stream and not wants_progress(args.progress, sys.stderr):
+            out.write_line(_json(graph.resume(args.run_id, force=args.force)))
+            return EXIT_OK
+        return _follow(args, out, graph.resume_stream(args.run_id, force=args.force))
+
+
+def _runs(args: argparse.Namespace, out: PrivateStdout) -> int:
+    path = Path(args.database)
+    if not path.is_file():
+        raise InputError(f"{args.database}: no such checkpoint database")
+    checkpointer = SqliteCheckpointer(path)
+    try:
+        out.write_line(runs_table(checkpointer.list_runs()))
+    finally:
+        checkpointer.close()
+    return EXIT_OK
+
+
+def _follow(args: argparse.Namespace, out: PrivateStdout, events: Any) -> int:
+    """Print ``--stream`` lines (or, with only a progress line, the final state) of ``events``."""
+    if wants_progress(args.progress, sys.stderr):  # on stderr only: stdout keeps just the JSON
+        events = FanOutProgress(sys.stderr).follow(events)
+    final: dict = {}
+    try:
+        for event in events:
             if args.stream:
-                out.write_line(_json(_error_event(exc), compact=True))
-            raise
-        if not args.stream:
-            out.write_line(_json(final))
+                out.write_line(_json(_event_json(event), compact=True))
+            elif event["type"] == "final":
+                final = event["state"]
+    except (StdoutClosed, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        if args.stream:
+            out.write_line(_json(_error_event(exc), compact=True))
+        raise
+    if not args.stream:
+        out.write_line(_json(final))
     return EXIT_OK
 
 

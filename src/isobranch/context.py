@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .async_nodes import AwaitRunner
     from .branch import BranchLimits, BranchMonitor
     from .cancellation import CancelSignal
+    from .checkpoint.recorder import RunRecorder
     from .graph import CompiledGraph
     from .isolation.base import IsolationBackend
 
@@ -69,13 +70,16 @@ class ExecutionContext:
                  nested_isolation: str = "thread", max_workers: int | None = None,
                  fan_out_limits: BranchLimits, watchdog: Watchdog | None = None,
                  max_concurrency: int | None = None, cancel: CancelSignal | None = None,
-                 stop: CancelSignal | None = None) -> None:
+                 stop: CancelSignal | None = None,
+                 recorder: RunRecorder | None = None) -> None:
         self.graph = graph
         # The run's cancellation signal (main path of an async run only).
         self.cancel = cancel
         # Set by CompiledGraph.close() to end a retry's backoff in this run at
         # once (in-process branches see it too); None in a worker process.
         self.stop = stop
+        # Records the main path of a checkpointed run; None in branches.
+        self.recorder = recorder
         self.deadline = deadline
         self.time_limit = time_limit
         self.branch = branch

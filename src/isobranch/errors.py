@@ -30,16 +30,18 @@ class GraphExecutionError(Exception):
     ``state`` (the state as of the failure), ``traceback`` (the failing
     code's traceback as text, also when it ran in another process),
     ``error_bases`` (the base class names of that exception, nearest first),
-    ``attempts`` (how often the failing node ran) and, for a failed fan-out,
-    ``results`` (every branch's ``ParallelFlowResult``).
+    ``attempts`` (how often the failing node ran), for a failed fan-out,
+    ``results`` (every branch's ``ParallelFlowResult``), and for a
+    checkpointed run its ``run_id`` (to resume it).
     """
 
     def __init__(self, message: str, *, node: str | None = None, branch: str | None = None,
                  error_type: str | None = None, state: dict | None = None,
                  results: list[Any] | None = None, timed_out: bool = False,
                  traceback: str | None = None, error_bases: tuple[str, ...] = (),
-                 attempts: int = 1) -> None:
+                 attempts: int = 1, run_id: str | None = None) -> None:
         super().__init__(message)
+        self.run_id = run_id
         self.node = node
         self.branch = branch
         self.error_type = error_type
@@ -57,6 +59,6 @@ class GraphExecutionError(Exception):
 def _rebuild_execution_error(message: str, attrs: dict) -> GraphExecutionError:
     error = GraphExecutionError(message)
     error.traceback = None  # errors pickled before these attributes existed
-    error.error_bases, error.attempts = (), 1
+    error.error_bases, error.attempts, error.run_id = (), 1, None
     error.__dict__.update(attrs)
     return error

@@ -13,6 +13,8 @@ from typing import Any
 from . import async_api
 from .branch import BranchLimits
 from .cancellation import CancelSignal, RunCancelled
+from .checkpoint.runs import begin_run, reopen_run
+from .checkpoint.store import RunStatus, SqliteCheckpointer
 from .conditions import Condition, Expression, as_condition
 from .context import ExecutionContext
 from .defaults import (
@@ -297,6 +299,7 @@ class StateGraph:
                 backend_options: dict[str, Any] | None = None,
                 name: str | None = None, branch_max_memory: int | str | None = None,
                 branch_retry: RetryPolicy | Mapping[str, Any] | int | None = None,
+                checkpointer: SqliteCheckpointer | None = None,
                 **backend_keywords: Any) -> CompiledGraph:
         """Validate the graph and freeze it into a runnable ``CompiledGraph``.
 
@@ -307,7 +310,8 @@ class StateGraph:
         ``branch_max_memory`` (bytes or a size such as ``"512MiB"``) caps each
         branch's memory where the backend can enforce it (``process``, a
         local ``dask`` cluster) and is refused elsewhere. ``branch_retry`` is
-        the retry policy of every fan-out whose edge sets none.
+        the retry policy of every fan-out whose edge sets none. ``checkpointer``
+        (a ``SqliteCheckpointer``) records every run so it can be resumed.
         Raises ``GraphError`` listing every problem.
         """
         backend_options = {**(backend_options or {}), **backend_keywords}
@@ -328,6 +332,9 @@ class StateGraph:
             branch_retry = as_policy(branch_retry, "compile(): branch_retry")
         except ValueError as exc:
             problems.append(f"compile(): branch_retry: {exc}")
+        if checkpointer is not None and not isinstance(checkpointer, SqliteCheckpointer):
+            problems.append(f"checkpointer must be a SqliteCheckpointer, got "
+                            f"{type(checkpointer).__name__}")
         backend = None
         if not problems:
             # Built now (its workers start lazily) so bad backend options fail here.
@@ -372,7 +379,7 @@ class StateGraph:
             backend_options=dict(backend_options or {}), name=name,
             branch_max_memory=branch_max_memory, max_concurrency=max_concurrency,
             node_retries=dict(self._node_retries), branch_retry=branch_retry,
-            schema=self.schema)
+            schema=self.schema, checkpointer=checkpointer)
         compiled._adopt_backend(isolation, backend, max_workers)
         return compiled
 
@@ -438,7 +445,8 @@ class CompiledGraph:
                  max_concurrency: int | None = None,
                  node_retries: dict[str, RetryPolicy] | None = None,
                  branch_retry: RetryPolicy | None = None,
-                 schema: StateSchema | None = None) -> None:
+                 schema: StateSchema | None = None,
+                 checkpointer: SqliteCheckpointer | None = None) -> None:
         self.nodes = nodes
         # The retry policy of each node that has one.
         self.node_retries = node_retries or {}
@@ -460,6 +468,10 @@ class CompiledGraph:
         self.backend_options = backend_options
         self.name = name
         self.branch_max_memory = branch_max_memory
+        self.checkpointer = checkpointer
+        # A checkpointer made from YAML settings belongs to the graph and closes with it.
+        self.owns_checkpointer = False
+        self._fingerprint: dict[str, str] | None = None  # checkpoint.fingerprint fills it
         self._init_pools()
 
     def _init_pools(self) -> None:
@@ -478,6 +490,7 @@ class CompiledGraph:
         for private in ("_backends", "_pool_lock", "_finalizer", "_closed", "_run_threads",
                         "_runs"):
             state.pop(private, None)
+        state["checkpointer"] = None  # branches never record; workers need no database
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -501,18 +514,40 @@ class CompiledGraph:
         """Run the graph on a copy of ``state`` and return the final state.
 
         ``config`` may override ``isolation``, ``max_workers``,
-        ``branch_timeout``, ``fail_fast`` and ``max_concurrency``. Raises
-        ``GraphExecutionError`` naming the node and branch that failed.
+        ``branch_timeout``, ``fail_fast`` and ``max_concurrency``, and with a
+        checkpointer give the new run's ``run_id`` (one that exists is a
+        ``GraphError``). Raises ``GraphExecutionError`` naming the node and
+        branch that failed (and the ``run_id``).
         """
         return self._final_state(state, config)
 
     def _final_state(self, state: dict | None, config: dict | None,
                      cancel: CancelSignal | None = None) -> dict:
-        final: dict = {}
-        for event in self._events(state, config, snapshots=False, cancel=cancel):
-            if event["type"] == "final":
-                final = event["state"]
-        return final
+        return _last_state(self._events(state, config, snapshots=False, cancel=cancel))
+
+    def resume(self, run_id: str, config: dict | None = None, *, force: bool = False,
+               _cancel: CancelSignal | None = None) -> dict:
+        """Finish the recorded run ``run_id`` and return its final state.
+
+        It continues after the run's last recorded main-path step; a fan-out
+        that was under way runs only the branches with no recorded success.
+        A run that succeeded returns its final state and runs nothing. A
+        graph changed since the run started (nodes, edges, code) is a
+        ``GraphError`` saying what changed, unless ``force=True``.
+        """
+        if self.checkpointer is None:
+            raise GraphError("resume() needs a checkpointer: compile(checkpointer="
+                             "SqliteCheckpointer(path)) or YAML settings.checkpoint")
+        return _last_state(self._events(None, config, snapshots=False, resume=run_id,
+                                        force=force, cancel=_cancel))
+
+    def resume_stream(self, run_id: str, config: dict | None = None, *, force: bool = False
+                      ) -> Iterator[dict[str, Any]]:
+        """``resume``, yielding the events of ``stream`` for what runs (``run`` first)."""
+        if self.checkpointer is None:
+            raise GraphError("resume_stream() needs a checkpointer: compile(checkpointer="
+                             "SqliteCheckpointer(path)) or YAML settings.checkpoint")
+        return self._events(None, config, snapshots=True, resume=run_id, force=force)
 
     def stream(self, state: dict | None = None, config: dict | None = None
                ) -> Iterator[dict[str, Any]]:
@@ -529,7 +564,8 @@ class CompiledGraph:
         main-path node runs again, and ``{"type": "branch_retry", ...}``
         (``"attempt"``, ``"max_attempts"``, ``"error"``, ``"retry_in"``
         besides the ``branch`` event's fields but ``attempts``) for each
-        branch attempt that will run again.
+        branch attempt that will run again. With a checkpointer the first event
+        is ``{"type": "run", "run_id"}``.
         """
         return self._events(state, config, snapshots=True)
 
@@ -570,8 +606,70 @@ class CompiledGraph:
             self, lambda cancel: async_api.call_with_cancel(resume, cancel, run_id, **options))
 
     def _events(self, state: dict | None, config: dict | None, *, snapshots: bool,
-                cancel: CancelSignal | None = None) -> Iterator[dict[str, Any]]:
+                cancel: CancelSignal | None = None, resume: str | None = None,
+                force: bool = False) -> Iterator[dict[str, Any]]:
+        config = dict(config or {})
+        run_id = config.pop("run_id", None)
         settings = self._resolve(config)
+        if (run_id is not None or resume is not None) and self.checkpointer is None:
+            raise GraphError("config: run_id needs a checkpointer (compile(checkpointer=...) "
+                             "or YAML settings.checkpoint)")
+        if resume is not None and run_id is not None:
+            raise GraphError("config: run_id cannot be given to resume(); it resumes the run "
+                             "it names")
+        if resume is None:
+            working = self._input_copy(state)
+        backend = self._backend(settings["isolation"], settings["max_workers"])
+        recorder, point = None, None
+        if resume is not None:
+            assert self.checkpointer is not None
+            reopened = reopen_run(self.checkpointer, self, resume, force=force)
+            if reopened.done:  # it succeeded: its final state, and nothing runs
+                yield {"type": "run", "run_id": resume}
+                yield {"type": "final", "state": reopened.state}
+                return
+            recorder, working, point = reopened.recorder, reopened.state, reopened.point
+        elif self.checkpointer is not None:
+            recorder = begin_run(self.checkpointer, self, working, run_id)
+        stop = CancelSignal("the graph was closed while the run was in progress", RunCancelled)
+        context = ExecutionContext(
+            self, backend=backend, max_workers=settings["max_workers"],
+            max_concurrency=settings["max_concurrency"], stop=stop,
+            fan_out_limits=BranchLimits(branch_timeout=settings["branch_timeout"],
+                                        fail_fast=settings["fail_fast"],
+                                        branch_max_memory=self.branch_max_memory,
+                                        branch_retry=settings["branch_retry"]),
+            cancel=cancel, recorder=recorder)
+        with self._pool_lock:
+            self._runs.add(stop)
+        try:
+            if recorder is not None:
+                yield {"type": "run", "run_id": recorder.run_id}
+            # invoke() needs no per-branch events; stream() reports them.
+            yield from run_steps(self, working, context, start=self.entry, snapshots=snapshots,
+                                 branch_events=snapshots, resume=point)
+        except GraphExecutionError as exc:
+            if recorder is not None:
+                exc.run_id = recorder.run_id
+                _record_end(recorder, RunStatus.FAILED, exc)
+            raise
+        except Exception as exc:
+            if recorder is not None:
+                _record_end(recorder, RunStatus.FAILED, exc)
+            raise
+        except BaseException as exc:  # Ctrl-C, cancellation, a consumer that stopped reading
+            if recorder is not None:
+                _record_end(recorder, RunStatus.INTERRUPTED, exc)
+            raise
+        finally:
+            with self._pool_lock:
+                self._runs.discard(stop)
+            context.close()
+        if recorder is not None:
+            recorder.finished(RunStatus.SUCCEEDED, working)
+        yield {"type": "final", "state": working}
+
+    def _input_copy(self, state: dict | None) -> dict:
         if state is None:
             state = {}
         if not isinstance(state, dict):
@@ -582,27 +680,7 @@ class CompiledGraph:
             raise GraphError(f"the input state cannot be copied: {exc}") from exc
         if mismatched := self.schema.check_input(working):
             raise GraphError(problems=[f"the input state: {p}" for p in mismatched])
-        backend = self._backend(settings["isolation"], settings["max_workers"])
-        stop = CancelSignal("the graph was closed while the run was in progress", RunCancelled)
-        context = ExecutionContext(
-            self, backend=backend, max_workers=settings["max_workers"],
-            max_concurrency=settings["max_concurrency"], stop=stop,
-            fan_out_limits=BranchLimits(branch_timeout=settings["branch_timeout"],
-                                        fail_fast=settings["fail_fast"],
-                                        branch_max_memory=self.branch_max_memory,
-                                        branch_retry=settings["branch_retry"]),
-            cancel=cancel)
-        with self._pool_lock:
-            self._runs.add(stop)
-        try:
-            # invoke() needs no per-branch events; stream() reports them.
-            yield from run_steps(self, working, context, start=self.entry, snapshots=snapshots,
-                                 branch_events=snapshots)
-        finally:
-            with self._pool_lock:
-                self._runs.discard(stop)
-            context.close()
-        yield {"type": "final", "state": working}
+        return working
 
     def _resolve(self, config: dict | None) -> dict[str, Any]:
         settings = {"isolation": self.isolation, "max_workers": self.max_workers,
@@ -613,7 +691,7 @@ class CompiledGraph:
         unknown = sorted(set(config) - set(CONFIG_KEYS))
         if unknown:
             raise GraphError(f"config: unknown key(s) {', '.join(map(repr, unknown))}; "
-                             f"allowed: {', '.join(CONFIG_KEYS)}")
+                             f"allowed: {', '.join((*CONFIG_KEYS, 'run_id'))}")
         settings.update(config)
         problems = _limit_problems(max_workers=settings["max_workers"],
                                    branch_timeout=settings["branch_timeout"])
@@ -666,12 +744,31 @@ class CompiledGraph:
         for stop in runs:
             stop.cancel()
         self._finalizer()
+        if self.owns_checkpointer and self.checkpointer is not None:
+            self.checkpointer.close()
 
     def __enter__(self) -> CompiledGraph:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _last_state(events: Iterator[dict[str, Any]]) -> dict:
+    final: dict = {}
+    for event in events:
+        if event["type"] == "final":
+            final = event["state"]
+    return final
+
+
+def _record_end(recorder: Any, status: RunStatus, exc: BaseException) -> None:
+    """Record a run's failed or interrupted end without hiding the exception that ended it."""
+    try:
+        recorder.finished(status, error=f"{type(exc).__name__}: {exc}")
+    except Exception as record_error:
+        exc.add_note(f"recording the end of run {recorder.run_id!r} failed too: "
+                     f"{type(record_error).__name__}: {record_error}")
 
 
 def _close_backends(backends: dict[Any, IsolationBackend],

@@ -1,7 +1,7 @@
 """The keys a workflow may use at each level, and the message for one it may not.
 
 Each level of a YAML workflow (top level, ``settings``, ``settings.lua``,
-``settings.parallel``, a node, an edge) has its set of known keys here and
+``settings.parallel``, ``settings.checkpoint``, a node, an edge) has its set of known keys here and
 nowhere else. A backend's own options are not listed: they are read from its
 factory's signature (``backend_options``), so a registered third-party
 backend is checked the same way, and one whose factory takes ``**kwargs``
@@ -38,8 +38,9 @@ class Language(StrEnum):
 
 TOP_LEVEL_KEYS: frozenset[str] = frozenset(
     {"name", "description", "variables", "state_schema", "settings", "nodes", "edges"})
-SETTINGS_KEYS: frozenset[str] = frozenset({"lua", "parallel"})
+SETTINGS_KEYS: frozenset[str] = frozenset({"lua", "parallel", "checkpoint"})
 LUA_SETTINGS_KEYS: frozenset[str] = frozenset({"timeout", "max_memory"})
+CHECKPOINT_SETTINGS_KEYS: frozenset[str] = frozenset({"path", "pickle"})
 # Besides these, settings.parallel takes the chosen backend's own options and
 # a mapping per backend name (that backend's options).
 PARALLEL_KEYS: frozenset[str] = frozenset({

@@ -6,8 +6,9 @@ import time
 from collections.abc import Generator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .branch import CANCELLED, ParallelFlowResult, format_traceback
+from .branch import CANCELLED, BranchTask, ParallelFlowResult, format_traceback
 from .branch_retry import RetriesStopped, RetryNotice, stream_with_retries
+from .checkpoint.store import StepKind
 from .context import BranchCancelled, BranchTimeout
 from .errors import GraphExecutionError
 from .fanout import (
@@ -28,6 +29,7 @@ from .retry import exception_names, failure_names, wait_unless
 from .statecopy import StateCopyError, StateSnapshot, find_unpicklable
 
 if TYPE_CHECKING:
+    from .checkpoint.recorder import ResumePoint, RunRecorder
     from .context import ExecutionContext
     from .graph import CompiledGraph
     from .isolation.base import IsolationBackend
@@ -43,7 +45,8 @@ class NodeFailure(GraphExecutionError):
 
 def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, start: str,
               stop_at: str | None = None, snapshots: bool = False,
-              branch_events: bool = False) -> Iterator[dict[str, Any]]:
+              branch_events: bool = False, resume: ResumePoint | None = None
+              ) -> Iterator[dict[str, Any]]:
     """Run from ``start`` until END or ``stop_at`` (not run), mutating ``state``.
 
     Yields ``node`` and ``parallel`` events, a ``node_retry`` event before a
@@ -51,26 +54,35 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
     branch of a main-path fan-out (a ``branch_retry`` per attempt that will
     be retried); with
     ``snapshots`` each node event carries a shallow copy of the state so
-    later steps do not change it.
+    later steps do not change it. ``resume`` continues a recorded run after
+    its last recorded step (``state`` is the state after it).
     """
-    current = start
-    steps = 0
+    recorder = context.recorder if context.branch is None else None
+    current, steps, ran = start, 0, False
+    if resume is not None:
+        current, steps, ran = resume.node, resume.steps, True
+        if resume.after_fan_in:
+            current, ran = _route(graph, current, state, context), False
     while current not in (END, stop_at):
-        steps += 1
-        if steps > graph.max_steps:
-            raise NodeFailure(
-                f"{_where(current, context)}: stopped after {graph.max_steps} steps "
-                f"(max_steps); the graph loops", node=current, branch=context.branch,
-                error_type="MaxStepsExceeded", state=dict(state))
-        if current in graph.node_retries:  # (a generator per node would cost every branch)
-            yield from _run_node_with_retries(graph, current, state, context, None)
-        else:
-            _run_node(graph, current, state, context, None)
-        yield _node_event(current, state, snapshots)
+        if not ran:  # a resumed step already ran; its fan-out, if any, is next
+            steps += 1
+            if steps > graph.max_steps:
+                raise NodeFailure(
+                    f"{_where(current, context)}: stopped after {graph.max_steps} steps "
+                    f"(max_steps); the graph loops", node=current, branch=context.branch,
+                    error_type="MaxStepsExceeded", state=dict(state))
+            if current in graph.node_retries:  # (a generator per node would cost every branch)
+                yield from _run_node_with_retries(graph, current, state, context, None)
+            else:
+                _run_node(graph, current, state, context, None)
+            if recorder is not None:
+                recorder.step(current, state, steps, StepKind.NODE)
+            yield _node_event(current, state, snapshots)
+        ran = False
         fan_out = graph.fan_out_of(current)
         if fan_out is not None:
             results = yield from _fan_out(graph, current, fan_out, state, context,
-                                          branch_events=branch_events)
+                                          branch_events=branch_events, recorder=recorder)
             yield {"type": "parallel", "fan_in": fan_out.fan_in, "branches": results}
             # Branches' writes to reducer keys reach the state before the fan-in node runs.
             graph.schema.combine(state, results, node=fan_out.fan_in, context=context)
@@ -78,6 +90,8 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
                 yield from _run_node_with_retries(graph, fan_out.fan_in, state, context, results)
             else:
                 _run_node(graph, fan_out.fan_in, state, context, results)
+            if recorder is not None:
+                recorder.step(fan_out.fan_in, state, steps, StepKind.FAN_IN)
             yield _node_event(fan_out.fan_in, state, snapshots)
             current = fan_out.fan_in
         current = _route(graph, current, state, context)
@@ -198,10 +212,15 @@ def _wait_to_retry(name: str, delay: float, attempt: int, context: ExecutionCont
 
 
 def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
-             context: ExecutionContext, *, branch_events: bool
+             context: ExecutionContext, *, branch_events: bool,
+             recorder: RunRecorder | None = None
              ) -> Generator[dict[str, Any], None, list[ParallelFlowResult]]:
     """Run the branches of ``node``'s fan-out; yield a ``branch`` event per finished one
-    (main path only) and return every result in declaration / item order."""
+    (main path only) and return every result in declaration / item order.
+
+    With a ``recorder`` (main path of a checkpointed run) each final result
+    is recorded, and a resumed fan-out runs only the branches that have no
+    recorded success; the recorded ones take their places in the results."""
     backend = context.fan_out_backend()
     crosses = bool(getattr(backend, "crosses_processes", False))
     base = state
@@ -239,7 +258,10 @@ def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
     gathered = Gathered(plan.total, limits.fail_fast, backend.name)
     max_concurrency = fan_out.max_concurrency or context.max_concurrency
     emit = branch_events and context.branch is None  # branches' own fan-outs never emit
-    stream = _branch_stream(fan_out, plan, backend, max_concurrency, context)
+    tasks, positions = plan.tasks, None
+    if recorder is not None:
+        tasks, positions = _skip_recorded(recorder, node, plan, gathered)
+    stream = _branch_stream(fan_out, tasks, positions, backend, max_concurrency, context)
     try:
         for item in stream:
             if isinstance(item, RetryNotice):  # an attempt failed; the branch runs again
@@ -247,11 +269,17 @@ def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
                     yield _retry_event(node, fan_out.fan_in, item, gathered)
                 continue
             position, result = item  # a branch's final result
+            if positions is not None:  # a resumed fan-out runs only some of its tasks
+                position = positions[position]
             stop = gathered.add(position, result)
+            if recorder is not None:
+                recorder.branch_done(node, position, result)
             if emit:
                 yield _branch_event(node, fan_out.fan_in, result, gathered)
             if stop:
                 break
+        if recorder is not None:
+            recorder.fan_out_done()
         results = gathered.finish(plan.names, plan.indexes, backend.name)
     except StateCopyError as exc:  # an item that cannot be copied or sent
         raise NodeFailure(f"{_where(node, context)}: cannot copy an item for its map branches: "
@@ -284,20 +312,41 @@ def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
     return results
 
 
-def _branch_stream(fan_out: FanOut, plan: FanOutPlan, backend: IsolationBackend,
-                   max_concurrency: int | None, context: ExecutionContext
+def _skip_recorded(recorder: RunRecorder, node: str, plan: FanOutPlan, gathered: Gathered
+                   ) -> tuple[Iterator[BranchTask], list[int] | None]:
+    """The tasks of ``plan`` still to run, and their positions in the plan (None: all).
+
+    Recorded successes (a resumed fan-out) go into ``gathered`` first.
+    """
+    reused = recorder.fan_out_started(node, plan.total)
+    if not reused:
+        return plan.tasks, None
+    for position, result in sorted(reused.items()):
+        gathered.add(position, result)
+    remaining = [position for position in range(plan.total) if position not in reused]
+    return (task for position, task in enumerate(plan.tasks) if position not in reused), remaining
+
+
+def _branch_stream(fan_out: FanOut, tasks: Iterator[BranchTask], positions: list[int] | None,
+                   backend: IsolationBackend, max_concurrency: int | None,
+                   context: ExecutionContext
                    ) -> Iterator[tuple[int, ParallelFlowResult] | RetryNotice]:
-    """The fan-out's results as they finish; with a retry policy, final ones and notices."""
+    """The fan-out's results as they finish; with a retry policy, final ones and notices.
+
+    ``tasks`` are the plan's tasks still to run; ``positions`` their places
+    in the plan (None: all of them, in order).
+    """
     default = context.fan_out_limits.branch_retry
     policies = [fan_out.retry_of(i) for i in range(len(fan_out.targets))] \
         if isinstance(fan_out, StaticFanOut) else [fan_out.retry]
     if default is None and not any(policies):
-        return stream_results(backend, plan.tasks, max_concurrency, context.fan_out_cancel)
+        return stream_results(backend, tasks, max_concurrency, context.fan_out_cancel)
 
     def policy_of(position: int) -> RetryPolicy | None:
-        return fan_out.retry_of(position) or default
+        in_plan = positions[position] if positions is not None else position
+        return fan_out.retry_of(in_plan) or default
 
-    return stream_with_retries(backend, plan.tasks, max_concurrency, policy_of=policy_of,
+    return stream_with_retries(backend, tasks, max_concurrency, policy_of=policy_of,
                                stop_flags=context.stop_flags(), cancel=context.fan_out_cancel)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .checkpoint.store import SqliteCheckpointer
 from .conditions import Condition, LuaCondition, PythonCondition
 from .defaults import (
     DEFAULT_FAIL_FAST,
@@ -29,6 +30,7 @@ from .errors import GraphError
 from .graph import CompiledGraph, StateGraph
 from .isolation.base import available_backends
 from .keys import (
+    CHECKPOINT_SETTINGS_KEYS,
     EDGE_KEYS,
     FAN_OUT_EDGE_KEYS,
     LUA_SETTINGS_KEYS,
@@ -74,12 +76,20 @@ class YAMLEngine:
     rights, so every one is refused at load time, and so is a ``file:``
     outside the document's directory. What remains is sandboxed Lua, whose
     time and memory limits the document may lower but not raise.
+
+    ``checkpointer`` (a ``SqliteCheckpointer``) records every run of the
+    graphs this engine loads, in place of any YAML ``settings.checkpoint``.
     """
 
     def __init__(self, lua_enabled: bool = True, lua_timeout: float = _UNSET,
                  isolation: str | None = None, max_workers: int | None = None, *,
-                 allow_python: bool = True, **options: Any) -> None:
+                 allow_python: bool = True, checkpointer: SqliteCheckpointer | None = None,
+                 **options: Any) -> None:
         _check_engine_options(options)
+        if checkpointer is not None and not isinstance(checkpointer, SqliteCheckpointer):
+            raise GraphError(f"YAMLEngine(checkpointer=...): must be a SqliteCheckpointer, got "
+                             f"{type(checkpointer).__name__}")
+        self._checkpointer = checkpointer
         self._lua_enabled = lua_enabled
         self._lua_timeout_explicit = lua_timeout is not _UNSET
         self._lua_timeout = DEFAULT_LUA_TIMEOUT if lua_timeout is _UNSET else lua_timeout
@@ -271,6 +281,7 @@ class _Builder:
                                      **compile_options)
         except GraphError as exc:
             raise GraphError(problems=exc.problems, source=self.source) from None
+        compiled.owns_checkpointer = compiled.checkpointer is not self.engine._checkpointer
         if not self.engine._allow_python:
             _assert_lua_only(compiled)
         return compiled
@@ -295,6 +306,7 @@ class _Builder:
         lua = self.mapping(settings.get("lua"), "settings.lua")
         self.check_keys(lua, LUA_SETTINGS_KEYS, "settings.lua")
         lua_timeout, max_memory = self.lua_limits(lua)
+        checkpointer = self.checkpointer(settings.get("checkpoint"))
         document = dict(self.mapping(settings.get("parallel"), "settings.parallel"))
         if "strategy" in document:
             if "isolation" in document and document["isolation"] != document["strategy"]:
@@ -325,6 +337,7 @@ class _Builder:
             "max_workers": engine._max_workers or parallel.get("max_workers"),
             "branch_timeout": parallel.get("branch_timeout"), "fail_fast": fail_fast,
             "max_steps": max_steps, "lua_timeout": lua_timeout, "lua_max_memory": max_memory,
+            "checkpointer": checkpointer,
         }
         if "branch_max_memory" in parallel:
             try:
@@ -359,6 +372,45 @@ class _Builder:
         merged.update({key: value for key, (value, _) in from_engine.items()})
         options["backend_options"] = merged
         return options
+
+    def checkpointer(self, value: Any) -> SqliteCheckpointer | None:
+        """The engine's checkpointer, else the one ``settings.checkpoint`` describes.
+
+        Its ``path`` is relative to the workflow's directory; a Lua-only
+        document may name a database only inside that directory, and may
+        not turn on ``pickle`` (a pickle in the database runs code when it
+        is read).
+        """
+        where = "settings.checkpoint"
+        settings = self.mapping(value, where)
+        self.check_keys(settings, CHECKPOINT_SETTINGS_KEYS, where)
+        if value is not None and "path" not in settings:
+            self.problem(f"{where}: needs 'path' (the database file, relative to the workflow)")
+        path, pickle = settings.get("path"), settings.get("pickle", False)
+        if not isinstance(pickle, bool):
+            self.problem(f"{where}.pickle: must be true or false, got {pickle!r}")
+        elif pickle and not self.engine._allow_python:
+            self.problem(f"{where}.pickle: a Lua-only document cannot turn on pickle (reading "
+                         f"a pickled state runs code); pass YAMLEngine(checkpointer=...) instead")
+        if "path" in settings and (not isinstance(path, str) or not path):
+            self.problem(f"{where}.path: must be a file path, got {path!r}")
+            return None
+        if path is None or self.engine._checkpointer is not None:
+            return self.engine._checkpointer
+        if not Path(path).is_absolute() or not self.engine._allow_python:
+            if self.base_dir is None:
+                self.problem(f"{where}.path: relative path {path!r} needs load_from_file or "
+                             f"base_dir")
+                return None
+            if not self.engine._allow_python:
+                try:
+                    return SqliteCheckpointer(contained_file(self.base_dir, path),
+                                              pickle=False)
+                except ValueError as exc:
+                    self.problem(f"{where}.path: {path!r} {exc} (allow_python=False)")
+                    return None
+            path = self.base_dir / path
+        return SqliteCheckpointer(path, pickle=pickle is True)
 
     def lua_limits(self, lua: Mapping[str, Any]) -> tuple[float | None, int | None]:
         engine = self.engine

@@ -1,1 +1,5 @@
-"""Durable runs: checkpoints of a run's states and branch results, and resuming a run."""
+"""Durable runs: recording runs in SQLite so a killed or failed run can be resumed."""
+
+from .store import RunInfo, RunStatus, SqliteCheckpointer
+
+__all__ = ["RunInfo", "RunStatus", "SqliteCheckpointer"]

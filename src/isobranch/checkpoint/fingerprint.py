@@ -1,0 +1,133 @@
+"""A compiled graph's fingerprint, and what changed between two of them.
+
+The fingerprint maps each part of the graph — every node (kind and code),
+every edge (normal, conditional, router, parallel, map with its
+``over``/``as``/``index_as``), the entry point — to a digest of what it is.
+Python callables are identified by module, qualified name and source text
+(their bytecode when the source is not available), which are the same in
+every process, unlike ``id()`` or ``hash()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from typing import TYPE_CHECKING, Any
+
+from ..conditions import CallableCondition, Expression
+from ..fanout import MapFanOut
+from ..nodes import CallableNode, LuaNode, PythonNode
+
+if TYPE_CHECKING:
+    from ..graph import CompiledGraph
+
+
+def graph_fingerprint(graph: CompiledGraph) -> dict[str, str]:
+    """``{part: digest}`` for every node and edge of ``graph`` (parts read like ``node 'x'``).
+
+    Computed once per compiled graph (which never changes once compiled).
+    """
+    cached = getattr(graph, "_fingerprint", None)
+    if cached is None:
+        cached = graph._fingerprint = _fingerprint(graph)
+    return dict(cached)
+
+
+def _fingerprint(graph: CompiledGraph) -> dict[str, str]:
+    parts: dict[str, str] = {"entry point": graph.entry}
+    for name, node in graph.nodes.items():
+        parts[f"node {name!r}"] = _digest(_node_identity(node))
+        routes = graph.routes_of(name)
+        if routes.router is not None:
+            mapping = None if routes.mapping is None else sorted(
+                (repr(value), target) for value, target in routes.mapping.items())
+            parts[f"router of {name!r}"] = _digest([_callable_identity(routes.router), mapping])
+        for order, (condition, target) in enumerate(routes.conditional):
+            key = f"edge {name}->{target}"
+            if key in parts:  # a second condition to the same target
+                key = f"{key} (condition {order + 1})"
+            parts[key] = _digest(["when", order, _expression(condition)])
+        if routes.default is not None:
+            key = f"edge {name}->{routes.default}"
+            parts[key if key not in parts else f"{key} (default)"] = _digest("default")
+    for source, fan_out in graph.fan_outs.items():
+        if isinstance(fan_out, MapFanOut):
+            parts[f"map edge {source}->{fan_out.target}"] = _digest(
+                [_expression(fan_out.over), fan_out.item_key, fan_out.index_key, fan_out.fan_in])
+        else:
+            for target in fan_out.targets:
+                parts[f"parallel edge {source}->{target}"] = _digest(fan_out.fan_in)
+    return parts
+
+
+def fingerprint_text(parts: dict[str, str]) -> str:
+    """The fingerprint as stored."""
+    return json.dumps(parts, sort_keys=True)
+
+
+def describe_changes(stored: str, current: dict[str, str]) -> list[str]:
+    """What differs from the stored fingerprint: ``["node 'score' changed", "edge a->b added"]``."""
+    try:
+        old = json.loads(stored)
+        if not isinstance(old, dict):
+            raise ValueError
+    except ValueError:
+        return ["the recorded fingerprint is unreadable"]
+    changes = []
+    for part in sorted(set(old) | set(current)):
+        if part not in current:
+            changes.append(f"{part} removed")
+        elif part not in old:
+            changes.append(f"{part} added")
+        elif old[part] != current[part]:
+            changes.append(f"{part} changed" if part != "entry point"
+                           else f"entry point changed from {old[part]!r} to {current[part]!r}")
+    return changes
+
+
+def _digest(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _node_identity(node: Any) -> list[Any]:
+    if isinstance(node, LuaNode):
+        return ["lua", node.source]
+    if isinstance(node, PythonNode):
+        return ["python", node.source]
+    if isinstance(node, CallableNode):
+        return ["callable", _callable_identity(node.fn)]
+    return ["node", type(node).__module__, type(node).__qualname__,
+            _callable_identity(type(node).run)]
+
+
+def _expression(expression: Any) -> list[Any]:
+    if isinstance(expression, str):
+        return ["key", expression]
+    if isinstance(expression, CallableCondition):
+        return ["callable", _callable_identity(expression.fn)]
+    if isinstance(expression, Expression):
+        return [type(expression).__name__, expression.describe()]
+    return ["callable", _callable_identity(expression)]
+
+
+def _callable_identity(fn: Any) -> list[Any]:
+    """Module, qualified name and code of ``fn``: the same in every process that loads it."""
+    target = getattr(fn, "__func__", fn)
+    if not inspect.isfunction(target) and not inspect.ismethod(target) and callable(target):
+        inner = getattr(target, "func", None)  # functools.partial
+        if inner is not None:
+            return ["partial", _callable_identity(inner), repr(getattr(target, "args", ())),
+                    sorted(repr(item) for item in getattr(target, "keywords", {}).items())]
+        target = type(target).__call__
+    identity = [getattr(target, "__module__", None), getattr(target, "__qualname__", None)]
+    try:
+        identity.append(inspect.getsource(target))
+    except (OSError, TypeError):
+        code = getattr(target, "__code__", None)
+        if code is not None:
+            identity.append(code.co_code.hex())
+            identity.append(repr([c for c in code.co_consts if not inspect.iscode(c)]))
+            identity.append(list(code.co_names))
+    return identity

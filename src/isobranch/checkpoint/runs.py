@@ -1,0 +1,94 @@
+"""Starting a recorded run and reopening one to resume it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..errors import GraphError
+from .codec import StateDecodeError, StateEncodeError, decode_value, encode_value
+from .fingerprint import describe_changes, fingerprint_text, graph_fingerprint
+from .recorder import ResumePoint, RunRecorder, new_run_id
+from .store import RunStatus, SqliteCheckpointer, StepKind
+
+if TYPE_CHECKING:
+    from ..graph import CompiledGraph
+
+
+def check_run_id(run_id: Any) -> str:
+    """``run_id`` if it is usable as a run id; ``GraphError`` otherwise."""
+    if not isinstance(run_id, str) or not run_id.strip() or len(run_id) > 200 or any(
+            ord(c) < 32 for c in run_id):
+        raise GraphError(f"run_id must be a non-empty string of at most 200 printable "
+                         f"characters, got {run_id!r}")
+    return run_id
+
+
+def begin_run(store: SqliteCheckpointer, graph: CompiledGraph, state: dict,
+              run_id: str | None) -> RunRecorder:
+    """Record a new run of ``graph`` on ``state``; ``GraphError`` if ``run_id`` exists."""
+    run_id = new_run_id() if run_id is None else check_run_id(run_id)
+    try:
+        input_text = encode_value(state, allow_pickle=store.pickle, path="state")
+    except StateEncodeError as exc:
+        raise GraphError(f"run {run_id!r}: the input state cannot be checkpointed: {exc}"
+                         ) from exc
+    fingerprint = fingerprint_text(graph_fingerprint(graph))
+    store.create_run(run_id, graph.name, fingerprint, input_text)
+    return RunRecorder(store, run_id)
+
+
+@dataclass
+class Reopened:
+    """A run reopened for resuming: its recorder, state and the point to continue from.
+
+    ``point`` is None when no step was recorded (the run starts over from
+    its input); ``done`` is True for a run that had succeeded (``state`` is
+    then its final state, and nothing runs).
+    """
+
+    recorder: RunRecorder | None
+    state: dict
+    point: ResumePoint | None
+    done: bool
+
+
+def reopen_run(store: SqliteCheckpointer, graph: CompiledGraph, run_id: str, *,
+               force: bool) -> Reopened:
+    """Reopen ``run_id`` to resume it with ``graph``; ``GraphError`` if it cannot be."""
+    check_run_id(run_id)
+    row = store.load_run(run_id)
+    where = f"run {run_id!r} in {str(store.path)!r}"
+    if row is None:
+        raise GraphError(f"{where}: there is no such run")
+    if row.status == RunStatus.SUCCEEDED:
+        return Reopened(None, _decode(store, row.final_state, where, "final state"), None, True)
+    current = graph_fingerprint(graph)
+    changes = describe_changes(row.fingerprint, current)
+    if changes and not force:
+        raise GraphError(f"{where}: the graph changed since the run started "
+                         f"({'; '.join(changes)}); resume with force=True to run the "
+                         f"changed graph anyway")
+    last = store.last_step(run_id)
+    if last is None:
+        state, point, seq = _decode(store, row.input, where, "input state"), None, 0
+    else:
+        if last.node not in graph.nodes:
+            raise GraphError(f"{where}: its last recorded step is node {last.node!r}, which "
+                             f"the graph no longer has")
+        state = _decode(store, last.state, where, f"state after node {last.node!r}")
+        point = ResumePoint(last.node, last.kind == StepKind.FAN_IN, last.steps)
+        seq = last.seq
+    store.reopen_run(run_id, fingerprint_text(current) if changes else None)
+    recorder = RunRecorder(store, run_id, seq=seq, resumed_seq=seq if point else None)
+    return Reopened(recorder, state, point, False)
+
+
+def _decode(store: SqliteCheckpointer, text: str | None, where: str, what: str) -> dict:
+    try:
+        value = decode_value(text if text is not None else "null", allow_pickle=store.pickle)
+    except (StateDecodeError, ValueError, TypeError, RecursionError) as exc:  # tampered, damaged
+        raise GraphError(f"{where}: the recorded {what} is unreadable: {exc}") from exc
+    if not isinstance(value, dict):
+        raise GraphError(f"{where}: the recorded {what} is not a state (a dict)")
+    return value

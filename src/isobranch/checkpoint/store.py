@@ -1,0 +1,362 @@
+"""``SqliteCheckpointer``: the run database (standard-library sqlite3, WAL mode).
+
+Every write is one ``BEGIN IMMEDIATE`` transaction, so a writer takes the
+database's write lock before it reads anything and never has to upgrade a
+read lock (which SQLite refuses at once, busy timeout or not). Waiting for
+a lock held by another thread or process is SQLite's busy timeout, and a
+"locked" or "busy" error that still gets through is retried with backoff:
+many threads and processes may share one file without the user ever
+seeing "database is locked".
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..errors import GraphError
+
+SCHEMA_VERSION = "1"
+# How long SQLite itself waits for a lock, and how long a locked write is retried after that.
+_BUSY_TIMEOUT_SECONDS = 30.0
+_RETRY_SECONDS = 600.0
+_T = TypeVar("_T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, graph TEXT, fingerprint TEXT NOT NULL, input TEXT NOT NULL,
+    status TEXT NOT NULL, started_at REAL NOT NULL, finished_at REAL, final_state TEXT,
+    error TEXT);
+CREATE TABLE IF NOT EXISTS steps (
+    run_id TEXT NOT NULL, seq INTEGER NOT NULL, node TEXT NOT NULL, kind TEXT NOT NULL,
+    steps INTEGER NOT NULL, state TEXT NOT NULL, recorded_at REAL NOT NULL,
+    PRIMARY KEY (run_id, seq));
+CREATE TABLE IF NOT EXISTS fan_outs (
+    run_id TEXT NOT NULL, seq INTEGER NOT NULL, node TEXT NOT NULL, total INTEGER NOT NULL,
+    PRIMARY KEY (run_id, seq));
+CREATE TABLE IF NOT EXISTS branches (
+    run_id TEXT NOT NULL, seq INTEGER NOT NULL, position INTEGER NOT NULL,
+    success INTEGER NOT NULL, result TEXT NOT NULL, PRIMARY KEY (run_id, seq, position));
+"""
+
+
+class RunStatus(StrEnum):
+    """Where a recorded run stands."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+
+
+class StepKind(StrEnum):
+    """How a main-path step ran: as a node of its own, or as a fan-in node after its branches."""
+
+    NODE = "node"
+    FAN_IN = "fan_in"
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """One recorded run as ``SqliteCheckpointer.list_runs`` describes it.
+
+    ``branches_done`` counts branch results recorded as successful across
+    the run's main-path fan-outs, ``branches_total`` their branches.
+    Times are seconds since the epoch; ``finished_at`` is None while the
+    run is (or was, when killed) running.
+    """
+
+    run_id: str
+    graph: str | None
+    status: RunStatus
+    started_at: float
+    finished_at: float | None
+    branches_done: int
+    branches_total: int
+    error: str | None
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds from start to end (None if the run never ended)."""
+        return None if self.finished_at is None else self.finished_at - self.started_at
+
+
+@dataclass(frozen=True)
+class StepRow:
+    """The last recorded main-path step of a run."""
+
+    seq: int
+    node: str
+    kind: str
+    steps: int
+    state: str
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """A run's own row."""
+
+    run_id: str
+    graph: str | None
+    fingerprint: str
+    input: str
+    status: RunStatus
+    final_state: str | None
+
+
+class SqliteCheckpointer:
+    """Records runs in the SQLite database at ``path`` so they can be resumed.
+
+    Give it to ``StateGraph.compile(checkpointer=...)``, ``YAMLEngine(
+    checkpointer=...)`` or YAML ``settings.checkpoint``. States are stored as
+    tagged JSON; ``pickle=True`` also stores (and loads) other values as
+    pickles, which lets whoever can write the database run code in this
+    process: use it only for a database you trust. One object may serve
+    many threads; many processes may share one file.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, pickle: bool = False) -> None:
+        if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+            raise GraphError(f"SqliteCheckpointer: path must be a file path, got {path!r}")
+        if not isinstance(pickle, bool):
+            raise GraphError(f"SqliteCheckpointer: pickle must be True or False, got {pickle!r}")
+        self.path = Path(os.fspath(path))
+        self.pickle = pickle
+        self._reset()
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._connection: sqlite3.Connection | None = None
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "pickle": self.pickle}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path, self.pickle = state["path"], state["pickle"]
+        self._reset()
+
+    def __repr__(self) -> str:
+        return f"SqliteCheckpointer({str(self.path)!r}{', pickle=True' if self.pickle else ''})"
+
+    # -- connection -----------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        # Called with the lock held. A connection never crosses a fork.
+        if self._connection is not None and self._pid == os.getpid():
+            return self._connection
+        self._pid = os.getpid()
+        try:
+            connection = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_SECONDS,
+                                         isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise self._unusable(exc) from exc
+        try:
+            _retry(lambda: self._prepare(connection))
+        except BaseException:
+            connection.close()
+            raise
+        self._connection = connection
+        return connection
+
+    def _prepare(self, connection: sqlite3.Connection) -> None:
+        mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise GraphError(f"checkpoint database {str(self.path)!r}: cannot use WAL mode "
+                             f"(journal mode stays {mode!r})")
+        # WAL with synchronous=NORMAL: a commit survives the process being
+        # killed at any moment (only an OS crash or power loss may lose the
+        # last commits), and costs no fsync.
+        connection.execute("PRAGMA synchronous=NORMAL")
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                connection.execute(statement)
+            row = connection.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            if row is None:
+                connection.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            elif row[0] != SCHEMA_VERSION:
+                raise GraphError(f"checkpoint database {str(self.path)!r} has schema version "
+                                 f"{row[0]!r}; this isobranch reads version {SCHEMA_VERSION}")
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+
+    def _unusable(self, exc: BaseException) -> GraphError:
+        return GraphError(f"checkpoint database {str(self.path)!r} is not usable: "
+                          f"{type(exc).__name__}: {exc}")
+
+    def _write(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``work`` in one immediate transaction, retried while the database is locked."""
+        def attempt() -> _T:
+            connection = self._connect()
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(connection)
+                connection.execute("COMMIT")
+                return result
+            except BaseException:
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+                raise
+
+        with self._lock:
+            try:
+                return _retry(attempt)
+            except sqlite3.IntegrityError:
+                raise
+            except sqlite3.Error as exc:
+                raise self._unusable(exc) from exc
+
+    def _read(self, query: str, parameters: Sequence[Any] = ()) -> list[tuple]:
+        with self._lock:
+            try:
+                return _retry(lambda: self._connect().execute(query, parameters).fetchall())
+            except sqlite3.Error as exc:
+                raise self._unusable(exc) from exc
+
+    def close(self) -> None:
+        """Close this process's connection (the next use opens a new one)."""
+        with self._lock:
+            if self._connection is not None and self._pid == os.getpid():
+                self._connection.close()
+            self._connection = None
+
+    # -- runs -----------------------------------------------------------------
+
+    def list_runs(self) -> list[RunInfo]:
+        """Every recorded run, oldest first."""
+        return [_run_info(row) for row in self._read(_RUNS_QUERY + " ORDER BY r.started_at, "
+                                                     "r.run_id")]
+
+    def get_run(self, run_id: str) -> RunInfo | None:
+        """The run ``run_id``, or None if there is none."""
+        rows = self._read(_RUNS_QUERY + " WHERE r.run_id = ?", (run_id,))
+        return _run_info(rows[0]) if rows else None
+
+    def delete_run(self, run_id: str) -> bool:
+        """Forget the run ``run_id`` and everything recorded for it; False if there was none."""
+        def work(connection: sqlite3.Connection) -> bool:
+            for table in ("branches", "fan_outs", "steps"):
+                connection.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
+            return connection.execute("DELETE FROM runs WHERE run_id = ?",
+                                      (run_id,)).rowcount > 0
+        return self._write(work)
+
+    # -- what a recorder uses ---------------------------------------------------
+
+    def create_run(self, run_id: str, graph: str | None, fingerprint: str, input_text: str
+                   ) -> None:
+        """Record a new run; ``GraphError`` if ``run_id`` exists."""
+        def work(connection: sqlite3.Connection) -> None:
+            connection.execute("INSERT INTO runs (run_id, graph, fingerprint, input, status, "
+                               "started_at) VALUES (?, ?, ?, ?, ?, ?)",
+                               (run_id, graph, fingerprint, input_text, RunStatus.RUNNING,
+                                time.time()))
+        try:
+            self._write(work)
+        except sqlite3.IntegrityError as exc:
+            raise GraphError(f"run {run_id!r} already exists in {str(self.path)!r}: resume it "
+                             f"with resume({run_id!r}), delete it, or choose another "
+                             f"run_id") from exc
+
+    def reopen_run(self, run_id: str, fingerprint: str | None) -> None:
+        """Mark a run running again (for a resume); a new ``fingerprint`` replaces the old."""
+        def work(connection: sqlite3.Connection) -> None:
+            connection.execute("UPDATE runs SET status = ?, finished_at = NULL, error = NULL, "
+                               "fingerprint = COALESCE(?, fingerprint) WHERE run_id = ?",
+                               (RunStatus.RUNNING, fingerprint, run_id))
+        self._write(work)
+
+    def load_run(self, run_id: str) -> RunRow | None:
+        """A run's own row, or None."""
+        rows = self._read("SELECT run_id, graph, fingerprint, input, status, final_state "
+                          "FROM runs WHERE run_id = ?", (run_id,))
+        if not rows:
+            return None
+        run_id, graph, fingerprint, input_text, status, final = rows[0]
+        return RunRow(run_id, graph, fingerprint, input_text, _status(status), final)
+
+    def last_step(self, run_id: str) -> StepRow | None:
+        """The run's last recorded main-path step, or None if no step was recorded."""
+        rows = self._read("SELECT seq, node, kind, steps, state FROM steps WHERE run_id = ? "
+                          "ORDER BY seq DESC LIMIT 1", (run_id,))
+        return StepRow(*rows[0]) if rows else None
+
+    def write_step(self, run_id: str, seq: int, node: str, kind: str, steps: int,
+                   state_text: str) -> None:
+        """Record a main-path step and the state after it."""
+        self._write(lambda connection: connection.execute(
+            "INSERT OR REPLACE INTO steps VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (run_id, seq, node, kind, steps, state_text, time.time())))
+
+    def write_fan_out(self, run_id: str, seq: int, node: str, total: int) -> None:
+        """Record that the fan-out after step ``seq`` has ``total`` branches."""
+        self._write(lambda connection: connection.execute(
+            "INSERT OR REPLACE INTO fan_outs VALUES (?, ?, ?, ?)", (run_id, seq, node, total)))
+
+    def write_branches(self, rows: Iterable[tuple[str, int, int, bool, str]]) -> None:
+        """Record branch results ``(run_id, seq, position, success, result_text)`` at once."""
+        rows = list(rows)
+        self._write(lambda connection: connection.executemany(
+            "INSERT OR REPLACE INTO branches VALUES (?, ?, ?, ?, ?)", rows))
+
+    def successful_branches(self, run_id: str, seq: int) -> list[tuple[int, str]]:
+        """``(position, result_text)`` of every successful branch recorded for a fan-out."""
+        return self._read("SELECT position, result FROM branches WHERE run_id = ? AND seq = ? "
+                          "AND success = 1 ORDER BY position", (run_id, seq))
+
+    def finish_run(self, run_id: str, status: RunStatus, final_text: str | None,
+                   error: str | None) -> None:
+        """Record how a run ended."""
+        self._write(lambda connection: connection.execute(
+            "UPDATE runs SET status = ?, finished_at = ?, final_state = ?, error = ? "
+            "WHERE run_id = ?", (status, time.time(), final_text, error, run_id)))
+
+
+_RUNS_QUERY = (
+    "SELECT r.run_id, r.graph, r.status, r.started_at, r.finished_at, "
+    "(SELECT COUNT(*) FROM branches b WHERE b.run_id = r.run_id AND b.success = 1), "
+    "(SELECT COALESCE(SUM(f.total), 0) FROM fan_outs f WHERE f.run_id = r.run_id), r.error "
+    "FROM runs r")
+
+
+def _status(text: str) -> RunStatus:
+    try:
+        return RunStatus(text)
+    except ValueError:
+        raise GraphError(f"checkpoint database: unknown run status {text!r}") from None
+
+
+def _run_info(row: tuple) -> RunInfo:
+    run_id, graph, status, started, finished, done, total, error = row
+    return RunInfo(run_id, graph, _status(status), started, finished, done, total, error)
+
+
+def _is_lock_error(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+def _retry(attempt: Callable[[], _T]) -> _T:
+    """``attempt()``, again after a pause while SQLite says the database is locked or busy."""
+    deadline = time.monotonic() + _RETRY_SECONDS
+    pause = 0.005
+    while True:
+        try:
+            return attempt()
+        except sqlite3.OperationalError as exc:
+            if not _is_lock_error(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(pause * (0.5 + random.random()))
+        pause = min(pause * 2, 0.5)
