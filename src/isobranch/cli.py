@@ -99,13 +99,6 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("file", help="workflow YAML file")
     run.add_argument("--input", "-i", default=None,
                      help="initial state: a JSON object, or @path/to/file.json")
-    run.add_argument("--isolation", default=None,
-                     help="isolation backend (overrides settings.parallel.isolation)")
-    run.add_argument("--stream", action="store_true",
-                     help="print one JSON event per line as nodes finish")
-    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                     help="a live progress line per running fan-out on stderr "
-                          "(default: when stderr is a terminal)")
     run.add_argument("--checkpoint", metavar="DB", default=None,
                      help="record the run in this SQLite database so it can be resumed "
                           "(overrides settings.checkpoint)")
@@ -123,13 +116,6 @@ def _parser() -> argparse.ArgumentParser:
                              "settings.checkpoint)")
     resume.add_argument("--force", action="store_true",
                         help="resume even though the workflow changed since the run started")
-    resume.add_argument("--isolation", default=None,
-                        help="isolation backend (overrides settings.parallel.isolation)")
-    resume.add_argument("--stream", action="store_true",
-                        help="print one JSON event per line as nodes finish")
-    resume.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="a live progress line per running fan-out on stderr "
-                             "(default: when stderr is a terminal)")
     resume.set_defaults(handler=_resume)
 
     runs = commands.add_parser("runs", help="list the runs recorded in a checkpoint database")
@@ -144,6 +130,14 @@ def _parser() -> argparse.ArgumentParser:
     draw.add_argument("file")
     draw.set_defaults(handler=_graph)
 
+    for sub in (run, resume):  # the commands that run a workflow
+        sub.add_argument("--isolation", default=None,
+                         help="isolation backend (overrides settings.parallel.isolation)")
+        sub.add_argument("--stream", action="store_true",
+                         help="print one JSON event per line as nodes finish")
+        sub.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                         help="a live progress line per running fan-out on stderr "
+                              "(default: when stderr is a terminal)")
     for sub in (run, resume, validate, draw, runs):
         sub.add_argument("--debug", action="store_true", help="show tracebacks on errors")
         add_verbosity_option(sub)
