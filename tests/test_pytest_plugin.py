@@ -107,7 +107,8 @@ def outcomes(result: pytest.RunResult) -> dict[str, str]:
 
 def assert_no_plugin_traceback(output: str) -> None:
     assert "Traceback" not in output
-    assert "pytest_plugin.py" not in output and "regression.py" not in output
+    assert "pytest_plugin.py" not in output
+    assert "regression.py" not in output and "isobranch/regression/" not in output
     assert "raise CaseFailure" not in output
 
 

@@ -23,6 +23,7 @@ from .cancellation import CancelSignal
 from .context import BranchCancelled, BranchTimeout, ExecutionContext, Watchdog
 from .error_kinds import ErrorKind, plain
 from .errors import GraphExecutionError
+from .isolation.base import create_backend
 from .retry import exception_names
 from .statecopy import ScalarSnapshot, StateSnapshot
 
@@ -222,7 +223,8 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
     context = ExecutionContext(
         task.graph, deadline=deadline, time_limit=task.limits.branch_timeout, branch=task.label,
         monitor=monitor, fan_out_limits=task.limits, watchdog=watchdog, stop=task.stop,
-        nested_isolation="inline" if task.isolation == "inline" else "thread")
+        nested_isolation="inline" if task.isolation == "inline" else "thread",
+        backend_factory=create_backend)
 
     def result(**outcome: Any) -> ParallelFlowResult:
         outcome.setdefault("state", state)

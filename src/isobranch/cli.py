@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 import threading
@@ -25,6 +26,7 @@ from typing import Any, NoReturn
 from .branch import ParallelFlowResult
 from .checkpoint.recorder import new_run_id
 from .checkpoint.store import SqliteCheckpointer
+from .cli_logging import add_verbosity_option, log_to_stderr
 from .cli_runs import runs_table
 from .cli_stdout import PrivateStdout, StdoutClosed, stdout_to_stderr
 from .compiled import CompiledGraph
@@ -37,6 +39,8 @@ from .yaml_engine import YAMLEngine
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 # The shell's codes for death by SIGINT and SIGPIPE (128 + signal number).
 EXIT_INTERRUPTED, EXIT_STDOUT_CLOSED = 130, 141
+
+log = logging.getLogger(__name__)
 
 
 class InputError(Exception):
@@ -54,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``isobranch`` command with ``argv`` (default: ``sys.argv[1:]``); its exit code."""
     args = _parser().parse_args(argv)
     try:
-        with stdout_to_stderr() as out:
+        with log_to_stderr(getattr(args, "verbose", 0)), stdout_to_stderr() as out:
             return args.handler(args, out)
     except (GraphError, InputError) as exc:
         return _fail(args, exc, EXIT_INVALID)
@@ -95,13 +99,6 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("file", help="workflow YAML file")
     run.add_argument("--input", "-i", default=None,
                      help="initial state: a JSON object, or @path/to/file.json")
-    run.add_argument("--isolation", default=None,
-                     help="isolation backend (overrides settings.parallel.isolation)")
-    run.add_argument("--stream", action="store_true",
-                     help="print one JSON event per line as nodes finish")
-    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                     help="a live progress line per running fan-out on stderr "
-                          "(default: when stderr is a terminal)")
     run.add_argument("--checkpoint", metavar="DB", default=None,
                      help="record the run in this SQLite database so it can be resumed "
                           "(overrides settings.checkpoint)")
@@ -119,13 +116,6 @@ def _parser() -> argparse.ArgumentParser:
                              "settings.checkpoint)")
     resume.add_argument("--force", action="store_true",
                         help="resume even though the workflow changed since the run started")
-    resume.add_argument("--isolation", default=None,
-                        help="isolation backend (overrides settings.parallel.isolation)")
-    resume.add_argument("--stream", action="store_true",
-                        help="print one JSON event per line as nodes finish")
-    resume.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="a live progress line per running fan-out on stderr "
-                             "(default: when stderr is a terminal)")
     resume.set_defaults(handler=_resume)
 
     runs = commands.add_parser("runs", help="list the runs recorded in a checkpoint database")
@@ -140,8 +130,17 @@ def _parser() -> argparse.ArgumentParser:
     draw.add_argument("file")
     draw.set_defaults(handler=_graph)
 
+    for sub in (run, resume):  # the commands that run a workflow
+        sub.add_argument("--isolation", default=None,
+                         help="isolation backend (overrides settings.parallel.isolation)")
+        sub.add_argument("--stream", action="store_true",
+                         help="print one JSON event per line as nodes finish")
+        sub.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                         help="a live progress line per running fan-out on stderr "
+                              "(default: when stderr is a terminal)")
     for sub in (run, resume, validate, draw, runs):
         sub.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+        add_verbosity_option(sub)
     for sub in (run, resume, validate):
         sub.add_argument("--lua-only", action="store_true",
                          help="for workflows you do not trust: refuse any Python node or "
@@ -166,6 +165,7 @@ def _engine(args: argparse.Namespace) -> YAMLEngine:
 def _run(args: argparse.Namespace, out: PrivateStdout) -> int:
     state = _read_input(args.input)
     with _engine(args).load_from_file(args.file) as graph:
+        log.debug("loaded %s (%d nodes)", args.file, len(graph.nodes))
         config = None
         if graph.checkpointer is not None or args.run_id is not None:
             run_id = args.run_id or new_run_id()
@@ -181,6 +181,7 @@ def _run(args: argparse.Namespace, out: PrivateStdout) -> int:
 
 def _resume(args: argparse.Namespace, out: PrivateStdout) -> int:
     with _engine(args).load_from_file(args.file) as graph:
+        log.debug("loaded %s (%d nodes)", args.file, len(graph.nodes))
         if graph.checkpointer is None:
             raise InputError(f"{args.file}: resume needs --checkpoint DB (the workflow has no "
                              f"settings.checkpoint)")
@@ -236,6 +237,7 @@ def _error_event(exc: Exception) -> dict[str, Any]:
 
 def _validate(args: argparse.Namespace, out: PrivateStdout) -> int:
     problems = YAMLEngine(allow_python=not args.lua_only).validate_file(args.file)
+    log.debug("validated %s (%d problems)", args.file, len(problems))
     for problem in problems:
         print(problem, file=sys.stderr)
     if problems:
@@ -248,6 +250,7 @@ def _graph(args: argparse.Namespace, out: PrivateStdout) -> int:
     # Drawn from the compiled graph: what is drawn is what runs (entry,
     # implied chains, fan-outs), whatever the YAML spelt out.
     with YAMLEngine().load_from_file(args.file) as graph:
+        log.debug("loaded %s (%d nodes)", args.file, len(graph.nodes))
         lines = ["flowchart TD", _mermaid_link(START, graph.entry)]
         for name in graph.nodes:
             lines.extend(_links_from(graph, name))

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .async_nodes import AwaitRunner
 from .lua.runtime import LuaRuntime, LuaTimeoutError
 
 if TYPE_CHECKING:
-    from .async_nodes import AwaitRunner
     from .branch import BranchLimits, BranchMonitor
     from .cancellation import CancelSignal
     from .checkpoint.recorder import RunRecorder
@@ -71,8 +72,11 @@ class ExecutionContext:
                  fan_out_limits: BranchLimits, watchdog: Watchdog | None = None,
                  max_concurrency: int | None = None, cancel: CancelSignal | None = None,
                  stop: CancelSignal | None = None,
-                 recorder: RunRecorder | None = None) -> None:
+                 recorder: RunRecorder | None = None,
+                 backend_factory: Callable[..., IsolationBackend] | None = None) -> None:
         self.graph = graph
+        # Makes the backend of a branch's own fan-outs (see fan_out_backend).
+        self._backend_factory = backend_factory
         # The run's cancellation signal (main path of an async run only).
         self.cancel = cancel
         # Set by CompiledGraph.close() to end a retry's backoff in this run at
@@ -195,7 +199,6 @@ class ExecutionContext:
         if not inspect.isawaitable(value):
             return value
         if self._awaiter is None:
-            from .async_nodes import AwaitRunner
 
             self._awaiter = AwaitRunner(self.stop_reason)
         return self._awaiter.run(value)
@@ -232,9 +235,11 @@ class ExecutionContext:
         its nested fan-outs on a backend of its own that dies with it.
         """
         if self._backend is None:
-            from .isolation.base import create_backend
-
-            self._backend = create_backend(self._nested_isolation, max_workers=self.max_workers)
+            if self._backend_factory is None:
+                raise RuntimeError("this execution context was given neither a backend nor a "
+                                   "backend factory, so it cannot fan out")
+            self._backend = self._backend_factory(self._nested_isolation,
+                                                  max_workers=self.max_workers)
         return self._backend
 
     def _timeout(self, node: str | None) -> BranchTimeout:

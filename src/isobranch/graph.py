@@ -13,6 +13,12 @@ from typing import Any
 from .checkpoint.store import SqliteCheckpointer
 from .compiled import CompiledGraph, Routes, limit_problems
 from .conditions import Condition, Expression, as_condition
+from .defaults import (
+    DEFAULT_FAIL_FAST,
+    DEFAULT_ISOLATION,
+    DEFAULT_LUA_TIMEOUT,
+    DEFAULT_MAX_STEPS,
+)
 from .errors import GraphError
 from .fanout import FanOut, MapFanOut, StaticFanOut
 from .isolation import memory_limit
@@ -24,8 +30,6 @@ from .nodes import Node, as_node
 from .retry import RetryPolicy, as_policy
 from .runner import END, START
 from .schema import StateSchema
-
-DEFAULT_MAX_STEPS = 10_000
 
 # CompiledGraph is re-exported: code written against isobranch.graph keeps working.
 __all__ = ["DEFAULT_MAX_STEPS", "CompiledGraph", "Routes", "StateGraph"]
@@ -271,10 +275,11 @@ class StateGraph:
                 problems.append(f"node {source!r} has both a router and plain edges")
         return problems
 
-    def compile(self, isolation: str = "thread", max_workers: int | None = None,
-                branch_timeout: float | None = None, fail_fast: bool = False, *,
+    def compile(self, isolation: str = DEFAULT_ISOLATION, max_workers: int | None = None,
+                branch_timeout: float | None = None, fail_fast: bool = DEFAULT_FAIL_FAST, *,
                 max_concurrency: int | None = None,
-                lua_timeout: float | None = 30.0, lua_max_memory: int | None = DEFAULT_MAX_MEMORY,
+                lua_timeout: float | None = DEFAULT_LUA_TIMEOUT,
+                lua_max_memory: int | None = DEFAULT_MAX_MEMORY,
                 variables: dict | None = None, max_steps: int = DEFAULT_MAX_STEPS,
                 backend_options: dict[str, Any] | None = None,
                 name: str | None = None, branch_max_memory: int | str | None = None,

@@ -315,7 +315,7 @@ class AgentCaseItem(pytest.Item):
         except GraphError as exc:
             raise CaseFailure(agent_error_report(context, exc)) from None
         context = self._context(graph.isolation)
-        report = check_case(case, run_agent_case(graph, case.input), context)
+        report = check_case(case, run_agent_case(graph, case.input, label=self.nodeid), context)
         if report is not None:
             raise CaseFailure(report)
 

@@ -21,8 +21,14 @@ import yaml
 from .checkpoint.store import SqliteCheckpointer
 from .compiled import CompiledGraph
 from .conditions import Condition, LuaCondition, PythonCondition
+from .defaults import (
+    DEFAULT_FAIL_FAST,
+    DEFAULT_ISOLATION,
+    DEFAULT_LUA_TIMEOUT,
+    DEFAULT_MAX_STEPS,
+)
 from .errors import GraphError
-from .graph import DEFAULT_MAX_STEPS, StateGraph
+from .graph import StateGraph
 from .isolation.base import available_backends
 from .keys import (
     CHECKPOINT_SETTINGS_KEYS,
@@ -49,7 +55,6 @@ from .runner import END, START
 from .schema import StateSchema
 from .sizes import parse_size
 
-DEFAULT_LUA_TIMEOUT = 30.0
 # settings.parallel keys the engine's own arguments stand for, so not options.
 _ENGINE_ARGUMENTS = frozenset({"isolation", "strategy", "max_workers"})
 # Keys whose value is code: a YAML error on their line gets the block-form hint.
@@ -314,12 +319,12 @@ class _Builder:
         parallel = {**document, **engine._options}
         origin = {key: f"settings.parallel.{key}" for key in document}
         origin.update({key: f"YAMLEngine({key}=...)" for key in engine._options})
-        isolation = engine._isolation or parallel.get("isolation") or "thread"
+        isolation = engine._isolation or parallel.get("isolation") or DEFAULT_ISOLATION
         if not isinstance(isolation, str) or isolation not in available_backends():
             self.problem(unknown(f"settings.parallel.isolation: unknown isolation backend "
                                  f"{isolation!r}", isolation, available_backends()))
             isolation = None
-        fail_fast = parallel.get("fail_fast", False)
+        fail_fast = parallel.get("fail_fast", DEFAULT_FAIL_FAST)
         if not isinstance(fail_fast, bool):
             self.problem(f"{origin['fail_fast']}: must be true or false, got {fail_fast!r}")
         max_steps = parallel.get("max_steps", DEFAULT_MAX_STEPS)
@@ -329,7 +334,7 @@ class _Builder:
                          f"limit of {DEFAULT_MAX_STEPS} steps, not raise it; got {max_steps!r}")
             max_steps = DEFAULT_MAX_STEPS
         options: dict[str, Any] = {
-            "isolation": isolation or "thread",
+            "isolation": isolation or DEFAULT_ISOLATION,
             "max_workers": engine._max_workers or parallel.get("max_workers"),
             "branch_timeout": parallel.get("branch_timeout"), "fail_fast": fail_fast,
             "max_steps": max_steps, "lua_timeout": lua_timeout, "lua_max_memory": max_memory,
@@ -349,7 +354,7 @@ class _Builder:
             options[key] = parallel[key]
         # Flat backend options in the document belong to the backend the
         # document chose; when the engine chose another, they do not apply.
-        chosen_by_document = document.get("isolation") or "thread"
+        chosen_by_document = document.get("isolation") or DEFAULT_ISOLATION
         if not isinstance(chosen_by_document, str) or chosen_by_document not in available_backends():
             chosen_by_document = isolation
         from_document = self.backend_options(

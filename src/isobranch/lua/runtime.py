@@ -27,6 +27,8 @@ from typing import Any
 
 import lupa.lua54 as lua54
 
+from ..defaults import DEFAULT_LUA_MAX_MEMORY as DEFAULT_MAX_MEMORY
+from ..defaults import DEFAULT_LUA_TIMEOUT
 from .convert import (
     DEPTH_REASON,
     MAX_DEPTH,
@@ -39,7 +41,6 @@ from .convert import (
     to_lua_bytes,
 )
 
-DEFAULT_MAX_MEMORY = 512 * 1024 * 1024
 HOOK_INSTRUCTIONS = 1000
 # Room for lupa's own allocations while it pushes a call's arguments, and
 # for each Lua string's header.
@@ -110,7 +111,8 @@ class LuaRuntime:
     kill its worker bounds such a call.
     """
 
-    def __init__(self, timeout: float | None = 30.0, max_memory: int | None = DEFAULT_MAX_MEMORY,
+    def __init__(self, timeout: float | None = DEFAULT_LUA_TIMEOUT,
+                 max_memory: int | None = DEFAULT_MAX_MEMORY,
                  *, timeout_hook: bool = True,
                  should_stop: Callable[[], bool] | None = None,
                  deadline_listener: Callable[[float | None], None] | None = None) -> None:

@@ -1,0 +1,57 @@
+"""Running one case: the agent's final state or error, its route and its fan-outs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import GraphError, GraphExecutionError
+from .text import short
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunRecord:
+    """What one run of an agent did: its final state or its error, and its route."""
+
+    final: dict | None = None
+    error: GraphExecutionError | GraphError | None = None
+    route: list[str] = field(default_factory=list)
+    fan_outs: list[tuple[str | None, list[Any]]] = field(default_factory=list)
+
+
+def run_agent_case(graph: Any, state: Mapping[str, Any], *, label: str = "case") -> RunRecord:
+    """Run a compiled graph on ``state``, recording the route and every fan-out.
+
+    ``stream`` rather than ``invoke``: when a fan-in node later fails, the
+    report can still say which branch failed before it. ``label`` names the
+    case in the DEBUG records logged when it starts and finishes.
+    """
+    record = RunRecord()
+    last_node: str | None = None
+    log.debug("%s: started on input %s", label, short(dict(state)))
+    started = time.perf_counter()
+    try:
+        for event in graph.stream(dict(state)):
+            kind = event["type"]
+            if kind == "node":
+                last_node = event["node"]
+                record.route.append(last_node)
+            elif kind == "parallel":
+                branches = list(event["branches"])
+                record.fan_outs.append((last_node, branches))
+                record.route.append("[" + " | ".join(
+                    f"{r.branch}" + ("" if r.success else " (timed out)" if r.timed_out else " (failed)")
+                    for r in branches) + "]")
+            elif kind == "final":
+                record.final = event["state"]
+    except (GraphExecutionError, GraphError) as exc:
+        record.error = exc
+    outcome = "succeeded" if record.error is None else f"failed ({type(record.error).__name__})"
+    log.debug("%s: %s in %.3f s, route: %s", label, outcome, time.perf_counter() - started,
+              " -> ".join(record.route) or "(none)")
+    return record
