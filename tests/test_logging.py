@@ -24,11 +24,6 @@ def warnings(caplog, logger_prefix):
             if r.levelno == logging.WARNING and r.name.startswith(logger_prefix)]
 
 
-def test_the_library_installs_no_handler_that_writes():
-    handlers = logging.getLogger("isobranch").handlers
-    assert all(isinstance(h, logging.NullHandler) for h in handlers)
-
-
 @pytest.mark.usefixtures("no_process_leak")
 def test_a_worker_death_logs_a_warning_naming_the_branch(caplog):
     caplog.set_level(logging.DEBUG, logger="isobranch")

@@ -4,8 +4,6 @@ Every branch of a fan-out gets a deep copy of the state and its own fresh Lua
 VM, and runs on a pluggable isolation backend (inline, thread, ...).
 """
 
-import logging
-
 from .branch import ParallelFlowResult
 from .checkpoint import SqliteCheckpointer
 from .compiled import CompiledGraph
@@ -23,10 +21,6 @@ from .runner import END, START
 from .yaml_engine import YAMLEngine
 
 __version__ = "0.1.0"
-
-# The package logs under ``isobranch.*`` and leaves output to the application:
-# without this, Python's last-resort handler would print its warnings on stderr.
-logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "END",

@@ -496,6 +496,9 @@ class DaskBackend:
                     node=branch.node)
                 quietly(future.cancel)
                 self._forget(pending, [future])
+                logger.warning("dask backend: branch %r is stuck past its %gs branch_timeout "
+                               "on Dask worker %s; restarting that worker", branch.task.label,
+                               limit, worker)
                 self._restart(connection, [worker])
 
     def _collect(self, connection: Connection, plugin: str, pending: dict[Any, FollowedBranch],
@@ -560,6 +563,9 @@ class DaskBackend:
             return  # a shared cluster's workers are restarted only for a stuck branch
         workers = {branch.running_on for branch in branches} - {None}
         if workers:
+            # Expected on a stop (fail_fast, Ctrl-C, a closed stream): only a debug record.
+            logger.debug("dask backend: restarting Dask worker(s) %s of branches stopped early",
+                         ", ".join(sorted(w for w in workers if w is not None)))
             self._restart(connection, sorted(w for w in workers if w is not None))
 
     def _restart(self, connection: Connection, workers: list[str]) -> None:
@@ -571,8 +577,6 @@ class DaskBackend:
         client = connection.client
         if not connection.usable:
             return  # closing: its workers end with it
-        logger.warning("dask backend: restarting Dask worker(s) %s (running branches given up "
-                       "on)", ", ".join(workers))
         try:
             coroutine = client.scheduler.restart_workers(
                 workers=workers, timeout=RESTART_TIMEOUT_SECONDS, on_error="return",

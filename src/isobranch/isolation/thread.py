@@ -159,8 +159,11 @@ class ThreadBackend:
             executor, self._executor = self._executor, None
             stuck = any(not f.done() for f in self._abandoned)
         if stuck:
-            logger.warning("thread backend: closing without waiting for a thread still stuck "
-                           "in a branch it gave up on (a daemon thread: it ends with the call)")
+            # Given up on at a timeout (logged then as a warning) or stopped early and not
+            # back yet (fail_fast, Ctrl-C): not news, so only a debug record.
+            logger.debug("thread backend: closing without waiting for threads still in "
+                         "branches it stopped or gave up on (daemon threads: each ends "
+                         "with its call)")
         if executor is not None:
             executor.shutdown(wait=not stuck, cancel_futures=True)
 
