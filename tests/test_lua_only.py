@@ -10,7 +10,7 @@ import yaml
 
 from isobranch import GraphError, GraphExecutionError, YAMLEngine
 from isobranch.cli import main
-from isobranch.yaml_engine import _assert_lua_only
+from isobranch.yaml_builder import assert_lua_only
 
 # From tests/test_lua_timeout.py: a coroutine that catches every error in a loop.
 SPIN = ("local co = coroutine.create(function() while true do pcall(function() "
@@ -206,7 +206,7 @@ def test_harmless_backend_options_are_allowed():
 def test_the_last_check_catches_python_that_slipped_through():
     graph = YAMLEngine().load_from_dict({"nodes": [{"name": "a", "run": "pass"}]})
     with pytest.raises(GraphError, match="node 'a' of a Lua-only graph has Python parts"):
-        _assert_lua_only(graph)
+        assert_lua_only(graph)
     assert graph.closed
 
 

@@ -1,0 +1,396 @@
+"""Turning one YAML document into a CompiledGraph: nodes, edges, conditions, then compile().
+
+``DocumentBuilder`` reads ``settings:`` through its base class
+(yaml_settings.py) and the graph itself here, collecting every problem
+before raising one ``GraphError``; ``YAMLEngine`` (yaml_engine.py) is the
+public door that reads files and calls it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from itertools import pairwise
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .compiled import CompiledGraph
+from .conditions import Condition, LuaCondition, PythonCondition
+from .errors import GraphError
+from .graph import StateGraph
+from .keys import (
+    EDGE_KEYS,
+    FAN_OUT_EDGE_KEYS,
+    MAP_EDGE_KEYS,
+    NODE_KEYS,
+    TOP_LEVEL_KEYS,
+    EdgeType,
+    Language,
+    unknown,
+)
+from .lua.syntax import LuaSyntaxChecker
+from .nodes import LuaNode, Node, PythonNode
+from .retry import RetryPolicy, parse_policy
+from .runner import END, START
+from .schema import StateSchema
+from .yaml_settings import SettingsReader, contained_file
+
+if TYPE_CHECKING:
+    from .yaml_engine import YAMLEngine
+
+
+class DocumentBuilder(SettingsReader):
+    """Turns one document into a StateGraph, collecting every problem on the way.
+
+    Reading ``settings:`` is the base class's job (yaml_settings.py); this
+    class reads the nodes and edges and compiles the graph.
+    """
+
+    def __init__(self, engine: YAMLEngine, document: Any, source: str | None,
+                 base_dir: Path | None) -> None:
+        super().__init__(engine, source, base_dir)
+        self.document = document
+        self.lua = LuaSyntaxChecker()
+
+    def fail(self) -> GraphError:
+        return GraphError(problems=self.problems, source=self.source)
+
+    def python_allowed(self, where: str, what: str, hint: str) -> bool:
+        """The one door through which any part of the document becomes Python code.
+
+        Every place that would build a Python callable from the document
+        (node bodies, fan-in nodes, conditions, and any future expression)
+        must ask here first; with ``allow_python=False`` the answer is no
+        and the refusal is recorded as a problem.
+        """
+        if self.engine._allow_python:
+            return True
+        self.problem(f"{where}: {what} is Python, which this engine refuses "
+                     f"(allow_python=False runs only sandboxed Lua); {hint}")
+        return False
+
+    def build(self) -> CompiledGraph:
+        doc = self.document
+        if not isinstance(doc, Mapping):
+            self.problem(f"the document must be a mapping with 'nodes', got {type(doc).__name__}")
+            raise self.fail()
+        for key in sorted(set(doc) - TOP_LEVEL_KEYS, key=str):
+            self.problem(unknown(f"unknown top-level key {key!r}", key, TOP_LEVEL_KEYS))
+        variables = doc.get("variables") or {}
+        if not isinstance(variables, Mapping):
+            self.problem("variables: must be a mapping")
+            variables = {}
+        compile_options = self.settings(doc.get("settings") or {})
+        graph = StateGraph(StateSchema.from_yaml(doc.get("state_schema"), self.problems))
+        names = self.nodes(graph, doc.get("nodes"))
+        fan_in_names = self.edges(graph, doc.get("edges"), names)
+        if self.problems:
+            raise self.fail()
+        for name in fan_in_names:
+            graph.mark_fan_in(name)  # YAML marks fan-in nodes by use as well as by flag
+        for problem in graph.validate():
+            self.problem(problem)
+        if self.problems:
+            raise self.fail()
+        try:
+            compiled = graph.compile(variables=dict(variables), name=doc.get("name"),
+                                     **compile_options)
+        except GraphError as exc:
+            raise GraphError(problems=exc.problems, source=self.source) from None
+        compiled.owns_checkpointer = compiled.checkpointer is not self.engine._checkpointer
+        if not self.engine._allow_python:
+            assert_lua_only(compiled)
+        return compiled
+
+    # -- nodes ----------------------------------------------------------------
+
+    def nodes(self, graph: StateGraph, nodes: Any) -> list[str]:
+        if not isinstance(nodes, list) or not nodes:
+            self.problem("nodes: must be a non-empty list")
+            return []
+        names: list[str] = []
+        for index, spec in enumerate(nodes):
+            where = f"nodes[{index}]"
+            if not isinstance(spec, Mapping):
+                self.problem(f"{where}: must be a mapping with 'name' and 'run'")
+                continue
+            name = spec.get("name")
+            if name is None or name == "":
+                self.problem(f"{where}: missing 'name'")
+                continue
+            if not isinstance(name, str):
+                self.problem(f"{where}: 'name' must be a string, got {type(name).__name__} "
+                             f"{name!r} (quote it in YAML)")
+                continue
+            where = f"node {name!r}"
+            for key in sorted(set(spec) - NODE_KEYS, key=str):
+                self.problem(unknown(f"{where}: unknown key {key!r}", key, NODE_KEYS))
+            if name in names:
+                self.problem(f"{where}: defined twice")
+                continue
+            if name in (START, END):
+                self.problem(f"{where}: the name is reserved")
+                continue
+            names.append(name)
+            node = self.node(name, spec, where)
+            retry, problems = parse_policy(spec.get("retry"), f"{where}: retry")
+            self.problems.extend(problems)
+            if node is None or problems:
+                continue
+            if spec.get("fan_in"):
+                graph.add_fan_in_node(name, node, retry=retry)
+            else:
+                graph.add_node(name, node, retry=retry)
+        return names
+
+    def node(self, name: str, spec: Mapping[str, Any], where: str) -> Node | None:
+        code = spec.get("run")
+        language = spec.get("language")
+        if "file" in spec:
+            if code is not None:
+                self.problem(f"{where}: give either 'run' or 'file', not both")
+                return None
+            reference = spec["file"]
+            code = self.read_node_file(reference, where)
+            if code is None:
+                return None
+            where = f"{where} (file {reference!r})"
+            if language is None and isinstance(reference, str):
+                language = _language_of_file(reference)
+        if not isinstance(code, str):
+            if code is None:
+                self.problem(f"{where}: missing 'run' (the node's Python or Lua code)")
+            else:
+                self.problem(f"{where}: 'run' must be code (a string), got a "
+                             f"{type(code).__name__}: YAML read the value as its own syntax; "
+                             f"write 'run: |' and put the code on the following lines, indented")
+            return None
+        first_line = next((line.strip() for line in code.splitlines() if line.strip()), "")
+        if language is None:
+            language = Language.LUA if first_line.lower().startswith("-- lua") else Language.PYTHON
+        if language not in tuple(Language):
+            self.problem(f"{where}: language must be 'python' or 'lua', got {language!r}")
+            return None
+        if language == Language.LUA:
+            if not self.engine._lua_enabled:
+                self.problem(f"{where}: is a Lua node but this engine has lua_enabled=False")
+                return None
+            error = self.lua.check_node(code)
+            if error is not None:
+                self.problem(f"{where}, {error}")
+                return None
+            return LuaNode(name, code)
+        if not self.python_allowed(where, "the node body" if "file" not in spec else "the file",
+                                   "write it in Lua and mark it 'language: lua' or start it "
+                                   "with a '-- lua' line"):
+            return None
+        try:
+            return PythonNode(name, code, origin=f"<node {name}>")
+        except SyntaxError as exc:
+            self.problem(f"{where}: invalid Python: {exc.msg}")
+            return None
+
+    def read_node_file(self, reference: Any, where: str) -> str | None:
+        if not isinstance(reference, str) or not reference:
+            self.problem(f"{where}: 'file' must be a path")
+            return None
+        path = Path(reference)
+        if self.base_dir is None and not path.is_absolute():
+            self.problem(f"{where}: relative file {reference!r} needs load_from_file or base_dir")
+            return None
+        if not self.engine._allow_python:
+            # An untrusted document must not read (and echo, in a syntax error)
+            # files of this machine outside its own directory.
+            if self.base_dir is None:
+                self.problem(f"{where}: file {reference!r}: a Lua-only document needs "
+                             f"load_from_file or base_dir to confine its files")
+                return None
+            try:
+                path = contained_file(self.base_dir, reference)
+            except ValueError as exc:
+                self.problem(f"{where}: file {reference!r} {exc} (allow_python=False)")
+                return None
+        elif not path.is_absolute():
+            assert self.base_dir is not None
+            path = self.base_dir / path
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, ValueError) as exc:  # ValueError: undecodable, or a NUL in the path
+            self.problem(f"{where}: cannot read file {str(path)!r}: {exc}")
+            return None
+
+    # -- edges ----------------------------------------------------------------
+
+    def edges(self, graph: StateGraph, edges: Any, names: list[str]) -> set[str]:
+        fan_ins: set[str] = set()
+        if edges is None:
+            # Without edges, nodes chain in list order.
+            if names:
+                graph.set_entry_point(names[0])
+                for source, target in pairwise(names):
+                    graph.add_edge(source, target)
+                graph.set_finish_point(names[-1])
+            return fan_ins
+        if not isinstance(edges, list):
+            self.problem("edges: must be a list")
+            return fan_ins
+        known = set(names)
+        has_start = False
+        for index, spec in enumerate(edges):
+            if not isinstance(spec, Mapping):
+                self.problem(f"edges[{index}]: must be a mapping with 'from' and 'to'")
+                continue
+            source, target = spec.get("from"), spec.get("to")
+            where = f"edges[{index}] ({source} -> {target})"
+            for key in sorted(set(spec) - EDGE_KEYS, key=str):
+                self.problem(unknown(f"{where}: unknown key {key!r}", key, EDGE_KEYS))
+            bad = False
+            for role, name, allowed in (("from", source, {START}), ("to", target, {END})):
+                if not isinstance(name, str):
+                    self.problem(f"{where}: missing '{role}'")
+                    bad = True
+                elif name not in known and name not in allowed:
+                    self.problem(f"{where}: unknown node {name!r} in '{role}'")
+                    bad = True
+            if bad:
+                continue
+            kind = spec.get("type", EdgeType.NORMAL)
+            if kind != EdgeType.MAP:
+                for key in sorted(MAP_EDGE_KEYS & set(spec)):
+                    self.problem(f"{where}: {key!r} belongs to map edges (type: map)")
+            if kind not in (EdgeType.MAP, EdgeType.PARALLEL):
+                for key in sorted(FAN_OUT_EDGE_KEYS & set(spec)):
+                    self.problem(f"{where}: {key!r} belongs to parallel and map edges "
+                                 f"(type: parallel / type: map)")
+            retry, problems = parse_policy(spec.get("retry"), f"{where}: retry")
+            self.problems.extend(problems)
+            if kind == EdgeType.MAP:
+                if not problems:
+                    self.map_edge(graph, spec, where, known, fan_ins, retry)
+                continue
+            if kind == EdgeType.PARALLEL:
+                fan_in = spec.get("fan_in")
+                if not isinstance(fan_in, str):
+                    self.problem(f"{where}: a parallel edge needs 'fan_in' (the node where branches meet)")
+                elif fan_in not in known:
+                    self.problem(f"{where}: fan-in node {fan_in!r} does not exist")
+                elif source == START or target == END:
+                    self.problem(f"{where}: parallel edges run between nodes")
+                elif not problems:
+                    fan_ins.add(fan_in)
+                    graph.add_parallel_edge(source, target, fan_in, retry=retry)
+                continue
+            if kind not in (EdgeType.NORMAL, EdgeType.SIMPLE, EdgeType.CONDITIONAL):
+                self.problem(unknown(f"{where}: unknown edge type {kind!r}", kind,
+                                     [EdgeType.NORMAL, EdgeType.PARALLEL, EdgeType.MAP]))
+                continue
+            condition = self.condition(spec.get("when"), where, f"when {source}->{target}")
+            if "when" in spec and condition is None:
+                continue
+            if source == START:
+                if condition is not None:
+                    self.problem(f"{where}: the start edge cannot have a condition")
+                elif has_start:
+                    self.problem(f"{where}: a second edge from {START}")
+                else:
+                    has_start = True
+                    graph.set_entry_point(target)
+                continue
+            graph.add_edge(source, target, when=condition)
+        if not has_start and names:
+            graph.set_entry_point(names[0])
+        return fan_ins
+
+    def map_edge(self, graph: StateGraph, spec: Mapping[str, Any], where: str, known: set[str],
+                 fan_ins: set[str], retry: RetryPolicy | None) -> None:
+        source, target, fan_in = spec["from"], spec["to"], spec.get("fan_in")
+        problems_before = len(self.problems)
+        if "when" in spec:
+            self.problem(f"{where}: a map edge cannot have a 'when' condition")
+        if not isinstance(fan_in, str):
+            self.problem(f"{where}: a map edge needs 'fan_in' (the node where branches meet)")
+        elif fan_in not in known:
+            self.problem(f"{where}: fan-in node {fan_in!r} does not exist")
+        if source == START or target == END:
+            self.problem(f"{where}: map edges run between nodes")
+        over: Any = spec.get("over")
+        if "over" not in spec:
+            self.problem(f"{where}: a map edge needs 'over' (a state key, or "
+                         f"{{python: ...}} / {{lua: ...}})")
+        elif isinstance(over, Mapping):
+            over = self.condition(over, where, f"over {source}->{target}", role="over")
+        elif not isinstance(over, str) or not over:
+            self.problem(f"{where}: 'over' must be a state key or {{python: ...}} / {{lua: ...}}, "
+                         f"got {over!r}")
+        keys = {}
+        for yaml_key, default in (("as", "item"), ("index_as", "index")):
+            value = spec.get(yaml_key, default)
+            if not isinstance(value, str) or not value:
+                self.problem(f"{where}: '{yaml_key}' must be a non-empty state key, got {value!r}")
+            keys[yaml_key] = value
+        if len(self.problems) > problems_before or over is None:
+            return
+        try:
+            graph.add_map_edge(source, target, over=over, fan_in=fan_in, item_key=keys["as"],
+                               index_key=keys["index_as"],
+                               max_concurrency=spec.get("max_concurrency"), retry=retry)
+        except GraphError as exc:
+            for problem in exc.problems:
+                self.problem(problem.replace(f"map edge {source} -> {target}", where, 1))
+            return
+        fan_ins.add(fan_in)
+
+    def condition(self, when: Any, where: str, origin: str, role: str = "when"
+                  ) -> Condition | None:
+        if when is None:
+            return None
+        language, expression = Language.PYTHON, when
+        if isinstance(when, Mapping):
+            if len(when) != 1 or next(iter(when)) not in tuple(Language):
+                self.problem(f"{where}: '{role}' must be an expression or {{lua: ...}} / {{python: ...}}")
+                return None
+            language, expression = next(iter(when.items()))
+        if not isinstance(expression, str) or not expression.strip():
+            self.problem(f"{where}: '{role}' must be a non-empty expression")
+            return None
+        if language == Language.LUA:
+            if not self.engine._lua_enabled:
+                what = "condition" if role == "when" else f"expression in '{role}'"
+                self.problem(f"{where}: Lua {what} but this engine has lua_enabled=False")
+                return None
+            error = self.lua.check_condition(expression)
+            if error is not None:
+                self.problem(f"{where}: invalid Lua condition, {error}")
+                return None
+            return LuaCondition(expression, origin=origin)
+        if not self.python_allowed(where, f"the '{role}' expression" if role != "when"
+                                   else "the 'when' condition",
+                                   f"write it in Lua as {role}: {{lua: ...}}"):
+            return None
+        try:
+            return PythonCondition(expression, origin=f"<{origin}>")
+        except SyntaxError as exc:
+            what = "condition" if role == "when" else f"expression in '{role}'"
+            self.problem(f"{where}: invalid Python {what}: {exc.msg}")
+            return None
+
+
+def _language_of_file(reference: str) -> Language | None:
+    """The language a node file's name implies (``.lua`` / ``.py``), if any."""
+    suffix = os.path.splitext(reference)[1].lower()
+    return {".lua": Language.LUA, ".py": Language.PYTHON}.get(suffix)
+
+
+def assert_lua_only(graph: CompiledGraph) -> None:
+    """Last check of a Lua-only graph: nothing in it can run Python.
+
+    The builder already refused every Python part; this catches a code path
+    that forgot to ask ``_Builder.python_allowed``.
+    """
+    for name, node in graph.nodes.items():
+        routes = graph.routes_of(name)
+        conditions = [condition for condition, _ in routes.conditional]
+        if (not isinstance(node, LuaNode) or routes.router is not None
+                or not all(isinstance(c, LuaCondition) for c in conditions)):
+            graph.close()
+            raise GraphError(f"internal error: node {name!r} of a Lua-only graph has Python parts")

@@ -1,0 +1,263 @@
+"""Reading a YAML document's ``settings:`` (lua, parallel, checkpoint) into compile() options.
+
+``SettingsReader`` checks every key, with the closest allowed name for a
+typo, and records each problem (naming its ``settings.…`` path) instead of
+stopping at the first; yaml_engine.py's builder reads the nodes and edges
+on top of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .checkpoint.store import SqliteCheckpointer
+from .defaults import (
+    DEFAULT_FAIL_FAST,
+    DEFAULT_ISOLATION,
+    DEFAULT_LUA_TIMEOUT,
+    DEFAULT_MAX_STEPS,
+)
+from .isolation.base import available_backends
+from .keys import (
+    CHECKPOINT_SETTINGS_KEYS,
+    LUA_SETTINGS_KEYS,
+    PARALLEL_KEYS,
+    SETTINGS_KEYS,
+    UNTRUSTED_BACKEND_OPTIONS,
+    backend_options,
+    backends_accepting,
+    unknown,
+)
+from .lua.runtime import DEFAULT_MAX_MEMORY
+from .retry import parse_policy
+from .sizes import parse_size
+
+if TYPE_CHECKING:
+    from .yaml_engine import YAMLEngine
+
+
+def contained_file(base_dir: Path, reference: str) -> Path:
+    """``reference`` resolved inside ``base_dir``; ``ValueError`` if it could leave it.
+
+    Refused: absolute paths, ``..`` components, and paths whose symlinks
+    resolve outside ``base_dir``.
+    """
+    path = Path(reference)
+    if path.is_absolute():
+        raise ValueError("must be a path relative to the workflow's directory")
+    if ".." in path.parts:
+        raise ValueError("must not contain '..'")
+    root = base_dir.resolve()
+    try:
+        resolved = (root / path).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # a NUL byte; a symlink loop (3.11)
+        raise ValueError(f"is not a usable path ({exc})") from exc
+    if not resolved.is_relative_to(root):
+        raise ValueError("resolves (through a symlink) outside the workflow's directory")
+    if resolved.exists() and not resolved.is_file():
+        raise ValueError("is not a regular file")
+    return resolved
+
+
+class SettingsReader:
+    """Reads ``settings:`` and collects problems in ``problems``."""
+
+    def __init__(self, engine: YAMLEngine, source: str | None, base_dir: Path | None) -> None:
+        self.engine = engine
+        self.source = source
+        self.base_dir = base_dir
+        self.problems: list[str] = []
+
+    def problem(self, text: str) -> None:
+        """Record one problem (already naming where it is)."""
+        self.problems.append(text)
+
+    def mapping(self, value: Any, path: str) -> Mapping[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            self.problem(f"{path}: must be a mapping, got {type(value).__name__}")
+            return {}
+        return value
+
+    def check_keys(self, mapping: Mapping[str, Any], allowed: frozenset[str], path: str) -> None:
+        for key in sorted(set(mapping) - allowed, key=str):
+            self.problem(unknown(f"{path}.{key}: unknown key", key, allowed))
+
+    def settings(self, settings: Any) -> dict[str, Any]:
+        settings = self.mapping(settings, "settings")
+        self.check_keys(settings, SETTINGS_KEYS, "settings")
+        lua = self.mapping(settings.get("lua"), "settings.lua")
+        self.check_keys(lua, LUA_SETTINGS_KEYS, "settings.lua")
+        lua_timeout, max_memory = self.lua_limits(lua)
+        checkpointer = self.checkpointer(settings.get("checkpoint"))
+        document = dict(self.mapping(settings.get("parallel"), "settings.parallel"))
+        if "strategy" in document:
+            if "isolation" in document and document["isolation"] != document["strategy"]:
+                self.problem("settings.parallel: 'isolation' and its alias 'strategy' disagree")
+            document.setdefault("isolation", document["strategy"])
+            del document["strategy"]
+        engine = self.engine
+        # The engine's options override the document's; a message names where a value came from.
+        parallel = {**document, **engine._options}
+        origin = {key: f"settings.parallel.{key}" for key in document}
+        origin.update({key: f"YAMLEngine({key}=...)" for key in engine._options})
+        isolation = engine._isolation or parallel.get("isolation") or DEFAULT_ISOLATION
+        if not isinstance(isolation, str) or isolation not in available_backends():
+            self.problem(unknown(f"settings.parallel.isolation: unknown isolation backend "
+                                 f"{isolation!r}", isolation, available_backends()))
+            isolation = None
+        fail_fast = parallel.get("fail_fast", DEFAULT_FAIL_FAST)
+        if not isinstance(fail_fast, bool):
+            self.problem(f"{origin['fail_fast']}: must be true or false, got {fail_fast!r}")
+        max_steps = parallel.get("max_steps", DEFAULT_MAX_STEPS)
+        if (not engine._allow_python and "max_steps" not in engine._options
+                and isinstance(max_steps, (int, float)) and max_steps > DEFAULT_MAX_STEPS):
+            self.problem(f"settings.parallel.max_steps: a Lua-only document may lower the "
+                         f"limit of {DEFAULT_MAX_STEPS} steps, not raise it; got {max_steps!r}")
+            max_steps = DEFAULT_MAX_STEPS
+        options: dict[str, Any] = {
+            "isolation": isolation or DEFAULT_ISOLATION,
+            "max_workers": engine._max_workers or parallel.get("max_workers"),
+            "branch_timeout": parallel.get("branch_timeout"), "fail_fast": fail_fast,
+            "max_steps": max_steps, "lua_timeout": lua_timeout, "lua_max_memory": max_memory,
+            "checkpointer": checkpointer,
+        }
+        if "branch_max_memory" in parallel:
+            try:
+                options["branch_max_memory"] = parse_size(parallel["branch_max_memory"])
+            except ValueError as exc:
+                self.problem(f"{origin['branch_max_memory']}: {exc}")
+        if "retry" in parallel:
+            options["branch_retry"], problems = parse_policy(parallel["retry"], origin["retry"])
+            self.problems.extend(problems)
+        # Settings interpreted further on (compile keywords of their own).
+        handled = {"isolation", "strategy", "branch_max_memory", "retry", *options}
+        for key in sorted(PARALLEL_KEYS & set(parallel) - handled):
+            options[key] = parallel[key]
+        # Flat backend options in the document belong to the backend the
+        # document chose; when the engine chose another, they do not apply.
+        chosen_by_document = document.get("isolation") or DEFAULT_ISOLATION
+        if not isinstance(chosen_by_document, str) or chosen_by_document not in available_backends():
+            chosen_by_document = isolation
+        from_document = self.backend_options(
+            isolation, chosen_by_document,
+            {k: v for k, v in document.items() if k not in PARALLEL_KEYS}, "settings.parallel")
+        from_engine = self.backend_options(
+            isolation, isolation,
+            {k: v for k, v in engine._options.items() if k not in PARALLEL_KEYS}, "YAMLEngine()")
+        if not engine._allow_python:
+            for key, (_, where) in sorted(from_document.items()):
+                if key not in UNTRUSTED_BACKEND_OPTIONS and key not in from_engine:
+                    self.problem(f"{where}: a Lua-only document cannot set this backend "
+                                 f"option (it may decide where this process connects or what "
+                                 f"it loads); pass it to YAMLEngine(...) instead")
+        merged = {key: value for key, (value, _) in from_document.items()}
+        merged.update({key: value for key, (value, _) in from_engine.items()})
+        options["backend_options"] = merged
+        return options
+
+    def checkpointer(self, value: Any) -> SqliteCheckpointer | None:
+        """The engine's checkpointer, else the one ``settings.checkpoint`` describes.
+
+        Its ``path`` is relative to the workflow's directory; a Lua-only
+        document may name a database only inside that directory, and may
+        not turn on ``pickle`` (a pickle in the database runs code when it
+        is read).
+        """
+        where = "settings.checkpoint"
+        settings = self.mapping(value, where)
+        self.check_keys(settings, CHECKPOINT_SETTINGS_KEYS, where)
+        if value is not None and "path" not in settings:
+            self.problem(f"{where}: needs 'path' (the database file, relative to the workflow)")
+        path, pickle = settings.get("path"), settings.get("pickle", False)
+        if not isinstance(pickle, bool):
+            self.problem(f"{where}.pickle: must be true or false, got {pickle!r}")
+        elif pickle and not self.engine._allow_python:
+            self.problem(f"{where}.pickle: a Lua-only document cannot turn on pickle (reading "
+                         f"a pickled state runs code); pass YAMLEngine(checkpointer=...) instead")
+        if "path" in settings and (not isinstance(path, str) or not path):
+            self.problem(f"{where}.path: must be a file path, got {path!r}")
+            return None
+        if path is None or self.engine._checkpointer is not None:
+            return self.engine._checkpointer
+        if not Path(path).is_absolute() or not self.engine._allow_python:
+            if self.base_dir is None:
+                self.problem(f"{where}.path: relative path {path!r} needs load_from_file or "
+                             f"base_dir")
+                return None
+            if not self.engine._allow_python:
+                try:
+                    return SqliteCheckpointer(contained_file(self.base_dir, path),
+                                              pickle=False)
+                except ValueError as exc:
+                    self.problem(f"{where}.path: {path!r} {exc} (allow_python=False)")
+                    return None
+            path = self.base_dir / path
+        return SqliteCheckpointer(path, pickle=pickle is True)
+
+    def lua_limits(self, lua: Mapping[str, Any]) -> tuple[float | None, int | None]:
+        engine = self.engine
+        lua_timeout = engine._lua_timeout
+        if not engine._lua_timeout_explicit and "timeout" in lua:
+            lua_timeout = lua["timeout"]
+            if not engine._allow_python and (lua_timeout is None or (
+                    isinstance(lua_timeout, (int, float)) and lua_timeout > engine._lua_timeout)):
+                self.problem(f"settings.lua.timeout: a Lua-only document may lower the engine's "
+                             f"limit of {engine._lua_timeout}s, not raise or remove it; "
+                             f"got {lua_timeout!r}")
+                lua_timeout = engine._lua_timeout
+        if lua_timeout is not None and (isinstance(lua_timeout, bool) or not isinstance(
+                lua_timeout, (int, float)) or lua_timeout <= 0):
+            self.problem(f"settings.lua.timeout: must be a positive number, got {lua_timeout!r}")
+            lua_timeout = DEFAULT_LUA_TIMEOUT
+        max_memory: int | None = DEFAULT_MAX_MEMORY
+        if "max_memory" in lua:
+            try:
+                max_memory = parse_size(lua["max_memory"])
+            except ValueError as exc:
+                self.problem(f"settings.lua.max_memory: {exc}")
+            if not engine._allow_python and (max_memory is None or max_memory > DEFAULT_MAX_MEMORY):
+                self.problem(f"settings.lua.max_memory: a Lua-only document may lower the limit "
+                             f"of {DEFAULT_MAX_MEMORY} bytes, not raise or remove it")
+                max_memory = DEFAULT_MAX_MEMORY
+        return lua_timeout, max_memory
+
+    def backend_options(self, isolation: str | None, flat_for: str | None,
+                        rest: Mapping[str, Any], prefix: str) -> dict[str, tuple[Any, str]]:
+        """The options ``rest`` gives backend ``isolation``: ``{option: (value, where)}``.
+
+        ``rest`` is what is left of ``settings.parallel`` (or of the engine's
+        options) after the engine's own keys: a mapping per backend name,
+        and flat options of backend ``flat_for``, which win over its mapping
+        and apply only if it is ``isolation``. Every key is checked, whether
+        it applies or not.
+        """
+        backends = available_backends()
+        accepted = backend_options(flat_for) if flat_for else frozenset()
+        section: dict[str, tuple[Any, str]] = {}
+        flat: dict[str, tuple[Any, str]] = {}
+        for key, value in rest.items():
+            where = f"{prefix}.{key}" if prefix.startswith("settings") else f"YAMLEngine({key}=...)"
+            if key in backends:
+                options = self.mapping(value, where)
+                declared = backend_options(key)
+                if declared is not None:
+                    self.check_keys(options, declared, where)
+                if key == isolation:
+                    section.update({option: (option_value, f"{where}.{option}")
+                                    for option, option_value in options.items()})
+            elif accepted is None or key in accepted:
+                if flat_for == isolation:
+                    flat[key] = (value, where)
+            elif elsewhere := backends_accepting(key):
+                self.problem(f"{where}: not an option of isolation backend {flat_for!r} but of "
+                             f"{', '.join(map(repr, elsewhere))}; choose that backend or put it "
+                             f"under settings.parallel.{elsewhere[0]}")
+            else:
+                allowed = PARALLEL_KEYS | (accepted or frozenset()) | set(backends)
+                self.problem(unknown(f"{where}: unknown key", key, allowed))
+        return {**section, **flat}
+
