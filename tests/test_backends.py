@@ -12,7 +12,7 @@ from isobranch import (
     register_backend,
     unregister_backend,
 )
-from isobranch.branch import run_branch
+from isobranch.branch_run import run_branch
 from isobranch.isolation.base import create_backend
 
 
@@ -115,3 +115,13 @@ def test_invalid_max_workers_is_a_graph_error():
     graph.set_entry_point("a")
     with pytest.raises(GraphError, match="max_workers"):
         graph.compile(isolation="thread", max_workers=0)
+
+
+def test_run_branch_is_still_importable_from_isobranch_branch():
+    # docs/backends.md once showed this import; code written against it keeps working.
+    import isobranch.branch
+    import isobranch.branch_run
+
+    assert isobranch.branch.run_branch is isobranch.branch_run.run_branch
+    with pytest.raises(AttributeError):
+        isobranch.branch.no_such_name  # noqa: B018

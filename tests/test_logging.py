@@ -36,11 +36,11 @@ def test_a_worker_death_logs_a_warning_naming_the_branch(caplog):
 
 
 def test_branch_start_and_finish_are_logged_at_debug(caplog):
-    caplog.set_level(logging.DEBUG, logger="isobranch.branch")
+    caplog.set_level(logging.DEBUG, logger="isobranch.branch_run")
     with fan_out(("fine", fine)).compile(isolation="inline") as app:
         app.invoke({})
     messages = [r.getMessage() for r in caplog.records
-                if r.name == "isobranch.branch" and r.levelno == logging.DEBUG]
+                if r.name == "isobranch.branch_run" and r.levelno == logging.DEBUG]
     assert any("'fine'" in m and "start" in m for m in messages)
     assert any("'fine'" in m and "finished" in m for m in messages)
 

@@ -552,7 +552,7 @@ class ListOnlyBackend:
         self.max_workers = max_workers
 
     def run_branches(self, tasks):
-        from isobranch.branch import run_branch
+        from isobranch.branch_run import run_branch
 
         ListOnlyBackend.chunks.append(len(tasks))
         return [run_branch(task) for task in tasks]

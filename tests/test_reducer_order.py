@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from isobranch import END, START, ParallelFlowResult, StateGraph, register_backend
-from isobranch.branch import BranchTask, run_branch
+from isobranch.branch import BranchTask
+from isobranch.branch_run import run_branch
 
 BACKEND = "completion-order-test"
 

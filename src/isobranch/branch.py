@@ -1,18 +1,13 @@
-"""One branch of a fan-out: its task, its result, and the code that runs it.
+"""One branch of a fan-out as data: its task, its limits, its monitor and its result.
 
-``run_branch`` is the same function on every backend; only the place it runs
-differs. A branch gets a private deep copy of the state and a private
-execution context (fresh Lua VM, created lazily), runs from its first node
-until it reaches the fan-in node or END, and always returns a
-``ParallelFlowResult``: failures are data, not exceptions.
+What every backend sends and gets back; the code that runs a branch is
+branch_run.py (next to the step loop it drives).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import pickle
-import threading
 import time
 import traceback as traceback_module
 from collections.abc import Iterator, Mapping
@@ -20,11 +15,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from .cancellation import CancelSignal
-from .context import BranchCancelled, BranchTimeout, ExecutionContext, Watchdog
+from .context import BranchCancelled
 from .error_kinds import ErrorKind, plain
-from .errors import GraphExecutionError
-from .isolation.base import create_backend
-from .retry import exception_names
 from .statecopy import ScalarSnapshot, StateSnapshot
 
 if TYPE_CHECKING:
@@ -202,71 +194,6 @@ class BranchMonitor:
         self.cancelled = CancelSignal("the branch was cancelled", BranchCancelled)
 
 
-def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
-               watchdog: Watchdog | None = None) -> ParallelFlowResult:
-    """Run one branch to its fan-in node (or END) and describe the outcome.
-
-    ``monitor`` lets an in-process backend watch and cancel the branch;
-    ``watchdog`` is told the branch's progress and Lua deadlines by a branch
-    running in a worker process (whose Lua then runs without a hook).
-    """
-    started = time.monotonic()
-    debug = logger.isEnabledFor(logging.DEBUG)  # one check: branches can be 0.07 ms each
-    if debug:
-        logger.debug("branch %r started at node %r (%s)", task.label, task.branch,
-                     task.isolation)
-    if monitor is not None:
-        monitor.started_at = started
-    deadline = started + task.limits.branch_timeout if task.limits.branch_timeout else None
-    worker = _worker_name(task.isolation)
-    state: dict = {}
-    context = ExecutionContext(
-        task.graph, deadline=deadline, time_limit=task.limits.branch_timeout, branch=task.label,
-        monitor=monitor, fan_out_limits=task.limits, watchdog=watchdog, stop=task.stop,
-        nested_isolation="inline" if task.isolation == "inline" else "thread",
-        backend_factory=create_backend)
-
-    def result(**outcome: Any) -> ParallelFlowResult:
-        outcome.setdefault("state", state)
-        done = ParallelFlowResult(branch=task.name, index=task.index,
-                                  duration_ms=_ms_since(started), isolation=task.isolation,
-                                  worker=worker, **outcome)
-        if debug:
-            logger.debug("branch %r finished in %.1f ms: %s", task.label, done.duration_ms,
-                         "success" if done.success else f"failed ({done.error_type})")
-        return done
-
-    try:
-        state = task.initial_state()
-        if monitor is not None:
-            monitor.state = state
-        for _event in runner.run_steps(task.graph, state, context, start=task.branch,
-                                       stop_at=task.fan_in):
-            pass
-        # A last node that ran past the deadline makes the branch late too.
-        context.check_deadline()
-        return result(success=True, reducer_writes=context.reducer_writes)
-    except BranchTimeout as timeout:
-        return result(success=False, error=str(timeout), error_type=ErrorKind.BRANCH_TIMEOUT,
-                      timed_out=True, node=timeout.node, traceback=format_traceback(timeout))
-    except BranchCancelled as cancelled:
-        if debug:
-            logger.debug("branch %r finished: cancelled (%s)", task.label, cancelled)
-        return cancelled_result(task, str(cancelled))
-    except GraphExecutionError as exc:  # a node failed, or a nested fan-out under fail_fast
-        return result(state=exc.state if exc.state is not None else state, success=False,
-                      error=str(exc), error_type=exc.error_type or type(exc).__name__,
-                      timed_out=exc.timed_out, node=exc.node,
-                      traceback=exc.traceback or format_traceback(exc),
-                      error_bases=tuple(getattr(exc, "error_bases", ()) or ()))
-    except Exception as exc:  # a branch must never take its siblings down
-        return result(success=False, error=f"branch {task.label!r}: {type(exc).__name__}: {exc}",
-                      error_type=type(exc).__name__, traceback=format_traceback(exc),
-                      error_bases=exception_names(type(exc)))
-    finally:
-        context.close()
-
-
 def format_traceback(exc: BaseException) -> str:
     """``exc``'s traceback (with its causes) as text that can cross process boundaries."""
     return "".join(traceback_module.format_exception(exc))
@@ -291,21 +218,20 @@ def timed_out_result(task: BranchTask, monitor: BranchMonitor | None) -> Paralle
     return ParallelFlowResult(
         branch=task.name, index=task.index, state=state, success=False,
         error=(f"branch {task.label!r} timed out after {task.limits.branch_timeout:g}s{where}"),
-        error_type=ErrorKind.BRANCH_TIMEOUT, timed_out=True, duration_ms=_ms_since(started),
+        error_type=ErrorKind.BRANCH_TIMEOUT, timed_out=True, duration_ms=ms_since(started),
         isolation=task.isolation, worker=None, node=node)
 
 
-def _ms_since(started: float) -> float:
+def ms_since(started: float) -> float:
+    """Milliseconds since the monotonic time ``started``."""
     return (time.monotonic() - started) * 1000.0
 
 
-def _worker_name(isolation: str) -> str | int:
-    if isolation in ("inline", "thread"):
-        return threading.current_thread().name
-    return os.getpid()
+def __getattr__(name: str) -> Any:
+    # ``isobranch.branch.run_branch`` was where backend authors found it; it
+    # lives next to the step loop now (branch_run.py), which imports this module.
+    if name == "run_branch":
+        from .branch_run import run_branch
 
-
-# Last, and as a module: the runner imports names from this one, which exist by
-# now whichever of the two is imported first. (An import inside run_branch
-# would cost about a microsecond per branch.)
-from . import runner  # noqa: E402
+        return run_branch
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

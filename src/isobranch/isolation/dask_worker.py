@@ -16,9 +16,9 @@ from ..branch import (
     BranchMonitor,
     BranchTask,
     ParallelFlowResult,
-    run_branch,
     without_unsendable_state,
 )
+from ..branch_run import run_branch
 from .memory_limit import raise_oom_score
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Iterator
 
-from ..branch import BranchMonitor, BranchTask, ParallelFlowResult, run_branch
+from ..branch import BranchMonitor, BranchTask, ParallelFlowResult
+from ..branch_run import run_branch
 from ..cancellation import CancelSignal
 from .base import NotReady, register_backend, run_in_order, set_waker, wait_until_ready
 

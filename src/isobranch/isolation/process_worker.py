@@ -133,7 +133,8 @@ class ParentWatchdog:
 
 def run_task(graph: Any, payload: dict[str, Any], conn: Connection) -> bytes:
     """Run one branch here and return its pickled ``("result", ...)`` message."""
-    from ..branch import BranchTask, ParallelFlowResult, run_branch, without_unsendable_state
+    from ..branch import BranchTask, ParallelFlowResult, without_unsendable_state
+    from ..branch_run import run_branch
     from ..statecopy import find_unpicklable
 
     task = BranchTask(graph=graph, **payload)

@@ -23,9 +23,9 @@ from ..branch import (
     BranchMonitor,
     BranchTask,
     ParallelFlowResult,
-    run_branch,
     timed_out_result,
 )
+from ..branch_run import run_branch
 from ..cancellation import CancelSignal
 from .base import NotReady, register_backend, run_in_order, set_waker
 from .thread_pool import DaemonThreadPool
