@@ -78,3 +78,28 @@ def test_a_branch_retry_logs_a_warning_with_attempt_and_reason(caplog):
     (record,) = warnings(caplog, "isobranch.branch_retry")
     assert record.getMessage().startswith(
         "branch 'flaky' failed on attempt 1 of 2 (RuntimeError); retrying in 0s")
+
+
+def test_a_node_retry_logs_a_warning_with_attempt_and_reason(caplog):
+    from isobranch import END, START, RetryPolicy, StateGraph
+
+    calls = []
+
+    def flaky(state):
+        calls.append(1)
+        if len(calls) < 2:
+            raise ConnectionError("reset by peer")
+        return {"ok": True}
+
+    graph = StateGraph()
+    graph.add_node("fetch", flaky, retry=RetryPolicy(max_attempts=3, initial_interval=0,
+                                                     jitter=False))
+    graph.add_edge(START, "fetch")
+    graph.add_edge("fetch", END)
+    caplog.set_level(logging.WARNING, logger="isobranch")
+    with graph.compile(isolation="inline") as app:
+        assert app.invoke({}) == {"ok": True}
+    (record,) = warnings(caplog, "isobranch.runner")
+    assert record.getMessage() == (
+        "node 'fetch' failed on attempt 1 of 3 (ConnectionError: reset by peer); "
+        "retrying in 0s")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Generator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from .context import ExecutionContext
     from .isolation.base import IsolationBackend
     from .retry import RetryPolicy
+
+logger = logging.getLogger(__name__)
 
 START = "__start__"
 END = "__end__"
@@ -150,6 +153,9 @@ def _run_node_with_retries(graph: CompiledGraph, name: str, state: dict,
                     node=name, branch=context.branch, error_type=type(exc).__name__,
                     state=dict(state), traceback=format_traceback(exc),
                     error_bases=exception_names(type(exc)), attempts=attempt) from exc
+            logger.warning("%s failed on attempt %d of %d (%s: %s); retrying in %.3gs",
+                           _where(name, context), attempt, policy.max_attempts,
+                           type(exc).__name__, exc, delay)
             yield {"type": "node_retry", "node": name, "attempt": attempt,
                    "max_attempts": policy.max_attempts,
                    "error": f"{type(exc).__name__}: {exc}", "error_type": type(exc).__name__,
