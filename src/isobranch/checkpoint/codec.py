@@ -180,20 +180,10 @@ def _encode_items(items: Any, depth: int, pickling: bool) -> Any:
             kind = type(item)
             if kind is str or kind is bool or item is None:
                 continue
-            if kind is int:
-                if _INT_MIN < item < _INT_MAX:
-                    continue
-                new = _big_int(item)
-            elif kind is float:
-                if _NEG_INF < item < _INF:
-                    continue
-                new = _special_float(item)
-            elif kind is dict:
-                new = _encode_dict(item, depth + 1, pickling)
-            elif kind is list:
-                new = _encode_items(item, depth + 1, pickling)
-            else:
-                new = _encode_other(item, kind, depth + 1, pickling)
+            if (kind is int and _INT_MIN < item < _INT_MAX) or (
+                    kind is float and _NEG_INF < item < _INF):
+                continue
+            new = _encode_item(item, kind, depth + 1, pickling)
             if new is not item:
                 if out is None:
                     out = list(items)
@@ -202,6 +192,20 @@ def _encode_items(items: Any, depth: int, pickling: bool) -> Any:
         failure.add(items, index, item)
         raise
     return items if out is None else out
+
+
+def _encode_item(item: Any, kind: type, depth: int, pickling: bool) -> Any:
+    """A container's item that is not plain JSON as it stands, encoded (the walks above
+    test the plain cases inline: they are most items, and a call per item costs)."""
+    if kind is int:
+        return _big_int(item)
+    if kind is float:
+        return _special_float(item)
+    if kind is dict:
+        return _encode_dict(item, depth, pickling)
+    if kind is list:
+        return _encode_items(item, depth, pickling)
+    return _encode_other(item, kind, depth, pickling)
 
 
 def _encode_dict(mapping: dict, depth: int, pickling: bool) -> Any:
@@ -216,20 +220,10 @@ def _encode_dict(mapping: dict, depth: int, pickling: bool) -> Any:
             kind = type(item)
             if kind is str or kind is bool or item is None:
                 continue
-            if kind is int:
-                if _INT_MIN < item < _INT_MAX:
-                    continue
-                new = _big_int(item)
-            elif kind is float:
-                if _NEG_INF < item < _INF:
-                    continue
-                new = _special_float(item)
-            elif kind is dict:
-                new = _encode_dict(item, depth + 1, pickling)
-            elif kind is list:
-                new = _encode_items(item, depth + 1, pickling)
-            else:
-                new = _encode_other(item, kind, depth + 1, pickling)
+            if (kind is int and _INT_MIN < item < _INT_MAX) or (
+                    kind is float and _NEG_INF < item < _INF):
+                continue
+            new = _encode_item(item, kind, depth + 1, pickling)
             if new is not item:
                 if out is None:
                     out = mapping.copy()
