@@ -21,7 +21,10 @@ started and run on another worker.
 
 The pool is not ``concurrent.futures.ProcessPoolExecutor``: that pool
 breaks as a whole when one worker dies, failing every sibling, and cannot
-kill one stuck worker. This one tracks each worker separately.
+kill one stuck worker. This one tracks each worker separately. Its
+workers are ``process_workers.WorkerPool``, a branch's bookkeeping is
+``process_branches``; what is left here (a little over 400 lines) is the
+one wait loop that serves them.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 Lupa releases the GIL while Lua runs, so Lua-heavy branches scale with
 cores. The pool is created on first use and reused until ``close()``; each
 branch still gets a fresh context, so a reused thread never carries a VM over.
+
+The lanes that pace a streamed fan-out stay here with the backend (a little
+over 400 lines): they and its early-stop path share one queue of reports.
 """
 
 from __future__ import annotations

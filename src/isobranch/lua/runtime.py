@@ -15,6 +15,10 @@ thread's hooks off, and ``__gc`` finalizers — which run with hooks disabled
 — are refused (``sandbox.lua`` explains each rule). What no hook can
 interrupt is one single long C call (a pathological pattern match on a huge
 string, say): only a backend that can kill its worker stops that.
+
+The module is a little over 400 lines because a call's clock, its memory
+check and its lazy state share one VM's private upvalues; the Lua side is
+in the ``.lua`` files beside it.
 """
 
 from __future__ import annotations
