@@ -263,3 +263,21 @@ def print_branch_tracebacks(exc: BaseException, out: TextIO, *, limit: int = 5) 
         print(result.traceback.rstrip(), file=out)
     if len(failed) > limit:
         print(f"... and {len(failed) - limit} more failed branches with tracebacks", file=out)
+
+
+def run_in_order(stream: Iterator[tuple[int, ParallelFlowResult]],
+                 tasks: list[BranchTask]) -> list[ParallelFlowResult]:
+    """A streaming backend's ``run_branches``: every result in task order, fail_fast applied."""
+    if not tasks:
+        return []
+    gathered = Gathered(len(tasks), tasks[0].limits.fail_fast, tasks[0].isolation)
+    try:
+        for position, result in stream:
+            if gathered.add(position, result):
+                break
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+    return gathered.finish(lambda i: tasks[i].name, lambda i: tasks[i].index,
+                           tasks[0].isolation)

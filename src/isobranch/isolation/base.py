@@ -230,26 +230,6 @@ def _chunked(backend: IsolationBackend, tasks: Iterator[BranchTask], size: int,
             forget()
 
 
-def run_in_order(stream: Iterator[tuple[int, ParallelFlowResult]],
-                 tasks: list[BranchTask]) -> list[ParallelFlowResult]:
-    """A streaming backend's ``run_branches``: every result in task order, fail_fast applied."""
-    from ..fanout import Gathered
-
-    if not tasks:
-        return []
-    gathered = Gathered(len(tasks), tasks[0].limits.fail_fast, tasks[0].isolation)
-    try:
-        for position, result in stream:
-            if gathered.add(position, result):
-                break
-    finally:
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()
-    return gathered.finish(lambda i: tasks[i].name, lambda i: tasks[i].index,
-                           tasks[0].isolation)
-
-
 BackendFactory = Callable[..., IsolationBackend]
 
 # The one global registry the project allows: backend name -> factory.

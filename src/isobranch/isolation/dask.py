@@ -41,7 +41,8 @@ from typing import Any
 from ..branch import BranchTask, ParallelFlowResult
 from ..cancellation import CancelSignal
 from ..error_kinds import ErrorKind
-from .base import NotReady, register_backend, run_in_order, set_waker
+from ..fanout import run_in_order
+from .base import NotReady, register_backend, set_waker
 from .dask_branches import (
     FETCH_SECONDS,
     FanOutWatch,

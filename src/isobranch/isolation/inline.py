@@ -8,7 +8,8 @@ from collections.abc import Iterable, Iterator
 from ..branch import BranchMonitor, BranchTask, ParallelFlowResult
 from ..branch_run import run_branch
 from ..cancellation import CancelSignal
-from .base import NotReady, register_backend, run_in_order, set_waker, wait_until_ready
+from ..fanout import run_in_order
+from .base import NotReady, register_backend, set_waker, wait_until_ready
 
 
 class InlineBackend:

@@ -26,11 +26,13 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from ..branch import ParallelFlowResult
 from ..error_kinds import ErrorKind
 from ..sizes import parse_size
+from .endings import describe_signal
 
 if TYPE_CHECKING:
-    from ..branch import BranchTask, ParallelFlowResult
+    from ..branch import BranchTask
 
 # Kept as a name of this module: process.py, dask.py and tests use it.
 BRANCH_MEMORY_ERROR = ErrorKind.BRANCH_MEMORY_ERROR
@@ -125,8 +127,6 @@ def as_memory_failure(task: BranchTask, result: ParallelFlowResult) -> ParallelF
 
 def out_of_memory_result(task: BranchTask, started_ms: float) -> ParallelFlowResult:
     """The result of a branch whose ``MemoryError`` escaped even the code that reports failures."""
-    from ..branch import ParallelFlowResult
-
     limit = task.limits.branch_max_memory
     assert limit is not None
     return ParallelFlowResult(
@@ -143,8 +143,6 @@ def oom_killed(kills_before: int | None, ending: str) -> bool:
     (None: not counted); a SIGKILL nobody here sent, at a moment the count
     went up, is the OOM killer's doing.
     """
-    from .process_pool import describe_signal
-
     if kills_before is None or ending != describe_signal(signal.SIGKILL):
         return False
     now = kernel_oom_kills()

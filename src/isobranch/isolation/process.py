@@ -41,7 +41,8 @@ from typing import Any
 from ..branch import BranchTask, ParallelFlowResult
 from ..cancellation import CancelPipe, CancelSignal
 from ..error_kinds import ErrorKind
-from .base import PipeWaker, register_backend, run_in_order, set_waker
+from ..fanout import run_in_order
+from .base import PipeWaker, register_backend, set_waker
 from .memory_limit import BRANCH_MEMORY_ERROR, memory_message, oom_killed
 from .process_branches import (
     BRANCH_KILL_GRACE_SECONDS,

@@ -30,6 +30,7 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from .endings import describe_signal
 from .interrupts import sigint_blocked
 from .process_worker import PID, READY, STATUS
 
@@ -56,18 +57,6 @@ def describe_wait_status(status: int) -> str:
     if os.WIFEXITED(status):
         return f"exited with code {os.WEXITSTATUS(status)}"
     return f"ended with wait status {status}"
-
-
-def describe_signal(number: int) -> str:
-    """How a worker killed by signal ``number`` is reported."""
-    try:
-        name = signal.Signals(number).name
-    except ValueError:
-        name = "unknown signal"
-    if number == signal.SIGKILL:
-        return (f"was killed by signal {number} ({name}: sent from outside the worker, "
-                f"e.g. by the kernel's out-of-memory killer)")
-    return f"was killed by signal {number} ({name})"
 
 
 class WorkerProcess:

@@ -39,7 +39,10 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
+from ..branch import BranchTask, ParallelFlowResult, without_unsendable_state
+from ..branch_run import run_branch
 from ..error_kinds import ErrorKind
+from ..statecopy import find_unpicklable
 from .memory_limit import as_memory_failure, data_limit, out_of_memory_result, raise_oom_score
 
 # The kinds of wire messages (the first item of each tuple; see the module docstring).
@@ -133,10 +136,6 @@ class ParentWatchdog:
 
 def run_task(graph: Any, payload: dict[str, Any], conn: Connection) -> bytes:
     """Run one branch here and return its pickled ``("result", ...)`` message."""
-    from ..branch import BranchTask, ParallelFlowResult, without_unsendable_state
-    from ..branch_run import run_branch
-    from ..statecopy import find_unpicklable
-
     task = BranchTask(graph=graph, **payload)
     started = time.monotonic()
     try:

@@ -30,7 +30,8 @@ from ..branch import (
 )
 from ..branch_run import run_branch
 from ..cancellation import CancelSignal
-from .base import NotReady, register_backend, run_in_order, set_waker
+from ..fanout import run_in_order
+from .base import NotReady, register_backend, set_waker
 from .thread_pool import DaemonThreadPool
 
 # A branch gets this long past its deadline to report its own timeout (with
