@@ -622,6 +622,51 @@ def test_stream_branches_pulls_tasks_lazily_and_stops_when_closed(isolation, no_
         assert len(pulled) == taken, "a closed stream takes no more tasks"
 
 
+def test_thread_stream_takes_no_more_than_its_cap_ahead_of_a_consumer_holding_results():
+    """Lanes keep running while the consumer holds a result; a branch counts as
+    consumed only once it is handed back, not when its report was read."""
+    from isobranch.isolation.thread import ThreadBackend
+
+    ran: list[int] = []
+
+    def body(state):
+        ran.append(state["item"])
+        return {"v": state["item"]}
+
+    cap = 2 + 2 * SUBMIT_AHEAD_PER_THREAD  # max_concurrency plus what waits in the queue
+    with compiled(map_graph([], body), "thread") as app:
+        backend = ThreadBackend(max_workers=2)
+        try:
+            pulled: list[int] = []
+            stream = backend.stream_branches(_tasks(app, "thread", 1000, pulled),
+                                             max_concurrency=2)
+            seen = []
+            for position, _ in stream:
+                seen.append(position)
+                # Hold the result until the lanes are idle with every taken branch
+                # finished, so the next read finds a batch of finished reports.
+                settled = _settle(lambda: len(pulled) - len(seen) >= cap
+                                  and len(ran) == len(pulled))
+                assert len(pulled) - len(seen) <= cap, (len(pulled), len(seen))
+                assert settled, (len(pulled), len(ran), len(seen))
+                if len(seen) == 4:
+                    break
+            stream.close()
+        finally:
+            backend.close()
+        assert sorted(seen) == [0, 1, 2, 3]
+
+
+def _settle(condition, seconds: float = 30) -> bool:
+    """Wait (polling) until ``condition()`` holds; False if ``seconds`` pass first."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
 @pytest.mark.parametrize("failure", ["crash", "timeout"])
 def test_branches_sent_ahead_to_a_worker_that_dies_run_once_elsewhere(
         tmp_path, monkeypatch, failure, no_process_leak):

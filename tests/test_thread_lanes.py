@@ -69,8 +69,48 @@ def test_an_item_that_cannot_be_copied_is_named_when_a_lane_builds_its_task():
     app = _map_app(lambda state: {"v": 1}, items=items)
     with app, pytest.raises(GraphExecutionError) as info:
         app.invoke({})
-    assert info.value.error_type == "StateCopyError"
+    assert info.value.error_type == "StateCopyError", str(info.value)
     assert f"state['items'][{bad}]" in str(info.value)
+
+
+class _SourceFailed(Exception):
+    """Raised by a task source in place of its next task."""
+
+
+def test_a_task_source_failing_after_its_last_task_still_fails_the_stream():
+    """A lane that asks for the next task gets the source's error after it handed
+    back the last result; the stream must raise that error, not end as if the
+    tasks had simply run out. The slow source leaves the consumer time to take
+    the last result first, the order that used to lose the error."""
+    import time
+
+    from isobranch.branch import BranchLimits, BranchTask
+    from isobranch.isolation.thread import ThreadBackend
+    from isobranch.statecopy import StateSnapshot
+
+    app = _map_app(lambda state: {"v": state["item"]})
+    snapshot = StateSnapshot({})
+
+    def tasks(bad):
+        for index in range(bad):
+            yield BranchTask(graph=app, branch="body", fan_in="join", snapshot=snapshot,
+                             limits=BranchLimits(), isolation="thread", index=index,
+                             overlay=StateSnapshot({"item": index, "index": index}))
+        time.sleep(0.002)  # building a task can take a while (a big state copy)
+        raise _SourceFailed(bad)
+
+    backend = ThreadBackend(max_workers=2)
+    try:
+        with app:
+            for attempt in range(20):
+                bad = 2 + 2 * SUBMIT_AHEAD_PER_THREAD + 1 + attempt % 5  # built by a lane
+                handed = []
+                with pytest.raises(_SourceFailed):
+                    for position, _ in backend.stream_branches(tasks(bad), max_concurrency=2):
+                        handed.append(position)
+                assert len(handed) <= bad
+    finally:
+        backend.close()
 
 
 class _Escape(BaseException):

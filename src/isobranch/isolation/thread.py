@@ -117,8 +117,13 @@ class ThreadBackend:
             while not lanes.all_done():
                 reports = _next_finished(lanes.finished, _sooner(
                     _next_wakeup(lanes.outstanding()), lanes.source_wakeup()))
-                for submitted, result in lanes.consume(reports):
-                    yield submitted.position, result
+                for report in reports:
+                    # Handed back one at a time: a branch counts as consumed only
+                    # when it is yielded, so lanes running on while the consumer
+                    # holds a result take no more than ``cap`` ahead of it.
+                    handed = lanes.consume(report)
+                    if handed is not None:
+                        yield handed
                 for submitted in _overdue(lanes.outstanding()):
                     submitted.monitor.cancelled.cancel()
                     logger.warning("thread backend: branch %r is past its %gs branch_timeout "
@@ -128,6 +133,10 @@ class ThreadBackend:
                     self._abandon(lanes.give_up(submitted))
                     yield submitted.position, timed_out_result(submitted.task, submitted.monitor)
                 lanes.ask_again()
+            if lanes.source_error is not None:
+                # The tasks ran out by failing in a lane: the last branch may be
+                # handed back before the consumer reads that report.
+                raise lanes.source_error
         finally:
             # Stopped early (fail_fast, Ctrl-C, a consumer gone): branches stop at
             # their next node boundary or Lua hook, queued ones never start, and
@@ -219,6 +228,8 @@ class _Lanes:
         self._live = 0
         self._stopped = False
         self._futures: list[Future] = []
+        # What a lane's call for the next task raised (also reported on ``finished``).
+        self.source_error: BaseException | None = None
         self.finished: queue.SimpleQueue[_Finished] = queue.SimpleQueue()
 
     def fill(self) -> None:
@@ -313,6 +324,7 @@ class _Lanes:
                     try:
                         submitted = self._take_task()
                     except BaseException as exc:  # building a task failed: the consumer raises it
+                        self.source_error = exc
                         self.finished.put((None, None, exc))
                     if submitted is None and self._exhausted:
                         self.finished.put((None, None, None))  # wake the consumer to finish
@@ -339,24 +351,23 @@ class _Lanes:
                 lane.retired = True
                 self.finished.put((None, None, exc))
 
-    def consume(self, reports: list[_Finished]) -> list[tuple[_Submitted, ParallelFlowResult]]:
-        """The reported results still wanted (raising what a lane raised); lanes restart
-        for the room they leave."""
-        wanted = []
+    def consume(self, report: _Finished) -> tuple[int, ParallelFlowResult] | None:
+        """The position and result of one report if still wanted (raising what a lane
+        raised), None for a wake-up or a branch given up on; lanes restart for the room
+        it leaves."""
+        submitted, result, error = report
         with self._lock:
-            for submitted, result, error in reports:
-                if submitted is None:
-                    if error is not None:
-                        raise error
-                    continue  # a wake-up: the tasks ran out
-                if self._outstanding.pop(submitted.position, None) is None:
-                    continue  # given up on meanwhile
+            if submitted is None:
                 if error is not None:
                     raise error
-                assert result is not None
-                wanted.append((submitted, result))
+                return None  # a wake-up: the tasks ran out or the source changed
+            if self._outstanding.pop(submitted.position, None) is None:
+                return None  # given up on meanwhile
+            if error is not None:
+                raise error
+            assert result is not None
             self._start_lanes()
-        return wanted
+        return submitted.position, result
 
     def outstanding(self) -> list[_Submitted]:
         """Branches taken and not yet consumed or given up on."""
