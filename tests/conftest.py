@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import signal
 import threading
+import time
 
 import pytest
 from benchmarks.proc_scan import children, descendants, live_processes
@@ -144,3 +145,15 @@ def invoke_concurrently(compiled, times: int = 4, state: dict | None = None) -> 
     if errors:
         raise errors[0]
     return outcomes
+
+
+def wait_until(condition, seconds: float = 60, interval: float = 0.02) -> bool:
+    """Poll ``condition()`` every ``interval`` seconds until it holds; False once
+    ``seconds`` pass first. For states another thread or process reaches with
+    nothing to wait on (a file appearing, a process gone, lanes going idle)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True

@@ -20,7 +20,7 @@ import traceback
 
 import pytest
 
-from conftest import BACKENDS
+from conftest import BACKENDS, wait_until
 from isobranch import END, START, GraphExecutionError, StateGraph
 from isobranch.cancellation import CancelSignal, RunCancelled
 from isobranch.nodes import LuaNode
@@ -198,15 +198,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _wait_until(condition, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 async def _until_marked(marks, task: asyncio.Task) -> None:
     """Wait until a branch wrote its mark (the run is under way), failing if the run ended."""
     deadline = time.monotonic() + 60
@@ -254,7 +245,7 @@ def test_cancelling_stops_the_run_for_real(app, how, tmp_path):
         assert not _alive(pid), "the worker of the running branch was killed"
     elif app.isolation == "dask":
         # The worker is restarted through its nanny, which takes a moment.
-        assert _wait_until(lambda: not _alive(pid), 30), "the Dask worker was restarted"
+        assert wait_until(lambda: not _alive(pid), 30), "the Dask worker was restarted"
     else:
         assert "run_branch" not in _frames_of(ident), "the branch's thread stopped running it"
     assert not any("run_steps" in _frames_of(t.ident) for t in app._run_threads.threads)
@@ -277,7 +268,7 @@ def test_cancellation_leaves_no_thread_or_process_behind(isolation):
     compiled.close()
     assert not [t.name for t in threading.enumerate() if t.ident not in before_threads]
     # Dask's nannies and the process backend's fork server end with close().
-    assert _wait_until(lambda: not descendants() - before, 10), descendants() - before
+    assert wait_until(lambda: not descendants() - before, 10), descendants() - before
 
 
 def test_cancelling_main_path_lua_stops_it():
@@ -418,7 +409,7 @@ def test_a_backend_that_only_returns_lists_stops_before_its_next_chunk(tmp_path)
 
         asyncio.run(scenario())
         # The first chunk (one branch, sleeping 0.3 s) runs out; no other starts.
-        assert _wait_until(lambda: not any("run_steps" in _frames_of(t.ident)
+        assert wait_until(lambda: not any("run_steps" in _frames_of(t.ident)
                                            for t in compiled._run_threads.threads), 5)
     assert [name for name, _, _ in _started(marks)] == ["b1"]
 

@@ -21,7 +21,7 @@ import time
 import pytest
 import yaml
 
-from conftest import HAVE_DASK, descendants, fan_out, invoke_concurrently
+from conftest import HAVE_DASK, descendants, fan_out, invoke_concurrently, wait_until
 from isobranch import GraphError, GraphExecutionError, YAMLEngine
 
 pytestmark = [
@@ -291,15 +291,6 @@ def pid_file_then(seconds: float, directory: str):
         return {"slept": True}
 
     return node
-
-
-def wait_until(condition, seconds: float = 60) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)  # polling for another process's file or exit
-    return True
 
 
 def process_gone(pid: int) -> bool:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import wait_until
 from isobranch import END, START, GraphError, GraphExecutionError, StateGraph, YAMLEngine
 from isobranch.cli import main
 from isobranch.isolation.dask import SUBMIT_AHEAD_PER_THREAD as DASK_SUBMIT_AHEAD_PER_THREAD
@@ -645,8 +646,8 @@ def test_thread_stream_takes_no_more_than_its_cap_ahead_of_a_consumer_holding_re
                 seen.append(position)
                 # Hold the result until the lanes are idle with every taken branch
                 # finished, so the next read finds a batch of finished reports.
-                settled = _settle(lambda: len(pulled) - len(seen) >= cap
-                                  and len(ran) == len(pulled))
+                settled = wait_until(lambda: len(pulled) - len(seen) >= cap
+                                     and len(ran) == len(pulled), 30, interval=0.001)
                 assert len(pulled) - len(seen) <= cap, (len(pulled), len(seen))
                 assert settled, (len(pulled), len(ran), len(seen))
                 if len(seen) == 4:
@@ -655,16 +656,6 @@ def test_thread_stream_takes_no_more_than_its_cap_ahead_of_a_consumer_holding_re
         finally:
             backend.close()
         assert sorted(seen) == [0, 1, 2, 3]
-
-
-def _settle(condition, seconds: float = 30) -> bool:
-    """Wait (polling) until ``condition()`` holds; False if ``seconds`` pass first."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.001)
-    return True
 
 
 @pytest.mark.parametrize("failure", ["crash", "timeout"])
