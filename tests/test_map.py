@@ -589,7 +589,7 @@ def _tasks(app, isolation, count, pulled):
 
 
 def test_stream_branches_pulls_tasks_lazily_and_stops_when_closed(isolation, no_process_leak):
-    from isobranch.isolation.base import create_backend
+    from isobranch.isolation import create_backend
 
     graph = map_graph([], lambda s: {"v": s["item"]})
     with compiled(graph, isolation) as app:

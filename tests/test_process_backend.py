@@ -31,7 +31,7 @@ from isobranch import (
 )
 from isobranch.branch import BranchLimits
 from isobranch.context import ExecutionContext
-from isobranch.isolation.base import create_backend
+from isobranch.isolation import create_backend
 from isobranch.nodes import LuaNode, Node
 
 ROOT = pathlib.Path(__file__).parent.parent

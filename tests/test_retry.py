@@ -21,8 +21,7 @@ from isobranch import (
     YAMLEngine,
     register_backend,
 )
-from isobranch.branch_retry import RetryFeed
-from isobranch.isolation.base import NotReady
+from isobranch.branch_retry import NotReady, RetryFeed
 from isobranch.isolation.thread import ThreadBackend
 from isobranch.progress import FanOutProgress
 from isobranch.retry import PROGRAMMING_ERRORS, exception_names, failure_names

@@ -9,7 +9,7 @@ from .checkpoint import SqliteCheckpointer
 from .compiled import CompiledGraph
 from .errors import GraphError, GraphExecutionError
 from .graph import StateGraph
-from .isolation.base import (
+from .isolation import (
     IsolationBackend,
     available_backends,
     register_backend,

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .branch import CANCELLED, BranchTask, ParallelFlowResult
-from .isolation.base import NotReady, accepts_not_ready, stream_results
 from .retry import BRANCH_RETRY_ON, RetryPolicy, failure_names, wait_unless
 
 if TYPE_CHECKING:
@@ -35,6 +34,30 @@ if TYPE_CHECKING:
     from .isolation.base import IsolationBackend
 
 logger = logging.getLogger(__name__)
+
+
+class NotReady:
+    """What a task source may yield in place of a task: no task is ready yet.
+
+    A fan-out whose failed branches wait to be retried hands its backend a
+    source that is not finished while a retry waits. ``wake_at`` is when
+    the next task will be ready (``time.monotonic()``), or None: not before
+    the backend hands back another result (some are still running). A
+    backend that declares ``accepts_not_ready = True`` then starts nothing
+    for now, keeps reporting running branches, and asks the source again
+    at ``wake_at`` or after its next result. A source that has a
+    ``set_waker(callback)`` method is told how to end that wait early (the
+    fan-out was stopped); the callback may be called from any thread. A
+    source never answers ``NotReady`` before its first task.
+    """
+
+    __slots__ = ("wake_at",)
+
+    def __init__(self, wake_at: float | None) -> None:
+        self.wake_at = wake_at
+
+    def __repr__(self) -> str:
+        return f"NotReady(wake_at={self.wake_at!r})"
 
 
 @dataclass(frozen=True)
@@ -157,7 +180,7 @@ def stream_with_retries(backend: IsolationBackend, tasks: Iterator[BranchTask],
                         clock: Callable[[], float] = time.monotonic,
                         random: Callable[[], float] | None = None,
                         ) -> Iterator[tuple[int, ParallelFlowResult] | RetryNotice]:
-    """Run ``tasks`` on ``backend`` like ``stream_results``, retrying failed branches.
+    """Run ``tasks`` on ``backend`` like its ``stream_branches``, retrying failed branches.
 
     Yields each branch's final ``(position, result)`` once (``result.attempts``
     set, and the error saying which attempt failed) and a ``RetryNotice`` per
@@ -165,12 +188,12 @@ def stream_with_retries(backend: IsolationBackend, tasks: Iterator[BranchTask],
     backoff at once (``RetriesStopped`` if a retry was still waiting; the
     run's ``cancel``, also passed to the backend, raises its own error).
     """
-    feed = RetryFeed(tasks, finite=not accepts_not_ready(backend), clock=clock)
+    feed = RetryFeed(tasks, finite=not backend.accepts_not_ready, clock=clock)
     flags = list(stop_flags)
     forget = [flag.add_callback(feed.stop) for flag in flags]
     try:
         while True:
-            inner = stream_results(backend, feed, max_concurrency, cancel)
+            inner = backend.stream_branches(feed, max_concurrency=max_concurrency, cancel=cancel)
             try:
                 for handed, result in inner:
                     position, task, attempt = feed.returned(handed)

@@ -22,7 +22,8 @@ from .context import ExecutionContext
 from .errors import GraphError, GraphExecutionError
 from .fanout import FanOut
 from .isolation import memory_limit
-from .isolation.base import IsolationBackend, available_backends, create_backend
+from .isolation.base import IsolationBackend
+from .isolation.registry import available_backends, create_backend
 from .nodes import Node
 from .retry import RetryPolicy, as_policy
 from .runner import run_steps
@@ -339,6 +340,10 @@ class CompiledGraph:
                        max_workers: int | None) -> None:
         self._backends[(isolation, max_workers)] = backend
 
+    def branch_backend(self, isolation: str, *, max_workers: int | None) -> IsolationBackend:
+        """A new backend for the fan-outs nested in one branch; it dies with the branch."""
+        return create_backend(isolation, max_workers=max_workers)
+
     def _backend(self, isolation: str, max_workers: int | None) -> IsolationBackend:
         key = (isolation, max_workers)
         with self._pool_lock:
@@ -348,7 +353,7 @@ class CompiledGraph:
             if backend is None:
                 options = self.backend_options if isolation == self.isolation else {}
                 backend = create_backend(isolation, max_workers=max_workers, **options)
-                refused = (memory_limit.refusal(isolation, backend, self.branch_max_memory)
+                refused = (memory_limit.refusal(backend, self.branch_max_memory)
                            if self.branch_max_memory is not None else None)
                 if refused:
                     backend.close()

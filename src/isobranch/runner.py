@@ -25,7 +25,6 @@ from .fanout import (
     map_plan,
     static_plan,
 )
-from .isolation.base import crosses_processes, stream_results
 from .keys import Language
 from .retry import exception_names, failure_names, wait_unless
 from .statecopy import StateCopyError, StateSnapshot, find_unpicklable
@@ -229,7 +228,7 @@ def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
     is recorded, and a resumed fan-out runs only the branches that have no
     recorded success; the recorded ones take their places in the results."""
     backend = context.fan_out_backend()
-    crosses = crosses_processes(backend)
+    crosses = backend.crosses_processes
     base = state
     items: Sequence[Any] = ()
     if isinstance(fan_out, MapFanOut):
@@ -347,7 +346,8 @@ def _branch_stream(fan_out: FanOut, tasks: Iterator[BranchTask], positions: list
     policies = [fan_out.retry_of(i) for i in range(len(fan_out.targets))] \
         if isinstance(fan_out, StaticFanOut) else [fan_out.retry]
     if default is None and not any(policies):
-        return stream_results(backend, tasks, max_concurrency, context.fan_out_cancel)
+        return backend.stream_branches(tasks, max_concurrency=max_concurrency,
+                                       cancel=context.fan_out_cancel)
 
     def policy_of(position: int) -> RetryPolicy | None:
         in_plan = positions[position] if positions is not None else position

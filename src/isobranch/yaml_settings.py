@@ -19,15 +19,13 @@ from .defaults import (
     DEFAULT_LUA_TIMEOUT,
     DEFAULT_MAX_STEPS,
 )
-from .isolation.base import available_backends
+from .isolation.registry import available_backends, backend_options, backends_accepting
 from .keys import (
     CHECKPOINT_SETTINGS_KEYS,
     LUA_SETTINGS_KEYS,
     PARALLEL_KEYS,
     SETTINGS_KEYS,
     UNTRUSTED_BACKEND_OPTIONS,
-    backend_options,
-    backends_accepting,
     unknown,
 )
 from .lua.runtime import DEFAULT_MAX_MEMORY

@@ -39,10 +39,11 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ..branch import BranchTask, ParallelFlowResult
+from ..branch_retry import NotReady
 from ..cancellation import CancelSignal
 from ..error_kinds import ErrorKind
 from ..fanout import run_in_order
-from .base import NotReady, register_backend, set_waker
+from .base import IsolationBackend, set_waker
 from .dask_branches import (
     FETCH_SECONDS,
     FanOutWatch,
@@ -92,7 +93,7 @@ MEMORY_RESTART_TOPIC = "worker-restart-memory"
 SUBMIT_AHEAD_PER_THREAD = 8
 
 
-class DaskBackend:
+class DaskBackend(IsolationBackend):
     """Runs branches as tasks on a Dask cluster.
 
     ``dask_address`` (alias ``address``): a running scheduler such as
@@ -107,7 +108,6 @@ class DaskBackend:
     """
 
     name = "dask"
-    cancellable = True
     # Its tasks may answer NotReady (a retry waiting); running branches go on.
     accepts_not_ready = True
     # The runner checks this before fan-out: state must pickle to get here.
@@ -629,5 +629,3 @@ def _wait_for(finished: queue.SimpleQueue, due: float | None) -> None:
     with contextlib.suppress(queue.Empty):
         finished.get(timeout=max(due - time.monotonic(), 0.0))
 
-
-register_backend("dask", DaskBackend)

@@ -6,13 +6,14 @@ import threading
 from collections.abc import Iterable, Iterator
 
 from ..branch import BranchMonitor, BranchTask, ParallelFlowResult
+from ..branch_retry import NotReady
 from ..branch_run import run_branch
 from ..cancellation import CancelSignal
 from ..fanout import run_in_order
-from .base import NotReady, register_backend, set_waker, wait_until_ready
+from .base import IsolationBackend, set_waker, wait_until_ready
 
 
-class InlineBackend:
+class InlineBackend(IsolationBackend):
     """Runs each branch in the calling thread, in declaration order.
 
     Isolation comes from ``run_branch`` itself (fresh context and state copy);
@@ -21,7 +22,6 @@ class InlineBackend:
     """
 
     name = "inline"
-    cancellable = True
     # Its tasks may answer NotReady (a retry waiting): nothing runs meanwhile.
     accepts_not_ready = True
     # Branches run in this process: the state need not pickle.
@@ -77,5 +77,3 @@ class InlineBackend:
     def close(self) -> None:
         """Nothing to release."""
 
-
-register_backend("inline", InlineBackend)

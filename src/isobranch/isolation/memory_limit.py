@@ -33,6 +33,7 @@ from .endings import describe_signal
 
 if TYPE_CHECKING:
     from ..branch import BranchTask
+    from .base import IsolationBackend
 
 # Kept as a name of this module: process.py, dask.py and tests use it.
 BRANCH_MEMORY_ERROR = ErrorKind.BRANCH_MEMORY_ERROR
@@ -157,17 +158,8 @@ def parse_limit(value: object) -> int | None:
         raise ValueError(f"branch_max_memory: {exc}") from None
 
 
-def refusal(isolation: str, backend: object, limit: int) -> str | None:
-    """Why ``backend`` cannot enforce a ``branch_max_memory`` of ``limit`` bytes (None: it can).
-
-    A backend enforces it by having ``check_branch_max_memory(limit) -> str | None``
-    (the reason it cannot, in its present configuration, or None).
-    """
-    check = getattr(backend, "check_branch_max_memory", None)
-    if check is None:
-        return (f"branch_max_memory: isolation {isolation!r} cannot enforce a memory limit "
-                f"per branch (its branches share one process's memory); it is enforced by "
-                f"isolation 'process' (each worker process) and 'dask' (each worker of the "
-                f"local cluster isobranch starts)")
-    reason = check(limit)
+def refusal(backend: IsolationBackend, limit: int) -> str | None:
+    """Why ``backend`` cannot enforce a ``branch_max_memory`` of ``limit`` bytes (None: it can),
+    as its ``check_branch_max_memory`` says, prefixed for a configuration error."""
+    reason = backend.check_branch_max_memory(limit)
     return f"branch_max_memory: {reason}" if reason else None

@@ -42,7 +42,7 @@ from ..branch import BranchTask, ParallelFlowResult
 from ..cancellation import CancelPipe, CancelSignal
 from ..error_kinds import ErrorKind
 from ..fanout import run_in_order
-from .base import PipeWaker, register_backend, set_waker
+from .base import IsolationBackend, PipeWaker, set_waker
 from .memory_limit import BRANCH_MEMORY_ERROR, memory_message, oom_killed
 from .process_branches import (
     BRANCH_KILL_GRACE_SECONDS,
@@ -69,7 +69,7 @@ logger = logging.getLogger(__name__)
 POOL_RECHECK_SECONDS = 0.05
 
 
-class ProcessBackend:
+class ProcessBackend(IsolationBackend):
     """Runs branches in worker processes owned by this backend.
 
     ``max_workers`` (default: CPU count) bounds the live workers.
@@ -80,7 +80,6 @@ class ProcessBackend:
     """
 
     name = "process"
-    cancellable = True
     # The runner checks this before fan-out: state must pickle to get here.
     crosses_processes = True
     # Its tasks may answer NotReady (a retry waiting); running branches go on.
@@ -417,5 +416,3 @@ class ProcessBackend:
             duration_ms=(time.monotonic() - slot.started) * 1000.0, isolation=self.name,
             worker=slot.worker.pid, node=slot.node)
 
-
-register_backend("process", ProcessBackend)

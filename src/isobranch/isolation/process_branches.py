@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
 from ..branch import BranchTask, ParallelFlowResult
-from .base import NotReady
+from ..branch_retry import NotReady
 from .memory_limit import kernel_oom_kills
 from .process_pool import WorkerProcess
 from .process_worker import RUN

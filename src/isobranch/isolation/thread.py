@@ -28,10 +28,11 @@ from ..branch import (
     ParallelFlowResult,
     timed_out_result,
 )
+from ..branch_retry import NotReady
 from ..branch_run import run_branch
 from ..cancellation import CancelSignal
 from ..fanout import run_in_order
-from .base import NotReady, register_backend, set_waker
+from .base import IsolationBackend, set_waker
 from .thread_pool import DaemonThreadPool
 
 # A branch gets this long past its deadline to report its own timeout (with
@@ -49,7 +50,7 @@ LANE_BATCH = 64
 CANCEL_WAIT_SECONDS = 0.5
 
 
-class ThreadBackend:
+class ThreadBackend(IsolationBackend):
     """Runs branches concurrently on a pool of threads owned by this backend.
 
     ``branch_timeout`` is cooperative: Lua is interrupted by its hook, Python
@@ -58,7 +59,6 @@ class ThreadBackend:
     """
 
     name = "thread"
-    cancellable = True
     # Its tasks may answer NotReady (a retry waiting); running branches go on.
     accepts_not_ready = True
     # Branches run in this process: the state need not pickle.
@@ -479,5 +479,3 @@ def _overdue(pending: Iterable[_Submitted]) -> list[_Submitted]:
             and submitted.monitor.started_at is not None
             and now >= submitted.monitor.started_at + limit + TIMEOUT_GRACE_SECONDS]
 
-
-register_backend("thread", ThreadBackend)
