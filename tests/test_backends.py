@@ -48,11 +48,12 @@ def test_builtin_backends_are_registered():
 
 
 def test_every_builtin_backend_declares_whether_it_crosses_processes():
-    from isobranch.isolation import dask, inline, process, thread
+    from isobranch.isolation import dask, inline, thread
     from isobranch.isolation.adapters import adapt
+    from isobranch.isolation.process.backend import ProcessBackend
 
     declared = {cls.name: cls.crosses_processes for cls in (
-        inline.InlineBackend, thread.ThreadBackend, process.ProcessBackend, dask.DaskBackend)}
+        inline.InlineBackend, thread.ThreadBackend, ProcessBackend, dask.DaskBackend)}
     assert declared == {"inline": False, "thread": False, "process": True, "dask": True}
     assert adapt(RecordingBackend()).crosses_processes is False, \
         "undeclared: runs in this process"

@@ -49,7 +49,7 @@ def test_an_update_that_cannot_be_rebuilt_is_left_out_with_a_debug_record(caplog
     """A crashed branch's state is rebuilt from its merged updates; one that does not
     unpickle here is swallowed on purpose, and that is logged with its reason."""
     from isobranch.branch import BranchLimits, BranchTask
-    from isobranch.isolation.process_branches import Running
+    from isobranch.isolation.process.branches import Running
     from isobranch.statecopy import StateSnapshot
 
     caplog.set_level(logging.DEBUG, logger="isobranch")
@@ -58,7 +58,7 @@ def test_an_update_that_cannot_be_rebuilt_is_left_out_with_a_debug_record(caplog
     slot = Running(0, task, b"", worker=None, started=0.0,
                    updates=[b"not a pickle", None, pickle.dumps({"c": 2})])
     assert slot.state_as_of_now() == {"a": 1, "c": 2}
-    (record,) = [r for r in caplog.records if r.name == "isobranch.isolation.process_branches"]
+    (record,) = [r for r in caplog.records if r.name == "isobranch.isolation.process.branches"]
     assert record.levelno == logging.DEBUG and "'b'" in record.getMessage()
     assert "cannot be unpickled" in record.getMessage()
 

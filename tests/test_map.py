@@ -18,7 +18,7 @@ from conftest import wait_until
 from isobranch import END, START, GraphError, GraphExecutionError, StateGraph, YAMLEngine
 from isobranch.cli import main
 from isobranch.isolation.dask import SUBMIT_AHEAD_PER_THREAD as DASK_SUBMIT_AHEAD_PER_THREAD
-from isobranch.isolation.process import SEND_AHEAD_DEPTH
+from isobranch.isolation.process.branches import SEND_AHEAD_DEPTH
 from isobranch.isolation.thread import SUBMIT_AHEAD_PER_THREAD
 
 MAP_YAML = """
@@ -664,7 +664,7 @@ def test_branches_sent_ahead_to_a_worker_that_dies_run_once_elsewhere(
     """Short branches are sent ahead to a busy worker; when the branch it runs
     crashes or overruns its timeout, only that branch fails, and the ones
     queued behind it run (once each) on a new worker."""
-    from isobranch.isolation import process_branches
+    from isobranch.isolation.process import branches as process_branches
 
     requeued: list[int] = []
     retry_all = process_branches.TaskSource.retry_all

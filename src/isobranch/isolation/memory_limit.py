@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from ..branch import BranchTask
     from .base import IsolationBackend
 
-# Kept as a name of this module: process.py, dask.py and tests use it.
+# Kept as a name of this module: the process and dask backends and tests use it.
 BRANCH_MEMORY_ERROR = ErrorKind.BRANCH_MEMORY_ERROR
 # Written to a worker's /proc/self/oom_score_adj (-1000..1000): when the
 # machine runs out of memory, the kernel kills a worker before the caller.
@@ -114,9 +114,24 @@ def memory_message(label: str, node: str | None, limit: int, what: str) -> str:
 
 
 def as_memory_failure(task: BranchTask, result: ParallelFlowResult) -> ParallelFlowResult:
-    """``result`` reported as ``BranchMemoryError`` if it failed with ``MemoryError`` under a limit."""
+    """``result`` reported as ``BranchMemoryError`` if it failed with ``MemoryError`` under a
+    limit, or with ``LuaMemoryError`` when the limit is what Lua ran into.
+
+    Everything a branch's Lua VM allocates counts against the limit, so a VM
+    whose own ``max_memory`` is at least the limit (or unset) can only be
+    refused memory by the limit; a smaller ``max_memory`` is Lua's own error.
+    """
     limit = task.limits.branch_max_memory
-    if limit is None or result.success or result.error_type != "MemoryError":
+    if limit is None or result.success:
+        return result
+    if result.error_type == "LuaMemoryError":
+        lua_cap = task.graph.lua_max_memory
+        if lua_cap is not None and lua_cap < limit:
+            return result
+        what = "Lua could not allocate past the limit (LuaMemoryError)"
+        return replace(result, error_type=BRANCH_MEMORY_ERROR,
+                       error=memory_message(task.label, result.node, limit, what))
+    if result.error_type != "MemoryError":
         return result
     # The original text ends in "MemoryError: <its message>", often empty.
     detail = (result.error or "").rpartition("MemoryError")[2].lstrip(": ")

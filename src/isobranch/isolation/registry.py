@@ -31,7 +31,7 @@ BackendFactory = Callable[..., Any]
 BUILTIN_BACKENDS: dict[str, str] = {
     "inline": "isobranch.isolation.inline:InlineBackend",
     "thread": "isobranch.isolation.thread:ThreadBackend",
-    "process": "isobranch.isolation.process:ProcessBackend",
+    "process": "isobranch.isolation.process.backend:ProcessBackend",
     "dask": "isobranch.isolation.dask:DaskBackend",
 }
 

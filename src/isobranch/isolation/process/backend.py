@@ -3,7 +3,7 @@
 A branch's state copy goes to a worker pickled, runs there with a fresh Lua
 VM and the worker's own Python modules, and its ``ParallelFlowResult``
 comes back pickled. Workers are forks of a per-pool fork server that loaded
-the compiled graph once (see ``process_pool``), so the graph crosses once
+the compiled graph once (see ``launcher``), so the graph crosses once
 per pool, never per branch.
 
 The parent is the watchdog. Workers run Lua with no count hook (bare speed)
@@ -22,8 +22,8 @@ started and run on another worker.
 The pool is not ``concurrent.futures.ProcessPoolExecutor``: that pool
 breaks as a whole when one worker dies, failing every sibling, and cannot
 kill one stuck worker. This one tracks each worker separately. Its
-workers are ``process_workers.WorkerPool``, a branch's bookkeeping is
-``process_branches``; what is left here (a little over 400 lines) is the
+workers are ``pool.WorkerPool``, a branch's bookkeeping is ``branches``,
+what crosses to a worker and back is ``wire``; what is left here (a little over 400 lines) is the
 one wait loop that serves them.
 """
 
@@ -31,20 +31,21 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from ..branch import BranchTask, ParallelFlowResult
-from ..cancellation import CancelPipe, CancelSignal
-from ..error_kinds import ErrorKind
-from ..fanout import run_in_order
-from .base import IsolationBackend, PipeWaker, set_waker
-from .memory_limit import BRANCH_MEMORY_ERROR, memory_message, oom_killed
-from .process_branches import (
+from ...branch import BranchTask, ParallelFlowResult
+from ...cancellation import CancelPipe, CancelSignal
+from ...error_kinds import ErrorKind
+from ...fanout import run_in_order
+from ..base import IsolationBackend, PipeWaker, set_waker
+from ..memory_limit import BRANCH_MEMORY_ERROR, memory_message, oom_killed
+from ..shipping import BackendError
+from . import wire
+from .branches import (
     BRANCH_KILL_GRACE_SECONDS,
     NEVER_STARTED,
     SEND_AHEAD_DEPTH,
@@ -56,12 +57,10 @@ from .process_branches import (
     TaskSource,
     WorkerOutcome,
     next_wakeup,
-    send_frames,
 )
-from .process_pool import START_METHODS
-from .process_worker import LUA, LUA_DONE, MERGED, NODE, RESULT, STEP
-from .process_workers import WorkerPool
-from .shipping import BackendError
+from .launcher import START_METHODS
+from .pool import WorkerPool
+from .wire import Kind
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +235,7 @@ class ProcessBackend(IsolationBackend):
             if not batch:
                 return
             try:
-                send_frames(conn, [queued.payload for queued in batch])
+                wire.send_frames(conn, [queued.payload for queued in batch])
             except OSError as exc:
                 logger.debug("process backend: worker process %s did not take %d branch(es) "
                              "sent ahead (%s); they wait for another worker, and its death is "
@@ -291,7 +290,7 @@ class ProcessBackend(IsolationBackend):
                 data = conn.recv_bytes()
                 slot.heard_from = True
                 try:
-                    message = pickle.loads(data)
+                    message = wire.decode(data)
                 except Exception as exc:  # e.g. an exception class that cannot be rebuilt
                     self._pool.discard(slot.worker, kill=True)
                     return self._failed(
@@ -299,18 +298,18 @@ class ProcessBackend(IsolationBackend):
                         f"be unpickled here: {type(exc).__name__}: {exc}",
                         ErrorKind.STATE_COPY_ERROR, timed_out=False)
                 kind = message[0]
-                if kind == NODE:
+                if kind == Kind.NODE:
                     slot.node, slot.lua = message[1], None
-                elif kind == LUA:
+                elif kind == Kind.LUA:
                     slot.lua = LuaCall(*message[1:])
-                elif kind == LUA_DONE:
+                elif kind == Kind.LUA_DONE:
                     slot.lua = None
-                elif kind == MERGED:
+                elif kind == Kind.MERGED:
                     slot.updates.append(message[2])
-                elif kind == STEP:
+                elif kind == Kind.STEP:
                     slot.updates.append(message[2])
                     slot.node, slot.lua = message[3], None
-                elif kind == RESULT:
+                elif kind == Kind.RESULT:
                     if message[1].error_type == BRANCH_MEMORY_ERROR:
                         # An allocation failed somewhere in it: the worker is not
                         # reused, and what was sent ahead to it runs elsewhere.

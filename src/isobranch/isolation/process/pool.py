@@ -1,7 +1,7 @@
 """``WorkerPool``: the live worker processes of one process backend.
 
 The pool owns the launcher (a fork server or a spawner, see
-``process_pool``) for the compiled graph it serves, the workers started
+``launcher``) for the compiled graph it serves, the workers started
 from it, which of them are idle, and how many are starting. Fan-outs on any
 thread borrow workers with ``acquire`` and give them back with ``release``
 or ``discard``; the pool never lets more than ``max_workers`` live at once.
@@ -14,9 +14,9 @@ import threading
 import weakref
 from typing import Any
 
-from ..cancellation import CancelSignal
-from .process_pool import WorkerProcess, WorkerStartError, start_launcher
-from .shipping import BackendError, pickle_graph
+from ...cancellation import CancelSignal
+from ..shipping import BackendError, pickle_graph
+from .launcher import WorkerProcess, WorkerStartError, start_launcher
 
 logger = logging.getLogger(__name__)
 

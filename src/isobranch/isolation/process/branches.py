@@ -11,20 +11,16 @@ reading a worker reports when it died before saying anything.
 from __future__ import annotations
 
 import logging
-import os
-import pickle
-import struct
 import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 
-from ..branch import BranchTask, ParallelFlowResult
-from ..branch_retry import NotReady
-from .memory_limit import kernel_oom_kills
-from .process_pool import WorkerProcess
-from .process_worker import RUN
+from ...branch import BranchTask, ParallelFlowResult
+from ...branch_retry import NotReady
+from ..memory_limit import kernel_oom_kills
+from . import wire
+from .launcher import WorkerProcess
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +165,7 @@ class Running:
         for update in self.updates:
             if update is not None:
                 try:
-                    state.update(pickle.loads(update))
+                    state.update(wire.decode_update(update))
                 except Exception as exc:
                     # Left out: the failure report goes on with the state it can rebuild.
                     logger.debug("branch %r: an update its worker sent cannot be unpickled "
@@ -196,25 +192,9 @@ def next_wakeup(running: Iterable[Running]) -> float | None:
     return max(min(deadlines) - time.monotonic(), 0.0)
 
 
-def send_frames(conn: Connection, messages: list[bytes]) -> None:
-    """Send ``messages`` as ``Connection.send_bytes`` would, one after another, in one write.
-
-    The frames are ``multiprocessing.connection``'s (a 4-byte big-endian
-    length, then the bytes), so the worker reads them with ``recv_bytes``.
-    Only for small messages, which a socket takes without blocking long.
-    """
-    data = b"".join(_FRAME_HEADER.pack(len(message)) + message for message in messages)
-    view = memoryview(data)
-    while view:
-        view = view[os.write(conn.fileno(), view):]
-
-
-_FRAME_HEADER = struct.Struct("!i")
-
-
 def payload(task: BranchTask) -> bytes:
-    """The pickled ``run`` message of ``task`` for a worker."""
-    return pickle.dumps((RUN, task.payload()), protocol=pickle.HIGHEST_PROTOCOL)
+    """The ``run`` message of ``task`` for a worker."""
+    return wire.run_message(task.payload())
 
 
 def oom_kills(task: BranchTask) -> int | None:
