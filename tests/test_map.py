@@ -589,6 +589,7 @@ def _tasks(app, isolation, count, pulled):
 
 
 def test_stream_branches_pulls_tasks_lazily_and_stops_when_closed(isolation, no_process_leak):
+    from isobranch.fanout_run import drive
     from isobranch.isolation import create_backend
 
     graph = map_graph([], lambda s: {"v": s["item"]})
@@ -596,8 +597,7 @@ def test_stream_branches_pulls_tasks_lazily_and_stops_when_closed(isolation, no_
         backend = create_backend(isolation, max_workers=2)
         try:
             pulled: list[int] = []
-            stream = backend.stream_branches(_tasks(app, isolation, 1000, pulled),
-                                             max_concurrency=2)
+            stream = drive(backend, _tasks(app, isolation, 1000, pulled), max_concurrency=2)
             # Started and unfinished <= 2 (the in-flight test checks that); one more
             # may be built and waiting; the thread backend queues a few more in its
             # pool, the process backend sends short branches ahead to busy workers.
@@ -626,6 +626,7 @@ def test_stream_branches_pulls_tasks_lazily_and_stops_when_closed(isolation, no_
 def test_thread_stream_takes_no_more_than_its_cap_ahead_of_a_consumer_holding_results():
     """Lanes keep running while the consumer holds a result; a branch counts as
     consumed only once it is handed back, not when its report was read."""
+    from isobranch.fanout_run import drive
     from isobranch.isolation.thread import ThreadBackend
 
     ran: list[int] = []
@@ -639,8 +640,7 @@ def test_thread_stream_takes_no_more_than_its_cap_ahead_of_a_consumer_holding_re
         backend = ThreadBackend(max_workers=2)
         try:
             pulled: list[int] = []
-            stream = backend.stream_branches(_tasks(app, "thread", 1000, pulled),
-                                             max_concurrency=2)
+            stream = drive(backend, _tasks(app, "thread", 1000, pulled), max_concurrency=2)
             seen = []
             for position, _ in stream:
                 seen.append(position)

@@ -1,40 +1,105 @@
-"""The backend base class, and the helpers backends share to wait for their task source."""
+"""The backend contract: the base class every backend subclasses, and its half of one fan-out.
+
+Policies are not a backend's business. The fan-out driver (``fanout_run``)
+pulls the branches, bounds how many run at once, owns every deadline,
+retry backoff, ``fail_fast`` and cancellation; a backend only starts a
+branch somewhere, reports what finished, and kills what it is told to.
+
+A backend (``IsolationBackend``) declares its capabilities as attributes
+and opens one ``BackendFanOut`` per fan-out: ``start`` takes branches from
+the driver's ``RunSource`` and starts them, ``collect`` reports finished
+ones, ``kill`` ends one past its deadline, ``close`` stops what is left.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from ..branch import BranchTask, ParallelFlowResult
-    from ..branch_retry import NotReady
-    from ..cancellation import CancelSignal
+    from ..branch import BranchRun, ParallelFlowResult
+    from ..compiled import CompiledGraph
+
+# What ``collect`` reports: a run and its result.
+Finished = tuple["BranchRun", "ParallelFlowResult"]
+
+
+class RunSource(Protocol):
+    """Where a backend takes the branches of a fan-out from (the driver owns it).
+
+    Safe to use from any thread. ``take`` hands out the next run to start,
+    or None when there is none now: the tasks ran out, the fan-out is
+    stopping, as many runs are out as the driver allows, or the next one is
+    a retry whose backoff has not ended (the driver then calls ``start``
+    again when it has). ``ready`` says whether ``take`` may give a run now
+    (no task is built to tell); ``next_due`` when the soonest retry's
+    backoff ends (``time.monotonic()``; None: none waits).
+    ``max_concurrency`` is what the fan-out asked for (None: as many as the
+    backend runs at once).
+    """
+
+    max_concurrency: int | None
+
+    def take(self) -> BranchRun | None: ...
+
+    def ready(self) -> bool: ...
+
+    def next_due(self) -> float | None: ...
+
+
+class BackendFanOut:
+    """One fan-out on a backend, from the backend's side.
+
+    The driver calls ``start``, ``collect``, ``kill`` and ``close`` from the
+    one thread that runs the fan-out; ``wake`` and ``interrupt`` come from
+    any thread. ``slots`` is how many branches it runs at once (its threads,
+    its workers, the cluster's threads).
+    """
+
+    slots: int = 1
+
+    def start(self) -> None:
+        """Start what the source gives now (or take it ahead, for a backend that does)."""
+        raise NotImplementedError
+
+    def collect(self, timeout: float | None) -> list[Finished]:
+        """What finished since the last call: wait for at least one result, for at most
+        ``timeout`` seconds (None: no limit), or until ``wake``; may return nothing."""
+        raise NotImplementedError
+
+    def wake(self) -> None:
+        """End a ``collect`` (or a ``start`` waiting for a worker) at once: something changed."""
+        raise NotImplementedError
+
+    def interrupt(self) -> None:
+        """The run is being cancelled: as ``wake``, and stop a branch running in the
+        driver's own thread (the inline backend's)."""
+        self.wake()
+
+    def kill(self, run: BranchRun) -> ParallelFlowResult | None:
+        """``run`` is past its deadline: end it and return its timed-out result, with its
+        state as of the kill, or its own result if it turns out to have just finished
+        (None: ``collect`` reports that result). Only called on a backend that
+        ``kills_overdue``."""
+        raise NotImplementedError
+
+    def close(self, *, cancelled: bool) -> None:
+        """The fan-out is over: stop every branch still held (the fan-out ended early:
+        fail_fast, an error, Ctrl-C; ``cancelled``: the run was cancelled) and release
+        what this fan-out holds."""
 
 
 class IsolationBackend:
     """Where the branches of a fan-out run: the base class of every backend.
 
-    Every capability the rest of the engine asks a backend about is an
-    attribute declared here with its default, so a subclass states only how
-    it differs. A subclass implements ``stream_branches`` (see below) and,
-    if it holds workers, ``close``. A backend written to the first protocol
-    (an object with ``run_branches`` or ``stream_branches`` and ``close``,
-    subclassing nothing) is wrapped by the registry in an adapter that
-    declares the same capabilities (``adapters``).
-
-    ``stream_branches(tasks, *, max_concurrency, cancel=None)`` pulls tasks
-    from ``tasks`` only as it can start them (never more than
-    ``max_concurrency`` started and unfinished; None: its worker count) and
-    yields ``(position in tasks, result)`` in completion order, never
-    raising for a failing branch. It applies no fail-fast rule (the runner
-    does). When the consumer closes the generator early, queued branches
-    are dropped and running ones stopped before ``close()`` of the
-    generator returns; a set ``cancel`` (a ``CancelSignal``) does the same
-    at once and raises ``RunCancelled``.
+    Every capability the engine asks a backend about is an attribute
+    declared here with its default; a subclass states only how it differs,
+    implements ``open`` and, if it holds workers, ``close``. A backend
+    written to the first protocol (``run_branches`` or ``stream_branches``,
+    subclassing nothing) is wrapped by the registry in an adapter
+    (``adapters``).
     """
 
     #: The name it is registered under (``ParallelFlowResult.isolation``).
@@ -42,11 +107,22 @@ class IsolationBackend:
     #: Branches run in other processes: the state must pickle, and the runner
     #: checks that before a fan-out, naming what does not.
     crosses_processes: bool = False
-    #: Its task source may answer ``NotReady`` (a retry waiting); without it a
-    #: fan-out with retries runs in rounds.
-    accepts_not_ready: bool = False
-    #: How many branches it runs at once (None: it does not say).
+    #: How many branches it runs at once, when it knows before a fan-out.
     max_workers: int | None = None
+    #: Branches it may take beyond those it runs, per slot, when the fan-out
+    #: does not bound concurrency more tightly (queued in its threads' queue,
+    #: sent ahead to busy workers, waiting at a scheduler), so a slot that
+    #: frees up never waits a round trip for its next branch.
+    tasks_ahead_per_worker: int = 0
+    #: It can end a branch past its deadline from outside (the driver then
+    #: calls ``kill`` ``kill_grace_seconds`` after the deadline, time the
+    #: branch has to report its own timeout with its state); without it a
+    #: branch enforces its deadline itself, at node boundaries and in Lua.
+    kills_overdue: bool = False
+    kill_grace_seconds: float = 0.25
+    #: It is handed ``max_concurrency`` and bounds what it takes itself (a
+    #: backend with its own ``stream_branches``): the driver sets no bound.
+    bounds_concurrency: bool = False
 
     def check_branch_max_memory(self, limit: int) -> str | None:
         """Why this backend cannot enforce a ``branch_max_memory`` of ``limit`` bytes
@@ -56,29 +132,13 @@ class IsolationBackend:
                 f"'process' (each worker process) and 'dask' (each worker of the local "
                 f"cluster isobranch starts)")
 
-    def stream_branches(self, tasks: Iterable[BranchTask], *, max_concurrency: int | None,
-                        cancel: CancelSignal | None = None
-                        ) -> Iterator[tuple[int, ParallelFlowResult]]:
-        """Run ``tasks``, yielding ``(position, result)`` as each finishes (see the class)."""
-        raise NotImplementedError(f"backend {self.name!r} does not implement stream_branches")
+    def open(self, source: RunSource, graph: CompiledGraph) -> BackendFanOut:
+        """This backend's half of one fan-out of ``graph``, taking its branches from
+        ``source``. Nothing may be taken before the driver's first ``start``."""
+        raise NotImplementedError(f"backend {self.name!r} does not implement open()")
 
     def close(self) -> None:
         """Release every worker the backend owns (nothing by default). Safe twice."""
-
-
-def set_waker(tasks: Any, callback: Callable[[], None]) -> None:
-    """Tell ``tasks`` how to wake the backend waiting on it, if it wants to know."""
-    hook = getattr(tasks, "set_waker", None)
-    if callable(hook):
-        hook(callback)
-
-
-def wait_until_ready(marker: NotReady, woken: threading.Event) -> None:
-    """For a backend with nothing running: wait until ``marker.wake_at`` or ``woken``."""
-    if marker.wake_at is None:
-        raise RuntimeError("the task source waits for a result, but no branch is running")
-    woken.wait(max(marker.wake_at - time.monotonic(), 0.0))
-    woken.clear()
 
 
 class PipeWaker:

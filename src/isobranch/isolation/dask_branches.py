@@ -19,7 +19,7 @@ from concurrent.futures import Future as ProbeFuture
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..branch import BranchTask, ParallelFlowResult
+from ..branch import BranchRun, BranchTask, ParallelFlowResult
 from ..error_kinds import ErrorKind
 from .dask_cluster import Connection
 
@@ -47,10 +47,11 @@ class FanOutWatch:
 class FollowedBranch:
     """One branch's task as the client follows it."""
 
-    index: int
-    task: BranchTask
+    run: BranchRun
     fan_out: FanOutWatch
     key: str = ""
+    # The future of its current submission.
+    future: Any = None
     # (client-side arrival time, worker address) of every start the workers
     # confirmed, over every submission. Starts are confirmed before the
     # branch runs, so more starts than retries allow means the scheduler
@@ -59,6 +60,11 @@ class FollowedBranch:
     # Where the current submission's starts begin in ``starts``.
     current: int = 0
     node: str | None = None
+
+    @property
+    def task(self) -> BranchTask:
+        """The branch's task."""
+        return self.run.task
 
     @property
     def running_on(self) -> str | None:
