@@ -173,7 +173,8 @@ def test_cli_run_id_without_a_checkpointer_is_invalid_input(tmp_path, capfd):
     path = tmp_path / "plain.yaml"
     path.write_text("nodes:\n  - {name: a, language: lua, run: 'return {}'}\n")
     assert main(["run", str(path), "--run-id", "x"]) == 2
-    assert "run_id needs a checkpointer" in capfd.readouterr().err
+    assert capfd.readouterr().err == (f"isobranch: error: {path}: --run-id needs --checkpoint DB "
+                                      f"(the workflow has no settings.checkpoint)\n")
 
 
 def test_ctrl_c_of_the_command_records_interrupted_and_resume_finishes(tmp_path):

@@ -189,7 +189,9 @@ def test_a_node_is_not_retried_for_a_programming_error_by_default():
         return state["missing"]
 
     with (_chain(wrong, RetryPolicy(**FAST)).compile() as app,
-          pytest.raises(GraphExecutionError, match="failed on attempt 1 of 3: KeyError")):
+          pytest.raises(GraphExecutionError, match=r"failed on attempt 1 of 3 \(not retried: "
+                        r"KeyError is a programming error, retried only if retry_on names it\): "
+                        r"KeyError")):
         app.invoke({})
     assert calls == [1]
 
@@ -341,7 +343,10 @@ def test_the_branch_default_does_not_retry_a_node_error(tmp_path):
     with graph.compile(isolation="thread") as app:
         results = app.invoke({"dir": str(tmp_path)})["results"]
     assert not results[1].success and results[1].attempts == 1
-    assert results[1].error.startswith("branch 'body[1]' failed on attempt 1 of 3: node 'body'")
+    assert results[1].error.startswith(
+        "branch 'body[1]' failed on attempt 1 of 3 (not retried: by default only WorkerCrashed, "
+        "WorkerDied, BranchTimeout are retried; name ConnectionResetError in retry_on to retry "
+        "it): node 'body'")
 
 
 class ServiceUnavailable(ConnectionRefusedError):
