@@ -36,6 +36,8 @@ _OLD_SCHEMA_VERSION = "1"
 # How long SQLite itself waits for a lock, and how long a locked write is retried after that.
 _BUSY_TIMEOUT_SECONDS = 30.0
 _RETRY_SECONDS = 600.0
+# The wall clock run times are recorded with (tests put their own in its place).
+_clock = time.time
 _T = TypeVar("_T")
 
 _SCHEMA = """
@@ -289,7 +291,7 @@ class SqliteCheckpointer:
                    ) -> None:
         """Record a new run; ``GraphError`` if ``run_id`` exists."""
         def work(connection: sqlite3.Connection) -> None:
-            now = time.time()
+            now = _clock()
             connection.execute("INSERT INTO runs (run_id, graph, fingerprint, input, status, "
                                "started_at, span_started, last_active) "
                                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -307,7 +309,7 @@ class SqliteCheckpointer:
         last record. The resume opens a new span.
         """
         def work(connection: sqlite3.Connection) -> None:
-            now = time.time()
+            now = _clock()
             connection.execute(
                 "UPDATE runs SET worked = worked + CASE WHEN status = ? THEN "
                 "MAX(COALESCE(last_active, span_started) - span_started, 0) ELSE 0 END, "
@@ -335,7 +337,7 @@ class SqliteCheckpointer:
                    state_text: str) -> None:
         """Record a main-path step and the state after it."""
         def work(connection: sqlite3.Connection) -> None:
-            now = time.time()
+            now = _clock()
             connection.execute("INSERT OR REPLACE INTO steps VALUES (?, ?, ?, ?, ?, ?, ?)",
                                (run_id, seq, node, kind, steps, state_text, now))
             _mark_active(connection, (run_id,), now)
@@ -346,7 +348,7 @@ class SqliteCheckpointer:
         def work(connection: sqlite3.Connection) -> None:
             connection.execute("INSERT OR REPLACE INTO fan_outs VALUES (?, ?, ?, ?)",
                                (run_id, seq, node, total))
-            _mark_active(connection, (run_id,), time.time())
+            _mark_active(connection, (run_id,), _clock())
         self._write(work)
 
     def write_branches(self, rows: Iterable[tuple[str, int, int, bool, str]]) -> None:
@@ -355,7 +357,7 @@ class SqliteCheckpointer:
 
         def work(connection: sqlite3.Connection) -> None:
             connection.executemany("INSERT OR REPLACE INTO branches VALUES (?, ?, ?, ?, ?)", rows)
-            _mark_active(connection, {row[0] for row in rows}, time.time())
+            _mark_active(connection, {row[0] for row in rows}, _clock())
         self._write(work)
 
     def successful_branches(self, run_id: str, seq: int) -> list[tuple[int, str]]:
@@ -367,7 +369,7 @@ class SqliteCheckpointer:
                    error: str | None) -> None:
         """Record how a run ended; its span of work ends now."""
         def work(connection: sqlite3.Connection) -> None:
-            now = time.time()
+            now = _clock()
             ended = connection.execute(
                 "UPDATE runs SET status = ?, finished_at = ?, final_state = ?, error = ?, "
                 "worked = worked + MAX(? - COALESCE(span_started, ?), 0), last_active = ? "
