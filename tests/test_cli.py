@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -174,3 +175,25 @@ def test_interrupt_is_one_line_and_restores_stdout(capfd, monkeypatch):
     captured = capfd.readouterr()
     assert captured.err.splitlines() == ["printed by a node", "isobranch: interrupted"]
     assert captured.out == "the caller's own output\n"
+
+
+# reST and Markdown markup that has no place in terminal text.
+MARKUP = re.compile(r"``|`|:(?:class|func|meth|attr|mod|exc|data|obj|ref|doc):|\.\. \w+::")
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["resume"], ["runs"], ["validate"], ["graph"]])
+def test_help_is_plain_text(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: isobranch")
+    assert not MARKUP.findall(text), text
+
+
+def test_every_subcommand_is_checked_for_plain_help(capsys):
+    """The list above must not miss a subcommand added later."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listed = re.search(r"\{([a-z,]+)\}", capsys.readouterr().out).group(1).split(",")
+    assert sorted(listed) == ["graph", "resume", "run", "runs", "validate"]

@@ -189,9 +189,58 @@ def test_a_node_is_not_retried_for_a_programming_error_by_default():
         return state["missing"]
 
     with (_chain(wrong, RetryPolicy(**FAST)).compile() as app,
-          pytest.raises(GraphExecutionError, match="failed on attempt 1 of 3: KeyError")):
+          pytest.raises(GraphExecutionError, match=r"failed on attempt 1 of 3 \(not retried: "
+                        r"KeyError is a programming error, retried only if retry_on names it\): "
+                        r"KeyError")):
         app.invoke({})
     assert calls == [1]
+
+
+@pytest.mark.parametrize(("retry_on", "failure", "reason"), [
+    (None, ValueError, "ValueError is a programming error, retried only if retry_on names it"),
+    (("ConnectionError", "TimeoutError"), KeyError,
+     "KeyError is not in retry_on [ConnectionError, TimeoutError]"),
+])
+def test_a_node_error_not_retried_says_why(retry_on, failure, reason):
+    def wrong(state):
+        raise failure("no good")
+
+    policy = RetryPolicy(**FAST, retry_on=retry_on)
+    with (_chain(wrong, policy).compile(isolation="inline") as app,
+          pytest.raises(GraphExecutionError) as info):
+        app.invoke({})
+    assert str(info.value).startswith(
+        f"node 'a' failed on attempt 1 of 3 (not retried: {reason}): {failure.__name__}")
+
+
+def test_a_failure_on_the_last_attempt_needs_no_reason():
+    def down(state):
+        raise ValueError("always")
+
+    policy = RetryPolicy(max_attempts=2, **FAST, retry_on=["ValueError"])
+    with (_chain(down, policy).compile(isolation="inline") as app,
+          pytest.raises(GraphExecutionError) as info):
+        app.invoke({})
+    assert str(info.value) == "node 'a' failed on attempt 2 of 2: ValueError: always"
+
+
+@pytest.mark.parametrize(("retry_on", "error_type", "bases", "default", "reason"), [
+    (None, "ConnectionError", ["OSError"], None, None),
+    (None, "TypeError", ["Exception"], None,
+     "TypeError is a programming error, retried only if retry_on names it"),
+    (("OSError",), "ConnectionError", ["OSError"], None, None),  # a base is named
+    (("OSError",), "KeyError", ["LookupError"], None, "KeyError is not in retry_on [OSError]"),
+    (None, "RuntimeError", [], ("WorkerCrashed",),
+     "by default only WorkerCrashed are retried; name RuntimeError in retry_on to retry it"),
+    (None, "WorkerCrashed", [], ("WorkerCrashed",), None),
+    (None, "Cancelled", [], ("WorkerCrashed",),
+     "a branch stopped by a sibling or by its run is never retried"),
+])
+def test_refusal_says_why_a_failure_is_not_retried(retry_on, error_type, bases, default, reason):
+    policy = RetryPolicy(retry_on=retry_on)
+    names = failure_names(error_type, bases)
+    assert policy.refusal(error_type, names, default) == reason
+    assert policy.retries(names, default) is (reason is None)
 
 
 def _flaky_branch_node(state):
@@ -341,7 +390,21 @@ def test_the_branch_default_does_not_retry_a_node_error(tmp_path):
     with graph.compile(isolation="thread") as app:
         results = app.invoke({"dir": str(tmp_path)})["results"]
     assert not results[1].success and results[1].attempts == 1
-    assert results[1].error.startswith("branch 'body[1]' failed on attempt 1 of 3: node 'body'")
+    assert results[1].error.startswith(
+        "branch 'body[1]' failed on attempt 1 of 3 (not retried: by default only WorkerCrashed, "
+        "WorkerDied, BranchTimeout are retried; name ConnectionResetError in retry_on to retry "
+        "it): node 'body'")
+
+
+def test_a_branch_error_outside_retry_on_says_why(tmp_path):
+    graph = _map(_flaky_branch_node, retry=RetryPolicy(**FAST, retry_on=["TimeoutError"]))
+    with graph.compile(isolation="thread") as app:
+        results = app.invoke({"dir": str(tmp_path)})["results"]
+    assert results[1].attempts == 1
+    assert results[1].error.startswith(
+        "branch 'body[1]' failed on attempt 1 of 3 (not retried: ConnectionResetError is not "
+        "in retry_on [TimeoutError]): node 'body' in branch 'body[1]' failed: "
+        "ConnectionResetError")
 
 
 class ServiceUnavailable(ConnectionRefusedError):

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from .branch import CANCELLED, BranchTask, ParallelFlowResult
 from .isolation.base import NotReady, accepts_not_ready, stream_results
-from .retry import BRANCH_RETRY_ON, RetryPolicy, failure_names, wait_unless
+from .retry import BRANCH_RETRY_ON, RetryPolicy, failure_names, not_retried_note, wait_unless
 
 if TYPE_CHECKING:
     from .cancellation import CancelSignal
@@ -190,8 +190,11 @@ def stream_with_retries(backend: IsolationBackend, tasks: Iterator[BranchTask],
                         yield RetryNotice(position, result, policy.max_attempts, delay)
                         continue
                     if policy.max_attempts > 1 and result.error_type != CANCELLED:
+                        note = "" if feed.stopped else not_retried_note(
+                            policy, attempt, result.error_type,
+                            failure_names(result.error_type, result.error_bases), BRANCH_RETRY_ON)
                         result.error = (f"branch {task.label!r} failed on attempt {attempt} of "
-                                        f"{policy.max_attempts}: {result.error}")
+                                        f"{policy.max_attempts}{note}: {result.error}")
                     yield position, result
             finally:
                 close = getattr(inner, "close", None)

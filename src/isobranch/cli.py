@@ -1,5 +1,8 @@
 """The ``isobranch`` command: run, resume, validate and draw YAML workflows; list runs.
 
+The text of ``--help`` is written here as plain text (no reST markup);
+it is not taken from docstrings.
+
 Exit codes: 0 success, 1 the workflow failed while running, 2 invalid input
 (bad YAML, unknown node or backend, bad ``--input``, bad arguments), 130
 interrupted (Ctrl-C), 141 standard output closed by its reader (e.g.
@@ -18,14 +21,15 @@ import os
 import sys
 import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
 
 from .branch import ParallelFlowResult
-from .checkpoint.recorder import new_run_id
 from .checkpoint.store import SqliteCheckpointer
+from .cli_errors import command_message
+from .cli_failures import FailedBranchWarnings
 from .cli_logging import add_verbosity_option, log_to_stderr
 from .cli_runs import runs_table
 from .cli_stdout import PrivateStdout, StdoutClosed, stdout_to_stderr
@@ -39,6 +43,7 @@ from .yaml_engine import YAMLEngine
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 # The shell's codes for death by SIGINT and SIGPIPE (128 + signal number).
 EXIT_INTERRUPTED, EXIT_STDOUT_CLOSED = 130, 141
+DESCRIPTION = "The isobranch command: run, resume, validate and draw YAML workflows; list runs."
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +96,7 @@ def console() -> NoReturn:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="isobranch", description=__doc__.splitlines()[0])
+    parser = _OneLineParser(prog="isobranch", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"isobranch {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -120,6 +125,9 @@ def _parser() -> argparse.ArgumentParser:
 
     runs = commands.add_parser("runs", help="list the runs recorded in a checkpoint database")
     runs.add_argument("database", metavar="DB", help="checkpoint database file")
+    runs.add_argument("--delete", metavar="ID", default=None,
+                      help="delete the run ID and everything recorded for it, instead of "
+                           "listing runs")
     runs.set_defaults(handler=_runs)
 
     validate = commands.add_parser("validate", help="report every problem in a workflow")
@@ -166,17 +174,12 @@ def _run(args: argparse.Namespace, out: PrivateStdout) -> int:
     state = _read_input(args.input)
     with _engine(args).load_from_file(args.file) as graph:
         log.debug("loaded %s (%d nodes)", args.file, len(graph.nodes))
-        config = None
-        if graph.checkpointer is not None or args.run_id is not None:
-            run_id = args.run_id or new_run_id()
-            config = {"run_id": run_id}
-            if graph.checkpointer is not None:
-                print(f"isobranch: run {run_id} (recorded in {graph.checkpointer.path})",
-                      file=sys.stderr, flush=True)
-        if not args.stream and not wants_progress(args.progress, sys.stderr):
-            out.write_line(_json(graph.invoke(state, config)))
-            return EXIT_OK
-        return _follow(args, out, graph.stream(state, config))
+        if args.run_id is not None and graph.checkpointer is None:
+            raise InputError(f"{args.file}: --run-id needs --checkpoint DB (the workflow has "
+                             f"no settings.checkpoint)")
+        config = {"run_id": args.run_id} if args.run_id is not None else None
+        recorded_in = graph.checkpointer.path if graph.checkpointer is not None else None
+        return _follow(args, out, graph.stream(state, config), recorded_in=recorded_in)
 
 
 def _resume(args: argparse.Namespace, out: PrivateStdout) -> int:
@@ -187,9 +190,6 @@ def _resume(args: argparse.Namespace, out: PrivateStdout) -> int:
                              f"settings.checkpoint)")
         if not graph.checkpointer.path.is_file():
             raise InputError(f"{graph.checkpointer.path}: no such checkpoint database")
-        if not args.stream and not wants_progress(args.progress, sys.stderr):
-            out.write_line(_json(graph.resume(args.run_id, force=args.force)))
-            return EXIT_OK
         return _follow(args, out, graph.resume_stream(args.run_id, force=args.force))
 
 
@@ -199,19 +199,35 @@ def _runs(args: argparse.Namespace, out: PrivateStdout) -> int:
         raise InputError(f"{args.database}: no such checkpoint database")
     checkpointer = SqliteCheckpointer(path)
     try:
-        out.write_line(runs_table(checkpointer.list_runs()))
+        if args.delete is None:
+            out.write_line(runs_table(checkpointer.list_runs()))
+        elif checkpointer.delete_run(args.delete):
+            out.write_line(f"deleted run {args.delete}")
+        else:
+            raise InputError(f"{args.database}: there is no run {args.delete!r}")
     finally:
         checkpointer.close()
     return EXIT_OK
 
 
-def _follow(args: argparse.Namespace, out: PrivateStdout, events: Any) -> int:
-    """Print ``--stream`` lines (or, with only a progress line, the final state) of ``events``."""
+def _follow(args: argparse.Namespace, out: PrivateStdout, events: Iterator[dict[str, Any]],
+            *, recorded_in: Path | None = None) -> int:
+    """Print the final state (or the ``--stream`` lines) of the run ``events`` describes.
+
+    On stderr meanwhile: the run's id when it is recorded (``recorded_in``,
+    once the database has it), a warning per failed branch, and the
+    progress lines if wanted.
+    """
     if wants_progress(args.progress, sys.stderr):  # on stderr only: stdout keeps just the JSON
         events = FanOutProgress(sys.stderr).follow(events)
+    failures = FailedBranchWarnings(sys.stderr)
     final: dict = {}
     try:
         for event in events:
+            if event["type"] == "run" and recorded_in is not None:
+                print(f"isobranch: run {event['run_id']} (recorded in {recorded_in})",
+                      file=sys.stderr, flush=True)
+            failures.update(event)
             if args.stream:
                 out.write_line(_json(_event_json(event), compact=True))
             elif event["type"] == "final":
@@ -220,19 +236,28 @@ def _follow(args: argparse.Namespace, out: PrivateStdout, events: Any) -> int:
         raise
     except Exception as exc:
         if args.stream:
-            out.write_line(_json(_error_event(exc), compact=True))
+            out.write_line(_json(_error_event(exc, _message(args, exc)), compact=True))
         raise
+    finally:
+        failures.close()
     if not args.stream:
         out.write_line(_json(final))
     return EXIT_OK
 
 
-def _error_event(exc: Exception) -> dict[str, Any]:
+def _message(args: argparse.Namespace, exc: BaseException) -> str:
+    """``exc``'s message as the command shows it: in its own words where it has them."""
+    file = getattr(args, "file", None)
+    worded = command_message(exc, file, getattr(args, "checkpoint", None)) if file else None
+    return worded if worded is not None else str(exc)
+
+
+def _error_event(exc: Exception, message: str) -> dict[str, Any]:
     """The last ``--stream`` line of a failed run: where it failed and why."""
     return {"type": "error", "node": getattr(exc, "node", None),
             "branch": getattr(exc, "branch", None),
             "error_type": getattr(exc, "error_type", None) or type(exc).__name__,
-            "message": str(exc)}
+            "message": message}
 
 
 def _validate(args: argparse.Namespace, out: PrivateStdout) -> int:
@@ -339,7 +364,7 @@ def _fail(args: argparse.Namespace, exc: BaseException, code: int, label: str = 
         traceback.print_exception(exc, file=sys.stderr)
         print_branch_tracebacks(exc, sys.stderr)
     if message is None:
-        message = str(exc)
+        message = _message(args, exc)
         if isinstance(exc, GraphError) and len(exc.problems) > 1:
             message = "; ".join(exc.problems)
             if exc.source:

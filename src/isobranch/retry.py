@@ -110,6 +110,23 @@ class RetryPolicy:
             return not names & set(PROGRAMMING_ERRORS)
         return bool(names & set(wanted))
 
+    def refusal(self, error_type: str | None, names: Iterable[str],
+                default: Sequence[str] | None = None) -> str | None:
+        """Why a failure of class ``error_type`` (whose class and bases are ``names``) is not
+        retried, in words; None if it is. ``default`` is as for ``retries``."""
+        names = set(names)
+        if self.retries(names, default):
+            return None
+        what = error_type or "this failure"
+        if names & NEVER_RETRIED:
+            return "a branch stopped by a sibling or by its run is never retried"
+        if self.retry_on is not None:
+            return f"{what} is not in retry_on [{', '.join(self.retry_on)}]"
+        if default is None:
+            return f"{what} is a programming error, retried only if retry_on names it"
+        return (f"by default only {', '.join(default)} are retried; name {what} in retry_on "
+                f"to retry it")
+
     def to_dict(self) -> dict[str, Any]:
         """The policy as a plain mapping (as YAML writes it)."""
         data = {field.name: getattr(self, field.name) for field in fields(self)}
@@ -169,6 +186,16 @@ def failure_names(error_type: str | None, bases: Iterable[str] = ()) -> set[str]
         names.add(error_type)
         names.update(KNOWN_BASES.get(error_type, ()))
     return names
+
+
+def not_retried_note(policy: RetryPolicy, attempt: int, error_type: str | None,
+                     names: Iterable[str], default: Sequence[str] | None = None) -> str:
+    """`` (not retried: why)`` for a failure that ends its node or branch before its last
+    attempt; empty when it was the last attempt anyway (the attempt count says why)."""
+    if attempt >= policy.max_attempts:
+        return ""
+    why = policy.refusal(error_type, names, default)
+    return f" (not retried: {why})" if why else ""
 
 
 def as_policy(value: Any, where: str) -> RetryPolicy | None:

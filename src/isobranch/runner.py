@@ -27,7 +27,7 @@ from .fanout import (
 )
 from .isolation.base import crosses_processes, stream_results
 from .keys import Language
-from .retry import exception_names, failure_names, wait_unless
+from .retry import exception_names, failure_names, not_retried_note, wait_unless
 from .statecopy import StateCopyError, StateSnapshot, find_unpicklable
 
 if TYPE_CHECKING:
@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 START = "__start__"
 END = "__end__"
+# How many failed branches the error of a fan-in node names (then a count).
+_FAILED_BRANCHES_NAMED = 10
 
 
 class NodeFailure(GraphExecutionError):
@@ -112,17 +114,22 @@ def _where(node: str | None, context: ExecutionContext) -> str:
 
 def _run_node(graph: CompiledGraph, name: str, state: dict, context: ExecutionContext,
               parallel_results: list[ParallelFlowResult] | None) -> None:
-    context.enter_node(name)
     try:
-        update = context.resolve(graph.nodes[name].run(state, context, parallel_results))
-    except (BranchTimeout, BranchCancelled, GraphExecutionError):
+        context.enter_node(name)
+        try:
+            update = context.resolve(graph.nodes[name].run(state, context, parallel_results))
+        except (BranchTimeout, BranchCancelled, GraphExecutionError):
+            raise
+        except Exception as exc:
+            raise NodeFailure(f"{_where(name, context)} failed: {type(exc).__name__}: {exc}",
+                              node=name, branch=context.branch, error_type=type(exc).__name__,
+                              state=dict(state), traceback=format_traceback(exc),
+                              error_bases=exception_names(type(exc))) from exc
+        _merge(graph, name, update, state, context)
+    except GraphExecutionError as exc:
+        if parallel_results:
+            _name_failed_branches(exc, parallel_results)
         raise
-    except Exception as exc:
-        raise NodeFailure(f"{_where(name, context)} failed: {type(exc).__name__}: {exc}",
-                          node=name, branch=context.branch, error_type=type(exc).__name__,
-                          state=dict(state), traceback=format_traceback(exc),
-                          error_bases=exception_names(type(exc))) from exc
-    _merge(graph, name, update, state, context)
 
 
 def _run_node_with_retries(graph: CompiledGraph, name: str, state: dict,
@@ -130,43 +137,72 @@ def _run_node_with_retries(graph: CompiledGraph, name: str, state: dict,
                            parallel_results: list[ParallelFlowResult] | None
                            ) -> Iterator[dict[str, Any]]:
     """Run a node that has a retry policy; yield a ``node_retry`` event before each backoff."""
-    context.enter_node(name)
-    node = graph.nodes[name]
-    policy = graph.node_retries[name]
-    # Every attempt runs on its own deep copy of the input, so what a failed
-    # attempt changed in place is never seen.
-    pristine = _input_snapshot(name, state, context)
-    attempt = 1
-    while True:
-        working = pristine.copy()
-        try:
-            update = context.resolve(node.run(working, context, parallel_results))
-            break
-        except (BranchTimeout, BranchCancelled, GraphExecutionError):
-            raise
-        except Exception as exc:
-            delay = _retry_delay(policy, attempt, exc)
-            if delay is None:
-                raise NodeFailure(
-                    f"{_where(name, context)} failed on attempt {attempt} of "
-                    f"{policy.max_attempts}: {type(exc).__name__}: {exc}",
-                    node=name, branch=context.branch, error_type=type(exc).__name__,
-                    state=dict(state), traceback=format_traceback(exc),
-                    error_bases=exception_names(type(exc)), attempts=attempt) from exc
-            logger.warning("%s failed on attempt %d of %d (%s: %s); retrying in %.3gs",
-                           _where(name, context), attempt, policy.max_attempts,
-                           type(exc).__name__, exc, delay)
-            yield {"type": "node_retry", "node": name, "attempt": attempt,
-                   "max_attempts": policy.max_attempts,
-                   "error": f"{type(exc).__name__}: {exc}", "error_type": type(exc).__name__,
-                   "retry_in": delay}
-        _wait_to_retry(name, delay, attempt, context)
-        attempt += 1
+    try:
         context.enter_node(name)
-    # The attempt that succeeded: what it changed in place counts, as for any node.
-    state.clear()
-    state.update(working)
-    _merge(graph, name, update, state, context)
+        node = graph.nodes[name]
+        policy = graph.node_retries[name]
+        # Every attempt runs on its own deep copy of the input, so what a failed
+        # attempt changed in place is never seen.
+        pristine = _input_snapshot(name, state, context)
+        attempt = 1
+        while True:
+            working = pristine.copy()
+            try:
+                update = context.resolve(node.run(working, context, parallel_results))
+                break
+            except (BranchTimeout, BranchCancelled, GraphExecutionError):
+                raise
+            except Exception as exc:
+                delay = _retry_delay(policy, attempt, exc)
+                if delay is None:
+                    note = not_retried_note(policy, attempt, type(exc).__name__,
+                                            failure_names(type(exc).__name__,
+                                                          exception_names(type(exc))))
+                    raise NodeFailure(
+                        f"{_where(name, context)} failed on attempt {attempt} of "
+                        f"{policy.max_attempts}{note}: {type(exc).__name__}: {exc}",
+                        node=name, branch=context.branch, error_type=type(exc).__name__,
+                        state=dict(state), traceback=format_traceback(exc),
+                        error_bases=exception_names(type(exc)), attempts=attempt) from exc
+                logger.warning("%s failed on attempt %d of %d (%s: %s); retrying in %.3gs",
+                               _where(name, context), attempt, policy.max_attempts,
+                               type(exc).__name__, exc, delay)
+                yield {"type": "node_retry", "node": name, "attempt": attempt,
+                       "max_attempts": policy.max_attempts,
+                       "error": f"{type(exc).__name__}: {exc}", "error_type": type(exc).__name__,
+                       "retry_in": delay}
+            _wait_to_retry(name, delay, attempt, context)
+            attempt += 1
+            context.enter_node(name)
+        # The attempt that succeeded: what it changed in place counts, as for any node.
+        state.clear()
+        state.update(working)
+        _merge(graph, name, update, state, context)
+    except GraphExecutionError as exc:
+        if parallel_results:
+            _name_failed_branches(exc, parallel_results)
+        raise
+
+
+def _name_failed_branches(exc: GraphExecutionError, results: list[ParallelFlowResult]) -> None:
+    """Name, in the error of a fan-in node, the branches that had failed before it ran.
+
+    A fan-in node that fails after some of its branches failed most often
+    fails because of them (it reads what they never wrote); its error says
+    so, and carries the results for whoever wants the branches' own errors.
+    An error that already carries results (a fan-out of its own) is left as
+    it is.
+    """
+    failed = [result for result in results if not result.success]
+    if not failed or exc.results is not None:
+        return
+    names = ", ".join(f"{result.branch!r} ({result.error_type})"
+                      for result in failed[:_FAILED_BRANCHES_NAMED])
+    if len(failed) > _FAILED_BRANCHES_NAMED:
+        names += f" and {len(failed) - _FAILED_BRANCHES_NAMED} more"
+    exc.args = (f"{exc.args[0]}; it ran after {len(failed)} of {len(results)} branches "
+                f"failed: {names}", *exc.args[1:])
+    exc.results = results
 
 
 def _merge(graph: CompiledGraph, name: str, update: Any, state: dict,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import GraphError
@@ -13,6 +14,23 @@ from .store import RunStatus, SqliteCheckpointer, StepKind
 
 if TYPE_CHECKING:
     from ..compiled import CompiledGraph
+
+
+class GraphChangedError(GraphError):
+    """A run cannot be resumed as it is: its graph changed since the run started.
+
+    ``run_id``, ``path`` (the database) and ``changes`` (one phrase per
+    change, such as ``node 'score' changed``) let a caller say what to do
+    in its own words; the message says it in the library's (``force=True``).
+    """
+
+    def __init__(self, run_id: str, path: Path, changes: list[str]) -> None:
+        super().__init__(f"run {run_id!r} in {str(path)!r}: the graph changed since the run "
+                         f"started ({'; '.join(changes)}); resume with force=True to run the "
+                         f"changed graph anyway")
+        self.run_id = run_id
+        self.path = path
+        self.changes = list(changes)
 
 
 def check_run_id(run_id: Any) -> str:
@@ -66,9 +84,7 @@ def reopen_run(store: SqliteCheckpointer, graph: CompiledGraph, run_id: str, *,
     current = graph_fingerprint(graph)
     changes = describe_changes(row.fingerprint, current)
     if changes and not force:
-        raise GraphError(f"{where}: the graph changed since the run started "
-                         f"({'; '.join(changes)}); resume with force=True to run the "
-                         f"changed graph anyway")
+        raise GraphChangedError(run_id, store.path, changes)
     last = store.last_step(run_id)
     if last is None:
         state, point, seq = _decode(store, row.input, where, "input state"), None, 0
