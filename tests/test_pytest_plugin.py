@@ -406,6 +406,43 @@ def test_isolation_option_runs_branches_in_worker_processes(pytester: pytest.Pyt
     without.stdout.fnmatch_lines(["  isolation: expected 'process', got 'inline'"])
 
 
+def test_flat_backend_options_go_to_the_backend_the_option_chooses(
+        pytester: pytest.Pytester) -> None:
+    # The agent chooses no backend (thread), but its flat option is process's.
+    write(pytester, "fresh.yaml", """
+        name: fresh
+        settings:
+          parallel: {max_workers: 1, fresh_worker_per_branch: true}
+        nodes:
+          - name: start
+            run: return None
+          - name: probe
+            run: |
+              import os
+              return {"pid": os.getpid()}
+          - name: join
+            fan_in: true
+            run: |
+              return {"pid": parallel_results[0].state["pid"]}
+        edges:
+          - {from: __start__, to: start}
+          - {from: start, to: probe, type: parallel, fan_in: join}
+          - {from: probe, to: join}
+        """)
+    write(pytester, "test_fresh.py", """
+        def test_every_branch_gets_a_new_worker(run_agent):
+            # One worker at most, yet two runs see two: the option was applied.
+            assert run_agent("fresh.yaml")["pid"] != run_agent("fresh.yaml")["pid"]
+        """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--isobranch-isolation",
+                                           "process", "-rA")
+    result.assert_outcomes(passed=1)
+    without = pytester.runpytest("-rA")
+    without.assert_outcomes(failed=1)
+    without.stdout.fnmatch_lines(["*settings.parallel.fresh_worker_per_branch: not an option of "
+                                  "isolation backend 'thread' but of 'process'*"])
+
+
 def test_unknown_isolation_is_a_usage_error(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--isobranch-isolation", "nope")
     assert result.ret == pytest.ExitCode.USAGE_ERROR

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import textwrap
 import threading
@@ -121,15 +122,66 @@ def test_the_chosen_backends_section_and_flat_keys_are_merged_flat_winning():
         assert graph.backend_options == {"fresh_worker_per_branch": True, "start_method": "spawn"}
 
 
-def test_flat_options_of_the_documents_backend_are_dropped_when_the_engine_chooses_another():
-    document = {"settings": {"parallel": {"isolation": "process", "fresh_worker_per_branch": True,
-                                          "thread": {}}},
+def test_a_flat_option_of_the_documents_backend_names_both_when_the_caller_runs_another():
+    document = {"settings": {"parallel": {"isolation": "process", "fresh_worker_per_branch": True}},
                 "nodes": ONE_NODE}
+    assert only_problem(document, isolation="inline") == (
+        "settings.parallel.fresh_worker_per_branch: an option of isolation backend 'process', "
+        "which settings.parallel.isolation chooses, but the caller runs this graph on 'inline'; "
+        "put it under settings.parallel.process to apply it only when 'process' runs")
+    # Under the backend's name it survives the caller's choice, unused by inline.
+    document["settings"]["parallel"] = {"isolation": "process",
+                                        "process": {"fresh_worker_per_branch": True}}
     with YAMLEngine(isolation="inline").load_from_dict(document) as graph:
         assert (graph.isolation, graph.backend_options) == ("inline", {})
     document["settings"]["parallel"]["fresh_worker_per_brnch"] = True
     assert only_problem(document, isolation="inline").endswith(
         "did you mean 'fresh_worker_per_branch'?")
+
+
+@pytest.mark.parametrize("document_isolation", [None, "thread", "inline"])
+def test_flat_options_belong_to_the_backend_the_engine_runs(document_isolation):
+    parallel = {"fresh_worker_per_branch": True, "max_workers": 1}
+    if document_isolation:
+        parallel["isolation"] = document_isolation
+    document = {"settings": {"parallel": parallel}, "nodes": [
+        {"name": "start", "run": "pass"},
+        {"name": "probe", "run": "import os\nreturn {'pid': os.getpid()}"},
+        {"name": "join", "fan_in": True,
+         "run": "return {'pid': parallel_results[0].state['pid']}"}],
+        "edges": [{"from": "start", "to": "probe", "type": "parallel", "fan_in": "join"},
+                  {"from": "probe", "to": "join"}]}
+    with YAMLEngine(isolation="process").load_from_dict(document) as graph:
+        assert (graph.isolation, graph.backend_options) == (
+            "process", {"fresh_worker_per_branch": True})
+        # One worker at most, yet every branch runs in a new one: the option is applied.
+        pids = {graph.invoke({})["pid"] for _ in range(2)}
+    assert len(pids) == 2 and os.getpid() not in pids
+
+
+def test_the_cli_isolation_option_decides_where_flat_options_go(tmp_path, capfd):
+    flow = tmp_path / "flow.yaml"
+    flow.write_text("settings:\n  parallel: {fresh_worker_per_branch: true}\n"
+                    "nodes:\n  - {name: a, run: 'return {\"ok\": 1}'}\n", encoding="utf-8")
+    assert main(["run", str(flow), "--isolation", "process"]) == 0
+    assert '"ok": 1' in capfd.readouterr().out
+    assert main(["run", str(flow)]) == 2
+    assert ("settings.parallel.fresh_worker_per_branch: not an option of isolation backend "
+            "'thread' but of 'process'") in capfd.readouterr().err
+
+
+def test_a_config_isolation_uses_that_backends_own_section():
+    document = {"settings": {"parallel": {"process": {"start_method": "spawn"}}},
+                "nodes": ONE_NODE}
+    with YAMLEngine().load_from_dict(document) as graph:
+        assert (graph.isolation, graph.backend_options) == ("thread", {})
+        assert graph._backend("process", None).start_method == "spawn"
+        assert graph._backend("inline", None).name == "inline"
+    document["settings"]["parallel"]["process"]["start_method"] = "telepathy"
+    with YAMLEngine().load_from_dict(document) as graph, pytest.raises(GraphError) as info:
+        graph.invoke({}, config={"isolation": "process"})
+    assert str(info.value).startswith("config: isolation backend 'process': start_method must "
+                                      "be one of")
 
 
 def test_map_edge_keys_are_not_unknown_keys():

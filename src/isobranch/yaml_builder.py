@@ -98,6 +98,7 @@ class DocumentBuilder(SettingsReader):
         except GraphError as exc:
             raise GraphError(problems=exc.problems, source=self.source) from None
         compiled.owns_checkpointer = compiled.checkpointer is not self.engine._checkpointer
+        compiled.other_backends_options = self.other_backends_options
         if not self.engine._allow_python:
             assert_lua_only(compiled)
         return compiled
