@@ -248,9 +248,13 @@ def test_failure_report_shows_the_branch_traceback_without_engine_frames(
         """)
     result = pytester.runpytest("--isobranch-isolation", "process")
     result.assert_outcomes(failed=1)
+    # The frame is the agent file's line, its text shown though a worker process ran it.
+    line = STATS_AGENT.splitlines().index(
+        '          raise ValueError(f"items must be a list, got {items!r}")') + 1
     result.stdout.fnmatch_lines([
         "  traceback (python_stats):",
-        '      File "<node python_stats>", line *',
+        f'      File "stats.yaml", line {line}, in __isobranch_node__',
+        '        raise ValueError(f"items must be a list, got {items!r}")',
         "    ValueError: items must be a list, got 'x'",
     ])
     assert "runner.py" not in result.stdout.str(), "the engine's own frames are left out"

@@ -9,10 +9,12 @@ import threading
 from pathlib import Path
 
 import pytest
+import yaml
 
 from isobranch import GraphError, LuaRuntime, LuaRuntimeError, StateGraph, YAMLEngine
 from isobranch.cli import main
 from isobranch.lua import syntax
+from isobranch.yaml_lines import load_with_code_lines
 
 ONE_NODE = [{"name": "a", "run": "pass"}]
 
@@ -333,6 +335,69 @@ def test_lua_file_nodes_are_checked_and_named_by_file(tmp_path):
         YAMLEngine().load_from_file(flow)
     assert info.value.problems == ["node 'step' (file 'step.lua'), line 3: '}' expected "
                                    "(to close '{' at line 1) near 'b'"]
+
+
+SYNTAX_ERRORS = """\
+nodes:
+  - name: mean
+    run: |
+      rows = state["rows"]
+      return {
+  - name: check
+    language: lua
+    run: |
+      local a = 1
+      a = = 2
+edges:
+  - {from: __start__, to: mean}
+  - {from: mean, to: check, when: "state[)"}
+  - {from: mean, to: check, when: {lua: "state.x =="}}
+"""
+
+
+def test_syntax_errors_name_the_yaml_files_line_beside_the_codes(tmp_path):
+    flow = tmp_path / "flow.yaml"
+    flow.write_text(SYNTAX_ERRORS, encoding="utf-8")
+    with pytest.raises(GraphError) as info:
+        YAMLEngine().load_from_file(flow)
+    assert info.value.problems == [
+        "node 'mean': invalid Python: '{' was never closed (line 2) (flow.yaml:5)"
+        .replace("flow.yaml", str(flow)),
+        f"node 'check', line 2: unexpected symbol near '=' ({flow}:10)",
+        f"edges[1] (mean -> check): invalid Python condition: closing parenthesis ')' does not "
+        f"match opening parenthesis '[' ({flow}:13)",
+        f"edges[2] (mean -> check): invalid Lua condition, line 1: syntax error near '==' "
+        f"({flow}:14)",
+    ]
+    # A parsed document has no file lines: the line within the code only.
+    assert problems_of(yaml.safe_load(SYNTAX_ERRORS))[:2] == [
+        "node 'mean': invalid Python: '{' was never closed (line 2)",
+        "node 'check', line 2: unexpected symbol near '='"]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    # A literal block starts on the line after its '|'; one line of code is where it is.
+    ("nodes:\n  - name: a\n    run: |\n      x = 1\n      y = 2\n  - {name: b, run: pass}\n",
+     {("nodes", 0, "run"): 4, ("nodes", 1, "run"): 6}),
+    # Blank lines at the start of a block are part of it.
+    ("nodes:\n  - name: a\n    run: |\n\n      x = 1\n", {("nodes", 0, "run"): 4}),
+    # Conditions and map expressions, plain or under python: / lua:.
+    ("edges:\n  - {from: a, to: b, when: \"x\"}\n  - {from: a, to: c, when: {lua: \"y\"}}\n"
+     "  - from: a\n    to: d\n    over:\n      python: |\n        z\n",
+     {("edges", 0, "when"): 2, ("edges", 1, "when"): 3, ("edges", 2, "over"): 8}),
+    # A folded block of several lines, or a quoted value of several lines of code: no line.
+    ("nodes:\n  - name: a\n    run: >\n      x = 1\n\n      y = 2\n"
+     "  - {name: b, run: \"x = 1\\ny = 2\"}\n  - name: c\n    run: >\n      z = 3\n",
+     {("nodes", 2, "run"): 10}),
+    # An alias is where its anchor is; a merged key counts; a later duplicate key wins.
+    ("nodes:\n  - {name: a, run: &code 'x = 1'}\n  - {name: b, run: *code}\n"
+     "  - {<<: {run: 'y = 2'}, name: c}\n  - {name: d, run: 'p = 1', run: [1]}\n",
+     {("nodes", 0, "run"): 2, ("nodes", 1, "run"): 2, ("nodes", 2, "run"): 4}),
+])
+def test_code_lines_are_noted_where_the_code_is_in_the_file(text, expected):
+    document, lines = load_with_code_lines(text)
+    assert document == yaml.safe_load(text)
+    assert lines == expected
 
 
 def test_lua_checks_from_many_threads_at_once_are_each_right():
