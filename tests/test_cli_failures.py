@@ -51,7 +51,14 @@ def write_map(tmp_path: Path, read: str = TOLERANT, isolation: str = "inline",
 
 def warning(index: int) -> str:
     return (f"isobranch: warning: branch 'invert[{index}]' failed (ZeroDivisionError): node "
-            f"'invert' in branch 'invert[{index}]' failed: ZeroDivisionError: division by zero")
+            f"'invert' in branch 'invert[{index}]' failed: ZeroDivisionError: division by zero "
+            f"(at invert.yaml:11)")
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    """Runs name their file relative to tmp_path, so errors read ``(at invert.yaml:11)``."""
+    monkeypatch.chdir(tmp_path)
 
 
 def plain_environment() -> dict[str, str]:
@@ -64,8 +71,9 @@ def plain_environment() -> dict[str, str]:
 
 def test_a_failed_branch_is_a_warning_line_even_when_the_run_succeeds(tmp_path):
     path = write_map(tmp_path)
-    done = subprocess.run([sys.executable, "-m", "isobranch", "run", str(path)],
-                          capture_output=True, text=True, timeout=120, env=plain_environment())
+    done = subprocess.run([sys.executable, "-m", "isobranch", "run", path.name],
+                          capture_output=True, text=True, timeout=120, env=plain_environment(),
+                          cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stderr.splitlines() == [warning(1), warning(3)]
     assert json.loads(done.stdout)["inverses"] == [1.0, None, 0.5, None]
@@ -74,7 +82,7 @@ def test_a_failed_branch_is_a_warning_line_even_when_the_run_succeeds(tmp_path):
 @pytest.mark.parametrize("isolation", ["thread", "process"])
 def test_warnings_come_from_every_backend_and_with_stream(tmp_path, capfd, isolation):
     path = write_map(tmp_path, isolation=isolation)
-    assert main(["run", str(path), "--stream"]) == 0
+    assert main(["run", path.name, "--stream"]) == 0
     captured = capfd.readouterr()
     assert captured.err.splitlines() == [warning(1), warning(3)]
     events = [json.loads(line) for line in captured.out.splitlines()]
@@ -84,7 +92,7 @@ def test_warnings_come_from_every_backend_and_with_stream(tmp_path, capfd, isola
 def test_more_than_ten_failed_branches_are_counted(tmp_path, capfd):
     path = write_map(tmp_path)
     items = json.dumps({"items": [0] * 25 + [4]})
-    assert main(["run", str(path), "--input", items]) == 0
+    assert main(["run", path.name, "--input", items]) == 0
     lines = capfd.readouterr().err.splitlines()
     assert lines[:10] == [warning(index) for index in range(10)]
     assert lines[10:] == ["isobranch: warning: 15 more failed branches not shown (25 in all; "
@@ -125,16 +133,17 @@ def test_a_warning_stays_one_line_however_long_the_error():
 def test_a_fan_in_that_fails_after_branches_failed_names_them_on_the_command_line(tmp_path,
                                                                                     capfd):
     path = write_map(tmp_path, read=STRICT)
-    assert main(["run", str(path)]) == 1
+    assert main(["run", path.name]) == 1
     assert capfd.readouterr().err.splitlines() == [
         warning(1), warning(3),
-        "isobranch: error: node 'join' failed: KeyError: 'inverse'; it ran after 2 of 4 "
+        "isobranch: error: node 'join' failed: KeyError: 'inverse' (at invert.yaml:15); it ran "
+        "after 2 of 4 "
         "branches failed: 'invert[1]' (ZeroDivisionError), 'invert[3]' (ZeroDivisionError)"]
 
 
 def test_debug_shows_the_tracebacks_of_the_branches_a_fan_in_failed_after(tmp_path, capfd):
     path = write_map(tmp_path, read=STRICT)
-    assert main(["run", str(path), "--debug"]) == 1
+    assert main(["run", path.name, "--debug"]) == 1
     err = capfd.readouterr().err
     assert "traceback of branch 'invert[1]'" in err and "traceback of branch 'invert[3]'" in err
     assert err.count("ZeroDivisionError: division by zero\n") >= 2
@@ -258,14 +267,16 @@ def test_resume_warns_about_the_branches_that_fail_in_what_it_runs(tmp_path, cap
     (tmp_path / "fail-1").touch()
     state = json.dumps({"dir": str(tmp_path)})
     line = ("isobranch: warning: branch 'work[1]' failed (RuntimeError): node 'work' in branch "
-            "'work[1]' failed: RuntimeError: item 1 fails")
-    error = ("isobranch: error: node 'join' failed: KeyError: 'done'; it ran after 1 of 3 "
+            "'work[1]' failed: RuntimeError: item 1 fails (at recorded.yaml:13, line 3 of its "
+            "code)")
+    error = ("isobranch: error: node 'join' failed: KeyError: 'done' (at recorded.yaml:18); it "
+             "ran after 1 of 3 "
              "branches failed: 'work[1]' (RuntimeError)")
-    assert main(["run", str(path), "--run-id", "r1", "--input", state]) == 1
+    assert main(["run", path.name, "--run-id", "r1", "--input", state]) == 1
     assert capfd.readouterr().err.splitlines()[1:] == [line, error]
-    assert main(["resume", str(path), "r1"]) == 1  # work[1] runs again, and fails again
+    assert main(["resume", path.name, "r1"]) == 1  # work[1] runs again, and fails again
     assert capfd.readouterr().err.splitlines() == [line, error]
     (tmp_path / "fail-1").unlink()
-    assert main(["resume", str(path), "r1"]) == 0
+    assert main(["resume", path.name, "r1"]) == 0
     captured = capfd.readouterr()
     assert captured.err == "" and json.loads(captured.out)["done"] == [0, 1, 2]

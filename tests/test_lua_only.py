@@ -188,6 +188,11 @@ def test_a_lua_only_document_cannot_choose_a_dask_scheduler():
         "nodes": [{"name": "a", "run": "-- lua"}]})
     assert [p.split(":")[0] for p in problems] == ["settings.parallel.dask.address",
                                                    "settings.parallel.dask_address"]
+    # Also in the section of a backend the document does not choose: a run's
+    # config may choose it (invoke(config={"isolation": "dask"})).
+    problems = refusals({"settings": {"parallel": {"dask": {"address": "tcp://evil:8786"}}},
+                         "nodes": [{"name": "a", "run": "-- lua"}]})
+    assert [p.split(":")[0] for p in problems] == ["settings.parallel.dask.address"]
     assert all("a Lua-only document cannot set this backend option" in p for p in problems)
     with YAMLEngine(allow_python=False, isolation="dask",
                     dask_address="tcp://127.0.0.1:1").load_from_dict(

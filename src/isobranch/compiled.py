@@ -94,6 +94,9 @@ class CompiledGraph:
         self.variables = variables
         self.max_steps = max_steps
         self.backend_options = backend_options
+        # Options of other backends by name (a YAML document's sections such as
+        # settings.parallel.process), for a run whose config picks one of them.
+        self.other_backends_options: dict[str, dict[str, Any]] = {}
         self.name = name
         self.branch_max_memory = branch_max_memory
         self.checkpointer = checkpointer
@@ -118,6 +121,8 @@ class CompiledGraph:
         for private in ("_backends", "_pool_lock", "_finalizer", "_closed", "_run_threads",
                         "_runs"):
             state.pop(private, None)
+        # Branches never create the graph's backends; these options may hold live objects.
+        state["other_backends_options"] = {}
         state["checkpointer"] = None  # branches never record; workers need no database
         return state
 
@@ -346,8 +351,12 @@ class CompiledGraph:
                 raise GraphExecutionError("this compiled graph is closed")
             backend = self._backends.get(key)
             if backend is None:
-                options = self.backend_options if isolation == self.isolation else {}
-                backend = create_backend(isolation, max_workers=max_workers, **options)
+                options = (self.backend_options if isolation == self.isolation
+                           else self.other_backends_options.get(isolation, {}))
+                try:
+                    backend = create_backend(isolation, max_workers=max_workers, **options)
+                except ValueError as exc:  # an option's value the backend refuses
+                    raise GraphError(f"config: isolation backend {isolation!r}: {exc}") from exc
                 refused = (memory_limit.refusal(isolation, backend, self.branch_max_memory)
                            if self.branch_max_memory is not None else None)
                 if refused:

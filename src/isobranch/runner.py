@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .branch import CANCELLED, BranchTask, ParallelFlowResult, format_traceback
 from .branch_retry import RetriesStopped, RetryNotice, stream_with_retries
 from .checkpoint.store import StepKind
+from .conditions import Expression
 from .context import BranchCancelled, BranchTimeout
 from .error_kinds import ErrorKind
 from .errors import GraphExecutionError
@@ -27,6 +28,7 @@ from .fanout import (
 )
 from .isolation.base import crosses_processes, stream_results
 from .keys import Language
+from .nodes import Node
 from .retry import exception_names, failure_names, not_retried_note, wait_unless
 from .statecopy import StateCopyError, StateSnapshot, find_unpicklable
 
@@ -112,6 +114,18 @@ def _where(node: str | None, context: ExecutionContext) -> str:
     return f"{where} in branch {context.branch!r}" if context.branch else where
 
 
+def _at(code: Iterable[Any], error: BaseException) -> str:
+    """`` (at agent.yaml:16, line 2 of its code)`` if one of ``code`` (read from a file) raised ``error``.
+
+    It ends the message, so text that matched a message before still does.
+    """
+    for part in code:
+        site = part.failure_site(error) if isinstance(part, (Node, Expression)) else None
+        if site is not None:
+            return f" ({site})"
+    return ""
+
+
 def _run_node(graph: CompiledGraph, name: str, state: dict, context: ExecutionContext,
               parallel_results: list[ParallelFlowResult] | None) -> None:
     try:
@@ -121,7 +135,8 @@ def _run_node(graph: CompiledGraph, name: str, state: dict, context: ExecutionCo
         except (BranchTimeout, BranchCancelled, GraphExecutionError):
             raise
         except Exception as exc:
-            raise NodeFailure(f"{_where(name, context)} failed: {type(exc).__name__}: {exc}",
+            raise NodeFailure(f"{_where(name, context)} failed: {type(exc).__name__}: {exc}"
+                              f"{_at([graph.nodes[name]], exc)}",
                               node=name, branch=context.branch, error_type=type(exc).__name__,
                               state=dict(state), traceback=format_traceback(exc),
                               error_bases=exception_names(type(exc))) from exc
@@ -160,7 +175,7 @@ def _run_node_with_retries(graph: CompiledGraph, name: str, state: dict,
                                                           exception_names(type(exc))))
                     raise NodeFailure(
                         f"{_where(name, context)} failed on attempt {attempt} of "
-                        f"{policy.max_attempts}{note}: {type(exc).__name__}: {exc}",
+                        f"{policy.max_attempts}{note}: {type(exc).__name__}: {exc}{_at([node], exc)}",
                         node=name, branch=context.branch, error_type=type(exc).__name__,
                         state=dict(state), traceback=format_traceback(exc),
                         error_bases=exception_names(type(exc)), attempts=attempt) from exc
@@ -275,7 +290,8 @@ def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
             raise
         except Exception as exc:
             detail = str(exc) if isinstance(exc, MapOverError) else (
-                f"map over {fan_out.describe_over()} failed: {type(exc).__name__}: {exc}")
+                f"map over {fan_out.describe_over()} failed: {type(exc).__name__}: {exc}"
+                f"{_at([fan_out.over], exc)}")
             raise NodeFailure(f"{_where(node, context)}: {detail}", node=node,
                               branch=context.branch, error_type=type(exc).__name__,
                               state=dict(state), traceback=format_traceback(exc)) from exc
@@ -437,8 +453,10 @@ def _route(graph: CompiledGraph, node: str, state: dict, context: ExecutionConte
     except (BranchTimeout, BranchCancelled, GraphExecutionError):
         raise
     except Exception as exc:
+        conditions = [condition for condition, _ in routes.conditional]
         raise NodeFailure(f"{_where(node, context)}: edge condition failed: "
-                          f"{type(exc).__name__}: {exc}", node=node, branch=context.branch,
+                          f"{type(exc).__name__}: {exc}{_at(conditions, exc)}",
+                          node=node, branch=context.branch,
                           error_type=type(exc).__name__, state=dict(state),
                           traceback=format_traceback(exc)) from exc
     if routes.default is not None:

@@ -28,6 +28,7 @@ from .keys import (
     UNTRUSTED_BACKEND_OPTIONS,
     backend_options,
     backends_accepting,
+    every_backend_option,
     unknown,
 )
 from .lua.runtime import DEFAULT_MAX_MEMORY
@@ -69,6 +70,8 @@ class SettingsReader:
         self.source = source
         self.base_dir = base_dir
         self.problems: list[str] = []
+        # Options of the backends that do not run, by name: used if a run's config picks one.
+        self.other_backends_options: dict[str, dict[str, Any]] = {}
 
     def problem(self, text: str) -> None:
         """Record one problem (already naming where it is)."""
@@ -106,8 +109,9 @@ class SettingsReader:
         origin.update({key: f"YAMLEngine({key}=...)" for key in engine._options})
         isolation = engine._isolation or parallel.get("isolation") or DEFAULT_ISOLATION
         if not isinstance(isolation, str) or isolation not in available_backends():
-            self.problem(unknown(f"settings.parallel.isolation: unknown isolation backend "
-                                 f"{isolation!r}", isolation, available_backends()))
+            chooser = "YAMLEngine(isolation=...)" if engine._isolation else "settings.parallel.isolation"
+            self.problem(unknown(f"{chooser}: unknown isolation backend {isolation!r}",
+                                 isolation, available_backends()))
             isolation = None
         fail_fast = parallel.get("fail_fast", DEFAULT_FAIL_FAST)
         if not isinstance(fail_fast, bool):
@@ -137,27 +141,41 @@ class SettingsReader:
         handled = {"isolation", "strategy", "branch_max_memory", "retry", *options}
         for key in sorted(PARALLEL_KEYS & set(parallel) - handled):
             options[key] = parallel[key]
-        # Flat backend options in the document belong to the backend the
-        # document chose; when the engine chose another, they do not apply.
-        chosen_by_document = document.get("isolation") or DEFAULT_ISOLATION
-        if not isinstance(chosen_by_document, str) or chosen_by_document not in available_backends():
-            chosen_by_document = isolation
-        from_document = self.backend_options(
-            isolation, chosen_by_document,
-            {k: v for k, v in document.items() if k not in PARALLEL_KEYS}, "settings.parallel")
-        from_engine = self.backend_options(
-            isolation, isolation,
-            {k: v for k, v in engine._options.items() if k not in PARALLEL_KEYS}, "YAMLEngine()")
-        if not engine._allow_python:
-            for key, (_, where) in sorted(from_document.items()):
-                if key not in UNTRUSTED_BACKEND_OPTIONS and key not in from_engine:
-                    self.problem(f"{where}: a Lua-only document cannot set this backend "
-                                 f"option (it may decide where this process connects or what "
-                                 f"it loads); pass it to YAMLEngine(...) instead")
-        merged = {key: value for key, (value, _) in from_document.items()}
-        merged.update({key: value for key, (value, _) in from_engine.items()})
-        options["backend_options"] = merged
+        options["backend_options"], self.other_backends_options = self.options_per_backend(
+            isolation, document, engine)
         return options
+
+    def options_per_backend(self, isolation: str | None, document: Mapping[str, Any],
+                            engine: YAMLEngine) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        """The options of the backend that runs, and every other backend's own section.
+
+        Flat options (the document's, then the engine's on top) belong to
+        the backend that runs, ``isolation``: the engine's choice, else the
+        document's, else the default. A section (``settings.parallel.process:
+        {...}``) belongs to the backend it names, whichever runs.
+        """
+        from_document = self.backend_sections(
+            isolation, {k: v for k, v in document.items() if k not in PARALLEL_KEYS},
+            "settings.parallel",
+            overridden=document.get("isolation") if engine._isolation else None)
+        from_engine = self.backend_sections(
+            isolation, {k: v for k, v in engine._options.items() if k not in PARALLEL_KEYS},
+            "YAMLEngine()")
+        if not engine._allow_python:
+            for name, section in sorted(from_document.items()):
+                for key, (_, where) in sorted(section.items()):
+                    if (key not in UNTRUSTED_BACKEND_OPTIONS
+                            and key not in from_engine.get(name, {})):
+                        self.problem(f"{where}: a Lua-only document cannot set this backend "
+                                     f"option (it may decide where this process connects or "
+                                     f"what it loads); pass it to YAMLEngine(...) instead")
+        merged: dict[str, dict[str, Any]] = {}
+        for sections in (from_document, from_engine):
+            for name, section in sections.items():
+                merged.setdefault(name, {}).update(
+                    {key: value for key, (value, _) in section.items()})
+        running = merged.pop(isolation, {}) if isolation else {}
+        return running, merged
 
     def checkpointer(self, value: Any) -> SqliteCheckpointer | None:
         """The engine's checkpointer, else the one ``settings.checkpoint`` describes.
@@ -225,19 +243,21 @@ class SettingsReader:
                 max_memory = DEFAULT_MAX_MEMORY
         return lua_timeout, max_memory
 
-    def backend_options(self, isolation: str | None, flat_for: str | None,
-                        rest: Mapping[str, Any], prefix: str) -> dict[str, tuple[Any, str]]:
-        """The options ``rest`` gives backend ``isolation``: ``{option: (value, where)}``.
+    def backend_sections(self, isolation: str | None, rest: Mapping[str, Any], prefix: str, *,
+                         overridden: Any = None) -> dict[str, dict[str, tuple[Any, str]]]:
+        """The backend options ``rest`` gives: ``{backend: {option: (value, where)}}``.
 
         ``rest`` is what is left of ``settings.parallel`` (or of the engine's
         options) after the engine's own keys: a mapping per backend name,
-        and flat options of backend ``flat_for``, which win over its mapping
-        and apply only if it is ``isolation``. Every key is checked, whether
-        it applies or not.
+        and flat options of the backend that runs, ``isolation``, which win
+        over its mapping. Every key is checked, whether it applies or not.
+        ``overridden`` is the document's own ``isolation`` when the engine
+        chose another backend: a flat option of that one is an error naming
+        both.
         """
         backends = available_backends()
-        accepted = backend_options(flat_for) if flat_for else frozenset()
-        section: dict[str, tuple[Any, str]] = {}
+        accepted = backend_options(isolation) if isolation else frozenset()
+        sections: dict[str, dict[str, tuple[Any, str]]] = {}
         flat: dict[str, tuple[Any, str]] = {}
         for key, value in rest.items():
             where = f"{prefix}.{key}" if prefix.startswith("settings") else f"YAMLEngine({key}=...)"
@@ -246,18 +266,27 @@ class SettingsReader:
                 declared = backend_options(key)
                 if declared is not None:
                     self.check_keys(options, declared, where)
-                if key == isolation:
-                    section.update({option: (option_value, f"{where}.{option}")
-                                    for option, option_value in options.items()})
+                sections[key] = {option: (option_value, f"{where}.{option}")
+                                 for option, option_value in options.items()}
+            elif isolation is None and backends_accepting(key):
+                pass  # the backend is unknown (a problem already): nothing to check against
             elif accepted is None or key in accepted:
-                if flat_for == isolation:
-                    flat[key] = (value, where)
+                flat[key] = (value, where)
             elif elsewhere := backends_accepting(key):
-                self.problem(f"{where}: not an option of isolation backend {flat_for!r} but of "
-                             f"{', '.join(map(repr, elsewhere))}; choose that backend or put it "
-                             f"under settings.parallel.{elsewhere[0]}")
+                if overridden in elsewhere:
+                    self.problem(f"{where}: an option of isolation backend {overridden!r}, which "
+                                 f"settings.parallel.isolation chooses, but the caller runs "
+                                 f"this graph on {isolation!r}; put it under "
+                                 f"settings.parallel.{overridden} to apply it only when "
+                                 f"{overridden!r} runs")
+                else:
+                    self.problem(f"{where}: not an option of isolation backend {isolation!r} but "
+                                 f"of {', '.join(map(repr, elsewhere))}; choose that backend or "
+                                 f"put it under settings.parallel.{elsewhere[0]}")
             else:
                 allowed = PARALLEL_KEYS | (accepted or frozenset()) | set(backends)
-                self.problem(unknown(f"{where}: unknown key", key, allowed))
-        return {**section, **flat}
-
+                self.problem(unknown(f"{where}: unknown key", key, allowed,
+                                     also_suggest=every_backend_option()))
+        if isolation is not None and flat:
+            sections[isolation] = {**sections.get(isolation, {}), **flat}
+        return sections
