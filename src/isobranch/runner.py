@@ -57,6 +57,9 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
               ) -> Iterator[dict[str, Any]]:
     """Run from ``start`` until END or ``stop_at`` (not run), mutating ``state``.
 
+    Every node that runs is a step (``max_steps``), a fan-in node too, and
+    any of them fans out when it has a fan-out, whatever reached it.
+
     Yields ``node`` and ``parallel`` events, a ``node_retry`` event before a
     node's retry, and with ``branch_events`` a ``branch`` event per finished
     branch of a main-path fan-out (a ``branch_retry`` per attempt that will
@@ -66,13 +69,16 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
     its last recorded step (``state`` is the state after it).
     """
     recorder = context.recorder if context.branch is None else None
-    current, steps, ran = start, 0, False
+    current, steps = start, 0
+    # After a fan-out: its fan-in node runs next, with these. It runs even
+    # where the path stops (a nested fan-out meeting at its branch's own
+    # fan-in node) and is then a node like any other: it may fan out again.
+    results: list[ParallelFlowResult] | None = None
+    ran = resume is not None  # a resumed step already ran; its fan-out, if any, is next
     if resume is not None:
-        current, steps, ran = resume.node, resume.steps, True
-        if resume.after_fan_in:
-            current, ran = _route(graph, current, state, context), False
-    while current not in (END, stop_at):
-        if not ran:  # a resumed step already ran; its fan-out, if any, is next
+        current, steps = resume.node, resume.steps
+    while ran or results is not None or current not in (END, stop_at):
+        if not ran:
             steps += 1
             if steps > graph.max_steps:
                 raise NodeFailure(
@@ -80,29 +86,25 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
                     f"(max_steps); the graph loops", node=current, branch=context.branch,
                     error_type="MaxStepsExceeded", state=dict(state))
             if current in graph.node_retries:  # (a generator per node would cost every branch)
-                yield from _run_node_with_retries(graph, current, state, context, None)
+                yield from _run_node_with_retries(graph, current, state, context, results)
             else:
-                _run_node(graph, current, state, context, None)
+                _run_node(graph, current, state, context, results)
             if recorder is not None:
-                recorder.step(current, state, steps, StepKind.NODE)
+                recorder.step(current, state, steps,
+                              StepKind.NODE if results is None else StepKind.FAN_IN)
             yield _node_event(current, state, snapshots)
-        ran = False
+        ran, results = False, None
+        # Whatever reached this node (an edge, a loop, a fan-in), its fan-out starts now.
         fan_out = graph.fan_out_of(current)
-        if fan_out is not None:
-            results = yield from _fan_out(graph, current, fan_out, state, context,
-                                          branch_events=branch_events, recorder=recorder)
-            yield {"type": "parallel", "fan_in": fan_out.fan_in, "branches": results}
-            # Branches' writes to reducer keys reach the state before the fan-in node runs.
-            graph.schema.combine(state, results, node=fan_out.fan_in, context=context)
-            if fan_out.fan_in in graph.node_retries:
-                yield from _run_node_with_retries(graph, fan_out.fan_in, state, context, results)
-            else:
-                _run_node(graph, fan_out.fan_in, state, context, results)
-            if recorder is not None:
-                recorder.step(fan_out.fan_in, state, steps, StepKind.FAN_IN)
-            yield _node_event(fan_out.fan_in, state, snapshots)
-            current = fan_out.fan_in
-        current = _route(graph, current, state, context)
+        if fan_out is None:
+            current = _route(graph, current, state, context)
+            continue
+        results = yield from _fan_out(graph, current, fan_out, state, context,
+                                      branch_events=branch_events, recorder=recorder)
+        yield {"type": "parallel", "fan_in": fan_out.fan_in, "branches": results}
+        # Branches' writes to reducer keys reach the state before the fan-in node runs.
+        graph.schema.combine(state, results, node=fan_out.fan_in, context=context)
+        current = fan_out.fan_in
 
 
 def _node_event(node: str, state: dict, snapshot: bool) -> dict[str, Any]:

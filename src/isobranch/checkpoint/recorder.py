@@ -39,10 +39,10 @@ _FIELD_DEFAULTS = tuple((f.name, _NO_DEFAULT if f.default is MISSING else f.defa
 
 @dataclass(frozen=True)
 class ResumePoint:
-    """Where a resumed run continues: after ``node`` (its fan-out, if it has one, comes next)."""
+    """Where a resumed run continues: after ``node``, a node or a fan-in node (its fan-out,
+    if it has one, comes next; otherwise its edges)."""
 
     node: str
-    after_fan_in: bool
     steps: int
 
 

@@ -10,7 +10,7 @@ from ..errors import GraphError
 from .codec import StateDecodeError, StateEncodeError, decode_value, encode_value
 from .fingerprint import describe_changes, fingerprint_text, graph_fingerprint
 from .recorder import ResumePoint, RunRecorder, new_run_id
-from .store import RunStatus, SqliteCheckpointer, StepKind
+from .store import RunStatus, SqliteCheckpointer
 
 if TYPE_CHECKING:
     from ..compiled import CompiledGraph
@@ -93,7 +93,7 @@ def reopen_run(store: SqliteCheckpointer, graph: CompiledGraph, run_id: str, *,
             raise GraphError(f"{where}: its last recorded step is node {last.node!r}, which "
                              f"the graph no longer has")
         state = _decode(store, last.state, where, f"state after node {last.node!r}")
-        point = ResumePoint(last.node, last.kind == StepKind.FAN_IN, last.steps)
+        point = ResumePoint(last.node, last.steps)
         seq = last.seq
     store.reopen_run(run_id, fingerprint_text(current) if changes else None)
     recorder = RunRecorder(store, run_id, seq=seq, resumed_seq=seq if point else None)
