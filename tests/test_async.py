@@ -22,7 +22,8 @@ import pytest
 
 from conftest import BACKENDS, wait_until
 from isobranch import END, START, GraphExecutionError, StateGraph
-from isobranch.cancellation import CancelSignal, RunCancelled
+from isobranch.cancellation import CancelSignal
+from isobranch.errors import RunCancelled
 from isobranch.nodes import LuaNode
 
 BRANCHES = ("b1", "b2", "b3")

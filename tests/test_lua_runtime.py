@@ -8,7 +8,8 @@ import lupa.lua54
 import pytest
 
 from isobranch import LuaMemoryError, LuaRuntime, LuaRuntimeError, LuaTimeoutError
-from isobranch.lua.runtime import DEFAULT_MAX_MEMORY, LuaConversionError
+from isobranch.errors import LuaConversionError
+from isobranch.lua.runtime import DEFAULT_MAX_MEMORY
 
 
 def test_PY_002_UNIT_001_lua_runtime_instances_are_independent():
@@ -136,7 +137,7 @@ def test_errors_never_leak_lupa_types():
         with pytest.raises(LuaRuntimeError) as info:
             runtime.execute(code)
         assert not isinstance(info.value, lupa.lua54.LuaError)
-        assert type(info.value).__module__ == "isobranch.lua.runtime"
+        assert type(info.value).__module__ == "isobranch.errors"
 
 
 def test_error_values_that_are_not_strings():

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from .cancellation import CancelSignal
-from .context import BranchCancelled
 from .error_kinds import ErrorKind, plain
+from .errors import BranchCancelled
 from .statecopy import ScalarSnapshot, StateSnapshot
 
 if TYPE_CHECKING:

@@ -20,9 +20,7 @@ import os
 import threading
 from collections.abc import Callable
 
-
-class RunCancelled(BaseException):
-    """The run was cancelled from outside (its awaiting task was cancelled)."""
+from .errors import RunCancelled
 
 
 class CancelSignal:

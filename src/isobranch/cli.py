@@ -28,9 +28,9 @@ from .checkpoint.recorder import new_run_id
 from .checkpoint.store import SqliteCheckpointer
 from .cli_logging import add_verbosity_option, log_to_stderr
 from .cli_runs import runs_table
-from .cli_stdout import PrivateStdout, StdoutClosed, stdout_to_stderr
+from .cli_stdout import PrivateStdout, stdout_to_stderr
 from .compiled import CompiledGraph
-from .errors import GraphError, GraphExecutionError
+from .errors import GraphError, GraphExecutionError, InputError, StdoutClosed
 from .fanout import MapFanOut, print_branch_tracebacks
 from .progress import FanOutProgress, wants_progress
 from .runner import START
@@ -41,10 +41,6 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 EXIT_INTERRUPTED, EXIT_STDOUT_CLOSED = 130, 141
 
 log = logging.getLogger(__name__)
-
-
-class InputError(Exception):
-    """The command line or its ``--input`` is unusable."""
 
 
 class _OneLineParser(argparse.ArgumentParser):

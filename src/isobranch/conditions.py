@@ -10,6 +10,8 @@ import builtins
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .errors import ConfigTypeError
+
 if TYPE_CHECKING:
     from .context import ExecutionContext
 
@@ -101,4 +103,4 @@ def as_condition(when: Condition | Callable[[dict], Any] | str) -> Condition:
         return PythonCondition(when)
     if callable(when):
         return CallableCondition(when)
-    raise TypeError(f"a condition must be a callable or an expression, got {type(when).__name__}")
+    raise ConfigTypeError(f"a condition must be a callable or an expression, got {type(when).__name__}")

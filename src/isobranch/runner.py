@@ -8,17 +8,23 @@ from collections.abc import Generator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .branch import CANCELLED, BranchTask, ParallelFlowResult, format_traceback
-from .branch_retry import RetriesStopped, RetryNotice, stream_with_retries
+from .branch_retry import RetryNotice, stream_with_retries
 from .checkpoint.store import StepKind
-from .context import BranchCancelled, BranchTimeout
 from .error_kinds import ErrorKind
-from .errors import GraphExecutionError
+from .errors import (
+    BranchCancelled,
+    BranchTimeout,
+    GraphExecutionError,
+    MapOverError,
+    NodeFailure,
+    RetriesStopped,
+    StateCopyError,
+)
 from .fanout import (
     FanOut,
     FanOutPlan,
     Gathered,
     MapFanOut,
-    MapOverError,
     StaticFanOut,
     map_base_state,
     map_items,
@@ -28,7 +34,7 @@ from .fanout import (
 from .isolation.base import crosses_processes, stream_results
 from .keys import Language
 from .retry import exception_names, failure_names, wait_unless
-from .statecopy import StateCopyError, StateSnapshot, find_unpicklable
+from .statecopy import StateSnapshot, find_unpicklable
 
 if TYPE_CHECKING:
     from .checkpoint.recorder import ResumePoint, RunRecorder
@@ -41,10 +47,6 @@ logger = logging.getLogger(__name__)
 
 START = "__start__"
 END = "__end__"
-
-
-class NodeFailure(GraphExecutionError):
-    """A node raised or returned something unusable; names the node and branch."""
 
 
 def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, start: str,

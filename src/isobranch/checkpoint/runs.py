@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import GraphError
-from .codec import StateDecodeError, StateEncodeError, decode_value, encode_value
+from ..errors import GraphError, StateDecodeError, StateEncodeError
+from .codec import decode_value, encode_value
 from .fingerprint import describe_changes, fingerprint_text, graph_fingerprint
 from .recorder import ResumePoint, RunRecorder, new_run_id
 from .store import RunStatus, SqliteCheckpointer, StepKind

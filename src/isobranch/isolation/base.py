@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from ..errors import GraphError
+from ..errors import BackendError, ConfigError, ConfigTypeError, GraphError, InternalError
 
 if TYPE_CHECKING:
     from ..branch import BranchTask, ParallelFlowResult
@@ -119,7 +119,7 @@ def set_waker(tasks: Any, callback: Callable[[], None]) -> None:
 def wait_until_ready(marker: NotReady, woken: threading.Event) -> None:
     """For a backend with nothing running: wait until ``marker.wake_at`` or ``woken``."""
     if marker.wake_at is None:
-        raise RuntimeError("the task source waits for a result, but no branch is running")
+        raise InternalError("the task source waits for a result, but no branch is running")
     woken.wait(max(marker.wake_at - time.monotonic(), 0.0))
     woken.clear()
 
@@ -220,7 +220,7 @@ def _chunked(backend: IsolationBackend, tasks: Iterator[BranchTask], size: int,
                 cancel.raise_if_set()
             results = backend.run_branches(chunk)
             if len(results) != len(chunk):
-                raise RuntimeError(f"backend {backend.name!r} returned {len(results)} results "
+                raise BackendError(f"backend {backend.name!r} returned {len(results)} results "
                                    f"for {len(chunk)} branches")
             for result in results:
                 yield position, result
@@ -242,11 +242,11 @@ def register_backend(name: str, factory: BackendFactory, *, replace: bool = Fals
     Registering a name twice is an error unless ``replace=True``.
     """
     if not isinstance(name, str) or not name:
-        raise ValueError("backend name must be a non-empty string")
+        raise ConfigError("backend name must be a non-empty string")
     if not callable(factory):
-        raise TypeError(f"backend {name!r}: factory must be callable")
+        raise ConfigTypeError(f"backend {name!r}: factory must be callable")
     if name in _registry and not replace and _registry[name] is not factory:
-        raise ValueError(f"backend {name!r} is already registered (pass replace=True)")
+        raise ConfigError(f"backend {name!r} is already registered (pass replace=True)")
     _registry[name] = factory
 
 
@@ -286,10 +286,10 @@ def unregister_backend(name: str) -> None:
     for ``name`` keep the pools they have.
     """
     if name in BUILTIN_BACKENDS:
-        raise ValueError(f"backend {name!r} is built in and cannot be unregistered "
+        raise ConfigError(f"backend {name!r} is built in and cannot be unregistered "
                          f"(register_backend({name!r}, factory, replace=True) replaces it)")
     if name not in _registry:
-        raise ValueError(f"no isolation backend {name!r} is registered")
+        raise ConfigError(f"no isolation backend {name!r} is registered")
     del _registry[name]
 
 
