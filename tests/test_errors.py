@@ -1,4 +1,5 @@
-"""One root for every exception the library raises."""
+"""One root for every exception the library raises, and the branch traceback a
+fail-fast error carries as its cause."""
 
 from __future__ import annotations
 
@@ -7,11 +8,15 @@ import inspect
 import io
 import pickle
 import pkgutil
+import subprocess
+import sys
+import traceback
 
 import pytest
 
 import isobranch
-from isobranch import GraphError, IsobranchError, LuaRuntime
+from conftest import BACKENDS, fan_out
+from isobranch import END, START, GraphError, GraphExecutionError, IsobranchError, LuaRuntime
 from isobranch.branch import BranchLimits, BranchTask
 from isobranch.checkpoint.codec import decode_value, encode_value
 from isobranch.errors import (
@@ -19,6 +24,7 @@ from isobranch.errors import (
     ConfigError,
     ConfigTypeError,
     LuaRuntimeError,
+    RemoteTraceback,
     RunCancelled,
     StateDecodeError,
     StateEncodeError,
@@ -139,3 +145,113 @@ def test_library_errors_keep_the_builtin_base_callers_catch():
     assert isinstance(bad_value.value, ValueError)
     assert isinstance(bad_type.value, TypeError)
     assert isinstance(closed.value, RuntimeError)
+
+
+# -- the branch's traceback as the cause of a fail-fast error -----------------
+
+
+def explode(state):
+    raise ValueError("kaboom in a branch")
+
+
+def _formatted(error: BaseException) -> str:
+    return "".join(traceback.format_exception(error))
+
+
+def _fail_fast_error(isolation: str) -> GraphExecutionError:
+    graph = fan_out(("explode", explode))
+    with graph.compile(isolation=isolation, max_workers=1, fail_fast=True) as app, \
+            pytest.raises(GraphExecutionError) as caught:
+        app.invoke({})
+    return caught.value
+
+
+def _shows_the_branch_frame(text: str) -> bool:
+    return ("in explode" in text and 'raise ValueError("kaboom in a branch")' in text
+            and "ValueError: kaboom in a branch" in text)
+
+
+@pytest.mark.parametrize("isolation", BACKENDS)
+def test_a_fail_fast_error_shows_the_failed_branchs_frames(isolation):
+    error = _fail_fast_error(isolation)
+    assert error.branch == "explode"
+    assert isinstance(error.__cause__, RemoteTraceback)
+    assert str(error.__cause__).strip() == error.traceback.strip()
+    text = _formatted(error)
+    assert _shows_the_branch_frame(text)
+    assert text.index("in explode") < text.index("GraphExecutionError"), "cause first"
+
+
+@pytest.mark.parametrize("isolation", ["thread", "process"])
+def test_the_branch_traceback_survives_pickling(isolation):
+    error = _fail_fast_error(isolation)
+    for copy in (_roundtrip(error), pickle.loads(pickle.dumps(error))):
+        assert isinstance(copy.__cause__, RemoteTraceback)
+        assert _shows_the_branch_frame(_formatted(copy))
+
+
+def test_a_main_path_failure_pickles_with_its_traceback_as_the_cause():
+    graph = isobranch.StateGraph()
+    graph.add_node("explode", explode)
+    graph.add_edge(START, "explode")
+    graph.add_edge("explode", END)
+    with graph.compile(isolation="inline") as app, pytest.raises(GraphExecutionError) as caught:
+        app.invoke({})
+    assert isinstance(caught.value.__cause__, ValueError), "the live exception, in this thread"
+    copy = _roundtrip(caught.value)
+    assert isinstance(copy.__cause__, RemoteTraceback)
+    assert _shows_the_branch_frame(_formatted(copy))
+
+
+def test_a_nested_branchs_failure_shows_through_the_outer_fail_fast_error():
+    outer = isobranch.StateGraph()
+    outer.add_node("start", lambda state: None)
+    outer.add_node("inner_start", lambda state: None)
+    outer.add_node("inner_explode", explode)
+    outer.add_fan_in_node("inner_join", lambda state, results: None)
+    outer.add_fan_in_node("join", lambda state, results: None)
+    outer.add_parallel_edge("start", "inner_start", fan_in="join")
+    outer.add_parallel_edge("inner_start", "inner_explode", fan_in="inner_join")
+    outer.add_edge(START, "start")
+    outer.add_edge("join", END)
+    with outer.compile(isolation="thread", fail_fast=True) as app, \
+            pytest.raises(GraphExecutionError) as caught:
+        app.invoke({})
+    assert caught.value.branch == "inner_start"
+    assert _shows_the_branch_frame(_formatted(caught.value))
+
+
+NODES = '''
+def explode(state):
+    raise ValueError("kaboom in a branch")
+'''
+
+UNCAUGHT = '''
+from isobranch import END, START, StateGraph
+from agent_nodes import explode
+
+graph = StateGraph()
+graph.add_node("start", lambda state: None)
+graph.add_node("explode", explode)
+graph.add_fan_in_node("join", lambda state, results: None)
+graph.add_parallel_edge("start", "explode", fan_in="join")
+graph.add_edge(START, "start")
+graph.add_edge("join", END)
+with graph.compile(isolation="process", max_workers=1, fail_fast=True) as app:
+    app.invoke({})
+'''
+
+
+def test_an_uncaught_fail_fast_error_prints_the_worker_processs_frames(tmp_path):
+    # The node comes from the user's module, which workers import (a function of
+    # __main__ travels by value, and cloudpickle drops its file name).
+    (tmp_path / "agent_nodes.py").write_text(NODES)
+    script = tmp_path / "agent.py"
+    script.write_text(UNCAUGHT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 1
+    assert f'File "{tmp_path / "agent_nodes.py"}"' in done.stderr
+    assert _shows_the_branch_frame(done.stderr)
+    assert "The above exception was the direct cause of the following exception" in done.stderr
+    assert done.stderr.rstrip().splitlines()[-1].startswith("isobranch.errors.GraphExecutionError")

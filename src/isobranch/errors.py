@@ -87,6 +87,25 @@ class InputError(IsobranchError):
 # -- a run that failed ---------------------------------------------------------
 
 
+class RemoteTraceback(IsobranchError):
+    """The traceback of code that failed where its frames cannot follow, as text.
+
+    A branch may run in another thread, process or machine; only its
+    traceback's text comes back (in ``ParallelFlowResult.traceback``). A
+    ``GraphExecutionError`` that reports such a failure has one of these as
+    its ``__cause__``, whose ``str()`` is that text, so an uncaught error
+    prints the failing branch's frames above its own.
+    """
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        # On the line after the class name, as Python prints a traceback.
+        return "\n" + self.text.rstrip("\n")
+
+
 class GraphExecutionError(IsobranchError):
     """A node failed while the graph ran.
 
@@ -98,6 +117,10 @@ class GraphExecutionError(IsobranchError):
     ``attempts`` (how often the failing node ran), for a failed fan-out,
     ``results`` (every branch's ``ParallelFlowResult``), and for a
     checkpointed run its ``run_id`` (to resume it).
+
+    Given a ``traceback``, the error's ``__cause__`` is a ``RemoteTraceback``
+    of it, unless it is raised ``from`` the live exception (a node that failed
+    in this very thread); after pickling, it is always the text's.
     """
 
     # Defaults for an error unpickled from a sender that did not set them all.
@@ -128,6 +151,15 @@ class GraphExecutionError(IsobranchError):
         self.traceback = traceback
         self.error_bases = error_bases
         self.attempts = attempts
+        self._chain_traceback()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._chain_traceback()  # the cause does not survive pickling; its text does
+
+    def _chain_traceback(self) -> None:
+        if self.traceback and self.__cause__ is None:
+            self.__cause__ = RemoteTraceback(self.traceback)
 
 
 class NodeFailure(GraphExecutionError):
