@@ -382,7 +382,7 @@ def test_aresume_runs_resume_off_the_loop_with_the_run_signal():
 
 def test_a_backend_that_only_returns_lists_stops_before_its_next_chunk(tmp_path):
     from isobranch import register_backend
-    from isobranch.branch import run_branch
+    from isobranch.isolation import run_branch
 
     class ListsOnly:
         name = "async-lists-only"

@@ -31,8 +31,7 @@ from typing import Any
 
 import lupa.lua54 as lua54
 
-from ..defaults import DEFAULT_LUA_MAX_MEMORY as DEFAULT_MAX_MEMORY
-from ..defaults import DEFAULT_LUA_TIMEOUT
+from ..defaults import DEFAULT_LUA_MAX_MEMORY, DEFAULT_LUA_TIMEOUT
 from ..errors import (
     ConfigError,
     ConfigTypeError,
@@ -109,7 +108,7 @@ class LuaRuntime:
     """
 
     def __init__(self, timeout: float | None = DEFAULT_LUA_TIMEOUT,
-                 max_memory: int | None = DEFAULT_MAX_MEMORY,
+                 max_memory: int | None = DEFAULT_LUA_MAX_MEMORY,
                  *, timeout_hook: bool = True,
                  should_stop: Callable[[], bool] | None = None,
                  deadline_listener: Callable[[float | None], None] | None = None) -> None:
