@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import time
@@ -122,36 +121,6 @@ def wait_until_ready(marker: NotReady, woken: threading.Event) -> None:
         raise InternalError("the task source waits for a result, but no branch is running")
     woken.wait(max(marker.wake_at - time.monotonic(), 0.0))
     woken.clear()
-
-
-class PipeWaker:
-    """A pipe whose read end ``fd`` joins the file descriptors a backend waits on, so
-    another thread (a fan-out being stopped) can end that wait at once."""
-
-    def __init__(self) -> None:
-        self.fd, self._write = os.pipe()
-        os.set_blocking(self._write, False)
-        os.set_blocking(self.fd, False)
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def wake(self) -> None:
-        """End the wait (from any thread); nothing after ``close``."""
-        with self._lock, contextlib.suppress(OSError):  # full: a wake-up is pending anyway
-            if not self._closed:
-                os.write(self._write, b"!")
-
-    def clear(self) -> None:
-        """Forget the wake-ups so far."""
-        with contextlib.suppress(OSError):
-            os.read(self.fd, 4096)
-
-    def close(self) -> None:
-        """Close both ends (a later ``wake`` writes nowhere)."""
-        with self._lock:
-            self._closed = True
-            os.close(self.fd)
-            os.close(self._write)
 
 
 # Chunk size for a backend that has neither stream_branches nor max_workers.

@@ -39,11 +39,11 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from ..branch import BranchTask, ParallelFlowResult
-from ..cancellation import CancelPipe, CancelSignal
+from ..cancellation import CancelSignal
 from ..error_kinds import ErrorKind
 from ..errors import BackendError, ConfigError
 from ..fanout import run_in_order
-from .base import PipeWaker, register_backend, set_waker
+from .base import register_backend, set_waker
 from .memory_limit import BRANCH_MEMORY_ERROR, memory_message, oom_killed
 from .process_branches import (
     BRANCH_KILL_GRACE_SECONDS,
@@ -62,6 +62,7 @@ from .process_branches import (
 from .process_pool import START_METHODS
 from .process_worker import LUA, LUA_DONE, MERGED, NODE, RESULT, STEP
 from .process_workers import WorkerPool
+from .wakeup import PipeWaker
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ class ProcessBackend:
         # Branches sent ahead to a busy worker, behind the one it runs (short branches only).
         backlog: dict[Connection, deque[Queued]] = {}
         pace = Pace(enabled=not self.fresh_worker_per_branch)
-        wakeup = CancelPipe(cancel, pool.lock) if cancel is not None else None
+        wakeup = PipeWaker(cancel, pool.lock) if cancel is not None else None
         # Only a source that may answer NotReady can need waking.
         waker = PipeWaker() if callable(getattr(tasks, "set_waker", None)) else None
         if waker is not None:
