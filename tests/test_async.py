@@ -22,7 +22,8 @@ import pytest
 
 from conftest import BACKENDS, wait_until
 from isobranch import END, START, GraphExecutionError, StateGraph
-from isobranch.cancellation import CancelSignal, RunCancelled
+from isobranch.cancellation import CancelSignal
+from isobranch.errors import RunCancelled
 from isobranch.nodes import LuaNode
 
 BRANCHES = ("b1", "b2", "b3")
@@ -381,7 +382,7 @@ def test_aresume_runs_resume_off_the_loop_with_the_run_signal():
 
 def test_a_backend_that_only_returns_lists_stops_before_its_next_chunk(tmp_path):
     from isobranch import register_backend
-    from isobranch.branch import run_branch
+    from isobranch.isolation import run_branch
 
     class ListsOnly:
         name = "async-lists-only"

@@ -12,7 +12,7 @@ from isobranch import (
     register_backend,
     unregister_backend,
 )
-from isobranch.branch_run import run_branch
+from isobranch.isolation import run_branch
 from isobranch.isolation.base import create_backend
 
 
@@ -117,11 +117,13 @@ def test_invalid_max_workers_is_a_graph_error():
         graph.compile(isolation="thread", max_workers=0)
 
 
-def test_run_branch_is_still_importable_from_isobranch_branch():
-    # docs/backends.md once showed this import; code written against it keeps working.
+def test_what_a_backend_author_needs_is_public_at_isobranch_isolation():
     import isobranch.branch
     import isobranch.branch_run
+    import isobranch.isolation
 
-    assert isobranch.branch.run_branch is isobranch.branch_run.run_branch
-    with pytest.raises(AttributeError):
-        isobranch.branch.no_such_name  # noqa: B018
+    assert run_branch is isobranch.branch_run.run_branch
+    assert isobranch.isolation.BranchTask is isobranch.branch.BranchTask
+    assert isobranch.isolation.IsolationBackend is IsolationBackend
+    assert {"BranchTask", "IsolationBackend", "run_branch"} <= set(isobranch.isolation.__all__)
+    assert not hasattr(isobranch.branch, "run_branch"), "no shim for the old import path"

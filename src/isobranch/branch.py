@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from .cancellation import CancelSignal
-from .context import BranchCancelled
 from .error_kinds import ErrorKind, plain
+from .errors import BranchCancelled
 from .statecopy import ScalarSnapshot, StateSnapshot
 
 if TYPE_CHECKING:
@@ -238,12 +238,3 @@ def ms_since(started: float) -> float:
     """Milliseconds since the monotonic time ``started``."""
     return (time.monotonic() - started) * 1000.0
 
-
-def __getattr__(name: str) -> Any:
-    # ``isobranch.branch.run_branch`` was where backend authors found it; it
-    # lives next to the step loop now (branch_run.py), which imports this module.
-    if name == "run_branch":
-        from .branch_run import run_branch
-
-        return run_branch
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .branch import CANCELLED, BranchTask, ParallelFlowResult
+from .errors import BackendError, RetriesStopped
 from .isolation.base import NotReady, accepts_not_ready, stream_results
 from .retry import BRANCH_RETRY_ON, RetryPolicy, failure_names, not_retried_note, wait_unless
 
@@ -46,10 +47,6 @@ class RetryNotice:
     result: ParallelFlowResult
     max_attempts: int
     delay: float
-
-
-class RetriesStopped(Exception):
-    """The fan-out was stopped (its graph closed) while branches waited to be retried."""
 
 
 class RetryFeed:
@@ -113,7 +110,7 @@ class RetryFeed:
             entry = self._handed[handed_position] if 0 <= handed_position < len(
                 self._handed) else None
             if entry is None:
-                raise RuntimeError(f"the backend reported task {handed_position!r} of this "
+                raise BackendError(f"the backend reported task {handed_position!r} of this "
                                    f"fan-out, which it was not given or reported before")
             self._handed[handed_position] = None
             self._in_flight -= 1

@@ -32,9 +32,9 @@ from .cli_errors import command_message
 from .cli_failures import FailedBranchWarnings
 from .cli_logging import add_verbosity_option, log_to_stderr
 from .cli_runs import runs_table
-from .cli_stdout import PrivateStdout, StdoutClosed, stdout_to_stderr
+from .cli_stdout import PrivateStdout, stdout_to_stderr
 from .compiled import CompiledGraph
-from .errors import GraphError, GraphExecutionError
+from .errors import GraphError, GraphExecutionError, InputError, StdoutClosed
 from .fanout import MapFanOut, print_branch_tracebacks
 from .progress import FanOutProgress, wants_progress
 from .runner import START
@@ -46,10 +46,6 @@ EXIT_INTERRUPTED, EXIT_STDOUT_CLOSED = 130, 141
 DESCRIPTION = "The isobranch command: run, resume, validate and draw YAML workflows; list runs."
 
 log = logging.getLogger(__name__)
-
-
-class InputError(Exception):
-    """The command line or its ``--input`` is unusable."""
 
 
 class _OneLineParser(argparse.ArgumentParser):

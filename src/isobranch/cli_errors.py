@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import shlex
 
-from .checkpoint.runs import GraphChangedError
-from .checkpoint.store import RunExistsError
+from .errors import GraphChangedError, RunExistsError
 
 
 def command_message(exc: BaseException, workflow: str, checkpoint: str | None) -> str | None:

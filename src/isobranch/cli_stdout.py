@@ -19,9 +19,7 @@ import os
 import sys
 from collections.abc import Iterator
 
-
-class StdoutClosed(Exception):
-    """The reader of the command's standard output went away (e.g. ``| head``)."""
+from .errors import StdoutClosed
 
 
 class PrivateStdout:

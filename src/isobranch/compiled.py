@@ -14,12 +14,12 @@ from typing import Any
 
 from . import async_api
 from .branch import BranchLimits
-from .cancellation import CancelSignal, RunCancelled
+from .cancellation import CancelSignal
 from .checkpoint.runs import begin_run, reopen_run
 from .checkpoint.store import RunStatus, SqliteCheckpointer
 from .conditions import Condition
 from .context import ExecutionContext
-from .errors import GraphError, GraphExecutionError
+from .errors import GraphError, GraphExecutionError, RunCancelled, StateCopyError
 from .fanout import FanOut
 from .isolation import memory_limit
 from .isolation.base import IsolationBackend, available_backends, create_backend
@@ -27,7 +27,7 @@ from .nodes import Node
 from .retry import RetryPolicy, as_policy
 from .runner import run_steps
 from .schema import StateSchema
-from .statecopy import StateCopyError, StateSnapshot
+from .statecopy import StateSnapshot
 
 CONFIG_KEYS = ("isolation", "max_workers", "branch_timeout", "fail_fast", "max_concurrency",
                "branch_retry")

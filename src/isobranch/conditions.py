@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from .code_location import CodeLocation
+from .errors import ConfigTypeError
 
 if TYPE_CHECKING:
     from .context import ExecutionContext
@@ -152,4 +153,4 @@ def as_condition(when: Condition | Callable[[dict], Any] | str) -> Condition:
         return PythonCondition(when)
     if callable(when):
         return CallableCondition(when)
-    raise TypeError(f"a condition must be a callable or an expression, got {type(when).__name__}")
+    raise ConfigTypeError(f"a condition must be a callable or an expression, got {type(when).__name__}")

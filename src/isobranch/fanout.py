@@ -27,12 +27,8 @@ from .branch import (
 )
 from .cancellation import CancelSignal
 from .conditions import Expression
-from .statecopy import (
-    StateCopyError,
-    StateSnapshot,
-    find_unpicklable,
-    snapshot_of,
-)
+from .errors import BackendError, MapOverError, StateCopyError
+from .statecopy import StateSnapshot, find_unpicklable, snapshot_of
 
 if TYPE_CHECKING:
     from .compiled import CompiledGraph
@@ -81,10 +77,6 @@ class MapFanOut:
 
 
 FanOut = StaticFanOut | MapFanOut
-
-
-class MapOverError(ValueError):
-    """A map's ``over`` did not give a list; the message names the key or expression."""
 
 
 def map_items(fan_out: MapFanOut, state: dict, context: ExecutionContext) -> Sequence[Any]:
@@ -209,12 +201,12 @@ class Gathered:
     def add(self, position: int, result: ParallelFlowResult) -> bool:
         """Record ``result`` for ``position``; True if the fan-out must stop now."""
         if not isinstance(position, int) or not 0 <= position < len(self.results):
-            raise RuntimeError(f"backend {self.backend!r} reported a result for branch "
+            raise BackendError(f"backend {self.backend!r} reported a result for branch "
                                f"position {position!r} of {len(self.results)}")
         if self.results[position] is not None:
-            raise RuntimeError(f"backend {self.backend!r} reported branch {position} twice")
+            raise BackendError(f"backend {self.backend!r} reported branch {position} twice")
         if not isinstance(result, ParallelFlowResult):
-            raise RuntimeError(f"backend {self.backend!r} returned a {type(result).__name__} "
+            raise BackendError(f"backend {self.backend!r} returned a {type(result).__name__} "
                                f"instead of a ParallelFlowResult")
         self.results[position] = result
         self.done += 1
@@ -240,7 +232,7 @@ class Gathered:
                     error=reason, error_type=CANCELLED, isolation=isolation)
         missing = self.missing()
         if missing:
-            raise RuntimeError(f"backend {self.backend!r} returned {self.done} results for "
+            raise BackendError(f"backend {self.backend!r} returned {self.done} results for "
                                f"{len(self.results)} branches (none for "
                                f"{', '.join(names(i) for i in missing[:5])}"
                                f"{', ...' if len(missing) > 5 else ''})")

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .code_location import CodeLocation
+from .errors import ConfigError, ConfigTypeError
 
 if TYPE_CHECKING:
     from .branch import ParallelFlowResult
@@ -133,7 +134,7 @@ class CallableNode(Node):
 
     def __init__(self, name: str, fn: Callable[..., Any]) -> None:
         if not callable(fn):
-            raise TypeError(f"node {name!r}: expected a callable, got {type(fn).__name__}")
+            raise ConfigTypeError(f"node {name!r}: expected a callable, got {type(fn).__name__}")
         self.name = name
         self.fn = fn
 
@@ -148,7 +149,7 @@ def as_node(name: str, fn: Callable[..., Any] | Node) -> Node:
     """Wrap ``fn`` as a Node named ``name`` unless it already is one."""
     if isinstance(fn, Node):
         if fn.name != name:
-            raise ValueError(f"node object is named {fn.name!r}, but added as {name!r}")
+            raise ConfigError(f"node object is named {fn.name!r}, but added as {name!r}")
         return fn
     return CallableNode(name, fn)
 

@@ -8,18 +8,24 @@ from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .branch import CANCELLED, BranchTask, ParallelFlowResult, format_traceback
-from .branch_retry import RetriesStopped, RetryNotice, stream_with_retries
+from .branch_retry import RetryNotice, stream_with_retries
 from .checkpoint.store import StepKind
 from .conditions import Expression
-from .context import BranchCancelled, BranchTimeout
 from .error_kinds import ErrorKind
-from .errors import GraphExecutionError
+from .errors import (
+    BranchCancelled,
+    BranchTimeout,
+    GraphExecutionError,
+    MapOverError,
+    NodeFailure,
+    RetriesStopped,
+    StateCopyError,
+)
 from .fanout import (
     FanOut,
     FanOutPlan,
     Gathered,
     MapFanOut,
-    MapOverError,
     StaticFanOut,
     map_base_state,
     map_items,
@@ -30,7 +36,7 @@ from .isolation.base import crosses_processes, stream_results
 from .keys import Language
 from .nodes import Node
 from .retry import exception_names, failure_names, not_retried_note, wait_unless
-from .statecopy import StateCopyError, StateSnapshot, find_unpicklable
+from .statecopy import StateSnapshot, find_unpicklable
 
 if TYPE_CHECKING:
     from .checkpoint.recorder import ResumePoint, RunRecorder
@@ -45,10 +51,6 @@ START = "__start__"
 END = "__end__"
 # How many failed branches the error of a fan-in node names (then a count).
 _FAILED_BRANCHES_NAMED = 10
-
-
-class NodeFailure(GraphExecutionError):
-    """A node raised or returned something unusable; names the node and branch."""
 
 
 def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, start: str,

@@ -16,6 +16,7 @@ from .checkpoint.store import SqliteCheckpointer
 from .defaults import (
     DEFAULT_FAIL_FAST,
     DEFAULT_ISOLATION,
+    DEFAULT_LUA_MAX_MEMORY,
     DEFAULT_LUA_TIMEOUT,
     DEFAULT_MAX_STEPS,
 )
@@ -31,7 +32,6 @@ from .keys import (
     every_backend_option,
     unknown,
 )
-from .lua.runtime import DEFAULT_MAX_MEMORY
 from .retry import parse_policy
 from .sizes import parse_size
 
@@ -231,16 +231,16 @@ class SettingsReader:
                 lua_timeout, (int, float)) or lua_timeout <= 0):
             self.problem(f"settings.lua.timeout: must be a positive number, got {lua_timeout!r}")
             lua_timeout = DEFAULT_LUA_TIMEOUT
-        max_memory: int | None = DEFAULT_MAX_MEMORY
+        max_memory: int | None = DEFAULT_LUA_MAX_MEMORY
         if "max_memory" in lua:
             try:
                 max_memory = parse_size(lua["max_memory"])
             except ValueError as exc:
                 self.problem(f"settings.lua.max_memory: {exc}")
-            if not engine._allow_python and (max_memory is None or max_memory > DEFAULT_MAX_MEMORY):
+            if not engine._allow_python and (max_memory is None or max_memory > DEFAULT_LUA_MAX_MEMORY):
                 self.problem(f"settings.lua.max_memory: a Lua-only document may lower the limit "
-                             f"of {DEFAULT_MAX_MEMORY} bytes, not raise or remove it")
-                max_memory = DEFAULT_MAX_MEMORY
+                             f"of {DEFAULT_LUA_MAX_MEMORY} bytes, not raise or remove it")
+                max_memory = DEFAULT_LUA_MAX_MEMORY
         return lua_timeout, max_memory
 
     def backend_sections(self, isolation: str | None, rest: Mapping[str, Any], prefix: str, *,

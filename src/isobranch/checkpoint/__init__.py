@@ -1,6 +1,6 @@
 """Durable runs: recording runs in SQLite so a killed or failed run can be resumed."""
 
-from .runs import GraphChangedError
-from .store import RunExistsError, RunInfo, RunStatus, SqliteCheckpointer
+from ..errors import GraphChangedError, RunExistsError
+from .store import RunInfo, RunStatus, SqliteCheckpointer
 
 __all__ = ["GraphChangedError", "RunExistsError", "RunInfo", "RunStatus", "SqliteCheckpointer"]

@@ -25,8 +25,8 @@ from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 from ..branch import ParallelFlowResult
-from ..errors import GraphError, GraphExecutionError
-from .codec import StateDecodeError, StateEncodeError, decode_value, encode_value
+from ..errors import GraphError, GraphExecutionError, StateDecodeError, StateEncodeError
+from .codec import decode_value, encode_value
 from .store import RunStatus, SqliteCheckpointer, StepKind
 
 _RESULT_FIELDS = frozenset(f.name for f in fields(ParallelFlowResult))

@@ -3,34 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import GraphError
-from .codec import StateDecodeError, StateEncodeError, decode_value, encode_value
+from ..errors import GraphChangedError, GraphError, StateDecodeError, StateEncodeError
+from .codec import decode_value, encode_value
 from .fingerprint import describe_changes, fingerprint_text, graph_fingerprint
 from .recorder import ResumePoint, RunRecorder, new_run_id
 from .store import RunStatus, SqliteCheckpointer
 
 if TYPE_CHECKING:
     from ..compiled import CompiledGraph
-
-
-class GraphChangedError(GraphError):
-    """A run cannot be resumed as it is: its graph changed since the run started.
-
-    ``run_id``, ``path`` (the database) and ``changes`` (one phrase per
-    change, such as ``node 'score' changed``) let a caller say what to do
-    in its own words; the message says it in the library's (``force=True``).
-    """
-
-    def __init__(self, run_id: str, path: Path, changes: list[str]) -> None:
-        super().__init__(f"run {run_id!r} in {str(path)!r}: the graph changed since the run "
-                         f"started ({'; '.join(changes)}); resume with force=True to run the "
-                         f"changed graph anyway")
-        self.run_id = run_id
-        self.path = path
-        self.changes = list(changes)
 
 
 def check_run_id(run_id: Any) -> str:

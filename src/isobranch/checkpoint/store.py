@@ -28,7 +28,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..errors import GraphError
+from ..errors import GraphError, RunExistsError
 
 SCHEMA_VERSION = "2"
 # Version 1 had no working time; it is brought to version 2 when opened.
@@ -66,21 +66,6 @@ class RunStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     INTERRUPTED = "interrupted"
-
-
-class RunExistsError(GraphError):
-    """A new run was given the id of a run the database already holds.
-
-    ``run_id`` and ``path`` (the database) let a caller say what to do in
-    its own words; the message says it in the library's.
-    """
-
-    def __init__(self, run_id: str, path: Path) -> None:
-        super().__init__(f"run {run_id!r} already exists in {str(path)!r}: resume it with "
-                         f"resume({run_id!r}), delete it with delete_run({run_id!r}), or "
-                         f"choose another run_id")
-        self.run_id = run_id
-        self.path = path
 
 
 class StepKind(StrEnum):

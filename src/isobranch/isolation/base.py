@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from ..errors import GraphError
+from ..errors import BackendError, ConfigError, ConfigTypeError, GraphError, InternalError
 
 if TYPE_CHECKING:
     from ..branch import BranchTask, ParallelFlowResult
@@ -119,39 +118,9 @@ def set_waker(tasks: Any, callback: Callable[[], None]) -> None:
 def wait_until_ready(marker: NotReady, woken: threading.Event) -> None:
     """For a backend with nothing running: wait until ``marker.wake_at`` or ``woken``."""
     if marker.wake_at is None:
-        raise RuntimeError("the task source waits for a result, but no branch is running")
+        raise InternalError("the task source waits for a result, but no branch is running")
     woken.wait(max(marker.wake_at - time.monotonic(), 0.0))
     woken.clear()
-
-
-class PipeWaker:
-    """A pipe whose read end ``fd`` joins the file descriptors a backend waits on, so
-    another thread (a fan-out being stopped) can end that wait at once."""
-
-    def __init__(self) -> None:
-        self.fd, self._write = os.pipe()
-        os.set_blocking(self._write, False)
-        os.set_blocking(self.fd, False)
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def wake(self) -> None:
-        """End the wait (from any thread); nothing after ``close``."""
-        with self._lock, contextlib.suppress(OSError):  # full: a wake-up is pending anyway
-            if not self._closed:
-                os.write(self._write, b"!")
-
-    def clear(self) -> None:
-        """Forget the wake-ups so far."""
-        with contextlib.suppress(OSError):
-            os.read(self.fd, 4096)
-
-    def close(self) -> None:
-        """Close both ends (a later ``wake`` writes nowhere)."""
-        with self._lock:
-            self._closed = True
-            os.close(self.fd)
-            os.close(self._write)
 
 
 # Chunk size for a backend that has neither stream_branches nor max_workers.
@@ -220,7 +189,7 @@ def _chunked(backend: IsolationBackend, tasks: Iterator[BranchTask], size: int,
                 cancel.raise_if_set()
             results = backend.run_branches(chunk)
             if len(results) != len(chunk):
-                raise RuntimeError(f"backend {backend.name!r} returned {len(results)} results "
+                raise BackendError(f"backend {backend.name!r} returned {len(results)} results "
                                    f"for {len(chunk)} branches")
             for result in results:
                 yield position, result
@@ -242,11 +211,11 @@ def register_backend(name: str, factory: BackendFactory, *, replace: bool = Fals
     Registering a name twice is an error unless ``replace=True``.
     """
     if not isinstance(name, str) or not name:
-        raise ValueError("backend name must be a non-empty string")
+        raise ConfigError("backend name must be a non-empty string")
     if not callable(factory):
-        raise TypeError(f"backend {name!r}: factory must be callable")
+        raise ConfigTypeError(f"backend {name!r}: factory must be callable")
     if name in _registry and not replace and _registry[name] is not factory:
-        raise ValueError(f"backend {name!r} is already registered (pass replace=True)")
+        raise ConfigError(f"backend {name!r} is already registered (pass replace=True)")
     _registry[name] = factory
 
 
@@ -286,10 +255,10 @@ def unregister_backend(name: str) -> None:
     for ``name`` keep the pools they have.
     """
     if name in BUILTIN_BACKENDS:
-        raise ValueError(f"backend {name!r} is built in and cannot be unregistered "
+        raise ConfigError(f"backend {name!r} is built in and cannot be unregistered "
                          f"(register_backend({name!r}, factory, replace=True) replaces it)")
     if name not in _registry:
-        raise ValueError(f"no isolation backend {name!r} is registered")
+        raise ConfigError(f"no isolation backend {name!r} is registered")
     del _registry[name]
 
 

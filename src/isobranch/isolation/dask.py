@@ -41,6 +41,7 @@ from typing import Any
 from ..branch import BranchTask, ParallelFlowResult
 from ..cancellation import CancelSignal
 from ..error_kinds import ErrorKind
+from ..errors import BackendError, ConfigError, DaskUnavailable, InternalError
 from ..fanout import run_in_order
 from .base import NotReady, register_backend, set_waker
 from .dask_branches import (
@@ -60,13 +61,12 @@ from .dask_cluster import (
     DEFAULT_CONNECT_TIMEOUT,
     INSTALL_HINT,
     Connection,
-    DaskUnavailable,
     borrow,
     connect,
     start_local_cluster,
 )
 from .memory_limit import BRANCH_MEMORY_ERROR, format_size, memory_message
-from .shipping import BackendError, pickle_graph
+from .shipping import pickle_graph
 
 logger = logging.getLogger(__name__)
 
@@ -118,23 +118,23 @@ class DaskBackend:
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  worker_wait: float = DEFAULT_WORKER_WAIT) -> None:
         if max_workers is not None and max_workers < 1:
-            raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+            raise ConfigError(f"max_workers must be >= 1, got {max_workers}")
         if dask_address and address and dask_address != address:
-            raise ValueError(f"dask_address {dask_address!r} and address {address!r} disagree")
+            raise ConfigError(f"dask_address {dask_address!r} and address {address!r} disagree")
         address = dask_address or address
         if address is not None and not isinstance(address, str):
-            raise ValueError(f"dask address must be a string like 'tcp://host:8786', "
+            raise ConfigError(f"dask address must be a string like 'tcp://host:8786', "
                              f"got {address!r}")
         if address and client is not None:
-            raise ValueError("give either a dask address or a client, not both")
+            raise ConfigError("give either a dask address or a client, not both")
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
+            raise ConfigError(f"retries must be an integer >= 0, got {retries!r}")
         for option, value in (("connect_timeout", connect_timeout),
                               ("worker_wait", worker_wait)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"{option} must be a positive number, got {value!r}")
+                raise ConfigError(f"{option} must be a positive number, got {value!r}")
         if importlib.util.find_spec("distributed") is None:
-            raise ValueError("isolation 'dask' needs Dask's distributed package "
+            raise ConfigError("isolation 'dask' needs Dask's distributed package "
                              f"{INSTALL_HINT}")
         self.max_workers = max_workers
         self.address = address
@@ -625,7 +625,7 @@ class DaskBackend:
 def _wait_for(finished: queue.SimpleQueue, due: float | None) -> None:
     """Nothing runs: wait until ``due`` (a task will be ready) or a wake-up."""
     if due is None:
-        raise RuntimeError("the task source waits for a result, but no branch is running")
+        raise InternalError("the task source waits for a result, but no branch is running")
     with contextlib.suppress(queue.Empty):
         finished.get(timeout=max(due - time.monotonic(), 0.0))
 

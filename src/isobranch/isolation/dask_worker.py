@@ -19,6 +19,7 @@ from ..branch import (
     without_unsendable_state,
 )
 from ..branch_run import run_branch
+from ..errors import BackendError
 from .memory_limit import raise_oom_score
 
 
@@ -88,7 +89,7 @@ def run_on_worker(plugin: str, payload: dict[str, Any], topic: str, key: str
     worker = get_worker()
     graph_plugin = worker.plugins.get(plugin)
     if graph_plugin is None or graph_plugin.graph is None:
-        raise RuntimeError(f"Dask worker {worker.address} has no graph {plugin!r} "
+        raise BackendError(f"Dask worker {worker.address} has no graph {plugin!r} "
                            f"(the backend was closed?)")
     sync(worker.loop, worker.scheduler.log_event, topic=topic,
          msg={"kind": "start", "key": key, "worker": worker.address})

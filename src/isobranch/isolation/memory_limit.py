@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from ..branch import ParallelFlowResult, failed_result
 from ..error_kinds import ErrorKind
+from ..errors import ConfigError
 from ..sizes import parse_size
 from .endings import describe_signal
 
@@ -153,7 +154,7 @@ def parse_limit(value: object) -> int | None:
     try:
         return parse_size(value)
     except ValueError as exc:
-        raise ValueError(f"branch_max_memory: {exc}") from None
+        raise ConfigError(f"branch_max_memory: {exc}") from None
 
 
 def refusal(isolation: str, backend: object, limit: int) -> str | None:

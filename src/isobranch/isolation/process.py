@@ -39,10 +39,11 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from ..branch import BranchTask, ParallelFlowResult
-from ..cancellation import CancelPipe, CancelSignal
+from ..cancellation import CancelSignal
 from ..error_kinds import ErrorKind
+from ..errors import BackendError, ConfigError
 from ..fanout import run_in_order
-from .base import PipeWaker, register_backend, set_waker
+from .base import register_backend, set_waker
 from .memory_limit import BRANCH_MEMORY_ERROR, memory_message, oom_killed
 from .process_branches import (
     BRANCH_KILL_GRACE_SECONDS,
@@ -61,7 +62,7 @@ from .process_branches import (
 from .process_pool import START_METHODS
 from .process_worker import LUA, LUA_DONE, MERGED, NODE, RESULT, STEP
 from .process_workers import WorkerPool
-from .shipping import BackendError
+from .wakeup import PipeWaker
 
 logger = logging.getLogger(__name__)
 
@@ -94,12 +95,12 @@ class ProcessBackend:
     def __init__(self, max_workers: int | None = None, *, fresh_worker_per_branch: bool = False,
                  start_method: str = "forkserver") -> None:
         if max_workers is not None and max_workers < 1:
-            raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+            raise ConfigError(f"max_workers must be >= 1, got {max_workers}")
         if not isinstance(fresh_worker_per_branch, bool):
-            raise ValueError(f"fresh_worker_per_branch must be true or false, "
+            raise ConfigError(f"fresh_worker_per_branch must be true or false, "
                              f"got {fresh_worker_per_branch!r}")
         if start_method not in START_METHODS:
-            raise ValueError(f"start_method must be one of {', '.join(START_METHODS)}, "
+            raise ConfigError(f"start_method must be one of {', '.join(START_METHODS)}, "
                              f"got {start_method!r}")
         self.max_workers = max_workers or os.cpu_count() or 1
         self.fresh_worker_per_branch = fresh_worker_per_branch
@@ -133,7 +134,7 @@ class ProcessBackend:
         # Branches sent ahead to a busy worker, behind the one it runs (short branches only).
         backlog: dict[Connection, deque[Queued]] = {}
         pace = Pace(enabled=not self.fresh_worker_per_branch)
-        wakeup = CancelPipe(cancel, pool.lock) if cancel is not None else None
+        wakeup = PipeWaker(cancel, pool.lock) if cancel is not None else None
         # Only a source that may answer NotReady can need waking.
         waker = PipeWaker() if callable(getattr(tasks, "set_waker", None)) else None
         if waker is not None:

@@ -30,6 +30,7 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from ..errors import WorkerStartError
 from .endings import describe_signal
 from .interrupts import sigint_blocked
 from .process_worker import PID, READY, STATUS
@@ -44,10 +45,6 @@ _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent.parent)
 # fan-out abandoned (interpreter shutdown would join them).
 _BOOTSTRAP = ("import os, sys; from isobranch.isolation.process_worker import main; "
               "code = main(sys.argv[1:]); sys.stdout.flush(); sys.stderr.flush(); os._exit(code)")
-
-
-class WorkerStartError(RuntimeError):
-    """A worker process (or the fork server) could not be started."""
 
 
 def describe_wait_status(status: int) -> str:

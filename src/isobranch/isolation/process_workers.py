@@ -15,8 +15,9 @@ import weakref
 from typing import Any
 
 from ..cancellation import CancelSignal
-from .process_pool import WorkerProcess, WorkerStartError, start_launcher
-from .shipping import BackendError, pickle_graph
+from ..errors import BackendError, WorkerStartError
+from .process_pool import WorkerProcess, start_launcher
+from .shipping import pickle_graph
 
 logger = logging.getLogger(__name__)
 

@@ -7,9 +7,7 @@ from typing import Any
 
 import cloudpickle
 
-
-class BackendError(RuntimeError):
-    """A backend cannot run a fan-out at all (not one branch's failure)."""
+from ..errors import BackendError
 
 
 def pickle_graph(graph: Any, where: str) -> bytes:

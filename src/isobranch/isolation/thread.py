@@ -30,6 +30,7 @@ from ..branch import (
 )
 from ..branch_run import run_branch
 from ..cancellation import CancelSignal
+from ..errors import BackendError, ConfigError
 from ..fanout import run_in_order
 from .base import NotReady, register_backend, set_waker
 from .thread_pool import DaemonThreadPool
@@ -66,7 +67,7 @@ class ThreadBackend:
 
     def __init__(self, max_workers: int | None = None) -> None:
         if max_workers is not None and max_workers < 1:
-            raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+            raise ConfigError(f"max_workers must be >= 1, got {max_workers}")
         self.max_workers = max_workers or min(32, (os.cpu_count() or 1) + 4)
         self._executor: DaemonThreadPool | None = None
         self._lock = threading.Lock()
@@ -77,7 +78,7 @@ class ThreadBackend:
     def _pool(self) -> DaemonThreadPool:
         with self._lock:
             if self._closed:
-                raise RuntimeError("thread backend is closed")
+                raise BackendError("thread backend is closed")
             if self._executor is None:
                 # Daemon threads: a call abandoned at branch_timeout must not
                 # keep the interpreter from exiting.
