@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import plain_environment
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "map_documents.yaml"
 SOME_FAIL = """
@@ -41,7 +43,8 @@ def run_cli(tmp_path: Path, *args: str, terminal: bool) -> tuple[str, str]:
     """Run ``isobranch run ...``; stderr is a pseudo-terminal if ``terminal``, else a pipe."""
     command = [sys.executable, "-m", "isobranch", "run", *args]
     if not terminal:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT,
+                              env=plain_environment())
         assert done.returncode == 0, done.stderr
         return done.stdout, done.stderr
     master, slave = pty.openpty()
@@ -51,7 +54,8 @@ def run_cli(tmp_path: Path, *args: str, terminal: bool) -> tuple[str, str]:
     try:
         with open(out_path, "wb") as out:
             process = subprocess.Popen(command, stdout=out, stderr=slave,
-                                       stdin=subprocess.DEVNULL, cwd=ROOT)
+                                       stdin=subprocess.DEVNULL, cwd=ROOT,
+                                       env=plain_environment())
     finally:
         os.close(slave)
     chunks = []
