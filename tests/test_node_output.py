@@ -97,7 +97,7 @@ def test_what_a_branch_writes_reaches_stderr_and_stdout_is_only_the_json(
 
 
 # A branch that prints, then is stuck in a call until its timeout: the
-# process backend's watchdog kills its worker, the Dask backend restarts its.
+# process backend's watchdog kills its worker, the Dask backend restarts it.
 STUCK_AFTER_PRINTING = {
     "say": textwrap.dedent("""\
         import sys
@@ -115,15 +115,16 @@ KILLED_LINES = ["printed before the kill", "written before the kill",
 @pytest.mark.parametrize("parallel", [
     {"isolation": "process"},
     {"isolation": "process", "fresh_worker_per_branch": True},
+    {"isolation": "process", "start_method": "spawn"},
     pytest.param({"isolation": "dask"}, marks=NEEDS_DASK),
-], ids=["process", "process-fresh-worker", "dask"])
+], ids=["process", "process-fresh-worker", "process-spawn", "dask"])
 def test_lines_a_branch_printed_before_its_worker_was_killed_reach_stderr(parallel, tmp_path):
     document = {
         "settings": {"parallel": {**parallel, "branch_timeout": 3}},
         "nodes": [{"name": "start", "run": "return {}"},
                   *({"name": name, "run": body} for name, body in STUCK_AFTER_PRINTING.items()),
                   {"name": "join", "fan_in": True,
-                   "run": "return {'timed_out': [r.branch for r in parallel_results "
+                   "run": "return {'timed_out': [[r.branch, r.node] for r in parallel_results "
                           "if r.timed_out]}"}],
         "edges": [{"from": "__start__", "to": "start"},
                   {"from": "start", "to": "say", "type": "parallel", "fan_in": "join"},
@@ -135,7 +136,7 @@ def test_lines_a_branch_printed_before_its_worker_was_killed_reach_stderr(parall
     flow.write_text(yaml.safe_dump(document, sort_keys=False))
     done = run_cli(flow)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"timed_out": ["say"]}
+    assert json.loads(done.stdout) == {"timed_out": [["say", "stuck"]]}  # ended in its call
     for line in KILLED_LINES:
         assert line in done.stderr, f"{line!r} printed before the kill is lost: {done.stderr!r}"
 
