@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import signal
 import threading
 import time
@@ -30,11 +31,39 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 __all__ = ["BACKENDS", "HAVE_DASK", "children", "descendants", "fan_out", "invoke_concurrently",
-           "live_processes"]
+           "live_processes", "plain_environment"]
 
 # Every built-in backend; dask only runs where its extra is installed (CI installs it).
 BACKENDS = ["inline", "thread", "process", pytest.param("dask", marks=pytest.mark.skipif(
     not HAVE_DASK, reason="the dask extra is not installed: pip install -e '.[test,dask]'"))]
+
+
+# What a child process gets from this one by default: finding programs and
+# code, a home, a temp directory, the locale. Nothing else, in particular no
+# PYTHONUNBUFFERED (set on development machines and CI runners, not in a
+# user's shell), so output a child would lose to buffering is lost in the
+# tests as it is for users.
+PLAIN_ENVIRONMENT_KEYS = ("PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "LC_CTYPE", "PYTHONPATH")
+
+
+def plain_environment(**extra: str) -> dict[str, str]:
+    """The environment of a user's plain shell, for tests that start the CLI or pytest.
+
+    Pass it as ``env=`` to ``subprocess``; ``extra`` adds variables a test needs.
+    """
+    env = {key: os.environ[key] for key in PLAIN_ENVIRONMENT_KEYS if key in os.environ}
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def plain_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process's environment is ``plain_environment()`` for the test, for children
+    started by code that copies ``os.environ`` (pytester's ``runpytest_subprocess``)."""
+    plain = plain_environment()
+    for key in list(os.environ):
+        if key not in plain:
+            monkeypatch.delenv(key)
 
 
 @pytest.fixture(params=BACKENDS)

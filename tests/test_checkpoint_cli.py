@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import plain_environment
 from isobranch import GraphError, GraphExecutionError, SqliteCheckpointer, YAMLEngine
 from isobranch.checkpoint import RunStatus
 from isobranch.cli import main
@@ -204,7 +205,7 @@ def test_ctrl_c_of_the_command_records_interrupted_and_resume_finishes(tmp_path)
     """))
     child = subprocess.Popen([sys.executable, "-m", "isobranch", "run", str(flow), "--run-id",
                               "c1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             start_new_session=True)
+                             start_new_session=True, env=plain_environment())
     try:
         deadline = time.monotonic() + 60
         while not started.exists():
@@ -220,7 +221,7 @@ def test_ctrl_c_of_the_command_records_interrupted_and_resume_finishes(tmp_path)
     assert SqliteCheckpointer(tmp_path / "runs.db").get_run("c1").status \
         is RunStatus.INTERRUPTED
     done = subprocess.run([sys.executable, "-m", "isobranch", "resume", str(flow), "c1"],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, env=plain_environment())
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"a": 1, "b": 2}
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import plain_environment
 from isobranch.cli import main
 
 ROOT = Path(__file__).parent.parent
@@ -145,7 +146,7 @@ def test_graph_draws_what_was_compiled_including_implied_links(capfd, flow):
 def test_console_script_entry_point_runs():
     completed = subprocess.run(
         [sys.executable, "-m", "isobranch.cli", "run", str(DEMO), "--input", '{"items": [20]}'],
-        capture_output=True, text=True, timeout=60)
+        capture_output=True, text=True, timeout=60, env=plain_environment())
     assert completed.returncode == 0, completed.stderr
     assert json.loads(completed.stdout)["verdict"].startswith("big")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import plain_environment
 from isobranch import END, START, GraphExecutionError, StateGraph
 from isobranch.branch import ParallelFlowResult
 from isobranch.cli import main
@@ -60,13 +60,6 @@ def _in_tmp_path(tmp_path, monkeypatch):
     """Runs name their file relative to tmp_path, so errors read ``(at invert.yaml:11)``."""
     monkeypatch.chdir(tmp_path)
 
-
-def plain_environment() -> dict[str, str]:
-    """The environment of a user's shell: no PYTHONUNBUFFERED, which this machine sets."""
-    environment = {key: value for key, value in os.environ.items()
-                   if key != "PYTHONUNBUFFERED"}
-    environment["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent / "src")
-    return environment
 
 
 def test_a_failed_branch_is_a_warning_line_even_when_the_run_succeeds(tmp_path):

@@ -21,7 +21,14 @@ import time
 import pytest
 import yaml
 
-from conftest import HAVE_DASK, descendants, fan_out, invoke_concurrently, wait_until
+from conftest import (
+    HAVE_DASK,
+    descendants,
+    fan_out,
+    invoke_concurrently,
+    plain_environment,
+    wait_until,
+)
 from isobranch import GraphError, GraphExecutionError, YAMLEngine
 
 pytestmark = [
@@ -607,7 +614,7 @@ def test_a_script_on_the_local_cluster_needs_a_main_guard_and_is_told_so(tmp_pat
     script = tmp_path / "flow.py"
     script.write_text(SCRIPT + entry)
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=120, cwd=tmp_path)
+                          timeout=120, cwd=tmp_path, env=plain_environment())
     if guarded:
         assert done.returncode == 0, done.stderr
         assert "worker tls://127.0.0.1:" in done.stdout
@@ -621,9 +628,9 @@ def test_the_command_line_runs_a_workflow_on_a_local_dask_cluster():
     command = [sys.executable, "-m", "isobranch", "run", str(DEMO), "--input",
                '{"items": [4, 8, 15]}']
     on_dask = subprocess.run([*command, "--isolation", "dask"], capture_output=True, text=True,
-                             timeout=120, cwd=ROOT)
+                             timeout=120, cwd=ROOT, env=plain_environment())
     inline = subprocess.run([*command, "--isolation", "inline"], capture_output=True, text=True,
-                            timeout=120, cwd=ROOT)
+                            timeout=120, cwd=ROOT, env=plain_environment())
     assert on_dask.returncode == 0, on_dask.stderr
     assert on_dask.stdout == inline.stdout
 

@@ -8,6 +8,7 @@ import os
 import pytest
 import yaml
 
+from conftest import plain_environment
 from isobranch import GraphError, GraphExecutionError, YAMLEngine
 from isobranch.cli import main
 from isobranch.yaml_builder import assert_lua_only
@@ -277,7 +278,8 @@ def test_generated_hostile_programs_as_a_lua_only_agent_all_time_out(tmp_path, i
     agent = tmp_path / "agent.yaml"
     agent.write_text(yaml.safe_dump(document))
     done = subprocess.run([sys.executable, "-m", "isobranch", "run", "--lua-only", str(agent)],
-                          capture_output=True, text=True, timeout=90, check=False)
+                          capture_output=True, text=True, timeout=90, check=False,
+                          env=plain_environment())
     assert done.returncode == 0, done.stderr
     final = json.loads(done.stdout)
     assert final["branches"] == len(seeds)

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from benchmarks.proc_scan import is_gone
 
-from conftest import descendants, fan_out, invoke_concurrently
+from conftest import descendants, fan_out, invoke_concurrently, plain_environment
 from isobranch import (
     GraphError,
     GraphExecutionError,
@@ -160,7 +160,7 @@ def test_context_manager_closes_the_pool():
 
 
 def run_python(code, *args, **kwargs):
-    env = {**os.environ, "TMPDIR": kwargs.pop("tmpdir")}
+    env = plain_environment(TMPDIR=kwargs.pop("tmpdir"))
     return subprocess.run([sys.executable, *args], input=code, capture_output=True, text=True,
                           timeout=120, cwd=ROOT, env=env, **kwargs)
 
@@ -638,7 +638,8 @@ def test_cli_runs_the_example_on_processes():
     done = subprocess.run([sys.executable, "-m", "isobranch", "run",
                            "examples/fan_out_demo.yaml", "--isolation", "process",
                            "--input", '{"items": [4, 8, 15]}'],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=plain_environment())
     assert done.returncode == 0, done.stderr
     assert '"verdict"' in done.stdout
 

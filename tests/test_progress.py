@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import plain_environment
 from isobranch.progress import FALLBACK_COLUMNS, FALLBACK_ROWS, FanOutProgress, line_width
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +46,8 @@ def run_cli(tmp_path: Path, *args: str, terminal: bool,
     ``terminal``, else a pipe."""
     command = [sys.executable, "-m", "isobranch", "run", *args]
     if not terminal:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT,
+                              env=plain_environment())
         assert done.returncode == 0, done.stderr
         return done.stdout, done.stderr
     master, slave = pty.openpty()
@@ -55,7 +57,8 @@ def run_cli(tmp_path: Path, *args: str, terminal: bool,
     try:
         with open(out_path, "wb") as out:
             process = subprocess.Popen(command, stdout=out, stderr=slave,
-                                       stdin=subprocess.DEVNULL, cwd=ROOT)
+                                       stdin=subprocess.DEVNULL, cwd=ROOT,
+                                       env=plain_environment())
     finally:
         os.close(slave)
     chunks = []

@@ -22,6 +22,9 @@ from isobranch.regression import (
 )
 
 pytest_plugins = ["pytester"]
+# Inner sessions, and the subprocesses runpytest_subprocess starts, see a
+# user's plain environment, not this session's (no PYTHONUNBUFFERED, no PYTEST_*).
+pytestmark = pytest.mark.usefixtures("plain_os_environ")
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "regression"

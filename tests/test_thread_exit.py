@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import plain_environment
 from isobranch import StateGraph
 from isobranch.isolation.thread_pool import DaemonThreadPool
 
@@ -53,7 +54,7 @@ edges:
 def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     try:
         return subprocess.run([sys.executable, *args], capture_output=True, text=True,
-                              cwd=tmp_path, timeout=EXIT_WITHIN_SECONDS)
+                              cwd=tmp_path, timeout=EXIT_WITHIN_SECONDS, env=plain_environment())
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"the process did not exit within {EXIT_WITHIN_SECONDS}s after its work: "
                     f"stdout={exc.stdout!r}")
@@ -127,7 +128,7 @@ def test_ctrl_c_exits_at_once_with_130_while_a_branch_is_stuck(tmp_path):
         """))
     process = subprocess.Popen([sys.executable, "-m", "isobranch", "run", str(flow)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               cwd=tmp_path)
+                               cwd=tmp_path, env=plain_environment())
     try:
         deadline = time.monotonic() + EXIT_WITHIN_SECONDS
         while not marker.exists():  # the branch is inside its call

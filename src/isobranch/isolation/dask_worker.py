@@ -20,6 +20,7 @@ from ..branch import (
 )
 from ..branch_run import run_branch
 from ..errors import BackendError
+from ..node_output import flush_node_output, line_buffer_node_output
 from .memory_limit import raise_oom_score
 
 
@@ -30,7 +31,9 @@ class GraphPlugin(WorkerPlugin):
     registers, so the graph crosses once per worker, never per task, and
     survives the loss of any worker. The graph is unpickled once per worker.
     With ``raise_oom_score`` each worker makes itself the kernel's first
-    choice when the machine runs out of memory.
+    choice when the machine runs out of memory. Every worker makes its
+    standard streams line-buffered, so a worker restarted in the middle of a
+    branch (a timeout, memory) keeps every line the branch printed.
     """
 
     def __init__(self, graph_bytes: bytes, raise_oom_score: bool = False) -> None:
@@ -44,6 +47,7 @@ class GraphPlugin(WorkerPlugin):
 
     def setup(self, worker: Any) -> None:
         """Unpickle the graph on this worker."""
+        line_buffer_node_output()
         if self.raise_oom_score:
             raise_oom_score()
         self.graph = pickle.loads(self.graph_bytes)
@@ -94,6 +98,11 @@ def run_on_worker(plugin: str, payload: dict[str, Any], topic: str, key: str
     sync(worker.loop, worker.scheduler.log_event, topic=topic,
          msg={"kind": "start", "key": key, "worker": worker.address})
     task = BranchTask(graph=graph_plugin.graph, **payload)
-    result = run_branch(task, monitor=_ProgressReporter(worker, topic, key, task.branch))
+    try:
+        result = run_branch(task, monitor=_ProgressReporter(worker, topic, key, task.branch))
+    finally:
+        # Out before the result: a worker ended later (restarted, or its
+        # nanny killed at close) would drop it.
+        flush_node_output()
     result.worker = worker.address
     return without_unsendable_state(result)

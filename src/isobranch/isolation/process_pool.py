@@ -42,9 +42,10 @@ START_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 5.0
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent.parent)
 # os._exit: a worker ends at once, without waiting for threads a nested
-# fan-out abandoned (interpreter shutdown would join them).
+# fan-out abandoned (interpreter shutdown would join them); main() flushes
+# what nodes printed first.
 _BOOTSTRAP = ("import os, sys; from isobranch.isolation.process_worker import main; "
-              "code = main(sys.argv[1:]); sys.stdout.flush(); sys.stderr.flush(); os._exit(code)")
+              "os._exit(main(sys.argv[1:]))")
 
 
 def describe_wait_status(status: int) -> str:
