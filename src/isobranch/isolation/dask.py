@@ -43,6 +43,7 @@ from ..cancellation import CancelSignal
 from ..error_kinds import ErrorKind
 from ..fanout import run_in_order
 from .base import NotReady, register_backend, set_waker
+from .by_value import Receiver
 from .dask_branches import (
     FETCH_SECONDS,
     FanOutWatch,
@@ -66,7 +67,7 @@ from .dask_cluster import (
     start_local_cluster,
 )
 from .memory_limit import BRANCH_MEMORY_ERROR, format_size, memory_message
-from .shipping import BackendError, pickle_graph
+from .shipping import BackendError, ship_graph
 
 logger = logging.getLogger(__name__)
 
@@ -208,24 +209,34 @@ class DaskBackend:
             return connection, self._plugin
 
     def _ship(self, connection: Connection, graph: Any) -> None:
-        from .dask_worker import GraphPlugin
+        from .dask_worker import GraphPlugin, load_failure
 
         # Backend options may hold live objects (a client); workers never need them.
         shipped = copy.copy(graph)
         shipped.backend_options = {}
+        # Workers have their own environment: the caller's modules travel by value.
+        pickled = ship_graph(shipped, "Dask workers", Receiver.INSTALLED_PACKAGES)
+        if pickled.by_value:
+            logger.debug("dask backend: the graph carries module(s) %s by value",
+                         ", ".join(pickled.by_value))
         # Workers of the local cluster volunteer for the OOM killer; a user's are left alone.
-        plugin = GraphPlugin(pickle_graph(shipped, "Dask workers"),
-                             raise_oom_score=connection.cluster is not None)
+        plugin = GraphPlugin(pickled.data, raise_oom_score=connection.cluster is not None,
+                             by_reference=pickled.by_reference)
         name = f"isobranch-graph-{uuid.uuid4().hex}"
         client = connection.client
+        failed = f"could not send the graph to the Dask cluster at {connection.address}"
         try:
-            # The scheduler waits for every current worker to take the plugin.
+            # The scheduler waits for every current worker to take the plugin;
+            # a worker that cannot load the graph answers at once.
             client.sync(client.register_plugin, plugin, name=name,
                         callback_timeout=self.worker_wait)
-        except Exception as exc:
-            raise BackendError(f"could not send the graph to the Dask cluster at "
-                               f"{connection.address} within {self.worker_wait:g}s: "
-                               f"{type(exc).__name__}: {exc}") from exc
+        except BackendError as exc:  # raised by the worker's plugin: it names the worker
+            raise BackendError(f"{failed}: {exc}") from exc
+        except TimeoutError as exc:
+            raise BackendError(f"{failed}: its workers did not all take it within "
+                               f"{self.worker_wait:g}s") from exc
+        except Exception as exc:  # the plugin itself could not be loaded (no isobranch?)
+            raise BackendError(f"{failed}: {load_failure(exc, pickled.by_reference)}") from exc
         if self._plugin is not None:
             self._unregister(connection, self._plugin)
         self._plugin, self._graph = name, weakref.ref(graph)

@@ -180,10 +180,11 @@ def describe_failure(branch: FollowedBranch, status: str, error: BaseException |
         tried = f" (it ran {runs} times)" if runs > 1 else ""
         return f"Dask worker {dead} died while running it{tried}"
     if error is not None:
-        hint = ""
-        if isinstance(error, ImportError):
-            hint = " (is isobranch installed on every Dask worker?)"
-        return f"the Dask task failed on the worker: {type(error).__name__}: {error}{hint}"
+        # A missing module (the engine, or one a state value's class is defined
+        # in) is named with what to install; distributed is there: a task ran.
+        from .dask_worker import load_failure
+
+        return f"the Dask task failed on the worker: {load_failure(error, {})}"
     if connection.client.status != "running":
         return (f"lost the connection to the Dask scheduler at {connection.address} "
                 f"(the task is {status})")
