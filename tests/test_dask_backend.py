@@ -812,3 +812,45 @@ def test_a_task_failing_for_a_missing_module_names_it_and_what_to_install(missin
     assert describe_failure(branch, "error", error, None, connection=None) == (
         f"the Dask task failed on the worker: ModuleNotFoundError: No module named "
         f"{missing!r} ({hint})")
+
+
+def kills_the_scheduler_when_asked_for_a_result():
+    """A function for ``run_on_scheduler``: the scheduler process dies on the first ``gather``.
+
+    Made here, not at module level, so it travels by value (the scheduler
+    cannot import this test module).
+    """
+
+    def install(dask_scheduler) -> None:
+        def die(comm, **kwargs):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        dask_scheduler.handlers["gather"] = die
+
+    return install
+
+
+def test_a_scheduler_lost_while_a_result_is_fetched_fails_every_pending_branch_alike(
+        command_line_cluster, tmp_path):
+    # The first branch finishes, and the scheduler dies as the client asks it
+    # for that result: the branch being fetched and those still running are
+    # all pending on the same lost scheduler, and say so the same way.
+    from distributed import Client
+
+    address = command_line_cluster.address
+    graph = fan_out(("quick", lambda state: {"quick": True}),
+                    ("slow_a", pid_file_then(120, str(tmp_path))),
+                    ("slow_b", pid_file_then(120, str(tmp_path))))
+    with Client(address, set_as_default=False) as other:
+        other.run_on_scheduler(kills_the_scheduler_when_asked_for_a_result())
+    with graph.compile(isolation="dask", dask_address=address, connect_timeout=2) as compiled:
+        begin = time.monotonic()
+        results = compiled.invoke({})["results"]
+        assert time.monotonic() - begin < 30, "a lost scheduler must not hang the fan-out"
+    assert command_line_cluster.scheduler.wait(timeout=10) == -signal.SIGKILL
+    assert [r.success for r in results] == [False, False, False]
+    assert {r.error_type for r in results} == {"DaskError"}, [r.error for r in results]
+    reasons = {r.error.removeprefix(f"branch {r.branch!r}: ") for r in results}
+    assert len(reasons) == 1, [r.error for r in results]
+    assert reasons == {f"lost the connection to the Dask scheduler at {address} "
+                       f"(not back within 2s)"}

@@ -440,20 +440,20 @@ class DaskBackend:
             # As on the process backend: the whole fan-out fails, not its branches.
             raise BackendError("the dask backend was closed while running")
         client = connection.client
+        # One message for every way the connection is found lost, so each
+        # pending branch (being fetched or still running) reports it alike.
+        lost = (f"lost the connection to the Dask scheduler at {connection.address} "
+                f"(not back within {self.connect_timeout:g}s)")
         if not connection.usable:
             if connection.owns_client:
                 # Only close() closes a client isobranch made, and that raised
                 # above: distributed closed it after failing to reconnect.
-                return (f"lost the connection to the Dask scheduler at {connection.address} "
-                        f"(the client gave up reconnecting)")
+                return lost
             return "the Dask client passed in was closed while running"
         now = time.monotonic()
         if client.status != "running":
             # Reconnecting after the scheduler dropped the connection.
-            if now - fan_out.heard_at > self.connect_timeout:
-                return (f"lost the connection to the Dask scheduler at {connection.address} "
-                        f"(client status {client.status!r})")
-            return None
+            return lost if now - fan_out.heard_at > self.connect_timeout else None
         probe = fan_out.probe
         if probe is not None and probe.done():
             fan_out.probe = None
@@ -463,8 +463,10 @@ class DaskBackend:
                 return (f"the Dask scheduler at {connection.address} stopped answering "
                         f"(no reply within {self.connect_timeout:g}s)")
             except Exception as exc:  # the connection closed under the question, or was refused
+                logger.debug("dask backend: asking the scheduler whether it is there failed: "
+                             "%s: %s", type(exc).__name__, exc)
                 return (f"lost the connection to the Dask scheduler at {connection.address} "
-                        f"({type(exc).__name__}: {exc})")
+                        f"(the connection broke: {type(exc).__name__})")
             fan_out.heard_at = now
             nothing_started = not any(branch.starts for branch in pending.values())
             if n_workers == 0 and nothing_started:
@@ -538,6 +540,8 @@ class DaskBackend:
         for future, status in statuses.items():
             if status in ("pending", "finished"):
                 continue
+            if status in ("cancelled", "lost") and client.status != "running":
+                continue  # the client cancels its tasks when it loses the scheduler: _lost judges
             branch = pending[future]
             self._forget(pending, [future])
             error = quietly(future.exception) if status == "error" else None
@@ -564,7 +568,15 @@ class DaskBackend:
             return client.sync(client.gather, futures, callback_timeout=FETCH_SECONDS)
         except TimeoutError:
             return None
-        except Exception as exc:  # one result was lost; fetch them one by one to tell which
+        except Exception as exc:
+            if isinstance(exc, OSError) or client.status != "running":
+                # The scheduler went away under the fetch: these branches stay
+                # pending, and _lost fails them with every other pending one.
+                logger.debug("dask backend: fetching %d results failed as the connection to "
+                             "the scheduler broke (%s: %s)", len(futures), type(exc).__name__,
+                             exc)
+                return None
+            # One result was lost; fetch them one by one to tell which.
             logger.debug("dask backend: fetching %d results at once failed (%s: %s); "
                          "fetching them one by one", len(futures), type(exc).__name__, exc)
             return [result_or_error(future) for future in futures]
