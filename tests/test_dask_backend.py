@@ -775,8 +775,10 @@ def test_a_module_that_cannot_reach_the_workers_fails_at_once_naming_it(command_
     assert "within" not in message
 
 
-def test_a_worker_that_cannot_load_the_graph_keeps_saying_why_for_its_tasks(callers_module):
-    from isobranch.isolation.dask_worker import GraphPlugin
+def test_a_worker_that_cannot_load_the_graph_keeps_saying_why_for_its_tasks(callers_module,
+                                                                          monkeypatch):
+    from isobranch.isolation import dask_worker
+    from isobranch.isolation.dask_worker import GraphPlugin, run_on_worker
     from isobranch.isolation.shipping import BackendError
 
     helper = callers_module(CALLERS_HELPER)
@@ -786,15 +788,21 @@ def test_a_worker_that_cannot_load_the_graph_keeps_saying_why_for_its_tasks(call
     plugin = pickle.loads(pickle.dumps(GraphPlugin(
         graph_bytes, by_reference={helper.__name__: "is installed where the graph was built"})))
 
+    worker = types.SimpleNamespace(address="tcp://10.0.0.7:4000", plugins={"graph": plugin})
     with pytest.raises(BackendError) as failure:
-        plugin.setup(worker=types.SimpleNamespace(address="tcp://10.0.0.7:4000"))
+        plugin.setup(worker=worker)
 
     assert str(failure.value) == (
         f"Dask worker tcp://10.0.0.7:4000 cannot load the graph: ModuleNotFoundError: No "
         f"module named '{helper.__name__}' (module '{helper.__name__}' is installed where the "
         f"graph was built: install it on every worker, or put its directory on their "
         f"PYTHONPATH)")
-    assert plugin.graph is None and plugin.load_error == str(failure.value)
+    assert plugin.graph is None
+    # Its failed setup is only logged when it joins later: its tasks say it.
+    monkeypatch.setattr(dask_worker, "get_worker", lambda: worker)
+    with pytest.raises(BackendError) as task_failure:
+        run_on_worker("graph", {}, "topic", "key")
+    assert str(task_failure.value) == str(failure.value)
 
 
 @pytest.mark.parametrize(("missing", "hint"), [
