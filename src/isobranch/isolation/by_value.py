@@ -13,8 +13,9 @@ module of every function, class and module object it meets, and each
 module found that the receiver cannot import is registered for one more
 pickling (which may meet further modules, say a helper module the first
 one imports). A module whose by-value pickling fails (a lock among the
-globals its functions use, a C extension) stays by reference, and the
-reason is kept for the error a receiver that cannot import it reports.
+globals its functions use) stays by reference, as do compiled extension
+modules, and the reason is kept for the error a receiver that cannot
+import it reports.
 
 Registration is process-wide state of cloudpickle: it lasts one pickling,
 and one graph is pickled at a time (a lock), so two graphs pickled at once
@@ -72,8 +73,8 @@ class PickledGraph:
     # Modules whose functions and classes travel by value, in the order found.
     by_value: tuple[str, ...] = ()
     # Top-level modules the receiver must import itself, each with why it is
-    # not carried by value: "module 'yaml' " + "is installed where the graph
-    # was built (pip install PyYAML)".
+    # not carried by value, worded to follow the module's name: "is installed
+    # where the graph was built (pip install pytest)".
     by_reference: dict[str, str] = field(default_factory=dict)
 
 
@@ -154,15 +155,17 @@ def _travels_by_value(module: types.ModuleType, receiver: Receiver) -> bool:
     name = module.__name__
     if name == "__main__" or _is_engine_or_standard(name):
         return False  # cloudpickle carries __main__'s functions by value anyway
-    path = getattr(module, "__file__", None)
+    top = sys.modules.get(_top(name), module)
+    # A module without a file of its own (one a package makes) is where its package is.
+    path = getattr(module, "__file__", None) or getattr(top, "__file__", None)
     if path is None:
         # A namespace package is found on a path; a module with neither a file
         # nor a path was made in memory and exists nowhere else.
-        return getattr(module, "__path__", None) is None
+        return getattr(top, "__path__", None) is None
     if path.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)) or _is_installed(path):
         return False  # compiled code cannot travel; installed packages are imported
     if receiver is Receiver.CALLERS_SYS_PATH:
-        return not _found_on_sys_path(sys.modules.get(_top(name), module))
+        return not _found_on_sys_path(top)
     return True
 
 
