@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 import threading
+import types
+import uuid
 from dataclasses import dataclass
 
 import cloudpickle
@@ -275,3 +277,26 @@ def test_two_graphs_pickled_at_once_each_carry_their_module_by_value(callers_mod
         loaded = load_elsewhere(pickled.data, "obj[1](2)", elsewhere)
         assert loaded.returncode == 0, loaded.stderr.decode()
         assert loaded.stdout.decode().split() == ["6"]
+
+
+def module_in_memory(name: str, monkeypatch) -> object:
+    """A module with no file, made here and put in ``sys.modules``, holding ``scale``."""
+    module = types.ModuleType(name)
+    exec("def scale(x):\n    return x * 3\n", module.__dict__)
+    monkeypatch.setitem(sys.modules, name, module)
+    return module
+
+
+@pytest.mark.parametrize("receiver", list(Receiver))
+def test_a_module_made_in_memory_travels_by_value_and_one_an_installed_package_makes_does_not(
+        receiver, monkeypatch):
+    import pytest_timeout  # an installed module of one file
+
+    made_here = module_in_memory(f"made_{uuid.uuid4().hex[:12]}", monkeypatch)
+    # Like six.moves: a module without a file that an installed one-file module adds.
+    in_package = module_in_memory(f"{pytest_timeout.__name__}.made_{uuid.uuid4().hex[:12]}",
+                                  monkeypatch)
+
+    pickled = pickle_by_value([made_here.scale, in_package.scale], receiver)
+
+    assert pickled.by_value == (made_here.__name__,)
