@@ -730,6 +730,17 @@ def importable_on_workers(address: str, modules: list[str]) -> set[bool]:
         return set(client.run(find, modules).values())
 
 
+def graph_plugins_on_the_scheduler(address: str) -> list[str]:
+    from distributed import Client
+
+    def names(dask_scheduler):  # made here: travels by value to the scheduler's process
+        return sorted(name for name in dask_scheduler.worker_plugins
+                      if name.startswith("isobranch-graph-"))
+
+    with Client(address, set_as_default=False) as client:
+        return client.run_on_scheduler(names)
+
+
 def test_nodes_of_the_callers_own_modules_run_on_a_cluster_that_cannot_import_them(
         command_line_cluster, callers_module):
     # A script's myflow.py and the helper module it imports: importable here only.
@@ -773,6 +784,8 @@ def test_a_module_that_cannot_reach_the_workers_fails_at_once_naming_it(command_
            f"'_thread.lock' object): install it on every worker, or put its directory on " \
            f"their PYTHONPATH)" in message
     assert "within" not in message
+    # Nor is the graph left on the cluster for workers that join later.
+    assert graph_plugins_on_the_scheduler(address) == []
 
 
 def test_a_worker_that_cannot_load_the_graph_keeps_saying_why_for_its_tasks(callers_module,

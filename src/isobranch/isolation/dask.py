@@ -230,12 +230,16 @@ class DaskBackend:
             # a worker that cannot load the graph answers at once.
             client.sync(client.register_plugin, plugin, name=name,
                         callback_timeout=self.worker_wait)
-        except BackendError as exc:  # raised by the worker's plugin: it names the worker
-            raise BackendError(f"{failed}: {exc}") from exc
-        except TimeoutError as exc:
-            raise BackendError(f"{failed}: its workers did not all take it within "
-                               f"{self.worker_wait:g}s") from exc
-        except Exception as exc:  # the plugin itself could not be loaded (no isobranch?)
+        except Exception as exc:
+            # The scheduler keeps a plugin whose registration failed, and would
+            # hand it to every worker that joins: take it off again.
+            self._unregister(connection, name)
+            if isinstance(exc, BackendError):  # raised by the worker's plugin: names the worker
+                raise BackendError(f"{failed}: {exc}") from exc
+            if isinstance(exc, TimeoutError):
+                raise BackendError(f"{failed}: its workers did not all take it within "
+                                   f"{self.worker_wait:g}s") from exc
+            # The plugin itself could not be loaded (no isobranch there?).
             raise BackendError(f"{failed}: {load_failure(exc, pickled.by_reference)}") from exc
         if self._plugin is not None:
             self._unregister(connection, self._plugin)
