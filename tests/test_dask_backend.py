@@ -485,6 +485,15 @@ def command_line_cluster(tmp_path):
     started.close()
 
 
+@pytest.fixture(scope="module")
+def shared_command_line_cluster(tmp_path_factory):
+    """One ``dask scheduler`` and ``dask worker`` for this module's tests that leave them as
+    they found them."""
+    started = CommandLineCluster(tmp_path_factory.mktemp("shared-cluster"))
+    yield started
+    started.close()
+
+
 def test_a_cluster_started_with_the_dask_commands_runs_the_workflow(command_line_cluster):
     with demo(isolation="inline") as graph:
         expected = graph.invoke(DEMO_INPUT)
@@ -742,11 +751,11 @@ def graph_plugins_on_the_scheduler(address: str) -> list[str]:
 
 
 def test_nodes_of_the_callers_own_modules_run_on_a_cluster_that_cannot_import_them(
-        command_line_cluster, callers_module):
+        shared_command_line_cluster, callers_module):
     # A script's myflow.py and the helper module it imports: importable here only.
     helper = callers_module(CALLERS_HELPER)
     flow = callers_module(CALLERS_FLOW.format(helper=helper.__name__))
-    address = command_line_cluster.address
+    address = shared_command_line_cluster.address
     assert importable_on_workers(address, [flow.__name__, helper.__name__]) == {False}
     with flow.build(isolation="inline") as compiled:
         expected = compiled.invoke({})
@@ -757,8 +766,8 @@ def test_nodes_of_the_callers_own_modules_run_on_a_cluster_that_cannot_import_th
     assert all(type(report) is flow.Report for report in final["reports"])
 
 
-def test_a_module_that_cannot_reach_the_workers_fails_at_once_naming_it(command_line_cluster,
-                                                                        callers_module):
+def test_a_module_that_cannot_reach_the_workers_fails_at_once_naming_it(
+        shared_command_line_cluster, callers_module):
     locked = callers_module("""
         import threading
 
@@ -770,7 +779,7 @@ def test_a_module_that_cannot_reach_the_workers_fails_at_once_naming_it(command_
                 return {"ran": True}
     """)
     graph = fan_out(("guarded", locked.guarded))
-    address = command_line_cluster.address
+    address = shared_command_line_cluster.address
     with graph.compile(isolation="dask", dask_address=address, worker_wait=120) as compiled:
         begin = time.monotonic()
         with pytest.raises(GraphExecutionError) as failure:
