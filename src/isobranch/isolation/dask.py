@@ -54,6 +54,7 @@ from .dask_branches import (
     describe_failure,
     error_type,
     failed,
+    load_failure,
     quietly,
     result_or_error,
 )
@@ -209,7 +210,7 @@ class DaskBackend:
             return connection, self._plugin
 
     def _ship(self, connection: Connection, graph: Any) -> None:
-        from .dask_worker import GraphPlugin, load_failure
+        from .dask_worker import GraphPlugin
 
         # Backend options may hold live objects (a client); workers never need them.
         shipped = copy.copy(graph)

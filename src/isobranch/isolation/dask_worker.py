@@ -20,7 +20,7 @@ from ..branch import (
     without_unsendable_state,
 )
 from ..branch_run import run_branch
-from .by_value import ENGINE_PACKAGES
+from .dask_branches import load_failure
 from .memory_limit import raise_oom_score
 from .shipping import BackendError
 
@@ -66,24 +66,6 @@ class GraphPlugin(WorkerPlugin):
     def teardown(self, worker: Any) -> None:
         """Let the graph go when the backend closes."""
         self.graph = None
-
-
-def load_failure(exc: BaseException, by_reference: Mapping[str, str]) -> str:
-    """Why the graph (or the plugin carrying it) cannot be loaded on a Dask worker, and
-    what to do about it: a missing module is named, with how to provide it."""
-    text = f"{type(exc).__name__}: {exc}"
-    module = exc.name if isinstance(exc, ImportError) else None
-    if not module:
-        return text
-    top = module.partition(".")[0]
-    if top in ENGINE_PACKAGES:
-        hint = "install isobranch with its dask extra on every worker, at the caller's version"
-    elif top in by_reference:
-        hint = (f"module {top!r} {by_reference[top]}: install it on every worker, or put "
-                f"its directory on their PYTHONPATH")
-    else:
-        hint = f"install module {top!r} on every worker, or put its directory on their PYTHONPATH"
-    return f"{text} ({hint})"
 
 
 class _ProgressReporter(BranchMonitor):
