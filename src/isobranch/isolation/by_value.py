@@ -152,6 +152,7 @@ def _next_to_ship(seen: set[str], by_value: list[types.ModuleType], failed: dict
 
 
 def _travels_by_value(module: types.ModuleType, receiver: Receiver) -> bool:
+    """Whether ``receiver`` may fail to import ``module``, and it can travel by value."""
     name = module.__name__
     if name == "__main__" or _is_engine_or_standard(name):
         return False  # cloudpickle carries __main__'s functions by value anyway
