@@ -186,3 +186,41 @@ def wait_until(condition, seconds: float = 60, interval: float = 0.02) -> bool:
             return False
         time.sleep(interval)
     return True
+
+
+@pytest.fixture
+def callers_module(tmp_path, monkeypatch):
+    """``callers_module(source)``: a module of the caller's own, written to a directory of
+    its own under ``tmp_path`` and imported from there (a fresh name each time).
+
+    As a script's ``myflow.py`` next to it: importable here, installed nowhere.
+    ``on_sys_path=False`` loads it from its file instead, so it cannot be
+    imported by name even here. Forgotten (``sys.modules``, ``sys.path``)
+    when the test ends.
+    """
+    import importlib
+    import sys
+    import textwrap
+    import uuid
+
+    names: list[str] = []
+
+    def make(source: str, *, name: str | None = None, on_sys_path: bool = True):
+        name = name or f"callers_{uuid.uuid4().hex[:12]}"
+        directory = tmp_path / name
+        directory.mkdir()
+        path = directory / f"{name}.py"
+        path.write_text(textwrap.dedent(source))
+        names.append(name)
+        if on_sys_path:
+            monkeypatch.syspath_prepend(str(directory))
+            return importlib.import_module(name)
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    yield make
+    for name in names:
+        sys.modules.pop(name, None)
