@@ -21,7 +21,7 @@ import pytest
 
 from isobranch import END, START, StateGraph, YAMLEngine
 from isobranch.cli import main
-from isobranch.errors import GraphvizError
+from isobranch.errors import ConfigError, GraphvizError
 from isobranch.pictures import PictureFormat, picture, render_dot, write_picture
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,6 +113,11 @@ def test_without_dot_the_error_names_the_package_to_install(demo, tmp_path, monk
     message = str(info.value)
     assert f"drawing {fmt.value} needs the 'dot' program of Graphviz" in message
     assert "install the package graphviz" in message and "apt-get install graphviz" in message
+
+
+def test_text_formats_are_not_rendered_by_dot():
+    with pytest.raises(ConfigError, match="dot is text, not rendered by dot"):
+        render_dot("digraph {}", PictureFormat.DOT)
 
 
 def test_a_failing_dot_is_an_error_with_what_it_said(tmp_path, monkeypatch):

@@ -8,10 +8,11 @@ letters, digits and ``_`` (unique even when names differ only in
 punctuation) and shows its name as a quoted, escaped label, so any name
 draws safely.
 
-A node's kind (``NodeKind``) decides its shape in both formats; a kind
-whose node holds a graph of its own would be drawn by the renderers as a
-cluster of its inner drawing (a Mermaid ``subgraph``, a DOT
-``subgraph cluster_*``), with identifiers prefixed by the node's.
+A node's kind (``NodeKind``) alone decides how the renderers draw it.
+That is where a node holding a graph of its own would come in: a kind
+of its own, whose inner ``Drawing`` the renderers draw as a cluster (a
+Mermaid ``subgraph``, a DOT ``subgraph cluster_*``), its identifiers
+prefixed by the node's.
 
 The module is pure: it reads a graph and returns text. Rendering DOT to
 SVG or PNG is ``pictures.py``'s job.
@@ -119,15 +120,17 @@ def describe(graph: DrawableGraph) -> Drawing:
     nodes.append(DrawnNode(ids.of(END), END, NodeKind.END))
     edges = [DrawnEdge(ids.of(START), ids.of(graph.entry), EdgeKind.PLAIN)]
     for name in graph.nodes:
-        edges.extend(_edges_from(graph, name, ids, nodes))
+        routes = graph.routes_of(name)
+        if routes.router is not None and routes.mapping is None:
+            nodes.append(DrawnNode(ids.of_choice(name), "any node", NodeKind.ROUTER_CHOICE))
+        edges.extend(_edges_from(graph, name, ids))
     used = {edge.source for edge in edges} | {edge.target for edge in edges}
     # END is drawn only when something reaches it; every other node always is.
     drawn = tuple(node for node in nodes if node.kind is not NodeKind.END or node.id in used)
     return Drawing(graph.name, drawn, tuple(edges))
 
 
-def _edges_from(graph: DrawableGraph, name: str, ids: _Identifiers,
-                nodes: list[DrawnNode]) -> list[DrawnEdge]:
+def _edges_from(graph: DrawableGraph, name: str, ids: _Identifiers) -> list[DrawnEdge]:
     """The edges out of ``name``: its fan-out, then its routes in the order they are tried."""
     source = ids.of(name)
     edges = []
@@ -142,9 +145,7 @@ def _edges_from(graph: DrawableGraph, name: str, ids: _Identifiers,
                      for target in fan_out.targets)
     routes = graph.routes_of(name)
     if routes.router is not None and routes.mapping is None:
-        choice = ids.of_choice(name)
-        nodes.append(DrawnNode(choice, "any node", NodeKind.ROUTER_CHOICE))
-        edges.append(DrawnEdge(source, choice, EdgeKind.CONDITIONAL,
+        edges.append(DrawnEdge(source, ids.of_choice(name), EdgeKind.CONDITIONAL,
                                f"router {_callable_name(routes.router)}"))
     edges.extend(DrawnEdge(source, ids.of(target), EdgeKind.CONDITIONAL, repr(value))
                  for value, target in (routes.mapping or {}).items())

@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 from .drawing import DrawableGraph, draw_dot, draw_mermaid
-from .errors import GraphvizError
+from .errors import ConfigError, GraphvizError
 
 # Generous for a workflow's graph (dot lays out hundreds of nodes in a second);
 # only a broken or stuck dot reaches it.
@@ -62,7 +62,7 @@ def render_dot(dot_source: str, fmt: PictureFormat, *,
                timeout: float = DOT_TIMEOUT_SECONDS) -> bytes:
     """``dot_source`` rendered to ``fmt`` (SVG or PNG) by Graphviz's ``dot`` on the PATH."""
     if fmt.is_text:
-        raise ValueError(f"{fmt.value} is text, not rendered by dot")
+        raise ConfigError(f"{fmt.value} is text, not rendered by dot")
     program = shutil.which("dot")
     if program is None:
         raise GraphvizError(f"drawing {fmt.value} needs the 'dot' program of Graphviz, which "
