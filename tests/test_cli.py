@@ -135,11 +135,14 @@ def test_graph_draws_what_was_compiled_including_implied_links(capfd, flow):
           - {from: check, to: high, when: {lua: "state.n > 5"}}
     """)
     assert main(["graph", str(path)]) == 0
+    # high and low have no edges: the runner ends the run there, so END is drawn.
     assert capfd.readouterr().out.splitlines() == [
         "flowchart TD",
         '    n___start__["__start__"] --> n_check["check"]',
-        '    n_check["check"] -->|lua: state.n > 5| n_high["high"]',
+        '    n_check["check"] -->|"lua: state.n #62; 5"| n_high["high"]',
         '    n_check["check"] --> n_low["low"]',
+        '    n_high["high"] --> n___end__["__end__"]',
+        '    n_low["low"] --> n___end__["__end__"]',
     ]
 
 

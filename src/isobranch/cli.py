@@ -3,7 +3,8 @@
 The text of ``--help`` is written here as plain text (no reST markup);
 it is not taken from docstrings.
 
-Exit codes: 0 success, 1 the workflow failed while running, 2 invalid input
+Exit codes: 0 success, 1 the workflow failed while running (or ``graph``
+could not render a picture: Graphviz missing or failing), 2 invalid input
 (bad YAML, unknown node or backend, bad ``--input``, bad arguments), 130
 interrupted (Ctrl-C), 141 standard output closed by its reader (e.g.
 ``| head``). Every failure is one line on stderr; ``--debug`` adds the
@@ -33,11 +34,10 @@ from .cli_failures import FailedBranchWarnings
 from .cli_logging import add_verbosity_option, log_to_stderr
 from .cli_runs import runs_table
 from .cli_stdout import PrivateStdout, stdout_to_stderr
-from .compiled import CompiledGraph
-from .errors import GraphError, GraphExecutionError, InputError, StdoutClosed
-from .fanout import MapFanOut, print_branch_tracebacks
+from .errors import GraphError, GraphExecutionError, GraphvizError, InputError, StdoutClosed
+from .fanout import print_branch_tracebacks
+from .pictures import PictureFormat, picture, write_picture
 from .progress import FanOutProgress, wants_progress
-from .runner import START
 from .yaml_engine import YAMLEngine
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.handler(args, out)
     except (GraphError, InputError) as exc:
         return _fail(args, exc, EXIT_INVALID)
-    except GraphExecutionError as exc:
+    except (GraphExecutionError, GraphvizError) as exc:
         return _fail(args, exc, EXIT_FAILED)
     except KeyboardInterrupt as exc:
         return _fail(args, exc, EXIT_INTERRUPTED, label="interrupted", message="")
@@ -130,8 +130,17 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("file")
     validate.set_defaults(handler=_validate)
 
-    draw = commands.add_parser("graph", help="print the workflow as a Mermaid flowchart")
+    draw = commands.add_parser("graph", help="draw the workflow: Mermaid or DOT text, or an "
+                                              "SVG or PNG picture (through Graphviz's dot)")
     draw.add_argument("file")
+    draw.add_argument("--format", "-f", default=PictureFormat.MERMAID.value,
+                      choices=[fmt.value for fmt in PictureFormat],
+                      help="what to draw (default: mermaid); svg and png need Graphviz's dot "
+                           "program on the PATH")
+    draw.add_argument("--output", "-o", metavar="PATH", default=None,
+                      help="write the drawing to PATH (replaced whole, or not at all) instead "
+                           "of standard output; png needs it when standard output is a "
+                           "terminal")
     draw.set_defaults(handler=_graph)
 
     for sub in (run, resume):  # the commands that run a workflow
@@ -268,50 +277,22 @@ def _validate(args: argparse.Namespace, out: PrivateStdout) -> int:
 
 
 def _graph(args: argparse.Namespace, out: PrivateStdout) -> int:
-    # Drawn from the compiled graph: what is drawn is what runs (entry,
-    # implied chains, fan-outs), whatever the YAML spelt out.
+    fmt = PictureFormat(args.format)
+    if fmt.is_binary and args.output is None and out.isatty():
+        raise InputError(f"--format {fmt.value} is binary: write it to a file with -o PATH, "
+                         f"or redirect standard output")
     with YAMLEngine().load_from_file(args.file) as graph:
         log.debug("loaded %s (%d nodes)", args.file, len(graph.nodes))
-        lines = ["flowchart TD", _mermaid_link(START, graph.entry)]
-        for name in graph.nodes:
-            lines.extend(_links_from(graph, name))
-    out.write_line("\n".join(lines))
+        data = picture(graph, fmt)
+    if args.output is None:
+        out.write_bytes(data)
+        return EXIT_OK
+    try:
+        write_picture(Path(args.output), data)
+    except OSError as exc:
+        raise InputError(f"-o {args.output}: cannot write: {exc.strerror or exc}") from exc
+    log.debug("wrote %s (%d bytes)", args.output, len(data))
     return EXIT_OK
-
-
-def _links_from(graph: CompiledGraph, name: str) -> list[str]:
-    """The Mermaid links out of node ``name``: its fan-out, then its routes in the order tried."""
-    links = []
-    fan_out = graph.fan_out_of(name)
-    if isinstance(fan_out, MapFanOut):
-        over = fan_out.over if isinstance(fan_out.over, str) else fan_out.describe_over()
-        label = f"map over {over} as {fan_out.item_key}, fan-in {fan_out.fan_in}"
-        links.append(f"    {_mermaid_id(name)} -. \"{_mermaid_text(label)}\" .-> "
-                     f"{_mermaid_id(fan_out.target)}")
-    elif fan_out is not None:
-        links.extend(_mermaid_link(name, target, f"parallel, fan-in {fan_out.fan_in}")
-                     for target in fan_out.targets)
-    routes = graph.routes_of(name)
-    links.extend(_mermaid_link(name, target, repr(value))
-                 for value, target in (routes.mapping or {}).items())
-    links.extend(_mermaid_link(name, target, condition.describe())
-                 for condition, target in routes.conditional)
-    if routes.default is not None:
-        links.append(_mermaid_link(name, routes.default))
-    return links
-
-
-def _mermaid_link(source: str, target: str, label: str = "") -> str:
-    arrow = f" -->|{_mermaid_text(label)}| " if label else " --> "
-    return f"    {_mermaid_id(source)}{arrow}{_mermaid_id(target)}"
-
-
-def _mermaid_id(name: str) -> str:
-    return f'{"n_" + "".join(c if c.isalnum() else "_" for c in name)}["{_mermaid_text(name)}"]'
-
-
-def _mermaid_text(text: str) -> str:
-    return text.replace('"', "#quot;").replace("|", "#124;")
 
 
 def _read_input(raw: str | None) -> dict:

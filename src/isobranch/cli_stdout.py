@@ -32,12 +32,20 @@ class PrivateStdout:
 
     def write_line(self, text: str) -> None:
         """Write ``text`` and a newline, all of it, or raise ``StdoutClosed``."""
-        data = memoryview((text + "\n").encode(self._encoding, self._errors))
+        self.write_bytes((text + "\n").encode(self._encoding, self._errors))
+
+    def write_bytes(self, data: bytes) -> None:
+        """Write ``data`` as it is, all of it, or raise ``StdoutClosed``."""
+        view = memoryview(data)
         try:
-            while data:
-                data = data[os.write(self._fd, data):]
+            while view:
+                view = view[os.write(self._fd, view):]
         except BrokenPipeError as exc:
             raise StdoutClosed("standard output was closed by its reader") from exc
+
+    def isatty(self) -> bool:
+        """True if the real standard output is a terminal."""
+        return os.isatty(self._fd)
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import async_api
+from . import async_api, drawing
 from .branch import BranchLimits
 from .cancellation import CancelSignal
 from .checkpoint.runs import begin_run, reopen_run
@@ -142,6 +142,14 @@ class CompiledGraph:
     def routes_of(self, node: str) -> Routes:
         """The outgoing routes of ``node``."""
         return self._routes[node]
+
+    def draw_mermaid(self) -> str:
+        """The graph as a Mermaid flowchart (``drawing.py`` says what is drawn and how)."""
+        return drawing.draw_mermaid(self)
+
+    def draw_dot(self) -> str:
+        """The graph as a Graphviz DOT digraph; ``dot -Tsvg`` renders it."""
+        return drawing.draw_dot(self)
 
     def invoke(self, state: dict | None = None, config: dict | None = None) -> dict:
         """Run the graph on a copy of ``state`` and return the final state.

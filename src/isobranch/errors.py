@@ -117,6 +117,11 @@ class InputError(IsobranchError):
     """The command line or its ``--input`` is unusable."""
 
 
+class GraphvizError(IsobranchError):
+    """A graph cannot be drawn as SVG or PNG: Graphviz's ``dot`` program is missing
+    (the message says what to install), failed (with what it said) or timed out."""
+
+
 # -- a run that failed ---------------------------------------------------------
 
 
