@@ -13,14 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import sys
 import threading
 import time
-import traceback
 
 import pytest
 
-from conftest import BACKENDS, wait_until
+from conftest import BACKENDS, frames_of, wait_until
 from isobranch import END, START, GraphExecutionError, StateGraph
 from isobranch.cancellation import CancelSignal, RunCancelled
 from isobranch.nodes import LuaNode
@@ -177,11 +175,6 @@ def test_the_event_loop_keeps_ticking_during_a_long_run(app):
 # -- cancellation --------------------------------------------------------------
 
 
-def _frames_of(ident: int) -> list[str]:
-    frame = sys._current_frames().get(ident)
-    return [entry.name for entry in traceback.extract_stack(frame)] if frame else []
-
-
 def _started(marks) -> list[tuple[str, int, int]]:
     found = []
     for entry in os.listdir(marks):
@@ -247,8 +240,8 @@ def test_cancelling_stops_the_run_for_real(app, how, tmp_path):
         # The worker is restarted through its nanny, which takes a moment.
         assert wait_until(lambda: not _alive(pid), 30), "the Dask worker was restarted"
     else:
-        assert "run_branch" not in _frames_of(ident), "the branch's thread stopped running it"
-    assert not any("run_steps" in _frames_of(t.ident) for t in app._run_threads.threads)
+        assert "run_branch" not in frames_of(ident), "the branch's thread stopped running it"
+    assert not any("run_steps" in frames_of(t.ident) for t in app._run_threads.threads)
     # The graph still works afterwards.
     assert final(asyncio.run(app.ainvoke({"x": 2}))) == expected(2)
 
@@ -283,7 +276,7 @@ def test_cancelling_main_path_lua_stops_it():
             return compiled._run_threads.threads
 
         threads = asyncio.run(scenario())
-        assert threads and not any("run_steps" in _frames_of(t.ident) for t in threads)
+        assert threads and not any("run_steps" in frames_of(t.ident) for t in threads)
 
 
 def test_a_cancelled_run_raises_run_cancelled_in_its_thread_and_cancels_async_nodes():
@@ -336,9 +329,9 @@ def test_leaving_astream_early_stops_the_run(tmp_path):
             return compiled._run_threads.threads
 
         threads = asyncio.run(scenario())
-        assert not any("run_steps" in _frames_of(t.ident) for t in threads)
+        assert not any("run_steps" in frames_of(t.ident) for t in threads)
         for _, _, ident in _started(marks):
-            assert "run_branch" not in _frames_of(ident)
+            assert "run_branch" not in frames_of(ident)
 
 
 def test_cancel_signal_callbacks_and_wait():
@@ -409,7 +402,7 @@ def test_a_backend_that_only_returns_lists_stops_before_its_next_chunk(tmp_path)
 
         asyncio.run(scenario())
         # The first chunk (one branch, sleeping 0.3 s) runs out; no other starts.
-        assert wait_until(lambda: not any("run_steps" in _frames_of(t.ident)
+        assert wait_until(lambda: not any("run_steps" in frames_of(t.ident)
                                            for t in compiled._run_threads.threads), 5)
     assert [name for name, _, _ in _started(marks)] == ["b1"]
 
@@ -504,7 +497,7 @@ def test_cancelling_at_any_moment_stops_cleanly(isolation):
             outcomes.add(outcome)
             assert latency < 1.0
             busy = [t.name for t in threading.enumerate()
-                    if {"run_steps", "run_branch"} & set(_frames_of(t.ident))]
+                    if {"run_steps", "run_branch"} & set(frames_of(t.ident))]
             assert not busy, f"still running after a cancellation at {delay}s: {busy}"
         assert "cancelled" in outcomes
         assert final(compiled.invoke({"x": 3})) == expected(3)
