@@ -806,13 +806,30 @@ def test_the_documented_map_yaml_example_runs(isolation):
         assert app.invoke({})["scores"] == list(range(500))
 
 
-def test_closing_the_stream_early_stops_running_and_queued_branches(isolation, no_process_leak):
+def test_closing_the_stream_early_stops_running_and_queued_branches(isolation, tmp_path,
+                                                                    no_process_leak):
     """A consumer that stops reading events (as on Ctrl-C) ends the fan-out at once:
-    branches stuck in Lua loops are stopped (cancelled, killed or restarted)."""
+    branches stuck in Lua loops are stopped (cancelled, killed or restarted), no
+    queued branch starts, and on threads no lane is left running."""
     from isobranch.nodes import LuaNode
 
-    spin = LuaNode("body", "if state.item > 0 then while true do end end\nreturn {done = true}")
-    graph = map_graph(list(range(6)), spin)
+    def enter(state):  # where the item runs, before its Lua node
+        item = state["item"]
+        partial = tmp_path / f".started-{item}"
+        partial.write_text(f"{os.getpid()} {threading.get_ident()}")
+        os.replace(partial, tmp_path / f"started-{item}")
+
+    graph = StateGraph()
+    graph.add_node("start", lambda state: {"items": list(range(6))})
+    graph.add_node("enter", enter)
+    graph.add_node("spin", LuaNode(
+        "spin", "if state.item > 0 then while true do end end\nreturn {done = true}"))
+    graph.add_fan_in_node("join", lambda state, results: None)
+    graph.add_edge(START, "start")
+    graph.add_map_edge("start", "enter", over="items", fan_in="join")
+    graph.add_edge("enter", "spin")
+    graph.add_edge("spin", "join")
+    graph.add_edge("join", END)
     with compiled(graph, isolation, lua_timeout=60) as app:
         started = time.monotonic()
         events = app.stream({})
@@ -822,5 +839,26 @@ def test_closing_the_stream_early_stops_running_and_queued_branches(isolation, n
                 break
         events.close()
         elapsed = time.monotonic() - started
+        running = {item: tuple(map(int, text.split()))
+                   for item, text in _marked(tmp_path, "started").items()}
+        if isolation == "thread":
+            # Item 0's lane may have taken the next item before the stream closed.
+            live = {thread.ident: thread for thread in threading.enumerate()}
+            lanes = {live[ident] for _, ident in running.values() if ident in live}
+        elif isolation != "inline":
+            for item in set(running) - {0}:  # item 0 had finished; its worker lives on
+                pid = running[item][0]
+                assert wait_until(lambda pid=pid: is_gone(pid), 30), (
+                    f"the worker spinning in item {item} (pid {pid}) was not ended")
     # Lua would run for 60 s per item if nothing stopped it.
     assert elapsed < 30, f"closing the stream took {elapsed:.1f}s"
+    if isolation == "thread":
+        for lane in lanes:
+            lane.join(10)
+        assert not [lane.name for lane in lanes if lane.is_alive()], \
+            "a lane still spins in Lua after the stream and the graph were closed"
+    started_items = set(_marked(tmp_path, "started"))
+    if isolation == "inline":
+        assert started_items == {0}
+    else:  # item 0, the one running beside it, and the one item 0's worker took next
+        assert 0 in started_items and len(started_items) <= 3, sorted(started_items)
