@@ -10,7 +10,7 @@ import time
 import pytest
 import yaml
 
-from conftest import HAVE_DASK
+from conftest import HAVE_DASK, blocked_in_threading, wait_until
 from isobranch import (
     END,
     START,
@@ -268,23 +268,34 @@ def test_a_node_retry_wait_never_outlives_the_branch_timeout():
     assert elapsed < 5, f"a 60 s backoff in a branch with a 0.5 s timeout took {elapsed:.1f}s"
 
 
-def _fails_fast_or_waits(state):
-    if state["item"] == 0:
-        raise ConnectionError("retried after 60 s")
-    time.sleep(0.2)  # until item 0 waits in its backoff
-    raise ValueError("not retried")
-
-
 def test_fail_fast_ends_a_node_retry_wait_in_a_sibling_at_once():
-    graph = _map(_fails_fast_or_waits, items=2,
-                 node_retry=RetryPolicy(initial_interval=60, jitter=False))
+    item_0_failed = threading.Event()
+    ran_item_0: list[threading.Thread] = []
+
+    def body(state):
+        if state["item"] == 0:
+            ran_item_0.append(threading.current_thread())
+            item_0_failed.set()
+            raise ConnectionError("retried after 60 s")
+        # Fails only once item 0 waits in its 60 s backoff.
+        assert item_0_failed.wait(30)
+        assert wait_until(lambda: blocked_in_threading(ran_item_0[0].ident), 30)
+        raise ValueError("not retried")
+
+    graph = _map(body, items=2, node_retry=RetryPolicy(initial_interval=60, max_interval=60,
+                                                       jitter=False))
     with graph.compile(isolation="thread", max_workers=2, fail_fast=True) as app:
         started = time.monotonic()
         with pytest.raises(GraphExecutionError, match="fail_fast") as info:
             app.invoke({})
         elapsed = time.monotonic() - started
-    assert info.value.error_type == "ValueError"
+    assert info.value.error_type == "ValueError", info.value
     assert elapsed < 5, f"fail_fast took {elapsed:.1f}s to end a 60 s backoff"
+    # The run raises without waiting for its stopped branches: that item 0's
+    # backoff ended shows in its thread, which ends once closing the pool lets it.
+    [waiting] = ran_item_0
+    waiting.join(5)
+    assert not waiting.is_alive(), "item 0 still waits in its 60 s backoff"
 
 
 # -- branch retries -----------------------------------------------------------------
@@ -463,18 +474,24 @@ def test_a_consumer_that_stops_reading_ends_a_backoff_at_once():
 
 
 def test_fail_fast_ends_a_sibling_backoff_at_once():
+    retry_scheduled = threading.Event()
+
     def body(state):
         if state["item"] == 0:
             raise ConnectionError("retried in 60 s")
-        time.sleep(0.2)
+        assert retry_scheduled.wait(30), "item 0's retry was never scheduled"
         raise ValueError("final")
 
     with _map(body, items=2, retry=LONG).compile(isolation="thread", max_workers=2,
                                                   fail_fast=True) as app:
-        started = time.monotonic()
+        events = app.stream({})
         with pytest.raises(GraphExecutionError, match="fail_fast") as info:
-            app.invoke({})
-    assert time.monotonic() - started < 5
+            for event in events:
+                if event["type"] == "branch_retry":  # item 0 now waits 30 s for attempt 2
+                    assert event["branch"] == "body[0]"
+                    failing = time.monotonic()
+                    retry_scheduled.set()  # item 1 fails only now
+    assert time.monotonic() - failing < 5, "fail_fast waited for a sibling's backoff"
     assert [r.error_type for r in info.value.results] == ["Cancelled", "ValueError"]
 
 
