@@ -372,8 +372,7 @@ def test_aresume_runs_resume_off_the_loop_with_the_run_signal():
     assert calls == [("run-7", True, True, True)]
 
 
-def test_a_backend_that_only_returns_lists_stops_before_its_next_chunk(tmp_path):
-    from isobranch import register_backend
+def test_a_backend_that_only_returns_lists_stops_before_its_next_chunk(tmp_path, test_backend):
     from isobranch.branch import run_branch
 
     class ListsOnly:
@@ -388,7 +387,7 @@ def test_a_backend_that_only_returns_lists_stops_before_its_next_chunk(tmp_path)
         def close(self):
             pass
 
-    register_backend(ListsOnly.name, ListsOnly, replace=True)
+    test_backend(ListsOnly.name, ListsOnly)
     marks = tmp_path / "marks"
     marks.mkdir()
     with build_graph().compile(isolation=ListsOnly.name, max_workers=1) as compiled:

@@ -19,7 +19,6 @@ from isobranch import (
     RetryPolicy,
     StateGraph,
     YAMLEngine,
-    register_backend,
 )
 from isobranch.branch_retry import RetryFeed
 from isobranch.isolation.base import NotReady
@@ -568,8 +567,8 @@ class _ListsOnly:
 
 
 @pytest.mark.parametrize("backend", [_StreamsButKnowsNoNotReady, _ListsOnly])
-def test_branch_retries_work_on_a_third_party_backend(backend, tmp_path):
-    register_backend(backend.name, backend, replace=True)
+def test_branch_retries_work_on_a_third_party_backend(backend, tmp_path, test_backend):
+    test_backend(backend.name, backend)
     graph = _map(_flaky_branch_node, items=4, retry=RetryPolicy(retry_on=["OSError"], **FAST))
     with graph.compile(isolation=backend.name, max_workers=2) as app:
         results = app.invoke({"dir": str(tmp_path), "fails": 2})["results"]
