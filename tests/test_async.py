@@ -406,14 +406,37 @@ def test_a_backend_that_only_returns_lists_stops_before_its_next_chunk(tmp_path,
     assert [name for name, _, _ in _started(marks)] == ["b1"]
 
 
-def _nested_spin_graph(extra_branch=None) -> StateGraph:
+class _Spinning:
+    """The threads that entered a nested Lua loop, and whether each really spins in it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entered: list[tuple[int, float]] = []  # (CPU clock of the thread, its time then)
+
+    def enter(self, state: dict) -> None:
+        """A node run just before the Lua loop, on the thread that runs it."""
+        clock = time.pthread_getcpuclockid(threading.get_ident())
+        with self._lock:
+            self._entered.append((clock, time.clock_gettime(clock)))
+
+    def spinning(self, count: int) -> bool:
+        """``count`` threads entered, each has spent 50 ms of CPU time since (in Lua)."""
+        with self._lock:
+            entered = list(self._entered)
+        return len(entered) >= count and all(
+            time.clock_gettime(clock) - then >= 0.05 for clock, then in entered)
+
+
+def _nested_spin_graph(spinning: _Spinning, extra_branch=None) -> StateGraph:
     """outer -> branch "b", which fans out again to two Lua loops that never end."""
     graph = StateGraph()
     graph.add_node("outer", lambda state: None)
     graph.add_node("b", lambda state: None)
     for name in ("n1", "n2"):
+        graph.add_node(f"enter_{name}", spinning.enter)
         graph.add_node(name, LuaNode(name, "while true do end"))
-        graph.add_parallel_edge("b", name, fan_in="inner_join")
+        graph.add_parallel_edge("b", f"enter_{name}", fan_in="inner_join")
+        graph.add_edge(f"enter_{name}", name)
     graph.add_fan_in_node("inner_join", lambda state, results: None)
     graph.add_parallel_edge("outer", "b", fan_in="join")
     if extra_branch is not None:
@@ -427,24 +450,34 @@ def _nested_spin_graph(extra_branch=None) -> StateGraph:
 
 @pytest.mark.parametrize("isolation", ["inline", "thread"])
 def test_cancelling_stops_nested_fan_outs_in_branches(isolation, no_thread_leak):
-    with _nested_spin_graph().compile(isolation=isolation, lua_timeout=None) as compiled:
+    spinning = _Spinning()
+    loops = 1 if isolation == "inline" else 2  # inline runs the nested branches one by one
+    with _nested_spin_graph(spinning).compile(isolation=isolation, lua_timeout=None) as compiled:
         async def scenario():
-            with pytest.raises(TimeoutError):
-                await asyncio.wait_for(compiled.ainvoke({}), 0.3)
+            task = asyncio.create_task(compiled.ainvoke({}))
+            while not spinning.spinning(loops):  # cancelled once the nested loops run
+                assert not task.done(), "the run ended before its nested loops ran"
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
 
         asyncio.run(scenario())
     # no_thread_leak: the nested fan-out's own threads (and their Lua loops) end too.
 
 
 def test_fail_fast_stops_a_siblings_nested_fan_out(no_thread_leak):
-    def fails(state):
-        time.sleep(0.2)
+    spinning = _Spinning()
+
+    def fails(state):  # once both nested loops of the sibling spin
+        assert wait_until(lambda: spinning.spinning(2), 30), "the nested loops never ran"
         raise ValueError("broken")
 
-    graph = _nested_spin_graph(extra_branch=fails)
+    graph = _nested_spin_graph(spinning, extra_branch=fails)
     with graph.compile(isolation="thread", lua_timeout=None, fail_fast=True) as compiled, \
             pytest.raises(GraphExecutionError, match="broken"):
         compiled.invoke({})
+    # no_thread_leak: the nested fan-out's threads, which spin in Lua, end too.
 
 
 def test_errors_reach_the_awaiting_caller_as_they_do_in_sync_calls():
