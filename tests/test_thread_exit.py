@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import blocked_in_threading, frames_of, wait_until
 from isobranch import StateGraph
 from isobranch.isolation.thread_pool import DaemonThreadPool
 
@@ -203,8 +204,21 @@ def test_pool_shutdown_cancels_queued_calls_and_waits_for_running_ones():
     first = pool.submit(running)
     queued = pool.submit(pow, 2, 3)
     assert entered.wait(10)
-    threading.Timer(0.1, release.set).start()
-    pool.shutdown(wait=True, cancel_futures=True)
+    caller = threading.get_ident()
+
+    def release_once_shutdown_waits() -> None:  # the running call returns only then
+        if wait_until(lambda: blocked_in_threading(caller) and "shutdown" in frames_of(caller),
+                      30):
+            release.set()
+
+    releaser = threading.Thread(target=release_once_shutdown_waits)
+    releaser.start()
+    try:
+        pool.shutdown(wait=True, cancel_futures=True)
+        assert release.is_set(), "shutdown returned before the running call did"
+    finally:
+        release.set()
+        releaser.join(30)
     assert first.result(0) == "ran" and queued.cancelled()
     assert not pool.threads
 
