@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -256,15 +257,20 @@ def _always_down(state):
     raise ConnectionError("down")
 
 
-def test_a_node_retry_wait_never_outlives_the_branch_timeout():
+def test_a_node_retry_wait_never_outlives_the_branch_timeout(caplog):
     graph = _map(_always_down, items=1,
-                 node_retry=RetryPolicy(initial_interval=60, jitter=False))
-    with graph.compile(isolation="thread", branch_timeout=0.5) as app:
+                 node_retry=RetryPolicy(initial_interval=60, max_interval=60, jitter=False))
+    with caplog.at_level(logging.WARNING, logger="isobranch"), \
+            graph.compile(isolation="thread", branch_timeout=0.5) as app:
         started = time.monotonic()
         [result] = app.invoke({})["results"]
         elapsed = time.monotonic() - started
     assert result.error_type == "BranchTimeout" and result.timed_out
     assert elapsed < 5, f"a 60 s backoff in a branch with a 0.5 s timeout took {elapsed:.1f}s"
+    # The backend gives up on a branch that overruns its deadline (and says so): the
+    # backoff must end at the deadline by itself, not be cut short by that.
+    abandoned = [r.getMessage() for r in caplog.records if "abandoned" in r.getMessage()]
+    assert not abandoned, abandoned
 
 
 def test_fail_fast_ends_a_node_retry_wait_in_a_sibling_at_once():
