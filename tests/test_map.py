@@ -686,11 +686,20 @@ def _tasks(app, isolation, count, pulled):
                          overlay=StateSnapshot({"item": index, "index": index}))
 
 
+def _threads_left(before: set[threading.Thread]) -> list[str]:
+    """Names of the threads started since ``before`` still running after 10 s each."""
+    started = [thread for thread in threading.enumerate() if thread not in before]
+    for thread in started:
+        thread.join(10)
+    return [thread.name for thread in started if thread.is_alive()]
+
+
 def test_stream_branches_pulls_tasks_lazily_and_stops_when_closed(isolation, no_process_leak):
     from isobranch.isolation.base import create_backend
 
     graph = map_graph([], lambda s: {"v": s["item"]})
     with compiled(graph, isolation) as app:
+        threads_before = set(threading.enumerate())
         backend = create_backend(isolation, max_workers=2)
         try:
             pulled: list[int] = []
@@ -719,6 +728,8 @@ def test_stream_branches_pulls_tasks_lazily_and_stops_when_closed(isolation, no_
         finally:
             backend.close()
         assert len(pulled) == taken, "a closed stream takes no more tasks"
+        if isolation == "thread":
+            assert not _threads_left(threads_before), "a closed stream left threads running"
 
 
 def test_thread_stream_takes_no_more_than_its_cap_ahead_of_a_consumer_holding_results():
@@ -734,6 +745,7 @@ def test_thread_stream_takes_no_more_than_its_cap_ahead_of_a_consumer_holding_re
 
     cap = 2 + 2 * SUBMIT_AHEAD_PER_THREAD  # max_concurrency plus what waits in the queue
     with compiled(map_graph([], body), "thread") as app:
+        threads_before = set(threading.enumerate())
         backend = ThreadBackend(max_workers=2)
         try:
             pulled: list[int] = []
@@ -754,6 +766,7 @@ def test_thread_stream_takes_no_more_than_its_cap_ahead_of_a_consumer_holding_re
         finally:
             backend.close()
         assert sorted(seen) == [0, 1, 2, 3]
+        assert not _threads_left(threads_before), "a closed stream left threads running"
 
 
 @pytest.mark.parametrize("failure", ["crash", "timeout"])
