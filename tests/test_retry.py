@@ -11,7 +11,7 @@ import time
 import pytest
 import yaml
 
-from conftest import HAVE_DASK, blocked_in_threading, wait_until
+from conftest import HAVE_DASK, blocked_in_threading, frames_of, wait_until
 from isobranch import (
     END,
     START,
@@ -123,12 +123,20 @@ def test_a_wait_leaves_no_callback_on_its_flags():
     flag = CancelSignal()
     assert wait_unless(0.0, [flag]) is False
     assert not flag._callbacks
-    fired = threading.Timer(0.05, flag.cancel)
+    caller = threading.get_ident()
+
+    def cancel_once_waiting() -> None:  # set during the wait, not before it
+        if wait_until(lambda: "wait_unless" in frames_of(caller)
+                      and blocked_in_threading(caller), 30):
+            flag.cancel()
+
+    fired = threading.Thread(target=cancel_once_waiting)
     fired.start()
     started = time.monotonic()
     assert wait_unless(60, [flag]) is True
     assert time.monotonic() - started < 5
     fired.join()
+    assert not flag._callbacks
 
 
 # -- node retries -------------------------------------------------------------------
