@@ -181,6 +181,9 @@ def test_pool_threads_are_daemons_and_shutdown_joins_the_idle_ones():
     assert [f.result(10) for f in quick] == [1, 2, 4, 8]
     threads = pool.threads
     assert threads and all(t.daemon for t in threads)
+    # A thread that has handed over its result is idle only once it waits for work
+    # again; the one running release.wait waits too, inside its call.
+    assert wait_until(lambda: all(blocked_in_threading(t.ident) for t in threads), 30)
     pool.shutdown(wait=False, cancel_futures=True)
     alive = [t for t in threads if t.is_alive()]
     assert len(alive) == 1, "only the thread inside a call may outlive shutdown"
