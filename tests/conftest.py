@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
+import sys
 import threading
 import time
+import traceback
 
 import pytest
 from benchmarks.proc_scan import children, descendants, live_processes
@@ -30,8 +32,8 @@ def pytest_configure(config: pytest.Config) -> None:
     available_backends()
 
 
-__all__ = ["BACKENDS", "HAVE_DASK", "children", "descendants", "fan_out", "invoke_concurrently",
-           "live_processes", "plain_environment"]
+__all__ = ["BACKENDS", "HAVE_DASK", "blocked_in_threading", "children", "descendants", "fan_out",
+           "frames_of", "invoke_concurrently", "live_processes", "plain_environment", "wait_until"]
 
 # Every built-in backend; dask only runs where its extra is installed (CI installs it).
 BACKENDS = ["inline", "thread", "process", pytest.param("dask", marks=pytest.mark.skipif(
@@ -224,3 +226,25 @@ def callers_module(tmp_path, monkeypatch):
     yield make
     for name in names:
         sys.modules.pop(name, None)
+
+
+def frames_of(ident: int | None) -> list[str]:
+    """Names of the functions on thread ``ident``'s stack, outermost first ([] if it ended)."""
+    frame = sys._current_frames().get(ident) if ident is not None else None
+    return [entry.name for entry in traceback.extract_stack(frame)] if frame else []
+
+
+# The functions of threading.py a blocked thread sits in: Event, Condition and
+# Barrier waits, and Thread.join.
+_THREADING_WAITS = frozenset({"wait", "join", "_wait_for_tstate_lock"})
+
+
+def blocked_in_threading(ident: int | None) -> bool:
+    """Whether thread ``ident`` is blocked in a ``threading`` wait or join right now.
+
+    For ordering a test by where another thread *is* (waiting in a backoff,
+    joining a pool) rather than by a sleep that usually lasts long enough.
+    """
+    frame = sys._current_frames().get(ident) if ident is not None else None
+    return frame is not None and frame.f_code.co_filename == threading.__file__ \
+        and frame.f_code.co_name in _THREADING_WAITS

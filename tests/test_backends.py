@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
+
 import pytest
 
 from isobranch import (
@@ -39,11 +43,24 @@ class RecordingBackend:
         self.closed = True
 
 
-def test_builtin_backends_are_registered():
-    assert {"inline", "thread"} <= set(available_backends())
-    for name in ("inline", "thread"):
-        backend = create_backend(name)
+BUILT_IN = ["dask", "inline", "thread", "process"]
+
+
+def test_a_fresh_interpreter_has_exactly_the_built_in_backends():
+    # A fresh interpreter: in this one, other tests register backends of their own.
+    listed = subprocess.run(
+        [sys.executable, "-c", "import isobranch; print(isobranch.available_backends())"],
+        capture_output=True, text=True, timeout=120, check=True).stdout
+    assert ast.literal_eval(listed) == sorted(BUILT_IN)
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_each_built_in_name_creates_its_own_backend(name):
+    assert name in available_backends()
+    backend = create_backend(name, max_workers=1)  # no pool, worker or cluster starts yet
+    try:
         assert isinstance(backend, IsolationBackend) and backend.name == name
+    finally:
         backend.close()
 
 

@@ -806,9 +806,9 @@ def test_a_module_that_cannot_reach_the_workers_fails_at_once_naming_it(
 
 def test_a_worker_that_cannot_load_the_graph_keeps_saying_why_for_its_tasks(callers_module,
                                                                           monkeypatch):
+    from isobranch.errors import BackendError
     from isobranch.isolation import dask_worker
     from isobranch.isolation.dask_worker import GraphPlugin, run_on_worker
-    from isobranch.errors import BackendError
 
     helper = callers_module(CALLERS_HELPER)
     graph_bytes = pickle.dumps(helper.scale)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -10,7 +11,7 @@ import time
 import pytest
 import yaml
 
-from conftest import HAVE_DASK
+from conftest import HAVE_DASK, blocked_in_threading, frames_of, wait_until
 from isobranch import (
     END,
     START,
@@ -19,7 +20,6 @@ from isobranch import (
     RetryPolicy,
     StateGraph,
     YAMLEngine,
-    register_backend,
 )
 from isobranch.branch_retry import RetryFeed
 from isobranch.isolation.base import NotReady
@@ -123,12 +123,20 @@ def test_a_wait_leaves_no_callback_on_its_flags():
     flag = CancelSignal()
     assert wait_unless(0.0, [flag]) is False
     assert not flag._callbacks
-    fired = threading.Timer(0.05, flag.cancel)
+    caller = threading.get_ident()
+
+    def cancel_once_waiting() -> None:  # set during the wait, not before it
+        if wait_until(lambda: "wait_unless" in frames_of(caller)
+                      and blocked_in_threading(caller), 30):
+            flag.cancel()
+
+    fired = threading.Thread(target=cancel_once_waiting)
     fired.start()
     started = time.monotonic()
     assert wait_unless(60, [flag]) is True
     assert time.monotonic() - started < 5
     fired.join()
+    assert not flag._callbacks
 
 
 # -- node retries -------------------------------------------------------------------
@@ -306,34 +314,50 @@ def _always_down(state):
     raise ConnectionError("down")
 
 
-def test_a_node_retry_wait_never_outlives_the_branch_timeout():
+def test_a_node_retry_wait_never_outlives_the_branch_timeout(caplog):
     graph = _map(_always_down, items=1,
-                 node_retry=RetryPolicy(initial_interval=60, jitter=False))
-    with graph.compile(isolation="thread", branch_timeout=0.5) as app:
+                 node_retry=RetryPolicy(initial_interval=60, max_interval=60, jitter=False))
+    with caplog.at_level(logging.WARNING, logger="isobranch"), \
+            graph.compile(isolation="thread", branch_timeout=0.5) as app:
         started = time.monotonic()
         [result] = app.invoke({})["results"]
         elapsed = time.monotonic() - started
     assert result.error_type == "BranchTimeout" and result.timed_out
     assert elapsed < 5, f"a 60 s backoff in a branch with a 0.5 s timeout took {elapsed:.1f}s"
-
-
-def _fails_fast_or_waits(state):
-    if state["item"] == 0:
-        raise ConnectionError("retried after 60 s")
-    time.sleep(0.2)  # until item 0 waits in its backoff
-    raise ValueError("not retried")
+    # The backend gives up on a branch that overruns its deadline (and says so): the
+    # backoff must end at the deadline by itself, not be cut short by that.
+    abandoned = [r.getMessage() for r in caplog.records if "abandoned" in r.getMessage()]
+    assert not abandoned, abandoned
 
 
 def test_fail_fast_ends_a_node_retry_wait_in_a_sibling_at_once():
-    graph = _map(_fails_fast_or_waits, items=2,
-                 node_retry=RetryPolicy(initial_interval=60, jitter=False))
+    item_0_failed = threading.Event()
+    ran_item_0: list[threading.Thread] = []
+
+    def body(state):
+        if state["item"] == 0:
+            ran_item_0.append(threading.current_thread())
+            item_0_failed.set()
+            raise ConnectionError("retried after 60 s")
+        # Fails only once item 0 waits in its 60 s backoff.
+        assert item_0_failed.wait(30)
+        assert wait_until(lambda: blocked_in_threading(ran_item_0[0].ident), 30)
+        raise ValueError("not retried")
+
+    graph = _map(body, items=2, node_retry=RetryPolicy(initial_interval=60, max_interval=60,
+                                                       jitter=False))
     with graph.compile(isolation="thread", max_workers=2, fail_fast=True) as app:
         started = time.monotonic()
         with pytest.raises(GraphExecutionError, match="fail_fast") as info:
             app.invoke({})
         elapsed = time.monotonic() - started
-    assert info.value.error_type == "ValueError"
+    assert info.value.error_type == "ValueError", info.value
     assert elapsed < 5, f"fail_fast took {elapsed:.1f}s to end a 60 s backoff"
+    # The run raises without waiting for its stopped branches: that item 0's
+    # backoff ended shows in its thread, which ends once closing the pool lets it.
+    [waiting] = ran_item_0
+    waiting.join(5)
+    assert not waiting.is_alive(), "item 0 still waits in its 60 s backoff"
 
 
 # -- branch retries -----------------------------------------------------------------
@@ -526,18 +550,24 @@ def test_a_consumer_that_stops_reading_ends_a_backoff_at_once():
 
 
 def test_fail_fast_ends_a_sibling_backoff_at_once():
+    retry_scheduled = threading.Event()
+
     def body(state):
         if state["item"] == 0:
             raise ConnectionError("retried in 60 s")
-        time.sleep(0.2)
+        assert retry_scheduled.wait(30), "item 0's retry was never scheduled"
         raise ValueError("final")
 
     with _map(body, items=2, retry=LONG).compile(isolation="thread", max_workers=2,
                                                   fail_fast=True) as app:
-        started = time.monotonic()
+        events = app.stream({})
         with pytest.raises(GraphExecutionError, match="fail_fast") as info:
-            app.invoke({})
-    assert time.monotonic() - started < 5
+            for event in events:
+                if event["type"] == "branch_retry":  # item 0 now waits 30 s for attempt 2
+                    assert event["branch"] == "body[0]"
+                    failing = time.monotonic()
+                    retry_scheduled.set()  # item 1 fails only now
+    assert time.monotonic() - failing < 5, "fail_fast waited for a sibling's backoff"
     assert [r.error_type for r in info.value.results] == ["Cancelled", "ValueError"]
 
 
@@ -614,8 +644,8 @@ class _ListsOnly:
 
 
 @pytest.mark.parametrize("backend", [_StreamsButKnowsNoNotReady, _ListsOnly])
-def test_branch_retries_work_on_a_third_party_backend(backend, tmp_path):
-    register_backend(backend.name, backend, replace=True)
+def test_branch_retries_work_on_a_third_party_backend(backend, tmp_path, test_backend):
+    test_backend(backend.name, backend)
     graph = _map(_flaky_branch_node, items=4, retry=RetryPolicy(retry_on=["OSError"], **FAST))
     with graph.compile(isolation=backend.name, max_workers=2) as app:
         results = app.invoke({"dir": str(tmp_path), "fails": 2})["results"]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import plain_environment
+from conftest import blocked_in_threading, frames_of, plain_environment, wait_until
 from isobranch import StateGraph
 from isobranch.isolation.thread_pool import DaemonThreadPool
 
@@ -181,6 +181,9 @@ def test_pool_threads_are_daemons_and_shutdown_joins_the_idle_ones():
     assert [f.result(10) for f in quick] == [1, 2, 4, 8]
     threads = pool.threads
     assert threads and all(t.daemon for t in threads)
+    # A thread that has handed over its result is idle only once it waits for work
+    # again; the one running release.wait waits too, inside its call.
+    assert wait_until(lambda: all(blocked_in_threading(t.ident) for t in threads), 30)
     pool.shutdown(wait=False, cancel_futures=True)
     alive = [t for t in threads if t.is_alive()]
     assert len(alive) == 1, "only the thread inside a call may outlive shutdown"
@@ -204,8 +207,21 @@ def test_pool_shutdown_cancels_queued_calls_and_waits_for_running_ones():
     first = pool.submit(running)
     queued = pool.submit(pow, 2, 3)
     assert entered.wait(10)
-    threading.Timer(0.1, release.set).start()
-    pool.shutdown(wait=True, cancel_futures=True)
+    caller = threading.get_ident()
+
+    def release_once_shutdown_waits() -> None:  # the running call returns only then
+        if wait_until(lambda: blocked_in_threading(caller) and "shutdown" in frames_of(caller),
+                      30):
+            release.set()
+
+    releaser = threading.Thread(target=release_once_shutdown_waits)
+    releaser.start()
+    try:
+        pool.shutdown(wait=True, cancel_futures=True)
+        assert release.is_set(), "shutdown returned before the running call did"
+    finally:
+        release.set()
+        releaser.join(30)
     assert first.result(0) == "ran" and queued.cancelled()
     assert not pool.threads
 
