@@ -215,8 +215,13 @@ class DaskBackend:
         # Backend options may hold live objects (a client); workers never need them.
         shipped = copy.copy(graph)
         shipped.backend_options = {}
-        # Workers have their own environment: the caller's modules travel by value.
-        pickled = ship_graph(shipped, "Dask workers", Receiver.INSTALLED_PACKAGES)
+        # A user's cluster has an environment of its own: the caller's modules travel
+        # by value. The local cluster's workers are spawned with the caller's sys.path,
+        # so what they can import goes by reference, as to process workers: its classes
+        # stay the same classes, and its tracebacks keep their files and source lines.
+        receiver = Receiver.CALLERS_SYS_PATH if connection.cluster is not None \
+            else Receiver.INSTALLED_PACKAGES
+        pickled = ship_graph(shipped, "Dask workers", receiver)
         if pickled.by_value:
             logger.debug("dask backend: the graph carries module(s) %s by value",
                          ", ".join(pickled.by_value))
