@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .checkpoint.store import SqliteCheckpointer
-from .compiled import CompiledGraph, Routes, limit_problems
+from .compiled import CompiledGraph, Routes
 from .conditions import Condition, Expression, as_condition
 from .defaults import (
     DEFAULT_FAIL_FAST,
@@ -28,6 +28,7 @@ from .keys import backend_options as declared_backend_options
 from .keys import unknown
 from .nodes import Node, as_node
 from .retry import RetryPolicy, as_policy
+from .run import limit_problems
 from .runner import END, START
 from .schema import StateSchema
 
@@ -361,8 +362,7 @@ class StateGraph:
             backend_options=dict(backend_options or {}), name=name,
             branch_max_memory=branch_max_memory, max_concurrency=max_concurrency,
             node_retries=dict(self._node_retries), branch_retry=branch_retry,
-            schema=self.schema, checkpointer=checkpointer)
-        compiled._adopt_backend(isolation, backend, max_workers)
+            schema=self.schema, checkpointer=checkpointer, backend=backend)
         return compiled
 
 

@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from itertools import pairwise
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .code_location import CodeLocation
 from .compiled import CompiledGraph
@@ -35,10 +35,7 @@ from .retry import RetryPolicy, parse_policy
 from .runner import END, START
 from .schema import StateSchema
 from .yaml_lines import CodeKey, CodeLines
-from .yaml_settings import SettingsReader, contained_file
-
-if TYPE_CHECKING:
-    from .yaml_engine import YAMLEngine
+from .yaml_settings import EngineOptions, SettingsReader, contained_file
 
 
 class DocumentBuilder(SettingsReader):
@@ -48,9 +45,9 @@ class DocumentBuilder(SettingsReader):
     class reads the nodes and edges and compiles the graph.
     """
 
-    def __init__(self, engine: YAMLEngine, document: Any, source: str | None,
+    def __init__(self, engine_options: EngineOptions, document: Any, source: str | None,
                  base_dir: Path | None, code_lines: CodeLines | None = None) -> None:
-        super().__init__(engine, source, base_dir)
+        super().__init__(engine_options, source, base_dir)
         self.document = document
         # Where code values start in the file ``source`` (empty for a parsed dict).
         self.code_lines = code_lines or {}
@@ -72,7 +69,7 @@ class DocumentBuilder(SettingsReader):
         must ask here first; with ``allow_python=False`` the answer is no
         and the refusal is recorded as a problem.
         """
-        if self.engine._allow_python:
+        if self.engine_options.allow_python:
             return True
         self.problem(f"{where}: {what} is Python, which this engine refuses "
                      f"(allow_python=False runs only sandboxed Lua); {hint}")
@@ -106,9 +103,9 @@ class DocumentBuilder(SettingsReader):
                                      **compile_options)
         except GraphError as exc:
             raise GraphError(problems=exc.problems, source=self.source) from None
-        compiled.owns_checkpointer = compiled.checkpointer is not self.engine._checkpointer
+        compiled.owns_checkpointer = compiled.checkpointer is not self.engine_options.checkpointer
         compiled.other_backends_options = self.other_backends_options
-        if not self.engine._allow_python:
+        if not self.engine_options.allow_python:
             assert_lua_only(compiled)
         return compiled
 
@@ -186,7 +183,7 @@ class DocumentBuilder(SettingsReader):
             self.problem(f"{where}: language must be 'python' or 'lua', got {language!r}")
             return None
         if language == Language.LUA:
-            if not self.engine._lua_enabled:
+            if not self.engine_options.lua_enabled:
                 self.problem(f"{where}: is a Lua node but this engine has lua_enabled=False")
                 return None
             error = self.lua.check_node(code)
@@ -221,7 +218,7 @@ class DocumentBuilder(SettingsReader):
         if self.base_dir is None and not path.is_absolute():
             self.problem(f"{where}: relative file {reference!r} needs load_from_file or base_dir")
             return None
-        if not self.engine._allow_python:
+        if not self.engine_options.allow_python:
             # An untrusted document must not read (and echo, in a syntax error)
             # files of this machine outside its own directory.
             if self.base_dir is None:
@@ -379,7 +376,7 @@ class DocumentBuilder(SettingsReader):
             self.problem(f"{where}: '{role}' must be a non-empty expression")
             return None
         if language == Language.LUA:
-            if not self.engine._lua_enabled:
+            if not self.engine_options.lua_enabled:
                 what = "condition" if role == "when" else f"expression in '{role}'"
                 self.problem(f"{where}: Lua {what} but this engine has lua_enabled=False")
                 return None
@@ -418,7 +415,7 @@ def assert_lua_only(graph: CompiledGraph) -> None:
     """Last check of a Lua-only graph: nothing in it can run Python.
 
     The builder already refused every Python part; this catches a code path
-    that forgot to ask ``_Builder.python_allowed``.
+    that forgot to ask ``DocumentBuilder.python_allowed``.
     """
     for name, node in graph.nodes.items():
         routes = graph.routes_of(name)

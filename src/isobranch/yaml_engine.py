@@ -30,6 +30,7 @@ from .keys import (
 )
 from .yaml_builder import DocumentBuilder
 from .yaml_lines import CodeLines, load_with_code_lines
+from .yaml_settings import EngineOptions
 
 # settings.parallel keys the engine's own arguments stand for, so not options.
 _ENGINE_ARGUMENTS = frozenset({"isolation", "strategy", "max_workers"})
@@ -66,19 +67,16 @@ class YAMLEngine:
         if checkpointer is not None and not isinstance(checkpointer, SqliteCheckpointer):
             raise GraphError(f"YAMLEngine(checkpointer=...): must be a SqliteCheckpointer, got "
                              f"{type(checkpointer).__name__}")
-        self._checkpointer = checkpointer
-        self._lua_enabled = lua_enabled
-        self._lua_timeout_explicit = lua_timeout is not _UNSET
-        self._lua_timeout = DEFAULT_LUA_TIMEOUT if lua_timeout is _UNSET else lua_timeout
-        self._isolation = isolation
-        self._max_workers = max_workers
-        self._allow_python = allow_python
-        self._options = options
+        self._options = EngineOptions(
+            lua_enabled=lua_enabled, lua_timeout_explicit=lua_timeout is not _UNSET,
+            lua_timeout=DEFAULT_LUA_TIMEOUT if lua_timeout is _UNSET else lua_timeout,
+            isolation=isolation, max_workers=max_workers, allow_python=allow_python,
+            checkpointer=checkpointer, parallel=dict(options))
 
     @property
     def allow_python(self) -> bool:
         """Whether documents may contain Python code (False: Lua only)."""
-        return self._allow_python
+        return self._options.allow_python
 
     def load_from_file(self, path: str | Path) -> CompiledGraph:
         """Read, validate and compile the workflow in ``path``.
@@ -100,7 +98,7 @@ class YAMLEngine:
 
     def _build(self, document: Any, source: str | None, base_dir: Path | None,
                code_lines: CodeLines) -> CompiledGraph:
-        return DocumentBuilder(self, document, source, base_dir, code_lines).build()
+        return DocumentBuilder(self._options, document, source, base_dir, code_lines).build()
 
     def validate_file(self, path: str | Path) -> list[str]:
         """Every problem in the workflow at ``path`` (empty if it is valid)."""

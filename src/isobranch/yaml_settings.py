@@ -2,15 +2,17 @@
 
 ``SettingsReader`` checks every key, with the closest allowed name for a
 typo, and records each problem (naming its ``settings.…`` path) instead of
-stopping at the first; yaml_engine.py's builder reads the nodes and edges
-on top of it.
+stopping at the first; ``DocumentBuilder`` (yaml_builder.py) reads the
+nodes and edges on top of it. What the engine's caller chose arrives as
+``EngineOptions``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .checkpoint.store import SqliteCheckpointer
 from .defaults import (
@@ -35,8 +37,26 @@ from .keys import (
 from .retry import parse_policy
 from .sizes import parse_size
 
-if TYPE_CHECKING:
-    from .yaml_engine import YAMLEngine
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What a ``YAMLEngine``'s caller chose: every document it loads is read with these.
+
+    The engine makes one and hands it to the builder, so reading a document
+    needs nothing of the engine itself.
+    """
+
+    lua_enabled: bool = True
+    lua_timeout: float | None = DEFAULT_LUA_TIMEOUT
+    # The caller gave lua_timeout: settings.lua.timeout cannot change it then.
+    lua_timeout_explicit: bool = False
+    isolation: str | None = None
+    max_workers: int | None = None
+    allow_python: bool = True
+    checkpointer: SqliteCheckpointer | None = None
+    # settings.parallel keys and backend options, which override the document's
+    # (a copy of the caller's; read, never changed).
+    parallel: Mapping[str, Any] = field(default_factory=dict)
 
 
 def contained_file(base_dir: Path, reference: str) -> Path:
@@ -65,8 +85,9 @@ def contained_file(base_dir: Path, reference: str) -> Path:
 class SettingsReader:
     """Reads ``settings:`` and collects problems in ``problems``."""
 
-    def __init__(self, engine: YAMLEngine, source: str | None, base_dir: Path | None) -> None:
-        self.engine = engine
+    def __init__(self, engine_options: EngineOptions, source: str | None,
+                 base_dir: Path | None) -> None:
+        self.engine_options = engine_options
         self.source = source
         self.base_dir = base_dir
         self.problems: list[str] = []
@@ -102,14 +123,14 @@ class SettingsReader:
                 self.problem("settings.parallel: 'isolation' and its alias 'strategy' disagree")
             document.setdefault("isolation", document["strategy"])
             del document["strategy"]
-        engine = self.engine
+        engine = self.engine_options
         # The engine's options override the document's; a message names where a value came from.
-        parallel = {**document, **engine._options}
+        parallel = {**document, **engine.parallel}
         origin = {key: f"settings.parallel.{key}" for key in document}
-        origin.update({key: f"YAMLEngine({key}=...)" for key in engine._options})
-        isolation = engine._isolation or parallel.get("isolation") or DEFAULT_ISOLATION
+        origin.update({key: f"YAMLEngine({key}=...)" for key in engine.parallel})
+        isolation = engine.isolation or parallel.get("isolation") or DEFAULT_ISOLATION
         if not isinstance(isolation, str) or isolation not in available_backends():
-            chooser = "YAMLEngine(isolation=...)" if engine._isolation else "settings.parallel.isolation"
+            chooser = "YAMLEngine(isolation=...)" if engine.isolation else "settings.parallel.isolation"
             self.problem(unknown(f"{chooser}: unknown isolation backend {isolation!r}",
                                  isolation, available_backends()))
             isolation = None
@@ -117,14 +138,14 @@ class SettingsReader:
         if not isinstance(fail_fast, bool):
             self.problem(f"{origin['fail_fast']}: must be true or false, got {fail_fast!r}")
         max_steps = parallel.get("max_steps", DEFAULT_MAX_STEPS)
-        if (not engine._allow_python and "max_steps" not in engine._options
+        if (not engine.allow_python and "max_steps" not in engine.parallel
                 and isinstance(max_steps, (int, float)) and max_steps > DEFAULT_MAX_STEPS):
             self.problem(f"settings.parallel.max_steps: a Lua-only document may lower the "
                          f"limit of {DEFAULT_MAX_STEPS} steps, not raise it; got {max_steps!r}")
             max_steps = DEFAULT_MAX_STEPS
         options: dict[str, Any] = {
             "isolation": isolation or DEFAULT_ISOLATION,
-            "max_workers": engine._max_workers or parallel.get("max_workers"),
+            "max_workers": engine.max_workers or parallel.get("max_workers"),
             "branch_timeout": parallel.get("branch_timeout"), "fail_fast": fail_fast,
             "max_steps": max_steps, "lua_timeout": lua_timeout, "lua_max_memory": max_memory,
             "checkpointer": checkpointer,
@@ -146,7 +167,7 @@ class SettingsReader:
         return options
 
     def options_per_backend(self, isolation: str | None, document: Mapping[str, Any],
-                            engine: YAMLEngine) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+                            engine: EngineOptions) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
         """The options of the backend that runs, and every other backend's own section.
 
         Flat options (the document's, then the engine's on top) belong to
@@ -157,11 +178,11 @@ class SettingsReader:
         from_document = self.backend_sections(
             isolation, {k: v for k, v in document.items() if k not in PARALLEL_KEYS},
             "settings.parallel",
-            overridden=document.get("isolation") if engine._isolation else None)
+            overridden=document.get("isolation") if engine.isolation else None)
         from_engine = self.backend_sections(
-            isolation, {k: v for k, v in engine._options.items() if k not in PARALLEL_KEYS},
+            isolation, {k: v for k, v in engine.parallel.items() if k not in PARALLEL_KEYS},
             "YAMLEngine()")
-        if not engine._allow_python:
+        if not engine.allow_python:
             for name, section in sorted(from_document.items()):
                 for key, (_, where) in sorted(section.items()):
                     if (key not in UNTRUSTED_BACKEND_OPTIONS
@@ -193,20 +214,20 @@ class SettingsReader:
         path, pickle = settings.get("path"), settings.get("pickle", False)
         if not isinstance(pickle, bool):
             self.problem(f"{where}.pickle: must be true or false, got {pickle!r}")
-        elif pickle and not self.engine._allow_python:
+        elif pickle and not self.engine_options.allow_python:
             self.problem(f"{where}.pickle: a Lua-only document cannot turn on pickle (reading "
                          f"a pickled state runs code); pass YAMLEngine(checkpointer=...) instead")
         if "path" in settings and (not isinstance(path, str) or not path):
             self.problem(f"{where}.path: must be a file path, got {path!r}")
             return None
-        if path is None or self.engine._checkpointer is not None:
-            return self.engine._checkpointer
-        if not Path(path).is_absolute() or not self.engine._allow_python:
+        if path is None or self.engine_options.checkpointer is not None:
+            return self.engine_options.checkpointer
+        if not Path(path).is_absolute() or not self.engine_options.allow_python:
             if self.base_dir is None:
                 self.problem(f"{where}.path: relative path {path!r} needs load_from_file or "
                              f"base_dir")
                 return None
-            if not self.engine._allow_python:
+            if not self.engine_options.allow_python:
                 try:
                     return SqliteCheckpointer(contained_file(self.base_dir, path),
                                               pickle=False)
@@ -217,16 +238,16 @@ class SettingsReader:
         return SqliteCheckpointer(path, pickle=pickle is True)
 
     def lua_limits(self, lua: Mapping[str, Any]) -> tuple[float | None, int | None]:
-        engine = self.engine
-        lua_timeout = engine._lua_timeout
-        if not engine._lua_timeout_explicit and "timeout" in lua:
+        engine = self.engine_options
+        lua_timeout = engine.lua_timeout
+        if not engine.lua_timeout_explicit and "timeout" in lua:
             lua_timeout = lua["timeout"]
-            if not engine._allow_python and (lua_timeout is None or (
-                    isinstance(lua_timeout, (int, float)) and lua_timeout > engine._lua_timeout)):
+            if not engine.allow_python and (lua_timeout is None or (
+                    isinstance(lua_timeout, (int, float)) and lua_timeout > engine.lua_timeout)):
                 self.problem(f"settings.lua.timeout: a Lua-only document may lower the engine's "
-                             f"limit of {engine._lua_timeout}s, not raise or remove it; "
+                             f"limit of {engine.lua_timeout}s, not raise or remove it; "
                              f"got {lua_timeout!r}")
-                lua_timeout = engine._lua_timeout
+                lua_timeout = engine.lua_timeout
         if lua_timeout is not None and (isinstance(lua_timeout, bool) or not isinstance(
                 lua_timeout, (int, float)) or lua_timeout <= 0):
             self.problem(f"settings.lua.timeout: must be a positive number, got {lua_timeout!r}")
@@ -237,7 +258,7 @@ class SettingsReader:
                 max_memory = parse_size(lua["max_memory"])
             except ValueError as exc:
                 self.problem(f"settings.lua.max_memory: {exc}")
-            if not engine._allow_python and (max_memory is None or max_memory > DEFAULT_LUA_MAX_MEMORY):
+            if not engine.allow_python and (max_memory is None or max_memory > DEFAULT_LUA_MAX_MEMORY):
                 self.problem(f"settings.lua.max_memory: a Lua-only document may lower the limit "
                              f"of {DEFAULT_LUA_MAX_MEMORY} bytes, not raise or remove it")
                 max_memory = DEFAULT_LUA_MAX_MEMORY
