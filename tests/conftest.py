@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import signal
+import sys
 import threading
 import time
+import traceback
 
 import pytest
 from benchmarks.proc_scan import children, descendants, live_processes
@@ -25,12 +28,40 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-__all__ = ["BACKENDS", "HAVE_DASK", "children", "descendants", "fan_out", "invoke_concurrently",
-           "live_processes"]
+__all__ = ["BACKENDS", "HAVE_DASK", "blocked_in_threading", "children", "descendants", "fan_out",
+           "frames_of", "invoke_concurrently", "live_processes", "plain_environment", "wait_until"]
 
 # Every built-in backend; dask only runs where its extra is installed (CI installs it).
 BACKENDS = ["inline", "thread", "process", pytest.param("dask", marks=pytest.mark.skipif(
     not HAVE_DASK, reason="the dask extra is not installed: pip install -e '.[test,dask]'"))]
+
+
+# What a child process gets from this one by default: finding programs and
+# code, a home, a temp directory, the locale. Nothing else, in particular no
+# PYTHONUNBUFFERED (set on development machines and CI runners, not in a
+# user's shell), so output a child would lose to buffering is lost in the
+# tests as it is for users.
+PLAIN_ENVIRONMENT_KEYS = ("PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "LC_CTYPE", "PYTHONPATH")
+
+
+def plain_environment(**extra: str) -> dict[str, str]:
+    """The environment of a user's plain shell, for tests that start the CLI or pytest.
+
+    Pass it as ``env=`` to ``subprocess``; ``extra`` adds variables a test needs.
+    """
+    env = {key: os.environ[key] for key in PLAIN_ENVIRONMENT_KEYS if key in os.environ}
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def plain_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process's environment is ``plain_environment()`` for the test, for children
+    started by code that copies ``os.environ`` (pytester's ``runpytest_subprocess``)."""
+    plain = plain_environment()
+    for key in list(os.environ):
+        if key not in plain:
+            monkeypatch.delenv(key)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -153,3 +184,63 @@ def wait_until(condition, seconds: float = 60, interval: float = 0.02) -> bool:
             return False
         time.sleep(interval)
     return True
+
+
+@pytest.fixture
+def callers_module(tmp_path, monkeypatch):
+    """``callers_module(source)``: a module of the caller's own, written to a directory of
+    its own under ``tmp_path`` and imported from there (a fresh name each time).
+
+    As a script's ``myflow.py`` next to it: importable here, installed nowhere.
+    ``on_sys_path=False`` loads it from its file instead, so it cannot be
+    imported by name even here. Forgotten (``sys.modules``, ``sys.path``)
+    when the test ends.
+    """
+    import importlib
+    import sys
+    import textwrap
+    import uuid
+
+    names: list[str] = []
+
+    def make(source: str, *, name: str | None = None, on_sys_path: bool = True):
+        name = name or f"callers_{uuid.uuid4().hex[:12]}"
+        directory = tmp_path / name
+        directory.mkdir()
+        path = directory / f"{name}.py"
+        path.write_text(textwrap.dedent(source))
+        names.append(name)
+        if on_sys_path:
+            monkeypatch.syspath_prepend(str(directory))
+            return importlib.import_module(name)
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    yield make
+    for name in names:
+        sys.modules.pop(name, None)
+
+
+def frames_of(ident: int | None) -> list[str]:
+    """Names of the functions on thread ``ident``'s stack, outermost first ([] if it ended)."""
+    frame = sys._current_frames().get(ident) if ident is not None else None
+    return [entry.name for entry in traceback.extract_stack(frame)] if frame else []
+
+
+# The functions of threading.py a blocked thread sits in: Event, Condition and
+# Barrier waits, and Thread.join.
+_THREADING_WAITS = frozenset({"wait", "join", "_wait_for_tstate_lock"})
+
+
+def blocked_in_threading(ident: int | None) -> bool:
+    """Whether thread ``ident`` is blocked in a ``threading`` wait or join right now.
+
+    For ordering a test by where another thread *is* (waiting in a backoff,
+    joining a pool) rather than by a sleep that usually lasts long enough.
+    """
+    frame = sys._current_frames().get(ident) if ident is not None else None
+    return frame is not None and frame.f_code.co_filename == threading.__file__ \
+        and frame.f_code.co_name in _THREADING_WAITS

@@ -13,16 +13,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import sys
 import threading
 import time
-import traceback
 
 import pytest
 
-from conftest import BACKENDS, wait_until
+from conftest import BACKENDS, frames_of, wait_until
 from isobranch import END, START, GraphExecutionError, StateGraph
-from isobranch.cancellation import CancelSignal, RunCancelled
+from isobranch.cancellation import CancelSignal
+from isobranch.errors import RunCancelled
 from isobranch.nodes import LuaNode
 
 BRANCHES = ("b1", "b2", "b3")
@@ -177,11 +176,6 @@ def test_the_event_loop_keeps_ticking_during_a_long_run(app):
 # -- cancellation --------------------------------------------------------------
 
 
-def _frames_of(ident: int) -> list[str]:
-    frame = sys._current_frames().get(ident)
-    return [entry.name for entry in traceback.extract_stack(frame)] if frame else []
-
-
 def _started(marks) -> list[tuple[str, int, int]]:
     found = []
     for entry in os.listdir(marks):
@@ -247,8 +241,8 @@ def test_cancelling_stops_the_run_for_real(app, how, tmp_path):
         # The worker is restarted through its nanny, which takes a moment.
         assert wait_until(lambda: not _alive(pid), 30), "the Dask worker was restarted"
     else:
-        assert "run_branch" not in _frames_of(ident), "the branch's thread stopped running it"
-    assert not any("run_steps" in _frames_of(t.ident) for t in app._run_threads.threads)
+        assert "run_branch" not in frames_of(ident), "the branch's thread stopped running it"
+    assert not any("run_steps" in frames_of(t.ident) for t in app._run_threads.threads)
     # The graph still works afterwards.
     assert final(asyncio.run(app.ainvoke({"x": 2}))) == expected(2)
 
@@ -283,7 +277,7 @@ def test_cancelling_main_path_lua_stops_it():
             return compiled._run_threads.threads
 
         threads = asyncio.run(scenario())
-        assert threads and not any("run_steps" in _frames_of(t.ident) for t in threads)
+        assert threads and not any("run_steps" in frames_of(t.ident) for t in threads)
 
 
 def test_a_cancelled_run_raises_run_cancelled_in_its_thread_and_cancels_async_nodes():
@@ -336,9 +330,9 @@ def test_leaving_astream_early_stops_the_run(tmp_path):
             return compiled._run_threads.threads
 
         threads = asyncio.run(scenario())
-        assert not any("run_steps" in _frames_of(t.ident) for t in threads)
+        assert not any("run_steps" in frames_of(t.ident) for t in threads)
         for _, _, ident in _started(marks):
-            assert "run_branch" not in _frames_of(ident)
+            assert "run_branch" not in frames_of(ident)
 
 
 def test_cancel_signal_callbacks_and_wait():
@@ -379,9 +373,8 @@ def test_aresume_runs_resume_off_the_loop_with_the_run_signal():
     assert calls == [("run-7", True, True, True)]
 
 
-def test_a_backend_that_only_returns_lists_stops_before_its_next_chunk(tmp_path):
-    from isobranch import register_backend
-    from isobranch.branch import run_branch
+def test_a_backend_that_only_returns_lists_stops_before_its_next_chunk(tmp_path, test_backend):
+    from isobranch.isolation import run_branch
 
     class ListsOnly:
         name = "async-lists-only"
@@ -395,7 +388,7 @@ def test_a_backend_that_only_returns_lists_stops_before_its_next_chunk(tmp_path)
         def close(self):
             pass
 
-    register_backend(ListsOnly.name, ListsOnly, replace=True)
+    test_backend(ListsOnly.name, ListsOnly)
     marks = tmp_path / "marks"
     marks.mkdir()
     with build_graph().compile(isolation=ListsOnly.name, max_workers=1) as compiled:
@@ -409,19 +402,42 @@ def test_a_backend_that_only_returns_lists_stops_before_its_next_chunk(tmp_path)
 
         asyncio.run(scenario())
         # The first chunk (one branch, sleeping 0.3 s) runs out; no other starts.
-        assert wait_until(lambda: not any("run_steps" in _frames_of(t.ident)
+        assert wait_until(lambda: not any("run_steps" in frames_of(t.ident)
                                            for t in compiled._run_threads.threads), 5)
     assert [name for name, _, _ in _started(marks)] == ["b1"]
 
 
-def _nested_spin_graph(extra_branch=None) -> StateGraph:
+class _Spinning:
+    """The threads that entered a nested Lua loop, and whether each really spins in it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entered: list[tuple[int, float]] = []  # (CPU clock of the thread, its time then)
+
+    def enter(self, state: dict) -> None:
+        """A node run just before the Lua loop, on the thread that runs it."""
+        clock = time.pthread_getcpuclockid(threading.get_ident())
+        with self._lock:
+            self._entered.append((clock, time.clock_gettime(clock)))
+
+    def spinning(self, count: int) -> bool:
+        """``count`` threads entered, each has spent 50 ms of CPU time since (in Lua)."""
+        with self._lock:
+            entered = list(self._entered)
+        return len(entered) >= count and all(
+            time.clock_gettime(clock) - then >= 0.05 for clock, then in entered)
+
+
+def _nested_spin_graph(spinning: _Spinning, extra_branch=None) -> StateGraph:
     """outer -> branch "b", which fans out again to two Lua loops that never end."""
     graph = StateGraph()
     graph.add_node("outer", lambda state: None)
     graph.add_node("b", lambda state: None)
     for name in ("n1", "n2"):
+        graph.add_node(f"enter_{name}", spinning.enter)
         graph.add_node(name, LuaNode(name, "while true do end"))
-        graph.add_parallel_edge("b", name, fan_in="inner_join")
+        graph.add_parallel_edge("b", f"enter_{name}", fan_in="inner_join")
+        graph.add_edge(f"enter_{name}", name)
     graph.add_fan_in_node("inner_join", lambda state, results: None)
     graph.add_parallel_edge("outer", "b", fan_in="join")
     if extra_branch is not None:
@@ -435,24 +451,34 @@ def _nested_spin_graph(extra_branch=None) -> StateGraph:
 
 @pytest.mark.parametrize("isolation", ["inline", "thread"])
 def test_cancelling_stops_nested_fan_outs_in_branches(isolation, no_thread_leak):
-    with _nested_spin_graph().compile(isolation=isolation, lua_timeout=None) as compiled:
+    spinning = _Spinning()
+    loops = 1 if isolation == "inline" else 2  # inline runs the nested branches one by one
+    with _nested_spin_graph(spinning).compile(isolation=isolation, lua_timeout=None) as compiled:
         async def scenario():
-            with pytest.raises(TimeoutError):
-                await asyncio.wait_for(compiled.ainvoke({}), 0.3)
+            task = asyncio.create_task(compiled.ainvoke({}))
+            while not spinning.spinning(loops):  # cancelled once the nested loops run
+                assert not task.done(), "the run ended before its nested loops ran"
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
 
         asyncio.run(scenario())
     # no_thread_leak: the nested fan-out's own threads (and their Lua loops) end too.
 
 
 def test_fail_fast_stops_a_siblings_nested_fan_out(no_thread_leak):
-    def fails(state):
-        time.sleep(0.2)
+    spinning = _Spinning()
+
+    def fails(state):  # once both nested loops of the sibling spin
+        assert wait_until(lambda: spinning.spinning(2), 30), "the nested loops never ran"
         raise ValueError("broken")
 
-    graph = _nested_spin_graph(extra_branch=fails)
+    graph = _nested_spin_graph(spinning, extra_branch=fails)
     with graph.compile(isolation="thread", lua_timeout=None, fail_fast=True) as compiled, \
             pytest.raises(GraphExecutionError, match="broken"):
         compiled.invoke({})
+    # no_thread_leak: the nested fan-out's threads, which spin in Lua, end too.
 
 
 def test_errors_reach_the_awaiting_caller_as_they_do_in_sync_calls():
@@ -504,7 +530,7 @@ def test_cancelling_at_any_moment_stops_cleanly(isolation):
             outcomes.add(outcome)
             assert latency < 1.0
             busy = [t.name for t in threading.enumerate()
-                    if {"run_steps", "run_branch"} & set(_frames_of(t.ident))]
+                    if {"run_steps", "run_branch"} & set(frames_of(t.ident))]
             assert not busy, f"still running after a cancellation at {delay}s: {busy}"
         assert "cancelled" in outcomes
         assert final(compiled.invoke({"x": 3})) == expected(3)

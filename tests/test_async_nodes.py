@@ -12,13 +12,20 @@ import time
 
 import pytest
 
+from conftest import wait_until
 from isobranch import END, START, GraphError, GraphExecutionError, StateGraph, YAMLEngine
 
 
 @pytest.mark.parametrize("isolation", ["inline", "thread"])
 def test_an_async_node_past_branch_timeout_is_cancelled(isolation):
+    ended: list[type] = []
+
     async def slow(state):
-        await asyncio.sleep(30)
+        try:
+            await asyncio.sleep(30)
+        except BaseException as exc:
+            ended.append(type(exc))
+            raise
 
     graph = StateGraph()
     graph.add_node("start", lambda state: None)
@@ -33,6 +40,10 @@ def test_an_async_node_past_branch_timeout_is_cancelled(isolation):
         assert time.monotonic() - started < 5
     assert result.timed_out and result.error_type == "BranchTimeout"
     assert "'slow'" in result.error
+    # The thread backend reports an overrun branch without waiting for it: the
+    # awaited call itself must have been cancelled at its await.
+    assert wait_until(lambda: ended, 10), "the async node was never cancelled"
+    assert ended == [asyncio.CancelledError]
 
 
 def test_sync_invoke_of_async_nodes_from_inside_a_running_loop():

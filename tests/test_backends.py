@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
+
 import pytest
 
 from isobranch import (
@@ -12,8 +16,7 @@ from isobranch import (
     register_backend,
     unregister_backend,
 )
-from isobranch.branch_run import run_branch
-from isobranch.isolation import create_backend
+from isobranch.isolation import create_backend, run_branch
 
 
 class RecordingBackend:
@@ -39,11 +42,24 @@ class RecordingBackend:
         self.closed = True
 
 
-def test_builtin_backends_are_registered():
-    assert {"inline", "thread"} <= set(available_backends())
-    for name in ("inline", "thread"):
-        backend = create_backend(name)
+BUILT_IN = ["dask", "inline", "thread", "process"]
+
+
+def test_a_fresh_interpreter_has_exactly_the_built_in_backends():
+    # A fresh interpreter: in this one, other tests register backends of their own.
+    listed = subprocess.run(
+        [sys.executable, "-c", "import isobranch; print(isobranch.available_backends())"],
+        capture_output=True, text=True, timeout=120, check=True).stdout
+    assert ast.literal_eval(listed) == sorted(BUILT_IN)
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_each_built_in_name_creates_its_own_backend(name):
+    assert name in available_backends()
+    backend = create_backend(name, max_workers=1)  # no pool, worker or cluster starts yet
+    try:
         assert isinstance(backend, IsolationBackend) and backend.name == name
+    finally:
         backend.close()
 
 
@@ -119,14 +135,16 @@ def test_invalid_max_workers_is_a_graph_error():
         graph.compile(isolation="thread", max_workers=0)
 
 
-def test_run_branch_is_still_importable_from_isobranch_branch():
-    # docs/backends.md once showed this import; code written against it keeps working.
+def test_what_a_backend_author_needs_is_public_at_isobranch_isolation():
     import isobranch.branch
     import isobranch.branch_run
+    import isobranch.isolation
 
-    assert isobranch.branch.run_branch is isobranch.branch_run.run_branch
-    with pytest.raises(AttributeError):
-        isobranch.branch.no_such_name  # noqa: B018
+    assert run_branch is isobranch.branch_run.run_branch
+    assert isobranch.isolation.BranchTask is isobranch.branch.BranchTask
+    assert isobranch.isolation.IsolationBackend is IsolationBackend
+    assert {"BranchTask", "IsolationBackend", "run_branch"} <= set(isobranch.isolation.__all__)
+    assert not hasattr(isobranch.branch, "run_branch"), "no shim for the old import path"
 
 
 # -- backends of the first protocols, written as docs/backends.md shows -------------------

@@ -35,3 +35,25 @@ def test_a_run_whose_rows_are_met_succeeds(monkeypatch, capsys):
     monkeypatch.setattr(cases, "vm_creation", lambda repeat: met)
     assert table.main(["--only", "vm"]) == 0
     assert "MISSED" not in capsys.readouterr().out
+
+
+def _measuring(monkeypatch, helper: str, given: list) -> None:
+    """``cases.<helper>`` returns the ``given`` timings in turn instead of measuring."""
+    monkeypatch.setattr(cases, helper, lambda *args, **kwargs: given.pop(0))
+
+
+def test_the_per_branch_overhead_row_is_ok_up_to_its_target_and_missed_past_it(monkeypatch):
+    # A 1-branch and a 64-branch fan-out, twice: the 63 extra branches cost
+    # 0.199 ms each, then 0.201 ms.
+    _measuring(monkeypatch, "median_of", [0.01, 0.01 + 63 * 0.000199, 0.01, 0.01 + 63 * 0.000201])
+    met = cases.per_branch_overhead("inline", 0.2, repeat=1)
+    past = cases.per_branch_overhead("inline", 0.2, repeat=1)
+    assert (met.ok, met.target) == (True, "<= 0.2 ms") and met.ratio == pytest.approx(0.995)
+    assert not past.ok and past.ratio == pytest.approx(1.005)
+
+
+def test_the_small_read_row_is_ok_up_to_2_ms_and_missed_past_it(monkeypatch):
+    _measuring(monkeypatch, "paired_best", [(0.0001, 0.002), (0.0001, 0.0021)])
+    met, past = cases.lua_small_read(repeat=1), cases.lua_small_read(repeat=1)
+    assert (met.ok, met.target) == (True, "<= 2 ms") and met.ratio == pytest.approx(1.0)
+    assert not past.ok and past.ratio == pytest.approx(1.05)

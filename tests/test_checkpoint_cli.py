@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from isobranch import GraphError, SqliteCheckpointer, YAMLEngine
+from conftest import plain_environment
+from isobranch import GraphError, GraphExecutionError, SqliteCheckpointer, YAMLEngine
 from isobranch.checkpoint import RunStatus
 from isobranch.cli import main
 
@@ -173,7 +174,8 @@ def test_cli_run_id_without_a_checkpointer_is_invalid_input(tmp_path, capfd):
     path = tmp_path / "plain.yaml"
     path.write_text("nodes:\n  - {name: a, language: lua, run: 'return {}'}\n")
     assert main(["run", str(path), "--run-id", "x"]) == 2
-    assert "run_id needs a checkpointer" in capfd.readouterr().err
+    assert capfd.readouterr().err == (f"isobranch: error: {path}: --run-id needs --checkpoint DB "
+                                      f"(the workflow has no settings.checkpoint)\n")
 
 
 def test_ctrl_c_of_the_command_records_interrupted_and_resume_finishes(tmp_path):
@@ -203,7 +205,7 @@ def test_ctrl_c_of_the_command_records_interrupted_and_resume_finishes(tmp_path)
     """))
     child = subprocess.Popen([sys.executable, "-m", "isobranch", "run", str(flow), "--run-id",
                               "c1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             start_new_session=True)
+                             start_new_session=True, env=plain_environment())
     try:
         deadline = time.monotonic() + 60
         while not started.exists():
@@ -219,6 +221,281 @@ def test_ctrl_c_of_the_command_records_interrupted_and_resume_finishes(tmp_path)
     assert SqliteCheckpointer(tmp_path / "runs.db").get_run("c1").status \
         is RunStatus.INTERRUPTED
     done = subprocess.run([sys.executable, "-m", "isobranch", "resume", str(flow), "c1"],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, env=plain_environment())
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"a": 1, "b": 2}
+
+
+def test_a_run_id_that_exists_says_what_to_type_and_nothing_else(workflow, capfd):
+    database = workflow.parent / "cli.db"
+    args = ["run", str(workflow), "--checkpoint", str(database), "--run-id", "n1",
+            "--input", state_for(workflow)]
+    assert main(args) == 0
+    capfd.readouterr()
+    assert main(args) == 2
+    captured = capfd.readouterr()
+    assert captured.err.splitlines() == [
+        f"isobranch: error: run 'n1' already exists in {database}; resume it (isobranch resume "
+        f"{workflow} n1 --checkpoint {database}), delete it (isobranch runs {database} "
+        f"--delete n1) or choose another --run-id"]
+    assert captured.out == ""
+    assert main(["run", str(workflow), "--checkpoint", str(database), "--run-id", "n1",
+                 "--input", state_for(workflow), "--stream"]) == 2
+    [error] = [json.loads(line) for line in capfd.readouterr().out.splitlines()]
+    assert error["type"] == "error" and "--delete n1" in error["message"]
+    assert "resume('n1')" not in error["message"]
+
+
+def test_a_run_id_that_exists_in_the_settings_database(workflow, capfd, monkeypatch):
+    monkeypatch.chdir(workflow.parent)
+    args = ["run", "flow.yaml", "--run-id", "a b", "--input", state_for(workflow)]
+    assert main(args) == 0
+    assert capfd.readouterr().err == (f"isobranch: run a b (recorded in "
+                                      f"{workflow.parent / 'runs.db'})\n")
+    assert main(args) == 2
+    database = workflow.parent / "runs.db"
+    assert capfd.readouterr().err == (
+        f"isobranch: error: run 'a b' already exists in {database}; resume it (isobranch resume "
+        f"flow.yaml 'a b'), delete it (isobranch runs {database} --delete 'a b') or choose "
+        f"another --run-id\n")
+    # The commands it names do what it says.
+    assert main(["runs", str(database), "--delete", "a b"]) == 0
+    assert capfd.readouterr().out == "deleted run a b\n"
+    assert main(args) == 0
+
+
+def test_the_library_keeps_its_own_words(workflow):
+    from isobranch.checkpoint import GraphChangedError, RunExistsError
+
+    checkpointer = SqliteCheckpointer(workflow.parent / "lib.db")
+    with YAMLEngine(checkpointer=checkpointer).load_from_file(workflow) as app:
+        (workflow.parent / "fail-0").touch()
+        with pytest.raises(GraphExecutionError):
+            app.invoke(json.loads(state_for(workflow)), config={"run_id": "r"})
+        with pytest.raises(RunExistsError, match=r"resume it with resume\('r'\), delete it "
+                                                 r"with delete_run\('r'\)") as exists:
+            app.invoke(json.loads(state_for(workflow)), config={"run_id": "r"})
+    assert (exists.value.run_id, exists.value.path) == ("r", checkpointer.path)
+    workflow.write_text(workflow.read_text().replace('state["doc"] * 2', 'state["doc"] * 3'))
+    with YAMLEngine(checkpointer=checkpointer).load_from_file(workflow) as app, \
+            pytest.raises(GraphChangedError, match="resume with force=True") as changed:
+        app.resume("r")
+    assert changed.value.changes == ["node 'score' changed"]
+    checkpointer.close()
+
+
+def test_a_changed_workflow_says_force_in_the_command_s_words(workflow, capfd):
+    (workflow.parent / "fail-0").touch()
+    assert main(["run", str(workflow), "--run-id", "n4", "--input", state_for(workflow)]) == 1
+    workflow.write_text(workflow.read_text().replace('state["doc"] * 2', 'state["doc"] * 3'))
+    capfd.readouterr()
+    assert main(["resume", str(workflow), "n4"]) == 2
+    assert capfd.readouterr().err == (
+        f"isobranch: error: run 'n4' in {workflow.parent / 'runs.db'}: the workflow changed "
+        f"since the run started (node 'score' changed); add --force to resume it with the "
+        f"changed workflow anyway\n")
+
+
+def test_runs_delete_forgets_a_run_and_refuses_an_unknown_one(workflow, capfd):
+    database = workflow.parent / "runs.db"
+    for run_id in ("keep", "drop"):
+        assert main(["run", str(workflow), "--run-id", run_id, "--input",
+                     state_for(workflow)]) == 0
+    capfd.readouterr()
+    assert main(["runs", str(database), "--delete", "drop"]) == 0
+    assert capfd.readouterr().out == "deleted run drop\n"
+    assert [run.run_id for run in SqliteCheckpointer(database).list_runs()] == ["keep"]
+    assert main(["runs", str(database), "--delete", "drop"]) == 2
+    assert capfd.readouterr().err == f"isobranch: error: {database}: there is no run 'drop'\n"
+    assert main(["runs", str(workflow.parent / "none.db"), "--delete", "x"]) == 2
+    assert not (workflow.parent / "none.db").exists()
+
+
+def test_a_run_deleted_while_it_runs_fails_and_leaves_nothing(workflow, capfd):
+    """Its next record finds no run: the run fails, and no row of it is left for a new run
+    of the same id to take for its own."""
+    database = workflow.parent / "runs.db"
+    checkpointer = SqliteCheckpointer(database)
+    with YAMLEngine(checkpointer=checkpointer).load_from_file(workflow) as app:
+        events = app.stream(json.loads(state_for(workflow)), config={"run_id": "gone"})
+        assert next(events)["type"] == "run"
+        assert checkpointer.delete_run("gone")
+        with pytest.raises(GraphExecutionError, match="recording the step of node 'split' "
+                           "failed: run 'gone' is no longer in the database: it was deleted "
+                           "while it ran"):
+            list(events)
+    for table in ("runs", "steps", "fan_outs", "branches"):
+        assert checkpointer._read(f"SELECT COUNT(*) FROM {table}") == [(0,)], table
+    checkpointer.close()
+
+
+# -- working time ---------------------------------------------------------------
+
+
+class _Clock:
+    """The store's wall clock, set by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    import isobranch.checkpoint.store as store
+
+    fake = _Clock()
+    monkeypatch.setattr(store, "_clock", fake)
+    return fake
+
+
+def test_working_time_leaves_out_the_time_between_a_kill_and_the_resume(tmp_path, clock):
+    store = SqliteCheckpointer(tmp_path / "runs.db")
+    store.create_run("k", "g", "fp", "{}")
+    clock.now = 1003.0
+    store.write_step("k", 1, "a", "node", 1, "{}")
+    clock.now = 1004.5
+    store.write_fan_out("k", 1, "a", 2)
+    clock.now = 1006.0
+    store.write_branches([("k", 1, 0, True, "{}")])
+    # Killed here (nothing recorded after 1006), resumed an hour later.
+    run = store.get_run("k")
+    assert run.status is RunStatus.RUNNING and run.duration is None
+    assert run.working_time == pytest.approx(6.0), "so far: up to the last record"
+    clock.now = 4600.0
+    store.reopen_run("k", None)
+    clock.now = 4602.0
+    store.write_branches([("k", 1, 1, True, "{}")])
+    clock.now = 4605.0
+    store.finish_run("k", RunStatus.SUCCEEDED, "{}", None)
+    run = store.get_run("k")
+    assert run.working_time == pytest.approx(6.0 + 5.0)
+    assert run.duration == pytest.approx(11.0)
+    assert run.finished_at - run.started_at == pytest.approx(3605.0)
+    store.close()
+
+
+def test_working_time_of_a_run_interrupted_then_resumed(tmp_path, clock):
+    store = SqliteCheckpointer(tmp_path / "runs.db")
+    store.create_run("i", "g", "fp", "{}")
+    clock.now = 1010.0
+    store.finish_run("i", RunStatus.INTERRUPTED, None, "KeyboardInterrupt: ")
+    clock.now = 2000.0  # the interrupted run recorded its end: its span counts whole
+    assert store.get_run("i").working_time == pytest.approx(10.0)
+    store.reopen_run("i", None)
+    clock.now = 2002.5
+    store.finish_run("i", RunStatus.FAILED, None, "RuntimeError: x")
+    clock.now = 3000.0
+    store.reopen_run("i", None)
+    clock.now = 3001.0
+    store.finish_run("i", RunStatus.SUCCEEDED, "{}", None)
+    assert store.get_run("i").duration == pytest.approx(10.0 + 2.5 + 1.0)
+    store.close()
+
+
+def test_the_runs_table_shows_working_time(tmp_path, clock, capfd):
+    store = SqliteCheckpointer(tmp_path / "runs.db")
+    store.create_run("k", "g", "fp", "{}")
+    clock.now = 1002.0
+    store.write_step("k", 1, "a", "node", 1, "{}")
+    clock.now = 8000.0
+    store.reopen_run("k", None)
+    clock.now = 8001.5
+    store.finish_run("k", RunStatus.SUCCEEDED, "{}", None)
+    store.close()
+    assert main(["runs", str(tmp_path / "runs.db")]) == 0
+    [_, row] = capfd.readouterr().out.splitlines()
+    assert row.split()[5] == "3.5s"
+
+
+def test_a_version_1_database_gets_working_time(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    connection = sqlite3.connect(path)
+    connection.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema', '1');
+        CREATE TABLE runs (
+            run_id TEXT PRIMARY KEY, graph TEXT, fingerprint TEXT NOT NULL, input TEXT NOT NULL,
+            status TEXT NOT NULL, started_at REAL NOT NULL, finished_at REAL, final_state TEXT,
+            error TEXT);
+        CREATE TABLE steps (
+            run_id TEXT NOT NULL, seq INTEGER NOT NULL, node TEXT NOT NULL, kind TEXT NOT NULL,
+            steps INTEGER NOT NULL, state TEXT NOT NULL, recorded_at REAL NOT NULL,
+            PRIMARY KEY (run_id, seq));
+        INSERT INTO runs VALUES ('done', 'g', 'fp', '{}', 'succeeded', 100.0, 104.0, '{}', NULL);
+        INSERT INTO runs VALUES ('killed', 'g', 'fp', '{}', 'running', 200.0, NULL, NULL, NULL);
+        INSERT INTO steps VALUES ('killed', 1, 'a', 'node', 1, '{}', 207.0);
+    """)
+    connection.commit()
+    connection.close()
+    store = SqliteCheckpointer(path)
+    done, killed = store.list_runs()
+    assert (done.run_id, done.working_time, done.duration) == ("done", 4.0, 4.0)
+    assert (killed.run_id, killed.working_time, killed.duration) == ("killed", 7.0, None)
+    assert store._read("SELECT value FROM meta WHERE key = 'schema'") == [("2",)]
+    store.reopen_run("killed", None)  # a resume of the killed run counts its 7 s
+    store.finish_run("killed", RunStatus.SUCCEEDED, "{}", None)
+    assert store.get_run("killed").working_time >= 7.0
+    store.close()
+
+
+def test_a_sigkill_then_a_resume_counts_only_the_time_the_run_ran(tmp_path):
+    """The real thing: the command killed with SIGKILL mid-run, resumed later."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import wait_until
+
+    started = tmp_path / "started"
+    flow = tmp_path / "slow.yaml"
+    flow.write_text(textwrap.dedent(f"""
+        settings:
+          checkpoint: {{path: runs.db}}
+        nodes:
+          - name: first
+            run: |
+              return {{"a": 1}}
+          - name: wait
+            run: |
+              import pathlib, time
+              marker = pathlib.Path({str(started)!r})
+              if not marker.exists():
+                  marker.touch()
+                  time.sleep(120)
+              return {{"b": state["a"] + 1}}
+    """))
+    child = subprocess.Popen([sys.executable, "-m", "isobranch", "run", str(flow), "--run-id",
+                              "k1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             start_new_session=True)
+    try:
+        assert wait_until(lambda: started.exists() or child.poll() is not None), "no start"
+        assert child.poll() is None, child.stderr.read()
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait(timeout=60)
+        killed_at = time.time()
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+        child.stderr.close()
+    database = tmp_path / "runs.db"
+    assert SqliteCheckpointer(database).get_run("k1").status is RunStatus.RUNNING
+    resumed_at = time.time()
+    done = subprocess.run([sys.executable, "-m", "isobranch", "resume", str(flow), "k1"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    run = SqliteCheckpointer(database).get_run("k1")
+    assert run.status is RunStatus.SUCCEEDED
+    # What the working time leaves out: from the last record before the kill
+    # (before the node that was killed started) to the resume reopening the
+    # run, which contains [killed_at, resumed_at].
+    left_out = (run.finished_at - run.started_at) - run.working_time
+    assert left_out >= resumed_at - killed_at > 0
+    assert 0 < run.working_time == run.duration

@@ -20,15 +20,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from isobranch.checkpoint.codec import (
-    MAX_DEPTH,
-    TAG_KEY,
-    StateDecodeError,
-    StateEncodeError,
-    Tag,
-    decode_value,
-    encode_value,
-)
+from isobranch.checkpoint.codec import MAX_DEPTH, TAG_KEY, Tag, decode_value, encode_value
+from isobranch.errors import StateDecodeError, StateEncodeError
 
 HYPOTHESIS = settings(max_examples=150, deadline=None, database=None, derandomize=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import plain_environment
 from isobranch.cli import main
 
 ROOT = Path(__file__).parent.parent
@@ -133,18 +135,21 @@ def test_graph_draws_what_was_compiled_including_implied_links(capfd, flow):
           - {from: check, to: high, when: {lua: "state.n > 5"}}
     """)
     assert main(["graph", str(path)]) == 0
+    # high and low have no edges: the runner ends the run there, so END is drawn.
     assert capfd.readouterr().out.splitlines() == [
         "flowchart TD",
         '    n___start__["__start__"] --> n_check["check"]',
-        '    n_check["check"] -->|lua: state.n > 5| n_high["high"]',
+        '    n_check["check"] -->|"lua: state.n #62; 5"| n_high["high"]',
         '    n_check["check"] --> n_low["low"]',
+        '    n_high["high"] --> n___end__["__end__"]',
+        '    n_low["low"] --> n___end__["__end__"]',
     ]
 
 
 def test_console_script_entry_point_runs():
     completed = subprocess.run(
         [sys.executable, "-m", "isobranch.cli", "run", str(DEMO), "--input", '{"items": [20]}'],
-        capture_output=True, text=True, timeout=60)
+        capture_output=True, text=True, timeout=60, env=plain_environment())
     assert completed.returncode == 0, completed.stderr
     assert json.loads(completed.stdout)["verdict"].startswith("big")
 
@@ -174,3 +179,25 @@ def test_interrupt_is_one_line_and_restores_stdout(capfd, monkeypatch):
     captured = capfd.readouterr()
     assert captured.err.splitlines() == ["printed by a node", "isobranch: interrupted"]
     assert captured.out == "the caller's own output\n"
+
+
+# reST and Markdown markup that has no place in terminal text.
+MARKUP = re.compile(r"``|`|:(?:class|func|meth|attr|mod|exc|data|obj|ref|doc):|\.\. \w+::")
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["resume"], ["runs"], ["validate"], ["graph"]])
+def test_help_is_plain_text(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: isobranch")
+    assert not MARKUP.findall(text), text
+
+
+def test_every_subcommand_is_checked_for_plain_help(capsys):
+    """The list above must not miss a subcommand added later."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listed = re.search(r"\{([a-z,]+)\}", capsys.readouterr().out).group(1).split(",")
+    assert sorted(listed) == ["graph", "resume", "run", "runs", "validate"]

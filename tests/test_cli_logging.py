@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import plain_environment
 from isobranch.cli import main
 
 ROOT = Path(__file__).parent.parent
@@ -40,7 +41,7 @@ def logging_flow(tmp_path: Path) -> Path:
 
 def _isobranch(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "isobranch", *args], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT)
+                          text=True, timeout=120, cwd=ROOT, env=plain_environment())
 
 
 def test_run_vv_shows_a_debug_record_on_stderr_and_nothing_extra_on_stdout() -> None:

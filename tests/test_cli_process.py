@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BACKENDS, HAVE_DASK, live_processes
+from conftest import BACKENDS, HAVE_DASK, live_processes, plain_environment
 
 ROOT = Path(__file__).parent.parent
 ISOBRANCH = [sys.executable, "-m", "isobranch"]
@@ -103,6 +103,8 @@ def write(tmp_path: Path, text: str, name: str = "flow.yaml") -> Path:
 
 
 def run_cli(*args: str, timeout: float = 120, **options) -> subprocess.CompletedProcess:
+    """The command as a user's shell runs it: a plain environment unless ``env=`` is given."""
+    options.setdefault("env", plain_environment())
     return subprocess.run([*ISOBRANCH, *args], capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT, **options)
 
@@ -219,7 +221,8 @@ def test_a_closed_stdout_is_one_line_and_exit_141(tmp_path):
     os.close(reader)  # like `| head` that has already exited
     try:
         completed = subprocess.run([*ISOBRANCH, "run", str(flow), "--stream"], stdout=writer,
-                                   stderr=subprocess.PIPE, text=True, timeout=120, cwd=ROOT)
+                                   stderr=subprocess.PIPE, text=True, timeout=120, cwd=ROOT,
+                                   env=plain_environment())
     finally:
         os.close(writer)
     assert completed.returncode == 141
@@ -233,7 +236,7 @@ def test_ctrl_c_exits_130_with_one_line_and_leaves_no_process(isolation, moment,
     """Ctrl-C while the backend starts its workers, or while branches run."""
     flow = write(tmp_path, LONG)
     marker = tmp_path / "started"
-    env = dict(os.environ, ISOBRANCH_TEST_MARKER=str(marker), ISOBRANCH_TEST_MOMENT=moment)
+    env = plain_environment(ISOBRANCH_TEST_MARKER=str(marker), ISOBRANCH_TEST_MOMENT=moment)
     # A session of its own: SIGINT goes to the whole group, as a terminal's Ctrl-C does.
     process = subprocess.Popen([*ISOBRANCH, "run", str(flow), "--isolation", isolation],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -280,7 +283,7 @@ def test_a_script_without_main_guard_on_dask_fails_in_a_few_lines_saying_what_to
             print(compiled.invoke({}))
     """))
     completed = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                               timeout=120, cwd=tmp_path)
+                               timeout=120, cwd=tmp_path, env=plain_environment())
     assert completed.returncode == 1
     assert 'guard its entry point with `if __name__ == "__main__":`' in completed.stderr
     # The script's own traceback only: the workers that re-ran it said nothing.

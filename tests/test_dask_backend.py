@@ -11,17 +11,26 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import pickle
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import types
 
 import pytest
 import yaml
 
-from conftest import HAVE_DASK, descendants, fan_out, invoke_concurrently, wait_until
+from conftest import (
+    HAVE_DASK,
+    descendants,
+    fan_out,
+    invoke_concurrently,
+    plain_environment,
+    wait_until,
+)
 from isobranch import GraphError, GraphExecutionError, YAMLEngine
 
 pytestmark = [
@@ -483,6 +492,15 @@ def command_line_cluster(tmp_path):
     started.close()
 
 
+@pytest.fixture(scope="module")
+def shared_command_line_cluster(tmp_path_factory):
+    """One ``dask scheduler`` and ``dask worker`` for this module's tests that leave them as
+    they found them."""
+    started = CommandLineCluster(tmp_path_factory.mktemp("shared-cluster"))
+    yield started
+    started.close()
+
+
 def test_a_cluster_started_with_the_dask_commands_runs_the_workflow(command_line_cluster):
     with demo(isolation="inline") as graph:
         expected = graph.invoke(DEMO_INPUT)
@@ -607,7 +625,7 @@ def test_a_script_on_the_local_cluster_needs_a_main_guard_and_is_told_so(tmp_pat
     script = tmp_path / "flow.py"
     script.write_text(SCRIPT + entry)
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=120, cwd=tmp_path)
+                          timeout=120, cwd=tmp_path, env=plain_environment())
     if guarded:
         assert done.returncode == 0, done.stderr
         assert "worker tls://127.0.0.1:" in done.stdout
@@ -621,9 +639,9 @@ def test_the_command_line_runs_a_workflow_on_a_local_dask_cluster():
     command = [sys.executable, "-m", "isobranch", "run", str(DEMO), "--input",
                '{"items": [4, 8, 15]}']
     on_dask = subprocess.run([*command, "--isolation", "dask"], capture_output=True, text=True,
-                             timeout=120, cwd=ROOT)
+                             timeout=120, cwd=ROOT, env=plain_environment())
     inline = subprocess.run([*command, "--isolation", "inline"], capture_output=True, text=True,
-                            timeout=120, cwd=ROOT)
+                            timeout=120, cwd=ROOT, env=plain_environment())
     assert on_dask.returncode == 0, on_dask.stderr
     assert on_dask.stdout == inline.stdout
 
@@ -655,3 +673,221 @@ def test_a_scheduler_that_stops_answering_mid_run_fails_the_fan_out_within_secon
         command_line_cluster.scheduler.send_signal(signal.SIGCONT)
     (result,) = outcome["final"]["results"]
     assert not result.success and "stopped answering" in result.error
+
+
+CALLERS_FLOW = """
+from dataclasses import dataclass
+from typing import Annotated, TypedDict
+
+import {helper} as helpers
+from {helper} import scale
+
+from isobranch import StateGraph
+
+
+@dataclass
+class Report:
+    value: int
+
+
+def add(total, more):
+    return (total or 0) + more
+
+
+class State(TypedDict, total=False):
+    items: list
+    item: int
+    index: int
+    total: Annotated[int, add]
+    report: Report
+    reports: list
+
+
+def start(state):
+    return {{"items": [1, 2, 3]}}
+
+
+def work(state):
+    return {{"total": helpers.scale(state["item"]), "report": Report(scale(state["item"]))}}
+
+
+def join(state, results):
+    return {{"reports": [r.state["report"] for r in results]}}
+
+
+def build(**options):
+    graph = StateGraph(State)
+    graph.add_node("start", start)
+    graph.add_node("work", work)
+    graph.add_fan_in_node("join", join)
+    graph.add_map_edge("start", "work", over="items", fan_in="join")
+    graph.set_entry_point("start")
+    return graph.compile(**options)
+"""
+
+CALLERS_HELPER = """
+FACTOR = 3
+
+
+def scale(x):
+    return x * FACTOR
+"""
+
+
+def importable_on_workers(address: str, modules: list[str]) -> set[bool]:
+    from distributed import Client
+
+    def find(names):
+        import importlib.util
+
+        return any(importlib.util.find_spec(name) is not None for name in names)
+
+    with Client(address, set_as_default=False) as client:
+        return set(client.run(find, modules).values())
+
+
+def graph_plugins_on_the_scheduler(address: str) -> list[str]:
+    from distributed import Client
+
+    def names(dask_scheduler):  # made here: travels by value to the scheduler's process
+        return sorted(name for name in dask_scheduler.worker_plugins
+                      if name.startswith("isobranch-graph-"))
+
+    with Client(address, set_as_default=False) as client:
+        return client.run_on_scheduler(names)
+
+
+def test_nodes_of_the_callers_own_modules_run_on_a_cluster_that_cannot_import_them(
+        shared_command_line_cluster, callers_module):
+    # A script's myflow.py and the helper module it imports: importable here only.
+    helper = callers_module(CALLERS_HELPER)
+    flow = callers_module(CALLERS_FLOW.format(helper=helper.__name__))
+    address = shared_command_line_cluster.address
+    assert importable_on_workers(address, [flow.__name__, helper.__name__]) == {False}
+    with flow.build(isolation="inline") as compiled:
+        expected = compiled.invoke({})
+    with flow.build(isolation="dask", dask_address=address) as compiled:
+        final = compiled.invoke({})
+    assert final == expected and final["total"] == 18
+    # Instances of the module's class come back as the caller's class.
+    assert all(type(report) is flow.Report for report in final["reports"])
+
+
+def test_a_module_that_cannot_reach_the_workers_fails_at_once_naming_it(
+        shared_command_line_cluster, callers_module):
+    locked = callers_module("""
+        import threading
+
+        LOCK = threading.Lock()
+
+
+        def guarded(state):
+            with LOCK:
+                return {"ran": True}
+    """)
+    graph = fan_out(("guarded", locked.guarded))
+    address = shared_command_line_cluster.address
+    with graph.compile(isolation="dask", dask_address=address, worker_wait=120) as compiled:
+        begin = time.monotonic()
+        with pytest.raises(GraphExecutionError) as failure:
+            compiled.invoke({})
+        assert time.monotonic() - begin < 60, "a worker that cannot load the graph says so at once"
+    message = str(failure.value)
+    assert f"could not send the graph to the Dask cluster at {address}: Dask worker " \
+           f"tcp://127.0.0.1:" in message
+    assert f"cannot load the graph: ModuleNotFoundError: No module named '{locked.__name__}' " \
+           f"(module '{locked.__name__}' could not travel by value (TypeError: cannot pickle " \
+           f"'_thread.lock' object): install it on every worker, or put its directory on " \
+           f"their PYTHONPATH)" in message
+    assert "within" not in message
+    # Nor is the graph left on the cluster for workers that join later.
+    assert graph_plugins_on_the_scheduler(address) == []
+
+
+def test_a_worker_that_cannot_load_the_graph_keeps_saying_why_for_its_tasks(callers_module,
+                                                                          monkeypatch):
+    from isobranch.errors import BackendError
+    from isobranch.isolation import dask_worker
+    from isobranch.isolation.dask_worker import GraphPlugin, run_on_worker
+
+    helper = callers_module(CALLERS_HELPER)
+    graph_bytes = pickle.dumps(helper.scale)
+    del sys.modules[helper.__name__]  # as on a worker that joins later, without the module
+    sys.path.remove(str(pathlib.Path(helper.__file__).parent))
+    plugin = pickle.loads(pickle.dumps(GraphPlugin(
+        graph_bytes, by_reference={helper.__name__: "is installed where the graph was built"})))
+
+    worker = types.SimpleNamespace(address="tcp://10.0.0.7:4000", plugins={"graph": plugin})
+    with pytest.raises(BackendError) as failure:
+        plugin.setup(worker=worker)
+
+    assert str(failure.value) == (
+        f"Dask worker tcp://10.0.0.7:4000 cannot load the graph: ModuleNotFoundError: No "
+        f"module named '{helper.__name__}' (module '{helper.__name__}' is installed where the "
+        f"graph was built: install it on every worker, or put its directory on their "
+        f"PYTHONPATH)")
+    assert plugin.graph is None
+    # Its failed setup is only logged when it joins later: its tasks say it.
+    monkeypatch.setattr(dask_worker, "get_worker", lambda: worker)
+    with pytest.raises(BackendError) as task_failure:
+        run_on_worker("graph", {}, "topic", "key")
+    assert str(task_failure.value) == str(failure.value)
+
+
+@pytest.mark.parametrize(("missing", "hint"), [
+    ("myflow", "install module 'myflow' on every worker, or put its directory on their "
+               "PYTHONPATH"),
+    ("isobranch.isolation", "install isobranch with its dask extra on every worker, at the "
+                            "caller's version")])
+def test_a_task_failing_for_a_missing_module_names_it_and_what_to_install(missing, hint):
+    # A map item of a class from the caller's module, say: the task's arguments
+    # do not load on the worker.
+    from isobranch.isolation.dask_branches import FanOutWatch, FollowedBranch, describe_failure
+
+    error = ModuleNotFoundError(f"No module named {missing!r}", name=missing)
+    branch = FollowedBranch(0, task=None, fan_out=FanOutWatch())
+    assert describe_failure(branch, "error", error, None, connection=None) == (
+        f"the Dask task failed on the worker: ModuleNotFoundError: No module named "
+        f"{missing!r} ({hint})")
+
+
+def kills_the_scheduler_when_asked_for_a_result():
+    """A function for ``run_on_scheduler``: the scheduler process dies on the first ``gather``.
+
+    Made here, not at module level, so it travels by value (the scheduler
+    cannot import this test module).
+    """
+
+    def install(dask_scheduler) -> None:
+        def die(comm, **kwargs):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        dask_scheduler.handlers["gather"] = die
+
+    return install
+
+
+def test_a_scheduler_lost_while_a_result_is_fetched_fails_every_pending_branch_alike(
+        command_line_cluster, tmp_path):
+    # The first branch finishes, and the scheduler dies as the client asks it
+    # for that result: the branch being fetched and those still running are
+    # all pending on the same lost scheduler, and say so the same way.
+    from distributed import Client
+
+    address = command_line_cluster.address
+    graph = fan_out(("quick", lambda state: {"quick": True}),
+                    ("slow_a", pid_file_then(120, str(tmp_path))),
+                    ("slow_b", pid_file_then(120, str(tmp_path))))
+    with Client(address, set_as_default=False) as other:
+        other.run_on_scheduler(kills_the_scheduler_when_asked_for_a_result())
+    with graph.compile(isolation="dask", dask_address=address, connect_timeout=2) as compiled:
+        begin = time.monotonic()
+        results = compiled.invoke({})["results"]
+        assert time.monotonic() - begin < 30, "a lost scheduler must not hang the fan-out"
+    assert command_line_cluster.scheduler.wait(timeout=10) == -signal.SIGKILL
+    assert [r.success for r in results] == [False, False, False]
+    assert {r.error_type for r in results} == {"DaskError"}, [r.error for r in results]
+    reasons = {r.error.removeprefix(f"branch {r.branch!r}: ") for r in results}
+    assert len(reasons) == 1, [r.error for r in results]
+    assert reasons == {f"lost the connection to the Dask scheduler at {address} "
+                       f"(not back within 2s)"}

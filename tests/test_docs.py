@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import plain_environment
 from isobranch import LuaRuntime, YAMLEngine, available_backends
 from isobranch.regression import is_case_file, load_case_file
 
@@ -213,7 +214,7 @@ def command_environment(tmp_path: Path) -> dict[str, str]:
         shim = bin_dir / name
         shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" {module} "$@"\n', encoding="utf-8")
         shim.chmod(0o755)
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_")}
+    env = plain_environment()  # a reader's shell: no PYTHONUNBUFFERED, no PYTEST_*
     env["PATH"] = os.pathsep.join([str(bin_dir), env.get("PATH", "")])
     env["PYTEST_ADDOPTS"] = "-p no:cacheprovider"  # nothing written into the checkout
     return env

@@ -12,8 +12,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from isobranch import END, START, LuaRuntime, StateGraph
+from isobranch.errors import LuaConversionError, LuaRuntimeError
 from isobranch.lua.convert import MAX_DEPTH, key_path
-from isobranch.lua.runtime import LuaConversionError, LuaRuntimeError
 from isobranch.nodes import LuaNode
 
 

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from isobranch import LuaMemoryError, LuaRuntime, LuaTimeoutError
+from isobranch.errors import LuaConversionError, LuaRuntimeError
 from isobranch.lua import runtime as runtime_module
-from isobranch.lua.runtime import LuaConversionError, LuaRuntimeError
 
 
 def state_of(**values):

@@ -8,6 +8,7 @@ import os
 import pytest
 import yaml
 
+from conftest import plain_environment
 from isobranch import GraphError, GraphExecutionError, YAMLEngine
 from isobranch.cli import main
 from isobranch.yaml_builder import assert_lua_only
@@ -188,6 +189,11 @@ def test_a_lua_only_document_cannot_choose_a_dask_scheduler():
         "nodes": [{"name": "a", "run": "-- lua"}]})
     assert [p.split(":")[0] for p in problems] == ["settings.parallel.dask.address",
                                                    "settings.parallel.dask_address"]
+    # Also in the section of a backend the document does not choose: a run's
+    # config may choose it (invoke(config={"isolation": "dask"})).
+    problems = refusals({"settings": {"parallel": {"dask": {"address": "tcp://evil:8786"}}},
+                         "nodes": [{"name": "a", "run": "-- lua"}]})
+    assert [p.split(":")[0] for p in problems] == ["settings.parallel.dask.address"]
     assert all("a Lua-only document cannot set this backend option" in p for p in problems)
     with YAMLEngine(allow_python=False, isolation="dask",
                     dask_address="tcp://127.0.0.1:1").load_from_dict(
@@ -272,7 +278,8 @@ def test_generated_hostile_programs_as_a_lua_only_agent_all_time_out(tmp_path, i
     agent = tmp_path / "agent.yaml"
     agent.write_text(yaml.safe_dump(document))
     done = subprocess.run([sys.executable, "-m", "isobranch", "run", "--lua-only", str(agent)],
-                          capture_output=True, text=True, timeout=90, check=False)
+                          capture_output=True, text=True, timeout=90, check=False,
+                          env=plain_environment())
     assert done.returncode == 0, done.stderr
     final = json.loads(done.stdout)
     assert final["branches"] == len(seeds)

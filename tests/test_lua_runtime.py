@@ -8,7 +8,8 @@ import lupa.lua54
 import pytest
 
 from isobranch import LuaMemoryError, LuaRuntime, LuaRuntimeError, LuaTimeoutError
-from isobranch.lua.runtime import DEFAULT_MAX_MEMORY, LuaConversionError
+from isobranch.defaults import DEFAULT_LUA_MAX_MEMORY
+from isobranch.errors import LuaConversionError
 
 
 def test_PY_002_UNIT_001_lua_runtime_instances_are_independent():
@@ -43,8 +44,8 @@ def test_PY_002_UNIT_004_state_correctly_injected():
 
 def test_defaults_and_limits_are_readable():
     runtime = LuaRuntime()
-    assert (runtime.timeout, runtime.max_memory) == (30.0, DEFAULT_MAX_MEMORY)
-    assert DEFAULT_MAX_MEMORY == 512 * 1024 * 1024
+    assert (runtime.timeout, runtime.max_memory) == (30.0, DEFAULT_LUA_MAX_MEMORY)
+    assert DEFAULT_LUA_MAX_MEMORY == 512 * 1024 * 1024
     assert (LuaRuntime(timeout=None, max_memory=None).timeout, LuaRuntime(max_memory=None).max_memory
             ) == (None, None)
 
@@ -136,7 +137,7 @@ def test_errors_never_leak_lupa_types():
         with pytest.raises(LuaRuntimeError) as info:
             runtime.execute(code)
         assert not isinstance(info.value, lupa.lua54.LuaError)
-        assert type(info.value).__module__ == "isobranch.lua.runtime"
+        assert type(info.value).__module__ == "isobranch.errors"
 
 
 def test_error_values_that_are_not_strings():

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import frames_of, wait_until
 from isobranch import LuaMemoryError, LuaRuntime, LuaRuntimeError, LuaTimeoutError
 
 LIMIT = 0.2
@@ -211,15 +212,26 @@ def test_per_call_timeout_overrides_the_default():
 def test_should_stop_cancels_a_running_call():
     stop = threading.Event()
     runtime = LuaRuntime(timeout=None, should_stop=stop.is_set)
-    timer = threading.Timer(0.2, stop.set)
-    timer.start()
-    start = time.monotonic()
+    caller = threading.get_ident()
+    clock = time.pthread_getcpuclockid(caller)
+    stopped_at: list[float] = []
+
+    def stop_once_the_loop_spins() -> None:  # set during the call, not before it
+        begin = time.clock_gettime(clock)
+        if wait_until(lambda: "execute" in frames_of(caller)
+                      and time.clock_gettime(clock) - begin >= 0.05, 30):
+            stopped_at.append(time.monotonic())
+            stop.set()
+
+    stopper = threading.Thread(target=stop_once_the_loop_spins)
+    stopper.start()
     try:
         with pytest.raises(LuaTimeoutError, match="stopped"):
             runtime.execute("while true do end")
     finally:
-        timer.cancel()
-    assert time.monotonic() - start < 0.2 + MARGIN
+        stop.set()
+        stopper.join(30)
+    assert stopped_at and time.monotonic() - stopped_at[0] < MARGIN
 
 
 def test_timeouts_in_threads_are_independent():

@@ -8,11 +8,13 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from benchmarks.proc_scan import is_gone
 
 from conftest import wait_until
 from isobranch import END, START, GraphError, GraphExecutionError, StateGraph, YAMLEngine
@@ -184,20 +186,116 @@ def test_lua_fan_in_sees_the_same_list_in_item_order(load):
     assert final["scores"] == list(range(12))
 
 
-def test_fail_fast_applies_per_item(isolation):
-    def body(state):
-        if state["item"] == 3:
-            raise ValueError("item three is bad")
-        return {"ok": True}
+def _fail_fast_map(marks: Path, items: int, *, siblings_wait: bool) -> StateGraph:
+    """start -> map(body -> after) over ``range(items)`` -> join, for the fail_fast tests.
 
-    with compiled(map_graph(list(range(6)), body), isolation, fail_fast=True) as app, \
+    Every branch leaves ``started-I`` in ``marks`` (its pid and thread) as its
+    first node begins and ``after-I`` if its second node runs. Item 1 fails
+    once item 0 has started. With ``siblings_wait`` every other item then
+    stays in its first node until the test writes ``raised`` (``gave-up-I``
+    after a minute), so the failure finds item 0 running and the items
+    after it not started.
+    """
+
+    def mark(name: str, text: str = "") -> None:
+        partial = marks / f".{name}.{os.getpid()}.{threading.get_ident()}"
+        partial.write_text(text)
+        os.replace(partial, marks / name)  # whole or absent: read from another process
+
+    def wait_for(name: str) -> bool:
+        deadline = time.monotonic() + 60
+        while not (marks / name).exists():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)  # polling for a file another branch or the test writes
+        return True
+
+    def body(state):
+        item = state["item"]
+        mark(f"started-{item}", f"{os.getpid()} {threading.get_ident()}")
+        if item == 1:
+            wait_for("started-0")
+            raise ValueError("item one is bad")
+        if siblings_wait and not wait_for("raised"):
+            mark(f"gave-up-{item}")
+        return {"v": item}
+
+    def after(state):
+        mark(f"after-{state['item']}")
+
+    graph = StateGraph()
+    graph.add_node("start", lambda state: {"items": list(range(items))})
+    graph.add_node("body", body)
+    graph.add_node("after", after)
+    graph.add_fan_in_node("join", lambda state, results: {"results": results})
+    graph.add_edge(START, "start")
+    graph.add_map_edge("start", "body", over="items", fan_in="join")
+    graph.add_edge("body", "after")
+    graph.add_edge("after", "join")
+    graph.add_edge("join", END)
+    return graph
+
+
+def _marked(marks: Path, kind: str) -> dict[int, str]:
+    """Items that left a ``kind-I`` mark, with what it holds."""
+    prefix = f"{kind}-"
+    return {int(path.name[len(prefix):]): path.read_text() for path in marks.iterdir()
+            if path.name.startswith(prefix)}
+
+
+# Not on dask: there a branch that starts just as the fan-out stops, before the
+# client hears that it started, runs on, and so may what was queued behind it.
+@pytest.mark.parametrize("isolation", ["thread", "process"])
+def test_fail_fast_applies_per_item(isolation, tmp_path, no_process_leak):
+    """A failing item stops the items running beside it (at their next node boundary on
+    threads; by killing their worker on process) and starts none of the rest."""
+    items = 8
+    graph = _fail_fast_map(tmp_path, items, siblings_wait=True)
+    with graph.compile(isolation=isolation, max_workers=2, fail_fast=True) as app:
+        with pytest.raises(GraphExecutionError) as info:
+            app.invoke({})
+        running = {item: tuple(map(int, text.split())) for item, text in
+                   _marked(tmp_path, "started").items()}
+        assert {0, 1} <= set(running), sorted(running)
+        if isolation == "thread":
+            # The lanes that ran them: the failed item's lane may have taken one more
+            # item before the failure reached the caller; it runs on that lane too.
+            live = {thread.ident: thread for thread in threading.enumerate()}
+            lanes = {live[ident] for _, ident in running.values() if ident in live}
+        else:
+            for item in set(running) - {1}:
+                pid = running[item][0]
+                assert wait_until(lambda pid=pid: is_gone(pid), 30), (
+                    f"the worker running item {item} (pid {pid}) was not killed")
+        (tmp_path / "raised").touch()  # lets a branch still in its first node return
+    if isolation == "thread":
+        for lane in lanes:
+            lane.join(30)
+        assert not [lane.name for lane in lanes if lane.is_alive()], "a lane kept running"
+    started = set(_marked(tmp_path, "started"))
+    # Item 0 was running when item 1 failed, and at most the one item the failed
+    # item's worker took next; none of the others ever started.
+    assert {0, 1} <= started and len(started) <= 3, sorted(started)
+    assert not _marked(tmp_path, "after"), "a stopped item went on to its next node"
+    assert not _marked(tmp_path, "gave-up"), "an item ran on until its wait gave up"
+    error = info.value
+    assert error.branch == "body[1]" and "item one is bad" in str(error)
+    assert [r.branch for r in error.results] == [f"body[{i}]" for i in range(items)]
+    assert [r.error_type for r in error.results] == ["Cancelled", "ValueError"] + \
+        ["Cancelled"] * (items - 2)
+
+
+def test_fail_fast_on_inline_starts_no_item_after_the_failed_one(tmp_path):
+    items = 6
+    graph = _fail_fast_map(tmp_path, items, siblings_wait=False)
+    with graph.compile(isolation="inline", fail_fast=True) as app, \
             pytest.raises(GraphExecutionError) as info:
         app.invoke({})
-    error = info.value
-    assert error.branch == "body[3]" and "item three is bad" in str(error)
-    assert [r.branch for r in error.results] == [f"body[{i}]" for i in range(6)]
-    assert error.results[3].error_type == "ValueError"
-    assert all(r.success or r.error_type in ("Cancelled", "ValueError") for r in error.results)
+    assert set(_marked(tmp_path, "started")) == {0, 1}
+    assert set(_marked(tmp_path, "after")) == {0}, "item 0 ran to its end before item 1 began"
+    assert info.value.branch == "body[1]"
+    assert [r.error_type for r in info.value.results] == [None, "ValueError"] + \
+        ["Cancelled"] * (items - 2)
 
 
 def test_without_fail_fast_one_failed_item_leaves_the_others(isolation):
@@ -588,12 +686,21 @@ def _tasks(app, isolation, count, pulled):
                          overlay=StateSnapshot({"item": index, "index": index}))
 
 
+def _threads_left(before: set[threading.Thread]) -> list[str]:
+    """Names of the threads started since ``before`` still running after 10 s each."""
+    started = [thread for thread in threading.enumerate() if thread not in before]
+    for thread in started:
+        thread.join(10)
+    return [thread.name for thread in started if thread.is_alive()]
+
+
 def test_stream_branches_pulls_tasks_lazily_and_stops_when_closed(isolation, no_process_leak):
     from isobranch.fanout_run import drive
     from isobranch.isolation import create_backend
 
     graph = map_graph([], lambda s: {"v": s["item"]})
     with compiled(graph, isolation) as app:
+        threads_before = set(threading.enumerate())
         backend = create_backend(isolation, max_workers=2)
         try:
             pulled: list[int] = []
@@ -621,6 +728,8 @@ def test_stream_branches_pulls_tasks_lazily_and_stops_when_closed(isolation, no_
         finally:
             backend.close()
         assert len(pulled) == taken, "a closed stream takes no more tasks"
+        if isolation == "thread":
+            assert not _threads_left(threads_before), "a closed stream left threads running"
 
 
 def test_thread_stream_takes_no_more_than_its_cap_ahead_of_a_consumer_holding_results():
@@ -637,6 +746,7 @@ def test_thread_stream_takes_no_more_than_its_cap_ahead_of_a_consumer_holding_re
 
     cap = 2 + 2 * SUBMIT_AHEAD_PER_THREAD  # max_concurrency plus what waits in the queue
     with compiled(map_graph([], body), "thread") as app:
+        threads_before = set(threading.enumerate())
         backend = ThreadBackend(max_workers=2)
         try:
             pulled: list[int] = []
@@ -656,6 +766,7 @@ def test_thread_stream_takes_no_more_than_its_cap_ahead_of_a_consumer_holding_re
         finally:
             backend.close()
         assert sorted(seen) == [0, 1, 2, 3]
+        assert not _threads_left(threads_before), "a closed stream left threads running"
 
 
 @pytest.mark.parametrize("failure", ["crash", "timeout"])
@@ -708,13 +819,30 @@ def test_the_documented_map_yaml_example_runs(isolation):
         assert app.invoke({})["scores"] == list(range(500))
 
 
-def test_closing_the_stream_early_stops_running_and_queued_branches(isolation, no_process_leak):
+def test_closing_the_stream_early_stops_running_and_queued_branches(isolation, tmp_path,
+                                                                    no_process_leak):
     """A consumer that stops reading events (as on Ctrl-C) ends the fan-out at once:
-    branches stuck in Lua loops are stopped (cancelled, killed or restarted)."""
+    branches stuck in Lua loops are stopped (cancelled, killed or restarted), no
+    queued branch starts, and on threads no lane is left running."""
     from isobranch.nodes import LuaNode
 
-    spin = LuaNode("body", "if state.item > 0 then while true do end end\nreturn {done = true}")
-    graph = map_graph(list(range(6)), spin)
+    def enter(state):  # where the item runs, before its Lua node
+        item = state["item"]
+        partial = tmp_path / f".started-{item}"
+        partial.write_text(f"{os.getpid()} {threading.get_ident()}")
+        os.replace(partial, tmp_path / f"started-{item}")
+
+    graph = StateGraph()
+    graph.add_node("start", lambda state: {"items": list(range(6))})
+    graph.add_node("enter", enter)
+    graph.add_node("spin", LuaNode(
+        "spin", "if state.item > 0 then while true do end end\nreturn {done = true}"))
+    graph.add_fan_in_node("join", lambda state, results: None)
+    graph.add_edge(START, "start")
+    graph.add_map_edge("start", "enter", over="items", fan_in="join")
+    graph.add_edge("enter", "spin")
+    graph.add_edge("spin", "join")
+    graph.add_edge("join", END)
     with compiled(graph, isolation, lua_timeout=60) as app:
         started = time.monotonic()
         events = app.stream({})
@@ -724,5 +852,29 @@ def test_closing_the_stream_early_stops_running_and_queued_branches(isolation, n
                 break
         events.close()
         elapsed = time.monotonic() - started
+        running = {item: tuple(map(int, text.split()))
+                   for item, text in _marked(tmp_path, "started").items()}
+        if isolation == "thread":
+            # Item 0's lane may have taken the next item before the stream closed.
+            live = {thread.ident: thread for thread in threading.enumerate()}
+            lanes = {live[ident] for _, ident in running.values() if ident in live}
+        elif isolation == "process":
+            for item in set(running) - {0}:  # item 0 had finished; its worker lives on
+                pid = running[item][0]
+                assert wait_until(lambda pid=pid: is_gone(pid), 30), (
+                    f"the worker spinning in item {item} (pid {pid}) was not ended")
     # Lua would run for 60 s per item if nothing stopped it.
     assert elapsed < 30, f"closing the stream took {elapsed:.1f}s"
+    if isolation == "thread":
+        for lane in lanes:
+            lane.join(10)
+        assert not [lane.name for lane in lanes if lane.is_alive()], \
+            "a lane still spins in Lua after the stream and the graph were closed"
+    # Which items started is not checked on dask: there a branch that starts just as
+    # the stream closes, before the client hears that it started, runs on (until the
+    # cluster closes), and so may what was queued behind it.
+    started_items = set(_marked(tmp_path, "started"))
+    if isolation == "inline":
+        assert started_items == {0}
+    elif isolation != "dask":  # item 0, the one running beside it, the one taken next
+        assert 0 in started_items and len(started_items) <= 3, sorted(started_items)

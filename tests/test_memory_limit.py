@@ -13,9 +13,11 @@ import signal
 import pytest
 
 from conftest import HAVE_DASK, descendants, fan_out
-from isobranch import GraphError, YAMLEngine
+from isobranch import END, START, GraphError, StateGraph, YAMLEngine
+from isobranch.branch import BranchLimits, BranchTask, cancelled_result, timed_out_result
 from isobranch.isolation import memory_limit
 from isobranch.isolation.process import branches as process_branches
+from isobranch.statecopy import StateSnapshot
 
 MiB = 1024 * 1024
 LIMIT = 256 * MiB
@@ -258,3 +260,56 @@ def test_a_dask_worker_past_the_limit_is_restarted_and_its_branch_fails_alone():
 def test_dask_refuses_a_limit_too_small_for_a_worker_to_start():
     with pytest.raises(GraphError, match="Dask worker uses about 60 MiB by itself"):
         fan_out(("a", sibling)).compile(isolation="dask", branch_max_memory="64MiB")
+
+
+# -- a map branch that runs out of memory is named like every map branch ----------------------
+
+
+def map_over_items(work):
+    graph = StateGraph()
+    graph.add_node("start", lambda state: {"items": list(range(5))})
+    graph.add_node("work", work)
+    graph.add_fan_in_node("join", lambda state, results: {"results": results})
+    graph.add_map_edge("start", "work", over="items", fan_in="join")
+    graph.add_edge(START, "start")
+    graph.add_edge("join", END)
+    return graph
+
+
+def hog_at_three(state):
+    if state["index"] == 3:
+        return one_block(state)
+    return {"ok": state["item"]}
+
+
+def killed_at_three(state):
+    if state["index"] == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"ok": state["item"]}
+
+
+@pytest.mark.usefixtures("no_process_leak")
+@pytest.mark.parametrize("work", [hog_at_three, killed_at_three], ids=["refused", "oom-killed"])
+def test_a_map_branch_out_of_memory_is_named_and_indexed_like_its_siblings(work, monkeypatch):
+    kills = iter(range(10, 1000))
+    monkeypatch.setattr(memory_limit, "kernel_oom_kills", lambda: next(kills))
+    monkeypatch.setattr(process_branches, "kernel_oom_kills", lambda: next(kills))
+    with map_over_items(work).compile(isolation="process", max_workers=2,
+                                      branch_max_memory=LIMIT) as app:
+        results = app.invoke({})["results"]
+    assert [(r.branch, r.index) for r in results] == [(f"work[{i}]", i) for i in range(5)]
+    failed = results[3]
+    assert failed.error_type == "BranchMemoryError" and "branch 'work[3]'" in failed.error
+    assert all(r.success for r in results if r.index != 3)
+
+
+def test_every_failure_result_built_for_a_map_branch_carries_its_name_and_index():
+    task = BranchTask(graph=None, branch="work", fan_in="join", snapshot=StateSnapshot({}),
+                      limits=BranchLimits(branch_timeout=1.0, branch_max_memory=LIMIT),
+                      isolation="process", index=3)
+    results = {"cancelled": cancelled_result(task, "stopped"),
+               "timed out": timed_out_result(task, None),
+               "escaped MemoryError": memory_limit.out_of_memory_result(task, 1.0)}
+    assert {kind: (r.branch, r.index, r.success) for kind, r in results.items()} == {
+        kind: ("work[3]", 3, False) for kind in results}
+    assert "branch 'work[3]'" in results["escaped MemoryError"].error

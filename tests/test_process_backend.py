@@ -21,7 +21,7 @@ import pytest
 import yaml
 from benchmarks.proc_scan import is_gone
 
-from conftest import descendants, fan_out, invoke_concurrently
+from conftest import descendants, fan_out, invoke_concurrently, plain_environment, wait_until
 from isobranch import (
     GraphError,
     GraphExecutionError,
@@ -160,7 +160,7 @@ def test_context_manager_closes_the_pool():
 
 
 def run_python(code, *args, **kwargs):
-    env = {**os.environ, "TMPDIR": kwargs.pop("tmpdir")}
+    env = plain_environment(TMPDIR=kwargs.pop("tmpdir"))
     return subprocess.run([sys.executable, *args], input=code, capture_output=True, text=True,
                           timeout=120, cwd=ROOT, env=env, **kwargs)
 
@@ -327,13 +327,30 @@ def test_branch_timeout_kills_a_stuck_worker(stuck):
         assert all(r.success for r in compiled.invoke({})["results"][1:])
 
 
-def test_fail_fast_kills_the_rest_promptly_and_names_the_cause():
-    graph = fan_out(("slow1", sleep_long), ("boom", lambda s: 1 / 0), ("slow2", sleep_long))
+def test_fail_fast_kills_the_rest_promptly_and_names_the_cause(tmp_path):
+    def sleeps(name: str):  # notes its worker, then runs for a minute unless killed
+        def node(state):
+            partial = tmp_path / f".{name}"
+            partial.write_text(str(os.getpid()))
+            os.replace(partial, tmp_path / name)
+            time.sleep(60)
+        return node
+
+    def boom(state):  # fails once both siblings run
+        deadline = time.monotonic() + 60
+        while not ((tmp_path / "slow1").exists() and (tmp_path / "slow2").exists()):
+            assert time.monotonic() < deadline, "the siblings never started"
+            time.sleep(0.01)  # polling for the files the siblings write
+        return 1 / 0
+
+    graph = fan_out(("slow1", sleeps("slow1")), ("boom", boom), ("slow2", sleeps("slow2")))
     with graph.compile(isolation="process", fail_fast=True, max_workers=3) as compiled:
-        begin = time.monotonic()
         with pytest.raises(GraphExecutionError) as info:
             compiled.invoke({})
-        assert time.monotonic() - begin < 10
+        # Before close(), which would end them anyway: fail_fast itself killed them.
+        workers = [int((tmp_path / name).read_text()) for name in ("slow1", "slow2")]
+        assert wait_until(lambda: all(is_gone(pid) for pid in workers), 10), (
+            "the workers of the running siblings were not killed")
     error = info.value
     assert error.branch == "boom" and error.node == "boom"
     assert error.error_type == "ZeroDivisionError" and "fail_fast" in str(error)
@@ -638,7 +655,8 @@ def test_cli_runs_the_example_on_processes():
     done = subprocess.run([sys.executable, "-m", "isobranch", "run",
                            "examples/fan_out_demo.yaml", "--isolation", "process",
                            "--input", '{"items": [4, 8, 15]}'],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=plain_environment())
     assert done.returncode == 0, done.stderr
     assert '"verdict"' in done.stdout
 

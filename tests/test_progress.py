@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import plain_environment
+from isobranch.progress import FALLBACK_COLUMNS, FALLBACK_ROWS, FanOutProgress, line_width
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "map_documents.yaml"
 SOME_FAIL = """
@@ -37,21 +40,25 @@ edges:
 """
 
 
-def run_cli(tmp_path: Path, *args: str, terminal: bool) -> tuple[str, str]:
-    """Run ``isobranch run ...``; stderr is a pseudo-terminal if ``terminal``, else a pipe."""
+def run_cli(tmp_path: Path, *args: str, terminal: bool,
+            size: tuple[int, int] = (24, 100)) -> tuple[str, str]:
+    """Run ``isobranch run ...``; stderr is a pseudo-terminal (``size``: rows, columns) if
+    ``terminal``, else a pipe."""
     command = [sys.executable, "-m", "isobranch", "run", *args]
     if not terminal:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT,
+                              env=plain_environment())
         assert done.returncode == 0, done.stderr
         return done.stdout, done.stderr
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", *size, 0, 0))
     # stdout goes to a file: a full pipe nobody reads yet would stall the child.
     out_path = tmp_path / "stdout.txt"
     try:
         with open(out_path, "wb") as out:
             process = subprocess.Popen(command, stdout=out, stderr=slave,
-                                       stdin=subprocess.DEVNULL, cwd=ROOT)
+                                       stdin=subprocess.DEVNULL, cwd=ROOT,
+                                       env=plain_environment())
     finally:
         os.close(slave)
     chunks = []
@@ -104,3 +111,74 @@ def test_stream_output_stays_clean_json_lines_with_progress(tmp_path, terminal):
     events = [json.loads(line) for line in stdout.splitlines()]
     assert sum(e["type"] == "branch" for e in events) == 1000
     assert events[-1]["type"] == "final"
+
+
+def test_a_terminal_that_reports_zero_columns_still_gets_the_progress_line(tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)
+    stdout, terminal = run_cli(tmp_path, str(EXAMPLE), terminal=True, size=(0, 0))
+    assert "generate -> aggregate" in terminal
+    assert "1000/1000" in terminal and "branch/s" in terminal
+    last = terminal.replace("\r\n", "\n").split("\r")[-1].strip()
+    assert len(last) <= FALLBACK_COLUMNS, "a line as wide as the fallback"
+    assert json.loads(stdout)["documents"] == 1000
+
+
+def _terminal(rows: int, columns: int):
+    """A pseudo-terminal of that size, as the file object a progress line is written to."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+    return master, os.fdopen(slave, "w")
+
+
+@pytest.mark.parametrize(("rows", "columns", "environment", "expected"), [
+    (30, 120, None, {"dynamic_ncols": True}),
+    (0, 0, None, {"ncols": FALLBACK_COLUMNS, "nrows": FALLBACK_ROWS}),
+    (0, 0, "132", {"ncols": 132, "nrows": FALLBACK_ROWS}),
+    (0, 0, "wide", {"ncols": FALLBACK_COLUMNS, "nrows": FALLBACK_ROWS}),
+    (40, 0, None, {"ncols": FALLBACK_COLUMNS, "nrows": 40}),
+])
+def test_line_width_follows_the_terminal_or_falls_back(rows, columns, environment, expected,
+                                                        monkeypatch):
+    if environment is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", environment)
+    master, stream = _terminal(rows, columns)
+    try:
+        assert line_width(stream) == expected
+    finally:
+        stream.close()
+        os.close(master)
+
+
+def test_a_zero_column_terminal_gets_drawn_lines_in_process(monkeypatch):
+    """The same through ``FanOutProgress`` itself: tqdm draws on the 0x0 terminal."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    master, stream = _terminal(0, 0)
+    try:
+        progress = FanOutProgress(stream)
+        for done in range(1, 4):
+            progress.update({"type": "branch", "fan_out": "split", "fan_in": "join",
+                             "success": done != 2, "total": 3})
+        progress.update({"type": "parallel", "fan_in": "join"})
+        stream.close()
+        drawn = _read_all(master)
+    finally:
+        stream.close()
+        os.close(master)
+    assert "split -> join" in drawn and "3/3" in drawn and "failed=1" in drawn
+
+
+def _read_all(master: int) -> str:
+    """Everything written to a pseudo-terminal whose other end is closed."""
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: nothing more, the other end is closed
+            break
+        if not data:
+            break
+        chunks.append(data)
+    return b"".join(chunks).decode(errors="replace")

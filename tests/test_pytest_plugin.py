@@ -22,6 +22,9 @@ from isobranch.regression import (
 )
 
 pytest_plugins = ["pytester"]
+# Inner sessions, and the subprocesses runpytest_subprocess starts, see a
+# user's plain environment, not this session's (no PYTHONUNBUFFERED, no PYTEST_*).
+pytestmark = pytest.mark.usefixtures("plain_os_environ")
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "regression"
@@ -248,9 +251,13 @@ def test_failure_report_shows_the_branch_traceback_without_engine_frames(
         """)
     result = pytester.runpytest("--isobranch-isolation", "process")
     result.assert_outcomes(failed=1)
+    # The frame is the agent file's line, its text shown though a worker process ran it.
+    line = STATS_AGENT.splitlines().index(
+        '          raise ValueError(f"items must be a list, got {items!r}")') + 1
     result.stdout.fnmatch_lines([
         "  traceback (python_stats):",
-        '      File "<node python_stats>", line *',
+        f'      File "stats.yaml", line {line}, in __isobranch_node__',
+        '        raise ValueError(f"items must be a list, got {items!r}")',
         "    ValueError: items must be a list, got 'x'",
     ])
     assert "runner.py" not in result.stdout.str(), "the engine's own frames are left out"
@@ -404,6 +411,43 @@ def test_isolation_option_runs_branches_in_worker_processes(pytester: pytest.Pyt
     without = pytester.runpytest("-rA", "test_where.agent.yaml")
     without.assert_outcomes(failed=1)
     without.stdout.fnmatch_lines(["  isolation: expected 'process', got 'inline'"])
+
+
+def test_flat_backend_options_go_to_the_backend_the_option_chooses(
+        pytester: pytest.Pytester) -> None:
+    # The agent chooses no backend (thread), but its flat option is process's.
+    write(pytester, "fresh.yaml", """
+        name: fresh
+        settings:
+          parallel: {max_workers: 1, fresh_worker_per_branch: true}
+        nodes:
+          - name: start
+            run: return None
+          - name: probe
+            run: |
+              import os
+              return {"pid": os.getpid()}
+          - name: join
+            fan_in: true
+            run: |
+              return {"pid": parallel_results[0].state["pid"]}
+        edges:
+          - {from: __start__, to: start}
+          - {from: start, to: probe, type: parallel, fan_in: join}
+          - {from: probe, to: join}
+        """)
+    write(pytester, "test_fresh.py", """
+        def test_every_branch_gets_a_new_worker(run_agent):
+            # One worker at most, yet two runs see two: the option was applied.
+            assert run_agent("fresh.yaml")["pid"] != run_agent("fresh.yaml")["pid"]
+        """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--isobranch-isolation",
+                                           "process", "-rA")
+    result.assert_outcomes(passed=1)
+    without = pytester.runpytest("-rA")
+    without.assert_outcomes(failed=1)
+    without.stdout.fnmatch_lines(["*settings.parallel.fresh_worker_per_branch: not an option of "
+                                  "isolation backend 'thread' but of 'process'*"])
 
 
 def test_unknown_isolation_is_a_usage_error(pytester: pytest.Pytester) -> None:

@@ -55,3 +55,10 @@ def test_supported_pythons_agree_across_readme_pyproject_and_tox():
     assert [e for e in envlist if e.startswith("py")] == [f"py{v.replace('.', '')}"
                                                           for v in versions]
     assert "Python 3.11, 3.12 and 3.13" in (ROOT / "README.md").read_text()
+
+
+def test_ci_runs_the_suite_without_pythonunbuffered():
+    """As on a user's machine, where output lost to buffering would show."""
+    script = (ROOT / ".ci" / "run").read_text()
+    lines = script.splitlines()
+    assert lines.index("unset PYTHONUNBUFFERED") < lines.index('eval "$TEST_RUN"')

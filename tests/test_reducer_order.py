@@ -10,7 +10,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from isobranch import END, START, ParallelFlowResult, StateGraph, register_backend
+from isobranch import (
+    END,
+    START,
+    ParallelFlowResult,
+    StateGraph,
+    register_backend,
+    unregister_backend,
+)
 from isobranch.branch import BranchTask
 from isobranch.branch_run import run_branch
 
@@ -76,8 +83,10 @@ def build() -> StateGraph:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def out_of_order_backend() -> None:
-    register_backend(BACKEND, OutOfOrder, replace=True)
+def out_of_order_backend() -> Iterator[None]:
+    register_backend(BACKEND, OutOfOrder)
+    yield
+    unregister_backend(BACKEND)
 
 
 def expected(numbers: list[int]) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -10,7 +11,7 @@ import time
 import pytest
 import yaml
 
-from conftest import HAVE_DASK
+from conftest import HAVE_DASK, blocked_in_threading, frames_of, wait_until
 from isobranch import (
     END,
     START,
@@ -19,7 +20,6 @@ from isobranch import (
     RetryPolicy,
     StateGraph,
     YAMLEngine,
-    register_backend,
 )
 from isobranch.branch import BranchRun
 from isobranch.fanout_run import FanOutSource, drive
@@ -127,12 +127,20 @@ def test_a_wait_leaves_no_callback_on_its_flags():
     flag = CancelSignal()
     assert wait_unless(0.0, [flag]) is False
     assert not flag._callbacks
-    fired = threading.Timer(0.05, flag.cancel)
+    caller = threading.get_ident()
+
+    def cancel_once_waiting() -> None:  # set during the wait, not before it
+        if wait_until(lambda: "wait_unless" in frames_of(caller)
+                      and blocked_in_threading(caller), 30):
+            flag.cancel()
+
+    fired = threading.Thread(target=cancel_once_waiting)
     fired.start()
     started = time.monotonic()
     assert wait_unless(60, [flag]) is True
     assert time.monotonic() - started < 5
     fired.join()
+    assert not flag._callbacks
 
 
 # -- node retries -------------------------------------------------------------------
@@ -193,9 +201,58 @@ def test_a_node_is_not_retried_for_a_programming_error_by_default():
         return state["missing"]
 
     with (_chain(wrong, RetryPolicy(**FAST)).compile() as app,
-          pytest.raises(GraphExecutionError, match="failed on attempt 1 of 3: KeyError")):
+          pytest.raises(GraphExecutionError, match=r"failed on attempt 1 of 3 \(not retried: "
+                        r"KeyError is a programming error, retried only if retry_on names it\): "
+                        r"KeyError")):
         app.invoke({})
     assert calls == [1]
+
+
+@pytest.mark.parametrize(("retry_on", "failure", "reason"), [
+    (None, ValueError, "ValueError is a programming error, retried only if retry_on names it"),
+    (("ConnectionError", "TimeoutError"), KeyError,
+     "KeyError is not in retry_on [ConnectionError, TimeoutError]"),
+])
+def test_a_node_error_not_retried_says_why(retry_on, failure, reason):
+    def wrong(state):
+        raise failure("no good")
+
+    policy = RetryPolicy(**FAST, retry_on=retry_on)
+    with (_chain(wrong, policy).compile(isolation="inline") as app,
+          pytest.raises(GraphExecutionError) as info):
+        app.invoke({})
+    assert str(info.value).startswith(
+        f"node 'a' failed on attempt 1 of 3 (not retried: {reason}): {failure.__name__}")
+
+
+def test_a_failure_on_the_last_attempt_needs_no_reason():
+    def down(state):
+        raise ValueError("always")
+
+    policy = RetryPolicy(max_attempts=2, **FAST, retry_on=["ValueError"])
+    with (_chain(down, policy).compile(isolation="inline") as app,
+          pytest.raises(GraphExecutionError) as info):
+        app.invoke({})
+    assert str(info.value) == "node 'a' failed on attempt 2 of 2: ValueError: always"
+
+
+@pytest.mark.parametrize(("retry_on", "error_type", "bases", "default", "reason"), [
+    (None, "ConnectionError", ["OSError"], None, None),
+    (None, "TypeError", ["Exception"], None,
+     "TypeError is a programming error, retried only if retry_on names it"),
+    (("OSError",), "ConnectionError", ["OSError"], None, None),  # a base is named
+    (("OSError",), "KeyError", ["LookupError"], None, "KeyError is not in retry_on [OSError]"),
+    (None, "RuntimeError", [], ("WorkerCrashed",),
+     "by default only WorkerCrashed are retried; name RuntimeError in retry_on to retry it"),
+    (None, "WorkerCrashed", [], ("WorkerCrashed",), None),
+    (None, "Cancelled", [], ("WorkerCrashed",),
+     "a branch stopped by a sibling or by its run is never retried"),
+])
+def test_refusal_says_why_a_failure_is_not_retried(retry_on, error_type, bases, default, reason):
+    policy = RetryPolicy(retry_on=retry_on)
+    names = failure_names(error_type, bases)
+    assert policy.refusal(error_type, names, default) == reason
+    assert policy.retries(names, default) is (reason is None)
 
 
 def _flaky_branch_node(state):
@@ -261,34 +318,50 @@ def _always_down(state):
     raise ConnectionError("down")
 
 
-def test_a_node_retry_wait_never_outlives_the_branch_timeout():
+def test_a_node_retry_wait_never_outlives_the_branch_timeout(caplog):
     graph = _map(_always_down, items=1,
-                 node_retry=RetryPolicy(initial_interval=60, jitter=False))
-    with graph.compile(isolation="thread", branch_timeout=0.5) as app:
+                 node_retry=RetryPolicy(initial_interval=60, max_interval=60, jitter=False))
+    with caplog.at_level(logging.WARNING, logger="isobranch"), \
+            graph.compile(isolation="thread", branch_timeout=0.5) as app:
         started = time.monotonic()
         [result] = app.invoke({})["results"]
         elapsed = time.monotonic() - started
     assert result.error_type == "BranchTimeout" and result.timed_out
     assert elapsed < 5, f"a 60 s backoff in a branch with a 0.5 s timeout took {elapsed:.1f}s"
-
-
-def _fails_fast_or_waits(state):
-    if state["item"] == 0:
-        raise ConnectionError("retried after 60 s")
-    time.sleep(0.2)  # until item 0 waits in its backoff
-    raise ValueError("not retried")
+    # The backend gives up on a branch that overruns its deadline (and says so): the
+    # backoff must end at the deadline by itself, not be cut short by that.
+    abandoned = [r.getMessage() for r in caplog.records if "abandoned" in r.getMessage()]
+    assert not abandoned, abandoned
 
 
 def test_fail_fast_ends_a_node_retry_wait_in_a_sibling_at_once():
-    graph = _map(_fails_fast_or_waits, items=2,
-                 node_retry=RetryPolicy(initial_interval=60, jitter=False))
+    item_0_failed = threading.Event()
+    ran_item_0: list[threading.Thread] = []
+
+    def body(state):
+        if state["item"] == 0:
+            ran_item_0.append(threading.current_thread())
+            item_0_failed.set()
+            raise ConnectionError("retried after 60 s")
+        # Fails only once item 0 waits in its 60 s backoff.
+        assert item_0_failed.wait(30)
+        assert wait_until(lambda: blocked_in_threading(ran_item_0[0].ident), 30)
+        raise ValueError("not retried")
+
+    graph = _map(body, items=2, node_retry=RetryPolicy(initial_interval=60, max_interval=60,
+                                                       jitter=False))
     with graph.compile(isolation="thread", max_workers=2, fail_fast=True) as app:
         started = time.monotonic()
         with pytest.raises(GraphExecutionError, match="fail_fast") as info:
             app.invoke({})
         elapsed = time.monotonic() - started
-    assert info.value.error_type == "ValueError"
+    assert info.value.error_type == "ValueError", info.value
     assert elapsed < 5, f"fail_fast took {elapsed:.1f}s to end a 60 s backoff"
+    # The run raises without waiting for its stopped branches: that item 0's
+    # backoff ended shows in its thread, which ends once closing the pool lets it.
+    [waiting] = ran_item_0
+    waiting.join(5)
+    assert not waiting.is_alive(), "item 0 still waits in its 60 s backoff"
 
 
 # -- branch retries -----------------------------------------------------------------
@@ -345,7 +418,21 @@ def test_the_branch_default_does_not_retry_a_node_error(tmp_path):
     with graph.compile(isolation="thread") as app:
         results = app.invoke({"dir": str(tmp_path)})["results"]
     assert not results[1].success and results[1].attempts == 1
-    assert results[1].error.startswith("branch 'body[1]' failed on attempt 1 of 3: node 'body'")
+    assert results[1].error.startswith(
+        "branch 'body[1]' failed on attempt 1 of 3 (not retried: by default only WorkerCrashed, "
+        "WorkerDied, BranchTimeout are retried; name ConnectionResetError in retry_on to retry "
+        "it): node 'body'")
+
+
+def test_a_branch_error_outside_retry_on_says_why(tmp_path):
+    graph = _map(_flaky_branch_node, retry=RetryPolicy(**FAST, retry_on=["TimeoutError"]))
+    with graph.compile(isolation="thread") as app:
+        results = app.invoke({"dir": str(tmp_path)})["results"]
+    assert results[1].attempts == 1
+    assert results[1].error.startswith(
+        "branch 'body[1]' failed on attempt 1 of 3 (not retried: ConnectionResetError is not "
+        "in retry_on [TimeoutError]): node 'body' in branch 'body[1]' failed: "
+        "ConnectionResetError")
 
 
 class ServiceUnavailable(ConnectionRefusedError):
@@ -467,18 +554,24 @@ def test_a_consumer_that_stops_reading_ends_a_backoff_at_once():
 
 
 def test_fail_fast_ends_a_sibling_backoff_at_once():
+    retry_scheduled = threading.Event()
+
     def body(state):
         if state["item"] == 0:
             raise ConnectionError("retried in 60 s")
-        time.sleep(0.2)
+        assert retry_scheduled.wait(30), "item 0's retry was never scheduled"
         raise ValueError("final")
 
     with _map(body, items=2, retry=LONG).compile(isolation="thread", max_workers=2,
                                                   fail_fast=True) as app:
-        started = time.monotonic()
+        events = app.stream({})
         with pytest.raises(GraphExecutionError, match="fail_fast") as info:
-            app.invoke({})
-    assert time.monotonic() - started < 5
+            for event in events:
+                if event["type"] == "branch_retry":  # item 0 now waits 30 s for attempt 2
+                    assert event["branch"] == "body[0]"
+                    failing = time.monotonic()
+                    retry_scheduled.set()  # item 1 fails only now
+    assert time.monotonic() - failing < 5, "fail_fast waited for a sibling's backoff"
     assert [r.error_type for r in info.value.results] == ["Cancelled", "ValueError"]
 
 
@@ -557,8 +650,8 @@ class _ListsOnly:
 
 
 @pytest.mark.parametrize("backend", [_StreamsButKnowsNoNotReady, _ListsOnly])
-def test_branch_retries_work_on_a_third_party_backend(backend, tmp_path):
-    register_backend(backend.name, backend, replace=True)
+def test_branch_retries_work_on_a_third_party_backend(backend, tmp_path, test_backend):
+    test_backend(backend.name, backend)
     graph = _map(_flaky_branch_node, items=4, retry=RetryPolicy(retry_on=["OSError"], **FAST))
     with graph.compile(isolation=backend.name, max_workers=2) as app:
         results = app.invoke({"dir": str(tmp_path), "fails": 2})["results"]

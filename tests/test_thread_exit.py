@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import blocked_in_threading, frames_of, plain_environment, wait_until
 from isobranch import StateGraph
 from isobranch.isolation.thread_pool import DaemonThreadPool
 
@@ -53,7 +54,7 @@ edges:
 def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     try:
         return subprocess.run([sys.executable, *args], capture_output=True, text=True,
-                              cwd=tmp_path, timeout=EXIT_WITHIN_SECONDS)
+                              cwd=tmp_path, timeout=EXIT_WITHIN_SECONDS, env=plain_environment())
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"the process did not exit within {EXIT_WITHIN_SECONDS}s after its work: "
                     f"stdout={exc.stdout!r}")
@@ -127,7 +128,7 @@ def test_ctrl_c_exits_at_once_with_130_while_a_branch_is_stuck(tmp_path):
         """))
     process = subprocess.Popen([sys.executable, "-m", "isobranch", "run", str(flow)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               cwd=tmp_path)
+                               cwd=tmp_path, env=plain_environment())
     try:
         deadline = time.monotonic() + EXIT_WITHIN_SECONDS
         while not marker.exists():  # the branch is inside its call
@@ -180,6 +181,9 @@ def test_pool_threads_are_daemons_and_shutdown_joins_the_idle_ones():
     assert [f.result(10) for f in quick] == [1, 2, 4, 8]
     threads = pool.threads
     assert threads and all(t.daemon for t in threads)
+    # A thread that has handed over its result is idle only once it waits for work
+    # again; the one running release.wait waits too, inside its call.
+    assert wait_until(lambda: all(blocked_in_threading(t.ident) for t in threads), 30)
     pool.shutdown(wait=False, cancel_futures=True)
     alive = [t for t in threads if t.is_alive()]
     assert len(alive) == 1, "only the thread inside a call may outlive shutdown"
@@ -203,8 +207,21 @@ def test_pool_shutdown_cancels_queued_calls_and_waits_for_running_ones():
     first = pool.submit(running)
     queued = pool.submit(pow, 2, 3)
     assert entered.wait(10)
-    threading.Timer(0.1, release.set).start()
-    pool.shutdown(wait=True, cancel_futures=True)
+    caller = threading.get_ident()
+
+    def release_once_shutdown_waits() -> None:  # the running call returns only then
+        if wait_until(lambda: blocked_in_threading(caller) and "shutdown" in frames_of(caller),
+                      30):
+            release.set()
+
+    releaser = threading.Thread(target=release_once_shutdown_waits)
+    releaser.start()
+    try:
+        pool.shutdown(wait=True, cancel_futures=True)
+        assert release.is_set(), "shutdown returned before the running call did"
+    finally:
+        release.set()
+        releaser.join(30)
     assert first.result(0) == "ran" and queued.cancelled()
     assert not pool.threads
 

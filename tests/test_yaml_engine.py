@@ -252,6 +252,176 @@ def test_lua_node_error_keeps_the_line_number(load):
     assert "lua_bad:3:" in str(info.value) and info.value.error_type == "LuaRuntimeError"
 
 
+# -- errors at run time point into the YAML file ----------------------------------------------
+
+# A fan-out to a Python and a Lua branch that fail on a line that is not
+# their code's first; the fan-in keeps the failed results.
+BRANCHES_THAT_FAIL = """\
+nodes:
+  - name: start
+    run: return None
+  - name: mean
+    run: |
+      rows = state["rows"]
+      helper = lambda: sum(rows) / len(rows)
+      return {"mean": helper()}
+  - name: check
+    language: lua
+    run: |
+      -- lua
+      local limit = state.limit
+      return {ok = limit.high > 1}
+  - name: join
+    fan_in: true
+    run: |
+      return {"results": parallel_results}
+edges:
+  - {from: __start__, to: start}
+  - {from: start, to: mean, type: parallel, fan_in: join}
+  - {from: start, to: check, type: parallel, fan_in: join}
+  - {from: mean, to: join}
+  - {from: check, to: join}
+"""
+
+
+def write_agent(tmp_path: Path, text: str, name: str = "agent.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def lua_name(path: Path) -> str:
+    """How Lua names ``path`` in a message: the whole path if Lua keeps it whole (59 characters)."""
+    return str(path) if len(str(path)) <= 59 else path.name
+
+
+def line_of(text: str, fragment: str) -> int:
+    """The 1-based line of ``text`` holding ``fragment`` (exactly one does)."""
+    (line,) = [number for number, content in enumerate(text.splitlines(), 1)
+               if fragment in content]
+    return line
+
+
+@pytest.mark.parametrize("isolation", ["thread", "process"])
+def test_errors_in_branches_name_the_yaml_files_line_and_the_line_in_the_code(tmp_path,
+                                                                             isolation):
+    path = write_agent(tmp_path, BRANCHES_THAT_FAIL)
+    with YAMLEngine(isolation=isolation).load_from_file(path) as graph:
+        path.unlink()  # a traceback's text comes from the node, where it runs, not the file
+        results = {r.branch: r for r in graph.invoke({"rows": []})["results"]}
+    python_line = line_of(BRANCHES_THAT_FAIL, "helper = lambda")
+    assert results["mean"].error == (
+        f"node 'mean' in branch 'mean' failed: ZeroDivisionError: division by zero "
+        f"(at {path}:{python_line}, line 2 of its code)")
+    # The traceback, made where the branch ran, shows the file's line and its text.
+    assert (f'File "{path}", line {python_line}, in <lambda>\n'
+            f'    helper = lambda: sum(rows) / len(rows)') in results["mean"].traceback
+    lua_line = line_of(BRANCHES_THAT_FAIL, "limit.high")
+    assert results["check"].error == (
+        f"node 'check' in branch 'check' failed: LuaRuntimeError: {lua_name(path)}:{lua_line}: "
+        f"attempt to index a nil value (local 'limit') (line 3 of its code)")
+
+
+def test_a_relative_path_is_named_as_given(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_agent(tmp_path, BRANCHES_THAT_FAIL)
+    with YAMLEngine(isolation="inline").load_from_file("agent.yaml") as graph:
+        results = {r.branch: r for r in graph.invoke({"rows": []})["results"]}
+    assert results["mean"].error.endswith(
+        f"(at agent.yaml:{line_of(BRANCHES_THAT_FAIL, 'helper = lambda')}, line 2 of its code)")
+    assert f"LuaRuntimeError: agent.yaml:{line_of(BRANCHES_THAT_FAIL, 'limit.high')}: " \
+           f"attempt to index" in results["check"].error
+
+
+def test_a_node_failing_after_its_retries_names_the_line(tmp_path):
+    text = textwrap.dedent("""\
+        nodes:
+          - name: fetch
+            retry: {max_attempts: 2, initial_interval: 0.001, jitter: false}
+            run: |
+              url = state["url"]
+              raise ConnectionError(url)
+        """)
+    path = write_agent(tmp_path, text)
+    with YAMLEngine().load_from_file(path) as graph, pytest.raises(GraphExecutionError) as info:
+        graph.invoke({"url": "x"})
+    assert str(info.value) == (f"node 'fetch' failed on attempt 2 of 2: ConnectionError: x "
+                               f"(at {path}:{line_of(text, 'raise')}, line 2 of its code)")
+
+
+ROUTES_THAT_FAIL = """\
+nodes:
+  - name: route
+    run: return None
+  - name: work
+    run: return None
+  - name: join
+    fan_in: true
+    run: return None
+edges:
+  - {from: __start__, to: route}
+  - {from: route, to: split, when: "state['score'] > 1"}
+  - {from: route, to: __end__, when: {lua: "state.limit.high"}}
+  - {from: split, to: work, type: map, over: {python: "state['items']"}, fan_in: join}
+  - {from: work, to: join}
+"""
+
+
+def test_conditions_and_map_expressions_name_their_yaml_line(tmp_path):
+    text = ROUTES_THAT_FAIL.replace("  - name: work\n", "  - name: split\n    run: return None\n"
+                                    "  - name: work\n")
+    path = write_agent(tmp_path, text)
+    failures = []
+    with YAMLEngine().load_from_file(path) as graph:
+        for state in ({}, {"score": 0}, {"score": 2}):
+            with pytest.raises(GraphExecutionError) as info:
+                graph.invoke(state)
+            failures.append(str(info.value))
+    assert failures == [
+        f"node 'route': edge condition failed: KeyError: 'score' "
+        f"(at {path}:{line_of(text, 'score')})",
+        f"node 'route': edge condition failed: LuaRuntimeError: {lua_name(path)}:"
+        f"{line_of(text, 'limit.high')}: attempt to index a nil value (field 'limit')",
+        f"node 'split': map over python: state['items'] failed: KeyError: 'items' "
+        f"(at {path}:{line_of(text, 'items')})",
+    ]
+
+
+def test_node_files_are_named_with_their_own_lines(tmp_path):
+    (tmp_path / "nodes").mkdir()
+    (tmp_path / "nodes" / "parse.py").write_text("text = state['text']\nreturn {'n': int(text)}\n")
+    (tmp_path / "nodes" / "check.lua").write_text("local n = state.n\nreturn {ok = n.x}\n")
+    path = write_agent(tmp_path, "nodes:\n  - {name: parse, file: nodes/parse.py}\n"
+                                 "  - {name: check, file: nodes/check.lua}\n")
+    with YAMLEngine().load_from_file(path) as graph:
+        with pytest.raises(GraphExecutionError) as python_error:
+            graph.invoke({"text": "x"})
+        with pytest.raises(GraphExecutionError) as lua_error:
+            graph.invoke({"text": "1"})
+    parse = tmp_path / "nodes" / "parse.py"
+    assert str(python_error.value).endswith(f"(at {parse}:2)")
+    assert f'File "{parse}", line 2' in python_error.value.traceback
+    assert str(lua_error.value) == (f"node 'check' failed: LuaRuntimeError: "
+                                    f"{lua_name(tmp_path / 'nodes' / 'check.lua')}:2: attempt to "
+                                    f"index a number value (local 'n')")
+
+
+def test_code_without_file_lines_names_only_the_line_in_the_code(tmp_path):
+    # Lines of a quoted value are not the file's; a parsed dict has no file at all.
+    text = 'nodes:\n  - name: explode\n    run: "x = 1\\ny = x / 0"\n'
+    with YAMLEngine().load_from_file(write_agent(tmp_path, text)) as graph, \
+            pytest.raises(GraphExecutionError) as quoted:
+        graph.invoke({})
+    assert str(quoted.value) == "node 'explode' failed: ZeroDivisionError: division by zero"
+    assert 'File "<node explode>", line 2' in quoted.value.traceback
+    with YAMLEngine().load_from_dict(yaml.safe_load(BRANCHES_THAT_FAIL),
+                                     source="agent.yaml") as graph:
+        results = {r.branch: r for r in graph.invoke({"rows": []})["results"]}
+    assert results["mean"].error.endswith("division by zero")
+    assert results["check"].error.endswith(
+        "LuaRuntimeError: check:3: attempt to index a nil value (local 'limit')")
+
+
 def test_lua_state_that_cannot_be_converted_names_the_key(load):
     graph = load({"nodes": [{"name": "py", "run": "return {'bad': {'inner': {1, 2}}}"},
                             {"name": "lua", "run": "-- lua\nreturn {seen = state.bad ~= nil}"}]})

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import re
 import textwrap
 import threading
 from pathlib import Path
 
 import pytest
+import yaml
 
 from isobranch import GraphError, LuaRuntime, LuaRuntimeError, StateGraph, YAMLEngine
 from isobranch.cli import main
 from isobranch.lua import syntax
+from isobranch.yaml_lines import load_with_code_lines
 
 ONE_NODE = [{"name": "a", "run": "pass"}]
 
@@ -121,15 +124,66 @@ def test_the_chosen_backends_section_and_flat_keys_are_merged_flat_winning():
         assert graph.backend_options == {"fresh_worker_per_branch": True, "start_method": "spawn"}
 
 
-def test_flat_options_of_the_documents_backend_are_dropped_when_the_engine_chooses_another():
-    document = {"settings": {"parallel": {"isolation": "process", "fresh_worker_per_branch": True,
-                                          "thread": {}}},
+def test_a_flat_option_of_the_documents_backend_names_both_when_the_caller_runs_another():
+    document = {"settings": {"parallel": {"isolation": "process", "fresh_worker_per_branch": True}},
                 "nodes": ONE_NODE}
+    assert only_problem(document, isolation="inline") == (
+        "settings.parallel.fresh_worker_per_branch: an option of isolation backend 'process', "
+        "which settings.parallel.isolation chooses, but the caller runs this graph on 'inline'; "
+        "put it under settings.parallel.process to apply it only when 'process' runs")
+    # Under the backend's name it survives the caller's choice, unused by inline.
+    document["settings"]["parallel"] = {"isolation": "process",
+                                        "process": {"fresh_worker_per_branch": True}}
     with YAMLEngine(isolation="inline").load_from_dict(document) as graph:
         assert (graph.isolation, graph.backend_options) == ("inline", {})
     document["settings"]["parallel"]["fresh_worker_per_brnch"] = True
     assert only_problem(document, isolation="inline").endswith(
         "did you mean 'fresh_worker_per_branch'?")
+
+
+@pytest.mark.parametrize("document_isolation", [None, "thread", "inline"])
+def test_flat_options_belong_to_the_backend_the_engine_runs(document_isolation):
+    parallel = {"fresh_worker_per_branch": True, "max_workers": 1}
+    if document_isolation:
+        parallel["isolation"] = document_isolation
+    document = {"settings": {"parallel": parallel}, "nodes": [
+        {"name": "start", "run": "pass"},
+        {"name": "probe", "run": "import os\nreturn {'pid': os.getpid()}"},
+        {"name": "join", "fan_in": True,
+         "run": "return {'pid': parallel_results[0].state['pid']}"}],
+        "edges": [{"from": "start", "to": "probe", "type": "parallel", "fan_in": "join"},
+                  {"from": "probe", "to": "join"}]}
+    with YAMLEngine(isolation="process").load_from_dict(document) as graph:
+        assert (graph.isolation, graph.backend_options) == (
+            "process", {"fresh_worker_per_branch": True})
+        # One worker at most, yet every branch runs in a new one: the option is applied.
+        pids = {graph.invoke({})["pid"] for _ in range(2)}
+    assert len(pids) == 2 and os.getpid() not in pids
+
+
+def test_the_cli_isolation_option_decides_where_flat_options_go(tmp_path, capfd):
+    flow = tmp_path / "flow.yaml"
+    flow.write_text("settings:\n  parallel: {fresh_worker_per_branch: true}\n"
+                    "nodes:\n  - {name: a, run: 'return {\"ok\": 1}'}\n", encoding="utf-8")
+    assert main(["run", str(flow), "--isolation", "process"]) == 0
+    assert '"ok": 1' in capfd.readouterr().out
+    assert main(["run", str(flow)]) == 2
+    assert ("settings.parallel.fresh_worker_per_branch: not an option of isolation backend "
+            "'thread' but of 'process'") in capfd.readouterr().err
+
+
+def test_a_config_isolation_uses_that_backends_own_section():
+    document = {"settings": {"parallel": {"process": {"start_method": "spawn"}}},
+                "nodes": ONE_NODE}
+    with YAMLEngine().load_from_dict(document) as graph:
+        assert (graph.isolation, graph.backend_options) == ("thread", {})
+        assert graph._backend("process", None).start_method == "spawn"
+        assert graph._backend("inline", None).name == "inline"
+    document["settings"]["parallel"]["process"]["start_method"] = "telepathy"
+    with YAMLEngine().load_from_dict(document) as graph, pytest.raises(GraphError) as info:
+        graph.invoke({}, config={"isolation": "process"})
+    assert str(info.value).startswith("config: isolation backend 'process': start_method must "
+                                      "be one of")
 
 
 def test_map_edge_keys_are_not_unknown_keys():
@@ -281,6 +335,69 @@ def test_lua_file_nodes_are_checked_and_named_by_file(tmp_path):
         YAMLEngine().load_from_file(flow)
     assert info.value.problems == ["node 'step' (file 'step.lua'), line 3: '}' expected "
                                    "(to close '{' at line 1) near 'b'"]
+
+
+SYNTAX_ERRORS = """\
+nodes:
+  - name: mean
+    run: |
+      rows = state["rows"]
+      return {
+  - name: check
+    language: lua
+    run: |
+      local a = 1
+      a = = 2
+edges:
+  - {from: __start__, to: mean}
+  - {from: mean, to: check, when: "state[)"}
+  - {from: mean, to: check, when: {lua: "state.x =="}}
+"""
+
+
+def test_syntax_errors_name_the_yaml_files_line_beside_the_codes(tmp_path):
+    flow = tmp_path / "flow.yaml"
+    flow.write_text(SYNTAX_ERRORS, encoding="utf-8")
+    with pytest.raises(GraphError) as info:
+        YAMLEngine().load_from_file(flow)
+    assert info.value.problems == [
+        "node 'mean': invalid Python: '{' was never closed (line 2) (flow.yaml:5)"
+        .replace("flow.yaml", str(flow)),
+        f"node 'check', line 2: unexpected symbol near '=' ({flow}:10)",
+        f"edges[1] (mean -> check): invalid Python condition: closing parenthesis ')' does not "
+        f"match opening parenthesis '[' ({flow}:13)",
+        f"edges[2] (mean -> check): invalid Lua condition, line 1: syntax error near '==' "
+        f"({flow}:14)",
+    ]
+    # A parsed document has no file lines: the line within the code only.
+    assert problems_of(yaml.safe_load(SYNTAX_ERRORS))[:2] == [
+        "node 'mean': invalid Python: '{' was never closed (line 2)",
+        "node 'check', line 2: unexpected symbol near '='"]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    # A literal block starts on the line after its '|'; one line of code is where it is.
+    ("nodes:\n  - name: a\n    run: |\n      x = 1\n      y = 2\n  - {name: b, run: pass}\n",
+     {("nodes", 0, "run"): 4, ("nodes", 1, "run"): 6}),
+    # Blank lines at the start of a block are part of it.
+    ("nodes:\n  - name: a\n    run: |\n\n      x = 1\n", {("nodes", 0, "run"): 4}),
+    # Conditions and map expressions, plain or under python: / lua:.
+    ("edges:\n  - {from: a, to: b, when: \"x\"}\n  - {from: a, to: c, when: {lua: \"y\"}}\n"
+     "  - from: a\n    to: d\n    over:\n      python: |\n        z\n",
+     {("edges", 0, "when"): 2, ("edges", 1, "when"): 3, ("edges", 2, "over"): 8}),
+    # A folded block of several lines, or a quoted value of several lines of code: no line.
+    ("nodes:\n  - name: a\n    run: >\n      x = 1\n\n      y = 2\n"
+     "  - {name: b, run: \"x = 1\\ny = 2\"}\n  - name: c\n    run: >\n      z = 3\n",
+     {("nodes", 2, "run"): 10}),
+    # An alias is where its anchor is; a merged key counts; a later duplicate key wins.
+    ("nodes:\n  - {name: a, run: &code 'x = 1'}\n  - {name: b, run: *code}\n"
+     "  - {<<: {run: 'y = 2'}, name: c}\n  - {name: d, run: 'p = 1', run: [1]}\n",
+     {("nodes", 0, "run"): 2, ("nodes", 1, "run"): 2, ("nodes", 2, "run"): 4}),
+])
+def test_code_lines_are_noted_where_the_code_is_in_the_file(text, expected):
+    document, lines = load_with_code_lines(text)
+    assert document == yaml.safe_load(text)
+    assert lines == expected
 
 
 def test_lua_checks_from_many_threads_at_once_are_each_right():

@@ -7,7 +7,14 @@ VM, and runs on a pluggable isolation backend (inline, thread, ...).
 from .branch import ParallelFlowResult
 from .checkpoint import SqliteCheckpointer
 from .compiled import CompiledGraph
-from .errors import GraphError, GraphExecutionError
+from .errors import (
+    GraphError,
+    GraphExecutionError,
+    IsobranchError,
+    LuaMemoryError,
+    LuaRuntimeError,
+    LuaTimeoutError,
+)
 from .graph import StateGraph
 from .isolation import (
     IsolationBackend,
@@ -15,7 +22,7 @@ from .isolation import (
     register_backend,
     unregister_backend,
 )
-from .lua.runtime import LuaMemoryError, LuaRuntime, LuaRuntimeError, LuaTimeoutError
+from .lua.runtime import LuaRuntime
 from .retry import RetryPolicy
 from .runner import END, START
 from .yaml_engine import YAMLEngine
@@ -28,6 +35,7 @@ __all__ = [
     "CompiledGraph",
     "GraphError",
     "GraphExecutionError",
+    "IsobranchError",
     "IsolationBackend",
     "LuaMemoryError",
     "LuaRuntime",

@@ -18,14 +18,11 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .cancellation import CancelSignal
 from .errors import GraphExecutionError
 from .isolation.thread_pool import DaemonThreadPool
-
-if TYPE_CHECKING:
-    from .compiled import CompiledGraph
 
 # Runs of one compiled graph in flight at once; more wait for a thread. A run
 # mostly waits (on branches, Lua, I/O), so this is not a CPU bound.
@@ -83,12 +80,12 @@ class RunThreads:
                 thread.join(max(deadline - time.monotonic(), 0.0))
 
 
-async def run_off_loop(graph: CompiledGraph, work: Callable[[CancelSignal], Any]) -> Any:
-    """``work(cancel)`` on a run thread of ``graph``, awaited without blocking the loop."""
+async def run_off_loop(threads: RunThreads, work: Callable[[CancelSignal], Any]) -> Any:
+    """``work(cancel)`` on one of ``threads`` (a graph's), awaited without blocking the loop."""
     loop = asyncio.get_running_loop()
     cancel = CancelSignal()
     done = loop.create_future()
-    future = graph._run_threads.submit(work, cancel)
+    future = threads.submit(work, cancel)
     future.add_done_callback(lambda f: _hand_over(loop, done, f))
     try:
         return await asyncio.shield(done)
@@ -98,13 +95,13 @@ async def run_off_loop(graph: CompiledGraph, work: Callable[[CancelSignal], Any]
         raise
 
 
-def stream_off_loop(graph: CompiledGraph, make_events: Callable[[CancelSignal], Iterator[Any]]
+def stream_off_loop(threads: RunThreads, make_events: Callable[[CancelSignal], Iterator[Any]]
                     ) -> AsyncIterator[Any]:
-    """The events of ``make_events(cancel)``, produced on a run thread, as an async iterator."""
-    return _stream(graph, make_events)
+    """The events of ``make_events(cancel)``, produced on one of ``threads``, as an async iterator."""
+    return _stream(threads, make_events)
 
 
-async def _stream(graph: CompiledGraph, make_events: Callable[[CancelSignal], Iterator[Any]]
+async def _stream(threads: RunThreads, make_events: Callable[[CancelSignal], Iterator[Any]]
                   ) -> AsyncIterator[Any]:
     loop = asyncio.get_running_loop()
     cancel = CancelSignal()
@@ -125,7 +122,7 @@ async def _stream(graph: CompiledGraph, make_events: Callable[[CancelSignal], It
             if close is not None:
                 close()
 
-    future = graph._run_threads.submit(produce, cancel)
+    future = threads.submit(produce, cancel)
     future.add_done_callback(lambda f: _hand_over(loop, done, f))
     done.add_done_callback(lambda _: events.put_nowait(_END))
     try:

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from .cancellation import CancelSignal
-from .context import BranchCancelled
 from .error_kinds import ErrorKind, plain
+from .errors import BranchCancelled
 from .statecopy import ScalarSnapshot, StateSnapshot
 
 if TYPE_CHECKING:
@@ -219,10 +219,23 @@ def format_traceback(exc: BaseException) -> str:
     return "".join(traceback_module.format_exception(exc))
 
 
+def failed_result(task: BranchTask, error: str, error_type: str, **details: Any
+                  ) -> ParallelFlowResult:
+    """A failed result of ``task``'s branch, named and indexed like every other.
+
+    Every result built for a branch that did not finish on its own (cancelled,
+    timed out, out of memory) comes from here, so a map branch is
+    ``"work[3]"`` with ``index == 3`` whatever stopped it. ``details`` are
+    the other fields (``state``, ``node``, ``worker`` …).
+    """
+    details.setdefault("isolation", task.isolation)
+    return ParallelFlowResult(branch=task.name, index=task.index, success=False, error=error,
+                              error_type=error_type, **details)
+
+
 def cancelled_result(task: BranchTask, reason: str) -> ParallelFlowResult:
     """The result of a branch that was stopped (or never started) because of ``reason``."""
-    return ParallelFlowResult(branch=task.name, index=task.index, success=False, error=reason,
-                              error_type=CANCELLED, isolation=task.isolation)
+    return failed_result(task, reason, CANCELLED)
 
 
 # ``error_type`` of a branch stopped because of another one; never a cause itself.
@@ -235,23 +248,13 @@ def timed_out_result(task: BranchTask, monitor: BranchMonitor | None) -> Paralle
     where = f" in node {node!r}" if node else ""
     started = monitor.started_at if monitor and monitor.started_at else time.monotonic()
     state = dict(monitor.state) if monitor and monitor.state is not None else {}
-    return ParallelFlowResult(
-        branch=task.name, index=task.index, state=state, success=False,
-        error=(f"branch {task.label!r} timed out after {task.limits.branch_timeout:g}s{where}"),
-        error_type=ErrorKind.BRANCH_TIMEOUT, timed_out=True, duration_ms=ms_since(started),
-        isolation=task.isolation, worker=None, node=node)
+    return failed_result(
+        task, f"branch {task.label!r} timed out after {task.limits.branch_timeout:g}s{where}",
+        ErrorKind.BRANCH_TIMEOUT, state=state, timed_out=True, duration_ms=ms_since(started),
+        worker=None, node=node)
 
 
 def ms_since(started: float) -> float:
     """Milliseconds since the monotonic time ``started``."""
     return (time.monotonic() - started) * 1000.0
 
-
-def __getattr__(name: str) -> Any:
-    # ``isobranch.branch.run_branch`` was where backend authors found it; it
-    # lives next to the step loop now (branch_run.py), which imports this module.
-    if name == "run_branch":
-        from .branch_run import run_branch
-
-        return run_branch
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,9 +24,9 @@ from .branch import (
     format_traceback,
     ms_since,
 )
-from .context import BranchCancelled, BranchTimeout, ExecutionContext, Watchdog
+from .context import ExecutionContext, Watchdog
 from .error_kinds import ErrorKind
-from .errors import GraphExecutionError
+from .errors import BranchCancelled, BranchTimeout, GraphExecutionError
 from .retry import exception_names
 from .runner import run_steps
 

@@ -16,13 +16,10 @@ cancellation into an ordinary failure.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from collections.abc import Callable
 
-
-class RunCancelled(BaseException):
-    """The run was cancelled from outside (its awaiting task was cancelled)."""
+from .errors import RunCancelled
 
 
 class CancelSignal:
@@ -107,46 +104,6 @@ class CancelSignal:
         """Raise ``error()`` if the signal is set."""
         if self._set:
             raise self.error_type(self.reason)
-
-
-class CancelPipe:
-    """A pipe a cancellation writes to, so a wait on file descriptors wakes at once.
-
-    ``fileno()`` goes into the ``select`` / ``multiprocessing.connection.wait``
-    list. ``also_notify``, a condition, is notified too (a wait for a free
-    worker on it wakes as well). ``close()`` stops listening and closes the pipe.
-    """
-
-    def __init__(self, cancel: CancelSignal, also_notify: threading.Condition | None = None
-                 ) -> None:
-        self._read, self._write = os.pipe()
-        self._also_notify = also_notify
-        # Guards the pipe: a wake racing close() must not write to a reused fd.
-        self._guard = threading.Lock()
-        self._closed = False
-        self._forget = cancel.add_callback(self._wake)
-
-    def _wake(self) -> None:
-        with self._guard:
-            if not self._closed:
-                os.write(self._write, b"x")
-        if self._also_notify is not None:
-            with self._also_notify:
-                self._also_notify.notify_all()
-
-    def fileno(self) -> int:
-        """The end to wait on: readable once the run is cancelled."""
-        return self._read
-
-    def close(self) -> None:
-        """Stop listening and close both ends. Safe to call twice."""
-        self._forget()
-        with self._guard:
-            if self._closed:
-                return
-            self._closed = True
-            os.close(self._read)
-            os.close(self._write)
 
 
 def _nothing() -> None:

@@ -1,6 +1,10 @@
 """The ``isobranch`` command: run, resume, validate and draw YAML workflows; list runs.
 
-Exit codes: 0 success, 1 the workflow failed while running, 2 invalid input
+The text of ``--help`` is written here as plain text (no reST markup);
+it is not taken from docstrings.
+
+Exit codes: 0 success, 1 the workflow failed while running (or ``graph``
+could not render a picture: Graphviz missing or failing), 2 invalid input
 (bad YAML, unknown node or backend, bad ``--input``, bad arguments), 130
 interrupted (Ctrl-C), 141 standard output closed by its reader (e.g.
 ``| head``). Every failure is one line on stderr; ``--debug`` adds the
@@ -18,33 +22,30 @@ import os
 import sys
 import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
 
 from .branch import ParallelFlowResult
-from .checkpoint.recorder import new_run_id
 from .checkpoint.store import SqliteCheckpointer
+from .cli_errors import command_message
+from .cli_failures import FailedBranchWarnings
 from .cli_logging import add_verbosity_option, log_to_stderr
 from .cli_runs import runs_table
-from .cli_stdout import PrivateStdout, StdoutClosed, stdout_to_stderr
-from .compiled import CompiledGraph
-from .errors import GraphError, GraphExecutionError
-from .fanout import MapFanOut, print_branch_tracebacks
+from .cli_stdout import PrivateStdout, stdout_to_stderr
+from .errors import GraphError, GraphExecutionError, GraphvizError, InputError, StdoutClosed
+from .fanout import print_branch_tracebacks
+from .pictures import PictureFormat, picture, write_picture
 from .progress import FanOutProgress, wants_progress
-from .runner import START
 from .yaml_engine import YAMLEngine
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 # The shell's codes for death by SIGINT and SIGPIPE (128 + signal number).
 EXIT_INTERRUPTED, EXIT_STDOUT_CLOSED = 130, 141
+DESCRIPTION = "The isobranch command: run, resume, validate and draw YAML workflows; list runs."
 
 log = logging.getLogger(__name__)
-
-
-class InputError(Exception):
-    """The command line or its ``--input`` is unusable."""
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -62,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.handler(args, out)
     except (GraphError, InputError) as exc:
         return _fail(args, exc, EXIT_INVALID)
-    except GraphExecutionError as exc:
+    except (GraphExecutionError, GraphvizError) as exc:
         return _fail(args, exc, EXIT_FAILED)
     except KeyboardInterrupt as exc:
         return _fail(args, exc, EXIT_INTERRUPTED, label="interrupted", message="")
@@ -91,7 +92,7 @@ def console() -> NoReturn:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="isobranch", description=__doc__.splitlines()[0])
+    parser = _OneLineParser(prog="isobranch", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"isobranch {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -120,14 +121,26 @@ def _parser() -> argparse.ArgumentParser:
 
     runs = commands.add_parser("runs", help="list the runs recorded in a checkpoint database")
     runs.add_argument("database", metavar="DB", help="checkpoint database file")
+    runs.add_argument("--delete", metavar="ID", default=None,
+                      help="delete the run ID and everything recorded for it, instead of "
+                           "listing runs")
     runs.set_defaults(handler=_runs)
 
     validate = commands.add_parser("validate", help="report every problem in a workflow")
     validate.add_argument("file")
     validate.set_defaults(handler=_validate)
 
-    draw = commands.add_parser("graph", help="print the workflow as a Mermaid flowchart")
+    draw = commands.add_parser("graph", help="draw the workflow: Mermaid or DOT text, or an "
+                                              "SVG or PNG picture (through Graphviz's dot)")
     draw.add_argument("file")
+    draw.add_argument("--format", "-f", default=PictureFormat.MERMAID.value,
+                      choices=[fmt.value for fmt in PictureFormat],
+                      help="what to draw (default: mermaid); svg and png need Graphviz's dot "
+                           "program on the PATH")
+    draw.add_argument("--output", "-o", metavar="PATH", default=None,
+                      help="write the drawing to PATH (replaced whole, or not at all) instead "
+                           "of standard output; png needs it when standard output is a "
+                           "terminal")
     draw.set_defaults(handler=_graph)
 
     for sub in (run, resume):  # the commands that run a workflow
@@ -166,17 +179,12 @@ def _run(args: argparse.Namespace, out: PrivateStdout) -> int:
     state = _read_input(args.input)
     with _engine(args).load_from_file(args.file) as graph:
         log.debug("loaded %s (%d nodes)", args.file, len(graph.nodes))
-        config = None
-        if graph.checkpointer is not None or args.run_id is not None:
-            run_id = args.run_id or new_run_id()
-            config = {"run_id": run_id}
-            if graph.checkpointer is not None:
-                print(f"isobranch: run {run_id} (recorded in {graph.checkpointer.path})",
-                      file=sys.stderr, flush=True)
-        if not args.stream and not wants_progress(args.progress, sys.stderr):
-            out.write_line(_json(graph.invoke(state, config)))
-            return EXIT_OK
-        return _follow(args, out, graph.stream(state, config))
+        if args.run_id is not None and graph.checkpointer is None:
+            raise InputError(f"{args.file}: --run-id needs --checkpoint DB (the workflow has "
+                             f"no settings.checkpoint)")
+        config = {"run_id": args.run_id} if args.run_id is not None else None
+        recorded_in = graph.checkpointer.path if graph.checkpointer is not None else None
+        return _follow(args, out, graph.stream(state, config), recorded_in=recorded_in)
 
 
 def _resume(args: argparse.Namespace, out: PrivateStdout) -> int:
@@ -187,9 +195,6 @@ def _resume(args: argparse.Namespace, out: PrivateStdout) -> int:
                              f"settings.checkpoint)")
         if not graph.checkpointer.path.is_file():
             raise InputError(f"{graph.checkpointer.path}: no such checkpoint database")
-        if not args.stream and not wants_progress(args.progress, sys.stderr):
-            out.write_line(_json(graph.resume(args.run_id, force=args.force)))
-            return EXIT_OK
         return _follow(args, out, graph.resume_stream(args.run_id, force=args.force))
 
 
@@ -199,19 +204,35 @@ def _runs(args: argparse.Namespace, out: PrivateStdout) -> int:
         raise InputError(f"{args.database}: no such checkpoint database")
     checkpointer = SqliteCheckpointer(path)
     try:
-        out.write_line(runs_table(checkpointer.list_runs()))
+        if args.delete is None:
+            out.write_line(runs_table(checkpointer.list_runs()))
+        elif checkpointer.delete_run(args.delete):
+            out.write_line(f"deleted run {args.delete}")
+        else:
+            raise InputError(f"{args.database}: there is no run {args.delete!r}")
     finally:
         checkpointer.close()
     return EXIT_OK
 
 
-def _follow(args: argparse.Namespace, out: PrivateStdout, events: Any) -> int:
-    """Print ``--stream`` lines (or, with only a progress line, the final state) of ``events``."""
+def _follow(args: argparse.Namespace, out: PrivateStdout, events: Iterator[dict[str, Any]],
+            *, recorded_in: Path | None = None) -> int:
+    """Print the final state (or the ``--stream`` lines) of the run ``events`` describes.
+
+    On stderr meanwhile: the run's id when it is recorded (``recorded_in``,
+    once the database has it), a warning per failed branch, and the
+    progress lines if wanted.
+    """
     if wants_progress(args.progress, sys.stderr):  # on stderr only: stdout keeps just the JSON
         events = FanOutProgress(sys.stderr).follow(events)
+    failures = FailedBranchWarnings(sys.stderr)
     final: dict = {}
     try:
         for event in events:
+            if event["type"] == "run" and recorded_in is not None:
+                print(f"isobranch: run {event['run_id']} (recorded in {recorded_in})",
+                      file=sys.stderr, flush=True)
+            failures.update(event)
             if args.stream:
                 out.write_line(_json(_event_json(event), compact=True))
             elif event["type"] == "final":
@@ -220,19 +241,28 @@ def _follow(args: argparse.Namespace, out: PrivateStdout, events: Any) -> int:
         raise
     except Exception as exc:
         if args.stream:
-            out.write_line(_json(_error_event(exc), compact=True))
+            out.write_line(_json(_error_event(exc, _message(args, exc)), compact=True))
         raise
+    finally:
+        failures.close()
     if not args.stream:
         out.write_line(_json(final))
     return EXIT_OK
 
 
-def _error_event(exc: Exception) -> dict[str, Any]:
+def _message(args: argparse.Namespace, exc: BaseException) -> str:
+    """``exc``'s message as the command shows it: in its own words where it has them."""
+    file = getattr(args, "file", None)
+    worded = command_message(exc, file, getattr(args, "checkpoint", None)) if file else None
+    return worded if worded is not None else str(exc)
+
+
+def _error_event(exc: Exception, message: str) -> dict[str, Any]:
     """The last ``--stream`` line of a failed run: where it failed and why."""
     return {"type": "error", "node": getattr(exc, "node", None),
             "branch": getattr(exc, "branch", None),
             "error_type": getattr(exc, "error_type", None) or type(exc).__name__,
-            "message": str(exc)}
+            "message": message}
 
 
 def _validate(args: argparse.Namespace, out: PrivateStdout) -> int:
@@ -247,50 +277,22 @@ def _validate(args: argparse.Namespace, out: PrivateStdout) -> int:
 
 
 def _graph(args: argparse.Namespace, out: PrivateStdout) -> int:
-    # Drawn from the compiled graph: what is drawn is what runs (entry,
-    # implied chains, fan-outs), whatever the YAML spelt out.
+    fmt = PictureFormat(args.format)
+    if fmt.is_binary and args.output is None and out.isatty():
+        raise InputError(f"--format {fmt.value} is binary: write it to a file with -o PATH, "
+                         f"or redirect standard output")
     with YAMLEngine().load_from_file(args.file) as graph:
         log.debug("loaded %s (%d nodes)", args.file, len(graph.nodes))
-        lines = ["flowchart TD", _mermaid_link(START, graph.entry)]
-        for name in graph.nodes:
-            lines.extend(_links_from(graph, name))
-    out.write_line("\n".join(lines))
+        data = picture(graph, fmt)
+    if args.output is None:
+        out.write_bytes(data)
+        return EXIT_OK
+    try:
+        write_picture(Path(args.output), data)
+    except OSError as exc:
+        raise InputError(f"-o {args.output}: cannot write: {exc.strerror or exc}") from exc
+    log.debug("wrote %s (%d bytes)", args.output, len(data))
     return EXIT_OK
-
-
-def _links_from(graph: CompiledGraph, name: str) -> list[str]:
-    """The Mermaid links out of node ``name``: its fan-out, then its routes in the order tried."""
-    links = []
-    fan_out = graph.fan_out_of(name)
-    if isinstance(fan_out, MapFanOut):
-        over = fan_out.over if isinstance(fan_out.over, str) else fan_out.describe_over()
-        label = f"map over {over} as {fan_out.item_key}, fan-in {fan_out.fan_in}"
-        links.append(f"    {_mermaid_id(name)} -. \"{_mermaid_text(label)}\" .-> "
-                     f"{_mermaid_id(fan_out.target)}")
-    elif fan_out is not None:
-        links.extend(_mermaid_link(name, target, f"parallel, fan-in {fan_out.fan_in}")
-                     for target in fan_out.targets)
-    routes = graph.routes_of(name)
-    links.extend(_mermaid_link(name, target, repr(value))
-                 for value, target in (routes.mapping or {}).items())
-    links.extend(_mermaid_link(name, target, condition.describe())
-                 for condition, target in routes.conditional)
-    if routes.default is not None:
-        links.append(_mermaid_link(name, routes.default))
-    return links
-
-
-def _mermaid_link(source: str, target: str, label: str = "") -> str:
-    arrow = f" -->|{_mermaid_text(label)}| " if label else " --> "
-    return f"    {_mermaid_id(source)}{arrow}{_mermaid_id(target)}"
-
-
-def _mermaid_id(name: str) -> str:
-    return f'{"n_" + "".join(c if c.isalnum() else "_" for c in name)}["{_mermaid_text(name)}"]'
-
-
-def _mermaid_text(text: str) -> str:
-    return text.replace('"', "#quot;").replace("|", "#124;")
 
 
 def _read_input(raw: str | None) -> dict:
@@ -339,7 +341,7 @@ def _fail(args: argparse.Namespace, exc: BaseException, code: int, label: str = 
         traceback.print_exception(exc, file=sys.stderr)
         print_branch_tracebacks(exc, sys.stderr)
     if message is None:
-        message = str(exc)
+        message = _message(args, exc)
         if isinstance(exc, GraphError) and len(exc.problems) > 1:
             message = "; ".join(exc.problems)
             if exc.source:

@@ -14,14 +14,12 @@ close-on-exec, so none of them can write to the real stdout.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import sys
 from collections.abc import Iterator
 
-
-class StdoutClosed(Exception):
-    """The reader of the command's standard output went away (e.g. ``| head``)."""
+from .errors import StdoutClosed
+from .node_output import flush_node_output
 
 
 class PrivateStdout:
@@ -34,26 +32,20 @@ class PrivateStdout:
 
     def write_line(self, text: str) -> None:
         """Write ``text`` and a newline, all of it, or raise ``StdoutClosed``."""
-        data = memoryview((text + "\n").encode(self._encoding, self._errors))
+        self.write_bytes((text + "\n").encode(self._encoding, self._errors))
+
+    def write_bytes(self, data: bytes) -> None:
+        """Write ``data`` as it is, all of it, or raise ``StdoutClosed``."""
+        view = memoryview(data)
         try:
-            while data:
-                data = data[os.write(self._fd, data):]
+            while view:
+                view = view[os.write(self._fd, view):]
         except BrokenPipeError as exc:
             raise StdoutClosed("standard output was closed by its reader") from exc
 
-
-def _flush_c_stdio() -> None:
-    # Lua's print() buffers in the C library's stdout: flush it while fd 1
-    # still points at stderr, or its bytes would reach the real stdout later.
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None).fflush(None)
-
-
-def _flush_python_stdio() -> None:
-    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-        if stream is not None:
-            with contextlib.suppress(Exception):
-                stream.flush()
+    def isatty(self) -> bool:
+        """True if the real standard output is a terminal."""
+        return os.isatty(self._fd)
 
 
 @contextlib.contextmanager
@@ -63,8 +55,7 @@ def stdout_to_stderr() -> Iterator[PrivateStdout]:
     Everything is restored on exit, after flushing what nodes printed (Python
     and C buffers) to stderr.
     """
-    _flush_python_stdio()
-    _flush_c_stdio()
+    flush_node_output()
     encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
     errors = getattr(sys.stdout, "errors", None) or "strict"
     private = os.dup(1)  # not inheritable: children never see the real stdout
@@ -74,8 +65,9 @@ def stdout_to_stderr() -> Iterator[PrivateStdout]:
         sys.stdout = sys.stderr
         yield PrivateStdout(private, encoding, errors)
     finally:
-        _flush_python_stdio()
-        _flush_c_stdio()
+        # What nodes printed, also through the C library (fwrite in C code),
+        # must go out while fd 1 still points at stderr.
+        flush_node_output()
         sys.stdout = saved_stdout
         os.dup2(private, 1)
         os.close(private)

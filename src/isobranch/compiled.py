@@ -1,7 +1,7 @@
 """CompiledGraph: a validated graph that runs, streams, resumes, and owns its worker pools.
 
-``StateGraph.compile`` (graph.py) builds one; the step loop it drives is
-runner.py.
+``StateGraph.compile`` (graph.py) builds one. This is the public surface:
+each call is one run, which run.py drives around the step loop (runner.py).
 """
 
 from __future__ import annotations
@@ -12,26 +12,20 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import async_api
-from .branch import BranchLimits
-from .cancellation import CancelSignal, RunCancelled
-from .checkpoint.runs import begin_run, reopen_run
-from .checkpoint.store import RunStatus, SqliteCheckpointer
+from . import async_api, drawing
+from .cancellation import CancelSignal
+from .checkpoint.fingerprint import graph_fingerprint
+from .checkpoint.store import SqliteCheckpointer
 from .conditions import Condition
-from .context import ExecutionContext
 from .errors import GraphError, GraphExecutionError
 from .fanout import FanOut
 from .isolation import memory_limit
 from .isolation.base import IsolationBackend
-from .isolation.registry import available_backends, create_backend
+from .isolation.registry import create_backend
 from .nodes import Node
-from .retry import RetryPolicy, as_policy
-from .runner import run_steps
+from .retry import RetryPolicy
+from .run import ActiveRuns, last_state, run_events
 from .schema import StateSchema
-from .statecopy import StateCopyError, StateSnapshot
-
-CONFIG_KEYS = ("isolation", "max_workers", "branch_timeout", "fail_fast", "max_concurrency",
-               "branch_retry")
 
 
 @dataclass
@@ -44,25 +38,13 @@ class Routes:
     default: str | None = None
 
 
-def limit_problems(*, integers: bool = False, **limits: Any) -> list[str]:
-    problems = []
-    for key, value in limits.items():
-        if value is None:
-            continue
-        if integers:
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                problems.append(f"{key} must be a positive integer, got {value!r}")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            problems.append(f"{key} must be a positive number, got {value!r}")
-    return problems
-
-
 class CompiledGraph:
     """A validated graph, ready to run; owns the worker pools of its backends.
 
     Pools are created on first use, reused across invocations, and released
     by ``close()`` (also on ``with`` exit, garbage collection and interpreter
-    exit).
+    exit). ``backend`` is the one ``compile`` made for ``isolation`` and
+    ``max_workers``; the graph owns it from then on.
     """
 
     def __init__(self, *, nodes: dict[str, Node], routes: dict[str, Routes],
@@ -75,7 +57,8 @@ class CompiledGraph:
                  node_retries: dict[str, RetryPolicy] | None = None,
                  branch_retry: RetryPolicy | None = None,
                  schema: StateSchema | None = None,
-                 checkpointer: SqliteCheckpointer | None = None) -> None:
+                 checkpointer: SqliteCheckpointer | None = None,
+                 backend: IsolationBackend | None = None) -> None:
         self.nodes = nodes
         # The retry policy of each node that has one.
         self.node_retries = node_retries or {}
@@ -95,20 +78,25 @@ class CompiledGraph:
         self.variables = variables
         self.max_steps = max_steps
         self.backend_options = backend_options
+        # Options of other backends by name (a YAML document's sections such as
+        # settings.parallel.process), for a run whose config picks one of them.
+        self.other_backends_options: dict[str, dict[str, Any]] = {}
         self.name = name
         self.branch_max_memory = branch_max_memory
         self.checkpointer = checkpointer
         # A checkpointer made from YAML settings belongs to the graph and closes with it.
         self.owns_checkpointer = False
-        self._fingerprint: dict[str, str] | None = None  # checkpoint.fingerprint fills it
+        self._fingerprint: dict[str, str] | None = None  # fingerprint() fills it
         self._init_pools()
+        if backend is not None:
+            self._backends[(isolation, max_workers)] = backend
 
     def _init_pools(self) -> None:
         self._backends: dict[tuple[str, int | None], IsolationBackend] = {}
         self._pool_lock = threading.Lock()
         self._closed = False
         # The close() signal of every run in progress: close() sets them.
-        self._runs: set[CancelSignal] = set()
+        self._runs = ActiveRuns()
         # Threads that run ainvoke/astream calls, started on first use.
         self._run_threads = async_api.RunThreads()
         self._finalizer = weakref.finalize(self, _close_backends, self._backends,
@@ -119,6 +107,8 @@ class CompiledGraph:
         for private in ("_backends", "_pool_lock", "_finalizer", "_closed", "_run_threads",
                         "_runs"):
             state.pop(private, None)
+        # Branches never create the graph's backends; these options may hold live objects.
+        state["other_backends_options"] = {}
         state["checkpointer"] = None  # branches never record; workers need no database
         return state
 
@@ -139,6 +129,14 @@ class CompiledGraph:
         """The outgoing routes of ``node``."""
         return self._routes[node]
 
+    def draw_mermaid(self) -> str:
+        """The graph as a Mermaid flowchart (``drawing.py`` says what is drawn and how)."""
+        return drawing.draw_mermaid(self)
+
+    def draw_dot(self) -> str:
+        """The graph as a Graphviz DOT digraph; ``dot -Tsvg`` renders it."""
+        return drawing.draw_dot(self)
+
     def invoke(self, state: dict | None = None, config: dict | None = None) -> dict:
         """Run the graph on a copy of ``state`` and return the final state.
 
@@ -152,7 +150,7 @@ class CompiledGraph:
 
     def _final_state(self, state: dict | None, config: dict | None,
                      cancel: CancelSignal | None = None) -> dict:
-        return _last_state(self._events(state, config, snapshots=False, cancel=cancel))
+        return last_state(self._events(state, config, snapshots=False, cancel=cancel))
 
     def resume(self, run_id: str, config: dict | None = None, *, force: bool = False,
                _cancel: CancelSignal | None = None) -> dict:
@@ -167,8 +165,8 @@ class CompiledGraph:
         if self.checkpointer is None:
             raise GraphError("resume() needs a checkpointer: compile(checkpointer="
                              "SqliteCheckpointer(path)) or YAML settings.checkpoint")
-        return _last_state(self._events(None, config, snapshots=False, resume=run_id,
-                                        force=force, cancel=_cancel))
+        return last_state(self._events(None, config, snapshots=False, resume=run_id,
+                                       force=force, cancel=_cancel))
 
     def resume_stream(self, run_id: str, config: dict | None = None, *, force: bool = False
                       ) -> Iterator[dict[str, Any]]:
@@ -209,7 +207,7 @@ class CompiledGraph:
         and ``CancelledError`` is raised once they have (see docs/async.md).
         """
         return await async_api.run_off_loop(
-            self, lambda cancel: self._final_state(state, config, cancel))
+            self._run_threads, lambda cancel: self._final_state(state, config, cancel))
 
     def astream(self, state: dict | None = None, config: dict | None = None
                 ) -> AsyncIterator[dict[str, Any]]:
@@ -221,7 +219,8 @@ class CompiledGraph:
         ``contextlib.aclosing`` to close it at once.
         """
         return async_api.stream_off_loop(
-            self, lambda cancel: self._events(state, config, snapshots=True, cancel=cancel))
+            self._run_threads,
+            lambda cancel: self._events(state, config, snapshots=True, cancel=cancel))
 
     async def aresume(self, run_id: str, **options: Any) -> dict:
         """``resume(run_id, ...)`` without blocking the event loop (needs a checkpointer).
@@ -232,113 +231,25 @@ class CompiledGraph:
         if resume is None:
             raise GraphError("this compiled graph cannot resume runs: resume() is not available")
         return await async_api.run_off_loop(
-            self, lambda cancel: async_api.call_with_cancel(resume, cancel, run_id, **options))
+            self._run_threads,
+            lambda cancel: async_api.call_with_cancel(resume, cancel, run_id, **options))
 
     def _events(self, state: dict | None, config: dict | None, *, snapshots: bool,
                 cancel: CancelSignal | None = None, resume: str | None = None,
                 force: bool = False) -> Iterator[dict[str, Any]]:
-        config = dict(config or {})
-        run_id = config.pop("run_id", None)
-        settings = self._resolve(config)
-        if (run_id is not None or resume is not None) and self.checkpointer is None:
-            raise GraphError("config: run_id needs a checkpointer (compile(checkpointer=...) "
-                             "or YAML settings.checkpoint)")
-        if resume is not None and run_id is not None:
-            raise GraphError("config: run_id cannot be given to resume(); it resumes the run "
-                             "it names")
-        if resume is None:
-            working = self._input_copy(state)
-        backend = self._backend(settings["isolation"], settings["max_workers"])
-        recorder, point = None, None
-        if resume is not None:
-            assert self.checkpointer is not None
-            reopened = reopen_run(self.checkpointer, self, resume, force=force)
-            if reopened.done:  # it succeeded: its final state, and nothing runs
-                yield {"type": "run", "run_id": resume}
-                yield {"type": "final", "state": reopened.state}
-                return
-            recorder, working, point = reopened.recorder, reopened.state, reopened.point
-        elif self.checkpointer is not None:
-            recorder = begin_run(self.checkpointer, self, working, run_id)
-        stop = CancelSignal("the graph was closed while the run was in progress", RunCancelled)
-        context = ExecutionContext(
-            self, backend=backend, max_workers=settings["max_workers"],
-            max_concurrency=settings["max_concurrency"], stop=stop,
-            fan_out_limits=BranchLimits(branch_timeout=settings["branch_timeout"],
-                                        fail_fast=settings["fail_fast"],
-                                        branch_max_memory=self.branch_max_memory,
-                                        branch_retry=settings["branch_retry"]),
-            cancel=cancel, recorder=recorder)
-        with self._pool_lock:
-            self._runs.add(stop)
-        try:
-            if recorder is not None:
-                yield {"type": "run", "run_id": recorder.run_id}
-            # invoke() needs no per-branch events; stream() reports them.
-            yield from run_steps(self, working, context, start=self.entry, snapshots=snapshots,
-                                 branch_events=snapshots, resume=point)
-        except GraphExecutionError as exc:
-            if recorder is not None:
-                exc.run_id = recorder.run_id
-                _record_end(recorder, RunStatus.FAILED, exc)
-            raise
-        except Exception as exc:
-            if recorder is not None:
-                _record_end(recorder, RunStatus.FAILED, exc)
-            raise
-        except BaseException as exc:  # Ctrl-C, cancellation, a consumer that stopped reading
-            if recorder is not None:
-                _record_end(recorder, RunStatus.INTERRUPTED, exc)
-            raise
-        finally:
-            with self._pool_lock:
-                self._runs.discard(stop)
-            context.close()
-        if recorder is not None:
-            recorder.finished(RunStatus.SUCCEEDED, working)
-        yield {"type": "final", "state": working}
+        return run_events(self, state, config, backend_for=self._backend, active=self._runs,
+                          snapshots=snapshots, cancel=cancel, resume=resume, force=force)
 
-    def _input_copy(self, state: dict | None) -> dict:
-        if state is None:
-            state = {}
-        if not isinstance(state, dict):
-            raise GraphError(f"the input state must be a dict, got {type(state).__name__}")
-        try:
-            working = StateSnapshot(state).copy()
-        except StateCopyError as exc:
-            raise GraphError(f"the input state cannot be copied: {exc}") from exc
-        if mismatched := self.schema.check_input(working):
-            raise GraphError(problems=[f"the input state: {p}" for p in mismatched])
-        return working
+    def fingerprint(self) -> dict[str, str]:
+        """``{part: digest}`` for every node and edge: what a checkpointed run records.
 
-    def _resolve(self, config: dict | None) -> dict[str, Any]:
-        settings = {"isolation": self.isolation, "max_workers": self.max_workers,
-                    "branch_timeout": self.branch_timeout, "fail_fast": self.fail_fast,
-                    "max_concurrency": self.max_concurrency, "branch_retry": self.branch_retry}
-        if not config:
-            return settings
-        unknown = sorted(set(config) - set(CONFIG_KEYS))
-        if unknown:
-            raise GraphError(f"config: unknown key(s) {', '.join(map(repr, unknown))}; "
-                             f"allowed: {', '.join((*CONFIG_KEYS, 'run_id'))}")
-        settings.update(config)
-        problems = limit_problems(max_workers=settings["max_workers"],
-                                   branch_timeout=settings["branch_timeout"])
-        problems += limit_problems(max_concurrency=settings["max_concurrency"], integers=True)
-        try:
-            settings["branch_retry"] = as_policy(settings["branch_retry"], "branch_retry")
-        except ValueError as exc:
-            problems.append(f"branch_retry: {exc}")
-        if settings["isolation"] not in available_backends():
-            problems.append(f"unknown isolation backend {settings['isolation']!r}; available: "
-                            f"{', '.join(available_backends())}")
-        if problems:
-            raise GraphError("config: " + "; ".join(problems))
-        return settings
-
-    def _adopt_backend(self, isolation: str, backend: IsolationBackend,
-                       max_workers: int | None) -> None:
-        self._backends[(isolation, max_workers)] = backend
+        ``resume`` compares it with the recorded one to name what changed
+        (parts read like ``node 'score'``, ``edge a->b``). Computed once: a
+        compiled graph never changes.
+        """
+        if self._fingerprint is None:
+            self._fingerprint = graph_fingerprint(self)
+        return dict(self._fingerprint)
 
     def branch_backend(self, isolation: str, *, max_workers: int | None) -> IsolationBackend:
         """A new backend for the fan-outs nested in one branch; it dies with the branch."""
@@ -351,8 +262,12 @@ class CompiledGraph:
                 raise GraphExecutionError("this compiled graph is closed")
             backend = self._backends.get(key)
             if backend is None:
-                options = self.backend_options if isolation == self.isolation else {}
-                backend = create_backend(isolation, max_workers=max_workers, **options)
+                options = (self.backend_options if isolation == self.isolation
+                           else self.other_backends_options.get(isolation, {}))
+                try:
+                    backend = create_backend(isolation, max_workers=max_workers, **options)
+                except ValueError as exc:  # an option's value the backend refuses
+                    raise GraphError(f"config: isolation backend {isolation!r}: {exc}") from exc
                 refused = (memory_limit.refusal(backend, self.branch_max_memory)
                            if self.branch_max_memory is not None else None)
                 if refused:
@@ -373,9 +288,7 @@ class CompiledGraph:
         """
         with self._pool_lock:
             self._closed = True
-            runs = list(self._runs)
-        for stop in runs:
-            stop.cancel()
+        self._runs.stop_all()
         self._finalizer()
         if self.owns_checkpointer and self.checkpointer is not None:
             self.checkpointer.close()
@@ -385,23 +298,6 @@ class CompiledGraph:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def _last_state(events: Iterator[dict[str, Any]]) -> dict:
-    final: dict = {}
-    for event in events:
-        if event["type"] == "final":
-            final = event["state"]
-    return final
-
-
-def _record_end(recorder: Any, status: RunStatus, exc: BaseException) -> None:
-    """Record a run's failed or interrupted end without hiding the exception that ended it."""
-    try:
-        recorder.finished(status, error=f"{type(exc).__name__}: {exc}")
-    except Exception as record_error:
-        exc.add_note(f"recording the end of run {recorder.run_id!r} failed too: "
-                     f"{type(record_error).__name__}: {record_error}")
 
 
 def _close_backends(backends: dict[Any, IsolationBackend],

@@ -6,9 +6,14 @@ condition is an expression whose truth decides whether an edge is taken.
 
 from __future__ import annotations
 
+import ast
 import builtins
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
+
+from .code_location import CodeLocation
+from .errors import ConfigTypeError
 
 if TYPE_CHECKING:
     from .context import ExecutionContext
@@ -27,6 +32,13 @@ class Expression:
         """How the expression is shown in messages and drawings."""
         return self.expression
 
+    def failure_site(self, error: BaseException) -> str | None:
+        """What a message about ``error`` adds: where in its file the expression raised it.
+
+        ``at agent.yaml:25``; None when unknown.
+        """
+        return None
+
 
 class Condition(Expression):
     """Decides whether a conditional edge is taken."""
@@ -37,18 +49,39 @@ class Condition(Expression):
 
 
 class PythonCondition(Condition):
-    """A Python expression over ``state`` and ``variables``; its truth value decides."""
+    """A Python expression over ``state`` and ``variables``; its truth value decides.
 
-    def __init__(self, expression: str, *, origin: str = "<when>") -> None:
+    With a ``location`` (the expression was read from a file), tracebacks
+    name that file and its line numbers.
+    """
+
+    def __init__(self, expression: str, *, origin: str = "<when>",
+                 location: CodeLocation | None = None) -> None:
         self.expression = expression
         self.origin = origin
-        self._code = compile(expression.strip(), origin, "eval")
+        self.location = location
+        text = expression.strip()
+        if location is None:
+            self._code = compile(text, origin, "eval")
+            return
+        # The stripped text starts below the blank lines in front of it.
+        blank = expression[:len(expression) - len(expression.lstrip())].count("\n")
+        self._site = replace(location, line=location.line + blank)
+        tree = ast.parse(text, location.file, "eval")
+        ast.increment_lineno(tree, self._site.line - 1)
+        self._site.remember(text)
+        self._code = compile(tree, location.file, "eval")
 
     def __getstate__(self) -> dict:
-        return {"expression": self.expression, "origin": self.origin}
+        return {"expression": self.expression, "origin": self.origin, "location": self.location}
 
     def __setstate__(self, data: dict) -> None:
-        self.__init__(data["expression"], origin=data["origin"])
+        self.__init__(data["expression"], origin=data["origin"], location=data.get("location"))
+
+    def failure_site(self, error: BaseException) -> str | None:
+        if self.location is None:
+            return None
+        return self._site.python_site(error, self.expression.strip())
 
     def evaluate(self, state: dict, context: ExecutionContext) -> Any:
         scope = {"state": state, "variables": context.graph.variables}
@@ -62,18 +95,37 @@ class PythonCondition(Condition):
 
 
 class LuaCondition(Condition):
-    """A Lua expression (``return`` optional); ``false`` and ``nil`` mean not taken."""
+    """A Lua expression (``return`` optional); ``false`` and ``nil`` mean not taken.
 
-    def __init__(self, expression: str, *, origin: str = "when") -> None:
+    With a ``location`` (the expression was read from a file), Lua's
+    messages name that file and its line numbers.
+    """
+
+    def __init__(self, expression: str, *, origin: str = "when",
+                 location: CodeLocation | None = None) -> None:
         self.expression = expression
         self.origin = origin
+        self.location = location
+        # What the VM runs, under which chunk name.
+        self._code, self._chunk_name = (
+            (location.lua_code(expression), location.lua_chunk_name) if location
+            else (expression, origin))
+
+    def __getstate__(self) -> dict:
+        return {"expression": self.expression, "origin": self.origin, "location": self.location}
+
+    def __setstate__(self, data: dict) -> None:
+        self.__init__(data["expression"], origin=data["origin"], location=data.get("location"))
 
     def evaluate(self, state: dict, context: ExecutionContext) -> Any:
-        return context.run_lua("evaluate", self.expression, state, chunk_name=self.origin)
+        return context.run_lua("evaluate", self._code, state, chunk_name=self._chunk_name)
 
     def holds(self, state: dict, context: ExecutionContext) -> bool:
-        value = context.run_lua("eval_condition", self.expression, state, chunk_name=self.origin)
+        value = context.run_lua("eval_condition", self._code, state, chunk_name=self._chunk_name)
         return value not in (None, "false")
+
+    def failure_site(self, error: BaseException) -> str | None:
+        return self.location.lua_site(error, self.expression) if self.location else None
 
     def describe(self) -> str:
         return f"lua: {self.expression}"
@@ -101,4 +153,4 @@ def as_condition(when: Condition | Callable[[dict], Any] | str) -> Condition:
         return PythonCondition(when)
     if callable(when):
         return CallableCondition(when)
-    raise TypeError(f"a condition must be a callable or an expression, got {type(when).__name__}")
+    raise ConfigTypeError(f"a condition must be a callable or an expression, got {type(when).__name__}")

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .async_nodes import AwaitRunner
-from .lua.runtime import LuaRuntime, LuaTimeoutError
+from .errors import BranchCancelled, BranchTimeout, InternalError, LuaTimeoutError
+from .lua.runtime import LuaRuntime
 
 if TYPE_CHECKING:
     from .branch import BranchLimits, BranchMonitor
@@ -22,18 +23,6 @@ if TYPE_CHECKING:
     from .checkpoint.recorder import RunRecorder
     from .compiled import CompiledGraph
     from .isolation.base import IsolationBackend
-
-
-class BranchTimeout(Exception):
-    """A branch ran past its ``branch_timeout``."""
-
-    def __init__(self, message: str, node: str | None = None) -> None:
-        super().__init__(message)
-        self.node = node
-
-
-class BranchCancelled(Exception):
-    """A branch was stopped because a sibling failed under ``fail_fast``."""
 
 
 class Watchdog(Protocol):
@@ -236,7 +225,7 @@ class ExecutionContext:
         """
         if self._backend is None:
             if self._backend_factory is None:
-                raise RuntimeError("this execution context was given neither a backend nor a "
+                raise InternalError("this execution context was given neither a backend nor a "
                                    "backend factory, so it cannot fan out")
             self._backend = self._backend_factory(self._nested_isolation,
                                                   max_workers=self.max_workers)

@@ -20,15 +20,16 @@ from typing import TYPE_CHECKING, Any, TextIO
 from .branch import BranchLimits, BranchTask, branch_name, format_traceback
 from .cancellation import CancelSignal
 from .conditions import Expression
-from .context import BranchCancelled, BranchTimeout
 from .error_kinds import ErrorKind
-from .errors import GraphExecutionError
-from .statecopy import (
+from .errors import (
+    BranchCancelled,
+    BranchTimeout,
+    FanOutPlanError,
+    GraphExecutionError,
+    MapOverError,
     StateCopyError,
-    StateSnapshot,
-    find_unpicklable,
-    snapshot_of,
 )
+from .statecopy import StateSnapshot, find_unpicklable, snapshot_of
 
 if TYPE_CHECKING:
     from .compiled import CompiledGraph
@@ -77,10 +78,6 @@ class MapFanOut:
 
 
 FanOut = StaticFanOut | MapFanOut
-
-
-class MapOverError(ValueError):
-    """A map's ``over`` did not give a list; the message names the key or expression."""
 
 
 def map_items(fan_out: MapFanOut, state: dict, context: ExecutionContext) -> Sequence[Any]:
@@ -176,17 +173,11 @@ def _path(parent: str | None, name: str) -> str:
     return f"{parent}/{name}" if parent else name
 
 
-class FanOutPlanError(Exception):
-    """A fan-out could not be planned: its items, or its state for the branches.
-
-    ``error_type`` names the failure's kind and ``traceback`` its code's
-    traceback, if code of the graph raised.
-    """
-
-    def __init__(self, message: str, error_type: str, traceback: str | None = None) -> None:
-        super().__init__(message)
-        self.error_type = error_type
-        self.traceback = traceback
+def _failure_site(over: object, error: BaseException) -> str:
+    """`` (at agent.yaml:16, line 2 of its code)`` if ``over``, read from a file, raised
+    ``error``; it ends the message, so text that matched a message before still does."""
+    site = over.failure_site(error) if isinstance(over, Expression) else None
+    return f" ({site})" if site is not None else ""
 
 
 def plan_fan_out(graph: CompiledGraph, fan_out: FanOut, state: dict, context: ExecutionContext,
@@ -208,7 +199,8 @@ def plan_fan_out(graph: CompiledGraph, fan_out: FanOut, state: dict, context: Ex
             raise
         except Exception as exc:
             detail = str(exc) if isinstance(exc, MapOverError) else (
-                f"map over {fan_out.describe_over()} failed: {type(exc).__name__}: {exc}")
+                f"map over {fan_out.describe_over()} failed: {type(exc).__name__}: {exc}"
+                f"{_failure_site(fan_out.over, exc)}")
             raise FanOutPlanError(detail, type(exc).__name__, format_traceback(exc)) from exc
         base = map_base_state(fan_out, state)
     try:

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from .branch import CANCELLED, BranchRun, BranchTask, ParallelFlowResult
-from .retry import BRANCH_RETRY_ON, RetryPolicy, failure_names
+from .errors import BackendError, RetriesStopped
+from .retry import BRANCH_RETRY_ON, RetryPolicy, failure_names, not_retried_note
 
 if TYPE_CHECKING:
     from .cancellation import CancelSignal
@@ -55,10 +56,6 @@ class RetryNotice:
     result: ParallelFlowResult
     max_attempts: int
     delay: float
-
-
-class RetriesStopped(Exception):
-    """The fan-out was stopped (its graph closed) while branches waited to be retried."""
 
 
 def _nothing() -> None:
@@ -321,8 +318,11 @@ class _Driver:
                                      self.clock() + delay)
                 return RetryNotice(run.position, result, policy.max_attempts, delay)
             if policy.max_attempts > 1 and result.error_type != CANCELLED:
+                note = "" if self.source.stopped else not_retried_note(
+                    policy, run.attempt, result.error_type,
+                    failure_names(result.error_type, result.error_bases), BRANCH_RETRY_ON)
                 result.error = (f"branch {run.task.label!r} failed on attempt {run.attempt} of "
-                                f"{policy.max_attempts}: {result.error}")
+                                f"{policy.max_attempts}{note}: {result.error}")
         return run.position, result
 
 
@@ -381,12 +381,12 @@ class Gathered:
     def add(self, position: int, result: ParallelFlowResult) -> bool:
         """Record ``result`` for ``position``; True if the fan-out must stop now."""
         if not isinstance(position, int) or not 0 <= position < len(self.results):
-            raise RuntimeError(f"backend {self.backend!r} reported a result for branch "
+            raise BackendError(f"backend {self.backend!r} reported a result for branch "
                                f"position {position!r} of {len(self.results)}")
         if self.results[position] is not None:
-            raise RuntimeError(f"backend {self.backend!r} reported branch {position} twice")
+            raise BackendError(f"backend {self.backend!r} reported branch {position} twice")
         if not isinstance(result, ParallelFlowResult):
-            raise RuntimeError(f"backend {self.backend!r} returned a {type(result).__name__} "
+            raise BackendError(f"backend {self.backend!r} returned a {type(result).__name__} "
                                f"instead of a ParallelFlowResult")
         self.results[position] = result
         self.done += 1
@@ -412,7 +412,7 @@ class Gathered:
                     error=reason, error_type=CANCELLED, isolation=isolation)
         missing = self.missing()
         if missing:
-            raise RuntimeError(f"backend {self.backend!r} returned {self.done} results for "
+            raise BackendError(f"backend {self.backend!r} returned {self.done} results for "
                                f"{len(self.results)} branches (none for "
                                f"{', '.join(names(i) for i in missing[:5])}"
                                f"{', ...' if len(missing) > 5 else ''})")

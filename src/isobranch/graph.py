@@ -1,6 +1,6 @@
 """StateGraph: building and validating a graph; ``compile`` freezes it into a ``CompiledGraph``.
 
-The runnable graph itself lives in compiled.py (and is importable from here too).
+The runnable graph itself lives in compiled.py.
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .checkpoint.store import SqliteCheckpointer
-from .compiled import CompiledGraph, Routes, limit_problems
+from .compiled import CompiledGraph, Routes
 from .conditions import Condition, Expression, as_condition
 from .defaults import (
     DEFAULT_FAIL_FAST,
     DEFAULT_ISOLATION,
+    DEFAULT_LUA_MAX_MEMORY,
     DEFAULT_LUA_TIMEOUT,
     DEFAULT_MAX_STEPS,
 )
@@ -25,14 +26,11 @@ from .isolation import memory_limit
 from .isolation.registry import available_backends, create_backend
 from .isolation.registry import backend_options as declared_backend_options
 from .keys import unknown
-from .lua.runtime import DEFAULT_MAX_MEMORY
 from .nodes import Node, as_node
 from .retry import RetryPolicy, as_policy
+from .run import limit_problems
 from .runner import END, START
 from .schema import StateSchema
-
-# CompiledGraph is re-exported: code written against isobranch.graph keeps working.
-__all__ = ["DEFAULT_MAX_STEPS", "CompiledGraph", "Routes", "StateGraph"]
 
 
 class StateGraph:
@@ -279,7 +277,7 @@ class StateGraph:
                 branch_timeout: float | None = None, fail_fast: bool = DEFAULT_FAIL_FAST, *,
                 max_concurrency: int | None = None,
                 lua_timeout: float | None = DEFAULT_LUA_TIMEOUT,
-                lua_max_memory: int | None = DEFAULT_MAX_MEMORY,
+                lua_max_memory: int | None = DEFAULT_LUA_MAX_MEMORY,
                 variables: dict | None = None, max_steps: int = DEFAULT_MAX_STEPS,
                 backend_options: dict[str, Any] | None = None,
                 name: str | None = None, branch_max_memory: int | str | None = None,
@@ -364,8 +362,7 @@ class StateGraph:
             backend_options=dict(backend_options or {}), name=name,
             branch_max_memory=branch_max_memory, max_concurrency=max_concurrency,
             node_retries=dict(self._node_retries), branch_retry=branch_retry,
-            schema=self.schema, checkpointer=checkpointer)
-        compiled._adopt_backend(isolation, backend, max_workers)
+            schema=self.schema, checkpointer=checkpointer, backend=backend)
         return compiled
 
 

@@ -59,14 +59,18 @@ UNTRUSTED_BACKEND_OPTIONS: frozenset[str] = frozenset(
     {"fresh_worker_per_branch", "start_method", "retries", "connect_timeout", "worker_wait"})
 
 
-def unknown(prefix: str, key: Any, allowed: Iterable[str]) -> str:
+def unknown(prefix: str, key: Any, allowed: Iterable[str], *,
+            also_suggest: Iterable[str] = ()) -> str:
     """``"<prefix> (allowed: a, b); did you mean 'a'?"`` for an unknown ``key``.
 
-    The suggestion is the closest allowed name (``difflib``), if any is close.
+    The suggestion is the closest allowed name (``difflib``), if any is
+    close, or the closest of ``also_suggest``: names that are not allowed
+    here but that a misspelt key may have meant (another backend's options).
     """
     names = sorted(allowed)
     text = f"{prefix} (allowed: {', '.join(names) if names else 'none'})"
-    match = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+    match = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6) or \
+        difflib.get_close_matches(str(key), sorted(set(also_suggest)), n=1, cutoff=0.6)
     if match:
         text += f"; did you mean {match[0]!r}?"
     return text

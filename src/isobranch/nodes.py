@@ -1,9 +1,10 @@
 """Node kinds: Python source, Lua source, and Python callables.
 
-Nodes built from YAML are plain picklable objects (name, source, language);
-their code is compiled on first use in whatever process runs them. Each call
-of a Python source node gets a fresh globals namespace, so a ``global``
-statement in one branch cannot be seen by another.
+Nodes built from YAML are plain picklable objects (name, source, language,
+and where the source is in its file); their code is compiled on first use in
+whatever process runs them. Each call of a Python source node gets a fresh
+globals namespace, so a ``global`` statement in one branch cannot be seen by
+another.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import builtins
 import linecache
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from .code_location import CodeLocation
+from .errors import ConfigError, ConfigTypeError
 
 if TYPE_CHECKING:
     from .branch import ParallelFlowResult
@@ -32,27 +36,43 @@ class Node:
         """Execute the node on ``state``; fan-in nodes also get ``parallel_results``."""
         raise NotImplementedError
 
+    def failure_site(self, error: BaseException) -> str | None:
+        """What a message about ``error`` adds: where in its file the node's code raised it.
+
+        ``at agent.yaml:16, line 2 of its code``; None when unknown.
+        """
+        return None
+
 
 class PythonNode(Node):
     """A node whose ``run:`` body is Python: the body of a function of ``state``.
 
     The body sees ``state``, ``variables`` and, in fan-in nodes,
     ``parallel_results``. Syntax errors are found when the node is built.
+    With a ``location`` (the body was read from a file), tracebacks name
+    that file and its line numbers.
     """
 
     language = "python"
 
-    def __init__(self, name: str, source: str, *, origin: str | None = None) -> None:
+    def __init__(self, name: str, source: str, *, origin: str | None = None,
+                 location: CodeLocation | None = None) -> None:
         self.name = name
         self.source = source
         self.origin = origin or f"<node {name}>"
-        self._code = compile_python_body(source, self.origin, node=name)
+        self.location = location
+        self._code = compile_python_body(source, self.origin, node=name, location=location)
 
     def __getstate__(self) -> dict:
-        return {"name": self.name, "source": self.source, "origin": self.origin}
+        return {"name": self.name, "source": self.source, "origin": self.origin,
+                "location": self.location}
 
     def __setstate__(self, data: dict) -> None:
-        self.__init__(data["name"], data["source"], origin=data["origin"])
+        self.__init__(data["name"], data["source"], origin=data["origin"],
+                      location=data.get("location"))
+
+    def failure_site(self, error: BaseException) -> str | None:
+        return self.location.python_site(error, self.source) if self.location else None
 
     def run(self, state: dict, context: ExecutionContext,
             parallel_results: list[ParallelFlowResult] | None = None) -> Any:
@@ -66,14 +86,29 @@ class LuaNode(Node):
 
     ``state`` is a local of the chunk (fan-in nodes find
     ``state.parallel_results``), ``variables`` is visible too. A returned
-    table is the update; ``nil`` means no update.
+    table is the update; ``nil`` means no update. With a ``location`` (the
+    body was read from a file), Lua's messages name that file and its line
+    numbers.
     """
 
     language = "lua"
 
-    def __init__(self, name: str, source: str) -> None:
+    def __init__(self, name: str, source: str, *, location: CodeLocation | None = None) -> None:
         self.name = name
         self.source = source
+        self.location = location
+        # What the VM runs, under which chunk name.
+        self._code, self._chunk_name = (
+            (location.lua_code(source), location.lua_chunk_name) if location else (source, name))
+
+    def __getstate__(self) -> dict:
+        return {"name": self.name, "source": self.source, "location": self.location}
+
+    def __setstate__(self, data: dict) -> None:
+        self.__init__(data["name"], data["source"], location=data.get("location"))
+
+    def failure_site(self, error: BaseException) -> str | None:
+        return self.location.lua_site(error, self.source) if self.location else None
 
     def run(self, state: dict, context: ExecutionContext,
             parallel_results: list[ParallelFlowResult] | None = None) -> Any:
@@ -84,7 +119,8 @@ class LuaNode(Node):
                  "error": r.error, "attempts": r.attempts}
                 for r in parallel_results
             ]
-        return context.run_lua("execute_node_code", self.source, state, chunk_name=self.name)
+        return context.run_lua("execute_node_code", self._code, state,
+                               chunk_name=self._chunk_name)
 
 
 class CallableNode(Node):
@@ -98,7 +134,7 @@ class CallableNode(Node):
 
     def __init__(self, name: str, fn: Callable[..., Any]) -> None:
         if not callable(fn):
-            raise TypeError(f"node {name!r}: expected a callable, got {type(fn).__name__}")
+            raise ConfigTypeError(f"node {name!r}: expected a callable, got {type(fn).__name__}")
         self.name = name
         self.fn = fn
 
@@ -113,17 +149,20 @@ def as_node(name: str, fn: Callable[..., Any] | Node) -> Node:
     """Wrap ``fn`` as a Node named ``name`` unless it already is one."""
     if isinstance(fn, Node):
         if fn.name != name:
-            raise ValueError(f"node object is named {fn.name!r}, but added as {name!r}")
+            raise ConfigError(f"node object is named {fn.name!r}, but added as {name!r}")
         return fn
     return CallableNode(name, fn)
 
 
-def compile_python_body(source: str, filename: str, *, node: str) -> Any:
+def compile_python_body(source: str, filename: str, *, node: str,
+                        location: CodeLocation | None = None) -> Any:
     """Compile a ``run:`` body as a function so its ``return`` and line numbers work.
 
     A body that uses ``await`` (or ``async for`` / ``async with``) outside
     any function of its own becomes an ``async def``; the runner awaits it.
     Raises ``SyntaxError`` whose ``lineno`` counts from the body's first line.
+    With a ``location``, the code is compiled under its file's name and line
+    numbers instead of ``filename`` and the body's own.
     """
     header = f"def {_FUNCTION_NAME}(state, variables, parallel_results):\n"
     body = "".join(f"    {line}" if line.strip() else line
@@ -136,18 +175,24 @@ def compile_python_body(source: str, filename: str, *, node: str) -> Any:
         lineno = (exc.lineno or 1) - 1
         raise SyntaxError(f"node {node!r}: {exc.msg} (line {max(lineno, 1)})",
                           (filename, max(lineno, 1), exc.offset, exc.text)) from None
-    ast.increment_lineno(tree, -1)
+    # The header takes line 1: the body's lines move up one, then to the file's.
+    ast.increment_lineno(tree, -1 + (location.line - 1 if location else 0))
     function = tree.body[0]
     if isinstance(function, ast.FunctionDef) and _awaits(function.body):
         tree.body[0] = ast.copy_location(ast.AsyncFunctionDef(
             name=function.name, args=function.args, body=function.body,
             decorator_list=[], returns=None, type_comment=None), function)
-    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
+    if location is not None:
+        filename = location.file
+        location.remember(source)
+    else:
+        linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
     try:
         return compile(tree, filename, "exec")
     except SyntaxError as exc:  # e.g. ``await`` in a function the body defines
-        raise SyntaxError(f"node {node!r}: {exc.msg} (line {exc.lineno or 1})",
-                          (filename, exc.lineno or 1, exc.offset, exc.text)) from None
+        lineno = (exc.lineno or 1) - (location.line - 1 if location else 0)
+        raise SyntaxError(f"node {node!r}: {exc.msg} (line {lineno})",
+                          (filename, lineno, exc.offset, exc.text)) from None
 
 
 def _awaits(body: list[ast.stmt]) -> bool:

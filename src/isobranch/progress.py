@@ -5,15 +5,24 @@ failed and how many attempts are being retried, the rate and the time
 left. It is fed the run's ``branch``, ``branch_retry`` and ``parallel``
 events, drawn by tqdm, and never writes to stdout. A branch counts once,
 when its last attempt ended, however often it ran.
+
+A line follows the terminal's width. A terminal may report a size of 0
+columns (a pseudo-terminal nobody sized: some CI runners, ``docker exec``,
+serial consoles); tqdm would then draw nothing at all, so such a terminal
+gets lines of a fixed width (``$COLUMNS``, else 80) instead.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
 
 from tqdm import tqdm
+
+# The size assumed for a terminal that reports none (as ``shutil.get_terminal_size`` does).
+FALLBACK_COLUMNS, FALLBACK_ROWS = 80, 24
 
 
 def wants_progress(choice: bool | None, stream: TextIO) -> bool:
@@ -25,6 +34,32 @@ def wants_progress(choice: bool | None, stream: TextIO) -> bool:
         return bool(isatty and isatty())
     except ValueError:  # a closed stream
         return False
+
+
+def line_width(stream: TextIO) -> dict[str, Any]:
+    """tqdm's width options for lines on ``stream``.
+
+    A terminal that reports its size: follow it (``dynamic_ncols``). One that
+    reports 0 columns or rows: a fixed size, ``$COLUMNS`` (else 80) wide. A
+    stream that is no terminal (``--progress`` into a file): tqdm's own
+    choice, a line as long as its text.
+    """
+    try:
+        columns, rows = os.get_terminal_size(stream.fileno())
+    except (AttributeError, OSError, ValueError):  # no terminal, no descriptor, or closed
+        return {"dynamic_ncols": True}
+    if columns > 1 and rows > 1:
+        return {"dynamic_ncols": True}
+    return {"ncols": columns if columns > 1 else _columns_from_environment(),
+            "nrows": rows if rows > 1 else FALLBACK_ROWS}
+
+
+def _columns_from_environment() -> int:
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        return FALLBACK_COLUMNS
+    return columns if columns > 1 else FALLBACK_COLUMNS
 
 
 class FanOutProgress:
@@ -48,8 +83,8 @@ class FanOutProgress:
             entry = self._bars.get(key)
             if entry is None:
                 bar = tqdm(total=event["total"], desc=f"{event['fan_out']} -> {key}",
-                           unit="branch", file=self.stream, leave=True, dynamic_ncols=True,
-                           mininterval=0.1)
+                           unit="branch", file=self.stream, leave=True, mininterval=0.1,
+                           **line_width(self.stream))
                 entry = self._bars[key] = (bar, [0, 0])
             bar, counts = entry
             if kind == "branch_retry":  # an attempt failed; the branch is not done yet

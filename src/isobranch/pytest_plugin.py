@@ -58,13 +58,12 @@ from typing import Any
 import pytest
 
 from .compiled import CompiledGraph
-from .errors import GraphError
+from .errors import CaseFailure, GraphError
 from .isolation.registry import available_backends
 from .regression import (
     FILE_ITEM_NAME,
     Case,
     CaseContext,
-    CaseFailure,
     CaseFile,
     agent_error_report,
     check_case,

@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 from enum import StrEnum
 from typing import Any
 
+from .errors import ReducerError
+
 
 class _Missing:
     """The value of a key the state does not have yet (one object, also after pickling)."""
@@ -39,10 +41,6 @@ class ReducerName(StrEnum):
     SUM = "sum"
     MIN = "min"
     MAX = "max"
-
-
-class ReducerError(ValueError):
-    """An update cannot be combined with the key's value (the message says why)."""
 
 
 class Reducer:

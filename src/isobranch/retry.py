@@ -19,7 +19,21 @@ from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 from .error_kinds import ErrorKind
+from .errors import (
+    BranchTimeout,
+    ConfigError,
+    LuaConversionError,
+    LuaMemoryError,
+    LuaRuntimeError,
+    LuaTimeoutError,
+)
 from .keys import unknown
+
+
+def exception_names(exc_type: type[BaseException]) -> tuple[str, ...]:
+    """The names of ``exc_type``'s bases, nearest first (without itself and ``object``)."""
+    return tuple(cls.__name__ for cls in exc_type.__mro__[1:] if cls is not object)
+
 
 # Exceptions that say the code is wrong, not that the world was: running the
 # same code on the same input again fails the same way. A node policy without
@@ -38,11 +52,11 @@ NEVER_RETRIED: frozenset[str] = frozenset({ErrorKind.CANCELLED.value})
 # Bases of the failures the engine itself reports by name (the class itself
 # may not exist where the result is judged: a worker reports "WorkerCrashed").
 KNOWN_BASES: Mapping[str, tuple[str, ...]] = {
-    "LuaRuntimeError": ("Exception",),
-    ErrorKind.LUA_TIMEOUT_ERROR.value: ("LuaRuntimeError", "Exception"),
-    "LuaMemoryError": ("LuaRuntimeError", "Exception"),
-    "LuaConversionError": ("LuaRuntimeError", "Exception"),
-    ErrorKind.BRANCH_TIMEOUT.value: ("Exception",),
+    "LuaRuntimeError": exception_names(LuaRuntimeError),
+    ErrorKind.LUA_TIMEOUT_ERROR.value: exception_names(LuaTimeoutError),
+    "LuaMemoryError": exception_names(LuaMemoryError),
+    "LuaConversionError": exception_names(LuaConversionError),
+    ErrorKind.BRANCH_TIMEOUT.value: exception_names(BranchTimeout),
     ErrorKind.BRANCH_MEMORY_ERROR.value: ("MemoryError", "Exception"),
     ErrorKind.WORKER_CRASHED.value: ("Exception",),
     ErrorKind.WORKER_DIED.value: ("Exception",),
@@ -76,7 +90,7 @@ class RetryPolicy:
             object.__setattr__(self, "retry_on", _names(self.retry_on))
         problems = policy_problems(self)
         if problems:
-            raise ValueError("RetryPolicy: " + "; ".join(problems))
+            raise ConfigError("RetryPolicy: " + "; ".join(problems))
 
     def delay(self, attempt: int, random: Callable[[], float] | None = None) -> float:
         """Seconds to wait after failed attempt ``attempt`` (1-based) before the next one.
@@ -110,6 +124,23 @@ class RetryPolicy:
             return not names & set(PROGRAMMING_ERRORS)
         return bool(names & set(wanted))
 
+    def refusal(self, error_type: str | None, names: Iterable[str],
+                default: Sequence[str] | None = None) -> str | None:
+        """Why a failure of class ``error_type`` (whose class and bases are ``names``) is not
+        retried, in words; None if it is. ``default`` is as for ``retries``."""
+        names = set(names)
+        if self.retries(names, default):
+            return None
+        what = error_type or "this failure"
+        if names & NEVER_RETRIED:
+            return "a branch stopped by a sibling or by its run is never retried"
+        if self.retry_on is not None:
+            return f"{what} is not in retry_on [{', '.join(self.retry_on)}]"
+        if default is None:
+            return f"{what} is a programming error, retried only if retry_on names it"
+        return (f"by default only {', '.join(default)} are retried; name {what} in retry_on "
+                f"to retry it")
+
     def to_dict(self) -> dict[str, Any]:
         """The policy as a plain mapping (as YAML writes it)."""
         data = {field.name: getattr(self, field.name) for field in fields(self)}
@@ -124,7 +155,7 @@ def _names(retry_on: Any) -> tuple[str, ...]:
     try:
         items = list(retry_on)
     except TypeError:
-        raise ValueError(f"retry_on must be a list of exception class names, "
+        raise ConfigError(f"retry_on must be a list of exception class names, "
                          f"got {type(retry_on).__name__}") from None
     names = []
     for item in items:
@@ -133,7 +164,7 @@ def _names(retry_on: Any) -> tuple[str, ...]:
         elif isinstance(item, str) and item.isidentifier():
             names.append(item)
         else:
-            raise ValueError(f"retry_on: {item!r} is not an exception class or class name")
+            raise ConfigError(f"retry_on: {item!r} is not an exception class or class name")
     return tuple(names)
 
 
@@ -157,11 +188,6 @@ def policy_problems(policy: Any) -> list[str]:
     return problems
 
 
-def exception_names(exc_type: type[BaseException]) -> tuple[str, ...]:
-    """The names of ``exc_type``'s bases, nearest first (without itself and ``object``)."""
-    return tuple(cls.__name__ for cls in exc_type.__mro__[1:] if cls is not object)
-
-
 def failure_names(error_type: str | None, bases: Iterable[str] = ()) -> set[str]:
     """Every name a failure answers to: its class, its bases, and known engine bases."""
     names = set(bases)
@@ -171,6 +197,16 @@ def failure_names(error_type: str | None, bases: Iterable[str] = ()) -> set[str]
     return names
 
 
+def not_retried_note(policy: RetryPolicy, attempt: int, error_type: str | None,
+                     names: Iterable[str], default: Sequence[str] | None = None) -> str:
+    """`` (not retried: why)`` for a failure that ends its node or branch before its last
+    attempt; empty when it was the last attempt anyway (the attempt count says why)."""
+    if attempt >= policy.max_attempts:
+        return ""
+    why = policy.refusal(error_type, names, default)
+    return f" (not retried: {why})" if why else ""
+
+
 def as_policy(value: Any, where: str) -> RetryPolicy | None:
     """``value`` (a ``RetryPolicy``, a mapping of its fields, an attempt count, or None) as a
     policy; ``ValueError`` naming ``where`` if it is none of those or is invalid."""
@@ -178,7 +214,7 @@ def as_policy(value: Any, where: str) -> RetryPolicy | None:
         return value
     policy, problems = parse_policy(value, where)
     if problems:
-        raise ValueError("; ".join(problems))
+        raise ConfigError("; ".join(problems))
     return policy
 
 

@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .branch import CANCELLED, ParallelFlowResult, format_traceback
 from .checkpoint.store import StepKind
-from .context import BranchCancelled, BranchTimeout
+from .conditions import Expression
 from .error_kinds import ErrorKind
-from .errors import GraphExecutionError
-from .fanout import FanOut, FanOutPlanError, StaticFanOut, plan_fan_out
-from .fanout_run import BranchFinished, FanOutRun, RetriesStopped, RetryNotice
+from .errors import (
+    BranchCancelled,
+    BranchTimeout,
+    FanOutPlanError,
+    GraphExecutionError,
+    NodeFailure,
+    RetriesStopped,
+    StateCopyError,
+)
+from .fanout import FanOut, StaticFanOut, plan_fan_out
+from .fanout_run import BranchFinished, FanOutRun, RetryNotice
 from .keys import Language
-from .retry import exception_names, failure_names, wait_unless
-from .statecopy import StateCopyError, StateSnapshot
+from .nodes import Node
+from .retry import exception_names, failure_names, not_retried_note, wait_unless
+from .statecopy import StateSnapshot
 
 if TYPE_CHECKING:
     from .checkpoint.recorder import ResumePoint, RunRecorder
@@ -28,10 +37,8 @@ logger = logging.getLogger(__name__)
 
 START = "__start__"
 END = "__end__"
-
-
-class NodeFailure(GraphExecutionError):
-    """A node raised or returned something unusable; names the node and branch."""
+# How many failed branches the error of a fan-in node names (then a count).
+_FAILED_BRANCHES_NAMED = 10
 
 
 def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, start: str,
@@ -39,6 +46,9 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
               branch_events: bool = False, resume: ResumePoint | None = None
               ) -> Iterator[dict[str, Any]]:
     """Run from ``start`` until END or ``stop_at`` (not run), mutating ``state``.
+
+    Every node that runs is a step (``max_steps``), a fan-in node too, and
+    any of them fans out when it has a fan-out, whatever reached it.
 
     Yields ``node`` and ``parallel`` events, a ``node_retry`` event before a
     node's retry, and with ``branch_events`` a ``branch`` event per finished
@@ -49,13 +59,16 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
     its last recorded step (``state`` is the state after it).
     """
     recorder = context.recorder if context.branch is None else None
-    current, steps, ran = start, 0, False
+    current, steps = start, 0
+    # After a fan-out: its fan-in node runs next, with these. It runs even
+    # where the path stops (a nested fan-out meeting at its branch's own
+    # fan-in node) and is then a node like any other: it may fan out again.
+    results: list[ParallelFlowResult] | None = None
+    ran = resume is not None  # a resumed step already ran; its fan-out, if any, is next
     if resume is not None:
-        current, steps, ran = resume.node, resume.steps, True
-        if resume.after_fan_in:
-            current, ran = _route(graph, current, state, context), False
-    while current not in (END, stop_at):
-        if not ran:  # a resumed step already ran; its fan-out, if any, is next
+        current, steps = resume.node, resume.steps
+    while ran or results is not None or current not in (END, stop_at):
+        if not ran:
             steps += 1
             if steps > graph.max_steps:
                 raise NodeFailure(
@@ -63,29 +76,25 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
                     f"(max_steps); the graph loops", node=current, branch=context.branch,
                     error_type="MaxStepsExceeded", state=dict(state))
             if current in graph.node_retries:  # (a generator per node would cost every branch)
-                yield from _run_node_with_retries(graph, current, state, context, None)
+                yield from _run_node_with_retries(graph, current, state, context, results)
             else:
-                _run_node(graph, current, state, context, None)
+                _run_node(graph, current, state, context, results)
             if recorder is not None:
-                recorder.step(current, state, steps, StepKind.NODE)
+                recorder.step(current, state, steps,
+                              StepKind.NODE if results is None else StepKind.FAN_IN)
             yield _node_event(current, state, snapshots)
-        ran = False
+        ran, results = False, None
+        # Whatever reached this node (an edge, a loop, a fan-in), its fan-out starts now.
         fan_out = graph.fan_out_of(current)
-        if fan_out is not None:
-            results = yield from _fan_out(graph, current, fan_out, state, context,
-                                          branch_events=branch_events, recorder=recorder)
-            yield {"type": "parallel", "fan_in": fan_out.fan_in, "branches": results}
-            # Branches' writes to reducer keys reach the state before the fan-in node runs.
-            graph.schema.combine(state, results, node=fan_out.fan_in, context=context)
-            if fan_out.fan_in in graph.node_retries:
-                yield from _run_node_with_retries(graph, fan_out.fan_in, state, context, results)
-            else:
-                _run_node(graph, fan_out.fan_in, state, context, results)
-            if recorder is not None:
-                recorder.step(fan_out.fan_in, state, steps, StepKind.FAN_IN)
-            yield _node_event(fan_out.fan_in, state, snapshots)
-            current = fan_out.fan_in
-        current = _route(graph, current, state, context)
+        if fan_out is None:
+            current = _route(graph, current, state, context)
+            continue
+        results = yield from _fan_out(graph, current, fan_out, state, context,
+                                      branch_events=branch_events, recorder=recorder)
+        yield {"type": "parallel", "fan_in": fan_out.fan_in, "branches": results}
+        # Branches' writes to reducer keys reach the state before the fan-in node runs.
+        graph.schema.combine(state, results, node=fan_out.fan_in, context=context)
+        current = fan_out.fan_in
 
 
 def _node_event(node: str, state: dict, snapshot: bool) -> dict[str, Any]:
@@ -97,19 +106,37 @@ def _where(node: str | None, context: ExecutionContext) -> str:
     return f"{where} in branch {context.branch!r}" if context.branch else where
 
 
+def _at(code: Iterable[Any], error: BaseException) -> str:
+    """`` (at agent.yaml:16, line 2 of its code)`` if one of ``code`` (read from a file) raised ``error``.
+
+    It ends the message, so text that matched a message before still does.
+    """
+    for part in code:
+        site = part.failure_site(error) if isinstance(part, (Node, Expression)) else None
+        if site is not None:
+            return f" ({site})"
+    return ""
+
+
 def _run_node(graph: CompiledGraph, name: str, state: dict, context: ExecutionContext,
               parallel_results: list[ParallelFlowResult] | None) -> None:
-    context.enter_node(name)
     try:
-        update = context.resolve(graph.nodes[name].run(state, context, parallel_results))
-    except (BranchTimeout, BranchCancelled, GraphExecutionError):
+        context.enter_node(name)
+        try:
+            update = context.resolve(graph.nodes[name].run(state, context, parallel_results))
+        except (BranchTimeout, BranchCancelled, GraphExecutionError):
+            raise
+        except Exception as exc:
+            raise NodeFailure(f"{_where(name, context)} failed: {type(exc).__name__}: {exc}"
+                              f"{_at([graph.nodes[name]], exc)}",
+                              node=name, branch=context.branch, error_type=type(exc).__name__,
+                              state=dict(state), traceback=format_traceback(exc),
+                              error_bases=exception_names(type(exc))) from exc
+        _merge(graph, name, update, state, context)
+    except GraphExecutionError as exc:
+        if parallel_results:
+            _name_failed_branches(exc, parallel_results)
         raise
-    except Exception as exc:
-        raise NodeFailure(f"{_where(name, context)} failed: {type(exc).__name__}: {exc}",
-                          node=name, branch=context.branch, error_type=type(exc).__name__,
-                          state=dict(state), traceback=format_traceback(exc),
-                          error_bases=exception_names(type(exc))) from exc
-    _merge(graph, name, update, state, context)
 
 
 def _run_node_with_retries(graph: CompiledGraph, name: str, state: dict,
@@ -117,43 +144,72 @@ def _run_node_with_retries(graph: CompiledGraph, name: str, state: dict,
                            parallel_results: list[ParallelFlowResult] | None
                            ) -> Iterator[dict[str, Any]]:
     """Run a node that has a retry policy; yield a ``node_retry`` event before each backoff."""
-    context.enter_node(name)
-    node = graph.nodes[name]
-    policy = graph.node_retries[name]
-    # Every attempt runs on its own deep copy of the input, so what a failed
-    # attempt changed in place is never seen.
-    pristine = _input_snapshot(name, state, context)
-    attempt = 1
-    while True:
-        working = pristine.copy()
-        try:
-            update = context.resolve(node.run(working, context, parallel_results))
-            break
-        except (BranchTimeout, BranchCancelled, GraphExecutionError):
-            raise
-        except Exception as exc:
-            delay = _retry_delay(policy, attempt, exc)
-            if delay is None:
-                raise NodeFailure(
-                    f"{_where(name, context)} failed on attempt {attempt} of "
-                    f"{policy.max_attempts}: {type(exc).__name__}: {exc}",
-                    node=name, branch=context.branch, error_type=type(exc).__name__,
-                    state=dict(state), traceback=format_traceback(exc),
-                    error_bases=exception_names(type(exc)), attempts=attempt) from exc
-            logger.warning("%s failed on attempt %d of %d (%s: %s); retrying in %.3gs",
-                           _where(name, context), attempt, policy.max_attempts,
-                           type(exc).__name__, exc, delay)
-            yield {"type": "node_retry", "node": name, "attempt": attempt,
-                   "max_attempts": policy.max_attempts,
-                   "error": f"{type(exc).__name__}: {exc}", "error_type": type(exc).__name__,
-                   "retry_in": delay}
-        _wait_to_retry(name, delay, attempt, context)
-        attempt += 1
+    try:
         context.enter_node(name)
-    # The attempt that succeeded: what it changed in place counts, as for any node.
-    state.clear()
-    state.update(working)
-    _merge(graph, name, update, state, context)
+        node = graph.nodes[name]
+        policy = graph.node_retries[name]
+        # Every attempt runs on its own deep copy of the input, so what a failed
+        # attempt changed in place is never seen.
+        pristine = _input_snapshot(name, state, context)
+        attempt = 1
+        while True:
+            working = pristine.copy()
+            try:
+                update = context.resolve(node.run(working, context, parallel_results))
+                break
+            except (BranchTimeout, BranchCancelled, GraphExecutionError):
+                raise
+            except Exception as exc:
+                delay = _retry_delay(policy, attempt, exc)
+                if delay is None:
+                    note = not_retried_note(policy, attempt, type(exc).__name__,
+                                            failure_names(type(exc).__name__,
+                                                          exception_names(type(exc))))
+                    raise NodeFailure(
+                        f"{_where(name, context)} failed on attempt {attempt} of "
+                        f"{policy.max_attempts}{note}: {type(exc).__name__}: {exc}{_at([node], exc)}",
+                        node=name, branch=context.branch, error_type=type(exc).__name__,
+                        state=dict(state), traceback=format_traceback(exc),
+                        error_bases=exception_names(type(exc)), attempts=attempt) from exc
+                logger.warning("%s failed on attempt %d of %d (%s: %s); retrying in %.3gs",
+                               _where(name, context), attempt, policy.max_attempts,
+                               type(exc).__name__, exc, delay)
+                yield {"type": "node_retry", "node": name, "attempt": attempt,
+                       "max_attempts": policy.max_attempts,
+                       "error": f"{type(exc).__name__}: {exc}", "error_type": type(exc).__name__,
+                       "retry_in": delay}
+            _wait_to_retry(name, delay, attempt, context)
+            attempt += 1
+            context.enter_node(name)
+        # The attempt that succeeded: what it changed in place counts, as for any node.
+        state.clear()
+        state.update(working)
+        _merge(graph, name, update, state, context)
+    except GraphExecutionError as exc:
+        if parallel_results:
+            _name_failed_branches(exc, parallel_results)
+        raise
+
+
+def _name_failed_branches(exc: GraphExecutionError, results: list[ParallelFlowResult]) -> None:
+    """Name, in the error of a fan-in node, the branches that had failed before it ran.
+
+    A fan-in node that fails after some of its branches failed most often
+    fails because of them (it reads what they never wrote); its error says
+    so, and carries the results for whoever wants the branches' own errors.
+    An error that already carries results (a fan-out of its own) is left as
+    it is.
+    """
+    failed = [result for result in results if not result.success]
+    if not failed or exc.results is not None:
+        return
+    names = ", ".join(f"{result.branch!r} ({result.error_type})"
+                      for result in failed[:_FAILED_BRANCHES_NAMED])
+    if len(failed) > _FAILED_BRANCHES_NAMED:
+        names += f" and {len(failed) - _FAILED_BRANCHES_NAMED} more"
+    exc.args = (f"{exc.args[0]}; it ran after {len(failed)} of {len(results)} branches "
+                f"failed: {names}", *exc.args[1:])
+    exc.results = results
 
 
 def _merge(graph: CompiledGraph, name: str, update: Any, state: dict,
@@ -315,8 +371,10 @@ def _route(graph: CompiledGraph, node: str, state: dict, context: ExecutionConte
     except (BranchTimeout, BranchCancelled, GraphExecutionError):
         raise
     except Exception as exc:
+        conditions = [condition for condition, _ in routes.conditional]
         raise NodeFailure(f"{_where(node, context)}: edge condition failed: "
-                          f"{type(exc).__name__}: {exc}", node=node, branch=context.branch,
+                          f"{type(exc).__name__}: {exc}{_at(conditions, exc)}",
+                          node=node, branch=context.branch,
                           error_type=type(exc).__name__, state=dict(state),
                           traceback=format_traceback(exc)) from exc
     if routes.default is not None:

@@ -17,18 +17,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import statetypes
-from .errors import GraphError, GraphExecutionError
+from .errors import GraphError, ReducerError, StateSchemaError, UncheckableType
 from .keys import unknown
-from .reducers import (
-    BUILT_IN,
-    MISSING,
-    Accumulator,
-    CallableReducer,
-    Reducer,
-    ReducerError,
-    built_in,
-)
-from .statetypes import TypeCheck, UncheckableType, describe
+from .reducers import BUILT_IN, MISSING, Accumulator, CallableReducer, Reducer, built_in
+from .statetypes import TypeCheck, describe
 
 if TYPE_CHECKING:
     from .branch import ParallelFlowResult
@@ -39,10 +31,6 @@ FIELD_KEYS: frozenset[str] = frozenset({"type", "reducer", "description"})
 # error_type of a failed update.
 STATE_TYPE_ERROR = "StateTypeError"
 REDUCER_ERROR = "ReducerError"
-
-
-class StateSchemaError(GraphExecutionError):
-    """An update broke the schema: a declared type, or a reducer that could not combine it."""
 
 
 @dataclass(frozen=True)

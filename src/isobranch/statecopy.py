@@ -6,14 +6,7 @@ import copy
 import pickle
 from typing import Any
 
-
-class StateCopyError(Exception):
-    """The state holds a value that cannot be copied; ``path`` locates it."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
+from .errors import StateCopyError
 
 
 class StateSnapshot:

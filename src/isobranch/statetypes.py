@@ -15,6 +15,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import UncheckableType
+
 # YAML type names (Python's and JSON Schema's) -> the class they check.
 # ``any`` checks nothing; ``none`` / ``null`` is the None value.
 TYPE_NAMES: dict[str, type | None] = {
@@ -28,10 +30,6 @@ _WIDER = {float: (int,), complex: (int, float)}
 EMPTY_STARTS = (list, dict, set, frozenset, tuple, str, int, float, complex)
 _TYPED_DICT_WRAPPERS = frozenset(w for w in (typing.Required, typing.NotRequired,
                                               getattr(typing, "ReadOnly", None)) if w is not None)
-
-
-class UncheckableType(ValueError):
-    """An annotation that isinstance cannot check (a TypeVar, a forward reference, ...)."""
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,9 @@ import os
 from collections.abc import Mapping
 from itertools import pairwise
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from .code_location import CodeLocation
 from .compiled import CompiledGraph
 from .conditions import Condition, LuaCondition, PythonCondition
 from .errors import GraphError
@@ -33,10 +34,8 @@ from .nodes import LuaNode, Node, PythonNode
 from .retry import RetryPolicy, parse_policy
 from .runner import END, START
 from .schema import StateSchema
-from .yaml_settings import SettingsReader, contained_file
-
-if TYPE_CHECKING:
-    from .yaml_engine import YAMLEngine
+from .yaml_lines import CodeKey, CodeLines
+from .yaml_settings import EngineOptions, SettingsReader, contained_file
 
 
 class DocumentBuilder(SettingsReader):
@@ -46,11 +45,18 @@ class DocumentBuilder(SettingsReader):
     class reads the nodes and edges and compiles the graph.
     """
 
-    def __init__(self, engine: YAMLEngine, document: Any, source: str | None,
-                 base_dir: Path | None) -> None:
-        super().__init__(engine, source, base_dir)
+    def __init__(self, engine_options: EngineOptions, document: Any, source: str | None,
+                 base_dir: Path | None, code_lines: CodeLines | None = None) -> None:
+        super().__init__(engine_options, source, base_dir)
         self.document = document
+        # Where code values start in the file ``source`` (empty for a parsed dict).
+        self.code_lines = code_lines or {}
         self.lua = LuaSyntaxChecker()
+
+    def location(self, key: CodeKey) -> CodeLocation | None:
+        """Where the code value at ``key`` starts in the file, if known."""
+        line = self.code_lines.get(key)
+        return CodeLocation(self.source, line) if line is not None and self.source else None
 
     def fail(self) -> GraphError:
         return GraphError(problems=self.problems, source=self.source)
@@ -63,7 +69,7 @@ class DocumentBuilder(SettingsReader):
         must ask here first; with ``allow_python=False`` the answer is no
         and the refusal is recorded as a problem.
         """
-        if self.engine._allow_python:
+        if self.engine_options.allow_python:
             return True
         self.problem(f"{where}: {what} is Python, which this engine refuses "
                      f"(allow_python=False runs only sandboxed Lua); {hint}")
@@ -97,8 +103,9 @@ class DocumentBuilder(SettingsReader):
                                      **compile_options)
         except GraphError as exc:
             raise GraphError(problems=exc.problems, source=self.source) from None
-        compiled.owns_checkpointer = compiled.checkpointer is not self.engine._checkpointer
-        if not self.engine._allow_python:
+        compiled.owns_checkpointer = compiled.checkpointer is not self.engine_options.checkpointer
+        compiled.other_backends_options = self.other_backends_options
+        if not self.engine_options.allow_python:
             assert_lua_only(compiled)
         return compiled
 
@@ -132,7 +139,7 @@ class DocumentBuilder(SettingsReader):
                 self.problem(f"{where}: the name is reserved")
                 continue
             names.append(name)
-            node = self.node(name, spec, where)
+            node = self.node(name, spec, where, index)
             retry, problems = parse_policy(spec.get("retry"), f"{where}: retry")
             self.problems.extend(problems)
             if node is None or problems:
@@ -143,9 +150,10 @@ class DocumentBuilder(SettingsReader):
                 graph.add_node(name, node, retry=retry)
         return names
 
-    def node(self, name: str, spec: Mapping[str, Any], where: str) -> Node | None:
+    def node(self, name: str, spec: Mapping[str, Any], where: str, index: int) -> Node | None:
         code = spec.get("run")
         language = spec.get("language")
+        location = in_file = self.location(("nodes", index, "run"))
         if "file" in spec:
             if code is not None:
                 self.problem(f"{where}: give either 'run' or 'file', not both")
@@ -155,6 +163,9 @@ class DocumentBuilder(SettingsReader):
             if code is None:
                 return None
             where = f"{where} (file {reference!r})"
+            # The file's lines are the code's: a syntax error's line needs no other.
+            location = CodeLocation(self.node_file_name(reference), 1)
+            in_file = None
             if language is None and isinstance(reference, str):
                 language = _language_of_file(reference)
         if not isinstance(code, str):
@@ -172,23 +183,32 @@ class DocumentBuilder(SettingsReader):
             self.problem(f"{where}: language must be 'python' or 'lua', got {language!r}")
             return None
         if language == Language.LUA:
-            if not self.engine._lua_enabled:
+            if not self.engine_options.lua_enabled:
                 self.problem(f"{where}: is a Lua node but this engine has lua_enabled=False")
                 return None
             error = self.lua.check_node(code)
             if error is not None:
-                self.problem(f"{where}, {error}")
+                self.problem(f"{where}, {error}{_in_file(in_file, error.line)}")
                 return None
-            return LuaNode(name, code)
+            return LuaNode(name, code, location=location)
         if not self.python_allowed(where, "the node body" if "file" not in spec else "the file",
                                    "write it in Lua and mark it 'language: lua' or start it "
                                    "with a '-- lua' line"):
             return None
         try:
-            return PythonNode(name, code, origin=f"<node {name}>")
+            return PythonNode(name, code, origin=f"<node {name}>", location=location)
         except SyntaxError as exc:
-            self.problem(f"{where}: invalid Python: {exc.msg}")
+            message = exc.msg.removeprefix(f"node {name!r}: ")  # ``where`` names the node
+            self.problem(f"{where}: invalid Python: {message}{_in_file(in_file, exc.lineno)}")
             return None
+
+    def node_file_name(self, reference: str) -> str:
+        """A node file's name as messages show it: beside the workflow file's name, as given."""
+        if self.source and not os.path.isabs(reference):
+            return os.path.normpath(os.path.join(os.path.dirname(self.source), reference))
+        if self.base_dir is not None:
+            return str(self.base_dir / reference)
+        return reference
 
     def read_node_file(self, reference: Any, where: str) -> str | None:
         if not isinstance(reference, str) or not reference:
@@ -198,7 +218,7 @@ class DocumentBuilder(SettingsReader):
         if self.base_dir is None and not path.is_absolute():
             self.problem(f"{where}: relative file {reference!r} needs load_from_file or base_dir")
             return None
-        if not self.engine._allow_python:
+        if not self.engine_options.allow_python:
             # An untrusted document must not read (and echo, in a syntax error)
             # files of this machine outside its own directory.
             if self.base_dir is None:
@@ -266,7 +286,7 @@ class DocumentBuilder(SettingsReader):
             self.problems.extend(problems)
             if kind == EdgeType.MAP:
                 if not problems:
-                    self.map_edge(graph, spec, where, known, fan_ins, retry)
+                    self.map_edge(graph, spec, where, known, fan_ins, retry, index)
                 continue
             if kind == EdgeType.PARALLEL:
                 fan_in = spec.get("fan_in")
@@ -284,7 +304,8 @@ class DocumentBuilder(SettingsReader):
                 self.problem(unknown(f"{where}: unknown edge type {kind!r}", kind,
                                      [EdgeType.NORMAL, EdgeType.PARALLEL, EdgeType.MAP]))
                 continue
-            condition = self.condition(spec.get("when"), where, f"when {source}->{target}")
+            condition = self.condition(spec.get("when"), where, f"when {source}->{target}",
+                                       location=self.location(("edges", index, "when")))
             if "when" in spec and condition is None:
                 continue
             if source == START:
@@ -302,7 +323,7 @@ class DocumentBuilder(SettingsReader):
         return fan_ins
 
     def map_edge(self, graph: StateGraph, spec: Mapping[str, Any], where: str, known: set[str],
-                 fan_ins: set[str], retry: RetryPolicy | None) -> None:
+                 fan_ins: set[str], retry: RetryPolicy | None, index: int) -> None:
         source, target, fan_in = spec["from"], spec["to"], spec.get("fan_in")
         problems_before = len(self.problems)
         if "when" in spec:
@@ -318,7 +339,8 @@ class DocumentBuilder(SettingsReader):
             self.problem(f"{where}: a map edge needs 'over' (a state key, or "
                          f"{{python: ...}} / {{lua: ...}})")
         elif isinstance(over, Mapping):
-            over = self.condition(over, where, f"over {source}->{target}", role="over")
+            over = self.condition(over, where, f"over {source}->{target}", role="over",
+                                  location=self.location(("edges", index, "over")))
         elif not isinstance(over, str) or not over:
             self.problem(f"{where}: 'over' must be a state key or {{python: ...}} / {{lua: ...}}, "
                          f"got {over!r}")
@@ -340,8 +362,8 @@ class DocumentBuilder(SettingsReader):
             return
         fan_ins.add(fan_in)
 
-    def condition(self, when: Any, where: str, origin: str, role: str = "when"
-                  ) -> Condition | None:
+    def condition(self, when: Any, where: str, origin: str, role: str = "when", *,
+                  location: CodeLocation | None = None) -> Condition | None:
         if when is None:
             return None
         language, expression = Language.PYTHON, when
@@ -354,25 +376,33 @@ class DocumentBuilder(SettingsReader):
             self.problem(f"{where}: '{role}' must be a non-empty expression")
             return None
         if language == Language.LUA:
-            if not self.engine._lua_enabled:
+            if not self.engine_options.lua_enabled:
                 what = "condition" if role == "when" else f"expression in '{role}'"
                 self.problem(f"{where}: Lua {what} but this engine has lua_enabled=False")
                 return None
             error = self.lua.check_condition(expression)
             if error is not None:
-                self.problem(f"{where}: invalid Lua condition, {error}")
+                self.problem(f"{where}: invalid Lua condition, {error}{_in_file(location, error.line)}")
                 return None
-            return LuaCondition(expression, origin=origin)
+            return LuaCondition(expression, origin=origin, location=location)
         if not self.python_allowed(where, f"the '{role}' expression" if role != "when"
                                    else "the 'when' condition",
                                    f"write it in Lua as {role}: {{lua: ...}}"):
             return None
         try:
-            return PythonCondition(expression, origin=f"<{origin}>")
+            return PythonCondition(expression, origin=f"<{origin}>", location=location)
         except SyntaxError as exc:
             what = "condition" if role == "when" else f"expression in '{role}'"
-            self.problem(f"{where}: invalid Python {what}: {exc.msg}")
+            self.problem(f"{where}: invalid Python {what}: {exc.msg}"
+                         f"{_in_file(location, exc.lineno)}")
             return None
+
+
+def _in_file(location: CodeLocation | None, line: int | None) -> str:
+    """`` (agent.yaml:13)``: where ``line`` of code at ``location`` is in its file, if known."""
+    if location is None or line is None:
+        return ""
+    return f" ({location.file}:{location.line + line - 1})"
 
 
 def _language_of_file(reference: str) -> Language | None:
@@ -385,7 +415,7 @@ def assert_lua_only(graph: CompiledGraph) -> None:
     """Last check of a Lua-only graph: nothing in it can run Python.
 
     The builder already refused every Python part; this catches a code path
-    that forgot to ask ``_Builder.python_allowed``.
+    that forgot to ask ``DocumentBuilder.python_allowed``.
     """
     for name, node in graph.nodes.items():
         routes = graph.routes_of(name)

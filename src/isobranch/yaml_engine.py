@@ -28,6 +28,8 @@ from .keys import (
     unknown,
 )
 from .yaml_builder import DocumentBuilder
+from .yaml_lines import CodeLines, load_with_code_lines
+from .yaml_settings import EngineOptions
 
 # settings.parallel keys the engine's own arguments stand for, so not options.
 _ENGINE_ARGUMENTS = frozenset({"isolation", "strategy", "max_workers"})
@@ -64,19 +66,16 @@ class YAMLEngine:
         if checkpointer is not None and not isinstance(checkpointer, SqliteCheckpointer):
             raise GraphError(f"YAMLEngine(checkpointer=...): must be a SqliteCheckpointer, got "
                              f"{type(checkpointer).__name__}")
-        self._checkpointer = checkpointer
-        self._lua_enabled = lua_enabled
-        self._lua_timeout_explicit = lua_timeout is not _UNSET
-        self._lua_timeout = DEFAULT_LUA_TIMEOUT if lua_timeout is _UNSET else lua_timeout
-        self._isolation = isolation
-        self._max_workers = max_workers
-        self._allow_python = allow_python
-        self._options = options
+        self._options = EngineOptions(
+            lua_enabled=lua_enabled, lua_timeout_explicit=lua_timeout is not _UNSET,
+            lua_timeout=DEFAULT_LUA_TIMEOUT if lua_timeout is _UNSET else lua_timeout,
+            isolation=isolation, max_workers=max_workers, allow_python=allow_python,
+            checkpointer=checkpointer, parallel=dict(options))
 
     @property
     def allow_python(self) -> bool:
         """Whether documents may contain Python code (False: Lua only)."""
-        return self._allow_python
+        return self._options.allow_python
 
     def load_from_file(self, path: str | Path) -> CompiledGraph:
         """Read, validate and compile the workflow in ``path``.
@@ -84,28 +83,39 @@ class YAMLEngine:
         Relative ``file:`` references in nodes resolve against the YAML
         file's own directory, never the current directory.
         """
-        document, source = read_yaml_file(path)
-        return self.load_from_dict(document, source=source, base_dir=Path(path).resolve().parent)
+        document, source, code_lines = _read_workflow(path)
+        return self._build(document, source, Path(path).resolve().parent, code_lines)
 
     def load_from_dict(self, document: Mapping[str, Any], *, source: str | None = None,
                        base_dir: str | Path | None = None) -> CompiledGraph:
-        """Validate and compile a workflow given as a parsed YAML mapping."""
-        builder = DocumentBuilder(self, document, source, Path(base_dir) if base_dir else None)
-        return builder.build()
+        """Validate and compile a workflow given as a parsed YAML mapping.
+
+        A parsed mapping has no line numbers: errors in its code name the
+        node and the line within it, not a line of ``source``.
+        """
+        return self._build(document, source, Path(base_dir) if base_dir else None, {})
+
+    def _build(self, document: Any, source: str | None, base_dir: Path | None,
+               code_lines: CodeLines) -> CompiledGraph:
+        return DocumentBuilder(self._options, document, source, base_dir, code_lines).build()
 
     def validate_file(self, path: str | Path) -> list[str]:
         """Every problem in the workflow at ``path`` (empty if it is valid)."""
         try:
-            document, source = read_yaml_file(path)
+            document, source, code_lines = _read_workflow(path)
         except GraphError as exc:
             return [str(exc)]
-        return self.validate_dict(document, source=source, base_dir=Path(path).resolve().parent)
+        return self._problems(document, source, Path(path).resolve().parent, code_lines)
 
     def validate_dict(self, document: Mapping[str, Any], *, source: str | None = None,
                       base_dir: str | Path | None = None) -> list[str]:
         """Every problem in a parsed workflow (empty if it is valid)."""
+        return self._problems(document, source, Path(base_dir) if base_dir else None, {})
+
+    def _problems(self, document: Any, source: str | None, base_dir: Path | None,
+                  code_lines: CodeLines) -> list[str]:
         try:
-            graph = self.load_from_dict(document, source=source, base_dir=base_dir)
+            graph = self._build(document, source, base_dir, code_lines)
         except GraphError as exc:
             prefix = f"{source}: " if source else ""
             return [f"{prefix}{problem}" for problem in exc.problems]
@@ -130,6 +140,12 @@ def _check_engine_options(options: Mapping[str, Any]) -> None:
 
 def read_yaml_file(path: str | Path) -> tuple[Any, str]:
     """Parse a YAML file; errors are a ``GraphError`` with file, line and column."""
+    document, source, _ = _read_workflow(path)
+    return document, source
+
+
+def _read_workflow(path: str | Path) -> tuple[Any, str, CodeLines]:
+    """The parsed file, its name as given, and the file line where each code value starts."""
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -138,7 +154,8 @@ def read_yaml_file(path: str | Path) -> tuple[Any, str]:
     except UnicodeDecodeError as exc:
         raise GraphError(f"{source}: not UTF-8 text: {exc}") from exc
     try:
-        return yaml.safe_load(text), source
+        document, code_lines = load_with_code_lines(text)
+        return document, source, code_lines
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source

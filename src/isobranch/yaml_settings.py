@@ -2,24 +2,32 @@
 
 ``SettingsReader`` checks every key, with the closest allowed name for a
 typo, and records each problem (naming its ``settings.…`` path) instead of
-stopping at the first; yaml_engine.py's builder reads the nodes and edges
-on top of it.
+stopping at the first; ``DocumentBuilder`` (yaml_builder.py) reads the
+nodes and edges on top of it. What the engine's caller chose arrives as
+``EngineOptions``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .checkpoint.store import SqliteCheckpointer
 from .defaults import (
     DEFAULT_FAIL_FAST,
     DEFAULT_ISOLATION,
+    DEFAULT_LUA_MAX_MEMORY,
     DEFAULT_LUA_TIMEOUT,
     DEFAULT_MAX_STEPS,
 )
-from .isolation.registry import available_backends, backend_options, backends_accepting
+from .isolation.registry import (
+    available_backends,
+    backend_options,
+    backends_accepting,
+    every_backend_option,
+)
 from .keys import (
     CHECKPOINT_SETTINGS_KEYS,
     LUA_SETTINGS_KEYS,
@@ -28,12 +36,29 @@ from .keys import (
     UNTRUSTED_BACKEND_OPTIONS,
     unknown,
 )
-from .lua.runtime import DEFAULT_MAX_MEMORY
 from .retry import parse_policy
 from .sizes import parse_size
 
-if TYPE_CHECKING:
-    from .yaml_engine import YAMLEngine
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What a ``YAMLEngine``'s caller chose: every document it loads is read with these.
+
+    The engine makes one and hands it to the builder, so reading a document
+    needs nothing of the engine itself.
+    """
+
+    lua_enabled: bool = True
+    lua_timeout: float | None = DEFAULT_LUA_TIMEOUT
+    # The caller gave lua_timeout: settings.lua.timeout cannot change it then.
+    lua_timeout_explicit: bool = False
+    isolation: str | None = None
+    max_workers: int | None = None
+    allow_python: bool = True
+    checkpointer: SqliteCheckpointer | None = None
+    # settings.parallel keys and backend options, which override the document's
+    # (a copy of the caller's; read, never changed).
+    parallel: Mapping[str, Any] = field(default_factory=dict)
 
 
 def contained_file(base_dir: Path, reference: str) -> Path:
@@ -62,11 +87,14 @@ def contained_file(base_dir: Path, reference: str) -> Path:
 class SettingsReader:
     """Reads ``settings:`` and collects problems in ``problems``."""
 
-    def __init__(self, engine: YAMLEngine, source: str | None, base_dir: Path | None) -> None:
-        self.engine = engine
+    def __init__(self, engine_options: EngineOptions, source: str | None,
+                 base_dir: Path | None) -> None:
+        self.engine_options = engine_options
         self.source = source
         self.base_dir = base_dir
         self.problems: list[str] = []
+        # Options of the backends that do not run, by name: used if a run's config picks one.
+        self.other_backends_options: dict[str, dict[str, Any]] = {}
 
     def problem(self, text: str) -> None:
         """Record one problem (already naming where it is)."""
@@ -97,28 +125,29 @@ class SettingsReader:
                 self.problem("settings.parallel: 'isolation' and its alias 'strategy' disagree")
             document.setdefault("isolation", document["strategy"])
             del document["strategy"]
-        engine = self.engine
+        engine = self.engine_options
         # The engine's options override the document's; a message names where a value came from.
-        parallel = {**document, **engine._options}
+        parallel = {**document, **engine.parallel}
         origin = {key: f"settings.parallel.{key}" for key in document}
-        origin.update({key: f"YAMLEngine({key}=...)" for key in engine._options})
-        isolation = engine._isolation or parallel.get("isolation") or DEFAULT_ISOLATION
+        origin.update({key: f"YAMLEngine({key}=...)" for key in engine.parallel})
+        isolation = engine.isolation or parallel.get("isolation") or DEFAULT_ISOLATION
         if not isinstance(isolation, str) or isolation not in available_backends():
-            self.problem(unknown(f"settings.parallel.isolation: unknown isolation backend "
-                                 f"{isolation!r}", isolation, available_backends()))
+            chooser = "YAMLEngine(isolation=...)" if engine.isolation else "settings.parallel.isolation"
+            self.problem(unknown(f"{chooser}: unknown isolation backend {isolation!r}",
+                                 isolation, available_backends()))
             isolation = None
         fail_fast = parallel.get("fail_fast", DEFAULT_FAIL_FAST)
         if not isinstance(fail_fast, bool):
             self.problem(f"{origin['fail_fast']}: must be true or false, got {fail_fast!r}")
         max_steps = parallel.get("max_steps", DEFAULT_MAX_STEPS)
-        if (not engine._allow_python and "max_steps" not in engine._options
+        if (not engine.allow_python and "max_steps" not in engine.parallel
                 and isinstance(max_steps, (int, float)) and max_steps > DEFAULT_MAX_STEPS):
             self.problem(f"settings.parallel.max_steps: a Lua-only document may lower the "
                          f"limit of {DEFAULT_MAX_STEPS} steps, not raise it; got {max_steps!r}")
             max_steps = DEFAULT_MAX_STEPS
         options: dict[str, Any] = {
             "isolation": isolation or DEFAULT_ISOLATION,
-            "max_workers": engine._max_workers or parallel.get("max_workers"),
+            "max_workers": engine.max_workers or parallel.get("max_workers"),
             "branch_timeout": parallel.get("branch_timeout"), "fail_fast": fail_fast,
             "max_steps": max_steps, "lua_timeout": lua_timeout, "lua_max_memory": max_memory,
             "checkpointer": checkpointer,
@@ -135,27 +164,41 @@ class SettingsReader:
         handled = {"isolation", "strategy", "branch_max_memory", "retry", *options}
         for key in sorted(PARALLEL_KEYS & set(parallel) - handled):
             options[key] = parallel[key]
-        # Flat backend options in the document belong to the backend the
-        # document chose; when the engine chose another, they do not apply.
-        chosen_by_document = document.get("isolation") or DEFAULT_ISOLATION
-        if not isinstance(chosen_by_document, str) or chosen_by_document not in available_backends():
-            chosen_by_document = isolation
-        from_document = self.backend_options(
-            isolation, chosen_by_document,
-            {k: v for k, v in document.items() if k not in PARALLEL_KEYS}, "settings.parallel")
-        from_engine = self.backend_options(
-            isolation, isolation,
-            {k: v for k, v in engine._options.items() if k not in PARALLEL_KEYS}, "YAMLEngine()")
-        if not engine._allow_python:
-            for key, (_, where) in sorted(from_document.items()):
-                if key not in UNTRUSTED_BACKEND_OPTIONS and key not in from_engine:
-                    self.problem(f"{where}: a Lua-only document cannot set this backend "
-                                 f"option (it may decide where this process connects or what "
-                                 f"it loads); pass it to YAMLEngine(...) instead")
-        merged = {key: value for key, (value, _) in from_document.items()}
-        merged.update({key: value for key, (value, _) in from_engine.items()})
-        options["backend_options"] = merged
+        options["backend_options"], self.other_backends_options = self.options_per_backend(
+            isolation, document, engine)
         return options
+
+    def options_per_backend(self, isolation: str | None, document: Mapping[str, Any],
+                            engine: EngineOptions) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        """The options of the backend that runs, and every other backend's own section.
+
+        Flat options (the document's, then the engine's on top) belong to
+        the backend that runs, ``isolation``: the engine's choice, else the
+        document's, else the default. A section (``settings.parallel.process:
+        {...}``) belongs to the backend it names, whichever runs.
+        """
+        from_document = self.backend_sections(
+            isolation, {k: v for k, v in document.items() if k not in PARALLEL_KEYS},
+            "settings.parallel",
+            overridden=document.get("isolation") if engine.isolation else None)
+        from_engine = self.backend_sections(
+            isolation, {k: v for k, v in engine.parallel.items() if k not in PARALLEL_KEYS},
+            "YAMLEngine()")
+        if not engine.allow_python:
+            for name, section in sorted(from_document.items()):
+                for key, (_, where) in sorted(section.items()):
+                    if (key not in UNTRUSTED_BACKEND_OPTIONS
+                            and key not in from_engine.get(name, {})):
+                        self.problem(f"{where}: a Lua-only document cannot set this backend "
+                                     f"option (it may decide where this process connects or "
+                                     f"what it loads); pass it to YAMLEngine(...) instead")
+        merged: dict[str, dict[str, Any]] = {}
+        for sections in (from_document, from_engine):
+            for name, section in sections.items():
+                merged.setdefault(name, {}).update(
+                    {key: value for key, (value, _) in section.items()})
+        running = merged.pop(isolation, {}) if isolation else {}
+        return running, merged
 
     def checkpointer(self, value: Any) -> SqliteCheckpointer | None:
         """The engine's checkpointer, else the one ``settings.checkpoint`` describes.
@@ -173,20 +216,20 @@ class SettingsReader:
         path, pickle = settings.get("path"), settings.get("pickle", False)
         if not isinstance(pickle, bool):
             self.problem(f"{where}.pickle: must be true or false, got {pickle!r}")
-        elif pickle and not self.engine._allow_python:
+        elif pickle and not self.engine_options.allow_python:
             self.problem(f"{where}.pickle: a Lua-only document cannot turn on pickle (reading "
                          f"a pickled state runs code); pass YAMLEngine(checkpointer=...) instead")
         if "path" in settings and (not isinstance(path, str) or not path):
             self.problem(f"{where}.path: must be a file path, got {path!r}")
             return None
-        if path is None or self.engine._checkpointer is not None:
-            return self.engine._checkpointer
-        if not Path(path).is_absolute() or not self.engine._allow_python:
+        if path is None or self.engine_options.checkpointer is not None:
+            return self.engine_options.checkpointer
+        if not Path(path).is_absolute() or not self.engine_options.allow_python:
             if self.base_dir is None:
                 self.problem(f"{where}.path: relative path {path!r} needs load_from_file or "
                              f"base_dir")
                 return None
-            if not self.engine._allow_python:
+            if not self.engine_options.allow_python:
                 try:
                     return SqliteCheckpointer(contained_file(self.base_dir, path),
                                               pickle=False)
@@ -197,45 +240,47 @@ class SettingsReader:
         return SqliteCheckpointer(path, pickle=pickle is True)
 
     def lua_limits(self, lua: Mapping[str, Any]) -> tuple[float | None, int | None]:
-        engine = self.engine
-        lua_timeout = engine._lua_timeout
-        if not engine._lua_timeout_explicit and "timeout" in lua:
+        engine = self.engine_options
+        lua_timeout = engine.lua_timeout
+        if not engine.lua_timeout_explicit and "timeout" in lua:
             lua_timeout = lua["timeout"]
-            if not engine._allow_python and (lua_timeout is None or (
-                    isinstance(lua_timeout, (int, float)) and lua_timeout > engine._lua_timeout)):
+            if not engine.allow_python and (lua_timeout is None or (
+                    isinstance(lua_timeout, (int, float)) and lua_timeout > engine.lua_timeout)):
                 self.problem(f"settings.lua.timeout: a Lua-only document may lower the engine's "
-                             f"limit of {engine._lua_timeout}s, not raise or remove it; "
+                             f"limit of {engine.lua_timeout}s, not raise or remove it; "
                              f"got {lua_timeout!r}")
-                lua_timeout = engine._lua_timeout
+                lua_timeout = engine.lua_timeout
         if lua_timeout is not None and (isinstance(lua_timeout, bool) or not isinstance(
                 lua_timeout, (int, float)) or lua_timeout <= 0):
             self.problem(f"settings.lua.timeout: must be a positive number, got {lua_timeout!r}")
             lua_timeout = DEFAULT_LUA_TIMEOUT
-        max_memory: int | None = DEFAULT_MAX_MEMORY
+        max_memory: int | None = DEFAULT_LUA_MAX_MEMORY
         if "max_memory" in lua:
             try:
                 max_memory = parse_size(lua["max_memory"])
             except ValueError as exc:
                 self.problem(f"settings.lua.max_memory: {exc}")
-            if not engine._allow_python and (max_memory is None or max_memory > DEFAULT_MAX_MEMORY):
+            if not engine.allow_python and (max_memory is None or max_memory > DEFAULT_LUA_MAX_MEMORY):
                 self.problem(f"settings.lua.max_memory: a Lua-only document may lower the limit "
-                             f"of {DEFAULT_MAX_MEMORY} bytes, not raise or remove it")
-                max_memory = DEFAULT_MAX_MEMORY
+                             f"of {DEFAULT_LUA_MAX_MEMORY} bytes, not raise or remove it")
+                max_memory = DEFAULT_LUA_MAX_MEMORY
         return lua_timeout, max_memory
 
-    def backend_options(self, isolation: str | None, flat_for: str | None,
-                        rest: Mapping[str, Any], prefix: str) -> dict[str, tuple[Any, str]]:
-        """The options ``rest`` gives backend ``isolation``: ``{option: (value, where)}``.
+    def backend_sections(self, isolation: str | None, rest: Mapping[str, Any], prefix: str, *,
+                         overridden: Any = None) -> dict[str, dict[str, tuple[Any, str]]]:
+        """The backend options ``rest`` gives: ``{backend: {option: (value, where)}}``.
 
         ``rest`` is what is left of ``settings.parallel`` (or of the engine's
         options) after the engine's own keys: a mapping per backend name,
-        and flat options of backend ``flat_for``, which win over its mapping
-        and apply only if it is ``isolation``. Every key is checked, whether
-        it applies or not.
+        and flat options of the backend that runs, ``isolation``, which win
+        over its mapping. Every key is checked, whether it applies or not.
+        ``overridden`` is the document's own ``isolation`` when the engine
+        chose another backend: a flat option of that one is an error naming
+        both.
         """
         backends = available_backends()
-        accepted = backend_options(flat_for) if flat_for else frozenset()
-        section: dict[str, tuple[Any, str]] = {}
+        accepted = backend_options(isolation) if isolation else frozenset()
+        sections: dict[str, dict[str, tuple[Any, str]]] = {}
         flat: dict[str, tuple[Any, str]] = {}
         for key, value in rest.items():
             where = f"{prefix}.{key}" if prefix.startswith("settings") else f"YAMLEngine({key}=...)"
@@ -244,18 +289,27 @@ class SettingsReader:
                 declared = backend_options(key)
                 if declared is not None:
                     self.check_keys(options, declared, where)
-                if key == isolation:
-                    section.update({option: (option_value, f"{where}.{option}")
-                                    for option, option_value in options.items()})
+                sections[key] = {option: (option_value, f"{where}.{option}")
+                                 for option, option_value in options.items()}
+            elif isolation is None and backends_accepting(key):
+                pass  # the backend is unknown (a problem already): nothing to check against
             elif accepted is None or key in accepted:
-                if flat_for == isolation:
-                    flat[key] = (value, where)
+                flat[key] = (value, where)
             elif elsewhere := backends_accepting(key):
-                self.problem(f"{where}: not an option of isolation backend {flat_for!r} but of "
-                             f"{', '.join(map(repr, elsewhere))}; choose that backend or put it "
-                             f"under settings.parallel.{elsewhere[0]}")
+                if overridden in elsewhere:
+                    self.problem(f"{where}: an option of isolation backend {overridden!r}, which "
+                                 f"settings.parallel.isolation chooses, but the caller runs "
+                                 f"this graph on {isolation!r}; put it under "
+                                 f"settings.parallel.{overridden} to apply it only when "
+                                 f"{overridden!r} runs")
+                else:
+                    self.problem(f"{where}: not an option of isolation backend {isolation!r} but "
+                                 f"of {', '.join(map(repr, elsewhere))}; choose that backend or "
+                                 f"put it under settings.parallel.{elsewhere[0]}")
             else:
                 allowed = PARALLEL_KEYS | (accepted or frozenset()) | set(backends)
-                self.problem(unknown(f"{where}: unknown key", key, allowed))
-        return {**section, **flat}
-
+                self.problem(unknown(f"{where}: unknown key", key, allowed,
+                                     also_suggest=every_backend_option()))
+        if isolation is not None and flat:
+            sections[isolation] = {**sections.get(isolation, {}), **flat}
+        return sections

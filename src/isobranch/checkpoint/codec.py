@@ -43,6 +43,8 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
+from ..errors import IsobranchError, StateDecodeError, StateEncodeError
+
 TAG_KEY = "$ib"
 VALUE_KEY = "v"
 MAX_DEPTH = 200
@@ -72,33 +74,15 @@ class Tag(StrEnum):
     PICKLE = "pickle"
 
 
-class StateEncodeError(ValueError):
-    """A value cannot be encoded; ``path`` locates it, e.g. ``state['docs'][3]['when']``.
-
-    Paths index dicts by key and lists and tuples by position; a set element
-    is written in braces (``state['tags']{Foo()}``).
-    """
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
-
-    def __reduce__(self) -> tuple[type, tuple[str, str]]:
-        # Keeps path and reason when the error crosses a process boundary.
-        return type(self), (self.path, self.reason)
-
-
-class StateDecodeError(ValueError):
-    """Stored text is not a value this codec wrote: malformed or tampered text, an
-    unknown tag, or a pickled value while pickle is off."""
-
-
 _KEY = object()  # in a failure's step: the key of that dict entry failed, not its value
 
 
-class _Failure(Exception):
-    """Raised inside the walk; each container it leaves adds where the value was."""
+class _Failure(IsobranchError):
+    """Raised inside the walk; each container it leaves adds where the value was.
+
+    Private to the walk, which turns it into a ``StateEncodeError``; an
+    ``IsobranchError`` all the same, should one ever escape.
+    """
 
     def __init__(self, reason: str, *, too_deep: bool = False) -> None:
         super().__init__(reason)

@@ -13,28 +13,36 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from ..conditions import CallableCondition, Expression
-from ..fanout import MapFanOut
+from ..fanout import FanOut, MapFanOut
 from ..nodes import CallableNode, LuaNode, PythonNode
 
-if TYPE_CHECKING:
-    from ..compiled import CompiledGraph
+
+class GraphParts(Protocol):
+    """What a fingerprint reads of a compiled graph (described here: compiled.py imports this)."""
+
+    entry: str
+    nodes: Mapping[str, Any]
+
+    @property
+    def fan_outs(self) -> Mapping[str, FanOut]:
+        """Every fan-out by source node."""
+        ...
+
+    def routes_of(self, node: str) -> Any:
+        """The outgoing routes of ``node`` (router, conditional edges, default edge)."""
+        ...
 
 
-def graph_fingerprint(graph: CompiledGraph) -> dict[str, str]:
+def graph_fingerprint(graph: GraphParts) -> dict[str, str]:
     """``{part: digest}`` for every node and edge of ``graph`` (parts read like ``node 'x'``).
 
-    Computed once per compiled graph (which never changes once compiled).
+    ``CompiledGraph.fingerprint()`` computes it once per graph (which never
+    changes once compiled).
     """
-    cached = getattr(graph, "_fingerprint", None)
-    if cached is None:
-        cached = graph._fingerprint = _fingerprint(graph)
-    return dict(cached)
-
-
-def _fingerprint(graph: CompiledGraph) -> dict[str, str]:
     parts: dict[str, str] = {"entry point": graph.entry}
     for name, node in graph.nodes.items():
         parts[f"node {name!r}"] = _digest(_node_identity(node))

@@ -26,8 +26,8 @@ from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 from ..branch import ParallelFlowResult
-from ..errors import GraphError, GraphExecutionError
-from .codec import StateDecodeError, StateEncodeError, decode_value, encode_value
+from ..errors import GraphError, GraphExecutionError, StateDecodeError, StateEncodeError
+from .codec import decode_value, encode_value
 from .store import RunStatus, SqliteCheckpointer, StepKind
 
 _RESULT_FIELDS = frozenset(f.name for f in fields(ParallelFlowResult))
@@ -40,10 +40,10 @@ _FIELD_DEFAULTS = tuple((f.name, _NO_DEFAULT if f.default is MISSING else f.defa
 
 @dataclass(frozen=True)
 class ResumePoint:
-    """Where a resumed run continues: after ``node`` (its fan-out, if it has one, comes next)."""
+    """Where a resumed run continues: after ``node``, a node or a fan-in node (its fan-out,
+    if it has one, comes next; otherwise its edges)."""
 
     node: str
-    after_fan_in: bool
     steps: int
 
 

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..errors import GraphError
-from .codec import StateDecodeError, StateEncodeError, decode_value, encode_value
-from .fingerprint import describe_changes, fingerprint_text, graph_fingerprint
+from ..errors import GraphChangedError, GraphError, StateDecodeError, StateEncodeError
+from .codec import decode_value, encode_value
+from .fingerprint import describe_changes, fingerprint_text
 from .recorder import ResumePoint, RunRecorder, new_run_id
-from .store import RunStatus, SqliteCheckpointer, StepKind
-
-if TYPE_CHECKING:
-    from ..compiled import CompiledGraph
+from .store import RunStatus, SqliteCheckpointer
 
 
 def check_run_id(run_id: Any) -> str:
@@ -24,17 +22,19 @@ def check_run_id(run_id: Any) -> str:
     return run_id
 
 
-def begin_run(store: SqliteCheckpointer, graph: CompiledGraph, state: dict,
-              run_id: str | None) -> RunRecorder:
-    """Record a new run of ``graph`` on ``state``; ``GraphError`` if ``run_id`` exists."""
+def begin_run(store: SqliteCheckpointer, state: dict, run_id: str | None, *,
+              graph_name: str | None, fingerprint: dict[str, str]) -> RunRecorder:
+    """Record a new run on ``state`` of the graph named ``graph_name`` with ``fingerprint``.
+
+    ``GraphError`` if ``run_id`` exists or the state cannot be recorded.
+    """
     run_id = new_run_id() if run_id is None else check_run_id(run_id)
     try:
         input_text = encode_value(state, allow_pickle=store.pickle, path="state")
     except StateEncodeError as exc:
         raise GraphError(f"run {run_id!r}: the input state cannot be checkpointed: {exc}"
                          ) from exc
-    fingerprint = fingerprint_text(graph_fingerprint(graph))
-    store.create_run(run_id, graph.name, fingerprint, input_text)
+    store.create_run(run_id, graph_name, fingerprint_text(fingerprint), input_text)
     return RunRecorder(store, run_id)
 
 
@@ -53,9 +53,14 @@ class Reopened:
     done: bool
 
 
-def reopen_run(store: SqliteCheckpointer, graph: CompiledGraph, run_id: str, *,
-               force: bool) -> Reopened:
-    """Reopen ``run_id`` to resume it with ``graph``; ``GraphError`` if it cannot be."""
+def reopen_run(store: SqliteCheckpointer, run_id: str, *, fingerprint: dict[str, str],
+               nodes: Collection[str], force: bool) -> Reopened:
+    """Reopen ``run_id`` to resume it with the graph of ``fingerprint`` and ``nodes``.
+
+    ``GraphError`` if it cannot be: no such run, an unreadable record, a
+    graph changed since the run started (``GraphChangedError``, unless
+    ``force``), a last recorded step at a node the graph no longer has.
+    """
     check_run_id(run_id)
     row = store.load_run(run_id)
     where = f"run {run_id!r} in {str(store.path)!r}"
@@ -63,23 +68,20 @@ def reopen_run(store: SqliteCheckpointer, graph: CompiledGraph, run_id: str, *,
         raise GraphError(f"{where}: there is no such run")
     if row.status == RunStatus.SUCCEEDED:
         return Reopened(None, _decode(store, row.final_state, where, "final state"), None, True)
-    current = graph_fingerprint(graph)
-    changes = describe_changes(row.fingerprint, current)
+    changes = describe_changes(row.fingerprint, fingerprint)
     if changes and not force:
-        raise GraphError(f"{where}: the graph changed since the run started "
-                         f"({'; '.join(changes)}); resume with force=True to run the "
-                         f"changed graph anyway")
+        raise GraphChangedError(run_id, store.path, changes)
     last = store.last_step(run_id)
     if last is None:
         state, point, seq = _decode(store, row.input, where, "input state"), None, 0
     else:
-        if last.node not in graph.nodes:
+        if last.node not in nodes:
             raise GraphError(f"{where}: its last recorded step is node {last.node!r}, which "
                              f"the graph no longer has")
         state = _decode(store, last.state, where, f"state after node {last.node!r}")
-        point = ResumePoint(last.node, last.kind == StepKind.FAN_IN, last.steps)
+        point = ResumePoint(last.node, last.steps)
         seq = last.seq
-    store.reopen_run(run_id, fingerprint_text(current) if changes else None)
+    store.reopen_run(run_id, fingerprint_text(fingerprint) if changes else None)
     recorder = RunRecorder(store, run_id, seq=seq, resumed_seq=seq if point else None)
     return Reopened(recorder, state, point, False)
 

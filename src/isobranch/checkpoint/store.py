@@ -7,6 +7,12 @@ a lock held by another thread or process is SQLite's busy timeout, and a
 "locked" or "busy" error that still gets through is retried with backoff:
 many threads and processes may share one file without the user ever
 seeing "database is locked".
+
+A run's working time is the sum of the spans it actually ran: each start
+or resume opens a span, and every write of the run also stamps the run's
+``last_active`` time in the same transaction, so a span ended by a kill
+(SIGKILL leaves no chance to record an end) still counts up to its last
+record, and the time between a kill and the resume never does.
 """
 
 from __future__ import annotations
@@ -22,12 +28,16 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..errors import GraphError
+from ..errors import GraphError, RunExistsError
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+# Version 1 had no working time; it is brought to version 2 when opened.
+_OLD_SCHEMA_VERSION = "1"
 # How long SQLite itself waits for a lock, and how long a locked write is retried after that.
 _BUSY_TIMEOUT_SECONDS = 30.0
 _RETRY_SECONDS = 600.0
+# The wall clock run times are recorded with (tests put their own in its place).
+_clock = time.time
 _T = TypeVar("_T")
 
 _SCHEMA = """
@@ -35,7 +45,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, graph TEXT, fingerprint TEXT NOT NULL, input TEXT NOT NULL,
     status TEXT NOT NULL, started_at REAL NOT NULL, finished_at REAL, final_state TEXT,
-    error TEXT);
+    error TEXT, worked REAL NOT NULL DEFAULT 0, span_started REAL, last_active REAL);
 CREATE TABLE IF NOT EXISTS steps (
     run_id TEXT NOT NULL, seq INTEGER NOT NULL, node TEXT NOT NULL, kind TEXT NOT NULL,
     steps INTEGER NOT NULL, state TEXT NOT NULL, recorded_at REAL NOT NULL,
@@ -72,7 +82,10 @@ class RunInfo:
     ``branches_done`` counts branch results recorded as successful across
     the run's main-path fan-outs, ``branches_total`` their branches.
     Times are seconds since the epoch; ``finished_at`` is None while the
-    run is (or was, when killed) running.
+    run is (or was, when killed) running. ``working_time`` is how many
+    seconds the run ran: the sum of its spans from a start or resume to the
+    end of that attempt, a span ended by a kill counting up to its last
+    record; for a run that is running, up to its last record so far.
     """
 
     run_id: str
@@ -83,11 +96,13 @@ class RunInfo:
     branches_done: int
     branches_total: int
     error: str | None
+    working_time: float = 0.0
 
     @property
     def duration(self) -> float | None:
-        """Seconds from start to end (None if the run never ended)."""
-        return None if self.finished_at is None else self.finished_at - self.started_at
+        """The working time of a run that ended (None while it is running, or was killed
+        running): what it took, not counting the time between a kill and its resume."""
+        return None if self.status == RunStatus.RUNNING else self.working_time
 
 
 @dataclass(frozen=True)
@@ -184,6 +199,8 @@ class SqliteCheckpointer:
             row = connection.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
             if row is None:
                 connection.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            elif row[0] == _OLD_SCHEMA_VERSION:
+                _add_working_time(connection)
             elif row[0] != SCHEMA_VERSION:
                 raise GraphError(f"checkpoint database {str(self.path)!r} has schema version "
                                  f"{row[0]!r}; this isobranch reads version {SCHEMA_VERSION}")
@@ -259,23 +276,31 @@ class SqliteCheckpointer:
                    ) -> None:
         """Record a new run; ``GraphError`` if ``run_id`` exists."""
         def work(connection: sqlite3.Connection) -> None:
+            now = _clock()
             connection.execute("INSERT INTO runs (run_id, graph, fingerprint, input, status, "
-                               "started_at) VALUES (?, ?, ?, ?, ?, ?)",
+                               "started_at, span_started, last_active) "
+                               "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                (run_id, graph, fingerprint, input_text, RunStatus.RUNNING,
-                                time.time()))
+                                now, now, now))
         try:
             self._write(work)
         except sqlite3.IntegrityError as exc:
-            raise GraphError(f"run {run_id!r} already exists in {str(self.path)!r}: resume it "
-                             f"with resume({run_id!r}), delete it, or choose another "
-                             f"run_id") from exc
+            raise RunExistsError(run_id, self.path) from exc
 
     def reopen_run(self, run_id: str, fingerprint: str | None) -> None:
-        """Mark a run running again (for a resume); a new ``fingerprint`` replaces the old."""
+        """Mark a run running again (for a resume); a new ``fingerprint`` replaces the old.
+
+        A run still marked running was killed: its last span counts up to its
+        last record. The resume opens a new span.
+        """
         def work(connection: sqlite3.Connection) -> None:
-            connection.execute("UPDATE runs SET status = ?, finished_at = NULL, error = NULL, "
-                               "fingerprint = COALESCE(?, fingerprint) WHERE run_id = ?",
-                               (RunStatus.RUNNING, fingerprint, run_id))
+            now = _clock()
+            connection.execute(
+                "UPDATE runs SET worked = worked + CASE WHEN status = ? THEN "
+                "MAX(COALESCE(last_active, span_started) - span_started, 0) ELSE 0 END, "
+                "span_started = ?, last_active = ?, status = ?, finished_at = NULL, "
+                "error = NULL, fingerprint = COALESCE(?, fingerprint) WHERE run_id = ?",
+                (RunStatus.RUNNING, now, now, RunStatus.RUNNING, fingerprint, run_id))
         self._write(work)
 
     def load_run(self, run_id: str) -> RunRow | None:
@@ -296,20 +321,29 @@ class SqliteCheckpointer:
     def write_step(self, run_id: str, seq: int, node: str, kind: str, steps: int,
                    state_text: str) -> None:
         """Record a main-path step and the state after it."""
-        self._write(lambda connection: connection.execute(
-            "INSERT OR REPLACE INTO steps VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (run_id, seq, node, kind, steps, state_text, time.time())))
+        def work(connection: sqlite3.Connection) -> None:
+            now = _clock()
+            connection.execute("INSERT OR REPLACE INTO steps VALUES (?, ?, ?, ?, ?, ?, ?)",
+                               (run_id, seq, node, kind, steps, state_text, now))
+            _mark_active(connection, (run_id,), now)
+        self._write(work)
 
     def write_fan_out(self, run_id: str, seq: int, node: str, total: int) -> None:
         """Record that the fan-out after step ``seq`` has ``total`` branches."""
-        self._write(lambda connection: connection.execute(
-            "INSERT OR REPLACE INTO fan_outs VALUES (?, ?, ?, ?)", (run_id, seq, node, total)))
+        def work(connection: sqlite3.Connection) -> None:
+            connection.execute("INSERT OR REPLACE INTO fan_outs VALUES (?, ?, ?, ?)",
+                               (run_id, seq, node, total))
+            _mark_active(connection, (run_id,), _clock())
+        self._write(work)
 
     def write_branches(self, rows: Iterable[tuple[str, int, int, bool, str]]) -> None:
         """Record branch results ``(run_id, seq, position, success, result_text)`` at once."""
         rows = list(rows)
-        self._write(lambda connection: connection.executemany(
-            "INSERT OR REPLACE INTO branches VALUES (?, ?, ?, ?, ?)", rows))
+
+        def work(connection: sqlite3.Connection) -> None:
+            connection.executemany("INSERT OR REPLACE INTO branches VALUES (?, ?, ?, ?, ?)", rows)
+            _mark_active(connection, {row[0] for row in rows}, _clock())
+        self._write(work)
 
     def successful_branches(self, run_id: str, seq: int) -> list[tuple[int, str]]:
         """``(position, result_text)`` of every successful branch recorded for a fan-out."""
@@ -318,16 +352,25 @@ class SqliteCheckpointer:
 
     def finish_run(self, run_id: str, status: RunStatus, final_text: str | None,
                    error: str | None) -> None:
-        """Record how a run ended."""
-        self._write(lambda connection: connection.execute(
-            "UPDATE runs SET status = ?, finished_at = ?, final_state = ?, error = ? "
-            "WHERE run_id = ?", (status, time.time(), final_text, error, run_id)))
+        """Record how a run ended; its span of work ends now."""
+        def work(connection: sqlite3.Connection) -> None:
+            now = _clock()
+            ended = connection.execute(
+                "UPDATE runs SET status = ?, finished_at = ?, final_state = ?, error = ?, "
+                "worked = worked + MAX(? - COALESCE(span_started, ?), 0), last_active = ? "
+                "WHERE run_id = ?", (status, now, final_text, error, now, now, now, run_id))
+            if ended.rowcount == 0:
+                raise GraphError(f"run {run_id!r} is no longer in the database: it was "
+                                 f"deleted while it ran")
+        self._write(work)
 
 
 _RUNS_QUERY = (
     "SELECT r.run_id, r.graph, r.status, r.started_at, r.finished_at, "
     "(SELECT COUNT(*) FROM branches b WHERE b.run_id = r.run_id AND b.success = 1), "
-    "(SELECT COALESCE(SUM(f.total), 0) FROM fan_outs f WHERE f.run_id = r.run_id), r.error "
+    "(SELECT COALESCE(SUM(f.total), 0) FROM fan_outs f WHERE f.run_id = r.run_id), r.error, "
+    "r.worked + CASE WHEN r.status = 'running' THEN "
+    "MAX(COALESCE(r.last_active, r.span_started) - r.span_started, 0) ELSE 0 END "
     "FROM runs r")
 
 
@@ -339,8 +382,39 @@ def _status(text: str) -> RunStatus:
 
 
 def _run_info(row: tuple) -> RunInfo:
-    run_id, graph, status, started, finished, done, total, error = row
-    return RunInfo(run_id, graph, _status(status), started, finished, done, total, error)
+    run_id, graph, status, started, finished, done, total, error, worked = row
+    return RunInfo(run_id, graph, _status(status), started, finished, done, total, error,
+                   worked or 0.0)
+
+
+def _mark_active(connection: sqlite3.Connection, run_ids: Iterable[str], now: float) -> None:
+    """Stamp the runs as working at ``now``, inside the transaction of what they recorded.
+
+    A run that is gone (deleted while it ran) fails the transaction, so
+    nothing is recorded for it that a later run of the same id could take
+    for its own.
+    """
+    for run_id in run_ids:
+        if connection.execute("UPDATE runs SET last_active = ? WHERE run_id = ?",
+                              (now, run_id)).rowcount == 0:
+            raise GraphError(f"run {run_id!r} is no longer in the database: it was deleted "
+                             f"while it ran")
+
+
+def _add_working_time(connection: sqlite3.Connection) -> None:
+    """Bring a version 1 database to version 2 (inside ``_prepare``'s transaction).
+
+    Version 1 kept no spans: a run that ended is taken to have worked from
+    its start to its end, one still running up to its last recorded step.
+    """
+    for column in ("worked REAL NOT NULL DEFAULT 0", "span_started REAL", "last_active REAL"):
+        connection.execute(f"ALTER TABLE runs ADD COLUMN {column}")
+    connection.execute(
+        "UPDATE runs SET span_started = started_at, "
+        "last_active = COALESCE(finished_at, (SELECT MAX(s.recorded_at) FROM steps s "
+        "WHERE s.run_id = runs.run_id), started_at), "
+        "worked = COALESCE(finished_at - started_at, 0)")
+    connection.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (SCHEMA_VERSION,))
 
 
 def _is_lock_error(exc: sqlite3.OperationalError) -> bool:

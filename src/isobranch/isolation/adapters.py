@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..branch import BranchRun, BranchTask, ParallelFlowResult
 from ..cancellation import CancelSignal, RunCancelled
+from ..errors import BackendError
 from .base import BackendFanOut, Finished, IsolationBackend, RunSource
 
 if TYPE_CHECKING:
@@ -111,7 +112,7 @@ class _Chunks(BackendFanOut):
             return []
         results = self._backend.run_branches([run.task for run in chunk])
         if len(results) != len(chunk):
-            raise RuntimeError(f"backend {self._backend.name!r} returned {len(results)} "
+            raise BackendError(f"backend {self._backend.name!r} returned {len(results)} "
                                f"results for {len(chunk)} branches")
         return list(zip(chunk, results, strict=True))
 
@@ -210,7 +211,7 @@ class _Rounds(BackendFanOut):
             return []  # the driver raises the run's own error
         handed = self._tasks.handed
         if not isinstance(position, int) or not 0 <= position < len(handed):
-            raise RuntimeError(f"backend {self._adapter.name!r} reported a result for task "
+            raise BackendError(f"backend {self._adapter.name!r} reported a result for task "
                                f"{position!r} of {len(handed)} it was given")
         self._tasks.returned += 1
         return [(handed[position], result)]

@@ -13,9 +13,6 @@ ones, ``kill`` ends one past its deadline, ``close`` stops what is left.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import threading
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -140,32 +137,3 @@ class IsolationBackend:
     def close(self) -> None:
         """Release every worker the backend owns (nothing by default). Safe twice."""
 
-
-class PipeWaker:
-    """A pipe whose read end ``fd`` joins the file descriptors a backend waits on, so
-    another thread (a fan-out being stopped) can end that wait at once."""
-
-    def __init__(self) -> None:
-        self.fd, self._write = os.pipe()
-        os.set_blocking(self._write, False)
-        os.set_blocking(self.fd, False)
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def wake(self) -> None:
-        """End the wait (from any thread); nothing after ``close``."""
-        with self._lock, contextlib.suppress(OSError):  # full: a wake-up is pending anyway
-            if not self._closed:
-                os.write(self._write, b"!")
-
-    def clear(self) -> None:
-        """Forget the wake-ups so far."""
-        with contextlib.suppress(OSError):
-            os.read(self.fd, 4096)
-
-    def close(self) -> None:
-        """Close both ends (a later ``wake`` writes nowhere)."""
-        with self._lock:
-            self._closed = True
-            os.close(self.fd)
-            os.close(self._write)

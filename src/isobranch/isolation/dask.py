@@ -40,7 +40,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..branch import BranchRun, ParallelFlowResult
 from ..error_kinds import ErrorKind
+from ..errors import BackendError, ConfigError, DaskUnavailable
 from .base import BackendFanOut, Finished, IsolationBackend, RunSource
+from .by_value import Receiver
 from .dask_branches import (
     FETCH_SECONDS,
     FanOutWatch,
@@ -51,6 +53,7 @@ from .dask_branches import (
     describe_failure,
     error_type,
     failed,
+    load_failure,
     quietly,
     result_or_error,
 )
@@ -58,13 +61,12 @@ from .dask_cluster import (
     DEFAULT_CONNECT_TIMEOUT,
     INSTALL_HINT,
     Connection,
-    DaskUnavailable,
     borrow,
     connect,
     start_local_cluster,
 )
 from .memory_limit import BRANCH_MEMORY_ERROR, format_size, memory_message
-from .shipping import BackendError, pickle_graph
+from .shipping import ship_graph
 
 if TYPE_CHECKING:
     from ..compiled import CompiledGraph
@@ -121,23 +123,23 @@ class DaskBackend(IsolationBackend):
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  worker_wait: float = DEFAULT_WORKER_WAIT) -> None:
         if max_workers is not None and max_workers < 1:
-            raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+            raise ConfigError(f"max_workers must be >= 1, got {max_workers}")
         if dask_address and address and dask_address != address:
-            raise ValueError(f"dask_address {dask_address!r} and address {address!r} disagree")
+            raise ConfigError(f"dask_address {dask_address!r} and address {address!r} disagree")
         address = dask_address or address
         if address is not None and not isinstance(address, str):
-            raise ValueError(f"dask address must be a string like 'tcp://host:8786', "
+            raise ConfigError(f"dask address must be a string like 'tcp://host:8786', "
                              f"got {address!r}")
         if address and client is not None:
-            raise ValueError("give either a dask address or a client, not both")
+            raise ConfigError("give either a dask address or a client, not both")
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
+            raise ConfigError(f"retries must be an integer >= 0, got {retries!r}")
         for option, value in (("connect_timeout", connect_timeout),
                               ("worker_wait", worker_wait)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"{option} must be a positive number, got {value!r}")
+                raise ConfigError(f"{option} must be a positive number, got {value!r}")
         if importlib.util.find_spec("distributed") is None:
-            raise ValueError("isolation 'dask' needs Dask's distributed package "
+            raise ConfigError("isolation 'dask' needs Dask's distributed package "
                              f"{INSTALL_HINT}")
         self.max_workers = max_workers
         self.address = address
@@ -216,19 +218,38 @@ class DaskBackend(IsolationBackend):
         # Backend options may hold live objects (a client); workers never need them.
         shipped = copy.copy(graph)
         shipped.backend_options = {}
+        # A user's cluster has an environment of its own: the caller's modules travel
+        # by value. The local cluster's workers are spawned with the caller's sys.path,
+        # so what they can import goes by reference, as to process workers: its classes
+        # stay the same classes, and its tracebacks keep their files and source lines.
+        receiver = Receiver.CALLERS_SYS_PATH if connection.cluster is not None \
+            else Receiver.INSTALLED_PACKAGES
+        pickled = ship_graph(shipped, "Dask workers", receiver)
+        if pickled.by_value:
+            logger.debug("dask backend: the graph carries module(s) %s by value",
+                         ", ".join(pickled.by_value))
         # Workers of the local cluster volunteer for the OOM killer; a user's are left alone.
-        plugin = GraphPlugin(pickle_graph(shipped, "Dask workers"),
-                             raise_oom_score=connection.cluster is not None)
+        plugin = GraphPlugin(pickled.data, raise_oom_score=connection.cluster is not None,
+                             by_reference=pickled.by_reference)
         name = f"isobranch-graph-{uuid.uuid4().hex}"
         client = connection.client
+        failed = f"could not send the graph to the Dask cluster at {connection.address}"
         try:
-            # The scheduler waits for every current worker to take the plugin.
+            # The scheduler waits for every current worker to take the plugin;
+            # a worker that cannot load the graph answers at once.
             client.sync(client.register_plugin, plugin, name=name,
                         callback_timeout=self.worker_wait)
         except Exception as exc:
-            raise BackendError(f"could not send the graph to the Dask cluster at "
-                               f"{connection.address} within {self.worker_wait:g}s: "
-                               f"{type(exc).__name__}: {exc}") from exc
+            # The scheduler keeps a plugin whose registration failed, and would
+            # hand it to every worker that joins: take it off again.
+            self._unregister(connection, name)
+            if isinstance(exc, BackendError):  # raised by the worker's plugin: names the worker
+                raise BackendError(f"{failed}: {exc}") from exc
+            if isinstance(exc, TimeoutError):
+                raise BackendError(f"{failed}: its workers did not all take it within "
+                                   f"{self.worker_wait:g}s") from exc
+            # The plugin itself could not be loaded (no isobranch there?).
+            raise BackendError(f"{failed}: {load_failure(exc, pickled.by_reference)}") from exc
         if self._plugin is not None:
             self._unregister(connection, self._plugin)
         self._plugin, self._graph = name, weakref.ref(graph)
@@ -346,20 +367,20 @@ class DaskBackend(IsolationBackend):
             # As on the process backend: the whole fan-out fails, not its branches.
             raise BackendError("the dask backend was closed while running")
         client = connection.client
+        # One message for every way the connection is found lost, so each
+        # pending branch (being fetched or still running) reports it alike.
+        lost = (f"lost the connection to the Dask scheduler at {connection.address} "
+                f"(not back within {self.connect_timeout:g}s)")
         if not connection.usable:
             if connection.owns_client:
                 # Only close() closes a client isobranch made, and that raised
                 # above: distributed closed it after failing to reconnect.
-                return (f"lost the connection to the Dask scheduler at {connection.address} "
-                        f"(the client gave up reconnecting)")
+                return lost
             return "the Dask client passed in was closed while running"
         now = time.monotonic()
         if client.status != "running":
             # Reconnecting after the scheduler dropped the connection.
-            if now - fan_out.heard_at > self.connect_timeout:
-                return (f"lost the connection to the Dask scheduler at {connection.address} "
-                        f"(client status {client.status!r})")
-            return None
+            return lost if now - fan_out.heard_at > self.connect_timeout else None
         probe = fan_out.probe
         if probe is not None and probe.done():
             fan_out.probe = None
@@ -369,8 +390,10 @@ class DaskBackend(IsolationBackend):
                 return (f"the Dask scheduler at {connection.address} stopped answering "
                         f"(no reply within {self.connect_timeout:g}s)")
             except Exception as exc:  # the connection closed under the question, or was refused
+                logger.debug("dask backend: asking the scheduler whether it is there failed: "
+                             "%s: %s", type(exc).__name__, exc)
                 return (f"lost the connection to the Dask scheduler at {connection.address} "
-                        f"({type(exc).__name__}: {exc})")
+                        f"(the connection broke: {type(exc).__name__})")
             fan_out.heard_at = now
             nothing_started = not any(branch.starts for branch in pending.values())
             if n_workers == 0 and nothing_started:
@@ -449,6 +472,8 @@ class DaskBackend(IsolationBackend):
         for future, status in statuses.items():
             if status in ("pending", "finished"):
                 continue
+            if status in ("cancelled", "lost") and client.status != "running":
+                continue  # the client cancels its tasks when it loses the scheduler: _lost judges
             branch = pending[future]
             self.forget(pending, [future])
             error = quietly(future.exception) if status == "error" else None
@@ -475,7 +500,15 @@ class DaskBackend(IsolationBackend):
             return client.sync(client.gather, futures, callback_timeout=FETCH_SECONDS)
         except TimeoutError:
             return None
-        except Exception as exc:  # one result was lost; fetch them one by one to tell which
+        except Exception as exc:
+            if isinstance(exc, OSError) or client.status != "running":
+                # The scheduler went away under the fetch: these branches stay
+                # pending, and _lost fails them with every other pending one.
+                logger.debug("dask backend: fetching %d results failed as the connection to "
+                             "the scheduler broke (%s: %s)", len(futures), type(exc).__name__,
+                             exc)
+                return None
+            # One result was lost; fetch them one by one to tell which.
             logger.debug("dask backend: fetching %d results at once failed (%s: %s); "
                          "fetching them one by one", len(futures), type(exc).__name__, exc)
             return [result_or_error(future) for future in futures]

@@ -6,7 +6,8 @@ branches share. ``RunLedger`` is the retry bookkeeping: which workers this
 backend restarted and when, so a branch killed by such a restart is not
 counted against its ``retries``, and a branch the scheduler re-ran more
 often than that is failed. ``MemoryRestarts`` collects the workers a nanny
-restarted for memory. The functions below describe a failed branch.
+restarted for memory. The functions below describe a failed branch, and a
+graph a worker cannot load.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future as ProbeFuture
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..branch import BranchRun, BranchTask, ParallelFlowResult
 from ..error_kinds import ErrorKind
+from .by_value import ENGINE_PACKAGES
 from .dask_cluster import Connection
 
 logger = logging.getLogger(__name__)
@@ -186,14 +189,31 @@ def describe_failure(branch: FollowedBranch, status: str, error: BaseException |
         tried = f" (it ran {runs} times)" if runs > 1 else ""
         return f"Dask worker {dead} died while running it{tried}"
     if error is not None:
-        hint = ""
-        if isinstance(error, ImportError):
-            hint = " (is isobranch installed on every Dask worker?)"
-        return f"the Dask task failed on the worker: {type(error).__name__}: {error}{hint}"
+        # A missing module (the engine, or one a map item's class is defined
+        # in) is named with what to install.
+        return f"the Dask task failed on the worker: {load_failure(error, {})}"
     if connection.client.status != "running":
         return (f"lost the connection to the Dask scheduler at {connection.address} "
                 f"(the task is {status})")
     return f"the Dask scheduler at {connection.address} dropped the task (status {status!r})"
+
+
+def load_failure(exc: BaseException, by_reference: Mapping[str, str]) -> str:
+    """Why the graph (or the plugin carrying it) cannot be loaded on a Dask worker, and
+    what to do about it: a missing module is named, with how to provide it."""
+    text = f"{type(exc).__name__}: {exc}"
+    module = exc.name if isinstance(exc, ImportError) else None
+    if not module:
+        return text
+    top = module.partition(".")[0]
+    if top in ENGINE_PACKAGES:
+        hint = "install isobranch with its dask extra on every worker, at the caller's version"
+    elif top in by_reference:
+        hint = (f"module {top!r} {by_reference[top]}: install it on every worker, or put "
+                f"its directory on their PYTHONPATH")
+    else:
+        hint = f"install module {top!r} on every worker, or put its directory on their PYTHONPATH"
+    return f"{text} ({hint})"
 
 
 def error_type(error: BaseException | None, dead: str | None) -> str:

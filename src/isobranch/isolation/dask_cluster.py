@@ -15,13 +15,10 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import DaskUnavailable
 from .interrupts import sigint_blocked
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
-
-
-class DaskUnavailable(RuntimeError):
-    """The Dask cluster cannot be used: extra missing, scheduler unreachable, start failed."""
 
 
 @dataclass

@@ -7,6 +7,7 @@ client, because it needs ``distributed`` at import time.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Mapping
 from typing import Any
 
 from distributed import WorkerPlugin, get_worker
@@ -19,6 +20,9 @@ from ..branch import (
     without_unsendable_state,
 )
 from ..branch_run import run_branch
+from ..errors import BackendError
+from ..node_output import flush_node_output, line_buffer_node_output
+from .dask_branches import load_failure
 from .memory_limit import raise_oom_score
 
 
@@ -29,23 +33,40 @@ class GraphPlugin(WorkerPlugin):
     registers, so the graph crosses once per worker, never per task, and
     survives the loss of any worker. The graph is unpickled once per worker.
     With ``raise_oom_score`` each worker makes itself the kernel's first
-    choice when the machine runs out of memory.
+    choice when the machine runs out of memory. Every worker makes its
+    standard streams line-buffered, so a worker restarted in the middle of a
+    branch (a timeout, memory) keeps every line the branch printed.
+    ``by_reference`` names the modules the graph expects workers to import,
+    each with why it was not carried by value: a worker that cannot load the
+    graph says what to do.
     """
 
-    def __init__(self, graph_bytes: bytes, raise_oom_score: bool = False) -> None:
+    def __init__(self, graph_bytes: bytes, raise_oom_score: bool = False,
+                 by_reference: Mapping[str, str] | None = None) -> None:
         self.graph_bytes = graph_bytes
         self.raise_oom_score = raise_oom_score
+        self.by_reference = dict(by_reference or {})
         self.graph: Any = None
+        # Why this worker could not load the graph (its tasks fail with it).
+        self.load_error: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {"graph_bytes": self.graph_bytes, "raise_oom_score": self.raise_oom_score,
-                "graph": None}
+                "by_reference": self.by_reference, "graph": None, "load_error": None}
 
     def setup(self, worker: Any) -> None:
-        """Unpickle the graph on this worker."""
+        """Unpickle the graph on this worker; ``BackendError`` says why it cannot be."""
+        line_buffer_node_output()
         if self.raise_oom_score:
             raise_oom_score()
-        self.graph = pickle.loads(self.graph_bytes)
+        try:
+            self.graph = pickle.loads(self.graph_bytes)
+        except Exception as exc:
+            # Raised to the client registering the plugin, and kept for the
+            # tasks of a worker that joined later (its failed setup is only logged).
+            self.load_error = (f"Dask worker {worker.address} cannot load the graph: "
+                               f"{load_failure(exc, self.by_reference)}")
+            raise BackendError(self.load_error) from exc
 
     def teardown(self, worker: Any) -> None:
         """Let the graph go when the backend closes."""
@@ -87,12 +108,19 @@ def run_on_worker(plugin: str, payload: dict[str, Any], topic: str, key: str
     """
     worker = get_worker()
     graph_plugin = worker.plugins.get(plugin)
+    if graph_plugin is not None and graph_plugin.load_error is not None:
+        raise BackendError(graph_plugin.load_error)
     if graph_plugin is None or graph_plugin.graph is None:
-        raise RuntimeError(f"Dask worker {worker.address} has no graph {plugin!r} "
+        raise BackendError(f"Dask worker {worker.address} has no graph {plugin!r} "
                            f"(the backend was closed?)")
     sync(worker.loop, worker.scheduler.log_event, topic=topic,
          msg={"kind": "start", "key": key, "worker": worker.address})
     task = BranchTask(graph=graph_plugin.graph, **payload)
-    result = run_branch(task, monitor=_ProgressReporter(worker, topic, key, task.branch))
+    try:
+        result = run_branch(task, monitor=_ProgressReporter(worker, topic, key, task.branch))
+    finally:
+        # Out before the result: a worker ended later (restarted, or its
+        # nanny killed at close) would drop it.
+        flush_node_output()
     result.worker = worker.address
     return without_unsendable_state(result)

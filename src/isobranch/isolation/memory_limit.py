@@ -26,8 +26,9 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from ..branch import ParallelFlowResult
+from ..branch import ParallelFlowResult, failed_result
 from ..error_kinds import ErrorKind
+from ..errors import ConfigError
 from ..sizes import parse_size
 from .endings import describe_signal
 
@@ -145,11 +146,10 @@ def out_of_memory_result(task: BranchTask, started_ms: float) -> ParallelFlowRes
     """The result of a branch whose ``MemoryError`` escaped even the code that reports failures."""
     limit = task.limits.branch_max_memory
     assert limit is not None
-    return ParallelFlowResult(
-        branch=task.branch, success=False, error_type=BRANCH_MEMORY_ERROR,
-        error=memory_message(task.label, None, limit,
+    return failed_result(
+        task, memory_message(task.label, None, limit,
                              "a MemoryError escaped the code that reports the branch"),
-        duration_ms=started_ms, isolation=task.isolation, worker=os.getpid())
+        BRANCH_MEMORY_ERROR, duration_ms=started_ms, worker=os.getpid())
 
 
 def oom_killed(kills_before: int | None, ending: str) -> bool:
@@ -170,7 +170,7 @@ def parse_limit(value: object) -> int | None:
     try:
         return parse_size(value)
     except ValueError as exc:
-        raise ValueError(f"branch_max_memory: {exc}") from None
+        raise ConfigError(f"branch_max_memory: {exc}") from None
 
 
 def refusal(backend: IsolationBackend, limit: int) -> str | None:

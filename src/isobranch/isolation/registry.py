@@ -21,7 +21,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import GraphError
+from ..errors import ConfigError, ConfigTypeError, GraphError
 from .adapters import adapt
 from .base import IsolationBackend
 
@@ -48,13 +48,13 @@ def register_backend(name: str, factory: BackendFactory, *, replace: bool = Fals
     Registering a name twice (a built-in one too) is an error unless ``replace=True``.
     """
     if not isinstance(name, str) or not name:
-        raise ValueError("backend name must be a non-empty string")
+        raise ConfigError("backend name must be a non-empty string")
     if not callable(factory):
-        raise TypeError(f"backend {name!r}: factory must be callable")
+        raise ConfigTypeError(f"backend {name!r}: factory must be callable")
     if not replace and name in available_backends():
         current = backend_factory(name)
         if current is not factory:
-            raise ValueError(f"backend {name!r} is already registered (pass replace=True)")
+            raise ConfigError(f"backend {name!r} is already registered (pass replace=True)")
     _registered[name] = factory
 
 
@@ -65,10 +65,10 @@ def unregister_backend(name: str) -> None:
     for ``name`` keep the pools they have.
     """
     if name in BUILTIN_BACKENDS:
-        raise ValueError(f"backend {name!r} is built in and cannot be unregistered "
-                         f"(register_backend({name!r}, factory, replace=True) replaces it)")
+        raise ConfigError(f"backend {name!r} is built in and cannot be unregistered "
+                          f"(register_backend({name!r}, factory, replace=True) replaces it)")
     if name not in _registered:
-        raise ValueError(f"no isolation backend {name!r} is registered")
+        raise ConfigError(f"no isolation backend {name!r} is registered")
     del _registered[name]
 
 
@@ -125,6 +125,12 @@ def backend_options(name: str) -> frozenset[str] | None:
         if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY):
             names.add(parameter.name)
     return frozenset(names - _FACTORY_OWN)
+
+
+def every_backend_option() -> frozenset[str]:
+    """The options some available backend declares."""
+    return frozenset().union(*(backend_options(name) or frozenset()
+                               for name in available_backends()))
 
 
 def backends_accepting(option: str) -> list[str]:

@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
-import pickle
 from typing import Any
 
 import cloudpickle
 
-
-class BackendError(RuntimeError):
-    """A backend cannot run a fan-out at all (not one branch's failure)."""
+from ..errors import BackendError
+from .by_value import PickledGraph, Receiver, pickle_by_value
 
 
 def pickle_graph(graph: Any, where: str) -> bytes:
-    """The compiled graph as bytes for ``where``; a clear error names what cannot travel.
+    """The compiled graph as bytes for worker processes started with the caller's ``sys.path``."""
+    return ship_graph(graph, where, Receiver.CALLERS_SYS_PATH).data
+
+
+def ship_graph(graph: Any, where: str, receiver: Receiver) -> PickledGraph:
+    """The compiled graph pickled for ``where``; a clear error names what cannot travel.
 
     Python callables given to ``StateGraph`` travel by value (cloudpickle),
-    so workers need not import the module that defined them.
+    and so do the functions and classes of the caller's own modules that
+    ``receiver`` cannot import (see ``by_value``), so workers need not
+    import the module that defined them.
     """
     try:
-        return cloudpickle.dumps(graph, protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle_by_value(graph, receiver)
     except Exception as exc:
         for name, node in graph.nodes.items():
             try:

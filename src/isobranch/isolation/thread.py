@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from ..branch import BranchMonitor, BranchRun, ParallelFlowResult, timed_out_result
 from ..branch_run import run_branch
+from ..errors import BackendError, ConfigError
 from .base import BackendFanOut, Finished, IsolationBackend, RunSource
 from .thread_pool import DaemonThreadPool
 
@@ -66,7 +67,7 @@ class ThreadBackend(IsolationBackend):
 
     def __init__(self, max_workers: int | None = None) -> None:
         if max_workers is not None and max_workers < 1:
-            raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+            raise ConfigError(f"max_workers must be >= 1, got {max_workers}")
         self.max_workers = max_workers or min(32, (os.cpu_count() or 1) + 4)
         self._executor: DaemonThreadPool | None = None
         self._lock = threading.Lock()
@@ -75,10 +76,10 @@ class ThreadBackend(IsolationBackend):
         self._abandoned: list[Future] = []
 
     def pool(self) -> DaemonThreadPool:
-        """The pool, started on first use; ``RuntimeError`` once the backend is closed."""
+        """The pool, started on first use; ``BackendError`` once the backend is closed."""
         with self._lock:
             if self._closed:
-                raise RuntimeError("thread backend is closed")
+                raise BackendError("thread backend is closed")
             if self._executor is None:
                 # Daemon threads: a call abandoned at branch_timeout must not
                 # keep the interpreter from exiting.

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from ..errors import BackendError, ConfigError
+
 _WorkItem = tuple[Future, Callable[..., Any], tuple[Any, ...]]
 
 
@@ -25,7 +27,7 @@ class DaemonThreadPool:
 
     def __init__(self, max_workers: int, thread_name_prefix: str = "isobranch-thread") -> None:
         if max_workers < 1:
-            raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+            raise ConfigError(f"max_workers must be >= 1, got {max_workers}")
         self.max_workers = max_workers
         self._prefix = thread_name_prefix
         self._work: deque[_WorkItem] = deque()
@@ -41,7 +43,7 @@ class DaemonThreadPool:
         future: Future = Future()
         with self._changed:
             if self._shutdown:
-                raise RuntimeError("cannot submit to a pool that was shut down")
+                raise BackendError("cannot submit to a pool that was shut down")
             self._work.append((future, fn, args))
             if len(self._work) > self._waiting and len(self._threads) < self.max_workers:
                 self._start_thread()

@@ -15,6 +15,8 @@ import marshal
 import math
 from typing import Any
 
+from ..errors import ConversionError
+
 MARSHAL_VERSION = 4
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # How deeply containers may nest to cross the boundary, either way (the VM's
@@ -25,15 +27,6 @@ MAX_DEPTH = 200
 DEPTH_REASON = f"containers nested deeper than {MAX_DEPTH} levels (the Lua conversion depth limit)"
 # A path is shown in full up to this many keys; a longer one keeps its ends.
 _PATH_KEYS_SHOWN = 8
-
-
-class ConversionError(ValueError):
-    """A value cannot cross the Python/Lua boundary; ``path`` locates it."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
 
 
 def to_lua_bytes(value: Any, path: str = "state") -> bytes:

@@ -31,12 +31,20 @@ from typing import Any
 
 import lupa.lua54 as lua54
 
-from ..defaults import DEFAULT_LUA_MAX_MEMORY as DEFAULT_MAX_MEMORY
-from ..defaults import DEFAULT_LUA_TIMEOUT
+from ..defaults import DEFAULT_LUA_MAX_MEMORY, DEFAULT_LUA_TIMEOUT
+from ..errors import (
+    ConfigError,
+    ConfigTypeError,
+    ConversionError,
+    InternalError,
+    LuaConversionError,
+    LuaMemoryError,
+    LuaRuntimeError,
+    LuaTimeoutError,
+)
 from .convert import (
     DEPTH_REASON,
     MAX_DEPTH,
-    ConversionError,
     from_lua_bytes,
     item_to_lua_bytes,
     plain,
@@ -67,26 +75,10 @@ def _sandbox_bytecode() -> tuple[bytes, ...]:
         source = (Path(__file__).parent / f"{name}.lua").read_bytes()
         chunk = load(source, f"=isobranch/{name}.lua".encode(), b"t")
         if chunk is None:
-            raise RuntimeError(f"isobranch: cannot compile {name}.lua")
+            raise InternalError(f"isobranch: cannot compile {name}.lua")
         return dump(chunk, True)
 
     return tuple(compile_chunk(name) for name in _CHUNKS)
-
-
-class LuaRuntimeError(Exception):
-    """Lua code failed to compile or raised; the message keeps Lua's ``chunk:line:``."""
-
-
-class LuaTimeoutError(LuaRuntimeError):
-    """Lua code ran past its timeout (or was stopped); the VM was discarded."""
-
-
-class LuaMemoryError(LuaRuntimeError):
-    """Lua code exceeded the VM's ``max_memory``; the VM was discarded."""
-
-
-class LuaConversionError(LuaRuntimeError):
-    """A value cannot cross the Python/Lua boundary; the message starts with its path."""
 
 
 class LuaRuntime:
@@ -116,14 +108,14 @@ class LuaRuntime:
     """
 
     def __init__(self, timeout: float | None = DEFAULT_LUA_TIMEOUT,
-                 max_memory: int | None = DEFAULT_MAX_MEMORY,
+                 max_memory: int | None = DEFAULT_LUA_MAX_MEMORY,
                  *, timeout_hook: bool = True,
                  should_stop: Callable[[], bool] | None = None,
                  deadline_listener: Callable[[float | None], None] | None = None) -> None:
         if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout must be positive or None, got {timeout!r}")
+            raise ConfigError(f"timeout must be positive or None, got {timeout!r}")
         if max_memory is not None and max_memory <= 0:
-            raise ValueError(f"max_memory must be positive or None, got {max_memory!r}")
+            raise ConfigError(f"max_memory must be positive or None, got {max_memory!r}")
         self.timeout = timeout
         self.max_memory = max_memory
         self.timeout_hook = timeout_hook
@@ -295,7 +287,7 @@ class LuaRuntime:
     def _call(self, mode: str, code: str, state: Any, variables: Any,
               chunk_name: str | None, timeout: float | None) -> Any:
         if not isinstance(code, str):
-            raise TypeError(f"Lua code must be a str, got {type(code).__name__}")
+            raise ConfigTypeError(f"Lua code must be a str, got {type(code).__name__}")
         name = chunk_name or "lua"
         lazy = _crosses_lazily(state)
         state_data = self._to_lua(list(state) if lazy else state, "state")

@@ -37,6 +37,7 @@ only asserts that the run succeeds.
 message contains the substring (case-sensitive).
 """
 
+from ..errors import CaseFailure
 from .case_file import (
     CASE_FILE_PATTERN,
     CASE_KEYS,
@@ -55,7 +56,6 @@ from .report import (
     MAX_MESSAGE_CHARS,
     MAX_STATE_LINES,
     CaseContext,
-    CaseFailure,
     agent_error_report,
     check_case,
     invalid_case_report,

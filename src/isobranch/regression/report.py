@@ -40,10 +40,6 @@ class CaseContext:
     cli_gaps: tuple[str, ...] = ()
 
 
-class CaseFailure(Exception):
-    """A case failed; ``str()`` is the complete, readable report."""
-
-
 def check_case(case: Case, record: RunRecord, context: CaseContext) -> str | None:
     """The report of a failed case, or None when ``record`` satisfies ``case``."""
     error = record.error

@@ -38,9 +38,10 @@ from typing import TYPE_CHECKING
 
 from ...branch import BranchRun, ParallelFlowResult
 from ...error_kinds import ErrorKind
-from ..base import BackendFanOut, Finished, IsolationBackend, PipeWaker, RunSource
+from ...errors import BackendError, ConfigError
+from ..base import BackendFanOut, Finished, IsolationBackend, RunSource
 from ..memory_limit import BRANCH_MEMORY_ERROR, memory_message, oom_killed
-from ..shipping import BackendError
+from ..wakeup import PipeWaker
 from . import wire
 from .branches import (
     BRANCH_KILL_GRACE_SECONDS,
@@ -95,13 +96,13 @@ class ProcessBackend(IsolationBackend):
     def __init__(self, max_workers: int | None = None, *, fresh_worker_per_branch: bool = False,
                  start_method: str = "forkserver") -> None:
         if max_workers is not None and max_workers < 1:
-            raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+            raise ConfigError(f"max_workers must be >= 1, got {max_workers}")
         if not isinstance(fresh_worker_per_branch, bool):
-            raise ValueError(f"fresh_worker_per_branch must be true or false, "
-                             f"got {fresh_worker_per_branch!r}")
+            raise ConfigError(f"fresh_worker_per_branch must be true or false, "
+                              f"got {fresh_worker_per_branch!r}")
         if start_method not in START_METHODS:
-            raise ValueError(f"start_method must be one of {', '.join(START_METHODS)}, "
-                             f"got {start_method!r}")
+            raise ConfigError(f"start_method must be one of {', '.join(START_METHODS)}, "
+                              f"got {start_method!r}")
         self.max_workers = max_workers or os.cpu_count() or 1
         self.fresh_worker_per_branch = fresh_worker_per_branch
         self.start_method = start_method

@@ -27,6 +27,7 @@ from typing import Any
 from ...branch import BranchTask, ParallelFlowResult, without_unsendable_state
 from ...branch_run import run_branch
 from ...error_kinds import ErrorKind
+from ...node_output import flush_node_output, line_buffer_node_output
 from ...statecopy import find_unpicklable
 from ..memory_limit import as_memory_failure, data_limit, out_of_memory_result, raise_oom_score
 from . import wire
@@ -144,6 +145,9 @@ def worker_loop(conn: Connection, graph: Any, *, once: bool) -> int:
         if message[0] != Kind.RUN:
             return 0
         reply = run_task(graph, message[1], conn)
+        # What the branch printed goes out before its result: the worker may
+        # be killed or exit (os._exit) before it writes anything else.
+        flush_node_output()
         try:
             conn.send_bytes(reply)
         except OSError:
@@ -199,6 +203,7 @@ def fork_server(control_fd: int) -> int:
 
 
 def _fork_worker(control: socket.socket, fd: int, graph: Any, *, once: bool) -> int:
+    flush_node_output()  # or every worker would write out a copy of what is buffered
     pid = os.fork()
     if pid == 0:
         code = 1
@@ -206,6 +211,7 @@ def _fork_worker(control: socket.socket, fd: int, graph: Any, *, once: bool) -> 
             control.close()
             code = worker_loop(Connection(fd), graph, once=once)
         finally:
+            flush_node_output()  # os._exit flushes nothing
             os._exit(code)
     os.close(fd)
     return pid
@@ -270,8 +276,15 @@ def spawned_worker(conn_fd: int, once: bool) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """Entry point of a child interpreter: ``fork-server FD`` or ``worker FD ONCE``."""
+    """Entry point of a child interpreter: ``fork-server FD`` or ``worker FD ONCE``.
+
+    The caller ends the process with ``os._exit``; what was printed is flushed here.
+    """
+    line_buffer_node_output()  # before any fork: forked workers inherit it
     role, fd = argv[0], int(argv[1])
-    if role == "fork-server":
-        return fork_server(fd)
-    return spawned_worker(fd, once=argv[2] == "1")
+    try:
+        if role == "fork-server":
+            return fork_server(fd)
+        return spawned_worker(fd, once=argv[2] == "1")
+    finally:
+        flush_node_output()

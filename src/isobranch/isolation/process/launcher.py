@@ -29,6 +29,7 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from ...errors import WorkerStartError
 from ..endings import describe_signal
 from ..interrupts import sigint_blocked
 from . import wire
@@ -41,13 +42,10 @@ START_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 5.0
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[3])
 # os._exit: a worker ends at once, without waiting for threads a nested
-# fan-out abandoned (interpreter shutdown would join them).
+# fan-out abandoned (interpreter shutdown would join them); main() flushes
+# what nodes printed first.
 _BOOTSTRAP = ("import os, sys; from isobranch.isolation.process.child import main; "
-              "code = main(sys.argv[1:]); sys.stdout.flush(); sys.stderr.flush(); os._exit(code)")
-
-
-class WorkerStartError(RuntimeError):
-    """A worker process (or the fork server) could not be started."""
+              "os._exit(main(sys.argv[1:]))")
 
 
 def describe_wait_status(status: int) -> str:

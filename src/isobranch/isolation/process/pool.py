@@ -15,8 +15,9 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from ..shipping import BackendError, pickle_graph
-from .launcher import WorkerProcess, WorkerStartError, start_launcher
+from ...errors import BackendError, WorkerStartError
+from ..shipping import pickle_graph
+from .launcher import WorkerProcess, start_launcher
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,117 @@
+"""Imports go one way: the modules below never import the ones above them.
+
+Every import counts, a function-local one or one under ``TYPE_CHECKING``
+too: a module that needs something of its owner is handed the data instead.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import isobranch
+
+PACKAGE = Path(isobranch.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _is_module(name: str) -> bool:
+    path = PACKAGE.parent.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def _imports(path: Path) -> set[str]:
+    """Every isobranch module ``path`` imports, wherever the import statement is."""
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                base = ".".join([*anchor, *([base] if base else [])])
+            for alias in node.names:  # a name that is a submodule imports the submodule
+                submodule = f"{base}.{alias.name}"
+                found.add(submodule if _is_module(submodule) else base)
+    return {name for name in found if name.startswith("isobranch") and _is_module(name)}
+
+
+def _graph() -> dict[str, set[str]]:
+    return {_module_name(path): _imports(path) for path in PACKAGE.rglob("*.py")}
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for imported in graph.get(todo.pop(), ()):
+            if imported not in seen:
+                seen.add(imported)
+                todo.append(imported)
+    return seen
+
+
+def test_the_import_scanner_sees_local_and_type_checking_imports():
+    imports = _imports(PACKAGE / "runner.py")
+    # runner.py imports CompiledGraph under TYPE_CHECKING only.
+    assert {"isobranch.compiled", "isobranch.fanout", "isobranch.isolation.base"} <= imports
+
+
+@pytest.mark.parametrize("module", ["isobranch.yaml_engine", "isobranch.yaml_builder",
+                                    "isobranch.yaml_settings", "isobranch.yaml_lines"])
+def test_the_yaml_modules_form_no_cycle(module):
+    graph = _graph()
+    assert module not in _reachable(graph, module)
+
+
+@pytest.mark.parametrize("module, above", [
+    ("isobranch.yaml_settings", {"isobranch.yaml_engine", "isobranch.yaml_builder"}),
+    ("isobranch.yaml_builder", {"isobranch.yaml_engine"}),
+    ("isobranch.run", {"isobranch.compiled", "isobranch.graph"}),
+    ("isobranch.async_api", {"isobranch.compiled"}),
+    ("isobranch.checkpoint.runs", {"isobranch.compiled", "isobranch.run"}),
+    ("isobranch.checkpoint.fingerprint", {"isobranch.compiled", "isobranch.run"}),
+])
+def test_a_module_never_imports_the_modules_above_it(module, above):
+    assert not _imports(PACKAGE.joinpath(*module.split(".")[1:]).with_suffix(".py")) & above
+
+
+PRIVATE_READERS_CHECKED = ("compiled.py", "run.py", "graph.py", "yaml_engine.py",
+                           "yaml_builder.py", "yaml_settings.py", "async_api.py", "checkpoint",
+                           "cli.py", "cli_errors.py", "cli_failures.py", "cli_logging.py",
+                           "cli_runs.py", "cli_stdout.py", "pytest_plugin.py", "regression")
+
+
+def _private_reads(path: Path) -> list[str]:
+    """``x._name`` for any ``x`` but ``self``/``cls``, and ``from m import _name``."""
+    reads = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Attribute) and _private(node.attr):
+            owner = node.value
+            if not (isinstance(owner, ast.Name) and owner.id in ("self", "cls", "os")):
+                reads.append(f"{path.name}:{node.lineno} {ast.unparse(node)}")
+        elif isinstance(node, ast.ImportFrom):
+            reads.extend(f"{path.name}:{node.lineno} import {alias.name}"
+                         for alias in node.names if _private(alias.name))
+    return reads
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+@pytest.mark.parametrize("where", PRIVATE_READERS_CHECKED)
+def test_these_modules_read_no_other_objects_private_names(where):
+    paths = sorted((PACKAGE / where).rglob("*.py")) if (PACKAGE / where).is_dir() else [
+        PACKAGE / where]
+    assert not [read for path in paths for read in _private_reads(path)]
