@@ -38,7 +38,7 @@ import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from ..branch import BranchRun, ParallelFlowResult
+from ..branch import BranchRun, ParallelFlowResult, failed_result
 from ..error_kinds import ErrorKind
 from ..errors import BackendError, ConfigError, DaskUnavailable
 from .base import BackendFanOut, Finished, IsolationBackend, RunSource
@@ -431,12 +431,11 @@ class DaskBackend(IsolationBackend):
                                   branch.running_on)
         now = time.monotonic()
         where = f" in node {branch.node!r}" if branch.node else ""
-        result = ParallelFlowResult(
-            branch=branch.task.name, index=branch.task.index,
-            state=branch.task.initial_state(), success=False,
-            error=(f"branch {branch.task.label!r} timed out after {limit:g}s{where}: "
-                   f"stuck in one call on Dask worker {worker}, which is being restarted"),
-            error_type=ErrorKind.BRANCH_TIMEOUT, timed_out=True,
+        result = failed_result(
+            branch.task,
+            f"branch {branch.task.label!r} timed out after {limit:g}s{where}: "
+            f"stuck in one call on Dask worker {worker}, which is being restarted",
+            ErrorKind.BRANCH_TIMEOUT, state=branch.task.initial_state(), timed_out=True,
             duration_ms=(now - (started or now)) * 1000.0, isolation=self.name, worker=worker,
             node=branch.node)
         quietly(future.cancel)

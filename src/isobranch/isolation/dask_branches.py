@@ -21,7 +21,7 @@ from concurrent.futures import Future as ProbeFuture
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..branch import BranchRun, BranchTask, ParallelFlowResult
+from ..branch import BranchRun, BranchTask, ParallelFlowResult, failed_result
 from ..error_kinds import ErrorKind
 from .by_value import ENGINE_PACKAGES
 from .dask_cluster import Connection
@@ -167,10 +167,10 @@ class MemoryRestarts:
 def failed(branch: FollowedBranch, reason: str, error_type: str) -> ParallelFlowResult:
     """The failed result of ``branch`` for ``reason``, with the state it started from."""
     task = branch.task
-    return ParallelFlowResult(
-        branch=task.name, index=task.index, state=task.initial_state(), success=False,
-        error=f"branch {task.label!r}: {reason}", error_type=error_type, isolation="dask",
-        worker=branch.starts[-1][1] if branch.starts else None, node=branch.node)
+    return failed_result(
+        task, f"branch {task.label!r}: {reason}", error_type, state=task.initial_state(),
+        isolation="dask", worker=branch.starts[-1][1] if branch.starts else None,
+        node=branch.node)
 
 
 def dead_worker(error: BaseException | None) -> str | None:

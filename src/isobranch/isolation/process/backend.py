@@ -36,7 +36,7 @@ from collections import deque
 from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING
 
-from ...branch import BranchRun, ParallelFlowResult
+from ...branch import BranchRun, ParallelFlowResult, failed_result
 from ...error_kinds import ErrorKind
 from ...errors import BackendError, ConfigError
 from ..base import BackendFanOut, Finished, IsolationBackend, RunSource
@@ -417,11 +417,8 @@ class _ProcessFanOut(BackendFanOut):
 
     def _failed(self, slot: Running, error: str, error_type: str, *,
                 timed_out: bool) -> ParallelFlowResult:
-        task = slot.task
-        return ParallelFlowResult(
-            branch=task.name, index=task.index, state=slot.state_as_of_now(), success=False,
-            error=error,
-            error_type=error_type, timed_out=timed_out,
+        return failed_result(
+            slot.task, error, error_type, state=slot.state_as_of_now(), timed_out=timed_out,
             duration_ms=(time.monotonic() - slot.started) * 1000.0, isolation=self.name,
             worker=slot.worker.pid, node=slot.node)
 
