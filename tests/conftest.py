@@ -14,7 +14,7 @@ import pytest
 from benchmarks.proc_scan import children, descendants, live_processes
 
 from isobranch import END, START, StateGraph, YAMLEngine
-from isobranch.isolation.base import available_backends, register_backend, unregister_backend
+from isobranch.isolation import register_backend, unregister_backend
 
 HAVE_DASK = importlib.util.find_spec("distributed") is not None
 
@@ -26,10 +26,6 @@ def pytest_configure(config: pytest.Config) -> None:
     # tests that press Ctrl-C on a child need Python's normal disposition.
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    # Imports every built-in backend now. A pytester run in this process drops
-    # the modules first imported during it; importing one of them again later
-    # would register its backend a second time, as a new class.
-    available_backends()
 
 
 __all__ = ["BACKENDS", "HAVE_DASK", "blocked_in_threading", "children", "descendants", "fan_out",

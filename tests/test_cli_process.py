@@ -120,7 +120,7 @@ def worker_children(pid: int) -> list[int]:
                 command = cmdline.read()
         except OSError:
             continue
-        if b"spawn_main" in command or b"process_worker" in command:
+        if b"spawn_main" in command or b"isolation.process.child" in command:
             found.append(child)
     return found
 

@@ -842,10 +842,11 @@ def test_a_worker_that_cannot_load_the_graph_keeps_saying_why_for_its_tasks(call
 def test_a_task_failing_for_a_missing_module_names_it_and_what_to_install(missing, hint):
     # A map item of a class from the caller's module, say: the task's arguments
     # do not load on the worker.
+    from isobranch.branch import BranchRun
     from isobranch.isolation.dask_branches import FanOutWatch, FollowedBranch, describe_failure
 
     error = ModuleNotFoundError(f"No module named {missing!r}", name=missing)
-    branch = FollowedBranch(0, task=None, fan_out=FanOutWatch())
+    branch = FollowedBranch(BranchRun(task=None, position=0), fan_out=FanOutWatch())
     assert describe_failure(branch, "error", error, None, connection=None) == (
         f"the Dask task failed on the worker: ModuleNotFoundError: No module named "
         f"{missing!r} ({hint})")

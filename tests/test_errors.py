@@ -29,6 +29,7 @@ from isobranch.errors import (
     StateDecodeError,
     StateEncodeError,
 )
+from isobranch.fanout_run import drive
 from isobranch.isolation import create_backend
 from isobranch.statecopy import StateSnapshot
 
@@ -141,7 +142,7 @@ def test_library_errors_keep_the_builtin_base_callers_catch():
     task = BranchTask(graph=None, branch="b", fan_in="join", snapshot=StateSnapshot({}),
                       limits=BranchLimits(), isolation="thread")
     with pytest.raises(BackendError, match="thread backend is closed") as closed:
-        backend.run_branches([task])
+        list(drive(backend, [task]))  # the fan-out driver opens the closed backend
     assert isinstance(bad_value.value, ValueError)
     assert isinstance(bad_type.value, TypeError)
     assert isinstance(closed.value, RuntimeError)

@@ -48,17 +48,17 @@ def test_branch_start_and_finish_are_logged_at_debug(caplog):
 def test_an_update_that_cannot_be_rebuilt_is_left_out_with_a_debug_record(caplog):
     """A crashed branch's state is rebuilt from its merged updates; one that does not
     unpickle here is swallowed on purpose, and that is logged with its reason."""
-    from isobranch.branch import BranchLimits, BranchTask
-    from isobranch.isolation.process_branches import Running
+    from isobranch.branch import BranchLimits, BranchRun, BranchTask
+    from isobranch.isolation.process.branches import Running
     from isobranch.statecopy import StateSnapshot
 
     caplog.set_level(logging.DEBUG, logger="isobranch")
     task = BranchTask(graph=None, branch="b", fan_in="join", snapshot=StateSnapshot({"a": 1}),
                       limits=BranchLimits(), isolation="process")
-    slot = Running(0, task, b"", worker=None, started=0.0,
+    slot = Running(BranchRun(task, 0), b"", worker=None, started=0.0,
                    updates=[b"not a pickle", None, pickle.dumps({"c": 2})])
     assert slot.state_as_of_now() == {"a": 1, "c": 2}
-    (record,) = [r for r in caplog.records if r.name == "isobranch.isolation.process_branches"]
+    (record,) = [r for r in caplog.records if r.name == "isobranch.isolation.process.branches"]
     assert record.levelno == logging.DEBUG and "'b'" in record.getMessage()
     assert "cannot be unpickled" in record.getMessage()
 
@@ -75,7 +75,7 @@ def test_a_branch_retry_logs_a_warning_with_attempt_and_reason(caplog):
     with fan_out(("flaky", flaky)).compile(isolation="inline", branch_retry=policy) as app:
         (result,) = app.invoke({})["results"]
     assert not result.success and result.attempts == 2
-    (record,) = warnings(caplog, "isobranch.branch_retry")
+    (record,) = warnings(caplog, "isobranch.fanout_run")
     assert record.getMessage().startswith(
         "branch 'flaky' failed on attempt 1 of 2 (RuntimeError); retrying in 0s")
 

@@ -20,7 +20,7 @@ from conftest import wait_until
 from isobranch import END, START, GraphError, GraphExecutionError, StateGraph, YAMLEngine
 from isobranch.cli import main
 from isobranch.isolation.dask import SUBMIT_AHEAD_PER_THREAD as DASK_SUBMIT_AHEAD_PER_THREAD
-from isobranch.isolation.process import SEND_AHEAD_DEPTH
+from isobranch.isolation.process.branches import SEND_AHEAD_DEPTH
 from isobranch.isolation.thread import SUBMIT_AHEAD_PER_THREAD
 
 MAP_YAML = """
@@ -695,7 +695,8 @@ def _threads_left(before: set[threading.Thread]) -> list[str]:
 
 
 def test_stream_branches_pulls_tasks_lazily_and_stops_when_closed(isolation, no_process_leak):
-    from isobranch.isolation.base import create_backend
+    from isobranch.fanout_run import drive
+    from isobranch.isolation import create_backend
 
     graph = map_graph([], lambda s: {"v": s["item"]})
     with compiled(graph, isolation) as app:
@@ -703,8 +704,7 @@ def test_stream_branches_pulls_tasks_lazily_and_stops_when_closed(isolation, no_
         backend = create_backend(isolation, max_workers=2)
         try:
             pulled: list[int] = []
-            stream = backend.stream_branches(_tasks(app, isolation, 1000, pulled),
-                                             max_concurrency=2)
+            stream = drive(backend, _tasks(app, isolation, 1000, pulled), max_concurrency=2)
             # Started and unfinished <= 2 (the in-flight test checks that); one more
             # may be built and waiting; the thread backend queues a few more in its
             # pool, the process backend sends short branches ahead to busy workers.
@@ -735,6 +735,7 @@ def test_stream_branches_pulls_tasks_lazily_and_stops_when_closed(isolation, no_
 def test_thread_stream_takes_no_more_than_its_cap_ahead_of_a_consumer_holding_results():
     """Lanes keep running while the consumer holds a result; a branch counts as
     consumed only once it is handed back, not when its report was read."""
+    from isobranch.fanout_run import drive
     from isobranch.isolation.thread import ThreadBackend
 
     ran: list[int] = []
@@ -749,8 +750,7 @@ def test_thread_stream_takes_no_more_than_its_cap_ahead_of_a_consumer_holding_re
         backend = ThreadBackend(max_workers=2)
         try:
             pulled: list[int] = []
-            stream = backend.stream_branches(_tasks(app, "thread", 1000, pulled),
-                                             max_concurrency=2)
+            stream = drive(backend, _tasks(app, "thread", 1000, pulled), max_concurrency=2)
             seen = []
             for position, _ in stream:
                 seen.append(position)
@@ -775,7 +775,7 @@ def test_branches_sent_ahead_to_a_worker_that_dies_run_once_elsewhere(
     """Short branches are sent ahead to a busy worker; when the branch it runs
     crashes or overruns its timeout, only that branch fails, and the ones
     queued behind it run (once each) on a new worker."""
-    from isobranch.isolation import process_branches
+    from isobranch.isolation.process import branches as process_branches
 
     requeued: list[int] = []
     retry_all = process_branches.TaskSource.retry_all

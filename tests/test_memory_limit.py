@@ -15,7 +15,8 @@ import pytest
 from conftest import HAVE_DASK, descendants, fan_out
 from isobranch import END, START, GraphError, StateGraph, YAMLEngine
 from isobranch.branch import BranchLimits, BranchTask, cancelled_result, timed_out_result
-from isobranch.isolation import memory_limit, process_branches
+from isobranch.isolation import memory_limit
+from isobranch.isolation.process import branches as process_branches
 from isobranch.statecopy import StateSnapshot
 
 MiB = 1024 * 1024
@@ -69,6 +70,20 @@ def test_lua_allocations_count_against_the_branch_limit():
         grown, fine = app.invoke({})["results"]
     assert grown.error_type == "BranchMemoryError" and "128 MiB" in grown.error
     assert "'grows'" in grown.error and fine.success
+
+
+@pytest.mark.usefixtures("no_process_leak")
+def test_lua_reaching_its_own_smaller_max_memory_stays_a_lua_memory_error():
+    from isobranch.nodes import LuaNode
+
+    grows = LuaNode("grows", "local t = {} for i = 1, 1e9 do t[i] = string.rep('x', 1000) .. i "
+                             "end return {n = #t}")
+    graph = fan_out(("grows", grows), ("sibling", sibling))
+    with graph.compile(isolation="process", branch_max_memory="256MiB",
+                       lua_max_memory=16 * 2**20) as app:
+        grown, fine = app.invoke({})["results"]
+    assert grown.error_type == "LuaMemoryError" and fine.success
+    assert "max_memory=16777216" in grown.error
 
 
 @pytest.mark.usefixtures("no_process_leak")

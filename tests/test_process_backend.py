@@ -31,7 +31,7 @@ from isobranch import (
 )
 from isobranch.branch import BranchLimits
 from isobranch.context import ExecutionContext
-from isobranch.isolation.base import create_backend
+from isobranch.isolation import create_backend
 from isobranch.nodes import LuaNode, Node
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -785,7 +785,7 @@ def test_an_interrupted_fan_out_kills_its_workers_and_keeps_the_pool_usable():
 
 
 def test_start_up_data_nobody_reads_times_out_instead_of_blocking():
-    from isobranch.isolation.process_pool import write_all
+    from isobranch.isolation.process.launcher import write_all
 
     read_end, write_end = os.pipe()
     try:
@@ -873,3 +873,36 @@ def test_worker_processes_ignore_sigint():
     # Neither the worker nor its fork server died of it: both served the next fan-out.
     assert again.success and (again.state["pid"], again.state["server"]) == (
         first.state["pid"], first.state["server"])
+
+
+def test_the_wire_frames_and_messages_read_back_as_they_were_sent():
+    """What the parent sends ahead in one write reads back frame by frame in a worker,
+    and every message and control request decodes to what was encoded."""
+    import socket
+    from multiprocessing.connection import Connection
+
+    from isobranch.isolation.process import wire
+    from isobranch.isolation.process.wire import Kind, Request
+
+    ours, theirs = socket.socketpair()
+    sender, receiver = Connection(ours.detach()), Connection(theirs.detach())
+    try:
+        messages = [wire.run_message({"branch": f"b{i}"}) for i in range(3)]
+        messages.append(wire.encode(Kind.STEP, "a", wire.encode_update({"x": 1}), "b"))
+        wire.send_frames(sender, messages)
+        received = [wire.decode(receiver.recv_bytes()) for _ in messages]
+    finally:
+        sender.close()
+        receiver.close()
+    assert [m[0] for m in received] == [Kind.RUN] * 3 + [Kind.STEP]
+    assert all(type(m[0]) is str for m in received), "kinds travel as plain strings"
+    assert [m[1] for m in received[:3]] == [{"branch": f"b{i}"} for i in range(3)]
+    assert wire.decode_update(received[3][2]) == {"x": 1} and received[3][3] == "b"
+    assert wire.encode_update({"f": lambda: 1}) is None, "an update that does not pickle"
+    assert wire.parse_request(wire.fork_request(once=True)) == (Request.FORK, True)
+    assert wire.parse_request(wire.fork_request(once=False)) == (Request.FORK, False)
+    assert wire.parse_request(wire.reap_request(4242)) == (Request.REAP, 4242)
+    assert wire.parse_forked(wire.forked_reply(77)) == 77
+    assert wire.parse_reaped(wire.reaped_reply(9)) == 9
+    assert wire.parse_forked(b"") is None and wire.parse_reaped(b"") is None
+    assert wire.decode_init(wire.init_payload(["/p"], b"graph")) == (["/p"], b"graph")

@@ -738,10 +738,9 @@ def test_a_graph_that_fails_to_close_is_reported_and_the_others_still_close(
 
 def test_shared_graphs_key_live_objects_by_identity_and_recompile_when_needed(
         tmp_path: Path, test_backend) -> None:
-    from isobranch.isolation.base import backend_factory
+    from isobranch.isolation.registry import backend_factory
     from isobranch.pytest_plugin import AgentGraphs
 
-    # The registered class, not a fresh import of its module (see conftest).
     thread_backend = backend_factory("thread")
 
     class Holder(thread_backend):

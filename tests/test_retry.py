@@ -21,8 +21,9 @@ from isobranch import (
     StateGraph,
     YAMLEngine,
 )
-from isobranch.branch_retry import RetryFeed
-from isobranch.isolation.base import NotReady
+from isobranch.branch import BranchRun
+from isobranch.fanout_run import FanOutSource, drive
+from isobranch.isolation.adapters import NotReady
 from isobranch.isolation.thread import ThreadBackend
 from isobranch.progress import FanOutProgress
 from isobranch.retry import PROGRAMMING_ERRORS, exception_names, failure_names
@@ -99,21 +100,24 @@ def test_an_invalid_policy_is_a_value_error_naming_the_field(fields, message):
 
 
 def test_the_feed_hands_a_retry_out_only_when_its_backoff_ended():
-    """The task source of a fan-out with retries, on an injected clock."""
+    """The driver's source of a fan-out with retries, on an injected clock."""
     now = [100.0]
-    feed = RetryFeed(iter(["a", "b"]), finite=False, clock=lambda: now[0])
-    assert [next(feed), next(feed)] == ["a", "b"]
-    waiting = next(feed)
-    assert isinstance(waiting, NotReady) and waiting.wake_at is None, "results are still due"
-    assert feed.returned(0) == (0, "a", 1)
-    feed.schedule(0, "a", 2, at=102.5)
-    assert next(feed).wake_at == 102.5
+    source = FanOutSource(iter(["a", "b"]), clock=lambda: now[0])
+    first, second = source.take(), source.take()
+    assert [(run.task, run.position, run.attempt) for run in (first, second)] == [
+        ("a", 0, 1), ("b", 1, 1)]
+    assert source.take() is None and not source.finished(), "results are still due"
+    source.release(first)
+    source.schedule(BranchRun("a", 0, 2), at=102.5)
+    assert source.take() is None and source.next_due() == 102.5
+    assert not source.ready(), "the retry's backoff has not ended"
     now[0] = 102.5
-    assert next(feed) == "a"
-    assert feed.returned(2) == (0, "a", 2)
-    assert feed.returned(1) == (1, "b", 1)
-    with pytest.raises(StopIteration):
-        next(feed)
+    assert source.ready()
+    retry = source.take()
+    assert (retry.task, retry.position, retry.attempt) == ("a", 0, 2)
+    source.release(retry)
+    source.release(second)
+    assert source.take() is None and source.finished()
 
 
 def test_a_wait_leaves_no_callback_on_its_flags():
@@ -621,10 +625,11 @@ class _StreamsButKnowsNoNotReady:
             for task in tasks:
                 assert not isinstance(task, NotReady), "a backend that did not ask for it"
                 yield task
-        return self._inner.stream_branches(checked(), max_concurrency=max_concurrency)
+        return drive(self._inner, checked(), max_concurrency=max_concurrency)
 
     def run_branches(self, tasks):
-        return self._inner.run_branches(tasks)
+        return [result for _, result in sorted(drive(self._inner, tasks),
+                                               key=lambda pair: pair[0])]
 
     def close(self):
         self._inner.close()
@@ -637,7 +642,8 @@ class _ListsOnly:
         self._inner = ThreadBackend(max_workers=max_workers)
 
     def run_branches(self, tasks):
-        return self._inner.run_branches(tasks)
+        return [result for _, result in sorted(drive(self._inner, tasks),
+                                               key=lambda pair: pair[0])]
 
     def close(self):
         self._inner.close()

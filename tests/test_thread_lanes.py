@@ -85,6 +85,7 @@ def test_a_task_source_failing_after_its_last_task_still_fails_the_stream():
     import time
 
     from isobranch.branch import BranchLimits, BranchTask
+    from isobranch.fanout_run import drive
     from isobranch.isolation.thread import ThreadBackend
     from isobranch.statecopy import StateSnapshot
 
@@ -106,7 +107,7 @@ def test_a_task_source_failing_after_its_last_task_still_fails_the_stream():
                 bad = 2 + 2 * SUBMIT_AHEAD_PER_THREAD + 1 + attempt % 5  # built by a lane
                 handed = []
                 with pytest.raises(_SourceFailed):
-                    for position, _ in backend.stream_branches(tasks(bad), max_concurrency=2):
+                    for position, _ in drive(backend, tasks(bad), max_concurrency=2):
                         handed.append(position)
                 assert len(handed) <= bad
     finally:

@@ -16,7 +16,7 @@ from .errors import (
     LuaTimeoutError,
 )
 from .graph import StateGraph
-from .isolation.base import (
+from .isolation import (
     IsolationBackend,
     available_backends,
     register_backend,

@@ -173,6 +173,26 @@ class BranchTask:
                 "index": self.index, "overlay": self.overlay}
 
 
+@dataclass(slots=True, eq=False)
+class BranchRun:
+    """One attempt of one branch of a running fan-out, as the fan-out driver hands it to a backend.
+
+    ``position`` is the branch's place in the fan-out and ``attempt`` counts
+    its runs (2 and up: a retry). The backend sets ``started_at``
+    (``time.monotonic()``) when the branch really starts (the driver counts
+    its deadline from then) and may keep its own bookkeeping in ``handle``.
+    The driver sets ``done`` once it has the run's result, and drops any
+    later report of it (a kill that raced the branch's own finish).
+    """
+
+    task: BranchTask
+    position: int
+    attempt: int = 1
+    started_at: float | None = None
+    handle: Any = None
+    done: bool = False
+
+
 def branch_name(first_node: str, index: int | None) -> str:
     """``first_node`` for a static branch, ``"first_node[index]"`` for a map branch."""
     return first_node if index is None else f"{first_node}[{index}]"

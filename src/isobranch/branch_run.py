@@ -27,7 +27,6 @@ from .branch import (
 from .context import ExecutionContext, Watchdog
 from .error_kinds import ErrorKind
 from .errors import BranchCancelled, BranchTimeout, GraphExecutionError
-from .isolation.base import create_backend
 from .retry import exception_names
 from .runner import run_steps
 
@@ -56,7 +55,7 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
         task.graph, deadline=deadline, time_limit=task.limits.branch_timeout, branch=task.label,
         monitor=monitor, fan_out_limits=task.limits, watchdog=watchdog, stop=task.stop,
         nested_isolation="inline" if task.isolation == "inline" else "thread",
-        backend_factory=create_backend)
+        backend_factory=task.graph.branch_backend)
 
     def result(**outcome: Any) -> ParallelFlowResult:
         outcome.setdefault("state", state)

@@ -20,7 +20,8 @@ from .conditions import Condition
 from .errors import GraphError, GraphExecutionError
 from .fanout import FanOut
 from .isolation import memory_limit
-from .isolation.base import IsolationBackend, create_backend
+from .isolation.base import IsolationBackend
+from .isolation.registry import create_backend
 from .nodes import Node
 from .retry import RetryPolicy
 from .run import ActiveRuns, last_state, run_events
@@ -250,6 +251,10 @@ class CompiledGraph:
             self._fingerprint = graph_fingerprint(self)
         return dict(self._fingerprint)
 
+    def branch_backend(self, isolation: str, *, max_workers: int | None) -> IsolationBackend:
+        """A new backend for the fan-outs nested in one branch; it dies with the branch."""
+        return create_backend(isolation, max_workers=max_workers)
+
     def _backend(self, isolation: str, max_workers: int | None) -> IsolationBackend:
         key = (isolation, max_workers)
         with self._pool_lock:
@@ -263,7 +268,7 @@ class CompiledGraph:
                     backend = create_backend(isolation, max_workers=max_workers, **options)
                 except ValueError as exc:  # an option's value the backend refuses
                     raise GraphError(f"config: isolation backend {isolation!r}: {exc}") from exc
-                refused = (memory_limit.refusal(isolation, backend, self.branch_max_memory)
+                refused = (memory_limit.refusal(backend, self.branch_max_memory)
                            if self.branch_max_memory is not None else None)
                 if refused:
                     backend.close()

@@ -230,6 +230,19 @@ class MapOverError(IsobranchError, ValueError):
     """
 
 
+class FanOutPlanError(IsobranchError):
+    """A fan-out could not be planned: its items, or its state for the branches.
+
+    ``error_type`` names the failure's kind and ``traceback`` its code's
+    traceback, if code of the graph raised.
+    """
+
+    def __init__(self, message: str, error_type: str, traceback: str | None = None) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.traceback = traceback
+
+
 class StateCopyError(IsobranchError):
     """The state holds a value that cannot be copied; ``path`` locates it."""
 

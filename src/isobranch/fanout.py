@@ -1,15 +1,14 @@
-"""Fan-outs: static parallel edges and map edges, and the branch tasks they start.
+"""Planning fan-outs: static parallel edges and map edges, and the branch tasks they start.
 
 A static fan-out starts one branch per parallel edge; a map fan-out one
-branch per item of a list known only at run time. Tasks are built lazily,
-one at a time as a backend asks for the next, so a map over 100,000 items
-never holds 100,000 built inputs. The state is snapshotted once per fan-out
-(for a map: without the list it maps over); each map task adds only its
-item and index on top of that shared snapshot, so a map's total copying is
+branch per item of a list known only at run time. ``plan_fan_out`` decides
+which branches there are and with what input, and nothing else: running
+them is the fan-out driver's (``fanout_run``). Tasks are built lazily, one
+at a time as the driver takes the next, so a map over 100,000 items never
+holds 100,000 built inputs. The state is snapshotted once per fan-out (for
+a map: without the list it maps over); each map task adds only its item
+and index on top of that shared snapshot, so a map's total copying is
 O(n), not O(n²).
-
-``Gathered`` applies the fail-fast rule and places results by position; the
-runner and the backends' list-returning ``run_branches`` both use it.
 """
 
 from __future__ import annotations
@@ -18,16 +17,18 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
-from .branch import (
-    CANCELLED,
-    BranchLimits,
-    BranchTask,
-    ParallelFlowResult,
-    branch_name,
-)
+from .branch import BranchLimits, BranchTask, branch_name, format_traceback
 from .cancellation import CancelSignal
 from .conditions import Expression
-from .errors import BackendError, MapOverError, StateCopyError
+from .error_kinds import ErrorKind
+from .errors import (
+    BranchCancelled,
+    BranchTimeout,
+    FanOutPlanError,
+    GraphExecutionError,
+    MapOverError,
+    StateCopyError,
+)
 from .statecopy import StateSnapshot, find_unpicklable, snapshot_of
 
 if TYPE_CHECKING:
@@ -172,71 +173,51 @@ def _path(parent: str | None, name: str) -> str:
     return f"{parent}/{name}" if parent else name
 
 
-def triggers_fail_fast(result: ParallelFlowResult) -> bool:
-    """The fail-fast rule: a failed branch stops its siblings, unless it was itself cancelled."""
-    return not result.success and result.error_type != CANCELLED
+def _failure_site(over: object, error: BaseException) -> str:
+    """`` (at agent.yaml:16, line 2 of its code)`` if ``over``, read from a file, raised
+    ``error``; it ends the message, so text that matched a message before still does."""
+    site = over.failure_site(error) if isinstance(over, Expression) else None
+    return f" ({site})" if site is not None else ""
 
 
-def fail_fast_reason(failure: ParallelFlowResult) -> str:
-    """Why the siblings of ``failure`` were cancelled (every backend says the same)."""
-    return f"cancelled: branch {failure.branch!r} failed first (fail_fast)"
+def plan_fan_out(graph: CompiledGraph, fan_out: FanOut, state: dict, context: ExecutionContext,
+                 *, isolation: str, crosses_processes: bool) -> FanOutPlan:
+    """The plan of ``fan_out`` from ``state`` for a backend named ``isolation``.
 
-
-class Gathered:
-    """Results of one fan-out placed by position, with the fail-fast rule applied once.
-
-    ``add`` returns True when the fan-out must stop (fail_fast and a real
-    failure); ``finish`` fills every branch that has no result with a
-    cancelled one and returns them all in position order.
+    A map's items are read (its ``over`` runs now); the state is
+    snapshotted once and, when branches run in other processes, checked to
+    pickle (and each map item as its task is built). ``FanOutPlanError``
+    says what failed; a timeout or cancellation of the context, or a failed
+    run, raises as it is.
     """
-
-    def __init__(self, total: int, fail_fast: bool, backend: str) -> None:
-        self.results: list[ParallelFlowResult | None] = [None] * total
-        self.fail_fast = fail_fast
-        self.backend = backend
-        self.done = 0
-        self.failed = 0
-        self.failure: ParallelFlowResult | None = None
-
-    def add(self, position: int, result: ParallelFlowResult) -> bool:
-        """Record ``result`` for ``position``; True if the fan-out must stop now."""
-        if not isinstance(position, int) or not 0 <= position < len(self.results):
-            raise BackendError(f"backend {self.backend!r} reported a result for branch "
-                               f"position {position!r} of {len(self.results)}")
-        if self.results[position] is not None:
-            raise BackendError(f"backend {self.backend!r} reported branch {position} twice")
-        if not isinstance(result, ParallelFlowResult):
-            raise BackendError(f"backend {self.backend!r} returned a {type(result).__name__} "
-                               f"instead of a ParallelFlowResult")
-        self.results[position] = result
-        self.done += 1
-        if not result.success:
-            self.failed += 1
-        if self.fail_fast and self.failure is None and triggers_fail_fast(result):
-            self.failure = result
-            return True
-        return False
-
-    def missing(self) -> list[int]:
-        """Positions that have no result."""
-        return [i for i, result in enumerate(self.results) if result is None]
-
-    def finish(self, names: Callable[[int], str], indexes: Callable[[int], int | None],
-               isolation: str) -> list[ParallelFlowResult]:
-        """Every result in order; branches without one are cancelled (after a fail_fast stop)."""
-        if self.failure is not None:
-            reason = fail_fast_reason(self.failure)
-            for position in self.missing():
-                self.results[position] = ParallelFlowResult(
-                    branch=names(position), index=indexes(position), success=False,
-                    error=reason, error_type=CANCELLED, isolation=isolation)
-        missing = self.missing()
-        if missing:
-            raise BackendError(f"backend {self.backend!r} returned {self.done} results for "
-                               f"{len(self.results)} branches (none for "
-                               f"{', '.join(names(i) for i in missing[:5])}"
-                               f"{', ...' if len(missing) > 5 else ''})")
-        return [result for result in self.results if result is not None]
+    base = state
+    items: Sequence[Any] = ()
+    if isinstance(fan_out, MapFanOut):
+        try:
+            items = map_items(fan_out, state, context)
+        except (BranchTimeout, BranchCancelled, GraphExecutionError):
+            raise
+        except Exception as exc:
+            detail = str(exc) if isinstance(exc, MapOverError) else (
+                f"map over {fan_out.describe_over()} failed: {type(exc).__name__}: {exc}"
+                f"{_failure_site(fan_out.over, exc)}")
+            raise FanOutPlanError(detail, type(exc).__name__, format_traceback(exc)) from exc
+        base = map_base_state(fan_out, state)
+    try:
+        snapshot = StateSnapshot(base)
+    except StateCopyError as exc:
+        raise FanOutPlanError(f"cannot copy the state for its branches: {exc}",
+                              ErrorKind.STATE_COPY_ERROR) from exc
+    if crosses_processes and not snapshot.picklable:
+        path, reason = find_unpicklable(base, "state")
+        raise FanOutPlanError(f"the state cannot be sent to {isolation!r} workers: "
+                              f"{path}: {reason}", ErrorKind.STATE_COPY_ERROR)
+    limits = context.fan_out_limits
+    if isinstance(fan_out, MapFanOut):
+        return map_plan(graph, fan_out, items, snapshot, limits, isolation, context.branch,
+                        must_pickle=crosses_processes, stop=context.stop)
+    return static_plan(graph, fan_out, snapshot, limits, isolation, context.branch,
+                       stop=context.stop)
 
 
 def print_branch_tracebacks(exc: BaseException, out: TextIO, *, limit: int = 5) -> None:
@@ -255,21 +236,3 @@ def print_branch_tracebacks(exc: BaseException, out: TextIO, *, limit: int = 5) 
         print(result.traceback.rstrip(), file=out)
     if len(failed) > limit:
         print(f"... and {len(failed) - limit} more failed branches with tracebacks", file=out)
-
-
-def run_in_order(stream: Iterator[tuple[int, ParallelFlowResult]],
-                 tasks: list[BranchTask]) -> list[ParallelFlowResult]:
-    """A streaming backend's ``run_branches``: every result in task order, fail_fast applied."""
-    if not tasks:
-        return []
-    gathered = Gathered(len(tasks), tasks[0].limits.fail_fast, tasks[0].isolation)
-    try:
-        for position, result in stream:
-            if gathered.add(position, result):
-                break
-    finally:
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()
-    return gathered.finish(lambda i: tasks[i].name, lambda i: tasks[i].index,
-                           tasks[0].isolation)

@@ -23,8 +23,8 @@ from .defaults import (
 from .errors import GraphError
 from .fanout import FanOut, MapFanOut, StaticFanOut
 from .isolation import memory_limit
-from .isolation.base import available_backends, create_backend
-from .keys import backend_options as declared_backend_options
+from .isolation.registry import available_backends, create_backend
+from .isolation.registry import backend_options as declared_backend_options
 from .keys import unknown
 from .nodes import Node, as_node
 from .retry import RetryPolicy, as_policy
@@ -327,7 +327,7 @@ class StateGraph:
             except (GraphError, ValueError) as exc:
                 problems.append(str(exc))
         if backend is not None and branch_max_memory is not None:
-            refused = memory_limit.refusal(isolation, backend, branch_max_memory)
+            refused = memory_limit.refusal(backend, branch_max_memory)
             if refused:
                 backend.close()
                 problems.append(refused)

@@ -2,21 +2,18 @@
 
 Each level of a YAML workflow (top level, ``settings``, ``settings.lua``,
 ``settings.parallel``, ``settings.checkpoint``, a node, an edge) has its set of known keys here and
-nowhere else. A backend's own options are not listed: they are read from its
-factory's signature (``backend_options``), so a registered third-party
-backend is checked the same way, and one whose factory takes ``**kwargs``
-accepts anything.
+nowhere else. A backend's own options are not listed: the registry reads
+them from its factory's signature (``isolation.registry.backend_options``),
+so a registered third-party backend is checked the same way, and one whose
+factory takes ``**kwargs`` accepts anything.
 """
 
 from __future__ import annotations
 
 import difflib
-import inspect
 from collections.abc import Iterable
 from enum import StrEnum
 from typing import Any
-
-from .isolation.base import available_backends, backend_factory
 
 
 class EdgeType(StrEnum):
@@ -60,8 +57,6 @@ EDGE_KEYS: frozenset[str] = (frozenset({"from", "to", "type", "fan_in", "when"})
 # unpickles, so only the caller may give it (YAMLEngine(...) keywords).
 UNTRUSTED_BACKEND_OPTIONS: frozenset[str] = frozenset(
     {"fresh_worker_per_branch", "start_method", "retries", "connect_timeout", "worker_wait"})
-# Passed by compile() itself, never as a backend option.
-_FACTORY_OWN = frozenset({"max_workers"})
 
 
 def unknown(prefix: str, key: Any, allowed: Iterable[str], *,
@@ -79,38 +74,3 @@ def unknown(prefix: str, key: Any, allowed: Iterable[str], *,
     if match:
         text += f"; did you mean {match[0]!r}?"
     return text
-
-
-def backend_options(isolation: str) -> frozenset[str] | None:
-    """The option names backend ``isolation``'s factory accepts (besides ``max_workers``).
-
-    ``None`` means any option: the factory takes ``**kwargs`` or has no
-    readable signature. An unknown backend accepts none.
-    """
-    # The factory's signature is its declaration.
-    factory = backend_factory(isolation)
-    if factory is None:
-        return frozenset()
-    try:
-        signature = inspect.signature(factory)
-    except (TypeError, ValueError):
-        return None
-    names = set()
-    for parameter in signature.parameters.values():
-        if parameter.kind is parameter.VAR_KEYWORD:
-            return None
-        if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY):
-            names.add(parameter.name)
-    return frozenset(names - _FACTORY_OWN)
-
-
-def every_backend_option() -> frozenset[str]:
-    """The options some registered backend declares."""
-    return frozenset().union(*(backend_options(name) or frozenset()
-                               for name in available_backends()))
-
-
-def backends_accepting(option: str) -> list[str]:
-    """Names of the registered backends that declare ``option``."""
-    return [name for name in available_backends()
-            if option in (backend_options(name) or frozenset())]

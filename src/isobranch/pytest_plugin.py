@@ -59,7 +59,7 @@ import pytest
 
 from .compiled import CompiledGraph
 from .errors import CaseFailure, GraphError
-from .isolation.base import available_backends
+from .isolation.registry import available_backends
 from .regression import (
     FILE_ITEM_NAME,
     Case,

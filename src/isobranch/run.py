@@ -23,7 +23,8 @@ from .checkpoint.runs import begin_run, reopen_run
 from .checkpoint.store import RunStatus, SqliteCheckpointer
 from .context import ExecutionContext
 from .errors import GraphError, GraphExecutionError, RunCancelled, StateCopyError
-from .isolation.base import IsolationBackend, available_backends
+from .isolation.base import IsolationBackend
+from .isolation.registry import available_backends
 from .retry import RetryPolicy, as_policy
 from .runner import run_steps
 from .schema import StateSchema

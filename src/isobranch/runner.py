@@ -4,45 +4,33 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from .branch import CANCELLED, BranchTask, ParallelFlowResult, format_traceback
-from .branch_retry import RetryNotice, stream_with_retries
+from .branch import CANCELLED, ParallelFlowResult, format_traceback
 from .checkpoint.store import StepKind
 from .conditions import Expression
 from .error_kinds import ErrorKind
 from .errors import (
     BranchCancelled,
     BranchTimeout,
+    FanOutPlanError,
     GraphExecutionError,
-    MapOverError,
     NodeFailure,
     RetriesStopped,
     StateCopyError,
 )
-from .fanout import (
-    FanOut,
-    FanOutPlan,
-    Gathered,
-    MapFanOut,
-    StaticFanOut,
-    map_base_state,
-    map_items,
-    map_plan,
-    static_plan,
-)
-from .isolation.base import crosses_processes, stream_results
+from .fanout import FanOut, StaticFanOut, plan_fan_out
+from .fanout_run import BranchFinished, FanOutRun, RetryNotice
 from .keys import Language
 from .nodes import Node
 from .retry import exception_names, failure_names, not_retried_note, wait_unless
-from .statecopy import StateSnapshot, find_unpicklable
+from .statecopy import StateSnapshot
 
 if TYPE_CHECKING:
     from .checkpoint.recorder import ResumePoint, RunRecorder
     from .compiled import CompiledGraph
     from .context import ExecutionContext
-    from .isolation.base import IsolationBackend
     from .retry import RetryPolicy
 
 logger = logging.getLogger(__name__)
@@ -277,73 +265,36 @@ def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
              context: ExecutionContext, *, branch_events: bool,
              recorder: RunRecorder | None = None
              ) -> Generator[dict[str, Any], None, list[ParallelFlowResult]]:
-    """Run the branches of ``node``'s fan-out; yield a ``branch`` event per finished one
-    (main path only) and return every result in declaration / item order.
+    """Plan ``node``'s fan-out and hand it to the fan-out driver; yield a ``branch`` event
+    per finished branch (main path only) and return every result in declaration / item order.
 
     With a ``recorder`` (main path of a checkpointed run) each final result
     is recorded, and a resumed fan-out runs only the branches that have no
     recorded success; the recorded ones take their places in the results."""
     backend = context.fan_out_backend()
-    crosses = crosses_processes(backend)
-    base = state
-    items: Sequence[Any] = ()
-    if isinstance(fan_out, MapFanOut):
-        try:
-            items = map_items(fan_out, state, context)
-        except (BranchTimeout, BranchCancelled, GraphExecutionError):
-            raise
-        except Exception as exc:
-            detail = str(exc) if isinstance(exc, MapOverError) else (
-                f"map over {fan_out.describe_over()} failed: {type(exc).__name__}: {exc}"
-                f"{_at([fan_out.over], exc)}")
-            raise NodeFailure(f"{_where(node, context)}: {detail}", node=node,
-                              branch=context.branch, error_type=type(exc).__name__,
-                              state=dict(state), traceback=format_traceback(exc)) from exc
-        base = map_base_state(fan_out, state)
     try:
-        snapshot = StateSnapshot(base)
-    except StateCopyError as exc:
-        raise NodeFailure(f"{_where(node, context)}: cannot copy the state for its branches: "
-                          f"{exc}", node=node, branch=context.branch,
-                          error_type=ErrorKind.STATE_COPY_ERROR, state=dict(state)) from exc
-    if crosses and not snapshot.picklable:
-        path, reason = find_unpicklable(base, "state")
-        raise NodeFailure(f"{_where(node, context)}: the state cannot be sent to "
-                          f"{backend.name!r} workers: {path}: {reason}", node=node,
-                          branch=context.branch, error_type=ErrorKind.STATE_COPY_ERROR, state=dict(state))
+        plan = plan_fan_out(graph, fan_out, state, context, isolation=backend.name,
+                            crosses_processes=backend.crosses_processes)
+    except FanOutPlanError as exc:
+        raise NodeFailure(f"{_where(node, context)}: {exc}", node=node, branch=context.branch,
+                          error_type=exc.error_type, state=dict(state),
+                          traceback=exc.traceback) from exc
     limits = context.fan_out_limits
-    if isinstance(fan_out, MapFanOut):
-        plan = map_plan(graph, fan_out, items, snapshot, limits, backend.name, context.branch,
-                        must_pickle=crosses, stop=context.stop)
-    else:
-        plan = static_plan(graph, fan_out, snapshot, limits, backend.name, context.branch,
-                           stop=context.stop)
-    gathered = Gathered(plan.total, limits.fail_fast, backend.name)
-    max_concurrency = fan_out.max_concurrency or context.max_concurrency
+    retry_of = _retry_of(fan_out, limits.branch_retry)
+    recording = recorder.fan_out(node, plan.total) if recorder is not None else None
+    run = FanOutRun(backend, plan, fail_fast=limits.fail_fast,
+                    max_concurrency=fan_out.max_concurrency or context.max_concurrency,
+                    retry_of=retry_of, cancel=context.fan_out_cancel,
+                    # Without retries nothing waits that close() would have to end.
+                    stop_flags=context.stop_flags() if retry_of is not None else (),
+                    recorded=recording.recorded if recording is not None else None,
+                    observers=[recording] if recording is not None else ())
     emit = branch_events and context.branch is None  # branches' own fan-outs never emit
-    tasks, positions = plan.tasks, None
-    if recorder is not None:
-        tasks, positions = _skip_recorded(recorder, node, plan, gathered)
-    stream = _branch_stream(fan_out, tasks, positions, backend, max_concurrency, context)
     try:
-        for item in stream:
-            if isinstance(item, RetryNotice):  # an attempt failed; the branch runs again
-                if emit:
-                    yield _retry_event(node, fan_out.fan_in, item, gathered)
-                continue
-            position, result = item  # a branch's final result
-            if positions is not None:  # a resumed fan-out runs only some of its tasks
-                position = positions[position]
-            stop = gathered.add(position, result)
-            if recorder is not None:
-                recorder.branch_done(node, position, result)
+        for note in run:
             if emit:
-                yield _branch_event(node, fan_out.fan_in, result, gathered)
-            if stop:
-                break
-        if recorder is not None:
-            recorder.fan_out_done()
-        results = gathered.finish(plan.names, plan.indexes, backend.name)
+                yield _branch_event(node, fan_out.fan_in, note, run)
+        results = run.results
     except StateCopyError as exc:  # an item that cannot be copied or sent
         raise NodeFailure(f"{_where(node, context)}: cannot copy an item for its map branches: "
                           f"{exc}", node=node, branch=context.branch,
@@ -359,13 +310,7 @@ def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
                           f"failed: {type(exc).__name__}: {exc}", node=node,
                           branch=context.branch, error_type=type(exc).__name__,
                           state=dict(state), traceback=format_traceback(exc)) from exc
-    finally:
-        # Stops whatever still runs (fail_fast, an exception, a consumer that
-        # stopped reading events) before the fan-out is left.
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()
-    failed = gathered.failure
+    failed = run.failure
     if failed is not None:
         raise GraphExecutionError(
             f"fan-out from {_where(node, context)}: branch {failed.branch!r} failed "
@@ -375,61 +320,30 @@ def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
     return results
 
 
-def _skip_recorded(recorder: RunRecorder, node: str, plan: FanOutPlan, gathered: Gathered
-                   ) -> tuple[Iterator[BranchTask], list[int] | None]:
-    """The tasks of ``plan`` still to run, and their positions in the plan (None: all).
-
-    Recorded successes (a resumed fan-out) go into ``gathered`` first.
-    """
-    reused = recorder.fan_out_started(node, plan.total)
-    if not reused:
-        return plan.tasks, None
-    for position, result in sorted(reused.items()):
-        gathered.add(position, result)
-    remaining = [position for position in range(plan.total) if position not in reused]
-    return (task for position, task in enumerate(plan.tasks) if position not in reused), remaining
-
-
-def _branch_stream(fan_out: FanOut, tasks: Iterator[BranchTask], positions: list[int] | None,
-                   backend: IsolationBackend, max_concurrency: int | None,
-                   context: ExecutionContext
-                   ) -> Iterator[tuple[int, ParallelFlowResult] | RetryNotice]:
-    """The fan-out's results as they finish; with a retry policy, final ones and notices.
-
-    ``tasks`` are the plan's tasks still to run; ``positions`` their places
-    in the plan (None: all of them, in order).
-    """
-    default = context.fan_out_limits.branch_retry
-    policies = [fan_out.retry_of(i) for i in range(len(fan_out.targets))] \
-        if isinstance(fan_out, StaticFanOut) else [fan_out.retry]
+def _retry_of(fan_out: FanOut, default: RetryPolicy | None
+              ) -> Callable[[int], RetryPolicy | None] | None:
+    """The retry policy of each branch of ``fan_out`` by position (None: no branch retries)."""
+    policies = fan_out.retries if isinstance(fan_out, StaticFanOut) else (fan_out.retry,)
     if default is None and not any(policies):
-        return stream_results(backend, tasks, max_concurrency, context.fan_out_cancel)
-
-    def policy_of(position: int) -> RetryPolicy | None:
-        in_plan = positions[position] if positions is not None else position
-        return fan_out.retry_of(in_plan) or default
-
-    return stream_with_retries(backend, tasks, max_concurrency, policy_of=policy_of,
-                               stop_flags=context.stop_flags(), cancel=context.fan_out_cancel)
+        return None
+    return lambda position: fan_out.retry_of(position) or default
 
 
-def _branch_event(node: str, fan_in: str, result: ParallelFlowResult, gathered: Gathered
+def _branch_event(node: str, fan_in: str, note: BranchFinished | RetryNotice, run: FanOutRun
                   ) -> dict[str, Any]:
+    """A ``branch`` event (a final result) or a ``branch_retry`` event (an attempt failed)."""
+    result = note.result
+    if isinstance(note, RetryNotice):
+        return {"type": "branch_retry", "fan_out": node, "fan_in": fan_in,
+                "branch": result.branch, "index": result.index, "attempt": result.attempts,
+                "max_attempts": note.max_attempts, "error": result.error,
+                "error_type": result.error_type, "timed_out": result.timed_out,
+                "duration_ms": result.duration_ms, "retry_in": note.delay,
+                "done": run.done, "total": run.total}
     return {"type": "branch", "fan_out": node, "fan_in": fan_in, "branch": result.branch,
             "index": result.index, "success": result.success, "error_type": result.error_type,
             "timed_out": result.timed_out, "duration_ms": result.duration_ms,
-            "attempts": result.attempts, "done": gathered.done, "total": len(gathered.results)}
-
-
-def _retry_event(node: str, fan_in: str, notice: RetryNotice, gathered: Gathered
-                 ) -> dict[str, Any]:
-    result = notice.result
-    return {"type": "branch_retry", "fan_out": node, "fan_in": fan_in, "branch": result.branch,
-            "index": result.index, "attempt": result.attempts,
-            "max_attempts": notice.max_attempts, "error": result.error,
-            "error_type": result.error_type, "timed_out": result.timed_out,
-            "duration_ms": result.duration_ms, "retry_in": notice.delay,
-            "done": gathered.done, "total": len(gathered.results)}
+            "attempts": result.attempts, "done": note.done, "total": note.total}
 
 
 def _route(graph: CompiledGraph, node: str, state: dict, context: ExecutionContext) -> str:

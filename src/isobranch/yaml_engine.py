@@ -22,10 +22,9 @@ from .defaults import (
     DEFAULT_LUA_TIMEOUT,
 )
 from .errors import GraphError
-from .isolation.base import available_backends
+from .isolation.registry import available_backends, backend_options
 from .keys import (
     PARALLEL_KEYS,
-    backend_options,
     unknown,
 )
 from .yaml_builder import DocumentBuilder

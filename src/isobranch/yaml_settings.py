@@ -22,16 +22,18 @@ from .defaults import (
     DEFAULT_LUA_TIMEOUT,
     DEFAULT_MAX_STEPS,
 )
-from .isolation.base import available_backends
+from .isolation.registry import (
+    available_backends,
+    backend_options,
+    backends_accepting,
+    every_backend_option,
+)
 from .keys import (
     CHECKPOINT_SETTINGS_KEYS,
     LUA_SETTINGS_KEYS,
     PARALLEL_KEYS,
     SETTINGS_KEYS,
     UNTRUSTED_BACKEND_OPTIONS,
-    backend_options,
-    backends_accepting,
-    every_backend_option,
     unknown,
 )
 from .retry import parse_policy

@@ -1,18 +1,19 @@
 """Recording one run as it happens, and the point a resumed run continues from.
 
-The runner calls a ``RunRecorder`` at three moments of the main path: after
-each step (``step``), as each branch of a fan-out finishes (``fan_out_started``
-then ``branch_done``) and when the run ends (``finished``). A branch's own
-nested fan-outs are never recorded.
+The runner calls a ``RunRecorder`` after each step of the main path
+(``step``) and when the run ends (``finished``); for each main-path fan-out
+it makes a ``FanOutRecording`` (``fan_out``), which observes the fan-out
+driver and records each branch as it finishes. A branch's own nested
+fan-outs are never recorded.
 
 Steps are committed before the runner goes on. Branch results are queued
 for a writer thread, which encodes them and commits the results that
 finish within a few milliseconds of each other in one transaction, while
 the runner waits for the next branch: a result may be recorded a few milliseconds late, never wrongly,
 and a kill in between loses only results that were not yet recorded, whose
-branches then run again on resume. The runner waits for the writer before
-the fan-in node runs (``fan_out_done``), so nothing the fan-in node does to
-the results can change what is stored.
+branches then run again on resume. The fan-out waits for the writer before
+the fan-in node runs (``fan_out_finished``), so nothing the fan-in node does
+to the results can change what is stored.
 """
 
 from __future__ import annotations
@@ -88,6 +89,10 @@ class RunRecorder:
         except GraphError as exc:
             raise self.failure(f"the step of node {node!r}", exc, node) from exc
 
+    def fan_out(self, node: str, total: int) -> FanOutRecording:
+        """Record the fan-out of ``node`` after the last step; what records its branches."""
+        return FanOutRecording(self, node, self.fan_out_started(node, total))
+
     def fan_out_started(self, node: str, total: int) -> dict[int, ParallelFlowResult]:
         """Record the fan-out after the last step; the successful results already recorded
         for it (only when it is the fan-out a resume continues), by position."""
@@ -147,6 +152,28 @@ class RunRecorder:
                 f"run {self.run_id!r}: the recorded result of branch {position} of the fan-out "
                 f"from node {node!r} in {str(self.store.path)!r} is unreadable: {exc}",
                 node=node, error_type="StateDecodeError", run_id=self.run_id) from exc
+
+
+class FanOutRecording:
+    """Records the branch results of one fan-out as the driver reports them (an observer).
+
+    ``recorded`` are the successful results a resumed run already has for
+    it, by position: those branches do not run again.
+    """
+
+    def __init__(self, recorder: RunRecorder, node: str,
+                 recorded: dict[int, ParallelFlowResult]) -> None:
+        self._recorder = recorder
+        self._node = node
+        self.recorded = recorded
+
+    def branch_finished(self, position: int, result: ParallelFlowResult) -> None:
+        """Queue the final result of branch ``position`` for the writer."""
+        self._recorder.branch_done(self._node, position, result)
+
+    def fan_out_finished(self) -> None:
+        """Wait until every result is committed (before the fan-in node runs)."""
+        self._recorder.fan_out_done()
 
 
 class _BranchWriter:

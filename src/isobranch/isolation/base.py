@@ -1,267 +1,139 @@
-"""The isolation backend protocol and the registry of backends by name."""
+"""The backend contract: the base class every backend subclasses, and its half of one fan-out.
+
+Policies are not a backend's business. The fan-out driver (``fanout_run``)
+pulls the branches, bounds how many run at once, owns every deadline,
+retry backoff, ``fail_fast`` and cancellation; a backend only starts a
+branch somewhere, reports what finished, and kills what it is told to.
+
+A backend (``IsolationBackend``) declares its capabilities as attributes
+and opens one ``BackendFanOut`` per fan-out: ``start`` takes branches from
+the driver's ``RunSource`` and starts them, ``collect`` reports finished
+ones, ``kill`` ends one past its deadline, ``close`` stops what is left.
+"""
 
 from __future__ import annotations
 
-import os
-import threading
-import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
-
-from ..errors import BackendError, ConfigError, ConfigTypeError, GraphError, InternalError
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from ..branch import BranchTask, ParallelFlowResult
-    from ..cancellation import CancelSignal
+    from ..branch import BranchRun, ParallelFlowResult
+    from ..compiled import CompiledGraph
+
+# What ``collect`` reports: a run and its result.
+Finished = tuple["BranchRun", "ParallelFlowResult"]
 
 
-@runtime_checkable
-class IsolationBackend(Protocol):
-    """Where the branches of a fan-out run.
+class RunSource(Protocol):
+    """Where a backend takes the branches of a fan-out from (the driver owns it).
 
-    ``run_branches`` returns one result per task, in task order, and never
-    raises for a failing branch. ``close`` releases every worker it owns.
-
-    ``crosses_processes`` says whether branches run in another process
-    (the state must then pickle; the runner checks that before the fan-out
-    and names what does not). Every built-in backend sets it; one that does
-    not is taken to run branches in this process (``crosses_processes()``;
-    it is not a member here, so ``isinstance`` still accepts such a backend).
-
-    A backend may also offer ``stream_branches`` (see ``StreamingBackend``);
-    the runner then sees results as they finish. Without it the runner calls
-    ``run_branches`` on chunks of ``max_concurrency`` tasks.
+    Safe to use from any thread. ``take`` hands out the next run to start,
+    or None when there is none now: the tasks ran out, the fan-out is
+    stopping, as many runs are out as the driver allows, or the next one is
+    a retry whose backoff has not ended (the driver then calls ``start``
+    again when it has). ``ready`` says whether ``take`` may give a run now
+    (no task is built to tell); ``next_due`` when the soonest retry's
+    backoff ends (``time.monotonic()``; None: none waits).
+    ``max_concurrency`` is what the fan-out asked for (None: as many as the
+    backend runs at once).
     """
 
-    name: str
+    max_concurrency: int | None
 
-    def run_branches(self, tasks: list[BranchTask]) -> list[ParallelFlowResult]: ...
+    def take(self) -> BranchRun | None: ...
 
-    def close(self) -> None: ...
+    def ready(self) -> bool: ...
+
+    def next_due(self) -> float | None: ...
 
 
-@runtime_checkable
-class StreamingBackend(Protocol):
-    """A backend that runs a lazy stream of tasks and reports each result as it finishes.
+class BackendFanOut:
+    """One fan-out on a backend, from the backend's side.
 
-    ``stream_branches`` pulls tasks from ``tasks`` only as it can start them
-    (never more than ``max_concurrency`` started and unfinished; None: the
-    backend's worker count) and yields ``(position in tasks, result)`` in
-    completion order. It applies no fail-fast rule (the runner does). When
-    the consumer closes the generator early, queued branches are dropped and
-    running ones stopped before ``close()`` of the generator returns.
-
-    A backend whose class sets ``cancellable = True`` also takes
-    ``cancel=`` (a ``CancelSignal`` or None): when it is set, the stream
-    raises ``RunCancelled`` from its wait at once and stops its branches as
-    on an early close.
+    The driver calls ``start``, ``collect``, ``kill`` and ``close`` from the
+    one thread that runs the fan-out; ``wake`` and ``interrupt`` come from
+    any thread. ``slots`` is how many branches it runs at once (its threads,
+    its workers, the cluster's threads).
     """
 
-    name: str
+    slots: int = 1
 
-    def stream_branches(self, tasks: Iterable[BranchTask], *, max_concurrency: int | None
-                        ) -> Iterator[tuple[int, ParallelFlowResult]]: ...
+    def start(self) -> None:
+        """Start what the source gives now (or take it ahead, for a backend that does)."""
+        raise NotImplementedError
+
+    def collect(self, timeout: float | None) -> list[Finished]:
+        """What finished since the last call: wait for at least one result, for at most
+        ``timeout`` seconds (None: no limit), or until ``wake``; may return nothing."""
+        raise NotImplementedError
+
+    def wake(self) -> None:
+        """End a ``collect`` (or a ``start`` waiting for a worker) at once: something changed."""
+        raise NotImplementedError
+
+    def interrupt(self) -> None:
+        """The run is being cancelled: as ``wake``, and stop a branch running in the
+        driver's own thread (the inline backend's)."""
+        self.wake()
+
+    def kill(self, run: BranchRun) -> ParallelFlowResult | None:
+        """``run`` is past its deadline: end it and return its timed-out result, with its
+        state as of the kill, or its own result if it turns out to have just finished
+        (None: ``collect`` reports that result). Only called on a backend that
+        ``kills_overdue``."""
+        raise NotImplementedError
+
+    def close(self, *, cancelled: bool) -> None:
+        """The fan-out is over: stop every branch still held (the fan-out ended early:
+        fail_fast, an error, Ctrl-C; ``cancelled``: the run was cancelled) and release
+        what this fan-out holds."""
 
 
-class NotReady:
-    """What a task source may yield in place of a task: no task is ready yet.
+class IsolationBackend:
+    """Where the branches of a fan-out run: the base class of every backend.
 
-    A fan-out whose failed branches wait to be retried hands its backend a
-    source that is not finished while a retry waits. ``wake_at`` is when
-    the next task will be ready (``time.monotonic()``), or None: not before
-    the backend hands back another result (some are still running). A
-    backend that declares ``accepts_not_ready = True`` then starts nothing
-    for now, keeps reporting running branches, and asks the source again
-    at ``wake_at`` or after its next result. A source that has a
-    ``set_waker(callback)`` method is told how to end that wait early (the
-    fan-out was stopped); the callback may be called from any thread. A
-    source never answers ``NotReady`` before its first task.
+    Every capability the engine asks a backend about is an attribute
+    declared here with its default; a subclass states only how it differs,
+    implements ``open`` and, if it holds workers, ``close``. A backend
+    written to the first protocol (``run_branches`` or ``stream_branches``,
+    subclassing nothing) is wrapped by the registry in an adapter
+    (``adapters``).
     """
 
-    __slots__ = ("wake_at",)
+    #: The name it is registered under (``ParallelFlowResult.isolation``).
+    name: str = ""
+    #: Branches run in other processes: the state must pickle, and the runner
+    #: checks that before a fan-out, naming what does not.
+    crosses_processes: bool = False
+    #: How many branches it runs at once, when it knows before a fan-out.
+    max_workers: int | None = None
+    #: Branches it may take beyond those it runs, per slot, when the fan-out
+    #: does not bound concurrency more tightly (queued in its threads' queue,
+    #: sent ahead to busy workers, waiting at a scheduler), so a slot that
+    #: frees up never waits a round trip for its next branch.
+    tasks_ahead_per_worker: int = 0
+    #: It can end a branch past its deadline from outside (the driver then
+    #: calls ``kill`` ``kill_grace_seconds`` after the deadline, time the
+    #: branch has to report its own timeout with its state); without it a
+    #: branch enforces its deadline itself, at node boundaries and in Lua.
+    kills_overdue: bool = False
+    kill_grace_seconds: float = 0.25
+    #: It is handed ``max_concurrency`` and bounds what it takes itself (a
+    #: backend with its own ``stream_branches``): the driver sets no bound.
+    bounds_concurrency: bool = False
 
-    def __init__(self, wake_at: float | None) -> None:
-        self.wake_at = wake_at
+    def check_branch_max_memory(self, limit: int) -> str | None:
+        """Why this backend cannot enforce a ``branch_max_memory`` of ``limit`` bytes
+        (None: it can). By default it cannot: its branches share one process's memory."""
+        return (f"isolation {self.name!r} cannot enforce a memory limit per branch (its "
+                f"branches share one process's memory); it is enforced by isolation "
+                f"'process' (each worker process) and 'dask' (each worker of the local "
+                f"cluster isobranch starts)")
 
-    def __repr__(self) -> str:
-        return f"NotReady(wake_at={self.wake_at!r})"
+    def open(self, source: RunSource, graph: CompiledGraph) -> BackendFanOut:
+        """This backend's half of one fan-out of ``graph``, taking its branches from
+        ``source``. Nothing may be taken before the driver's first ``start``."""
+        raise NotImplementedError(f"backend {self.name!r} does not implement open()")
 
+    def close(self) -> None:
+        """Release every worker the backend owns (nothing by default). Safe twice."""
 
-def accepts_not_ready(backend: Any) -> bool:
-    """Whether ``backend``'s streaming takes a source that may answer ``NotReady``.
-
-    True for the built-in backends, and for one with only ``run_branches``
-    (it is driven chunk by chunk here). A third-party ``stream_branches``
-    without the declaration gets finite sources only.
-    """
-    if not callable(getattr(backend, "stream_branches", None)):
-        return True
-    return getattr(backend, "accepts_not_ready", False) is True
-
-
-def crosses_processes(backend: Any) -> bool:
-    """Whether ``backend`` runs branches in other processes (so the state must pickle).
-
-    The built-in backends declare it; a third-party backend that predates
-    the attribute runs its branches here.
-    """
-    return bool(getattr(backend, "crosses_processes", False))
-
-
-def set_waker(tasks: Any, callback: Callable[[], None]) -> None:
-    """Tell ``tasks`` how to wake the backend waiting on it, if it wants to know."""
-    hook = getattr(tasks, "set_waker", None)
-    if callable(hook):
-        hook(callback)
-
-
-def wait_until_ready(marker: NotReady, woken: threading.Event) -> None:
-    """For a backend with nothing running: wait until ``marker.wake_at`` or ``woken``."""
-    if marker.wake_at is None:
-        raise InternalError("the task source waits for a result, but no branch is running")
-    woken.wait(max(marker.wake_at - time.monotonic(), 0.0))
-    woken.clear()
-
-
-# Chunk size for a backend that has neither stream_branches nor max_workers.
-DEFAULT_LEGACY_CHUNK = max(os.cpu_count() or 1, 8)
-
-
-def stream_results(backend: IsolationBackend, tasks: Iterable[BranchTask],
-                   max_concurrency: int | None, cancel: CancelSignal | None = None
-                   ) -> Iterator[tuple[int, ParallelFlowResult]]:
-    """``(position, result)`` pairs of ``tasks`` run on ``backend``, as they finish.
-
-    Uses the backend's ``stream_branches`` when it has one; otherwise calls
-    its ``run_branches`` on successive chunks of ``max_concurrency`` tasks
-    (default: its ``max_workers``), so a backend that only returns lists
-    keeps working, lazily, chunk by chunk. A set ``cancel`` stops the
-    stream: at once on a ``cancellable`` backend, otherwise when the next
-    result (or chunk) arrives.
-    """
-    stream = getattr(backend, "stream_branches", None)
-    if callable(stream):
-        if cancel is None:
-            return stream(tasks, max_concurrency=max_concurrency)
-        if getattr(backend, "cancellable", False):
-            return stream(tasks, max_concurrency=max_concurrency, cancel=cancel)
-        return _checked(stream(tasks, max_concurrency=max_concurrency), cancel)
-    return _chunked(backend, iter(tasks), max_concurrency or getattr(backend, "max_workers", None)
-                    or DEFAULT_LEGACY_CHUNK, cancel)
-
-
-def _checked(stream: Iterator[tuple[int, ParallelFlowResult]], cancel: CancelSignal
-             ) -> Iterator[tuple[int, ParallelFlowResult]]:
-    try:
-        for pair in stream:
-            cancel.raise_if_set()
-            yield pair
-    finally:
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()
-
-
-def _chunked(backend: IsolationBackend, tasks: Iterator[BranchTask], size: int,
-             cancel: CancelSignal | None = None) -> Iterator[tuple[int, ParallelFlowResult]]:
-    position = 0
-    woken = threading.Event()
-    set_waker(tasks, woken.set)
-    forget = cancel.add_callback(woken.set) if cancel is not None else None
-    try:
-        while True:
-            chunk: list[BranchTask] = []
-            while len(chunk) < size:
-                task = next(tasks, None)
-                if task is None:
-                    break
-                if isinstance(task, NotReady):
-                    if chunk:
-                        break  # run what is ready; the rest is asked for after it
-                    wait_until_ready(task, woken)  # nothing runs meanwhile
-                    if cancel is not None:
-                        cancel.raise_if_set()
-                    continue
-                chunk.append(task)
-            if not chunk:
-                return
-            if cancel is not None:
-                cancel.raise_if_set()
-            results = backend.run_branches(chunk)
-            if len(results) != len(chunk):
-                raise BackendError(f"backend {backend.name!r} returned {len(results)} results "
-                                   f"for {len(chunk)} branches")
-            for result in results:
-                yield position, result
-                position += 1
-    finally:
-        if forget is not None:
-            forget()
-
-
-BackendFactory = Callable[..., IsolationBackend]
-
-# The one global registry the project allows: backend name -> factory.
-_registry: dict[str, BackendFactory] = {}
-
-
-def register_backend(name: str, factory: BackendFactory, *, replace: bool = False) -> None:
-    """Make ``factory(max_workers=..., **options)`` available as ``isolation=name``.
-
-    Registering a name twice is an error unless ``replace=True``.
-    """
-    if not isinstance(name, str) or not name:
-        raise ConfigError("backend name must be a non-empty string")
-    if not callable(factory):
-        raise ConfigTypeError(f"backend {name!r}: factory must be callable")
-    if name in _registry and not replace and _registry[name] is not factory:
-        raise ConfigError(f"backend {name!r} is already registered (pass replace=True)")
-    _registry[name] = factory
-
-
-def available_backends() -> list[str]:
-    """Names accepted as ``isolation``, sorted."""
-    _ensure_builtins()
-    return sorted(_registry)
-
-
-def backend_factory(name: str) -> BackendFactory | None:
-    """The factory registered as ``name`` (None if there is none)."""
-    _ensure_builtins()
-    return _registry.get(name)
-
-
-def create_backend(name: str, **options: Any) -> IsolationBackend:
-    """Build a backend by name; unknown names and options are a ``GraphError``."""
-    _ensure_builtins()
-    factory = _registry.get(name)
-    if factory is None:
-        raise GraphError(f"unknown isolation backend {name!r}; available: "
-                         f"{', '.join(sorted(_registry))}")
-    try:
-        return factory(**options)
-    except TypeError as exc:
-        raise GraphError(f"isolation backend {name!r}: {exc}") from exc
-
-
-# Always registered: ``unregister_backend`` refuses them (``replace=True`` swaps one).
-BUILTIN_BACKENDS = frozenset({"inline", "thread", "process", "dask"})
-
-
-def unregister_backend(name: str) -> None:
-    """Forget the backend registered as ``name``, so a test's registration does not outlive it.
-
-    Unknown and built-in names are a ``ValueError``. Graphs already compiled
-    for ``name`` keep the pools they have.
-    """
-    if name in BUILTIN_BACKENDS:
-        raise ConfigError(f"backend {name!r} is built in and cannot be unregistered "
-                         f"(register_backend({name!r}, factory, replace=True) replaces it)")
-    if name not in _registry:
-        raise ConfigError(f"no isolation backend {name!r} is registered")
-    del _registry[name]
-
-
-def _ensure_builtins() -> None:
-    # Imported lazily so the registry module has no import cycle with them.
-    from . import dask, inline, process, thread  # noqa: F401

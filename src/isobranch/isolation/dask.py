@@ -35,15 +35,13 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
-from ..branch import BranchTask, ParallelFlowResult
-from ..cancellation import CancelSignal
+from ..branch import BranchRun, ParallelFlowResult, failed_result
 from ..error_kinds import ErrorKind
-from ..errors import BackendError, ConfigError, DaskUnavailable, InternalError
-from ..fanout import run_in_order
-from .base import NotReady, register_backend, set_waker
+from ..errors import BackendError, ConfigError, DaskUnavailable
+from .base import BackendFanOut, Finished, IsolationBackend, RunSource
 from .by_value import Receiver
 from .dask_branches import (
     FETCH_SECONDS,
@@ -70,6 +68,9 @@ from .dask_cluster import (
 from .memory_limit import BRANCH_MEMORY_ERROR, format_size, memory_message
 from .shipping import ship_graph
 
+if TYPE_CHECKING:
+    from ..compiled import CompiledGraph
+
 logger = logging.getLogger(__name__)
 
 # A branch past its branch_timeout reports its own timeout (with its state)
@@ -94,7 +95,7 @@ MEMORY_RESTART_TOPIC = "worker-restart-memory"
 SUBMIT_AHEAD_PER_THREAD = 8
 
 
-class DaskBackend:
+class DaskBackend(IsolationBackend):
     """Runs branches as tasks on a Dask cluster.
 
     ``dask_address`` (alias ``address``): a running scheduler such as
@@ -109,11 +110,13 @@ class DaskBackend:
     """
 
     name = "dask"
-    cancellable = True
-    # Its tasks may answer NotReady (a retry waiting); running branches go on.
-    accepts_not_ready = True
     # The runner checks this before fan-out: state must pickle to get here.
     crosses_processes = True
+    # Submitted beyond the cluster's threads, per thread (they wait at the scheduler).
+    tasks_ahead_per_worker = SUBMIT_AHEAD_PER_THREAD
+    # A branch stuck past its deadline in one call is given up on; its worker restarts.
+    kills_overdue = True
+    kill_grace_seconds = TIMEOUT_GRACE_SECONDS
 
     def __init__(self, max_workers: int | None = None, *, dask_address: str | None = None,
                  address: str | None = None, client: Any = None, retries: int = 0,
@@ -286,6 +289,7 @@ class DaskBackend:
             branch.fan_out.heard_at = now
             if message.get("kind") == "start":
                 branch.starts.append((now, str(message.get("worker"))))
+                branch.run.started_at = now  # the driver's deadline counts from here
                 # A branch begins at the node it is named after; later nodes are
                 # reported as entered (unless a call holding the GIL stops that).
                 branch.node = branch.task.branch
@@ -294,86 +298,10 @@ class DaskBackend:
 
     # -- running a fan-out ---------------------------------------------------
 
-    def stream_branches(self, tasks: Iterable[BranchTask], *, max_concurrency: int | None = None,
-                        cancel: CancelSignal | None = None
-                        ) -> Iterator[tuple[int, ParallelFlowResult]]:
-        """Run ``tasks`` as Dask tasks, yielding ``(position, result)`` as each finishes.
-
-        At most ``max_concurrency`` branches run at once (default: the
-        cluster's worker threads). Tasks are taken from ``tasks`` only as
-        branches finish: up to ``max_concurrency`` submitted and unfinished,
-        plus, when the cluster's threads are the bound,
-        ``SUBMIT_AHEAD_PER_THREAD`` per thread waiting at the scheduler. Closing the generator cancels the
-        submitted tasks and restarts the workers running them on a cluster
-        isobranch started; so does a set ``cancel``, which wakes the wait and
-        raises ``RunCancelled``.
-        """
-        source = iter(tasks)
-        first = next(source, None)
-        if first is None:
-            return
-        connection, plugin = self._prepare(first.graph)
-        client = connection.client
-        slots = self._worker_slots(connection)
-        limit = max_concurrency or slots
-        if limit >= slots:
-            # The cluster's threads are the bound: a few more wait at the
-            # scheduler, so a thread that finishes does not wait a round trip.
-            limit += SUBMIT_AHEAD_PER_THREAD * slots
-        fan_out = FanOutWatch()
-        pending: dict[Any, FollowedBranch] = {}
-        # Results found by one look at the cluster, handed out before the next.
-        results: dict[int, ParallelFlowResult] = {}
-        position = 0
-        upcoming: BranchTask | NotReady | None = first
-        set_waker(source, lambda: fan_out.finished.put(None))
-        # A cancellation wakes the wait for finished futures (any item does).
-        forget = (cancel.add_callback(lambda: fan_out.finished.put(None))
-                  if cancel is not None else None)
-        try:
-            while True:
-                if cancel is not None:
-                    cancel.raise_if_set()
-                if isinstance(upcoming, NotReady):  # a retry may be due by now
-                    upcoming = next(source, None)
-                while isinstance(upcoming, BranchTask) and len(pending) < limit:
-                    branch = FollowedBranch(position, upcoming, fan_out)
-                    pending[self._submit(client, plugin, branch)] = branch
-                    position += 1
-                    upcoming = next(source, None)
-                if not pending:
-                    if not isinstance(upcoming, NotReady):
-                        return
-                    _wait_for(fan_out.finished, upcoming.wake_at)
-                    continue
-                due = upcoming.wake_at if isinstance(upcoming, NotReady) else None
-                lost = self._follow_once(connection, plugin, pending, results, fan_out, cancel,
-                                         due)
-                for finished in sorted(results):
-                    yield finished, results.pop(finished)
-                if lost is not None:
-                    # Nothing can run on this cluster any more: the rest fail alike.
-                    while isinstance(upcoming, BranchTask):
-                        yield position, failed(FollowedBranch(position, upcoming, fan_out), lost,
-                                                ErrorKind.DASK_ERROR)
-                        position += 1
-                        upcoming = next(source, None)
-                    return
-        except BaseException:
-            # Stopped early (fail_fast, Ctrl-C, a consumer gone): branches already
-            # running must not keep a cluster isobranch owns busy.
-            self._stop_running(connection, pending.values())
-            raise
-        finally:
-            if forget is not None:
-                forget()
-            self._forget(pending, list(pending))
-            if pending:
-                quietly(client.cancel, list(pending))
-
-    def run_branches(self, tasks: list[BranchTask]) -> list[ParallelFlowResult]:
-        """Run ``tasks`` as Dask tasks and return their results in task order."""
-        return run_in_order(self.stream_branches(tasks), tasks)
+    def open(self, source: RunSource, graph: CompiledGraph) -> BackendFanOut:
+        """One fan-out of ``graph`` on the cluster (connected to, or started, now)."""
+        connection, plugin = self._prepare(graph)
+        return _DaskFanOut(self, source, connection, plugin, self._worker_slots(connection))
 
     def _worker_slots(self, connection: Connection) -> int:
         """How many branches the cluster runs at once: its worker threads."""
@@ -388,60 +316,49 @@ class DaskBackend:
             total = 0
         return total or self.max_workers or os.cpu_count() or 1
 
-    def _submit(self, client: Any, plugin: str, branch: FollowedBranch) -> Any:
+    def submit(self, client: Any, plugin: str, branch: FollowedBranch) -> Any:
+        """Submit ``branch`` as a Dask task (again, after its worker died); its future."""
         from .dask_worker import run_on_worker
 
         task = branch.task
         branch.key = f"isobranch-{task.label.replace('/', '.')}-{uuid.uuid4().hex}"
         with self._lock:
             branch.current = len(branch.starts)
+            branch.run.started_at = None
             self._following[branch.key] = branch
-        future = client.submit(run_on_worker, plugin, task.payload(), self._topic, branch.key,
-                               key=branch.key, pure=False)
+        future = branch.future = client.submit(run_on_worker, plugin, task.payload(),
+                                               self._topic, branch.key, key=branch.key,
+                                               pure=False)
         future.add_done_callback(branch.fan_out.finished.put)
         return future
 
-    def _follow_once(self, connection: Connection, plugin: str, pending: dict[Any, FollowedBranch],
-                     results: dict[int, ParallelFlowResult], fan_out: FanOutWatch,
-                     cancel: CancelSignal | None = None, due: float | None = None
-                     ) -> str | None:
-        """Wait for a branch to finish (or a deadline, or ``due``: a task will be ready),
-        and put what is done in ``results``.
+    def follow_once(self, connection: Connection, plugin: str, pending: dict[Any, FollowedBranch],
+                    results: list[Finished], fan_out: FanOutWatch, timeout: float | None
+                    ) -> str | None:
+        """Wait for a branch to finish (or a wake-up, for at most ``timeout`` and
+        ``POLL_SECONDS``), and put what is done in ``results``.
 
         Returns why nothing pending can finish any more, if so (its branches
         are then failed with that reason).
         """
         try:
-            timeout = self._wakeup(pending)
-            if due is not None:
-                timeout = min(timeout, max(due - time.monotonic(), 0.0))
-            fan_out.finished.get(timeout=timeout)
+            fan_out.finished.get(timeout=POLL_SECONDS if timeout is None
+                                 else min(timeout, POLL_SECONDS))
             fan_out.heard_at = time.monotonic()
             while True:
                 fan_out.finished.get_nowait()
         except queue.Empty:
             pass
-        if cancel is not None:
-            cancel.raise_if_set()
         lost = self._lost(connection, fan_out, pending)
         if lost is not None:
             for branch in pending.values():
-                results[branch.index] = failed(branch, lost, ErrorKind.DASK_ERROR)
-            self._stop_running(connection, pending.values())
-            self._forget(pending, list(pending))
+                results.append((branch.run, failed(branch, lost, ErrorKind.DASK_ERROR)))
+            self.stop_running(connection, pending.values())
+            self.forget(pending, list(pending))
             return lost
-        self._judge_running(connection, pending, results)
+        self._judge_reruns(connection, pending, results)
         self._collect(connection, plugin, pending, results)
         return None
-
-    def _wakeup(self, pending: dict[Any, FollowedBranch]) -> float:
-        deadlines = [branch.started_at + limit + TIMEOUT_GRACE_SECONDS
-                     for branch in pending.values()
-                     if (limit := branch.task.limits.branch_timeout)
-                     and branch.started_at is not None]
-        if not deadlines:
-            return POLL_SECONDS
-        return min(max(min(deadlines) - time.monotonic(), 0.0), POLL_SECONDS)
 
     def _lost(self, connection: Connection, fan_out: FanOutWatch,
               pending: dict[Any, FollowedBranch]) -> str | None:
@@ -492,41 +409,45 @@ class DaskBackend:
                 client.loop.asyncio_loop)
         return None
 
-    def _judge_running(self, connection: Connection, pending: dict[Any, FollowedBranch],
-                       results: dict[int, ParallelFlowResult]) -> None:
-        now = time.monotonic()
+    def _judge_reruns(self, connection: Connection, pending: dict[Any, FollowedBranch],
+                      results: list[Finished]) -> None:
         for future, branch in list(pending.items()):
             if future.status != "pending":
                 continue  # finished meanwhile: _collect takes it as it is
             rerun = self._runs.rerun_failure(branch, connection.address)
             if rerun is not None:
-                results[branch.index] = rerun
+                results.append((branch.run, rerun))
                 quietly(future.cancel)
-                self._forget(pending, [future])
-                continue
-            limit, started, worker = (branch.task.limits.branch_timeout, branch.started_at,
-                                      branch.running_on)
-            if limit and started is not None and worker is not None \
-                    and now >= started + limit + TIMEOUT_GRACE_SECONDS:
-                where = f" in node {branch.node!r}" if branch.node else ""
-                results[branch.index] = ParallelFlowResult(
-                    branch=branch.task.name, index=branch.task.index,
-                    state=branch.task.initial_state(), success=False,
-                    error=(f"branch {branch.task.label!r} timed out after {limit:g}s{where}: "
-                           f"stuck in one call on Dask worker {worker}, which is being "
-                           f"restarted"),
-                    error_type=ErrorKind.BRANCH_TIMEOUT, timed_out=True,
-                    duration_ms=(now - started) * 1000.0, isolation=self.name, worker=worker,
-                    node=branch.node)
-                quietly(future.cancel)
-                self._forget(pending, [future])
-                logger.warning("dask backend: branch %r is stuck past its %gs branch_timeout "
-                               "on Dask worker %s; restarting that worker", branch.task.label,
-                               limit, worker)
-                self._restart(connection, [worker])
+                self.forget(pending, [future])
+
+    def give_up(self, connection: Connection, pending: dict[Any, FollowedBranch],
+                branch: FollowedBranch) -> ParallelFlowResult | None:
+        """``branch`` is stuck past its ``branch_timeout``: its timed-out result, and its
+        worker restarted; None if it has just finished (its result is collected)."""
+        future = branch.future
+        if future is None or future.status != "pending":
+            return None
+        limit, started, worker = (branch.task.limits.branch_timeout or 0.0, branch.started_at,
+                                  branch.running_on)
+        now = time.monotonic()
+        where = f" in node {branch.node!r}" if branch.node else ""
+        result = failed_result(
+            branch.task,
+            f"branch {branch.task.label!r} timed out after {limit:g}s{where}: "
+            f"stuck in one call on Dask worker {worker}, which is being restarted",
+            ErrorKind.BRANCH_TIMEOUT, state=branch.task.initial_state(), timed_out=True,
+            duration_ms=(now - (started or now)) * 1000.0, isolation=self.name, worker=worker,
+            node=branch.node)
+        quietly(future.cancel)
+        self.forget(pending, [future])
+        logger.warning("dask backend: branch %r is stuck past its %gs branch_timeout on Dask "
+                       "worker %s; restarting that worker", branch.task.label, limit, worker)
+        if worker is not None:
+            self._restart(connection, [worker])
+        return result
 
     def _collect(self, connection: Connection, plugin: str, pending: dict[Any, FollowedBranch],
-                 results: dict[int, ParallelFlowResult]) -> None:
+                 results: list[Finished]) -> None:
         client = connection.client
         # Read each status once: the event-loop thread may change it meanwhile.
         statuses = {future: future.status for future in pending}
@@ -539,38 +460,38 @@ class DaskBackend:
                 branch = pending[future]
                 rerun = self._runs.rerun_failure(branch, connection.address)
                 if rerun is not None:
-                    results[branch.index] = rerun
+                    results.append((branch.run, rerun))
                 elif isinstance(value, ParallelFlowResult):
-                    results[branch.index] = value
+                    results.append((branch.run, value))
                 else:
-                    results[branch.index] = failed(
+                    results.append((branch.run, failed(
                         branch, f"its result could not be fetched from the cluster: {value}",
-                        ErrorKind.DASK_ERROR)
-            self._forget(pending, finished)
+                        ErrorKind.DASK_ERROR)))
+            self.forget(pending, finished)
         for future, status in statuses.items():
             if status in ("pending", "finished"):
                 continue
             if status in ("cancelled", "lost") and client.status != "running":
                 continue  # the client cancels its tasks when it loses the scheduler: _lost judges
             branch = pending[future]
-            self._forget(pending, [future])
+            self.forget(pending, [future])
             error = quietly(future.exception) if status == "error" else None
             dead = dead_worker(error)
             memory = self._killed_for_memory(branch, dead, connection)
             if memory is not None:  # it would only run out again: no retry
-                results[branch.index] = memory
+                results.append((branch.run, memory))
                 continue
             if dead is not None and self._runs.may_run_again(branch, dead):
                 logger.warning("dask backend: Dask worker %s died while it had branch %r; "
                                "it runs again (run %d)", dead, branch.task.label,
                                self._runs.attempts(branch) + 1)
-                pending[self._submit(client, plugin, branch)] = branch
+                pending[self.submit(client, plugin, branch)] = branch
                 continue
             if dead is not None:
                 logger.warning("dask backend: Dask worker %s died while it ran branch %r",
                                dead, branch.task.label)
-            results[branch.index] = failed(branch, describe_failure(
-                branch, status, error, dead, connection), error_type(error, dead))
+            results.append((branch.run, failed(branch, describe_failure(
+                branch, status, error, dead, connection), error_type(error, dead))))
 
     def _fetch(self, client: Any, futures: list[Any]) -> list[Any] | None:
         """Results of finished futures, or None if they cannot be had within FETCH_SECONDS."""
@@ -591,7 +512,7 @@ class DaskBackend:
                          "fetching them one by one", len(futures), type(exc).__name__, exc)
             return [result_or_error(future) for future in futures]
 
-    def _stop_running(self, connection: Connection, branches: Iterable[FollowedBranch]) -> None:
+    def stop_running(self, connection: Connection, branches: Iterable[FollowedBranch]) -> None:
         """Restart the workers of branches given up on, on a cluster isobranch started."""
         if connection.cluster is None:
             return  # a shared cluster's workers are restarted only for a stuck branch
@@ -627,7 +548,8 @@ class DaskBackend:
                          "(%s: %s)", type(exc).__name__, exc)
             coroutine.close()
 
-    def _forget(self, pending: dict[Any, FollowedBranch], futures: list[Any]) -> None:
+    def forget(self, pending: dict[Any, FollowedBranch], futures: list[Any]) -> None:
+        """Stop following the branches of ``futures`` (and take them out of ``pending``)."""
         with self._lock:
             for future in futures:
                 branch = pending.pop(future, None)
@@ -655,12 +577,73 @@ class DaskBackend:
             connection.close()
 
 
-def _wait_for(finished: queue.SimpleQueue, due: float | None) -> None:
-    """Nothing runs: wait until ``due`` (a task will be ready) or a wake-up."""
-    if due is None:
-        raise InternalError("the task source waits for a result, but no branch is running")
-    with contextlib.suppress(queue.Empty):
-        finished.get(timeout=max(due - time.monotonic(), 0.0))
+class _DaskFanOut(BackendFanOut):
+    """One fan-out on a Dask cluster: its branches as tasks, followed by the client.
 
+    ``start`` submits every run the driver hands out (the driver bounds
+    them: the cluster's threads, plus ``SUBMIT_AHEAD_PER_THREAD`` each
+    waiting at the scheduler). Once the cluster is lost, every branch
+    left fails alike without being submitted. ``close`` cancels what is
+    still submitted and, on a cluster isobranch started, restarts the
+    workers running it.
+    """
 
-register_backend("dask", DaskBackend)
+    def __init__(self, backend: DaskBackend, source: RunSource, connection: Connection,
+                 plugin: str, slots: int) -> None:
+        self.slots = slots
+        self._backend = backend
+        self._source = source
+        self._connection = connection
+        self._plugin = plugin
+        self._watch = FanOutWatch()
+        self._pending: dict[Any, FollowedBranch] = {}
+        # Failed without running: the cluster was lost (why, in ``_lost``).
+        self._failed: list[Finished] = []
+        self._lost: str | None = None
+
+    def start(self) -> None:
+        """Submit what the driver hands out (or fail it, once the cluster is lost)."""
+        while (run := self._source.take()) is not None:
+            branch = FollowedBranch(run, self._watch)
+            run.handle = branch
+            if self._lost is not None:
+                self._failed.append((run, failed(branch, self._lost, ErrorKind.DASK_ERROR)))
+                continue
+            client = self._connection.client
+            self._pending[self._backend.submit(client, self._plugin, branch)] = branch
+
+    def collect(self, timeout: float | None) -> list[Finished]:
+        """What the cluster finished (at most ``POLL_SECONDS`` of waiting at a time)."""
+        if self._failed:
+            failed_alike, self._failed = self._failed, []
+            return failed_alike
+        if not self._pending:
+            # Nothing submitted: wait for a retry to be due, or a wake-up.
+            with contextlib.suppress(queue.Empty):
+                self._watch.finished.get(timeout=timeout)
+            return []
+        results: list[Finished] = []
+        lost = self._backend.follow_once(self._connection, self._plugin, self._pending,
+                                         results, self._watch, timeout)
+        if lost is not None:
+            self._lost = lost  # nothing can run on this cluster any more
+        return results
+
+    def wake(self) -> None:
+        """End ``collect``'s wait (from any thread)."""
+        self._watch.finished.put(None)
+
+    def kill(self, run: BranchRun) -> ParallelFlowResult | None:
+        """Give up on ``run``, stuck past its deadline in one call; restart its worker."""
+        return self._backend.give_up(self._connection, self._pending, run.handle)
+
+    def close(self, *, cancelled: bool) -> None:
+        """Cancel what is still submitted; on a cluster isobranch started, restart the
+        workers running it (a fan-out stopped early must not keep them busy)."""
+        pending = self._pending
+        if not pending:
+            return
+        self._backend.stop_running(self._connection, pending.values())
+        futures = list(pending)
+        self._backend.forget(pending, futures)
+        quietly(self._connection.client.cancel, futures)

@@ -21,7 +21,7 @@ from concurrent.futures import Future as ProbeFuture
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..branch import BranchTask, ParallelFlowResult
+from ..branch import BranchRun, BranchTask, ParallelFlowResult, failed_result
 from ..error_kinds import ErrorKind
 from .by_value import ENGINE_PACKAGES
 from .dask_cluster import Connection
@@ -50,10 +50,11 @@ class FanOutWatch:
 class FollowedBranch:
     """One branch's task as the client follows it."""
 
-    index: int
-    task: BranchTask
+    run: BranchRun
     fan_out: FanOutWatch
     key: str = ""
+    # The future of its current submission.
+    future: Any = None
     # (client-side arrival time, worker address) of every start the workers
     # confirmed, over every submission. Starts are confirmed before the
     # branch runs, so more starts than retries allow means the scheduler
@@ -62,6 +63,11 @@ class FollowedBranch:
     # Where the current submission's starts begin in ``starts``.
     current: int = 0
     node: str | None = None
+
+    @property
+    def task(self) -> BranchTask:
+        """The branch's task."""
+        return self.run.task
 
     @property
     def running_on(self) -> str | None:
@@ -161,10 +167,10 @@ class MemoryRestarts:
 def failed(branch: FollowedBranch, reason: str, error_type: str) -> ParallelFlowResult:
     """The failed result of ``branch`` for ``reason``, with the state it started from."""
     task = branch.task
-    return ParallelFlowResult(
-        branch=task.name, index=task.index, state=task.initial_state(), success=False,
-        error=f"branch {task.label!r}: {reason}", error_type=error_type, isolation="dask",
-        worker=branch.starts[-1][1] if branch.starts else None, node=branch.node)
+    return failed_result(
+        task, f"branch {task.label!r}: {reason}", error_type, state=task.initial_state(),
+        isolation="dask", worker=branch.starts[-1][1] if branch.starts else None,
+        node=branch.node)
 
 
 def dead_worker(error: BaseException | None) -> str | None:

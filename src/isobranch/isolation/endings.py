@@ -1,6 +1,6 @@
 """How the end of a worker process is described in a branch's error.
 
-Used by the pool that sees a worker end (process_pool.py) and by the memory
+Used by the launcher that sees a worker end (process/launcher.py) and by the memory
 limit, which tells the OOM killer's SIGKILL from others by that description.
 """
 

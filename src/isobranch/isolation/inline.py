@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
-from ..branch import BranchMonitor, BranchTask, ParallelFlowResult
+from ..branch import BranchMonitor
 from ..branch_run import run_branch
-from ..cancellation import CancelSignal
-from ..fanout import run_in_order
-from .base import NotReady, register_backend, set_waker, wait_until_ready
+from .base import BackendFanOut, Finished, IsolationBackend, RunSource
+
+if TYPE_CHECKING:
+    from ..compiled import CompiledGraph
 
 
-class InlineBackend:
+class InlineBackend(IsolationBackend):
     """Runs each branch in the calling thread, in declaration order.
 
     Isolation comes from ``run_branch`` itself (fresh context and state copy);
@@ -21,61 +22,53 @@ class InlineBackend:
     """
 
     name = "inline"
-    cancellable = True
-    # Its tasks may answer NotReady (a retry waiting): nothing runs meanwhile.
-    accepts_not_ready = True
     # Branches run in this process: the state need not pickle.
     crosses_processes = False
 
     def __init__(self, max_workers: int | None = None) -> None:
         self.max_workers = max_workers  # accepted for a uniform factory signature
 
-    def stream_branches(self, tasks: Iterable[BranchTask], *, max_concurrency: int | None = None,
-                        cancel: CancelSignal | None = None
-                        ) -> Iterator[tuple[int, ParallelFlowResult]]:
-        """Run ``tasks`` one at a time, each built only when the previous one finished.
+    def open(self, source: RunSource, graph: CompiledGraph) -> BackendFanOut:
+        """One branch at a time, each taken when the previous one finished."""
+        return _InlineFanOut(source)
 
-        A set ``cancel`` stops the running branch as a ``fail_fast`` sibling
-        would (at its next node boundary, or in Lua at once) and raises
-        ``RunCancelled``. A ``NotReady`` task is waited for here (no other
-        branch is running), until it is due or ``cancel`` is set.
-        """
-        source = iter(tasks)
-        woken = threading.Event()
-        set_waker(source, woken.set)
-        forget_wait = cancel.add_callback(woken.set) if cancel is not None else None
-        position = 0
+
+class _InlineFanOut(BackendFanOut):
+    """``collect`` runs the next branch, in the driver's own thread."""
+
+    slots = 1
+
+    def __init__(self, source: RunSource) -> None:
+        self._source = source
+        self._woken = threading.Event()
+        # The branch running now: a cancellation stops it as a fail_fast sibling
+        # would (at its next node boundary, or in Lua at once).
+        self._running: BranchMonitor | None = None
+
+    def start(self) -> None:
+        """Nothing starts ahead: ``collect`` runs each branch."""
+
+    def collect(self, timeout: float | None) -> list[Finished]:
+        """Run the next branch to its end; with none ready (a retry waits), wait up to
+        ``timeout`` or a ``wake``."""
+        run = self._source.take()
+        if run is None:
+            self._woken.wait(timeout)
+            self._woken.clear()
+            return []
+        monitor = self._running = BranchMonitor()
         try:
-            for task in source:
-                if isinstance(task, NotReady):
-                    wait_until_ready(task, woken)
-                    if cancel is not None:
-                        cancel.raise_if_set()
-                    continue
-                if cancel is None:
-                    yield position, run_branch(task, BranchMonitor())
-                    position += 1
-                    continue
-                cancel.raise_if_set()
-                monitor = BranchMonitor()
-                forget = cancel.add_callback(monitor.cancelled.cancel)
-                try:
-                    result = run_branch(task, monitor)
-                finally:
-                    forget()
-                cancel.raise_if_set()
-                yield position, result
-                position += 1
+            return [(run, run_branch(run.task, monitor))]
         finally:
-            if forget_wait is not None:
-                forget_wait()
+            self._running = None
 
-    def run_branches(self, tasks: list[BranchTask]) -> list[ParallelFlowResult]:
-        """Run ``tasks`` in order; with ``fail_fast`` the rest are cancelled after a failure."""
-        return run_in_order(self.stream_branches(tasks), tasks)
+    def wake(self) -> None:
+        """End a wait for a retry."""
+        self._woken.set()
 
-    def close(self) -> None:
-        """Nothing to release."""
-
-
-register_backend("inline", InlineBackend)
+    def interrupt(self) -> None:
+        """Stop the branch running now, and any wait."""
+        running = self._running
+        if running is not None:
+            running.cancelled.cancel()
+        self._woken.set()

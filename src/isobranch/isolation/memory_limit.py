@@ -34,8 +34,9 @@ from .endings import describe_signal
 
 if TYPE_CHECKING:
     from ..branch import BranchTask
+    from .base import IsolationBackend
 
-# Kept as a name of this module: process.py, dask.py and tests use it.
+# Kept as a name of this module: the process and dask backends and tests use it.
 BRANCH_MEMORY_ERROR = ErrorKind.BRANCH_MEMORY_ERROR
 # Written to a worker's /proc/self/oom_score_adj (-1000..1000): when the
 # machine runs out of memory, the kernel kills a worker before the caller.
@@ -114,9 +115,24 @@ def memory_message(label: str, node: str | None, limit: int, what: str) -> str:
 
 
 def as_memory_failure(task: BranchTask, result: ParallelFlowResult) -> ParallelFlowResult:
-    """``result`` reported as ``BranchMemoryError`` if it failed with ``MemoryError`` under a limit."""
+    """``result`` reported as ``BranchMemoryError`` if it failed with ``MemoryError`` under a
+    limit, or with ``LuaMemoryError`` when the limit is what Lua ran into.
+
+    Everything a branch's Lua VM allocates counts against the limit, so a VM
+    whose own ``max_memory`` is at least the limit (or unset) can only be
+    refused memory by the limit; a smaller ``max_memory`` is Lua's own error.
+    """
     limit = task.limits.branch_max_memory
-    if limit is None or result.success or result.error_type != "MemoryError":
+    if limit is None or result.success:
+        return result
+    if result.error_type == "LuaMemoryError":
+        lua_cap = task.graph.lua_max_memory
+        if lua_cap is not None and lua_cap < limit:
+            return result
+        what = "Lua could not allocate past the limit (LuaMemoryError)"
+        return replace(result, error_type=BRANCH_MEMORY_ERROR,
+                       error=memory_message(task.label, result.node, limit, what))
+    if result.error_type != "MemoryError":
         return result
     # The original text ends in "MemoryError: <its message>", often empty.
     detail = (result.error or "").rpartition("MemoryError")[2].lstrip(": ")
@@ -157,17 +173,8 @@ def parse_limit(value: object) -> int | None:
         raise ConfigError(f"branch_max_memory: {exc}") from None
 
 
-def refusal(isolation: str, backend: object, limit: int) -> str | None:
-    """Why ``backend`` cannot enforce a ``branch_max_memory`` of ``limit`` bytes (None: it can).
-
-    A backend enforces it by having ``check_branch_max_memory(limit) -> str | None``
-    (the reason it cannot, in its present configuration, or None).
-    """
-    check = getattr(backend, "check_branch_max_memory", None)
-    if check is None:
-        return (f"branch_max_memory: isolation {isolation!r} cannot enforce a memory limit "
-                f"per branch (its branches share one process's memory); it is enforced by "
-                f"isolation 'process' (each worker process) and 'dask' (each worker of the "
-                f"local cluster isobranch starts)")
-    reason = check(limit)
+def refusal(backend: IsolationBackend, limit: int) -> str | None:
+    """Why ``backend`` cannot enforce a ``branch_max_memory`` of ``limit`` bytes (None: it can),
+    as its ``check_branch_max_memory`` says, prefixed for a configuration error."""
+    reason = backend.check_branch_max_memory(limit)
     return f"branch_max_memory: {reason}" if reason else None

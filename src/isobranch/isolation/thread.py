@@ -4,53 +4,52 @@ Lupa releases the GIL while Lua runs, so Lua-heavy branches scale with
 cores. The pool is created on first use and reused until ``close()``; each
 branch still gets a fresh context, so a reused thread never carries a VM over.
 
-The lanes that pace a streamed fan-out stay here with the backend (a little
-over 400 lines): they and its early-stop path share one queue of reports.
+A fan-out runs in "lanes": pool calls that each take branch after branch
+from the fan-out driver's source and run them in a row, reporting results
+through one queue. So a branch costs no future, pool hand-off or
+done-callback of its own, and no round trip through the driver between
+branches; the driver's policies (how many run at once, deadlines, retries)
+still decide what a lane may take and when one is given up.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import queue
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_for_futures
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ..branch import (
-    BranchMonitor,
-    BranchTask,
-    ParallelFlowResult,
-    timed_out_result,
-)
+from ..branch import BranchMonitor, BranchRun, ParallelFlowResult, timed_out_result
 from ..branch_run import run_branch
-from ..cancellation import CancelSignal
 from ..errors import BackendError, ConfigError
-from ..fanout import run_in_order
-from .base import NotReady, register_backend, set_waker
+from .base import BackendFanOut, Finished, IsolationBackend, RunSource
 from .thread_pool import DaemonThreadPool
+
+if TYPE_CHECKING:
+    from ..compiled import CompiledGraph
 
 # A branch gets this long past its deadline to report its own timeout (with
 # its state and node) before the backend stops waiting for it.
 TIMEOUT_GRACE_SECONDS = 0.25
 logger = logging.getLogger(__name__)
 
-# Branches taken beyond the pool's threads, per thread (built and waiting for a lane):
-# enough that lanes rarely run dry while the consumer waits for the GIL.
+# Branches lanes may run ahead of the driver, per thread (finished, their
+# results not yet handed on): enough that lanes rarely run dry while the
+# driver waits for the GIL.
 SUBMIT_AHEAD_PER_THREAD = 8
 # Branches a lane runs in a row before it lets other pool work go first.
 LANE_BATCH = 64
-# After a cancellation, how long the stream waits for its stopped branches to
+# After a cancellation, how long the fan-out waits for its stopped branches to
 # return (Lua stops within milliseconds; a Python node at its next boundary).
 CANCEL_WAIT_SECONDS = 0.5
 
 
-class ThreadBackend:
+class ThreadBackend(IsolationBackend):
     """Runs branches concurrently on a pool of threads owned by this backend.
 
     ``branch_timeout`` is cooperative: Lua is interrupted by its hook, Python
@@ -59,11 +58,12 @@ class ThreadBackend:
     """
 
     name = "thread"
-    cancellable = True
-    # Its tasks may answer NotReady (a retry waiting); running branches go on.
-    accepts_not_ready = True
     # Branches run in this process: the state need not pickle.
     crosses_processes = False
+    tasks_ahead_per_worker = SUBMIT_AHEAD_PER_THREAD
+    # A branch stuck in one call past its deadline is given up on (its thread runs on).
+    kills_overdue = True
+    kill_grace_seconds = TIMEOUT_GRACE_SECONDS
 
     def __init__(self, max_workers: int | None = None) -> None:
         if max_workers is not None and max_workers < 1:
@@ -75,7 +75,8 @@ class ThreadBackend:
         # Branches given up on (timeout, fail_fast) that may still be running.
         self._abandoned: list[Future] = []
 
-    def _pool(self) -> DaemonThreadPool:
+    def pool(self) -> DaemonThreadPool:
+        """The pool, started on first use; ``BackendError`` once the backend is closed."""
         with self._lock:
             if self._closed:
                 raise BackendError("thread backend is closed")
@@ -86,77 +87,13 @@ class ThreadBackend:
                                                   thread_name_prefix="isobranch-branch")
             return self._executor
 
-    def stream_branches(self, tasks: Iterable[BranchTask], *, max_concurrency: int | None = None,
-                        cancel: CancelSignal | None = None
-                        ) -> Iterator[tuple[int, ParallelFlowResult]]:
-        """Run ``tasks`` concurrently, yielding ``(position, result)`` as each finishes.
+    def open(self, source: RunSource, graph: CompiledGraph) -> BackendFanOut:
+        """Lanes on this backend's pool for one fan-out."""
+        return _Lanes(self, source)
 
-        At most ``max_concurrency`` (default: the pool size) branches run at
-        once. Tasks are taken from ``tasks`` only as branches finish: up to
-        ``max_concurrency`` submitted and unfinished, plus, when the pool's
-        own size is the bound, ``SUBMIT_AHEAD_PER_THREAD`` per thread waiting
-        in a queue. Closing the generator drops the queued ones and tells the
-        running ones to stop (abandoning one stuck in a call). A set
-        ``cancel`` wakes the wait and does the same, waiting up to
-        ``CANCEL_WAIT_SECONDS`` for the stopped branches, then raises
-        ``RunCancelled``.
-        """
-        limit = max_concurrency or self.max_workers
-        # When the pool itself is the bound, a few more wait in the queue, so a
-        # thread that finishes starts the next branch without waiting for this one.
-        queued_ahead = SUBMIT_AHEAD_PER_THREAD * self.max_workers if limit >= self.max_workers \
-            else 0
-        source = iter(tasks)
-        lanes = _Lanes(self._pool, source, width=min(limit, self.max_workers),
-                       cap=limit + queued_ahead)
-        set_waker(source, lanes.wake)
-        forget = None
-        if cancel is not None:
-            forget = cancel.add_callback(lambda: lanes.finished.put((None, None, cancel.error())))
-        try:
-            lanes.fill()
-            while not lanes.all_done():
-                reports = _next_finished(lanes.finished, _sooner(
-                    _next_wakeup(lanes.outstanding()), lanes.source_wakeup()))
-                for report in reports:
-                    # Handed back one at a time: a branch counts as consumed only
-                    # when it is yielded, so lanes running on while the consumer
-                    # holds a result take no more than ``cap`` ahead of it.
-                    handed = lanes.consume(report)
-                    if handed is not None:
-                        yield handed
-                for submitted in _overdue(lanes.outstanding()):
-                    submitted.monitor.cancelled.cancel()
-                    logger.warning("thread backend: branch %r is past its %gs branch_timeout "
-                                   "in node %r and did not stop; its thread is abandoned and "
-                                   "runs on until the call returns", submitted.task.label,
-                                   submitted.task.limits.branch_timeout, submitted.monitor.node)
-                    self._abandon(lanes.give_up(submitted))
-                    yield submitted.position, timed_out_result(submitted.task, submitted.monitor)
-                lanes.ask_again()
-            if lanes.source_error is not None:
-                # The tasks ran out by failing in a lane: the last branch may be
-                # handed back before the consumer reads that report.
-                raise lanes.source_error
-        finally:
-            # Stopped early (fail_fast, Ctrl-C, a consumer gone): branches stop at
-            # their next node boundary or Lua hook, queued ones never start, and
-            # close() does not wait for one stuck in a single Python call.
-            stopped_early = lanes.stop()
-            for submitted in stopped_early:
-                submitted.monitor.cancelled.cancel()
-            if stopped_early:
-                self._abandon(lanes.futures())
-            if forget is not None:
-                forget()
-                if cancel is not None and cancel.is_set():
-                    wait_for_futures(lanes.futures(), timeout=CANCEL_WAIT_SECONDS)
-
-    def run_branches(self, tasks: list[BranchTask]) -> list[ParallelFlowResult]:
-        """Run ``tasks`` concurrently and return their results in task order."""
-        return run_in_order(self.stream_branches(tasks), tasks)
-
-    def _abandon(self, futures: Iterable[Future]) -> None:
+    def abandon(self, futures: Iterable[Future]) -> None:
+        """Lane calls given up on (a timeout, a fan-out stopped early): ``close`` does not
+        wait for one still running."""
         with self._lock:
             self._abandoned = [f for f in self._abandoned if not f.done()]
             self._abandoned.extend(f for f in futures if not f.done())
@@ -182,127 +119,53 @@ class ThreadBackend:
             executor.shutdown(wait=not stuck, cancel_futures=True)
 
 
-@dataclass(slots=True)
-class _Submitted:
-    """A branch taken from the tasks: where it stands in the fan-out, its monitor, its lane."""
-
-    position: int
-    task: BranchTask
-    monitor: BranchMonitor
-    lane: _Lane | None = None
+# What a lane reports: a run and its result, or a run and what run_branch raised;
+# ``(None, None, error)`` when a lane itself failed, ``(None, None, None)`` to wake
+# the driver.
+_Report = tuple["BranchRun | None", "ParallelFlowResult | None", "BaseException | None"]
 
 
-# What a lane reports: the branch and its result, or the exception run_branch
-# raised; ``(None, None, error)`` when a lane itself failed, ``(None, None,
-# None)`` to wake the consumer when the tasks ran out.
-_Finished = tuple["_Submitted | None", "ParallelFlowResult | None", "BaseException | None"]
+class _Lanes(BackendFanOut):
+    """One fan-out on the thread backend: the lanes that run its branches.
 
-
-class _Lanes:
-    """The branches of one ``stream_branches`` call and the lanes that run them.
-
-    A lane is one pool call that runs branches one after another, taking
-    each from the queue or, when that is empty, building it from the tasks
-    itself; so a branch costs no future, pool hand-off or done-callback of
-    its own, and no round trip through the consumer between branches. At
-    most ``width`` lanes are live, so at most ``width`` branches run at once;
-    at most ``cap`` branches are taken and not yet consumed. A lane leaves
-    when there is nothing to take, and after ``LANE_BATCH`` branches goes to
-    the back of the pool's queue, so other fan-outs sharing the pool get
-    their turn. Everything shared is guarded by one lock.
+    At most ``width`` lanes are live (``max_concurrency`` or the pool's
+    size, whichever is smaller), so at most that many branches run at once;
+    how many a lane may take at all is the driver's source's to say. A lane
+    leaves when the source has nothing for it, and after ``LANE_BATCH``
+    branches goes to the back of the pool's queue, so other fan-outs sharing
+    the pool get their turn. Lanes are started and retired under one lock,
+    together with a lane's take, so a lane never leaves while the driver
+    thinks it will take the room just freed.
     """
 
-    def __init__(self, pool: Callable[[], DaemonThreadPool], source: Iterator[BranchTask], *,
-                 width: int, cap: int) -> None:
-        self._pool = pool
+    def __init__(self, backend: ThreadBackend, source: RunSource) -> None:
+        self._backend = backend
         self._source = source
-        self._width = width
-        self._cap = cap
+        self.slots = backend.max_workers
+        self._width: int | None = None
         self._lock = threading.Lock()
-        self._queued: deque[_Submitted] = deque()
-        self._outstanding: dict[int, _Submitted] = {}
-        self._position = 0
-        self._exhausted = False
-        # The source answered NotReady: not asked again before this time
-        # (inf: not before a result was handed back), 0.0 when it did not.
-        self._not_before = 0.0
         self._live = 0
+        self._lanes: set[_Lane] = set()
         self._stopped = False
         self._futures: list[Future] = []
-        # What a lane's call for the next task raised (also reported on ``finished``).
-        self.source_error: BaseException | None = None
-        self.finished: queue.SimpleQueue[_Finished] = queue.SimpleQueue()
+        self.finished: queue.SimpleQueue[_Report] = queue.SimpleQueue()
 
-    def fill(self) -> None:
-        """Take the first ``cap`` tasks (in the caller's thread) and start lanes for them."""
+    def start(self) -> None:
+        """Start lanes, up to the width, while the source has runs for them."""
         with self._lock:
-            while len(self._outstanding) < self._cap:
-                submitted = self._take_task()
-                if submitted is None:
-                    break
-                self._queued.append(submitted)
-            self._start_lanes()
-
-    def _take_task(self) -> _Submitted | None:
-        # Called with the lock held: the tasks are an iterator no two threads may advance.
-        if self._exhausted or not self._source_ready():
-            return None
-        try:
-            task = next(self._source, None)
-        except BaseException:
-            self._exhausted = True
-            raise
-        if task is None:
-            self._exhausted = True
-            return None
-        if isinstance(task, NotReady):
-            self._not_before = math.inf if task.wake_at is None else task.wake_at
-            return None
-        self._not_before = 0.0
-        submitted = _Submitted(self._position, task, BranchMonitor())
-        self._outstanding[self._position] = submitted
-        self._position += 1
-        return submitted
-
-    def _source_ready(self) -> bool:
-        return not self._not_before or time.monotonic() >= self._not_before
-
-    def _has_work(self) -> bool:
-        return not self._stopped and bool(self._queued or (
-            not self._exhausted and len(self._outstanding) < self._cap and self._source_ready()))
-
-    def source_wakeup(self) -> float | None:
-        """Seconds until the source said a task would be ready (None: no such time)."""
-        with self._lock:
-            if not self._not_before or self._not_before == math.inf:
-                return None
-            return max(self._not_before - time.monotonic(), 0.0)
-
-    def ask_again(self) -> None:
-        """In the consumer, after a result was handed back or a wait ended: if the source
-        said it had nothing ready, ask it again (a retry may be due or newly scheduled)."""
-        if not self._not_before:  # the common case, read without the lock
-            return
-        with self._lock:
-            self._not_before = 0.0
-        self.fill()
-
-    def wake(self) -> None:
-        """Wake the consumer (from any thread): the source has changed."""
-        self.finished.put((None, None, None))
-
-    def _start_lanes(self) -> None:
-        # Called with the lock held.
-        while self._live < self._width and self._has_work() \
-                and (self._live < len(self._queued) or not self._queued):
-            self._submit(_Lane(self))
-            self._live += 1
+            if self._width is None:
+                self._width = min(self._source.max_concurrency or self.slots, self.slots)
+            while self._live < self._width and not self._stopped and self._source.ready():
+                lane = _Lane(self)
+                self._submit(lane)
+                self._lanes.add(lane)
+                self._live += 1
 
     def _submit(self, lane: _Lane) -> None:
         # Called with the lock held. The done callback only puts to a queue:
         # the pool runs it (on cancel) under the pool's own lock.
-        lane.future = self._pool().submit(lane.run)
-        if len(self._futures) > 4 * self._width:
+        lane.future = self._backend.pool().submit(lane.run)
+        if len(self._futures) > 4 * (self._width or 1):
             self._futures = [f for f in self._futures if not f.done()]
         self._futures.append(lane.future)
         lane.future.add_done_callback(self._lane_ended)
@@ -312,173 +175,127 @@ class _Lanes:
             self.finished.put((None, None, RuntimeError(
                 "thread backend: its pool was shut down while branches were waiting")))
 
-    def take(self, lane: _Lane) -> _Submitted | None:
-        """The next branch for ``lane``, or None when the lane must leave."""
+    def _retire(self, lane: _Lane) -> None:
+        # Called with the lock held.
+        lane.retired = True
+        self._live -= 1
+        self._lanes.discard(lane)
+
+    def take(self, lane: _Lane) -> BranchRun | None:
+        """The next run for ``lane``, or None when the lane must leave."""
         with self._lock:
             if lane.retired:
                 return None
-            submitted = None
-            if not self._stopped:
-                if self._queued:
-                    submitted = self._queued.popleft()
-                elif len(self._outstanding) < self._cap:
-                    try:
-                        submitted = self._take_task()
-                    except BaseException as exc:  # building a task failed: the consumer raises it
-                        self.source_error = exc
-                        self.finished.put((None, None, exc))
-                    if submitted is None and self._exhausted:
-                        self.finished.put((None, None, None))  # wake the consumer to finish
-            if submitted is None:
-                self._live -= 1
-                lane.retired = True
+            run = None if self._stopped else self._source.take()
+            if run is None:
+                self._retire(lane)
                 return None
-            submitted.lane = lane
-            return submitted
+            run.handle = (lane, BranchMonitor())
+            lane.current = run
+            return run
 
     def requeue(self, lane: _Lane) -> None:
         """``lane`` ran its batch: send it to the back of the pool's queue, or let it leave."""
         with self._lock:
             if lane.retired:
                 return
-            if not self._has_work():
-                self._live -= 1
-                lane.retired = True
+            if self._stopped or not self._source.ready():
+                self._retire(lane)
                 return
             try:
                 self._submit(lane)
             except BaseException as exc:  # the backend was closed meanwhile
-                self._live -= 1
-                lane.retired = True
+                self._retire(lane)
                 self.finished.put((None, None, exc))
 
-    def consume(self, report: _Finished) -> tuple[int, ParallelFlowResult] | None:
-        """The position and result of one report if still wanted (raising what a lane
-        raised), None for a wake-up or a branch given up on; lanes restart for the room
-        it leaves."""
-        submitted, result, error = report
-        with self._lock:
-            if submitted is None:
+    def collect(self, timeout: float | None) -> list[Finished]:
+        """What lanes reported (raising what a lane raised); waits up to ``timeout``."""
+        try:
+            reports = [self.finished.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                reports.append(self.finished.get_nowait())
+            except queue.Empty:
+                break
+        done: list[Finished] = []
+        for run, result, error in reports:
+            if run is None:
                 if error is not None:
                     raise error
-                return None  # a wake-up: the tasks ran out or the source changed
-            if self._outstanding.pop(submitted.position, None) is None:
-                return None  # given up on meanwhile
+                continue  # a wake-up
             if error is not None:
+                if run.done:
+                    continue  # given up on meanwhile
                 raise error
             assert result is not None
-            self._start_lanes()
-        return submitted.position, result
+            done.append((run, result))
+        return done
 
-    def outstanding(self) -> list[_Submitted]:
-        """Branches taken and not yet consumed or given up on."""
-        with self._lock:
-            return list(self._outstanding.values())
+    def wake(self) -> None:
+        """Wake ``collect`` (from any thread)."""
+        self.finished.put((None, None, None))
 
-    def all_done(self) -> bool:
-        """Every task taken, and every branch consumed or given up on."""
+    def kill(self, run: BranchRun) -> ParallelFlowResult:
+        """Give up on ``run``, stuck in one call: its lane takes no more branches (another
+        takes its place) and its thread runs on until the call returns."""
+        lane, monitor = run.handle
+        monitor.cancelled.cancel()
+        logger.warning("thread backend: branch %r is past its %gs branch_timeout in node %r "
+                       "and did not stop; its thread is abandoned and runs on until the call "
+                       "returns", run.task.label, run.task.limits.branch_timeout, monitor.node)
         with self._lock:
-            return self._exhausted and not self._outstanding
-
-    def give_up(self, submitted: _Submitted) -> list[Future]:
-        """Stop waiting for ``submitted`` (it is stuck): its lane takes no more branches,
-        another takes its place, and the stuck lane's future is returned."""
-        with self._lock:
-            self._outstanding.pop(submitted.position, None)
-            lane = submitted.lane
             stuck = []
-            if lane is not None and not lane.retired:
-                lane.retired = True
-                self._live -= 1
+            if not lane.retired:
+                self._retire(lane)
                 if lane.future is not None:
                     stuck.append(lane.future)
-            self._start_lanes()
-            return stuck
+        self._backend.abandon(stuck)
+        return timed_out_result(run.task, monitor)
 
-    def stop(self) -> list[_Submitted]:
-        """Take no more tasks and drop the queued ones; return those still outstanding."""
+    def close(self, *, cancelled: bool) -> None:
+        """Take no more runs; stop the branches still running (at their next node boundary
+        or Lua hook) without waiting for one stuck in a call, except briefly after a
+        cancellation."""
         with self._lock:
             self._stopped = True
-            self._queued.clear()
-            return list(self._outstanding.values())
-
-    def futures(self) -> list[Future]:
-        """Futures of the lanes that may still run."""
-        with self._lock:
-            return [f for f in self._futures if not f.done()]
+            stopped = [lane.current for lane in self._lanes
+                       if lane.current is not None and not lane.current.done]
+            futures = [f for f in self._futures if not f.done()]
+        for run in stopped:
+            run.handle[1].cancelled.cancel()
+        if stopped:
+            self._backend.abandon(futures)
+            if cancelled:
+                wait_for_futures(futures, timeout=CANCEL_WAIT_SECONDS)
 
 
 class _Lane:
-    """One pool call running branches of a ``_Lanes`` in a row."""
+    """One pool call running branches of a fan-out in a row."""
 
-    __slots__ = ("_lanes", "future", "retired")
+    __slots__ = ("_lanes", "current", "future", "retired")
 
     def __init__(self, lanes: _Lanes) -> None:
         self._lanes = lanes
         self.future: Future | None = None
         self.retired = False
+        self.current: BranchRun | None = None
 
     def run(self) -> None:
         lanes = self._lanes
-        finished = lanes.finished
+        report = lanes.finished.put
         for _ in range(LANE_BATCH):
-            submitted = lanes.take(self)
-            if submitted is None:
+            run = lanes.take(self)
+            if run is None:
                 return
+            run.started_at = time.monotonic()
             try:
-                result = run_branch(submitted.task, submitted.monitor)
-            except BaseException as exc:  # reported to the consumer, which raises it
-                finished.put((submitted, None, exc))
+                result = run_branch(run.task, run.handle[1])
+            except BaseException as exc:  # reported to the driver, which raises it
+                report((run, None, exc))
             else:
-                finished.put((submitted, result, None))
-            del submitted
+                report((run, result, None))
+            self.current = None
+            del run
         lanes.requeue(self)
-
-
-def _next_finished(finished: queue.SimpleQueue[_Finished], timeout: float | None
-                   ) -> list[_Finished]:
-    """What lanes reported: at least one unless ``timeout`` passes first."""
-    try:
-        done = [finished.get(timeout=timeout)]
-    except queue.Empty:
-        return []
-    while True:
-        try:
-            done.append(finished.get_nowait())
-        except queue.Empty:
-            return done
-
-
-def _sooner(first: float | None, second: float | None) -> float | None:
-    if first is None:
-        return second
-    return first if second is None else min(first, second)
-
-
-def _next_wakeup(pending: Iterable[_Submitted]) -> float | None:
-    deadlines = []
-    waiting_to_start = False
-    for submitted in pending:
-        limit, started = submitted.task.limits.branch_timeout, submitted.monitor.started_at
-        if not limit:
-            continue
-        if started is None:
-            waiting_to_start = True
-        else:
-            deadlines.append(started + limit + TIMEOUT_GRACE_SECONDS)
-    if not deadlines:
-        # A queued branch with a timeout starts later; look again soon.
-        return 0.05 if waiting_to_start else None
-    wakeup = max(min(deadlines) - time.monotonic(), 0.0)
-    return min(wakeup, 0.05) if waiting_to_start else wakeup
-
-
-def _overdue(pending: Iterable[_Submitted]) -> list[_Submitted]:
-    now = time.monotonic()
-    return [submitted for submitted in pending
-            if (limit := submitted.task.limits.branch_timeout)
-            and submitted.monitor.started_at is not None
-            and now >= submitted.monitor.started_at + limit + TIMEOUT_GRACE_SECONDS]
-
-
-register_backend("thread", ThreadBackend)

@@ -1,6 +1,6 @@
 """The child side of the process backend: the fork server and the worker loop.
 
-Both run in fresh interpreters started by ``process_pool``, never in the
+Both run in fresh interpreters started by ``launcher``, never in the
 caller's process, so a worker inherits none of the caller's threads, locks
 or Lua VMs. The fork server imports the engine and unpickles the compiled
 graph once, then forks a worker per request; a forked worker already has
@@ -8,21 +8,7 @@ the graph and runs branches sent to it over its socket, reporting its
 progress (node, Lua deadlines, merged updates) to the parent, whose
 watchdog ends it if a deadline passes.
 
-Wire format: every message is one pickled tuple in a
-``multiprocessing.connection`` frame.
-
-* parent -> worker: ``("run", payload)``; ``("exit",)``.
-* worker -> parent: ``("node", name)``, ``("lua", chunk, deadline, limit,
-  branch_deadline)``, ``("lua_done",)``, ``("merged", node, update_bytes)``,
-  ``("step", node, update_bytes, next_node)`` (a merge and the next node in
-  one frame), ``("result", ParallelFlowResult)``. A node's merged update is
-  held back until something else is sent (the next node, a Lua call) and
-  dropped when the result follows: the result carries the whole state.
-
-The fork server speaks over a ``SOCK_SEQPACKET`` control socket:
-``F0``/``F1`` + one passed file descriptor forks a worker (``1``: it runs
-one branch, then exits) and is answered ``P`` + pid; ``S`` + pid reaps that
-worker and is answered ``S`` + its raw wait status.
+What the two ends say to each other, and how, is ``wire``.
 """
 
 from __future__ import annotations
@@ -32,34 +18,23 @@ import os
 import pickle
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ..branch import BranchTask, ParallelFlowResult, without_unsendable_state
-from ..branch_run import run_branch
-from ..error_kinds import ErrorKind
-from ..node_output import flush_node_output, line_buffer_node_output
-from ..statecopy import find_unpicklable
-from .memory_limit import as_memory_failure, data_limit, out_of_memory_result, raise_oom_score
+from ...branch import BranchTask, ParallelFlowResult, without_unsendable_state
+from ...branch_run import run_branch
+from ...error_kinds import ErrorKind
+from ...node_output import flush_node_output, line_buffer_node_output
+from ...statecopy import find_unpicklable
+from ..memory_limit import as_memory_failure, data_limit, out_of_memory_result, raise_oom_score
+from . import wire
+from .wire import Kind, Request
 
-# The kinds of wire messages (the first item of each tuple; see the module docstring).
-RUN = "run"  # parent -> worker: run a branch
-EXIT = "exit"  # parent -> worker: stop
-NODE = "node"  # worker -> parent: a node started
-LUA = "lua"  # a Lua call started: arm the watchdog
-LUA_DONE = "lua_done"  # the Lua call returned: disarm it
-MERGED = "merged"  # a node's update was merged
-STEP = "step"  # MERGED and NODE in one frame
-RESULT = "result"  # the branch's ParallelFlowResult
-READY = "ready"  # a spawned worker loaded the graph
-INIT_ERROR = "init_error"  # it could not
-
-PID = struct.Struct("!q")
-STATUS = struct.Struct("!i")
+# Sent as often as a Lua call ends: encoded once.
+_LUA_DONE = wire.encode(Kind.LUA_DONE)
 # Idle workers and the fork server exit when their parent goes away; busy
 # workers are killed by the fork server when it notices.
 WORKER_EXIT_GRACE_SECONDS = 2.0
@@ -67,21 +42,20 @@ WORKER_EXIT_GRACE_SECONDS = 2.0
 PARENT_CHECK_SECONDS = 0.5
 
 
-def read_init(stream: Any) -> dict[str, Any]:
-    """Read the start-up payload the parent writes to stdin: sys.path and the graph."""
-    data = stream.read()
-    init = pickle.loads(data)
-    sys.path[:] = init["sys_path"]
-    return init
+def read_init(stream: Any) -> bytes:
+    """Read the start-up data the parent writes to stdin; take its sys.path; the graph bytes."""
+    sys_path, graph_bytes = wire.decode_init(stream.read())
+    sys.path[:] = sys_path
+    return graph_bytes
 
 
-def load_graph(init: dict[str, Any]) -> Any:
+def load_graph(graph_bytes: bytes) -> Any:
     """Unpickle the compiled graph and warm the Lua machinery before any fork."""
     import cloudpickle  # noqa: F401  (functions pickled by value need it importable)
 
-    from ..lua.runtime import _sandbox_bytecode
+    from ...lua.runtime import _sandbox_bytecode
 
-    graph = pickle.loads(init["graph"])
+    graph = pickle.loads(graph_bytes)
     _sandbox_bytecode()
     return graph
 
@@ -96,8 +70,7 @@ class ParentWatchdog:
         # The last merged update, not sent yet: (node, update bytes).
         self._merged: tuple[str, bytes | None] | None = None
 
-    def _send(self, message: tuple) -> None:
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    def _send(self, data: bytes) -> None:
         with self._lock:
             self._conn.send_bytes(data)
 
@@ -105,38 +78,36 @@ class ParentWatchdog:
         with self._lock:
             merged, self._merged = self._merged, None
         if merged is not None:
-            self._send((MERGED, *merged))
+            self._send(wire.encode(Kind.MERGED, *merged))
 
     def node_started(self, node: str) -> None:
         """Tell the parent which node runs (named in a timeout or crash report)."""
         with self._lock:
             merged, self._merged = self._merged, None
-        self._send((NODE, node) if merged is None else (STEP, *merged, node))
+        self._send(wire.encode(Kind.NODE, node) if merged is None
+                   else wire.encode(Kind.STEP, *merged, node))
 
     def node_merged(self, node: str, update: dict) -> None:
         """Keep the update for the parent, which rebuilds the state if this worker dies."""
-        try:
-            data = pickle.dumps(update, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception:
-            data = None  # reported when the final state fails to pickle
+        data = wire.encode_update(update)
         with self._lock:
             previous, self._merged = self._merged, (node, data)
         if previous is not None:  # nested fan-outs: two branches' merges in a row
-            self._send((MERGED, *previous))
+            self._send(wire.encode(Kind.MERGED, *previous))
 
     def lua_started(self, chunk: str, deadline: float, limit: float | None,
                     branch_deadline: bool) -> None:
         """Arm the parent's watchdog for one Lua call."""
         self._flush()  # the worker may be ended in it: the state as of now goes first
-        self._send((LUA, chunk, deadline, limit, branch_deadline))
+        self._send(wire.encode(Kind.LUA, chunk, deadline, limit, branch_deadline))
 
     def lua_finished(self) -> None:
         """Disarm the parent's watchdog."""
-        self._send((LUA_DONE,))
+        self._send(_LUA_DONE)
 
 
 def run_task(graph: Any, payload: dict[str, Any], conn: Connection) -> bytes:
-    """Run one branch here and return its pickled ``("result", ...)`` message."""
+    """Run one branch here and return its ``result`` message."""
     task = BranchTask(graph=graph, **payload)
     started = time.monotonic()
     try:
@@ -149,7 +120,7 @@ def run_task(graph: Any, payload: dict[str, Any], conn: Connection) -> bytes:
         result = out_of_memory_result(task, (time.monotonic() - started) * 1000.0)
     result = without_unsendable_state(result)
     try:
-        return pickle.dumps((RESULT, result), protocol=pickle.HIGHEST_PROTOCOL)
+        return wire.encode(Kind.RESULT, result)
     except Exception as exc:
         try:
             path, reason = find_unpicklable(result.state, "state")
@@ -161,17 +132,17 @@ def run_task(graph: Any, payload: dict[str, Any], conn: Connection) -> bytes:
                    f"worker process: {path}: {reason or exc}"),
             error_type=ErrorKind.STATE_COPY_ERROR, duration_ms=result.duration_ms,
             isolation=result.isolation, worker=result.worker, node=result.node)
-        return pickle.dumps((RESULT, failed), protocol=pickle.HIGHEST_PROTOCOL)
+        return wire.encode(Kind.RESULT, failed)
 
 
 def worker_loop(conn: Connection, graph: Any, *, once: bool) -> int:
     """Serve ``run`` requests until told to exit or the parent goes away."""
     while True:
         try:
-            message = pickle.loads(conn.recv_bytes())
+            message = wire.decode(conn.recv_bytes())
         except (EOFError, OSError):
             return 0
-        if message[0] != RUN:
+        if message[0] != Kind.RUN:
             return 0
         reply = run_task(graph, message[1], conn)
         # What the branch printed goes out before its result: the worker may
@@ -202,10 +173,10 @@ def fork_server(control_fd: int) -> int:
         graph = load_graph(read_init(sys.stdin.buffer))
     except BaseException as exc:
         with contextlib.suppress(OSError):
-            control.send(b"E" + f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")[:60000])
+            control.send(wire.server_error(f"{type(exc).__name__}: {exc}"))
         return 1
     try:
-        control.send(b"R")
+        control.send(wire.SERVER_READY)
     except OSError:
         return 0  # the parent gave up waiting (closed or interrupted)
     children: set[int] = set()
@@ -216,16 +187,15 @@ def fork_server(control_fd: int) -> int:
             break
         if not message:
             break
-        kind = message[:1]
+        request, value = wire.parse_request(message)
         try:
-            if kind == b"F":
-                pid = _fork_worker(control, fds[0], graph, once=message[1:2] == b"1")
+            if request is Request.FORK:
+                pid = _fork_worker(control, fds[0], graph, once=value)
                 children.add(pid)
-                control.send(b"P" + PID.pack(pid))
-            elif kind == b"S":
-                pid = PID.unpack(message[1:])[0]
-                control.send(b"S" + STATUS.pack(_reap(pid)))
-                children.discard(pid)
+                control.send(wire.forked_reply(pid))
+            elif request is Request.REAP:
+                control.send(wire.reaped_reply(_reap(value)))
+                children.discard(value)
         except OSError:
             break  # the parent went away mid-request (closed or interrupted)
     _end_children(children)
@@ -296,10 +266,10 @@ def spawned_worker(conn_fd: int, once: bool) -> int:
         graph = load_graph(read_init(sys.stdin.buffer))
     except BaseException as exc:
         with contextlib.suppress(OSError):
-            conn.send_bytes(pickle.dumps((INIT_ERROR, f"{type(exc).__name__}: {exc}")))
+            conn.send_bytes(wire.encode(Kind.INIT_ERROR, f"{type(exc).__name__}: {exc}"))
         return 1
     try:
-        conn.send_bytes(pickle.dumps((READY,)))
+        conn.send_bytes(wire.encode(Kind.READY))
     except OSError:
         return 0  # the parent gave up waiting (closed or interrupted)
     return worker_loop(conn, graph, once=once)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import selectors
 import signal
 import socket
@@ -30,21 +29,22 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from ..errors import WorkerStartError
-from .endings import describe_signal
-from .interrupts import sigint_blocked
-from .process_worker import PID, READY, STATUS
+from ...errors import WorkerStartError
+from ..endings import describe_signal
+from ..interrupts import sigint_blocked
+from . import wire
+from .wire import Kind
 
 START_METHODS = ("forkserver", "spawn")
 # Interpreter start plus imports can be slow on a loaded machine; past this
 # the pool gives up with an error instead of hanging.
 START_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 5.0
-_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent.parent)
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[3])
 # os._exit: a worker ends at once, without waiting for threads a nested
 # fan-out abandoned (interpreter shutdown would join them); main() flushes
 # what nodes printed first.
-_BOOTSTRAP = ("import os, sys; from isobranch.isolation.process_worker import main; "
+_BOOTSTRAP = ("import os, sys; from isobranch.isolation.process.child import main; "
               "os._exit(main(sys.argv[1:]))")
 
 
@@ -97,11 +97,6 @@ def _child_environment() -> dict[str, str]:
     return env
 
 
-def _init_payload(graph_bytes: bytes) -> bytes:
-    return pickle.dumps({"sys_path": list(sys.path), "graph": graph_bytes},
-                        protocol=pickle.HIGHEST_PROTOCOL)
-
-
 def write_all(fd: int, data: bytes, timeout: float) -> None:
     """Write ``data`` to the pipe ``fd`` within ``timeout`` seconds, or raise ``TimeoutError``.
 
@@ -132,7 +127,8 @@ def _start_child(args: list[str], keep_fd: int, graph_bytes: bytes) -> subproces
                                    env=_child_environment(), close_fds=True)
     assert process.stdin is not None
     try:
-        write_all(process.stdin.fileno(), _init_payload(graph_bytes), START_TIMEOUT_SECONDS)
+        write_all(process.stdin.fileno(), wire.init_payload(list(sys.path), graph_bytes),
+                  START_TIMEOUT_SECONDS)
     except TimeoutError as exc:
         process.kill()
         process.wait()
@@ -165,7 +161,7 @@ class ForkServer:
         except (TimeoutError, OSError) as exc:
             self.close()
             raise WorkerStartError(f"the fork server did not start: {exc}") from exc
-        if reply[:1] != b"R":
+        if reply[:1] != wire.SERVER_READY:
             self.close()
             detail = reply[1:].decode("utf-8", "replace") if reply else "it exited at start"
             raise WorkerStartError(f"the fork server could not load the graph: {detail}")
@@ -201,26 +197,28 @@ class ForkServer:
         """Fork a worker that already holds the graph; ``once``: it exits after one branch."""
         ours, theirs = socket.socketpair()
         try:
-            reply = self._request(b"F1" if once else b"F0", [theirs.fileno()])
+            reply = self._request(wire.fork_request(once=once), [theirs.fileno()])
         except OSError as exc:
             ours.close()
             raise WorkerStartError(f"the fork server is gone: {exc}") from exc
         finally:
             theirs.close()
-        if reply[:1] != b"P":
+        pid = wire.parse_forked(reply)
+        if pid is None:
             ours.close()
             raise WorkerStartError("the fork server is gone")
-        return WorkerProcess(PID.unpack(reply[1:])[0], Connection(ours.detach()), self)
+        return WorkerProcess(pid, Connection(ours.detach()), self)
 
     def reap(self, worker: WorkerProcess) -> str:
         """Have the fork server wait for ``worker`` and describe how it ended."""
         try:
-            reply = self._request(b"S" + PID.pack(worker.pid))
+            reply = self._request(wire.reap_request(worker.pid))
         except OSError:
             return "ended (its exit status is unknown: the fork server is gone)"
-        if reply[:1] != b"S":
+        status = wire.parse_reaped(reply)
+        if status is None:
             return "ended (its exit status is unknown: the fork server is gone)"
-        return describe_wait_status(STATUS.unpack(reply[1:])[0])
+        return describe_wait_status(status)
 
     def close(self) -> None:
         """Stop the fork server; it ends any worker still running and exits."""
@@ -251,7 +249,7 @@ class Spawner:
         try:
             if not conn.poll(START_TIMEOUT_SECONDS):
                 raise WorkerStartError("a worker process did not start in time")
-            reply = pickle.loads(conn.recv_bytes())
+            reply = wire.decode(conn.recv_bytes())
         except (EOFError, OSError) as exc:
             worker.kill()
             raise WorkerStartError(f"a worker process {worker.reap()} at start") from exc
@@ -259,7 +257,7 @@ class Spawner:
             worker.kill()
             worker.reap()
             raise
-        if reply[0] != READY:
+        if reply[0] != Kind.READY:
             worker.reap()
             raise WorkerStartError(f"a worker process could not load the graph: {reply[1]}")
         return worker

@@ -1,7 +1,8 @@
 """The process backend's view of one fan-out's branches: queued, running, and what they said.
 
-``TaskSource`` takes the fan-out's tasks lazily (pickled only when a worker
-is free for one) and puts back branches that never started; ``Running`` is
+``TaskSource`` takes the fan-out's runs from the driver lazily (pickled only
+when a worker is free for one, or one is sent ahead) and puts back branches
+that never started; ``Running`` is
 what the watchdog knows of a branch in a worker (its node, its armed Lua
 deadline as a ``LuaCall``, the updates merged so far); ``Pace`` decides when
 short branches are sent ahead to busy workers. ``NEVER_STARTED`` is what
@@ -11,25 +12,21 @@ reading a worker reports when it died before saying anything.
 from __future__ import annotations
 
 import logging
-import os
-import pickle
-import struct
 import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 
-from ..branch import BranchTask, ParallelFlowResult
-from .base import NotReady
-from .memory_limit import kernel_oom_kills
-from .process_pool import WorkerProcess
-from .process_worker import RUN
+from ...branch import BranchRun, BranchTask, ParallelFlowResult
+from ..base import RunSource
+from ..memory_limit import kernel_oom_kills
+from . import wire
+from .launcher import WorkerProcess
 
 logger = logging.getLogger(__name__)
 
 # A branch past its branch_timeout gets this long to report its own timeout
-# (with its state) at a node boundary before the watchdog kills its worker.
+# (with its state) at a node boundary before the driver has its worker killed.
 BRANCH_KILL_GRACE_SECONDS = 0.25
 # Lua has no hook in a worker; this margin only absorbs message latency.
 LUA_KILL_GRACE_SECONDS = 0.02
@@ -72,47 +69,50 @@ class LuaCall:
 
 @dataclass
 class Queued:
-    """A branch waiting for a worker: its position in the fan-out and its pickled input."""
+    """A branch waiting for a worker: its run and its pickled input."""
 
-    position: int
-    task: BranchTask
+    run: BranchRun
     payload: bytes
     retried: bool = False
 
+    @property
+    def position(self) -> int:
+        """The branch's place in the fan-out."""
+        return self.run.position
+
 
 class TaskSource:
-    """The fan-out's tasks, taken lazily (pickled only when a worker is free for one),
-    with branches whose worker died before they started put back in front."""
+    """The runs the driver hands this fan-out, taken only when one can go to a worker
+    (and pickled then), with branches whose worker died before they started put back
+    in front."""
 
-    def __init__(self, tasks: Iterable[BranchTask]) -> None:
-        self._tasks = iter(tasks)
-        self._position = 0
+    def __init__(self, runs: RunSource) -> None:
+        self._runs = runs
         self._front: deque[Queued] = deque()
-        self._exhausted = False
-        # The tasks answered NotReady: when to ask again (None: after a result).
-        self.waiting = False
-        self.wake_at: float | None = None
 
     def peek(self) -> Queued | None:
-        """The next branch to start, building it if needed; None when there is none now."""
-        if not self._front and not self._exhausted:
-            task = next(self._tasks, None)
-            self.waiting = isinstance(task, NotReady)
-            if task is None:
-                self._exhausted = True
-            elif isinstance(task, NotReady):
-                self.wake_at = task.wake_at
-            else:
-                self._front.append(Queued(self._position, task, payload(task)))
-                self._position += 1
-        return self._front[0] if self._front else None
+        """The next branch to start, taking it from the driver if needed; None when there
+        is none now."""
+        if not self._front:
+            run = self._runs.take()
+            if run is None:
+                return None
+            self._front.append(Queued(run, payload(run.task)))
+        return self._front[0]
+
+    @property
+    def has_queued(self) -> bool:
+        """Whether a branch taken from the driver waits here for a worker."""
+        return bool(self._front)
 
     def take(self) -> Queued:
         """Remove and return the branch ``peek`` showed."""
         return self._front.popleft()
 
     def retry(self, queued: Queued) -> None:
-        """Start ``queued`` again before any other."""
+        """Start ``queued`` (whose worker died before it started) again before any other;
+        it has not started, as far as its deadline goes."""
+        queued.run.started_at = None
         self._front.appendleft(queued)
 
     def retry_all(self, queued: Iterable[Queued]) -> None:
@@ -144,8 +144,7 @@ class Pace:
 class Running:
     """A branch running in a worker, as the watchdog sees it."""
 
-    position: int
-    task: BranchTask
+    run: BranchRun
     payload: bytes
     worker: WorkerProcess
     started: float
@@ -159,9 +158,18 @@ class Running:
 
     @classmethod
     def start(cls, queued: Queued, worker: WorkerProcess) -> Running:
-        """``queued`` starts now in ``worker``."""
-        return cls(queued.position, queued.task, queued.payload, worker, time.monotonic(),
-                   retried=queued.retried, oom_kills=oom_kills(queued.task))
+        """``queued`` starts now in ``worker`` (the driver's deadline counts from now)."""
+        run = queued.run
+        run.started_at = started = time.monotonic()
+        slot = cls(run, queued.payload, worker, started, retried=queued.retried,
+                   oom_kills=oom_kills(run.task))
+        run.handle = slot
+        return slot
+
+    @property
+    def task(self) -> BranchTask:
+        """The branch's task."""
+        return self.run.task
 
     def state_as_of_now(self) -> dict:
         """The branch's state when its worker ended: its input plus every merged update."""
@@ -169,7 +177,7 @@ class Running:
         for update in self.updates:
             if update is not None:
                 try:
-                    state.update(pickle.loads(update))
+                    state.update(wire.decode_update(update))
                 except Exception as exc:
                     # Left out: the failure report goes on with the state it can rebuild.
                     logger.debug("branch %r: an update its worker sent cannot be unpickled "
@@ -182,39 +190,18 @@ class Running:
         return self.lua is not None and now >= self.lua.deadline + LUA_KILL_GRACE_SECONDS
 
 
-def next_wakeup(running: Iterable[Running]) -> float | None:
-    """Seconds until the watchdog must look at ``running`` again (None: no deadline)."""
-    deadlines = []
-    for slot in running:
-        if slot.lua is not None:
-            deadlines.append(slot.lua.deadline + LUA_KILL_GRACE_SECONDS)
-        limit = slot.task.limits.branch_timeout
-        if limit:
-            deadlines.append(slot.started + limit + BRANCH_KILL_GRACE_SECONDS)
+def next_lua_deadline(running: Iterable[Running]) -> float | None:
+    """Seconds until the watchdog must look at an armed Lua call again (None: none armed)."""
+    deadlines = [slot.lua.deadline + LUA_KILL_GRACE_SECONDS for slot in running
+                 if slot.lua is not None]
     if not deadlines:
         return None
     return max(min(deadlines) - time.monotonic(), 0.0)
 
 
-def send_frames(conn: Connection, messages: list[bytes]) -> None:
-    """Send ``messages`` as ``Connection.send_bytes`` would, one after another, in one write.
-
-    The frames are ``multiprocessing.connection``'s (a 4-byte big-endian
-    length, then the bytes), so the worker reads them with ``recv_bytes``.
-    Only for small messages, which a socket takes without blocking long.
-    """
-    data = b"".join(_FRAME_HEADER.pack(len(message)) + message for message in messages)
-    view = memoryview(data)
-    while view:
-        view = view[os.write(conn.fileno(), view):]
-
-
-_FRAME_HEADER = struct.Struct("!i")
-
-
 def payload(task: BranchTask) -> bytes:
-    """The pickled ``run`` message of ``task`` for a worker."""
-    return pickle.dumps((RUN, task.payload()), protocol=pickle.HIGHEST_PROTOCOL)
+    """The ``run`` message of ``task`` for a worker."""
+    return wire.run_message(task.payload())
 
 
 def oom_kills(task: BranchTask) -> int | None:

@@ -1,7 +1,7 @@
 """``WorkerPool``: the live worker processes of one process backend.
 
 The pool owns the launcher (a fork server or a spawner, see
-``process_pool``) for the compiled graph it serves, the workers started
+``launcher``) for the compiled graph it serves, the workers started
 from it, which of them are idle, and how many are starting. Fan-outs on any
 thread borrow workers with ``acquire`` and give them back with ``release``
 or ``discard``; the pool never lets more than ``max_workers`` live at once.
@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
 
-from ..cancellation import CancelSignal
-from ..errors import BackendError, WorkerStartError
-from .process_pool import WorkerProcess, start_launcher
-from .shipping import pickle_graph
+from ...errors import BackendError, WorkerStartError
+from ..shipping import pickle_graph
+from .launcher import WorkerProcess, start_launcher
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class WorkerPool:
 
     ``fresh`` (``fresh_worker_per_branch``): a worker runs one branch and
     exits. ``lock`` is the condition a fan-out waiting for a free worker
-    waits on (a cancellation notifies it).
+    waits on (a fan-out woken to stop notifies it).
     """
 
     def __init__(self, max_workers: int, *, fresh: bool, start_method: str) -> None:
@@ -101,14 +101,16 @@ class WorkerPool:
         if launcher is not None:
             launcher.close()
 
-    def acquire(self, block: bool, cancel: CancelSignal | None = None) -> WorkerProcess | None:
-        """An idle worker, a new one if the pool has room, or None (``block``: wait)."""
+    def acquire(self, block: bool, give_up: Callable[[], bool] | None = None
+                ) -> WorkerProcess | None:
+        """An idle worker, a new one if the pool has room, or None (``block``: wait, until
+        ``give_up()`` says to stop waiting; whoever sets it notifies ``lock``)."""
         with self.lock:
             while True:
                 if self._closed:
                     raise BackendError("the process backend was closed while running")
-                if cancel is not None:
-                    cancel.raise_if_set()
+                if give_up is not None and give_up():
+                    return None
                 while self._idle:
                     worker = self._idle.pop()
                     if not worker.conn.poll():  # an idle worker only speaks by dying

@@ -3,7 +3,7 @@
 A branch's state copy goes to a worker pickled, runs there with a fresh Lua
 VM and the worker's own Python modules, and its ``ParallelFlowResult``
 comes back pickled. Workers are forks of a per-pool fork server that loaded
-the compiled graph once (see ``process_pool``), so the graph crosses once
+the compiled graph once (see ``launcher``), so the graph crosses once
 per pool, never per branch.
 
 The parent is the watchdog. Workers run Lua with no count hook (bare speed)
@@ -22,8 +22,8 @@ started and run on another worker.
 The pool is not ``concurrent.futures.ProcessPoolExecutor``: that pool
 breaks as a whole when one worker dies, failing every sibling, and cannot
 kill one stuck worker. This one tracks each worker separately. Its
-workers are ``process_workers.WorkerPool``, a branch's bookkeeping is
-``process_branches``; what is left here (a little over 400 lines) is the
+workers are ``pool.WorkerPool``, a branch's bookkeeping is ``branches``,
+what crosses to a worker and back is ``wire``; what is left here (a little over 400 lines) is the
 one wait loop that serves them.
 """
 
@@ -31,21 +31,19 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import TYPE_CHECKING
 
-from ..branch import BranchTask, ParallelFlowResult
-from ..cancellation import CancelSignal
-from ..error_kinds import ErrorKind
-from ..errors import BackendError, ConfigError
-from ..fanout import run_in_order
-from .base import register_backend, set_waker
-from .memory_limit import BRANCH_MEMORY_ERROR, memory_message, oom_killed
-from .process_branches import (
+from ...branch import BranchRun, ParallelFlowResult, failed_result
+from ...error_kinds import ErrorKind
+from ...errors import BackendError, ConfigError
+from ..base import BackendFanOut, Finished, IsolationBackend, RunSource
+from ..memory_limit import BRANCH_MEMORY_ERROR, memory_message, oom_killed
+from ..wakeup import PipeWaker
+from . import wire
+from .branches import (
     BRANCH_KILL_GRACE_SECONDS,
     NEVER_STARTED,
     SEND_AHEAD_DEPTH,
@@ -56,13 +54,14 @@ from .process_branches import (
     Running,
     TaskSource,
     WorkerOutcome,
-    next_wakeup,
-    send_frames,
+    next_lua_deadline,
 )
-from .process_pool import START_METHODS
-from .process_worker import LUA, LUA_DONE, MERGED, NODE, RESULT, STEP
-from .process_workers import WorkerPool
-from .wakeup import PipeWaker
+from .launcher import START_METHODS
+from .pool import WorkerPool
+from .wire import Kind
+
+if TYPE_CHECKING:
+    from ...compiled import CompiledGraph
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ logger = logging.getLogger(__name__)
 POOL_RECHECK_SECONDS = 0.05
 
 
-class ProcessBackend:
+class ProcessBackend(IsolationBackend):
     """Runs branches in worker processes owned by this backend.
 
     ``max_workers`` (default: CPU count) bounds the live workers.
@@ -81,11 +80,13 @@ class ProcessBackend:
     """
 
     name = "process"
-    cancellable = True
     # The runner checks this before fan-out: state must pickle to get here.
     crosses_processes = True
-    # Its tasks may answer NotReady (a retry waiting); running branches go on.
-    accepts_not_ready = True
+    # Short branches are sent ahead to busy workers, this many each at most.
+    tasks_ahead_per_worker = SEND_AHEAD_DEPTH
+    # The watchdog kills a worker whose branch is past its branch_timeout.
+    kills_overdue = True
+    kill_grace_seconds = BRANCH_KILL_GRACE_SECONDS
 
     @staticmethod
     def check_branch_max_memory(limit: int) -> str | None:
@@ -98,115 +99,141 @@ class ProcessBackend:
             raise ConfigError(f"max_workers must be >= 1, got {max_workers}")
         if not isinstance(fresh_worker_per_branch, bool):
             raise ConfigError(f"fresh_worker_per_branch must be true or false, "
-                             f"got {fresh_worker_per_branch!r}")
+                              f"got {fresh_worker_per_branch!r}")
         if start_method not in START_METHODS:
             raise ConfigError(f"start_method must be one of {', '.join(START_METHODS)}, "
-                             f"got {start_method!r}")
+                              f"got {start_method!r}")
         self.max_workers = max_workers or os.cpu_count() or 1
         self.fresh_worker_per_branch = fresh_worker_per_branch
         self.start_method = start_method
-        self._pool = WorkerPool(self.max_workers, fresh=fresh_worker_per_branch,
-                                start_method=start_method)
+        self.pool = WorkerPool(self.max_workers, fresh=fresh_worker_per_branch,
+                               start_method=start_method)
 
-    # -- public -------------------------------------------------------------
+    def open(self, source: RunSource, graph: CompiledGraph) -> BackendFanOut:
+        """Workers for one fan-out of ``graph`` (its pool is started, or replaced, now)."""
+        self.pool.ensure_launcher(graph)
+        return _ProcessFanOut(self, source)
 
-    def stream_branches(self, tasks: Iterable[BranchTask], *, max_concurrency: int | None = None,
-                        cancel: CancelSignal | None = None
-                        ) -> Iterator[tuple[int, ParallelFlowResult]]:
-        """Run ``tasks`` in workers, yielding ``(position, result)`` as each finishes.
+    def close(self) -> None:
+        """Stop every worker and the fork server; nothing is left behind. Safe twice."""
+        self.pool.close()
 
-        At most ``max_concurrency`` (default: ``max_workers``) run at once.
-        A task is taken from ``tasks`` (and pickled) when a worker is free
-        for it, or, once branches are seen to be short, to be sent ahead to
-        a busy worker (at most ``SEND_AHEAD_DEPTH`` each). Closing the
-        generator kills the workers of unfinished branches; the pool
-        replaces them on demand. A set ``cancel`` wakes the wait, does the
-        same and raises ``RunCancelled``.
-        """
-        limit = max_concurrency or self.max_workers
-        source = TaskSource(tasks)
-        first = source.peek()
-        if first is None:
-            return
-        pool = self._pool
-        pool.ensure_launcher(first.task.graph)
-        running: dict[Connection, Running] = {}
+    @property
+    def fork_server_pid(self) -> int | None:
+        """Pid of this pool's fork server, if one is running."""
+        return self.pool.fork_server_pid
+
+
+class _ProcessFanOut(BackendFanOut):
+    """One fan-out on the process backend: its branches in workers, and their watchdog.
+
+    A branch is taken from the driver (and pickled) when a worker is free
+    for it, or, once branches are seen to be short, to be sent ahead to a
+    busy worker (at most ``SEND_AHEAD_DEPTH`` each), which runs them one
+    after another. ``collect`` waits on the workers' connections; the Lua
+    deadlines workers report are enforced here, a branch's own deadline by
+    the driver through ``kill``. ``close`` kills the workers of unfinished
+    branches; the pool replaces them on demand.
+    """
+
+    def __init__(self, backend: ProcessBackend, source: RunSource) -> None:
+        self.name = backend.name
+        self.slots = backend.max_workers
+        self._pool = backend.pool
+        self._upcoming = TaskSource(source)
+        self._running: dict[Connection, Running] = {}
         # Branches sent ahead to a busy worker, behind the one it runs (short branches only).
-        backlog: dict[Connection, deque[Queued]] = {}
-        pace = Pace(enabled=not self.fresh_worker_per_branch)
-        wakeup = PipeWaker(cancel, pool.lock) if cancel is not None else None
-        # Only a source that may answer NotReady can need waking.
-        waker = PipeWaker() if callable(getattr(tasks, "set_waker", None)) else None
-        if waker is not None:
-            set_waker(tasks, waker.wake)
-        try:
-            while source.peek() is not None or running or source.waiting:
-                if cancel is not None:
-                    cancel.raise_if_set()
-                self._dispatch(source, running, limit, cancel)
-                self._send_ahead(source, running, backlog, pace)
-                timeout = next_wakeup(running.values())
-                if source.peek() is not None and len(running) < limit:
-                    # Waiting for a worker another thread may free: look again soon.
-                    timeout = min(timeout if timeout is not None else POOL_RECHECK_SECONDS,
-                                  POOL_RECHECK_SECONDS)
-                elif source.waiting and source.wake_at is not None:
-                    # A retry is due then; a result or the waker may come first.
-                    due = max(source.wake_at - time.monotonic(), 0.0)
-                    timeout = due if timeout is None else min(timeout, due)
-                pool.check_open()
-                finished: list[tuple[int, ParallelFlowResult]] = []
-                watched: list[Any] = [*running]
-                watched += [w for w in (wakeup, waker.fd if waker else None) if w is not None]
-                ready = wait(watched, timeout=timeout)
-                if cancel is not None:
-                    cancel.raise_if_set()
-                for conn in ready:
-                    if waker is not None and conn == waker.fd:
-                        waker.clear()  # the task source changed (a retry was stopped)
-                        continue
-                    slot = running[conn]
-                    outcome = self._receive(slot)
-                    if outcome is None:
-                        continue
-                    if isinstance(outcome, ParallelFlowResult) and not conn.closed:
-                        pace.observe(outcome)
-                        self._next_in_worker(conn, running, backlog)
-                        finished.append((slot.position, outcome))
-                        continue
-                    # The worker is gone: what was sent ahead to it never started.
-                    del running[conn]
-                    source.retry_all(backlog.pop(conn, ()))
-                    if outcome is NEVER_STARTED and not slot.retried:
-                        # It was already dead while idle: the branch runs on another worker.
-                        source.retry(Queued(slot.position, slot.task, slot.payload, True))
-                    elif outcome is NEVER_STARTED:
-                        finished.append((slot.position, self._crashed(slot)))
-                    else:
-                        finished.append((slot.position, outcome))
-                for conn, position, result, worker_lost in self._expire(running):
-                    if worker_lost:
-                        source.retry_all(backlog.pop(conn, ()))
-                    else:
-                        self._next_in_worker(conn, running, backlog)
-                    finished.append((position, result))
-                yield from finished
-        finally:
-            # Stopped early (fail_fast, Ctrl-C, a consumer gone) or failed:
-            # unfinished branches' workers are killed; queued tasks never start.
-            if running:
-                logger.debug("process backend: stopping %d unfinished branch(es) early: %s",
-                             len(running), ", ".join(repr(s.task.label) for s in running.values()))
-            for slot in running.values():
-                pool.discard(slot.worker, kill=True)
-            if wakeup is not None:
-                wakeup.close()
-            if waker is not None:
-                waker.close()
+        self._backlog: dict[Connection, deque[Queued]] = {}
+        self._pace = Pace(enabled=not backend.fresh_worker_per_branch)
+        self._waker = PipeWaker()
+        # Set by wake(): a start() waiting for a worker gives up; cleared when collect
+        # has seen the wake-up.
+        self._woken = False
 
-    def _next_in_worker(self, conn: Connection, running: dict[Connection, Running],
-                        backlog: dict[Connection, deque[Queued]]) -> None:
+    def start(self) -> None:
+        """Give free workers a branch each, and send short branches ahead to busy ones."""
+        self._dispatch()
+        self._send_ahead()
+
+    def collect(self, timeout: float | None) -> list[Finished]:
+        """Wait for workers to report (or a Lua deadline, or ``wake``); what finished."""
+        running = self._running
+        lua = next_lua_deadline(running.values())
+        if lua is not None:
+            timeout = lua if timeout is None else min(timeout, lua)
+        if self._upcoming.has_queued and len(running) < self.slots:
+            # Waiting for a worker another thread's fan-out may release: look again soon.
+            timeout = POOL_RECHECK_SECONDS if timeout is None else min(timeout,
+                                                                        POOL_RECHECK_SECONDS)
+        self._pool.check_open()
+        finished: list[Finished] = []
+        for conn in wait([*running, self._waker.fd], timeout=timeout):
+            if conn == self._waker.fd:
+                self._waker.clear()
+                self._woken = False
+                continue
+            slot = running[conn]
+            outcome = self._receive(slot)
+            if outcome is None:
+                continue
+            if isinstance(outcome, ParallelFlowResult) and not conn.closed:
+                self._pace.observe(outcome)
+                self._next_in_worker(conn)
+                finished.append((slot.run, outcome))
+                continue
+            # The worker is gone: what was sent ahead to it never started.
+            del running[conn]
+            self._upcoming.retry_all(self._backlog.pop(conn, ()))
+            if outcome is NEVER_STARTED and not slot.retried:
+                # It was already dead while idle: the branch runs on another worker.
+                self._upcoming.retry(Queued(slot.run, slot.payload, True))
+            elif outcome is NEVER_STARTED:
+                finished.append((slot.run, self._crashed(slot)))
+            else:
+                finished.append((slot.run, outcome))
+        finished.extend(self._expire_lua())
+        return finished
+
+    def wake(self) -> None:
+        """End ``collect``'s wait, or ``start``'s wait for a free worker (from any thread)."""
+        self._woken = True
+        self._waker.wake()
+        with self._pool.lock:
+            self._pool.lock.notify_all()
+
+    def kill(self, run: BranchRun) -> ParallelFlowResult:
+        """Kill the worker of ``run``, past its ``branch_timeout``; its timed-out result,
+        with the state as of its last merged update (or its result, if it was waiting)."""
+        slot: Running = run.handle
+        conn = slot.worker.conn
+        limit = slot.task.limits.branch_timeout or 0.0
+        outcome = self._receive(slot)  # its result may be waiting unread
+        if isinstance(outcome, ParallelFlowResult):
+            if conn.closed:
+                self._running.pop(conn, None)
+                self._upcoming.retry_all(self._backlog.pop(conn, ()))
+            else:
+                self._next_in_worker(conn)
+            return outcome
+        self._running.pop(conn, None)
+        self._upcoming.retry_all(self._backlog.pop(conn, ()))
+        return self._branch_timed_out(slot, limit)
+
+    def close(self, *, cancelled: bool) -> None:
+        """Kill the workers of unfinished branches (the fan-out stopped early: fail_fast,
+        Ctrl-C, an error, a cancellation); branches not started never start."""
+        running = self._running
+        if running:
+            logger.debug("process backend: stopping %d unfinished branch(es) early: %s",
+                         len(running), ", ".join(repr(s.task.label) for s in running.values()))
+        for slot in running.values():
+            self._pool.discard(slot.worker, kill=True)
+        running.clear()
+        self._waker.close()
+
+    def _next_in_worker(self, conn: Connection) -> None:
         """The worker of ``conn`` finished a branch: it starts the next one sent ahead, or is free."""
+        running, backlog = self._running, self._backlog
         worker = running.pop(conn).worker
         ahead = backlog.get(conn)
         if ahead:
@@ -215,63 +242,48 @@ class ProcessBackend:
         backlog.pop(conn, None)
         self._pool.release(worker)
 
-    def _send_ahead(self, source: TaskSource, running: dict[Connection, Running],
-                    backlog: dict[Connection, deque[Queued]], pace: Pace) -> None:
+    def _send_ahead(self) -> None:
         """Queue short branches in busy workers so none waits a round trip for its next one.
 
         Only while branches are seen to be short (a long one waiting behind
         another would idle a free worker), and only small inputs: what waits
         in a worker's socket never blocks the parent.
         """
-        if not pace.send_ahead or not running:
+        running, upcoming = self._running, self._upcoming
+        if not self._pace.send_ahead or not running:
             return
         for conn in list(running):
-            ahead = backlog.setdefault(conn, deque())
+            ahead = self._backlog.setdefault(conn, deque())
             if len(ahead) > SEND_AHEAD_DEPTH // 2:
                 continue  # topped up in batches: one write for several branches
             batch: list[Queued] = []
             while len(ahead) + len(batch) < SEND_AHEAD_DEPTH:
-                queued = source.peek()
+                queued = upcoming.peek()
                 if queued is None or len(queued.payload) > SEND_AHEAD_MAX_BYTES:
                     break
-                batch.append(source.take())
+                batch.append(upcoming.take())
             if not batch:
                 return
             try:
-                send_frames(conn, [queued.payload for queued in batch])
+                wire.send_frames(conn, [queued.payload for queued in batch])
             except OSError as exc:
                 logger.debug("process backend: worker process %s did not take %d branch(es) "
                              "sent ahead (%s); they wait for another worker, and its death is "
                              "reported with the branch it runs", running[conn].worker.pid,
                              len(batch), exc)
-                source.retry_all(batch)
+                upcoming.retry_all(batch)
                 return
             ahead.extend(batch)
 
-    def run_branches(self, tasks: list[BranchTask]) -> list[ParallelFlowResult]:
-        """Run ``tasks`` in workers and return their results in task order."""
-        return run_in_order(self.stream_branches(tasks), tasks)
-
-    def close(self) -> None:
-        """Stop every worker and the fork server; nothing is left behind. Safe twice."""
-        self._pool.close()
-
-    @property
-    def fork_server_pid(self) -> int | None:
-        """Pid of this pool's fork server, if one is running."""
-        return self._pool.fork_server_pid
-
-    # -- one fan-out ------------------------------------------------------------
-
-    def _dispatch(self, source: TaskSource, running: dict[Connection, Running], limit: int,
-                  cancel: CancelSignal | None = None) -> None:
-        while len(running) < limit and source.peek() is not None:
-            worker = self._pool.acquire(block=not running, cancel=cancel)
+    def _dispatch(self) -> None:
+        running, upcoming = self._running, self._upcoming
+        while upcoming.peek() is not None:
+            worker = self._pool.acquire(block=not running, give_up=self._was_woken)
             if worker is None:
                 return
-            queued = source.take()
-            # Tracked first: if anything interrupts the send, the caller's
-            # cleanup kills this worker instead of losing its pool place.
+            queued = upcoming.take()
+            # Tracked first: if anything interrupts the send, close() kills
+            # this worker instead of losing its pool place.
             running[worker.conn] = Running.start(queued, worker)
             try:
                 worker.conn.send_bytes(queued.payload)
@@ -280,8 +292,11 @@ class ProcessBackend:
                 how = self._pool.discard(worker, kill=True)
                 logger.warning("process backend: worker process %s %s while idle (%s); "
                                "branch %r runs on another worker", worker.pid, how, exc,
-                               queued.task.label)
-                source.retry(queued)
+                               queued.run.task.label)
+                upcoming.retry(queued)
+
+    def _was_woken(self) -> bool:
+        return self._woken
 
     def _receive(self, slot: Running) -> WorkerOutcome:
         """Read what a worker said: its branch's result, ``NEVER_STARTED`` (it died before
@@ -293,7 +308,7 @@ class ProcessBackend:
                 data = conn.recv_bytes()
                 slot.heard_from = True
                 try:
-                    message = pickle.loads(data)
+                    message = wire.decode(data)
                 except Exception as exc:  # e.g. an exception class that cannot be rebuilt
                     self._pool.discard(slot.worker, kill=True)
                     return self._failed(
@@ -301,18 +316,18 @@ class ProcessBackend:
                         f"be unpickled here: {type(exc).__name__}: {exc}",
                         ErrorKind.STATE_COPY_ERROR, timed_out=False)
                 kind = message[0]
-                if kind == NODE:
+                if kind == Kind.NODE:
                     slot.node, slot.lua = message[1], None
-                elif kind == LUA:
+                elif kind == Kind.LUA:
                     slot.lua = LuaCall(*message[1:])
-                elif kind == LUA_DONE:
+                elif kind == Kind.LUA_DONE:
                     slot.lua = None
-                elif kind == MERGED:
+                elif kind == Kind.MERGED:
                     slot.updates.append(message[2])
-                elif kind == STEP:
+                elif kind == Kind.STEP:
                     slot.updates.append(message[2])
                     slot.node, slot.lua = message[3], None
-                elif kind == RESULT:
+                elif kind == Kind.RESULT:
                     if message[1].error_type == BRANCH_MEMORY_ERROR:
                         # An allocation failed somewhere in it: the worker is not
                         # reused, and what was sent ahead to it runs elsewhere.
@@ -343,41 +358,33 @@ class ProcessBackend:
         return self._failed(slot, f"branch {slot.task.label!r}: worker process {slot.worker.pid}"
                                   f"{where} {how}", ErrorKind.WORKER_CRASHED, timed_out=False)
 
-    def _expire(self, running: dict[Connection, Running]
-                ) -> list[tuple[Connection, int, ParallelFlowResult, bool]]:
-        """Branches past a deadline: ``(conn, position, result, worker lost)``.
+    def _expire_lua(self) -> list[Finished]:
+        """Branches whose armed Lua call is past its deadline: their workers are killed.
 
         A branch that turns out to have just finished is reported with its
-        result and its worker kept (still in ``running``); any other is
-        removed from ``running`` and its worker killed.
+        result, and its worker goes on.
         """
         now = time.monotonic()
-        expired: list[tuple[Connection, int, ParallelFlowResult, bool]] = []
+        expired: list[Finished] = []
+        running = self._running
         for conn, slot in list(running.items()):
+            if not slot.lua_overdue(now):
+                continue
+            outcome = self._receive(slot)  # it may have just finished
+            if outcome is not None:
+                if not isinstance(outcome, ParallelFlowResult):
+                    outcome = self._crashed(slot)
+                if conn.closed:
+                    del running[conn]
+                    self._upcoming.retry_all(self._backlog.pop(conn, ()))
+                else:
+                    self._next_in_worker(conn)
+                expired.append((slot.run, outcome))
+                continue
             if slot.lua_overdue(now):
-                outcome = self._receive(slot)  # it may have just finished
-                if outcome is not None:
-                    del running[conn]
-                    if not isinstance(outcome, ParallelFlowResult):
-                        outcome = self._crashed(slot)
-                    elif not conn.closed:
-                        running[conn] = slot  # it finished: its worker goes on
-                    expired.append((conn, slot.position, outcome, conn.closed))
-                    continue
-                if slot.lua_overdue(now):
-                    del running[conn]
-                    expired.append((conn, slot.position, self._lua_timed_out(slot), True))
-                    continue
-            limit = slot.task.limits.branch_timeout
-            if limit and now >= slot.started + limit + BRANCH_KILL_GRACE_SECONDS:
-                outcome = self._receive(slot)  # its result may be waiting unread
-                if isinstance(outcome, ParallelFlowResult):
-                    if conn.closed:
-                        del running[conn]
-                    expired.append((conn, slot.position, outcome, conn.closed))
-                    continue
                 del running[conn]
-                expired.append((conn, slot.position, self._branch_timed_out(slot, limit), True))
+                self._upcoming.retry_all(self._backlog.pop(conn, ()))
+                expired.append((slot.run, self._lua_timed_out(slot)))
         return expired
 
     def _lua_timed_out(self, slot: Running) -> ParallelFlowResult:
@@ -410,13 +417,8 @@ class ProcessBackend:
 
     def _failed(self, slot: Running, error: str, error_type: str, *,
                 timed_out: bool) -> ParallelFlowResult:
-        task = slot.task
-        return ParallelFlowResult(
-            branch=task.name, index=task.index, state=slot.state_as_of_now(), success=False,
-            error=error,
-            error_type=error_type, timed_out=timed_out,
+        return failed_result(
+            slot.task, error, error_type, state=slot.state_as_of_now(), timed_out=timed_out,
             duration_ms=(time.monotonic() - slot.started) * 1000.0, isolation=self.name,
             worker=slot.worker.pid, node=slot.node)
 
-
-register_backend("process", ProcessBackend)

@@ -1,0 +1,516 @@
+"""The one fan-out driver: runs a planned fan-out's branches on a backend and owns every policy.
+
+``fanout.py`` plans a fan-out (which branches, with what input, built
+lazily); this module runs it. The driver hands a backend branches only as
+it can start them, and at most as many as the fan-out allows at once
+(``max_concurrency``, plus what the backend declares it takes ahead per
+slot); counts every branch's deadline from its start and tells a backend
+that can kill to end one past it; holds a failed branch through its retry
+backoff (holding no worker and delaying no sibling) and hands it out again
+when the backoff ends; applies ``fail_fast``; and stops at once on
+cancellation, on the graph's ``close()`` (it ends a backoff) and on Ctrl-C.
+A backend only starts a branch, reports what finished, and kills what it
+is told to (``isolation.base``).
+
+``drive`` is that loop: it yields each branch's final ``(position,
+result)`` once, in completion order, and a ``RetryNotice`` per attempt that
+runs again. ``FanOutRun`` adds what a fan-out of the step loop needs:
+results placed by position with the fail-fast rule (``Gathered``), results
+a resumed run recorded, and observers such as checkpoint recording; the
+runner turns what it yields into events (which the progress line reads).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from .branch import CANCELLED, BranchRun, BranchTask, ParallelFlowResult
+from .errors import BackendError, RetriesStopped
+from .retry import BRANCH_RETRY_ON, RetryPolicy, failure_names, not_retried_note
+
+if TYPE_CHECKING:
+    from .cancellation import CancelSignal
+    from .fanout import FanOutPlan
+    from .isolation.base import BackendFanOut, IsolationBackend
+
+logger = logging.getLogger(__name__)
+
+# A branch with a deadline that a backend took but has not started yet (it
+# waits in a queue): the driver looks again this soon.
+UNSTARTED_POLL_SECONDS = 0.05
+
+
+@dataclass(frozen=True)
+class RetryNotice:
+    """Attempt ``result.attempts`` of the branch at ``position`` failed; it runs again in
+    ``delay`` seconds (attempt ``result.attempts + 1`` of ``max_attempts``)."""
+
+    position: int
+    result: ParallelFlowResult
+    max_attempts: int
+    delay: float
+
+
+def _nothing() -> None:
+    return None
+
+
+class FanOutSource:
+    """The runs of one fan-out as the driver hands them to its backend.
+
+    Retries whose backoff ended come first, then the plan's tasks, each
+    built when it is taken (``positions``: the plan positions of ``tasks``,
+    when some were skipped; None: all, in order). At most ``cap`` runs are
+    out (taken and not yet released) at once. Safe from any thread: a
+    thread backend's lanes take from it. A task that fails to build ends
+    the tasks; its error is kept in ``error`` for the driver to raise.
+    """
+
+    def __init__(self, tasks: Iterator[BranchTask], positions: Sequence[int] | None = None,
+                 *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._tasks = tasks
+        self._positions = positions
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._built = 0
+        self._first: BranchRun | None = None
+        self._due: list[tuple[float, int, BranchRun]] = []
+        self._order = itertools.count()
+        self._held: set[BranchRun] | None = None
+        self.exhausted = False
+        self.stopped = False
+        self.error: BaseException | None = None
+        self.cap: int | None = None
+        self.max_concurrency: int | None = None
+        self.out = 0
+        # A take was refused because ``cap`` runs were out (since the last release).
+        self.starved = False
+        # Called (from any thread) when the tasks end or fail, to wake the driver.
+        self.on_change: Callable[[], None] = _nothing
+
+    def prime(self) -> BranchRun | None:
+        """Build the first run now (its error raises here); None if the fan-out has none."""
+        task = next(self._tasks, None)
+        if task is None:
+            self.exhausted = True
+            return None
+        self._first = self._new_run(task)
+        return self._first
+
+    def track(self) -> None:
+        """Keep the runs a backend holds (``held``), for their deadlines."""
+        self._held = set()
+
+    def _new_run(self, task: BranchTask) -> BranchRun:
+        index = self._built
+        self._built += 1
+        return BranchRun(task, self._positions[index] if self._positions is not None else index)
+
+    def take(self) -> BranchRun | None:
+        """The next run to start, or None when there is none now (see ``RunSource``)."""
+        changed = False
+        with self._lock:
+            if self.stopped:
+                return None
+            if self.cap is not None and self.out >= self.cap:
+                self.starved = True
+                return None
+            run = None
+            if self._due and self._due[0][0] <= self._clock():
+                run = heapq.heappop(self._due)[2]
+            elif self._first is not None:
+                run, self._first = self._first, None
+            elif not self.exhausted:
+                try:
+                    task = next(self._tasks)
+                except StopIteration:
+                    self.exhausted = changed = True
+                except BaseException as exc:  # building a task failed: the driver raises it
+                    self.exhausted = changed = True
+                    self.error = exc
+                else:
+                    run = self._new_run(task)
+            if run is not None:
+                self.out += 1
+                if self._held is not None:
+                    self._held.add(run)
+        if changed:
+            self.on_change()
+        return run
+
+    def ready(self) -> bool:
+        """Whether ``take`` may hand out a run now."""
+        with self._lock:
+            if self.stopped or (self.cap is not None and self.out >= self.cap):
+                return False
+            if self._first is not None or not self.exhausted:
+                return True
+            return bool(self._due) and self._due[0][0] <= self._clock()
+
+    def release(self, run: BranchRun) -> bool:
+        """``run``'s result is in: it no longer counts as out. True if a take was refused
+        for the cap meanwhile (the backend may take again now)."""
+        with self._lock:
+            self.out -= 1
+            if self._held is not None:
+                self._held.discard(run)
+            starved, self.starved = self.starved, False
+        return starved
+
+    def schedule(self, run: BranchRun, at: float) -> None:
+        """Hand ``run`` out (a retry) once ``clock()`` reaches ``at``."""
+        with self._lock:
+            heapq.heappush(self._due, (at, next(self._order), run))
+
+    def next_due(self) -> float | None:
+        """When the soonest retry is due (None: none waits)."""
+        with self._lock:
+            return self._due[0][0] if self._due else None
+
+    def held(self) -> list[BranchRun]:
+        """The runs out and not yet released (``track`` must have been called)."""
+        with self._lock:
+            return list(self._held or ())
+
+    def finished(self) -> bool:
+        """Every run's result is in and nothing is left to hand out."""
+        with self._lock:
+            return (not self.out and not self._due and self._first is None
+                    and (self.exhausted or self.stopped))
+
+    def stop(self) -> list[BranchRun]:
+        """Hand out nothing more; the retries that were waiting, soonest first."""
+        with self._lock:
+            self.stopped = True
+            return [run for _, _, run in sorted(self._due, key=lambda due: due[:2])]
+
+
+class _Driver:
+    """The state of one ``drive`` call."""
+
+    def __init__(self, backend: IsolationBackend, source: FanOutSource, *,
+                 max_concurrency: int | None,
+                 retry_of: Callable[[int], RetryPolicy | None] | None,
+                 cancel: CancelSignal | None, stop_flags: Iterable[CancelSignal],
+                 clock: Callable[[], float], random: Callable[[], float] | None) -> None:
+        self.backend = backend
+        self.source = source
+        self.max_concurrency = max_concurrency
+        self.retry_of = retry_of
+        self.cancel = cancel
+        self.stop_flags = list(stop_flags)
+        self.clock = clock
+        self.random = random
+        self.work: BackendFanOut | None = None
+        # Retries a stop flag ended while they waited.
+        self.abandoned: list[BranchRun] = []
+        self.timeout: float | None = None
+        self.grace = backend.kill_grace_seconds
+
+    def run(self) -> Iterator[tuple[int, ParallelFlowResult] | RetryNotice]:
+        source, backend = self.source, self.backend
+        first = source.prime()
+        if first is None:
+            return  # an empty fan-out never starts a backend
+        limit = first.task.limits.branch_timeout
+        if limit and backend.kills_overdue:
+            self.timeout = limit
+            source.track()
+        self.work = work = backend.open(source, first.task.graph)
+        source.max_concurrency = self.max_concurrency
+        if not backend.bounds_concurrency:
+            slots = max(work.slots, 1)
+            at_once = self.max_concurrency or slots
+            # Taken ahead only when the backend's own slots are the bound.
+            ahead = backend.tasks_ahead_per_worker * slots if at_once >= slots else 0
+            source.cap = at_once + ahead
+        source.on_change = work.wake
+        forget = [flag.add_callback(self._stop_retries) for flag in self.stop_flags]
+        if self.cancel is not None:
+            forget.append(self.cancel.add_callback(work.interrupt))
+        try:
+            while True:
+                self._check()
+                work.start()
+                self._check()
+                if source.error is not None:
+                    raise source.error
+                if source.finished():
+                    return
+                reports = work.collect(self._wait())
+                self._check()
+                for run, result in reports:
+                    if not run.done:
+                        yield self._finish(run, result)
+                if self.timeout is not None:
+                    for run in self._overdue():
+                        result = work.kill(run)
+                        if result is not None:
+                            yield self._finish(run, result)
+        finally:
+            for unregister in forget:
+                unregister()
+            source.stop()
+            work.close(cancelled=self.cancel is not None and self.cancel.is_set())
+
+    def _check(self) -> None:
+        if self.cancel is not None:
+            self.cancel.raise_if_set()
+        if self.abandoned:
+            run = self.abandoned[0]
+            more = f" (and {len(self.abandoned) - 1} more)" if len(self.abandoned) > 1 else ""
+            raise RetriesStopped(f"stopped (the graph was closed or the run cancelled) while "
+                                 f"branch {run.task.label!r}{more} waited for attempt "
+                                 f"{run.attempt}")
+
+    def _stop_retries(self) -> None:
+        # A stop flag (close(), a cancelled branch around this fan-out): from any thread.
+        self.abandoned = self.source.stop()
+        if self.work is not None:
+            self.work.wake()
+
+    def _wait(self) -> float | None:
+        """How long ``collect`` may wait: until the next retry is due or deadline passes."""
+        timeout = None
+        due = self.source.next_due()
+        if due is not None:
+            timeout = max(due - self.clock(), 0.0)
+        if self.timeout is not None:
+            now = time.monotonic()
+            for run in self.source.held():
+                started = run.started_at
+                wait = UNSTARTED_POLL_SECONDS if started is None else max(
+                    started + self.timeout + self.grace - now, 0.0)
+                timeout = wait if timeout is None else min(timeout, wait)
+        return timeout
+
+    def _overdue(self) -> list[BranchRun]:
+        assert self.timeout is not None
+        now = time.monotonic()
+        late = self.timeout + self.grace
+        return [run for run in self.source.held() if not run.done
+                and run.started_at is not None and now >= run.started_at + late]
+
+    def _finish(self, run: BranchRun, result: ParallelFlowResult
+                ) -> tuple[int, ParallelFlowResult] | RetryNotice:
+        """``run``'s result is in: its final result, or a retry scheduled and its notice."""
+        run.done = True
+        if self.source.release(run):
+            assert self.work is not None
+            self.work.start()  # room again for a backend that was refused
+        result.attempts = run.attempt
+        policy = self.retry_of(run.position) if self.retry_of is not None else None
+        if not result.success and policy is not None:
+            if run.attempt < policy.max_attempts and not self.source.stopped and policy.retries(
+                    failure_names(result.error_type, result.error_bases), BRANCH_RETRY_ON):
+                delay = policy.delay(run.attempt, self.random)
+                logger.warning("branch %r failed on attempt %d of %d (%s); retrying in %.3gs",
+                               run.task.label, run.attempt, policy.max_attempts,
+                               result.error_type, delay)
+                self.source.schedule(BranchRun(run.task, run.position, run.attempt + 1),
+                                     self.clock() + delay)
+                return RetryNotice(run.position, result, policy.max_attempts, delay)
+            if policy.max_attempts > 1 and result.error_type != CANCELLED:
+                note = "" if self.source.stopped else not_retried_note(
+                    policy, run.attempt, result.error_type,
+                    failure_names(result.error_type, result.error_bases), BRANCH_RETRY_ON)
+                result.error = (f"branch {run.task.label!r} failed on attempt {run.attempt} of "
+                                f"{policy.max_attempts}{note}: {result.error}")
+        return run.position, result
+
+
+def drive(backend: IsolationBackend, tasks: Iterable[BranchTask], *,
+          positions: Sequence[int] | None = None, max_concurrency: int | None = None,
+          retry_of: Callable[[int], RetryPolicy | None] | None = None,
+          cancel: CancelSignal | None = None, stop_flags: Iterable[CancelSignal] = (),
+          clock: Callable[[], float] = time.monotonic,
+          random: Callable[[], float] | None = None,
+          ) -> Iterator[tuple[int, ParallelFlowResult] | RetryNotice]:
+    """Run ``tasks`` on ``backend``; yield each branch's final ``(position, result)`` as it
+    finishes, and a ``RetryNotice`` for each attempt that runs again.
+
+    ``positions`` are the fan-out positions of ``tasks`` (None: 0, 1, ...).
+    At most ``max_concurrency`` branches run at once (None: the backend's
+    slots). ``retry_of(position)`` is the retry policy of a branch (None:
+    no retries); a final failure after retries says which attempt failed.
+    A set ``cancel`` stops the fan-out at once and raises its error; one of
+    ``stop_flags`` (the graph's ``close()``) ends every backoff at once
+    (``RetriesStopped``). Closing the generator early stops every branch
+    still running before ``close()`` returns. No fail-fast rule is applied
+    here (``FanOutRun`` does).
+    """
+    driver = _Driver(backend, FanOutSource(iter(tasks), positions, clock=clock),
+                     max_concurrency=max_concurrency, retry_of=retry_of, cancel=cancel,
+                     stop_flags=stop_flags, clock=clock, random=random)
+    return driver.run()
+
+
+def triggers_fail_fast(result: ParallelFlowResult) -> bool:
+    """The fail-fast rule: a failed branch stops its siblings, unless it was itself cancelled."""
+    return not result.success and result.error_type != CANCELLED
+
+
+def fail_fast_reason(failure: ParallelFlowResult) -> str:
+    """Why the siblings of ``failure`` were cancelled (every backend says the same)."""
+    return f"cancelled: branch {failure.branch!r} failed first (fail_fast)"
+
+
+class Gathered:
+    """Results of one fan-out placed by position, with the fail-fast rule applied once.
+
+    ``add`` returns True when the fan-out must stop (fail_fast and a real
+    failure); ``finish`` fills every branch that has no result with a
+    cancelled one and returns them all in position order.
+    """
+
+    def __init__(self, total: int, fail_fast: bool, backend: str) -> None:
+        self.results: list[ParallelFlowResult | None] = [None] * total
+        self.fail_fast = fail_fast
+        self.backend = backend
+        self.done = 0
+        self.failed = 0
+        self.failure: ParallelFlowResult | None = None
+
+    def add(self, position: int, result: ParallelFlowResult) -> bool:
+        """Record ``result`` for ``position``; True if the fan-out must stop now."""
+        if not isinstance(position, int) or not 0 <= position < len(self.results):
+            raise BackendError(f"backend {self.backend!r} reported a result for branch "
+                               f"position {position!r} of {len(self.results)}")
+        if self.results[position] is not None:
+            raise BackendError(f"backend {self.backend!r} reported branch {position} twice")
+        if not isinstance(result, ParallelFlowResult):
+            raise BackendError(f"backend {self.backend!r} returned a {type(result).__name__} "
+                               f"instead of a ParallelFlowResult")
+        self.results[position] = result
+        self.done += 1
+        if not result.success:
+            self.failed += 1
+        if self.fail_fast and self.failure is None and triggers_fail_fast(result):
+            self.failure = result
+            return True
+        return False
+
+    def missing(self) -> list[int]:
+        """Positions that have no result."""
+        return [i for i, result in enumerate(self.results) if result is None]
+
+    def finish(self, names: Callable[[int], str], indexes: Callable[[int], int | None],
+               isolation: str) -> list[ParallelFlowResult]:
+        """Every result in order; branches without one are cancelled (after a fail_fast stop)."""
+        if self.failure is not None:
+            reason = fail_fast_reason(self.failure)
+            for position in self.missing():
+                self.results[position] = ParallelFlowResult(
+                    branch=names(position), index=indexes(position), success=False,
+                    error=reason, error_type=CANCELLED, isolation=isolation)
+        missing = self.missing()
+        if missing:
+            raise BackendError(f"backend {self.backend!r} returned {self.done} results for "
+                               f"{len(self.results)} branches (none for "
+                               f"{', '.join(names(i) for i in missing[:5])}"
+                               f"{', ...' if len(missing) > 5 else ''})")
+        return [result for result in self.results if result is not None]
+
+
+class FanOutObserver(Protocol):
+    """Told about a fan-out as it runs (checkpoint recording is one)."""
+
+    def branch_finished(self, position: int, result: ParallelFlowResult) -> None:
+        """Branch ``position`` has its final result."""
+
+    def fan_out_finished(self) -> None:
+        """Every branch that will finish has (the fan-out was not stopped by an error)."""
+
+
+@dataclass(slots=True)
+class BranchFinished:
+    """Branch ``position`` has its final ``result``; ``done`` of ``total`` have one now."""
+
+    position: int
+    result: ParallelFlowResult
+    done: int
+    total: int
+
+
+class FanOutRun:
+    """One planned fan-out run to its results on ``backend``.
+
+    Iterating runs it and yields a ``BranchFinished`` per branch as it
+    finishes and a ``RetryNotice`` per attempt that runs again; afterwards
+    ``results`` holds every result in plan order (branches a ``fail_fast``
+    stop left unrun are cancelled ones) and ``failure`` the branch that
+    stopped it, if any. ``recorded`` are results a resumed run already has,
+    by position: those branches do not run again. ``observers`` are told of
+    every final result and of the end.
+    """
+
+    def __init__(self, backend: IsolationBackend, plan: FanOutPlan, *, fail_fast: bool,
+                 max_concurrency: int | None = None,
+                 retry_of: Callable[[int], RetryPolicy | None] | None = None,
+                 cancel: CancelSignal | None = None, stop_flags: Iterable[CancelSignal] = (),
+                 recorded: Mapping[int, ParallelFlowResult] | None = None,
+                 observers: Sequence[FanOutObserver] = ()) -> None:
+        self._backend = backend
+        self._plan = plan
+        self._max_concurrency = max_concurrency
+        self._retry_of = retry_of
+        self._cancel = cancel
+        self._stop_flags = list(stop_flags)
+        self._observers = list(observers)
+        self._gathered = Gathered(plan.total, fail_fast, backend.name)
+        self._recorded = dict(recorded or {})
+        for position, result in sorted(self._recorded.items()):
+            self._gathered.add(position, result)
+        self.results: list[ParallelFlowResult] = []
+
+    @property
+    def done(self) -> int:
+        """How many branches have their final result."""
+        return self._gathered.done
+
+    @property
+    def total(self) -> int:
+        """How many branches the fan-out has."""
+        return self._plan.total
+
+    @property
+    def failure(self) -> ParallelFlowResult | None:
+        """The failed branch that stopped the fan-out under ``fail_fast``, if any."""
+        return self._gathered.failure
+
+    def __iter__(self) -> Iterator[BranchFinished | RetryNotice]:
+        plan, recorded = self._plan, self._recorded
+        tasks: Iterable[BranchTask] = plan.tasks
+        positions = None
+        if recorded:
+            positions = [p for p in range(plan.total) if p not in recorded]
+            tasks = (task for p, task in enumerate(plan.tasks) if p not in recorded)
+        stream = drive(self._backend, tasks, positions=positions,
+                       max_concurrency=self._max_concurrency, retry_of=self._retry_of,
+                       cancel=self._cancel, stop_flags=self._stop_flags)
+        try:
+            for item in stream:
+                if isinstance(item, RetryNotice):
+                    yield item
+                    continue
+                position, result = item
+                stop = self._gathered.add(position, result)
+                for observer in self._observers:
+                    observer.branch_finished(position, result)
+                yield BranchFinished(position, result, self._gathered.done, plan.total)
+                if stop:
+                    break
+        finally:
+            # Stops whatever still runs (fail_fast, an exception, a consumer that
+            # stopped reading) before the fan-out is left.
+            stream.close()
+        for observer in self._observers:
+            observer.fan_out_finished()
+        self.results = self._gathered.finish(plan.names, plan.indexes, self._backend.name)
