@@ -178,13 +178,9 @@ def test_cli_run_id_without_a_checkpointer_is_invalid_input(tmp_path, capfd):
                                       f"(the workflow has no settings.checkpoint)\n")
 
 
-def test_ctrl_c_of_the_command_records_interrupted_and_resume_finishes(tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
+def _slow_workflow(tmp_path: Path, *, sleep: int) -> tuple[Path, Path]:
+    """A checkpointed workflow whose second node touches ``started`` then sleeps ``sleep``
+    seconds the first time it runs (a resume finds the marker and goes on at once)."""
     started = tmp_path / "started"
     flow = tmp_path / "slow.yaml"
     flow.write_text(textwrap.dedent(f"""
@@ -200,9 +196,20 @@ def test_ctrl_c_of_the_command_records_interrupted_and_resume_finishes(tmp_path)
               marker = pathlib.Path({str(started)!r})
               if not marker.exists():
                   marker.touch()
-                  time.sleep(60)
+                  time.sleep({sleep})
               return {{"b": state["a"] + 1}}
     """))
+    return started, flow
+
+
+def test_ctrl_c_of_the_command_records_interrupted_and_resume_finishes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    started, flow = _slow_workflow(tmp_path, sleep=60)
     child = subprocess.Popen([sys.executable, "-m", "isobranch", "run", str(flow), "--run-id",
                               "c1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              start_new_session=True, env=plain_environment())
@@ -453,24 +460,7 @@ def test_a_sigkill_then_a_resume_counts_only_the_time_the_run_ran(tmp_path):
 
     from conftest import wait_until
 
-    started = tmp_path / "started"
-    flow = tmp_path / "slow.yaml"
-    flow.write_text(textwrap.dedent(f"""
-        settings:
-          checkpoint: {{path: runs.db}}
-        nodes:
-          - name: first
-            run: |
-              return {{"a": 1}}
-          - name: wait
-            run: |
-              import pathlib, time
-              marker = pathlib.Path({str(started)!r})
-              if not marker.exists():
-                  marker.touch()
-                  time.sleep(120)
-              return {{"b": state["a"] + 1}}
-    """))
+    started, flow = _slow_workflow(tmp_path, sleep=120)
     child = subprocess.Popen([sys.executable, "-m", "isobranch", "run", str(flow), "--run-id",
                               "k1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              start_new_session=True)
