@@ -369,8 +369,10 @@ class _Driver:
         """How long ``collect`` may wait: until the next retry is due or deadline passes."""
         timeout = None
         due = self.source.next_due()
-        if due is not None:
-            timeout = max(due - self.clock(), 0.0)
+        # A retry already due waits for room in the backend, which a result makes:
+        # waking for it now would only spin.
+        if due is not None and (wait := due - self.clock()) > 0:
+            timeout = wait
         if self.timeout is not None:
             now = time.monotonic()
             for run in self.source.held():
