@@ -49,6 +49,7 @@ class Scripted(IsolationBackend):
         self.report_killed = report_killed
         self.outcome = outcome
         self.opened = 0
+        self.collects = 0
         self.most_held = 0
         self.killed: list[tuple[int, float]] = []
         self.closed: list[tuple[bool, list[int]]] = []
@@ -77,6 +78,7 @@ class ScriptedFanOut(BackendFanOut):
         return run.started_at + self.backend.takes.get(run.position, 0.0)
 
     def collect(self, timeout):
+        self.backend.collects += 1
         if self.killed:  # a run reported after it was killed: it finished meanwhile
             run = self.killed.pop()
             return [(run, self.backend.outcome(run))]
@@ -157,6 +159,23 @@ def test_a_stop_flag_ends_a_waiting_backoff_at_once():
         next(stream)
     assert time.monotonic() - started < 5
     assert backend.closed == [(False, [])]
+
+
+def test_a_due_retry_waiting_for_room_waits_for_a_result_not_in_a_loop():
+    # One slot: branch 0 fails at once and is due again at once, but branch 1 holds
+    # the slot for 0.3 s; the driver must wait for its result, not ask again and again.
+    def first_attempt_fails(run):
+        if run.position == 0 and run.attempt == 1:
+            return ParallelFlowResult(branch=run.task.name, index=run.task.index, success=False,
+                                      error="boom", error_type="OSError")
+        return succeeded(run)
+
+    backend = Scripted(slots=1, takes={1: 0.3}, outcome=first_attempt_fails)
+    policy = RetryPolicy(max_attempts=2, initial_interval=0, jitter=False, retry_on=["OSError"])
+    items = list(drive(backend, tasks(2), retry_of=lambda position: policy))
+    finals = dict(item for item in items if not isinstance(item, RetryNotice))
+    assert finals[0].attempts == 2 and finals[1].success
+    assert backend.collects < 20, f"{backend.collects} collects for three results"
 
 
 def test_cancellation_stops_the_fan_out_and_closes_the_backend_as_cancelled():

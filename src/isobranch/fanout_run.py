@@ -22,8 +22,8 @@ runner turns what it yields into events (which the progress line reads).
 
 from __future__ import annotations
 
+import contextlib
 import heapq
-import itertools
 import logging
 import threading
 import time
@@ -66,11 +66,16 @@ class FanOutSource:
     """The runs of one fan-out as the driver hands them to its backend.
 
     Retries whose backoff ended come first, then the plan's tasks, each
-    built when it is taken (``positions``: the plan positions of ``tasks``,
-    when some were skipped; None: all, in order). At most ``cap`` runs are
-    out (taken and not yet released) at once. Safe from any thread: a
-    thread backend's lanes take from it. A task that fails to build ends
-    the tasks; its error is kept in ``error`` for the driver to raise.
+    built when it is taken, or when ``ready`` must know whether there is one
+    (``positions``: the plan positions of ``tasks``, when some were skipped;
+    None: all, in order). At most ``cap`` runs are out (taken and not yet
+    released) at once. Safe from any thread (a thread backend's lanes take
+    from it), unless the driver says only its own thread takes
+    (``single_threaded``): then nothing is locked, which is most of what a
+    branch costs the driver on the inline backend. A task that fails to
+    build ends the tasks; its error is kept in ``error`` for the driver to
+    raise. When the tasks end or fail in another thread than the driver's,
+    ``on_change`` wakes the driver.
     """
 
     def __init__(self, tasks: Iterator[BranchTask], positions: Sequence[int] | None = None,
@@ -78,11 +83,17 @@ class FanOutSource:
         self._tasks = tasks
         self._positions = positions
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock: threading.Lock | None = threading.Lock()
+        # What ``with`` guards the rarer operations with: the lock, or nothing.
+        self._guard: contextlib.AbstractContextManager = self._lock
         self._built = 0
-        self._first: BranchRun | None = None
+        # The next run, built ahead (by ``prime`` or ``ready``).
+        self._next: BranchRun | None = None
+        self._driver_thread = threading.get_ident()
         self._due: list[tuple[float, int, BranchRun]] = []
-        self._order = itertools.count()
+        self._scheduled = 0  # ties between retries due at once go in scheduling order
+        # Retries wait (``_due`` is not empty); kept as a flag the driver reads unlocked.
+        self.retrying = False
         self._held: set[BranchRun] | None = None
         self.exhausted = False
         self.stopped = False
@@ -101,95 +112,140 @@ class FanOutSource:
         if task is None:
             self.exhausted = True
             return None
-        self._first = self._new_run(task)
-        return self._first
+        self._built = 1
+        self._next = BranchRun(task, 0 if self._positions is None else self._positions[0])
+        return self._next
 
     def track(self) -> None:
         """Keep the runs a backend holds (``held``), for their deadlines."""
         self._held = set()
 
-    def _new_run(self, task: BranchTask) -> BranchRun:
-        index = self._built
-        self._built += 1
-        return BranchRun(task, self._positions[index] if self._positions is not None else index)
+    def single_threaded(self) -> None:
+        """Only the driver's thread takes and releases runs from now on: lock nothing.
+        (A stop flag may still stop it from another thread: a flag and a list copy.)"""
+        self._lock = None
+        self._guard = contextlib.nullcontext()
 
     def take(self) -> BranchRun | None:
         """The next run to start, or None when there is none now (see ``RunSource``)."""
-        changed = False
-        with self._lock:
+        lock, ended, run = self._lock, False, None
+        if lock is not None:
+            lock.acquire()
+        try:
             if self.stopped:
-                return None
-            if self.cap is not None and self.out >= self.cap:
+                pass
+            elif self.cap is not None and self.out >= self.cap:
                 self.starved = True
-                return None
-            run = None
-            if self._due and self._due[0][0] <= self._clock():
-                run = heapq.heappop(self._due)[2]
-            elif self._first is not None:
-                run, self._first = self._first, None
-            elif not self.exhausted:
-                try:
-                    task = next(self._tasks)
-                except StopIteration:
-                    self.exhausted = changed = True
-                except BaseException as exc:  # building a task failed: the driver raises it
-                    self.exhausted = changed = True
-                    self.error = exc
+            else:
+                due = self._due
+                if due and due[0][0] <= self._clock():
+                    run = heapq.heappop(due)[2]
+                    self.retrying = bool(due)
                 else:
-                    run = self._new_run(task)
-            if run is not None:
-                self.out += 1
-                if self._held is not None:
-                    self._held.add(run)
-        if changed:
-            self.on_change()
+                    if self._next is None:
+                        ended = self._build_next()
+                    run, self._next = self._next, None
+                if run is not None:
+                    self.out += 1
+                    if self._held is not None:
+                        self._held.add(run)
+        finally:
+            if lock is not None:
+                lock.release()
+        if ended and lock is not None:
+            self._ended()
         return run
 
     def ready(self) -> bool:
-        """Whether ``take`` may hand out a run now."""
-        with self._lock:
+        """Whether ``take`` may hand out a run now (the next task is built to know)."""
+        with self._guard:
             if self.stopped or (self.cap is not None and self.out >= self.cap):
                 return False
-            if self._first is not None or not self.exhausted:
+            if self._due and self._due[0][0] <= self._clock():
                 return True
-            return bool(self._due) and self._due[0][0] <= self._clock()
+            ended = self._next is None and self._build_next()
+            ready = self._next is not None
+        if ended:
+            self._ended()
+        return ready
+
+    def _build_next(self) -> bool:
+        """Build the next run into ``_next``; True if the tasks ended (or failed) just now.
+        Called with the lock held: the tasks are an iterator no two threads may advance."""
+        if self.exhausted:
+            return False
+        try:
+            task = next(self._tasks)
+        except StopIteration:
+            self.exhausted = True
+            return True
+        except BaseException as exc:  # building a task failed: the driver raises it
+            self.exhausted = True
+            self.error = exc
+            return True
+        index = self._built
+        self._built = index + 1
+        self._next = BranchRun(task, index if self._positions is None
+                               else self._positions[index])
+        return False
+
+    def _ended(self) -> None:
+        if threading.get_ident() != self._driver_thread:
+            self.on_change()  # a backend's thread found the end: wake the driver
 
     def release(self, run: BranchRun) -> bool:
         """``run``'s result is in: it no longer counts as out. True if a take was refused
         for the cap meanwhile (the backend may take again now)."""
-        with self._lock:
+        lock = self._lock
+        if lock is not None:
+            lock.acquire()
+        try:
             self.out -= 1
             if self._held is not None:
                 self._held.discard(run)
             starved, self.starved = self.starved, False
+        finally:
+            if lock is not None:
+                lock.release()
         return starved
 
     def schedule(self, run: BranchRun, at: float) -> None:
         """Hand ``run`` out (a retry) once ``clock()`` reaches ``at``."""
-        with self._lock:
-            heapq.heappush(self._due, (at, next(self._order), run))
+        with self._guard:
+            self._scheduled += 1
+            heapq.heappush(self._due, (at, self._scheduled, run))
+            self.retrying = True
 
     def next_due(self) -> float | None:
         """When the soonest retry is due (None: none waits)."""
-        with self._lock:
+        if not self._due:  # the common case, read without the lock
+            return None
+        with self._guard:
             return self._due[0][0] if self._due else None
 
     def held(self) -> list[BranchRun]:
         """The runs out and not yet released (``track`` must have been called)."""
-        with self._lock:
+        with self._guard:
             return list(self._held or ())
 
     def finished(self) -> bool:
-        """Every run's result is in and nothing is left to hand out."""
-        with self._lock:
-            return (not self.out and not self._due and self._first is None
-                    and (self.exhausted or self.stopped))
+        """Every run's result is in and nothing is left to hand out (the driver asks; the
+        next task is built to know whether there is one)."""
+        if self.out or self.retrying or self._next is not None:  # read without the lock:
+            return False  # a run out or ready now only ends when the driver sees it
+        with self._guard:
+            if self.out or self._due or self._next is not None:
+                return False
+            if not self.stopped:
+                self._build_next()
+            return self._next is None
 
     def stop(self) -> list[BranchRun]:
         """Hand out nothing more; the retries that were waiting, soonest first."""
-        with self._lock:
+        with self._guard:
             self.stopped = True
-            return [run for _, _, run in sorted(self._due, key=lambda due: due[:2])]
+            return [run for _, _, run in sorted(self._due, key=lambda due: due[:2])] \
+                if self._due else []
 
 
 class _Driver:
@@ -199,8 +255,11 @@ class _Driver:
                  max_concurrency: int | None,
                  retry_of: Callable[[int], RetryPolicy | None] | None,
                  cancel: CancelSignal | None, stop_flags: Iterable[CancelSignal],
-                 clock: Callable[[], float], random: Callable[[], float] | None) -> None:
+                 clock: Callable[[], float], random: Callable[[], float] | None,
+                 gathering: _Gathering | None = None) -> None:
         self.backend = backend
+        # FanOutRun's part: what is yielded, the fail-fast stop, the end.
+        self.gathering = gathering
         self.source = source
         self.max_concurrency = max_concurrency
         self.retry_of = retry_of
@@ -214,16 +273,20 @@ class _Driver:
         self.timeout: float | None = None
         self.grace = backend.kill_grace_seconds
 
-    def run(self) -> Iterator[tuple[int, ParallelFlowResult] | RetryNotice]:
-        source, backend = self.source, self.backend
+    def run(self) -> Iterator[tuple[int, ParallelFlowResult] | RetryNotice | BranchFinished]:
+        source, backend, gathering = self.source, self.backend, self.gathering
         first = source.prime()
-        if first is None:
-            return  # an empty fan-out never starts a backend
+        if first is None:  # nothing to run (or every result recorded): no backend starts
+            if gathering is not None:
+                gathering.end()
+            return
         limit = first.task.limits.branch_timeout
         if limit and backend.kills_overdue:
             self.timeout = limit
             source.track()
         self.work = work = backend.open(source, first.task.graph)
+        if not work.takes_from_other_threads:
+            source.single_threaded()
         source.max_concurrency = self.max_concurrency
         if not backend.bounds_concurrency:
             slots = max(work.slots, 1)
@@ -235,30 +298,53 @@ class _Driver:
         forget = [flag.add_callback(self._stop_retries) for flag in self.stop_flags]
         if self.cancel is not None:
             forget.append(self.cancel.add_callback(work.interrupt))
+        completed = stop = False
+        # Only a cancel signal or a stop flag can stop the loop from outside.
+        checked = self.cancel is not None or bool(self.stop_flags)
+        deadlines = self.timeout is not None
+        # Bound once: this loop runs once per branch on the inline backend.
+        start, collect, is_finished, finish = work.start, work.collect, source.finished, \
+            self._finish
         try:
-            while True:
-                self._check()
-                work.start()
-                self._check()
+            self._check()
+            while not stop:
+                start()
+                if checked:
+                    self._check()
+                finished = is_finished()
                 if source.error is not None:
                     raise source.error
-                if source.finished():
-                    return
-                reports = work.collect(self._wait())
-                self._check()
+                if finished:
+                    break
+                reports = collect(self._wait() if deadlines or source.retrying else None)
+                if checked:
+                    self._check()
                 for run, result in reports:
-                    if not run.done:
-                        yield self._finish(run, result)
-                if self.timeout is not None:
+                    if run.done:
+                        continue
+                    item, stop = finish(run, result)
+                    if item is not None:
+                        yield item
+                    if stop:
+                        break
+                if deadlines and not stop:
                     for run in self._overdue():
-                        result = work.kill(run)
-                        if result is not None:
-                            yield self._finish(run, result)
+                        killed = work.kill(run)
+                        if killed is None:
+                            continue
+                        item, stop = self._finish(run, killed)
+                        if item is not None:
+                            yield item
+                        if stop:
+                            break
+            completed = True
         finally:
             for unregister in forget:
                 unregister()
             source.stop()
             work.close(cancelled=self.cancel is not None and self.cancel.is_set())
+        if completed and gathering is not None:
+            gathering.end()
 
     def _check(self) -> None:
         if self.cancel is not None:
@@ -280,8 +366,10 @@ class _Driver:
         """How long ``collect`` may wait: until the next retry is due or deadline passes."""
         timeout = None
         due = self.source.next_due()
-        if due is not None:
-            timeout = max(due - self.clock(), 0.0)
+        # A retry already due waits for room in the backend, which a result makes:
+        # waking for it now would only spin.
+        if due is not None and (wait := due - self.clock()) > 0:
+            timeout = wait
         if self.timeout is not None:
             now = time.monotonic()
             for run in self.source.held():
@@ -299,31 +387,55 @@ class _Driver:
                 and run.started_at is not None and now >= run.started_at + late]
 
     def _finish(self, run: BranchRun, result: ParallelFlowResult
-                ) -> tuple[int, ParallelFlowResult] | RetryNotice:
-        """``run``'s result is in: its final result, or a retry scheduled and its notice."""
+                ) -> tuple[tuple[int, ParallelFlowResult] | RetryNotice | BranchFinished | None,
+                           bool]:
+        """``run``'s result is in: what to yield for it (its final result, or the notice of a
+        retry now scheduled; None: nothing), and whether the fan-out must stop."""
         run.done = True
-        if self.source.release(run):
+        source = self.source
+        if source.release(run):
             assert self.work is not None
             self.work.start()  # room again for a backend that was refused
         result.attempts = run.attempt
+        if self.retry_of is not None and not result.success:
+            notice = self._retry(run, result)
+            if notice is not None:
+                notes = self.gathering is None or self.gathering.notes
+                return (notice if notes else None), False
+        gathering = self.gathering
+        if gathering is None:
+            return (run.position, result), False
+        # FanOutRun's part, written out here: it runs once per branch.
+        stop = gathering.gathered.place(run.position, result)
+        for observer in gathering.observers:
+            observer.branch_finished(run.position, result)
+        if not gathering.notes:
+            return None, stop
+        return BranchFinished(run.position, result, gathering.gathered.done,
+                              gathering.plan.total), stop
+
+    def _retry(self, run: BranchRun, result: ParallelFlowResult) -> RetryNotice | None:
+        """Schedule ``run`` again if its policy allows (its notice); else say in its error
+        which attempt failed (None)."""
         policy = self.retry_of(run.position) if self.retry_of is not None else None
-        if not result.success and policy is not None:
-            if run.attempt < policy.max_attempts and not self.source.stopped and policy.retries(
-                    failure_names(result.error_type, result.error_bases), BRANCH_RETRY_ON):
-                delay = policy.delay(run.attempt, self.random)
-                logger.warning("branch %r failed on attempt %d of %d (%s); retrying in %.3gs",
-                               run.task.label, run.attempt, policy.max_attempts,
-                               result.error_type, delay)
-                self.source.schedule(BranchRun(run.task, run.position, run.attempt + 1),
-                                     self.clock() + delay)
-                return RetryNotice(run.position, result, policy.max_attempts, delay)
-            if policy.max_attempts > 1 and result.error_type != CANCELLED:
-                note = "" if self.source.stopped else not_retried_note(
-                    policy, run.attempt, result.error_type,
-                    failure_names(result.error_type, result.error_bases), BRANCH_RETRY_ON)
-                result.error = (f"branch {run.task.label!r} failed on attempt {run.attempt} of "
-                                f"{policy.max_attempts}{note}: {result.error}")
-        return run.position, result
+        if policy is None:
+            return None
+        if run.attempt < policy.max_attempts and not self.source.stopped and policy.retries(
+                failure_names(result.error_type, result.error_bases), BRANCH_RETRY_ON):
+            delay = policy.delay(run.attempt, self.random)
+            logger.warning("branch %r failed on attempt %d of %d (%s); retrying in %.3gs",
+                           run.task.label, run.attempt, policy.max_attempts,
+                           result.error_type, delay)
+            self.source.schedule(BranchRun(run.task, run.position, run.attempt + 1),
+                                 self.clock() + delay)
+            return RetryNotice(run.position, result, policy.max_attempts, delay)
+        if policy.max_attempts > 1 and result.error_type != CANCELLED:
+            note = "" if self.source.stopped else not_retried_note(
+                policy, run.attempt, result.error_type,
+                failure_names(result.error_type, result.error_bases), BRANCH_RETRY_ON)
+            result.error = (f"branch {run.task.label!r} failed on attempt {run.attempt} of "
+                            f"{policy.max_attempts}{note}: {result.error}")
+        return None
 
 
 def drive(backend: IsolationBackend, tasks: Iterable[BranchTask], *,
@@ -383,6 +495,10 @@ class Gathered:
         if not isinstance(position, int) or not 0 <= position < len(self.results):
             raise BackendError(f"backend {self.backend!r} reported a result for branch "
                                f"position {position!r} of {len(self.results)}")
+        return self.place(position, result)
+
+    def place(self, position: int, result: ParallelFlowResult) -> bool:
+        """``add`` for a position the driver itself handed out (so one of the plan's)."""
         if self.results[position] is not None:
             raise BackendError(f"backend {self.backend!r} reported branch {position} twice")
         if not isinstance(result, ParallelFlowResult):
@@ -439,11 +555,35 @@ class BranchFinished:
     total: int
 
 
+class _Gathering:
+    """What ``FanOutRun`` adds to the driver's loop (which applies it to each final result
+    itself): results placed by position with the fail-fast rule, observers told of each
+    final result and of the end, and the notes the caller wants (none with
+    ``notes=False``)."""
+
+    def __init__(self, gathered: Gathered, plan: FanOutPlan, isolation: str,
+                 observers: Sequence[FanOutObserver], notes: bool) -> None:
+        self.gathered = gathered
+        self.plan = plan
+        self.isolation = isolation
+        self.observers = observers
+        self.notes = notes
+        self.results: list[ParallelFlowResult] = []
+
+    def end(self) -> None:
+        """The fan-out ended (every branch finished, or fail_fast stopped it)."""
+        for observer in self.observers:
+            observer.fan_out_finished()
+        plan = self.plan
+        self.results = self.gathered.finish(plan.names, plan.indexes, self.isolation)
+
+
 class FanOutRun:
     """One planned fan-out run to its results on ``backend``.
 
     Iterating runs it and yields a ``BranchFinished`` per branch as it
-    finishes and a ``RetryNotice`` per attempt that runs again; afterwards
+    finishes and a ``RetryNotice`` per attempt that runs again (nothing
+    with ``notes=False``: a caller that wants no events); afterwards
     ``results`` holds every result in plan order (branches a ``fail_fast``
     stop left unrun are cancelled ones) and ``failure`` the branch that
     stopped it, if any. ``recorded`` are results a resumed run already has,
@@ -456,24 +596,32 @@ class FanOutRun:
                  retry_of: Callable[[int], RetryPolicy | None] | None = None,
                  cancel: CancelSignal | None = None, stop_flags: Iterable[CancelSignal] = (),
                  recorded: Mapping[int, ParallelFlowResult] | None = None,
-                 observers: Sequence[FanOutObserver] = ()) -> None:
-        self._backend = backend
+                 observers: Sequence[FanOutObserver] = (), notes: bool = True) -> None:
         self._plan = plan
-        self._max_concurrency = max_concurrency
-        self._retry_of = retry_of
-        self._cancel = cancel
-        self._stop_flags = list(stop_flags)
-        self._observers = list(observers)
-        self._gathered = Gathered(plan.total, fail_fast, backend.name)
-        self._recorded = dict(recorded or {})
-        for position, result in sorted(self._recorded.items()):
-            self._gathered.add(position, result)
-        self.results: list[ParallelFlowResult] = []
+        gathered = Gathered(plan.total, fail_fast, backend.name)
+        recorded = dict(recorded or {})
+        for position, result in sorted(recorded.items()):
+            gathered.add(position, result)
+        self._gathering = _Gathering(gathered, plan, backend.name, list(observers), notes)
+        tasks: Iterable[BranchTask] = plan.tasks
+        positions = None
+        if recorded:
+            positions = [p for p in range(plan.total) if p not in recorded]
+            tasks = (task for p, task in enumerate(plan.tasks) if p not in recorded)
+        self._driver = _Driver(backend, FanOutSource(iter(tasks), positions),
+                               max_concurrency=max_concurrency, retry_of=retry_of,
+                               cancel=cancel, stop_flags=stop_flags, clock=time.monotonic,
+                               random=None, gathering=self._gathering)
+
+    @property
+    def results(self) -> list[ParallelFlowResult]:
+        """Every result in plan order, once the run ended."""
+        return self._gathering.results
 
     @property
     def done(self) -> int:
         """How many branches have their final result."""
-        return self._gathered.done
+        return self._gathering.gathered.done
 
     @property
     def total(self) -> int:
@@ -483,34 +631,10 @@ class FanOutRun:
     @property
     def failure(self) -> ParallelFlowResult | None:
         """The failed branch that stopped the fan-out under ``fail_fast``, if any."""
-        return self._gathered.failure
+        return self._gathering.gathered.failure
 
     def __iter__(self) -> Iterator[BranchFinished | RetryNotice]:
-        plan, recorded = self._plan, self._recorded
-        tasks: Iterable[BranchTask] = plan.tasks
-        positions = None
-        if recorded:
-            positions = [p for p in range(plan.total) if p not in recorded]
-            tasks = (task for p, task in enumerate(plan.tasks) if p not in recorded)
-        stream = drive(self._backend, tasks, positions=positions,
-                       max_concurrency=self._max_concurrency, retry_of=self._retry_of,
-                       cancel=self._cancel, stop_flags=self._stop_flags)
-        try:
-            for item in stream:
-                if isinstance(item, RetryNotice):
-                    yield item
-                    continue
-                position, result = item
-                stop = self._gathered.add(position, result)
-                for observer in self._observers:
-                    observer.branch_finished(position, result)
-                yield BranchFinished(position, result, self._gathered.done, plan.total)
-                if stop:
-                    break
-        finally:
-            # Stops whatever still runs (fail_fast, an exception, a consumer that
-            # stopped reading) before the fan-out is left.
-            stream.close()
-        for observer in self._observers:
-            observer.fan_out_finished()
-        self.results = self._gathered.finish(plan.names, plan.indexes, self._backend.name)
+        # The driver's own loop: no generator layer of its own per branch. Closing it
+        # stops whatever still runs (fail_fast, an exception, a consumer that stopped
+        # reading) before the fan-out is left.
+        return self._driver.run()

@@ -281,6 +281,7 @@ def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
                           traceback=exc.traceback) from exc
     limits = context.fan_out_limits
     retry_of = _retry_of(fan_out, limits.branch_retry)
+    emit = branch_events and context.branch is None  # branches' own fan-outs never emit
     recording = recorder.fan_out(node, plan.total) if recorder is not None else None
     run = FanOutRun(backend, plan, fail_fast=limits.fail_fast,
                     max_concurrency=fan_out.max_concurrency or context.max_concurrency,
@@ -288,12 +289,10 @@ def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
                     # Without retries nothing waits that close() would have to end.
                     stop_flags=context.stop_flags() if retry_of is not None else (),
                     recorded=recording.recorded if recording is not None else None,
-                    observers=[recording] if recording is not None else ())
-    emit = branch_events and context.branch is None  # branches' own fan-outs never emit
+                    observers=[recording] if recording is not None else (), notes=emit)
     try:
         for note in run:
-            if emit:
-                yield _branch_event(node, fan_out.fan_in, note, run)
+            yield _branch_event(node, fan_out.fan_in, note, run)
         results = run.results
     except StateCopyError as exc:  # an item that cannot be copied or sent
         raise NodeFailure(f"{_where(node, context)}: cannot copy an item for its map branches: "

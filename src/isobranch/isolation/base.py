@@ -52,10 +52,13 @@ class BackendFanOut:
     The driver calls ``start``, ``collect``, ``kill`` and ``close`` from the
     one thread that runs the fan-out; ``wake`` and ``interrupt`` come from
     any thread. ``slots`` is how many branches it runs at once (its threads,
-    its workers, the cluster's threads).
+    its workers, the cluster's threads). ``takes_from_other_threads``: it
+    takes runs from the source in threads of its own, not only in those
+    calls (the source then locks).
     """
 
     slots: int = 1
+    takes_from_other_threads: bool = False
 
     def start(self) -> None:
         """Start what the source gives now (or take it ahead, for a backend that does)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
-from ..branch import BranchMonitor
+from ..branch import BranchMonitor, BranchRun
 from ..branch_run import run_branch
 from .base import BackendFanOut, Finished, IsolationBackend, RunSource
 
@@ -34,24 +34,27 @@ class InlineBackend(IsolationBackend):
 
 
 class _InlineFanOut(BackendFanOut):
-    """``collect`` runs the next branch, in the driver's own thread."""
+    """``start`` takes the next branch, ``collect`` runs it, in the driver's own thread."""
 
     slots = 1
 
     def __init__(self, source: RunSource) -> None:
         self._source = source
-        self._woken = threading.Event()
+        self._next: BranchRun | None = None
+        self._woken = _LazyEvent()
         # The branch running now: a cancellation stops it as a fail_fast sibling
         # would (at its next node boundary, or in Lua at once).
         self._running: BranchMonitor | None = None
 
     def start(self) -> None:
-        """Nothing starts ahead: ``collect`` runs each branch."""
+        """Take the next branch, when the previous one has finished."""
+        if self._next is None:
+            self._next = self._source.take()
 
     def collect(self, timeout: float | None) -> list[Finished]:
-        """Run the next branch to its end; with none ready (a retry waits), wait up to
+        """Run the branch taken to its end; with none (a retry waits), wait up to
         ``timeout`` or a ``wake``."""
-        run = self._source.take()
+        run, self._next = self._next, None
         if run is None:
             self._woken.wait(timeout)
             self._woken.clear()
@@ -72,3 +75,35 @@ class _InlineFanOut(BackendFanOut):
         if running is not None:
             running.cancelled.cancel()
         self._woken.set()
+
+
+class _LazyEvent:
+    """A ``threading.Event`` made only when somebody waits: most inline fan-outs never
+    wait (only while a retry's backoff runs), and an event costs more than a branch."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._event: threading.Event | None = None
+        self._set = False
+
+    def set(self) -> None:
+        with self._lock:
+            self._set = True
+            event = self._event
+        if event is not None:
+            event.set()
+
+    def wait(self, timeout: float | None) -> None:
+        with self._lock:
+            if self._set:
+                return
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        event.wait(timeout)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._set = False
+            if self._event is not None:
+                self._event.clear()

@@ -19,6 +19,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_for_futures
@@ -138,6 +139,9 @@ class _Lanes(BackendFanOut):
     thinks it will take the room just freed.
     """
 
+    # Lanes take runs in the pool's threads.
+    takes_from_other_threads = True
+
     def __init__(self, backend: ThreadBackend, source: RunSource) -> None:
         self._backend = backend
         self._source = source
@@ -145,17 +149,25 @@ class _Lanes(BackendFanOut):
         self._width: int | None = None
         self._lock = threading.Lock()
         self._live = 0
+        # Runs taken by ``start`` for the lanes it started, first come first served.
+        self._queued: deque[BranchRun] = deque()
         self._lanes: set[_Lane] = set()
         self._stopped = False
         self._futures: list[Future] = []
         self.finished: queue.SimpleQueue[_Report] = queue.SimpleQueue()
 
     def start(self) -> None:
-        """Start lanes, up to the width, while the source has runs for them."""
+        """Start lanes, up to the width, as many as there are runs to take now: those runs
+        are taken here and queued, and whichever lane starts first takes the first."""
         with self._lock:
             if self._width is None:
                 self._width = min(self._source.max_concurrency or self.slots, self.slots)
-            while self._live < self._width and not self._stopped and self._source.ready():
+            while self._live < self._width and not self._stopped:
+                if len(self._queued) <= self._live:
+                    run = self._source.take()
+                    if run is None:
+                        break
+                    self._queued.append(run)
                 lane = _Lane(self)
                 self._submit(lane)
                 self._lanes.add(lane)
@@ -186,7 +198,9 @@ class _Lanes(BackendFanOut):
         with self._lock:
             if lane.retired:
                 return None
-            run = None if self._stopped else self._source.take()
+            run = None
+            if not self._stopped:
+                run = self._queued.popleft() if self._queued else self._source.take()
             if run is None:
                 self._retire(lane)
                 return None
@@ -199,7 +213,7 @@ class _Lanes(BackendFanOut):
         with self._lock:
             if lane.retired:
                 return
-            if self._stopped or not self._source.ready():
+            if self._stopped or not (self._queued or self._source.ready()):
                 self._retire(lane)
                 return
             try:
@@ -260,6 +274,7 @@ class _Lanes(BackendFanOut):
         cancellation."""
         with self._lock:
             self._stopped = True
+            self._queued.clear()
             stopped = [lane.current for lane in self._lanes
                        if lane.current is not None and not lane.current.done]
             futures = [f for f in self._futures if not f.done()]

@@ -30,10 +30,13 @@ one wait loop that serves them.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import select
+import threading
 import time
 from collections import deque
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
 from ...branch import BranchRun, ParallelFlowResult, failed_result
@@ -108,6 +111,27 @@ class ProcessBackend(IsolationBackend):
         self.start_method = start_method
         self.pool = WorkerPool(self.max_workers, fresh=fresh_worker_per_branch,
                                start_method=start_method)
+        # Wakers (and their pollers) of fan-outs that ended, for the next ones: a
+        # fan-out would otherwise pay a pipe and a poll object of its own.
+        self._spare_wakers: list[tuple[PipeWaker, _Readiness]] = []
+        self._spare_lock = threading.Lock()
+
+    def waker(self) -> tuple[PipeWaker, _Readiness]:
+        """A waker and a poller watching it, for one fan-out."""
+        with self._spare_lock:
+            if self._spare_wakers:
+                return self._spare_wakers.pop()
+        waker = PipeWaker()
+        return waker, _Readiness(waker.fd)
+
+    def keep_waker(self, waker: PipeWaker, ready: _Readiness) -> None:
+        """A fan-out ended: its waker serves the next one (closed if the backend is)."""
+        waker.clear()
+        with self._spare_lock:
+            if not self.pool.closed:
+                self._spare_wakers.append((waker, ready))
+                return
+        waker.close()
 
     def open(self, source: RunSource, graph: CompiledGraph) -> BackendFanOut:
         """Workers for one fan-out of ``graph`` (its pool is started, or replaced, now)."""
@@ -117,6 +141,10 @@ class ProcessBackend(IsolationBackend):
     def close(self) -> None:
         """Stop every worker and the fork server; nothing is left behind. Safe twice."""
         self.pool.close()
+        with self._spare_lock:
+            spare, self._spare_wakers = self._spare_wakers, []
+        for waker, _ in spare:
+            waker.close()
 
     @property
     def fork_server_pid(self) -> int | None:
@@ -137,6 +165,7 @@ class _ProcessFanOut(BackendFanOut):
     """
 
     def __init__(self, backend: ProcessBackend, source: RunSource) -> None:
+        self._backend = backend
         self.name = backend.name
         self.slots = backend.max_workers
         self._pool = backend.pool
@@ -145,7 +174,7 @@ class _ProcessFanOut(BackendFanOut):
         # Branches sent ahead to a busy worker, behind the one it runs (short branches only).
         self._backlog: dict[Connection, deque[Queued]] = {}
         self._pace = Pace(enabled=not backend.fresh_worker_per_branch)
-        self._waker = PipeWaker()
+        self._waker, self._ready = backend.waker()
         # Set by wake(): a start() waiting for a worker gives up; cleared when collect
         # has seen the wake-up.
         self._woken = False
@@ -167,13 +196,13 @@ class _ProcessFanOut(BackendFanOut):
                                                                         POOL_RECHECK_SECONDS)
         self._pool.check_open()
         finished: list[Finished] = []
-        for conn in wait([*running, self._waker.fd], timeout=timeout):
-            if conn == self._waker.fd:
-                self._waker.clear()
-                self._woken = False
-                continue
+        ready, woken = self._ready.wait(running, timeout)
+        if woken:
+            self._waker.clear()
+            self._woken = False
+        for conn in ready:
             slot = running[conn]
-            outcome = self._receive(slot)
+            outcome = self._receive(slot, readable=True)
             if outcome is None:
                 continue
             if isinstance(outcome, ParallelFlowResult) and not conn.closed:
@@ -229,7 +258,7 @@ class _ProcessFanOut(BackendFanOut):
         for slot in running.values():
             self._pool.discard(slot.worker, kill=True)
         running.clear()
-        self._waker.close()
+        self._backend.keep_waker(self._waker, self._ready)
 
     def _next_in_worker(self, conn: Connection) -> None:
         """The worker of ``conn`` finished a branch: it starts the next one sent ahead, or is free."""
@@ -298,13 +327,15 @@ class _ProcessFanOut(BackendFanOut):
     def _was_woken(self) -> bool:
         return self._woken
 
-    def _receive(self, slot: Running) -> WorkerOutcome:
+    def _receive(self, slot: Running, readable: bool = False) -> WorkerOutcome:
         """Read what a worker said: its branch's result, ``NEVER_STARTED`` (it died before
-        saying anything), or None if it is still running."""
+        saying anything), or None if it is still running. ``readable``: a wait just said
+        its connection is (no need to ask again before the first read)."""
         task = slot.task
         conn = slot.worker.conn
         try:
-            while conn.poll():
+            while readable or _has_data(conn):
+                readable = False
                 data = conn.recv_bytes()
                 slot.heard_from = True
                 try:
@@ -422,3 +453,50 @@ class _ProcessFanOut(BackendFanOut):
             duration_ms=(time.monotonic() - slot.started) * 1000.0, isolation=self.name,
             worker=slot.worker.pid, node=slot.node)
 
+
+def _has_data(conn: Connection) -> bool:
+    """Whether reading ``conn`` would not block (a message, or the end of a dead worker);
+    ``conn.poll()`` asks the same through a selector made for each call."""
+    return bool(select.select((conn.fileno(),), (), (), 0)[0])
+
+
+class _Readiness:
+    """Which workers of a fan-out have something to say, and whether it was woken.
+
+    One ``select.poll`` object watches the waker and the running workers'
+    connections across waits; only connections that started or stopped
+    running since the last wait are registered or forgotten (a closed
+    connection's descriptor number may be reused by a new one).
+    """
+
+    def __init__(self, waker_fd: int) -> None:
+        self._poll = select.poll()
+        self._waker_fd = waker_fd
+        self._poll.register(waker_fd, select.POLLIN)
+        self._watched: dict[int, Connection] = {}
+
+    def wait(self, running: dict[Connection, Running], timeout: float | None
+             ) -> tuple[list[Connection], bool]:
+        """The running connections that are readable (or hung up) within ``timeout`` seconds,
+        and whether the waker was woken."""
+        watched, poll = self._watched, self._poll
+        if len(watched) != len(running) or any(conn not in running for conn in watched.values()):
+            for fd in [fd for fd, conn in watched.items() if conn not in running]:
+                poll.unregister(fd)
+                del watched[fd]
+            for conn in running:
+                fd = conn.fileno()
+                if watched.get(fd) is not conn:
+                    if fd in watched:
+                        poll.unregister(fd)
+                    poll.register(fd, select.POLLIN)
+                    watched[fd] = conn
+        events = poll.poll(None if timeout is None else math.ceil(timeout * 1000))
+        woken = False
+        ready = []
+        for fd, _ in events:
+            if fd == self._waker_fd:
+                woken = True
+            else:
+                ready.append(watched[fd])
+        return ready, woken
