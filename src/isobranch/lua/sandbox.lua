@@ -32,16 +32,21 @@ local G = _G
 local CONVERT = "isobranch.convert: "
 
 ---------------------------------------------------------------- time limit
--- A count hook reads the process CPU clock (a cheap C call) and asks Python
--- for the wall clock only once per CPU_SLICE of CPU: a running Lua program
--- always burns CPU, so this never delays the check by more than a slice,
--- and Lua runs without the GIL in between.
+-- A count hook reads the process CPU clock and asks Python for the wall
+-- clock only once per CPU_SLICE of CPU: a running Lua program always burns
+-- CPU, so this never delays the check by more than a slice, and Lua runs
+-- without the GIL in between. The clock is read on every firing: reading it
+-- less often would let a program that turns from cheap instructions to
+-- costly ones run that many more intervals unchecked.
 local TIMEOUT = setmetatable({}, {__name = "isobranch.timeout", __metatable = false})
 local CPU_SLICE = 0.005
 -- armed: a call is running. expired: its deadline passed. in_wall_check:
 -- stays true if an error (out of memory, say) escaped the hook's Python
 -- call, which leaves hooks off on that thread; it is treated as expired.
-local armed, expired, in_wall_check, last_cpu = false, false, false, 0
+-- slice_start: the CPU clock when the call last asked Python, false until
+-- its first clock reading (which asks at once: a call too short to fire the
+-- hook reads no clock at all).
+local armed, expired, in_wall_check, slice_start = false, false, false, false
 
 -- Once time is up, every thread whose hook fires is switched to a hook on
 -- every instruction before the error is raised. A hook error unwinds only
@@ -57,33 +62,41 @@ local function expire()
   error(TIMEOUT, 0)
 end
 
+-- Asks Python whether the deadline has passed (or the call was cancelled).
 -- The hook may fire inside this function when a wrapper below calls it, so
 -- only the hook's own call marks in_wall_check; a wrapper catches a failed
 -- Python call (out of memory) itself, and it counts as time being up too.
-local function check_time(from_hook)
+local function ask_wall_clock(now, from_hook)
+  slice_start = now
+  local answered, past
+  if from_hook then
+    in_wall_check = true
+    answered, past = true, wall_check()
+    in_wall_check = false
+  else
+    answered, past = pcall(wall_check)
+  end
+  if past or not answered then expire() end
+end
+
+local function check_time()
   if expired or in_wall_check then expire() end
   local now = clock()
-  if now - last_cpu >= CPU_SLICE then
-    last_cpu = now
-    local answered, past
-    if from_hook then
-      in_wall_check = true
-      answered, past = true, wall_check()
-      in_wall_check = false
-    else
-      answered, past = pcall(wall_check)
-    end
-    if past or not answered then expire() end
-  end
+  if not slice_start or now - slice_start >= CPU_SLICE then ask_wall_clock(now, false) end
 end
 
 local run
+-- Runs every hook_count instructions of a hot loop: it stays this short.
 hook = function()
   if not armed then return end
-  -- Once time is up the hook fires on every instruction, the sandbox's own
-  -- too: run() must be able to finish the call it made.
-  if expired and getinfo(2, "f").func == run then return end
-  check_time(true)
+  if expired or in_wall_check then
+    -- Once time is up the hook fires on every instruction, the sandbox's
+    -- own too: run() must be able to finish the call it made.
+    if expired and getinfo(2, "f").func == run then return end
+    expire()
+  end
+  local now = clock()
+  if not slice_start or now - slice_start >= CPU_SLICE then ask_wall_clock(now, true) end
 end
 
 -- A new coroutine inherits the C side of the hook but not the debug
@@ -113,7 +126,7 @@ end
 --    a wrapper below (pcall, xpcall, load, coroutine resume/wrap/close, a
 --    coroutine's body), each of which checks the clock after a caught error.
 local function check_after_error()
-  if hook_count and armed then check_time(false) end
+  if hook_count and armed then check_time() end
 end
 
 -- Each thread has its own hook counter, so a coroutine that has not run
@@ -165,7 +178,7 @@ local function load_codec(bytecode, name)
     sub = sub, byte = byte, char = char, concat = concat, unpack_string = unpack_string,
     pack_string = pack_string, CONVERT = CONVERT, MAX_DEPTH = max_depth,
     DEPTH_REASON = depth_reason, KIND = KIND, LAZY = LAZY, fill_lazy = fill_all,
-    check_time = function() if hook_count and armed then check_time(false) end end,
+    check_time = function() if hook_count and armed then check_time() end end,
   })
 end
 local function get_decode()
@@ -446,8 +459,7 @@ function run(mode, code, chunk_name, state_data, variables_data, lazy_state)
   -- rawset: a metatable user code put on _G must not run before the hook is armed.
   rawset(G, "variables", variables)
   if mode ~= "node" then rawset(G, "state", state) end
-  handled, expired, in_wall_check = false, false, false
-  last_cpu = clock()
+  handled, expired, in_wall_check, slice_start = false, false, false, false
   armed = true
   -- An outside watchdog (a worker's parent) times the call from here on,
   -- after the input has been decoded, as the hook does.
@@ -457,7 +469,10 @@ function run(mode, code, chunk_name, state_data, variables_data, lazy_state)
   ok, status, payload = xpcall(call_and_encode, on_error, fn, state, variables)
   armed = false
   if hook_count then sethook() end
-  raw_collect("restart")
+  -- The collector runs again if an error escaped a stretch that paused it,
+  -- and only then: a restart makes the next allocation do a collector step,
+  -- a microsecond or two on every call.
+  if not raw_collect("isrunning") then raw_collect("restart") end
   if expired or in_wall_check then return "timeout", "timeout" end
   local failed = lazy_state and lazy.take_failure()
   if failed then
