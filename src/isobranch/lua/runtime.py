@@ -57,12 +57,12 @@ HOOK_INSTRUCTIONS = 1000
 # Room for lupa's own allocations while it pushes a call's arguments, and
 # for each Lua string's header.
 _PUSH_SLACK, _STRING_OVERHEAD = 4096, 64
-_CHUNKS = ("sandbox", "decode", "encode", "lazy")
+_CHUNKS = ("sandbox", "crossing", "decode", "encode", "lazy", "protected")
 
 
 @functools.cache
 def _sandbox_bytecode() -> tuple[bytes, ...]:
-    """The sandbox, decode, encode and lazy-state chunks, compiled once per process.
+    """The sandbox and the chunks it loads on first use, compiled once per process.
 
     Loading bytecode skips the parser, which is most of the cost of a new VM.
     Only these trusted chunks are ever loaded as bytecode; user code cannot
@@ -211,12 +211,12 @@ class LuaRuntime:
         hook_count = HOOK_INSTRUCTIONS if enforce else None
         # The only Python objects the VM ever holds: bound methods, kept as
         # private upvalues of the sandbox.
-        sandbox, decode, encode, lazy = _sandbox_bytecode()
+        sandbox, *loaded_on_first_use = _sandbox_bytecode()
         if self.max_memory is not None:
             # The setup must not fail half-way however small the limit is.
             vm.set_max_memory(0)
         armed = self._armed if self.deadline_listener is not None else None
-        self._run = vm.execute(sandbox, self._out_of_time, hook_count, decode, encode, lazy, armed,
+        self._run = vm.execute(sandbox, self._out_of_time, hook_count, *loaded_on_first_use, armed,
                                MAX_DEPTH, DEPTH_REASON.encode())
         if self.max_memory is not None:
             vm.set_max_memory(self.max_memory)

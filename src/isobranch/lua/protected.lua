@@ -1,0 +1,100 @@
+-- The sandbox's xpcall and coroutine functions (create, resume, wrap,
+-- close), loaded by sandbox.lua the first time a VM calls one of them: most
+-- VMs never do, and a VM is cheaper to create without them. sandbox.lua
+-- passes the library functions and the time-limit helpers they need, so
+-- nothing user code did to the globals can reach them, and explains the
+-- rules they keep (its "time limit" section). Returns the functions by name.
+local type, select, error, pcall, pack, unpack, co_create, co_resume, co_status, co_close,
+  check_after_error, refuse_when_out_of_time, hooked, enter_protected, protected_depth,
+  MAX_PROTECTED_DEPTH = ...
+
+local M = {}
+
+---------------------------------------------------------------- xpcall
+-- No user function is ever a message handler: Lua would run it with hooks
+-- off after a hook error. The handler is called after unwinding, in a
+-- protected call of ours, like Lua's own: a handler that raises is called
+-- again with its own error, until the C stack runs out (about 200 times).
+local HANDLER_CALLS = 200
+local function handle(thread, depth, handler, err)
+  -- The handler runs in a protected call one level below xpcall's.
+  if depth >= MAX_PROTECTED_DEPTH then return "error in error handling" end
+  for _ = 1, HANDLER_CALLS do
+    protected_depth[thread] = depth + 1
+    local ok, result = pcall(handler, err)
+    protected_depth[thread] = depth
+    if ok then return result end
+    check_after_error()
+    err = result
+  end
+  return "error in error handling"
+end
+local function after_xpcall(thread, depth, handler, ok, ...)
+  if ok then
+    protected_depth[thread] = depth - 1
+    return ok, ...
+  end
+  check_after_error()
+  local result = handle(thread, depth, handler, (...))
+  protected_depth[thread] = depth - 1
+  return false, result
+end
+function M.xpcall(f, ...)
+  local handler = ...
+  if type(handler) ~= "function" then
+    local got = select("#", ...) == 0 and "no value" or type(handler)
+    error("bad argument #2 to 'xpcall' (function expected, got " .. got .. ")", 2)
+  end
+  local thread, depth = enter_protected()
+  return after_xpcall(thread, depth, handler, pcall(f, select(2, ...)))
+end
+
+---------------------------------------------------------------- coroutines
+-- A coroutine's body runs inside a pcall of ours, which closes its <close>
+-- variables with hooks on before it dies; each is hooked when it is made;
+-- none is created, resumed or closed once time is up.
+local function after_protected_call(ok, ...)
+  if not ok then check_after_error() end
+  return ok, ...
+end
+local function body_finished(ok, ...)
+  if ok then return ... end
+  check_after_error()
+  error((...), 0)
+end
+local function new_coroutine(f, name)
+  refuse_when_out_of_time()
+  if type(f) ~= "function" then
+    error("bad argument #1 to '" .. name .. "' (function expected, got " .. type(f) .. ")", 3)
+  end
+  return hooked(co_create(function(...) return body_finished(pcall(f, ...)) end))
+end
+function M.create(f)
+  return new_coroutine(f, "create")
+end
+function M.resume(co, ...)
+  refuse_when_out_of_time()
+  return after_protected_call(co_resume(co, ...))
+end
+function M.wrap(f)
+  local co = new_coroutine(f, "wrap")
+  return function(...)
+    refuse_when_out_of_time()
+    local results = pack(co_resume(co, ...))
+    if results[1] then return unpack(results, 2, results.n) end
+    check_after_error()
+    local err = results[2]
+    if co_status(co) == "dead" then
+      -- Like the built-in wrap: close its <close> variables; their error wins.
+      local closed, close_err = co_close(co)
+      if not closed then err = close_err end
+    end
+    error(err, 2)
+  end
+end
+function M.close(co)
+  refuse_when_out_of_time()
+  return after_protected_call(co_close(co))
+end
+
+return M
