@@ -57,7 +57,7 @@ HOOK_INSTRUCTIONS = 1000
 # Room for lupa's own allocations while it pushes a call's arguments, and
 # for each Lua string's header.
 _PUSH_SLACK, _STRING_OVERHEAD = 4096, 64
-_CHUNKS = ("sandbox", "crossing", "decode", "encode", "lazy", "protected")
+_CHUNKS = ("sandbox", "crossing", "decode", "encode", "lazy", "rarely_used")
 
 
 @functools.cache

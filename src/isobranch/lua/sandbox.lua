@@ -1,8 +1,8 @@
 -- Sandbox for one isobranch Lua VM, precompiled once per process. It runs
 -- once per VM, before any user code, and returns the function the runtime
 -- calls for every execution. Everything a VM may never use is loaded on
--- first use, which keeps VM creation cheap: xpcall and the coroutine
--- functions (protected.lua), and how values cross a call (crossing.lua,
+-- first use, which keeps VM creation cheap: the library functions most VMs
+-- never call (rarely_used.lua), and how values cross a call (crossing.lua,
 -- which loads decode.lua, encode.lua and the lazy state's lazy.lua).
 -- Everything the engine needs is captured here as a local upvalue, so user
 -- code that replaces or mutates globals cannot reach or break it. No table
@@ -11,7 +11,7 @@
 -- metatable could be given __gc or __newindex and run user code where no
 -- hook can stop it.
 local wall_check, hook_count, crossing_bytecode, decode_bytecode, encode_bytecode, lazy_bytecode,
-  protected_bytecode, on_armed, max_depth, depth_reason = ...
+  rarely_used_bytecode, on_armed, max_depth, depth_reason = ...
 
 local type, next, select, error, tostring = type, next, select, error, tostring
 local rawget, rawset, rawlen, rawequal = rawget, rawset, rawlen, rawequal
@@ -153,22 +153,6 @@ G.python = nil
 G.io, G.debug, G.package, G.require, G.dofile, G.loadfile = nil, nil, nil, nil, nil, nil
 G.os = {time = os.time, clock = os.clock, date = os.date}
 string.dump = nil
-G.collectgarbage = function(option)
-  if option == "count" then return raw_collect("count") end
-  error("collectgarbage: only \"count\" is available in the sandbox", 2)
-end
-G.load = function(chunk, name, mode, ...)
-  -- Text only: a crafted binary chunk can crash the VM.
-  local fn, err
-  if select("#", ...) > 0 then
-    fn, err = load(chunk, name, "t", (...))
-  else
-    fn, err = load(chunk, name, "t")
-  end
-  -- A failed load may be an error of its reader function that load caught.
-  if fn == nil then check_after_error() end
-  return fn, err
-end
 ---------------------------------------------------------------- crossing
 -- Decoding a lazy state's value is the sandbox's own bounded work, as when
 -- a whole state was decoded before the call: it runs with the collector
@@ -191,8 +175,10 @@ local function unhooked(fn, a, b)
 end
 
 -- A state whose top-level values are filled on first read (lazy.lua). LAZY
--- maps each such table to its record. The globals below are the only ones
--- that could tell it from a plain table; each fills what it touches first.
+-- maps each such table to its record. The only globals that could tell it
+-- from a plain table are next, pairs and setmetatable below, and
+-- getmetatable, rawget and rawset (rarely_used.lua): each fills what it
+-- touches first.
 local LAZY = setmetatable({}, WEAK_KEYS)
 -- crossing.lua, loaded with the first call that brings or returns a table.
 local crossing
@@ -231,24 +217,6 @@ G.pairs = function(...)
   -- pairs hands out next: it must be this one, not the raw one.
   if iterator == next then iterator = safe_next end
   return iterator, subject, control
-end
-G.rawget = function(...)
-  local t, key = ...
-  if type(t) ~= "table" then table_expected("rawget", ...) end
-  if LAZY[t] and select("#", ...) > 1 then crossing.fill_key(t, key) end
-  return rawget(...)
-end
-G.rawset = function(...)
-  local t, key = ...
-  if type(t) ~= "table" then table_expected("rawset", ...) end
-  if LAZY[t] and select("#", ...) > 2 then crossing.forget_key(t, key) end
-  return rawset(...)
-end
-G.getmetatable = function(...)
-  if select("#", ...) == 0 then error("bad argument #1 to 'getmetatable' (value expected)", 2) end
-  local t = ...
-  if LAZY[t] then return nil end
-  return getmetatable(t)
 end
 G.setmetatable = function(t, mt)
   -- Lua 5.4 runs finalizers with hooks disabled, so a looping __gc could
@@ -291,30 +259,36 @@ G.pcall = function(f, ...)
   return after_pcall(thread, depth, pcall(f, ...))
 end
 
--- xpcall and the coroutine functions that take or resume user code live
--- in protected.lua, loaded with the first call of one of them: a stub per
--- function tail-calls the real one, so error levels and results are the
--- same. Loading runs none of the caller's code, and a load interrupted by
--- the time limit or memory leaves nothing half-made: the next call loads
--- again.
-local protected
-local function protected_function(name)
-  return function(...)
-    if protected == nil then
-      protected = load(protected_bytecode, "=isobranch/protected", "b", {})(
-        type, select, error, pcall, pack, unpack, co_create, co_resume, co_status, co_close,
-        check_after_error, refuse_when_out_of_time, hooked, enter_protected, protected_depth,
-        MAX_PROTECTED_DEPTH)
-    end
-    return protected[name](...)
+-- The library functions most VMs never call live in rarely_used.lua,
+-- loaded the first time one of them is called: a stub per function
+-- tail-calls the real one, so error levels and results are the same.
+-- Loading runs none of the caller's code, and a load interrupted by the
+-- time limit or memory leaves nothing half-made: the next call loads again.
+local rarely_used
+local function get_rarely_used()
+  if rarely_used == nil then
+    rarely_used = load(rarely_used_bytecode, "=isobranch/rarely_used", "b", {})(
+      type, select, error, pcall, pack, unpack, co_create, co_resume, co_status, co_close, load,
+      raw_collect, getmetatable, rawget, rawset, check_after_error, refuse_when_out_of_time,
+      hooked, enter_protected, protected_depth, MAX_PROTECTED_DEPTH, LAZY, get_crossing,
+      table_expected)
   end
+  return rarely_used
 end
-G.xpcall = protected_function("xpcall")
+local function loaded_on_first_call(name)
+  return function(...) return get_rarely_used()[name](...) end
+end
+G.xpcall = loaded_on_first_call("xpcall")
+G.load = loaded_on_first_call("load")
+G.collectgarbage = loaded_on_first_call("collectgarbage")
+G.getmetatable = loaded_on_first_call("getmetatable")
+G.rawget = loaded_on_first_call("rawget")
+G.rawset = loaded_on_first_call("rawset")
 local coroutine_lib = G.coroutine
-coroutine_lib.create = protected_function("create")
-coroutine_lib.resume = protected_function("resume")
-coroutine_lib.wrap = protected_function("wrap")
-coroutine_lib.close = protected_function("close")
+coroutine_lib.create = loaded_on_first_call("create")
+coroutine_lib.resume = loaded_on_first_call("resume")
+coroutine_lib.wrap = loaded_on_first_call("wrap")
+coroutine_lib.close = loaded_on_first_call("close")
 -- Protect the string metatable: ("").x reaches the string table through it.
 getmetatable("").__metatable = false
 

@@ -1,12 +1,14 @@
--- The sandbox's xpcall and coroutine functions (create, resume, wrap,
--- close), loaded by sandbox.lua the first time a VM calls one of them: most
--- VMs never do, and a VM is cheaper to create without them. sandbox.lua
--- passes the library functions and the time-limit helpers they need, so
--- nothing user code did to the globals can reach them, and explains the
--- rules they keep (its "time limit" section). Returns the functions by name.
-local type, select, error, pcall, pack, unpack, co_create, co_resume, co_status, co_close,
-  check_after_error, refuse_when_out_of_time, hooked, enter_protected, protected_depth,
-  MAX_PROTECTED_DEPTH = ...
+-- The sandbox's versions of the library functions most VMs never call:
+-- xpcall and the coroutine functions that take or resume user code (create,
+-- resume, wrap, close), load, collectgarbage, getmetatable, rawget and
+-- rawset. sandbox.lua loads this chunk the first time one of them is called
+-- (a VM is cheaper to create without them), passing the library functions
+-- and the sandbox's own pieces they need, so nothing user code did to the
+-- globals can reach them; its "time limit" section explains the rules the
+-- protected calls keep. Returns the functions by name.
+local type, select, error, pcall, pack, unpack, co_create, co_resume, co_status, co_close, load,
+  raw_collect, getmetatable, rawget, rawset, check_after_error, refuse_when_out_of_time, hooked,
+  enter_protected, protected_depth, MAX_PROTECTED_DEPTH, LAZY, get_crossing, table_expected = ...
 
 local M = {}
 
@@ -95,6 +97,47 @@ end
 function M.close(co)
   refuse_when_out_of_time()
   return after_protected_call(co_close(co))
+end
+
+---------------------------------------------------------------- load, collectgarbage
+function M.load(chunk, name, mode, ...)
+  -- Text only: a crafted binary chunk can crash the VM.
+  local fn, err
+  if select("#", ...) > 0 then
+    fn, err = load(chunk, name, "t", (...))
+  else
+    fn, err = load(chunk, name, "t")
+  end
+  -- A failed load may be an error of its reader function that load caught.
+  if fn == nil then check_after_error() end
+  return fn, err
+end
+function M.collectgarbage(option)
+  if option == "count" then return raw_collect("count") end
+  error("collectgarbage: only \"count\" is available in the sandbox", 2)
+end
+
+---------------------------------------------------------------- lazy state
+-- getmetatable, rawget and rawset on a lazily filled state (sandbox.lua's
+-- "crossing" section): a table in LAZY exists only once crossing.lua is
+-- loaded.
+function M.getmetatable(...)
+  if select("#", ...) == 0 then error("bad argument #1 to 'getmetatable' (value expected)", 2) end
+  local t = ...
+  if LAZY[t] then return nil end
+  return getmetatable(t)
+end
+function M.rawget(...)
+  local t, key = ...
+  if type(t) ~= "table" then table_expected("rawget", ...) end
+  if LAZY[t] and select("#", ...) > 1 then get_crossing().fill_key(t, key) end
+  return rawget(...)
+end
+function M.rawset(...)
+  local t, key = ...
+  if type(t) ~= "table" then table_expected("rawset", ...) end
+  if LAZY[t] and select("#", ...) > 2 then get_crossing().forget_key(t, key) end
+  return rawset(...)
 end
 
 return M
