@@ -6,7 +6,7 @@
 -- and the sandbox's own pieces they need, so nothing user code did to the
 -- globals can reach them; its "time limit" section explains the rules the
 -- protected calls keep. Returns the functions by name.
-local type, select, error, pcall, pack, unpack, co_create, co_resume, co_status, co_close, load,
+local type, select, error, pcall, co_create, co_resume, co_status, co_close, load,
   raw_collect, getmetatable, rawget, rawset, check_after_error, refuse_when_out_of_time, hooked,
   enter_protected, protected_depth, MAX_PROTECTED_DEPTH, LAZY, get_crossing, table_expected = ...
 
@@ -78,20 +78,24 @@ function M.resume(co, ...)
   refuse_when_out_of_time()
   return after_protected_call(co_resume(co, ...))
 end
+-- A wrapped coroutine's results, or its error raised at the caller of the
+-- wrapper (this runs as the wrapper's tail call, in its place).
+local function wrapped_results(co, ok, ...)
+  if ok then return ... end
+  check_after_error()
+  local err = ...
+  if co_status(co) == "dead" then
+    -- Like the built-in wrap: close its <close> variables; their error wins.
+    local closed, close_err = co_close(co)
+    if not closed then err = close_err end
+  end
+  error(err, 2)
+end
 function M.wrap(f)
   local co = new_coroutine(f, "wrap")
   return function(...)
     refuse_when_out_of_time()
-    local results = pack(co_resume(co, ...))
-    if results[1] then return unpack(results, 2, results.n) end
-    check_after_error()
-    local err = results[2]
-    if co_status(co) == "dead" then
-      -- Like the built-in wrap: close its <close> variables; their error wins.
-      local closed, close_err = co_close(co)
-      if not closed then err = close_err end
-    end
-    error(err, 2)
+    return wrapped_results(co, co_resume(co, ...))
   end
 end
 function M.close(co)

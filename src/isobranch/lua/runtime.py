@@ -229,8 +229,11 @@ class LuaRuntime:
         where running out of memory makes Lua abort the whole process; so a
         call whose input cannot fit fails here instead, before Lua sees it.
         """
-        incoming = _PUSH_SLACK + sum(len(argument) + _STRING_OVERHEAD
-                                     for argument in arguments if argument)
+        # A loop, not sum() over a generator: this runs on every call.
+        incoming = _PUSH_SLACK
+        for argument in arguments:
+            if argument:
+                incoming += len(argument) + _STRING_OVERHEAD
         return self._vm.get_memory_used() + incoming <= self.max_memory
 
     def _armed(self) -> None:

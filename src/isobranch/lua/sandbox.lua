@@ -22,7 +22,7 @@ local math_type = math.type
 local find, format, sub, byte, char = string.find, string.format, string.sub, string.byte,
   string.char
 local unpack_string, pack_string = string.unpack, string.pack
-local concat, pack, unpack = table.concat, table.pack, table.unpack
+local concat = table.concat
 local co_create, co_resume, co_status, co_close = coroutine.create, coroutine.resume,
   coroutine.status, coroutine.close
 local co_running = coroutine.running
@@ -268,7 +268,7 @@ local rarely_used
 local function get_rarely_used()
   if rarely_used == nil then
     rarely_used = load(rarely_used_bytecode, "=isobranch/rarely_used", "b", {})(
-      type, select, error, pcall, pack, unpack, co_create, co_resume, co_status, co_close, load,
+      type, select, error, pcall, co_create, co_resume, co_status, co_close, load,
       raw_collect, getmetatable, rawget, rawset, check_after_error, refuse_when_out_of_time,
       hooked, enter_protected, protected_depth, MAX_PROTECTED_DEPTH, LAZY, get_crossing,
       table_expected)
