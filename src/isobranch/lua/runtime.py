@@ -2,19 +2,21 @@
 
 Each ``LuaRuntime`` owns one ``lupa.lua54`` VM, created on first use and
 thrown away after any limit error, so two runtimes never share anything and
-a runtime is always usable. The sandbox and the conversion code live in
-``sandbox.lua``; user code cannot reach them.
+a runtime is always usable. The sandbox lives in ``sandbox.lua``, and what
+it loads the first time a VM needs it (conversion, seldom-called library
+functions) in the ``.lua`` files beside it; user code cannot reach them.
 
 The time limit is a Lua count hook (every 1,000 VM instructions) that reads
-the process CPU clock and, once per 5 ms of CPU, asks Python for the wall
-clock: Lua runs without the GIL almost all the time, so Lua branches on
-threads still scale with cores. The hook is set on every coroutine, a
-timeout cannot be caught (after it, every instruction raises and no
-coroutine is created or resumed), no user code runs while Lua has a
-thread's hooks off, and ``__gc`` finalizers — which run with hooks disabled
-— are refused (``sandbox.lua`` explains each rule). What no hook can
-interrupt is one single long C call (a pathological pattern match on a huge
-string, say): only a backend that can kill its worker stops that.
+the process CPU clock and asks Python for the wall clock at a call's first
+firing and then once per 5 ms of CPU: Lua runs without the GIL almost all
+the time, so Lua branches on threads still scale with cores. The hook is
+set on every coroutine, a timeout cannot be caught (after it, every
+instruction raises and no coroutine is created or resumed), no user code
+runs while Lua has a thread's hooks off, and ``__gc`` finalizers — which
+run with hooks disabled — are refused (``sandbox.lua`` explains each rule).
+What no hook can interrupt is one single long C call (a pathological
+pattern match on a huge string, say): only a backend that can kill its
+worker stops that.
 
 The module is a little over 400 lines because a call's clock, its memory
 check and its lazy state share one VM's private upvalues; the Lua side is
