@@ -72,7 +72,9 @@ local function new_coroutine(f, name)
   return hooked(co_create(function(...) return body_finished(pcall(f, ...)) end))
 end
 function M.create(f)
-  return new_coroutine(f, "create")
+  -- Not a tail call: new_coroutine raises at the level of create's caller.
+  local co = new_coroutine(f, "create")
+  return co
 end
 function M.resume(co, ...)
   refuse_when_out_of_time()
