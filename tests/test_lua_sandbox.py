@@ -188,3 +188,17 @@ def test_xpcall_handler_runs_for_ordinary_errors():
     assert LuaRuntime().execute(
         "return select(2, xpcall(function() error('e', 0) end, function(m) return m .. '!' end))"
     ) == "e!"
+
+
+def test_library_functions_loaded_on_first_use_report_errors_at_the_callers_line():
+    # rawget, xpcall, the coroutine functions... are stubs until their first
+    # call loads them: a stub must hand over in a tail call, or its errors
+    # would point into the sandbox instead of at the line that called it.
+    calls = ["rawget(5)", "rawset(5)", "getmetatable()", "coroutine.create(5)",
+             "coroutine.wrap(5)", "xpcall(print)", 'collectgarbage("stop")']
+    lines = [f"local ok{n}, e{n} = pcall(function() local r = {call} return r end)"
+             for n, call in enumerate(calls)]
+    code = "\n".join(lines) + "\nreturn {" + ", ".join(f"e{n}" for n in range(len(calls))) + "}"
+    messages = LuaRuntime().execute(code, chunk_name="user")
+    assert [message.split(" ", 1)[0] for message in messages] == [
+        f"user:{n + 1}:" for n in range(len(calls))]

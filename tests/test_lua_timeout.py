@@ -234,6 +234,19 @@ def test_should_stop_cancels_a_running_call():
     assert stopped_at and time.monotonic() - stopped_at[0] < MARGIN
 
 
+def test_a_call_asks_python_at_its_first_hook_firing_and_never_before():
+    # A call too short to fire the hook costs no clock reading and no
+    # Python call; the first firing asks at once, not a CPU slice later, so
+    # reading no clock when a call starts delays no deadline.
+    polls = []
+    runtime = LuaRuntime(timeout=None, should_stop=lambda: polls.append(1) and False)
+    assert runtime.execute("return 1") == 1
+    assert polls == []
+    # A few thousand instructions: a handful of firings, far less than a slice.
+    assert runtime.execute("local s = 0 for i = 1, 500 do s = s + i end return s") == 125250
+    assert len(polls) == 1
+
+
 def test_timeouts_in_threads_are_independent():
     """One runaway runtime times out while another, in parallel, finishes normally."""
     outcome = {}

@@ -2,19 +2,21 @@
 
 Each ``LuaRuntime`` owns one ``lupa.lua54`` VM, created on first use and
 thrown away after any limit error, so two runtimes never share anything and
-a runtime is always usable. The sandbox and the conversion code live in
-``sandbox.lua``; user code cannot reach them.
+a runtime is always usable. The sandbox lives in ``sandbox.lua``, and what
+it loads the first time a VM needs it (conversion, seldom-called library
+functions) in the ``.lua`` files beside it; user code cannot reach them.
 
 The time limit is a Lua count hook (every 1,000 VM instructions) that reads
-the process CPU clock and, once per 5 ms of CPU, asks Python for the wall
-clock: Lua runs without the GIL almost all the time, so Lua branches on
-threads still scale with cores. The hook is set on every coroutine, a
-timeout cannot be caught (after it, every instruction raises and no
-coroutine is created or resumed), no user code runs while Lua has a
-thread's hooks off, and ``__gc`` finalizers — which run with hooks disabled
-— are refused (``sandbox.lua`` explains each rule). What no hook can
-interrupt is one single long C call (a pathological pattern match on a huge
-string, say): only a backend that can kill its worker stops that.
+the process CPU clock and asks Python for the wall clock at a call's first
+firing and then once per 5 ms of CPU: Lua runs without the GIL almost all
+the time, so Lua branches on threads still scale with cores. The hook is
+set on every coroutine, a timeout cannot be caught (after it, every
+instruction raises and no coroutine is created or resumed), no user code
+runs while Lua has a thread's hooks off, and ``__gc`` finalizers — which
+run with hooks disabled — are refused (``sandbox.lua`` explains each rule).
+What no hook can interrupt is one single long C call (a pathological
+pattern match on a huge string, say): only a backend that can kill its
+worker stops that.
 
 The module is a little over 400 lines because a call's clock, its memory
 check and its lazy state share one VM's private upvalues; the Lua side is
@@ -57,12 +59,12 @@ HOOK_INSTRUCTIONS = 1000
 # Room for lupa's own allocations while it pushes a call's arguments, and
 # for each Lua string's header.
 _PUSH_SLACK, _STRING_OVERHEAD = 4096, 64
-_CHUNKS = ("sandbox", "decode", "encode", "lazy")
+_CHUNKS = ("sandbox", "crossing", "decode", "encode", "lazy", "rarely_used")
 
 
 @functools.cache
 def _sandbox_bytecode() -> tuple[bytes, ...]:
-    """The sandbox, decode, encode and lazy-state chunks, compiled once per process.
+    """The sandbox and the chunks it loads on first use, compiled once per process.
 
     Loading bytecode skips the parser, which is most of the cost of a new VM.
     Only these trusted chunks are ever loaded as bytecode; user code cannot
@@ -211,12 +213,12 @@ class LuaRuntime:
         hook_count = HOOK_INSTRUCTIONS if enforce else None
         # The only Python objects the VM ever holds: bound methods, kept as
         # private upvalues of the sandbox.
-        sandbox, decode, encode, lazy = _sandbox_bytecode()
+        sandbox, *loaded_on_first_use = _sandbox_bytecode()
         if self.max_memory is not None:
             # The setup must not fail half-way however small the limit is.
             vm.set_max_memory(0)
         armed = self._armed if self.deadline_listener is not None else None
-        self._run = vm.execute(sandbox, self._out_of_time, hook_count, decode, encode, lazy, armed,
+        self._run = vm.execute(sandbox, self._out_of_time, hook_count, *loaded_on_first_use, armed,
                                MAX_DEPTH, DEPTH_REASON.encode())
         if self.max_memory is not None:
             vm.set_max_memory(self.max_memory)
@@ -229,8 +231,11 @@ class LuaRuntime:
         where running out of memory makes Lua abort the whole process; so a
         call whose input cannot fit fails here instead, before Lua sees it.
         """
-        incoming = _PUSH_SLACK + sum(len(argument) + _STRING_OVERHEAD
-                                     for argument in arguments if argument)
+        # A loop, not sum() over a generator: this runs on every call.
+        incoming = _PUSH_SLACK
+        for argument in arguments:
+            if argument:
+                incoming += len(argument) + _STRING_OVERHEAD
         return self._vm.get_memory_used() + incoming <= self.max_memory
 
     def _armed(self) -> None:

@@ -1,16 +1,17 @@
 -- Sandbox for one isobranch Lua VM, precompiled once per process. It runs
 -- once per VM, before any user code, and returns the function the runtime
--- calls for every execution. The value conversion code (decode.lua,
--- encode.lua) and the lazy state (lazy.lua) are loaded only when a VM first
--- needs them, which keeps VM creation cheap.
+-- calls for every execution. Everything a VM may never use is loaded on
+-- first use, which keeps VM creation cheap: the library functions most VMs
+-- never call (rarely_used.lua), and how values cross a call (crossing.lua,
+-- which loads decode.lua, encode.lua and the lazy state's lazy.lua).
 -- Everything the engine needs is captured here as a local upvalue, so user
 -- code that replaces or mutates globals cannot reach or break it. No table
 -- that user code can see carries a metatable of ours that it can reach (a
 -- lazy state's is hidden by getmetatable, see below): a reachable marker
 -- metatable could be given __gc or __newindex and run user code where no
 -- hook can stop it.
-local wall_check, hook_count, decode_bytecode, encode_bytecode, lazy_bytecode, on_armed, max_depth,
-  depth_reason = ...
+local wall_check, hook_count, crossing_bytecode, decode_bytecode, encode_bytecode, lazy_bytecode,
+  rarely_used_bytecode, on_armed, max_depth, depth_reason = ...
 
 local type, next, select, error, tostring = type, next, select, error, tostring
 local rawget, rawset, rawlen, rawequal = rawget, rawset, rawlen, rawequal
@@ -21,7 +22,7 @@ local math_type = math.type
 local find, format, sub, byte, char = string.find, string.format, string.sub, string.byte,
   string.char
 local unpack_string, pack_string = string.unpack, string.pack
-local concat, pack, unpack = table.concat, table.pack, table.unpack
+local concat = table.concat
 local co_create, co_resume, co_status, co_close = coroutine.create, coroutine.resume,
   coroutine.status, coroutine.close
 local co_running = coroutine.running
@@ -29,19 +30,32 @@ local sethook, getinfo = debug.sethook, debug.getinfo
 local clock = os.clock
 local raw_collect = collectgarbage
 local G = _G
-local CONVERT = "isobranch.convert: "
+local CONVERT <const> = "isobranch.convert: "
+local WEAK_KEYS = {__mode = "k"}
 
+-- The rest is made inside sandbox(), not in this main chunk. Making a
+-- closure links every local it captures from the running function by
+-- walking that function's list of open upvalues, and nearly every closure
+-- below captures some of the library functions above: inside sandbox()
+-- they are its upvalues, which a closure shares without a walk. In the main
+-- chunk those walks were a tenth of the time it takes to create a VM.
+local function sandbox()
 ---------------------------------------------------------------- time limit
--- A count hook reads the process CPU clock (a cheap C call) and asks Python
--- for the wall clock only once per CPU_SLICE of CPU: a running Lua program
--- always burns CPU, so this never delays the check by more than a slice,
--- and Lua runs without the GIL in between.
+-- A count hook reads the process CPU clock and asks Python for the wall
+-- clock only once per CPU_SLICE of CPU: a running Lua program always burns
+-- CPU, so this never delays the check by more than a slice, and Lua runs
+-- without the GIL in between. The clock is read on every firing: reading it
+-- less often would let a program that turns from cheap instructions to
+-- costly ones run that many more intervals unchecked.
 local TIMEOUT = setmetatable({}, {__name = "isobranch.timeout", __metatable = false})
-local CPU_SLICE = 0.005
+local CPU_SLICE <const> = 0.005
 -- armed: a call is running. expired: its deadline passed. in_wall_check:
 -- stays true if an error (out of memory, say) escaped the hook's Python
 -- call, which leaves hooks off on that thread; it is treated as expired.
-local armed, expired, in_wall_check, last_cpu = false, false, false, 0
+-- slice_start: the CPU clock when the call last asked Python, false until
+-- its first clock reading (which asks at once: a call too short to fire the
+-- hook reads no clock at all).
+local armed, expired, in_wall_check, slice_start = false, false, false, false
 
 -- Once time is up, every thread whose hook fires is switched to a hook on
 -- every instruction before the error is raised. A hook error unwinds only
@@ -57,33 +71,41 @@ local function expire()
   error(TIMEOUT, 0)
 end
 
+-- Asks Python whether the deadline has passed (or the call was cancelled).
 -- The hook may fire inside this function when a wrapper below calls it, so
 -- only the hook's own call marks in_wall_check; a wrapper catches a failed
 -- Python call (out of memory) itself, and it counts as time being up too.
-local function check_time(from_hook)
+local function ask_wall_clock(now, from_hook)
+  slice_start = now
+  local answered, past
+  if from_hook then
+    in_wall_check = true
+    answered, past = true, wall_check()
+    in_wall_check = false
+  else
+    answered, past = pcall(wall_check)
+  end
+  if past or not answered then expire() end
+end
+
+local function check_time()
   if expired or in_wall_check then expire() end
   local now = clock()
-  if now - last_cpu >= CPU_SLICE then
-    last_cpu = now
-    local answered, past
-    if from_hook then
-      in_wall_check = true
-      answered, past = true, wall_check()
-      in_wall_check = false
-    else
-      answered, past = pcall(wall_check)
-    end
-    if past or not answered then expire() end
-  end
+  if not slice_start or now - slice_start >= CPU_SLICE then ask_wall_clock(now, false) end
 end
 
 local run
+-- Runs every hook_count instructions of a hot loop: it stays this short.
 hook = function()
   if not armed then return end
-  -- Once time is up the hook fires on every instruction, the sandbox's own
-  -- too: run() must be able to finish the call it made.
-  if expired and getinfo(2, "f").func == run then return end
-  check_time(true)
+  if expired or in_wall_check then
+    -- Once time is up the hook fires on every instruction, the sandbox's
+    -- own too: run() must be able to finish the call it made.
+    if expired and getinfo(2, "f").func == run then return end
+    expire()
+  end
+  local now = clock()
+  if not slice_start or now - slice_start >= CPU_SLICE then ask_wall_clock(now, true) end
 end
 
 -- A new coroutine inherits the C side of the hook but not the debug
@@ -113,7 +135,7 @@ end
 --    a wrapper below (pcall, xpcall, load, coroutine resume/wrap/close, a
 --    coroutine's body), each of which checks the clock after a caught error.
 local function check_after_error()
-  if hook_count and armed then check_time(false) end
+  if hook_count and armed then check_time() end
 end
 
 -- Each thread has its own hook counter, so a coroutine that has not run
@@ -131,52 +153,7 @@ G.python = nil
 G.io, G.debug, G.package, G.require, G.dofile, G.loadfile = nil, nil, nil, nil, nil, nil
 G.os = {time = os.time, clock = os.clock, date = os.date}
 string.dump = nil
-G.collectgarbage = function(option)
-  if option == "count" then return raw_collect("count") end
-  error("collectgarbage: only \"count\" is available in the sandbox", 2)
-end
-G.load = function(chunk, name, mode, ...)
-  -- Text only: a crafted binary chunk can crash the VM.
-  local fn, err
-  if select("#", ...) > 0 then
-    fn, err = load(chunk, name, "t", (...))
-  else
-    fn, err = load(chunk, name, "t")
-  end
-  -- A failed load may be an error of its reader function that load caught.
-  if fn == nil then check_after_error() end
-  return fn, err
-end
----------------------------------------------------------------- lazy state
--- A state whose top-level values are filled on first read (lazy.lua,
--- loaded with a VM's first lazy state). LAZY maps each such table to its
--- record. The globals below are the only ones that could tell it from a
--- plain table; each fills what it touches first.
-local LAZY = setmetatable({}, {__mode = "k"})
-local decoder, encoder, lazy
-local function fill_all(t) lazy.fill_all(t) end
--- Which Python container a decoded table came from (decode.lua explains).
-local KIND = setmetatable({}, {__mode = "k"})
-local function load_codec(bytecode, name)
-  -- An empty environment: the codec sees only what it is given.
-  return load(bytecode, name, "b", {})({
-    type = type, next = next, error = error, tostring = tostring, rawget = rawget,
-    rawlen = rawlen, setmetatable = setmetatable, math_type = math_type, format = format,
-    sub = sub, byte = byte, char = char, concat = concat, unpack_string = unpack_string,
-    pack_string = pack_string, CONVERT = CONVERT, MAX_DEPTH = max_depth,
-    DEPTH_REASON = depth_reason, KIND = KIND, LAZY = LAZY, fill_lazy = fill_all,
-    check_time = function() if hook_count and armed then check_time(false) end end,
-  })
-end
-local function get_decode()
-  if decoder == nil then decoder = load_codec(decode_bytecode, "=isobranch/decode") end
-  return decoder
-end
-local function get_encode()
-  if encoder == nil then encoder = load_codec(encode_bytecode, "=isobranch/encode") end
-  return encoder
-end
-
+---------------------------------------------------------------- crossing
 -- Decoding a lazy state's value is the sandbox's own bounded work, as when
 -- a whole state was decoded before the call: it runs with the collector
 -- paused and no count hook (a hooked loop runs 2-2.5x slower), and the
@@ -196,13 +173,24 @@ local function unhooked(fn, a, b)
   if collecting then raw_collect("restart") end
   return ok, value
 end
-local function get_lazy()
-  if lazy == nil then
-    lazy = load(lazy_bytecode, "=isobranch/lazy", "b", {})(
-      type, error, unhooked, find, sub, next, rawset, setmetatable, CONVERT,
-      get_decode, LAZY)
+
+-- A state whose top-level values are filled on first read (lazy.lua). LAZY
+-- maps each such table to its record. The only globals that could tell it
+-- from a plain table are next, pairs and setmetatable below, and
+-- getmetatable, rawget and rawset (rarely_used.lua): each fills what it
+-- touches first.
+local LAZY = setmetatable({}, WEAK_KEYS)
+-- crossing.lua, loaded with the first call that brings or returns a table.
+local crossing
+local function get_crossing()
+  if crossing == nil then
+    crossing = load(crossing_bytecode, "=isobranch/crossing", "b", {})(
+      type, next, error, tostring, rawget, rawset, rawlen, setmetatable, math_type, format, sub,
+      byte, char, find, concat, unpack_string, pack_string, load, pcall, raw_collect, CONVERT,
+      max_depth, depth_reason, LAZY, check_after_error, unhooked, decode_bytecode,
+      encode_bytecode, lazy_bytecode)
   end
-  return lazy
+  return crossing
 end
 
 -- Lua's own argument errors, at the caller's line.
@@ -213,7 +201,7 @@ end
 local function safe_next(...)
   local t = ...
   if type(t) ~= "table" then table_expected("next", ...) end
-  if LAZY[t] then fill_all(t) end
+  if LAZY[t] then crossing.fill_all(t) end
   return next(...)
 end
 G.next = safe_next
@@ -223,30 +211,12 @@ G.pairs = function(...)
     local mt = getmetatable(t)
     if type(mt) ~= "table" or rawget(mt, "__pairs") == nil then table_expected("pairs", ...) end
   elseif LAZY[t] then
-    fill_all(t)
+    crossing.fill_all(t)
   end
   local iterator, subject, control = pairs(...)
   -- pairs hands out next: it must be this one, not the raw one.
   if iterator == next then iterator = safe_next end
   return iterator, subject, control
-end
-G.rawget = function(...)
-  local t, key = ...
-  if type(t) ~= "table" then table_expected("rawget", ...) end
-  if LAZY[t] and select("#", ...) > 1 then lazy.fill_key(t, key) end
-  return rawget(...)
-end
-G.rawset = function(...)
-  local t, key = ...
-  if type(t) ~= "table" then table_expected("rawset", ...) end
-  if LAZY[t] and select("#", ...) > 2 then lazy.forget_key(t, key) end
-  return rawset(...)
-end
-G.getmetatable = function(...)
-  if select("#", ...) == 0 then error("bad argument #1 to 'getmetatable' (value expected)", 2) end
-  local t = ...
-  if LAZY[t] then return nil end
-  return getmetatable(t)
 end
 G.setmetatable = function(t, mt)
   -- Lua 5.4 runs finalizers with hooks disabled, so a looping __gc could
@@ -255,7 +225,7 @@ G.setmetatable = function(t, mt)
     error("setmetatable: __gc metamethods are not allowed in the sandbox", 2)
   end
   -- A lazy state becomes a plain table before it gets a metatable of its own.
-  if LAZY[t] then fill_all(t) end
+  if LAZY[t] then crossing.fill_all(t) end
   return setmetatable(t, mt)
 end
 
@@ -266,8 +236,8 @@ end
 -- timeout once, and each catch costs Lua a walk over the whole call stack:
 -- unwinding would take minutes. Depths are kept per thread as absolute
 -- values, so a level whose return was skipped is corrected by the next one.
-local MAX_PROTECTED_DEPTH = 200
-local protected_depth = setmetatable({}, {__mode = "k"})
+local MAX_PROTECTED_DEPTH <const> = 200
+local protected_depth = setmetatable({}, WEAK_KEYS)
 local function enter_protected()
   local thread = co_running()
   local depth = (protected_depth[thread] or 0) + 1
@@ -279,10 +249,6 @@ local function enter_protected()
   return thread, depth
 end
 
-local function after_protected_call(ok, ...)
-  if not ok then check_after_error() end
-  return ok, ...
-end
 local function after_pcall(thread, depth, ok, ...)
   protected_depth[thread] = depth - 1
   if not ok then check_after_error() end
@@ -293,82 +259,36 @@ G.pcall = function(f, ...)
   return after_pcall(thread, depth, pcall(f, ...))
 end
 
--- Like Lua's own: a handler that raises is called again with its own error,
--- until the C stack runs out (about 200 times).
-local HANDLER_CALLS = 200
-local function handle(thread, depth, handler, err)
-  -- The handler runs in a protected call one level below xpcall's.
-  if depth >= MAX_PROTECTED_DEPTH then return "error in error handling" end
-  for _ = 1, HANDLER_CALLS do
-    protected_depth[thread] = depth + 1
-    local ok, result = pcall(handler, err)
-    protected_depth[thread] = depth
-    if ok then return result end
-    check_after_error()
-    err = result
+-- The library functions most VMs never call live in rarely_used.lua,
+-- loaded the first time one of them is called: a stub per function
+-- tail-calls the real one, so error levels and results are the same.
+-- Loading runs none of the caller's code, and a load interrupted by the
+-- time limit or memory leaves nothing half-made: the next call loads again.
+local rarely_used
+local function get_rarely_used()
+  if rarely_used == nil then
+    rarely_used = load(rarely_used_bytecode, "=isobranch/rarely_used", "b", {})(
+      type, select, error, pcall, co_create, co_resume, co_status, co_close, load,
+      raw_collect, getmetatable, rawget, rawset, check_after_error, refuse_when_out_of_time,
+      hooked, enter_protected, protected_depth, MAX_PROTECTED_DEPTH, LAZY, get_crossing,
+      table_expected)
   end
-  return "error in error handling"
+  return rarely_used
 end
-local function after_xpcall(thread, depth, handler, ok, ...)
-  if ok then
-    protected_depth[thread] = depth - 1
-    return ok, ...
-  end
-  check_after_error()
-  local result = handle(thread, depth, handler, (...))
-  protected_depth[thread] = depth - 1
-  return false, result
+local function loaded_on_first_call(name)
+  return function(...) return get_rarely_used()[name](...) end
 end
-G.xpcall = function(f, ...)
-  local handler = ...
-  if type(handler) ~= "function" then
-    local got = select("#", ...) == 0 and "no value" or type(handler)
-    error("bad argument #2 to 'xpcall' (function expected, got " .. got .. ")", 2)
-  end
-  local thread, depth = enter_protected()
-  return after_xpcall(thread, depth, handler, pcall(f, select(2, ...)))
-end
-
-local function body_finished(ok, ...)
-  if ok then return ... end
-  check_after_error()
-  error((...), 0)
-end
-local function new_coroutine(f, name)
-  refuse_when_out_of_time()
-  if type(f) ~= "function" then
-    error("bad argument #1 to '" .. name .. "' (function expected, got " .. type(f) .. ")", 3)
-  end
-  return hooked(co_create(function(...) return body_finished(pcall(f, ...)) end))
-end
+G.xpcall = loaded_on_first_call("xpcall")
+G.load = loaded_on_first_call("load")
+G.collectgarbage = loaded_on_first_call("collectgarbage")
+G.getmetatable = loaded_on_first_call("getmetatable")
+G.rawget = loaded_on_first_call("rawget")
+G.rawset = loaded_on_first_call("rawset")
 local coroutine_lib = G.coroutine
-coroutine_lib.create = function(f)
-  return new_coroutine(f, "create")
-end
-coroutine_lib.resume = function(co, ...)
-  refuse_when_out_of_time()
-  return after_protected_call(co_resume(co, ...))
-end
-coroutine_lib.wrap = function(f)
-  local co = new_coroutine(f, "wrap")
-  return function(...)
-    refuse_when_out_of_time()
-    local results = pack(co_resume(co, ...))
-    if results[1] then return unpack(results, 2, results.n) end
-    check_after_error()
-    local err = results[2]
-    if co_status(co) == "dead" then
-      -- Like the built-in wrap: close its <close> variables; their error wins.
-      local closed, close_err = co_close(co)
-      if not closed then err = close_err end
-    end
-    error(err, 2)
-  end
-end
-coroutine_lib.close = function(co)
-  refuse_when_out_of_time()
-  return after_protected_call(co_close(co))
-end
+coroutine_lib.create = loaded_on_first_call("create")
+coroutine_lib.resume = loaded_on_first_call("resume")
+coroutine_lib.wrap = loaded_on_first_call("wrap")
+coroutine_lib.close = loaded_on_first_call("close")
 -- Protect the string metatable: ("").x reaches the string table through it.
 getmetatable("").__metatable = false
 
@@ -387,9 +307,7 @@ local function call_and_encode(fn, state, variables)
   local result = fn(state, variables)
   local kind = type(result)
   if kind == "table" then
-    -- Encoding runs no user code (raw access only), so like decoding it
-    -- runs unhooked, with the collector paused (it makes little garbage).
-    local ok, encoded = unhooked(get_encode(), result)
+    local ok, encoded = get_crossing().encode_result(result)
     if not ok then error(encoded, 0) end
     return "ok", encoded
   end
@@ -397,13 +315,6 @@ local function call_and_encode(fn, state, variables)
     error(CONVERT .. "result: cannot convert a Lua " .. kind .. " to Python", 0)
   end
   return "scalar", result
-end
-
-local function decode_failed(err)
-  raw_collect("restart")
-  if find(err, CONVERT, 1, true) == 1 then return "convert_input", sub(err, #CONVERT + 1) end
-  if err == "not enough memory" then return "memory", err end
-  return "error", err
 end
 
 local NODE_PREFIX = "local state, variables = ...; "
@@ -415,19 +326,10 @@ local NODE_PREFIX = "local state, variables = ...; "
 function run(mode, code, chunk_name, state_data, variables_data, lazy_state)
   local ok, state, variables
   if state_data or variables_data then
-    -- Decoding builds many tables at once: the collector would only slow it.
-    raw_collect("stop")
-    if state_data then
-      ok, state = pcall(get_decode(), state_data)
-      if not ok then return decode_failed(state) end
-      -- A lazy state arrives as the list of its keys; values come on first read.
-      if lazy_state then state = lazy.new_state(state) end
-    end
-    if variables_data then
-      ok, variables = pcall(get_decode(), variables_data)
-      if not ok then return decode_failed(variables) end
-    end
-    raw_collect("restart")
+    local failure
+    failure, state, variables = get_crossing().decode_inputs(state_data, variables_data, lazy_state)
+    -- A failure comes with its message.
+    if failure then return failure, state end
   end
   local fn, err
   if mode == "node" then
@@ -446,8 +348,7 @@ function run(mode, code, chunk_name, state_data, variables_data, lazy_state)
   -- rawset: a metatable user code put on _G must not run before the hook is armed.
   rawset(G, "variables", variables)
   if mode ~= "node" then rawset(G, "state", state) end
-  handled, expired, in_wall_check = false, false, false
-  last_cpu = clock()
+  handled, expired, in_wall_check, slice_start = false, false, false, false
   armed = true
   -- An outside watchdog (a worker's parent) times the call from here on,
   -- after the input has been decoded, as the hook does.
@@ -457,9 +358,12 @@ function run(mode, code, chunk_name, state_data, variables_data, lazy_state)
   ok, status, payload = xpcall(call_and_encode, on_error, fn, state, variables)
   armed = false
   if hook_count then sethook() end
-  raw_collect("restart")
+  -- The collector runs again if an error escaped a stretch that paused it,
+  -- and only then: a restart makes the next allocation do a collector step,
+  -- a microsecond or two on every call.
+  if not raw_collect("isrunning") then raw_collect("restart") end
   if expired or in_wall_check then return "timeout", "timeout" end
-  local failed = lazy_state and lazy.take_failure()
+  local failed = lazy_state and crossing.take_failure()
   if failed then
     if failed.memory then return "memory", "not enough memory" end
     return "convert_input", failed.message, failed.index
@@ -471,39 +375,22 @@ function run(mode, code, chunk_name, state_data, variables_data, lazy_state)
   return "error", status
 end
 
-local function fill_escaped_states()
-  -- Only the value of this call is in Python: a lazy state still reachable
-  -- after the call (kept in a global, say) is filled now, or a later call
-  -- would read another call's values. One full collection tells.
-  if not lazy.any_pending() then return nil end
-  raw_collect("collect")
-  if not lazy.any_pending() then return nil end
-  raw_collect("stop")
-  local ok, err = pcall(lazy.fill_every_state)
-  raw_collect("restart")
-  local failed = lazy.take_failure()
-  if ok then return nil end
-  lazy.abandon_all()
-  if failed and failed.memory then return "memory", "not enough memory" end
-  if failed then return "convert_escaped", failed.message, failed.index end
-  local status, message = decode_failed(err)
-  return status == "convert_input" and "convert_escaped" or status, message
-end
-
 -- The call the runtime makes: run() in its own frame, so that once it has
 -- returned nothing on this stack still holds the call's state.
 -- fetch (a lazy state's callback) is given only with a lazy state.
 return function(mode, code, chunk_name, state_data, variables_data, fetch)
   local lazy_state = fetch ~= nil
-  if lazy_state then get_lazy().begin_call(fetch) end
+  if lazy_state then get_crossing().begin_call(fetch) end
   local status, payload, index = run(mode, code, chunk_name, state_data, variables_data,
                                      lazy_state)
   -- After a timeout or a memory error the VM is thrown away.
   if lazy_state and status ~= "timeout" and status ~= "memory" then
     rawset(G, "state", nil)
-    local escaped_status, escaped_payload, escaped_index = fill_escaped_states()
+    local escaped_status, escaped_payload, escaped_index = crossing.fill_escaped_states()
     if escaped_status then return escaped_status, escaped_payload, escaped_index end
   end
   return status, payload, index
 end
+end
 
+return sandbox()
