@@ -141,10 +141,22 @@ class FanOutSource:
                 if due and due[0][0] <= self._clock():
                     run = heapq.heappop(due)[2]
                     self.retrying = bool(due)
-                else:
-                    if self._next is None:
-                        ended = self._build_next()
+                elif self._next is not None:
                     run, self._next = self._next, None
+                elif not self.exhausted:
+                    # _build_next, written out: this is once per branch.
+                    try:
+                        task = next(self._tasks)
+                    except StopIteration:
+                        self.exhausted = ended = True
+                    except BaseException as exc:  # building a task failed: the driver raises it
+                        self.exhausted = ended = True
+                        self.error = exc
+                    else:
+                        index = self._built
+                        self._built = index + 1
+                        run = BranchRun(task, index if self._positions is None
+                                        else self._positions[index])
                 if run is not None:
                     self.out += 1
                     if self._held is not None:
@@ -311,7 +323,9 @@ class _Driver:
                 start()
                 if checked:
                     self._check()
-                finished = is_finished()
+                # Runs still out cannot have finished (read unlocked: only the driver
+                # releases them); otherwise the source must build ahead to know.
+                finished = not source.out and is_finished()
                 if source.error is not None:
                     raise source.error
                 if finished:

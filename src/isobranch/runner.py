@@ -8,7 +8,6 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .branch import CANCELLED, ParallelFlowResult, format_traceback
-from .checkpoint.store import StepKind
 from .conditions import Expression
 from .error_kinds import ErrorKind
 from .errors import (
@@ -80,8 +79,7 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
             else:
                 _run_node(graph, current, state, context, results)
             if recorder is not None:
-                recorder.step(current, state, steps,
-                              StepKind.NODE if results is None else StepKind.FAN_IN)
+                recorder.step(current, state, steps, fan_in=results is not None)
             yield _node_event(current, state, snapshots)
         ran, results = False, None
         # Whatever reached this node (an edge, a loop, a fan-in), its fan-out starts now.

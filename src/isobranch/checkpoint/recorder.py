@@ -78,8 +78,9 @@ class RunRecorder:
         return GraphExecutionError(f"run {self.run_id!r}: recording {what} failed: {exc}",
                                    node=node, error_type=type(exc).__name__, run_id=self.run_id)
 
-    def step(self, node: str, state: dict, steps: int, kind: StepKind) -> None:
-        """Commit the state after main-path step ``node``."""
+    def step(self, node: str, state: dict, steps: int, *, fan_in: bool) -> None:
+        """Commit the state after main-path step ``node`` (``fan_in``: a fan-in node ran)."""
+        kind = StepKind.FAN_IN if fan_in else StepKind.NODE
         text = self.encode(state, "state", f"the state after node {node!r}", node=node,
                            state=dict(state))
         self._writer.flush()

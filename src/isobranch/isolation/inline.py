@@ -60,10 +60,10 @@ class _InlineFanOut(BackendFanOut):
             self._woken.clear()
             return []
         monitor = self._running = BranchMonitor()
-        try:
-            return [(run, run_branch(run.task, monitor))]
-        finally:
-            self._running = None
+        result = run_branch(run.task, monitor)
+        # Left set if run_branch raised (Ctrl-C): the fan-out ends with it anyway.
+        self._running = None
+        return [(run, result)]
 
     def wake(self) -> None:
         """End a wait for a retry."""
