@@ -199,7 +199,7 @@ def _run_node(graph: CompiledGraph, name: str, state: dict, context: ExecutionCo
         _merge(graph, name, update, state, context)
     except GraphExecutionError as exc:
         if parallel_results:
-            _name_failed_branches(exc, parallel_results)
+            _name_failed_branches(exc, parallel_results, context)
         raise
 
 
@@ -266,7 +266,7 @@ def _run_node_with_retries(graph: CompiledGraph, name: str, state: dict,
         _merge(graph, name, update, state, context)
     except GraphExecutionError as exc:
         if parallel_results:
-            _name_failed_branches(exc, parallel_results)
+            _name_failed_branches(exc, parallel_results, context)
         raise
 
 
@@ -285,7 +285,8 @@ class _Failure:
         return failure_names(self.error_type, self.bases)
 
 
-def _name_failed_branches(exc: GraphExecutionError, results: list[ParallelFlowResult]) -> None:
+def _name_failed_branches(exc: GraphExecutionError, results: list[ParallelFlowResult],
+                          context: ExecutionContext) -> None:
     """Name, in the error of a fan-in node, the branches that had failed before it ran.
 
     A fan-in node that fails after some of its branches failed most often
@@ -297,7 +298,7 @@ def _name_failed_branches(exc: GraphExecutionError, results: list[ParallelFlowRe
     failed = [result for result in results if not result.success]
     if not failed or exc.results is not None:
         return
-    names = ", ".join(f"{result.branch!r} ({result.error_type})"
+    names = ", ".join(f"{context.path_of(result.branch)!r} ({result.error_type})"
                       for result in failed[:_FAILED_BRANCHES_NAMED])
     if len(failed) > _FAILED_BRANCHES_NAMED:
         names += f" and {len(failed) - _FAILED_BRANCHES_NAMED} more"
@@ -408,8 +409,9 @@ def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
     failed = run.failure
     if failed is not None:
         raise GraphExecutionError(
-            f"fan-out from {_where(node, context)}: branch {failed.branch!r} failed "
-            f"(fail_fast): {failed.error}", node=failed.node, branch=failed.branch,
+            f"fan-out from {_where(node, context)}: branch {context.path_of(failed.branch)!r} "
+            f"failed (fail_fast): {failed.error}", node=failed.node,
+            branch=context.path_of(failed.branch),
             error_type=failed.error_type, state=failed.state, results=results,
             timed_out=failed.timed_out, traceback=failed.traceback)
     return results
