@@ -65,10 +65,21 @@ def counting(name: str, calls: Counter, update=None, *, stop: list | None = None
     return node
 
 
-def nested_graph(calls: Counter, stop: list) -> StateGraph:
-    """``outer``: ``first`` -> ``sub`` (``x`` -> ``deep`` (``y`` -> ``z``)) -> ``last``."""
+def _add_y(state: dict) -> dict:
+    return {"path": [*state["path"], "y"]}
+
+
+def _add_capital_y(state: dict) -> dict:
+    return {"path": [*state["path"], "Y"]}
+
+
+def nested_graph(calls: Counter, stop: list, y=None) -> StateGraph:
+    """``outer``: ``first`` -> ``sub`` (``x`` -> ``deep`` (``y`` -> ``z``)) -> ``last``.
+
+    ``y`` replaces inner node ``y`` (which then counts no calls).
+    """
     deep = StateGraph()
-    deep.add_node("y", counting("sub/deep/y", calls, lambda s: {"path": [*s["path"], "y"]}))
+    deep.add_node("y", y or counting("sub/deep/y", calls, _add_y))
     deep.add_node("z", counting("sub/deep/z", calls, lambda s: {"path": [*s["path"], "z"]},
                                 stop=stop))
     deep.add_edge(START, "y").add_edge("y", "z").add_edge("z", END)
@@ -138,15 +149,14 @@ def test_a_resumed_fan_out_inside_a_subgraph_reruns_only_its_unrecorded_branches
 def test_changing_an_inner_node_makes_resume_name_it(tmp_path):
     calls, stop = Counter(), ["sub/deep/z"]
     checkpointer = SqliteCheckpointer(tmp_path / "runs.db")
-    with nested_graph(calls, stop).compile(isolation="inline", checkpointer=checkpointer) as app:
-        with pytest.raises(KeyboardInterrupt):
-            app.invoke({}, config={"run_id": "r"})
-    changed = nested_graph(calls, [None])
-    deep = changed._nodes["sub"].graph._nodes["deep"].graph
-    deep._nodes["y"].fn = lambda s: {"path": [*s["path"], "Y"]}
-    with changed.compile(isolation="inline", checkpointer=checkpointer) as app:
-        with pytest.raises(GraphError) as caught:
-            app.resume("r")
+    app = nested_graph(calls, stop, y=_add_y).compile(isolation="inline",
+                                                      checkpointer=checkpointer)
+    with app, pytest.raises(KeyboardInterrupt):
+        app.invoke({}, config={"run_id": "r"})
+    changed = nested_graph(calls, [None], y=_add_capital_y)
+    app = changed.compile(isolation="inline", checkpointer=checkpointer)
+    with app, pytest.raises(GraphError) as caught:
+        app.resume("r")
     assert "node 'sub/deep/y' changed" in str(caught.value)
     assert "node 'sub/x'" not in str(caught.value) and "node 'first'" not in str(caught.value)
 
