@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from isobranch import END, START, GraphError, GraphExecutionError, StateGraph
 from isobranch.nodes import LuaNode
@@ -58,6 +60,10 @@ def test_unmapped_subgraph_starts_from_a_private_copy_and_returns_its_final_stat
     assert final == {"shared": ["outer", "inner"], "doc": "abc", "score": 3,
                      "scratch": "inner only", "checked": True}
     assert seen == final
+    # With an output mapping, what the inner run changed in place stays inside too.
+    graph = chain(("sub", inner_first, {"output": {"score": "score"}}))
+    with graph.compile(isolation="inline") as app:
+        assert app.invoke({"shared": ["outer"]}) == {"shared": ["outer"], "score": 3}
 
 
 def test_input_mapping_starts_the_inner_run_from_the_mapped_keys_only():
@@ -145,3 +151,38 @@ def test_a_subgraph_node_cannot_be_a_fan_in_node():
     outer.add_node("review", review_graph()).mark_fan_in("review").set_entry_point("review")
     with pytest.raises(GraphError, match="node 'review': a subgraph node cannot be a fan-in"):
         outer.compile(isolation="inline")
+
+
+# -- the mapping rules, against a tiny reference -------------------------------------
+
+KEYS = st.sampled_from(["a", "b", "c", "d", "e"])
+MAPPINGS = st.none() | st.dictionaries(KEYS, KEYS, max_size=4)
+
+
+def reference_update(outer: dict, input: dict | None, output: dict | None,
+                     inner_update: dict) -> tuple[dict, dict]:
+    """What the inner run starts from, and the outer state after the node, by the rules."""
+    start = dict(outer) if input is None else {
+        inner: outer[key] for inner, key in input.items() if key in outer}
+    final = {**start, **inner_update}
+    update = final if output is None else {
+        key: final[inner] for key, inner in output.items() if inner in final}
+    return start, {**outer, **update}
+
+
+@settings(max_examples=150, deadline=None, database=None, derandomize=True)
+@given(outer=st.dictionaries(KEYS, st.integers(0, 9), max_size=5), input=MAPPINGS,
+       output=MAPPINGS, inner_update=st.dictionaries(KEYS, st.integers(10, 19), max_size=3))
+def test_the_outer_state_after_a_subgraph_node_follows_the_mapping_rules(
+        outer, input, output, inner_update):
+    seen = []
+    inner = StateGraph()
+    inner.add_node("work", lambda s: seen.append(dict(s)) or dict(inner_update))
+    inner.set_entry_point("work").set_finish_point("work")
+    graph = StateGraph()
+    graph.add_node("sub", inner, input=input, output=output)
+    graph.set_entry_point("sub").set_finish_point("sub")
+    start, expected = reference_update(outer, input, output, inner_update)
+    with graph.compile(isolation="inline") as app:
+        assert app.invoke(outer) == expected
+    assert seen == [start]

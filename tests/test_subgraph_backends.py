@@ -236,12 +236,13 @@ def test_branch_timeout_kills_a_whole_subgraph_branch_on_process():
     graph.add_node("split", _split)
     graph.add_node("review", inner, input={"doc": "item"}, output={"score": "score"})
     graph.add_fan_in_node("collect", lambda s, rs: {"results": [
-        (r.branch, r.success, r.timed_out, r.node) for r in rs]})
+        (r.branch, r.success, r.timed_out, r.node, sorted(r.state)) for r in rs]})
     graph.add_edge(START, "split")
     graph.add_map_edge("split", "review", over="docs", fan_in="collect")
     graph.add_edge("review", "collect").add_edge("collect", END)
     with graph.compile(isolation="process", max_workers=2, branch_timeout=1.0) as app:
         final = app.invoke({"input_docs": ["fast", "slow", "fast"]})
-    assert final["results"] == [("review[0]", True, False, None),
-                                ("review[1]", False, True, "review[1]/spin"),
-                                ("review[2]", True, False, None)]
+    # The killed branch's state is rebuilt from its own updates: none of the inner ones.
+    assert final["results"] == [("review[0]", True, False, None, ["index", "input_docs", "item", "score"]),
+                                ("review[1]", False, True, "review[1]/spin", ["index", "input_docs", "item"]),
+                                ("review[2]", True, False, None, ["index", "input_docs", "item", "score"])]

@@ -137,6 +137,7 @@ def test_a_resumed_fan_out_inside_a_subgraph_reruns_only_its_unrecorded_branches
                 events.append(event)
         assert caught.value.branch == "sub/work[3]"
         assert "fan-out from node 'sub/split': branch 'sub/work[3]' failed" in str(caught.value)
+        assert "node 'work' in branch 'sub/work[3]' failed: RuntimeError" in str(caught.value)
         branches = [e for e in events if e["type"] == "branch"]
         assert [e["branch"] for e in branches] == ["sub/work[0]", "sub/work[1]", "sub/work[2]",
                                                    "sub/work[3]"]
