@@ -186,3 +186,17 @@ def test_the_outer_state_after_a_subgraph_node_follows_the_mapping_rules(
     with graph.compile(isolation="inline") as app:
         assert app.invoke(outer) == expected
     assert seen == [start]
+
+
+def test_a_subgraph_runs_its_lua_on_a_vm_of_its_own_and_the_outer_vm_lives_on():
+    inner = StateGraph()
+    inner.add_node("peek", LuaNode("peek", "mark = 'inner'\nreturn {inner_saw = outer_mark}"))
+    inner.set_entry_point("peek").set_finish_point("peek")
+    graph = chain(
+        ("set", LuaNode("set", "outer_mark = 'outer'\nreturn {}"), {}),
+        ("sub", inner, {"output": {"inner_saw": "inner_saw"}}),
+        ("get", LuaNode("get", "return {outer_kept = outer_mark, leaked = mark}"), {}))
+    with graph.compile(isolation="inline") as app:
+        final = app.invoke({})
+    # Lua turns a nil into no key at all.
+    assert final == {"outer_kept": "outer"}

@@ -51,6 +51,13 @@ class Watchdog(Protocol):
         """The Lua call returned (or raised)."""
 
 
+# What ``ExecutionContext.enter_subgraph`` set aside, for ``leave_subgraph`` to restore:
+# the graph, recorder, Lua VM, node, reducer writes, prefix, scope and whether merges
+# are reported. (A plain tuple: one is made per subgraph run.)
+SubgraphScope = tuple[Any, Any, "LuaRuntime | None", "str | None",
+                      "list[tuple[str, Any]] | None", str, "str | None", bool]
+
+
 class ExecutionContext:
     """State of one invocation or one branch: Lua VM, deadline, fan-out backend."""
 
@@ -103,31 +110,39 @@ class ExecutionContext:
         # state from them); a subgraph's inner state is private, so never its.
         self._reports_merges = True
 
-    def for_subgraph(self, graph: CompiledGraph, shown: str, *, branch_itself: bool,
-                     recorder: RunRecorder | None = None) -> ExecutionContext:
-        """The context of one run of subgraph node ``shown`` (``review``, ``review[3]``) in this one.
+    def enter_subgraph(self, graph: CompiledGraph, shown: str, *, branch_itself: bool,
+                       recorder: RunRecorder | None = None) -> SubgraphScope:
+        """Run subgraph node ``shown`` (``review``, ``review[3]``) in this context, until
+        ``leave_subgraph`` with what this returns.
 
-        Its nodes are named ``shown/node``; it has its own Lua VM (the inner
-        graph's limits and variables) and no reducer writes of its own, and
-        shares everything else: deadline, cancellation, watchdog, and the
-        backend and limits of its fan-outs (the outer run's). ``branch_itself``:
-        the subgraph node is the branch's first node, so its branches' names
-        are not nested under ``shown`` again. ``recorder`` records its steps.
+        Meanwhile its nodes are named ``shown/node``, it runs on ``graph``'s
+        Lua VM of its own (the inner graph's limits and variables), its merges
+        are no reducer writes of the branch nor updates the watchdog sees, and
+        ``recorder`` records its steps; deadline, cancellation, watchdog and
+        the backend and limits of its fan-outs stay the outer run's.
+        ``branch_itself``: the subgraph node is the branch's first node, so
+        its branches' names are not nested under ``shown`` again. (One
+        context, not a new one per subgraph run: a subgraph per map item must
+        cost little.)
         """
-        child = ExecutionContext(
-            graph, deadline=self.deadline, branch_name=self.branch_name, monitor=self.monitor,
-            time_limit=self.time_limit, backend=None, nested_isolation=self._nested_isolation,
-            max_workers=self.max_workers, fan_out_limits=self.fan_out_limits,
-            watchdog=self.watchdog, max_concurrency=self.max_concurrency, cancel=self.cancel,
-            stop=self.stop, recorder=recorder,
-            backend_factory=lambda isolation, max_workers: self.fan_out_backend())
-        child._owns_backend = False  # the outer context's (or graph's) backend
-        child.reducer_writes = None
-        child.prefix = f"{self.prefix}{shown}/"
-        child.scope = self.scope if branch_itself else (
-            f"{self.scope}/{shown}" if self.scope else shown)
-        child._reports_merges = False
-        return child
+        saved = (self.graph, self.recorder, self._lua, self.node, self.reducer_writes,
+                 self.prefix, self.scope, self._reports_merges)
+        self.graph = graph
+        self.recorder = recorder
+        self._lua = None
+        self.reducer_writes = None
+        self.prefix = self.prefix + shown + "/"
+        if not branch_itself:
+            self.scope = self.scope + "/" + shown if self.scope else shown
+        self._reports_merges = False
+        return saved
+
+    def leave_subgraph(self, saved: SubgraphScope) -> None:
+        """Back to the graph ``enter_subgraph`` left; the subgraph's Lua VM is closed."""
+        if self._lua is not None:
+            self._lua.close()
+        (self.graph, self.recorder, self._lua, self.node, self.reducer_writes, self.prefix,
+         self.scope, self._reports_merges) = saved
 
     def path_of(self, node: str) -> str:
         """``node`` as messages and events name it: ``review/score`` inside subgraph ``review``."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .branch import CANCELLED, ParallelFlowResult, format_traceback, result_name
 from .conditions import Expression
@@ -86,6 +86,7 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
                                                   SubgraphRun(start, steps, snapshots,
                                                               branch_events, inside))
             elif isinstance(node, SubgraphNode):
+                context.enter_node(current)
                 update = yield from _run_subgraph(
                     node, state, context, SubgraphRun(start, steps, snapshots, branch_events,
                                                       inside))
@@ -111,11 +112,10 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
         current = fan_out.fan_in
 
 
-@dataclass(frozen=True, slots=True)
-class SubgraphRun:
+class SubgraphRun(NamedTuple):
     """How the step loop that meets a subgraph node runs it: the loop's first node
     (``start``), the node's step, the loop's event options, and where a resumed
-    run stopped inside it (``resume``)."""
+    run stopped inside it (``resume``). (A tuple: one is made per subgraph run.)"""
 
     start: str
     steps: int
@@ -142,21 +142,22 @@ def _run_subgraph(node: SubgraphNode, state: dict, context: ExecutionContext, ru
         raise NodeFailure(f"{_where(name, context)}: cannot copy the state into its subgraph: "
                           f"{exc}", node=context.path_of(name), branch=context.branch_name,
                           error_type=ErrorKind.STATE_COPY_ERROR, state=dict(state)) from exc
-    if run.resume is None and (mismatched := inner.schema.check_input(inner_state)):
+    if run.resume is None and inner.schema and (mismatched := inner.schema.check_input(
+            inner_state)):
         raise NodeFailure(f"{_where(name, context)}: its subgraph's input: "
                           f"{'; '.join(mismatched)}", node=context.path_of(name),
                           branch=context.branch_name, error_type=STATE_TYPE_ERROR,
                           state=dict(state))
     recorder = context.recorder if context.branch_name is None else None
-    inner_context = context.for_subgraph(
+    outer = context.enter_subgraph(
         inner, shown, branch_itself=branch_itself,
         recorder=recorder.inside(name, state, run.steps) if recorder is not None else None)
     try:
-        yield from run_steps(inner, inner_state, inner_context, start=inner.entry,
+        yield from run_steps(inner, inner_state, context, start=inner.entry,
                              snapshots=run.snapshots, branch_events=run.branch_events,
                              resume=run.resume)
     finally:
-        inner_context.close()
+        context.leave_subgraph(outer)
     return node.update(inner_state)
 
 
@@ -241,7 +242,7 @@ def _run_node_with_retries(graph: CompiledGraph, name: str, state: dict,
                 failure, cause = _Failure(type(exc).__name__, exception_names(type(exc)),
                                           f"{type(exc).__name__}: {exc}{_at([node], exc)}",
                                           context.path_of(name), format_traceback(exc)), exc
-            subgraph = replace(subgraph, resume=None)  # a retry starts a subgraph over
+            subgraph = subgraph._replace(resume=None)  # a retry starts a subgraph over
             delay = _retry_delay(policy, attempt, failure.names)
             if delay is None:
                 note = not_retried_note(policy, attempt, failure.error_type, failure.names)

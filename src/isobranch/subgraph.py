@@ -3,8 +3,9 @@
 A ``SubgraphNode`` is data: the inner compiled graph and how state crosses
 its boundary (``input``: inner key <- outer key; ``output``: outer key <-
 inner key). Running it is the step loop's job (runner.py), which runs the
-inner graph from its START to its END in an execution context of its own
-(``ExecutionContext.for_subgraph``), so the inner nodes are named by their
+inner graph from its START to its END inside the outer execution context,
+with the inner graph swapped in (``ExecutionContext.enter_subgraph``), so the
+inner nodes are named by their
 paths (``review/score``) and a checkpointed run records their steps.
 """
 
@@ -14,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .nodes import Node
-from .statecopy import StateSnapshot
+from .statecopy import private_copy
 
 # Separates the levels of a node's path: ``review/score`` is node ``score`` of subgraph node ``review``.
 PATH_SEPARATOR = "/"
@@ -43,9 +44,9 @@ class SubgraphNode(Node):
     def inner_state(self, state: dict) -> dict:
         """A private copy of what the inner run starts from (``StateCopyError`` if it cannot be)."""
         if self.input is None:
-            return StateSnapshot(state).copy()
-        picked = {inner: state[outer] for inner, outer in self.input.items() if outer in state}
-        return StateSnapshot(picked).copy()
+            return private_copy(state)
+        return private_copy({inner: state[outer] for inner, outer in self.input.items()
+                             if outer in state})
 
     def update(self, inner_state: dict) -> dict:
         """What the inner final state ``inner_state`` writes to the outer state."""
