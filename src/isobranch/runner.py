@@ -87,9 +87,8 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
                                                               branch_events, inside))
             elif isinstance(node, SubgraphNode):
                 context.enter_node(current)
-                update = yield from _run_subgraph(
-                    node, state, context, SubgraphRun(start, steps, snapshots, branch_events,
-                                                      inside))
+                update = yield from _run_subgraph(node, state, context, start, steps, snapshots,
+                                                  branch_events, inside)
                 _merge(graph, current, update, state, context)
             else:
                 _run_node(graph, current, state, context, results)
@@ -113,9 +112,9 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
 
 
 class SubgraphRun(NamedTuple):
-    """How the step loop that meets a subgraph node runs it: the loop's first node
-    (``start``), the node's step, the loop's event options, and where a resumed
-    run stopped inside it (``resume``). (A tuple: one is made per subgraph run.)"""
+    """What a node with a retry policy needs to run as a subgraph: ``_run_subgraph``'s
+    arguments after the context (the step loop's first node, the node's step, the
+    loop's event options, and where a resumed run stopped inside it)."""
 
     start: str
     steps: int
@@ -124,25 +123,28 @@ class SubgraphRun(NamedTuple):
     resume: ResumePoint | None = None
 
 
-def _run_subgraph(node: SubgraphNode, state: dict, context: ExecutionContext, run: SubgraphRun
+def _run_subgraph(node: SubgraphNode, state: dict, context: ExecutionContext, start: str,
+                  steps: int, snapshots: bool, branch_events: bool, resume: ResumePoint | None
                   ) -> Generator[dict[str, Any], None, dict]:
     """Run subgraph ``node``'s inner graph from its START to its END on a private copy of its
     input; yield the inner events (names are paths) and return the node's update.
 
     A map or static branch that starts at the node is named after the branch
     (``review[3]/score``). On a recorded main path the inner steps are
-    recorded under the node's path; ``run.resume`` continues them.
+    recorded under the node's path (its step ``steps``); ``resume`` continues
+    them. ``start`` is the first node of the step loop that met it;
+    ``snapshots`` and ``branch_events`` are that loop's (``run_steps``).
     """
     name, inner = node.name, node.graph
-    branch_itself = context.branch_name is not None and not context.prefix and name == run.start
+    branch_itself = context.branch_name is not None and not context.prefix and name == start
     shown = result_name(name, context.branch_index) if branch_itself else name
     try:
-        inner_state = node.inner_state(state) if run.resume is None else run.resume.state
+        inner_state = node.inner_state(state) if resume is None else resume.state
     except StateCopyError as exc:
         raise NodeFailure(f"{_where(name, context)}: cannot copy the state into its subgraph: "
                           f"{exc}", node=context.path_of(name), branch=context.branch_name,
                           error_type=ErrorKind.STATE_COPY_ERROR, state=dict(state)) from exc
-    if run.resume is None and inner.schema and (mismatched := inner.schema.check_input(
+    if resume is None and inner.schema and (mismatched := inner.schema.check_input(
             inner_state)):
         raise NodeFailure(f"{_where(name, context)}: its subgraph's input: "
                           f"{'; '.join(mismatched)}", node=context.path_of(name),
@@ -151,11 +153,10 @@ def _run_subgraph(node: SubgraphNode, state: dict, context: ExecutionContext, ru
     recorder = context.recorder if context.branch_name is None else None
     outer = context.enter_subgraph(
         inner, shown, branch_itself=branch_itself,
-        recorder=recorder.inside(name, state, run.steps) if recorder is not None else None)
+        recorder=recorder.inside(name, state, steps) if recorder is not None else None)
     try:
         yield from run_steps(inner, inner_state, context, start=inner.entry,
-                             snapshots=run.snapshots, branch_events=run.branch_events,
-                             resume=run.resume)
+                             snapshots=snapshots, branch_events=branch_events, resume=resume)
     finally:
         context.leave_subgraph(outer)
     return node.update(inner_state)
@@ -227,7 +228,7 @@ def _run_node_with_retries(graph: CompiledGraph, name: str, state: dict,
             working = pristine.copy()
             try:
                 if inner is not None:
-                    update = yield from _run_subgraph(inner, working, context, subgraph)
+                    update = yield from _run_subgraph(inner, working, context, *subgraph)
                 else:
                     update = context.resolve(node.run(working, context, parallel_results))
                 break
