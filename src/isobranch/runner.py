@@ -86,7 +86,8 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
                                                   SubgraphRun(start, steps, snapshots,
                                                               branch_events, inside))
             elif isinstance(node, SubgraphNode):
-                context.enter_node(current)
+                # Not entered itself: its first inner node is at once (deadline,
+                # cancellation, the watchdog's view; a worker tells its parent once).
                 update = yield from _run_subgraph(node, state, context, start, steps, snapshots,
                                                   branch_events, inside)
                 _merge(graph, current, update, state, context)
