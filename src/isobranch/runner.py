@@ -25,6 +25,7 @@ from .keys import Language
 from .nodes import Node
 from .retry import exception_names, failure_names, not_retried_note, wait_unless
 from .statecopy import StateSnapshot
+from .stream_modes import parallel_summary, update_event
 
 if TYPE_CHECKING:
     from .checkpoint.recorder import ResumePoint, RunRecorder
@@ -42,8 +43,8 @@ _FAILED_BRANCHES_NAMED = 10
 
 def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, start: str,
               stop_at: str | None = None, snapshots: bool = False,
-              branch_events: bool = False, resume: ResumePoint | None = None
-              ) -> Iterator[dict[str, Any]]:
+              branch_events: bool = False, resume: ResumePoint | None = None,
+              updates: bool = False) -> Iterator[dict[str, Any]]:
     """Run from ``start`` until END or ``stop_at`` (not run), mutating ``state``.
 
     Every node that runs is a step (``max_steps``), a fan-in node too, and
@@ -55,7 +56,9 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
     be retried); with
     ``snapshots`` each node event carries a shallow copy of the state so
     later steps do not change it. ``resume`` continues a recorded run after
-    its last recorded step (``state`` is the state after it).
+    its last recorded step (``state`` is the state after it). With
+    ``updates`` (``stream(mode="updates")``) a node event carries the node's
+    update instead of the state and a ``parallel`` event only counts.
     """
     recorder = context.recorder if context.branch is None else None
     current, steps = start, 0
@@ -75,12 +78,14 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
                     f"(max_steps); the graph loops", node=current, branch=context.branch,
                     error_type="MaxStepsExceeded", state=dict(state))
             if current in graph.node_retries:  # (a generator per node would cost every branch)
-                yield from _run_node_with_retries(graph, current, state, context, results)
+                update = yield from _run_node_with_retries(graph, current, state, context,
+                                                           results)
             else:
-                _run_node(graph, current, state, context, results)
+                update = _run_node(graph, current, state, context, results)
             if recorder is not None:
                 recorder.step(current, state, steps, fan_in=results is not None)
-            yield _node_event(current, state, snapshots)
+            yield update_event(current, update) if updates else \
+                _node_event(current, state, snapshots)
         ran, results = False, None
         # Whatever reached this node (an edge, a loop, a fan-in), its fan-out starts now.
         fan_out = graph.fan_out_of(current)
@@ -89,7 +94,8 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
             continue
         results = yield from _fan_out(graph, current, fan_out, state, context,
                                       branch_events=branch_events, recorder=recorder)
-        yield {"type": "parallel", "fan_in": fan_out.fan_in, "branches": results}
+        yield parallel_summary(current, fan_out.fan_in, results) if updates else \
+            {"type": "parallel", "fan_in": fan_out.fan_in, "branches": results}
         # Branches' writes to reducer keys reach the state before the fan-in node runs.
         graph.schema.combine(state, results, node=fan_out.fan_in, context=context)
         current = fan_out.fan_in
@@ -117,7 +123,8 @@ def _at(code: Iterable[Any], error: BaseException) -> str:
 
 
 def _run_node(graph: CompiledGraph, name: str, state: dict, context: ExecutionContext,
-              parallel_results: list[ParallelFlowResult] | None) -> None:
+              parallel_results: list[ParallelFlowResult] | None) -> Any:
+    """Run node ``name`` and merge what it returned into ``state``; return that update."""
     try:
         context.enter_node(name)
         try:
@@ -135,13 +142,17 @@ def _run_node(graph: CompiledGraph, name: str, state: dict, context: ExecutionCo
         if parallel_results:
             _name_failed_branches(exc, parallel_results)
         raise
+    return update
 
 
 def _run_node_with_retries(graph: CompiledGraph, name: str, state: dict,
                            context: ExecutionContext,
                            parallel_results: list[ParallelFlowResult] | None
-                           ) -> Iterator[dict[str, Any]]:
-    """Run a node that has a retry policy; yield a ``node_retry`` event before each backoff."""
+                           ) -> Generator[dict[str, Any], None, Any]:
+    """Run a node that has a retry policy; yield a ``node_retry`` event before each backoff.
+
+    Returns what the attempt that succeeded returned.
+    """
     try:
         context.enter_node(name)
         node = graph.nodes[name]
@@ -187,6 +198,7 @@ def _run_node_with_retries(graph: CompiledGraph, name: str, state: dict,
         if parallel_results:
             _name_failed_branches(exc, parallel_results)
         raise
+    return update
 
 
 def _name_failed_branches(exc: GraphExecutionError, results: list[ParallelFlowResult]) -> None:
