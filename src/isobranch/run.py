@@ -12,6 +12,7 @@ never imports compiled.py.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
@@ -30,6 +31,7 @@ from .runner import run_steps
 from .schema import StateSchema
 from .statecopy import StateSnapshot
 from .stream_modes import VALUES_EVENT_TYPES, StreamMode
+from .tracing import run_tracing
 
 # What a call's config may override (besides ``run_id``, which names a checkpointed run).
 CONFIG_KEYS = ("isolation", "max_workers", "branch_timeout", "fail_fast", "max_concurrency",
@@ -161,9 +163,13 @@ def run_events(graph: RunnableGraph, state: dict | None, config: dict | None, *,
                                     branch_max_memory=graph.branch_max_memory,
                                     branch_retry=settings["branch_retry"]),
         cancel=cancel, recorder=recorder)
+    # Whether the run is traced is asked here, once: never per node or branch.
+    context.spans = tracing = run_tracing(graph.name, settings["isolation"])
     active.add(stop)
     try:
         if recorder is not None:
+            if tracing is not None:
+                tracing.recorded(recorder.run_id)
             yield {"type": "run", "run_id": recorder.run_id}
         # invoke() needs no per-branch events; stream() reports them, but not in values mode.
         steps = run_steps(graph, working, context, start=graph.entry, snapshots=snapshots,
@@ -188,6 +194,8 @@ def run_events(graph: RunnableGraph, state: dict | None, config: dict | None, *,
     finally:
         active.discard(stop)
         context.close()
+        if tracing is not None:
+            tracing.run_ended(sys.exc_info()[1])
     if recorder is not None:
         recorder.finished(RunStatus.SUCCEEDED, working)
     yield _final_event(working, mode)
