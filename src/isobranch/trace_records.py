@@ -22,42 +22,41 @@ import socket
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 if TYPE_CHECKING:
     from .branch import ParallelFlowResult
 
 
-class SpanName(StrEnum):
-    """The names of isobranch's spans (each member equals its string)."""
+class SpanName:
+    """The names of isobranch's spans (plain strings: a span is made per node and branch)."""
 
-    RUN = "isobranch.run"
-    NODE = "isobranch.node"
-    FAN_OUT = "isobranch.fan_out"
-    BRANCH = "isobranch.branch"
+    RUN: Final = "isobranch.run"
+    NODE: Final = "isobranch.node"
+    FAN_OUT: Final = "isobranch.fan_out"
+    BRANCH: Final = "isobranch.branch"
 
 
-class Attr(StrEnum):
-    """The attribute keys of isobranch's spans."""
+class Attr:
+    """The attribute keys of isobranch's spans (plain strings, as for ``SpanName``)."""
 
-    GRAPH = "isobranch.graph"
-    RUN_ID = "isobranch.run_id"
-    NODE = "isobranch.node"  # a node's name (a fan-out's: the node it starts from)
-    FAN_IN = "isobranch.fan_in"
-    BRANCH = "isobranch.branch"  # the branch's full name: "score[3]", "outer[1]/inner[3]"
-    INDEX = "isobranch.index"  # a map branch's item index
-    ISOLATION = "isobranch.isolation"
-    WORKER = "isobranch.worker"  # a thread's name, a process id, a Dask worker's address
-    WORKER_PID = "isobranch.worker.pid"
-    WORKER_HOST = "isobranch.worker.host"
-    ATTEMPT = "isobranch.attempt"
-    CACHED = "isobranch.cached"
-    ERROR_TYPE = "isobranch.error_type"
-    TIMED_OUT = "isobranch.timed_out"
-    TOTAL = "isobranch.branches.total"
-    SUCCEEDED = "isobranch.branches.succeeded"
-    FAILED = "isobranch.branches.failed"
+    GRAPH: Final = "isobranch.graph"
+    RUN_ID: Final = "isobranch.run_id"
+    NODE: Final = "isobranch.node"  # a node's name (a fan-out's: the node it starts from)
+    FAN_IN: Final = "isobranch.fan_in"
+    BRANCH: Final = "isobranch.branch"  # the branch's full name: "score[3]", "outer[1]/inner[3]"
+    INDEX: Final = "isobranch.index"  # a map branch's item index
+    ISOLATION: Final = "isobranch.isolation"
+    WORKER: Final = "isobranch.worker"  # a thread's name, a process id, a Dask worker's address
+    WORKER_PID: Final = "isobranch.worker.pid"
+    WORKER_HOST: Final = "isobranch.worker.host"
+    ATTEMPT: Final = "isobranch.attempt"
+    CACHED: Final = "isobranch.cached"
+    ERROR_TYPE: Final = "isobranch.error_type"
+    TIMED_OUT: Final = "isobranch.timed_out"
+    TOTAL: Final = "isobranch.branches.total"
+    SUCCEEDED: Final = "isobranch.branches.succeeded"
+    FAILED: Final = "isobranch.branches.failed"
 
 
 # The event a node span gets before each retry of the node.
@@ -101,6 +100,15 @@ def new_span_id() -> int:
 def host_name() -> str:
     """This machine's name, for the worker attributes of a branch span."""
     return socket.gethostname()
+
+
+@functools.cache
+def process_id() -> int:
+    """This process's id, asked once per process (a forked child asks again)."""
+    return os.getpid()
+
+
+os.register_at_fork(after_in_child=process_id.cache_clear)
 
 
 def error_type(error: BaseException) -> str:
@@ -154,29 +162,29 @@ def branch_records(parent: TraceParent, attempt: int, result: ParallelFlowResult
         branch = records[-1]
     else:
         end = now_ns if now_ns is not None else time.time_ns()
-        branch = SpanRecord(SpanName.BRANCH.value, parent.trace_id, new_span_id(),
+        branch = SpanRecord(SpanName.BRANCH, parent.trace_id, new_span_id(),
                             parent.span_id, end - int(result.duration_ms * 1e6), end,
                             _branch_attributes(result.branch, result.index, result.isolation))
         _fail(branch, result)
         records.append(branch)
-    branch.attributes[Attr.ATTEMPT.value] = attempt
+    branch.attributes[Attr.ATTEMPT] = attempt
     if result.worker is not None:
-        branch.attributes[Attr.WORKER.value] = str(result.worker)
+        branch.attributes[Attr.WORKER] = str(result.worker)
     return records
 
 
 def _branch_attributes(name: str, index: int | None, isolation: str) -> dict[str, Any]:
-    attributes: dict[str, Any] = {Attr.BRANCH.value: name, Attr.ISOLATION.value: isolation}
+    attributes: dict[str, Any] = {Attr.BRANCH: name, Attr.ISOLATION: isolation}
     if index is not None:
-        attributes[Attr.INDEX.value] = index
+        attributes[Attr.INDEX] = index
     return attributes
 
 
 def _fail(span: SpanRecord, result: ParallelFlowResult) -> None:
     if not result.success:
         span.error = f"{result.error_type}: {result.error}"
-        span.attributes[Attr.ERROR_TYPE.value] = result.error_type or "Error"
-        span.attributes[Attr.TIMED_OUT.value] = result.timed_out
+        span.attributes[Attr.ERROR_TYPE] = result.error_type or "Error"
+        span.attributes[Attr.TIMED_OUT] = result.timed_out
 
 
 def fan_out_counts(results: Iterable[ParallelFlowResult]) -> dict[str, int]:
@@ -185,7 +193,7 @@ def fan_out_counts(results: Iterable[ParallelFlowResult]) -> dict[str, int]:
     for result in results:
         total += 1
         failed += not result.success
-    return {Attr.SUCCEEDED.value: total - failed, Attr.FAILED.value: failed}
+    return {Attr.SUCCEEDED: total - failed, Attr.FAILED: failed}
 
 
 class SpanRecorder:
@@ -199,47 +207,47 @@ class SpanRecorder:
         self._branch = branch
         self.records: list[SpanRecord] = []
         attributes = _branch_attributes(branch, index, isolation)
-        attributes[Attr.WORKER_PID.value] = os.getpid()
-        attributes[Attr.WORKER_HOST.value] = host_name()
+        attributes[Attr.WORKER_PID] = process_id()
+        attributes[Attr.WORKER_HOST] = host_name()
         if graph is not None:
-            attributes[Attr.GRAPH.value] = graph
-        self.root = SpanRecord(SpanName.BRANCH.value, parent.trace_id, new_span_id(),
+            attributes[Attr.GRAPH] = graph
+        self.root = SpanRecord(SpanName.BRANCH, parent.trace_id, new_span_id(),
                                parent.span_id, time.time_ns(), attributes=attributes)
 
-    def _child(self, name: SpanName, attributes: dict[str, Any]) -> SpanRecord:
-        attributes[Attr.BRANCH.value] = self._branch
+    def _child(self, name: str, attributes: dict[str, Any]) -> SpanRecord:
+        attributes[Attr.BRANCH] = self._branch
         if self._graph is not None:
-            attributes[Attr.GRAPH.value] = self._graph
-        return SpanRecord(name.value, self._trace_id, new_span_id(), self.root.span_id,
+            attributes[Attr.GRAPH] = self._graph
+        return SpanRecord(name, self._trace_id, new_span_id(), self.root.span_id,
                           time.time_ns(), attributes=attributes)
 
     def node_started(self, node: str) -> SpanRecord:
         """A node span under the branch span."""
-        return self._child(SpanName.NODE, {Attr.NODE.value: node, Attr.ATTEMPT.value: 1,
-                                           Attr.CACHED.value: False})
+        return self._child(SpanName.NODE, {Attr.NODE: node, Attr.ATTEMPT: 1,
+                                           Attr.CACHED: False})
 
     def node_retried(self, span: SpanRecord, event: dict[str, Any]) -> None:
         """Note the failed attempt as an event; the next attempt is the span's."""
         span.events.append((RETRY_EVENT, time.time_ns(), {
-            Attr.ATTEMPT.value: event["attempt"], Attr.ERROR_TYPE.value: event["error_type"]}))
-        span.attributes[Attr.ATTEMPT.value] = event["attempt"] + 1
+            Attr.ATTEMPT: event["attempt"], Attr.ERROR_TYPE: event["error_type"]}))
+        span.attributes[Attr.ATTEMPT] = event["attempt"] + 1
 
     def node_ended(self, span: SpanRecord, error: BaseException | None = None) -> None:
         """End a node span (failed with ``error``)."""
         span.end_ns = time.time_ns()
         if error is not None:
             span.error = error_status(error)
-            span.attributes[Attr.ERROR_TYPE.value] = error_type(error)
+            span.attributes[Attr.ERROR_TYPE] = error_type(error)
         self.records.append(span)
 
     def fan_out_started(self, node: str, fan_in: str) -> SpanRecord:
         """A fan-out span under the branch span."""
-        return self._child(SpanName.FAN_OUT, {Attr.NODE.value: node, Attr.FAN_IN.value: fan_in})
+        return self._child(SpanName.FAN_OUT, {Attr.NODE: node, Attr.FAN_IN: fan_in})
 
     def fan_out_planned(self, span: SpanRecord, total: int, isolation: str) -> TraceParent:
         """Note the fan-out's width and backend; its branches go under it."""
-        span.attributes[Attr.TOTAL.value] = total
-        span.attributes[Attr.ISOLATION.value] = isolation
+        span.attributes[Attr.TOTAL] = total
+        span.attributes[Attr.ISOLATION] = isolation
         return TraceParent(span.trace_id, span.span_id)
 
     def branch_attempt_ended(self, span: SpanRecord, attempt: int,

@@ -71,10 +71,10 @@ def run_tracing(graph: str | None, isolation: str) -> LiveSpans | None:
     if isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
         return None
     tracer = provider.get_tracer(SCOPE_NAME, _version())
-    attributes: dict[str, Any] = {Attr.ISOLATION.value: isolation}
+    attributes: dict[str, Any] = {Attr.ISOLATION: isolation}
     if graph is not None:
-        attributes[Attr.GRAPH.value] = graph
-    run = tracer.start_span(SpanName.RUN.value, attributes=attributes)
+        attributes[Attr.GRAPH] = graph
+    run = tracer.start_span(SpanName.RUN, attributes=attributes)
     if not run.is_recording():
         run.end()
         return None
@@ -94,33 +94,33 @@ class LiveSpans:
         self._parent = trace.set_span_in_context(run)
         self._emit = _Emitter(tracer)
 
-    def _start(self, name: SpanName, attributes: dict[str, Any]) -> Any:
+    def _start(self, name: str, attributes: dict[str, Any]) -> Any:
         if self._graph is not None:
-            attributes[Attr.GRAPH.value] = self._graph
-        return self._tracer.start_span(name.value, context=self._parent, attributes=attributes)
+            attributes[Attr.GRAPH] = self._graph
+        return self._tracer.start_span(name, context=self._parent, attributes=attributes)
 
     def _end(self, span: Any, error: BaseException | None) -> None:
         if error is not None and not isinstance(error, GeneratorExit):
             from opentelemetry.trace import Status, StatusCode
 
-            span.set_attribute(Attr.ERROR_TYPE.value, error_type(error))
+            span.set_attribute(Attr.ERROR_TYPE, error_type(error))
             span.set_status(Status(StatusCode.ERROR, error_status(error)))
         span.end()
 
     def recorded(self, run_id: str) -> None:
         """The run is recorded in a checkpointer as ``run_id``."""
-        self.run.set_attribute(Attr.RUN_ID.value, run_id)
+        self.run.set_attribute(Attr.RUN_ID, run_id)
 
     def node_started(self, node: str) -> Any:
         """An ``isobranch.node`` span under the run's."""
-        return self._start(SpanName.NODE, {Attr.NODE.value: node, Attr.ATTEMPT.value: 1,
-                                           Attr.CACHED.value: False})
+        return self._start(SpanName.NODE, {Attr.NODE: node, Attr.ATTEMPT: 1,
+                                           Attr.CACHED: False})
 
     def node_retried(self, span: Any, event: dict[str, Any]) -> None:
         """An event per failed attempt; the span's attempt is the next one."""
-        span.add_event(RETRY_EVENT, {Attr.ATTEMPT.value: event["attempt"],
-                                     Attr.ERROR_TYPE.value: event["error_type"]})
-        span.set_attribute(Attr.ATTEMPT.value, event["attempt"] + 1)
+        span.add_event(RETRY_EVENT, {Attr.ATTEMPT: event["attempt"],
+                                     Attr.ERROR_TYPE: event["error_type"]})
+        span.set_attribute(Attr.ATTEMPT, event["attempt"] + 1)
 
     def node_ended(self, span: Any, error: BaseException | None = None) -> None:
         """End a node span, with an error status if the node failed."""
@@ -128,12 +128,12 @@ class LiveSpans:
 
     def fan_out_started(self, node: str, fan_in: str) -> Any:
         """An ``isobranch.fan_out`` span under the run's."""
-        return self._start(SpanName.FAN_OUT, {Attr.NODE.value: node, Attr.FAN_IN.value: fan_in})
+        return self._start(SpanName.FAN_OUT, {Attr.NODE: node, Attr.FAN_IN: fan_in})
 
     def fan_out_planned(self, span: Any, total: int, isolation: str) -> TraceParent:
         """Note the width and backend; the parent the branches' tasks carry."""
-        span.set_attribute(Attr.TOTAL.value, total)
-        span.set_attribute(Attr.ISOLATION.value, isolation)
+        span.set_attribute(Attr.TOTAL, total)
+        span.set_attribute(Attr.ISOLATION, isolation)
         context = span.get_span_context()
         return TraceParent(context.trace_id, context.span_id)
 
@@ -176,19 +176,27 @@ class _Emitter:
 
     def __call__(self, records: Sequence[SpanRecord]) -> None:
         if self._processor is not None:
+            contexts: dict[int, Any] = {}  # a branch's nodes share their parent's context
             for record in records:
-                self._processor.on_end(self._readable(record))
+                self._processor.on_end(self._readable(record, contexts))
         else:
             self._through_api(records)
 
-    def _readable(self, record: SpanRecord) -> Any:
-        event_class, readable, span_context, kind, status, code = self._sdk
+    def _context(self, trace_id: int, span_id: int, contexts: dict[int, Any]) -> Any:
+        context = contexts.get(span_id)
+        if context is None:
+            context = contexts[span_id] = self._sdk[2](trace_id, span_id, False, self._flags)
+        return context
+
+    def _readable(self, record: SpanRecord, contexts: dict[int, Any]) -> Any:
+        event_class, readable, _, kind, status, code = self._sdk
         return readable(
             record.name,
-            context=span_context(record.trace_id, record.span_id, False, self._flags),
-            parent=span_context(record.trace_id, record.parent_id, False, self._flags),
+            context=self._context(record.trace_id, record.span_id, contexts),
+            parent=self._context(record.trace_id, record.parent_id, contexts),
             resource=self._resource, attributes=record.attributes,
-            events=[event_class(name, attributes, at) for name, at, attributes in record.events],
+            events=[event_class(name, attributes, at) for name, at, attributes in record.events]
+            if record.events else (),
             kind=kind.INTERNAL,
             status=self._unset if record.error is None else status(code.ERROR, record.error),
             start_time=record.start_ns, end_time=record.end_ns,
