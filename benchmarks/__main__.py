@@ -13,6 +13,7 @@ from . import (
     checkpoint_cases,
     checkpoint_codec,
     map_cases,
+    observe_cases,
     reducer_cases,
     subgraph_cases,
 )
@@ -23,8 +24,8 @@ NAMES = ["vm", "hook", "lua-threads", "overhead-thread", "overhead-inline", "hot
          "soak-thread", "soak-process", "python-dask", "overhead-dask", "dask-start",
          "map-process", "map-thread", "map-width-thread", "map-width-process", "map-dask",
          "codec-small", "codec-20k", "ainvoke", "reducer-map-thread", "reducer-width-thread",
-         "checkpoint-process", "checkpoint-thread", "subgraph-map-thread",
-         "subgraph-map-process"]
+         "checkpoint-process", "checkpoint-thread", "stream-updates", "otel-no-provider",
+         "otel-exporter", "subgraph-map-thread", "subgraph-map-process"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         lambda: reducer_cases.reducer_width_scaling("thread", repeat=reps(5)),
         lambda: checkpoint_cases.map_with_checkpointer("process", repeat=reps(9)),
         lambda: checkpoint_cases.map_with_checkpointer("thread", repeat=reps(9)),
+        lambda: observe_cases.stream_updates_event_size(repeat=reps(3)),
+        lambda: observe_cases.tracing_overhead(False, repeat=reps(15)),
+        lambda: observe_cases.tracing_overhead(True, repeat=reps(15)),
         lambda: subgraph_cases.subgraph_map_vs_node_map("thread", repeat=reps(7)),
         lambda: subgraph_cases.subgraph_map_vs_node_map("process", repeat=reps(7)),
     ]

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .checkpoint.recorder import RunRecorder
     from .compiled import CompiledGraph
     from .isolation.base import IsolationBackend
+    from .trace_records import Spans
 
 
 class Watchdog(Protocol):
@@ -109,6 +110,8 @@ class ExecutionContext:
         # Whether merged updates are this branch's own (the watchdog rebuilds its
         # state from them); a subgraph's inner state is private, so never its.
         self._reports_merges = True
+        # Who traces this path's nodes and fan-outs (tracing.py, trace_records.py); None: off.
+        self.spans: Spans | None = None
 
     def enter_subgraph(self, graph: CompiledGraph, shown: str, *, branch_itself: bool,
                        recorder: RunRecorder | None = None) -> SubgraphScope:
