@@ -94,6 +94,16 @@ def test_node_events_name_inner_nodes_by_their_path():
     assert nodes == ["review/score", "review/check", "review"]
 
 
+def test_updates_mode_names_inner_nodes_by_path_and_the_node_updates_with_its_output():
+    graph = chain(("review", review_graph(), {"input": {"doc": "item"},
+                                              "output": {"review_score": "score"}}))
+    with graph.compile(isolation="inline") as app:
+        updates = [(e["node"], e["update"]) for e in app.stream({"item": "xy"}, mode="updates")
+                   if e["type"] == "node"]
+    assert updates == [("review/score", {"score": 2, "scratch": "inner only"}),
+                       ("review/check", {"checked": True}), ("review", {"review_score": 2})]
+
+
 def test_an_inner_failure_names_the_inner_node_by_its_path():
     inner = StateGraph()
     inner.add_node("score", lambda s: 1 / 0)
