@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from isobranch import END, START, GraphError, GraphExecutionError, StateGraph
 from isobranch.nodes import LuaNode
+from isobranch.regression import run_agent_case
 
 BACKENDS = ["inline", "thread", "process"]
 
@@ -210,3 +211,11 @@ def test_a_subgraph_runs_its_lua_on_a_vm_of_its_own_and_the_outer_vm_lives_on():
         final = app.invoke({})
     # Lua turns a nil into no key at all.
     assert final == {"outer_kept": "outer"}
+
+
+def test_a_regression_route_names_inner_nodes_by_path():
+    graph = chain(("prep", lambda s: {"item": "abc"}, {}),
+                  ("review", review_graph(), {"input": {"doc": "item"}}))
+    with graph.compile(isolation="inline") as app:
+        record = run_agent_case(app, {})
+    assert record.route == ["prep", "review/score", "review/check", "review"]

@@ -77,9 +77,24 @@ def test_each_map_item_runs_the_whole_subgraph_in_its_branch(isolation):
 
 @pytest.mark.skipif(not HAVE_DASK, reason="the dask extra is not installed")
 @pytest.mark.usefixtures("no_process_leak")
-def test_each_map_item_runs_the_whole_subgraph_on_dask():
-    with map_over_reviews().compile(isolation="dask", max_workers=2) as app:
-        final = app.invoke({"input_docs": ["a", "bb", "bad"]})
+def test_subgraphs_on_dask_a_map_of_them_and_one_with_a_map_inside():
+    # Before the map: a main-path subgraph whose own map runs on the cluster.
+    graph = StateGraph()
+    graph.add_node("spell", letters_graph(), input={"doc": "word"},
+                   output={"letters": "letters"})
+    graph.add_node("split", _split)
+    graph.add_node("review", review_graph(), input={"doc": "item"},
+                   output={"review_score": "score", "same_worker": "checked"})
+    graph.add_fan_in_node("collect", _collect)
+    graph.add_edge(START, "spell").add_edge("spell", "split")
+    graph.add_map_edge("split", "review", over="docs", fan_in="collect")
+    graph.add_edge("review", "collect").add_edge("collect", END)
+    with graph.compile(isolation="dask", max_workers=2) as app:
+        events = list(app.stream({"word": "xy", "input_docs": ["a", "bb", "bad"]}))
+    final = events[-1]["state"]
+    assert final["letters"] == "XY"
+    assert sorted(e["branch"] for e in events if e["type"] == "branch") == [
+        "review[0]", "review[1]", "review[2]", "spell/letter[0]", "spell/letter[1]"]
     assert final["scores"] == [1, 2, None]
     assert final["same_worker"] == [True, True, None]
     assert final["failed"] == [("review[2]", "review[2]/check", "ValueError")]
