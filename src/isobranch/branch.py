@@ -66,6 +66,7 @@ class ParallelFlowResult(Mapping):
     attempts: int = 1
     error_bases: tuple[str, ...] = ()
     reducer_writes: list[tuple[str, Any]] = field(default_factory=list)
+    route: tuple[Any, ...] = ()
 
     def __post_init__(self) -> None:
         # An ``ErrorKind`` member is stored as its plain string: what users see and pickles.
@@ -89,6 +90,16 @@ class ParallelFlowResult(Mapping):
     def to_dict(self) -> dict[str, Any]:
         """A plain dict of every field (the state is copied)."""
         return asdict(self)
+
+
+def route_step(results: list[ParallelFlowResult]) -> tuple[tuple[str, bool, str | None, tuple], ...]:
+    """A fan-out as one step of a route: per branch ``(branch, success, failed node, route)``.
+
+    Plain tuples and strings, not results: a route crosses processes with
+    its branch's result and is stored with it in checkpoints, whose codec
+    takes plain values only.
+    """
+    return tuple((r.branch, r.success, r.node, r.route) for r in results)
 
 
 def without_unsendable_state(result: ParallelFlowResult) -> ParallelFlowResult:
