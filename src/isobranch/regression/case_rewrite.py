@@ -100,6 +100,8 @@ def _yaml_for(text: str) -> tuple[Any, Any]:
         yaml.Representer = _case_representer()
         yaml.width = _NO_WRAP
         yaml.preserve_quotes = True
+        # ``[{k: 1}]`` stays that, not ``[k: 1]`` (ruamel.yaml's default).
+        yaml.brace_single_entry_mapping_in_flow_sequence = True
         yaml.indent(mapping=mapping, sequence=sequence, offset=offset)
         try:
             document = yaml.load(text)
