@@ -163,23 +163,8 @@ def _apply_change(case: Any, change: ExpectChange) -> None:
     if change.delete:
         del container[key]
         return
-    old = container[key] if _has(container, key) else None
-    container[key] = _styled_like(old, _yaml_value(change.value))
-
-
-def _has(container: Any, key: Any) -> bool:
-    if isinstance(container, Mapping):
-        return key in container
-    return isinstance(key, int) and 0 <= key < len(container)
-
-
-def _styled_like(old: Any, new: Any) -> Any:
-    """``new`` quoted (or block-styled) the way the value it replaces was."""
-    from ruamel.yaml.scalarstring import ScalarString
-
-    if isinstance(old, ScalarString) and isinstance(new, str) and not isinstance(new, ScalarString):
-        return type(old)(new)
-    return new
+    # ruamel.yaml's containers give a new string the quoting of the one it replaces.
+    container[key] = _yaml_value(change.value)
 
 
 def _yaml_value(value: Any) -> Any:
