@@ -22,13 +22,16 @@ STATS_AGENT = (ROOT / "tests" / "fixtures" / "stats_agent.yaml").read_text(encod
 # suite below only ever takes `small`, and one case fails in a branch.
 STATS_CASES = """
 agent: ../agents/stats.yaml
+# Without fail_fast, which branch a failure cancels never depends on timing,
+# so every run of a case exercises the same nodes.
+fail_fast: false
 cases:
   - name: small
     input: {items: [1, 2]}
     expect: {verdict: "small: total 3"}
   - name: bad_items
     input: {items: "x"}
-    expect_error: "items must be a list"
+    expect_error: "branches failed: 'python_stats' (ValueError)"
 """
 # A map whose branches route inside themselves (odd items to `odd`).
 MAP_AGENT = """
@@ -160,3 +163,14 @@ def test_an_agent_that_cannot_be_loaded_is_named_not_counted(suite: pytest.Pytes
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines(["not counted: agents/broken.yaml cannot be loaded: *"])
     assert "total" in result.stdout.str() and "88.9%" in result.stdout.str()
+
+
+def test_a_json_path_that_cannot_be_written_fails_the_session_saying_why(
+        suite: pytest.Pytester) -> None:
+    result = suite.runpytest_subprocess("-p", "no:cacheprovider", "-n", "0",
+                                        "--isobranch-coverage-json=missing/dir/coverage.json")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines([
+        "FAIL: cannot write --isobranch-coverage-json=missing/dir/coverage.json: *"
+        "No such file or directory*"])
+    assert "Traceback" not in result.stdout.str() + result.stderr.str()

@@ -200,7 +200,7 @@ class SessionOutcome:
     def __init__(self) -> None:
         self.updates: list[FileUpdateResult] = []
         self.coverage: dict[str, Any] | None = None
-        self.coverage_failure: str | None = None
+        self.coverage_failures: list[str] = []
         self.coverage_json: str | None = None
 
 
@@ -222,9 +222,15 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     outcome = config.stash[_OUTCOME] = SessionOutcome()
     outcome.updates = records.write_updates()
     if any(result.error for result in outcome.updates):
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        _fail(session)  # cases reported as updated whose file could not be written
     if records.coverage is not None:
         _finish_coverage(session, records, outcome)
+
+
+def _fail(session: pytest.Session) -> None:
+    # A session that already failed (or was interrupted) keeps its own exit code.
+    if session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def _finish_coverage(session: pytest.Session, records: SessionRecords,
@@ -234,14 +240,20 @@ def _finish_coverage(session: pytest.Session, records: SessionRecords,
     path = config.getoption("isobranch_coverage_json", None)
     if path:
         target = Path(config.invocation_params.dir, path)
-        write_atomically(target, json.dumps(report, indent=2, sort_keys=True) + "\n")
-        outcome.coverage_json = str(target)
+        try:
+            write_atomically(target, json.dumps(report, indent=2, sort_keys=True) + "\n")
+        except OSError as exc:
+            outcome.coverage_failures.append(
+                f"cannot write --isobranch-coverage-json={path}: {exc}")
+            _fail(session)
+        else:
+            outcome.coverage_json = str(target)
     fail_under = config.getoption("isobranch_coverage_fail_under", None)
     if fail_under is not None and report["percent"] < fail_under:
-        outcome.coverage_failure = (f"isobranch graph coverage {report['percent']:.1f}% is below "
-                                    f"--isobranch-coverage-fail-under={fail_under:g}")
-        if session.exitstatus == pytest.ExitCode.OK:
-            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        outcome.coverage_failures.append(
+            f"isobranch graph coverage {report['percent']:.1f}% is below "
+            f"--isobranch-coverage-fail-under={fail_under:g}")
+        _fail(session)
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -266,8 +278,8 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
             terminalreporter.write_line(line)
         if outcome.coverage_json:
             terminalreporter.write_line(f"coverage JSON written to {outcome.coverage_json}")
-        if outcome.coverage_failure:
-            terminalreporter.write_line(f"FAIL: {outcome.coverage_failure}", red=True, bold=True)
+        for failure in outcome.coverage_failures:
+            terminalreporter.write_line(f"FAIL: {failure}", red=True, bold=True)
 
 
 def _summarize_updates(terminal: Any, results: list[FileUpdateResult],
