@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .checkpoint.recorder import RunRecorder
     from .compiled import CompiledGraph
     from .isolation.base import IsolationBackend
+    from .trace_records import Spans
 
 
 class Watchdog(Protocol):
@@ -92,6 +93,8 @@ class ExecutionContext:
         # A branch's writes to reducer keys, in order, for its fan-in (None on the main path).
         self.reducer_writes: list[tuple[str, Any]] | None = [] if branch_name is not None else None
         self._awaiter: AwaitRunner | None = None
+        # Who traces this path's nodes and fan-outs (tracing.py, trace_records.py); None: off.
+        self.spans: Spans | None = None
 
     @property
     def isolation(self) -> str:
