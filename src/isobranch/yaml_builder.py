@@ -39,7 +39,7 @@ from .schema import StateSchema
 from .yaml_lines import CodeKey, CodeLines
 from .yaml_reading import read_workflow
 from .yaml_settings import EngineOptions, LuaCeiling, SettingsReader, contained_file
-from .yaml_subgraphs import CHAIN_ARROW, IncludeChain, key_mapping, subgraph_path
+from .yaml_subgraphs import CHAIN_ARROW, IncludeChain, subgraph_path
 
 # The keys that give a node its code; a subgraph node's code is its file's.
 _CODE_KEYS = ("run", "file", "language", "lua", "python")
@@ -240,17 +240,15 @@ class DocumentBuilder(SettingsReader):
             self.problem(f"{where}: a subgraph node cannot be a fan-in node "
                          f"(parallel_results does not cross into a subgraph); fan in at a "
                          f"node before it")
-        inputs, problems = key_mapping(spec.get("input"), f"{where}: input")
-        self.problems.extend(problems)
-        outputs, problems = key_mapping(spec.get("output"), f"{where}: output")
-        self.problems.extend(problems)
         retry, problems = parse_policy(spec.get("retry"), f"{where}: retry")
         self.problems.extend(problems)
         inner = self.included_graph(spec["subgraph"], where)
         if inner is None or len(self.problems) > problems_before:
             return
         try:
-            graph.add_node(name, inner, input=inputs, output=outputs, retry=retry)
+            # add_node checks the input: and output: mappings, naming the node.
+            graph.add_node(name, inner, input=spec.get("input"), output=spec.get("output"),
+                           retry=retry)
         except GraphError as exc:
             self.problems.extend(exc.problems)
 

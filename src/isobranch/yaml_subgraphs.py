@@ -5,14 +5,12 @@ to the one being read: it names a problem's file (``main.yaml →
 review.yaml: node 'x': ...``) and finds a file that includes itself,
 directly or through others. ``subgraph_path`` resolves a node's path
 against the directory of the file naming it (inside that directory for a
-Lua-only document), ``key_mapping`` reads its ``input:`` / ``output:``, and
-the Lua limits an included file may lower but never raise are
+Lua-only document); the Lua limits an included file may lower but never raise are
 ``yaml_settings.LuaCeiling``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,17 +104,3 @@ def subgraph_path(reference: Any, base_dir: Path | None, *, confined: bool) -> P
         what = "is not a file" if resolved.exists() else "does not exist"
         raise ValueError(f"subgraph {reference!r}: {str(resolved)!r} {what}")
     return resolved
-
-
-def key_mapping(value: Any, where: str) -> tuple[dict[str, str] | None, list[str]]:
-    """An ``input:`` / ``output:`` mapping of state keys to state keys, and its problems."""
-    if value is None:
-        return None, []
-    if not isinstance(value, Mapping):
-        return None, [f"{where}: must be a mapping of state keys to state keys, got "
-                      f"{type(value).__name__}"]
-    problems = [f"{where}: {key!r}: {value[key]!r}: both must be non-empty strings (state keys)"
-                for key in value
-                if not (isinstance(key, str) and key and isinstance(value[key], str)
-                        and value[key])]
-    return (None if problems else dict(value)), problems
