@@ -91,6 +91,43 @@ class ExecutionContext:
         # A branch's writes to reducer keys, in order, for its fan-in (None on the main path).
         self.reducer_writes: list[tuple[str, Any]] | None = [] if branch is not None else None
         self._awaiter: AwaitRunner | None = None
+        # Inside a subgraph node: what its inner nodes' names are shown under
+        # (``review/``), and what the branches of its fan-outs are named under.
+        self.prefix = ""
+        self.scope: str | None = branch
+        # Whether merged updates are this branch's own (the watchdog rebuilds its
+        # state from them); a subgraph's inner state is private, so never its.
+        self._reports_merges = True
+
+    def for_subgraph(self, graph: CompiledGraph, shown: str, *, branch_itself: bool,
+                     recorder: RunRecorder | None = None) -> ExecutionContext:
+        """The context of one run of subgraph node ``shown`` (``review``, ``review[3]``) in this one.
+
+        Its nodes are named ``shown/node``; it has its own Lua VM (the inner
+        graph's limits and variables) and no reducer writes of its own, and
+        shares everything else: deadline, cancellation, watchdog, and the
+        backend and limits of its fan-outs (the outer run's). ``branch_itself``:
+        the subgraph node is the branch's first node, so its branches' names
+        are not nested under ``shown`` again. ``recorder`` records its steps.
+        """
+        child = ExecutionContext(
+            graph, deadline=self.deadline, branch=self.branch, monitor=self.monitor,
+            time_limit=self.time_limit, backend=None, nested_isolation=self._nested_isolation,
+            max_workers=self.max_workers, fan_out_limits=self.fan_out_limits,
+            watchdog=self.watchdog, max_concurrency=self.max_concurrency, cancel=self.cancel,
+            stop=self.stop, recorder=recorder,
+            backend_factory=lambda isolation, max_workers: self.fan_out_backend())
+        child._owns_backend = False  # the outer context's (or graph's) backend
+        child.reducer_writes = None
+        child.prefix = f"{self.prefix}{shown}/"
+        child.scope = self.scope if branch_itself else (
+            f"{self.scope}/{shown}" if self.scope else shown)
+        child._reports_merges = False
+        return child
+
+    def path_of(self, node: str) -> str:
+        """``node`` as messages and events name it: ``review/score`` inside subgraph ``review``."""
+        return self.prefix + node if self.prefix else node
 
     @property
     def isolation(self) -> str:
@@ -116,6 +153,8 @@ class ExecutionContext:
 
     def enter_node(self, node: str) -> None:
         """Record the running node; stop here if the branch is out of time or cancelled."""
+        if self.prefix:
+            node = self.prefix + node
         self.node = node
         if self.cancel is not None:
             self.cancel.raise_if_set()
@@ -214,7 +253,7 @@ class ExecutionContext:
 
     def merged(self, node: str, update: dict) -> None:
         """``node``'s update has been merged into the state (reported to the watchdog)."""
-        if self.watchdog is not None:
+        if self.watchdog is not None and self._reports_merges:
             self.watchdog.node_merged(node, update)
 
     def fan_out_backend(self) -> IsolationBackend:

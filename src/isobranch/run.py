@@ -29,6 +29,7 @@ from .retry import RetryPolicy, as_policy
 from .runner import run_steps
 from .schema import StateSchema
 from .statecopy import StateSnapshot
+from .subgraph import node_paths
 
 # What a call's config may override (besides ``run_id``, which names a checkpointed run).
 CONFIG_KEYS = ("isolation", "max_workers", "branch_timeout", "fail_fast", "max_concurrency",
@@ -139,7 +140,7 @@ def run_events(graph: RunnableGraph, state: dict | None, config: dict | None, *,
     if resume is not None:
         assert graph.checkpointer is not None
         reopened = reopen_run(graph.checkpointer, resume, fingerprint=graph.fingerprint(),
-                              nodes=graph.nodes.keys(), force=force)
+                              nodes=set(node_paths(graph)), force=force)
         if reopened.done:  # it succeeded: its final state, and nothing runs
             yield {"type": "run", "run_id": resume}
             yield {"type": "final", "state": reopened.state}
