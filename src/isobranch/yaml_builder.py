@@ -36,6 +36,7 @@ from .nodes import LuaNode, Node, PythonNode
 from .retry import RetryPolicy, parse_policy
 from .runner import END, START
 from .schema import StateSchema
+from .subgraph import SubgraphNode, join_path
 from .yaml_lines import CodeKey, CodeLines
 from .yaml_reading import read_workflow
 from .yaml_settings import EngineOptions, LuaCeiling, SettingsReader, contained_file
@@ -542,15 +543,28 @@ def _language_of_file(reference: str) -> Language | None:
 
 
 def assert_lua_only(graph: CompiledGraph) -> None:
-    """Last check of a Lua-only graph: nothing in it can run Python.
+    """Last check of a Lua-only graph: nothing in it, or in its subgraphs, can run Python.
 
     The builder already refused every Python part; this catches a code path
     that forgot to ask ``DocumentBuilder.python_allowed``.
     """
+    python = _python_part(graph)
+    if python is not None:
+        graph.close()
+        raise GraphError(f"internal error: node {python!r} of a Lua-only graph has Python parts")
+
+
+def _python_part(graph: CompiledGraph, prefix: str = "") -> str | None:
+    """The path of the first node of ``graph`` (or of a subgraph) with Python parts, if any."""
     for name, node in graph.nodes.items():
         routes = graph.routes_of(name)
         conditions = [condition for condition, _ in routes.conditional]
-        if (not isinstance(node, LuaNode) or routes.router is not None
-                or not all(isinstance(c, LuaCondition) for c in conditions)):
-            graph.close()
-            raise GraphError(f"internal error: node {name!r} of a Lua-only graph has Python parts")
+        if routes.router is not None or not all(isinstance(c, LuaCondition) for c in conditions):
+            return join_path(prefix, name)
+        if isinstance(node, SubgraphNode):
+            inner = _python_part(node.graph, join_path(prefix, name))
+            if inner is not None:
+                return inner
+        elif not isinstance(node, LuaNode):
+            return join_path(prefix, name)
+    return None
