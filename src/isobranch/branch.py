@@ -30,6 +30,10 @@ logger = logging.getLogger(__name__)
 class ParallelFlowResult(Mapping):
     """What one branch produced.
 
+    ``branch`` is the branch's name within its fan-out (``"score"``,
+    ``"score[3]"``): a public field kept under that name, like the
+    ``"branch"`` key of events, though internally a branch's identity is
+    ``BranchTask.name``/``start``/``index``.
     ``state`` is the branch's final state, or its state as of the failure.
     ``error`` is a message (it must cross process boundaries) naming the
     failing node; ``error_type`` the exception's class name; ``traceback``
@@ -130,34 +134,29 @@ class BranchLimits:
 class BranchTask:
     """Plain data describing one branch; backends ship it wherever they run it.
 
-    ``branch`` is the first node. A map branch also has its ``index`` and an
-    ``overlay``: the few keys (item and index) laid over the shared
-    ``snapshot``, so no branch carries the whole list. ``stop`` is the
-    run's stop flag, seen only by branches that run in this process (it is
-    not part of the payload): ``close()`` raises it to end a node retry's
-    backoff at once.
+    A branch's identity is ``name``, ``start`` and ``index``: ``start`` is
+    its first node, ``index`` the item's position for a map branch (None for
+    a static one), and ``name`` what messages and logs call it: ``"score"``,
+    ``"score[3]"`` for item 3 of a map, ``"outer[1]/score[3]"`` for a branch
+    of a fan-out nested in branch ``outer[1]``. (Its result's
+    ``ParallelFlowResult.branch`` is ``result_name(start, index)``, without
+    the outer branches.) A map branch also has an ``overlay``: the few keys
+    (item and index) laid over the shared ``snapshot``, so no branch carries
+    the whole list. ``stop`` is the run's stop flag, seen only by branches
+    that run in this process (it is not part of the payload): ``close()``
+    raises it to end a node retry's backoff at once.
     """
 
     graph: CompiledGraph
-    branch: str
+    name: str
+    start: str
     fan_in: str
     snapshot: StateSnapshot
     limits: BranchLimits
     isolation: str
-    path: str = ""
     index: int | None = None
     overlay: StateSnapshot | ScalarSnapshot | None = None
     stop: CancelSignal | None = None
-
-    @property
-    def name(self) -> str:
-        """The branch's name: its first node, ``"node[3]"`` for item 3 of a map."""
-        return branch_name(self.branch, self.index)
-
-    @property
-    def label(self) -> str:
-        """The branch name as shown in messages (``outer/inner`` when nested)."""
-        return self.path or self.name
 
     def initial_state(self) -> dict:
         """A new private copy of the state this branch starts from."""
@@ -168,8 +167,8 @@ class BranchTask:
 
     def payload(self) -> dict[str, Any]:
         """Every field but the graph (which workers already hold): ``BranchTask(graph=g, **p)``."""
-        return {"branch": self.branch, "fan_in": self.fan_in, "snapshot": self.snapshot,
-                "limits": self.limits, "isolation": self.isolation, "path": self.path,
+        return {"name": self.name, "start": self.start, "fan_in": self.fan_in,
+                "snapshot": self.snapshot, "limits": self.limits, "isolation": self.isolation,
                 "index": self.index, "overlay": self.overlay}
 
 
@@ -193,9 +192,10 @@ class BranchRun:
     done: bool = False
 
 
-def branch_name(first_node: str, index: int | None) -> str:
-    """``first_node`` for a static branch, ``"first_node[index]"`` for a map branch."""
-    return first_node if index is None else f"{first_node}[{index}]"
+def result_name(start: str, index: int | None) -> str:
+    """A branch's name within its own fan-out: ``start`` for a static branch,
+    ``"start[index]"`` for a map branch (``ParallelFlowResult.branch``)."""
+    return start if index is None else f"{start}[{index}]"
 
 
 class BranchMonitor:
@@ -229,8 +229,8 @@ def failed_result(task: BranchTask, error: str, error_type: str, **details: Any
     the other fields (``state``, ``node``, ``worker`` …).
     """
     details.setdefault("isolation", task.isolation)
-    return ParallelFlowResult(branch=task.name, index=task.index, success=False, error=error,
-                              error_type=error_type, **details)
+    return ParallelFlowResult(branch=result_name(task.start, task.index), index=task.index,
+                              success=False, error=error, error_type=error_type, **details)
 
 
 def cancelled_result(task: BranchTask, reason: str) -> ParallelFlowResult:
@@ -249,7 +249,7 @@ def timed_out_result(task: BranchTask, monitor: BranchMonitor | None) -> Paralle
     started = monitor.started_at if monitor and monitor.started_at else time.monotonic()
     state = dict(monitor.state) if monitor and monitor.state is not None else {}
     return failed_result(
-        task, f"branch {task.label!r} timed out after {task.limits.branch_timeout:g}s{where}",
+        task, f"branch {task.name!r} timed out after {task.limits.branch_timeout:g}s{where}",
         ErrorKind.BRANCH_TIMEOUT, state=state, timed_out=True, duration_ms=ms_since(started),
         worker=None, node=node)
 

@@ -23,6 +23,7 @@ from .branch import (
     cancelled_result,
     format_traceback,
     ms_since,
+    result_name,
 )
 from .context import ExecutionContext, Watchdog
 from .error_kinds import ErrorKind
@@ -44,7 +45,7 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
     started = time.monotonic()
     debug = logger.isEnabledFor(logging.DEBUG)  # one check: branches can be 0.07 ms each
     if debug:
-        logger.debug("branch %r started at node %r (%s)", task.label, task.branch,
+        logger.debug("branch %r started at node %r (%s)", task.name, task.start,
                      task.isolation)
     if monitor is not None:
         monitor.started_at = started
@@ -52,18 +53,19 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
     worker = _worker_name(task.isolation)
     state: dict = {}
     context = ExecutionContext(
-        task.graph, deadline=deadline, time_limit=task.limits.branch_timeout, branch=task.label,
-        monitor=monitor, fan_out_limits=task.limits, watchdog=watchdog, stop=task.stop,
+        task.graph, deadline=deadline, time_limit=task.limits.branch_timeout,
+        branch_name=task.name, branch_index=task.index, monitor=monitor,
+        fan_out_limits=task.limits, watchdog=watchdog, stop=task.stop,
         nested_isolation="inline" if task.isolation == "inline" else "thread",
         backend_factory=task.graph.branch_backend)
 
     def result(**outcome: Any) -> ParallelFlowResult:
         outcome.setdefault("state", state)
-        done = ParallelFlowResult(branch=task.name, index=task.index,
+        done = ParallelFlowResult(branch=result_name(task.start, task.index), index=task.index,
                                   duration_ms=ms_since(started), isolation=task.isolation,
                                   worker=worker, **outcome)
         if debug:
-            logger.debug("branch %r finished in %.1f ms: %s", task.label, done.duration_ms,
+            logger.debug("branch %r finished in %.1f ms: %s", task.name, done.duration_ms,
                          "success" if done.success else f"failed ({done.error_type})")
         return done
 
@@ -71,7 +73,7 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
         state = task.initial_state()
         if monitor is not None:
             monitor.state = state
-        for _event in run_steps(task.graph, state, context, start=task.branch,
+        for _event in run_steps(task.graph, state, context, start=task.start,
                                 stop_at=task.fan_in):
             pass
         # A last node that ran past the deadline makes the branch late too.
@@ -82,7 +84,7 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
                       timed_out=True, node=timeout.node, traceback=format_traceback(timeout))
     except BranchCancelled as cancelled:
         if debug:
-            logger.debug("branch %r finished: cancelled (%s)", task.label, cancelled)
+            logger.debug("branch %r finished: cancelled (%s)", task.name, cancelled)
         return cancelled_result(task, str(cancelled))
     except GraphExecutionError as exc:  # a node failed, or a nested fan-out under fail_fast
         return result(state=exc.state if exc.state is not None else state, success=False,
@@ -91,7 +93,7 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
                       traceback=exc.traceback or format_traceback(exc),
                       error_bases=tuple(getattr(exc, "error_bases", ()) or ()))
     except Exception as exc:  # a branch must never take its siblings down
-        return result(success=False, error=f"branch {task.label!r}: {type(exc).__name__}: {exc}",
+        return result(success=False, error=f"branch {task.name!r}: {type(exc).__name__}: {exc}",
                       error_type=type(exc).__name__, traceback=format_traceback(exc),
                       error_bases=exception_names(type(exc)))
     finally:

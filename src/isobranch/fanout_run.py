@@ -367,7 +367,7 @@ class _Driver:
             run = self.abandoned[0]
             more = f" (and {len(self.abandoned) - 1} more)" if len(self.abandoned) > 1 else ""
             raise RetriesStopped(f"stopped (the graph was closed or the run cancelled) while "
-                                 f"branch {run.task.label!r}{more} waited for attempt "
+                                 f"branch {run.task.name!r}{more} waited for attempt "
                                  f"{run.attempt}")
 
     def _stop_retries(self) -> None:
@@ -438,7 +438,7 @@ class _Driver:
                 failure_names(result.error_type, result.error_bases), BRANCH_RETRY_ON):
             delay = policy.delay(run.attempt, self.random)
             logger.warning("branch %r failed on attempt %d of %d (%s); retrying in %.3gs",
-                           run.task.label, run.attempt, policy.max_attempts,
+                           run.task.name, run.attempt, policy.max_attempts,
                            result.error_type, delay)
             self.source.schedule(BranchRun(run.task, run.position, run.attempt + 1),
                                  self.clock() + delay)
@@ -447,7 +447,7 @@ class _Driver:
             note = "" if self.source.stopped else not_retried_note(
                 policy, run.attempt, result.error_type,
                 failure_names(result.error_type, result.error_bases), BRANCH_RETRY_ON)
-            result.error = (f"branch {run.task.label!r} failed on attempt {run.attempt} of "
+            result.error = (f"branch {run.task.name!r} failed on attempt {run.attempt} of "
                             f"{policy.max_attempts}{note}: {result.error}")
         return None
 

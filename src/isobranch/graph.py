@@ -211,6 +211,11 @@ class StateGraph:
         self._finish.add(name)
         return self
 
+    def subgraph_nodes(self) -> dict[str, SubgraphNode]:
+        """The subgraph nodes added so far, by name."""
+        return {name: node for name, node in self._nodes.items()
+                if isinstance(node, SubgraphNode)}
+
     def validate(self) -> list[str]:
         """Every problem with the graph, each naming its node or edge.
 
@@ -234,7 +239,7 @@ class StateGraph:
                 problems.append(f"node {name!r}: a subgraph node cannot be a fan-in node (it "
                                 f"gets no parallel_results); fan in first, then run it")
             if isinstance(node.graph, StateGraph):
-                problems.extend(f"node {name!r}: {problem}" for problem in node.graph._problems())
+                problems.extend(f"node {name!r}: {problem}" for problem in node.graph.validate())
 
         def check(name: str, where: str) -> None:
             if name != END and name not in known:
@@ -415,8 +420,8 @@ def _subgraph_cycle(graph: StateGraph, names: list[str], stack: list[StateGraph]
 
     ``stack`` holds the graphs entered through the nodes ``names``.
     """
-    for name, node in graph._nodes.items():
-        inner = node.graph if isinstance(node, SubgraphNode) else None
+    for name, node in graph.subgraph_nodes().items():
+        inner = node.graph
         if not isinstance(inner, StateGraph):
             continue  # a CompiledGraph was built before it was added: it cannot hold this one
         for position, outer in enumerate(stack):

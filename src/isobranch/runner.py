@@ -8,7 +8,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from .branch import CANCELLED, ParallelFlowResult, format_traceback
+from .branch import CANCELLED, ParallelFlowResult, format_traceback, result_name
 from .conditions import Expression
 from .error_kinds import ErrorKind
 from .errors import (
@@ -60,7 +60,7 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
     later steps do not change it. ``resume`` continues a recorded run after
     its last recorded step (``state`` is the state after it).
     """
-    recorder = context.recorder if context.branch is None else None
+    recorder = context.recorder if context.branch_name is None else None
     current, steps = start, 0
     # After a fan-out: its fan-in node runs next, with these. It runs even
     # where the path stops (a nested fan-out meeting at its branch's own
@@ -79,7 +79,7 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
                 raise NodeFailure(
                     f"{_where(current, context)}: stopped after {graph.max_steps} steps "
                     f"(max_steps); the graph loops", node=context.path_of(current),
-                    branch=context.branch, error_type="MaxStepsExceeded", state=dict(state))
+                    branch=context.branch_name, error_type="MaxStepsExceeded", state=dict(state))
             node = graph.nodes[current]
             if current in graph.node_retries:  # (a generator per node would cost every branch)
                 yield from _run_node_with_retries(graph, current, state, context, results,
@@ -134,20 +134,20 @@ def _run_subgraph(node: SubgraphNode, state: dict, context: ExecutionContext, ru
     recorded under the node's path; ``run.resume`` continues them.
     """
     name, inner = node.name, node.graph
-    branch_itself = context.branch is not None and not context.prefix and name == run.start
-    shown = context.branch.rsplit("/", 1)[-1] if branch_itself and context.branch else name
+    branch_itself = context.branch_name is not None and not context.prefix and name == run.start
+    shown = result_name(name, context.branch_index) if branch_itself else name
     try:
         inner_state = node.inner_state(state) if run.resume is None else run.resume.state
     except StateCopyError as exc:
         raise NodeFailure(f"{_where(name, context)}: cannot copy the state into its subgraph: "
-                          f"{exc}", node=context.path_of(name), branch=context.branch,
+                          f"{exc}", node=context.path_of(name), branch=context.branch_name,
                           error_type=ErrorKind.STATE_COPY_ERROR, state=dict(state)) from exc
     if run.resume is None and (mismatched := inner.schema.check_input(inner_state)):
         raise NodeFailure(f"{_where(name, context)}: its subgraph's input: "
                           f"{'; '.join(mismatched)}", node=context.path_of(name),
-                          branch=context.branch, error_type=STATE_TYPE_ERROR,
+                          branch=context.branch_name, error_type=STATE_TYPE_ERROR,
                           state=dict(state))
-    recorder = context.recorder if context.branch is None else None
+    recorder = context.recorder if context.branch_name is None else None
     inner_context = context.for_subgraph(
         inner, shown, branch_itself=branch_itself,
         recorder=recorder.inside(name, state, run.steps) if recorder is not None else None)
@@ -166,7 +166,7 @@ def _node_event(node: str, state: dict, snapshot: bool) -> dict[str, Any]:
 
 def _where(node: str, context: ExecutionContext) -> str:
     where = f"node {context.path_of(node)!r}"
-    return f"{where} in branch {context.branch!r}" if context.branch else where
+    return f"{where} in branch {context.branch_name!r}" if context.branch_name else where
 
 
 def _at(code: Iterable[Any], error: BaseException) -> str:
@@ -192,7 +192,7 @@ def _run_node(graph: CompiledGraph, name: str, state: dict, context: ExecutionCo
         except Exception as exc:
             raise NodeFailure(f"{_where(name, context)} failed: {type(exc).__name__}: {exc}"
                               f"{_at([graph.nodes[name]], exc)}",
-                              node=context.path_of(name), branch=context.branch,
+                              node=context.path_of(name), branch=context.branch_name,
                               error_type=type(exc).__name__,
                               state=dict(state), traceback=format_traceback(exc),
                               error_bases=exception_names(type(exc))) from exc
@@ -248,7 +248,7 @@ def _run_node_with_retries(graph: CompiledGraph, name: str, state: dict,
                 raise NodeFailure(
                     f"{_where(name, context)} failed on attempt {attempt} of "
                     f"{policy.max_attempts}{note}: {failure.message}",
-                    node=failure.node, branch=context.branch, error_type=failure.error_type,
+                    node=failure.node, branch=context.branch_name, error_type=failure.error_type,
                     state=dict(state), traceback=failure.traceback,
                     error_bases=failure.bases, attempts=attempt) from cause
             logger.warning("%s failed on attempt %d of %d (%s); retrying in %.3gs",
@@ -314,7 +314,7 @@ def _merge(graph: CompiledGraph, name: str, update: Any, state: dict,
     if not isinstance(update, dict):
         raise NodeFailure(
             f"{_where(name, context)} returned {type(update).__name__}, expected a dict or None",
-            node=context.path_of(name), branch=context.branch, error_type="TypeError", state=dict(state))
+            node=context.path_of(name), branch=context.branch_name, error_type="TypeError", state=dict(state))
     applied = graph.schema.apply(state, update, node=context.path_of(name), context=context,
                                  from_lua=graph.nodes[name].language == Language.LUA)
     context.merged(name, applied)
@@ -325,7 +325,7 @@ def _input_snapshot(name: str, state: dict, context: ExecutionContext) -> StateS
         return StateSnapshot(state)
     except StateCopyError as exc:
         raise NodeFailure(f"{_where(name, context)}: cannot copy the state for its retries: "
-                          f"{exc}", node=context.path_of(name), branch=context.branch,
+                          f"{exc}", node=context.path_of(name), branch=context.branch_name,
                           error_type=ErrorKind.STATE_COPY_ERROR, state=dict(state)) from exc
 
 
@@ -350,7 +350,7 @@ def _wait_to_retry(name: str, delay: float, attempt: int, context: ExecutionCont
         context.cancel.raise_if_set()  # the run was cancelled: RunCancelled, as anywhere
     if interrupted:
         reason = context.cancelled_reason() or f"node {name!r} stopped"
-        if context.branch is not None:
+        if context.branch_name is not None:
             raise BranchCancelled(f"{reason} (waiting to retry after attempt {attempt})")
         raise NodeFailure(f"{reason} (waiting to retry after attempt {attempt})", node=context.path_of(name),
                           error_type=CANCELLED, attempts=attempt)
@@ -373,12 +373,12 @@ def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
                             crosses_processes=backend.crosses_processes)
     except FanOutPlanError as exc:
         raise NodeFailure(f"{_where(node, context)}: {exc}", node=context.path_of(node),
-                          branch=context.branch,
+                          branch=context.branch_name,
                           error_type=exc.error_type, state=dict(state),
                           traceback=exc.traceback) from exc
     limits = context.fan_out_limits
     retry_of = _retry_of(fan_out, limits.branch_retry)
-    emit = branch_events and context.branch is None  # branches' own fan-outs never emit
+    emit = branch_events and context.branch_name is None  # branches' own fan-outs never emit
     recording = recorder.fan_out(node, plan.total) if recorder is not None else None
     run = FanOutRun(backend, plan, fail_fast=limits.fail_fast,
                     max_concurrency=fan_out.max_concurrency or context.max_concurrency,
@@ -393,18 +393,18 @@ def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
         results = run.results
     except StateCopyError as exc:  # an item that cannot be copied or sent
         raise NodeFailure(f"{_where(node, context)}: cannot copy an item for its map branches: "
-                          f"{exc}", node=context.path_of(node), branch=context.branch,
+                          f"{exc}", node=context.path_of(node), branch=context.branch_name,
                           error_type=ErrorKind.STATE_COPY_ERROR, state=dict(state)) from exc
     except (GraphExecutionError, BranchCancelled, BranchTimeout):
         raise  # a failure under fail_fast; the branch this fan-out is in was cancelled
     except RetriesStopped as exc:
         raise NodeFailure(f"fan-out from {_where(node, context)}: {exc}", node=context.path_of(node),
-                          branch=context.branch, error_type=CANCELLED,
+                          branch=context.branch_name, error_type=CANCELLED,
                           state=dict(state)) from exc
     except Exception as exc:  # the backend could not run the fan-out at all
         raise NodeFailure(f"fan-out from {_where(node, context)}: backend {backend.name!r} "
                           f"failed: {type(exc).__name__}: {exc}", node=context.path_of(node),
-                          branch=context.branch, error_type=type(exc).__name__,
+                          branch=context.branch_name, error_type=type(exc).__name__,
                           state=dict(state), traceback=format_traceback(exc)) from exc
     failed = run.failure
     if failed is not None:
@@ -460,11 +460,12 @@ def _route(graph: CompiledGraph, node: str, state: dict, context: ExecutionConte
             else:
                 raise NodeFailure(
                     f"{_where(node, context)}: router returned {value!r}, which is not one of "
-                    f"{sorted(map(repr, routes.mapping))}", node=context.path_of(node), branch=context.branch,
+                    f"{sorted(map(repr, routes.mapping))}", node=context.path_of(node),
+                    branch=context.branch_name,
                     error_type="RoutingError", state=dict(state))
             if target != END and target not in graph.nodes:
                 raise NodeFailure(f"{_where(node, context)}: router chose unknown node "
-                                  f"{target!r}", node=context.path_of(node), branch=context.branch,
+                                  f"{target!r}", node=context.path_of(node), branch=context.branch_name,
                                   error_type="RoutingError", state=dict(state))
             return target
         for condition, target in routes.conditional:
@@ -476,13 +477,13 @@ def _route(graph: CompiledGraph, node: str, state: dict, context: ExecutionConte
         conditions = [condition for condition, _ in routes.conditional]
         raise NodeFailure(f"{_where(node, context)}: edge condition failed: "
                           f"{type(exc).__name__}: {exc}{_at(conditions, exc)}",
-                          node=context.path_of(node), branch=context.branch,
+                          node=context.path_of(node), branch=context.branch_name,
                           error_type=type(exc).__name__, state=dict(state),
                           traceback=format_traceback(exc)) from exc
     if routes.default is not None:
         return routes.default
     if routes.conditional:
         raise NodeFailure(f"{_where(node, context)}: no outgoing edge condition held and there "
-                          f"is no unconditional edge", node=context.path_of(node), branch=context.branch,
+                          f"is no unconditional edge", node=context.path_of(node), branch=context.branch_name,
                           error_type="RoutingError", state=dict(state))
     return END
