@@ -100,15 +100,28 @@ def test_subgraph_paths_are_relative_to_the_file_naming_them_not_the_current_dir
             """,
         "agents/parts/inner/leaf.yaml": """\
             nodes:
-              - name: leaf
-                run: 'return {"leaf": True}'
+              - {name: leaf, file: leaf.lua}
             """,
+        # A file: reference of an inner file is relative to that file too.
+        "agents/parts/inner/leaf.lua": "return {leaf = true}\n",
     })
     elsewhere = root / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     with load(os.path.relpath(root / "agents" / "main.yaml")) as graph:
         assert graph.invoke({}) == {"leaf": True}
+    with load(os.path.relpath(root / "agents" / "main.yaml"), allow_python=False) as graph:
+        assert graph.invoke({}) == {"leaf": True}
+
+
+def test_a_document_given_as_a_mapping_needs_base_dir_for_a_relative_subgraph(files):
+    root = files({"review.yaml": REVIEW})
+    document = {"nodes": [{"name": "review", "subgraph": "review.yaml"}]}
+    [problem] = YAMLEngine().validate_dict(document)
+    assert problem == ("node 'review': subgraph 'review.yaml': a relative path needs "
+                       "load_from_file or base_dir")
+    with YAMLEngine(isolation="inline").load_from_dict(document, base_dir=root) as graph:
+        assert graph.invoke({"doc": "ab"})["score"] == 12
 
 
 def test_an_inner_file_keeps_its_lower_lua_timeout(files):
