@@ -153,7 +153,7 @@ class DocumentBuilder(SettingsReader):
         return doc
 
     def variables(self, doc: Mapping[str, Any]) -> dict[str, Any]:
-        """The document's ``variables`` (a problem if they are not a mapping)."""
+        """The document's ``variables``; empty if they are not a mapping (``graph`` says so)."""
         variables = doc.get("variables") or {}
         if not isinstance(variables, Mapping):
             return {}
