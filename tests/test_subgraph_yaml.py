@@ -219,6 +219,28 @@ def test_a_subgraph_node_may_be_a_map_target_with_retry(files):
         assert graph.invoke({})["scores"] == [11, 12, 13]
 
 
+@pytest.mark.parametrize("isolation", ["thread", "process"])
+def test_a_subgraph_node_may_start_a_parallel_branch_beside_a_plain_node(files, isolation):
+    root = files({"main.yaml": """\
+        nodes:
+          - {name: split, run: "return None"}
+          - {name: review, subgraph: review.yaml, output: {score: score}}
+          - {name: plain, run: "return None"}
+          - name: join
+            fan_in: true
+            run: |
+              return {"got": {r.branch: r.state.get("score") for r in parallel_results}}
+        edges:
+          - {from: __start__, to: split}
+          - {from: split, to: review, type: parallel, fan_in: join}
+          - {from: split, to: plain, type: parallel, fan_in: join}
+          - {from: review, to: join}
+          - {from: plain, to: join}
+        """, "review.yaml": REVIEW})
+    with YAMLEngine(isolation=isolation).load_from_file(root / "main.yaml") as graph:
+        assert graph.invoke({"doc": "abc"})["got"] == {"review": 13, "plain": None}
+
+
 # -- errors, named with the chain of files ---------------------------------------------------
 
 
