@@ -24,6 +24,7 @@ from .isolation import (
 )
 from .lua.runtime import LuaRuntime
 from .retry import RetryPolicy
+from .run_history import RunState, StepRecord
 from .runner import END, START
 from .stream_modes import StreamMode
 from .yaml_engine import YAMLEngine
@@ -44,8 +45,10 @@ __all__ = [
     "LuaTimeoutError",
     "ParallelFlowResult",
     "RetryPolicy",
+    "RunState",
     "SqliteCheckpointer",
     "StateGraph",
+    "StepRecord",
     "StreamMode",
     "YAMLEngine",
     "available_backends",

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import async_api, drawing
+from . import async_api, drawing, run_history
 from .cancellation import CancelSignal
 from .checkpoint.fingerprint import graph_fingerprint
 from .checkpoint.store import SqliteCheckpointer
@@ -255,6 +255,30 @@ class CompiledGraph:
         return run_events(self, state, config, backend_for=self._backend, active=self._runs,
                           snapshots=snapshots, cancel=cancel, resume=resume, force=force,
                           mode=mode)
+
+    def get_state(self, run_id: str) -> run_history.RunState:
+        """The recorded run ``run_id`` as it stands: ``values``, ``status``, ``next`` (the
+        nodes a resume runs next), pending ``interrupts``, ``step`` (needs a checkpointer).
+
+        An unknown run is a ``GraphError`` naming it and the database.
+        """
+        return run_history.get_state(self, run_id)
+
+    def history(self, run_id: str) -> list[run_history.StepRecord]:
+        """The recorded steps of run ``run_id``, oldest first, each ``(step, node, state,
+        time)``; step 0 is the run's input (needs a checkpointer)."""
+        return run_history.history(self, run_id)
+
+    def fork(self, run_id: str, step: int, update: dict | None = None,
+             new_run_id: str | None = None) -> str:
+        """Record a new run that starts from the state after ``step`` of run ``run_id`` with
+        ``update`` merged in (as if that step's node returned it, reducers applying); its id.
+
+        Continue it with ``resume``; the original run never changes. A step out
+        of range is a ``GraphError`` naming the range; a ``new_run_id`` that
+        exists, a ``RunExistsError``.
+        """
+        return run_history.fork(self, run_id, step, update, new_run_id)
 
     def fingerprint(self) -> dict[str, str]:
         """``{part: digest}`` for every node and edge: what a checkpointed run records.

@@ -554,3 +554,9 @@ def _route(graph: CompiledGraph, node: str, state: dict, context: ExecutionConte
                           f"is no unconditional edge", node=context.path_of(node), branch=context.branch_name,
                           error_type="RoutingError", state=dict(state))
     return END
+
+
+def route(graph: CompiledGraph, node: str, state: dict, context: ExecutionContext) -> str:
+    """Where the path goes after ``node`` on ``state``: a node's name or ``END`` (router,
+    conditions in order, default edge), as the step loop routes it."""
+    return _route(graph, node, state, context)

@@ -120,6 +120,19 @@ class StepRow:
 
 
 @dataclass(frozen=True)
+class RecordedStep:
+    """One recorded main-path step of a run (or an inner step of a subgraph node), with when
+    it was recorded (seconds since the epoch)."""
+
+    seq: int
+    node: str
+    kind: str
+    steps: int
+    state: str
+    recorded_at: float
+
+
+@dataclass(frozen=True)
 class RunRow:
     """A run's own row."""
 
@@ -320,6 +333,46 @@ class SqliteCheckpointer:
         rows = self._read("SELECT seq, node, kind, steps, state FROM steps WHERE run_id = ? "
                           "ORDER BY seq DESC LIMIT 1", (run_id,))
         return StepRow(*rows[0]) if rows else None
+
+    def recorded_steps(self, run_id: str) -> list[RecordedStep]:
+        """Every recorded step of the run, oldest first."""
+        return [RecordedStep(*row) for row in self._read(
+            "SELECT seq, node, kind, steps, state, recorded_at FROM steps WHERE run_id = ? "
+            "ORDER BY seq", (run_id,))]
+
+    def fan_out_total(self, run_id: str, seq: int) -> int | None:
+        """How many branches the fan-out after step ``seq`` has; None if it never started."""
+        rows = self._read("SELECT total FROM fan_outs WHERE run_id = ? AND seq = ?",
+                          (run_id, seq))
+        return rows[0][0] if rows else None
+
+    def fork_run(self, source: str, run_id: str, *, seq: int, input_text: str,
+                 state_text: str | None) -> None:
+        """Record run ``run_id`` as a copy of run ``source`` up to its step ``seq``, whose
+        state becomes ``state_text`` (``seq`` 0: no step; ``input_text`` is the new run's
+        input). The copy is paused (``interrupted``), to be resumed; ``source`` is only read.
+        One transaction: the fork is recorded whole or not at all. ``RunExistsError`` if
+        ``run_id`` exists."""
+        def work(connection: sqlite3.Connection) -> None:
+            now = _clock()
+            created = connection.execute(
+                "INSERT INTO runs (run_id, graph, fingerprint, input, status, started_at, "
+                "finished_at, span_started, last_active) SELECT ?, graph, fingerprint, ?, ?, "
+                "?, ?, ?, ? FROM runs WHERE run_id = ?",
+                (run_id, input_text, RunStatus.INTERRUPTED, now, now, now, now, source))
+            if created.rowcount == 0:
+                raise GraphError(f"run {source!r} is no longer in {str(self.path)!r}")
+            connection.execute(
+                "INSERT INTO steps SELECT ?, seq, node, kind, steps, state, recorded_at "
+                "FROM steps WHERE run_id = ? AND seq < ?", (run_id, source, seq))
+            if state_text is not None:
+                connection.execute(
+                    "INSERT INTO steps SELECT ?, seq, node, kind, steps, ?, ? FROM steps "
+                    "WHERE run_id = ? AND seq = ?", (run_id, state_text, now, source, seq))
+        try:
+            self._write(work)
+        except sqlite3.IntegrityError as exc:
+            raise RunExistsError(run_id, self.path) from exc
 
     def write_step(self, run_id: str, seq: int, node: str, kind: str, steps: int,
                    state_text: str) -> None:
