@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import sys
 import threading
 import traceback
@@ -28,9 +29,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .branch import ParallelFlowResult
-from .checkpoint.store import SqliteCheckpointer
+from .checkpoint.store import RunStatus, SqliteCheckpointer
 from .cli_errors import command_message
 from .cli_failures import FailedBranchWarnings
+from .cli_history import history_table, state_json, step_json
 from .cli_logging import add_verbosity_option, log_to_stderr
 from .cli_runs import runs_table
 from .cli_stdout import PrivateStdout, stdout_to_stderr
@@ -38,13 +40,15 @@ from .errors import GraphError, GraphExecutionError, GraphvizError, InputError, 
 from .fanout import print_branch_tracebacks
 from .pictures import PictureFormat, picture, write_picture
 from .progress import FanOutProgress, wants_progress
+from .run_history import read_run, recorded_history
 from .stream_modes import VALUES_EVENT_TYPES, StreamMode
 from .yaml_engine import YAMLEngine
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 # The shell's codes for death by SIGINT and SIGPIPE (128 + signal number).
 EXIT_INTERRUPTED, EXIT_STDOUT_CLOSED = 130, 141
-DESCRIPTION = "The isobranch command: run, resume, validate and draw YAML workflows; list runs."
+DESCRIPTION = ("The isobranch command: run, resume, validate and draw YAML workflows; list, "
+               "inspect and fork runs.")
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +131,42 @@ def _parser() -> argparse.ArgumentParser:
                            "listing runs")
     runs.set_defaults(handler=_runs)
 
+    state = commands.add_parser("state", help="print a recorded run as it stands, as JSON: "
+                                              "status, step, pending interrupts, state")
+    state.add_argument("database", metavar="DB", help="checkpoint database file")
+    state.add_argument("run_id", metavar="RUN_ID", help="the id of the recorded run")
+    state.add_argument("--workflow", metavar="FILE", default=None,
+                       help="the run's workflow YAML file: also work out the nodes a resume "
+                            "runs next (without it, \"next\" is null unless the run "
+                            "succeeded)")
+    state.set_defaults(handler=_state)
+
+    history = commands.add_parser("history", help="list the recorded steps of a run, oldest "
+                                                  "first")
+    history.add_argument("database", metavar="DB", help="checkpoint database file")
+    history.add_argument("run_id", metavar="RUN_ID", help="the id of the recorded run")
+    history.add_argument("--json", action="store_true",
+                         help="one JSON object per step, with the state after it, instead of "
+                              "the table")
+    history.set_defaults(handler=_history)
+
+    fork = commands.add_parser("fork", help="record a new run that starts from the state after "
+                                            "a step of a recorded run; resume it to run it")
+    fork.add_argument("file", help="workflow YAML file")
+    fork.add_argument("run_id", metavar="RUN_ID", help="the id of the recorded run")
+    fork.add_argument("step", metavar="STEP", type=int,
+                      help="the step to start from, as isobranch history numbers them "
+                           "(0: the run's input)")
+    fork.add_argument("--checkpoint", metavar="DB", default=None,
+                      help="the database the run is recorded in (default: the workflow's "
+                           "settings.checkpoint)")
+    fork.add_argument("--update", metavar="JSON", default=None,
+                      help="a JSON object merged into that step's state as if its node had "
+                           "returned it (reducers apply)")
+    fork.add_argument("--run-id", dest="new_run_id", metavar="ID", default=None,
+                      help="the new run's id (default: a generated one)")
+    fork.set_defaults(handler=_fork)
+
     validate = commands.add_parser("validate", help="report every problem in a workflow")
     validate.add_argument("file")
     validate.set_defaults(handler=_validate)
@@ -156,10 +196,10 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                          help="a live progress line per running fan-out on stderr "
                               "(default: when stderr is a terminal)")
-    for sub in (run, resume, validate, draw, runs):
+    for sub in (run, resume, validate, draw, runs, state, history, fork):
         sub.add_argument("--debug", action="store_true", help="show tracebacks on errors")
         add_verbosity_option(sub)
-    for sub in (run, resume, validate):
+    for sub in (run, resume, validate, state, fork):
         sub.add_argument("--lua-only", action="store_true",
                          help="for workflows you do not trust: refuse any Python node or "
                               "condition and any file outside the workflow's directory, so "
@@ -220,6 +260,79 @@ def _runs(args: argparse.Namespace, out: PrivateStdout) -> int:
     finally:
         checkpointer.close()
     return EXIT_OK
+
+
+def _database(database: str) -> SqliteCheckpointer:
+    """The checkpoint database ``database`` names; ``InputError`` if there is no such file."""
+    if not Path(database).is_file():
+        raise InputError(f"{database}: no such checkpoint database")
+    return SqliteCheckpointer(database)
+
+
+def _state(args: argparse.Namespace, out: PrivateStdout) -> int:
+    checkpointer = _database(args.database)
+    try:
+        if args.workflow is None:
+            run = read_run(checkpointer, args.run_id)
+            # A run that succeeded runs nothing next; otherwise only the workflow can say.
+            shown = state_json(args.run_id, status=str(run.status), step=run.step,
+                               next_nodes=() if run.status == RunStatus.SUCCEEDED else None,
+                               interrupts=run.interrupts, values=run.values)
+        else:
+            engine = YAMLEngine(allow_python=not args.lua_only, checkpointer=checkpointer)
+            with engine.load_from_file(args.workflow) as graph:
+                now = graph.get_state(args.run_id)
+            shown = state_json(args.run_id, status=str(now.status), step=now.step,
+                               next_nodes=now.next, interrupts=now.interrupts,
+                               values=now.values)
+    finally:
+        checkpointer.close()
+    out.write_line(_json(shown))
+    return EXIT_OK
+
+
+def _history(args: argparse.Namespace, out: PrivateStdout) -> int:
+    checkpointer = _database(args.database)
+    try:
+        records = recorded_history(checkpointer, args.run_id)
+    finally:
+        checkpointer.close()
+    if args.json:
+        for record in records:
+            out.write_line(_json(step_json(record), compact=True))
+    else:
+        out.write_line(history_table(records))
+    return EXIT_OK
+
+
+def _fork(args: argparse.Namespace, out: PrivateStdout) -> int:
+    update = _json_option("--update", args.update) if args.update is not None else None
+    if update is not None and not isinstance(update, dict):
+        raise InputError(f"--update: must be a JSON object, got {type(update).__name__}")
+    checkpointer = SqliteCheckpointer(args.checkpoint) if args.checkpoint else None
+    engine = YAMLEngine(allow_python=not args.lua_only, checkpointer=checkpointer)
+    with engine.load_from_file(args.file) as graph:
+        if graph.checkpointer is None:
+            raise InputError(f"{args.file}: fork needs --checkpoint DB (the workflow has no "
+                             f"settings.checkpoint)")
+        if not graph.checkpointer.path.is_file():
+            raise InputError(f"{graph.checkpointer.path}: no such checkpoint database")
+        new_id = graph.fork(args.run_id, args.step, update, args.new_run_id)
+    resume = shlex.join(["isobranch", "resume", args.file, new_id,
+                         *(("--checkpoint", args.checkpoint) if args.checkpoint else ())])
+    print(f"isobranch: forked run {args.run_id} at step {args.step} as run {new_id}; "
+          f"continue it with: {resume}", file=sys.stderr, flush=True)
+    out.write_line(new_id)
+    return EXIT_OK
+
+
+def _json_option(flag: str, raw: str) -> Any:
+    """The JSON value of option ``flag``; ``InputError`` naming the flag and value if invalid."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{flag} {raw!r}: invalid JSON at line {exc.lineno} column "
+                         f"{exc.colno}: {exc.msg}") from exc
 
 
 def _stream_default(argv: Sequence[str]) -> list[str]:

@@ -82,35 +82,62 @@ class StepRecord(NamedTuple):
     time: float
 
 
-def get_state(graph: HistoryGraph, run_id: str) -> RunState:
-    """The run ``run_id`` of ``graph``'s checkpointer as it stands."""
-    store = _store(graph, "get_state")
+@dataclass(frozen=True)
+class RecordedRun:
+    """What the database alone says of a run (``RunState`` but ``next``, which needs the
+    graph), and its last recorded step (None: none; ``frames`` if it was inside a
+    subgraph node)."""
+
+    values: dict
+    status: RunStatus
+    interrupts: tuple[Any, ...]
+    step: int
+    last: RecordedStep | None
+    frames: list[dict] | None
+
+
+def read_run(store: SqliteCheckpointer, run_id: str) -> RecordedRun:
+    """Run ``run_id`` of ``store`` as the database records it; ``GraphError`` if unknown."""
     row, where = _run_row(store, run_id)
     steps = store.recorded_steps(run_id)
     last = steps[-1] if steps else None
     interrupts = tuple(_pending_interrupts(store, run_id))
+    step, frames = (last.seq if last else 0), None
     if row.status == RunStatus.SUCCEEDED:
         values = _decode_state(store, row.final_state, where, "final state")
-        return RunState(values, row.status, (), interrupts, last.seq if last else 0)
-    if last is None:
+    elif last is None:
         values = _decode_state(store, row.input, where, "input state")
-        nexts = _paused_nodes(interrupts) or (graph.entry,)
-        return RunState(values, row.status, nexts, interrupts, 0)
-    if last.kind == StepKind.SUBGRAPH:
+    elif last.kind == StepKind.SUBGRAPH:
         frames = _frames(store, last, where)
         values = frames[0]["state"]
     else:
-        frames = None
         values = _decode_state(store, last.state, where, f"state after node {last.node!r}")
-    nexts = _paused_nodes(interrupts)
-    if not nexts:
-        nexts = _NextNodes(store, run_id, last.seq).after(graph, last, values, frames)
-    return RunState(values, row.status, nexts, interrupts, last.seq)
+    return RecordedRun(values, row.status, interrupts, step, last, frames)
+
+
+def get_state(graph: HistoryGraph, run_id: str) -> RunState:
+    """The run ``run_id`` of ``graph``'s checkpointer as it stands."""
+    store = _store(graph, "get_state")
+    run = read_run(store, run_id)
+    if run.status == RunStatus.SUCCEEDED:
+        nexts: tuple[str, ...] = ()
+    else:
+        nexts = _paused_nodes(run.interrupts)
+        if not nexts and run.last is None:
+            nexts = (graph.entry,)
+        elif not nexts and run.last is not None:
+            nexts = _NextNodes(store, run_id, run.last.seq).after(graph, run.last, run.values,
+                                                                  run.frames)
+    return RunState(run.values, run.status, nexts, run.interrupts, run.step)
 
 
 def history(graph: HistoryGraph, run_id: str) -> list[StepRecord]:
     """The recorded steps of run ``run_id``, oldest first, its input first as step 0."""
-    store = _store(graph, "history")
+    return recorded_history(_store(graph, "history"), run_id)
+
+
+def recorded_history(store: SqliteCheckpointer, run_id: str) -> list[StepRecord]:
+    """``history`` read from ``store`` alone."""
     row, where = _run_row(store, run_id)
     started = store.get_run(run_id)
     records = [StepRecord(0, START, _decode_state(store, row.input, where, "input state"),
