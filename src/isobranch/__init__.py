@@ -16,6 +16,7 @@ from .errors import (
     LuaTimeoutError,
 )
 from .graph import StateGraph
+from .interrupts import Interrupt, interrupt
 from .isolation import (
     IsolationBackend,
     available_backends,
@@ -37,6 +38,7 @@ __all__ = [
     "CompiledGraph",
     "GraphError",
     "GraphExecutionError",
+    "Interrupt",
     "IsobranchError",
     "IsolationBackend",
     "LuaMemoryError",
@@ -52,6 +54,7 @@ __all__ = [
     "StreamMode",
     "YAMLEngine",
     "available_backends",
+    "interrupt",
     "register_backend",
     "unregister_backend",
 ]

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import async_api, drawing, run_history
 from .cancellation import CancelSignal
+from .checkpoint.answering import NO_ANSWER
 from .checkpoint.fingerprint import graph_fingerprint
 from .checkpoint.store import SqliteCheckpointer
 from .conditions import Condition
@@ -59,8 +60,13 @@ class CompiledGraph:
                  branch_retry: RetryPolicy | None = None,
                  schema: StateSchema | None = None,
                  checkpointer: SqliteCheckpointer | None = None,
-                 backend: IsolationBackend | None = None) -> None:
+                 backend: IsolationBackend | None = None,
+                 interrupt_before: Iterable[str] = (),
+                 interrupt_after: Iterable[str] = ()) -> None:
         self.nodes = nodes
+        # Breakpoints: the main path pauses before / after these nodes.
+        self.interrupt_before = frozenset(interrupt_before)
+        self.interrupt_after = frozenset(interrupt_after)
         # The retry policy of each node that has one.
         self.node_retries = node_retries or {}
         self.branch_retry = branch_retry
@@ -154,6 +160,7 @@ class CompiledGraph:
         return last_state(self._events(state, config, snapshots=False, cancel=cancel))
 
     def resume(self, run_id: str, config: dict | None = None, *, force: bool = False,
+               answer: Any = NO_ANSWER, answers: Mapping[str, Any] | None = None,
                _cancel: CancelSignal | None = None) -> dict:
         """Finish the recorded run ``run_id`` and return its final state.
 
@@ -162,22 +169,32 @@ class CompiledGraph:
         A run that succeeded returns its final state and runs nothing. A
         graph changed since the run started (nodes, edges, code) is a
         ``GraphError`` saying what changed, unless ``force=True``.
+
+        A run that paused (``"__interrupt__"``) is answered here: ``answer``
+        answers its one pending interrupt, ``answers={id: value}`` any of
+        them; with neither it goes on past a breakpoint. The interrupted node
+        runs again from its start, its k-th ``interrupt()`` call returning the
+        k-th answer given to it; paused branches continue from the node they
+        paused in. It may pause again (``"__interrupt__"`` once more).
         """
         if self.checkpointer is None:
             raise GraphError("resume() needs a checkpointer: compile(checkpointer="
                              "SqliteCheckpointer(path)) or YAML settings.checkpoint")
         return last_state(self._events(None, config, snapshots=False, resume=run_id,
-                                       force=force, cancel=_cancel))
+                                       force=force, cancel=_cancel, answer=answer,
+                                       answers=answers))
 
     def resume_stream(self, run_id: str, config: dict | None = None, *, force: bool = False,
-                      mode: StreamMode | str = StreamMode.EVENTS) -> Iterator[dict[str, Any]]:
+                      mode: StreamMode | str = StreamMode.EVENTS, answer: Any = NO_ANSWER,
+                      answers: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:
         """``resume``, yielding the events of ``stream`` (in ``mode``) for what runs
         (``run`` first)."""
         mode = stream_mode(mode)
         if self.checkpointer is None:
             raise GraphError("resume_stream() needs a checkpointer: compile(checkpointer="
                              "SqliteCheckpointer(path)) or YAML settings.checkpoint")
-        return self._events(None, config, snapshots=True, resume=run_id, force=force, mode=mode)
+        return self._events(None, config, snapshots=True, resume=run_id, force=force, mode=mode,
+                            answer=answer, answers=answers)
 
     def stream(self, state: dict | None = None, config: dict | None = None,
                mode: StreamMode | str = StreamMode.EVENTS) -> Iterator[dict[str, Any]]:
@@ -250,11 +267,12 @@ class CompiledGraph:
 
     def _events(self, state: dict | None, config: dict | None, *, snapshots: bool,
                 cancel: CancelSignal | None = None, resume: str | None = None,
-                force: bool = False, mode: StreamMode = StreamMode.EVENTS
+                force: bool = False, mode: StreamMode = StreamMode.EVENTS,
+                answer: Any = NO_ANSWER, answers: Mapping[str, Any] | None = None
                 ) -> Iterator[dict[str, Any]]:
         return run_events(self, state, config, backend_for=self._backend, active=self._runs,
                           snapshots=snapshots, cancel=cancel, resume=resume, force=force,
-                          mode=mode)
+                          mode=mode, answer=answer, answers=answers)
 
     def get_state(self, run_id: str) -> run_history.RunState:
         """The recorded run ``run_id`` as it stands: ``values``, ``status``, ``next`` (the

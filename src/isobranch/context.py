@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .async_nodes import AwaitRunner
 from .errors import BranchCancelled, BranchTimeout, InternalError, LuaTimeoutError
+from .interrupts import NO_INTERRUPTS, InterruptSettings
 from .lua.runtime import LuaRuntime
 
 if TYPE_CHECKING:
@@ -88,6 +89,12 @@ class ExecutionContext:
         self.branch_name = branch_name
         # The item's position in a map branch (BranchTask.index).
         self.branch_index = branch_index
+        # The branch's first node (BranchTask.start), which its interrupt ids leave out.
+        self.branch_start: str | None = None
+        # The run's answers to interrupts, whether it can pause, its breakpoints.
+        self.interrupts: InterruptSettings = (
+            fan_out_limits.interrupts if fan_out_limits.interrupts is not None
+            else NO_INTERRUPTS)
         self.monitor = monitor
         self.max_workers = max_workers
         # Branches of one fan-out running at once, unless its edge says otherwise.
