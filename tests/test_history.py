@@ -14,10 +14,12 @@ from isobranch import (
     START,
     GraphError,
     GraphExecutionError,
+    Interrupt,
     RunState,
     SqliteCheckpointer,
     StateGraph,
     StepRecord,
+    interrupt,
 )
 from isobranch.checkpoint import RunStatus
 from isobranch.errors import RunExistsError
@@ -276,3 +278,54 @@ def test_a_fork_inside_a_subgraph_merges_into_the_subgraphs_state(tmp_path):
         assert app.history("r")[2].node == "review/read"
         final = app.resume(app.fork("r", 2, {"text": "HEY"}))
     assert final == {"text": "hello", "score": 3, "loud": "HEY", "done": True}
+
+
+def _approval_map() -> StateGraph:
+    """A map of 4 drafts; items 1 and 3 ask for approval in their branch's second node."""
+    def check(state: dict) -> dict:
+        if state["item"] % 2:
+            return {"ok": interrupt({"item": state["item"]})}
+        return {"ok": True}
+
+    graph = StateGraph()
+    graph.add_node("split", lambda s: {"items": [0, 1, 2, 3]})
+    graph.add_node("draft", lambda s: {"draft": s["item"] * 10}).add_node("check", check)
+    graph.add_fan_in_node("send", lambda s, rs: {"sent": [r.state["draft"] for r in rs
+                                                          if r.state["ok"] is True]})
+    graph.add_edge(START, "split")
+    graph.add_map_edge("split", "draft", over="items", fan_in="send")
+    graph.add_edge("draft", "check").add_edge("check", "send").add_edge("send", END)
+    return graph
+
+
+def test_get_state_of_a_paused_run_shows_its_interrupts_and_the_paused_nodes_next(tmp_path):
+    graph = StateGraph()
+    graph.add_node("draft", lambda s: {"text": "hi"})
+    graph.add_node("approve", lambda s: {"ok": interrupt({"send": s["text"]})})
+    graph.add_edge(START, "draft").add_edge("draft", "approve").add_edge("approve", END)
+    with graph.compile(checkpointer=SqliteCheckpointer(tmp_path / "runs.db")) as app:
+        app.invoke({}, config={"run_id": "r"})
+        state = app.get_state("r")
+        assert state == RunState(values={"text": "hi"}, status=RunStatus.INTERRUPTED,
+                                 next=("approve",), step=1, interrupts=(
+                                     Interrupt("approve", {"send": "hi"}, "approve", None),))
+        # A fork from before the question asks it again: answers are the original's own.
+        fork = app.fork("r", 1)
+        assert app.resume("r", answer="yes") == {"text": "hi", "ok": "yes"}
+        assert app.resume(fork)["__interrupt__"][0].id == "approve"
+        assert [s.node for s in app.history("r")] == [START, "draft", "approve"]
+
+
+def test_a_paused_fan_out_has_its_paused_branches_nodes_next(tmp_path):
+    with _approval_map().compile(isolation="thread",
+                                 checkpointer=SqliteCheckpointer(tmp_path / "runs.db")) as app:
+        paused = app.invoke({}, config={"run_id": "r"})
+        state = app.get_state("r")
+        assert sorted(i.id for i in state.interrupts) == ["draft[1]/check", "draft[3]/check"]
+        assert [i.id for i in state.interrupts] == [i.id for i in paused["__interrupt__"]]
+        assert (state.next, state.step, state.values) == (("check",), 1,
+                                                          {"items": [0, 1, 2, 3]})
+        final = app.resume("r", answers={"draft[1]/check": True, "draft[3]/check": False})
+        assert final["sent"] == [0, 10, 20]
+        assert app.get_state("r").next == ()
+        assert [s.node for s in app.history("r")] == [START, "split", "send"]

@@ -26,6 +26,7 @@ from .checkpoint.store import RecordedStep, RunRow, RunStatus, SqliteCheckpointe
 from .context import ExecutionContext
 from .errors import GraphError, GraphExecutionError, StateDecodeError, StateEncodeError
 from .fanout import MapFanOut, map_items
+from .interrupts import Breakpoint, Interrupt
 from .runner import END, START, route
 from .schema import StateSchema
 from .subgraph import PATH_SEPARATOR, SubgraphNode
@@ -61,7 +62,7 @@ class RunState:
     values: dict
     status: RunStatus
     next: tuple[str, ...]
-    interrupts: tuple[Any, ...]
+    interrupts: tuple[Interrupt, ...]
     step: int
 
 
@@ -90,7 +91,7 @@ class RecordedRun:
 
     values: dict
     status: RunStatus
-    interrupts: tuple[Any, ...]
+    interrupts: tuple[Interrupt, ...]
     step: int
     last: RecordedStep | None
     frames: list[dict] | None
@@ -263,12 +264,16 @@ def _run_row(store: SqliteCheckpointer, run_id: str) -> tuple[RunRow, str]:
     return row, where
 
 
-def _pending_interrupts(store: SqliteCheckpointer, run_id: str) -> Sequence[Any]:
-    return ()
+def _pending_interrupts(store: SqliteCheckpointer, run_id: str) -> list[Interrupt]:
+    return store.pending_interrupts(run_id)
 
 
-def _paused_nodes(interrupts: Sequence[Any]) -> tuple[str, ...]:
-    return ()
+def _paused_nodes(interrupts: Sequence[Interrupt]) -> tuple[str, ...]:
+    """The nodes that run again first when a paused run resumes: each interrupted node
+    (in a branch, by its path), and a node a breakpoint paused before. A breakpoint after
+    a node names none: what follows it comes from the graph."""
+    return tuple(dict.fromkeys(interrupt.node for interrupt in interrupts
+                               if interrupt.breakpoint is not Breakpoint.AFTER))
 
 
 def _decode(store: SqliteCheckpointer, text: str | None, where: str, what: str) -> Any:
