@@ -81,9 +81,10 @@ def test_resume_answers_by_id_and_refuses_an_id_not_pending(asking, capfd):
     assert (code, json.loads(out)["answer"]) == (EXIT_OK, "yes")
 
 
-def test_stream_prints_the_interrupt_event_as_json(asking, capfd):
+@pytest.mark.parametrize("mode", ["events", "updates", "values"])
+def test_stream_ends_with_the_interrupt_event_as_json_in_every_mode(asking, capfd, mode):
     code, out, _ = _run(capfd, "run", asking, "--checkpoint", asking.parent / "runs.db",
-                        "--stream=updates")
+                        f"--stream={mode}")
     assert code == EXIT_PAUSED
     last = json.loads(out.splitlines()[-1])
     assert last["type"] == "interrupt"
@@ -201,3 +202,14 @@ def test_interactive_input_that_ends_leaves_the_run_paused_with_exit_3(tmp_path)
                if line.startswith("isobranch: interrupt: ")]
     assert len(pending) == 4, done.stderr  # one answered, four left
     assert "resume it with: isobranch resume" in done.stderr.splitlines()[-1]
+
+
+def test_the_approval_example_runs_from_python(tmp_path):
+    done = subprocess.run([sys.executable, str(APPROVAL.with_name("approve.py"))],
+                          capture_output=True, text=True, cwd=tmp_path,
+                          env=plain_environment(), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {
+        "sent": ["ada@example.com", "grace@example.com", "linus@example.com"],
+        "held": ["alan@example.com", "barbara@example.com"]}
+    assert sorted(done.stderr.split()[0::3]) == [f"write[{i}]/approve:" for i in range(5)]

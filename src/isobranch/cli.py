@@ -374,7 +374,9 @@ def _mode(args: argparse.Namespace) -> StreamMode:
 
 def _printed(args: argparse.Namespace, event: dict[str, Any]) -> bool:
     """Whether ``--stream`` prints ``event``."""
-    return args.stream != StreamMode.VALUES or event["type"] in VALUES_EVENT_TYPES
+    # A pause ends a stream in every mode, as ``final`` does.
+    return (args.stream != StreamMode.VALUES or event["type"] in VALUES_EVENT_TYPES
+            or event["type"] == "interrupt")
 
 
 @dataclass
