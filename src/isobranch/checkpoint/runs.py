@@ -48,8 +48,8 @@ class Reopened:
     its input); ``done`` is True for a run that had succeeded (``state`` is
     then its final state, and nothing runs). ``answers`` are every answer
     given to the run's interrupts, by id (this resume's too), and ``passed``
-    the node of the before-breakpoint the run stopped at, which it now
-    goes through.
+    the main-path node the run paused before or in, which runs next: its
+    before-breakpoint is not hit again.
     """
 
     recorder: RunRecorder | None
@@ -99,7 +99,10 @@ def reopen_run(store: SqliteCheckpointer, run_id: str, *, fingerprint: dict[str,
     recorder = RunRecorder(store, run_id, seq=seq, resumed_seq=seq if point else None)
     all_answers = {id_: _decode_value(store, text, where, f"answer to {id_!r}")
                    for id_, text in store.answer_records(run_id).items()}
-    passed = next((i.node for i in pending if i.breakpoint == Breakpoint.BEFORE), None)
+    # The main-path node the run paused before or in runs next: its before-breakpoint
+    # (if any) is passed once, not hit again.
+    passed = next((i.node.split("/")[0] for i in pending
+                   if i.branch is None and i.breakpoint != Breakpoint.AFTER), None)
     return Reopened(recorder, state, point, False, all_answers, passed)
 
 
