@@ -213,3 +213,28 @@ def test_the_approval_example_runs_from_python(tmp_path):
         "sent": ["ada@example.com", "grace@example.com", "linus@example.com"],
         "held": ["alan@example.com", "barbara@example.com"]}
     assert sorted(done.stderr.split()[0::3]) == [f"write[{i}]/approve:" for i in range(5)]
+
+
+def test_interactive_goes_on_past_a_breakpoint_with_enter(tmp_path):
+    workflow = tmp_path / "breaks.yaml"
+    workflow.write_text(textwrap.dedent("""
+        interrupt_before: [b]
+        nodes:
+          - name: a
+            run: |
+              return {"n": 1}
+          - name: b
+            run: |
+              return {"n": state["n"] + 1}
+        edges:
+          - {from: __start__, to: a}
+          - {from: a, to: b}
+    """))
+    done = subprocess.run(
+        [sys.executable, "-m", "isobranch", "run", str(workflow), "--interactive",
+         "--checkpoint", str(tmp_path / "runs.db")],
+        input="\n", capture_output=True, text=True, cwd=tmp_path, env=plain_environment(),
+        timeout=120)
+    assert done.returncode == EXIT_OK, done.stderr
+    assert "isobranch: paused before node b; press Enter to go on: " in done.stderr
+    assert json.loads(done.stdout) == {"n": 2}

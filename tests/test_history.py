@@ -329,3 +329,16 @@ def test_a_paused_fan_out_has_its_paused_branches_nodes_next(tmp_path):
         assert final["sent"] == [0, 10, 20]
         assert app.get_state("r").next == ()
         assert [s.node for s in app.history("r")] == [START, "split", "send"]
+
+
+@pytest.mark.parametrize(("where", "expected_next", "expected_step"), [
+    ("interrupt_before", ("b",), 1), ("interrupt_after", ("c",), 2)])
+def test_a_breakpoint_has_the_node_after_the_pause_next(tmp_path, where, expected_next,
+                                                        expected_step):
+    with line_graph().compile(checkpointer=SqliteCheckpointer(tmp_path / "runs.db"),
+                              **{where: ["b"]}) as app:
+        app.invoke({"n": 0}, config={"run_id": "r"})
+        state = app.get_state("r")
+        assert (state.status, state.next, state.step) == (
+            RunStatus.INTERRUPTED, expected_next, expected_step)
+        assert [i.node for i in state.interrupts] == ["b"]
