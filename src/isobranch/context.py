@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .async_nodes import AwaitRunner
 from .errors import BranchCancelled, BranchTimeout, InternalError, LuaTimeoutError
-from .interrupts import NO_INTERRUPTS, InterruptSettings
+from .interrupts import NO_INTERRUPTS, InterruptSettings, interrupt
 from .lua.runtime import LuaRuntime
 
 if TYPE_CHECKING:
@@ -177,7 +177,8 @@ class ExecutionContext:
                                    max_memory=self.graph.lua_max_memory, should_stop=stop,
                                    timeout_hook=self.watchdog is None,
                                    deadline_listener=(self._lua_deadline if self.watchdog
-                                                      is not None else None))
+                                                      is not None else None),
+                                   interrupt=interrupt)
         return self._lua
 
     def enter_node(self, node: str) -> None:

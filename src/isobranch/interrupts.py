@@ -123,7 +123,7 @@ class NodeSite(Protocol):
 class InterruptScope:
     """One call of one node: where it runs (its interrupt id) and how often it asked."""
 
-    __slots__ = ("calls", "name", "pending", "site")
+    __slots__ = ("calls", "name", "pending", "refused", "site")
 
     def __init__(self, site: NodeSite, name: str) -> None:
         self.site = site
@@ -132,6 +132,9 @@ class InterruptScope:
         # The interrupt this call paused at: the step loop pauses even if the node
         # swallowed the signal (a bare ``except:``, a Lua ``pcall``).
         self.pending: Interrupt | None = None
+        # Why the call could not pause (no checkpointer): the node's failure, whatever
+        # error the node's code (Lua, say) turned it into.
+        self.refused: InterruptUnavailable | None = None
 
     def ask(self, value: Any) -> Any:
         """The answer to this call's next ``interrupt(value)``; pause if there is none yet."""
@@ -148,9 +151,10 @@ class InterruptScope:
         if interrupt_id_ in settings.answers:
             return settings.answers[interrupt_id_]
         if not settings.allowed:
-            raise InterruptUnavailable(
+            self.refused = InterruptUnavailable(
                 "interrupt() needs a checkpointer to pause the run: compile(checkpointer="
                 "SqliteCheckpointer()) or YAML settings.checkpoint")
+            raise self.refused
         self.pending = Interrupt(interrupt_id_, value, path, site.branch_name)
         raise NodePaused([self.pending])
 

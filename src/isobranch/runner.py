@@ -27,7 +27,6 @@ from .interrupts import (
     Breakpoint,
     Interrupt,
     InterruptScope,
-    InterruptUnavailable,
     NodePaused,
     enter_scope,
     leave_scope,
@@ -271,9 +270,10 @@ def _run_node(graph: CompiledGraph, name: str, state: dict, context: ExecutionCo
             update = context.resolve(graph.nodes[name].run(state, context, parallel_results))
         except (BranchTimeout, BranchCancelled, GraphExecutionError):
             raise
-        except Exception as exc:
+        except Exception as error:
             if scope.pending is not None:  # the node turned its pause into an error
                 raise NodePaused([scope.pending]) from None
+            exc = scope.refused or error  # (Lua turns a refused pause into its own error)
             raise NodeFailure(f"{_where(name, context)} failed: {type(exc).__name__}: {exc}"
                               f"{_at([graph.nodes[name]], exc)}",
                               node=context.path_of(name), branch=context.branch_name,
@@ -335,10 +335,12 @@ def _run_node_with_retries(graph: CompiledGraph, name: str, state: dict,
             except Exception as exc:
                 if scope.pending is not None:  # the node turned its pause into an error
                     raise NodePaused([scope.pending]) from None
-                if isinstance(exc, InterruptUnavailable):  # no retry gives it a checkpointer
-                    raise NodeFailure(f"{_where(name, context)} failed: {exc}",
+                if scope.refused is not None:  # no retry gives the run a checkpointer
+                    raise NodeFailure(f"{_where(name, context)} failed: "
+                                      f"{type(scope.refused).__name__}: {scope.refused}",
                                       node=context.path_of(name), branch=context.branch_name,
-                                      error_type=type(exc).__name__, state=dict(state)) from exc
+                                      error_type=type(scope.refused).__name__,
+                                      state=dict(state)) from scope.refused
                 failure, cause = _Failure(type(exc).__name__, exception_names(type(exc)),
                                           f"{type(exc).__name__}: {exc}{_at([node], exc)}",
                                           context.path_of(name), format_traceback(exc)), exc
