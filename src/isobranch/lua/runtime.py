@@ -7,9 +7,10 @@ it loads the first time a VM needs it (conversion, seldom-called library
 functions) in the ``.lua`` files beside it; user code cannot reach them.
 
 The time limit is a Lua count hook (every 1,000 VM instructions) that reads
-the process CPU clock and asks Python for the wall clock at a call's first
-firing and then once per 5 ms of CPU: Lua runs without the GIL almost all
-the time, so Lua branches on threads still scale with cores. The hook is
+the process CPU clock (at every 8th firing, and at each one after a
+collector cycle or a new second) and asks Python for the wall clock at a
+call's first firing and then once per 5 ms of CPU: Lua runs without the GIL
+almost all the time, so Lua branches on threads still scale with cores. The hook is
 set on every coroutine, a timeout cannot be caught (after it, every
 instruction raises and no coroutine is created or resumed), no user code
 runs while Lua has a thread's hooks off, and ``__gc`` finalizers — which

@@ -27,11 +27,11 @@ local co_create, co_resume, co_status, co_close = coroutine.create, coroutine.re
   coroutine.status, coroutine.close
 local co_running = coroutine.running
 local sethook, getinfo = debug.sethook, debug.getinfo
-local clock = os.clock
+local clock, wall_second = os.clock, os.time
 local raw_collect = collectgarbage
 local G = _G
 local CONVERT <const> = "isobranch.convert: "
-local WEAK_KEYS = {__mode = "k"}
+local WEAK_KEYS, WEAK_VALUES = {__mode = "k"}, {__mode = "v"}
 
 -- The rest is made inside sandbox(), not in this main chunk. Making a
 -- closure links every local it captures from the running function by
@@ -45,11 +45,26 @@ local function sandbox()
 -- A count hook reads the process CPU clock and asks Python for the wall
 -- clock only once per CPU_SLICE of CPU: a running Lua program always burns
 -- CPU, so this never delays the check by more than a slice, and Lua runs
--- without the GIL in between. The clock is read on every firing: reading it
--- less often would let a program that turns from cheap instructions to
--- costly ones run that many more intervals unchecked.
+-- without the GIL in between.
+--
+-- Reading that clock is a system call that cost a hot loop a third of its
+-- time, so the hook reads it at every CLOCK_EVERY-th firing, and at every
+-- firing after a sign that the interval may have been costly: a collector
+-- cycle ended (the canary, a table only a weak table holds, is gone), or
+-- the wall clock's second changed (os.time, which reads no system call).
+-- Costly instructions nearly all allocate (copying, concatenating,
+-- building strings and tables), and allocating drives the collector: a
+-- program that turns from cheap instructions to such costly ones is
+-- still looked at after one interval of them, as when the clock was read
+-- at every firing. What allocates nothing (comparing or scanning huge
+-- strings, shifting a huge table) may run CLOCK_EVERY intervals, at most
+-- until the second changes.
 local TIMEOUT = setmetatable({}, {__name = "isobranch.timeout", __metatable = false})
 local CPU_SLICE <const> = 0.005
+local CLOCK_EVERY <const> = 8
+-- Firings since the clock was last read; the canary's holder (made at the
+-- first firing: most VMs never fire) and the second of that reading.
+local unclocked, canary, clocked_second = 0, false, false
 -- armed: a call is running. expired: its deadline passed. in_wall_check:
 -- stays true if an error (out of memory, say) escaped the hook's Python
 -- call, which leaves hooks off on that thread; it is treated as expired.
@@ -105,6 +120,14 @@ hook = function()
     if expired and getinfo(2, "f").func == run then return end
     expire()
   end
+  unclocked = unclocked + 1
+  if unclocked < CLOCK_EVERY and canary and canary[1] and wall_second() == clocked_second then
+    return
+  end
+  unclocked = 0
+  if not canary then canary = setmetatable({}, WEAK_VALUES) end
+  if not canary[1] then canary[1] = {} end
+  clocked_second = wall_second()
   local now = clock()
   if not slice_start or now - slice_start >= CPU_SLICE then ask_wall_clock(now, true) end
 end
