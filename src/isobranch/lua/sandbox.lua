@@ -150,14 +150,15 @@ end
 --    in that window, or it runs unhooked, and every protected call it starts
 --    would restore "off" again. The window runs message handlers and, on a
 --    coroutine that died there, its <close> variables when it is closed. So
---    no user function is ever a message handler (xpcall below calls the
---    handler after unwinding), and a coroutine's body runs inside a pcall of
+--    no user function is ever a message handler (rarely_used.lua's xpcall
+--    calls the handler after unwinding), and a coroutine's body runs inside a pcall of
 --    ours, which closes its <close> variables with hooks on before it dies.
 -- 2. A program that makes every hook fire at the C stack limit would never
 --    have its deadline checked. Each failed hook call raises an error that a
 --    protected call catches, and every protected call user code can make is
---    a wrapper below (pcall, xpcall, load, coroutine resume/wrap/close, a
---    coroutine's body), each of which checks the clock after a caught error.
+--    a wrapper in rarely_used.lua (pcall, xpcall, load, coroutine
+--    resume/wrap/close, a coroutine's body), each of which checks the clock
+--    after a caught error.
 local function check_after_error()
   if hook_count and armed then check_time() end
 end
@@ -200,7 +201,7 @@ end
 
 -- A state whose top-level values are filled on first read (lazy.lua). LAZY
 -- maps each such table to its record. The only globals that could tell it
--- from a plain table are next, pairs and setmetatable below, and
+-- from a plain table are next and pairs below, and setmetatable,
 -- getmetatable, rawget and rawset (rarely_used.lua): each fills what it
 -- touches first.
 local LAZY = setmetatable({}, WEAK_KEYS)
@@ -242,47 +243,6 @@ G.pairs = function(...)
   if iterator == next then iterator = safe_next end
   return iterator, subject, control
 end
-G.setmetatable = function(t, mt)
-  -- Lua 5.4 runs finalizers with hooks disabled, so a looping __gc could
-  -- never be stopped; objects are marked for finalization only here.
-  if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
-    error("setmetatable: __gc metamethods are not allowed in the sandbox", 2)
-  end
-  -- A lazy state becomes a plain table before it gets a metatable of its own.
-  if LAZY[t] then crossing.fill_all(t) end
-  return setmetatable(t, mt)
-end
-
--- Protected calls nest at most MAX_PROTECTED_DEPTH deep on one thread.
--- Lua's C stack limit already stops them there, except in a coroutine that
--- yields inside them: each resume starts on a fresh C stack, so a coroutine
--- could pile up a hundred thousand. Once time is up each of them catches the
--- timeout once, and each catch costs Lua a walk over the whole call stack:
--- unwinding would take minutes. Depths are kept per thread as absolute
--- values, so a level whose return was skipped is corrected by the next one.
-local MAX_PROTECTED_DEPTH <const> = 200
-local protected_depth = setmetatable({}, WEAK_KEYS)
-local function enter_protected()
-  local thread = co_running()
-  local depth = (protected_depth[thread] or 0) + 1
-  if depth > MAX_PROTECTED_DEPTH then
-    error(format("too many nested protected calls (pcall/xpcall) in one coroutine "
-                 .. "(the sandbox allows %d)", MAX_PROTECTED_DEPTH), 3)
-  end
-  protected_depth[thread] = depth
-  return thread, depth
-end
-
-local function after_pcall(thread, depth, ok, ...)
-  protected_depth[thread] = depth - 1
-  if not ok then check_after_error() end
-  return ok, ...
-end
-G.pcall = function(f, ...)
-  local thread, depth = enter_protected()
-  return after_pcall(thread, depth, pcall(f, ...))
-end
-
 -- The library functions most VMs never call live in rarely_used.lua,
 -- loaded the first time one of them is called: a stub per function
 -- tail-calls the real one, so error levels and results are the same.
@@ -292,17 +252,18 @@ local rarely_used
 local function get_rarely_used()
   if rarely_used == nil then
     rarely_used = load(rarely_used_bytecode, "=isobranch/rarely_used", "b", {})(
-      type, select, error, pcall, co_create, co_resume, co_status, co_close, load,
-      raw_collect, getmetatable, rawget, rawset, check_after_error, refuse_when_out_of_time,
-      hooked, enter_protected, protected_depth, MAX_PROTECTED_DEPTH, LAZY, get_crossing,
-      table_expected)
+      type, select, error, format, pcall, co_create, co_resume, co_status, co_close,
+      co_running, load, raw_collect, getmetatable, setmetatable, rawget, rawset, WEAK_KEYS,
+      check_after_error, refuse_when_out_of_time, hooked, LAZY, get_crossing, table_expected)
   end
   return rarely_used
 end
 local function loaded_on_first_call(name)
   return function(...) return get_rarely_used()[name](...) end
 end
+G.pcall = loaded_on_first_call("pcall")
 G.xpcall = loaded_on_first_call("xpcall")
+G.setmetatable = loaded_on_first_call("setmetatable")
 G.load = loaded_on_first_call("load")
 G.collectgarbage = loaded_on_first_call("collectgarbage")
 G.getmetatable = loaded_on_first_call("getmetatable")
