@@ -117,7 +117,7 @@ def run_on_worker(plugin: str, payload: dict[str, Any], topic: str, key: str
          msg={"kind": "start", "key": key, "worker": worker.address})
     task = BranchTask(graph=graph_plugin.graph, **payload)
     try:
-        result = run_branch(task, monitor=_ProgressReporter(worker, topic, key, task.branch))
+        result = run_branch(task, monitor=_ProgressReporter(worker, topic, key, task.start))
     finally:
         # Out before the result: a worker ended later (restarted, or its
         # nanny killed at close) would drop it.
