@@ -151,8 +151,9 @@ end
 --    would restore "off" again. The window runs message handlers and, on a
 --    coroutine that died there, its <close> variables when it is closed. So
 --    no user function is ever a message handler (rarely_used.lua's xpcall
---    calls the handler after unwinding), and a coroutine's body runs inside a pcall of
---    ours, which closes its <close> variables with hooks on before it dies.
+--    calls the handler after unwinding), and a coroutine's body runs inside
+--    a pcall of ours, which closes its <close> variables with hooks on
+--    before it dies.
 -- 2. A program that makes every hook fire at the C stack limit would never
 --    have its deadline checked. Each failed hook call raises an error that a
 --    protected call catches, and every protected call user code can make is
