@@ -13,18 +13,12 @@
 local wall_check, hook_count, crossing_bytecode, decode_bytecode, encode_bytecode, lazy_bytecode,
   rarely_used_bytecode, on_armed, max_depth, depth_reason = ...
 
-local type, next, select, error, tostring = type, next, select, error, tostring
-local rawget, rawset, rawlen, rawequal = rawget, rawset, rawlen, rawequal
+local type, next, select, error = type, next, select, error
+local rawget, rawset, rawequal = rawget, rawset, rawequal
 local setmetatable, getmetatable, load, xpcall, pcall = setmetatable, getmetatable, load, xpcall,
   pcall
 local pairs = pairs
-local math_type = math.type
-local find, format, sub, byte, char = string.find, string.format, string.sub, string.byte,
-  string.char
-local unpack_string, pack_string = string.unpack, string.pack
-local concat = table.concat
-local co_create, co_resume, co_status, co_close = coroutine.create, coroutine.resume,
-  coroutine.status, coroutine.close
+local find, format, sub = string.find, string.format, string.sub
 local co_running = coroutine.running
 local sethook, getinfo = debug.sethook, debug.getinfo
 local clock, wall_second = os.clock, os.time
@@ -32,6 +26,24 @@ local raw_collect = collectgarbage
 local G = _G
 local CONVERT <const> = "isobranch.convert: "
 local WEAK_KEYS, WEAK_VALUES = {__mode = "k"}, {__mode = "v"}
+-- What only the chunks loaded on first use need, in one array that
+-- sandbox() captures as one variable instead of one per piece: each
+-- variable sandbox() captures costs a new VM an allocation and a longer
+-- walk of this chunk's open upvalues (these 19 were 6% of creating a VM;
+-- in a table with named fields their names cost nearly as much).
+local FOR_FIRST_USE = {crossing_bytecode, decode_bytecode, encode_bytecode, lazy_bytecode,
+  rarely_used_bytecode, max_depth, depth_reason, tostring, rawlen, math.type, string.byte,
+  string.char, string.unpack, string.pack, table.concat, coroutine.create, coroutine.resume,
+  coroutine.status, coroutine.close}
+-- Its indexes: one declaration each (only the last constant of a multiple
+-- declaration is folded at compile time; the others would be captured).
+local CROSSING_BC <const> = 1; local DECODE_BC <const> = 2; local ENCODE_BC <const> = 3
+local LAZY_BC <const> = 4; local RARELY_USED_BC <const> = 5; local MAX_DEPTH <const> = 6
+local DEPTH_REASON <const> = 7; local TOSTRING <const> = 8; local RAWLEN <const> = 9
+local MATH_TYPE <const> = 10; local BYTE <const> = 11; local CHAR <const> = 12
+local UNPACK_STRING <const> = 13; local PACK_STRING <const> = 14; local CONCAT <const> = 15
+local CO_CREATE <const> = 16; local CO_RESUME <const> = 17; local CO_STATUS <const> = 18
+local CO_CLOSE <const> = 19
 
 -- The rest is made inside sandbox(), not in this main chunk. Making a
 -- closure links every local it captures from the running function by
@@ -210,11 +222,12 @@ local LAZY = setmetatable({}, WEAK_KEYS)
 local crossing
 local function get_crossing()
   if crossing == nil then
-    crossing = load(crossing_bytecode, "=isobranch/crossing", "b", {})(
-      type, next, error, tostring, rawget, rawset, rawlen, setmetatable, math_type, format, sub,
-      byte, char, find, concat, unpack_string, pack_string, load, pcall, raw_collect, CONVERT,
-      max_depth, depth_reason, LAZY, check_after_error, unhooked, decode_bytecode,
-      encode_bytecode, lazy_bytecode)
+    local lib = FOR_FIRST_USE
+    crossing = load(lib[CROSSING_BC], "=isobranch/crossing", "b", {})(
+      type, next, error, lib[TOSTRING], rawget, rawset, lib[RAWLEN], setmetatable,
+      lib[MATH_TYPE], format, sub, lib[BYTE], lib[CHAR], find, lib[CONCAT], lib[UNPACK_STRING],
+      lib[PACK_STRING], load, pcall, raw_collect, CONVERT, lib[MAX_DEPTH], lib[DEPTH_REASON],
+      LAZY, check_after_error, unhooked, lib[DECODE_BC], lib[ENCODE_BC], lib[LAZY_BC])
   end
   return crossing
 end
@@ -252,10 +265,12 @@ end
 local rarely_used
 local function get_rarely_used()
   if rarely_used == nil then
-    rarely_used = load(rarely_used_bytecode, "=isobranch/rarely_used", "b", {})(
-      type, select, error, format, pcall, co_create, co_resume, co_status, co_close,
-      co_running, load, raw_collect, getmetatable, setmetatable, rawget, rawset, WEAK_KEYS,
-      check_after_error, refuse_when_out_of_time, hooked, LAZY, get_crossing, table_expected)
+    local lib = FOR_FIRST_USE
+    rarely_used = load(lib[RARELY_USED_BC], "=isobranch/rarely_used", "b", {})(
+      type, select, error, format, pcall, lib[CO_CREATE], lib[CO_RESUME], lib[CO_STATUS],
+      lib[CO_CLOSE], co_running, load, raw_collect, getmetatable, setmetatable, rawget, rawset,
+      WEAK_KEYS, check_after_error, refuse_when_out_of_time, hooked, LAZY, get_crossing,
+      table_expected)
   end
   return rarely_used
 end
