@@ -68,7 +68,8 @@ def test_the_import_scanner_sees_local_and_type_checking_imports():
 
 
 @pytest.mark.parametrize("module", ["isobranch.yaml_engine", "isobranch.yaml_builder",
-                                    "isobranch.yaml_settings", "isobranch.yaml_lines"])
+                                    "isobranch.yaml_settings", "isobranch.yaml_lines",
+                                    "isobranch.yaml_reading", "isobranch.yaml_subgraphs"])
 def test_the_yaml_modules_form_no_cycle(module):
     graph = _graph()
     assert module not in _reachable(graph, module)
@@ -77,6 +78,8 @@ def test_the_yaml_modules_form_no_cycle(module):
 @pytest.mark.parametrize("module, above", [
     ("isobranch.yaml_settings", {"isobranch.yaml_engine", "isobranch.yaml_builder"}),
     ("isobranch.yaml_builder", {"isobranch.yaml_engine"}),
+    ("isobranch.yaml_subgraphs", {"isobranch.yaml_engine", "isobranch.yaml_builder"}),
+    ("isobranch.yaml_reading", {"isobranch.yaml_engine", "isobranch.yaml_builder"}),
     ("isobranch.run", {"isobranch.compiled", "isobranch.graph"}),
     ("isobranch.async_api", {"isobranch.compiled"}),
     ("isobranch.checkpoint.runs", {"isobranch.compiled", "isobranch.run"}),
@@ -94,7 +97,8 @@ def test_a_module_never_imports_the_modules_above_it(module, above):
 
 
 PRIVATE_READERS_CHECKED = ("compiled.py", "run.py", "graph.py", "yaml_engine.py",
-                           "yaml_builder.py", "yaml_settings.py", "async_api.py", "checkpoint",
+                           "yaml_builder.py", "yaml_settings.py", "yaml_subgraphs.py",
+                           "yaml_reading.py", "drawing.py", "async_api.py", "checkpoint",
                            "cli.py", "cli_errors.py", "cli_failures.py", "cli_logging.py",
                            "cli_runs.py", "cli_stdout.py", "pytest_plugin.py", "regression")
 
