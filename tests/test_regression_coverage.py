@@ -212,3 +212,26 @@ def test_a_failure_inside_a_subgraph_node_counts_the_subgraph_node_as_run() -> N
     found = exercised(shape, record)
     assert found.nodes == {"pre", "review"}
     assert ("pre", "review") in found.edges and ("review", "post") not in found.edges
+
+
+def test_a_fan_out_inside_a_subgraph_node_is_named_by_path_and_is_not_this_agents(
+        isolation: str) -> None:
+    inner = StateGraph()
+    inner.add_node("pre", lambda state: {"items": [1, 2]})
+    inner.add_node("work", lambda state: {"w": state["item"]})
+    inner.add_fan_in_node("done", lambda state, results: None)
+    inner.set_entry_point("pre")
+    inner.add_map_edge("pre", "work", over="items", fan_in="done")
+    inner.add_edge("work", "done")
+    inner.add_edge("done", END)
+    outer = StateGraph()
+    outer.add_node("sub", inner, output={})
+    outer.set_entry_point("sub")
+    outer.add_edge("sub", END)
+    graph = outer.compile(isolation=isolation)
+    record = run_agent_case(graph, {})
+    assert record.error is None
+    assert record.route == ["sub/pre", "[sub/work[0] | sub/work[1]]", "sub/done", "sub"]
+    found = exercised(graph_shape(graph), record)
+    assert found.nodes == {"sub"} and found.fan_outs == set()
+    assert found.edges == {(START, "sub"), ("sub", END)}
