@@ -20,14 +20,16 @@ from .branch import (
     BranchMonitor,
     BranchTask,
     ParallelFlowResult,
+    Watchdog,
     cancelled_result,
     format_traceback,
     ms_since,
     result_name,
 )
-from .context import ExecutionContext, Watchdog
+from .context import ExecutionContext
 from .error_kinds import ErrorKind
 from .errors import BranchCancelled, BranchTimeout, GraphExecutionError
+from .isolation.registry import create_backend
 from .retry import exception_names
 from .runner import run_steps
 
@@ -56,7 +58,7 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
         task.graph, deadline=deadline, time_limit=task.limits.branch_timeout,
         branch_name=task.name, monitor=monitor, fan_out_limits=task.limits, watchdog=watchdog, stop=task.stop,
         nested_isolation="inline" if task.isolation == "inline" else "thread",
-        backend_factory=task.graph.branch_backend)
+        backend_factory=create_backend)
 
     def result(**outcome: Any) -> ParallelFlowResult:
         outcome.setdefault("state", state)

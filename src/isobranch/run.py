@@ -156,14 +156,15 @@ def run_events(graph: RunnableGraph, state: dict | None, config: dict | None, *,
                                     fail_fast=settings["fail_fast"],
                                     branch_max_memory=graph.branch_max_memory,
                                     branch_retry=settings["branch_retry"]),
-        cancel=cancel, recorder=recorder)
+        cancel=cancel)
     active.add(stop)
     try:
         if recorder is not None:
             yield {"type": "run", "run_id": recorder.run_id}
         # invoke() needs no per-branch events; stream() reports them.
         yield from run_steps(graph, working, context, start=graph.entry,
-                             snapshots=snapshots, branch_events=snapshots, resume=point)
+                             snapshots=snapshots, branch_events=snapshots, resume=point,
+                             recorder=recorder)
     except GraphExecutionError as exc:
         if recorder is not None:
             exc.run_id = recorder.run_id

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
-from .branch import CANCELLED, ParallelFlowResult, format_traceback
+from .branch import CANCELLED, BranchGraph, ParallelFlowResult, format_traceback
 from .conditions import Expression
 from .error_kinds import ErrorKind
 from .errors import (
@@ -24,26 +24,44 @@ from .fanout_run import BranchFinished, FanOutRun, RetryNotice
 from .keys import Language
 from .nodes import Node
 from .retry import exception_names, failure_names, not_retried_note, wait_unless
+from .routes import END, Routes
 from .statecopy import StateSnapshot
 
 if TYPE_CHECKING:
     from .checkpoint.recorder import ResumePoint, RunRecorder
-    from .compiled import CompiledGraph
     from .context import ExecutionContext
+    from .isolation.base import IsolationBackend
     from .retry import RetryPolicy
+    from .schema import StateSchema
 
 logger = logging.getLogger(__name__)
 
-START = "__start__"
-END = "__end__"
 # How many failed branches the error of a fan-in node names (then a count).
 _FAILED_BRANCHES_NAMED = 10
 
 
-def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, start: str,
+class StepGraph(BranchGraph, Protocol):
+    """What the step loop needs of a compiled graph (``compiled.CompiledGraph`` has it;
+    the compiled graph calls the step loop, so the loop is handed it as this)."""
+
+    nodes: Mapping[str, Node]
+    node_retries: Mapping[str, RetryPolicy]
+    schema: StateSchema
+    max_steps: int
+
+    def fan_out_of(self, node: str) -> FanOut | None:
+        """How ``node`` fans out, or None."""
+        ...
+
+    def routes_of(self, node: str) -> Routes:
+        """The outgoing routes of ``node``."""
+        ...
+
+
+def run_steps(graph: StepGraph, state: dict, context: ExecutionContext, *, start: str,
               stop_at: str | None = None, snapshots: bool = False,
-              branch_events: bool = False, resume: ResumePoint | None = None
-              ) -> Iterator[dict[str, Any]]:
+              branch_events: bool = False, resume: ResumePoint | None = None,
+              recorder: RunRecorder | None = None) -> Iterator[dict[str, Any]]:
     """Run from ``start`` until END or ``stop_at`` (not run), mutating ``state``.
 
     Every node that runs is a step (``max_steps``), a fan-in node too, and
@@ -55,9 +73,9 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
     be retried); with
     ``snapshots`` each node event carries a shallow copy of the state so
     later steps do not change it. ``resume`` continues a recorded run after
-    its last recorded step (``state`` is the state after it).
+    its last recorded step (``state`` is the state after it). ``recorder``
+    records the main path of a checkpointed run (branches have none).
     """
-    recorder = context.recorder if context.branch_name is None else None
     current, steps = start, 0
     # After a fan-out: its fan-in node runs next, with these. It runs even
     # where the path stops (a nested fan-out meeting at its branch's own
@@ -116,7 +134,7 @@ def _at(code: Iterable[Any], error: BaseException) -> str:
     return ""
 
 
-def _run_node(graph: CompiledGraph, name: str, state: dict, context: ExecutionContext,
+def _run_node(graph: StepGraph, name: str, state: dict, context: ExecutionContext,
               parallel_results: list[ParallelFlowResult] | None) -> None:
     try:
         context.enter_node(name)
@@ -137,7 +155,7 @@ def _run_node(graph: CompiledGraph, name: str, state: dict, context: ExecutionCo
         raise
 
 
-def _run_node_with_retries(graph: CompiledGraph, name: str, state: dict,
+def _run_node_with_retries(graph: StepGraph, name: str, state: dict,
                            context: ExecutionContext,
                            parallel_results: list[ParallelFlowResult] | None
                            ) -> Iterator[dict[str, Any]]:
@@ -210,7 +228,7 @@ def _name_failed_branches(exc: GraphExecutionError, results: list[ParallelFlowRe
     exc.results = results
 
 
-def _merge(graph: CompiledGraph, name: str, update: Any, state: dict,
+def _merge(graph: StepGraph, name: str, update: Any, state: dict,
            context: ExecutionContext) -> None:
     if update is None:
         return
@@ -259,8 +277,8 @@ def _wait_to_retry(name: str, delay: float, attempt: int, context: ExecutionCont
     context.check_deadline()
 
 
-def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
-             context: ExecutionContext, *, branch_events: bool,
+def _fan_out(graph: StepGraph, node: str, fan_out: FanOut, state: dict,
+             context: ExecutionContext[IsolationBackend], *, branch_events: bool,
              recorder: RunRecorder | None = None
              ) -> Generator[dict[str, Any], None, list[ParallelFlowResult]]:
     """Plan ``node``'s fan-out and hand it to the fan-out driver; yield a ``branch`` event
@@ -343,7 +361,7 @@ def _branch_event(node: str, fan_in: str, note: BranchFinished | RetryNotice, ru
             "attempts": result.attempts, "done": note.done, "total": note.total}
 
 
-def _route(graph: CompiledGraph, node: str, state: dict, context: ExecutionContext) -> str:
+def _route(graph: StepGraph, node: str, state: dict, context: ExecutionContext) -> str:
     routes = graph.routes_of(node)
     try:
         if routes.router is not None:

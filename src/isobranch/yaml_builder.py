@@ -32,7 +32,7 @@ from .keys import (
 from .lua.syntax import LuaSyntaxChecker
 from .nodes import LuaNode, Node, PythonNode
 from .retry import RetryPolicy, parse_policy
-from .runner import END, START
+from .routes import END, START
 from .schema import StateSchema
 from .yaml_lines import CodeKey, CodeLines
 from .yaml_settings import EngineOptions, SettingsReader, contained_file
