@@ -7,6 +7,7 @@ too: a module that needs something of its owner is handed the data instead.
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,24 @@ def test_the_yaml_modules_form_no_cycle(module):
 ])
 def test_a_module_never_imports_the_modules_above_it(module, above):
     assert not _imports(PACKAGE.joinpath(*module.split(".")[1:]).with_suffix(".py")) & above
+
+
+def _layered_modules() -> list[set[str]]:
+    """The modules of each layer of the layers contract in pyproject.toml, top first."""
+    config = tomllib.loads((PACKAGE.parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
+    contract = next(c for c in config["tool"]["importlinter"]["contracts"]
+                    if c["type"] == "layers")
+    return [{name.strip() for name in layer.replace(":", "|").split("|")}
+            for layer in contract["layers"]]
+
+
+def test_every_module_has_a_place_in_the_import_layers():
+    """A new module must be placed in a layer (lint-imports leaves an unlisted one
+    unchecked); only the package itself and the backends' facade are above them all."""
+    layered = set().union(*_layered_modules())
+    unplaced = {module for module in _graph()
+                if not any(module == name or module.startswith(f"{name}.") for name in layered)}
+    assert unplaced == {"isobranch", "isobranch.isolation"}
 
 
 PRIVATE_READERS_CHECKED = ("compiled.py", "run.py", "graph.py", "yaml_engine.py",
