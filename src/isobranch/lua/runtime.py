@@ -62,6 +62,12 @@ _PUSH_SLACK, _STRING_OVERHEAD = 4096, 64
 _CHUNKS = ("sandbox", "crossing", "decode", "encode", "lazy", "rarely_used")
 
 
+def compile_sandbox() -> None:
+    """Compile the sandbox's chunks now, once for this process (a worker's fork server
+    does it before it forks, so no worker pays for it)."""
+    _sandbox_bytecode()
+
+
 @functools.cache
 def _sandbox_bytecode() -> tuple[bytes, ...]:
     """The sandbox and the chunks it loads on first use, compiled once per process.

@@ -52,10 +52,10 @@ def load_graph(graph_bytes: bytes) -> Any:
     """Unpickle the compiled graph and warm the Lua machinery before any fork."""
     import cloudpickle  # noqa: F401  (functions pickled by value need it importable)
 
-    from ...lua.runtime import _sandbox_bytecode
+    from ...lua.runtime import compile_sandbox
 
     graph = pickle.loads(graph_bytes)
-    _sandbox_bytecode()
+    compile_sandbox()
     return graph
 
 
