@@ -7,7 +7,15 @@ import json
 import platform
 import sys
 
-from . import async_cases, cases, checkpoint_cases, checkpoint_codec, map_cases, reducer_cases
+from . import (
+    async_cases,
+    cases,
+    checkpoint_cases,
+    checkpoint_codec,
+    map_cases,
+    observe_cases,
+    reducer_cases,
+)
 
 NAMES = ["vm", "hook", "lua-threads", "overhead-thread", "overhead-inline", "hot-loop-process",
          "python-processes", "overhead-process", "overhead-fresh", "state-copy", "round-trip",
@@ -15,7 +23,8 @@ NAMES = ["vm", "hook", "lua-threads", "overhead-thread", "overhead-inline", "hot
          "soak-thread", "soak-process", "python-dask", "overhead-dask", "dask-start",
          "map-process", "map-thread", "map-width-thread", "map-width-process", "map-dask",
          "codec-small", "codec-20k", "ainvoke", "reducer-map-thread", "reducer-width-thread",
-         "checkpoint-process", "checkpoint-thread"]
+         "checkpoint-process", "checkpoint-thread", "stream-updates", "otel-no-provider",
+         "otel-exporter"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         lambda: reducer_cases.reducer_width_scaling("thread", repeat=reps(5)),
         lambda: checkpoint_cases.map_with_checkpointer("process", repeat=reps(9)),
         lambda: checkpoint_cases.map_with_checkpointer("thread", repeat=reps(9)),
+        lambda: observe_cases.stream_updates_event_size(repeat=reps(3)),
+        lambda: observe_cases.tracing_overhead(False, repeat=reps(15)),
+        lambda: observe_cases.tracing_overhead(True, repeat=reps(15)),
     ]
     if args.only:
         runs = [run for run, name in zip(runs, NAMES, strict=True) if name in args.only]

@@ -45,7 +45,10 @@ class ParallelFlowResult(Mapping):
     counts the runs of the branch (more than 1 after branch retries);
     ``error_bases`` names the base classes of ``error_type``'s exception,
     nearest first, so a ``retry_on`` name can match a base of a class that
-    only exists where the branch ran. ``reducer_writes`` are the
+    only exists where the branch ran. ``spans`` are the branch's trace
+    spans as plain data (``trace_records.SpanRecord``) on their way back to
+    the caller, which takes them out (empty when tracing is off).
+    ``reducer_writes`` are the
     ``(key, value)`` updates a successful branch made to reducer keys of the
     state schema, in order (what the fan-in combines); empty for a failed
     branch.
@@ -72,6 +75,7 @@ class ParallelFlowResult(Mapping):
     attempts: int = 1
     error_bases: tuple[str, ...] = ()
     reducer_writes: list[tuple[str, Any]] = field(default_factory=list)
+    spans: tuple[Any, ...] = ()
 
     def __post_init__(self) -> None:
         # An ``ErrorKind`` member is stored as its plain string: what users see and pickles.
@@ -126,6 +130,7 @@ class BranchGraph(Protocol):
     the step loop imports the step loop.
     """
 
+    name: str | None
     lua_timeout: float | None
     lua_max_memory: int | None
     variables: dict
@@ -165,7 +170,9 @@ class BranchTask:
     (item and index) laid over the shared ``snapshot``, so no branch carries
     the whole list. ``stop`` is the run's stop flag, seen only by branches
     that run in this process (it is not part of the payload): ``close()``
-    raises it to end a node retry's backoff at once.
+    raises it to end a node retry's backoff at once. ``trace`` is the fan-out
+    span the branch's spans go under (``trace_records.TraceParent``); None
+    when tracing is off.
     """
 
     graph: BranchGraph
@@ -178,6 +185,7 @@ class BranchTask:
     index: int | None = None
     overlay: StateSnapshot | ScalarSnapshot | None = None
     stop: CancelSignal | None = None
+    trace: Any = None
 
     def initial_state(self) -> dict:
         """A new private copy of the state this branch starts from."""
@@ -190,7 +198,7 @@ class BranchTask:
         """Every field but the graph (which workers already hold): ``BranchTask(graph=g, **p)``."""
         return {"name": self.name, "start": self.start, "fan_in": self.fan_in,
                 "snapshot": self.snapshot, "limits": self.limits, "isolation": self.isolation,
-                "index": self.index, "overlay": self.overlay}
+                "index": self.index, "overlay": self.overlay, "trace": self.trace}
 
 
 @dataclass(slots=True, eq=False)

@@ -32,6 +32,7 @@ from .errors import BranchCancelled, BranchTimeout, GraphExecutionError
 from .isolation.registry import create_backend
 from .retry import exception_names
 from .runner import run_steps
+from .trace_records import SpanRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +60,19 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
         branch_name=task.name, monitor=monitor, fan_out_limits=task.limits, watchdog=watchdog, stop=task.stop,
         nested_isolation="inline" if task.isolation == "inline" else "thread",
         backend_factory=create_backend)
+    # Only a task sent under a traced fan-out records spans (sent back in the result).
+    recorder = None if task.trace is None else SpanRecorder(
+        task.trace, graph=task.graph.name, branch=task.name, index=task.index,
+        isolation=task.isolation)
+    context.spans = recorder
 
     def result(**outcome: Any) -> ParallelFlowResult:
         outcome.setdefault("state", state)
         done = ParallelFlowResult(branch=result_name(task.start, task.index), index=task.index,
                                   duration_ms=ms_since(started), isolation=task.isolation,
                                   worker=worker, **outcome)
+        if recorder is not None:
+            done.spans = recorder.finish(done)
         if debug:
             logger.debug("branch %r finished in %.1f ms: %s", task.name, done.duration_ms,
                          "success" if done.success else f"failed ({done.error_type})")

@@ -25,6 +25,7 @@ from .lua.runtime import LuaRuntime
 if TYPE_CHECKING:
     from .branch import BranchGraph, BranchLimits, BranchMonitor, Watchdog
     from .cancellation import CancelSignal
+    from .trace_records import Spans
 
 
 class FanOutBackend(Protocol):
@@ -82,6 +83,8 @@ class ExecutionContext(Generic[BackendT]):
         # A branch's writes to reducer keys, in order, for its fan-in (None on the main path).
         self.reducer_writes: list[tuple[str, Any]] | None = [] if branch_name is not None else None
         self._awaiter: AwaitRunner | None = None
+        # Who traces this path's nodes and fan-outs (tracing.py, trace_records.py); None: off.
+        self.spans: Spans | None = None
 
     @property
     def isolation(self) -> str:

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .branch import CANCELLED, BranchGraph, ParallelFlowResult, format_traceback
+from .branch import CANCELLED, BranchGraph, BranchTask, ParallelFlowResult, format_traceback
 from .conditions import Expression
 from .error_kinds import ErrorKind
 from .errors import (
@@ -26,6 +26,7 @@ from .nodes import Node
 from .retry import exception_names, failure_names, not_retried_note, wait_unless
 from .routes import END, Routes
 from .statecopy import StateSnapshot
+from .stream_modes import parallel_summary, update_event
 
 if TYPE_CHECKING:
     from .checkpoint.recorder import ResumePoint, RunRecorder
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from .isolation.base import IsolationBackend
     from .retry import RetryPolicy
     from .schema import StateSchema
+    from .trace_records import Spans, TraceParent
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +63,8 @@ class StepGraph(BranchGraph, Protocol):
 def run_steps(graph: StepGraph, state: dict, context: ExecutionContext, *, start: str,
               stop_at: str | None = None, snapshots: bool = False,
               branch_events: bool = False, resume: ResumePoint | None = None,
-              recorder: RunRecorder | None = None) -> Iterator[dict[str, Any]]:
+              updates: bool = False, recorder: RunRecorder | None = None
+              ) -> Iterator[dict[str, Any]]:
     """Run from ``start`` until END or ``stop_at`` (not run), mutating ``state``.
 
     Every node that runs is a step (``max_steps``), a fan-in node too, and
@@ -73,9 +76,12 @@ def run_steps(graph: StepGraph, state: dict, context: ExecutionContext, *, start
     be retried); with
     ``snapshots`` each node event carries a shallow copy of the state so
     later steps do not change it. ``resume`` continues a recorded run after
-    its last recorded step (``state`` is the state after it). ``recorder``
-    records the main path of a checkpointed run (branches have none).
+    its last recorded step (``state`` is the state after it). With
+    ``updates`` (``stream(mode="updates")``) a node event carries the node's
+    update instead of the state and a ``parallel`` event only counts.
+    ``recorder`` records the main path of a checkpointed run (branches have none).
     """
+    spans = context.spans  # None: not traced
     current, steps = start, 0
     # After a fan-out: its fan-in node runs next, with these. It runs even
     # where the path stops (a nested fan-out meeting at its branch's own
@@ -92,25 +98,58 @@ def run_steps(graph: StepGraph, state: dict, context: ExecutionContext, *, start
                     f"{_where(current, context)}: stopped after {graph.max_steps} steps "
                     f"(max_steps); the graph loops", node=current, branch=context.branch_name,
                     error_type="MaxStepsExceeded", state=dict(state))
-            if current in graph.node_retries:  # (a generator per node would cost every branch)
-                yield from _run_node_with_retries(graph, current, state, context, results)
-            else:
-                _run_node(graph, current, state, context, results)
+            span = spans.node_started(current) if spans is not None else None
+            try:
+                if current in graph.node_retries:  # (a generator per node costs every branch)
+                    attempts = _run_node_with_retries(graph, current, state, context, results)
+                    update = yield from (attempts if span is None
+                                         else _noting_retries(attempts, spans, span))
+                else:
+                    update = _run_node(graph, current, state, context, results)
+            except BaseException as exc:
+                if span is not None:
+                    spans.node_ended(span, exc)
+                raise
+            if span is not None:
+                spans.node_ended(span)
             if recorder is not None:
                 recorder.step(current, state, steps, fan_in=results is not None)
-            yield _node_event(current, state, snapshots)
+            yield update_event(current, update) if updates else \
+                _node_event(current, state, snapshots)
         ran, results = False, None
         # Whatever reached this node (an edge, a loop, a fan-in), its fan-out starts now.
         fan_out = graph.fan_out_of(current)
         if fan_out is None:
             current = _route(graph, current, state, context)
             continue
-        results = yield from _fan_out(graph, current, fan_out, state, context,
-                                      branch_events=branch_events, recorder=recorder)
-        yield {"type": "parallel", "fan_in": fan_out.fan_in, "branches": results}
+        span = spans.fan_out_started(current, fan_out.fan_in) if spans is not None else None
+        try:
+            results = yield from _fan_out(graph, current, fan_out, state, context,
+                                          branch_events=branch_events, recorder=recorder,
+                                          span=span)
+        except BaseException as exc:
+            if span is not None:
+                spans.fan_out_ended(span, error=exc)
+            raise
+        if span is not None:
+            spans.fan_out_ended(span, results)
+        yield parallel_summary(current, fan_out.fan_in, results) if updates else \
+            {"type": "parallel", "fan_in": fan_out.fan_in, "branches": results}
         # Branches' writes to reducer keys reach the state before the fan-in node runs.
         graph.schema.combine(state, results, node=fan_out.fan_in, context=context)
         current = fan_out.fan_in
+
+
+def _noting_retries(attempts: Generator[dict[str, Any], None, Any], spans: Spans, span: Any
+                    ) -> Generator[dict[str, Any], None, Any]:
+    """``attempts`` (a node's retries), telling ``spans`` of each ``node_retry`` event."""
+    while True:
+        try:
+            event = next(attempts)
+        except StopIteration as stop:
+            return stop.value
+        spans.node_retried(span, event)
+        yield event
 
 
 def _node_event(node: str, state: dict, snapshot: bool) -> dict[str, Any]:
@@ -135,7 +174,8 @@ def _at(code: Iterable[Any], error: BaseException) -> str:
 
 
 def _run_node(graph: StepGraph, name: str, state: dict, context: ExecutionContext,
-              parallel_results: list[ParallelFlowResult] | None) -> None:
+              parallel_results: list[ParallelFlowResult] | None) -> Any:
+    """Run node ``name`` and merge what it returned into ``state``; return that update."""
     try:
         context.enter_node(name)
         try:
@@ -153,13 +193,17 @@ def _run_node(graph: StepGraph, name: str, state: dict, context: ExecutionContex
         if parallel_results:
             _name_failed_branches(exc, parallel_results)
         raise
+    return update
 
 
 def _run_node_with_retries(graph: StepGraph, name: str, state: dict,
                            context: ExecutionContext,
                            parallel_results: list[ParallelFlowResult] | None
-                           ) -> Iterator[dict[str, Any]]:
-    """Run a node that has a retry policy; yield a ``node_retry`` event before each backoff."""
+                           ) -> Generator[dict[str, Any], None, Any]:
+    """Run a node that has a retry policy; yield a ``node_retry`` event before each backoff.
+
+    Returns what the attempt that succeeded returned.
+    """
     try:
         context.enter_node(name)
         node = graph.nodes[name]
@@ -205,6 +249,7 @@ def _run_node_with_retries(graph: StepGraph, name: str, state: dict,
         if parallel_results:
             _name_failed_branches(exc, parallel_results)
         raise
+    return update
 
 
 def _name_failed_branches(exc: GraphExecutionError, results: list[ParallelFlowResult]) -> None:
@@ -279,14 +324,16 @@ def _wait_to_retry(name: str, delay: float, attempt: int, context: ExecutionCont
 
 def _fan_out(graph: StepGraph, node: str, fan_out: FanOut, state: dict,
              context: ExecutionContext[IsolationBackend], *, branch_events: bool,
-             recorder: RunRecorder | None = None
+             recorder: RunRecorder | None = None, span: Any = None
              ) -> Generator[dict[str, Any], None, list[ParallelFlowResult]]:
     """Plan ``node``'s fan-out and hand it to the fan-out driver; yield a ``branch`` event
     per finished branch (main path only) and return every result in declaration / item order.
 
     With a ``recorder`` (main path of a checkpointed run) each final result
     is recorded, and a resumed fan-out runs only the branches that have no
-    recorded success; the recorded ones take their places in the results."""
+    recorded success; the recorded ones take their places in the results.
+    ``span``: the fan-out's span (traced: its branches' tasks carry it, and
+    its spans take what every attempt sent back)."""
     backend = context.fan_out_backend()
     try:
         plan = plan_fan_out(graph, fan_out, state, context, isolation=backend.name,
@@ -299,13 +346,21 @@ def _fan_out(graph: StepGraph, node: str, fan_out: FanOut, state: dict,
     retry_of = _retry_of(fan_out, limits.branch_retry)
     emit = branch_events and context.branch_name is None  # branches' own fan-outs never emit
     recording = recorder.fan_out(node, plan.total) if recorder is not None else None
+    attempt_observer = None
+    if span is not None:
+        spans = context.spans
+        assert spans is not None
+        plan.tasks = _traced(plan.tasks, spans.fan_out_planned(span, plan.total, backend.name))
+        attempt_observer = lambda run, result: spans.branch_attempt_ended(  # noqa: E731
+            span, run.attempt, result)
     run = FanOutRun(backend, plan, fail_fast=limits.fail_fast,
                     max_concurrency=fan_out.max_concurrency or context.max_concurrency,
                     retry_of=retry_of, cancel=context.fan_out_cancel,
                     # Without retries nothing waits that close() would have to end.
                     stop_flags=context.stop_flags() if retry_of is not None else (),
                     recorded=recording.recorded if recording is not None else None,
-                    observers=[recording] if recording is not None else (), notes=emit)
+                    observers=[recording] if recording is not None else (), notes=emit,
+                    attempt_observer=attempt_observer)
     try:
         for note in run:
             yield _branch_event(node, fan_out.fan_in, note, run)
@@ -333,6 +388,13 @@ def _fan_out(graph: StepGraph, node: str, fan_out: FanOut, state: dict,
             error_type=failed.error_type, state=failed.state, results=results,
             timed_out=failed.timed_out, traceback=failed.traceback)
     return results
+
+
+def _traced(tasks: Iterator[BranchTask], parent: TraceParent) -> Iterator[BranchTask]:
+    """``tasks``, each carrying the span its branch's spans go under."""
+    for task in tasks:
+        task.trace = parent
+        yield task
 
 
 def _retry_of(fan_out: FanOut, default: RetryPolicy | None

@@ -130,7 +130,8 @@ def run_task(graph: Any, payload: dict[str, Any], conn: Connection) -> bytes:
             error=(f"branch {task.name!r}: its final state cannot be sent back from the "
                    f"worker process: {path}: {reason or exc}"),
             error_type=ErrorKind.STATE_COPY_ERROR, duration_ms=result.duration_ms,
-            isolation=result.isolation, worker=result.worker, node=result.node)
+            isolation=result.isolation, worker=result.worker, node=result.node,
+            spans=result.spans)
         return wire.encode(Kind.RESULT, failed)
 
 
