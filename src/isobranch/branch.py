@@ -51,7 +51,9 @@ class ParallelFlowResult(Mapping):
     ``reducer_writes`` are the
     ``(key, value)`` updates a successful branch made to reducer keys of the
     state schema, in order (what the fan-in combines); empty for a failed
-    branch.
+    branch. ``route`` is what the branch ran, in order (see ``route_step``):
+    the names of the nodes that completed, and for each nested fan-out the
+    routes of its branches; the regression plugin's graph coverage reads it.
 
     Reads like a dict too: ``result["state"]``, ``result.get("branch")``. A
     key that is not a field name is looked up in the branch's state
@@ -76,6 +78,7 @@ class ParallelFlowResult(Mapping):
     error_bases: tuple[str, ...] = ()
     reducer_writes: list[tuple[str, Any]] = field(default_factory=list)
     spans: tuple[Any, ...] = ()
+    route: tuple[Any, ...] = ()
 
     def __post_init__(self) -> None:
         # An ``ErrorKind`` member is stored as its plain string: what users see and pickles.
@@ -99,6 +102,16 @@ class ParallelFlowResult(Mapping):
     def to_dict(self) -> dict[str, Any]:
         """A plain dict of every field (the state is copied)."""
         return asdict(self)
+
+
+def route_step(results: list[ParallelFlowResult]) -> tuple[tuple[str, bool, str | None, tuple], ...]:
+    """A fan-out as one step of a route: per branch ``(branch, success, failed node, route)``.
+
+    Plain tuples and strings, not results: a route crosses processes with
+    its branch's result and is stored with it in checkpoints, whose codec
+    takes plain values only.
+    """
+    return tuple((r.branch, r.success, r.node, r.route) for r in results)
 
 
 def without_unsendable_state(result: ParallelFlowResult) -> ParallelFlowResult:

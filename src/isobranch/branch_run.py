@@ -25,6 +25,7 @@ from .branch import (
     format_traceback,
     ms_since,
     result_name,
+    route_step,
 )
 from .context import ExecutionContext
 from .error_kinds import ErrorKind
@@ -55,6 +56,7 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
     deadline = started + task.limits.branch_timeout if task.limits.branch_timeout else None
     worker = _worker_name(task.isolation)
     state: dict = {}
+    route: list[Any] = []
     context = ExecutionContext(
         task.graph, deadline=deadline, time_limit=task.limits.branch_timeout,
         branch_name=task.name, monitor=monitor, fan_out_limits=task.limits, watchdog=watchdog, stop=task.stop,
@@ -68,6 +70,7 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
 
     def result(**outcome: Any) -> ParallelFlowResult:
         outcome.setdefault("state", state)
+        outcome.setdefault("route", tuple(route))
         done = ParallelFlowResult(branch=result_name(task.start, task.index), index=task.index,
                                   duration_ms=ms_since(started), isolation=task.isolation,
                                   worker=worker, **outcome)
@@ -82,9 +85,13 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
         state = task.initial_state()
         if monitor is not None:
             monitor.state = state
-        for _event in run_steps(task.graph, state, context, start=task.start,
-                                stop_at=task.fan_in):
-            pass
+        for event in run_steps(task.graph, state, context, start=task.start,
+                               stop_at=task.fan_in):
+            kind = event["type"]
+            if kind == "node":
+                route.append(event["node"])
+            elif kind == "parallel":
+                route.append(route_step(event["branches"]))
         # A last node that ran past the deadline makes the branch late too.
         context.check_deadline()
         return result(success=True, reducer_writes=context.reducer_writes)
