@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from ..drawing import EdgeKind
 from ..fanout import MapFanOut
-from ..runner import END, START
+from ..routes import END, START
 from .running import RunRecord
 
 # The JSON document's version: bumped when a field changes meaning or goes.
