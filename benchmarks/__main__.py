@@ -15,6 +15,7 @@ from . import (
     map_cases,
     observe_cases,
     reducer_cases,
+    subgraph_cases,
 )
 
 NAMES = ["vm", "hook", "lua-threads", "overhead-thread", "overhead-inline", "hot-loop-process",
@@ -24,7 +25,7 @@ NAMES = ["vm", "hook", "lua-threads", "overhead-thread", "overhead-inline", "hot
          "map-process", "map-thread", "map-width-thread", "map-width-process", "map-dask",
          "codec-small", "codec-20k", "ainvoke", "reducer-map-thread", "reducer-width-thread",
          "checkpoint-process", "checkpoint-thread", "stream-updates", "otel-no-provider",
-         "otel-exporter"]
+         "otel-exporter", "subgraph-map-thread", "subgraph-map-process"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         lambda: observe_cases.stream_updates_event_size(repeat=reps(3)),
         lambda: observe_cases.tracing_overhead(False, repeat=reps(15)),
         lambda: observe_cases.tracing_overhead(True, repeat=reps(15)),
+        lambda: subgraph_cases.subgraph_map_vs_node_map("thread", repeat=reps(7)),
+        lambda: subgraph_cases.subgraph_map_vs_node_map("process", repeat=reps(7)),
     ]
     if args.only:
         runs = [run for run, name in zip(runs, NAMES, strict=True) if name in args.only]

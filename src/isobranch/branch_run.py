@@ -59,7 +59,8 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
     route: list[Any] = []
     context = ExecutionContext(
         task.graph, deadline=deadline, time_limit=task.limits.branch_timeout,
-        branch_name=task.name, monitor=monitor, fan_out_limits=task.limits, watchdog=watchdog, stop=task.stop,
+        branch_name=task.name, branch_index=task.index, monitor=monitor,
+        fan_out_limits=task.limits, watchdog=watchdog, stop=task.stop,
         nested_isolation="inline" if task.isolation == "inline" else "thread",
         backend_factory=create_backend)
     # Only a task sent under a traced fan-out records spans (sent back in the result).

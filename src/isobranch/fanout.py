@@ -214,9 +214,9 @@ def plan_fan_out(graph: BranchGraph, fan_out: FanOut, state: dict, context: Exec
                               f"{path}: {reason}", ErrorKind.STATE_COPY_ERROR)
     limits = context.fan_out_limits
     if isinstance(fan_out, MapFanOut):
-        return map_plan(graph, fan_out, items, snapshot, limits, isolation, context.branch_name,
+        return map_plan(graph, fan_out, items, snapshot, limits, isolation, context.scope,
                         must_pickle=crosses_processes, stop=context.stop)
-    return static_plan(graph, fan_out, snapshot, limits, isolation, context.branch_name,
+    return static_plan(graph, fan_out, snapshot, limits, isolation, context.scope,
                        stop=context.stop)
 
 

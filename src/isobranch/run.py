@@ -31,6 +31,7 @@ from .runner import run_steps
 from .schema import StateSchema
 from .statecopy import StateSnapshot
 from .stream_modes import VALUES_EVENT_TYPES, StreamMode
+from .subgraph import node_paths
 from .tracing import run_tracing
 
 # What a call's config may override (besides ``run_id``, which names a checkpointed run).
@@ -145,7 +146,7 @@ def run_events(graph: RunnableGraph, state: dict | None, config: dict | None, *,
     if resume is not None:
         assert graph.checkpointer is not None
         reopened = reopen_run(graph.checkpointer, resume, fingerprint=graph.fingerprint(),
-                              nodes=graph.nodes.keys(), force=force)
+                              nodes=set(node_paths(graph)), force=force)
         if reopened.done:  # it succeeded: its final state, and nothing runs
             yield {"type": "run", "run_id": resume}
             yield _final_event(reopened.state, mode)
@@ -162,7 +163,7 @@ def run_events(graph: RunnableGraph, state: dict | None, config: dict | None, *,
                                     fail_fast=settings["fail_fast"],
                                     branch_max_memory=graph.branch_max_memory,
                                     branch_retry=settings["branch_retry"]),
-        cancel=cancel)
+        cancel=cancel, recorder=recorder)
     # Whether the run is traced is asked here, once: never per node or branch.
     context.spans = tracing = run_tracing(graph.name, settings["isolation"])
     active.add(stop)
@@ -174,7 +175,7 @@ def run_events(graph: RunnableGraph, state: dict | None, config: dict | None, *,
         # invoke() needs no per-branch events; stream() reports them, but not in values mode.
         steps = run_steps(graph, working, context, start=graph.entry, snapshots=snapshots,
                           branch_events=snapshots and mode is not StreamMode.VALUES,
-                          resume=point, updates=mode is StreamMode.UPDATES, recorder=recorder)
+                          resume=point, updates=mode is StreamMode.UPDATES)
         if mode is StreamMode.VALUES:
             steps = (event for event in steps if event["type"] in VALUES_EVENT_TYPES)
         yield from steps
