@@ -241,7 +241,9 @@ class ExecutionContext(Generic[BackendT]):
         It is awaited on this context's own event loop, which stops it when
         the branch or run is cancelled or out of time.
         """
-        if not inspect.isawaitable(value):
+        # What nodes return is almost always a plain dict or None, never awaitable:
+        # answered without isawaitable's Awaitable check, once per node of every branch.
+        if value is None or type(value) is dict or not inspect.isawaitable(value):
             return value
         if self._awaiter is None:
 
