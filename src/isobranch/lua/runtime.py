@@ -67,6 +67,12 @@ _LIMITED_VM_OPTIONS = {**_VM_OPTIONS, "max_memory": 0}
 _DEPTH_REASON = DEPTH_REASON.encode()
 
 
+def compile_sandbox() -> None:
+    """Compile the sandbox's chunks now, once for this process (a worker's fork server
+    does it before it forks, so no worker pays for it)."""
+    _sandbox_bytecode()
+
+
 @functools.cache
 def _sandbox_bytecode() -> tuple[bytes, ...]:
     """The sandbox and the chunks it loads on first use, compiled once per process.

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from ..drawing import EdgeKind
 from ..fanout import MapFanOut
-from ..runner import END, START
+from ..routes import END, START
 from ..subgraph import PATH_SEPARATOR, SubgraphNode
 from .running import RunRecord
 
