@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
-from .branch import result_name
-
 
 class Breakpoint(StrEnum):
     """Where a breakpoint (``compile(interrupt_before=..., interrupt_after=...)``) pauses."""
@@ -144,8 +142,11 @@ class InterruptScope:
         self.calls += 1
         path = site.path_of(self.name)
         start = site.branch_start
-        base = interrupt_id(path, site.branch_name, start,
-                            None if start is None else result_name(start, site.branch_index))
+        # The branch's own name in its fan-out (branch.result_name; this module sits
+        # below branch.py, whose results carry interrupts).
+        own = start if start is None or site.branch_index is None else \
+            f"{start}[{site.branch_index}]"
+        base = interrupt_id(path, site.branch_name, start, own)
         interrupt_id_ = base if self.calls == 1 else f"{base}#{self.calls}"
         settings = site.interrupts
         if interrupt_id_ in settings.answers:
