@@ -16,6 +16,7 @@ from isobranch import (
     Interrupt,
     SqliteCheckpointer,
     StateGraph,
+    YAMLEngine,
     interrupt,
 )
 from isobranch.checkpoint import RunStatus
@@ -239,3 +240,51 @@ def test_answered_interrupts_return_their_answer_and_a_retried_node_pauses(tmp_p
         assert [i.id for i in out["__interrupt__"]] == ["ask"] and len(attempts) == 1
         assert app.resume("t", answer="yes") == {"answer": "yes"}
     assert len(attempts) == 3
+
+
+LUA_ASKING = {
+    "nodes": [
+        {"name": "start", "run": "return {'items': [1, 2, 3]}"},
+        {"name": "ask", "language": "lua",
+         "run": "if state.item ~= 2 then return {got = state.item} end\n"
+                "local first = interrupt({question = 'ok?', item = state.item})\n"
+                "local ok = pcall(interrupt, 'swallowed?')  -- a pause pcall cannot keep\n"
+                "return {got = first}"},
+        {"name": "join", "fan_in": True,
+         "run": "return {'got': [r.state.get('got') for r in parallel_results]}"},
+    ],
+    "edges": [{"from": "__start__", "to": "start"},
+              {"from": "start", "to": "ask", "type": "map", "over": "items", "fan_in": "join"},
+              {"from": "ask", "to": "join"}, {"from": "join", "to": "__end__"}],
+}
+
+
+@pytest.mark.parametrize("isolation", ["inline", "process"])
+def test_lua_nodes_have_the_global_interrupt(tmp_path, isolation):
+    engine = YAMLEngine(isolation=isolation, checkpointer=SqliteCheckpointer(tmp_path / "r.db"))
+    with engine.load_from_dict(LUA_ASKING) as app:
+        first = app.invoke({}, config={"run_id": "lua"})
+        assert first["__interrupt__"] == [
+            Interrupt("ask[1]", {"question": "ok?", "item": 2}, "ask", "ask[1]")]
+        second = app.resume("lua", answer={"yes": [1, 2]})
+        assert [(i.id, i.value) for i in second["__interrupt__"]] == [("ask[1]#2", "swallowed?")]
+        final = app.resume("lua", answer=None)
+    assert final["got"] == [1, {"yes": [1, 2]}, 3]
+
+
+def test_a_lua_node_without_a_checkpointer_fails_naming_the_node():
+    with YAMLEngine(isolation="inline").load_from_dict(LUA_ASKING) as app:
+        events = list(app.stream({}))
+    # The branch failed (failures are data), naming its node; its siblings went on.
+    results = next(e["branches"] for e in events if e["type"] == "parallel")
+    failed = [(r.branch, r.node, r.error_type) for r in results if not r.success]
+    assert failed == [("ask[1]", "ask", "InterruptUnavailable")]
+    assert "interrupt() needs a checkpointer" in results[1].error, results[1].error
+    assert events[-1]["state"]["got"] == [1, None, 3]
+
+
+def test_lua_code_outside_a_run_has_no_interrupt_global():
+    from isobranch import LuaRuntime, LuaRuntimeError
+
+    with LuaRuntime() as runtime, pytest.raises(LuaRuntimeError, match="interrupt"):
+        runtime.execute_node_code("return interrupt(1)")

@@ -25,8 +25,8 @@ from .isolation import (
 )
 from .lua.runtime import LuaRuntime
 from .retry import RetryPolicy
+from .routes import END, START
 from .run_history import RunState, StepRecord
-from .runner import END, START
 from .stream_modes import StreamMode
 from .yaml_engine import YAMLEngine
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .checkpoint.store import SqliteCheckpointer
-from .compiled import CompiledGraph, Routes
+from .compiled import CompiledGraph
 from .conditions import Condition, Expression, as_condition
 from .defaults import (
     DEFAULT_FAIL_FAST,
@@ -28,8 +28,8 @@ from .isolation.registry import backend_options as declared_backend_options
 from .keys import unknown
 from .nodes import Node, as_node
 from .retry import RetryPolicy, as_policy
+from .routes import END, START, Routes
 from .run import limit_problems
-from .runner import END, START
 from .schema import StateSchema
 from .subgraph import SubgraphNode, mapping_problems
 

@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
-from .branch import result_name
-
 
 class Breakpoint(StrEnum):
     """Where a breakpoint (``compile(interrupt_before=..., interrupt_after=...)``) pauses."""
@@ -123,7 +121,7 @@ class NodeSite(Protocol):
 class InterruptScope:
     """One call of one node: where it runs (its interrupt id) and how often it asked."""
 
-    __slots__ = ("calls", "name", "pending", "site")
+    __slots__ = ("calls", "name", "pending", "refused", "site")
 
     def __init__(self, site: NodeSite, name: str) -> None:
         self.site = site
@@ -132,6 +130,9 @@ class InterruptScope:
         # The interrupt this call paused at: the step loop pauses even if the node
         # swallowed the signal (a bare ``except:``, a Lua ``pcall``).
         self.pending: Interrupt | None = None
+        # Why the call could not pause (no checkpointer): the node's failure, whatever
+        # error the node's code (Lua, say) turned it into.
+        self.refused: InterruptUnavailable | None = None
 
     def ask(self, value: Any) -> Any:
         """The answer to this call's next ``interrupt(value)``; pause if there is none yet."""
@@ -141,16 +142,20 @@ class InterruptScope:
         self.calls += 1
         path = site.path_of(self.name)
         start = site.branch_start
-        base = interrupt_id(path, site.branch_name, start,
-                            None if start is None else result_name(start, site.branch_index))
+        # The branch's own name in its fan-out (branch.result_name; this module sits
+        # below branch.py, whose results carry interrupts).
+        own = start if start is None or site.branch_index is None else \
+            f"{start}[{site.branch_index}]"
+        base = interrupt_id(path, site.branch_name, start, own)
         interrupt_id_ = base if self.calls == 1 else f"{base}#{self.calls}"
         settings = site.interrupts
         if interrupt_id_ in settings.answers:
             return settings.answers[interrupt_id_]
         if not settings.allowed:
-            raise InterruptUnavailable(
+            self.refused = InterruptUnavailable(
                 "interrupt() needs a checkpointer to pause the run: compile(checkpointer="
                 "SqliteCheckpointer()) or YAML settings.checkpoint")
+            raise self.refused
         self.pending = Interrupt(interrupt_id_, value, path, site.branch_name)
         raise NodePaused([self.pending])
 

@@ -27,22 +27,17 @@ from .context import ExecutionContext
 from .errors import GraphError, GraphExecutionError, StateDecodeError, StateEncodeError
 from .fanout import MapFanOut, map_items
 from .interrupts import Breakpoint, Interrupt
-from .runner import END, START, route
-from .schema import StateSchema
+from .routes import END, START
+from .runner import StepGraph, route
 from .subgraph import PATH_SEPARATOR, SubgraphNode
 
 
-class HistoryGraph(Protocol):
-    """What run history reads of a compiled graph (a ``CompiledGraph`` is one)."""
+class HistoryGraph(StepGraph, Protocol):
+    """What run history reads of a compiled graph (a ``CompiledGraph`` is one): what the
+    step loop routes with, its entry and its checkpointer."""
 
     entry: str
-    nodes: Mapping[str, Any]
-    schema: StateSchema
     checkpointer: SqliteCheckpointer | None
-
-    def fan_out_of(self, node: str) -> Any:
-        """The fan-out of ``node``, or None."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -222,13 +217,13 @@ class _NextNodes:
               ) -> tuple[str, ...]:
         """What runs after ``node`` of ``graph``, with ``state`` after it, named with
         ``prefix``; empty at END."""
-        context = ExecutionContext(graph, fan_out_limits=BranchLimits())  # type: ignore[arg-type]
+        context = ExecutionContext(graph, fan_out_limits=BranchLimits())
         try:
             fan_out = graph.fan_out_of(node)
             if fan_out is not None:
                 names = self._fan_out_next(fan_out, state, context)
             else:
-                target = route(graph, node, state, context)  # type: ignore[arg-type]
+                target = route(graph, node, state, context)
                 names = () if target == END else (target,)
         finally:
             context.close()
@@ -322,7 +317,7 @@ def _merged(graph: HistoryGraph, state: dict, update: Mapping[str, Any] | None, 
             where: str) -> dict:
     """``state`` with ``update`` merged in by ``graph``'s schema, as if ``node`` returned it."""
     if update:
-        context = ExecutionContext(graph, fan_out_limits=BranchLimits())  # type: ignore[arg-type]
+        context = ExecutionContext(graph, fan_out_limits=BranchLimits())
         try:
             graph.schema.apply(state, update, node=node, context=context)
         except GraphExecutionError as exc:  # a declared type or reducer refused the update

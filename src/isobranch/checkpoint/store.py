@@ -22,6 +22,8 @@ import random
 import sqlite3
 import threading
 import time
+import uuid
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -33,6 +35,8 @@ from ..interrupts import Interrupt
 from .codec import decode_value
 
 SCHEMA_VERSION = "3"
+# What ``SqliteCheckpointer().path`` is for runs kept in memory.
+MEMORY_PATH = ":memory:"
 # Version 1 had no working time, version 2 no interrupts; both are brought to
 # version 3 when opened.
 _NO_WORKING_TIME_VERSION = "1"
@@ -163,15 +167,33 @@ class SqliteCheckpointer:
     pickles, which lets whoever can write the database run code in this
     process: use it only for a database you trust. One object may serve
     many threads; many processes may share one file.
+
+    Without a ``path`` the runs are kept in memory for the life of the
+    object, in this process only (``path`` is then ``:memory:``): enough to
+    pause a run with ``interrupt()`` and resume it, nothing survives the
+    process. Branches in worker processes never touch the database (only
+    the caller records), so every backend may run with one.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, pickle: bool = False) -> None:
-        if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+    def __init__(self, path: str | os.PathLike[str] | None = None, *,
+                 pickle: bool = False) -> None:
+        if path is not None and (not isinstance(path, (str, os.PathLike))
+                                 or not os.fspath(path)):
             raise GraphError(f"SqliteCheckpointer: path must be a file path, got {path!r}")
         if not isinstance(pickle, bool):
             raise GraphError(f"SqliteCheckpointer: pickle must be True or False, got {pickle!r}")
-        self.path = Path(os.fspath(path))
         self.pickle = pickle
+        # An in-memory database: a private shared-cache name, kept alive by a connection
+        # of its own as long as this object lives (a shared-cache database ends with
+        # its last connection), so close() never loses its runs.
+        self._memory_uri: str | None = None
+        if path is None:
+            self.path = Path(MEMORY_PATH)
+            self._memory_uri = f"file:isobranch-{uuid.uuid4().hex}?mode=memory&cache=shared"
+            keeper = sqlite3.connect(self._memory_uri, uri=True, check_same_thread=False)
+            self._keeper = weakref.finalize(self, keeper.close)
+        else:
+            self.path = Path(os.fspath(path))
         self._reset()
 
     def _reset(self) -> None:
@@ -180,14 +202,20 @@ class SqliteCheckpointer:
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
+        if self._memory_uri is not None:
+            raise GraphError("an in-memory SqliteCheckpointer() cannot leave its process: "
+                             "give it a path to share runs between processes")
         return {"path": self.path, "pickle": self.pickle}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.path, self.pickle = state["path"], state["pickle"]
+        self._memory_uri = None
         self._reset()
 
     def __repr__(self) -> str:
-        return f"SqliteCheckpointer({str(self.path)!r}{', pickle=True' if self.pickle else ''})"
+        where = "" if self._memory_uri is not None else repr(str(self.path))
+        pickled = "pickle=True" if self.pickle else ""
+        return f"SqliteCheckpointer({', '.join(filter(None, (where, pickled)))})"
 
     # -- connection -----------------------------------------------------------
 
@@ -197,8 +225,10 @@ class SqliteCheckpointer:
             return self._connection
         self._pid = os.getpid()
         try:
-            connection = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_SECONDS,
-                                         isolation_level=None, check_same_thread=False)
+            connection = sqlite3.connect(self._memory_uri or self.path,
+                                         timeout=_BUSY_TIMEOUT_SECONDS, isolation_level=None,
+                                         check_same_thread=False,
+                                         uri=self._memory_uri is not None)
         except sqlite3.Error as exc:
             raise self._unusable(exc) from exc
         try:
@@ -211,7 +241,7 @@ class SqliteCheckpointer:
 
     def _prepare(self, connection: sqlite3.Connection) -> None:
         mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
+        if str(mode).lower() != "wal" and self._memory_uri is None:  # memory has no WAL
             raise GraphError(f"checkpoint database {str(self.path)!r}: cannot use WAL mode "
                              f"(journal mode stays {mode!r})")
         # WAL with synchronous=NORMAL: a commit survives the process being

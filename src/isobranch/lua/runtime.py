@@ -7,9 +7,10 @@ it loads the first time a VM needs it (conversion, seldom-called library
 functions) in the ``.lua`` files beside it; user code cannot reach them.
 
 The time limit is a Lua count hook (every 1,000 VM instructions) that reads
-the process CPU clock and asks Python for the wall clock at a call's first
-firing and then once per 5 ms of CPU: Lua runs without the GIL almost all
-the time, so Lua branches on threads still scale with cores. The hook is
+the process CPU clock (at every 8th firing, and at each one after a
+collector cycle or a new second) and asks Python for the wall clock at a
+call's first firing and then once per 5 ms of CPU: Lua runs without the GIL
+almost all the time, so Lua branches on threads still scale with cores. The hook is
 set on every coroutine, a timeout cannot be caught (after it, every
 instruction raises and no coroutine is created or resumed), no user code
 runs while Lua has a thread's hooks off, and ``__gc`` finalizers — which
@@ -60,6 +61,16 @@ HOOK_INSTRUCTIONS = 1000
 # for each Lua string's header.
 _PUSH_SLACK, _STRING_OVERHEAD = 4096, 64
 _CHUNKS = ("sandbox", "crossing", "decode", "encode", "lazy", "rarely_used")
+# encoding=None: strings cross as bytes, so values travel as marshal data.
+_VM_OPTIONS = {"register_eval": False, "register_builtins": False, "encoding": None}
+_LIMITED_VM_OPTIONS = {**_VM_OPTIONS, "max_memory": 0}
+_DEPTH_REASON = DEPTH_REASON.encode()
+
+
+def compile_sandbox() -> None:
+    """Compile the sandbox's chunks now, once for this process (a worker's fork server
+    does it before it forks, so no worker pays for it)."""
+    _sandbox_bytecode()
 
 
 @functools.cache
@@ -101,6 +112,9 @@ class LuaRuntime:
     None when Lua returns; only calls with a time limit are reported. An
     outside watchdog enforces that window. A per-call
     ``timeout=`` overrides the default, but only on a runtime that has a hook.
+    ``interrupt`` is what node code's global ``interrupt(value)`` calls
+    (``isobranch.interrupt`` for the nodes of a run; without it, node code
+    has no such global): its argument and its answer cross as any value.
 
     The hook cannot interrupt one single long C call, such as a
     pathological pattern match (``string.find`` with heavy backtracking on
@@ -113,7 +127,8 @@ class LuaRuntime:
                  max_memory: int | None = DEFAULT_LUA_MAX_MEMORY,
                  *, timeout_hook: bool = True,
                  should_stop: Callable[[], bool] | None = None,
-                 deadline_listener: Callable[[float | None], None] | None = None) -> None:
+                 deadline_listener: Callable[[float | None], None] | None = None,
+                 interrupt: Callable[[Any], Any] | None = None) -> None:
         if timeout is not None and not timeout > 0:
             raise ConfigError(f"timeout must be positive or None, got {timeout!r}")
         if max_memory is not None and max_memory <= 0:
@@ -123,6 +138,9 @@ class LuaRuntime:
         self.timeout_hook = timeout_hook
         self.should_stop = should_stop
         self.deadline_listener = deadline_listener
+        self.interrupt = interrupt
+        # Whether the VM holds the bridge to ``interrupt`` (handed over once per VM).
+        self._asks = False
         self._vm: Any = None
         self._run: Any = None
         self._deadline: float | None = None
@@ -192,6 +210,7 @@ class LuaRuntime:
     def close(self) -> None:
         """Drop the VM; the next call starts a fresh one."""
         self._vm = self._run = None
+        self._asks = False
 
     def __enter__(self) -> LuaRuntime:
         return self
@@ -202,24 +221,19 @@ class LuaRuntime:
     # -- internals ----------------------------------------------------------
 
     def _start_vm(self) -> None:
-        # encoding=None: strings cross as bytes, so values travel as marshal data.
-        options: dict[str, Any] = {"register_eval": False, "register_builtins": False,
-                                   "encoding": None}
-        if self.max_memory is not None:
-            options["max_memory"] = self.max_memory
-        vm = lua54.LuaRuntime(**options)
+        # A limit of 0 is none: the setup must not fail half-way however small
+        # the limit is, so the VM gets its limit once the sandbox is made.
+        vm = lua54.LuaRuntime(**(_VM_OPTIONS if self.max_memory is None
+                                 else _LIMITED_VM_OPTIONS))
         # No limit to enforce, no hook: Lua then runs at bare speed.
         enforce = self.timeout_hook and (self.timeout is not None or self.should_stop is not None)
-        hook_count = HOOK_INSTRUCTIONS if enforce else None
         # The only Python objects the VM ever holds: bound methods, kept as
         # private upvalues of the sandbox.
-        sandbox, *loaded_on_first_use = _sandbox_bytecode()
-        if self.max_memory is not None:
-            # The setup must not fail half-way however small the limit is.
-            vm.set_max_memory(0)
-        armed = self._armed if self.deadline_listener is not None else None
-        self._run = vm.execute(sandbox, self._out_of_time, hook_count, *loaded_on_first_use, armed,
-                               MAX_DEPTH, DEPTH_REASON.encode())
+        sandbox, crossing, decode, encode, lazy, rarely_used = _sandbox_bytecode()
+        self._run = vm.execute(sandbox, self._out_of_time, HOOK_INSTRUCTIONS if enforce else None,
+                               crossing, decode, encode, lazy, rarely_used,
+                               self._armed if self.deadline_listener is not None else None,
+                               MAX_DEPTH, _DEPTH_REASON)
         if self.max_memory is not None:
             vm.set_max_memory(self.max_memory)
         self._vm = vm
@@ -272,6 +286,15 @@ class LuaRuntime:
             self.deadline_listener(None)
         return data
 
+    def _ask(self, data: bytes) -> bytes | None:
+        # Called from Lua by the global interrupt(value): ``data`` is ``{value}`` encoded;
+        # the answer goes back as ``{answer}``. What ``interrupt`` raises (the pause)
+        # ends the Lua call as an error, and the step loop pauses the node anyway.
+        assert self.interrupt is not None
+        value = from_lua_bytes(data)
+        answer = self.interrupt(value[0] if isinstance(value, list) and value else None)
+        return to_lua_bytes([answer], "interrupt() answer")
+
     def _resume_lua_clock(self) -> None:
         if self._paused_at is None:
             return
@@ -295,8 +318,9 @@ class LuaRuntime:
             raise ConfigTypeError(f"Lua code must be a str, got {type(code).__name__}")
         name = chunk_name or "lua"
         lazy = _crosses_lazily(state)
-        state_data = self._to_lua(list(state) if lazy else state, "state")
-        variables_data = self._to_lua(variables, "variables")
+        state_data = None if state is None else self._to_lua(list(state) if lazy else state,
+                                                             "state")
+        variables_data = None if variables is None else self._to_lua(variables, "variables")
         source = code.encode("utf-8", "surrogateescape")
         lua_name = ("=" + name).encode("utf-8", "surrogateescape")
         if self._run is None:
@@ -318,8 +342,11 @@ class LuaRuntime:
             # with the call that needs it (handing a VM a Python callable
             # costs a microsecond, and most VMs never see a lazy state).
             fetch = self._fetch_state_value if lazy else None
+            ask = None
+            if self.interrupt is not None and not self._asks and mode == "node":
+                ask, self._asks = self._ask, True
             status, payload, failed_index = self._run(mode.encode(), source, lua_name,
-                                                      state_data, variables_data, fetch)
+                                                      state_data, variables_data, fetch, ask)
         except lua54.LuaMemoryError as exc:
             self.close()
             raise self._memory_error(name) from exc
