@@ -157,11 +157,11 @@ class Terminal:
 
 
 def test_run_interactive_asks_each_question_in_a_terminal_until_the_run_ends(tmp_path):
-    """The approval example: 5 drafts, each paused for approval; 3 answered yes."""
+    """The approval example: 5 drafts, each paused for approval; 3 answered yes. Without
+    --checkpoint the run is kept in memory: no database file is left behind."""
     primary, secondary = os.openpty()
     child = subprocess.Popen(
-        [sys.executable, "-m", "isobranch", "run", str(APPROVAL), "--interactive",
-         "--checkpoint", str(tmp_path / "runs.db")],
+        [sys.executable, "-m", "isobranch", "run", str(APPROVAL), "--interactive"],
         stdin=secondary, stderr=secondary, stdout=subprocess.PIPE, cwd=tmp_path,
         env=plain_environment(), close_fds=True)
     os.close(secondary)
@@ -187,6 +187,7 @@ def test_run_interactive_asks_each_question_in_a_terminal_until_the_run_ends(tmp
     assert [mail["to"] for mail in final["sent"]] == [
         "ada@example.com", "grace@example.com", "linus@example.com"]
     assert final["held"] == ["alan@example.com", "barbara@example.com"]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_interactive_input_that_ends_leaves_the_run_paused_with_exit_3(tmp_path):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 from isobranch import SqliteCheckpointer, YAMLEngine
@@ -23,16 +22,15 @@ TRUSTED = ("ada@example.com", "grace@example.com", "linus@example.com")
 
 
 def main() -> int:
-    with tempfile.TemporaryDirectory() as directory:
-        engine = YAMLEngine(checkpointer=SqliteCheckpointer(Path(directory) / "runs.db"))
-        with engine.load_from_file(AGENT) as app:
-            paused = app.invoke({}, config={"run_id": "approval-1"})
-            answers = {}
-            for question in paused["__interrupt__"]:
-                answers[question.id] = "yes" if question.value["to"] in TRUSTED else "no"
-                print(f"{question.id}: {answers[question.id]} ({question.value['to']})",
-                      file=sys.stderr)
-            final = app.resume("approval-1", answers=answers)
+    # No path: the run is kept in memory, for as long as this checkpointer lives.
+    with YAMLEngine(checkpointer=SqliteCheckpointer()).load_from_file(AGENT) as app:
+        paused = app.invoke({}, config={"run_id": "approval-1"})
+        answers = {}
+        for question in paused["__interrupt__"]:
+            answers[question.id] = "yes" if question.value["to"] in TRUSTED else "no"
+            print(f"{question.id}: {answers[question.id]} ({question.value['to']})",
+                  file=sys.stderr)
+        final = app.resume("approval-1", answers=answers)
     print(json.dumps({"sent": [mail["to"] for mail in final["sent"]], "held": final["held"]}))
     return 0
 
