@@ -152,18 +152,25 @@ def test_without_a_checkpointer_interrupt_fails_the_run_naming_the_node(marks):
     assert caught.value.error_type == "InterruptUnavailable"
 
 
-def test_an_async_node_pauses_and_gets_its_answer(tmp_path):
+def test_async_nodes_pause_each_under_its_own_id(tmp_path):
     async def ask(state: dict) -> dict:
         await asyncio.sleep(0)
         return {"answer": interrupt("name?")}
 
+    async def confirm(state: dict) -> dict:
+        await asyncio.sleep(0)
+        return {"confirmed": interrupt(f"{state['answer']}?")}
+
     graph = StateGraph()
-    graph.add_node("ask", ask)
-    graph.add_edge(START, "ask")
-    graph.add_edge("ask", END)
+    graph.add_node("ask", ask).add_node("confirm", confirm)
+    graph.add_edge(START, "ask").add_edge("ask", "confirm").add_edge("confirm", END)
     with graph.compile(checkpointer=SqliteCheckpointer(tmp_path / "r.db")) as app:
-        assert app.invoke({}, config={"run_id": "a"})["__interrupt__"][0].id == "ask"
-        assert app.resume("a", answer="Ada") == {"answer": "Ada"}
+        assert app.invoke({}, config={"run_id": "a"})["__interrupt__"] == [
+            Interrupt("ask", "name?", "ask")]
+        # Both async nodes run in one run here: each awaits under its own node's scope.
+        assert app.resume("a", answer="Ada")["__interrupt__"] == [
+            Interrupt("confirm", "Ada?", "confirm")]
+        assert app.resume("a", answer=True) == {"answer": "Ada", "confirmed": True}
 
 
 def test_aresume_takes_the_answers(tmp_path, marks):

@@ -97,7 +97,9 @@ def test_paused_branches_resume_alone_and_nothing_finished_runs_again(tmp_path, 
 def test_a_pause_never_triggers_fail_fast_nor_a_branch_retry(tmp_path):
     marks = tmp_path / "marks"
     marks.mkdir()
-    graph = review_map(retry={"max_attempts": 3, "initial_interval": 0.001})
+    # Even a policy that names the pause's kind never retries it: a pause is no failure.
+    graph = review_map(retry={"max_attempts": 3, "initial_interval": 0.001,
+                              "retry_on": ["Interrupted"]})
     with graph.compile(isolation="thread", max_workers=2, fail_fast=True,
                        checkpointer=SqliteCheckpointer(tmp_path / "r.db")) as app:
         paused = app.invoke({"marks": str(marks)}, config={"run_id": "r"})
