@@ -22,7 +22,14 @@ from .branch import BranchLimits
 from .checkpoint.codec import decode_value, encode_value
 from .checkpoint.recorder import new_run_id as fresh_run_id
 from .checkpoint.runs import check_run_id
-from .checkpoint.store import RecordedStep, RunRow, RunStatus, SqliteCheckpointer, StepKind
+from .checkpoint.store import (
+    RecordedStep,
+    RunRow,
+    RunStatus,
+    SqliteCheckpointer,
+    StepKind,
+    StepRow,
+)
 from .context import ExecutionContext
 from .errors import GraphError, GraphExecutionError, StateDecodeError, StateEncodeError
 from .fanout import MapFanOut, map_items
@@ -88,16 +95,15 @@ class RecordedRun:
     status: RunStatus
     interrupts: tuple[Interrupt, ...]
     step: int
-    last: RecordedStep | None
+    last: StepRow | None
     frames: list[dict] | None
 
 
 def read_run(store: SqliteCheckpointer, run_id: str) -> RecordedRun:
     """Run ``run_id`` of ``store`` as the database records it; ``GraphError`` if unknown."""
     row, where = _run_row(store, run_id)
-    steps = store.recorded_steps(run_id)
-    last = steps[-1] if steps else None
-    interrupts = tuple(_pending_interrupts(store, run_id))
+    last = store.last_step(run_id)
+    interrupts = tuple(store.pending_interrupts(run_id))
     step, frames = (last.seq if last else 0), None
     if row.status == RunStatus.SUCCEEDED:
         values = _decode_state(store, row.final_state, where, "final state")
@@ -191,7 +197,7 @@ class _NextNodes:
         self._run_id = run_id
         self._seq = seq
 
-    def after(self, graph: HistoryGraph, last: RecordedStep, values: dict,
+    def after(self, graph: HistoryGraph, last: StepRow, values: dict,
               frames: list[dict] | None) -> tuple[str, ...]:
         if frames is None:
             return self._from(graph, last.node, values, prefix="")
@@ -259,10 +265,6 @@ def _run_row(store: SqliteCheckpointer, run_id: str) -> tuple[RunRow, str]:
     return row, where
 
 
-def _pending_interrupts(store: SqliteCheckpointer, run_id: str) -> list[Interrupt]:
-    return store.pending_interrupts(run_id)
-
-
 def _paused_nodes(interrupts: Sequence[Interrupt]) -> tuple[str, ...]:
     """The nodes that run again first when a paused run resumes: each interrupted node
     (in a branch, by its path), and a node a breakpoint paused before. A breakpoint after
@@ -285,7 +287,7 @@ def _decode_state(store: SqliteCheckpointer, text: str | None, where: str, what:
     return value
 
 
-def _frames(store: SqliteCheckpointer, step: RecordedStep, where: str) -> list[dict]:
+def _frames(store: SqliteCheckpointer, step: StepRow | RecordedStep, where: str) -> list[dict]:
     """The frames of an inner step, from the main path in (see ``recorder.inner_step``)."""
     frames = _decode(store, step.state, where, f"state after node {step.node!r}")
     if not (isinstance(frames, list) and frames and all(
