@@ -32,7 +32,7 @@ from typing import Any, NoReturn
 
 from .branch import ParallelFlowResult
 from .checkpoint.store import RunStatus, SqliteCheckpointer
-from .cli_answers import ANSWER_OPTION, ask, resume_answers
+from .cli_answers import ANSWER_OPTION, ask, pause_lines, resume_answers
 from .cli_errors import command_message
 from .cli_failures import FailedBranchWarnings
 from .cli_history import history_table, interrupt_json, state_json, step_json
@@ -416,20 +416,10 @@ def _finish(args: argparse.Namespace, out: PrivateStdout, graph: CompiledGraph,
 def _report_pause(args: argparse.Namespace, ended: _Ended) -> None:
     """The pending interrupts of a paused run on stderr, then how to resume it."""
     assert ended.interrupts is not None
-    for interrupt in ended.interrupts:
-        print(f"isobranch: interrupt: {_compact_json(interrupt_json(interrupt))}",
-              file=sys.stderr)
-    if ended.run_id is None:
-        return
-    command = ["isobranch", "resume", args.file, ended.run_id,
-               *(("--checkpoint", args.checkpoint) if args.checkpoint else ())]
-    asking = [i for i in ended.interrupts if i.breakpoint is None]
-    if len(asking) == 1:
-        command += [ANSWER_OPTION, "JSON"]
-    elif asking:
-        command += [ANSWER_OPTION, "ID=JSON", "..."]
-    print(f"isobranch: run {ended.run_id} paused; resume it with: {shlex.join(command)}",
-          file=sys.stderr, flush=True)
+    for line in pause_lines(ended.interrupts, ended.run_id, args.file, args.checkpoint,
+                            lambda interrupt: _compact_json(interrupt_json(interrupt))):
+        print(line, file=sys.stderr)
+    sys.stderr.flush()
 
 
 def _compact_json(value: Any) -> str:

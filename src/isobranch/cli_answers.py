@@ -15,6 +15,7 @@ otherwise (``yes``), since typing quotes at a prompt is easy to forget.
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -62,6 +63,25 @@ def resume_answers(raw_answers: Sequence[str]) -> dict[str, Any]:
     if plain:
         return {"answer": plain[0]}
     return {"answers": by_id} if by_id else {}
+
+
+def pause_lines(interrupts: Sequence[Interrupt], run_id: str | None, workflow: str,
+                checkpoint: str | None, describe: Callable[[Interrupt], str]) -> list[str]:
+    """What a paused run prints on stderr: a line per pending interrupt (``describe``
+    writes it as JSON), then the command that resumes the run (``checkpoint``: the
+    ``--checkpoint`` option given, if any)."""
+    lines = [f"isobranch: interrupt: {describe(i)}" for i in interrupts]
+    if run_id is None:
+        return lines
+    command = ["isobranch", "resume", workflow, run_id,
+               *(("--checkpoint", checkpoint) if checkpoint else ())]
+    asking = [i for i in interrupts if i.breakpoint is None]
+    if len(asking) == 1:
+        command += [ANSWER_OPTION, "JSON"]
+    elif asking:
+        command += [ANSWER_OPTION, "ID=JSON", "..."]
+    lines.append(f"isobranch: run {run_id} paused; resume it with: {shlex.join(command)}")
+    return lines
 
 
 def typed_answer(line: str) -> Any:
