@@ -7,13 +7,22 @@ import json
 import platform
 import sys
 
-from . import async_cases, cases, checkpoint_cases, checkpoint_codec, map_cases, reducer_cases
+from . import (
+    async_cases,
+    cases,
+    checkpoint_cases,
+    checkpoint_codec,
+    dask_map_cases,
+    map_cases,
+    reducer_cases,
+)
 
 NAMES = ["vm", "hook", "lua-threads", "overhead-thread", "overhead-inline", "hot-loop-process",
          "python-processes", "overhead-process", "overhead-fresh", "state-copy", "round-trip",
          "lua-small-read",
          "soak-thread", "soak-process", "python-dask", "overhead-dask", "dask-start",
          "map-process", "map-thread", "map-width-thread", "map-width-process", "map-dask",
+         "map-dask-client", "map-dask-long",
          "codec-small", "codec-20k", "ainvoke", "reducer-map-thread", "reducer-width-thread",
          "checkpoint-process", "checkpoint-thread"]
 
@@ -55,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         lambda: map_cases.map_width_scaling("thread", repeat=reps(5)),
         lambda: map_cases.map_width_scaling("process", repeat=reps(3)),
         lambda: map_cases.map_dask_vs_process(repeat=reps(3)),
+        lambda: dask_map_cases.map_dask_vs_client_map(repeat=reps(3)),
+        lambda: dask_map_cases.map_dask_long_vs_client_map(repeat=reps(2)),
         lambda: checkpoint_codec.codec_vs_json("small", repeat=reps(9)),
         lambda: checkpoint_codec.codec_vs_json("20k", repeat=reps(9)),
         lambda: async_cases.ainvoke_overhead(repeat=reps(7)),

@@ -44,6 +44,8 @@ class FanOutWatch:
     heard_at: float = field(default_factory=time.monotonic)
     probe: ProbeFuture | None = None
     no_workers_since: float | None = None
+    # The fan-out's ``BatchSizer``, told how long each finished task ran.
+    sizer: Any = None
 
 
 @dataclass
@@ -63,6 +65,8 @@ class FollowedBranch:
     # Where the current submission's starts begin in ``starts``.
     current: int = 0
     node: str | None = None
+    # The ``FollowedBatch`` it runs in, while it runs in one (None: a task of its own).
+    batch: Any = None
 
     @property
     def task(self) -> BranchTask:
