@@ -52,6 +52,7 @@ from .dask_batches import (
     FollowedBatch,
     batch_results,
     branches_of,
+    describe_task,
     pack_payloads,
 )
 from .dask_branches import (
@@ -305,6 +306,12 @@ class DaskBackend(IsolationBackend):
                     return  # its branches' starts come as "item" (when they have deadlines)
             if isinstance(followed, FollowedBatch):
                 return
+            if kind == "item" and followed.batch is not None:
+                # The branch before it in the batch has finished: no deadline of its
+                # own runs any more (its result comes with the batch's).
+                number = int(followed.key.rsplit("/", 1)[1])
+                if number:
+                    followed.batch.items[number - 1].run.started_at = None
             if kind in ("start", "item"):
                 followed.run.started_at = now  # the driver's deadline counts from here
                 # A branch begins at the node it is named after; later nodes are
@@ -341,12 +348,13 @@ class DaskBackend(IsolationBackend):
         branch.key = f"isobranch-{task.label.replace('/', '.')}-{uuid.uuid4().hex}"
         with self._lock:
             branch.current = len(branch.starts)
+            branch.completed = False
             branch.run.started_at = None
             self._following[branch.key] = branch
         future = branch.future = client.submit(run_on_worker, plugin, task.payload(),
                                                self._topic, branch.key, key=branch.key,
                                                pure=False)
-        future.add_done_callback(branch.fan_out.finished.put)
+        future.add_done_callback(branch.on_done)
         return future
 
     def submit_batch(self, client: Any, plugin: str, batch: FollowedBatch) -> Any:
@@ -408,7 +416,7 @@ class DaskBackend(IsolationBackend):
             self.stop_running(connection, pending.values())
             self.forget(pending, list(pending))
             return lost
-        self._judge_reruns(connection, pending, results)
+        self._judge_reruns(connection, plugin, pending, results)
         self._collect(connection, plugin, pending, results)
         return None
 
@@ -461,11 +469,19 @@ class DaskBackend(IsolationBackend):
                 client.loop.asyncio_loop)
         return None
 
-    def _judge_reruns(self, connection: Connection, pending: dict[Any, Followed],
+    def _judge_reruns(self, connection: Connection, plugin: str, pending: dict[Any, Followed],
                       results: list[Finished]) -> None:
         for future, branch in list(pending.items()):
-            if future.status != "pending" or isinstance(branch, FollowedBatch):
-                continue  # finished meanwhile: _collect takes it as it is (a batch dies whole)
+            if future.status != "pending":
+                continue  # finished meanwhile: _collect takes it as it is
+            if isinstance(branch, FollowedBatch):
+                if len(branch.starts) > 1:
+                    # A user's scheduler re-ran it after its worker died: its branches
+                    # run alone instead, where the one that killed the worker is named.
+                    quietly(future.cancel)
+                    self.forget(pending, [future])
+                    self._dissolve(connection.client, plugin, branch, pending)
+                continue
             rerun = self._runs.rerun_failure(branch, connection.address)
             if rerun is not None:
                 results.append((branch.run, rerun))
@@ -483,6 +499,8 @@ class DaskBackend(IsolationBackend):
             return None
         worker = branch.running_on if batch is None else batch.running_on
         limit, started = branch.task.limits.branch_timeout or 0.0, branch.run.started_at
+        if started is None or time.monotonic() < started + limit:
+            return None  # it runs again since (a batch-mate was given up on), or finished
         now = time.monotonic()
         where = f" in node {branch.node!r}" if branch.node else ""
         result = failed_result(
@@ -490,7 +508,7 @@ class DaskBackend(IsolationBackend):
             f"branch {branch.task.label!r} timed out after {limit:g}s{where}: "
             f"stuck in one call on Dask worker {worker}, which is being restarted",
             ErrorKind.BRANCH_TIMEOUT, state=branch.task.initial_state(), timed_out=True,
-            duration_ms=(now - (started or now)) * 1000.0, isolation=self.name, worker=worker,
+            duration_ms=(now - started) * 1000.0, isolation=self.name, worker=worker,
             node=branch.node)
         quietly(future.cancel)
         self.forget(pending, [future])
@@ -536,6 +554,16 @@ class DaskBackend(IsolationBackend):
                 continue  # the client cancels its tasks when it loses the scheduler: _lost judges
             branch = pending[future]
             self.forget(pending, [future])
+            if status == "lost":
+                # It finished, but its result died with its worker before it was
+                # fetched: nothing of it was recorded, and it is not its failure.
+                logger.warning("dask backend: the result of %s died with its Dask worker "
+                               "before it was fetched; it runs again", describe_task(branch))
+                if isinstance(branch, FollowedBatch):
+                    self._dissolve(client, plugin, branch, pending)
+                else:
+                    pending[self.submit(client, plugin, branch)] = branch
+                continue
             error = quietly(future.exception) if status == "error" else None
             dead = dead_worker(error)
             if isinstance(branch, FollowedBatch):
@@ -635,6 +663,10 @@ class DaskBackend(IsolationBackend):
                 followed = pending.pop(future, None)
                 if followed is None:
                     continue
+                # Let go of the future: while the client holds one, the scheduler keeps
+                # its result on the worker, and recomputes it if that worker dies (a
+                # finished branch would run again).
+                followed.future = None
                 keys = followed.keys() if isinstance(followed, FollowedBatch) else [followed.key]
                 for key in keys:
                     self._following.pop(key, None)

@@ -117,6 +117,13 @@ def branches_of(followed: Iterable[Followed]) -> list[FollowedBranch]:
     return branches
 
 
+def describe_task(followed: Followed) -> str:
+    """A task as log records name it: its branch, or how many its batch runs."""
+    if isinstance(followed, FollowedBatch):
+        return f"a batch of {len(followed.items)} branches"
+    return f"branch {followed.task.label!r}"
+
+
 def batch_results(batch: FollowedBatch, value: Any) -> list[Finished]:
     """Each branch's result from what the task of ``batch`` returned (its results and the
     seconds it ran, which the fan-out's sizer is told)."""

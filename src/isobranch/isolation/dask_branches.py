@@ -67,6 +67,15 @@ class FollowedBranch:
     node: str | None = None
     # The ``FollowedBatch`` it runs in, while it runs in one (None: a task of its own).
     batch: Any = None
+    # The current submission finished once: a later start is the scheduler computing
+    # again a result that died with its worker before it was fetched, not a crash.
+    completed: bool = False
+
+    def on_done(self, future: Any) -> None:
+        """The future's done callback (on the client's event-loop thread)."""
+        if future.status == "finished":
+            self.completed = True
+        self.fan_out.finished.put(future)
 
     @property
     def task(self) -> BranchTask:
@@ -130,7 +139,7 @@ class RunLedger:
         """A failed result if the scheduler at ``address`` re-ran the branch more often
         than ``retries`` allows."""
         runs = self._counted_runs(branch)
-        if len(runs) <= self.retries + 1:
+        if len(runs) <= self.retries + 1 or branch.completed:
             return None
         # The scheduler's allowed-failures is above isobranch's retries.
         dead, rerun_on = runs[-2], runs[-1]
