@@ -221,6 +221,31 @@ def test_fail_fast_cancels_the_queued_batches(cluster, tmp_path):
     assert ran < len(items) / 2, f"{ran} of {len(items)} branches ran after fail_fast"
 
 
+def test_fail_fast_cancels_the_submitted_tasks_that_have_not_started(cluster, tmp_path):
+    # Slow branches go one per task, four tasks per worker thread submitted: the one
+    # that fails at once leaves twelve waiting at the scheduler, which never run.
+    from distributed import Client
+
+    marks_dir = tmp_path / "marks"
+    marks_dir.mkdir()
+
+    def fail_first(item):
+        if item == 0:
+            raise RuntimeError("item 0 failed")
+        time.sleep(1.0)
+
+    items = list(range(40))
+    with Client(cluster, set_as_default=False) as client:
+        with map_graph(counted(marks_dir, fail_first), client=client, fail_fast=True) as app, \
+                pytest.raises(GraphExecutionError, match="item 0 failed"):
+            app.invoke({"items": items})
+        assert wait_until(lambda: client.run_on_scheduler(scheduler_tasks) == 0)
+    ran = [item for item in items if runs(marks_dir, item)]
+    # The four threads' first branches, and at most one more each as item 0's
+    # thread freed up before the driver heard of the failure.
+    assert len(ran) <= 8, f"{len(ran)} branches ran: {ran}"
+
+
 def test_every_branch_of_a_batched_map_is_an_event_and_a_checkpoint(cluster, tmp_path):
     items = list(range(500))
     database = tmp_path / "runs.db"

@@ -348,7 +348,7 @@ class DaskBackend(IsolationBackend):
         branch.key = f"isobranch-{task.label.replace('/', '.')}-{uuid.uuid4().hex}"
         with self._lock:
             branch.current = len(branch.starts)
-            branch.completed = False
+            branch.finished_after = None
             branch.run.started_at = None
             self._following[branch.key] = branch
         future = branch.future = client.submit(run_on_worker, plugin, task.payload(),

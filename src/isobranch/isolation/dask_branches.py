@@ -67,14 +67,16 @@ class FollowedBranch:
     node: str | None = None
     # The ``FollowedBatch`` it runs in, while it runs in one (None: a task of its own).
     batch: Any = None
-    # The current submission finished once: a later start is the scheduler computing
-    # again a result that died with its worker before it was fetched, not a crash.
-    completed: bool = False
+    # How many starts there were when the current submission first finished (None: it
+    # has not): a later start is the scheduler computing again a result that died
+    # with its worker before it was fetched, not a re-run after a crash.
+    finished_after: int | None = None
 
     def on_done(self, future: Any) -> None:
-        """The future's done callback (on the client's event-loop thread)."""
-        if future.status == "finished":
-            self.completed = True
+        """The future's done callback (on the client's event-loop thread, which also
+        appends the starts)."""
+        if future.status == "finished" and self.finished_after is None:
+            self.finished_after = len(self.starts)
         self.fan_out.finished.put(future)
 
     @property
@@ -139,7 +141,7 @@ class RunLedger:
         """A failed result if the scheduler at ``address`` re-ran the branch more often
         than ``retries`` allows."""
         runs = self._counted_runs(branch)
-        if len(runs) <= self.retries + 1 or branch.completed:
+        if len(runs) <= self.retries + 1:
             return None
         # The scheduler's allowed-failures is above isobranch's retries.
         dead, rerun_on = runs[-2], runs[-1]
@@ -150,7 +152,8 @@ class RunLedger:
 
     def _counted_runs(self, branch: FollowedBranch) -> list[str]:
         with self._lock:
-            return [worker for at, worker in branch.starts
+            # Starts after the branch finished once computed a lost result again.
+            return [worker for at, worker in branch.starts[:branch.finished_after]
                     if self._restarted.get(worker, -1.0) < at]
 
 
