@@ -14,6 +14,7 @@ from . import (
     checkpoint_codec,
     dask_map_cases,
     map_cases,
+    observe_cases,
     reducer_cases,
 )
 
@@ -24,7 +25,8 @@ NAMES = ["vm", "hook", "lua-threads", "overhead-thread", "overhead-inline", "hot
          "map-process", "map-thread", "map-width-thread", "map-width-process", "map-dask",
          "map-dask-client", "map-dask-long",
          "codec-small", "codec-20k", "ainvoke", "reducer-map-thread", "reducer-width-thread",
-         "checkpoint-process", "checkpoint-thread"]
+         "checkpoint-process", "checkpoint-thread", "stream-updates", "otel-no-provider",
+         "otel-exporter"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         lambda: reducer_cases.reducer_width_scaling("thread", repeat=reps(5)),
         lambda: checkpoint_cases.map_with_checkpointer("process", repeat=reps(9)),
         lambda: checkpoint_cases.map_with_checkpointer("thread", repeat=reps(9)),
+        lambda: observe_cases.stream_updates_event_size(repeat=reps(3)),
+        lambda: observe_cases.tracing_overhead(False, repeat=reps(15)),
+        lambda: observe_cases.tracing_overhead(True, repeat=reps(15)),
     ]
     if args.only:
         runs = [run for run, name in zip(runs, NAMES, strict=True) if name in args.only]

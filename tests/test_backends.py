@@ -34,9 +34,9 @@ class RecordingBackend:
     def run_branches(self, tasks):
         results = {}
         for task in reversed(tasks):
-            self.seen.append(task.branch)
-            results[task.branch] = run_branch(task)
-        return [results[task.branch] for task in tasks]
+            self.seen.append(task.start)
+            results[task.start] = run_branch(task)
+        return [results[task.start] for task in tasks]
 
     def close(self):
         self.closed = True

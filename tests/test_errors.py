@@ -139,7 +139,7 @@ def test_library_errors_keep_the_builtin_base_callers_catch():
         LuaRuntime().execute(b"return 1")
     backend = create_backend("thread", max_workers=1)
     backend.close()
-    task = BranchTask(graph=None, branch="b", fan_in="join", snapshot=StateSnapshot({}),
+    task = BranchTask(graph=None, name="b", start="b", fan_in="join", snapshot=StateSnapshot({}),
                       limits=BranchLimits(), isolation="thread")
     with pytest.raises(BackendError, match="thread backend is closed") as closed:
         list(drive(backend, [task]))  # the fan-out driver opens the closed backend

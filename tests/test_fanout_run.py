@@ -24,7 +24,7 @@ from isobranch.statecopy import StateSnapshot
 def tasks(count: int, branch_timeout: float | None = None) -> list[BranchTask]:
     snapshot = StateSnapshot({})
     limits = BranchLimits(branch_timeout=branch_timeout)
-    return [BranchTask(graph=None, branch="body", fan_in="join", snapshot=snapshot,
+    return [BranchTask(graph=None, name=f"body[{i}]", start="body", fan_in="join", snapshot=snapshot,
                        limits=limits, isolation="scripted", index=i) for i in range(count)]
 
 

@@ -53,7 +53,7 @@ def test_an_update_that_cannot_be_rebuilt_is_left_out_with_a_debug_record(caplog
     from isobranch.statecopy import StateSnapshot
 
     caplog.set_level(logging.DEBUG, logger="isobranch")
-    task = BranchTask(graph=None, branch="b", fan_in="join", snapshot=StateSnapshot({"a": 1}),
+    task = BranchTask(graph=None, name="b", start="b", fan_in="join", snapshot=StateSnapshot({"a": 1}),
                       limits=BranchLimits(), isolation="process")
     slot = Running(BranchRun(task, 0), b"", worker=None, started=0.0,
                    updates=[b"not a pickle", None, pickle.dumps({"c": 2})])

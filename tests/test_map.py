@@ -681,7 +681,7 @@ def _tasks(app, isolation, count, pulled):
     snapshot = StateSnapshot({})
     for index in range(count):
         pulled.append(index)
-        yield BranchTask(graph=app, branch="body", fan_in="join", snapshot=snapshot,
+        yield BranchTask(graph=app, name=f"body[{index}]", start="body", fan_in="join", snapshot=snapshot,
                          limits=BranchLimits(), isolation=isolation, index=index,
                          overlay=StateSnapshot({"item": index, "index": index}))
 

@@ -304,7 +304,7 @@ def test_a_map_branch_out_of_memory_is_named_and_indexed_like_its_siblings(work,
 
 
 def test_every_failure_result_built_for_a_map_branch_carries_its_name_and_index():
-    task = BranchTask(graph=None, branch="work", fan_in="join", snapshot=StateSnapshot({}),
+    task = BranchTask(graph=None, name="work[3]", start="work", fan_in="join", snapshot=StateSnapshot({}),
                       limits=BranchLimits(branch_timeout=1.0, branch_max_memory=LIMIT),
                       isolation="process", index=3)
     results = {"cancelled": cancelled_result(task, "stopped"),

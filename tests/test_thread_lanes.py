@@ -94,7 +94,7 @@ def test_a_task_source_failing_after_its_last_task_still_fails_the_stream():
 
     def tasks(bad):
         for index in range(bad):
-            yield BranchTask(graph=app, branch="body", fan_in="join", snapshot=snapshot,
+            yield BranchTask(graph=app, name=f"body[{index}]", start="body", fan_in="join", snapshot=snapshot,
                              limits=BranchLimits(), isolation="thread", index=index,
                              overlay=StateSnapshot({"item": index, "index": index}))
         time.sleep(0.002)  # building a task can take a while (a big state copy)
@@ -158,4 +158,4 @@ def test_every_branch_gets_its_own_state_copy_and_context_on_a_reused_lane():
     assert [r.state["seen"] for r in results] == [[i] for i in range(200)]
     # All still alive, so distinct ids mean distinct contexts.
     assert len({id(c) for c in contexts}) == len(contexts) == 200
-    assert {c.branch for c in contexts} == {f"body[{i}]" for i in range(200)}
+    assert {c.branch_name for c in contexts} == {f"body[{i}]" for i in range(200)}

@@ -25,6 +25,7 @@ from .isolation import (
 from .lua.runtime import LuaRuntime
 from .retry import RetryPolicy
 from .runner import END, START
+from .stream_modes import StreamMode
 from .yaml_engine import YAMLEngine
 
 __version__ = "0.1.0"
@@ -45,6 +46,7 @@ __all__ = [
     "RetryPolicy",
     "SqliteCheckpointer",
     "StateGraph",
+    "StreamMode",
     "YAMLEngine",
     "available_backends",
     "register_backend",

@@ -30,6 +30,10 @@ logger = logging.getLogger(__name__)
 class ParallelFlowResult(Mapping):
     """What one branch produced.
 
+    ``branch`` is the branch's name within its fan-out (``"score"``,
+    ``"score[3]"``): a public field kept under that name, like the
+    ``"branch"`` key of events, though internally a branch's identity is
+    ``BranchTask.name``/``start``/``index``.
     ``state`` is the branch's final state, or its state as of the failure.
     ``error`` is a message (it must cross process boundaries) naming the
     failing node; ``error_type`` the exception's class name; ``traceback``
@@ -39,10 +43,15 @@ class ParallelFlowResult(Mapping):
     counts the runs of the branch (more than 1 after branch retries);
     ``error_bases`` names the base classes of ``error_type``'s exception,
     nearest first, so a ``retry_on`` name can match a base of a class that
-    only exists where the branch ran. ``reducer_writes`` are the
+    only exists where the branch ran. ``spans`` are the branch's trace
+    spans as plain data (``trace_records.SpanRecord``) on their way back to
+    the caller, which takes them out (empty when tracing is off).
+    ``reducer_writes`` are the
     ``(key, value)`` updates a successful branch made to reducer keys of the
     state schema, in order (what the fan-in combines); empty for a failed
-    branch.
+    branch. ``route`` is what the branch ran, in order (see ``route_step``):
+    the names of the nodes that completed, and for each nested fan-out the
+    routes of its branches; the regression plugin's graph coverage reads it.
 
     Reads like a dict too: ``result["state"]``, ``result.get("branch")``. A
     key that is not a field name is looked up in the branch's state
@@ -66,6 +75,8 @@ class ParallelFlowResult(Mapping):
     attempts: int = 1
     error_bases: tuple[str, ...] = ()
     reducer_writes: list[tuple[str, Any]] = field(default_factory=list)
+    spans: tuple[Any, ...] = ()
+    route: tuple[Any, ...] = ()
 
     def __post_init__(self) -> None:
         # An ``ErrorKind`` member is stored as its plain string: what users see and pickles.
@@ -89,6 +100,16 @@ class ParallelFlowResult(Mapping):
     def to_dict(self) -> dict[str, Any]:
         """A plain dict of every field (the state is copied)."""
         return asdict(self)
+
+
+def route_step(results: list[ParallelFlowResult]) -> tuple[tuple[str, bool, str | None, tuple], ...]:
+    """A fan-out as one step of a route: per branch ``(branch, success, failed node, route)``.
+
+    Plain tuples and strings, not results: a route crosses processes with
+    its branch's result and is stored with it in checkpoints, whose codec
+    takes plain values only.
+    """
+    return tuple((r.branch, r.success, r.node, r.route) for r in results)
 
 
 def without_unsendable_state(result: ParallelFlowResult) -> ParallelFlowResult:
@@ -130,34 +151,32 @@ class BranchLimits:
 class BranchTask:
     """Plain data describing one branch; backends ship it wherever they run it.
 
-    ``branch`` is the first node. A map branch also has its ``index`` and an
-    ``overlay``: the few keys (item and index) laid over the shared
-    ``snapshot``, so no branch carries the whole list. ``stop`` is the
-    run's stop flag, seen only by branches that run in this process (it is
-    not part of the payload): ``close()`` raises it to end a node retry's
-    backoff at once.
+    A branch's identity is ``name``, ``start`` and ``index``: ``start`` is
+    its first node, ``index`` the item's position for a map branch (None for
+    a static one), and ``name`` what messages and logs call it: ``"score"``,
+    ``"score[3]"`` for item 3 of a map, ``"outer[1]/score[3]"`` for a branch
+    of a fan-out nested in branch ``outer[1]``. (Its result's
+    ``ParallelFlowResult.branch`` is ``result_name(start, index)``, without
+    the outer branches.) A map branch also has an ``overlay``: the few keys
+    (item and index) laid over the shared ``snapshot``, so no branch carries
+    the whole list. ``stop`` is the run's stop flag, seen only by branches
+    that run in this process (it is not part of the payload): ``close()``
+    raises it to end a node retry's backoff at once. ``trace`` is the fan-out
+    span the branch's spans go under (``trace_records.TraceParent``); None
+    when tracing is off.
     """
 
     graph: CompiledGraph
-    branch: str
+    name: str
+    start: str
     fan_in: str
     snapshot: StateSnapshot
     limits: BranchLimits
     isolation: str
-    path: str = ""
     index: int | None = None
     overlay: StateSnapshot | ScalarSnapshot | None = None
     stop: CancelSignal | None = None
-
-    @property
-    def name(self) -> str:
-        """The branch's name: its first node, ``"node[3]"`` for item 3 of a map."""
-        return branch_name(self.branch, self.index)
-
-    @property
-    def label(self) -> str:
-        """The branch name as shown in messages (``outer/inner`` when nested)."""
-        return self.path or self.name
+    trace: Any = None
 
     def initial_state(self) -> dict:
         """A new private copy of the state this branch starts from."""
@@ -168,9 +187,9 @@ class BranchTask:
 
     def payload(self) -> dict[str, Any]:
         """Every field but the graph (which workers already hold): ``BranchTask(graph=g, **p)``."""
-        return {"branch": self.branch, "fan_in": self.fan_in, "snapshot": self.snapshot,
-                "limits": self.limits, "isolation": self.isolation, "path": self.path,
-                "index": self.index, "overlay": self.overlay}
+        return {"name": self.name, "start": self.start, "fan_in": self.fan_in,
+                "snapshot": self.snapshot, "limits": self.limits, "isolation": self.isolation,
+                "index": self.index, "overlay": self.overlay, "trace": self.trace}
 
 
 @dataclass(slots=True, eq=False)
@@ -193,9 +212,10 @@ class BranchRun:
     done: bool = False
 
 
-def branch_name(first_node: str, index: int | None) -> str:
-    """``first_node`` for a static branch, ``"first_node[index]"`` for a map branch."""
-    return first_node if index is None else f"{first_node}[{index}]"
+def result_name(start: str, index: int | None) -> str:
+    """A branch's name within its own fan-out: ``start`` for a static branch,
+    ``"start[index]"`` for a map branch (``ParallelFlowResult.branch``)."""
+    return start if index is None else f"{start}[{index}]"
 
 
 class BranchMonitor:
@@ -229,8 +249,8 @@ def failed_result(task: BranchTask, error: str, error_type: str, **details: Any
     the other fields (``state``, ``node``, ``worker`` …).
     """
     details.setdefault("isolation", task.isolation)
-    return ParallelFlowResult(branch=task.name, index=task.index, success=False, error=error,
-                              error_type=error_type, **details)
+    return ParallelFlowResult(branch=result_name(task.start, task.index), index=task.index,
+                              success=False, error=error, error_type=error_type, **details)
 
 
 def cancelled_result(task: BranchTask, reason: str) -> ParallelFlowResult:
@@ -249,7 +269,7 @@ def timed_out_result(task: BranchTask, monitor: BranchMonitor | None) -> Paralle
     started = monitor.started_at if monitor and monitor.started_at else time.monotonic()
     state = dict(monitor.state) if monitor and monitor.state is not None else {}
     return failed_result(
-        task, f"branch {task.label!r} timed out after {task.limits.branch_timeout:g}s{where}",
+        task, f"branch {task.name!r} timed out after {task.limits.branch_timeout:g}s{where}",
         ErrorKind.BRANCH_TIMEOUT, state=state, timed_out=True, duration_ms=ms_since(started),
         worker=None, node=node)
 

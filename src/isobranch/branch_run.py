@@ -23,12 +23,15 @@ from .branch import (
     cancelled_result,
     format_traceback,
     ms_since,
+    result_name,
+    route_step,
 )
 from .context import ExecutionContext, Watchdog
 from .error_kinds import ErrorKind
 from .errors import BranchCancelled, BranchTimeout, GraphExecutionError
 from .retry import exception_names
 from .runner import run_steps
+from .trace_records import SpanRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -44,26 +47,35 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
     started = time.monotonic()
     debug = logger.isEnabledFor(logging.DEBUG)  # one check: branches can be 0.07 ms each
     if debug:
-        logger.debug("branch %r started at node %r (%s)", task.label, task.branch,
+        logger.debug("branch %r started at node %r (%s)", task.name, task.start,
                      task.isolation)
     if monitor is not None:
         monitor.started_at = started
     deadline = started + task.limits.branch_timeout if task.limits.branch_timeout else None
     worker = _worker_name(task.isolation)
     state: dict = {}
+    route: list[Any] = []
     context = ExecutionContext(
-        task.graph, deadline=deadline, time_limit=task.limits.branch_timeout, branch=task.label,
-        monitor=monitor, fan_out_limits=task.limits, watchdog=watchdog, stop=task.stop,
+        task.graph, deadline=deadline, time_limit=task.limits.branch_timeout,
+        branch_name=task.name, monitor=monitor, fan_out_limits=task.limits, watchdog=watchdog, stop=task.stop,
         nested_isolation="inline" if task.isolation == "inline" else "thread",
         backend_factory=task.graph.branch_backend)
+    # Only a task sent under a traced fan-out records spans (sent back in the result).
+    recorder = None if task.trace is None else SpanRecorder(
+        task.trace, graph=task.graph.name, branch=task.name, index=task.index,
+        isolation=task.isolation)
+    context.spans = recorder
 
     def result(**outcome: Any) -> ParallelFlowResult:
         outcome.setdefault("state", state)
-        done = ParallelFlowResult(branch=task.name, index=task.index,
+        outcome.setdefault("route", tuple(route))
+        done = ParallelFlowResult(branch=result_name(task.start, task.index), index=task.index,
                                   duration_ms=ms_since(started), isolation=task.isolation,
                                   worker=worker, **outcome)
+        if recorder is not None:
+            done.spans = recorder.finish(done)
         if debug:
-            logger.debug("branch %r finished in %.1f ms: %s", task.label, done.duration_ms,
+            logger.debug("branch %r finished in %.1f ms: %s", task.name, done.duration_ms,
                          "success" if done.success else f"failed ({done.error_type})")
         return done
 
@@ -71,9 +83,13 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
         state = task.initial_state()
         if monitor is not None:
             monitor.state = state
-        for _event in run_steps(task.graph, state, context, start=task.branch,
-                                stop_at=task.fan_in):
-            pass
+        for event in run_steps(task.graph, state, context, start=task.start,
+                               stop_at=task.fan_in):
+            kind = event["type"]
+            if kind == "node":
+                route.append(event["node"])
+            elif kind == "parallel":
+                route.append(route_step(event["branches"]))
         # A last node that ran past the deadline makes the branch late too.
         context.check_deadline()
         return result(success=True, reducer_writes=context.reducer_writes)
@@ -82,7 +98,7 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
                       timed_out=True, node=timeout.node, traceback=format_traceback(timeout))
     except BranchCancelled as cancelled:
         if debug:
-            logger.debug("branch %r finished: cancelled (%s)", task.label, cancelled)
+            logger.debug("branch %r finished: cancelled (%s)", task.name, cancelled)
         return cancelled_result(task, str(cancelled))
     except GraphExecutionError as exc:  # a node failed, or a nested fan-out under fail_fast
         return result(state=exc.state if exc.state is not None else state, success=False,
@@ -91,7 +107,7 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
                       traceback=exc.traceback or format_traceback(exc),
                       error_bases=tuple(getattr(exc, "error_bases", ()) or ()))
     except Exception as exc:  # a branch must never take its siblings down
-        return result(success=False, error=f"branch {task.label!r}: {type(exc).__name__}: {exc}",
+        return result(success=False, error=f"branch {task.name!r}: {type(exc).__name__}: {exc}",
                       error_type=type(exc).__name__, traceback=format_traceback(exc),
                       error_bases=exception_names(type(exc)))
     finally:

@@ -38,6 +38,7 @@ from .errors import GraphError, GraphExecutionError, GraphvizError, InputError, 
 from .fanout import print_branch_tracebacks
 from .pictures import PictureFormat, picture, write_picture
 from .progress import FanOutProgress, wants_progress
+from .stream_modes import VALUES_EVENT_TYPES, StreamMode
 from .yaml_engine import YAMLEngine
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
@@ -57,7 +58,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``isobranch`` command with ``argv`` (default: ``sys.argv[1:]``); its exit code."""
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_stream_default(sys.argv[1:] if argv is None else argv))
     try:
         with log_to_stderr(getattr(args, "verbose", 0)), stdout_to_stderr() as out:
             return args.handler(args, out)
@@ -146,8 +147,12 @@ def _parser() -> argparse.ArgumentParser:
     for sub in (run, resume):  # the commands that run a workflow
         sub.add_argument("--isolation", default=None,
                          help="isolation backend (overrides settings.parallel.isolation)")
-        sub.add_argument("--stream", action="store_true",
-                         help="print one JSON event per line as nodes finish")
+        sub.add_argument("--stream", metavar="MODE", default=None,
+                         choices=[mode.value for mode in StreamMode],
+                         help="print one JSON event per line as the run goes: --stream or "
+                              "--stream=events (every event, with states), --stream=updates "
+                              "(small events: each node's update, each fan-out's counts), "
+                              "--stream=values (the state after each step)")
         sub.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                          help="a live progress line per running fan-out on stderr "
                               "(default: when stderr is a terminal)")
@@ -184,7 +189,8 @@ def _run(args: argparse.Namespace, out: PrivateStdout) -> int:
                              f"no settings.checkpoint)")
         config = {"run_id": args.run_id} if args.run_id is not None else None
         recorded_in = graph.checkpointer.path if graph.checkpointer is not None else None
-        return _follow(args, out, graph.stream(state, config), recorded_in=recorded_in)
+        return _follow(args, out, graph.stream(state, config, mode=_mode(args)),
+                       recorded_in=recorded_in)
 
 
 def _resume(args: argparse.Namespace, out: PrivateStdout) -> int:
@@ -195,7 +201,8 @@ def _resume(args: argparse.Namespace, out: PrivateStdout) -> int:
                              f"settings.checkpoint)")
         if not graph.checkpointer.path.is_file():
             raise InputError(f"{graph.checkpointer.path}: no such checkpoint database")
-        return _follow(args, out, graph.resume_stream(args.run_id, force=args.force))
+        return _follow(args, out, graph.resume_stream(args.run_id, force=args.force,
+                                                      mode=_mode(args)))
 
 
 def _runs(args: argparse.Namespace, out: PrivateStdout) -> int:
@@ -215,6 +222,25 @@ def _runs(args: argparse.Namespace, out: PrivateStdout) -> int:
     return EXIT_OK
 
 
+def _stream_default(argv: Sequence[str]) -> list[str]:
+    """``argv`` with a bare ``--stream`` spelled ``--stream=events``: a mode is only ever
+    given after ``=``, so ``--stream FILE`` keeps reading FILE as the workflow."""
+    return [f"--stream={StreamMode.EVENTS.value}" if arg == "--stream" else arg
+            for arg in argv]
+
+
+def _mode(args: argparse.Namespace) -> StreamMode:
+    """The mode the command streams the run in: ``--stream=updates``'s, else events
+    (the final state, the progress lines and the warnings are read from them);
+    ``--stream=values`` prints only the events of that mode, which events mode has too."""
+    return StreamMode.UPDATES if args.stream == StreamMode.UPDATES else StreamMode.EVENTS
+
+
+def _printed(args: argparse.Namespace, event: dict[str, Any]) -> bool:
+    """Whether ``--stream`` prints ``event``."""
+    return args.stream != StreamMode.VALUES or event["type"] in VALUES_EVENT_TYPES
+
+
 def _follow(args: argparse.Namespace, out: PrivateStdout, events: Iterator[dict[str, Any]],
             *, recorded_in: Path | None = None) -> int:
     """Print the final state (or the ``--stream`` lines) of the run ``events`` describes.
@@ -225,7 +251,8 @@ def _follow(args: argparse.Namespace, out: PrivateStdout, events: Iterator[dict[
     """
     if wants_progress(args.progress, sys.stderr):  # on stderr only: stdout keeps just the JSON
         events = FanOutProgress(sys.stderr).follow(events)
-    failures = FailedBranchWarnings(sys.stderr)
+    failures = FailedBranchWarnings(sys.stderr,
+                                    from_branch_events=_mode(args) is StreamMode.UPDATES)
     final: dict = {}
     try:
         for event in events:
@@ -234,7 +261,8 @@ def _follow(args: argparse.Namespace, out: PrivateStdout, events: Iterator[dict[
                       file=sys.stderr, flush=True)
             failures.update(event)
             if args.stream:
-                out.write_line(_json(_event_json(event), compact=True))
+                if _printed(args, event):
+                    out.write_line(_json(_event_json(event), compact=True))
             elif event["type"] == "final":
                 final = event["state"]
     except (StdoutClosed, KeyboardInterrupt):
@@ -317,7 +345,7 @@ def _read_input(raw: str | None) -> dict:
 
 
 def _event_json(event: dict[str, Any]) -> dict[str, Any]:
-    if event["type"] == "parallel":
+    if event["type"] == "parallel" and "branches" in event:  # events mode: the results
         return {**event, "branches": [r.to_dict() for r in event["branches"]]}
     return event
 

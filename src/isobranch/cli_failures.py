@@ -28,21 +28,33 @@ PREFIX = "isobranch: warning: "
 class FailedBranchWarnings:
     """Writes a warning line per failed branch of a run's main-path fan-outs to ``stream``."""
 
-    def __init__(self, stream: TextIO, shown: int = SHOWN) -> None:
+    def __init__(self, stream: TextIO, shown: int = SHOWN, *,
+                 from_branch_events: bool = False) -> None:
         self.stream = stream
         self.shown = shown
         self.failed = 0
+        # ``stream(mode="updates")``: its ``parallel`` events hold no results, so each
+        # failed branch's line comes from its ``branch`` event (no error message there).
+        self.from_branch_events = from_branch_events
 
     def update(self, event: dict[str, Any]) -> None:
-        """Account for one event of ``CompiledGraph.stream``: a ``parallel`` event's failures."""
-        if event.get("type") != "parallel":
+        """Account for one event of ``CompiledGraph.stream``: a ``parallel`` event's failures
+        (or with ``from_branch_events``, a failed branch's ``branch`` event)."""
+        kind = event.get("type")
+        if self.from_branch_events:
+            if kind == "branch" and not event["success"]:
+                self._count(f"{PREFIX}branch {event['branch']!r} failed ({event['error_type']})")
+            return
+        if kind != "parallel":
             return
         for result in event["branches"]:
-            if result.success:
-                continue
-            self.failed += 1
-            if self.failed <= self.shown:
-                self._write(failure_line(result))
+            if not result.success:
+                self._count(failure_line(result))
+
+    def _count(self, line: str) -> None:
+        self.failed += 1
+        if self.failed <= self.shown:
+            self._write(line)
 
     def close(self) -> None:
         """The run ended (or failed): count the failed branches that had no line."""

@@ -26,6 +26,7 @@ from .nodes import Node
 from .retry import RetryPolicy
 from .run import ActiveRuns, last_state, run_events
 from .schema import StateSchema
+from .stream_modes import StreamMode, stream_mode
 
 
 @dataclass
@@ -168,17 +169,19 @@ class CompiledGraph:
         return last_state(self._events(None, config, snapshots=False, resume=run_id,
                                        force=force, cancel=_cancel))
 
-    def resume_stream(self, run_id: str, config: dict | None = None, *, force: bool = False
-                      ) -> Iterator[dict[str, Any]]:
-        """``resume``, yielding the events of ``stream`` for what runs (``run`` first)."""
+    def resume_stream(self, run_id: str, config: dict | None = None, *, force: bool = False,
+                      mode: StreamMode | str = StreamMode.EVENTS) -> Iterator[dict[str, Any]]:
+        """``resume``, yielding the events of ``stream`` (in ``mode``) for what runs
+        (``run`` first)."""
+        mode = stream_mode(mode)
         if self.checkpointer is None:
             raise GraphError("resume_stream() needs a checkpointer: compile(checkpointer="
                              "SqliteCheckpointer(path)) or YAML settings.checkpoint")
-        return self._events(None, config, snapshots=True, resume=run_id, force=force)
+        return self._events(None, config, snapshots=True, resume=run_id, force=force, mode=mode)
 
-    def stream(self, state: dict | None = None, config: dict | None = None
-               ) -> Iterator[dict[str, Any]]:
-        """Run the graph, yielding events as they happen.
+    def stream(self, state: dict | None = None, config: dict | None = None,
+               mode: StreamMode | str = StreamMode.EVENTS) -> Iterator[dict[str, Any]]:
+        """Run the graph, yielding events as they happen (``mode="events"``, the default).
 
         ``{"type": "node", "node", "state"}`` after each node of the main
         path, ``{"type": "branch", "fan_out", "fan_in", "branch", "index",
@@ -193,8 +196,18 @@ class CompiledGraph:
         besides the ``branch`` event's fields but ``attempts``) for each
         branch attempt that will run again. With a checkpointer the first event
         is ``{"type": "run", "run_id"}``.
+
+        ``mode="updates"`` keeps every event small whatever the size of the
+        state or the number of branches: a node event is ``{"type": "node",
+        "node", "update"}`` (what the node returned), a ``parallel`` event
+        ``{"type": "parallel", "fan_out", "fan_in", "total", "succeeded",
+        "failed", "failed_branches"}`` (at most 10 names), and the last event
+        ``{"type": "final"}`` carries no state. ``mode="values"`` yields only
+        the node events (each with a copy of the whole state) and ``final``.
+        An unknown mode is a ``ConfigError`` (a ``ValueError``) at once.
         """
-        return self._events(state, config, snapshots=True)
+        mode = stream_mode(mode)
+        return self._events(state, config, snapshots=True, mode=mode)
 
     async def ainvoke(self, state: dict | None = None, config: dict | None = None) -> dict:
         """``invoke`` without blocking the event loop; cancelling the awaiting task stops the run.
@@ -209,18 +222,19 @@ class CompiledGraph:
         return await async_api.run_off_loop(
             self._run_threads, lambda cancel: self._final_state(state, config, cancel))
 
-    def astream(self, state: dict | None = None, config: dict | None = None
-                ) -> AsyncIterator[dict[str, Any]]:
+    def astream(self, state: dict | None = None, config: dict | None = None,
+                mode: StreamMode | str = StreamMode.EVENTS) -> AsyncIterator[dict[str, Any]]:
         """``stream`` as an async iterator; the run goes on in a thread of the run pool.
 
-        Events are the same as ``stream``'s. Leaving the ``async for``
+        Events are the same as ``stream``'s in the same ``mode``. Leaving the ``async for``
         early (``break``, an exception, cancellation) stops the run as a
         cancellation does, once the iterator is closed: use
         ``contextlib.aclosing`` to close it at once.
         """
+        mode = stream_mode(mode)
         return async_api.stream_off_loop(
             self._run_threads,
-            lambda cancel: self._events(state, config, snapshots=True, cancel=cancel))
+            lambda cancel: self._events(state, config, snapshots=True, cancel=cancel, mode=mode))
 
     async def aresume(self, run_id: str, **options: Any) -> dict:
         """``resume(run_id, ...)`` without blocking the event loop (needs a checkpointer).
@@ -236,9 +250,11 @@ class CompiledGraph:
 
     def _events(self, state: dict | None, config: dict | None, *, snapshots: bool,
                 cancel: CancelSignal | None = None, resume: str | None = None,
-                force: bool = False) -> Iterator[dict[str, Any]]:
+                force: bool = False, mode: StreamMode = StreamMode.EVENTS
+                ) -> Iterator[dict[str, Any]]:
         return run_events(self, state, config, backend_for=self._backend, active=self._runs,
-                          snapshots=snapshots, cancel=cancel, resume=resume, force=force)
+                          snapshots=snapshots, cancel=cancel, resume=resume, force=force,
+                          mode=mode)
 
     def fingerprint(self) -> dict[str, str]:
         """``{part: digest}`` for every node and edge: what a checkpointed run records.

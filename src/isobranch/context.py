@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .checkpoint.recorder import RunRecorder
     from .compiled import CompiledGraph
     from .isolation.base import IsolationBackend
+    from .trace_records import Spans
 
 
 class Watchdog(Protocol):
@@ -55,7 +56,7 @@ class ExecutionContext:
     """State of one invocation or one branch: Lua VM, deadline, fan-out backend."""
 
     def __init__(self, graph: CompiledGraph, *, deadline: float | None = None,
-                 branch: str | None = None, monitor: BranchMonitor | None = None,
+                 branch_name: str | None = None, monitor: BranchMonitor | None = None,
                  time_limit: float | None = None, backend: IsolationBackend | None = None,
                  nested_isolation: str = "thread", max_workers: int | None = None,
                  fan_out_limits: BranchLimits, watchdog: Watchdog | None = None,
@@ -75,7 +76,8 @@ class ExecutionContext:
         self.recorder = recorder
         self.deadline = deadline
         self.time_limit = time_limit
-        self.branch = branch
+        # The branch's name (BranchTask.name); None on the main path.
+        self.branch_name = branch_name
         self.monitor = monitor
         self.max_workers = max_workers
         # Branches of one fan-out running at once, unless its edge says otherwise.
@@ -89,8 +91,10 @@ class ExecutionContext:
         self.watchdog = watchdog
         self._lua_call: tuple[str, float | None, bool] = ("lua", None, False)
         # A branch's writes to reducer keys, in order, for its fan-in (None on the main path).
-        self.reducer_writes: list[tuple[str, Any]] | None = [] if branch is not None else None
+        self.reducer_writes: list[tuple[str, Any]] | None = [] if branch_name is not None else None
         self._awaiter: AwaitRunner | None = None
+        # Who traces this path's nodes and fan-outs (tracing.py, trace_records.py); None: off.
+        self.spans: Spans | None = None
 
     @property
     def isolation(self) -> str:
@@ -124,7 +128,7 @@ class ExecutionContext:
         if self.monitor is not None:
             self.monitor.node = node
             if self.monitor.cancelled.is_set():
-                raise BranchCancelled(f"branch {self.branch!r} cancelled before node {node!r}")
+                raise BranchCancelled(f"branch {self.branch_name!r} cancelled before node {node!r}")
         self.check_deadline()
 
     def stop_flags(self) -> list[CancelSignal]:
@@ -138,9 +142,9 @@ class ExecutionContext:
     def cancelled_reason(self) -> str | None:
         """Why this context must stop now (cancelled branch, closed graph), or None."""
         if self.monitor is not None and self.monitor.cancelled.is_set():
-            return f"branch {self.branch!r} cancelled in node {self.node!r}"
+            return f"branch {self.branch_name!r} cancelled in node {self.node!r}"
         if self.stop is not None and self.stop.is_set():
-            where = f"branch {self.branch!r}" if self.branch else "the run"
+            where = f"branch {self.branch_name!r}" if self.branch_name else "the run"
             return f"{where} stopped in node {self.node!r}: the graph was closed"
         return None
 
@@ -166,7 +170,7 @@ class ExecutionContext:
             if self.cancel is not None and self.cancel.is_set():
                 raise self.cancel.error() from exc
             if self.monitor is not None and self.monitor.cancelled.is_set():
-                raise BranchCancelled(f"branch {self.branch!r} cancelled in node "
+                raise BranchCancelled(f"branch {self.branch_name!r} cancelled in node "
                                       f"{self.node!r}") from exc
             if cut_by_deadline:
                 raise self._timeout(self.node) from exc
@@ -197,7 +201,7 @@ class ExecutionContext:
         if self.cancel is not None and self.cancel.is_set():
             return self.cancel.error()
         if self.monitor is not None and self.monitor.cancelled.is_set():
-            return BranchCancelled(f"branch {self.branch!r} cancelled in node {self.node!r}")
+            return BranchCancelled(f"branch {self.branch_name!r} cancelled in node {self.node!r}")
         if self.deadline is not None and time.monotonic() >= self.deadline:
             return self._timeout(self.node)
         return None
@@ -234,7 +238,7 @@ class ExecutionContext:
     def _timeout(self, node: str | None) -> BranchTimeout:
         where = f" in node {node!r}" if node else ""
         limit = f" after {self.time_limit:g}s" if self.time_limit else ""
-        return BranchTimeout(f"branch {self.branch!r} timed out{limit}{where}", node)
+        return BranchTimeout(f"branch {self.branch_name!r} timed out{limit}{where}", node)
 
     def close(self) -> None:
         """Drop the Lua VM, the event loop of async nodes and any backend this context created."""

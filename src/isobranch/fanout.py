@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
-from .branch import BranchLimits, BranchTask, branch_name, format_traceback
+from .branch import BranchLimits, BranchTask, format_traceback, result_name
 from .cancellation import CancelSignal
 from .conditions import Expression
 from .error_kinds import ErrorKind
@@ -130,9 +130,9 @@ def static_plan(graph: CompiledGraph, fan_out: StaticFanOut, snapshot: StateSnap
 
     def tasks() -> Iterator[BranchTask]:
         for target in targets:
-            yield BranchTask(graph=graph, branch=target, fan_in=fan_out.fan_in,
-                             snapshot=snapshot, limits=limits, isolation=isolation,
-                             path=_path(parent, target), stop=stop)
+            yield BranchTask(graph=graph, name=_full_name(parent, target), start=target,
+                             fan_in=fan_out.fan_in, snapshot=snapshot, limits=limits,
+                             isolation=isolation, stop=stop)
 
     return FanOutPlan(len(targets), lambda position: targets[position], lambda _: None, tasks())
 
@@ -159,17 +159,17 @@ def map_plan(graph: CompiledGraph, fan_out: MapFanOut, items: Sequence[Any],
             if must_pickle and not overlay.picklable:
                 path, reason = find_unpicklable(item, f"{where}[{index}]")
                 raise StateCopyError(path, reason or "cannot be pickled")
-            name = branch_name(target, index)
-            yield BranchTask(graph=graph, branch=target, fan_in=fan_out.fan_in,
-                             snapshot=snapshot, limits=limits, isolation=isolation,
-                             path=_path(parent, name), index=index, overlay=overlay,
+            yield BranchTask(graph=graph, name=_full_name(parent, result_name(target, index)),
+                             start=target, fan_in=fan_out.fan_in, snapshot=snapshot,
+                             limits=limits, isolation=isolation, index=index, overlay=overlay,
                              stop=stop)
 
-    return FanOutPlan(len(items), lambda position: branch_name(target, position),
+    return FanOutPlan(len(items), lambda position: result_name(target, position),
                       lambda position: position, tasks())
 
 
-def _path(parent: str | None, name: str) -> str:
+def _full_name(parent: str | None, name: str) -> str:
+    """``name`` of a branch of a fan-out nested in the branch named ``parent``: ``parent/name``."""
     return f"{parent}/{name}" if parent else name
 
 
@@ -214,9 +214,9 @@ def plan_fan_out(graph: CompiledGraph, fan_out: FanOut, state: dict, context: Ex
                               f"{path}: {reason}", ErrorKind.STATE_COPY_ERROR)
     limits = context.fan_out_limits
     if isinstance(fan_out, MapFanOut):
-        return map_plan(graph, fan_out, items, snapshot, limits, isolation, context.branch,
+        return map_plan(graph, fan_out, items, snapshot, limits, isolation, context.branch_name,
                         must_pickle=crosses_processes, stop=context.stop)
-    return static_plan(graph, fan_out, snapshot, limits, isolation, context.branch,
+    return static_plan(graph, fan_out, snapshot, limits, isolation, context.branch_name,
                        stop=context.stop)
 
 

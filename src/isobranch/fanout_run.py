@@ -47,6 +47,11 @@ logger = logging.getLogger(__name__)
 UNSTARTED_POLL_SECONDS = 0.05
 
 
+# Told of each attempt's result as it comes in, before any retry or fail-fast decision
+# (tracing takes the spans a branch sent back): ``(run, result)``.
+AttemptObserver = Callable[[BranchRun, ParallelFlowResult], None]
+
+
 @dataclass(frozen=True)
 class RetryNotice:
     """Attempt ``result.attempts`` of the branch at ``position`` failed; it runs again in
@@ -268,8 +273,10 @@ class _Driver:
                  retry_of: Callable[[int], RetryPolicy | None] | None,
                  cancel: CancelSignal | None, stop_flags: Iterable[CancelSignal],
                  clock: Callable[[], float], random: Callable[[], float] | None,
-                 gathering: _Gathering | None = None) -> None:
+                 gathering: _Gathering | None = None,
+                 attempt_observer: AttemptObserver | None = None) -> None:
         self.backend = backend
+        self.attempt_observer = attempt_observer
         # FanOutRun's part: what is yielded, the fail-fast stop, the end.
         self.gathering = gathering
         self.source = source
@@ -367,7 +374,7 @@ class _Driver:
             run = self.abandoned[0]
             more = f" (and {len(self.abandoned) - 1} more)" if len(self.abandoned) > 1 else ""
             raise RetriesStopped(f"stopped (the graph was closed or the run cancelled) while "
-                                 f"branch {run.task.label!r}{more} waited for attempt "
+                                 f"branch {run.task.name!r}{more} waited for attempt "
                                  f"{run.attempt}")
 
     def _stop_retries(self) -> None:
@@ -411,6 +418,8 @@ class _Driver:
             assert self.work is not None
             self.work.start()  # room again for a backend that was refused
         result.attempts = run.attempt
+        if self.attempt_observer is not None:  # told of every attempt, retried ones too
+            self.attempt_observer(run, result)
         if self.retry_of is not None and not result.success:
             notice = self._retry(run, result)
             if notice is not None:
@@ -438,7 +447,7 @@ class _Driver:
                 failure_names(result.error_type, result.error_bases), BRANCH_RETRY_ON):
             delay = policy.delay(run.attempt, self.random)
             logger.warning("branch %r failed on attempt %d of %d (%s); retrying in %.3gs",
-                           run.task.label, run.attempt, policy.max_attempts,
+                           run.task.name, run.attempt, policy.max_attempts,
                            result.error_type, delay)
             self.source.schedule(BranchRun(run.task, run.position, run.attempt + 1),
                                  self.clock() + delay)
@@ -447,7 +456,7 @@ class _Driver:
             note = "" if self.source.stopped else not_retried_note(
                 policy, run.attempt, result.error_type,
                 failure_names(result.error_type, result.error_bases), BRANCH_RETRY_ON)
-            result.error = (f"branch {run.task.label!r} failed on attempt {run.attempt} of "
+            result.error = (f"branch {run.task.name!r} failed on attempt {run.attempt} of "
                             f"{policy.max_attempts}{note}: {result.error}")
         return None
 
@@ -602,7 +611,8 @@ class FanOutRun:
     stop left unrun are cancelled ones) and ``failure`` the branch that
     stopped it, if any. ``recorded`` are results a resumed run already has,
     by position: those branches do not run again. ``observers`` are told of
-    every final result and of the end.
+    every final result and of the end; ``attempt_observer`` of every
+    attempt's result first (a retried one too).
     """
 
     def __init__(self, backend: IsolationBackend, plan: FanOutPlan, *, fail_fast: bool,
@@ -610,7 +620,8 @@ class FanOutRun:
                  retry_of: Callable[[int], RetryPolicy | None] | None = None,
                  cancel: CancelSignal | None = None, stop_flags: Iterable[CancelSignal] = (),
                  recorded: Mapping[int, ParallelFlowResult] | None = None,
-                 observers: Sequence[FanOutObserver] = (), notes: bool = True) -> None:
+                 observers: Sequence[FanOutObserver] = (), notes: bool = True,
+                 attempt_observer: AttemptObserver | None = None) -> None:
         self._plan = plan
         gathered = Gathered(plan.total, fail_fast, backend.name)
         recorded = dict(recorded or {})
@@ -625,7 +636,8 @@ class FanOutRun:
         self._driver = _Driver(backend, FanOutSource(iter(tasks), positions),
                                max_concurrency=max_concurrency, retry_of=retry_of,
                                cancel=cancel, stop_flags=stop_flags, clock=time.monotonic,
-                               random=None, gathering=self._gathering)
+                               random=None, gathering=self._gathering,
+                               attempt_observer=attempt_observer)
 
     @property
     def results(self) -> list[ParallelFlowResult]:

@@ -28,6 +28,14 @@ becomes one failing item named ``<file>``.
 **Options.** ``--isobranch-isolation NAME`` runs every agent on that
 backend (it must be one of ``isobranch.available_backends()``);
 ``--isobranch-branch-timeout SECONDS`` sets every agent's branch timeout.
+``--isobranch-update`` rewrites the differing ``expect`` values of failing
+cases (and fills ``expect: record``), reporting those cases as updated;
+``--isobranch-coverage`` (and ``--isobranch-coverage-fail-under=PCT``,
+``--isobranch-coverage-json=PATH``) reports which nodes and edges of each
+agent the cases ran. Under xdist each worker sends what it gathered to the
+controller (``workeroutput``), which writes and reports once. Each case
+records ``agent``, ``isolation``, ``route`` and ``duration_ms`` as JUnit
+properties.
 
 **Fixtures.** ``isobranch_engine`` (session): a ``YAMLEngine`` built from
 those options; graphs you load from it are yours to close.
@@ -47,6 +55,7 @@ every case; all of them are closed when the session ends.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import threading
@@ -72,10 +81,20 @@ from .regression import (
     load_case_file,
     run_agent_case,
 )
+from .regression.case_rewrite import INSTALL_HINT, ruamel_available
+from .regression.coverage import coverage_lines, coverage_report
+from .regression.files import write_atomically
+from .regression.running import RunRecord
+from .regression.session import FileUpdateResult, SessionRecords
 from .yaml_engine import YAMLEngine
 
 __all__ = ["AgentCaseFile", "AgentCaseItem", "AgentGraphs", "AgentRunner", "agent_graphs",
-           "cli_options", "display_path", "isobranch_engine", "run_agent"]
+           "cli_options", "display_path", "isobranch_engine", "run_agent", "session_records"]
+
+# The key of this plugin's data in an xdist worker's ``workeroutput``.
+WORKER_OUTPUT_KEY = "isobranch"
+# The test outcome word and letter of a case ``--isobranch-update`` rewrote.
+UPDATED = "updated"
 
 
 def _positive_seconds(text: str) -> float:
@@ -88,14 +107,34 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _percentage(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be a percentage from 0 to 100, got {text!r}")
+    return value
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
-    """Add ``--isobranch-isolation`` and ``--isobranch-branch-timeout``."""
+    """Add the ``--isobranch-*`` options."""
     group = parser.getgroup("isobranch", "isobranch agent regression runs")
     group.addoption("--isobranch-isolation", metavar="NAME", default=None,
                     help="run every agent on this isolation backend (overrides case files "
                          "and agent YAML settings), e.g. inline, thread, process, dask")
     group.addoption("--isobranch-branch-timeout", metavar="SECONDS", type=_positive_seconds,
                     default=None, help="branch timeout for every agent, in seconds")
+    group.addoption("--isobranch-update", action="store_true", default=False,
+                    help="rewrite the differing expect values of failing cases and fill "
+                         "'expect: record' cases with the final state (needs ruamel.yaml)")
+    group.addoption("--isobranch-coverage", action="store_true", default=False,
+                    help="end with a table of each agent's nodes and edges the cases ran")
+    group.addoption("--isobranch-coverage-fail-under", metavar="PCT", type=_percentage,
+                    default=None, help="fail the session when graph coverage is below PCT "
+                                       "(implies --isobranch-coverage)")
+    group.addoption("--isobranch-coverage-json", metavar="PATH", default=None,
+                    help="write graph coverage as JSON to PATH (implies --isobranch-coverage)")
 
 
 def cli_options(config: pytest.Config) -> dict[str, Any]:
@@ -111,17 +150,40 @@ def cli_options(config: pytest.Config) -> dict[str, Any]:
 
 
 _GRAPHS = pytest.StashKey["AgentGraphs"]()
+_RECORDS = pytest.StashKey["SessionRecords"]()
+_OUTCOME = pytest.StashKey["SessionOutcome"]()
+
+
+def coverage_requested(config: pytest.Config) -> bool:
+    """Whether graph coverage was asked for (by any of its options)."""
+    return bool(config.getoption("isobranch_coverage", False)
+                or config.getoption("isobranch_coverage_fail_under", None) is not None
+                or config.getoption("isobranch_coverage_json", None))
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Validate ``--isobranch-isolation`` and create this process's graph registry."""
+    """Validate the options and create this process's graph registry and records."""
     isolation = config.getoption("isobranch_isolation", None)
     # Checked here rather than while parsing arguments so backends that a
     # conftest registers are accepted.
     if isolation is not None and isolation not in available_backends():
         raise pytest.UsageError(f"--isobranch-isolation: unknown isolation backend {isolation!r}; "
                                 f"available: {', '.join(available_backends())}")
+    update = bool(config.getoption("isobranch_update", False))
+    if update and not ruamel_available():
+        raise pytest.UsageError("--isobranch-update rewrites case files with ruamel.yaml, which "
+                                f"is not installed: {INSTALL_HINT}")
     config.stash[_GRAPHS] = AgentGraphs()
+    config.stash[_RECORDS] = SessionRecords(coverage=coverage_requested(config), update=update)
+
+
+def session_records(config: pytest.Config) -> SessionRecords:
+    """What this pytest process gathered: coverage and case updates."""
+    return config.stash[_RECORDS]
+
+
+def _is_xdist_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
@@ -132,9 +194,129 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     return "isobranch: " + ", ".join(f"{key}={value}" for key, value in options.items())
 
 
+class SessionOutcome:
+    """What the controller did at the end of the session, for its summary."""
+
+    def __init__(self) -> None:
+        self.updates: list[FileUpdateResult] = []
+        self.coverage: dict[str, Any] | None = None
+        self.coverage_failures: list[str] = []
+        self.coverage_json: str | None = None
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Close every compiled agent (and its worker pools) of this process."""
-    _close_graphs(session.config)
+    """Close every compiled agent of this process; then hand on or finish its records.
+
+    An xdist worker puts its records in ``workeroutput`` (sent to the
+    controller after this hook). The controller — or a run without xdist —
+    writes the updated case files once each, and judges coverage.
+    """
+    config = session.config
+    _close_graphs(config)
+    records = config.stash.get(_RECORDS, None)
+    if records is None:
+        return
+    if _is_xdist_worker(config):
+        config.workeroutput[WORKER_OUTPUT_KEY] = records.to_plain()  # type: ignore[attr-defined]
+        return
+    outcome = config.stash[_OUTCOME] = SessionOutcome()
+    outcome.updates = records.write_updates()
+    if any(result.error for result in outcome.updates):
+        _fail(session)  # cases reported as updated whose file could not be written
+    if records.coverage is not None:
+        _finish_coverage(session, records, outcome)
+
+
+def _fail(session: pytest.Session) -> None:
+    # A session that already failed (or was interrupted) keeps its own exit code.
+    if session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _finish_coverage(session: pytest.Session, records: SessionRecords,
+                     outcome: SessionOutcome) -> None:
+    config = session.config
+    report = outcome.coverage = coverage_report(records.coverage)
+    path = config.getoption("isobranch_coverage_json", None)
+    if path:
+        target = Path(config.invocation_params.dir, path)
+        try:
+            write_atomically(target, json.dumps(report, indent=2, sort_keys=True) + "\n")
+        except OSError as exc:
+            outcome.coverage_failures.append(
+                f"cannot write --isobranch-coverage-json={path}: {exc}")
+            _fail(session)
+        else:
+            outcome.coverage_json = str(target)
+    fail_under = config.getoption("isobranch_coverage_fail_under", None)
+    if fail_under is not None and report["percent"] < fail_under:
+        outcome.coverage_failures.append(
+            f"isobranch graph coverage {report['percent']:.1f}% is below "
+            f"--isobranch-coverage-fail-under={fail_under:g}")
+        _fail(session)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """Merge what an xdist worker gathered (its ``workeroutput``) into the controller's records."""
+    plain = getattr(node, "workeroutput", {}).get(WORKER_OUTPUT_KEY)
+    if plain:
+        session_records(node.config).merge_plain(plain)
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """The updated case files, and the coverage table, at the end of the session."""
+    outcome = config.stash.get(_OUTCOME, None)
+    if outcome is None:
+        return
+    records = session_records(config)
+    if records.updates is not None:
+        _summarize_updates(terminalreporter, outcome.updates, records.refused)
+    if outcome.coverage is not None:
+        terminalreporter.write_sep("-", "isobranch graph coverage")
+        for line in coverage_lines(outcome.coverage):
+            terminalreporter.write_line(line)
+        if outcome.coverage_json:
+            terminalreporter.write_line(f"coverage JSON written to {outcome.coverage_json}")
+        for failure in outcome.coverage_failures:
+            terminalreporter.write_line(f"FAIL: {failure}", red=True, bold=True)
+
+
+def _summarize_updates(terminal: Any, results: list[FileUpdateResult],
+                       refused: Mapping[str, str]) -> None:
+    terminal.write_sep("-", "isobranch expectation updates")
+    if not results and not refused:
+        terminal.write_line("no case needed an update")
+    for result in results:
+        shown = display_path(result.path)
+        if result.error:
+            terminal.write_line(f"NOT written: {shown}: {result.error}", red=True)
+            continue
+        terminal.write_line(f"updated {shown}: {len(result.updates)} "
+                            f"case{'s' * (len(result.updates) != 1)}")
+        for update in result.updates:
+            terminal.write_line(f"  {update.name}: {', '.join(update.labels)}")
+    for path, reason in sorted(refused.items()):
+        terminal.write_line(f"left alone: {display_path(path)}: {reason}", yellow=True)
+
+
+def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config
+                             ) -> tuple[str, str, tuple[str, Mapping[str, bool]]] | None:
+    """A case ``--isobranch-update`` rewrote passes as ``updated`` (``U``)."""
+    if report.when == "call" and report.passed and getattr(report, "isobranch_updated", None):
+        return UPDATED, "U", (UPDATED.upper(), {"yellow": True})
+    return None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> Iterator[Any]:
+    """Mark the report of a case that was updated (an attribute xdist carries over)."""
+    report = yield
+    labels = getattr(item, "updated", None)
+    if call.when == "call" and labels:
+        report.isobranch_updated = labels
+    return report
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -279,6 +461,8 @@ class AgentCaseItem(pytest.Item):
         super().__init__(**kwargs)
         self.case_file = case_file
         self.case = case
+        # What --isobranch-update changed in this case, once it did.
+        self.updated: str | None = None
         if case is not None and not case.problems and not case_file.problems:
             if case.skip is not None:
                 self.add_marker(pytest.mark.skip(reason=case.skip))
@@ -309,14 +493,41 @@ class AgentCaseItem(pytest.Item):
         agent = self.case_file.agent_path()
         if file_problems or case_problems or case is None or agent is None:
             raise CaseFailure(invalid_case_report(context, file_problems, case_problems))
+        records = session_records(self.config)
+        agent_key = self._rootdir_relative(agent)
         try:
             graph = agent_graphs(self.config).get(agent, options)
         except GraphError as exc:
+            records.agent_not_loaded(agent_key, str(exc).splitlines()[0])
             raise CaseFailure(agent_error_report(context, exc)) from None
         context = self._context(graph.isolation)
-        report = check_case(case, run_agent_case(graph, case.input, label=self.nodeid), context)
-        if report is not None:
-            raise CaseFailure(report)
+        record = run_agent_case(graph, case.input, label=self.nodeid)
+        self._record_properties(agent_key, graph.isolation, record)
+        records.observe(agent_key, graph, record)
+        report = check_case(case, record, context)
+        if report is None:
+            return
+        if case.xfail is None:  # an expected failure is never "fixed" by an update
+            update = records.update(case, record, self.path)
+            if isinstance(update, str):
+                warnings.warn(f"isobranch: {self.name} not updated: {update}",
+                              pytest.PytestWarning, stacklevel=1)
+                report += f"\n  not updated: {update}"
+            elif update is not None:
+                self.updated = ", ".join(update.labels)
+                return
+        raise CaseFailure(report)
+
+    def _rootdir_relative(self, path: Path) -> str:
+        # The same in every xdist worker and from any current directory.
+        relative = os.path.relpath(path, self.config.rootpath)
+        return Path(path).as_posix() if relative.startswith("..") else Path(relative).as_posix()
+
+    def _record_properties(self, agent: str, isolation: str, record: RunRecord) -> None:
+        # JUnit XML properties (``--junitxml``); xdist carries them to the controller.
+        self.user_properties.extend([
+            ("agent", agent), ("isolation", isolation), ("route", " -> ".join(record.route)),
+            ("duration_ms", f"{record.duration_ms:.1f}")])
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException],
                      style: Any = None) -> str | Any:

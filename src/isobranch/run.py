@@ -12,6 +12,7 @@ never imports compiled.py.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
@@ -29,6 +30,8 @@ from .retry import RetryPolicy, as_policy
 from .runner import run_steps
 from .schema import StateSchema
 from .statecopy import StateSnapshot
+from .stream_modes import VALUES_EVENT_TYPES, StreamMode
+from .tracing import run_tracing
 
 # What a call's config may override (besides ``run_id``, which names a checkpointed run).
 CONFIG_KEYS = ("isolation", "max_workers", "branch_timeout", "fail_fast", "max_concurrency",
@@ -110,7 +113,8 @@ def limit_problems(*, integers: bool = False, **limits: Any) -> list[str]:
 def run_events(graph: RunnableGraph, state: dict | None, config: dict | None, *,
                backend_for: Callable[[str, int | None], IsolationBackend], active: ActiveRuns,
                snapshots: bool, cancel: CancelSignal | None = None, resume: str | None = None,
-               force: bool = False) -> Iterator[dict[str, Any]]:
+               force: bool = False, mode: StreamMode = StreamMode.EVENTS
+               ) -> Iterator[dict[str, Any]]:
     """The events of one run of ``graph``: ``stream``'s, ending with ``final``.
 
     A new run starts from a copy of ``state``; ``resume`` names a recorded
@@ -118,8 +122,10 @@ def run_events(graph: RunnableGraph, state: dict | None, config: dict | None, *,
     ``backend_for(isolation, max_workers)`` is the graph's backend for the
     main path's fan-outs; the run's stop signal is in ``active`` while it
     runs. ``snapshots`` makes node events carry a copy of the state and adds
-    the ``branch`` events. Nothing happens before the first event is asked
-    for. Raises ``GraphError`` for a bad call (config, input state, run id)
+    the ``branch`` events. ``mode`` shapes a stream's events
+    (stream_modes.py): ``updates`` carries no state, not even in ``final``;
+    ``values`` keeps the node events and ``final``. Nothing happens before
+    the first event is asked for. Raises ``GraphError`` for a bad call (config, input state, run id)
     and ``GraphExecutionError`` for a failed run (with its ``run_id`` when
     recorded); the recorded run ends failed or interrupted either way.
     """
@@ -142,7 +148,7 @@ def run_events(graph: RunnableGraph, state: dict | None, config: dict | None, *,
                               nodes=graph.nodes.keys(), force=force)
         if reopened.done:  # it succeeded: its final state, and nothing runs
             yield {"type": "run", "run_id": resume}
-            yield {"type": "final", "state": reopened.state}
+            yield _final_event(reopened.state, mode)
             return
         recorder, working, point = reopened.recorder, reopened.state, reopened.point
     elif graph.checkpointer is not None:
@@ -157,13 +163,21 @@ def run_events(graph: RunnableGraph, state: dict | None, config: dict | None, *,
                                     branch_max_memory=graph.branch_max_memory,
                                     branch_retry=settings["branch_retry"]),
         cancel=cancel, recorder=recorder)
+    # Whether the run is traced is asked here, once: never per node or branch.
+    context.spans = tracing = run_tracing(graph.name, settings["isolation"])
     active.add(stop)
     try:
         if recorder is not None:
+            if tracing is not None:
+                tracing.recorded(recorder.run_id)
             yield {"type": "run", "run_id": recorder.run_id}
-        # invoke() needs no per-branch events; stream() reports them.
-        yield from run_steps(graph, working, context, start=graph.entry,
-                             snapshots=snapshots, branch_events=snapshots, resume=point)
+        # invoke() needs no per-branch events; stream() reports them, but not in values mode.
+        steps = run_steps(graph, working, context, start=graph.entry, snapshots=snapshots,
+                          branch_events=snapshots and mode is not StreamMode.VALUES,
+                          resume=point, updates=mode is StreamMode.UPDATES)
+        if mode is StreamMode.VALUES:
+            steps = (event for event in steps if event["type"] in VALUES_EVENT_TYPES)
+        yield from steps
     except GraphExecutionError as exc:
         if recorder is not None:
             exc.run_id = recorder.run_id
@@ -180,9 +194,19 @@ def run_events(graph: RunnableGraph, state: dict | None, config: dict | None, *,
     finally:
         active.discard(stop)
         context.close()
+        if tracing is not None:
+            tracing.run_ended(sys.exc_info()[1])
     if recorder is not None:
         recorder.finished(RunStatus.SUCCEEDED, working)
-    yield {"type": "final", "state": working}
+    yield _final_event(working, mode)
+
+
+def _final_event(state: dict, mode: StreamMode) -> dict[str, Any]:
+    """The last event of a run. In ``updates`` mode it carries no state: that mode's
+    events never grow with the state, and the final state is what ``invoke`` returns."""
+    if mode is StreamMode.UPDATES:
+        return {"type": "final"}
+    return {"type": "final", "state": state}
 
 
 def last_state(events: Iterator[dict[str, Any]]) -> dict:

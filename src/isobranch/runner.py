@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from .branch import CANCELLED, ParallelFlowResult, format_traceback
+from .branch import CANCELLED, BranchTask, ParallelFlowResult, format_traceback
 from .conditions import Expression
 from .error_kinds import ErrorKind
 from .errors import (
@@ -25,12 +25,14 @@ from .keys import Language
 from .nodes import Node
 from .retry import exception_names, failure_names, not_retried_note, wait_unless
 from .statecopy import StateSnapshot
+from .stream_modes import parallel_summary, update_event
 
 if TYPE_CHECKING:
     from .checkpoint.recorder import ResumePoint, RunRecorder
     from .compiled import CompiledGraph
     from .context import ExecutionContext
     from .retry import RetryPolicy
+    from .trace_records import Spans, TraceParent
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +44,8 @@ _FAILED_BRANCHES_NAMED = 10
 
 def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, start: str,
               stop_at: str | None = None, snapshots: bool = False,
-              branch_events: bool = False, resume: ResumePoint | None = None
-              ) -> Iterator[dict[str, Any]]:
+              branch_events: bool = False, resume: ResumePoint | None = None,
+              updates: bool = False) -> Iterator[dict[str, Any]]:
     """Run from ``start`` until END or ``stop_at`` (not run), mutating ``state``.
 
     Every node that runs is a step (``max_steps``), a fan-in node too, and
@@ -55,9 +57,12 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
     be retried); with
     ``snapshots`` each node event carries a shallow copy of the state so
     later steps do not change it. ``resume`` continues a recorded run after
-    its last recorded step (``state`` is the state after it).
+    its last recorded step (``state`` is the state after it). With
+    ``updates`` (``stream(mode="updates")``) a node event carries the node's
+    update instead of the state and a ``parallel`` event only counts.
     """
-    recorder = context.recorder if context.branch is None else None
+    recorder = context.recorder if context.branch_name is None else None
+    spans = context.spans  # None: not traced
     current, steps = start, 0
     # After a fan-out: its fan-in node runs next, with these. It runs even
     # where the path stops (a nested fan-out meeting at its branch's own
@@ -72,27 +77,60 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
             if steps > graph.max_steps:
                 raise NodeFailure(
                     f"{_where(current, context)}: stopped after {graph.max_steps} steps "
-                    f"(max_steps); the graph loops", node=current, branch=context.branch,
+                    f"(max_steps); the graph loops", node=current, branch=context.branch_name,
                     error_type="MaxStepsExceeded", state=dict(state))
-            if current in graph.node_retries:  # (a generator per node would cost every branch)
-                yield from _run_node_with_retries(graph, current, state, context, results)
-            else:
-                _run_node(graph, current, state, context, results)
+            span = spans.node_started(current) if spans is not None else None
+            try:
+                if current in graph.node_retries:  # (a generator per node costs every branch)
+                    attempts = _run_node_with_retries(graph, current, state, context, results)
+                    update = yield from (attempts if span is None
+                                         else _noting_retries(attempts, spans, span))
+                else:
+                    update = _run_node(graph, current, state, context, results)
+            except BaseException as exc:
+                if span is not None:
+                    spans.node_ended(span, exc)
+                raise
+            if span is not None:
+                spans.node_ended(span)
             if recorder is not None:
                 recorder.step(current, state, steps, fan_in=results is not None)
-            yield _node_event(current, state, snapshots)
+            yield update_event(current, update) if updates else \
+                _node_event(current, state, snapshots)
         ran, results = False, None
         # Whatever reached this node (an edge, a loop, a fan-in), its fan-out starts now.
         fan_out = graph.fan_out_of(current)
         if fan_out is None:
             current = _route(graph, current, state, context)
             continue
-        results = yield from _fan_out(graph, current, fan_out, state, context,
-                                      branch_events=branch_events, recorder=recorder)
-        yield {"type": "parallel", "fan_in": fan_out.fan_in, "branches": results}
+        span = spans.fan_out_started(current, fan_out.fan_in) if spans is not None else None
+        try:
+            results = yield from _fan_out(graph, current, fan_out, state, context,
+                                          branch_events=branch_events, recorder=recorder,
+                                          span=span)
+        except BaseException as exc:
+            if span is not None:
+                spans.fan_out_ended(span, error=exc)
+            raise
+        if span is not None:
+            spans.fan_out_ended(span, results)
+        yield parallel_summary(current, fan_out.fan_in, results) if updates else \
+            {"type": "parallel", "fan_in": fan_out.fan_in, "branches": results}
         # Branches' writes to reducer keys reach the state before the fan-in node runs.
         graph.schema.combine(state, results, node=fan_out.fan_in, context=context)
         current = fan_out.fan_in
+
+
+def _noting_retries(attempts: Generator[dict[str, Any], None, Any], spans: Spans, span: Any
+                    ) -> Generator[dict[str, Any], None, Any]:
+    """``attempts`` (a node's retries), telling ``spans`` of each ``node_retry`` event."""
+    while True:
+        try:
+            event = next(attempts)
+        except StopIteration as stop:
+            return stop.value
+        spans.node_retried(span, event)
+        yield event
 
 
 def _node_event(node: str, state: dict, snapshot: bool) -> dict[str, Any]:
@@ -101,7 +139,7 @@ def _node_event(node: str, state: dict, snapshot: bool) -> dict[str, Any]:
 
 def _where(node: str | None, context: ExecutionContext) -> str:
     where = f"node {node!r}"
-    return f"{where} in branch {context.branch!r}" if context.branch else where
+    return f"{where} in branch {context.branch_name!r}" if context.branch_name else where
 
 
 def _at(code: Iterable[Any], error: BaseException) -> str:
@@ -117,7 +155,8 @@ def _at(code: Iterable[Any], error: BaseException) -> str:
 
 
 def _run_node(graph: CompiledGraph, name: str, state: dict, context: ExecutionContext,
-              parallel_results: list[ParallelFlowResult] | None) -> None:
+              parallel_results: list[ParallelFlowResult] | None) -> Any:
+    """Run node ``name`` and merge what it returned into ``state``; return that update."""
     try:
         context.enter_node(name)
         try:
@@ -127,7 +166,7 @@ def _run_node(graph: CompiledGraph, name: str, state: dict, context: ExecutionCo
         except Exception as exc:
             raise NodeFailure(f"{_where(name, context)} failed: {type(exc).__name__}: {exc}"
                               f"{_at([graph.nodes[name]], exc)}",
-                              node=name, branch=context.branch, error_type=type(exc).__name__,
+                              node=name, branch=context.branch_name, error_type=type(exc).__name__,
                               state=dict(state), traceback=format_traceback(exc),
                               error_bases=exception_names(type(exc))) from exc
         _merge(graph, name, update, state, context)
@@ -135,13 +174,17 @@ def _run_node(graph: CompiledGraph, name: str, state: dict, context: ExecutionCo
         if parallel_results:
             _name_failed_branches(exc, parallel_results)
         raise
+    return update
 
 
 def _run_node_with_retries(graph: CompiledGraph, name: str, state: dict,
                            context: ExecutionContext,
                            parallel_results: list[ParallelFlowResult] | None
-                           ) -> Iterator[dict[str, Any]]:
-    """Run a node that has a retry policy; yield a ``node_retry`` event before each backoff."""
+                           ) -> Generator[dict[str, Any], None, Any]:
+    """Run a node that has a retry policy; yield a ``node_retry`` event before each backoff.
+
+    Returns what the attempt that succeeded returned.
+    """
     try:
         context.enter_node(name)
         node = graph.nodes[name]
@@ -166,7 +209,7 @@ def _run_node_with_retries(graph: CompiledGraph, name: str, state: dict,
                     raise NodeFailure(
                         f"{_where(name, context)} failed on attempt {attempt} of "
                         f"{policy.max_attempts}{note}: {type(exc).__name__}: {exc}{_at([node], exc)}",
-                        node=name, branch=context.branch, error_type=type(exc).__name__,
+                        node=name, branch=context.branch_name, error_type=type(exc).__name__,
                         state=dict(state), traceback=format_traceback(exc),
                         error_bases=exception_names(type(exc)), attempts=attempt) from exc
                 logger.warning("%s failed on attempt %d of %d (%s: %s); retrying in %.3gs",
@@ -187,6 +230,7 @@ def _run_node_with_retries(graph: CompiledGraph, name: str, state: dict,
         if parallel_results:
             _name_failed_branches(exc, parallel_results)
         raise
+    return update
 
 
 def _name_failed_branches(exc: GraphExecutionError, results: list[ParallelFlowResult]) -> None:
@@ -217,7 +261,7 @@ def _merge(graph: CompiledGraph, name: str, update: Any, state: dict,
     if not isinstance(update, dict):
         raise NodeFailure(
             f"{_where(name, context)} returned {type(update).__name__}, expected a dict or None",
-            node=name, branch=context.branch, error_type="TypeError", state=dict(state))
+            node=name, branch=context.branch_name, error_type="TypeError", state=dict(state))
     applied = graph.schema.apply(state, update, node=name, context=context,
                                  from_lua=graph.nodes[name].language == Language.LUA)
     context.merged(name, applied)
@@ -228,7 +272,7 @@ def _input_snapshot(name: str, state: dict, context: ExecutionContext) -> StateS
         return StateSnapshot(state)
     except StateCopyError as exc:
         raise NodeFailure(f"{_where(name, context)}: cannot copy the state for its retries: "
-                          f"{exc}", node=name, branch=context.branch,
+                          f"{exc}", node=name, branch=context.branch_name,
                           error_type=ErrorKind.STATE_COPY_ERROR, state=dict(state)) from exc
 
 
@@ -252,7 +296,7 @@ def _wait_to_retry(name: str, delay: float, attempt: int, context: ExecutionCont
         context.cancel.raise_if_set()  # the run was cancelled: RunCancelled, as anywhere
     if interrupted:
         reason = context.cancelled_reason() or f"node {name!r} stopped"
-        if context.branch is not None:
+        if context.branch_name is not None:
             raise BranchCancelled(f"{reason} (waiting to retry after attempt {attempt})")
         raise NodeFailure(f"{reason} (waiting to retry after attempt {attempt})", node=name,
                           error_type=CANCELLED, attempts=attempt)
@@ -261,51 +305,61 @@ def _wait_to_retry(name: str, delay: float, attempt: int, context: ExecutionCont
 
 def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
              context: ExecutionContext, *, branch_events: bool,
-             recorder: RunRecorder | None = None
+             recorder: RunRecorder | None = None, span: Any = None
              ) -> Generator[dict[str, Any], None, list[ParallelFlowResult]]:
     """Plan ``node``'s fan-out and hand it to the fan-out driver; yield a ``branch`` event
     per finished branch (main path only) and return every result in declaration / item order.
 
     With a ``recorder`` (main path of a checkpointed run) each final result
     is recorded, and a resumed fan-out runs only the branches that have no
-    recorded success; the recorded ones take their places in the results."""
+    recorded success; the recorded ones take their places in the results.
+    ``span``: the fan-out's span (traced: its branches' tasks carry it, and
+    its spans take what every attempt sent back)."""
     backend = context.fan_out_backend()
     try:
         plan = plan_fan_out(graph, fan_out, state, context, isolation=backend.name,
                             crosses_processes=backend.crosses_processes)
     except FanOutPlanError as exc:
-        raise NodeFailure(f"{_where(node, context)}: {exc}", node=node, branch=context.branch,
+        raise NodeFailure(f"{_where(node, context)}: {exc}", node=node, branch=context.branch_name,
                           error_type=exc.error_type, state=dict(state),
                           traceback=exc.traceback) from exc
     limits = context.fan_out_limits
     retry_of = _retry_of(fan_out, limits.branch_retry)
-    emit = branch_events and context.branch is None  # branches' own fan-outs never emit
+    emit = branch_events and context.branch_name is None  # branches' own fan-outs never emit
     recording = recorder.fan_out(node, plan.total) if recorder is not None else None
+    attempt_observer = None
+    if span is not None:
+        spans = context.spans
+        assert spans is not None
+        plan.tasks = _traced(plan.tasks, spans.fan_out_planned(span, plan.total, backend.name))
+        attempt_observer = lambda run, result: spans.branch_attempt_ended(  # noqa: E731
+            span, run.attempt, result)
     run = FanOutRun(backend, plan, fail_fast=limits.fail_fast,
                     max_concurrency=fan_out.max_concurrency or context.max_concurrency,
                     retry_of=retry_of, cancel=context.fan_out_cancel,
                     # Without retries nothing waits that close() would have to end.
                     stop_flags=context.stop_flags() if retry_of is not None else (),
                     recorded=recording.recorded if recording is not None else None,
-                    observers=[recording] if recording is not None else (), notes=emit)
+                    observers=[recording] if recording is not None else (), notes=emit,
+                    attempt_observer=attempt_observer)
     try:
         for note in run:
             yield _branch_event(node, fan_out.fan_in, note, run)
         results = run.results
     except StateCopyError as exc:  # an item that cannot be copied or sent
         raise NodeFailure(f"{_where(node, context)}: cannot copy an item for its map branches: "
-                          f"{exc}", node=node, branch=context.branch,
+                          f"{exc}", node=node, branch=context.branch_name,
                           error_type=ErrorKind.STATE_COPY_ERROR, state=dict(state)) from exc
     except (GraphExecutionError, BranchCancelled, BranchTimeout):
         raise  # a failure under fail_fast; the branch this fan-out is in was cancelled
     except RetriesStopped as exc:
         raise NodeFailure(f"fan-out from {_where(node, context)}: {exc}", node=node,
-                          branch=context.branch, error_type=CANCELLED,
+                          branch=context.branch_name, error_type=CANCELLED,
                           state=dict(state)) from exc
     except Exception as exc:  # the backend could not run the fan-out at all
         raise NodeFailure(f"fan-out from {_where(node, context)}: backend {backend.name!r} "
                           f"failed: {type(exc).__name__}: {exc}", node=node,
-                          branch=context.branch, error_type=type(exc).__name__,
+                          branch=context.branch_name, error_type=type(exc).__name__,
                           state=dict(state), traceback=format_traceback(exc)) from exc
     failed = run.failure
     if failed is not None:
@@ -315,6 +369,13 @@ def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
             error_type=failed.error_type, state=failed.state, results=results,
             timed_out=failed.timed_out, traceback=failed.traceback)
     return results
+
+
+def _traced(tasks: Iterator[BranchTask], parent: TraceParent) -> Iterator[BranchTask]:
+    """``tasks``, each carrying the span its branch's spans go under."""
+    for task in tasks:
+        task.trace = parent
+        yield task
 
 
 def _retry_of(fan_out: FanOut, default: RetryPolicy | None
@@ -355,11 +416,11 @@ def _route(graph: CompiledGraph, node: str, state: dict, context: ExecutionConte
             else:
                 raise NodeFailure(
                     f"{_where(node, context)}: router returned {value!r}, which is not one of "
-                    f"{sorted(map(repr, routes.mapping))}", node=node, branch=context.branch,
+                    f"{sorted(map(repr, routes.mapping))}", node=node, branch=context.branch_name,
                     error_type="RoutingError", state=dict(state))
             if target != END and target not in graph.nodes:
                 raise NodeFailure(f"{_where(node, context)}: router chose unknown node "
-                                  f"{target!r}", node=node, branch=context.branch,
+                                  f"{target!r}", node=node, branch=context.branch_name,
                                   error_type="RoutingError", state=dict(state))
             return target
         for condition, target in routes.conditional:
@@ -371,13 +432,13 @@ def _route(graph: CompiledGraph, node: str, state: dict, context: ExecutionConte
         conditions = [condition for condition, _ in routes.conditional]
         raise NodeFailure(f"{_where(node, context)}: edge condition failed: "
                           f"{type(exc).__name__}: {exc}{_at(conditions, exc)}",
-                          node=node, branch=context.branch,
+                          node=node, branch=context.branch_name,
                           error_type=type(exc).__name__, state=dict(state),
                           traceback=format_traceback(exc)) from exc
     if routes.default is not None:
         return routes.default
     if routes.conditional:
         raise NodeFailure(f"{_where(node, context)}: no outgoing edge condition held and there "
-                          f"is no unconditional edge", node=node, branch=context.branch,
+                          f"is no unconditional edge", node=node, branch=context.branch_name,
                           error_type="RoutingError", state=dict(state))
     return END

@@ -233,8 +233,8 @@ class StateSchema:
     @staticmethod
     def _violation(node: str, context: ExecutionContext, state: dict, error_type: str,
                    detail: str) -> StateSchemaError:
-        where = f"node {node!r}" + (f" in branch {context.branch!r}" if context.branch else "")
-        return StateSchemaError(f"{where}: {detail}", node=node, branch=context.branch,
+        where = f"node {node!r}" + (f" in branch {context.branch_name!r}" if context.branch_name else "")
+        return StateSchemaError(f"{where}: {detail}", node=node, branch=context.branch_name,
                                 error_type=error_type, state=dict(state))
 
 

@@ -286,7 +286,7 @@ class DaskBackend(IsolationBackend):
             return None
         result = failed(branch, "", BRANCH_MEMORY_ERROR)
         result.error = memory_message(
-            branch.task.label, branch.node, limit,
+            branch.task.name, branch.node, limit,
             f"Dask worker {dead} reached {format_size(used)} and its nanny restarted it")
         return result
 
@@ -316,7 +316,7 @@ class DaskBackend(IsolationBackend):
                 followed.run.started_at = now  # the driver's deadline counts from here
                 # A branch begins at the node it is named after; later nodes are
                 # reported as entered (unless a call holding the GIL stops that).
-                followed.node = followed.task.branch
+                followed.node = followed.task.start
             elif kind == "node":
                 followed.node = str(message.get("node"))
 
@@ -345,7 +345,7 @@ class DaskBackend(IsolationBackend):
         from .dask_worker import run_on_worker
 
         task = branch.task
-        branch.key = f"isobranch-{task.label.replace('/', '.')}-{uuid.uuid4().hex}"
+        branch.key = f"isobranch-{task.name.replace('/', '.')}-{uuid.uuid4().hex}"
         with self._lock:
             branch.current = len(branch.starts)
             branch.finished_after = None
@@ -505,7 +505,7 @@ class DaskBackend(IsolationBackend):
         where = f" in node {branch.node!r}" if branch.node else ""
         result = failed_result(
             branch.task,
-            f"branch {branch.task.label!r} timed out after {limit:g}s{where}: "
+            f"branch {branch.task.name!r} timed out after {limit:g}s{where}: "
             f"stuck in one call on Dask worker {worker}, which is being restarted",
             ErrorKind.BRANCH_TIMEOUT, state=branch.task.initial_state(), timed_out=True,
             duration_ms=(now - started) * 1000.0, isolation=self.name, worker=worker,
@@ -515,7 +515,7 @@ class DaskBackend(IsolationBackend):
         if batch is not None:
             self._dissolve(connection.client, plugin, batch, pending, without=branch)
         logger.warning("dask backend: branch %r is stuck past its %gs branch_timeout on Dask "
-                       "worker %s; restarting that worker", branch.task.label, limit, worker)
+                       "worker %s; restarting that worker", branch.task.name, limit, worker)
         if worker is not None:
             self._restart(connection, [worker])
         return result
@@ -576,13 +576,13 @@ class DaskBackend(IsolationBackend):
                 continue
             if dead is not None and self._runs.may_run_again(branch, dead):
                 logger.warning("dask backend: Dask worker %s died while it had branch %r; "
-                               "it runs again (run %d)", dead, branch.task.label,
+                               "it runs again (run %d)", dead, branch.task.name,
                                self._runs.attempts(branch) + 1)
                 pending[self.submit(client, plugin, branch)] = branch
                 continue
             if dead is not None:
                 logger.warning("dask backend: Dask worker %s died while it ran branch %r",
-                               dead, branch.task.label)
+                               dead, branch.task.name)
             results.append((branch.run, failed(branch, describe_failure(
                 branch, status, error, dead, connection), error_type(error, dead))))
 

@@ -121,7 +121,7 @@ def describe_task(followed: Followed) -> str:
     """A task as log records name it: its branch, or how many its batch runs."""
     if isinstance(followed, FollowedBatch):
         return f"a batch of {len(followed.items)} branches"
-    return f"branch {followed.task.label!r}"
+    return f"branch {followed.task.name!r}"
 
 
 def batch_results(batch: FollowedBatch, value: Any) -> list[Finished]:

@@ -184,7 +184,7 @@ def failed(branch: FollowedBranch, reason: str, error_type: str) -> ParallelFlow
     """The failed result of ``branch`` for ``reason``, with the state it started from."""
     task = branch.task
     return failed_result(
-        task, f"branch {task.label!r}: {reason}", error_type, state=task.initial_state(),
+        task, f"branch {task.name!r}: {reason}", error_type, state=task.initial_state(),
         isolation="dask", worker=branch.starts[-1][1] if branch.starts else None,
         node=branch.node)
 

@@ -136,7 +136,7 @@ def run_batch_on_worker(plugin: str, payloads: bytes, topic: str, key: str,
             if report_starts:
                 worker.log_event(topic, {"kind": "item", "key": item_key})
             result = run_branch(task, monitor=_ProgressReporter(worker, topic, item_key,
-                                                                task.branch))
+                                                                task.start))
             result.worker = worker.address
             results.append(without_unsendable_state(result))
     finally:
@@ -159,7 +159,7 @@ def run_on_worker(plugin: str, payload: dict[str, Any], topic: str, key: str
          msg={"kind": "start", "key": key, "worker": worker.address})
     task = BranchTask(graph=graph, **payload)
     try:
-        result = run_branch(task, monitor=_ProgressReporter(worker, topic, key, task.branch))
+        result = run_branch(task, monitor=_ProgressReporter(worker, topic, key, task.start))
     finally:
         # Out before the result: a worker ended later (restarted, or its
         # nanny killed at close) would drop it.

@@ -107,10 +107,10 @@ def kernel_oom_kills() -> int | None:
     return _proc_number("/proc/vmstat", _OOM_KILLS)
 
 
-def memory_message(label: str, node: str | None, limit: int, what: str) -> str:
+def memory_message(branch_name: str, node: str | None, limit: int, what: str) -> str:
     """``branch 'b': node 'n' ran out of memory (branch_max_memory 256 MiB): <what>``."""
     where = f" in node {node!r}" if node else ""
-    return (f"branch {label!r} ran out of memory{where} (branch_max_memory "
+    return (f"branch {branch_name!r} ran out of memory{where} (branch_max_memory "
             f"{format_size(limit)}): {what}")
 
 
@@ -131,7 +131,7 @@ def as_memory_failure(task: BranchTask, result: ParallelFlowResult) -> ParallelF
             return result
         what = "Lua could not allocate past the limit (LuaMemoryError)"
         return replace(result, error_type=BRANCH_MEMORY_ERROR,
-                       error=memory_message(task.label, result.node, limit, what))
+                       error=memory_message(task.name, result.node, limit, what))
     if result.error_type != "MemoryError":
         return result
     # The original text ends in "MemoryError: <its message>", often empty.
@@ -139,7 +139,7 @@ def as_memory_failure(task: BranchTask, result: ParallelFlowResult) -> ParallelF
     what = "an allocation past the limit was refused (MemoryError" + (
         f": {detail})" if detail else ")")
     return replace(result, error_type=BRANCH_MEMORY_ERROR,
-                   error=memory_message(task.label, result.node, limit, what))
+                   error=memory_message(task.name, result.node, limit, what))
 
 
 def out_of_memory_result(task: BranchTask, started_ms: float) -> ParallelFlowResult:
@@ -147,7 +147,7 @@ def out_of_memory_result(task: BranchTask, started_ms: float) -> ParallelFlowRes
     limit = task.limits.branch_max_memory
     assert limit is not None
     return failed_result(
-        task, memory_message(task.label, None, limit,
+        task, memory_message(task.name, None, limit,
                              "a MemoryError escaped the code that reports the branch"),
         BRANCH_MEMORY_ERROR, duration_ms=started_ms, worker=os.getpid())
 

@@ -258,7 +258,7 @@ class _Lanes(BackendFanOut):
         monitor.cancelled.cancel()
         logger.warning("thread backend: branch %r is past its %gs branch_timeout in node %r "
                        "and did not stop; its thread is abandoned and runs on until the call "
-                       "returns", run.task.label, run.task.limits.branch_timeout, monitor.node)
+                       "returns", run.task.name, run.task.limits.branch_timeout, monitor.node)
         with self._lock:
             stuck = []
             if not lane.retired:

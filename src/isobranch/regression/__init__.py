@@ -4,8 +4,12 @@ This package holds the pure parts of the pytest plugin (``isobranch.pytest_plugi
 and never imports pytest, so other runners can reuse it. Its modules:
 ``case_file`` (finding, reading and validating case files), ``running``
 (running one case), ``compare`` (subset matching), ``report`` (the report
-of a failed case) with ``tracebacks`` and ``text``; every public name is
-imported here.
+of a failed case) with ``tracebacks`` and ``text``; ``coverage`` (which
+nodes and edges the cases ran), ``updates`` and ``case_rewrite``
+(``--isobranch-update``: what to change, and rewriting a file through
+ruamel.yaml), ``files`` (atomic writes) and ``session`` (what one pytest
+process gathers, as plain data for xdist); every public name is imported
+here.
 
 A *case file* is named ``test_*.agent.yaml`` (or ``.agent.yml``)::
 
@@ -20,6 +24,8 @@ A *case file* is named ``test_*.agent.yaml`` (or ``.agent.yml``)::
         input: {items: [1, 2]}  # optional mapping, the initial state (default {})
         expect:                 # a subset of the final state ...
           verdict: "small: total 3 < 10"
+      - name: to_record
+        expect: record          # ... or 'record': --isobranch-update fills in the final state
       - name: bad_input
         input: {items: "x"}
         expect_error: python_stats   # ... or a substring of the error message
@@ -44,13 +50,35 @@ from .case_file import (
     CASE_NAME,
     FILE_ITEM_NAME,
     FILE_KEYS,
+    RECORD_EXPECT,
     Case,
     CaseFile,
     is_case_file,
     is_positive_number,
     load_case_file,
 )
-from .compare import MAX_DIFF_LINES, subset_differences, values_equal
+from .case_rewrite import (
+    INSTALL_HINT,
+    CaseRewriteError,
+    file_digest,
+    rewrite_case_file,
+    round_trip_problem,
+    ruamel_available,
+)
+from .compare import MAX_DIFF_LINES, Difference, all_differences, subset_differences, values_equal
+from .coverage import (
+    ANY_NODE,
+    COVERAGE_SCHEMA_VERSION,
+    CoverageLedger,
+    Exercised,
+    GraphShape,
+    ShapeEdge,
+    coverage_lines,
+    coverage_report,
+    exercised,
+    graph_shape,
+)
+from .files import write_atomically
 from .report import (
     MAX_INLINE_INPUT,
     MAX_MESSAGE_CHARS,
@@ -62,14 +90,30 @@ from .report import (
     reproduce_command,
 )
 from .running import RunRecord, run_agent_case
+from .session import FileUpdateResult, SessionRecords
 from .tracebacks import MAX_TRACEBACK_LINE_CHARS, MAX_TRACEBACK_LINES, MAX_TRACEBACKS
+from .updates import (
+    CaseUpdate,
+    ExpectChange,
+    UnrecordableValue,
+    UpdateKind,
+    UpdateLedger,
+    case_value,
+    plan_update,
+)
 
 __all__ = [
-    "CASE_FILE_PATTERN", "CASE_KEYS", "CASE_NAME", "FILE_ITEM_NAME", "FILE_KEYS",
+    "ANY_NODE", "CASE_FILE_PATTERN", "CASE_KEYS", "CASE_NAME", "COVERAGE_SCHEMA_VERSION",
+    "FILE_ITEM_NAME", "FILE_KEYS", "INSTALL_HINT",
     "MAX_DIFF_LINES", "MAX_INLINE_INPUT", "MAX_MESSAGE_CHARS", "MAX_STATE_LINES",
-    "MAX_TRACEBACKS", "MAX_TRACEBACK_LINES", "MAX_TRACEBACK_LINE_CHARS",
-    "Case", "CaseContext", "CaseFailure", "CaseFile", "RunRecord",
-    "agent_error_report", "check_case", "invalid_case_report", "is_case_file",
-    "is_positive_number", "load_case_file", "reproduce_command", "run_agent_case",
-    "subset_differences", "values_equal",
+    "MAX_TRACEBACKS", "MAX_TRACEBACK_LINES", "MAX_TRACEBACK_LINE_CHARS", "RECORD_EXPECT",
+    "Case", "CaseContext", "CaseFailure", "CaseFile", "CaseRewriteError", "CaseUpdate",
+    "CoverageLedger", "Difference", "Exercised", "ExpectChange", "FileUpdateResult",
+    "GraphShape", "RunRecord", "SessionRecords", "ShapeEdge", "UnrecordableValue",
+    "UpdateKind", "UpdateLedger",
+    "agent_error_report", "all_differences", "case_value", "check_case", "coverage_lines",
+    "coverage_report", "exercised", "file_digest", "graph_shape", "invalid_case_report",
+    "is_case_file", "is_positive_number", "load_case_file", "plan_update", "reproduce_command",
+    "rewrite_case_file", "round_trip_problem", "ruamel_available", "run_agent_case",
+    "subset_differences", "values_equal", "write_atomically",
 ]

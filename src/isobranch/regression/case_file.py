@@ -20,6 +20,9 @@ CASE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 # The item name of a case file that cannot be read at all; no valid case name
 # starts with '<', so it never collides with a case.
 FILE_ITEM_NAME = "<file>"
+# What ``expect:`` holds in a case whose final state is to be recorded
+# (``pytest --isobranch-update`` fills it in).
+RECORD_EXPECT = "record"
 # How much of an unusable 'cases' value its message quotes.
 MAX_QUOTED_CASES_CHARS = 60
 
@@ -43,6 +46,8 @@ class Case:
     skip: str | None = None
     xfail: str | None = None
     problems: tuple[str, ...] = ()
+    # ``expect: record``: nothing to compare yet; --isobranch-update records the final state.
+    record: bool = False
 
 
 @dataclass(frozen=True)
@@ -249,9 +254,10 @@ def _cases(raw_cases: list, lines: list[int], duplicates: list[list[tuple[str, i
         elif not has_expect and not has_error:
             problems.append("missing 'expect' (a subset of the final state) or 'expect_error' "
                             "(a substring of the error message)")
-        if has_expect and not isinstance(expect, Mapping):
-            problems.append(f"'expect' must be a mapping (a subset of the final state), got "
-                            f"{type(expect).__name__} {short(expect)}")
+        record = has_expect and expect == RECORD_EXPECT
+        if has_expect and not record and not isinstance(expect, Mapping):
+            problems.append(f"'expect' must be a mapping (a subset of the final state) or "
+                            f"{RECORD_EXPECT!r}, got {type(expect).__name__} {short(expect)}")
             expect = None
         if has_error and (not isinstance(expect_error, str) or not expect_error):
             problems.append(f"'expect_error' must be a non-empty string, got {expect_error!r}")
@@ -263,7 +269,7 @@ def _cases(raw_cases: list, lines: list[int], duplicates: list[list[tuple[str, i
                           expect=dict(expect) if isinstance(expect, Mapping) else None,
                           expect_error=expect_error if isinstance(expect_error, str) else None,
                           description=description if isinstance(description, str) else None,
-                          skip=skip, xfail=xfail, problems=tuple(problems)))
+                          skip=skip, xfail=xfail, problems=tuple(problems), record=record))
     return cases
 
 

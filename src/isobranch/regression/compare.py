@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from .text import join_key, short
 
@@ -17,6 +17,19 @@ STRING_EXCERPT_CHARS = 30
 LIST_EXCERPT_ITEMS = 3
 
 
+class Difference(NamedTuple):
+    """One place where a final state does not match ``expect``.
+
+    ``label`` names it in a report's headline, ``line`` describes it, and
+    ``keys`` is where it is: the keys and list indexes from the top of
+    ``expect`` down to the value that differs (what an update rewrites).
+    """
+
+    label: str
+    line: str
+    keys: tuple[Any, ...]
+
+
 def subset_differences(expected: Any, actual: Any, path: str = "") -> list[str]:
     """Readable lines for every place ``actual`` does not match ``expected``.
 
@@ -28,11 +41,17 @@ def subset_differences(expected: Any, actual: Any, path: str = "") -> list[str]:
 
 def differences(expected: Any, actual: Any, path: str = "") -> list[tuple[str, str]]:
     """``(short label, line)`` per difference, capped at ``MAX_DIFF_LINES``."""
-    found: list[tuple[str, str]] = []
-    _diff(expected, actual, path, subset=True, out=found)
+    found = [(label, line) for label, line, _ in all_differences(expected, actual, path)]
     if len(found) > MAX_DIFF_LINES:
         more = len(found) - MAX_DIFF_LINES
         found = [*found[:MAX_DIFF_LINES], ("...", f"... and {more} more difference{'s' * (more != 1)}")]
+    return found
+
+
+def all_differences(expected: Any, actual: Any, path: str = "") -> list[Difference]:
+    """Every difference, uncapped, in the order a report lists them."""
+    found: list[Difference] = []
+    _diff(expected, actual, path, (), subset=True, out=found)
     return found
 
 
@@ -59,26 +78,29 @@ def _is_list(value: Any) -> bool:
     return isinstance(value, (list, tuple))
 
 
-def _diff(expected: Any, actual: Any, path: str, *, subset: bool,
-          out: list[tuple[str, str]]) -> None:
+def _diff(expected: Any, actual: Any, path: str, keys: tuple[Any, ...], *, subset: bool,
+          out: list[Difference]) -> None:
     if isinstance(expected, Mapping):
         if not isinstance(actual, Mapping):
             where = path or "final state"
-            out.append((where, f"{where}: expected a mapping {short(expected)}, "
-                               f"got {_kind(actual)} {short(actual)}"))
+            out.append(Difference(where, f"{where}: expected a mapping {short(expected)}, "
+                                         f"got {_kind(actual)} {short(actual)}", keys))
             return
         for key, value in expected.items():
             child = join_key(path, key)
             if key not in actual:
-                out.append((f"{child} missing", f"missing key: {child} (expected {short(value)})"))
+                out.append(Difference(f"{child} missing",
+                                      f"missing key: {child} (expected {short(value)})",
+                                      (*keys, key)))
             else:
-                _diff(value, actual[key], child, subset=subset, out=out)
+                _diff(value, actual[key], child, (*keys, key), subset=subset, out=out)
         if not subset:
             for key in actual:
                 if key not in expected:
                     child = join_key(path, key)
-                    out.append((f"{child} unexpected",
-                                f"unexpected key: {child} = {short(actual[key])}"))
+                    out.append(Difference(f"{child} unexpected",
+                                          f"unexpected key: {child} = {short(actual[key])}",
+                                          (*keys, key)))
         return
     if _is_list(expected) and _is_list(actual):
         if len(expected) != len(actual):
@@ -89,14 +111,14 @@ def _diff(expected: Any, actual: Any, path: str, *, subset: bool,
             window = slice(at, at + LIST_EXCERPT_ITEMS)
             line += (f"; first difference at index {at}: expected "
                      f"{short(list(expected[window]))}, got {short(list(actual[window]))}")
-            out.append((path, line))
+            out.append(Difference(path, line, keys))
             return
         for index, (want, got) in enumerate(zip(expected, actual, strict=True)):
             # Inside a list nothing is a subset: a list states the whole value.
-            _diff(want, got, f"{path}[{index}]", subset=False, out=out)
+            _diff(want, got, f"{path}[{index}]", (*keys, index), subset=False, out=out)
         return
     if not values_equal(expected, actual):
-        out.append((path, _mismatch(path, expected, actual)))
+        out.append(Difference(path, _mismatch(path, expected, actual), keys))
 
 
 def _mismatch(path: str, expected: Any, actual: Any) -> str:

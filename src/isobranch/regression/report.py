@@ -59,6 +59,10 @@ def check_case(case: Case, record: RunRecord, context: CaseContext) -> str | Non
         if isinstance(error, GraphExecutionError):
             return _report(context, _error_headline(error), _error_lines(error, record), record)
         return _report(context, "the agent could not run", [_message(str(error))], record)
+    if case.record:
+        return _report(context, "expect: record holds no expectation yet; run pytest "
+                                "--isobranch-update to record this final state",
+                       ["final state:", *_state_lines(record.final or {})], record)
     found = differences(case.expect or {}, record.final or {})
     if not found:
         return None

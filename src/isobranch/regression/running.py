@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..branch import route_step
 from ..errors import GraphError, GraphExecutionError
 from .text import short
 
@@ -16,12 +17,20 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunRecord:
-    """What one run of an agent did: its final state or its error, and its route."""
+    """What one run of an agent did: its final state or its error, and its route.
+
+    ``route`` is the route as a report shows it (``start``, ``[a | b]`` …);
+    ``steps`` is the same run as data, for graph coverage: the main path's
+    completed nodes and, per fan-out, its branches as ``branch.route_step``
+    gives them (what each branch ran). ``duration_ms`` is the run's wall time.
+    """
 
     final: dict | None = None
     error: GraphExecutionError | GraphError | None = None
     route: list[str] = field(default_factory=list)
     fan_outs: list[tuple[str | None, list[Any]]] = field(default_factory=list)
+    steps: list[Any] = field(default_factory=list)
+    duration_ms: float = 0.0
 
 
 def run_agent_case(graph: Any, state: Mapping[str, Any], *, label: str = "case") -> RunRecord:
@@ -41,9 +50,11 @@ def run_agent_case(graph: Any, state: Mapping[str, Any], *, label: str = "case")
             if kind == "node":
                 last_node = event["node"]
                 record.route.append(last_node)
+                record.steps.append(last_node)
             elif kind == "parallel":
                 branches = list(event["branches"])
                 record.fan_outs.append((last_node, branches))
+                record.steps.append(route_step(branches))
                 record.route.append("[" + " | ".join(
                     f"{r.branch}" + ("" if r.success else " (timed out)" if r.timed_out else " (failed)")
                     for r in branches) + "]")
@@ -51,7 +62,13 @@ def run_agent_case(graph: Any, state: Mapping[str, Any], *, label: str = "case")
                 record.final = event["state"]
     except (GraphExecutionError, GraphError) as exc:
         record.error = exc
+        # A fan-out stopped by fail_fast has no 'parallel' event; its error holds the results.
+        # (A fan-in node that fails after its 'parallel' event carries those results too.)
+        results = getattr(exc, "results", None)
+        if results and not (record.steps and isinstance(record.steps[-1], tuple)):
+            record.steps.append(route_step([r for r in results if r is not None]))
+    record.duration_ms = (time.perf_counter() - started) * 1000
     outcome = "succeeded" if record.error is None else f"failed ({type(record.error).__name__})"
-    log.debug("%s: %s in %.3f s, route: %s", label, outcome, time.perf_counter() - started,
+    log.debug("%s: %s in %.3f s, route: %s", label, outcome, record.duration_ms / 1000,
               " -> ".join(record.route) or "(none)")
     return record

@@ -254,7 +254,7 @@ class _ProcessFanOut(BackendFanOut):
         running = self._running
         if running:
             logger.debug("process backend: stopping %d unfinished branch(es) early: %s",
-                         len(running), ", ".join(repr(s.task.label) for s in running.values()))
+                         len(running), ", ".join(repr(s.task.name) for s in running.values()))
         for slot in running.values():
             self._pool.discard(slot.worker, kill=True)
         running.clear()
@@ -321,7 +321,7 @@ class _ProcessFanOut(BackendFanOut):
                 how = self._pool.discard(worker, kill=True)
                 logger.warning("process backend: worker process %s %s while idle (%s); "
                                "branch %r runs on another worker", worker.pid, how, exc,
-                               queued.run.task.label)
+                               queued.run.task.name)
                 upcoming.retry(queued)
 
     def _was_woken(self) -> bool:
@@ -343,7 +343,7 @@ class _ProcessFanOut(BackendFanOut):
                 except Exception as exc:  # e.g. an exception class that cannot be rebuilt
                     self._pool.discard(slot.worker, kill=True)
                     return self._failed(
-                        slot, f"branch {task.label!r}: what its worker sent back cannot "
+                        slot, f"branch {task.name!r}: what its worker sent back cannot "
                         f"be unpickled here: {type(exc).__name__}: {exc}",
                         ErrorKind.STATE_COPY_ERROR, timed_out=False)
                 kind = message[0]
@@ -370,7 +370,7 @@ class _ProcessFanOut(BackendFanOut):
             if not slot.heard_from:
                 how = self._pool.discard(slot.worker, kill=True)
                 logger.warning("process backend: worker process %s %s before it started "
-                               "branch %r", slot.worker.pid, how, task.label)
+                               "branch %r", slot.worker.pid, how, task.name)
                 return NEVER_STARTED
             return self._crashed(slot)
         return None
@@ -379,14 +379,14 @@ class _ProcessFanOut(BackendFanOut):
         how = self._pool.discard(slot.worker, kill=True)
         where = f" (running node {slot.node!r})" if slot.node else ""
         logger.warning("process backend: worker process %s %s while it ran branch %r%s",
-                       slot.worker.pid, how, slot.task.label, where)
+                       slot.worker.pid, how, slot.task.name, where)
         limit = slot.task.limits.branch_max_memory
         if limit is not None and oom_killed(slot.oom_kills, how):
             return self._failed(slot, memory_message(
-                slot.task.label, slot.node, limit,
+                slot.task.name, slot.node, limit,
                 f"the kernel's out-of-memory killer ended worker process {slot.worker.pid}"),
                 BRANCH_MEMORY_ERROR, timed_out=False)
-        return self._failed(slot, f"branch {slot.task.label!r}: worker process {slot.worker.pid}"
+        return self._failed(slot, f"branch {slot.task.name!r}: worker process {slot.worker.pid}"
                                   f"{where} {how}", ErrorKind.WORKER_CRASHED, timed_out=False)
 
     def _expire_lua(self) -> list[Finished]:
@@ -425,24 +425,24 @@ class _ProcessFanOut(BackendFanOut):
         self._pool.discard(slot.worker, kill=True)
         logger.warning("process backend: the watchdog killed worker process %s: Lua in node %r "
                        "of branch %r ran past its deadline", slot.worker.pid, slot.node,
-                       task.label)
+                       task.name)
         ended = f" (the watchdog ended worker process {slot.worker.pid})"
         if lua.branch_deadline and task.limits.branch_timeout:
             return self._failed(
-                slot, f"branch {task.label!r} timed out after "
+                slot, f"branch {task.name!r} timed out after "
                 f"{task.limits.branch_timeout:g}s in node {slot.node!r}{ended}",
                 ErrorKind.BRANCH_TIMEOUT, timed_out=True)
         return self._failed(
-            slot, f"node {slot.node!r} in branch {task.label!r} failed: LuaTimeoutError: "
+            slot, f"node {slot.node!r} in branch {task.name!r} failed: LuaTimeoutError: "
             f"{lua.chunk}: Lua code ran past its {lua.limit:g}s timeout{ended}",
             ErrorKind.LUA_TIMEOUT_ERROR, timed_out=False)
 
     def _branch_timed_out(self, slot: Running, limit: float) -> ParallelFlowResult:
         self._pool.discard(slot.worker, kill=True)
         logger.warning("process backend: the watchdog killed worker process %s: branch %r ran "
-                       "past its %gs branch_timeout", slot.worker.pid, slot.task.label, limit)
+                       "past its %gs branch_timeout", slot.worker.pid, slot.task.name, limit)
         where = f" in node {slot.node!r}" if slot.node else ""
-        return self._failed(slot, f"branch {slot.task.label!r} timed out after {limit:g}s{where} "
+        return self._failed(slot, f"branch {slot.task.name!r} timed out after {limit:g}s{where} "
                                         f"(the watchdog killed worker process {slot.worker.pid})",
                             ErrorKind.BRANCH_TIMEOUT, timed_out=True)
 

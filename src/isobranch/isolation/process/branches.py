@@ -181,7 +181,7 @@ class Running:
                 except Exception as exc:
                     # Left out: the failure report goes on with the state it can rebuild.
                     logger.debug("branch %r: an update its worker sent cannot be unpickled "
-                                 "here, left out of its state: %s: %s", self.task.label,
+                                 "here, left out of its state: %s: %s", self.task.name,
                                  type(exc).__name__, exc)
         return state
 

@@ -128,10 +128,11 @@ def run_task(graph: Any, payload: dict[str, Any], conn: Connection) -> bytes:
             path, reason = "state", "nested too deeply to pickle"
         failed = ParallelFlowResult(
             branch=result.branch, index=result.index, state={}, success=False,
-            error=(f"branch {task.label!r}: its final state cannot be sent back from the "
+            error=(f"branch {task.name!r}: its final state cannot be sent back from the "
                    f"worker process: {path}: {reason or exc}"),
             error_type=ErrorKind.STATE_COPY_ERROR, duration_ms=result.duration_ms,
-            isolation=result.isolation, worker=result.worker, node=result.node)
+            isolation=result.isolation, worker=result.worker, node=result.node,
+            spans=result.spans)
         return wire.encode(Kind.RESULT, failed)
 
 

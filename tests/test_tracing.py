@@ -1,0 +1,251 @@
+"""OpenTelemetry traces of runs, checked with the SDK's in-memory exporter on every backend.
+
+Branch spans are children of their fan-out span, a branch's node spans
+children of its branch span, one trace id throughout, wherever the branch
+ran (a worker process, a Dask worker: sent back with the result). Nothing
+is recorded, and no trace context crosses to a branch, without a provider.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+
+from conftest import HAVE_DASK
+from isobranch import END, START, StateGraph
+from isobranch.errors import GraphExecutionError
+
+ATTR = "isobranch."
+
+
+@pytest.fixture
+def exporter(monkeypatch):
+    """A tracer provider exporting to memory, set as the global one for this test only.
+
+    The API sets its global provider once per process; the test puts it back
+    (the module attribute ``set_tracer_provider`` fills) so other tests see none.
+    """
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
+    yield memory
+    provider.shutdown()
+
+
+def _body(state: dict) -> dict:
+    if state["item"] == 2:
+        raise ValueError("item 2 is bad")
+    return {"v": state["item"] * 10}
+
+
+def map_graph(isolation: str, **options):
+    graph = StateGraph()
+    graph.add_node("start", lambda state: None)
+    graph.add_node("body", _body)
+    graph.add_fan_in_node("join", lambda state, results: {
+        "total": sum(r.state["v"] for r in results if r.success)})
+    graph.add_edge(START, "start")
+    graph.add_map_edge("start", "body", over="items", fan_in="join")
+    graph.add_edge("body", "join")
+    graph.add_edge("join", END)
+    return graph.compile(isolation=isolation, max_workers=2, name="traced", **options)
+
+
+def by_name(spans, name: str) -> list:
+    return [span for span in spans if span.name == name]
+
+
+def check_map_trace(spans, isolation: str, items: list[int]) -> None:
+    """The spans of one run of ``map_graph`` over ``items`` (item 2 fails)."""
+    (run,) = by_name(spans, "isobranch.run")
+    (fan_out,) = by_name(spans, "isobranch.fan_out")
+    branches = by_name(spans, "isobranch.branch")
+    nodes = by_name(spans, "isobranch.node")
+    assert len(spans) == 1 + 1 + len(items) + 2 + len(items)
+    assert {span.context.trace_id for span in spans} == {run.context.trace_id}
+    assert run.parent is None
+    assert run.attributes[ATTR + "graph"] == "traced"
+    assert run.attributes[ATTR + "isolation"] == isolation
+    assert fan_out.parent.span_id == run.context.span_id
+    assert fan_out.attributes[ATTR + "branches.total"] == len(items)
+    assert fan_out.attributes[ATTR + "branches.failed"] == items.count(2)
+    main_nodes = [n for n in nodes if n.parent.span_id == run.context.span_id]
+    assert sorted(n.attributes[ATTR + "node"] for n in main_nodes) == ["join", "start"]
+    branch_ids = {b.context.span_id: b for b in branches}
+    assert {b.parent.span_id for b in branches} == {fan_out.context.span_id}
+    assert sorted(b.attributes[ATTR + "index"] for b in branches) == list(range(len(items)))
+    for branch in branches:
+        index = branch.attributes[ATTR + "index"]
+        assert branch.attributes[ATTR + "branch"] == f"body[{index}]"
+        assert branch.attributes[ATTR + "isolation"] == isolation
+        assert branch.attributes[ATTR + "attempt"] == 1
+        assert branch.attributes[ATTR + "worker"]
+        assert isinstance(branch.attributes[ATTR + "worker.pid"], int)
+        failed = items[index] == 2
+        assert (branch.status.status_code is StatusCode.ERROR) == failed
+        if failed:
+            assert branch.attributes[ATTR + "error_type"] == "ValueError"
+            assert "item 2 is bad" in branch.status.description
+    branch_nodes = [n for n in nodes if n.parent.span_id in branch_ids]
+    assert len(branch_nodes) == len(items)
+    for node in branch_nodes:
+        branch = branch_ids[node.parent.span_id]
+        assert node.attributes[ATTR + "branch"] == branch.attributes[ATTR + "branch"]
+        assert node.attributes[ATTR + "node"] == "body"
+        assert node.attributes[ATTR + "cached"] is False
+        assert node.start_time >= branch.start_time and node.end_time <= branch.end_time
+        assert (node.status.status_code is StatusCode.ERROR) == (
+            branch.status.status_code is StatusCode.ERROR)
+    if isolation == "process":  # made in worker processes, not here
+        import os
+
+        assert {b.attributes[ATTR + "worker.pid"] for b in branches} - {os.getpid()}
+        assert os.getpid() not in {b.attributes[ATTR + "worker.pid"] for b in branches}
+
+
+@pytest.mark.parametrize("isolation", ["inline", "thread", "process"])
+def test_spans_of_a_map_are_linked_on_every_backend(exporter, isolation):
+    with map_graph(isolation) as app:
+        assert app.invoke({"items": [1, 2, 3, 4]}) == {"items": [1, 2, 3, 4], "total": 80}
+    check_map_trace(exporter.get_finished_spans(), isolation, [1, 2, 3, 4])
+
+
+@pytest.mark.skipif(not HAVE_DASK, reason="the dask extra is not installed")
+def test_spans_made_on_dask_workers_reach_the_callers_exporter(exporter):
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      scheduler_port=0, dashboard_address="127.0.0.1:0",
+                      silence_logs=logging.CRITICAL) as cluster, \
+            map_graph("dask", backend_options={"dask_address": cluster.scheduler_address}) \
+            as app:
+        app.invoke({"items": [1, 2, 3]})
+        workers = set(cluster.scheduler_info["workers"])
+    spans = exporter.get_finished_spans()
+    check_map_trace(spans, "dask", [1, 2, 3])
+    assert {b.attributes[ATTR + "worker"] for b in by_name(spans, "isobranch.branch")} <= workers
+
+
+def test_a_failing_main_path_node_gives_its_span_and_the_runs_an_error_status(exporter):
+    graph = StateGraph()
+    graph.add_node("boom", lambda state: 1 / 0)
+    graph.add_edge(START, "boom")
+    graph.add_edge("boom", END)
+    with graph.compile(isolation="inline") as app, pytest.raises(GraphExecutionError):
+        app.invoke({})
+    spans = exporter.get_finished_spans()
+    (node,) = by_name(spans, "isobranch.node")
+    (run,) = by_name(spans, "isobranch.run")
+    for span in (node, run):
+        assert span.status.status_code is StatusCode.ERROR
+        assert "ZeroDivisionError" in span.status.description
+    assert node.attributes[ATTR + "error_type"] == "ZeroDivisionError"
+
+
+def test_nested_fan_outs_in_a_worker_process_nest_their_spans(exporter):
+    graph = StateGraph()
+    graph.add_node("start", lambda state: None)
+    graph.add_node("outer", lambda state: {"seen": state["item"]})
+    graph.add_node("a", lambda state: {"a": 1})
+    graph.add_node("b", lambda state: {"b": 2})
+    graph.add_fan_in_node("inner_join", lambda state, results: None)
+    graph.add_fan_in_node("join", lambda state, results: None)
+    graph.add_edge(START, "start")
+    graph.add_map_edge("start", "outer", over="items", fan_in="join")
+    graph.add_parallel_edge("outer", "a", fan_in="inner_join")
+    graph.add_parallel_edge("outer", "b", fan_in="inner_join")
+    graph.add_edge("a", "inner_join")
+    graph.add_edge("b", "inner_join")
+    graph.add_edge("inner_join", "join")
+    graph.add_edge("join", END)
+    with graph.compile(isolation="process", max_workers=2) as app:
+        app.invoke({"items": [7]})
+    spans = exporter.get_finished_spans()
+    ids = {span.context.span_id: span for span in spans}
+    inner = next(s for s in spans if s.attributes.get(ATTR + "branch") == "outer[0]/a"
+                 and s.name == "isobranch.branch")
+    inner_fan_out = ids[inner.parent.span_id]
+    outer = ids[inner_fan_out.parent.span_id]
+    assert (inner_fan_out.name, outer.name) == ("isobranch.fan_out", "isobranch.branch")
+    assert outer.attributes[ATTR + "branch"] == "outer[0]"
+    assert ids[outer.parent.span_id].name == "isobranch.fan_out"
+    assert ids[ids[outer.parent.span_id].parent.span_id].name == "isobranch.run"
+    assert len({span.context.trace_id for span in spans}) == 1
+
+
+def test_each_attempt_of_a_retried_branch_is_its_own_span(exporter, tmp_path):
+    marker = tmp_path / "failed-once"
+
+    def flaky(state: dict) -> dict:
+        if not marker.exists():
+            marker.touch()
+            raise ConnectionError("flaky")
+        return {"ok": True}
+
+    graph = StateGraph()
+    graph.add_node("start", lambda state: None)
+    graph.add_node("flaky", flaky)
+    graph.add_fan_in_node("join", lambda state, results: None)
+    graph.add_edge(START, "start")
+    graph.add_parallel_edge("start", "flaky", fan_in="join",
+                            retry={"max_attempts": 2, "initial_interval": 0.001,
+                                   "retry_on": ("ConnectionError",)})
+    graph.add_edge("flaky", "join")
+    graph.add_edge("join", END)
+    with graph.compile(isolation="thread") as app:
+        app.invoke({})
+    branches = sorted(by_name(exporter.get_finished_spans(), "isobranch.branch"),
+                      key=lambda span: span.attributes[ATTR + "attempt"])
+    assert [b.attributes[ATTR + "attempt"] for b in branches] == [1, 2]
+    assert [b.status.status_code for b in branches] == [StatusCode.ERROR, StatusCode.UNSET]
+
+
+def test_a_branch_killed_in_its_worker_still_gets_a_span_made_by_the_caller(exporter):
+    import os
+
+    graph = StateGraph()
+    graph.add_node("start", lambda state: None)
+    graph.add_node("dies", lambda state: os._exit(3))
+    graph.add_fan_in_node("join", lambda state, results: None)
+    graph.add_edge(START, "start")
+    graph.add_parallel_edge("start", "dies", fan_in="join")
+    graph.add_edge("dies", "join")
+    graph.add_edge("join", END)
+    with graph.compile(isolation="process") as app:
+        app.invoke({})
+    (branch,) = by_name(exporter.get_finished_spans(), "isobranch.branch")
+    (fan_out,) = by_name(exporter.get_finished_spans(), "isobranch.fan_out")
+    assert branch.parent.span_id == fan_out.context.span_id
+    assert branch.status.status_code is StatusCode.ERROR
+    assert branch.end_time >= branch.start_time
+
+
+@pytest.mark.parametrize("isolation", ["inline", "process"])
+def test_without_a_provider_nothing_is_recorded_and_no_trace_crosses(isolation, monkeypatch):
+    from isobranch import runner, tracing
+
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
+    assert tracing.run_tracing("g", isolation) is None
+    crossed = []
+    monkeypatch.setattr(runner, "_traced", lambda tasks, parent: crossed.append(parent))
+    with map_graph(isolation) as app:
+        events = list(app.stream({"items": [1, 3]}))
+    (parallel,) = [e for e in events if e["type"] == "parallel"]
+    assert [r.success for r in parallel["branches"]] == [True, True]
+    assert all(result.spans == () for result in parallel["branches"])
+    assert crossed == []
+
+
+def test_results_handed_on_carry_no_spans(exporter):
+    with map_graph("inline") as app:
+        events = list(app.stream({"items": [1, 3]}))
+    (parallel,) = [e for e in events if e["type"] == "parallel"]
+    assert all(result.spans == () for result in parallel["branches"])
+    assert len(by_name(exporter.get_finished_spans(), "isobranch.branch")) == 2
