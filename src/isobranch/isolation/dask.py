@@ -4,7 +4,7 @@ The cluster is one given by address (``dask_address``), a client the caller
 passes in (``client``), or, with neither, a ``LocalCluster`` of worker
 processes on 127.0.0.1 started on first use and closed with the graph.
 
-Each branch is one task running ``run_branch``, the function every backend
+Each branch runs ``run_branch`` in a task, the function every backend
 uses, so it gets a fresh Lua VM and its own copy of the state on the worker.
 The compiled graph travels once, in a worker plugin the scheduler hands to
 every worker (also to workers that join or restart later), never per task.
@@ -14,17 +14,18 @@ can, so Lua runs with its count hook (as on threads) and ``branch_timeout``
 is enforced inside the branch. A branch stuck past its deadline in one
 Python call is given up on by the client, and its worker is restarted.
 
-What a branch is to the client and which of its runs count against
-``retries`` live in ``dask_branches``. This module stays longer than most
-(about 630 lines) because what remains is one loop and the checks it makes
-on every wake-up (deadlines, worker deaths, memory restarts, a silent
-scheduler) against the one client and lock they share.
+Short branches run many per task (``dask_batches``); one fan-out's queue
+and tasks are ``dask_fanout``'s. What a branch is to the client and which
+of its runs count against ``retries`` live in ``dask_branches``. This
+module stays longer than most (about 690 lines) because what remains is
+one loop and the checks it makes on every wake-up (deadlines, worker
+deaths, memory restarts, a silent scheduler) against the one client and
+lock they share.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import functools
 import importlib.util
@@ -35,11 +36,10 @@ import threading
 import time
 import uuid
 import weakref
-from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from ..branch import BranchRun, ParallelFlowResult, failed_result
+from ..branch import ParallelFlowResult, failed_result
 from ..error_kinds import ErrorKind
 from ..errors import BackendError, ConfigError, DaskUnavailable
 from .base import BackendFanOut, Finished, IsolationBackend, RunSource
@@ -47,7 +47,6 @@ from .by_value import Receiver
 from .dask_batches import (
     MAX_BATCH,
     TASKS_PER_SLOT,
-    BatchSizer,
     Followed,
     FollowedBatch,
     batch_results,
@@ -77,6 +76,7 @@ from .dask_cluster import (
     connect,
     start_local_cluster,
 )
+from .dask_fanout import DaskFanOut
 from .memory_limit import BRANCH_MEMORY_ERROR, format_size, memory_message
 from .shipping import ship_graph
 
@@ -325,7 +325,7 @@ class DaskBackend(IsolationBackend):
     def open(self, source: RunSource, graph: CompiledGraph) -> BackendFanOut:
         """One fan-out of ``graph`` on the cluster (connected to, or started, now)."""
         connection, plugin = self._prepare(graph)
-        return _DaskFanOut(self, source, connection, plugin, self._worker_slots(connection))
+        return DaskFanOut(self, source, connection, plugin, self._worker_slots(connection))
 
     def _worker_slots(self, connection: Connection) -> int:
         """How many branches the cluster runs at once: its worker threads."""
@@ -690,98 +690,3 @@ class DaskBackend(IsolationBackend):
             quietly(connection.client.unsubscribe_topic, MEMORY_RESTART_TOPIC)
         if connection.owns_client:
             connection.close()
-
-
-class _DaskFanOut(BackendFanOut):
-    """One fan-out on a Dask cluster: its branches as tasks, followed by the client.
-
-    ``start`` takes what the driver hands out into a queue (as many as the
-    ``BatchSizer`` wants; the driver bounds them by ``max_concurrency``) and
-    keeps ``TASKS_PER_SLOT`` tasks per worker thread submitted, each one
-    branch or a batch of several (``dask_batches``). Once the cluster is
-    lost, every branch left fails alike without being submitted. ``close``
-    cancels what is still submitted and, on a cluster isobranch started,
-    restarts the workers running it; what is queued is never submitted.
-    """
-
-    def __init__(self, backend: DaskBackend, source: RunSource, connection: Connection,
-                 plugin: str, slots: int) -> None:
-        self.slots = slots
-        self._backend = backend
-        self._source = source
-        self._connection = connection
-        self._plugin = plugin
-        self._sizer = BatchSizer(slots)
-        self._watch = FanOutWatch(sizer=self._sizer)
-        self._pending: dict[Any, Followed] = {}
-        # Taken from the driver, not yet submitted (in the order taken).
-        self._queued: deque[BranchRun] = deque()
-        self._tasks_at_once = TASKS_PER_SLOT * max(slots, 1)
-        # Failed without running: the cluster was lost (why, in ``_lost``).
-        self._failed: list[Finished] = []
-        self._lost: str | None = None
-
-    def start(self) -> None:
-        """Take what the batches need from the driver and submit tasks while there is room
-        (or fail every branch taken, once the cluster is lost)."""
-        queued, sizer, source = self._queued, self._sizer, self._source
-        backend, client, plugin = self._backend, self._connection.client, self._plugin
-        while True:
-            # Topped up before each task: its size is a share of what is queued.
-            wanted = sizer.wanted()
-            while len(queued) < wanted and (run := source.take()) is not None:
-                run.handle = FollowedBranch(run, self._watch)
-                queued.append(run)
-            if self._lost is not None:
-                while queued:
-                    run = queued.popleft()
-                    self._failed.append((run, failed(run.handle, self._lost,
-                                                     ErrorKind.DASK_ERROR)))
-                return
-            if not queued or len(self._pending) >= self._tasks_at_once:
-                return
-            size = min(sizer.next_size(len(queued)), len(queued))
-            if size == 1:
-                branch = queued.popleft().handle
-                self._pending[backend.submit(client, plugin, branch)] = branch
-                continue
-            batch = FollowedBatch([queued.popleft().handle for _ in range(size)], self._watch)
-            self._pending[backend.submit_batch(client, plugin, batch)] = batch
-
-    def collect(self, timeout: float | None) -> list[Finished]:
-        """What the cluster finished (at most ``POLL_SECONDS`` of waiting at a time)."""
-        if self._failed:
-            failed_alike, self._failed = self._failed, []
-            return failed_alike
-        if not self._pending:
-            # Nothing submitted: wait for a retry to be due, or a wake-up.
-            with contextlib.suppress(queue.Empty):
-                self._watch.finished.get(timeout=timeout)
-            return []
-        results: list[Finished] = []
-        lost = self._backend.follow_once(self._connection, self._plugin, self._pending,
-                                         results, self._watch, timeout)
-        if lost is not None:
-            self._lost = lost  # nothing can run on this cluster any more
-        return results
-
-    def wake(self) -> None:
-        """End ``collect``'s wait (from any thread)."""
-        self._watch.finished.put(None)
-
-    def kill(self, run: BranchRun) -> ParallelFlowResult | None:
-        """Give up on ``run``, stuck past its deadline in one call; restart its worker."""
-        return self._backend.give_up(self._connection, self._plugin, self._pending, run.handle)
-
-    def close(self, *, cancelled: bool) -> None:
-        """Cancel what is still submitted; on a cluster isobranch started, restart the
-        workers running it (a fan-out stopped early must not keep them busy); what is
-        queued is dropped unsubmitted."""
-        self._queued.clear()
-        pending = self._pending
-        if not pending:
-            return
-        self._backend.stop_running(self._connection, pending.values())
-        futures = list(pending)
-        self._backend.forget(pending, futures)
-        quietly(self._connection.client.cancel, futures)
