@@ -260,3 +260,20 @@ def test_every_branch_of_a_batched_map_is_an_event_and_a_checkpoint(cluster, tmp
         recorded = connection.execute("SELECT position FROM branches WHERE run_id = 'r' "
                                       "AND success = 1").fetchall()
     assert sorted(position for (position,) in recorded) == items
+
+
+def test_batches_grow_while_branches_are_short_and_shrink_for_long_ones():
+    from isobranch.isolation.dask_batches import MAX_BATCH, TARGET_TASK_SECONDS, BatchSizer
+
+    sizer = BatchSizer(slots=2)
+    assert sizer.next_size(1000) == 1, "the first tasks carry one branch"
+    sizer.observe(1, 0.0001)
+    assert sizer.next_size(1000) == 4, "at most four times what was measured"
+    for branches in (4, 16, 64, 256):
+        sizer.observe(branches, branches * 0.0001)
+    # 0.1 ms each: about TARGET_TASK_SECONDS of work per task, and never over the cap.
+    assert sizer.size == min(int(TARGET_TASK_SECONDS / 0.0001), MAX_BATCH)
+    assert sizer.next_size(100_000) == sizer.size
+    assert sizer.next_size(40) == 10, "a 1/(2 x slots) share of what is queued"
+    sizer.observe(10, 10 * TARGET_TASK_SECONDS)
+    assert sizer.next_size(1000) == 1, "branches as long as a task's target run alone"
