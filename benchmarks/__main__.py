@@ -16,17 +16,18 @@ from . import (
     map_cases,
     observe_cases,
     reducer_cases,
+    subgraph_cases,
 )
 
 NAMES = ["vm", "hook", "lua-threads", "overhead-thread", "overhead-inline", "hot-loop-process",
          "python-processes", "overhead-process", "overhead-fresh", "state-copy", "round-trip",
          "lua-small-read",
          "soak-thread", "soak-process", "python-dask", "overhead-dask", "dask-start",
-         "map-process", "map-thread", "map-width-thread", "map-width-process", "map-dask",
-         "map-dask-client", "map-dask-long",
+         "map-process", "map-thread", "map-thread-2", "map-width-thread", "map-width-process",
+         "map-dask", "map-dask-client", "map-dask-long",
          "codec-small", "codec-20k", "ainvoke", "reducer-map-thread", "reducer-width-thread",
          "checkpoint-process", "checkpoint-thread", "stream-updates", "otel-no-provider",
-         "otel-exporter"]
+         "otel-exporter", "subgraph-map-thread", "subgraph-map-process"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         lambda: cases.dask_start_tls_vs_plain(repeat=reps(5)),
         lambda: map_cases.map_process_vs_pool(repeat=reps(5)),
         lambda: map_cases.map_thread_vs_pool(repeat=reps(5)),
+        lambda: map_cases.map_thread_vs_pool(workers=2, repeat=reps(5)),
         lambda: map_cases.map_width_scaling("thread", repeat=reps(5)),
         lambda: map_cases.map_width_scaling("process", repeat=reps(3)),
         lambda: map_cases.map_dask_vs_process(repeat=reps(3)),
@@ -78,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         lambda: observe_cases.stream_updates_event_size(repeat=reps(3)),
         lambda: observe_cases.tracing_overhead(False, repeat=reps(15)),
         lambda: observe_cases.tracing_overhead(True, repeat=reps(15)),
+        lambda: subgraph_cases.subgraph_map_vs_node_map("thread", repeat=reps(7)),
+        lambda: subgraph_cases.subgraph_map_vs_node_map("process", repeat=reps(7)),
     ]
     if args.only:
         runs = [run for run, name in zip(runs, NAMES, strict=True) if name in args.only]

@@ -291,3 +291,76 @@ def test_describe_lists_end_only_when_something_reaches_it(compiled):
     drawing = describe(compiled(graph))
     assert [node.label for node in drawing.nodes] == [START, "a", "b"]
     assert "__end__" not in dot_text(drawing)
+
+
+def review_graph() -> StateGraph:
+    """An inner graph with a fan-out of its own, and a nested subgraph node ``deep``."""
+    deep = graph_with("leaf")
+    deep.add_edge(START, "leaf").add_edge("leaf", END)
+    inner = graph_with("split", "a", "b", fan_ins=("join",))
+    inner.add_node("deep", deep)
+    inner.add_edge(START, "split")
+    inner.add_parallel_edge("split", "a", fan_in="join")
+    inner.add_parallel_edge("split", "b", fan_in="join")
+    inner.add_edge("a", "join").add_edge("b", "join").add_edge("join", "deep")
+    inner.add_edge("deep", END)
+    return inner
+
+
+def test_a_subgraph_node_is_a_mermaid_subgraph_block_holding_its_inner_graph(compiled):
+    graph = graph_with("before", "after")
+    graph.add_node("review", review_graph(), output={"x": "x"})
+    graph.add_edge(START, "before").add_edge("before", "review").add_edge("review", "after")
+    graph.add_edge("after", END)
+    assert mermaid_lines(compiled(graph)) == [
+        "flowchart TD",
+        '    subgraph n_review__cluster ["review"]',
+        '        subgraph n_review__deep__cluster ["deep"]',
+        '            n_review__deep____start__["__start__"] --> n_review__deep__leaf["leaf"]',
+        '            n_review__deep__leaf["leaf"] --> n_review__deep____end__["__end__"]',
+        "        end",
+        '        n_review____start__["__start__"] --> n_review__split["split"]',
+        '        n_review__split["split"] -->|"parallel, fan-in join"| n_review__a["a"]',
+        '        n_review__split["split"] -->|"parallel, fan-in join"| n_review__b["b"]',
+        '        n_review__a["a"] --> n_review__join[["join"]]',
+        '        n_review__b["b"] --> n_review__join[["join"]]',
+        # Into and out of a nested subgraph node: its inner START and END.
+        '        n_review__join[["join"]] --> n_review__deep____start__["__start__"]',
+        '        n_review__deep____end__["__end__"] --> n_review____end__["__end__"]',
+        "    end",
+        '    n___start__["__start__"] --> n_before["before"]',
+        '    n_before["before"] --> n_review____start__["__start__"]',
+        '    n_after["after"] --> n___end__["__end__"]',
+        '    n_review____end__["__end__"] --> n_after["after"]',
+    ]
+
+
+def test_a_subgraph_node_is_a_dot_cluster_labelled_with_its_name(compiled):
+    graph = StateGraph()
+    graph.add_node("review", review_graph())
+    graph.add_edge(START, "review").add_edge("review", END)
+    dot = compiled(graph).draw_dot().splitlines()
+    start = dot.index("    subgraph cluster_n_review__cluster {")
+    assert dot[start + 1] == '        label="review";'
+    assert '            label="deep";' in dot
+    assert '        n_review__split [label="split"];' in dot
+    assert '            n_review__deep__leaf [label="leaf"];' in dot
+    assert "    n___start__ -> n_review____start__;" in dot
+    assert "    n_review____end__ -> n___end__;" in dot
+    # Every block that opens closes: the digraph, two clusters.
+    assert sum(line.endswith("{") for line in dot) == 3
+    assert sum(line.strip() == "}" for line in dot) == 3
+
+
+def test_identifiers_stay_unique_across_the_levels_of_subgraphs(compiled):
+    # An outer node whose name spells an inner node's identifier.
+    inner = graph_with("x")
+    inner.add_edge(START, "x").add_edge("x", END)
+    graph = graph_with("s__x")
+    graph.add_node("s", inner)
+    graph.add_edge(START, "s").add_edge("s", "s__x").add_edge("s__x", END)
+    drawing = describe(compiled(graph))
+    ids = [node.id for node in drawing.nodes]
+    [cluster] = [node for node in drawing.nodes if node.inner is not None]
+    inner_ids = [node.id for node in cluster.inner.nodes]
+    assert len(set(ids + inner_ids)) == len(ids + inner_ids)

@@ -276,3 +276,26 @@ def test_the_picture_in_the_docs_is_what_the_command_draws_today(tmp_path):
     assert drawn_content(DEMO_PICTURE.read_bytes()) == drawn_content(fresh.read_bytes()), (
         "docs/images/fan_out_demo.svg is stale: redraw it with `isobranch graph "
         "examples/fan_out_demo.yaml --format svg -o docs/images/fan_out_demo.svg`")
+
+
+@needs_dot
+def test_svg_draws_a_subgraph_node_as_a_cluster_of_its_inner_nodes():
+    inner = StateGraph()
+    inner.add_node("score", lambda state: {})
+    inner.add_edge(START, "score").add_edge("score", END)
+    graph = StateGraph()
+    graph.add_node("review", inner)
+    graph.add_node("after", lambda state: {})
+    graph.add_edge(START, "review").add_edge("review", "after").add_edge("after", END)
+    with graph.compile(isolation="inline") as app:
+        root = ET.fromstring(picture(app, PictureFormat.SVG))
+    clusters = {group.find(f"{SVG}title").text: [text.text for text in group.iter(f"{SVG}text")]
+                for group in root.iter(f"{SVG}g") if group.get("class") == "cluster"}
+    assert clusters == {"cluster_n_review__cluster": ["review"]}
+    assert sorted(node_texts(picture_of(graph)).values()) == sorted(
+        [START, END, START, END, "score", "after"])
+
+
+def picture_of(graph: StateGraph) -> bytes:
+    with graph.compile(isolation="inline") as app:
+        return picture(app, PictureFormat.SVG)

@@ -83,8 +83,8 @@ def test_node_and_edge_keys_are_checked_with_suggestions():
         "edges": [{"from": "a", "to": "b", "wen": "True"}],
     })
     assert problems == [
-        "node 'a': unknown key 'lnguage' (allowed: description, fan_in, file, language, name, "
-        "retry, run); did you mean 'language'?",
+        "node 'a': unknown key 'lnguage' (allowed: description, fan_in, file, input, language, "
+        "name, output, retry, run, subgraph); did you mean 'language'?",
         "edges[0] (a -> b): unknown key 'wen' (allowed: as, fan_in, from, index_as, "
         "max_concurrency, over, retry, to, type, when); did you mean 'when'?",
     ]

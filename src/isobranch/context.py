@@ -4,6 +4,12 @@ A context is created per ``invoke`` and per branch and passed explicitly to
 every node; it owns one lazily created Lua VM that its sequential nodes
 share and that dies with it. Nothing here lives in a thread-local, so a
 reused pool thread can never see a previous branch's VM.
+
+A context sits below everything that runs code in it (nodes, the step
+loop, the backends): it is handed the graph as a ``branch.BranchGraph``,
+its fan-outs' backend as whatever its creator made (a type parameter) and
+the run's step recorder as an opaque value the step loop reads, and
+imports none of their modules.
 """
 
 from __future__ import annotations
@@ -11,59 +17,55 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from .async_nodes import AwaitRunner
 from .errors import BranchCancelled, BranchTimeout, InternalError, LuaTimeoutError
 from .lua.runtime import LuaRuntime
 
 if TYPE_CHECKING:
-    from .branch import BranchLimits, BranchMonitor
+    from .branch import BranchGraph, BranchLimits, BranchMonitor, Watchdog
     from .cancellation import CancelSignal
-    from .checkpoint.recorder import RunRecorder
-    from .compiled import CompiledGraph
-    from .isolation.base import IsolationBackend
     from .trace_records import Spans
 
 
-class Watchdog(Protocol):
-    """Someone outside the running code who enforces its time limits.
+class FanOutBackend(Protocol):
+    """What a context knows of the backend its fan-outs run on: its name, and that it
+    closes (``isolation.base.IsolationBackend`` is one; the step loop uses the rest)."""
 
-    A branch in a worker process runs Lua without a count hook; it tells the
-    watchdog (its parent process) where it is and when each Lua call must
-    end, and the watchdog ends the worker if a deadline passes.
+    name: str
+
+    def close(self) -> None: ...
+
+
+BackendT = TypeVar("BackendT", bound=FanOutBackend)
+
+
+# What ``ExecutionContext.enter_subgraph`` set aside, for ``leave_subgraph`` to restore:
+# the graph, recorder, Lua VM, node, reducer writes, prefix, scope and whether merges
+# are reported. (A plain tuple: one is made per subgraph run.)
+SubgraphScope = tuple[Any, Any, "LuaRuntime | None", "str | None",
+                      "list[tuple[str, Any]] | None", str, "str | None", bool]
+
+
+class ExecutionContext(Generic[BackendT]):
+    """State of one invocation or one branch: Lua VM, deadline, fan-out backend.
+
+    ``BackendT`` is the type of the backend it holds for its fan-outs (the
+    step loop's ``IsolationBackend``), handed in or made by
+    ``backend_factory`` and handed back by ``fan_out_backend``.
     """
 
-    def node_started(self, node: str) -> None:
-        """``node`` is about to run."""
-
-    def node_merged(self, node: str, update: dict) -> None:
-        """``node`` returned ``update``, now merged into the branch state."""
-
-    def lua_started(self, chunk: str, deadline: float, limit: float | None,
-                    branch_deadline: bool) -> None:
-        """A Lua call named ``chunk`` starts; it must end by ``deadline`` (``time.monotonic``).
-
-        ``branch_deadline`` tells whether the deadline is the branch's own
-        (a branch timeout) rather than the Lua timeout.
-        """
-
-    def lua_finished(self) -> None:
-        """The Lua call returned (or raised)."""
-
-
-class ExecutionContext:
-    """State of one invocation or one branch: Lua VM, deadline, fan-out backend."""
-
-    def __init__(self, graph: CompiledGraph, *, deadline: float | None = None,
+    def __init__(self, graph: BranchGraph, *, deadline: float | None = None,
                  branch_name: str | None = None, monitor: BranchMonitor | None = None,
-                 time_limit: float | None = None, backend: IsolationBackend | None = None,
+                 time_limit: float | None = None, backend: BackendT | None = None,
                  nested_isolation: str = "thread", max_workers: int | None = None,
                  fan_out_limits: BranchLimits, watchdog: Watchdog | None = None,
                  max_concurrency: int | None = None, cancel: CancelSignal | None = None,
                  stop: CancelSignal | None = None,
-                 recorder: RunRecorder | None = None,
-                 backend_factory: Callable[..., IsolationBackend] | None = None) -> None:
+                 recorder: Any = None,
+                 backend_factory: Callable[..., BackendT] | None = None,
+                 branch_index: int | None = None) -> None:
         self.graph = graph
         # Makes the backend of a branch's own fan-outs (see fan_out_backend).
         self._backend_factory = backend_factory
@@ -72,12 +74,15 @@ class ExecutionContext:
         # Set by CompiledGraph.close() to end a retry's backoff in this run at
         # once (in-process branches see it too); None in a worker process.
         self.stop = stop
-        # Records the main path of a checkpointed run; None in branches.
+        # Records the main path of a checkpointed run (a checkpoint.recorder.RunRecorder,
+        # which the step loop uses: the context only carries and swaps it); None in branches.
         self.recorder = recorder
         self.deadline = deadline
         self.time_limit = time_limit
         # The branch's name (BranchTask.name); None on the main path.
         self.branch_name = branch_name
+        # The item's position in a map branch (BranchTask.index).
+        self.branch_index = branch_index
         self.monitor = monitor
         self.max_workers = max_workers
         # Branches of one fan-out running at once, unless its edge says otherwise.
@@ -93,8 +98,53 @@ class ExecutionContext:
         # A branch's writes to reducer keys, in order, for its fan-in (None on the main path).
         self.reducer_writes: list[tuple[str, Any]] | None = [] if branch_name is not None else None
         self._awaiter: AwaitRunner | None = None
+        # Inside a subgraph node: what its inner nodes' names are shown under
+        # (``review/``), and what the branches of its fan-outs are named under.
+        self.prefix = ""
+        self.scope: str | None = branch_name
+        # Whether merged updates are this branch's own (the watchdog rebuilds its
+        # state from them); a subgraph's inner state is private, so never its.
+        self._reports_merges = True
         # Who traces this path's nodes and fan-outs (tracing.py, trace_records.py); None: off.
         self.spans: Spans | None = None
+
+    def enter_subgraph(self, graph: BranchGraph, shown: str, *, branch_itself: bool,
+                       recorder: Any = None) -> SubgraphScope:
+        """Run subgraph node ``shown`` (``review``, ``review[3]``) in this context, until
+        ``leave_subgraph`` with what this returns.
+
+        Meanwhile its nodes are named ``shown/node``, it runs on ``graph``'s
+        Lua VM of its own (the inner graph's limits and variables), its merges
+        are no reducer writes of the branch nor updates the watchdog sees, and
+        ``recorder`` records its steps; deadline, cancellation, watchdog and
+        the backend and limits of its fan-outs stay the outer run's.
+        ``branch_itself``: the subgraph node is the branch's first node, so
+        its branches' names are not nested under ``shown`` again. (One
+        context, not a new one per subgraph run: a subgraph per map item must
+        cost little.)
+        """
+        saved = (self.graph, self.recorder, self._lua, self.node, self.reducer_writes,
+                 self.prefix, self.scope, self._reports_merges)
+        self.graph = graph
+        self.recorder = recorder
+        self._lua = None
+        self.reducer_writes = None
+        self.prefix = self.prefix + shown + "/"
+        if not branch_itself:
+            self.scope = self.scope + "/" + shown if self.scope else shown
+        self._reports_merges = False
+        return saved
+
+    def leave_subgraph(self, saved: SubgraphScope) -> None:
+        """Back to the graph ``enter_subgraph`` left; the subgraph's Lua VM is closed."""
+        if self._lua is not None:
+            self._lua.close()
+        (self.graph, self.recorder, self._lua, self.node, self.reducer_writes, self.prefix,
+         self.scope, self._reports_merges) = saved
+
+    def path_of(self, node: str) -> str:
+        """``node`` as messages and events name it: ``review/score`` inside subgraph ``review``."""
+        return self.prefix + node if self.prefix else node
 
     @property
     def isolation(self) -> str:
@@ -120,6 +170,8 @@ class ExecutionContext:
 
     def enter_node(self, node: str) -> None:
         """Record the running node; stop here if the branch is out of time or cancelled."""
+        if self.prefix:
+            node = self.prefix + node
         self.node = node
         if self.cancel is not None:
             self.cancel.raise_if_set()
@@ -189,7 +241,9 @@ class ExecutionContext:
         It is awaited on this context's own event loop, which stops it when
         the branch or run is cancelled or out of time.
         """
-        if not inspect.isawaitable(value):
+        # What nodes return is almost always a plain dict or None, never awaitable:
+        # answered without isawaitable's Awaitable check, once per node of every branch.
+        if value is None or type(value) is dict or not inspect.isawaitable(value):
             return value
         if self._awaiter is None:
 
@@ -218,10 +272,10 @@ class ExecutionContext:
 
     def merged(self, node: str, update: dict) -> None:
         """``node``'s update has been merged into the state (reported to the watchdog)."""
-        if self.watchdog is not None:
+        if self.watchdog is not None and self._reports_merges:
             self.watchdog.node_merged(node, update)
 
-    def fan_out_backend(self) -> IsolationBackend:
+    def fan_out_backend(self) -> BackendT:
         """The backend for fan-outs started from this context.
 
         The main path uses the compiled graph's pooled backend; a branch runs

@@ -9,10 +9,12 @@ punctuation) and shows its name as a quoted, escaped label, so any name
 draws safely.
 
 A node's kind (``NodeKind``) alone decides how the renderers draw it.
-That is where a node holding a graph of its own would come in: a kind
-of its own, whose inner ``Drawing`` the renderers draw as a cluster (a
-Mermaid ``subgraph``, a DOT ``subgraph cluster_*``), its identifiers
-prefixed by the node's.
+A subgraph node (``NodeKind.SUBGRAPH``) carries the ``Drawing`` of its
+inner graph, which the renderers draw as a cluster (a Mermaid
+``subgraph``, a DOT ``subgraph cluster_*``) labelled with the node's name,
+with its own ``__start__`` and ``__end__``: the edges into the node go to
+the inner ``__start__``, the edges out of it leave from the inner
+``__end__``. Inner identifiers are prefixed by the node's.
 
 The module is pure: it reads a graph and returns text. Rendering DOT to
 SVG or PNG is ``pictures.py``'s job.
@@ -27,7 +29,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .fanout import MapFanOut, StaticFanOut
-from .runner import END, START
+from .routes import END, START
+from .subgraph import SubgraphNode
 
 
 class NodeKind(enum.Enum):
@@ -39,6 +42,8 @@ class NodeKind(enum.Enum):
     FAN_IN = "fan_in"
     # Where a router without a mapping goes: any node it names at run time.
     ROUTER_CHOICE = "router_choice"
+    # A node that runs a graph of its own, drawn as a cluster of that graph.
+    SUBGRAPH = "subgraph"
 
 
 class EdgeKind(enum.Enum):
@@ -52,11 +57,15 @@ class EdgeKind(enum.Enum):
 
 @dataclass(frozen=True)
 class DrawnNode:
-    """A node of a drawing: its identifier in the output, its label, its kind."""
+    """A node of a drawing: its identifier in the output, its label, its kind.
+
+    A ``SUBGRAPH`` node has the drawing of its inner graph, ``inner``.
+    """
 
     id: str
     label: str
     kind: NodeKind
+    inner: Drawing | None = None
 
 
 @dataclass(frozen=True)
@@ -110,49 +119,62 @@ def draw_dot(graph: DrawableGraph) -> str:
 
 
 def describe(graph: DrawableGraph) -> Drawing:
-    """The nodes and edges to draw for ``graph``."""
+    """The nodes and edges to draw for ``graph`` (a subgraph node's graph inside it)."""
+    return _describe(graph, _Identifiers(), ())
+
+
+def _describe(graph: DrawableGraph, identifiers: _Identifiers, scope: tuple[str, ...]) -> Drawing:
+    """``graph`` drawn as the graph of the subgraph nodes ``scope`` (empty: the outermost)."""
     fan_ins = {fan_out.fan_in for name in graph.nodes
                if (fan_out := graph.fan_out_of(name)) is not None}
-    ids = _Identifiers()
+    ids = _Scope(identifiers, scope, graph)
     nodes = [DrawnNode(ids.of(START), START, NodeKind.START)]
-    nodes += [DrawnNode(ids.of(name), name, NodeKind.FAN_IN if name in fan_ins else NodeKind.STEP)
-              for name in graph.nodes]
+    for name, node in graph.nodes.items():
+        if isinstance(node, SubgraphNode):
+            inner = _describe(node.graph, identifiers, (*scope, name))
+            nodes.append(DrawnNode(ids.cluster(name), name, NodeKind.SUBGRAPH, inner))
+        else:
+            nodes.append(DrawnNode(ids.of(name), name,
+                                   NodeKind.FAN_IN if name in fan_ins else NodeKind.STEP))
     nodes.append(DrawnNode(ids.of(END), END, NodeKind.END))
-    edges = [DrawnEdge(ids.of(START), ids.of(graph.entry), EdgeKind.PLAIN)]
+    edges = [DrawnEdge(ids.of(START), ids.into(graph.entry), EdgeKind.PLAIN)]
     for name in graph.nodes:
         routes = graph.routes_of(name)
         if routes.router is not None and routes.mapping is None:
             nodes.append(DrawnNode(ids.of_choice(name), "any node", NodeKind.ROUTER_CHOICE))
         edges.extend(_edges_from(graph, name, ids))
     used = {edge.source for edge in edges} | {edge.target for edge in edges}
-    # END is drawn only when something reaches it; every other node always is.
-    drawn = tuple(node for node in nodes if node.kind is not NodeKind.END or node.id in used)
+    # END is drawn only when something reaches it, or inside a cluster, whose
+    # END the edges out of the subgraph node leave from; every other node always is.
+    drawn = tuple(node for node in nodes
+                  if node.kind is not NodeKind.END or node.id in used or scope)
     return Drawing(graph.name, drawn, tuple(edges))
 
 
-def _edges_from(graph: DrawableGraph, name: str, ids: _Identifiers) -> list[DrawnEdge]:
+def _edges_from(graph: DrawableGraph, name: str, ids: _Scope) -> list[DrawnEdge]:
     """The edges out of ``name``: its fan-out, then its routes in the order they are tried."""
-    source = ids.of(name)
+    source = ids.out_of(name)
     edges = []
     fan_out = graph.fan_out_of(name)
     if isinstance(fan_out, MapFanOut):
         over = fan_out.over if isinstance(fan_out.over, str) else fan_out.describe_over()
         label = f"map over {over} as {fan_out.item_key}, fan-in {fan_out.fan_in}"
-        edges.append(DrawnEdge(source, ids.of(fan_out.target), EdgeKind.MAP, label))
+        edges.append(DrawnEdge(source, ids.into(fan_out.target), EdgeKind.MAP, label))
     elif fan_out is not None:
-        edges.extend(DrawnEdge(source, ids.of(target), EdgeKind.PARALLEL,
+        edges.extend(DrawnEdge(source, ids.into(target), EdgeKind.PARALLEL,
                                f"parallel, fan-in {fan_out.fan_in}")
                      for target in fan_out.targets)
     routes = graph.routes_of(name)
     if routes.router is not None and routes.mapping is None:
         edges.append(DrawnEdge(source, ids.of_choice(name), EdgeKind.CONDITIONAL,
                                f"router {_callable_name(routes.router)}"))
-    edges.extend(DrawnEdge(source, ids.of(target), EdgeKind.CONDITIONAL, repr(value))
+    edges.extend(DrawnEdge(source, ids.into(target), EdgeKind.CONDITIONAL, repr(value))
                  for value, target in (routes.mapping or {}).items())
-    edges.extend(DrawnEdge(source, ids.of(target), EdgeKind.CONDITIONAL, condition.describe())
+    edges.extend(DrawnEdge(source, ids.into(target), EdgeKind.CONDITIONAL,
+                           condition.describe())
                  for condition, target in routes.conditional)
     if routes.default is not None:
-        edges.append(DrawnEdge(source, ids.of(routes.default), EdgeKind.PLAIN))
+        edges.append(DrawnEdge(source, ids.into(routes.default), EdgeKind.PLAIN))
     elif fan_out is None and routes.router is None and not routes.conditional:
         # The runner ends a path at a node with nowhere to go: draw that END.
         edges.append(DrawnEdge(source, ids.of(END), EdgeKind.PLAIN))
@@ -163,25 +185,65 @@ def _callable_name(fn: Any) -> str:
     return getattr(fn, "__name__", type(fn).__name__)
 
 
-class _Identifiers:
-    """A unique output identifier per node name: ``n_`` and the name's ASCII letters,
-    digits and ``_`` (anything else becomes ``_``), then ``_2``, ``_3`` ... on a clash."""
+class _Drawn(enum.Enum):
+    """What an identifier is for; the value is what its text adds to the path."""
 
-    def __init__(self) -> None:
-        self._by_key: dict[tuple[str, str], str] = {}
-        self._taken: set[str] = set()
+    NODE = ""
+    CHOICE = "__choice"  # a router's run-time choice
+    CLUSTER = "__cluster"  # the cluster of a subgraph node
+
+
+class _Scope:
+    """The identifiers of one graph's nodes in a drawing, that graph being the one of the
+    subgraph nodes ``scope`` (empty for the outermost graph)."""
+
+    def __init__(self, identifiers: _Identifiers, scope: tuple[str, ...],
+                 graph: DrawableGraph) -> None:
+        self._identifiers = identifiers
+        self._scope = scope
+        self._subgraphs = {name for name, node in graph.nodes.items()
+                           if isinstance(node, SubgraphNode)}
 
     def of(self, name: str) -> str:
-        """The identifier of the node ``name``."""
-        return self._claim(("node", name), name)
+        """The identifier of the node ``name`` (or START, END) of this graph."""
+        return self._identifiers.claim((_Drawn.NODE, (*self._scope, name)))
 
     def of_choice(self, router_node: str) -> str:
         """The identifier of the run-time choice of ``router_node``'s router."""
-        return self._claim(("choice", router_node), f"{router_node}__choice")
+        return self._identifiers.claim((_Drawn.CHOICE, (*self._scope, router_node)))
 
-    def _claim(self, key: tuple[str, str], text: str) -> str:
+    def cluster(self, name: str) -> str:
+        """The identifier of the cluster that draws the subgraph node ``name``."""
+        return self._identifiers.claim((_Drawn.CLUSTER, (*self._scope, name)))
+
+    def into(self, name: str) -> str:
+        """Where an edge to ``name`` ends: the node, or a subgraph node's inner START."""
+        if name in self._subgraphs:
+            return self._identifiers.claim((_Drawn.NODE, (*self._scope, name, START)))
+        return self.of(name)
+
+    def out_of(self, name: str) -> str:
+        """Where an edge from ``name`` starts: the node, or a subgraph node's inner END."""
+        if name in self._subgraphs:
+            return self._identifiers.claim((_Drawn.NODE, (*self._scope, name, END)))
+        return self.of(name)
+
+
+class _Identifiers:
+    """A unique output identifier per drawn thing of a drawing: ``n_`` and its path's ASCII
+    letters, digits and ``_`` (anything else becomes ``_``; levels joined by ``__``), then
+    ``_2``, ``_3`` ... on a clash."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[tuple[_Drawn, tuple[str, ...]], str] = {}
+        self._taken: set[str] = set()
+
+    def claim(self, key: tuple[_Drawn, tuple[str, ...]]) -> str:
+        """The identifier of ``key``: ``(what is drawn, path of names)``."""
         if key in self._by_key:
             return self._by_key[key]
+        drawn, path = key
+        text = "__".join(path) + drawn.value
         base = "n_" + "".join(c if c.isascii() and (c.isalnum() or c == "_") else "_"
                               for c in text)
         candidate, number = base, 1
@@ -202,6 +264,7 @@ _MERMAID_SHAPES = {
     NodeKind.STEP: ('["', '"]'),
     NodeKind.FAN_IN: ('[["', '"]]'),
     NodeKind.ROUTER_CHOICE: ('{{"', '"}}'),
+    NodeKind.SUBGRAPH: ('["', '"]'),  # never on an edge: edges reach its inner START and END
 }
 # Mermaid's entity codes. '#' first, so the codes added after it stay codes;
 # '<' '>' because labels are HTML (and '-->' in a label must not read as an
@@ -214,12 +277,34 @@ def mermaid_text(drawing: Drawing) -> str:
     """A drawing as a Mermaid flowchart: one line per edge, each end with its shape.
 
     Every node of a ``describe`` drawing has an edge, so every node is drawn.
+    A subgraph node is a ``subgraph`` block holding its inner graph's
+    edges, written before the edges that lead into it, so Mermaid places
+    each inner node in its block.
     """
-    nodes = {node.id: node for node in drawing.nodes}
-    lines = ["flowchart TD"]
-    lines.extend(f"    {_mermaid_node(nodes[edge.source])}{_mermaid_arrow(edge)}"
+    nodes = _all_nodes(drawing)
+    return "\n".join(["flowchart TD", *_mermaid_lines(drawing, nodes, "    ")])
+
+
+def _mermaid_lines(drawing: Drawing, nodes: Mapping[str, DrawnNode], indent: str) -> list[str]:
+    lines = []
+    for node in drawing.nodes:
+        if node.inner is not None:
+            lines.append(f'{indent}subgraph {node.id} ["{mermaid_escape(node.label)}"]')
+            lines.extend(_mermaid_lines(node.inner, nodes, indent + "    "))
+            lines.append(f"{indent}end")
+    lines.extend(f"{indent}{_mermaid_node(nodes[edge.source])}{_mermaid_arrow(edge)}"
                  f"{_mermaid_node(nodes[edge.target])}" for edge in drawing.edges)
-    return "\n".join(lines)
+    return lines
+
+
+def _all_nodes(drawing: Drawing) -> dict[str, DrawnNode]:
+    """Every node of ``drawing`` and of its clusters, by identifier."""
+    nodes = {}
+    for node in drawing.nodes:
+        nodes[node.id] = node
+        if node.inner is not None:
+            nodes.update(_all_nodes(node.inner))
+    return nodes
 
 
 def _mermaid_node(node: DrawnNode) -> str:
@@ -255,6 +340,7 @@ _DOT_SHAPES = {
     NodeKind.STEP: "",
     NodeKind.FAN_IN: 'style="", peripheries=2',
     NodeKind.ROUTER_CHOICE: 'shape=note, style=""',
+    NodeKind.SUBGRAPH: "",  # a cluster, not a node
 }
 _DOT_EDGE_STYLES = {
     EdgeKind.PLAIN: "",
@@ -271,16 +357,29 @@ def dot_text(drawing: Drawing) -> str:
              "    nodesep=0.6;",  # room between side-by-side edge labels
              '    node [shape=box, style=rounded, fontname="Helvetica"];',
              '    edge [fontname="Helvetica", fontsize=10];']
+    lines.extend(_dot_lines(drawing, "    "))
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def _dot_lines(drawing: Drawing, indent: str) -> list[str]:
+    """A drawing's nodes (a subgraph node as a ``subgraph cluster_*`` block), then its edges."""
+    lines = []
     for node in drawing.nodes:
+        if node.inner is not None:
+            lines.append(f"{indent}subgraph cluster_{node.id} {{")
+            lines.append(f"{indent}    label={dot_quote(node.label)};")
+            lines.extend(_dot_lines(node.inner, indent + "    "))
+            lines.append(f"{indent}}}")
+            continue
         attributes = _dot_attributes("label=" + dot_quote(node.label), _DOT_SHAPES[node.kind])
-        lines.append(f"    {node.id} [{attributes}];")
+        lines.append(f"{indent}{node.id} [{attributes}];")
     for edge in drawing.edges:
         label = "label=" + dot_quote(edge.label) if edge.label else ""
         attributes = _dot_attributes(label, _DOT_EDGE_STYLES[edge.kind])
-        lines.append(f"    {edge.source} -> {edge.target} [{attributes}];" if attributes
-                     else f"    {edge.source} -> {edge.target};")
-    lines.append("}")
-    return "\n".join(lines)
+        lines.append(f"{indent}{edge.source} -> {edge.target} [{attributes}];" if attributes
+                     else f"{indent}{edge.source} -> {edge.target};")
+    return lines
 
 
 def _dot_attributes(*parts: str) -> str:

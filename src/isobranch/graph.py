@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .checkpoint.store import SqliteCheckpointer
-from .compiled import CompiledGraph, Routes
+from .compiled import CompiledGraph
 from .conditions import Condition, Expression, as_condition
 from .defaults import (
     DEFAULT_FAIL_FAST,
@@ -28,9 +28,10 @@ from .isolation.registry import backend_options as declared_backend_options
 from .keys import unknown
 from .nodes import Node, as_node
 from .retry import RetryPolicy, as_policy
+from .routes import END, START, Routes
 from .run import limit_problems
-from .runner import END, START
 from .schema import StateSchema
+from .subgraph import SubgraphNode, mapping_problems
 
 
 class StateGraph:
@@ -57,12 +58,20 @@ class StateGraph:
         self._entry: str | None = None
         self._finish: set[str] = set()
 
-    def add_node(self, name: str, fn: Callable[..., Any] | Node, *,
+    def add_node(self, name: str, fn: Callable[..., Any] | Node | StateGraph | CompiledGraph, *,
+                 input: Mapping[str, str] | None = None, output: Mapping[str, str] | None = None,
                  retry: RetryPolicy | Mapping[str, Any] | int | None = None) -> StateGraph:
-        """Add a node; ``fn`` is a callable of ``state`` or a ``Node``.
+        """Add a node; ``fn`` is a callable of ``state``, a ``Node``, or a graph.
 
-        ``retry`` (a ``RetryPolicy``, a mapping of its fields, or a number of
-        attempts) calls a node that raised again, on the same input state.
+        A graph (a ``StateGraph``, compiled when this graph compiles, or a
+        ``CompiledGraph``) makes a subgraph node: it runs the inner graph
+        from its START to its END as one step. ``input`` (``{inner key:
+        outer key}``) picks and renames what the inner run starts from
+        (default: a private copy of the whole state); ``output`` (``{outer
+        key: inner key}``) picks and renames what it writes back (default:
+        the whole inner final state). ``retry`` (a ``RetryPolicy``, a
+        mapping of its fields, or a number of attempts) calls a node that
+        raised again, on the same input state (a subgraph from its START).
         """
         policy = _policy(retry, f"node {name!r}: retry")
         if not isinstance(name, str) or not name:
@@ -71,10 +80,19 @@ class StateGraph:
             raise GraphError(f"node name {name!r} is reserved")
         if name in self._nodes:
             raise GraphError(f"node {name!r} is defined twice")
-        try:
-            self._nodes[name] = as_node(name, fn)
-        except (TypeError, ValueError) as exc:
-            raise GraphError(f"node {name!r}: {exc}") from exc
+        if isinstance(fn, (StateGraph, CompiledGraph)):
+            problems = mapping_problems(name, input, output, list(fn.schema.fields))
+            if problems:
+                raise GraphError(problems=problems)
+            self._nodes[name] = SubgraphNode(name, fn, input=input, output=output)
+        elif input is not None or output is not None:
+            raise GraphError(f"node {name!r}: input= and output= are for subgraph nodes (a "
+                             f"StateGraph or CompiledGraph), not a {type(fn).__name__}")
+        else:
+            try:
+                self._nodes[name] = as_node(name, fn)
+            except (TypeError, ValueError) as exc:
+                raise GraphError(str(exc)) from exc
         if policy is not None:
             self._node_retries[name] = policy
         return self
@@ -193,10 +211,35 @@ class StateGraph:
         self._finish.add(name)
         return self
 
+    def subgraph_nodes(self) -> dict[str, SubgraphNode]:
+        """The subgraph nodes added so far, by name."""
+        return {name: node for name, node in self._nodes.items()
+                if isinstance(node, SubgraphNode)}
+
     def validate(self) -> list[str]:
-        """Every problem with the graph, each naming its node or edge."""
+        """Every problem with the graph, each naming its node or edge.
+
+        A subgraph node's inner ``StateGraph`` is validated too (its problems
+        start with the node's name); a graph that contains itself, directly
+        or through others, is one problem naming the cycle of nodes.
+        """
+        cycle = _subgraph_cycle(self, [], [self])
+        if cycle is not None:
+            return [f"a graph contains itself through subgraph nodes "
+                    f"{' → '.join(map(repr, [*cycle, cycle[0]]))}"]
+        return self._problems()
+
+    def _problems(self) -> list[str]:
         problems: list[str] = []
         known = set(self._nodes)
+        for name, node in self._nodes.items():
+            if not isinstance(node, SubgraphNode):
+                continue
+            if name in self._fan_in_nodes:
+                problems.append(f"node {name!r}: a subgraph node cannot be a fan-in node (it "
+                                f"gets no parallel_results); fan in first, then run it")
+            if isinstance(node.graph, StateGraph):
+                problems.extend(f"node {name!r}: {problem}" for problem in node.graph.validate())
 
         def check(name: str, where: str) -> None:
             if name != END and name not in known:
@@ -354,8 +397,13 @@ class StateGraph:
             for source, (targets, fan_in, retries) in static.items()}
         fan_outs.update(zip(self._map_sources, self._maps, strict=True))
         assert self._entry is not None and backend is not None
+        nodes = {name: _compiled_subgraph(node, lua_timeout=lua_timeout,
+                                          lua_max_memory=lua_max_memory, variables=variables,
+                                          max_steps=max_steps)
+                 if isinstance(node, SubgraphNode) else node
+                 for name, node in self._nodes.items()}
         compiled = CompiledGraph(
-            nodes=dict(self._nodes), routes=routes, fan_outs=fan_outs, entry=self._entry,
+            nodes=nodes, routes=routes, fan_outs=fan_outs, entry=self._entry,
             isolation=isolation, max_workers=max_workers, branch_timeout=branch_timeout,
             fail_fast=fail_fast, lua_timeout=lua_timeout, lua_max_memory=lua_max_memory,
             variables=dict(variables or {}), max_steps=max_steps,
@@ -364,6 +412,45 @@ class StateGraph:
             node_retries=dict(self._node_retries), branch_retry=branch_retry,
             schema=self.schema, checkpointer=checkpointer, backend=backend)
         return compiled
+
+
+def _subgraph_cycle(graph: StateGraph, names: list[str], stack: list[StateGraph]
+                    ) -> list[str] | None:
+    """The subgraph nodes of a cycle of graphs that contain each other, or None.
+
+    ``stack`` holds the graphs entered through the nodes ``names``.
+    """
+    for name, node in graph.subgraph_nodes().items():
+        inner = node.graph
+        if not isinstance(inner, StateGraph):
+            continue  # a CompiledGraph was built before it was added: it cannot hold this one
+        for position, outer in enumerate(stack):
+            if outer is inner:
+                return [*names[position:], name]
+        found = _subgraph_cycle(inner, [*names, name], [*stack, inner])
+        if found is not None:
+            return found
+    return None
+
+
+def _compiled_subgraph(node: SubgraphNode, *, lua_timeout: float | None,
+                       lua_max_memory: int | None, variables: dict | None, max_steps: int
+                       ) -> SubgraphNode:
+    """``node`` with its inner ``StateGraph`` compiled, under the outer graph's Lua limits,
+    variables and ``max_steps`` (a ``CompiledGraph`` keeps its own).
+
+    Its backend is never used: inner fan-outs run on the outer run's backend.
+    """
+    if not isinstance(node.graph, StateGraph):
+        return node
+    try:
+        inner = node.graph.compile(isolation="inline", lua_timeout=lua_timeout,
+                                   lua_max_memory=lua_max_memory, variables=variables,
+                                   max_steps=max_steps, name=node.name)
+    except GraphError as exc:
+        raise GraphError(problems=[f"node {node.name!r}: {problem}"
+                                   for problem in exc.problems]) from exc
+    return SubgraphNode(node.name, inner, input=node.input, output=node.output)
 
 
 @functools.cache

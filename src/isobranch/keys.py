@@ -45,7 +45,8 @@ PARALLEL_KEYS: frozenset[str] = frozenset({
     "branch_max_memory", "max_concurrency", "retry",
 })
 NODE_KEYS: frozenset[str] = frozenset(
-    {"name", "run", "file", "language", "fan_in", "description", "retry"})
+    {"name", "run", "file", "language", "fan_in", "description", "retry",
+     "subgraph", "input", "output"})
 # Keys only a map fan-out edge takes.
 MAP_EDGE_KEYS: frozenset[str] = frozenset({"over", "as", "index_as", "max_concurrency"})
 # Keys only fan-out edges (parallel and map) take.

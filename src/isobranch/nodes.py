@@ -149,7 +149,7 @@ def as_node(name: str, fn: Callable[..., Any] | Node) -> Node:
     """Wrap ``fn`` as a Node named ``name`` unless it already is one."""
     if isinstance(fn, Node):
         if fn.name != name:
-            raise ConfigError(f"node object is named {fn.name!r}, but added as {name!r}")
+            raise ConfigError(f"node {name!r}: the Node object given is named {fn.name!r}")
         return fn
     return CallableNode(name, fn)
 

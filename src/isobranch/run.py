@@ -31,6 +31,7 @@ from .runner import run_steps
 from .schema import StateSchema
 from .statecopy import StateSnapshot
 from .stream_modes import VALUES_EVENT_TYPES, StreamMode
+from .subgraph import node_paths
 from .tracing import run_tracing
 
 # What a call's config may override (besides ``run_id``, which names a checkpointed run).
@@ -145,7 +146,7 @@ def run_events(graph: RunnableGraph, state: dict | None, config: dict | None, *,
     if resume is not None:
         assert graph.checkpointer is not None
         reopened = reopen_run(graph.checkpointer, resume, fingerprint=graph.fingerprint(),
-                              nodes=graph.nodes.keys(), force=force)
+                              nodes=set(node_paths(graph)), force=force)
         if reopened.done:  # it succeeded: its final state, and nothing runs
             yield {"type": "run", "run_id": resume}
             yield _final_event(reopened.state, mode)

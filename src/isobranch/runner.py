@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from .branch import CANCELLED, BranchTask, ParallelFlowResult, format_traceback
+from .branch import (
+    CANCELLED,
+    BranchGraph,
+    BranchTask,
+    ParallelFlowResult,
+    format_traceback,
+    result_name,
+)
 from .conditions import Expression
 from .error_kinds import ErrorKind
 from .errors import (
@@ -24,25 +32,45 @@ from .fanout_run import BranchFinished, FanOutRun, RetryNotice
 from .keys import Language
 from .nodes import Node
 from .retry import exception_names, failure_names, not_retried_note, wait_unless
+from .routes import END, Routes
+from .schema import STATE_TYPE_ERROR
 from .statecopy import StateSnapshot
 from .stream_modes import parallel_summary, update_event
+from .subgraph import SubgraphNode
 
 if TYPE_CHECKING:
     from .checkpoint.recorder import ResumePoint, RunRecorder
-    from .compiled import CompiledGraph
     from .context import ExecutionContext
+    from .isolation.base import IsolationBackend
     from .retry import RetryPolicy
+    from .schema import StateSchema
     from .trace_records import Spans, TraceParent
 
 logger = logging.getLogger(__name__)
 
-START = "__start__"
-END = "__end__"
 # How many failed branches the error of a fan-in node names (then a count).
 _FAILED_BRANCHES_NAMED = 10
 
 
-def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, start: str,
+class StepGraph(BranchGraph, Protocol):
+    """What the step loop needs of a compiled graph (``compiled.CompiledGraph`` has it;
+    the compiled graph calls the step loop, so the loop is handed it as this)."""
+
+    nodes: Mapping[str, Node]
+    node_retries: Mapping[str, RetryPolicy]
+    schema: StateSchema
+    max_steps: int
+
+    def fan_out_of(self, node: str) -> FanOut | None:
+        """How ``node`` fans out, or None."""
+        ...
+
+    def routes_of(self, node: str) -> Routes:
+        """The outgoing routes of ``node``."""
+        ...
+
+
+def run_steps(graph: StepGraph, state: dict, context: ExecutionContext, *, start: str,
               stop_at: str | None = None, snapshots: bool = False,
               branch_events: bool = False, resume: ResumePoint | None = None,
               updates: bool = False) -> Iterator[dict[str, Any]]:
@@ -68,23 +96,35 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
     # where the path stops (a nested fan-out meeting at its branch's own
     # fan-in node) and is then a node like any other: it may fan out again.
     results: list[ParallelFlowResult] | None = None
-    ran = resume is not None  # a resumed step already ran; its fan-out, if any, is next
+    # A resumed step already ran, and its fan-out, if any, is next; unless the
+    # run stopped inside it (a subgraph node), which then runs on from there.
+    inside = resume.inner if resume is not None else None
+    ran = resume is not None and inside is None
     if resume is not None:
-        current, steps = resume.node, resume.steps
+        current, steps = resume.node, resume.steps - (inside is not None)
     while ran or results is not None or current not in (END, stop_at):
         if not ran:
             steps += 1
             if steps > graph.max_steps:
                 raise NodeFailure(
                     f"{_where(current, context)}: stopped after {graph.max_steps} steps "
-                    f"(max_steps); the graph loops", node=current, branch=context.branch_name,
-                    error_type="MaxStepsExceeded", state=dict(state))
-            span = spans.node_started(current) if spans is not None else None
+                    f"(max_steps); the graph loops", node=context.path_of(current),
+                    branch=context.branch_name, error_type="MaxStepsExceeded", state=dict(state))
+            span = spans.node_started(context.path_of(current)) if spans is not None else None
+            node = graph.nodes[current]
             try:
                 if current in graph.node_retries:  # (a generator per node costs every branch)
-                    attempts = _run_node_with_retries(graph, current, state, context, results)
+                    attempts = _run_node_with_retries(
+                        graph, current, state, context, results,
+                        SubgraphRun(start, steps, snapshots, branch_events, inside, updates))
                     update = yield from (attempts if span is None
                                          else _noting_retries(attempts, spans, span))
+                elif isinstance(node, SubgraphNode):
+                    # Not entered itself: its first inner node is at once (deadline,
+                    # cancellation, the watchdog's view; a worker tells its parent once).
+                    update = yield from _run_subgraph(node, state, context, start, steps,
+                                                      snapshots, branch_events, inside, updates)
+                    _merge(graph, current, update, state, context)
                 else:
                     update = _run_node(graph, current, state, context, results)
             except BaseException as exc:
@@ -93,17 +133,19 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
                 raise
             if span is not None:
                 spans.node_ended(span)
+            inside = None
             if recorder is not None:
                 recorder.step(current, state, steps, fan_in=results is not None)
-            yield update_event(current, update) if updates else \
-                _node_event(current, state, snapshots)
+            yield update_event(context.path_of(current), update) if updates else \
+                _node_event(context.path_of(current), state, snapshots)
         ran, results = False, None
         # Whatever reached this node (an edge, a loop, a fan-in), its fan-out starts now.
         fan_out = graph.fan_out_of(current)
         if fan_out is None:
             current = _route(graph, current, state, context)
             continue
-        span = spans.fan_out_started(current, fan_out.fan_in) if spans is not None else None
+        span = (spans.fan_out_started(context.path_of(current), context.path_of(fan_out.fan_in))
+                if spans is not None else None)
         try:
             results = yield from _fan_out(graph, current, fan_out, state, context,
                                           branch_events=branch_events, recorder=recorder,
@@ -114,11 +156,65 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
             raise
         if span is not None:
             spans.fan_out_ended(span, results)
-        yield parallel_summary(current, fan_out.fan_in, results) if updates else \
-            {"type": "parallel", "fan_in": fan_out.fan_in, "branches": results}
+        fan_in = context.path_of(fan_out.fan_in)
+        yield parallel_summary(context.path_of(current), fan_in, results) if updates else \
+            {"type": "parallel", "fan_in": fan_in, "branches": results}
         # Branches' writes to reducer keys reach the state before the fan-in node runs.
-        graph.schema.combine(state, results, node=fan_out.fan_in, context=context)
+        graph.schema.combine(state, results, node=fan_in, context=context)
         current = fan_out.fan_in
+
+
+class SubgraphRun(NamedTuple):
+    """What a node with a retry policy needs to run as a subgraph: ``_run_subgraph``'s
+    arguments after the context (the step loop's first node, the node's step, the
+    loop's event options, and where a resumed run stopped inside it)."""
+
+    start: str
+    steps: int
+    snapshots: bool
+    branch_events: bool
+    resume: ResumePoint | None = None
+    updates: bool = False
+
+
+def _run_subgraph(node: SubgraphNode, state: dict, context: ExecutionContext, start: str,
+                  steps: int, snapshots: bool, branch_events: bool, resume: ResumePoint | None,
+                  updates: bool = False) -> Generator[dict[str, Any], None, dict]:
+    """Run subgraph ``node``'s inner graph from its START to its END on a private copy of its
+    input; yield the inner events (names are paths) and return the node's update.
+
+    A map or static branch that starts at the node is named after the branch
+    (``review[3]/score``). On a recorded main path the inner steps are
+    recorded under the node's path (its step ``steps``); ``resume`` continues
+    them. ``start`` is the first node of the step loop that met it;
+    ``snapshots``, ``branch_events`` and ``updates`` are that loop's (``run_steps``).
+    """
+    name, inner = node.name, node.graph
+    branch_itself = context.branch_name is not None and not context.prefix and name == start
+    shown = result_name(name, context.branch_index) if branch_itself else name
+    try:
+        inner_state = node.inner_state(state) if resume is None else resume.state
+    except StateCopyError as exc:
+        raise NodeFailure(f"{_where(name, context)}: cannot copy the state into its subgraph: "
+                          f"{exc}", node=context.path_of(name), branch=context.branch_name,
+                          error_type=ErrorKind.STATE_COPY_ERROR, state=dict(state)) from exc
+    if resume is None and inner.schema and (mismatched := inner.schema.check_input(
+            inner_state)):
+        raise NodeFailure(f"{_where(name, context)}: its subgraph's input: "
+                          f"{'; '.join(mismatched)}", node=context.path_of(name),
+                          branch=context.branch_name, error_type=STATE_TYPE_ERROR,
+                          state=dict(state))
+    recorder = context.recorder if context.branch_name is None else None
+    outer = context.enter_subgraph(
+        inner, shown, branch_itself=branch_itself,
+        recorder=recorder.inside(name, state, steps) if recorder is not None else None)
+    try:
+        yield from run_steps(inner, inner_state, context, start=inner.entry,
+                             snapshots=snapshots, branch_events=branch_events, resume=resume,
+                             updates=updates)
+    finally:
+        context.leave_subgraph(outer)
+    return node.update(inner_state)
 
 
 def _noting_retries(attempts: Generator[dict[str, Any], None, Any], spans: Spans, span: Any
@@ -137,8 +233,8 @@ def _node_event(node: str, state: dict, snapshot: bool) -> dict[str, Any]:
     return {"type": "node", "node": node, "state": dict(state) if snapshot else state}
 
 
-def _where(node: str | None, context: ExecutionContext) -> str:
-    where = f"node {node!r}"
+def _where(node: str, context: ExecutionContext) -> str:
+    where = f"node {context.path_of(node)!r}"
     return f"{where} in branch {context.branch_name!r}" if context.branch_name else where
 
 
@@ -154,7 +250,7 @@ def _at(code: Iterable[Any], error: BaseException) -> str:
     return ""
 
 
-def _run_node(graph: CompiledGraph, name: str, state: dict, context: ExecutionContext,
+def _run_node(graph: StepGraph, name: str, state: dict, context: ExecutionContext,
               parallel_results: list[ParallelFlowResult] | None) -> Any:
     """Run node ``name`` and merge what it returned into ``state``; return that update."""
     try:
@@ -166,28 +262,34 @@ def _run_node(graph: CompiledGraph, name: str, state: dict, context: ExecutionCo
         except Exception as exc:
             raise NodeFailure(f"{_where(name, context)} failed: {type(exc).__name__}: {exc}"
                               f"{_at([graph.nodes[name]], exc)}",
-                              node=name, branch=context.branch_name, error_type=type(exc).__name__,
+                              node=context.path_of(name), branch=context.branch_name,
+                              error_type=type(exc).__name__,
                               state=dict(state), traceback=format_traceback(exc),
                               error_bases=exception_names(type(exc))) from exc
         _merge(graph, name, update, state, context)
     except GraphExecutionError as exc:
         if parallel_results:
-            _name_failed_branches(exc, parallel_results)
+            _name_failed_branches(exc, parallel_results, context)
         raise
     return update
 
 
-def _run_node_with_retries(graph: CompiledGraph, name: str, state: dict,
+def _run_node_with_retries(graph: StepGraph, name: str, state: dict,
                            context: ExecutionContext,
-                           parallel_results: list[ParallelFlowResult] | None
-                           ) -> Generator[dict[str, Any], None, Any]:
+                           parallel_results: list[ParallelFlowResult] | None,
+                           subgraph: SubgraphRun) -> Generator[dict[str, Any], None, Any]:
     """Run a node that has a retry policy; yield a ``node_retry`` event before each backoff.
 
     Returns what the attempt that succeeded returned.
+
+    A subgraph node's attempt is its whole inner run: any failure in it
+    (a ``GraphExecutionError`` naming the inner node) counts as the node's,
+    and the next attempt starts the inner graph over from its START.
     """
     try:
         context.enter_node(name)
         node = graph.nodes[name]
+        inner = node if isinstance(node, SubgraphNode) else None
         policy = graph.node_retries[name]
         # Every attempt runs on its own deep copy of the input, so what a failed
         # attempt changed in place is never seen.
@@ -196,29 +298,38 @@ def _run_node_with_retries(graph: CompiledGraph, name: str, state: dict,
         while True:
             working = pristine.copy()
             try:
-                update = context.resolve(node.run(working, context, parallel_results))
+                if inner is not None:
+                    update = yield from _run_subgraph(inner, working, context, *subgraph)
+                else:
+                    update = context.resolve(node.run(working, context, parallel_results))
                 break
-            except (BranchTimeout, BranchCancelled, GraphExecutionError):
+            except (BranchTimeout, BranchCancelled):
                 raise
+            except GraphExecutionError as exc:
+                if inner is None:
+                    raise
+                failure, cause = _Failure(exc.error_type, tuple(exc.error_bases), str(exc),
+                                          exc.node, exc.traceback), exc
             except Exception as exc:
-                delay = _retry_delay(policy, attempt, exc)
-                if delay is None:
-                    note = not_retried_note(policy, attempt, type(exc).__name__,
-                                            failure_names(type(exc).__name__,
-                                                          exception_names(type(exc))))
-                    raise NodeFailure(
-                        f"{_where(name, context)} failed on attempt {attempt} of "
-                        f"{policy.max_attempts}{note}: {type(exc).__name__}: {exc}{_at([node], exc)}",
-                        node=name, branch=context.branch_name, error_type=type(exc).__name__,
-                        state=dict(state), traceback=format_traceback(exc),
-                        error_bases=exception_names(type(exc)), attempts=attempt) from exc
-                logger.warning("%s failed on attempt %d of %d (%s: %s); retrying in %.3gs",
-                               _where(name, context), attempt, policy.max_attempts,
-                               type(exc).__name__, exc, delay)
-                yield {"type": "node_retry", "node": name, "attempt": attempt,
-                       "max_attempts": policy.max_attempts,
-                       "error": f"{type(exc).__name__}: {exc}", "error_type": type(exc).__name__,
-                       "retry_in": delay}
+                failure, cause = _Failure(type(exc).__name__, exception_names(type(exc)),
+                                          f"{type(exc).__name__}: {exc}{_at([node], exc)}",
+                                          context.path_of(name), format_traceback(exc)), exc
+            subgraph = subgraph._replace(resume=None)  # a retry starts a subgraph over
+            delay = _retry_delay(policy, attempt, failure.names)
+            if delay is None:
+                note = not_retried_note(policy, attempt, failure.error_type, failure.names)
+                raise NodeFailure(
+                    f"{_where(name, context)} failed on attempt {attempt} of "
+                    f"{policy.max_attempts}{note}: {failure.message}",
+                    node=failure.node, branch=context.branch_name, error_type=failure.error_type,
+                    state=dict(state), traceback=failure.traceback,
+                    error_bases=failure.bases, attempts=attempt) from cause
+            logger.warning("%s failed on attempt %d of %d (%s); retrying in %.3gs",
+                           _where(name, context), attempt, policy.max_attempts,
+                           failure.message, delay)
+            yield {"type": "node_retry", "node": context.path_of(name), "attempt": attempt,
+                   "max_attempts": policy.max_attempts, "error": failure.message,
+                   "error_type": failure.error_type, "retry_in": delay}
             _wait_to_retry(name, delay, attempt, context)
             attempt += 1
             context.enter_node(name)
@@ -228,12 +339,28 @@ def _run_node_with_retries(graph: CompiledGraph, name: str, state: dict,
         _merge(graph, name, update, state, context)
     except GraphExecutionError as exc:
         if parallel_results:
-            _name_failed_branches(exc, parallel_results)
+            _name_failed_branches(exc, parallel_results, context)
         raise
     return update
 
 
-def _name_failed_branches(exc: GraphExecutionError, results: list[ParallelFlowResult]) -> None:
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    """One failed attempt of a node, as its retry policy and its error see it."""
+
+    error_type: str | None
+    bases: tuple[str, ...]
+    message: str
+    node: str | None
+    traceback: str | None
+
+    @property
+    def names(self) -> set[str]:
+        return failure_names(self.error_type, self.bases)
+
+
+def _name_failed_branches(exc: GraphExecutionError, results: list[ParallelFlowResult],
+                          context: ExecutionContext) -> None:
     """Name, in the error of a fan-in node, the branches that had failed before it ran.
 
     A fan-in node that fails after some of its branches failed most often
@@ -245,7 +372,7 @@ def _name_failed_branches(exc: GraphExecutionError, results: list[ParallelFlowRe
     failed = [result for result in results if not result.success]
     if not failed or exc.results is not None:
         return
-    names = ", ".join(f"{result.branch!r} ({result.error_type})"
+    names = ", ".join(f"{context.path_of(result.branch)!r} ({result.error_type})"
                       for result in failed[:_FAILED_BRANCHES_NAMED])
     if len(failed) > _FAILED_BRANCHES_NAMED:
         names += f" and {len(failed) - _FAILED_BRANCHES_NAMED} more"
@@ -254,15 +381,15 @@ def _name_failed_branches(exc: GraphExecutionError, results: list[ParallelFlowRe
     exc.results = results
 
 
-def _merge(graph: CompiledGraph, name: str, update: Any, state: dict,
+def _merge(graph: StepGraph, name: str, update: Any, state: dict,
            context: ExecutionContext) -> None:
     if update is None:
         return
     if not isinstance(update, dict):
         raise NodeFailure(
             f"{_where(name, context)} returned {type(update).__name__}, expected a dict or None",
-            node=name, branch=context.branch_name, error_type="TypeError", state=dict(state))
-    applied = graph.schema.apply(state, update, node=name, context=context,
+            node=context.path_of(name), branch=context.branch_name, error_type="TypeError", state=dict(state))
+    applied = graph.schema.apply(state, update, node=context.path_of(name), context=context,
                                  from_lua=graph.nodes[name].language == Language.LUA)
     context.merged(name, applied)
 
@@ -272,15 +399,16 @@ def _input_snapshot(name: str, state: dict, context: ExecutionContext) -> StateS
         return StateSnapshot(state)
     except StateCopyError as exc:
         raise NodeFailure(f"{_where(name, context)}: cannot copy the state for its retries: "
-                          f"{exc}", node=name, branch=context.branch_name,
+                          f"{exc}", node=context.path_of(name), branch=context.branch_name,
                           error_type=ErrorKind.STATE_COPY_ERROR, state=dict(state)) from exc
 
 
-def _retry_delay(policy: RetryPolicy, attempt: int, exc: Exception) -> float | None:
-    """Seconds before the next attempt of a node that raised ``exc``; None: no next attempt."""
+def _retry_delay(policy: RetryPolicy, attempt: int, names: set[str]) -> float | None:
+    """Seconds before the next attempt of a node whose failure answers to ``names``;
+    None: no next attempt."""
     if attempt >= policy.max_attempts:
         return None
-    if not policy.retries(failure_names(type(exc).__name__, exception_names(type(exc)))):
+    if not policy.retries(names):
         return None
     return policy.delay(attempt)
 
@@ -298,13 +426,13 @@ def _wait_to_retry(name: str, delay: float, attempt: int, context: ExecutionCont
         reason = context.cancelled_reason() or f"node {name!r} stopped"
         if context.branch_name is not None:
             raise BranchCancelled(f"{reason} (waiting to retry after attempt {attempt})")
-        raise NodeFailure(f"{reason} (waiting to retry after attempt {attempt})", node=name,
+        raise NodeFailure(f"{reason} (waiting to retry after attempt {attempt})", node=context.path_of(name),
                           error_type=CANCELLED, attempts=attempt)
     context.check_deadline()
 
 
-def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
-             context: ExecutionContext, *, branch_events: bool,
+def _fan_out(graph: StepGraph, node: str, fan_out: FanOut, state: dict,
+             context: ExecutionContext[IsolationBackend], *, branch_events: bool,
              recorder: RunRecorder | None = None, span: Any = None
              ) -> Generator[dict[str, Any], None, list[ParallelFlowResult]]:
     """Plan ``node``'s fan-out and hand it to the fan-out driver; yield a ``branch`` event
@@ -320,7 +448,8 @@ def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
         plan = plan_fan_out(graph, fan_out, state, context, isolation=backend.name,
                             crosses_processes=backend.crosses_processes)
     except FanOutPlanError as exc:
-        raise NodeFailure(f"{_where(node, context)}: {exc}", node=node, branch=context.branch_name,
+        raise NodeFailure(f"{_where(node, context)}: {exc}", node=context.path_of(node),
+                          branch=context.branch_name,
                           error_type=exc.error_type, state=dict(state),
                           traceback=exc.traceback) from exc
     limits = context.fan_out_limits
@@ -344,28 +473,30 @@ def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
                     attempt_observer=attempt_observer)
     try:
         for note in run:
-            yield _branch_event(node, fan_out.fan_in, note, run)
+            yield _branch_event(node, fan_out.fan_in, note, run, context)
         results = run.results
     except StateCopyError as exc:  # an item that cannot be copied or sent
         raise NodeFailure(f"{_where(node, context)}: cannot copy an item for its map branches: "
-                          f"{exc}", node=node, branch=context.branch_name,
+                          f"{exc}", node=context.path_of(node), branch=context.branch_name,
                           error_type=ErrorKind.STATE_COPY_ERROR, state=dict(state)) from exc
     except (GraphExecutionError, BranchCancelled, BranchTimeout):
         raise  # a failure under fail_fast; the branch this fan-out is in was cancelled
     except RetriesStopped as exc:
-        raise NodeFailure(f"fan-out from {_where(node, context)}: {exc}", node=node,
+        raise NodeFailure(f"fan-out from {_where(node, context)}: {exc}",
+                          node=context.path_of(node),
                           branch=context.branch_name, error_type=CANCELLED,
                           state=dict(state)) from exc
     except Exception as exc:  # the backend could not run the fan-out at all
         raise NodeFailure(f"fan-out from {_where(node, context)}: backend {backend.name!r} "
-                          f"failed: {type(exc).__name__}: {exc}", node=node,
+                          f"failed: {type(exc).__name__}: {exc}", node=context.path_of(node),
                           branch=context.branch_name, error_type=type(exc).__name__,
                           state=dict(state), traceback=format_traceback(exc)) from exc
     failed = run.failure
     if failed is not None:
         raise GraphExecutionError(
-            f"fan-out from {_where(node, context)}: branch {failed.branch!r} failed "
-            f"(fail_fast): {failed.error}", node=failed.node, branch=failed.branch,
+            f"fan-out from {_where(node, context)}: branch {context.path_of(failed.branch)!r} "
+            f"failed (fail_fast): {failed.error}", node=failed.node,
+            branch=context.path_of(failed.branch),
             error_type=failed.error_type, state=failed.state, results=results,
             timed_out=failed.timed_out, traceback=failed.traceback)
     return results
@@ -387,24 +518,29 @@ def _retry_of(fan_out: FanOut, default: RetryPolicy | None
     return lambda position: fan_out.retry_of(position) or default
 
 
-def _branch_event(node: str, fan_in: str, note: BranchFinished | RetryNotice, run: FanOutRun
-                  ) -> dict[str, Any]:
-    """A ``branch`` event (a final result) or a ``branch_retry`` event (an attempt failed)."""
+def _branch_event(node: str, fan_in: str, note: BranchFinished | RetryNotice, run: FanOutRun,
+                  context: ExecutionContext) -> dict[str, Any]:
+    """A ``branch`` event (a final result) or a ``branch_retry`` event (an attempt failed).
+
+    Inside a subgraph node, nodes and branches are named by their paths.
+    """
     result = note.result
+    node, fan_in = context.path_of(node), context.path_of(fan_in)
+    branch = context.path_of(result.branch)
     if isinstance(note, RetryNotice):
         return {"type": "branch_retry", "fan_out": node, "fan_in": fan_in,
-                "branch": result.branch, "index": result.index, "attempt": result.attempts,
+                "branch": branch, "index": result.index, "attempt": result.attempts,
                 "max_attempts": note.max_attempts, "error": result.error,
                 "error_type": result.error_type, "timed_out": result.timed_out,
                 "duration_ms": result.duration_ms, "retry_in": note.delay,
                 "done": run.done, "total": run.total}
-    return {"type": "branch", "fan_out": node, "fan_in": fan_in, "branch": result.branch,
+    return {"type": "branch", "fan_out": node, "fan_in": fan_in, "branch": branch,
             "index": result.index, "success": result.success, "error_type": result.error_type,
             "timed_out": result.timed_out, "duration_ms": result.duration_ms,
             "attempts": result.attempts, "done": note.done, "total": note.total}
 
 
-def _route(graph: CompiledGraph, node: str, state: dict, context: ExecutionContext) -> str:
+def _route(graph: StepGraph, node: str, state: dict, context: ExecutionContext) -> str:
     routes = graph.routes_of(node)
     try:
         if routes.router is not None:
@@ -416,11 +552,12 @@ def _route(graph: CompiledGraph, node: str, state: dict, context: ExecutionConte
             else:
                 raise NodeFailure(
                     f"{_where(node, context)}: router returned {value!r}, which is not one of "
-                    f"{sorted(map(repr, routes.mapping))}", node=node, branch=context.branch_name,
+                    f"{sorted(map(repr, routes.mapping))}", node=context.path_of(node),
+                    branch=context.branch_name,
                     error_type="RoutingError", state=dict(state))
             if target != END and target not in graph.nodes:
                 raise NodeFailure(f"{_where(node, context)}: router chose unknown node "
-                                  f"{target!r}", node=node, branch=context.branch_name,
+                                  f"{target!r}", node=context.path_of(node), branch=context.branch_name,
                                   error_type="RoutingError", state=dict(state))
             return target
         for condition, target in routes.conditional:
@@ -432,13 +569,13 @@ def _route(graph: CompiledGraph, node: str, state: dict, context: ExecutionConte
         conditions = [condition for condition, _ in routes.conditional]
         raise NodeFailure(f"{_where(node, context)}: edge condition failed: "
                           f"{type(exc).__name__}: {exc}{_at(conditions, exc)}",
-                          node=node, branch=context.branch_name,
+                          node=context.path_of(node), branch=context.branch_name,
                           error_type=type(exc).__name__, state=dict(state),
                           traceback=format_traceback(exc)) from exc
     if routes.default is not None:
         return routes.default
     if routes.conditional:
         raise NodeFailure(f"{_where(node, context)}: no outgoing edge condition held and there "
-                          f"is no unconditional edge", node=node, branch=context.branch_name,
+                          f"is no unconditional edge", node=context.path_of(node), branch=context.branch_name,
                           error_type="RoutingError", state=dict(state))
     return END

@@ -61,6 +61,15 @@ class ScalarSnapshot:
         return dict(self._values)
 
 
+def private_copy(values: dict) -> dict:
+    """A deep copy of ``values``, as cheap as they allow: a new dict when every value is an
+    immutable scalar, a pickle round trip otherwise (``StateCopyError`` if it cannot be)."""
+    for value in values.values():
+        if type(value) not in _IMMUTABLE_SCALARS:
+            return StateSnapshot(values).copy()
+    return dict(values)
+
+
 def snapshot_of(values: dict) -> StateSnapshot | ScalarSnapshot:
     """The cheapest snapshot that copies ``values`` faithfully."""
     if all(type(value) in _IMMUTABLE_SCALARS for value in values.values()):

@@ -3,7 +3,9 @@
 ``DocumentBuilder`` reads ``settings:`` through its base class
 (yaml_settings.py) and the graph itself here, collecting every problem
 before raising one ``GraphError``; ``YAMLEngine`` (yaml_engine.py) is the
-public door that reads files and calls it.
+public door that reads files and calls it. A ``subgraph:`` node's file is
+read by a builder of its own (``build_subgraph``), whose problems come
+back named with the chain of files (yaml_subgraphs.py).
 """
 
 from __future__ import annotations
@@ -32,10 +34,18 @@ from .keys import (
 from .lua.syntax import LuaSyntaxChecker
 from .nodes import LuaNode, Node, PythonNode
 from .retry import RetryPolicy, parse_policy
-from .runner import END, START
+from .routes import END, START
 from .schema import StateSchema
+from .subgraph import SubgraphNode, join_path
 from .yaml_lines import CodeKey, CodeLines
-from .yaml_settings import EngineOptions, SettingsReader, contained_file
+from .yaml_reading import read_workflow
+from .yaml_settings import EngineOptions, LuaCeiling, SettingsReader, contained_file
+from .yaml_subgraphs import CHAIN_ARROW, IncludeChain, subgraph_path
+
+# The keys that give a node its code; a subgraph node's code is its file's.
+_CODE_KEYS = ("run", "file", "language", "lua", "python")
+# The keys only a subgraph node takes.
+_SUBGRAPH_ONLY_KEYS = ("input", "output")
 
 
 class DocumentBuilder(SettingsReader):
@@ -46,12 +56,22 @@ class DocumentBuilder(SettingsReader):
     """
 
     def __init__(self, engine_options: EngineOptions, document: Any, source: str | None,
-                 base_dir: Path | None, code_lines: CodeLines | None = None) -> None:
+                 base_dir: Path | None, code_lines: CodeLines | None = None, *,
+                 includes: IncludeChain | None = None,
+                 lua_ceiling: LuaCeiling | None = None) -> None:
+        """``includes``: the files from the loaded document down to this one (for a file a
+        ``subgraph:`` node names); ``lua_ceiling``: the Lua limits of the file naming it."""
         super().__init__(engine_options, source, base_dir)
         self.document = document
         # Where code values start in the file ``source`` (empty for a parsed dict).
         self.code_lines = code_lines or {}
         self.lua = LuaSyntaxChecker()
+        self.includes = includes or IncludeChain.top(source, None)
+        self.lua_ceiling = lua_ceiling
+        # Problems of included files, each already naming its chain of files.
+        self.subgraph_problems: list[str] = []
+        # This document's Lua limits, once read: the ceiling of the files it includes.
+        self.own_lua_limits: LuaCeiling | None = None
 
     def location(self, key: CodeKey) -> CodeLocation | None:
         """Where the code value at ``key`` starts in the file, if known."""
@@ -59,7 +79,17 @@ class DocumentBuilder(SettingsReader):
         return CodeLocation(self.source, line) if line is not None and self.source else None
 
     def fail(self) -> GraphError:
-        return GraphError(problems=self.problems, source=self.source)
+        """One error for every problem found, in this document and in the files it includes."""
+        if self.includes.is_top:
+            return GraphError(problems=self.problems + self.subgraph_problems,
+                              source=self.source)
+        chain = self.includes.text()
+        return GraphError(problems=[f"{chain}: {problem}" for problem in self.problems]
+                          + self.subgraph_problems)
+
+    def has_problems(self) -> bool:
+        """Whether this document or a file it includes has a problem so far."""
+        return bool(self.problems or self.subgraph_problems)
 
     def python_allowed(self, where: str, what: str, hint: str) -> bool:
         """The one door through which any part of the document becomes Python code.
@@ -76,30 +106,12 @@ class DocumentBuilder(SettingsReader):
         return False
 
     def build(self) -> CompiledGraph:
-        doc = self.document
-        if not isinstance(doc, Mapping):
-            self.problem(f"the document must be a mapping with 'nodes', got {type(doc).__name__}")
-            raise self.fail()
-        for key in sorted(set(doc) - TOP_LEVEL_KEYS, key=str):
-            self.problem(unknown(f"unknown top-level key {key!r}", key, TOP_LEVEL_KEYS))
-        variables = doc.get("variables") or {}
-        if not isinstance(variables, Mapping):
-            self.problem("variables: must be a mapping")
-            variables = {}
+        """The document as a compiled graph, run with its own settings."""
+        doc = self.mapping_document()
         compile_options = self.settings(doc.get("settings") or {})
-        graph = StateGraph(StateSchema.from_yaml(doc.get("state_schema"), self.problems))
-        names = self.nodes(graph, doc.get("nodes"))
-        fan_in_names = self.edges(graph, doc.get("edges"), names)
-        if self.problems:
-            raise self.fail()
-        for name in fan_in_names:
-            graph.mark_fan_in(name)  # YAML marks fan-in nodes by use as well as by flag
-        for problem in graph.validate():
-            self.problem(problem)
-        if self.problems:
-            raise self.fail()
+        graph = self.graph(doc, compile_options["lua_timeout"], compile_options["lua_max_memory"])
         try:
-            compiled = graph.compile(variables=dict(variables), name=doc.get("name"),
+            compiled = graph.compile(variables=self.variables(doc), name=doc.get("name"),
                                      **compile_options)
         except GraphError as exc:
             raise GraphError(problems=exc.problems, source=self.source) from None
@@ -108,6 +120,63 @@ class DocumentBuilder(SettingsReader):
         if not self.engine_options.allow_python:
             assert_lua_only(compiled)
         return compiled
+
+    def build_subgraph(self) -> CompiledGraph:
+        """The document as the graph of a ``subgraph:`` node of the file that names it.
+
+        It keeps its nodes, edges, ``variables``, ``state_schema`` and
+        ``settings.lua`` (below the including file's limits); its
+        ``settings.parallel`` and ``settings.checkpoint`` are the including
+        run's business, so they are not read.
+        """
+        assert self.lua_ceiling is not None, "an included file has the Lua limits of its includer"
+        doc = self.mapping_document()
+        lua_timeout, max_memory = self.subgraph_settings(doc.get("settings"), self.lua_ceiling)
+        graph = self.graph(doc, lua_timeout, max_memory)
+        try:
+            # Inline: the subgraph's own fan-outs run on the outer run's backend.
+            return graph.compile(isolation="inline", variables=self.variables(doc),
+                                 name=doc.get("name"), lua_timeout=lua_timeout,
+                                 lua_max_memory=max_memory)
+        except GraphError as exc:
+            self.problems.extend(exc.problems)
+            raise self.fail() from None
+
+    def mapping_document(self) -> Mapping[str, Any]:
+        """The document, checked to be a mapping with known top-level keys."""
+        doc = self.document
+        if not isinstance(doc, Mapping):
+            self.problem(f"the document must be a mapping with 'nodes', got {type(doc).__name__}")
+            raise self.fail()
+        for key in sorted(set(doc) - TOP_LEVEL_KEYS, key=str):
+            self.problem(unknown(f"unknown top-level key {key!r}", key, TOP_LEVEL_KEYS))
+        return doc
+
+    def variables(self, doc: Mapping[str, Any]) -> dict[str, Any]:
+        """The document's ``variables``; empty if they are not a mapping (``graph`` says so)."""
+        variables = doc.get("variables") or {}
+        if not isinstance(variables, Mapping):
+            return {}
+        return dict(variables)
+
+    def graph(self, doc: Mapping[str, Any], lua_timeout: float | None,
+              lua_max_memory: int | None) -> StateGraph:
+        """The document's nodes and edges as a valid StateGraph, or the error listing every problem."""
+        if not isinstance(doc.get("variables") or {}, Mapping):
+            self.problem("variables: must be a mapping")
+        self.own_lua_limits = LuaCeiling(lua_timeout, lua_max_memory, self.includes.current.name)
+        graph = StateGraph(StateSchema.from_yaml(doc.get("state_schema"), self.problems))
+        names = self.nodes(graph, doc.get("nodes"))
+        fan_in_names = self.edges(graph, doc.get("edges"), names)
+        if self.has_problems():
+            raise self.fail()
+        for name in fan_in_names:
+            graph.mark_fan_in(name)  # YAML marks fan-in nodes by use as well as by flag
+        for problem in graph.validate():
+            self.problem(problem)
+        if self.has_problems():
+            raise self.fail()
+        return graph
 
     # -- nodes ----------------------------------------------------------------
 
@@ -130,7 +199,10 @@ class DocumentBuilder(SettingsReader):
                              f"{name!r} (quote it in YAML)")
                 continue
             where = f"node {name!r}"
-            for key in sorted(set(spec) - NODE_KEYS, key=str):
+            is_subgraph = "subgraph" in spec
+            # On a subgraph node, a code key is a conflict (said below), not a typo.
+            known_keys = NODE_KEYS | set(_CODE_KEYS) if is_subgraph else NODE_KEYS
+            for key in sorted(set(spec) - known_keys, key=str):
                 self.problem(unknown(f"{where}: unknown key {key!r}", key, NODE_KEYS))
             if name in names:
                 self.problem(f"{where}: defined twice")
@@ -139,6 +211,13 @@ class DocumentBuilder(SettingsReader):
                 self.problem(f"{where}: the name is reserved")
                 continue
             names.append(name)
+            if is_subgraph:
+                self.subgraph_node(graph, name, spec, where)
+                continue
+            for key in _SUBGRAPH_ONLY_KEYS:
+                if key in spec:
+                    self.problem(f"{where}: {key!r} belongs to subgraph nodes (the state keys "
+                                 f"mapped into or out of a 'subgraph:' file)")
             node = self.node(name, spec, where, index)
             retry, problems = parse_policy(spec.get("retry"), f"{where}: retry")
             self.problems.extend(problems)
@@ -149,6 +228,58 @@ class DocumentBuilder(SettingsReader):
             else:
                 graph.add_node(name, node, retry=retry)
         return names
+
+    def subgraph_node(self, graph: StateGraph, name: str, spec: Mapping[str, Any],
+                      where: str) -> None:
+        """Add the node ``subgraph: file.yaml``: that file's graph run as one step of this one."""
+        problems_before = len(self.problems)
+        for key in _CODE_KEYS:
+            if key in spec:
+                self.problem(f"{where}: 'subgraph' and {key!r} on one node: a subgraph node runs "
+                             f"the nodes of its file; give one of them")
+        if spec.get("fan_in"):
+            self.problem(f"{where}: a subgraph node cannot be a fan-in node "
+                         f"(parallel_results does not cross into a subgraph); fan in at a "
+                         f"node before it")
+        retry, problems = parse_policy(spec.get("retry"), f"{where}: retry")
+        self.problems.extend(problems)
+        inner = self.included_graph(spec["subgraph"], where)
+        if inner is None or len(self.problems) > problems_before:
+            return
+        try:
+            # add_node checks the input: and output: mappings, naming the node.
+            graph.add_node(name, inner, input=spec.get("input"), output=spec.get("output"),
+                           retry=retry)
+        except GraphError as exc:
+            self.problems.extend(exc.problems)
+
+    def included_graph(self, reference: Any, where: str) -> CompiledGraph | None:
+        """The compiled graph of the file ``reference`` names, or None (its problems recorded)."""
+        try:
+            path = subgraph_path(reference, self.base_dir,
+                                 confined=not self.engine_options.allow_python)
+        except ValueError as exc:
+            self.problem(f"{where}: {exc}")
+            return None
+        cycle = self.includes.cycle_to(path)
+        if cycle is not None:
+            self.problem(f"{where}: subgraph {reference!r} includes itself: {cycle}")
+            return None
+        name = self.node_file_name(reference)
+        includes = self.includes.entering(path, name)
+        try:
+            document, _, code_lines = read_workflow(path, name=name)
+        except GraphError as exc:  # its message starts with the file's name
+            self.subgraph_problems.append(f"{self.includes.text()}{CHAIN_ARROW}{exc}")
+            return None
+        assert self.own_lua_limits is not None  # read with the settings, before the nodes
+        builder = DocumentBuilder(self.engine_options, document, name, path.parent, code_lines,
+                                  includes=includes, lua_ceiling=self.own_lua_limits)
+        try:
+            return builder.build_subgraph()
+        except GraphError as exc:
+            self.subgraph_problems.extend(exc.problems)
+            return None
 
     def node(self, name: str, spec: Mapping[str, Any], where: str, index: int) -> Node | None:
         code = spec.get("run")
@@ -412,15 +543,28 @@ def _language_of_file(reference: str) -> Language | None:
 
 
 def assert_lua_only(graph: CompiledGraph) -> None:
-    """Last check of a Lua-only graph: nothing in it can run Python.
+    """Last check of a Lua-only graph: nothing in it, or in its subgraphs, can run Python.
 
     The builder already refused every Python part; this catches a code path
     that forgot to ask ``DocumentBuilder.python_allowed``.
     """
+    python = _python_part(graph)
+    if python is not None:
+        graph.close()
+        raise GraphError(f"internal error: node {python!r} of a Lua-only graph has Python parts")
+
+
+def _python_part(graph: CompiledGraph, prefix: str = "") -> str | None:
+    """The path of the first node of ``graph`` (or of a subgraph) with Python parts, if any."""
     for name, node in graph.nodes.items():
         routes = graph.routes_of(name)
         conditions = [condition for condition, _ in routes.conditional]
-        if (not isinstance(node, LuaNode) or routes.router is not None
-                or not all(isinstance(c, LuaCondition) for c in conditions)):
-            graph.close()
-            raise GraphError(f"internal error: node {name!r} of a Lua-only graph has Python parts")
+        if routes.router is not None or not all(isinstance(c, LuaCondition) for c in conditions):
+            return join_path(prefix, name)
+        if isinstance(node, SubgraphNode):
+            inner = _python_part(node.graph, join_path(prefix, name))
+            if inner is not None:
+                return inner
+        elif not isinstance(node, LuaNode):
+            return join_path(prefix, name)
+    return None

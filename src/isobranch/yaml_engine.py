@@ -9,12 +9,9 @@ every level (with the closest allowed name), Python and Lua syntax errors
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from .checkpoint.store import SqliteCheckpointer
 from .compiled import CompiledGraph
@@ -28,14 +25,13 @@ from .keys import (
     unknown,
 )
 from .yaml_builder import DocumentBuilder
-from .yaml_lines import CodeLines, load_with_code_lines
+from .yaml_lines import CodeLines
+from .yaml_reading import read_workflow
 from .yaml_settings import EngineOptions
+from .yaml_subgraphs import CHAIN_ARROW, IncludeChain
 
 # settings.parallel keys the engine's own arguments stand for, so not options.
 _ENGINE_ARGUMENTS = frozenset({"isolation", "strategy", "max_workers"})
-# Keys whose value is code: a YAML error on their line gets the block-form hint.
-_CODE_KEYS = frozenset({"run", "when", "over"})
-_KEY = re.compile(r"(?:^|[\s{,])([A-Za-z_][\w-]*)\s*:(?=\s|$)")
 _UNSET: Any = object()
 
 
@@ -83,8 +79,9 @@ class YAMLEngine:
         Relative ``file:`` references in nodes resolve against the YAML
         file's own directory, never the current directory.
         """
-        document, source, code_lines = _read_workflow(path)
-        return self._build(document, source, Path(path).resolve().parent, code_lines)
+        document, source, code_lines = read_workflow(path)
+        resolved = Path(path).resolve()
+        return self._build(document, source, resolved.parent, code_lines, resolved)
 
     def load_from_dict(self, document: Mapping[str, Any], *, source: str | None = None,
                        base_dir: str | Path | None = None) -> CompiledGraph:
@@ -96,16 +93,19 @@ class YAMLEngine:
         return self._build(document, source, Path(base_dir) if base_dir else None, {})
 
     def _build(self, document: Any, source: str | None, base_dir: Path | None,
-               code_lines: CodeLines) -> CompiledGraph:
-        return DocumentBuilder(self._options, document, source, base_dir, code_lines).build()
+               code_lines: CodeLines, path: Path | None = None) -> CompiledGraph:
+        """``path``: the document's file (resolved), if it was read from one."""
+        return DocumentBuilder(self._options, document, source, base_dir, code_lines,
+                               includes=IncludeChain.top(source, path)).build()
 
     def validate_file(self, path: str | Path) -> list[str]:
         """Every problem in the workflow at ``path`` (empty if it is valid)."""
         try:
-            document, source, code_lines = _read_workflow(path)
+            document, source, code_lines = read_workflow(path)
         except GraphError as exc:
             return [str(exc)]
-        return self._problems(document, source, Path(path).resolve().parent, code_lines)
+        resolved = Path(path).resolve()
+        return self._problems(document, source, resolved.parent, code_lines, resolved)
 
     def validate_dict(self, document: Mapping[str, Any], *, source: str | None = None,
                       base_dir: str | Path | None = None) -> list[str]:
@@ -113,12 +113,13 @@ class YAMLEngine:
         return self._problems(document, source, Path(base_dir) if base_dir else None, {})
 
     def _problems(self, document: Any, source: str | None, base_dir: Path | None,
-                  code_lines: CodeLines) -> list[str]:
+                  code_lines: CodeLines, path: Path | None = None) -> list[str]:
         try:
-            graph = self._build(document, source, base_dir, code_lines)
+            graph = self._build(document, source, base_dir, code_lines, path)
         except GraphError as exc:
-            prefix = f"{source}: " if source else ""
-            return [f"{prefix}{problem}" for problem in exc.problems]
+            # A problem of an included file starts with its chain of files, this one first.
+            return [problem if not source or problem.startswith(f"{source}{CHAIN_ARROW}")
+                    else f"{source}: {problem}" for problem in exc.problems]
         graph.close()
         return []
 
@@ -136,55 +137,3 @@ def _check_engine_options(options: Mapping[str, Any]) -> None:
                 for key in sorted(set(options) - allowed, key=str)]
     if problems:
         raise GraphError(problems=problems)
-
-
-def read_yaml_file(path: str | Path) -> tuple[Any, str]:
-    """Parse a YAML file; errors are a ``GraphError`` with file, line and column."""
-    document, source, _ = _read_workflow(path)
-    return document, source
-
-
-def _read_workflow(path: str | Path) -> tuple[Any, str, CodeLines]:
-    """The parsed file, its name as given, and the file line where each code value starts."""
-    source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise GraphError(f"{source}: cannot read: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise GraphError(f"{source}: not UTF-8 text: {exc}") from exc
-    try:
-        document, code_lines = load_with_code_lines(text)
-        return document, source, code_lines
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise GraphError(f"{where}: invalid YAML: {problem}{_code_value_hint(text, exc)}"
-                         ) from exc
-
-
-def _code_value_hint(text: str, error: yaml.YAMLError) -> str:
-    """Advice when a YAML error sits in a one-line code value such as ``run: return {"a": 1}``.
-
-    Code is full of ``: ``, ``{`` and ``#``, which YAML reads as its own
-    syntax; the block form (``run: |``) takes the text literally.
-    """
-    lines = text.splitlines()
-    for mark in (getattr(error, "problem_mark", None), getattr(error, "context_mark", None)):
-        if mark is None or not 0 <= mark.line < len(lines):
-            continue
-        # The key is the last one before the error on its line (flow style puts
-        # several on one line) or, on a continuation line of a multi-line
-        # plain value, the last one on the nearest line above that has one.
-        for number in range(mark.line, -1, -1):
-            line = lines[number][:mark.column] if number == mark.line else lines[number]
-            keys = _KEY.findall(line)
-            if not keys:
-                continue
-            if keys[-1] in _CODE_KEYS:
-                return (f" (line {number + 1}: code in '{keys[-1]}:' on one line is read as "
-                        f"YAML; write '{keys[-1]}: |' and put the code on the following lines, "
-                        f"indented)")
-            break
-    return ""

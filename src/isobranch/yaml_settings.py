@@ -61,6 +61,15 @@ class EngineOptions:
     parallel: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class LuaCeiling:
+    """The Lua limits of a file that includes another: the included file may only lower them."""
+
+    timeout: float | None
+    max_memory: int | None
+    file: str  # the including file's name, for messages
+
+
 def contained_file(base_dir: Path, reference: str) -> Path:
     """``reference`` resolved inside ``base_dir``; ``ValueError`` if it could leave it.
 
@@ -239,13 +248,37 @@ class SettingsReader:
             path = self.base_dir / path
         return SqliteCheckpointer(path, pickle=pickle is True)
 
-    def lua_limits(self, lua: Mapping[str, Any]) -> tuple[float | None, int | None]:
+    def subgraph_settings(self, settings: Any, ceiling: LuaCeiling
+                          ) -> tuple[float | None, int | None]:
+        """The Lua limits of a file a ``subgraph:`` node names: its ``settings.lua`` under ``ceiling``.
+
+        Its ``settings.parallel`` and ``settings.checkpoint`` are not read:
+        the including run's backend, limits and checkpointer apply.
+        """
+        settings = self.mapping(settings, "settings")
+        self.check_keys(settings, SETTINGS_KEYS, "settings")
+        lua = self.mapping(settings.get("lua"), "settings.lua")
+        self.check_keys(lua, LUA_SETTINGS_KEYS, "settings.lua")
+        return self.lua_limits(lua, ceiling)
+
+    def lua_limits(self, lua: Mapping[str, Any], ceiling: LuaCeiling | None = None
+                   ) -> tuple[float | None, int | None]:
+        """``settings.lua``'s timeout and memory limit, checked.
+
+        ``ceiling`` (for a file a ``subgraph:`` node names) is the including
+        file's limits: they are the defaults, and a value above one (or none
+        where it has one) is a problem, whatever the engine allows.
+        """
         engine = self.engine_options
-        lua_timeout = engine.lua_timeout
+        lua_timeout = engine.lua_timeout if ceiling is None else ceiling.timeout
         if not engine.lua_timeout_explicit and "timeout" in lua:
             lua_timeout = lua["timeout"]
-            if not engine.allow_python and (lua_timeout is None or (
-                    isinstance(lua_timeout, (int, float)) and lua_timeout > engine.lua_timeout)):
+            if ceiling is not None and _raises(lua_timeout, ceiling.timeout):
+                self.problem(f"settings.lua.timeout: a subgraph file may lower the Lua limits "
+                             f"of the file that includes it, not raise or remove them: "
+                             f"{ceiling.file} allows {ceiling.timeout}s, got {lua_timeout!r}")
+                lua_timeout = ceiling.timeout
+            elif not engine.allow_python and _raises(lua_timeout, engine.lua_timeout):
                 self.problem(f"settings.lua.timeout: a Lua-only document may lower the engine's "
                              f"limit of {engine.lua_timeout}s, not raise or remove it; "
                              f"got {lua_timeout!r}")
@@ -253,14 +286,20 @@ class SettingsReader:
         if lua_timeout is not None and (isinstance(lua_timeout, bool) or not isinstance(
                 lua_timeout, (int, float)) or lua_timeout <= 0):
             self.problem(f"settings.lua.timeout: must be a positive number, got {lua_timeout!r}")
-            lua_timeout = DEFAULT_LUA_TIMEOUT
-        max_memory: int | None = DEFAULT_LUA_MAX_MEMORY
+            lua_timeout = DEFAULT_LUA_TIMEOUT if ceiling is None else ceiling.timeout
+        max_memory: int | None = DEFAULT_LUA_MAX_MEMORY if ceiling is None else ceiling.max_memory
         if "max_memory" in lua:
             try:
                 max_memory = parse_size(lua["max_memory"])
             except ValueError as exc:
                 self.problem(f"settings.lua.max_memory: {exc}")
-            if not engine.allow_python and (max_memory is None or max_memory > DEFAULT_LUA_MAX_MEMORY):
+            if ceiling is not None and _raises(max_memory, ceiling.max_memory):
+                self.problem(f"settings.lua.max_memory: a subgraph file may lower the Lua limits "
+                             f"of the file that includes it, not raise or remove them: "
+                             f"{ceiling.file} allows {ceiling.max_memory} bytes, got "
+                             f"{lua['max_memory']!r}")
+                max_memory = ceiling.max_memory
+            elif not engine.allow_python and _raises(max_memory, DEFAULT_LUA_MAX_MEMORY):
                 self.problem(f"settings.lua.max_memory: a Lua-only document may lower the limit "
                              f"of {DEFAULT_LUA_MAX_MEMORY} bytes, not raise or remove it")
                 max_memory = DEFAULT_LUA_MAX_MEMORY
@@ -313,3 +352,12 @@ class SettingsReader:
         if isolation is not None and flat:
             sections[isolation] = {**sections.get(isolation, {}), **flat}
         return sections
+
+
+def _raises(value: Any, limit: float | None) -> bool:
+    """Whether the limit ``value`` is above ``limit`` or removes it (None); None is no limit."""
+    if limit is None:
+        return False
+    if value is None:
+        return True
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > limit

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from ..conditions import CallableCondition, Expression
 from ..fanout import FanOut, MapFanOut
 from ..nodes import CallableNode, LuaNode, PythonNode
+from ..subgraph import SubgraphNode
 
 
 class GraphParts(Protocol):
@@ -37,35 +38,45 @@ class GraphParts(Protocol):
         ...
 
 
-def graph_fingerprint(graph: GraphParts) -> dict[str, str]:
+def graph_fingerprint(graph: GraphParts, prefix: str = "") -> dict[str, str]:
     """``{part: digest}`` for every node and edge of ``graph`` (parts read like ``node 'x'``).
 
-    ``CompiledGraph.fingerprint()`` computes it once per graph (which never
-    changes once compiled).
+    A subgraph node's inner graph is part of it, its parts named by path
+    (``node 'review/score'``, ``edge review/a->review/b``); ``prefix`` is
+    that path for an inner graph. ``CompiledGraph.fingerprint()`` computes
+    it once per graph (which never changes once compiled).
     """
-    parts: dict[str, str] = {"entry point": graph.entry}
+    parts: dict[str, str] = {f"entry point of {prefix[:-1]!r}" if prefix else "entry point":
+                             graph.entry}
+    def inner(target: str) -> str:  # END is the same everywhere
+        return prefix + target if target in graph.nodes else target
+
     for name, node in graph.nodes.items():
-        parts[f"node {name!r}"] = _digest(_node_identity(node))
+        path = prefix + name
+        parts[f"node {path!r}"] = _digest(_node_identity(node))
+        if isinstance(node, SubgraphNode):
+            parts.update(graph_fingerprint(node.graph, f"{path}/"))
         routes = graph.routes_of(name)
         if routes.router is not None:
             mapping = None if routes.mapping is None else sorted(
                 (repr(value), target) for value, target in routes.mapping.items())
-            parts[f"router of {name!r}"] = _digest([_callable_identity(routes.router), mapping])
+            parts[f"router of {path!r}"] = _digest([_callable_identity(routes.router), mapping])
         for order, (condition, target) in enumerate(routes.conditional):
-            key = f"edge {name}->{target}"
+            key = f"edge {path}->{inner(target)}"
             if key in parts:  # a second condition to the same target
                 key = f"{key} (condition {order + 1})"
             parts[key] = _digest(["when", order, _expression(condition)])
         if routes.default is not None:
-            key = f"edge {name}->{routes.default}"
+            key = f"edge {path}->{inner(routes.default)}"
             parts[key if key not in parts else f"{key} (default)"] = _digest("default")
     for source, fan_out in graph.fan_outs.items():
         if isinstance(fan_out, MapFanOut):
-            parts[f"map edge {source}->{fan_out.target}"] = _digest(
+            parts[f"map edge {prefix}{source}->{prefix}{fan_out.target}"] = _digest(
                 [_expression(fan_out.over), fan_out.item_key, fan_out.index_key, fan_out.fan_in])
         else:
             for target in fan_out.targets:
-                parts[f"parallel edge {source}->{target}"] = _digest(fan_out.fan_in)
+                parts[f"parallel edge {prefix}{source}->{prefix}{target}"] = _digest(
+                    fan_out.fan_in)
     return parts
 
 
@@ -106,6 +117,8 @@ def _node_identity(node: Any) -> list[Any]:
         return ["python", node.source]
     if isinstance(node, CallableNode):
         return ["callable", _callable_identity(node.fn)]
+    if isinstance(node, SubgraphNode):  # its inner graph has parts of its own
+        return ["subgraph", node.input, node.output]
     return ["node", type(node).__module__, type(node).__qualname__,
             _callable_identity(type(node).run)]
 

@@ -18,11 +18,12 @@ to the results can change what is stored.
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import uuid
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, fields, replace
 from typing import Any
 
 from ..branch import ParallelFlowResult
@@ -41,10 +42,17 @@ _FIELD_DEFAULTS = tuple((f.name, _NO_DEFAULT if f.default is MISSING else f.defa
 @dataclass(frozen=True)
 class ResumePoint:
     """Where a resumed run continues: after ``node``, a node or a fan-in node (its fan-out,
-    if it has one, comes next; otherwise its edges)."""
+    if it has one, comes next; otherwise its edges).
+
+    ``inner``: the run stopped inside subgraph node ``node`` (its step
+    ``steps``), which runs again from ``inner``, the point in its own steps,
+    whose ``state`` is the inner graph's state there.
+    """
 
     node: str
     steps: int
+    inner: ResumePoint | None = None
+    state: dict | None = None
 
 
 def new_run_id() -> str:
@@ -93,6 +101,22 @@ class RunRecorder:
     def fan_out(self, node: str, total: int) -> FanOutRecording:
         """Record the fan-out of ``node`` after the last step; what records its branches."""
         return FanOutRecording(self, node, self.fan_out_started(node, total))
+
+    def inside(self, node: str, state: dict, steps: int) -> SubgraphRecording:
+        """What records the inner steps of subgraph node ``node``, its step ``steps``, which
+        starts from the main-path state ``state``."""
+        return SubgraphRecording(self, (), (), node, state, steps)
+
+    def inner_step(self, path: str, frames: list[str], steps: int) -> None:
+        """Commit step ``steps`` inside a subgraph: ``frames`` are the encoded frames from the
+        main path in (``subgraph_frame``), the last one the inner step's own; ``path`` names it."""
+        self._writer.flush()
+        self._seq += 1
+        try:
+            self.store.write_step(self.run_id, self._seq, path, StepKind.SUBGRAPH, steps,
+                                  "[" + ",".join(frames) + "]")
+        except GraphError as exc:
+            raise self.failure(f"the step of node {path!r}", exc, path) from exc
 
     def fan_out_started(self, node: str, total: int) -> dict[int, ParallelFlowResult]:
         """Record the fan-out after the last step; the successful results already recorded
@@ -153,6 +177,64 @@ class RunRecorder:
                 f"run {self.run_id!r}: the recorded result of branch {position} of the fan-out "
                 f"from node {node!r} in {str(self.store.path)!r} is unreadable: {exc}",
                 node=node, error_type="StateDecodeError", run_id=self.run_id) from exc
+
+
+class SubgraphRecording:
+    """Records the steps and fan-outs inside one run of a main-path subgraph node.
+
+    Each inner step is stored with its frames, from the main path in: the
+    node and step of each enclosing subgraph node with the state it started
+    from (encoded once, when it started), then the inner step's own, so a
+    resume continues inside the subgraph with every level's state.
+    """
+
+    def __init__(self, root: RunRecorder, names: tuple[str, ...], frames: tuple[str, ...],
+                 node: str, state: dict, steps: int) -> None:
+        self._root = root
+        self._names = (*names, node)
+        self._prefix = "/".join(self._names) + "/"
+        text = root.encode(state, "state", f"the state subgraph node {node!r} starts from",
+                           node=node, state=dict(state))
+        self._frames = (*frames, subgraph_frame(node, steps, text))
+
+    def step(self, node: str, state: dict, steps: int, *, fan_in: bool) -> None:
+        """Commit the inner state after inner step ``node``."""
+        path = self._prefix + node
+        text = self._root.encode(state, "state", f"the state after node {path!r}", node=path,
+                                 state=dict(state))
+        del fan_in  # a resume continues after an inner step either way
+        self._root.inner_step(path, [*self._frames, subgraph_frame(node, steps, text)], steps)
+
+    def fan_out(self, node: str, total: int) -> FanOutRecording:
+        """Record the fan-out of inner node ``node`` after the last step."""
+        return self._root.fan_out(self._prefix + node, total)
+
+    def inside(self, node: str, state: dict, steps: int) -> SubgraphRecording:
+        """What records the steps of subgraph node ``node`` nested in this subgraph."""
+        return SubgraphRecording(self._root, self._names, self._frames, node, state, steps)
+
+
+def subgraph_frame(node: str, steps: int, state_text: str) -> str:
+    """One level of an inner step's record: ``{"node", "steps", "state"}`` as JSON text."""
+    return (f'{{"node": {json.dumps(node)}, "steps": {int(steps)}, '
+            f'"state": {state_text}}}')
+
+
+def resume_point(frames: Any) -> tuple[dict, ResumePoint]:
+    """The main-path state and resume point of a recorded inner step's decoded ``frames``.
+
+    ``ValueError`` if they are not what ``inner_step`` records.
+    """
+    if not isinstance(frames, list) or len(frames) < 2:
+        raise ValueError("not a list of subgraph frames")
+    point: ResumePoint | None = None
+    for frame in reversed(frames):
+        if not (isinstance(frame, dict) and isinstance(frame.get("node"), str)
+                and isinstance(frame.get("steps"), int) and isinstance(frame.get("state"), dict)):
+            raise ValueError("a subgraph frame is not {node, steps, state}")
+        point = ResumePoint(frame["node"], frame["steps"], inner=point, state=frame["state"])
+    assert point is not None
+    return point.state or {}, replace(point, state=None)
 
 
 class FanOutRecording:

@@ -9,8 +9,8 @@ from typing import Any
 from ..errors import GraphChangedError, GraphError, StateDecodeError, StateEncodeError
 from .codec import decode_value, encode_value
 from .fingerprint import describe_changes, fingerprint_text
-from .recorder import ResumePoint, RunRecorder, new_run_id
-from .store import RunStatus, SqliteCheckpointer
+from .recorder import ResumePoint, RunRecorder, new_run_id, resume_point
+from .store import RunStatus, SqliteCheckpointer, StepKind
 
 
 def check_run_id(run_id: Any) -> str:
@@ -55,7 +55,8 @@ class Reopened:
 
 def reopen_run(store: SqliteCheckpointer, run_id: str, *, fingerprint: dict[str, str],
                nodes: Collection[str], force: bool) -> Reopened:
-    """Reopen ``run_id`` to resume it with the graph of ``fingerprint`` and ``nodes``.
+    """Reopen ``run_id`` to resume it with the graph of ``fingerprint`` and ``nodes`` (the
+    path of every node, ``review/score`` inside subgraph node ``review``).
 
     ``GraphError`` if it cannot be: no such run, an unreadable record, a
     graph changed since the run started (``GraphChangedError``, unless
@@ -78,19 +79,31 @@ def reopen_run(store: SqliteCheckpointer, run_id: str, *, fingerprint: dict[str,
         if last.node not in nodes:
             raise GraphError(f"{where}: its last recorded step is node {last.node!r}, which "
                              f"the graph no longer has")
-        state = _decode(store, last.state, where, f"state after node {last.node!r}")
-        point = ResumePoint(last.node, last.steps)
+        if last.kind == StepKind.SUBGRAPH:
+            frames = _decode_value(store, last.state, where, f"state after node {last.node!r}")
+            try:
+                state, point = resume_point(frames)
+            except ValueError as exc:
+                raise GraphError(f"{where}: the recorded state after node {last.node!r} is "
+                                 f"unreadable: {exc}") from exc
+        else:
+            state = _decode(store, last.state, where, f"state after node {last.node!r}")
+            point = ResumePoint(last.node, last.steps)
         seq = last.seq
     store.reopen_run(run_id, fingerprint_text(fingerprint) if changes else None)
     recorder = RunRecorder(store, run_id, seq=seq, resumed_seq=seq if point else None)
     return Reopened(recorder, state, point, False)
 
 
-def _decode(store: SqliteCheckpointer, text: str | None, where: str, what: str) -> dict:
+def _decode_value(store: SqliteCheckpointer, text: str | None, where: str, what: str) -> Any:
     try:
-        value = decode_value(text if text is not None else "null", allow_pickle=store.pickle)
+        return decode_value(text if text is not None else "null", allow_pickle=store.pickle)
     except (StateDecodeError, ValueError, TypeError, RecursionError) as exc:  # tampered, damaged
         raise GraphError(f"{where}: the recorded {what} is unreadable: {exc}") from exc
+
+
+def _decode(store: SqliteCheckpointer, text: str | None, where: str, what: str) -> dict:
+    value = _decode_value(store, text, where, what)
     if not isinstance(value, dict):
         raise GraphError(f"{where}: the recorded {what} is not a state (a dict)")
     return value

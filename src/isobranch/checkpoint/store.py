@@ -69,10 +69,13 @@ class RunStatus(StrEnum):
 
 
 class StepKind(StrEnum):
-    """How a main-path step ran: as a node of its own, or as a fan-in node after its branches."""
+    """How a main-path step ran: as a node of its own, as a fan-in node after its branches,
+    or inside a subgraph node."""
 
     NODE = "node"
     FAN_IN = "fan_in"
+    # A step inside a main-path subgraph node; its state is the frames from the main path in.
+    SUBGRAPH = "subgraph"
 
 
 @dataclass(frozen=True)

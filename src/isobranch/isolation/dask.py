@@ -81,7 +81,7 @@ from .memory_limit import BRANCH_MEMORY_ERROR, format_size, memory_message
 from .shipping import ship_graph
 
 if TYPE_CHECKING:
-    from ..compiled import CompiledGraph
+    from ..branch import BranchGraph
 
 logger = logging.getLogger(__name__)
 
@@ -322,7 +322,7 @@ class DaskBackend(IsolationBackend):
 
     # -- running a fan-out ---------------------------------------------------
 
-    def open(self, source: RunSource, graph: CompiledGraph) -> BackendFanOut:
+    def open(self, source: RunSource, graph: BranchGraph) -> BackendFanOut:
         """One fan-out of ``graph`` on the cluster (connected to, or started, now)."""
         connection, plugin = self._prepare(graph)
         return DaskFanOut(self, source, connection, plugin, self._worker_slots(connection))

@@ -20,7 +20,6 @@ from ..branch import (
     ParallelFlowResult,
     without_unsendable_state,
 )
-from ..branch_run import run_branch
 from ..errors import BackendError
 from ..node_output import flush_node_output, line_buffer_node_output
 from .dask_branches import load_failure
@@ -135,8 +134,8 @@ def run_batch_on_worker(plugin: str, payloads: bytes, topic: str, key: str,
             task = BranchTask(graph=graph, **payload)
             if report_starts:
                 worker.log_event(topic, {"kind": "item", "key": item_key})
-            result = run_branch(task, monitor=_ProgressReporter(worker, topic, item_key,
-                                                                task.start))
+            result = graph.run_branch(task, monitor=_ProgressReporter(worker, topic, item_key,
+                                                                      task.start))
             result.worker = worker.address
             results.append(without_unsendable_state(result))
     finally:
@@ -159,7 +158,7 @@ def run_on_worker(plugin: str, payload: dict[str, Any], topic: str, key: str
          msg={"kind": "start", "key": key, "worker": worker.address})
     task = BranchTask(graph=graph, **payload)
     try:
-        result = run_branch(task, monitor=_ProgressReporter(worker, topic, key, task.start))
+        result = graph.run_branch(task, monitor=_ProgressReporter(worker, topic, key, task.start))
     finally:
         # Out before the result: a worker ended later (restarted, or its
         # nanny killed at close) would drop it.
