@@ -110,3 +110,13 @@ def test_yaml_top_level_breakpoints(tmp_path):
         assert app.resume("y") == {"draft": True, "sent": True}
     with pytest.raises(GraphError, match="interrupt_after: unknown node"):
         YAMLEngine().load_from_dict(_workflow(tmp_path / "r.db", interrupt_after=["nope"]))
+
+
+def test_a_subgraph_file_cannot_have_breakpoints(tmp_path):
+    (tmp_path / "inner.yaml").write_text(
+        "interrupt_before: [x]\nnodes:\n  - {name: x, run: \"return {'x': 1}\"}\n")
+    (tmp_path / "main.yaml").write_text(
+        "nodes:\n  - {name: review, subgraph: inner.yaml}\n")
+    with pytest.raises(GraphError, match="interrupt_before: breakpoints belong to the top "
+                                         "workflow file"):
+        YAMLEngine().load_from_file(tmp_path / "main.yaml")
