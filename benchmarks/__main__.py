@@ -13,6 +13,7 @@ from . import (
     checkpoint_cases,
     checkpoint_codec,
     dask_map_cases,
+    interrupt_cases,
     map_cases,
     observe_cases,
     reducer_cases,
@@ -27,7 +28,7 @@ NAMES = ["vm", "hook", "lua-threads", "overhead-thread", "overhead-inline", "hot
          "map-dask", "map-dask-client", "map-dask-long",
          "codec-small", "codec-20k", "ainvoke", "reducer-map-thread", "reducer-width-thread",
          "checkpoint-process", "checkpoint-thread", "stream-updates", "otel-no-provider",
-         "otel-exporter", "subgraph-map-thread", "subgraph-map-process"]
+         "otel-exporter", "subgraph-map-thread", "subgraph-map-process", "interrupt-resume"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         lambda: observe_cases.tracing_overhead(True, repeat=reps(15)),
         lambda: subgraph_cases.subgraph_map_vs_node_map("thread", repeat=reps(7)),
         lambda: subgraph_cases.subgraph_map_vs_node_map("process", repeat=reps(7)),
+        lambda: interrupt_cases.interrupt_and_resume(repeat=reps(30)),
     ]
     if args.only:
         runs = [run for run, name in zip(runs, NAMES, strict=True) if name in args.only]

@@ -16,6 +16,7 @@ from .errors import (
     LuaTimeoutError,
 )
 from .graph import StateGraph
+from .interrupts import Interrupt, interrupt
 from .isolation import (
     IsolationBackend,
     available_backends,
@@ -25,6 +26,7 @@ from .isolation import (
 from .lua.runtime import LuaRuntime
 from .retry import RetryPolicy
 from .routes import END, START
+from .run_history import RunState, StepRecord
 from .stream_modes import StreamMode
 from .yaml_engine import YAMLEngine
 
@@ -36,6 +38,7 @@ __all__ = [
     "CompiledGraph",
     "GraphError",
     "GraphExecutionError",
+    "Interrupt",
     "IsobranchError",
     "IsolationBackend",
     "LuaMemoryError",
@@ -44,11 +47,14 @@ __all__ = [
     "LuaTimeoutError",
     "ParallelFlowResult",
     "RetryPolicy",
+    "RunState",
     "SqliteCheckpointer",
     "StateGraph",
+    "StepRecord",
     "StreamMode",
     "YAMLEngine",
     "available_backends",
+    "interrupt",
     "register_backend",
     "unregister_backend",
 ]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .checkpoint.store import SqliteCheckpointer
@@ -326,6 +326,7 @@ class StateGraph:
                 name: str | None = None, branch_max_memory: int | str | None = None,
                 branch_retry: RetryPolicy | Mapping[str, Any] | int | None = None,
                 checkpointer: SqliteCheckpointer | None = None,
+                interrupt_before: Iterable[str] = (), interrupt_after: Iterable[str] = (),
                 **backend_keywords: Any) -> CompiledGraph:
         """Validate the graph and freeze it into a runnable ``CompiledGraph``.
 
@@ -338,6 +339,8 @@ class StateGraph:
         local ``dask`` cluster) and is refused elsewhere. ``branch_retry`` is
         the retry policy of every fan-out whose edge sets none. ``checkpointer``
         (a ``SqliteCheckpointer``) records every run so it can be resumed.
+        ``interrupt_before``/``interrupt_after`` are breakpoints: node names the
+        main path pauses before / after (they need a checkpointer).
         Raises ``GraphError`` listing every problem.
         """
         backend_options = {**(backend_options or {}), **backend_keywords}
@@ -361,6 +364,8 @@ class StateGraph:
         if checkpointer is not None and not isinstance(checkpointer, SqliteCheckpointer):
             problems.append(f"checkpointer must be a SqliteCheckpointer, got "
                             f"{type(checkpointer).__name__}")
+        problems.extend(_breakpoint_problems(set(self._nodes), checkpointer, before=interrupt_before,
+                                             after=interrupt_after))
         backend = None
         if not problems:
             # Built now (its workers start lazily) so bad backend options fail here.
@@ -410,8 +415,28 @@ class StateGraph:
             backend_options=dict(backend_options or {}), name=name,
             branch_max_memory=branch_max_memory, max_concurrency=max_concurrency,
             node_retries=dict(self._node_retries), branch_retry=branch_retry,
-            schema=self.schema, checkpointer=checkpointer, backend=backend)
+            schema=self.schema, checkpointer=checkpointer, backend=backend,
+            interrupt_before=interrupt_before, interrupt_after=interrupt_after)
         return compiled
+
+
+def _breakpoint_problems(nodes: set[str], checkpointer: SqliteCheckpointer | None, *,
+                         before: Iterable[str], after: Iterable[str]) -> list[str]:
+    """What is wrong with the breakpoints ``before`` and ``after`` (node names) of a graph
+    of ``nodes``."""
+    problems = []
+    for key, names in (("interrupt_before", before), ("interrupt_after", after)):
+        if isinstance(names, str) or not isinstance(names, Iterable) or not all(
+                isinstance(name, str) for name in names):
+            problems.append(f"{key} must be a list of node names, got {names!r}")
+            continue
+        unknown = [name for name in names if name not in nodes]
+        if unknown:
+            problems.append(f"{key}: unknown node(s) {', '.join(map(repr, unknown))}")
+        if names and checkpointer is None:
+            problems.append(f"{key} needs a checkpointer to pause the run (compile("
+                            f"checkpointer=SqliteCheckpointer()) or YAML settings.checkpoint)")
+    return problems
 
 
 def _subgraph_cycle(graph: StateGraph, names: list[str], stack: list[StateGraph]

@@ -34,7 +34,8 @@ class Language(StrEnum):
 
 
 TOP_LEVEL_KEYS: frozenset[str] = frozenset(
-    {"name", "description", "variables", "state_schema", "settings", "nodes", "edges"})
+    {"name", "description", "variables", "state_schema", "settings", "nodes", "edges",
+     "interrupt_before", "interrupt_after"})
 SETTINGS_KEYS: frozenset[str] = frozenset({"lua", "parallel", "checkpoint"})
 LUA_SETTINGS_KEYS: frozenset[str] = frozenset({"timeout", "max_memory"})
 CHECKPOINT_SETTINGS_KEYS: frozenset[str] = frozenset({"path", "pickle"})

@@ -112,6 +112,8 @@ class DocumentBuilder(SettingsReader):
         graph = self.graph(doc, compile_options["lua_timeout"], compile_options["lua_max_memory"])
         try:
             compiled = graph.compile(variables=self.variables(doc), name=doc.get("name"),
+                                     interrupt_before=doc.get("interrupt_before") or (),
+                                     interrupt_after=doc.get("interrupt_after") or (),
                                      **compile_options)
         except GraphError as exc:
             raise GraphError(problems=exc.problems, source=self.source) from None
@@ -131,6 +133,10 @@ class DocumentBuilder(SettingsReader):
         """
         assert self.lua_ceiling is not None, "an included file has the Lua limits of its includer"
         doc = self.mapping_document()
+        for key in ("interrupt_before", "interrupt_after"):
+            if key in doc:  # breakpoints pause the main path, which is the including file's
+                self.problem(f"{key}: breakpoints belong to the top workflow file, not to a "
+                             f"subgraph file")
         lua_timeout, max_memory = self.subgraph_settings(doc.get("settings"), self.lua_ceiling)
         graph = self.graph(doc, lua_timeout, max_memory)
         try:
