@@ -5,6 +5,8 @@ VM, and runs on a pluggable isolation backend (inline, thread, ...).
 """
 
 from .branch import ParallelFlowResult
+from .cache import CachePolicy
+from .cache_store import SqliteCache
 from .checkpoint import SqliteCheckpointer
 from .compiled import CompiledGraph
 from .errors import (
@@ -23,6 +25,7 @@ from .isolation import (
     unregister_backend,
 )
 from .lua.runtime import LuaRuntime
+from .replay import Cassette, ReplayMode, Tape
 from .retry import RetryPolicy
 from .runner import END, START
 from .stream_modes import StreamMode
@@ -33,6 +36,8 @@ __version__ = "0.1.0"
 __all__ = [
     "END",
     "START",
+    "CachePolicy",
+    "Cassette",
     "CompiledGraph",
     "GraphError",
     "GraphExecutionError",
@@ -43,10 +48,13 @@ __all__ = [
     "LuaRuntimeError",
     "LuaTimeoutError",
     "ParallelFlowResult",
+    "ReplayMode",
     "RetryPolicy",
+    "SqliteCache",
     "SqliteCheckpointer",
     "StateGraph",
     "StreamMode",
+    "Tape",
     "YAMLEngine",
     "available_backends",
     "register_backend",

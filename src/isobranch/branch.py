@@ -52,6 +52,8 @@ class ParallelFlowResult(Mapping):
     branch. ``route`` is what the branch ran, in order (see ``route_step``):
     the names of the nodes that completed, and for each nested fan-out the
     routes of its branches; the regression plugin's graph coverage reads it.
+    ``recordings`` are what the branch's recorded nodes recorded (a tape in
+    record mode, ``replay.Tape``), on their way back to the run's tape.
 
     Reads like a dict too: ``result["state"]``, ``result.get("branch")``. A
     key that is not a field name is looked up in the branch's state
@@ -77,6 +79,7 @@ class ParallelFlowResult(Mapping):
     reducer_writes: list[tuple[str, Any]] = field(default_factory=list)
     spans: tuple[Any, ...] = ()
     route: tuple[Any, ...] = ()
+    recordings: dict[str, list[Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # An ``ErrorKind`` member is stored as its plain string: what users see and pickles.
@@ -163,7 +166,8 @@ class BranchTask:
     that run in this process (it is not part of the payload): ``close()``
     raises it to end a node retry's backoff at once. ``trace`` is the fan-out
     span the branch's spans go under (``trace_records.TraceParent``); None
-    when tracing is off.
+    when tracing is off. ``replay`` is the run's tape of recorded nodes
+    (``replay.Tape``); None: they run live.
     """
 
     graph: CompiledGraph
@@ -177,6 +181,7 @@ class BranchTask:
     overlay: StateSnapshot | ScalarSnapshot | None = None
     stop: CancelSignal | None = None
     trace: Any = None
+    replay: Any = None
 
     def initial_state(self) -> dict:
         """A new private copy of the state this branch starts from."""
@@ -189,7 +194,8 @@ class BranchTask:
         """Every field but the graph (which workers already hold): ``BranchTask(graph=g, **p)``."""
         return {"name": self.name, "start": self.start, "fan_in": self.fan_in,
                 "snapshot": self.snapshot, "limits": self.limits, "isolation": self.isolation,
-                "index": self.index, "overlay": self.overlay, "trace": self.trace}
+                "index": self.index, "overlay": self.overlay, "trace": self.trace,
+                "replay": self.replay}
 
 
 @dataclass(slots=True, eq=False)

@@ -22,6 +22,7 @@ from .fanout import FanOut
 from .isolation import memory_limit
 from .isolation.base import IsolationBackend
 from .isolation.registry import create_backend
+from .node_memo import NO_MEMOS, NodeMemos
 from .nodes import Node
 from .retry import RetryPolicy
 from .run import ActiveRuns, last_state, run_events
@@ -59,8 +60,11 @@ class CompiledGraph:
                  branch_retry: RetryPolicy | None = None,
                  schema: StateSchema | None = None,
                  checkpointer: SqliteCheckpointer | None = None,
-                 backend: IsolationBackend | None = None) -> None:
+                 backend: IsolationBackend | None = None,
+                 memos: NodeMemos = NO_MEMOS) -> None:
         self.nodes = nodes
+        # The cached and recorded nodes, and the cache (node_memo.py).
+        self.memos = memos
         # The retry policy of each node that has one.
         self.node_retries = node_retries or {}
         self.branch_retry = branch_retry
@@ -308,6 +312,8 @@ class CompiledGraph:
         self._finalizer()
         if self.owns_checkpointer and self.checkpointer is not None:
             self.checkpointer.close()
+        if self.memos.cache is not None:  # this process's connection; a later use reopens it
+            self.memos.cache.close()
 
     def __enter__(self) -> CompiledGraph:
         return self

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .checkpoint.recorder import RunRecorder
     from .compiled import CompiledGraph
     from .isolation.base import IsolationBackend
+    from .replay import Tape
     from .trace_records import Spans
 
 
@@ -112,6 +113,8 @@ class ExecutionContext:
         self._reports_merges = True
         # Who traces this path's nodes and fan-outs (tracing.py, trace_records.py); None: off.
         self.spans: Spans | None = None
+        # The run's recordings of its replay nodes (replay.py); None: they run live.
+        self.replay: Tape | None = None
 
     def enter_subgraph(self, graph: CompiledGraph, shown: str, *, branch_itself: bool,
                        recorder: RunRecorder | None = None) -> SubgraphScope:

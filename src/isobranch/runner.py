@@ -23,6 +23,7 @@ from .errors import (
 from .fanout import FanOut, StaticFanOut, plan_fan_out
 from .fanout_run import BranchFinished, FanOutRun, RetryNotice
 from .keys import Language
+from .node_memo import open_memo
 from .nodes import Node
 from .retry import exception_names, failure_names, not_retried_note, wait_unless
 from .schema import STATE_TYPE_ERROR
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from .checkpoint.recorder import ResumePoint, RunRecorder
     from .compiled import CompiledGraph
     from .context import ExecutionContext
+    from .replay import Tape
     from .retry import RetryPolicy
     from .trace_records import Spans, TraceParent
 
@@ -88,7 +90,14 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
             span = spans.node_started(context.path_of(current)) if spans is not None else None
             node = graph.nodes[current]
             try:
-                if current in graph.node_retries:  # (a generator per node costs every branch)
+                # A cached or recorded node whose update is known does not run.
+                memo = (open_memo(graph.memos, current, state, context)
+                        if current in graph.memos.nodes else None)
+                if memo is not None and memo.recalled is not None:
+                    context.enter_node(current)
+                    update = memo.update
+                    _merge(graph, current, update, state, context)
+                elif current in graph.node_retries:  # (a generator per node costs every branch)
                     attempts = _run_node_with_retries(
                         graph, current, state, context, results,
                         SubgraphRun(start, steps, snapshots, branch_events, inside, updates))
@@ -102,6 +111,8 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
                     _merge(graph, current, update, state, context)
                 else:
                     update = _run_node(graph, current, state, context, results)
+                if memo is not None and memo.recalled is None:
+                    memo.keep(update)
             except BaseException as exc:
                 if span is not None:
                     spans.node_ended(span, exc)
@@ -111,8 +122,11 @@ def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, s
             inside = None
             if recorder is not None:
                 recorder.step(current, state, steps, fan_in=results is not None)
-            yield update_event(context.path_of(current), update) if updates else \
+            event = update_event(context.path_of(current), update) if updates else \
                 _node_event(context.path_of(current), state, snapshots)
+            if memo is not None and memo.recalled is not None:
+                event[memo.recalled.value] = True
+            yield event
         ran, results = False, None
         # Whatever reached this node (an edge, a loop, a fan-in), its fan-out starts now.
         fan_out = graph.fan_out_of(current)
@@ -438,6 +452,9 @@ def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
         plan.tasks = _traced(plan.tasks, spans.fan_out_planned(span, plan.total, backend.name))
         attempt_observer = lambda run, result: spans.branch_attempt_ended(  # noqa: E731
             span, run.attempt, result)
+    tape = context.replay
+    if tape is not None:
+        plan.tasks = _taped(plan.tasks, tape)
     run = FanOutRun(backend, plan, fail_fast=limits.fail_fast,
                     max_concurrency=fan_out.max_concurrency or context.max_concurrency,
                     retry_of=retry_of, cancel=context.fan_out_cancel,
@@ -466,6 +483,10 @@ def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
                           f"failed: {type(exc).__name__}: {exc}", node=context.path_of(node),
                           branch=context.branch_name, error_type=type(exc).__name__,
                           state=dict(state), traceback=format_traceback(exc)) from exc
+    if tape is not None:
+        for result in results:
+            if result is not None and result.recordings:
+                tape.absorb(result.recordings)
     failed = run.failure
     if failed is not None:
         raise GraphExecutionError(
@@ -481,6 +502,13 @@ def _traced(tasks: Iterator[BranchTask], parent: TraceParent) -> Iterator[Branch
     """``tasks``, each carrying the span its branch's spans go under."""
     for task in tasks:
         task.trace = parent
+        yield task
+
+
+def _taped(tasks: Iterator[BranchTask], tape: Tape) -> Iterator[BranchTask]:
+    """``tasks``, each carrying the run's tape of recorded nodes."""
+    for task in tasks:
+        task.replay = tape
         yield task
 
 

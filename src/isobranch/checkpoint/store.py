@@ -18,7 +18,6 @@ record, and the time between a kill and the resume never does.
 from __future__ import annotations
 
 import os
-import random
 import sqlite3
 import threading
 import time
@@ -29,13 +28,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import GraphError, RunExistsError
+from ..sqlite_retry import BUSY_TIMEOUT_SECONDS, retry_while_locked
 
 SCHEMA_VERSION = "2"
 # Version 1 had no working time; it is brought to version 2 when opened.
 _OLD_SCHEMA_VERSION = "1"
-# How long SQLite itself waits for a lock, and how long a locked write is retried after that.
-_BUSY_TIMEOUT_SECONDS = 30.0
-_RETRY_SECONDS = 600.0
 # The wall clock run times are recorded with (tests put their own in its place).
 _clock = time.time
 _T = TypeVar("_T")
@@ -174,12 +171,12 @@ class SqliteCheckpointer:
             return self._connection
         self._pid = os.getpid()
         try:
-            connection = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_SECONDS,
+            connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS,
                                          isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
             raise self._unusable(exc) from exc
         try:
-            _retry(lambda: self._prepare(connection))
+            retry_while_locked(lambda: self._prepare(connection))
         except BaseException:
             connection.close()
             raise
@@ -232,7 +229,7 @@ class SqliteCheckpointer:
 
         with self._lock:
             try:
-                return _retry(attempt)
+                return retry_while_locked(attempt)
             except sqlite3.IntegrityError:
                 raise
             except sqlite3.Error as exc:
@@ -241,7 +238,7 @@ class SqliteCheckpointer:
     def _read(self, query: str, parameters: Sequence[Any] = ()) -> list[tuple]:
         with self._lock:
             try:
-                return _retry(lambda: self._connect().execute(query, parameters).fetchall())
+                return retry_while_locked(lambda: self._connect().execute(query, parameters).fetchall())
             except sqlite3.Error as exc:
                 raise self._unusable(exc) from exc
 
@@ -418,22 +415,3 @@ def _add_working_time(connection: sqlite3.Connection) -> None:
         "WHERE s.run_id = runs.run_id), started_at), "
         "worked = COALESCE(finished_at - started_at, 0)")
     connection.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (SCHEMA_VERSION,))
-
-
-def _is_lock_error(exc: sqlite3.OperationalError) -> bool:
-    text = str(exc).lower()
-    return "locked" in text or "busy" in text
-
-
-def _retry(attempt: Callable[[], _T]) -> _T:
-    """``attempt()``, again after a pause while SQLite says the database is locked or busy."""
-    deadline = time.monotonic() + _RETRY_SECONDS
-    pause = 0.005
-    while True:
-        try:
-            return attempt()
-        except sqlite3.OperationalError as exc:
-            if not _is_lock_error(exc) or time.monotonic() > deadline:
-                raise
-        time.sleep(pause * (0.5 + random.random()))
-        pause = min(pause * 2, 0.5)
