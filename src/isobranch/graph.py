@@ -122,10 +122,14 @@ class StateGraph:
         return self
 
     def add_fan_in_node(self, name: str, fn: Callable[..., Any] | Node, *,
-                        retry: RetryPolicy | Mapping[str, Any] | int | None = None
-                        ) -> StateGraph:
-        """Add a fan-in node: it runs once after all branches, with ``parallel_results``."""
-        return self.add_node(name, fn, retry=retry).mark_fan_in(name)
+                        retry: RetryPolicy | Mapping[str, Any] | int | None = None,
+                        cache: CachePolicy | Mapping[str, Any] | bool | None = None,
+                        replay: bool = False) -> StateGraph:
+        """Add a fan-in node: it runs once after all branches, with ``parallel_results``.
+
+        It may be recorded (``replay``); a ``cache`` is refused when the graph compiles."""
+        return self.add_node(name, fn, retry=retry, cache=cache,
+                             replay=replay).mark_fan_in(name)
 
     def mark_fan_in(self, name: str) -> StateGraph:
         """Declare an already added node as a fan-in node."""
