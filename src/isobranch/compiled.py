@@ -148,8 +148,10 @@ class CompiledGraph:
         ``config`` may override ``isolation``, ``max_workers``,
         ``branch_timeout``, ``fail_fast`` and ``max_concurrency``, and with a
         checkpointer give the new run's ``run_id`` (one that exists is a
-        ``GraphError``). Raises ``GraphExecutionError`` naming the node and
-        branch that failed (and the ``run_id``).
+        ``GraphError``); ``replay`` is the run's tape of recorded nodes
+        (``Cassette.tape(case)``, docs/regression-testing.md). Raises
+        ``GraphExecutionError`` naming the node and branch that failed (and
+        the ``run_id``).
         """
         return self._final_state(state, config)
 
