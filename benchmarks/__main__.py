@@ -22,7 +22,7 @@ NAMES = ["vm", "hook", "lua-threads", "overhead-thread", "overhead-inline", "hot
          "python-processes", "overhead-process", "overhead-fresh", "state-copy", "round-trip",
          "lua-small-read",
          "soak-thread", "soak-process", "python-dask", "overhead-dask", "dask-start",
-         "map-process", "map-thread", "map-width-thread", "map-width-process", "map-dask",
+         "map-process", "map-thread", "map-thread-2", "map-width-thread", "map-width-process", "map-dask",
          "codec-small", "codec-20k", "ainvoke", "reducer-map-thread", "reducer-width-thread",
          "checkpoint-process", "checkpoint-thread", "stream-updates", "otel-no-provider",
          "otel-exporter", "subgraph-map-thread", "subgraph-map-process"]
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         lambda: cases.dask_start_tls_vs_plain(repeat=reps(5)),
         lambda: map_cases.map_process_vs_pool(repeat=reps(5)),
         lambda: map_cases.map_thread_vs_pool(repeat=reps(5)),
+        lambda: map_cases.map_thread_vs_pool(workers=2, repeat=reps(5)),
         lambda: map_cases.map_width_scaling("thread", repeat=reps(5)),
         lambda: map_cases.map_width_scaling("process", repeat=reps(3)),
         lambda: map_cases.map_dask_vs_process(repeat=reps(3)),

@@ -7,6 +7,7 @@ too: a module that needs something of its owner is handed the data instead.
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -62,9 +63,61 @@ def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 
 
 def test_the_import_scanner_sees_local_and_type_checking_imports():
-    imports = _imports(PACKAGE / "runner.py")
-    # runner.py imports CompiledGraph under TYPE_CHECKING only.
-    assert {"isobranch.compiled", "isobranch.fanout", "isobranch.fanout_run"} <= imports
+    # runner.py imports RunRecorder and IsolationBackend under TYPE_CHECKING only.
+    assert {"isobranch.checkpoint.recorder", "isobranch.isolation.base", "isobranch.fanout",
+            "isobranch.fanout_run"} <= _imports(PACKAGE / "runner.py")
+    # The backends' facade imports run_branch inside a function.
+    assert "isobranch.branch_run" in _imports(PACKAGE / "isolation" / "__init__.py")
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected component of more than one module (or a module importing
+    itself), sorted: each is an import cycle."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(module: str) -> None:  # Tarjan's algorithm
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        on_stack.add(module)
+        for imported in sorted(graph.get(module, ())):
+            if imported not in index:
+                visit(imported)
+                low[module] = min(low[module], low[imported])
+            elif imported in on_stack:
+                low[module] = min(low[module], index[imported])
+        if low[module] == index[module]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == module:
+                    break
+            if len(component) > 1 or module in graph.get(module, ()):
+                found.append(sorted(component))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return sorted(found)
+
+
+def test_no_import_cycle_of_any_kind():
+    """No module reaches itself through imports, counting function-local and
+    ``TYPE_CHECKING`` ones (``lint-imports`` checks the layers in CI as well)."""
+    assert _cycles(_graph()) == []
+
+
+def test_the_cycle_finder_finds_a_cycle_through_a_type_checking_import():
+    graph = _graph()
+    # What context.py imported before it was handed the graph as a BranchGraph.
+    graph["isobranch.context"] = graph["isobranch.context"] | {"isobranch.compiled"}
+    cycle = next(c for c in _cycles(graph) if "isobranch.context" in c)
+    assert {"isobranch.compiled", "isobranch.runner", "isobranch.context"} <= set(cycle)
 
 
 @pytest.mark.parametrize("module", ["isobranch.yaml_engine", "isobranch.yaml_builder",
@@ -96,11 +149,26 @@ def test_a_module_never_imports_the_modules_above_it(module, above):
     assert not _imports(PACKAGE.joinpath(*module.split(".")[1:]).with_suffix(".py")) & above
 
 
-PRIVATE_READERS_CHECKED = ("compiled.py", "run.py", "graph.py", "yaml_engine.py",
-                           "yaml_builder.py", "yaml_settings.py", "yaml_subgraphs.py",
-                           "yaml_reading.py", "drawing.py", "async_api.py", "checkpoint",
-                           "cli.py", "cli_errors.py", "cli_failures.py", "cli_logging.py",
-                           "cli_runs.py", "cli_stdout.py", "pytest_plugin.py", "regression")
+def _layered_modules() -> list[set[str]]:
+    """The modules of each layer of the layers contract in pyproject.toml, top first."""
+    config = tomllib.loads((PACKAGE.parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
+    contract = next(c for c in config["tool"]["importlinter"]["contracts"]
+                    if c["type"] == "layers")
+    return [{name.strip() for name in layer.replace(":", "|").split("|")}
+            for layer in contract["layers"]]
+
+
+def test_every_module_has_a_place_in_the_import_layers():
+    """A new module must be placed in a layer (lint-imports leaves an unlisted one
+    unchecked); only the package itself and the backends' facade are above them all."""
+    layered = set().union(*_layered_modules())
+    unplaced = {module for module in _graph()
+                if not any(module == name or module.startswith(f"{name}.") for name in layered)}
+    assert unplaced == {"isobranch", "isobranch.isolation"}
+
+
+# Every module of the package: none reads another object's private names.
+PRIVATE_READERS_CHECKED = sorted(str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py"))
 
 
 def _private_reads(path: Path) -> list[str]:
@@ -117,8 +185,12 @@ def _private_reads(path: Path) -> list[str]:
     return reads
 
 
+# A named tuple's public methods start with an underscore so they never clash with a field.
+NAMED_TUPLE_METHODS = {"_replace", "_asdict", "_make", "_fields", "_field_defaults"}
+
+
 def _private(name: str) -> bool:
-    return name.startswith("_") and not name.startswith("__")
+    return name.startswith("_") and not name.startswith("__") and name not in NAMED_TUPLE_METHODS
 
 
 @pytest.mark.parametrize("where", PRIVATE_READERS_CHECKED)

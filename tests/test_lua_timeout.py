@@ -527,3 +527,31 @@ def test_a_timed_out_thread_branch_leaves_its_pool_thread_idle():
     # The sibling branch is unaffected, and the pool runs the next invocation.
     assert outcome["sibling_success"] and outcome["sibling_state"]["sum"] == SUM_RESULT
     assert outcome["again"]["sum"] == SUM_RESULT
+
+
+def test_a_turn_from_cheap_to_costly_instructions_is_seen_within_about_one_interval():
+    # The hook reads the CPU clock at every 8th firing, and at every firing
+    # after a collector cycle ended: costly instructions allocate, so a
+    # program that turns from a cheap loop to a loop of them is still looked
+    # at after about one hook interval of them. Stopped by should_stop at a
+    # CPU time, so the overrun is counted in CPU time, whatever the load.
+    costly = 'local _ = string.rep("x", 100000)'  # 6 VM instructions
+    with LuaRuntime(timeout=600) as hooked:
+        intervals = []
+        for _ in range(3):
+            started = time.process_time()
+            hooked.execute(f"for _ = 1, {1000 // 6} do {costly} end")
+            intervals.append(time.process_time() - started)
+    interval = min(intervals)  # the CPU time of one hook interval of them
+    program = f"local s = 0 for i = 1, 1e5 do s = s + i end while true do {costly} end"
+    overruns = []
+    for _ in range(4):
+        stop_at = time.process_time() + 0.05
+        runtime = LuaRuntime(timeout=None,
+                             should_stop=lambda at=stop_at: time.process_time() >= at)
+        with pytest.raises(LuaTimeoutError):
+            runtime.execute(program)
+        overruns.append(time.process_time() - stop_at)
+    # One interval, and a little; reading the clock only every 8th firing
+    # overruns by anything up to 8 intervals.
+    assert max(overruns) < 2 * interval + 0.005, (overruns, interval)

@@ -158,3 +158,80 @@ def test_a_ledger_merged_from_parts_equals_one_that_saw_every_run() -> None:
     merged.merge_plain(first.to_plain())
     assert coverage_report(merged) == coverage_report(whole)
     assert coverage_report(whole)["percent"] == 100.0
+
+
+def _review_agent(isolation: str, *, mapped: bool, fail: bool = False):
+    inner = StateGraph()
+    inner.add_node("read", lambda state: {"seen": True})
+    inner.add_node("score", (lambda state: 1 / 0) if fail else (lambda state: {"score": 1}))
+    inner.set_entry_point("read")
+    inner.add_edge("read", "score")
+    inner.add_edge("score", END)
+    outer = StateGraph()
+    outer.add_node("pre", lambda state: {"items": [1, 2, 3]})
+    outer.add_node("review", inner, input={"item": "item"} if mapped else None, output={})
+    outer.set_entry_point("pre")
+    if mapped:
+        outer.add_fan_in_node("post", lambda state, results: None)
+        outer.add_map_edge("pre", "review", over="items", fan_in="post")
+    else:
+        outer.add_node("post", lambda state: None)
+        outer.add_edge("pre", "review")
+    outer.add_edge("review", "post")
+    outer.add_edge("post", END)
+    return outer.compile(isolation=isolation)
+
+
+@pytest.mark.parametrize("mapped", [False, True], ids=["main-path", "map-target"])
+def test_a_subgraph_node_counts_as_one_node_and_its_edges_as_taken(isolation: str,
+                                                                   mapped: bool) -> None:
+    graph = _review_agent(isolation, mapped=mapped)
+    shape = graph_shape(graph)
+    assert shape.subgraphs == ("review",)
+    record = run_agent_case(graph, {})
+    assert record.error is None
+    found = exercised(shape, record)
+    # The inner nodes (review/read, review[2]/score ...) are not nodes of this agent.
+    assert found.nodes == {"pre", "review", "post"}
+    assert found.edges == {(START, "pre"), ("pre", "review"), ("review", "post"), ("post", END)}
+    report = coverage_report(_ledger_of(graph, shape, record))
+    assert report["agents"][0]["subgraphs"]["covered"] == 1
+
+
+def _ledger_of(graph, shape, record) -> CoverageLedger:
+    ledger = CoverageLedger()
+    ledger.observe("review.yaml", shape, record)
+    return ledger
+
+
+def test_a_failure_inside_a_subgraph_node_counts_the_subgraph_node_as_run() -> None:
+    graph = _review_agent("inline", mapped=False, fail=True)
+    shape = graph_shape(graph)
+    record = run_agent_case(graph, {})
+    assert record.error is not None
+    found = exercised(shape, record)
+    assert found.nodes == {"pre", "review"}
+    assert ("pre", "review") in found.edges and ("review", "post") not in found.edges
+
+
+def test_a_fan_out_inside_a_subgraph_node_is_named_by_path_and_is_not_this_agents(
+        isolation: str) -> None:
+    inner = StateGraph()
+    inner.add_node("pre", lambda state: {"items": [1, 2]})
+    inner.add_node("work", lambda state: {"w": state["item"]})
+    inner.add_fan_in_node("done", lambda state, results: None)
+    inner.set_entry_point("pre")
+    inner.add_map_edge("pre", "work", over="items", fan_in="done")
+    inner.add_edge("work", "done")
+    inner.add_edge("done", END)
+    outer = StateGraph()
+    outer.add_node("sub", inner, output={})
+    outer.set_entry_point("sub")
+    outer.add_edge("sub", END)
+    graph = outer.compile(isolation=isolation)
+    record = run_agent_case(graph, {})
+    assert record.error is None
+    assert record.route == ["sub/pre", "[sub/work[0] | sub/work[1]]", "sub/done", "sub"]
+    found = exercised(graph_shape(graph), record)
+    assert found.nodes == {"sub"} and found.fan_outs == set()
+    assert found.edges == {(START, "sub"), ("sub", END)}

@@ -27,7 +27,7 @@ from .isolation import (
 from .lua.runtime import LuaRuntime
 from .replay import Cassette, ReplayMode, Tape
 from .retry import RetryPolicy
-from .runner import END, START
+from .routes import END, START
 from .stream_modes import StreamMode
 from .yaml_engine import YAMLEngine
 

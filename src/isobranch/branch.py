@@ -1,7 +1,10 @@
 """One branch of a fan-out as data: its task, its limits, its monitor and its result.
 
 What every backend sends and gets back; the code that runs a branch is
-branch_run.py (next to the step loop it drives).
+branch_run.py (next to the step loop it drives). A task's graph is typed
+as ``BranchGraph``, what a branch and its backend need of the compiled
+graph, so this module and the backends below the step loop never import
+``compiled.py``: the graph hands them ``run_branch`` itself.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import time
 import traceback as traceback_module
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .cancellation import CancelSignal
 from .error_kinds import ErrorKind, plain
@@ -20,7 +23,6 @@ from .errors import BranchCancelled
 from .statecopy import ScalarSnapshot, StateSnapshot
 
 if TYPE_CHECKING:
-    from .compiled import CompiledGraph
     from .retry import RetryPolicy
 
 logger = logging.getLogger(__name__)
@@ -135,6 +137,26 @@ def without_unsendable_state(result: ParallelFlowResult) -> ParallelFlowResult:
     return result
 
 
+class BranchGraph(Protocol):
+    """What a branch and the backend that runs it need of the compiled graph.
+
+    ``compiled.CompiledGraph`` is one. ``run_branch`` is how a backend runs
+    a branch (``branch_run.run_branch`` on this graph): a backend is handed
+    the graph in ``open`` (a worker holds its own copy), so nothing below
+    the step loop imports the step loop.
+    """
+
+    name: str | None
+    lua_timeout: float | None
+    lua_max_memory: int | None
+    variables: dict
+
+    def run_branch(self, task: BranchTask, monitor: BranchMonitor | None = None,
+                   watchdog: Watchdog | None = None) -> ParallelFlowResult:
+        """Run ``task``'s branch to its fan-in node (or END); failures are results."""
+        ...
+
+
 @dataclass
 class BranchLimits:
     """Limits shared by every branch of one fan-out.
@@ -170,7 +192,7 @@ class BranchTask:
     (``replay.Tape``); None: they run live.
     """
 
-    graph: CompiledGraph
+    graph: BranchGraph
     name: str
     start: str
     fan_in: str
@@ -238,6 +260,32 @@ class BranchMonitor:
         self.node: str | None = None
         self.state: dict | None = None
         self.cancelled = CancelSignal("the branch was cancelled", BranchCancelled)
+
+
+class Watchdog(Protocol):
+    """Someone outside the running code who enforces its time limits.
+
+    A branch in a worker process runs Lua without a count hook; it tells the
+    watchdog (its parent process) where it is and when each Lua call must
+    end, and the watchdog ends the worker if a deadline passes.
+    """
+
+    def node_started(self, node: str) -> None:
+        """``node`` is about to run."""
+
+    def node_merged(self, node: str, update: dict) -> None:
+        """``node`` returned ``update``, now merged into the branch state."""
+
+    def lua_started(self, chunk: str, deadline: float, limit: float | None,
+                    branch_deadline: bool) -> None:
+        """A Lua call named ``chunk`` starts; it must end by ``deadline`` (``time.monotonic``).
+
+        ``branch_deadline`` tells whether the deadline is the branch's own
+        (a branch timeout) rather than the Lua timeout.
+        """
+
+    def lua_finished(self) -> None:
+        """The Lua call returned (or raised)."""
 
 
 def format_traceback(exc: BaseException) -> str:

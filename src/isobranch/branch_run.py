@@ -20,15 +20,17 @@ from .branch import (
     BranchMonitor,
     BranchTask,
     ParallelFlowResult,
+    Watchdog,
     cancelled_result,
     format_traceback,
     ms_since,
     result_name,
     route_step,
 )
-from .context import ExecutionContext, Watchdog
+from .context import ExecutionContext
 from .error_kinds import ErrorKind
 from .errors import BranchCancelled, BranchTimeout, GraphExecutionError
+from .isolation.registry import create_backend
 from .retry import exception_names
 from .runner import run_steps
 from .trace_records import SpanRecorder
@@ -60,7 +62,7 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
         branch_name=task.name, branch_index=task.index, monitor=monitor,
         fan_out_limits=task.limits, watchdog=watchdog, stop=task.stop,
         nested_isolation="inline" if task.isolation == "inline" else "thread",
-        backend_factory=task.graph.branch_backend)
+        backend_factory=create_backend)
     # Only a task sent under a traced fan-out records spans (sent back in the result).
     recorder = None if task.trace is None else SpanRecorder(
         task.trace, graph=task.graph.name, branch=task.name, index=task.index,

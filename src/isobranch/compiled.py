@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from . import async_api, drawing
+from .branch import BranchMonitor, BranchTask, ParallelFlowResult, Watchdog
+from .branch_run import run_branch
 from .cancellation import CancelSignal
 from .checkpoint.fingerprint import graph_fingerprint
 from .checkpoint.store import SqliteCheckpointer
-from .conditions import Condition
 from .errors import GraphError, GraphExecutionError
 from .fanout import FanOut
 from .isolation import memory_limit
@@ -25,19 +25,10 @@ from .isolation.registry import create_backend
 from .node_memo import NO_MEMOS, NodeMemos
 from .nodes import Node
 from .retry import RetryPolicy
+from .routes import Routes
 from .run import ActiveRuns, last_state, run_events
 from .schema import StateSchema
 from .stream_modes import StreamMode, stream_mode
-
-
-@dataclass
-class Routes:
-    """Where to go after a node: a router, conditional edges, a default edge."""
-
-    router: Callable[[dict], Any] | None = None
-    mapping: dict[Any, str] | None = None
-    conditional: list[tuple[Condition, str]] = field(default_factory=list)
-    default: str | None = None
 
 
 class CompiledGraph:
@@ -273,9 +264,11 @@ class CompiledGraph:
             self._fingerprint = graph_fingerprint(self)
         return dict(self._fingerprint)
 
-    def branch_backend(self, isolation: str, *, max_workers: int | None) -> IsolationBackend:
-        """A new backend for the fan-outs nested in one branch; it dies with the branch."""
-        return create_backend(isolation, max_workers=max_workers)
+    def run_branch(self, task: BranchTask, monitor: BranchMonitor | None = None,
+                   watchdog: Watchdog | None = None) -> ParallelFlowResult:
+        """Run one branch of this graph (``branch_run.run_branch``): what a backend calls,
+        handed this graph, so no backend imports the step loop."""
+        return run_branch(task, monitor, watchdog)
 
     def _backend(self, isolation: str, max_workers: int | None) -> IsolationBackend:
         key = (isolation, max_workers)

@@ -4,6 +4,12 @@ A context is created per ``invoke`` and per branch and passed explicitly to
 every node; it owns one lazily created Lua VM that its sequential nodes
 share and that dies with it. Nothing here lives in a thread-local, so a
 reused pool thread can never see a previous branch's VM.
+
+A context sits below everything that runs code in it (nodes, the step
+loop, the backends): it is handed the graph as a ``branch.BranchGraph``,
+its fan-outs' backend as whatever its creator made (a type parameter) and
+the run's step recorder as an opaque value the step loop reads, and
+imports none of their modules.
 """
 
 from __future__ import annotations
@@ -11,46 +17,28 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from .async_nodes import AwaitRunner
 from .errors import BranchCancelled, BranchTimeout, InternalError, LuaTimeoutError
 from .lua.runtime import LuaRuntime
 
 if TYPE_CHECKING:
-    from .branch import BranchLimits, BranchMonitor
+    from .branch import BranchGraph, BranchLimits, BranchMonitor, Watchdog
     from .cancellation import CancelSignal
-    from .checkpoint.recorder import RunRecorder
-    from .compiled import CompiledGraph
-    from .isolation.base import IsolationBackend
-    from .replay import Tape
     from .trace_records import Spans
 
 
-class Watchdog(Protocol):
-    """Someone outside the running code who enforces its time limits.
+class FanOutBackend(Protocol):
+    """What a context knows of the backend its fan-outs run on: its name, and that it
+    closes (``isolation.base.IsolationBackend`` is one; the step loop uses the rest)."""
 
-    A branch in a worker process runs Lua without a count hook; it tells the
-    watchdog (its parent process) where it is and when each Lua call must
-    end, and the watchdog ends the worker if a deadline passes.
-    """
+    name: str
 
-    def node_started(self, node: str) -> None:
-        """``node`` is about to run."""
+    def close(self) -> None: ...
 
-    def node_merged(self, node: str, update: dict) -> None:
-        """``node`` returned ``update``, now merged into the branch state."""
 
-    def lua_started(self, chunk: str, deadline: float, limit: float | None,
-                    branch_deadline: bool) -> None:
-        """A Lua call named ``chunk`` starts; it must end by ``deadline`` (``time.monotonic``).
-
-        ``branch_deadline`` tells whether the deadline is the branch's own
-        (a branch timeout) rather than the Lua timeout.
-        """
-
-    def lua_finished(self) -> None:
-        """The Lua call returned (or raised)."""
+BackendT = TypeVar("BackendT", bound=FanOutBackend)
 
 
 # What ``ExecutionContext.enter_subgraph`` set aside, for ``leave_subgraph`` to restore:
@@ -60,18 +48,23 @@ SubgraphScope = tuple[Any, Any, "LuaRuntime | None", "str | None",
                       "list[tuple[str, Any]] | None", str, "str | None", bool]
 
 
-class ExecutionContext:
-    """State of one invocation or one branch: Lua VM, deadline, fan-out backend."""
+class ExecutionContext(Generic[BackendT]):
+    """State of one invocation or one branch: Lua VM, deadline, fan-out backend.
 
-    def __init__(self, graph: CompiledGraph, *, deadline: float | None = None,
+    ``BackendT`` is the type of the backend it holds for its fan-outs (the
+    step loop's ``IsolationBackend``), handed in or made by
+    ``backend_factory`` and handed back by ``fan_out_backend``.
+    """
+
+    def __init__(self, graph: BranchGraph, *, deadline: float | None = None,
                  branch_name: str | None = None, monitor: BranchMonitor | None = None,
-                 time_limit: float | None = None, backend: IsolationBackend | None = None,
+                 time_limit: float | None = None, backend: BackendT | None = None,
                  nested_isolation: str = "thread", max_workers: int | None = None,
                  fan_out_limits: BranchLimits, watchdog: Watchdog | None = None,
                  max_concurrency: int | None = None, cancel: CancelSignal | None = None,
                  stop: CancelSignal | None = None,
-                 recorder: RunRecorder | None = None,
-                 backend_factory: Callable[..., IsolationBackend] | None = None,
+                 recorder: Any = None,
+                 backend_factory: Callable[..., BackendT] | None = None,
                  branch_index: int | None = None) -> None:
         self.graph = graph
         # Makes the backend of a branch's own fan-outs (see fan_out_backend).
@@ -81,7 +74,8 @@ class ExecutionContext:
         # Set by CompiledGraph.close() to end a retry's backoff in this run at
         # once (in-process branches see it too); None in a worker process.
         self.stop = stop
-        # Records the main path of a checkpointed run; None in branches.
+        # Records the main path of a checkpointed run (a checkpoint.recorder.RunRecorder,
+        # which the step loop uses: the context only carries and swaps it); None in branches.
         self.recorder = recorder
         self.deadline = deadline
         self.time_limit = time_limit
@@ -113,11 +107,12 @@ class ExecutionContext:
         self._reports_merges = True
         # Who traces this path's nodes and fan-outs (tracing.py, trace_records.py); None: off.
         self.spans: Spans | None = None
-        # The run's recordings of its replay nodes (replay.py); None: they run live.
-        self.replay: Tape | None = None
+        # The run's tape of recorded nodes (a replay.Tape, which sits above this module);
+        # None: they run live.
+        self.replay: Any = None
 
-    def enter_subgraph(self, graph: CompiledGraph, shown: str, *, branch_itself: bool,
-                       recorder: RunRecorder | None = None) -> SubgraphScope:
+    def enter_subgraph(self, graph: BranchGraph, shown: str, *, branch_itself: bool,
+                       recorder: Any = None) -> SubgraphScope:
         """Run subgraph node ``shown`` (``review``, ``review[3]``) in this context, until
         ``leave_subgraph`` with what this returns.
 
@@ -249,7 +244,9 @@ class ExecutionContext:
         It is awaited on this context's own event loop, which stops it when
         the branch or run is cancelled or out of time.
         """
-        if not inspect.isawaitable(value):
+        # What nodes return is almost always a plain dict or None, never awaitable:
+        # answered without isawaitable's Awaitable check, once per node of every branch.
+        if value is None or type(value) is dict or not inspect.isawaitable(value):
             return value
         if self._awaiter is None:
 
@@ -281,7 +278,7 @@ class ExecutionContext:
         if self.watchdog is not None and self._reports_merges:
             self.watchdog.node_merged(node, update)
 
-    def fan_out_backend(self) -> IsolationBackend:
+    def fan_out_backend(self) -> BackendT:
         """The backend for fan-outs started from this context.
 
         The main path uses the compiled graph's pooled backend; a branch runs

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .fanout import MapFanOut, StaticFanOut
-from .runner import END, START
+from .routes import END, START
 from .subgraph import SubgraphNode
 
 

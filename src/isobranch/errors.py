@@ -374,3 +374,11 @@ class CaseFailure(IsobranchError):
 
 class StdoutClosed(IsobranchError):
     """The reader of the command's standard output went away (e.g. ``| head``)."""
+
+
+class CaseRewriteError(IsobranchError):
+    """A case file ``--isobranch-update`` cannot write; the message says which and why."""
+
+
+class UnrecordableValue(IsobranchError, ValueError):
+    """A final state value a case file cannot hold (a set, an object …), naming its key."""

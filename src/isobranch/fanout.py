@@ -32,7 +32,7 @@ from .errors import (
 from .statecopy import StateSnapshot, find_unpicklable, snapshot_of
 
 if TYPE_CHECKING:
-    from .compiled import CompiledGraph
+    from .branch import BranchGraph
     from .context import ExecutionContext
     from .retry import RetryPolicy
 
@@ -122,7 +122,7 @@ class FanOutPlan:
     tasks: Iterator[BranchTask]
 
 
-def static_plan(graph: CompiledGraph, fan_out: StaticFanOut, snapshot: StateSnapshot,
+def static_plan(graph: BranchGraph, fan_out: StaticFanOut, snapshot: StateSnapshot,
                 limits: BranchLimits, isolation: str, parent: str | None,
                 stop: CancelSignal | None = None) -> FanOutPlan:
     """The plan of a static fan-out from ``snapshot``; ``stop`` is the run's stop flag."""
@@ -137,7 +137,7 @@ def static_plan(graph: CompiledGraph, fan_out: StaticFanOut, snapshot: StateSnap
     return FanOutPlan(len(targets), lambda position: targets[position], lambda _: None, tasks())
 
 
-def map_plan(graph: CompiledGraph, fan_out: MapFanOut, items: Sequence[Any],
+def map_plan(graph: BranchGraph, fan_out: MapFanOut, items: Sequence[Any],
              snapshot: StateSnapshot, limits: BranchLimits, isolation: str, parent: str | None,
              *, must_pickle: bool, stop: CancelSignal | None = None) -> FanOutPlan:
     """The plan of a map fan-out over ``items`` from ``snapshot`` (the state without the list).
@@ -180,7 +180,7 @@ def _failure_site(over: object, error: BaseException) -> str:
     return f" ({site})" if site is not None else ""
 
 
-def plan_fan_out(graph: CompiledGraph, fan_out: FanOut, state: dict, context: ExecutionContext,
+def plan_fan_out(graph: BranchGraph, fan_out: FanOut, state: dict, context: ExecutionContext,
                  *, isolation: str, crosses_processes: bool) -> FanOutPlan:
     """The plan of ``fan_out`` from ``state`` for a backend named ``isolation``.
 

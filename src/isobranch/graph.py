@@ -14,7 +14,7 @@ from .cache import CachePolicy, as_cache_policy
 from .cache_store import SqliteCache
 from .checkpoint.fingerprint import node_fingerprint
 from .checkpoint.store import SqliteCheckpointer
-from .compiled import CompiledGraph, Routes
+from .compiled import CompiledGraph
 from .conditions import Condition, Expression, as_condition
 from .defaults import (
     DEFAULT_FAIL_FAST,
@@ -32,8 +32,8 @@ from .keys import unknown
 from .node_memo import CachedNode, NodeMemos
 from .nodes import Node, as_node
 from .retry import RetryPolicy, as_policy
+from .routes import END, START, Routes
 from .run import limit_problems
-from .runner import END, START
 from .schema import StateSchema
 from .subgraph import SubgraphNode, mapping_problems
 

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from .branch import CANCELLED, BranchTask, ParallelFlowResult, format_traceback, result_name
+from .branch import (
+    CANCELLED,
+    BranchGraph,
+    BranchTask,
+    ParallelFlowResult,
+    format_traceback,
+    result_name,
+)
 from .conditions import Expression
 from .error_kinds import ErrorKind
 from .errors import (
@@ -23,9 +30,10 @@ from .errors import (
 from .fanout import FanOut, StaticFanOut, plan_fan_out
 from .fanout_run import BranchFinished, FanOutRun, RetryNotice
 from .keys import Language
-from .node_memo import open_memo
+from .node_memo import NodeMemos, open_memo
 from .nodes import Node
 from .retry import exception_names, failure_names, not_retried_note, wait_unless
+from .routes import END, Routes
 from .schema import STATE_TYPE_ERROR
 from .statecopy import StateSnapshot
 from .stream_modes import parallel_summary, update_event
@@ -33,21 +41,39 @@ from .subgraph import SubgraphNode
 
 if TYPE_CHECKING:
     from .checkpoint.recorder import ResumePoint, RunRecorder
-    from .compiled import CompiledGraph
     from .context import ExecutionContext
+    from .isolation.base import IsolationBackend
     from .replay import Tape
     from .retry import RetryPolicy
+    from .schema import StateSchema
     from .trace_records import Spans, TraceParent
 
 logger = logging.getLogger(__name__)
 
-START = "__start__"
-END = "__end__"
 # How many failed branches the error of a fan-in node names (then a count).
 _FAILED_BRANCHES_NAMED = 10
 
 
-def run_steps(graph: CompiledGraph, state: dict, context: ExecutionContext, *, start: str,
+class StepGraph(BranchGraph, Protocol):
+    """What the step loop needs of a compiled graph (``compiled.CompiledGraph`` has it;
+    the compiled graph calls the step loop, so the loop is handed it as this)."""
+
+    nodes: Mapping[str, Node]
+    node_retries: Mapping[str, RetryPolicy]
+    memos: NodeMemos
+    schema: StateSchema
+    max_steps: int
+
+    def fan_out_of(self, node: str) -> FanOut | None:
+        """How ``node`` fans out, or None."""
+        ...
+
+    def routes_of(self, node: str) -> Routes:
+        """The outgoing routes of ``node``."""
+        ...
+
+
+def run_steps(graph: StepGraph, state: dict, context: ExecutionContext, *, start: str,
               stop_at: str | None = None, snapshots: bool = False,
               branch_events: bool = False, resume: ResumePoint | None = None,
               updates: bool = False) -> Iterator[dict[str, Any]]:
@@ -239,7 +265,7 @@ def _at(code: Iterable[Any], error: BaseException) -> str:
     return ""
 
 
-def _run_node(graph: CompiledGraph, name: str, state: dict, context: ExecutionContext,
+def _run_node(graph: StepGraph, name: str, state: dict, context: ExecutionContext,
               parallel_results: list[ParallelFlowResult] | None) -> Any:
     """Run node ``name`` and merge what it returned into ``state``; return that update."""
     try:
@@ -263,7 +289,7 @@ def _run_node(graph: CompiledGraph, name: str, state: dict, context: ExecutionCo
     return update
 
 
-def _run_node_with_retries(graph: CompiledGraph, name: str, state: dict,
+def _run_node_with_retries(graph: StepGraph, name: str, state: dict,
                            context: ExecutionContext,
                            parallel_results: list[ParallelFlowResult] | None,
                            subgraph: SubgraphRun) -> Generator[dict[str, Any], None, Any]:
@@ -370,7 +396,7 @@ def _name_failed_branches(exc: GraphExecutionError, results: list[ParallelFlowRe
     exc.results = results
 
 
-def _merge(graph: CompiledGraph, name: str, update: Any, state: dict,
+def _merge(graph: StepGraph, name: str, update: Any, state: dict,
            context: ExecutionContext) -> None:
     if update is None:
         return
@@ -420,8 +446,8 @@ def _wait_to_retry(name: str, delay: float, attempt: int, context: ExecutionCont
     context.check_deadline()
 
 
-def _fan_out(graph: CompiledGraph, node: str, fan_out: FanOut, state: dict,
-             context: ExecutionContext, *, branch_events: bool,
+def _fan_out(graph: StepGraph, node: str, fan_out: FanOut, state: dict,
+             context: ExecutionContext[IsolationBackend], *, branch_events: bool,
              recorder: RunRecorder | None = None, span: Any = None
              ) -> Generator[dict[str, Any], None, list[ParallelFlowResult]]:
     """Plan ``node``'s fan-out and hand it to the fan-out driver; yield a ``branch`` event
@@ -543,7 +569,7 @@ def _branch_event(node: str, fan_in: str, note: BranchFinished | RetryNotice, ru
             "attempts": result.attempts, "done": note.done, "total": note.total}
 
 
-def _route(graph: CompiledGraph, node: str, state: dict, context: ExecutionContext) -> str:
+def _route(graph: StepGraph, node: str, state: dict, context: ExecutionContext) -> str:
     routes = graph.routes_of(node)
     try:
         if routes.router is not None:

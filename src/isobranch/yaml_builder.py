@@ -36,7 +36,7 @@ from .keys import (
 from .lua.syntax import LuaSyntaxChecker
 from .nodes import LuaNode, Node, PythonNode
 from .retry import RetryPolicy, parse_policy
-from .runner import END, START
+from .routes import END, START
 from .schema import StateSchema
 from .subgraph import SubgraphNode, join_path
 from .yaml_lines import CodeKey, CodeLines

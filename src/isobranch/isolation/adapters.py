@@ -24,7 +24,7 @@ from ..errors import BackendError
 from .base import BackendFanOut, Finished, IsolationBackend, RunSource
 
 if TYPE_CHECKING:
-    from ..compiled import CompiledGraph
+    from ..branch import BranchGraph
 
 # Chunk size for a list-returning backend that declares no max_workers.
 DEFAULT_LEGACY_CHUNK = max(os.cpu_count() or 1, 8)
@@ -86,7 +86,7 @@ class ListAdapter(_Adapter):
     as the driver allows at once (``max_concurrency``, default its ``max_workers``), so
     it runs a map lazily, chunk by chunk. A cancellation stops it before its next chunk."""
 
-    def open(self, source: RunSource, graph: CompiledGraph) -> BackendFanOut:
+    def open(self, source: RunSource, graph: BranchGraph) -> BackendFanOut:
         """Chunks of the fan-out's runs."""
         return _Chunks(self, source)
 
@@ -138,7 +138,7 @@ class StreamingAdapter(_Adapter):
         self.cancellable = getattr(backend, "cancellable", False) is True
         self.accepts_not_ready = getattr(backend, "accepts_not_ready", False) is True
 
-    def open(self, source: RunSource, graph: CompiledGraph) -> BackendFanOut:
+    def open(self, source: RunSource, graph: BranchGraph) -> BackendFanOut:
         """The wrapped backend's stream, round by round."""
         return _Rounds(self, source)
 

@@ -16,8 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from ..branch import BranchRun, ParallelFlowResult
-    from ..compiled import CompiledGraph
+    from ..branch import BranchGraph, BranchRun, ParallelFlowResult
 
 # What ``collect`` reports: a run and its result.
 Finished = tuple["BranchRun", "ParallelFlowResult"]
@@ -132,7 +131,7 @@ class IsolationBackend:
                 f"'process' (each worker process) and 'dask' (each worker of the local "
                 f"cluster isobranch starts)")
 
-    def open(self, source: RunSource, graph: CompiledGraph) -> BackendFanOut:
+    def open(self, source: RunSource, graph: BranchGraph) -> BackendFanOut:
         """This backend's half of one fan-out of ``graph``, taking its branches from
         ``source``. Nothing may be taken before the driver's first ``start``."""
         raise NotImplementedError(f"backend {self.name!r} does not implement open()")

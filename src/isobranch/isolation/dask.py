@@ -69,7 +69,7 @@ from .memory_limit import BRANCH_MEMORY_ERROR, format_size, memory_message
 from .shipping import ship_graph
 
 if TYPE_CHECKING:
-    from ..compiled import CompiledGraph
+    from ..branch import BranchGraph
 
 logger = logging.getLogger(__name__)
 
@@ -298,7 +298,7 @@ class DaskBackend(IsolationBackend):
 
     # -- running a fan-out ---------------------------------------------------
 
-    def open(self, source: RunSource, graph: CompiledGraph) -> BackendFanOut:
+    def open(self, source: RunSource, graph: BranchGraph) -> BackendFanOut:
         """One fan-out of ``graph`` on the cluster (connected to, or started, now)."""
         connection, plugin = self._prepare(graph)
         return _DaskFanOut(self, source, connection, plugin, self._worker_slots(connection))

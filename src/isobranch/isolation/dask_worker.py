@@ -19,7 +19,6 @@ from ..branch import (
     ParallelFlowResult,
     without_unsendable_state,
 )
-from ..branch_run import run_branch
 from ..errors import BackendError
 from ..node_output import flush_node_output, line_buffer_node_output
 from .dask_branches import load_failure
@@ -115,9 +114,10 @@ def run_on_worker(plugin: str, payload: dict[str, Any], topic: str, key: str
                            f"(the backend was closed?)")
     sync(worker.loop, worker.scheduler.log_event, topic=topic,
          msg={"kind": "start", "key": key, "worker": worker.address})
-    task = BranchTask(graph=graph_plugin.graph, **payload)
+    graph = graph_plugin.graph
+    task = BranchTask(graph=graph, **payload)
     try:
-        result = run_branch(task, monitor=_ProgressReporter(worker, topic, key, task.start))
+        result = graph.run_branch(task, monitor=_ProgressReporter(worker, topic, key, task.start))
     finally:
         # Out before the result: a worker ended later (restarted, or its
         # nanny killed at close) would drop it.

@@ -6,17 +6,16 @@ import threading
 from typing import TYPE_CHECKING
 
 from ..branch import BranchMonitor, BranchRun
-from ..branch_run import run_branch
 from .base import BackendFanOut, Finished, IsolationBackend, RunSource
 
 if TYPE_CHECKING:
-    from ..compiled import CompiledGraph
+    from ..branch import BranchGraph
 
 
 class InlineBackend(IsolationBackend):
     """Runs each branch in the calling thread, in declaration order.
 
-    Isolation comes from ``run_branch`` itself (fresh context and state copy);
+    Isolation comes from the graph's ``run_branch`` itself (fresh context and state copy);
     ``branch_timeout`` is cooperative: Lua is stopped by its hook and Python
     nodes are checked between nodes.
     """
@@ -28,9 +27,9 @@ class InlineBackend(IsolationBackend):
     def __init__(self, max_workers: int | None = None) -> None:
         self.max_workers = max_workers  # accepted for a uniform factory signature
 
-    def open(self, source: RunSource, graph: CompiledGraph) -> BackendFanOut:
+    def open(self, source: RunSource, graph: BranchGraph) -> BackendFanOut:
         """One branch at a time, each taken when the previous one finished."""
-        return _InlineFanOut(source)
+        return _InlineFanOut(source, graph)
 
 
 class _InlineFanOut(BackendFanOut):
@@ -38,8 +37,9 @@ class _InlineFanOut(BackendFanOut):
 
     slots = 1
 
-    def __init__(self, source: RunSource) -> None:
+    def __init__(self, source: RunSource, graph: BranchGraph) -> None:
         self._source = source
+        self._graph = graph
         self._next: BranchRun | None = None
         self._woken = _LazyEvent()
         # The branch running now: a cancellation stops it as a fail_fast sibling
@@ -60,7 +60,7 @@ class _InlineFanOut(BackendFanOut):
             self._woken.clear()
             return []
         monitor = self._running = BranchMonitor()
-        result = run_branch(run.task, monitor)
+        result = self._graph.run_branch(run.task, monitor)
         # Left set if run_branch raised (Ctrl-C): the fan-out ends with it anyway.
         self._running = None
         return [(run, result)]

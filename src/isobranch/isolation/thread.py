@@ -26,13 +26,12 @@ from concurrent.futures import wait as wait_for_futures
 from typing import TYPE_CHECKING
 
 from ..branch import BranchMonitor, BranchRun, ParallelFlowResult, timed_out_result
-from ..branch_run import run_branch
 from ..errors import BackendError, ConfigError
 from .base import BackendFanOut, Finished, IsolationBackend, RunSource
 from .thread_pool import DaemonThreadPool
 
 if TYPE_CHECKING:
-    from ..compiled import CompiledGraph
+    from ..branch import BranchGraph
 
 # A branch gets this long past its deadline to report its own timeout (with
 # its state and node) before the backend stops waiting for it.
@@ -88,9 +87,9 @@ class ThreadBackend(IsolationBackend):
                                                   thread_name_prefix="isobranch-branch")
             return self._executor
 
-    def open(self, source: RunSource, graph: CompiledGraph) -> BackendFanOut:
+    def open(self, source: RunSource, graph: BranchGraph) -> BackendFanOut:
         """Lanes on this backend's pool for one fan-out."""
-        return _Lanes(self, source)
+        return _Lanes(self, source, graph)
 
     def abandon(self, futures: Iterable[Future]) -> None:
         """Lane calls given up on (a timeout, a fan-out stopped early): ``close`` does not
@@ -142,9 +141,11 @@ class _Lanes(BackendFanOut):
     # Lanes take runs in the pool's threads.
     takes_from_other_threads = True
 
-    def __init__(self, backend: ThreadBackend, source: RunSource) -> None:
+    def __init__(self, backend: ThreadBackend, source: RunSource,
+                 graph: BranchGraph) -> None:
         self._backend = backend
         self._source = source
+        self.graph = graph
         self.slots = backend.max_workers
         self._width: int | None = None
         self._lock = threading.Lock()
@@ -300,6 +301,7 @@ class _Lane:
     def run(self) -> None:
         lanes = self._lanes
         report = lanes.finished.put
+        run_branch = lanes.graph.run_branch
         for _ in range(LANE_BATCH):
             run = lanes.take(self)
             if run is None:

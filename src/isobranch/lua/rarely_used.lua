@@ -1,16 +1,48 @@
 -- The sandbox's versions of the library functions most VMs never call:
--- xpcall and the coroutine functions that take or resume user code (create,
--- resume, wrap, close), load, collectgarbage, getmetatable, rawget and
--- rawset. sandbox.lua loads this chunk the first time one of them is called
--- (a VM is cheaper to create without them), passing the library functions
--- and the sandbox's own pieces they need, so nothing user code did to the
--- globals can reach them; its "time limit" section explains the rules the
--- protected calls keep. Returns the functions by name.
-local type, select, error, pcall, co_create, co_resume, co_status, co_close, load,
-  raw_collect, getmetatable, rawget, rawset, check_after_error, refuse_when_out_of_time, hooked,
-  enter_protected, protected_depth, MAX_PROTECTED_DEPTH, LAZY, get_crossing, table_expected = ...
+-- pcall, xpcall and the coroutine functions that take or resume user code
+-- (create, resume, wrap, close), load, collectgarbage, setmetatable,
+-- getmetatable, rawget and rawset. sandbox.lua loads this chunk the first
+-- time one of them is called (a VM is cheaper to create without them),
+-- passing the library functions and the sandbox's own pieces they need, so
+-- nothing user code did to the globals can reach them; its "time limit"
+-- section explains the rules the protected calls keep. Returns the
+-- functions by name.
+local type, select, error, format, pcall, co_create, co_resume, co_status, co_close, co_running,
+  load, raw_collect, getmetatable, setmetatable, rawget, rawset, WEAK_KEYS, check_after_error,
+  refuse_when_out_of_time, hooked, LAZY, get_crossing, table_expected = ...
 
 local M = {}
+
+---------------------------------------------------------------- pcall
+-- Protected calls nest at most MAX_PROTECTED_DEPTH deep on one thread.
+-- Lua's C stack limit already stops them there, except in a coroutine that
+-- yields inside them: each resume starts on a fresh C stack, so a coroutine
+-- could pile up a hundred thousand. Once time is up each of them catches the
+-- timeout once, and each catch costs Lua a walk over the whole call stack:
+-- unwinding would take minutes. Depths are kept per thread as absolute
+-- values, so a level whose return was skipped is corrected by the next one.
+local MAX_PROTECTED_DEPTH <const> = 200
+local protected_depth = setmetatable({}, WEAK_KEYS)
+local function enter_protected()
+  local thread = co_running()
+  local depth = (protected_depth[thread] or 0) + 1
+  if depth > MAX_PROTECTED_DEPTH then
+    error(format("too many nested protected calls (pcall/xpcall) in one coroutine "
+                 .. "(the sandbox allows %d)", MAX_PROTECTED_DEPTH), 3)
+  end
+  protected_depth[thread] = depth
+  return thread, depth
+end
+
+local function after_pcall(thread, depth, ok, ...)
+  protected_depth[thread] = depth - 1
+  if not ok then check_after_error() end
+  return ok, ...
+end
+function M.pcall(f, ...)
+  local thread, depth = enter_protected()
+  return after_pcall(thread, depth, pcall(f, ...))
+end
 
 ---------------------------------------------------------------- xpcall
 -- No user function is ever a message handler: Lua would run it with hooks
@@ -121,6 +153,18 @@ end
 function M.collectgarbage(option)
   if option == "count" then return raw_collect("count") end
   error("collectgarbage: only \"count\" is available in the sandbox", 2)
+end
+
+---------------------------------------------------------------- setmetatable
+function M.setmetatable(t, mt)
+  -- Lua 5.4 runs finalizers with hooks disabled, so a looping __gc could
+  -- never be stopped; objects are marked for finalization only here.
+  if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
+    error("setmetatable: __gc metamethods are not allowed in the sandbox", 2)
+  end
+  -- A lazy state becomes a plain table before it gets a metatable of its own.
+  if LAZY[t] then get_crossing().fill_all(t) end
+  return setmetatable(t, mt)
 end
 
 ---------------------------------------------------------------- lazy state

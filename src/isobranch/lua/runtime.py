@@ -7,9 +7,10 @@ it loads the first time a VM needs it (conversion, seldom-called library
 functions) in the ``.lua`` files beside it; user code cannot reach them.
 
 The time limit is a Lua count hook (every 1,000 VM instructions) that reads
-the process CPU clock and asks Python for the wall clock at a call's first
-firing and then once per 5 ms of CPU: Lua runs without the GIL almost all
-the time, so Lua branches on threads still scale with cores. The hook is
+the process CPU clock (at every 8th firing, and at each one after a
+collector cycle or a new second) and asks Python for the wall clock at a
+call's first firing and then once per 5 ms of CPU: Lua runs without the GIL
+almost all the time, so Lua branches on threads still scale with cores. The hook is
 set on every coroutine, a timeout cannot be caught (after it, every
 instruction raises and no coroutine is created or resumed), no user code
 runs while Lua has a thread's hooks off, and ``__gc`` finalizers — which
@@ -60,6 +61,16 @@ HOOK_INSTRUCTIONS = 1000
 # for each Lua string's header.
 _PUSH_SLACK, _STRING_OVERHEAD = 4096, 64
 _CHUNKS = ("sandbox", "crossing", "decode", "encode", "lazy", "rarely_used")
+# encoding=None: strings cross as bytes, so values travel as marshal data.
+_VM_OPTIONS = {"register_eval": False, "register_builtins": False, "encoding": None}
+_LIMITED_VM_OPTIONS = {**_VM_OPTIONS, "max_memory": 0}
+_DEPTH_REASON = DEPTH_REASON.encode()
+
+
+def compile_sandbox() -> None:
+    """Compile the sandbox's chunks now, once for this process (a worker's fork server
+    does it before it forks, so no worker pays for it)."""
+    _sandbox_bytecode()
 
 
 @functools.cache
@@ -202,24 +213,19 @@ class LuaRuntime:
     # -- internals ----------------------------------------------------------
 
     def _start_vm(self) -> None:
-        # encoding=None: strings cross as bytes, so values travel as marshal data.
-        options: dict[str, Any] = {"register_eval": False, "register_builtins": False,
-                                   "encoding": None}
-        if self.max_memory is not None:
-            options["max_memory"] = self.max_memory
-        vm = lua54.LuaRuntime(**options)
+        # A limit of 0 is none: the setup must not fail half-way however small
+        # the limit is, so the VM gets its limit once the sandbox is made.
+        vm = lua54.LuaRuntime(**(_VM_OPTIONS if self.max_memory is None
+                                 else _LIMITED_VM_OPTIONS))
         # No limit to enforce, no hook: Lua then runs at bare speed.
         enforce = self.timeout_hook and (self.timeout is not None or self.should_stop is not None)
-        hook_count = HOOK_INSTRUCTIONS if enforce else None
         # The only Python objects the VM ever holds: bound methods, kept as
         # private upvalues of the sandbox.
-        sandbox, *loaded_on_first_use = _sandbox_bytecode()
-        if self.max_memory is not None:
-            # The setup must not fail half-way however small the limit is.
-            vm.set_max_memory(0)
-        armed = self._armed if self.deadline_listener is not None else None
-        self._run = vm.execute(sandbox, self._out_of_time, hook_count, *loaded_on_first_use, armed,
-                               MAX_DEPTH, DEPTH_REASON.encode())
+        sandbox, crossing, decode, encode, lazy, rarely_used = _sandbox_bytecode()
+        self._run = vm.execute(sandbox, self._out_of_time, HOOK_INSTRUCTIONS if enforce else None,
+                               crossing, decode, encode, lazy, rarely_used,
+                               self._armed if self.deadline_listener is not None else None,
+                               MAX_DEPTH, _DEPTH_REASON)
         if self.max_memory is not None:
             vm.set_max_memory(self.max_memory)
         self._vm = vm
@@ -295,8 +301,9 @@ class LuaRuntime:
             raise ConfigTypeError(f"Lua code must be a str, got {type(code).__name__}")
         name = chunk_name or "lua"
         lazy = _crosses_lazily(state)
-        state_data = self._to_lua(list(state) if lazy else state, "state")
-        variables_data = self._to_lua(variables, "variables")
+        state_data = None if state is None else self._to_lua(list(state) if lazy else state,
+                                                             "state")
+        variables_data = None if variables is None else self._to_lua(variables, "variables")
         source = code.encode("utf-8", "surrogateescape")
         lua_name = ("=" + name).encode("utf-8", "surrogateescape")
         if self._run is None:

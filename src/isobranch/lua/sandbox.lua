@@ -13,25 +13,37 @@
 local wall_check, hook_count, crossing_bytecode, decode_bytecode, encode_bytecode, lazy_bytecode,
   rarely_used_bytecode, on_armed, max_depth, depth_reason = ...
 
-local type, next, select, error, tostring = type, next, select, error, tostring
-local rawget, rawset, rawlen, rawequal = rawget, rawset, rawlen, rawequal
+local type, next, select, error = type, next, select, error
+local rawget, rawset, rawequal = rawget, rawset, rawequal
 local setmetatable, getmetatable, load, xpcall, pcall = setmetatable, getmetatable, load, xpcall,
   pcall
 local pairs = pairs
-local math_type = math.type
-local find, format, sub, byte, char = string.find, string.format, string.sub, string.byte,
-  string.char
-local unpack_string, pack_string = string.unpack, string.pack
-local concat = table.concat
-local co_create, co_resume, co_status, co_close = coroutine.create, coroutine.resume,
-  coroutine.status, coroutine.close
+local find, format, sub = string.find, string.format, string.sub
 local co_running = coroutine.running
 local sethook, getinfo = debug.sethook, debug.getinfo
-local clock = os.clock
+local clock, wall_second = os.clock, os.time
 local raw_collect = collectgarbage
 local G = _G
 local CONVERT <const> = "isobranch.convert: "
-local WEAK_KEYS = {__mode = "k"}
+local WEAK_KEYS, WEAK_VALUES = {__mode = "k"}, {__mode = "v"}
+-- What only the chunks loaded on first use need, in one array that
+-- sandbox() captures as one variable instead of one per piece: each
+-- variable sandbox() captures costs a new VM an allocation and a longer
+-- walk of this chunk's open upvalues (these 19 were 6% of creating a VM;
+-- in a table with named fields their names cost nearly as much).
+local FOR_FIRST_USE = {crossing_bytecode, decode_bytecode, encode_bytecode, lazy_bytecode,
+  rarely_used_bytecode, max_depth, depth_reason, tostring, rawlen, math.type, string.byte,
+  string.char, string.unpack, string.pack, table.concat, coroutine.create, coroutine.resume,
+  coroutine.status, coroutine.close}
+-- Its indexes: one declaration each (only the last constant of a multiple
+-- declaration is folded at compile time; the others would be captured).
+local CROSSING_BC <const> = 1; local DECODE_BC <const> = 2; local ENCODE_BC <const> = 3
+local LAZY_BC <const> = 4; local RARELY_USED_BC <const> = 5; local MAX_DEPTH <const> = 6
+local DEPTH_REASON <const> = 7; local TOSTRING <const> = 8; local RAWLEN <const> = 9
+local MATH_TYPE <const> = 10; local BYTE <const> = 11; local CHAR <const> = 12
+local UNPACK_STRING <const> = 13; local PACK_STRING <const> = 14; local CONCAT <const> = 15
+local CO_CREATE <const> = 16; local CO_RESUME <const> = 17; local CO_STATUS <const> = 18
+local CO_CLOSE <const> = 19
 
 -- The rest is made inside sandbox(), not in this main chunk. Making a
 -- closure links every local it captures from the running function by
@@ -45,11 +57,26 @@ local function sandbox()
 -- A count hook reads the process CPU clock and asks Python for the wall
 -- clock only once per CPU_SLICE of CPU: a running Lua program always burns
 -- CPU, so this never delays the check by more than a slice, and Lua runs
--- without the GIL in between. The clock is read on every firing: reading it
--- less often would let a program that turns from cheap instructions to
--- costly ones run that many more intervals unchecked.
+-- without the GIL in between.
+--
+-- Reading that clock is a system call that cost a hot loop a third of its
+-- time, so the hook reads it at every CLOCK_EVERY-th firing, and at every
+-- firing after a sign that the interval may have been costly: a collector
+-- cycle ended (the canary, a table only a weak table holds, is gone), or
+-- the wall clock's second changed (os.time, which reads no system call).
+-- Costly instructions nearly all allocate (copying, concatenating,
+-- building strings and tables), and allocating drives the collector: a
+-- program that turns from cheap instructions to such costly ones is
+-- still looked at after one interval of them, as when the clock was read
+-- at every firing. What allocates nothing (comparing or scanning huge
+-- strings, shifting a huge table) may run CLOCK_EVERY intervals, at most
+-- until the second changes.
 local TIMEOUT = setmetatable({}, {__name = "isobranch.timeout", __metatable = false})
 local CPU_SLICE <const> = 0.005
+local CLOCK_EVERY <const> = 8
+-- Firings since the clock was last read; the canary's holder (made at the
+-- first firing: most VMs never fire) and the second of that reading.
+local unclocked, canary, clocked_second = 0, false, false
 -- armed: a call is running. expired: its deadline passed. in_wall_check:
 -- stays true if an error (out of memory, say) escaped the hook's Python
 -- call, which leaves hooks off on that thread; it is treated as expired.
@@ -105,6 +132,14 @@ hook = function()
     if expired and getinfo(2, "f").func == run then return end
     expire()
   end
+  unclocked = unclocked + 1
+  if unclocked < CLOCK_EVERY and canary and canary[1] and wall_second() == clocked_second then
+    return
+  end
+  unclocked = 0
+  if not canary then canary = setmetatable({}, WEAK_VALUES) end
+  if not canary[1] then canary[1] = {} end
+  clocked_second = wall_second()
   local now = clock()
   if not slice_start or now - slice_start >= CPU_SLICE then ask_wall_clock(now, true) end
 end
@@ -127,14 +162,16 @@ end
 --    in that window, or it runs unhooked, and every protected call it starts
 --    would restore "off" again. The window runs message handlers and, on a
 --    coroutine that died there, its <close> variables when it is closed. So
---    no user function is ever a message handler (xpcall below calls the
---    handler after unwinding), and a coroutine's body runs inside a pcall of
---    ours, which closes its <close> variables with hooks on before it dies.
+--    no user function is ever a message handler (rarely_used.lua's xpcall
+--    calls the handler after unwinding), and a coroutine's body runs inside
+--    a pcall of ours, which closes its <close> variables with hooks on
+--    before it dies.
 -- 2. A program that makes every hook fire at the C stack limit would never
 --    have its deadline checked. Each failed hook call raises an error that a
 --    protected call catches, and every protected call user code can make is
---    a wrapper below (pcall, xpcall, load, coroutine resume/wrap/close, a
---    coroutine's body), each of which checks the clock after a caught error.
+--    a wrapper in rarely_used.lua (pcall, xpcall, load, coroutine
+--    resume/wrap/close, a coroutine's body), each of which checks the clock
+--    after a caught error.
 local function check_after_error()
   if hook_count and armed then check_time() end
 end
@@ -177,7 +214,7 @@ end
 
 -- A state whose top-level values are filled on first read (lazy.lua). LAZY
 -- maps each such table to its record. The only globals that could tell it
--- from a plain table are next, pairs and setmetatable below, and
+-- from a plain table are next and pairs below, and setmetatable,
 -- getmetatable, rawget and rawset (rarely_used.lua): each fills what it
 -- touches first.
 local LAZY = setmetatable({}, WEAK_KEYS)
@@ -185,11 +222,12 @@ local LAZY = setmetatable({}, WEAK_KEYS)
 local crossing
 local function get_crossing()
   if crossing == nil then
-    crossing = load(crossing_bytecode, "=isobranch/crossing", "b", {})(
-      type, next, error, tostring, rawget, rawset, rawlen, setmetatable, math_type, format, sub,
-      byte, char, find, concat, unpack_string, pack_string, load, pcall, raw_collect, CONVERT,
-      max_depth, depth_reason, LAZY, check_after_error, unhooked, decode_bytecode,
-      encode_bytecode, lazy_bytecode)
+    local lib = FOR_FIRST_USE
+    crossing = load(lib[CROSSING_BC], "=isobranch/crossing", "b", {})(
+      type, next, error, lib[TOSTRING], rawget, rawset, lib[RAWLEN], setmetatable,
+      lib[MATH_TYPE], format, sub, lib[BYTE], lib[CHAR], find, lib[CONCAT], lib[UNPACK_STRING],
+      lib[PACK_STRING], load, pcall, raw_collect, CONVERT, lib[MAX_DEPTH], lib[DEPTH_REASON],
+      LAZY, check_after_error, unhooked, lib[DECODE_BC], lib[ENCODE_BC], lib[LAZY_BC])
   end
   return crossing
 end
@@ -219,47 +257,6 @@ G.pairs = function(...)
   if iterator == next then iterator = safe_next end
   return iterator, subject, control
 end
-G.setmetatable = function(t, mt)
-  -- Lua 5.4 runs finalizers with hooks disabled, so a looping __gc could
-  -- never be stopped; objects are marked for finalization only here.
-  if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
-    error("setmetatable: __gc metamethods are not allowed in the sandbox", 2)
-  end
-  -- A lazy state becomes a plain table before it gets a metatable of its own.
-  if LAZY[t] then crossing.fill_all(t) end
-  return setmetatable(t, mt)
-end
-
--- Protected calls nest at most MAX_PROTECTED_DEPTH deep on one thread.
--- Lua's C stack limit already stops them there, except in a coroutine that
--- yields inside them: each resume starts on a fresh C stack, so a coroutine
--- could pile up a hundred thousand. Once time is up each of them catches the
--- timeout once, and each catch costs Lua a walk over the whole call stack:
--- unwinding would take minutes. Depths are kept per thread as absolute
--- values, so a level whose return was skipped is corrected by the next one.
-local MAX_PROTECTED_DEPTH <const> = 200
-local protected_depth = setmetatable({}, WEAK_KEYS)
-local function enter_protected()
-  local thread = co_running()
-  local depth = (protected_depth[thread] or 0) + 1
-  if depth > MAX_PROTECTED_DEPTH then
-    error(format("too many nested protected calls (pcall/xpcall) in one coroutine "
-                 .. "(the sandbox allows %d)", MAX_PROTECTED_DEPTH), 3)
-  end
-  protected_depth[thread] = depth
-  return thread, depth
-end
-
-local function after_pcall(thread, depth, ok, ...)
-  protected_depth[thread] = depth - 1
-  if not ok then check_after_error() end
-  return ok, ...
-end
-G.pcall = function(f, ...)
-  local thread, depth = enter_protected()
-  return after_pcall(thread, depth, pcall(f, ...))
-end
-
 -- The library functions most VMs never call live in rarely_used.lua,
 -- loaded the first time one of them is called: a stub per function
 -- tail-calls the real one, so error levels and results are the same.
@@ -268,10 +265,11 @@ end
 local rarely_used
 local function get_rarely_used()
   if rarely_used == nil then
-    rarely_used = load(rarely_used_bytecode, "=isobranch/rarely_used", "b", {})(
-      type, select, error, pcall, co_create, co_resume, co_status, co_close, load,
-      raw_collect, getmetatable, rawget, rawset, check_after_error, refuse_when_out_of_time,
-      hooked, enter_protected, protected_depth, MAX_PROTECTED_DEPTH, LAZY, get_crossing,
+    local lib = FOR_FIRST_USE
+    rarely_used = load(lib[RARELY_USED_BC], "=isobranch/rarely_used", "b", {})(
+      type, select, error, format, pcall, lib[CO_CREATE], lib[CO_RESUME], lib[CO_STATUS],
+      lib[CO_CLOSE], co_running, load, raw_collect, getmetatable, setmetatable, rawget, rawset,
+      WEAK_KEYS, check_after_error, refuse_when_out_of_time, hooked, LAZY, get_crossing,
       table_expected)
   end
   return rarely_used
@@ -279,7 +277,9 @@ end
 local function loaded_on_first_call(name)
   return function(...) return get_rarely_used()[name](...) end
 end
+G.pcall = loaded_on_first_call("pcall")
 G.xpcall = loaded_on_first_call("xpcall")
+G.setmetatable = loaded_on_first_call("setmetatable")
 G.load = loaded_on_first_call("load")
 G.collectgarbage = loaded_on_first_call("collectgarbage")
 G.getmetatable = loaded_on_first_call("getmetatable")

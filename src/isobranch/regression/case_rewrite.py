@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import CaseRewriteError
 from .files import write_atomically
 from .updates import CaseUpdate, ExpectChange, UpdateKind
 
@@ -34,10 +35,6 @@ _NO_WRAP = 1 << 20
 # Longest flow-style line (``key: {a: 1, b: 2}``) a recorded container gets;
 # a longer one, or one holding mappings or lists, is written in block style.
 MAX_FLOW_CHARS = 80
-
-
-class CaseRewriteError(Exception):
-    """A case file the update cannot write; the message says which and why."""
 
 
 def ruamel_available() -> bool:

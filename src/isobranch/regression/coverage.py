@@ -22,7 +22,8 @@ from typing import Any, Protocol
 
 from ..drawing import EdgeKind
 from ..fanout import MapFanOut
-from ..runner import END, START
+from ..routes import END, START
+from ..subgraph import PATH_SEPARATOR, SubgraphNode
 from .running import RunRecord
 
 # The JSON document's version: bumped when a field changes meaning or goes.
@@ -136,10 +137,7 @@ def _route_edges(name: str, routes: ShapeRoutes, fans_out: bool) -> list[ShapeEd
 
 
 def _subgraph_nodes(graph: ShapedGraph) -> tuple[str, ...]:
-    # The hook for nodes that hold a graph of their own: none exist yet.
-    # When they do, list them here; their inner nodes are counted by the
-    # names (paths) the runs report for them.
-    return ()
+    return tuple(name for name, node in graph.nodes.items() if isinstance(node, SubgraphNode))
 
 
 @dataclass
@@ -174,7 +172,15 @@ class _Walk:
         self.pairs = {(edge.source, edge.target) for edge in shape.edges}
         self.routers = {edge.source for edge in shape.edges if edge.target == ANY_NODE}
         self.fan_ins = dict(shape.fan_outs)
+        self.subgraphs = frozenset(shape.subgraphs)
         self.found = Exercised()
+
+    def is_inner(self, step: str) -> bool:
+        """Whether ``step`` is a node inside a subgraph node (``review/score``,
+        ``review[3]/score``): it runs before the subgraph node's own step and
+        is no node or edge of this agent's shape."""
+        head, separator, _ = step.partition(PATH_SEPARATOR)
+        return bool(separator) and head.partition("[")[0] in self.subgraphs
 
     def take(self, source: str, target: str) -> bool:
         if (source, target) in self.pairs:
@@ -191,6 +197,8 @@ class _Walk:
         after_fan_out = False  # the next node is the fan-in node, reached by no edge
         for step in steps:
             if isinstance(step, str):
+                if self.is_inner(step):
+                    continue
                 self.found.nodes.add(step)
                 if not after_fan_out:
                     self.take(previous, step)
@@ -203,6 +211,9 @@ class _Walk:
                           failed=None if success else node)
             after_fan_out = True
         if failed is not None:
+            if self.is_inner(failed):
+                # Failing inside a subgraph node reached the subgraph node itself.
+                failed = failed.partition(PATH_SEPARATOR)[0].partition("[")[0]
             self.found.nodes.add(failed)
             if not after_fan_out:
                 self.take(previous, failed)

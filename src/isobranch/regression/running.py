@@ -11,6 +11,7 @@ from typing import Any
 from ..branch import route_step
 from ..errors import GraphError, GraphExecutionError
 from ..replay import Tape
+from ..subgraph import PATH_SEPARATOR, join_path
 from .text import short
 
 log = logging.getLogger(__name__)
@@ -56,10 +57,17 @@ def run_agent_case(graph: Any, state: Mapping[str, Any], *, label: str = "case",
                 record.steps.append(last_node)
             elif kind == "parallel":
                 branches = list(event["branches"])
+                # A fan-out inside a main-path subgraph node: its fan-in is a path
+                # (``review/done``), its branches are named under the same prefix.
+                prefix, _, fan_in = event["fan_in"].rpartition(PATH_SEPARATOR)
+                inner = fan_in not in graph.nodes or bool(prefix)
                 record.fan_outs.append((last_node, branches))
-                record.steps.append(route_step(branches))
+                if not inner:
+                    # Coverage counts this agent's own fan-outs; an inner one is the inner agent's.
+                    record.steps.append(route_step(branches))
                 record.route.append("[" + " | ".join(
-                    f"{r.branch}" + ("" if r.success else " (timed out)" if r.timed_out else " (failed)")
+                    join_path(prefix, r.branch)
+                    + ("" if r.success else " (timed out)" if r.timed_out else " (failed)")
                     for r in branches) + "]")
             elif kind == "final":
                 record.final = event["state"]

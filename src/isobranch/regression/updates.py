@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import UnrecordableValue
 from .case_file import Case
 from .compare import all_differences
 from .running import RunRecord
@@ -29,10 +30,6 @@ class UpdateKind(enum.Enum):
 
     VALUES = "values"       # the differing values rewritten
     RECORD = "record"       # ``expect: record`` filled with the final state
-
-
-class UnrecordableValue(ValueError):
-    """A final state value a case file cannot hold (a set, an object …), naming its key."""
 
 
 @dataclass(frozen=True)

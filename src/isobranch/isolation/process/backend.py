@@ -64,7 +64,7 @@ from .pool import WorkerPool
 from .wire import Kind
 
 if TYPE_CHECKING:
-    from ...compiled import CompiledGraph
+    from ...branch import BranchGraph
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class ProcessBackend(IsolationBackend):
                 return
         waker.close()
 
-    def open(self, source: RunSource, graph: CompiledGraph) -> BackendFanOut:
+    def open(self, source: RunSource, graph: BranchGraph) -> BackendFanOut:
         """Workers for one fan-out of ``graph`` (its pool is started, or replaced, now)."""
         self.pool.ensure_launcher(graph)
         return _ProcessFanOut(self, source)

@@ -25,7 +25,6 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from ...branch import BranchTask, ParallelFlowResult, without_unsendable_state
-from ...branch_run import run_branch
 from ...error_kinds import ErrorKind
 from ...node_output import flush_node_output, line_buffer_node_output
 from ...statecopy import find_unpicklable
@@ -53,10 +52,10 @@ def load_graph(graph_bytes: bytes) -> Any:
     """Unpickle the compiled graph and warm the Lua machinery before any fork."""
     import cloudpickle  # noqa: F401  (functions pickled by value need it importable)
 
-    from ...lua.runtime import _sandbox_bytecode
+    from ...lua.runtime import compile_sandbox
 
     graph = pickle.loads(graph_bytes)
-    _sandbox_bytecode()
+    compile_sandbox()
     return graph
 
 
@@ -112,7 +111,7 @@ def run_task(graph: Any, payload: dict[str, Any], conn: Connection) -> bytes:
     started = time.monotonic()
     try:
         with data_limit(task.limits.branch_max_memory):
-            result = run_branch(task, watchdog=ParentWatchdog(conn))
+            result = graph.run_branch(task, watchdog=ParentWatchdog(conn))
         result = as_memory_failure(task, result)
     except MemoryError:
         if task.limits.branch_max_memory is None:
