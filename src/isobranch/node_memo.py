@@ -76,39 +76,42 @@ class NodeMemos:
 NO_MEMOS = NodeMemos()
 
 
+@dataclass(slots=True)
 class Memo:
-    """One run of a cached or recorded node: its recalled update, or where to keep it."""
+    """One run of a cached or recorded node: its recalled update, or where to keep it.
 
-    __slots__ = ("_cache", "_cache_key", "_call", "_call_key", "_path", "_tape", "_ttl",
-                 "recalled", "update")
+    ``recalled`` says where ``update`` came from (None: the node must run);
+    then ``keep`` stores what it returned on ``tape`` (as call ``call`` of
+    ``call_key``) and in ``cache`` (under ``cache_key`` for ``ttl`` seconds).
+    """
 
-    def __init__(self) -> None:
-        self.recalled: Recalled | None = None
-        self.update: Any = None
-        self._cache: SqliteCache | None = None
-        self._cache_key = self._path = self._call_key = ""
-        self._ttl: float | None = None
-        self._tape: Tape | None = None
-        self._call = 0
+    path: str
+    recalled: Recalled | None = None
+    update: Any = None
+    tape: Tape | None = None
+    call_key: str = ""
+    call: int = 0
+    cache: SqliteCache | None = None
+    cache_key: str = ""
+    ttl: float | None = None
 
     def keep(self, update: Any) -> None:
         """Store ``update``, what the node returned (it succeeded)."""
-        if self._tape is not None:
-            self._tape.record(self._call_key, self._call, update)
-        if self._cache is not None:
+        if self.tape is not None:
+            self.tape.record(self.call_key, self.call, update)
+        if self.cache is not None:
             try:
                 text = encode_value(update, path="update")
             except StateEncodeError as exc:
-                logger.debug("node %r: update not cached: %s", self._path, exc)
+                logger.debug("node %r: update not cached: %s", self.path, exc)
                 return
-            self._cache.put(self._cache_key, self._path, text, self._ttl)
+            self.cache.put(self.cache_key, self.path, text, self.ttl)
 
 
 def open_memo(memos: NodeMemos, name: str, state: dict, context: ExecutionContext) -> Memo:
     """Ask the tape, then the cache, for the update node ``name`` would return on ``state``."""
-    memo = Memo()
     path = context.path_of(name)
-    memo._path = path
+    memo = Memo(path)
     tape = context.replay
     if name in memos.replayed and tape is not None:
         key = call_key(path, context.branch_name)
@@ -123,7 +126,7 @@ def open_memo(memos: NodeMemos, name: str, state: dict, context: ExecutionContex
                                   error_type=type(exc).__name__, state=dict(state)) from None
             memo.recalled = Recalled.REPLAYED
             return memo
-        memo._tape, memo._call_key, memo._call = tape, key, call
+        memo.tape, memo.call_key, memo.call = tape, key, call
     cached = memos.cached.get(name)
     if cached is None or memos.cache is None:
         return memo
@@ -138,7 +141,7 @@ def open_memo(memos: NodeMemos, name: str, state: dict, context: ExecutionContex
         memo.update = decode_value(stored)
         memo.recalled = Recalled.CACHED
         return memo
-    memo._cache, memo._cache_key, memo._ttl = memos.cache, key_text, cached.policy.ttl
+    memo.cache, memo.cache_key, memo.ttl = memos.cache, key_text, cached.policy.ttl
     return memo
 
 
