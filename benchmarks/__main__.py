@@ -9,6 +9,7 @@ import sys
 
 from . import (
     async_cases,
+    cache_cases,
     cases,
     checkpoint_cases,
     checkpoint_codec,
@@ -25,7 +26,8 @@ NAMES = ["vm", "hook", "lua-threads", "overhead-thread", "overhead-inline", "hot
          "map-process", "map-thread", "map-thread-2", "map-width-thread", "map-width-process", "map-dask",
          "codec-small", "codec-20k", "ainvoke", "reducer-map-thread", "reducer-width-thread",
          "checkpoint-process", "checkpoint-thread", "stream-updates", "otel-no-provider",
-         "otel-exporter", "subgraph-map-thread", "subgraph-map-process"]
+         "otel-exporter", "subgraph-map-thread", "subgraph-map-process", "cache-hit",
+         "replay-suite"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         lambda: observe_cases.tracing_overhead(True, repeat=reps(15)),
         lambda: subgraph_cases.subgraph_map_vs_node_map("thread", repeat=reps(7)),
         lambda: subgraph_cases.subgraph_map_vs_node_map("process", repeat=reps(7)),
+        lambda: cache_cases.cache_hit(repeat=reps(7)),
+        lambda: cache_cases.replayed_suite(cases=40 if args.quick else 200),
     ]
     if args.only:
         runs = [run for run, name in zip(runs, NAMES, strict=True) if name in args.only]
