@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 from .cache import CachePolicy
 from .cache_store import SqliteCache
 from .checkpoint.codec import decode_value, encode_value
-from .errors import NodeFailure, StateEncodeError
-from .replay import MissingRecording, ReplayMode, Tape
+from .errors import MissingRecording, NodeFailure, StateEncodeError
+from .replay import ReplayMode, Tape
 
 if TYPE_CHECKING:
     from .context import ExecutionContext

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint.codec import decode_value, encode_value
-from .errors import GraphError, IsobranchError
+from .errors import GraphError, MissingRecording
 
 CASSETTE_FORMAT = "isobranch-cassette"
 CASSETTE_VERSION = 1
@@ -36,10 +36,6 @@ class ReplayMode(StrEnum):
 
     RECORD = "record"  # run the node, keep its update
     REPLAY = "replay"  # return the kept update; never run the node
-
-
-class MissingRecording(IsobranchError):
-    """A recorded node's call has no recording on the tape."""
 
 
 class Tape:
