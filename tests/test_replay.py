@@ -152,3 +152,10 @@ def test_a_cassette_that_is_not_one_is_an_error_naming_it(tmp_path):
     path.write_text(json.dumps({"cases": {}}))
     with pytest.raises(GraphError, match="is not an isobranch cassette"):
         Cassette(path)
+
+
+def test_an_update_the_codec_cannot_write_fails_recording_naming_the_node():
+    with _one_node(lambda state: {"answer": object()}).compile() as app, \
+            pytest.raises(GraphExecutionError, match="node 'model': what it returned cannot be "
+                                                     r"recorded: update\['answer'\]"):
+        app.invoke({}, config={"replay": Tape(ReplayMode.RECORD)})

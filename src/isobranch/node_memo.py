@@ -86,6 +86,7 @@ class Memo:
     """
 
     path: str
+    branch: str | None = None
     recalled: Recalled | None = None
     update: Any = None
     tape: Tape | None = None
@@ -98,7 +99,12 @@ class Memo:
     def keep(self, update: Any) -> None:
         """Store ``update``, what the node returned (it succeeded)."""
         if self.tape is not None:
-            self.tape.record(self.call_key, self.call, update)
+            try:
+                self.tape.record(self.call_key, self.call, update)
+            except StateEncodeError as exc:
+                raise NodeFailure(f"node {self.path!r}: what it returned cannot be recorded: "
+                                  f"{exc}", node=self.path, branch=self.branch,
+                                  error_type=type(exc).__name__) from exc
         if self.cache is not None:
             try:
                 text = encode_value(update, path="update")
@@ -111,7 +117,7 @@ class Memo:
 def open_memo(memos: NodeMemos, name: str, state: dict, context: ExecutionContext) -> Memo:
     """Ask the tape, then the cache, for the update node ``name`` would return on ``state``."""
     path = context.path_of(name)
-    memo = Memo(path)
+    memo = Memo(path, context.branch_name)
     tape = context.replay
     if name in memos.replayed and tape is not None:
         key = call_key(path, context.branch_name)
