@@ -9,6 +9,7 @@ import sys
 
 from . import (
     async_cases,
+    cache_cases,
     cases,
     checkpoint_cases,
     checkpoint_codec,
@@ -28,7 +29,8 @@ NAMES = ["vm", "hook", "lua-threads", "overhead-thread", "overhead-inline", "hot
          "map-dask", "map-dask-client", "map-dask-long",
          "codec-small", "codec-20k", "ainvoke", "reducer-map-thread", "reducer-width-thread",
          "checkpoint-process", "checkpoint-thread", "stream-updates", "otel-no-provider",
-         "otel-exporter", "subgraph-map-thread", "subgraph-map-process", "interrupt-resume"]
+         "otel-exporter", "subgraph-map-thread", "subgraph-map-process", "interrupt-resume",
+         "cache-hit", "replay-suite"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         lambda: subgraph_cases.subgraph_map_vs_node_map("thread", repeat=reps(7)),
         lambda: subgraph_cases.subgraph_map_vs_node_map("process", repeat=reps(7)),
         lambda: interrupt_cases.interrupt_and_resume(repeat=reps(30)),
+        lambda: cache_cases.cache_hit(repeat=reps(7)),
+        lambda: cache_cases.replayed_suite(cases=40 if args.quick else 200),
     ]
     if args.only:
         runs = [run for run, name in zip(runs, NAMES, strict=True) if name in args.only]

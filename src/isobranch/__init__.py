@@ -5,6 +5,8 @@ VM, and runs on a pluggable isolation backend (inline, thread, ...).
 """
 
 from .branch import ParallelFlowResult
+from .cache import CachePolicy
+from .cache_store import SqliteCache
 from .checkpoint import SqliteCheckpointer
 from .compiled import CompiledGraph
 from .errors import (
@@ -24,6 +26,7 @@ from .isolation import (
     unregister_backend,
 )
 from .lua.runtime import LuaRuntime
+from .replay import Cassette, ReplayMode, Tape
 from .retry import RetryPolicy
 from .routes import END, START
 from .run_history import RunState, StepRecord
@@ -35,6 +38,8 @@ __version__ = "0.1.0"
 __all__ = [
     "END",
     "START",
+    "CachePolicy",
+    "Cassette",
     "CompiledGraph",
     "GraphError",
     "GraphExecutionError",
@@ -46,12 +51,15 @@ __all__ = [
     "LuaRuntimeError",
     "LuaTimeoutError",
     "ParallelFlowResult",
+    "ReplayMode",
     "RetryPolicy",
     "RunState",
+    "SqliteCache",
     "SqliteCheckpointer",
     "StateGraph",
     "StepRecord",
     "StreamMode",
+    "Tape",
     "YAMLEngine",
     "available_backends",
     "interrupt",

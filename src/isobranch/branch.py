@@ -60,6 +60,8 @@ class ParallelFlowResult(Mapping):
     ``error_type`` ``"Interrupted"``, ``paused`` True), ``resume_at`` where
     it continues on resume (a ``checkpoint.recorder.ResumePoint``) and
     ``state`` its state as of the pause.
+    ``recordings`` are what the branch's recorded nodes recorded (a tape in
+    record mode, ``replay.Tape``), on their way back to the run's tape.
 
     Reads like a dict too: ``result["state"]``, ``result.get("branch")``. A
     key that is not a field name is looked up in the branch's state
@@ -87,6 +89,7 @@ class ParallelFlowResult(Mapping):
     route: tuple[Any, ...] = ()
     interrupts: tuple[Interrupt, ...] = ()
     resume_at: Any = None  # a checkpoint.recorder.ResumePoint (a layer above this one)
+    recordings: dict[str, list[Any]] = field(default_factory=dict)
 
     @property
     def paused(self) -> bool:
@@ -203,6 +206,8 @@ class BranchTask:
     when tracing is off. ``resume_at`` is where a branch that paused
     continues on resume (its ``snapshot`` is then its state as of the pause,
     with no overlay), and ``route`` what it ran before the pause.
+    ``replay`` is the run's tape of recorded nodes (``replay.Tape``); None:
+    they run live.
     """
 
     graph: BranchGraph
@@ -218,6 +223,7 @@ class BranchTask:
     trace: Any = None
     resume_at: Any = None  # a checkpoint.recorder.ResumePoint
     route: tuple[Any, ...] = ()
+    replay: Any = None
 
     def initial_state(self) -> dict:
         """A new private copy of the state this branch starts from."""
@@ -231,7 +237,8 @@ class BranchTask:
         return {"name": self.name, "start": self.start, "fan_in": self.fan_in,
                 "snapshot": self.snapshot, "limits": self.limits, "isolation": self.isolation,
                 "index": self.index, "overlay": self.overlay, "trace": self.trace,
-                "resume_at": self.resume_at, "route": self.route}
+                "resume_at": self.resume_at, "route": self.route,
+                "replay": self.replay}
 
 
 @dataclass(slots=True, eq=False)

@@ -70,6 +70,8 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
         task.trace, graph=task.graph.name, branch=task.name, index=task.index,
         isolation=task.isolation)
     context.spans = recorder
+    # Each attempt records on a tape of its own; what it recorded goes back in its result.
+    context.replay = task.replay.for_branch() if task.replay is not None else None
 
     def result(**outcome: Any) -> ParallelFlowResult:
         outcome.setdefault("state", state)
@@ -79,6 +81,8 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
                                   worker=worker, **outcome)
         if recorder is not None:
             done.spans = recorder.finish(done)
+        if context.replay is not None and context.replay.new:
+            done.recordings = context.replay.new
         if debug:
             logger.debug("branch %r finished in %.1f ms: %s", task.name, done.duration_ms,
                          "success" if done.success else f"failed ({done.error_type})")

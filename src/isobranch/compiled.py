@@ -23,6 +23,7 @@ from .fanout import FanOut
 from .isolation import memory_limit
 from .isolation.base import IsolationBackend
 from .isolation.registry import create_backend
+from .node_memo import NO_MEMOS, NodeMemos
 from .nodes import Node
 from .retry import RetryPolicy
 from .routes import Routes
@@ -53,11 +54,14 @@ class CompiledGraph:
                  checkpointer: SqliteCheckpointer | None = None,
                  backend: IsolationBackend | None = None,
                  interrupt_before: Iterable[str] = (),
-                 interrupt_after: Iterable[str] = ()) -> None:
+                 interrupt_after: Iterable[str] = (),
+                 memos: NodeMemos = NO_MEMOS) -> None:
         self.nodes = nodes
         # Breakpoints: the main path pauses before / after these nodes.
         self.interrupt_before = frozenset(interrupt_before)
         self.interrupt_after = frozenset(interrupt_after)
+        # The cached and recorded nodes, and the cache (node_memo.py).
+        self.memos = memos
         # The retry policy of each node that has one.
         self.node_retries = node_retries or {}
         self.branch_retry = branch_retry
@@ -141,8 +145,10 @@ class CompiledGraph:
         ``config`` may override ``isolation``, ``max_workers``,
         ``branch_timeout``, ``fail_fast`` and ``max_concurrency``, and with a
         checkpointer give the new run's ``run_id`` (one that exists is a
-        ``GraphError``). Raises ``GraphExecutionError`` naming the node and
-        branch that failed (and the ``run_id``).
+        ``GraphError``); ``replay`` is the run's tape of recorded nodes
+        (``Cassette.tape(case)``, docs/regression-testing.md). Raises
+        ``GraphExecutionError`` naming the node and branch that failed (and
+        the ``run_id``).
         """
         return self._final_state(state, config)
 
@@ -343,6 +349,8 @@ class CompiledGraph:
         self._finalizer()
         if self.owns_checkpointer and self.checkpointer is not None:
             self.checkpointer.close()
+        if self.memos.cache is not None:  # this process's connection; a later use reopens it
+            self.memos.cache.close()
 
     def __enter__(self) -> CompiledGraph:
         return self

@@ -114,6 +114,9 @@ class ExecutionContext(Generic[BackendT]):
         self._reports_merges = True
         # Who traces this path's nodes and fan-outs (tracing.py, trace_records.py); None: off.
         self.spans: Spans | None = None
+        # The run's tape of recorded nodes (a replay.Tape, which sits above this module);
+        # None: they run live.
+        self.replay: Any = None
 
     def enter_subgraph(self, graph: BranchGraph, shown: str, *, branch_itself: bool,
                        recorder: Any = None) -> SubgraphScope:

@@ -28,6 +28,7 @@ from .errors import GraphError, GraphExecutionError, RunCancelled, StateCopyErro
 from .interrupts import NO_INTERRUPTS, Interrupt, InterruptSettings, NodePaused
 from .isolation.base import IsolationBackend
 from .isolation.registry import available_backends
+from .replay import Tape
 from .retry import RetryPolicy, as_policy
 from .runner import run_steps
 from .schema import StateSchema
@@ -36,7 +37,8 @@ from .stream_modes import VALUES_EVENT_TYPES, StreamMode
 from .subgraph import node_paths
 from .tracing import run_tracing
 
-# What a call's config may override (besides ``run_id``, which names a checkpointed run).
+# What a call's config may override (besides ``run_id``, which names a checkpointed run,
+# and ``replay``, the run's tape of recorded nodes).
 CONFIG_KEYS = ("isolation", "max_workers", "branch_timeout", "fail_fast", "max_concurrency",
                "branch_retry")
 
@@ -141,6 +143,10 @@ def run_events(graph: RunnableGraph, state: dict | None, config: dict | None, *,
     """
     config = dict(config or {})
     run_id = config.pop("run_id", None)
+    replay = config.pop("replay", None)
+    if replay is not None and not isinstance(replay, Tape):
+        raise GraphError(f"config: replay must be a Tape (Cassette.tape(case)), got "
+                         f"{type(replay).__name__}")
     settings = resolve_config(graph, config)
     if (run_id is not None or resume is not None) and graph.checkpointer is None:
         raise GraphError("config: run_id needs a checkpointer (compile(checkpointer=...) "
@@ -183,6 +189,7 @@ def run_events(graph: RunnableGraph, state: dict | None, config: dict | None, *,
         cancel=cancel, recorder=recorder)
     # Whether the run is traced is asked here, once: never per node or branch.
     context.spans = tracing = run_tracing(graph.name, settings["isolation"])
+    context.replay = replay
     active.add(stop)
     paused: NodePaused | None = None
     try:
@@ -293,7 +300,7 @@ def resolve_config(graph: RunnableGraph, config: dict | None) -> dict[str, Any]:
     unknown = sorted(set(config) - set(CONFIG_KEYS))
     if unknown:
         raise GraphError(f"config: unknown key(s) {', '.join(map(repr, unknown))}; "
-                         f"allowed: {', '.join((*CONFIG_KEYS, 'run_id'))}")
+                         f"allowed: {', '.join((*CONFIG_KEYS, 'run_id', 'replay'))}")
     settings.update(config)
     problems = limit_problems(max_workers=settings["max_workers"],
                                branch_timeout=settings["branch_timeout"])

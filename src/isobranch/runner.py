@@ -39,6 +39,7 @@ from .interrupts import (
     leave_scope,
 )
 from .keys import Language
+from .node_memo import NodeMemos, open_memo
 from .nodes import Node
 from .retry import exception_names, failure_names, not_retried_note, wait_unless
 from .routes import END, Routes
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
     from .checkpoint.recorder import RunRecorder
     from .context import ExecutionContext
     from .isolation.base import IsolationBackend
+    from .replay import Tape
     from .retry import RetryPolicy
     from .schema import StateSchema
     from .trace_records import Spans, TraceParent
@@ -67,6 +69,7 @@ class StepGraph(BranchGraph, Protocol):
 
     nodes: Mapping[str, Node]
     node_retries: Mapping[str, RetryPolicy]
+    memos: NodeMemos
     schema: StateSchema
     max_steps: int
 
@@ -131,7 +134,14 @@ def run_steps(graph: StepGraph, state: dict, context: ExecutionContext, *, start
             span = spans.node_started(context.path_of(current)) if spans is not None else None
             node = graph.nodes[current]
             try:
-                if current in graph.node_retries:  # (a generator per node costs every branch)
+                # A cached or recorded node whose update is known does not run.
+                memo = (open_memo(graph.memos, current, state, context)
+                        if current in graph.memos.nodes else None)
+                if memo is not None and memo.recalled is not None:
+                    context.enter_node(current)
+                    update = memo.update
+                    _merge(graph, current, update, state, context)
+                elif current in graph.node_retries:  # (a generator per node costs every branch)
                     attempts = _run_node_with_retries(
                         graph, current, state, context, results,
                         SubgraphRun(start, steps, snapshots, branch_events, inside, updates))
@@ -145,6 +155,8 @@ def run_steps(graph: StepGraph, state: dict, context: ExecutionContext, *, start
                     _merge(graph, current, update, state, context)
                 else:
                     update = _run_node(graph, current, state, context, results)
+                if memo is not None and memo.recalled is None:
+                    memo.keep(update)
             except BaseException as exc:
                 if span is not None:
                     spans.node_ended(span, exc)
@@ -156,8 +168,11 @@ def run_steps(graph: StepGraph, state: dict, context: ExecutionContext, *, start
             inside = None
             if recorder is not None:
                 recorder.step(current, state, steps, fan_in=results is not None)
-            yield update_event(context.path_of(current), update) if updates else \
+            event = update_event(context.path_of(current), update) if updates else \
                 _node_event(context.path_of(current), state, snapshots)
+            if memo is not None and memo.recalled is not None:
+                event[memo.recalled.value] = True
+            yield event
             if breakpoints is not None and current in breakpoints.after:
                 raise NodePaused([Interrupt(current, None, current, None, Breakpoint.AFTER)])
         ran, results = False, None
@@ -522,6 +537,9 @@ def _fan_out(graph: StepGraph, node: str, fan_out: FanOut, state: dict,
         plan.tasks = _traced(plan.tasks, spans.fan_out_planned(span, plan.total, backend.name))
         attempt_observer = lambda run, result: spans.branch_attempt_ended(  # noqa: E731
             span, run.attempt, result)
+    tape = context.replay
+    if tape is not None:
+        plan.tasks = _taped(plan.tasks, tape)
     run = FanOutRun(backend, plan, fail_fast=limits.fail_fast,
                     max_concurrency=fan_out.max_concurrency or context.max_concurrency,
                     retry_of=retry_of, cancel=context.fan_out_cancel,
@@ -550,6 +568,10 @@ def _fan_out(graph: StepGraph, node: str, fan_out: FanOut, state: dict,
                           f"failed: {type(exc).__name__}: {exc}", node=context.path_of(node),
                           branch=context.branch_name, error_type=type(exc).__name__,
                           state=dict(state), traceback=format_traceback(exc)) from exc
+    if tape is not None:
+        for result in results:
+            if result is not None and result.recordings:
+                tape.absorb(result.recordings)
     failed = run.failure
     if failed is not None:
         raise GraphExecutionError(
@@ -577,6 +599,13 @@ def _traced(tasks: Iterator[BranchTask], parent: TraceParent) -> Iterator[Branch
     """``tasks``, each carrying the span its branch's spans go under."""
     for task in tasks:
         task.trace = parent
+        yield task
+
+
+def _taped(tasks: Iterator[BranchTask], tape: Tape) -> Iterator[BranchTask]:
+    """``tasks``, each carrying the run's tape of recorded nodes."""
+    for task in tasks:
+        task.replay = tape
         yield task
 
 

@@ -18,7 +18,6 @@ record, and the time between a kill and the resume never does.
 from __future__ import annotations
 
 import os
-import random
 import sqlite3
 import threading
 import time
@@ -32,6 +31,7 @@ from typing import Any, TypeVar
 
 from ..errors import GraphError, RunExistsError, StateDecodeError
 from ..interrupts import Interrupt
+from ..sqlite_retry import BUSY_TIMEOUT_SECONDS, retry_while_locked
 from .codec import decode_value
 
 SCHEMA_VERSION = "3"
@@ -41,9 +41,6 @@ MEMORY_PATH = ":memory:"
 # version 3 when opened.
 _NO_WORKING_TIME_VERSION = "1"
 _NO_INTERRUPTS_VERSION = "2"
-# How long SQLite itself waits for a lock, and how long a locked write is retried after that.
-_BUSY_TIMEOUT_SECONDS = 30.0
-_RETRY_SECONDS = 600.0
 # The wall clock run times are recorded with (tests put their own in its place).
 _clock = time.time
 _T = TypeVar("_T")
@@ -226,13 +223,13 @@ class SqliteCheckpointer:
         self._pid = os.getpid()
         try:
             connection = sqlite3.connect(self._memory_uri or self.path,
-                                         timeout=_BUSY_TIMEOUT_SECONDS, isolation_level=None,
+                                         timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None,
                                          check_same_thread=False,
                                          uri=self._memory_uri is not None)
         except sqlite3.Error as exc:
             raise self._unusable(exc) from exc
         try:
-            _retry(lambda: self._prepare(connection))
+            retry_while_locked(lambda: self._prepare(connection))
         except BaseException:
             connection.close()
             raise
@@ -287,7 +284,7 @@ class SqliteCheckpointer:
 
         with self._lock:
             try:
-                return _retry(attempt)
+                return retry_while_locked(attempt)
             except sqlite3.IntegrityError:
                 raise
             except sqlite3.Error as exc:
@@ -296,7 +293,7 @@ class SqliteCheckpointer:
     def _read(self, query: str, parameters: Sequence[Any] = ()) -> list[tuple]:
         with self._lock:
             try:
-                return _retry(lambda: self._connect().execute(query, parameters).fetchall())
+                return retry_while_locked(lambda: self._connect().execute(query, parameters).fetchall())
             except sqlite3.Error as exc:
                 raise self._unusable(exc) from exc
 
@@ -568,21 +565,3 @@ def _add_paused_branches(connection: sqlite3.Connection) -> None:
         connection.execute("ALTER TABLE branches ADD COLUMN paused INTEGER NOT NULL DEFAULT 0")
     connection.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (SCHEMA_VERSION,))
 
-
-def _is_lock_error(exc: sqlite3.OperationalError) -> bool:
-    text = str(exc).lower()
-    return "locked" in text or "busy" in text
-
-
-def _retry(attempt: Callable[[], _T]) -> _T:
-    """``attempt()``, again after a pause while SQLite says the database is locked or busy."""
-    deadline = time.monotonic() + _RETRY_SECONDS
-    pause = 0.005
-    while True:
-        try:
-            return attempt()
-        except sqlite3.OperationalError as exc:
-            if not _is_lock_error(exc) or time.monotonic() > deadline:
-                raise
-        time.sleep(pause * (0.5 + random.random()))
-        pause = min(pause * 2, 0.5)
