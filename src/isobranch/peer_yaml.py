@@ -90,7 +90,7 @@ def is_peer_document(document: Any) -> bool:
             continue
         if set(spec) & (PEER_NODE_KEYS | set(UNSUPPORTED_NODE_KEYS) - {"output"}):
             return True
-        if "output" in spec and "subgraph" not in spec:
+        if ("output" in spec and "subgraph" not in spec) or spec.get("language") == "prolog":
             return True
     edges = document.get("edges")
     for spec in edges if isinstance(edges, list) else ():
@@ -483,7 +483,8 @@ class PeerTranslator:
                 self.goto(spec["goto"], source, where, known)
             elif name not in with_edges and position + 1 < len(specs):
                 following = specs[position + 1].get("name")
-                if isinstance(following, str):
+                # A dynamic_parallel node whose fan-in is the next node: that one chains on.
+                if isinstance(following, str) and following != source:
                     self.edges.append({"from": source, "to": following})
 
     def goto(self, goto: Any, source: str, where: str, known: set[str]) -> None:
