@@ -9,9 +9,12 @@ import sys
 
 from . import (
     async_cases,
+    cache_cases,
     cases,
     checkpoint_cases,
     checkpoint_codec,
+    dask_map_cases,
+    interrupt_cases,
     map_cases,
     observe_cases,
     reducer_cases,
@@ -22,10 +25,12 @@ NAMES = ["vm", "hook", "lua-threads", "overhead-thread", "overhead-inline", "hot
          "python-processes", "overhead-process", "overhead-fresh", "state-copy", "round-trip",
          "lua-small-read",
          "soak-thread", "soak-process", "python-dask", "overhead-dask", "dask-start",
-         "map-process", "map-thread", "map-thread-2", "map-width-thread", "map-width-process", "map-dask",
+         "map-process", "map-thread", "map-thread-2", "map-width-thread", "map-width-process",
+         "map-dask", "map-dask-client", "map-dask-long",
          "codec-small", "codec-20k", "ainvoke", "reducer-map-thread", "reducer-width-thread",
          "checkpoint-process", "checkpoint-thread", "stream-updates", "otel-no-provider",
-         "otel-exporter", "subgraph-map-thread", "subgraph-map-process"]
+         "otel-exporter", "subgraph-map-thread", "subgraph-map-process", "interrupt-resume",
+         "cache-hit", "replay-suite"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         lambda: map_cases.map_width_scaling("thread", repeat=reps(5)),
         lambda: map_cases.map_width_scaling("process", repeat=reps(3)),
         lambda: map_cases.map_dask_vs_process(repeat=reps(3)),
+        lambda: dask_map_cases.map_dask_vs_client_map(repeat=reps(3)),
+        lambda: dask_map_cases.map_dask_long_vs_client_map(repeat=reps(2)),
         lambda: checkpoint_codec.codec_vs_json("small", repeat=reps(9)),
         lambda: checkpoint_codec.codec_vs_json("20k", repeat=reps(9)),
         lambda: async_cases.ainvoke_overhead(repeat=reps(7)),
@@ -78,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         lambda: observe_cases.tracing_overhead(True, repeat=reps(15)),
         lambda: subgraph_cases.subgraph_map_vs_node_map("thread", repeat=reps(7)),
         lambda: subgraph_cases.subgraph_map_vs_node_map("process", repeat=reps(7)),
+        lambda: interrupt_cases.interrupt_and_resume(repeat=reps(30)),
+        lambda: cache_cases.cache_hit(repeat=reps(7)),
+        lambda: cache_cases.replayed_suite(cases=40 if args.quick else 200),
     ]
     if args.only:
         runs = [run for run, name in zip(runs, NAMES, strict=True) if name in args.only]

@@ -65,6 +65,14 @@ def slowdown_row(name: str, at_most: float, against: str, baseline: float, measu
                detail)
 
 
+def added_time_row(name: str, at_most_seconds: float, baseline: float, measured: float,
+                   detail: str) -> Row:
+    """A row whose target is adding at most ``at_most_seconds`` to the baseline's time:
+    ratio = measured / baseline, the verdict on ``measured - baseline``."""
+    return Row(name, f"<= {at_most_seconds * 1000:g} ms added", baseline, measured,
+               measured / baseline, measured - baseline <= at_most_seconds, detail)
+
+
 def comparison_row(name: str, baseline: float, measured: float, detail: str) -> Row:
     """A row with no target, only a comparison: ratio = measured / baseline, always ok."""
     return Row(name, "(comparison)", baseline, measured, measured / baseline, True, detail)

@@ -57,3 +57,16 @@ def test_the_small_read_row_is_ok_up_to_2_ms_and_missed_past_it(monkeypatch):
     met, past = cases.lua_small_read(repeat=1), cases.lua_small_read(repeat=1)
     assert (met.ok, met.target) == (True, "<= 2 ms") and met.ratio == pytest.approx(1.0)
     assert not past.ok and past.ratio == pytest.approx(1.05)
+
+
+def test_the_cache_hit_row_holds_both_targets(monkeypatch):
+    from benchmarks import cache_cases
+
+    batch = 500
+    # (run, hit) per invoke: within both; 1.5x + 0.1 ms broken; 0.2 ms more broken.
+    for run, hit, ok in [(0.0001, 0.00024, True), (0.0001, 0.00026, False),
+                         (0.001, 0.00121, False)]:
+        monkeypatch.setattr(cache_cases, "round_robin_best",
+                            lambda fns, repeat, run=run, hit=hit: [run * batch, hit * batch])
+        row = cache_cases.cache_hit(batch=batch, repeat=1)
+        assert row.ok is ok, (run, hit)

@@ -366,7 +366,7 @@ def test_working_time_leaves_out_the_time_between_a_kill_and_the_resume(tmp_path
     clock.now = 1004.5
     store.write_fan_out("k", 1, "a", 2)
     clock.now = 1006.0
-    store.write_branches([("k", 1, 0, True, "{}")])
+    store.write_branches([("k", 1, 0, True, "{}", False)])
     # Killed here (nothing recorded after 1006), resumed an hour later.
     run = store.get_run("k")
     assert run.status is RunStatus.RUNNING and run.duration is None
@@ -374,7 +374,7 @@ def test_working_time_leaves_out_the_time_between_a_kill_and_the_resume(tmp_path
     clock.now = 4600.0
     store.reopen_run("k", None)
     clock.now = 4602.0
-    store.write_branches([("k", 1, 1, True, "{}")])
+    store.write_branches([("k", 1, 1, True, "{}", False)])
     clock.now = 4605.0
     store.finish_run("k", RunStatus.SUCCEEDED, "{}", None)
     run = store.get_run("k")
@@ -443,7 +443,7 @@ def test_a_version_1_database_gets_working_time(tmp_path):
     done, killed = store.list_runs()
     assert (done.run_id, done.working_time, done.duration) == ("done", 4.0, 4.0)
     assert (killed.run_id, killed.working_time, killed.duration) == ("killed", 7.0, None)
-    assert store._read("SELECT value FROM meta WHERE key = 'schema'") == [("2",)]
+    assert store._read("SELECT value FROM meta WHERE key = 'schema'") == [("3",)]
     store.reopen_run("killed", None)  # a resume of the killed run counts its 7 s
     store.finish_run("killed", RunStatus.SUCCEEDED, "{}", None)
     assert store.get_run("killed").working_time >= 7.0

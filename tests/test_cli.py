@@ -185,7 +185,8 @@ def test_interrupt_is_one_line_and_restores_stdout(capfd, monkeypatch):
 MARKUP = re.compile(r"``|`|:(?:class|func|meth|attr|mod|exc|data|obj|ref|doc):|\.\. \w+::")
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["resume"], ["runs"], ["validate"], ["graph"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["resume"], ["runs"], ["validate"], ["graph"],
+                                     ["state"], ["history"], ["fork"]])
 def test_help_is_plain_text(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])
@@ -200,4 +201,5 @@ def test_every_subcommand_is_checked_for_plain_help(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     listed = re.search(r"\{([a-z,]+)\}", capsys.readouterr().out).group(1).split(",")
-    assert sorted(listed) == ["graph", "resume", "run", "runs", "validate"]
+    assert sorted(listed) == ["fork", "graph", "history", "resume", "run", "runs", "state",
+                              "validate"]

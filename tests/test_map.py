@@ -19,7 +19,7 @@ from benchmarks.proc_scan import is_gone
 from conftest import wait_until
 from isobranch import END, START, GraphError, GraphExecutionError, StateGraph, YAMLEngine
 from isobranch.cli import main
-from isobranch.isolation.dask import SUBMIT_AHEAD_PER_THREAD as DASK_SUBMIT_AHEAD_PER_THREAD
+from isobranch.isolation.dask import DaskBackend
 from isobranch.isolation.process.branches import SEND_AHEAD_DEPTH
 from isobranch.isolation.thread import SUBMIT_AHEAD_PER_THREAD
 
@@ -708,9 +708,9 @@ def test_stream_branches_pulls_tasks_lazily_and_stops_when_closed(isolation, no_
             # Started and unfinished <= 2 (the in-flight test checks that); one more
             # may be built and waiting; the thread backend queues a few more in its
             # pool, the process backend sends short branches ahead to busy workers.
-            # Dask queues a few more at its scheduler (two single-threaded workers here).
+            # Dask takes what its batches of short branches need, as far as it declares.
             ahead = {"thread": 3 + 2 * SUBMIT_AHEAD_PER_THREAD,
-                     "dask": 3 + 2 * DASK_SUBMIT_AHEAD_PER_THREAD,
+                     "dask": 3 + 2 * DaskBackend.tasks_ahead_per_worker,
                      "process": 3 + 2 * SEND_AHEAD_DEPTH}.get(isolation, 3)
             seen = []
             for position, result in stream:

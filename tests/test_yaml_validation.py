@@ -62,7 +62,7 @@ def test_unknown_setting_is_named_with_its_path_the_allowed_keys_and_a_suggestio
 
 def test_allowed_keys_are_listed():
     problem = only_problem({"settings": {"paralel": {}}, "nodes": ONE_NODE})
-    assert "(allowed: checkpoint, lua, parallel)" in problem
+    assert "(allowed: cache, checkpoint, lua, parallel)" in problem
 
 
 def test_an_option_of_another_backend_says_which_backend_has_it():
@@ -83,8 +83,8 @@ def test_node_and_edge_keys_are_checked_with_suggestions():
         "edges": [{"from": "a", "to": "b", "wen": "True"}],
     })
     assert problems == [
-        "node 'a': unknown key 'lnguage' (allowed: description, fan_in, file, input, language, "
-        "name, output, retry, run, subgraph); did you mean 'language'?",
+        "node 'a': unknown key 'lnguage' (allowed: cache, description, fan_in, file, input, "
+        "language, name, output, replay, retry, run, subgraph); did you mean 'language'?",
         "edges[0] (a -> b): unknown key 'wen' (allowed: as, fan_in, from, index_as, "
         "max_concurrency, over, retry, to, type, when); did you mean 'when'?",
     ]

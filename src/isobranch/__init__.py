@@ -5,6 +5,8 @@ VM, and runs on a pluggable isolation backend (inline, thread, ...).
 """
 
 from .branch import ParallelFlowResult
+from .cache import CachePolicy
+from .cache_store import SqliteCache
 from .checkpoint import SqliteCheckpointer
 from .compiled import CompiledGraph
 from .errors import (
@@ -16,6 +18,7 @@ from .errors import (
     LuaTimeoutError,
 )
 from .graph import StateGraph
+from .interrupts import Interrupt, interrupt
 from .isolation import (
     IsolationBackend,
     available_backends,
@@ -23,8 +26,10 @@ from .isolation import (
     unregister_backend,
 )
 from .lua.runtime import LuaRuntime
+from .replay import Cassette, ReplayMode, Tape
 from .retry import RetryPolicy
 from .routes import END, START
+from .run_history import RunState, StepRecord
 from .stream_modes import StreamMode
 from .yaml_engine import YAMLEngine
 
@@ -33,9 +38,12 @@ __version__ = "0.1.0"
 __all__ = [
     "END",
     "START",
+    "CachePolicy",
+    "Cassette",
     "CompiledGraph",
     "GraphError",
     "GraphExecutionError",
+    "Interrupt",
     "IsobranchError",
     "IsolationBackend",
     "LuaMemoryError",
@@ -43,12 +51,18 @@ __all__ = [
     "LuaRuntimeError",
     "LuaTimeoutError",
     "ParallelFlowResult",
+    "ReplayMode",
     "RetryPolicy",
+    "RunState",
+    "SqliteCache",
     "SqliteCheckpointer",
     "StateGraph",
+    "StepRecord",
     "StreamMode",
+    "Tape",
     "YAMLEngine",
     "available_backends",
+    "interrupt",
     "register_backend",
     "unregister_backend",
 ]

@@ -16,6 +16,7 @@ on a loop in a helper thread, joined before the node returns.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -37,7 +38,9 @@ class AwaitRunner:
             return _run_in_helper_thread(self._guarded(awaitable))
         if self._runner is None:
             self._runner = asyncio.Runner()
-        return self._runner.run(self._guarded(awaitable))
+        # The node's own context (its interrupt scope): a Runner would otherwise run every
+        # call in the context it copied when it was made.
+        return self._runner.run(self._guarded(awaitable), context=contextvars.copy_context())
 
     async def _guarded(self, awaitable: Awaitable[Any]) -> Any:
         task = asyncio.ensure_future(awaitable)
@@ -73,10 +76,11 @@ def _loop_running_here() -> bool:
 
 def _run_in_helper_thread(coroutine: Any) -> Any:
     outcome: dict[str, Any] = {}
+    context = contextvars.copy_context()  # a new thread starts with an empty one
 
     def target() -> None:
         try:
-            outcome["value"] = asyncio.run(coroutine)
+            outcome["value"] = context.run(asyncio.run, coroutine)
         except BaseException as exc:  # handed back to the node's own thread
             outcome["error"] = exc
 

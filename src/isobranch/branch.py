@@ -23,6 +23,7 @@ from .errors import BranchCancelled
 from .statecopy import ScalarSnapshot, StateSnapshot
 
 if TYPE_CHECKING:
+    from .interrupts import Interrupt, InterruptSettings
     from .retry import RetryPolicy
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,13 @@ class ParallelFlowResult(Mapping):
     branch. ``route`` is what the branch ran, in order (see ``route_step``):
     the names of the nodes that completed, and for each nested fan-out the
     routes of its branches; the regression plugin's graph coverage reads it.
+    ``interrupts`` are the pending interrupts of a branch that paused (it
+    is then neither a success nor a failure: ``success`` is False,
+    ``error_type`` ``"Interrupted"``, ``paused`` True), ``resume_at`` where
+    it continues on resume (a ``checkpoint.recorder.ResumePoint``) and
+    ``state`` its state as of the pause.
+    ``recordings`` are what the branch's recorded nodes recorded (a tape in
+    record mode, ``replay.Tape``), on their way back to the run's tape.
 
     Reads like a dict too: ``result["state"]``, ``result.get("branch")``. A
     key that is not a field name is looked up in the branch's state
@@ -79,6 +87,14 @@ class ParallelFlowResult(Mapping):
     reducer_writes: list[tuple[str, Any]] = field(default_factory=list)
     spans: tuple[Any, ...] = ()
     route: tuple[Any, ...] = ()
+    interrupts: tuple[Interrupt, ...] = ()
+    resume_at: Any = None  # a checkpoint.recorder.ResumePoint (a layer above this one)
+    recordings: dict[str, list[Any]] = field(default_factory=dict)
+
+    @property
+    def paused(self) -> bool:
+        """Whether the branch paused for answers (``interrupts``) instead of ending."""
+        return bool(self.interrupts)
 
     def __post_init__(self) -> None:
         # An ``ErrorKind`` member is stored as its plain string: what users see and pickles.
@@ -167,6 +183,8 @@ class BranchLimits:
     branch_max_memory: int | None = None
     # The retry policy of fan-outs whose edge sets none (compile(branch_retry=)).
     branch_retry: RetryPolicy | None = None
+    # The run's answers to interrupts and whether it can pause (None: it cannot).
+    interrupts: InterruptSettings | None = None
 
 
 @dataclass
@@ -185,7 +203,11 @@ class BranchTask:
     that run in this process (it is not part of the payload): ``close()``
     raises it to end a node retry's backoff at once. ``trace`` is the fan-out
     span the branch's spans go under (``trace_records.TraceParent``); None
-    when tracing is off.
+    when tracing is off. ``resume_at`` is where a branch that paused
+    continues on resume (its ``snapshot`` is then its state as of the pause,
+    with no overlay), and ``route`` what it ran before the pause.
+    ``replay`` is the run's tape of recorded nodes (``replay.Tape``); None:
+    they run live.
     """
 
     graph: BranchGraph
@@ -199,6 +221,9 @@ class BranchTask:
     overlay: StateSnapshot | ScalarSnapshot | None = None
     stop: CancelSignal | None = None
     trace: Any = None
+    resume_at: Any = None  # a checkpoint.recorder.ResumePoint
+    route: tuple[Any, ...] = ()
+    replay: Any = None
 
     def initial_state(self) -> dict:
         """A new private copy of the state this branch starts from."""
@@ -211,7 +236,9 @@ class BranchTask:
         """Every field but the graph (which workers already hold): ``BranchTask(graph=g, **p)``."""
         return {"name": self.name, "start": self.start, "fan_in": self.fan_in,
                 "snapshot": self.snapshot, "limits": self.limits, "isolation": self.isolation,
-                "index": self.index, "overlay": self.overlay, "trace": self.trace}
+                "index": self.index, "overlay": self.overlay, "trace": self.trace,
+                "resume_at": self.resume_at, "route": self.route,
+                "replay": self.replay}
 
 
 @dataclass(slots=True, eq=False)

@@ -30,6 +30,7 @@ from .branch import (
 from .context import ExecutionContext
 from .error_kinds import ErrorKind
 from .errors import BranchCancelled, BranchTimeout, GraphExecutionError
+from .interrupts import NodePaused
 from .isolation.registry import create_backend
 from .retry import exception_names
 from .runner import run_steps
@@ -58,19 +59,23 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
     deadline = started + time_limit if time_limit else None
     worker = _worker_name(task.isolation)
     state: dict = {}
-    route: list[Any] = []
+    route: list[Any] = list(task.route)  # a resumed branch: what it ran before its pause
     context = ExecutionContext(
         task.graph, deadline=deadline, time_limit=time_limit,
         branch_name=task.name, branch_index=task.index, monitor=monitor,
         fan_out_limits=limits, watchdog=watchdog, stop=task.stop,
         nested_isolation="inline" if task.isolation == "inline" else "thread",
         backend_factory=create_backend)
+    context.branch_start = task.start
     # Only a task sent under a traced fan-out records spans (sent back in the result).
     recorder = None
     if task.trace is not None:
         recorder = context.spans = SpanRecorder(
             task.trace, graph=task.graph.name, branch=task.name, index=task.index,
             isolation=task.isolation)
+    # Each attempt records on a tape of its own; what it recorded goes back in its result.
+    if task.replay is not None:
+        context.replay = task.replay.for_branch()
 
     def result(final_state: dict, **outcome: Any) -> ParallelFlowResult:
         done = ParallelFlowResult(branch=result_name(task.start, task.index), index=task.index,
@@ -79,6 +84,8 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
                                   worker=worker, **outcome)
         if recorder is not None:
             done.spans = recorder.finish(done)
+        if context.replay is not None and context.replay.new:
+            done.recordings = context.replay.new
         if debug:
             logger.debug("branch %r finished in %.1f ms: %s", task.name, done.duration_ms,
                          "success" if done.success else f"failed ({done.error_type})")
@@ -89,7 +96,7 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
         if monitor is not None:
             monitor.state = state
         for event in run_steps(task.graph, state, context, start=task.start,
-                               stop_at=task.fan_in):
+                               stop_at=task.fan_in, resume=task.resume_at):
             kind = event["type"]
             if kind == "node":
                 route.append(event["node"])
@@ -98,6 +105,15 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
         # A last node that ran past the deadline makes the branch late too.
         context.check_deadline()
         return result(state, success=True, reducer_writes=context.reducer_writes)
+    except NodePaused as paused:
+        # Neither a success nor a failure: the branch waits for answers, and a resume
+        # continues it from ``resume_at`` on the state it has now.
+        if debug:
+            logger.debug("branch %r paused: %s", task.name, paused)
+        return result(state, success=False,
+                      error=f"branch {task.name!r} paused for answers: {paused}",
+                      error_type=ErrorKind.INTERRUPTED, node=paused.interrupts[0].node,
+                      interrupts=tuple(paused.interrupts), resume_at=paused.point)
     except BranchTimeout as timeout:
         return result(state, success=False, error=str(timeout), error_type=ErrorKind.BRANCH_TIMEOUT,
                       timed_out=True, node=timeout.node, traceback=format_traceback(timeout))

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from typing import Any
 
-from . import async_api, drawing
+from . import async_api, drawing, run_history
 from .branch_run import run_branch
 from .cancellation import CancelSignal
+from .checkpoint.answering import NO_ANSWER
 from .checkpoint.fingerprint import graph_fingerprint
 from .checkpoint.store import SqliteCheckpointer
 from .errors import GraphError, GraphExecutionError
@@ -21,6 +22,7 @@ from .fanout import FanOut
 from .isolation import memory_limit
 from .isolation.base import IsolationBackend
 from .isolation.registry import create_backend
+from .node_memo import NO_MEMOS, NodeMemos
 from .nodes import Node
 from .retry import RetryPolicy
 from .routes import Routes
@@ -49,8 +51,16 @@ class CompiledGraph:
                  branch_retry: RetryPolicy | None = None,
                  schema: StateSchema | None = None,
                  checkpointer: SqliteCheckpointer | None = None,
-                 backend: IsolationBackend | None = None) -> None:
+                 backend: IsolationBackend | None = None,
+                 interrupt_before: Iterable[str] = (),
+                 interrupt_after: Iterable[str] = (),
+                 memos: NodeMemos = NO_MEMOS) -> None:
         self.nodes = nodes
+        # Breakpoints: the main path pauses before / after these nodes.
+        self.interrupt_before = frozenset(interrupt_before)
+        self.interrupt_after = frozenset(interrupt_after)
+        # The cached and recorded nodes, and the cache (node_memo.py).
+        self.memos = memos
         # The retry policy of each node that has one.
         self.node_retries = node_retries or {}
         self.branch_retry = branch_retry
@@ -134,8 +144,10 @@ class CompiledGraph:
         ``config`` may override ``isolation``, ``max_workers``,
         ``branch_timeout``, ``fail_fast`` and ``max_concurrency``, and with a
         checkpointer give the new run's ``run_id`` (one that exists is a
-        ``GraphError``). Raises ``GraphExecutionError`` naming the node and
-        branch that failed (and the ``run_id``).
+        ``GraphError``); ``replay`` is the run's tape of recorded nodes
+        (``Cassette.tape(case)``, docs/regression-testing.md). Raises
+        ``GraphExecutionError`` naming the node and branch that failed (and
+        the ``run_id``).
         """
         return self._final_state(state, config)
 
@@ -144,6 +156,7 @@ class CompiledGraph:
         return last_state(self._events(state, config, snapshots=False, cancel=cancel))
 
     def resume(self, run_id: str, config: dict | None = None, *, force: bool = False,
+               answer: Any = NO_ANSWER, answers: Mapping[str, Any] | None = None,
                _cancel: CancelSignal | None = None) -> dict:
         """Finish the recorded run ``run_id`` and return its final state.
 
@@ -152,22 +165,32 @@ class CompiledGraph:
         A run that succeeded returns its final state and runs nothing. A
         graph changed since the run started (nodes, edges, code) is a
         ``GraphError`` saying what changed, unless ``force=True``.
+
+        A run that paused (``"__interrupt__"``) is answered here: ``answer``
+        answers its one pending interrupt, ``answers={id: value}`` any of
+        them; with neither it goes on past a breakpoint. The interrupted node
+        runs again from its start, its k-th ``interrupt()`` call returning the
+        k-th answer given to it; paused branches continue from the node they
+        paused in. It may pause again (``"__interrupt__"`` once more).
         """
         if self.checkpointer is None:
             raise GraphError("resume() needs a checkpointer: compile(checkpointer="
                              "SqliteCheckpointer(path)) or YAML settings.checkpoint")
         return last_state(self._events(None, config, snapshots=False, resume=run_id,
-                                       force=force, cancel=_cancel))
+                                       force=force, cancel=_cancel, answer=answer,
+                                       answers=answers))
 
     def resume_stream(self, run_id: str, config: dict | None = None, *, force: bool = False,
-                      mode: StreamMode | str = StreamMode.EVENTS) -> Iterator[dict[str, Any]]:
+                      mode: StreamMode | str = StreamMode.EVENTS, answer: Any = NO_ANSWER,
+                      answers: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:
         """``resume``, yielding the events of ``stream`` (in ``mode``) for what runs
         (``run`` first)."""
         mode = stream_mode(mode)
         if self.checkpointer is None:
             raise GraphError("resume_stream() needs a checkpointer: compile(checkpointer="
                              "SqliteCheckpointer(path)) or YAML settings.checkpoint")
-        return self._events(None, config, snapshots=True, resume=run_id, force=force, mode=mode)
+        return self._events(None, config, snapshots=True, resume=run_id, force=force, mode=mode,
+                            answer=answer, answers=answers)
 
     def stream(self, state: dict | None = None, config: dict | None = None,
                mode: StreamMode | str = StreamMode.EVENTS) -> Iterator[dict[str, Any]]:
@@ -240,11 +263,36 @@ class CompiledGraph:
 
     def _events(self, state: dict | None, config: dict | None, *, snapshots: bool,
                 cancel: CancelSignal | None = None, resume: str | None = None,
-                force: bool = False, mode: StreamMode = StreamMode.EVENTS
+                force: bool = False, mode: StreamMode = StreamMode.EVENTS,
+                answer: Any = NO_ANSWER, answers: Mapping[str, Any] | None = None
                 ) -> Iterator[dict[str, Any]]:
         return run_events(self, state, config, backend_for=self._backend, active=self._runs,
                           snapshots=snapshots, cancel=cancel, resume=resume, force=force,
-                          mode=mode)
+                          mode=mode, answer=answer, answers=answers)
+
+    def get_state(self, run_id: str) -> run_history.RunState:
+        """The recorded run ``run_id`` as it stands: ``values``, ``status``, ``next`` (the
+        nodes a resume runs next), pending ``interrupts``, ``step`` (needs a checkpointer).
+
+        An unknown run is a ``GraphError`` naming it and the database.
+        """
+        return run_history.get_state(self, run_id)
+
+    def history(self, run_id: str) -> list[run_history.StepRecord]:
+        """The recorded steps of run ``run_id``, oldest first, each ``(step, node, state,
+        time)``; step 0 is the run's input (needs a checkpointer)."""
+        return run_history.history(self, run_id)
+
+    def fork(self, run_id: str, step: int, update: dict | None = None,
+             new_run_id: str | None = None) -> str:
+        """Record a new run that starts from the state after ``step`` of run ``run_id`` with
+        ``update`` merged in (as if that step's node returned it, reducers applying); its id.
+
+        Continue it with ``resume``; the original run never changes. A step out
+        of range is a ``GraphError`` naming the range; a ``new_run_id`` that
+        exists, a ``RunExistsError``.
+        """
+        return run_history.fork(self, run_id, step, update, new_run_id)
 
     def fingerprint(self) -> dict[str, str]:
         """``{part: digest}`` for every node and edge: what a checkpointed run records.
@@ -299,6 +347,8 @@ class CompiledGraph:
         self._finalizer()
         if self.owns_checkpointer and self.checkpointer is not None:
             self.checkpointer.close()
+        if self.memos.cache is not None:  # this process's connection; a later use reopens it
+            self.memos.cache.close()
 
     def __enter__(self) -> CompiledGraph:
         return self

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from .async_nodes import AwaitRunner
 from .errors import BranchCancelled, BranchTimeout, InternalError, LuaTimeoutError
+from .interrupts import NO_INTERRUPTS, InterruptSettings, interrupt
 from .lua.runtime import LuaRuntime
 
 if TYPE_CHECKING:
@@ -83,6 +84,12 @@ class ExecutionContext(Generic[BackendT]):
         self.branch_name = branch_name
         # The item's position in a map branch (BranchTask.index).
         self.branch_index = branch_index
+        # The branch's first node (BranchTask.start), which its interrupt ids leave out.
+        self.branch_start: str | None = None
+        # The run's answers to interrupts, whether it can pause, its breakpoints.
+        self.interrupts: InterruptSettings = (
+            fan_out_limits.interrupts if fan_out_limits.interrupts is not None
+            else NO_INTERRUPTS)
         self.monitor = monitor
         self.max_workers = max_workers
         # Branches of one fan-out running at once, unless its edge says otherwise.
@@ -107,6 +114,9 @@ class ExecutionContext(Generic[BackendT]):
         self._reports_merges = True
         # Who traces this path's nodes and fan-outs (tracing.py, trace_records.py); None: off.
         self.spans: Spans | None = None
+        # The run's tape of recorded nodes (a replay.Tape, which sits above this module);
+        # None: they run live.
+        self.replay: Any = None
 
     def enter_subgraph(self, graph: BranchGraph, shown: str, *, branch_itself: bool,
                        recorder: Any = None) -> SubgraphScope:
@@ -165,7 +175,8 @@ class ExecutionContext(Generic[BackendT]):
                                    max_memory=self.graph.lua_max_memory, should_stop=stop,
                                    timeout_hook=self.watchdog is None,
                                    deadline_listener=(self._lua_deadline if self.watchdog
-                                                      is not None else None))
+                                                      is not None else None),
+                                   interrupt=interrupt)
         return self._lua
 
     def enter_node(self, node: str) -> None:

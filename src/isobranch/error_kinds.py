@@ -30,6 +30,8 @@ class ErrorKind(StrEnum):
     DASK_ERROR = "DaskError"
     # Lua ran past its timeout (the watchdog of the process backend ended it).
     LUA_TIMEOUT_ERROR = "LuaTimeoutError"
+    # The branch paused for answers (interrupt()); it is resumed, never retried.
+    INTERRUPTED = "Interrupted"
 
 
 def plain(error_type: str | None) -> str | None:

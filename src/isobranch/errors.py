@@ -94,6 +94,11 @@ class GraphChangedError(GraphError):
         self.changes = list(changes)
 
 
+class MissingRecording(IsobranchError):
+    """A recorded node (``replay: true``) was called with no recording of that call on the
+    run's tape; the message says where the recordings come from and how to record it."""
+
+
 class ConfigError(IsobranchError, ValueError):
     """An argument, option or setting has an unusable value (``max_workers=0``, a size
     such as ``"12 parsecs"``, a retry policy with no attempts, an unknown backend name to

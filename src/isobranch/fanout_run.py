@@ -430,7 +430,7 @@ class _Driver:
             return None, self.places_only.place(run.position, result)
         if self.attempt_observer is not None:  # told of every attempt, retried ones too
             self.attempt_observer(run, result)
-        if self.retry_of is not None and not result.success:
+        if self.retry_of is not None and not result.success and not result.interrupts:
             notice = self._retry(run, result)
             if notice is not None:
                 notes = self.gathering is None or self.gathering.notes
@@ -498,8 +498,9 @@ def drive(backend: IsolationBackend, tasks: Iterable[BranchTask], *,
 
 
 def triggers_fail_fast(result: ParallelFlowResult) -> bool:
-    """The fail-fast rule: a failed branch stops its siblings, unless it was itself cancelled."""
-    return not result.success and result.error_type != CANCELLED
+    """The fail-fast rule: a failed branch stops its siblings, unless it was itself cancelled
+    (or it paused for answers: a pause is no failure)."""
+    return not result.success and result.error_type != CANCELLED and not result.interrupts
 
 
 def fail_fast_reason(failure: ParallelFlowResult) -> str:

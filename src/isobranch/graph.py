@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from .cache import CachePolicy, as_cache_policy
+from .cache_store import SqliteCache
+from .checkpoint.fingerprint import node_fingerprint
 from .checkpoint.store import SqliteCheckpointer
 from .compiled import CompiledGraph
 from .conditions import Condition, Expression, as_condition
@@ -26,6 +29,7 @@ from .isolation import memory_limit
 from .isolation.registry import available_backends, create_backend
 from .isolation.registry import backend_options as declared_backend_options
 from .keys import unknown
+from .node_memo import CachedNode, NodeMemos
 from .nodes import Node, as_node
 from .retry import RetryPolicy, as_policy
 from .routes import END, START, Routes
@@ -49,6 +53,8 @@ class StateGraph:
         self.schema = StateSchema.from_python(state_schema)
         self._nodes: dict[str, Node] = {}
         self._node_retries: dict[str, RetryPolicy] = {}
+        self._node_caches: dict[str, CachePolicy] = {}
+        self._replayed: set[str] = set()
         self._fan_in_nodes: set[str] = set()
         self._edges: list[tuple[str, str, Condition | None]] = []
         self._routers: dict[str, tuple[Callable[[dict], Any], dict[Any, str] | None]] = {}
@@ -60,7 +66,9 @@ class StateGraph:
 
     def add_node(self, name: str, fn: Callable[..., Any] | Node | StateGraph | CompiledGraph, *,
                  input: Mapping[str, str] | None = None, output: Mapping[str, str] | None = None,
-                 retry: RetryPolicy | Mapping[str, Any] | int | None = None) -> StateGraph:
+                 retry: RetryPolicy | Mapping[str, Any] | int | None = None,
+                 cache: CachePolicy | Mapping[str, Any] | bool | None = None,
+                 replay: bool = False) -> StateGraph:
         """Add a node; ``fn`` is a callable of ``state``, a ``Node``, or a graph.
 
         A graph (a ``StateGraph``, compiled when this graph compiles, or a
@@ -72,8 +80,20 @@ class StateGraph:
         the whole inner final state). ``retry`` (a ``RetryPolicy``, a
         mapping of its fields, or a number of attempts) calls a node that
         raised again, on the same input state (a subgraph from its START).
+        ``cache`` (a ``CachePolicy``, ``True``, or a mapping of its fields)
+        returns the update stored for the same input instead of running the
+        node, once the graph is compiled with ``cache=SqliteCache(path)``
+        (docs/cache.md). ``replay=True`` marks a recorded node: given a
+        tape (``config={"replay": tape}``, the pytest plugin) it returns its
+        recorded update and never runs (docs/regression-testing.md).
         """
         policy = _policy(retry, f"node {name!r}: retry")
+        try:
+            cache_policy = as_cache_policy(cache, f"node {name!r}: cache")
+        except ValueError as exc:
+            raise GraphError(str(exc)) from None
+        if not isinstance(replay, bool):
+            raise GraphError(f"node {name!r}: replay must be True or False, got {replay!r}")
         if not isinstance(name, str) or not name:
             raise GraphError(f"node name must be a non-empty string, got {name!r}")
         if name in (START, END):
@@ -95,13 +115,21 @@ class StateGraph:
                 raise GraphError(str(exc)) from exc
         if policy is not None:
             self._node_retries[name] = policy
+        if cache_policy is not None:
+            self._node_caches[name] = cache_policy
+        if replay:
+            self._replayed.add(name)
         return self
 
     def add_fan_in_node(self, name: str, fn: Callable[..., Any] | Node, *,
-                        retry: RetryPolicy | Mapping[str, Any] | int | None = None
-                        ) -> StateGraph:
-        """Add a fan-in node: it runs once after all branches, with ``parallel_results``."""
-        return self.add_node(name, fn, retry=retry).mark_fan_in(name)
+                        retry: RetryPolicy | Mapping[str, Any] | int | None = None,
+                        cache: CachePolicy | Mapping[str, Any] | bool | None = None,
+                        replay: bool = False) -> StateGraph:
+        """Add a fan-in node: it runs once after all branches, with ``parallel_results``.
+
+        It may be recorded (``replay``); a ``cache`` is refused when the graph compiles."""
+        return self.add_node(name, fn, retry=retry, cache=cache,
+                             replay=replay).mark_fan_in(name)
 
     def mark_fan_in(self, name: str) -> StateGraph:
         """Declare an already added node as a fan-in node."""
@@ -326,6 +354,8 @@ class StateGraph:
                 name: str | None = None, branch_max_memory: int | str | None = None,
                 branch_retry: RetryPolicy | Mapping[str, Any] | int | None = None,
                 checkpointer: SqliteCheckpointer | None = None,
+                interrupt_before: Iterable[str] = (), interrupt_after: Iterable[str] = (),
+                cache: SqliteCache | None = None,
                 **backend_keywords: Any) -> CompiledGraph:
         """Validate the graph and freeze it into a runnable ``CompiledGraph``.
 
@@ -338,6 +368,10 @@ class StateGraph:
         local ``dask`` cluster) and is refused elsewhere. ``branch_retry`` is
         the retry policy of every fan-out whose edge sets none. ``checkpointer``
         (a ``SqliteCheckpointer``) records every run so it can be resumed.
+        ``interrupt_before``/``interrupt_after`` are breakpoints: node names the
+        main path pauses before / after (they need a checkpointer).
+        ``cache`` (a ``SqliteCache``) serves the nodes added with a
+        ``CachePolicy``, and those of the subgraphs compiled with this graph.
         Raises ``GraphError`` listing every problem.
         """
         backend_options = {**(backend_options or {}), **backend_keywords}
@@ -361,6 +395,13 @@ class StateGraph:
         if checkpointer is not None and not isinstance(checkpointer, SqliteCheckpointer):
             problems.append(f"checkpointer must be a SqliteCheckpointer, got "
                             f"{type(checkpointer).__name__}")
+        problems.extend(_breakpoint_problems(set(self._nodes), checkpointer, before=interrupt_before,
+                                             after=interrupt_after))
+        if cache is not None and not isinstance(cache, SqliteCache):
+            problems.append(f"cache must be a SqliteCache, got {type(cache).__name__}")
+        problems.extend(f"node {name!r}: cache: a fan-in node cannot be cached (its input "
+                        f"includes its branches' results)"
+                        for name in sorted(self._fan_in_nodes & set(self._node_caches)))
         backend = None
         if not problems:
             # Built now (its workers start lazily) so bad backend options fail here.
@@ -399,7 +440,7 @@ class StateGraph:
         assert self._entry is not None and backend is not None
         nodes = {name: _compiled_subgraph(node, lua_timeout=lua_timeout,
                                           lua_max_memory=lua_max_memory, variables=variables,
-                                          max_steps=max_steps)
+                                          max_steps=max_steps, cache=cache)
                  if isinstance(node, SubgraphNode) else node
                  for name, node in self._nodes.items()}
         compiled = CompiledGraph(
@@ -410,8 +451,31 @@ class StateGraph:
             backend_options=dict(backend_options or {}), name=name,
             branch_max_memory=branch_max_memory, max_concurrency=max_concurrency,
             node_retries=dict(self._node_retries), branch_retry=branch_retry,
-            schema=self.schema, checkpointer=checkpointer, backend=backend)
+            schema=self.schema, checkpointer=checkpointer, backend=backend,
+            interrupt_before=interrupt_before, interrupt_after=interrupt_after,
+            memos=NodeMemos(cache=cache, replayed=frozenset(self._replayed), cached={
+                name: CachedNode(policy, node_fingerprint(nodes[name]))
+                for name, policy in self._node_caches.items()} if cache is not None else {}))
         return compiled
+
+
+def _breakpoint_problems(nodes: set[str], checkpointer: SqliteCheckpointer | None, *,
+                         before: Iterable[str], after: Iterable[str]) -> list[str]:
+    """What is wrong with the breakpoints ``before`` and ``after`` (node names) of a graph
+    of ``nodes``."""
+    problems = []
+    for key, names in (("interrupt_before", before), ("interrupt_after", after)):
+        if isinstance(names, str) or not isinstance(names, Iterable) or not all(
+                isinstance(name, str) for name in names):
+            problems.append(f"{key} must be a list of node names, got {names!r}")
+            continue
+        unknown = [name for name in names if name not in nodes]
+        if unknown:
+            problems.append(f"{key}: unknown node(s) {', '.join(map(repr, unknown))}")
+        if names and checkpointer is None:
+            problems.append(f"{key} needs a checkpointer to pause the run (compile("
+                            f"checkpointer=SqliteCheckpointer()) or YAML settings.checkpoint)")
+    return problems
 
 
 def _subgraph_cycle(graph: StateGraph, names: list[str], stack: list[StateGraph]
@@ -434,10 +498,10 @@ def _subgraph_cycle(graph: StateGraph, names: list[str], stack: list[StateGraph]
 
 
 def _compiled_subgraph(node: SubgraphNode, *, lua_timeout: float | None,
-                       lua_max_memory: int | None, variables: dict | None, max_steps: int
-                       ) -> SubgraphNode:
+                       lua_max_memory: int | None, variables: dict | None, max_steps: int,
+                       cache: SqliteCache | None = None) -> SubgraphNode:
     """``node`` with its inner ``StateGraph`` compiled, under the outer graph's Lua limits,
-    variables and ``max_steps`` (a ``CompiledGraph`` keeps its own).
+    variables, ``max_steps`` and cache (a ``CompiledGraph`` keeps its own).
 
     Its backend is never used: inner fan-outs run on the outer run's backend.
     """
@@ -446,7 +510,7 @@ def _compiled_subgraph(node: SubgraphNode, *, lua_timeout: float | None,
     try:
         inner = node.graph.compile(isolation="inline", lua_timeout=lua_timeout,
                                    lua_max_memory=lua_max_memory, variables=variables,
-                                   max_steps=max_steps, name=node.name)
+                                   max_steps=max_steps, name=node.name, cache=cache)
     except GraphError as exc:
         raise GraphError(problems=[f"node {node.name!r}: {problem}"
                                    for problem in exc.problems]) from exc

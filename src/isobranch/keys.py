@@ -34,10 +34,12 @@ class Language(StrEnum):
 
 
 TOP_LEVEL_KEYS: frozenset[str] = frozenset(
-    {"name", "description", "variables", "state_schema", "settings", "nodes", "edges"})
-SETTINGS_KEYS: frozenset[str] = frozenset({"lua", "parallel", "checkpoint"})
+    {"name", "description", "variables", "state_schema", "settings", "nodes", "edges",
+     "interrupt_before", "interrupt_after"})
+SETTINGS_KEYS: frozenset[str] = frozenset({"lua", "parallel", "checkpoint", "cache"})
 LUA_SETTINGS_KEYS: frozenset[str] = frozenset({"timeout", "max_memory"})
 CHECKPOINT_SETTINGS_KEYS: frozenset[str] = frozenset({"path", "pickle"})
+CACHE_SETTINGS_KEYS: frozenset[str] = frozenset({"path"})
 # Besides these, settings.parallel takes the chosen backend's own options and
 # a mapping per backend name (that backend's options).
 PARALLEL_KEYS: frozenset[str] = frozenset({
@@ -46,7 +48,7 @@ PARALLEL_KEYS: frozenset[str] = frozenset({
 })
 NODE_KEYS: frozenset[str] = frozenset(
     {"name", "run", "file", "language", "fan_in", "description", "retry",
-     "subgraph", "input", "output"})
+     "subgraph", "input", "output", "cache", "replay"})
 # Keys only a map fan-out edge takes.
 MAP_EDGE_KEYS: frozenset[str] = frozenset({"over", "as", "index_as", "max_concurrency"})
 # Keys only fan-out edges (parallel and map) take.

@@ -30,6 +30,9 @@ backend (it must be one of ``isobranch.available_backends()``);
 ``--isobranch-branch-timeout SECONDS`` sets every agent's branch timeout.
 ``--isobranch-update`` rewrites the differing ``expect`` values of failing
 cases (and fills ``expect: record``), reporting those cases as updated;
+``--isobranch-record`` runs the agents' ``replay: true`` nodes live and
+writes what they returned into ``test_x.agent.cassette.json`` beside each
+case file; without it those nodes return their recording and never run.
 ``--isobranch-coverage`` (and ``--isobranch-coverage-fail-under=PCT``,
 ``--isobranch-coverage-json=PATH``) reports which nodes and edges of each
 agent the cases ran. Under xdist each worker sends what it gathered to the
@@ -82,6 +85,7 @@ from .regression import (
     run_agent_case,
 )
 from .regression.case_rewrite import INSTALL_HINT, ruamel_available
+from .regression.cassettes import RECORD_FLAG, CassetteWriteResult
 from .regression.coverage import coverage_lines, coverage_report
 from .regression.files import write_atomically
 from .regression.running import RunRecord
@@ -128,6 +132,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--isobranch-update", action="store_true", default=False,
                     help="rewrite the differing expect values of failing cases and fill "
                          "'expect: record' cases with the final state (needs ruamel.yaml)")
+    group.addoption(RECORD_FLAG, action="store_true", default=False,
+                    help="run the agents' 'replay: true' nodes live and write what they "
+                         "returned into test_x.agent.cassette.json beside each case file "
+                         "(by default they replay it and never run)")
     group.addoption("--isobranch-coverage", action="store_true", default=False,
                     help="end with a table of each agent's nodes and edges the cases ran")
     group.addoption("--isobranch-coverage-fail-under", metavar="PCT", type=_percentage,
@@ -174,7 +182,9 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError("--isobranch-update rewrites case files with ruamel.yaml, which "
                                 f"is not installed: {INSTALL_HINT}")
     config.stash[_GRAPHS] = AgentGraphs()
-    config.stash[_RECORDS] = SessionRecords(coverage=coverage_requested(config), update=update)
+    config.stash[_RECORDS] = SessionRecords(coverage=coverage_requested(config), update=update,
+                                            record=bool(config.getoption("isobranch_record",
+                                                                         False)))
 
 
 def session_records(config: pytest.Config) -> SessionRecords:
@@ -202,6 +212,7 @@ class SessionOutcome:
         self.coverage: dict[str, Any] | None = None
         self.coverage_failures: list[str] = []
         self.coverage_json: str | None = None
+        self.cassettes: list[CassetteWriteResult] = []
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -223,6 +234,9 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     outcome.updates = records.write_updates()
     if any(result.error for result in outcome.updates):
         _fail(session)  # cases reported as updated whose file could not be written
+    outcome.cassettes = records.write_recordings()
+    if any(result.error for result in outcome.cassettes):
+        _fail(session)  # recordings that could not be written
     if records.coverage is not None:
         _finish_coverage(session, records, outcome)
 
@@ -272,6 +286,8 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     records = session_records(config)
     if records.updates is not None:
         _summarize_updates(terminalreporter, outcome.updates, records.refused)
+    if records.recordings is not None:
+        _summarize_recordings(terminalreporter, outcome.cassettes)
     if outcome.coverage is not None:
         terminalreporter.write_sep("-", "isobranch graph coverage")
         for line in coverage_lines(outcome.coverage):
@@ -298,6 +314,19 @@ def _summarize_updates(terminal: Any, results: list[FileUpdateResult],
             terminal.write_line(f"  {update.name}: {', '.join(update.labels)}")
     for path, reason in sorted(refused.items()):
         terminal.write_line(f"left alone: {display_path(path)}: {reason}", yellow=True)
+
+
+def _summarize_recordings(terminal: Any, results: list[CassetteWriteResult]) -> None:
+    terminal.write_sep("-", "isobranch recordings")
+    if not results:
+        terminal.write_line("no case ran a 'replay: true' node")
+    for result in results:
+        shown = display_path(result.path)
+        if result.error:
+            terminal.write_line(f"NOT written: {shown}: {result.error}", red=True)
+        else:
+            terminal.write_line(f"recorded {shown}: {len(result.cases)} "
+                                f"case{'s' * (len(result.cases) != 1)}")
 
 
 def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config
@@ -501,7 +530,12 @@ class AgentCaseItem(pytest.Item):
             records.agent_not_loaded(agent_key, str(exc).splitlines()[0])
             raise CaseFailure(agent_error_report(context, exc)) from None
         context = self._context(graph.isolation)
-        record = run_agent_case(graph, case.input, label=self.nodeid)
+        try:
+            tape = records.tape(self.path, case.name)
+        except GraphError as exc:
+            raise CaseFailure(f"{self.nodeid}: {exc}") from None
+        record = run_agent_case(graph, case.input, label=self.nodeid, replay=tape)
+        records.recorded(self.path, case.name, tape)
         self._record_properties(agent_key, graph.isolation, record)
         records.observe(agent_key, graph, record)
         report = check_case(case, record, context)

@@ -19,13 +19,16 @@ from typing import Any, Protocol
 
 from .branch import BranchLimits
 from .cancellation import CancelSignal
+from .checkpoint.answering import NO_ANSWER
 from .checkpoint.recorder import RunRecorder
-from .checkpoint.runs import begin_run, reopen_run
+from .checkpoint.runs import begin_run, paused_state, reopen_run
 from .checkpoint.store import RunStatus, SqliteCheckpointer
 from .context import ExecutionContext
 from .errors import GraphError, GraphExecutionError, RunCancelled, StateCopyError
+from .interrupts import NO_INTERRUPTS, Interrupt, InterruptSettings, NodePaused
 from .isolation.base import IsolationBackend
 from .isolation.registry import available_backends
+from .replay import Tape
 from .retry import RetryPolicy, as_policy
 from .runner import run_steps
 from .schema import StateSchema
@@ -34,7 +37,8 @@ from .stream_modes import VALUES_EVENT_TYPES, StreamMode
 from .subgraph import node_paths
 from .tracing import run_tracing
 
-# What a call's config may override (besides ``run_id``, which names a checkpointed run).
+# What a call's config may override (besides ``run_id``, which names a checkpointed run,
+# and ``replay``, the run's tape of recorded nodes).
 CONFIG_KEYS = ("isolation", "max_workers", "branch_timeout", "fail_fast", "max_concurrency",
                "branch_retry")
 
@@ -59,6 +63,9 @@ class RunnableGraph(Protocol):
     fail_fast: bool
     max_concurrency: int | None
     branch_retry: RetryPolicy | None
+    # The main path's breakpoints (compile(interrupt_before=..., interrupt_after=...)).
+    interrupt_before: frozenset[str]
+    interrupt_after: frozenset[str]
 
     def fingerprint(self) -> dict[str, str]:
         """``{part: digest}`` of every node and edge, as a checkpointed run records it."""
@@ -114,7 +121,8 @@ def limit_problems(*, integers: bool = False, **limits: Any) -> list[str]:
 def run_events(graph: RunnableGraph, state: dict | None, config: dict | None, *,
                backend_for: Callable[[str, int | None], IsolationBackend], active: ActiveRuns,
                snapshots: bool, cancel: CancelSignal | None = None, resume: str | None = None,
-               force: bool = False, mode: StreamMode = StreamMode.EVENTS
+               force: bool = False, mode: StreamMode = StreamMode.EVENTS,
+               answer: Any = NO_ANSWER, answers: Mapping[str, Any] | None = None
                ) -> Iterator[dict[str, Any]]:
     """The events of one run of ``graph``: ``stream``'s, ending with ``final``.
 
@@ -125,13 +133,20 @@ def run_events(graph: RunnableGraph, state: dict | None, config: dict | None, *,
     runs. ``snapshots`` makes node events carry a copy of the state and adds
     the ``branch`` events. ``mode`` shapes a stream's events
     (stream_modes.py): ``updates`` carries no state, not even in ``final``;
-    ``values`` keeps the node events and ``final``. Nothing happens before
+    ``values`` keeps the node events and ``final``. A run that pauses
+    (``interrupt()``, a breakpoint) ends with an ``interrupt`` event instead
+    of ``final``, its state carrying ``"__interrupt__"``; ``answer``/``answers``
+    answer what a resumed run waits for. Nothing happens before
     the first event is asked for. Raises ``GraphError`` for a bad call (config, input state, run id)
     and ``GraphExecutionError`` for a failed run (with its ``run_id`` when
     recorded); the recorded run ends failed or interrupted either way.
     """
     config = dict(config or {})
     run_id = config.pop("run_id", None)
+    replay = config.pop("replay", None)
+    if replay is not None and not isinstance(replay, Tape):
+        raise GraphError(f"config: replay must be a Tape (Cassette.tape(case)), got "
+                         f"{type(replay).__name__}")
     settings = resolve_config(graph, config)
     if (run_id is not None or resume is not None) and graph.checkpointer is None:
         raise GraphError("config: run_id needs a checkpointer (compile(checkpointer=...) "
@@ -146,15 +161,22 @@ def run_events(graph: RunnableGraph, state: dict | None, config: dict | None, *,
     if resume is not None:
         assert graph.checkpointer is not None
         reopened = reopen_run(graph.checkpointer, resume, fingerprint=graph.fingerprint(),
-                              nodes=set(node_paths(graph)), force=force)
+                              nodes=set(node_paths(graph)), force=force, answer=answer,
+                              answers=answers)
         if reopened.done:  # it succeeded: its final state, and nothing runs
             yield {"type": "run", "run_id": resume}
             yield _final_event(reopened.state, mode)
             return
         recorder, working, point = reopened.recorder, reopened.state, reopened.point
+        interrupts = InterruptSettings(True, reopened.answers, graph.interrupt_before,
+                                       graph.interrupt_after, reopened.passed)
     elif graph.checkpointer is not None:
         recorder = begin_run(graph.checkpointer, working, run_id, graph_name=graph.name,
                              fingerprint=graph.fingerprint())
+    if recorder is not None and resume is None:
+        interrupts = InterruptSettings(True, {}, graph.interrupt_before, graph.interrupt_after)
+    elif recorder is None:
+        interrupts = NO_INTERRUPTS  # it cannot pause: interrupt() fails its node
     stop = CancelSignal("the graph was closed while the run was in progress", RunCancelled)
     context = ExecutionContext(
         graph, backend=backend, max_workers=settings["max_workers"],
@@ -162,11 +184,14 @@ def run_events(graph: RunnableGraph, state: dict | None, config: dict | None, *,
         fan_out_limits=BranchLimits(branch_timeout=settings["branch_timeout"],
                                     fail_fast=settings["fail_fast"],
                                     branch_max_memory=graph.branch_max_memory,
-                                    branch_retry=settings["branch_retry"]),
+                                    branch_retry=settings["branch_retry"],
+                                    interrupts=interrupts),
         cancel=cancel, recorder=recorder)
     # Whether the run is traced is asked here, once: never per node or branch.
     context.spans = tracing = run_tracing(graph.name, settings["isolation"])
+    context.replay = replay
     active.add(stop)
+    paused: NodePaused | None = None
     try:
         if recorder is not None:
             if tracing is not None:
@@ -179,6 +204,8 @@ def run_events(graph: RunnableGraph, state: dict | None, config: dict | None, *,
         if mode is StreamMode.VALUES:
             steps = (event for event in steps if event["type"] in VALUES_EVENT_TYPES)
         yield from steps
+    except NodePaused as signal:  # recorded below, once the run's context is closed
+        paused = signal
     except GraphExecutionError as exc:
         if recorder is not None:
             exc.run_id = recorder.run_id
@@ -197,9 +224,34 @@ def run_events(graph: RunnableGraph, state: dict | None, config: dict | None, *,
         context.close()
         if tracing is not None:
             tracing.run_ended(sys.exc_info()[1])
+    if paused is not None:
+        assert recorder is not None  # a run without a checkpointer never pauses
+        yield _pause(recorder, paused.interrupts, mode)
+        return
     if recorder is not None:
         recorder.finished(RunStatus.SUCCEEDED, working)
     yield _final_event(working, mode)
+
+
+def _pause(recorder: RunRecorder, interrupts: list[Interrupt], mode: StreamMode
+           ) -> dict[str, Any]:
+    """Record the run as interrupted, waiting for ``interrupts``; its last event.
+
+    The state is the one a resume continues from (the recorded one), with
+    ``"__interrupt__"``; in ``updates`` mode the event carries no state.
+    """
+    try:
+        recorder.paused(interrupts)
+    except GraphExecutionError as exc:  # a value the checkpoint cannot store
+        exc.run_id = recorder.run_id
+        _record_end(recorder, RunStatus.FAILED, exc)
+        raise
+    event: dict[str, Any] = {"type": "interrupt", "interrupts": list(interrupts)}
+    if mode is not StreamMode.UPDATES:
+        state = paused_state(recorder.store, recorder.run_id)
+        state["__interrupt__"] = list(interrupts)
+        event["state"] = state
+    return event
 
 
 def _final_event(state: dict, mode: StreamMode) -> dict[str, Any]:
@@ -211,10 +263,11 @@ def _final_event(state: dict, mode: StreamMode) -> dict[str, Any]:
 
 
 def last_state(events: Iterator[dict[str, Any]]) -> dict:
-    """Run ``events`` to the end; the state of the ``final`` event."""
+    """Run ``events`` to the end; the state of the ``final`` event (or of the ``interrupt``
+    event of a run that paused)."""
     final: dict = {}
     for event in events:
-        if event["type"] == "final":
+        if event["type"] in ("final", "interrupt"):
             final = event["state"]
     return final
 
@@ -247,7 +300,7 @@ def resolve_config(graph: RunnableGraph, config: dict | None) -> dict[str, Any]:
     unknown = sorted(set(config) - set(CONFIG_KEYS))
     if unknown:
         raise GraphError(f"config: unknown key(s) {', '.join(map(repr, unknown))}; "
-                         f"allowed: {', '.join((*CONFIG_KEYS, 'run_id'))}")
+                         f"allowed: {', '.join((*CONFIG_KEYS, 'run_id', 'replay'))}")
     settings.update(config)
     problems = limit_problems(max_workers=settings["max_workers"],
                                branch_timeout=settings["branch_timeout"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from .branch import (
@@ -16,6 +16,7 @@ from .branch import (
     format_traceback,
     result_name,
 )
+from .checkpoint.recorder import ResumePoint
 from .conditions import Expression
 from .error_kinds import ErrorKind
 from .errors import (
@@ -29,7 +30,16 @@ from .errors import (
 )
 from .fanout import FanOut, StaticFanOut, plan_fan_out
 from .fanout_run import BranchFinished, FanOutRun, RetryNotice
+from .interrupts import (
+    Breakpoint,
+    Interrupt,
+    InterruptScope,
+    NodePaused,
+    enter_scope,
+    leave_scope,
+)
 from .keys import Language
+from .node_memo import NodeMemos, open_memo
 from .nodes import Node
 from .retry import exception_names, failure_names, not_retried_note, wait_unless
 from .routes import END, Routes
@@ -39,9 +49,10 @@ from .stream_modes import parallel_summary, update_event
 from .subgraph import SubgraphNode
 
 if TYPE_CHECKING:
-    from .checkpoint.recorder import ResumePoint, RunRecorder
+    from .checkpoint.recorder import RunRecorder
     from .context import ExecutionContext
     from .isolation.base import IsolationBackend
+    from .replay import Tape
     from .retry import RetryPolicy
     from .schema import StateSchema
     from .trace_records import Spans, TraceParent
@@ -58,6 +69,7 @@ class StepGraph(BranchGraph, Protocol):
 
     nodes: Mapping[str, Node]
     node_retries: Mapping[str, RetryPolicy]
+    memos: NodeMemos
     schema: StateSchema
     max_steps: int
 
@@ -100,8 +112,14 @@ def run_steps(graph: StepGraph, state: dict, context: ExecutionContext, *, start
     if resume is not None:
         # A resumed step already ran, and its fan-out, if any, is next; unless the
         # run stopped inside it (a subgraph node), which then runs on from there.
+        # A branch that paused runs its interrupted node ``again``.
         inside = resume.inner
-        current, steps, ran = resume.node, resume.steps - (inside is not None), inside is None
+        ran = inside is None and not resume.again
+        current, steps = resume.node, resume.steps - (not ran)
+    # Breakpoints pause the top graph's main path only.
+    breakpoints = context.interrupts if (
+        context.branch_name is None and not context.prefix and (
+            context.interrupts.before or context.interrupts.after)) else None
     # (The usual case first: a branch's loop runs once per node.)
     while current not in ends or ran or results is not None:
         if not ran:
@@ -111,10 +129,21 @@ def run_steps(graph: StepGraph, state: dict, context: ExecutionContext, *, start
                     f"{_where(current, context)}: stopped after {graph.max_steps} steps "
                     f"(max_steps); the graph loops", node=context.path_of(current),
                     branch=context.branch_name, error_type="MaxStepsExceeded", state=dict(state))
+            if breakpoints is not None:
+                passed, breakpoints.passed = breakpoints.passed, None  # once, on resume
+                if current in breakpoints.before and current != passed:
+                    raise NodePaused([Interrupt(current, None, current, None, Breakpoint.BEFORE)])
             span = spans.node_started(context.path_of(current)) if spans is not None else None
             node = graph.nodes[current]
             try:
-                if current in graph.node_retries:  # (a generator per node costs every branch)
+                # A cached or recorded node whose update is known does not run.
+                memo = (open_memo(graph.memos, current, state, context)
+                        if current in graph.memos.nodes else None)
+                if memo is not None and memo.recalled is not None:
+                    context.enter_node(current)
+                    update = memo.update
+                    _merge(graph, current, update, state, context)
+                elif current in graph.node_retries:  # (a generator per node costs every branch)
                     attempts = _run_node_with_retries(
                         graph, current, state, context, results,
                         SubgraphRun(start, steps, snapshots, branch_events, inside, updates))
@@ -128,17 +157,26 @@ def run_steps(graph: StepGraph, state: dict, context: ExecutionContext, *, start
                     _merge(graph, current, update, state, context)
                 else:
                     update = _run_node(graph, current, state, context, results)
+                if memo is not None and memo.recalled is None:
+                    memo.keep(update)
             except BaseException as exc:
                 if span is not None:
                     spans.node_ended(span, exc)
+                if isinstance(exc, NodePaused) and exc.point is None:
+                    exc.point = ResumePoint(current, steps, again=True)
                 raise
             if span is not None:
                 spans.node_ended(span)
             inside = None
             if recorder is not None:
                 recorder.step(current, state, steps, fan_in=results is not None)
-            yield update_event(context.path_of(current), update) if updates else \
+            event = update_event(context.path_of(current), update) if updates else \
                 _node_event(context.path_of(current), state, snapshots)
+            if memo is not None and memo.recalled is not None:
+                event[memo.recalled.value] = True
+            yield event
+            if breakpoints is not None and current in breakpoints.after:
+                raise NodePaused([Interrupt(current, None, current, None, Breakpoint.AFTER)])
         ran, results = False, None
         # Whatever reached this node (an edge, a loop, a fan-in), its fan-out starts now.
         fan_out = graph.fan_out_of(current)
@@ -157,6 +195,13 @@ def run_steps(graph: StepGraph, state: dict, context: ExecutionContext, *, start
             raise
         if span is not None:
             spans.fan_out_ended(span, results)
+        paused = [i for result in results for i in result.interrupts]
+        if paused:
+            # Every branch finished or paused: the fan-in node waits for the answers. A
+            # resume continues after ``current``, so its fan-out comes next.
+            signal = NodePaused(paused)
+            signal.point = ResumePoint(current, steps)
+            raise signal
         fan_in = context.path_of(fan_out.fan_in)
         yield parallel_summary(context.path_of(current), fan_in, results) if updates else \
             {"type": "parallel", "fan_in": fan_in, "branches": results}
@@ -213,6 +258,11 @@ def _run_subgraph(node: SubgraphNode, state: dict, context: ExecutionContext, st
         yield from run_steps(inner, inner_state, context, start=inner.entry,
                              snapshots=snapshots, branch_events=branch_events, resume=resume,
                              updates=updates)
+    except NodePaused as paused:
+        # A branch resumes inside the subgraph, on its inner state as of the pause.
+        if paused.point is not None:
+            paused.point = ResumePoint(name, steps, inner=replace(paused.point, state=inner_state))
+        raise
     finally:
         context.leave_subgraph(outer)
     return node.update(inner_state)
@@ -256,17 +306,26 @@ def _run_node(graph: StepGraph, name: str, state: dict, context: ExecutionContex
     """Run node ``name`` and merge what it returned into ``state``; return that update."""
     try:
         context.enter_node(name)
+        scope = InterruptScope(context, name)
+        token = enter_scope(scope)
         try:
             update = context.resolve(graph.nodes[name].run(state, context, parallel_results))
         except (BranchTimeout, BranchCancelled, GraphExecutionError):
             raise
-        except Exception as exc:
+        except Exception as error:
+            if scope.pending is not None:  # the node turned its pause into an error
+                raise NodePaused([scope.pending]) from None
+            exc = scope.refused or error  # (Lua turns a refused pause into its own error)
             raise NodeFailure(f"{_where(name, context)} failed: {type(exc).__name__}: {exc}"
                               f"{_at([graph.nodes[name]], exc)}",
                               node=context.path_of(name), branch=context.branch_name,
                               error_type=type(exc).__name__,
                               state=dict(state), traceback=format_traceback(exc),
                               error_bases=exception_names(type(exc))) from exc
+        finally:
+            leave_scope(token)
+        if scope.pending is not None:  # the node swallowed its pause
+            raise NodePaused([scope.pending])
         _merge(graph, name, update, state, context)
     except GraphExecutionError as exc:
         if parallel_results:
@@ -298,11 +357,15 @@ def _run_node_with_retries(graph: StepGraph, name: str, state: dict,
         attempt = 1
         while True:
             working = pristine.copy()
+            scope = InterruptScope(context, name)
+            token = enter_scope(scope)
             try:
                 if inner is not None:
                     update = yield from _run_subgraph(inner, working, context, *subgraph)
                 else:
                     update = context.resolve(node.run(working, context, parallel_results))
+                if scope.pending is not None:  # the node swallowed its pause
+                    raise NodePaused([scope.pending])
                 break
             except (BranchTimeout, BranchCancelled):
                 raise
@@ -312,9 +375,19 @@ def _run_node_with_retries(graph: StepGraph, name: str, state: dict,
                 failure, cause = _Failure(exc.error_type, tuple(exc.error_bases), str(exc),
                                           exc.node, exc.traceback), exc
             except Exception as exc:
+                if scope.pending is not None:  # the node turned its pause into an error
+                    raise NodePaused([scope.pending]) from None
+                if scope.refused is not None:  # no retry gives the run a checkpointer
+                    raise NodeFailure(f"{_where(name, context)} failed: "
+                                      f"{type(scope.refused).__name__}: {scope.refused}",
+                                      node=context.path_of(name), branch=context.branch_name,
+                                      error_type=type(scope.refused).__name__,
+                                      state=dict(state)) from scope.refused
                 failure, cause = _Failure(type(exc).__name__, exception_names(type(exc)),
                                           f"{type(exc).__name__}: {exc}{_at([node], exc)}",
                                           context.path_of(name), format_traceback(exc)), exc
+            finally:
+                leave_scope(token)
             subgraph = subgraph._replace(resume=None)  # a retry starts a subgraph over
             delay = _retry_delay(policy, attempt, failure.names)
             if delay is None:
@@ -457,6 +530,8 @@ def _fan_out(graph: StepGraph, node: str, fan_out: FanOut, state: dict,
     retry_of = _retry_of(fan_out, limits.branch_retry)
     emit = branch_events and context.branch_name is None  # branches' own fan-outs never emit
     recording = recorder.fan_out(node, plan.total) if recorder is not None else None
+    if recording is not None and recording.paused:
+        plan.tasks = _resuming(plan.tasks, recording.paused)
     attempt_observer = None
     if span is not None:
         spans = context.spans
@@ -464,6 +539,9 @@ def _fan_out(graph: StepGraph, node: str, fan_out: FanOut, state: dict,
         plan.tasks = _traced(plan.tasks, spans.fan_out_planned(span, plan.total, backend.name))
         attempt_observer = lambda run, result: spans.branch_attempt_ended(  # noqa: E731
             span, run.attempt, result)
+    tape = context.replay
+    if tape is not None:
+        plan.tasks = _taped(plan.tasks, tape)
     run = FanOutRun(backend, plan, fail_fast=limits.fail_fast,
                     max_concurrency=fan_out.max_concurrency or context.max_concurrency,
                     retry_of=retry_of, cancel=context.fan_out_cancel,
@@ -492,6 +570,10 @@ def _fan_out(graph: StepGraph, node: str, fan_out: FanOut, state: dict,
                           f"failed: {type(exc).__name__}: {exc}", node=context.path_of(node),
                           branch=context.branch_name, error_type=type(exc).__name__,
                           state=dict(state), traceback=format_traceback(exc)) from exc
+    if tape is not None:
+        for result in results:
+            if result is not None and result.recordings:
+                tape.absorb(result.recordings)
     failed = run.failure
     if failed is not None:
         raise GraphExecutionError(
@@ -503,10 +585,29 @@ def _fan_out(graph: StepGraph, node: str, fan_out: FanOut, state: dict,
     return results
 
 
+def _resuming(tasks: Iterator[BranchTask], paused: dict[int, ParallelFlowResult]
+              ) -> Iterator[BranchTask]:
+    """``tasks``, those of the branches that paused (by position) continuing where they
+    paused, on their state as of the pause: the nodes they ran before never run again."""
+    for position, task in enumerate(tasks):
+        result = paused.get(position)
+        if result is not None:
+            task.snapshot, task.overlay = StateSnapshot(result.state), None
+            task.resume_at, task.route = result.resume_at, result.route
+        yield task
+
+
 def _traced(tasks: Iterator[BranchTask], parent: TraceParent) -> Iterator[BranchTask]:
     """``tasks``, each carrying the span its branch's spans go under."""
     for task in tasks:
         task.trace = parent
+        yield task
+
+
+def _taped(tasks: Iterator[BranchTask], tape: Tape) -> Iterator[BranchTask]:
+    """``tasks``, each carrying the run's tape of recorded nodes."""
+    for task in tasks:
+        task.replay = tape
         yield task
 
 
@@ -580,3 +681,9 @@ def _route(graph: StepGraph, node: str, state: dict, context: ExecutionContext) 
                           f"is no unconditional edge", node=context.path_of(node), branch=context.branch_name,
                           error_type="RoutingError", state=dict(state))
     return END
+
+
+def route(graph: StepGraph, node: str, state: dict, context: ExecutionContext) -> str:
+    """Where the path goes after ``node`` on ``state``: a node's name or ``END`` (router,
+    conditions in order, default edge), as the step loop routes it."""
+    return _route(graph, node, state, context)

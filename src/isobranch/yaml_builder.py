@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+from .cache import as_cache_policy
 from .code_location import CodeLocation
 from .compiled import CompiledGraph
 from .conditions import Condition, LuaCondition, PythonCondition
@@ -72,6 +74,8 @@ class DocumentBuilder(SettingsReader):
         self.subgraph_problems: list[str] = []
         # This document's Lua limits, once read: the ceiling of the files it includes.
         self.own_lua_limits: LuaCeiling | None = None
+        # The node cache of this document's graph (and of the files it includes).
+        self.own_cache = engine_options.cache
 
     def location(self, key: CodeKey) -> CodeLocation | None:
         """Where the code value at ``key`` starts in the file, if known."""
@@ -109,9 +113,12 @@ class DocumentBuilder(SettingsReader):
         """The document as a compiled graph, run with its own settings."""
         doc = self.mapping_document()
         compile_options = self.settings(doc.get("settings") or {})
+        self.own_cache = compile_options["cache"]
         graph = self.graph(doc, compile_options["lua_timeout"], compile_options["lua_max_memory"])
         try:
             compiled = graph.compile(variables=self.variables(doc), name=doc.get("name"),
+                                     interrupt_before=doc.get("interrupt_before") or (),
+                                     interrupt_after=doc.get("interrupt_after") or (),
                                      **compile_options)
         except GraphError as exc:
             raise GraphError(problems=exc.problems, source=self.source) from None
@@ -131,13 +138,17 @@ class DocumentBuilder(SettingsReader):
         """
         assert self.lua_ceiling is not None, "an included file has the Lua limits of its includer"
         doc = self.mapping_document()
+        for key in ("interrupt_before", "interrupt_after"):
+            if key in doc:  # breakpoints pause the main path, which is the including file's
+                self.problem(f"{key}: breakpoints belong to the top workflow file, not to a "
+                             f"subgraph file")
         lua_timeout, max_memory = self.subgraph_settings(doc.get("settings"), self.lua_ceiling)
         graph = self.graph(doc, lua_timeout, max_memory)
         try:
             # Inline: the subgraph's own fan-outs run on the outer run's backend.
             return graph.compile(isolation="inline", variables=self.variables(doc),
                                  name=doc.get("name"), lua_timeout=lua_timeout,
-                                 lua_max_memory=max_memory)
+                                 lua_max_memory=max_memory, cache=self.engine_options.cache)
         except GraphError as exc:
             self.problems.extend(exc.problems)
             raise self.fail() from None
@@ -221,12 +232,13 @@ class DocumentBuilder(SettingsReader):
             node = self.node(name, spec, where, index)
             retry, problems = parse_policy(spec.get("retry"), f"{where}: retry")
             self.problems.extend(problems)
-            if node is None or problems:
+            memo = self.memo_options(spec, where)
+            if node is None or problems or memo is None:
                 continue
             if spec.get("fan_in"):
-                graph.add_fan_in_node(name, node, retry=retry)
+                graph.add_fan_in_node(name, node, retry=retry, **memo)
             else:
-                graph.add_node(name, node, retry=retry)
+                graph.add_node(name, node, retry=retry, **memo)
         return names
 
     def subgraph_node(self, graph: StateGraph, name: str, spec: Mapping[str, Any],
@@ -243,15 +255,29 @@ class DocumentBuilder(SettingsReader):
                          f"node before it")
         retry, problems = parse_policy(spec.get("retry"), f"{where}: retry")
         self.problems.extend(problems)
+        memo = self.memo_options(spec, where)
         inner = self.included_graph(spec["subgraph"], where)
-        if inner is None or len(self.problems) > problems_before:
+        if inner is None or memo is None or len(self.problems) > problems_before:
             return
         try:
             # add_node checks the input: and output: mappings, naming the node.
             graph.add_node(name, inner, input=spec.get("input"), output=spec.get("output"),
-                           retry=retry)
+                           retry=retry, **memo)
         except GraphError as exc:
             self.problems.extend(exc.problems)
+
+    def memo_options(self, spec: Mapping[str, Any], where: str) -> dict[str, Any] | None:
+        """A node's ``cache:`` and ``replay:`` as ``add_node`` keywords (None: a problem)."""
+        try:
+            cache = as_cache_policy(spec.get("cache"), f"{where}: cache")
+        except ValueError as exc:
+            self.problem(str(exc))
+            return None
+        replay = spec.get("replay", False)
+        if not isinstance(replay, bool):
+            self.problem(f"{where}: replay: must be true or false, got {replay!r}")
+            return None
+        return {"cache": cache, "replay": replay}
 
     def included_graph(self, reference: Any, where: str) -> CompiledGraph | None:
         """The compiled graph of the file ``reference`` names, or None (its problems recorded)."""
@@ -273,7 +299,10 @@ class DocumentBuilder(SettingsReader):
             self.subgraph_problems.append(f"{self.includes.text()}{CHAIN_ARROW}{exc}")
             return None
         assert self.own_lua_limits is not None  # read with the settings, before the nodes
-        builder = DocumentBuilder(self.engine_options, document, name, path.parent, code_lines,
+        # The included file's cached nodes use the includer's cache (its own settings.cache
+        # is not read, like its settings.checkpoint).
+        options = replace(self.engine_options, cache=self.own_cache)
+        builder = DocumentBuilder(options, document, name, path.parent, code_lines,
                                   includes=includes, lua_ceiling=self.own_lua_limits)
         try:
             return builder.build_subgraph()

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .cache_store import SqliteCache
 from .checkpoint.store import SqliteCheckpointer
 from .compiled import CompiledGraph
 from .defaults import (
@@ -51,22 +52,27 @@ class YAMLEngine:
     time and memory limits the document may lower but not raise.
 
     ``checkpointer`` (a ``SqliteCheckpointer``) records every run of the
-    graphs this engine loads, in place of any YAML ``settings.checkpoint``.
+    graphs this engine loads, in place of any YAML ``settings.checkpoint``;
+    ``cache`` (a ``SqliteCache``) serves their cached nodes, in place of any
+    YAML ``settings.cache``.
     """
 
     def __init__(self, lua_enabled: bool = True, lua_timeout: float = _UNSET,
                  isolation: str | None = None, max_workers: int | None = None, *,
                  allow_python: bool = True, checkpointer: SqliteCheckpointer | None = None,
-                 **options: Any) -> None:
+                 cache: SqliteCache | None = None, **options: Any) -> None:
         _check_engine_options(options)
         if checkpointer is not None and not isinstance(checkpointer, SqliteCheckpointer):
             raise GraphError(f"YAMLEngine(checkpointer=...): must be a SqliteCheckpointer, got "
                              f"{type(checkpointer).__name__}")
+        if cache is not None and not isinstance(cache, SqliteCache):
+            raise GraphError(f"YAMLEngine(cache=...): must be a SqliteCache, got "
+                             f"{type(cache).__name__}")
         self._options = EngineOptions(
             lua_enabled=lua_enabled, lua_timeout_explicit=lua_timeout is not _UNSET,
             lua_timeout=DEFAULT_LUA_TIMEOUT if lua_timeout is _UNSET else lua_timeout,
             isolation=isolation, max_workers=max_workers, allow_python=allow_python,
-            checkpointer=checkpointer, parallel=dict(options))
+            checkpointer=checkpointer, cache=cache, parallel=dict(options))
 
     @property
     def allow_python(self) -> bool:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .cache_store import SqliteCache
 from .checkpoint.store import SqliteCheckpointer
 from .defaults import (
     DEFAULT_FAIL_FAST,
@@ -29,6 +30,7 @@ from .isolation.registry import (
     every_backend_option,
 )
 from .keys import (
+    CACHE_SETTINGS_KEYS,
     CHECKPOINT_SETTINGS_KEYS,
     LUA_SETTINGS_KEYS,
     PARALLEL_KEYS,
@@ -56,6 +58,8 @@ class EngineOptions:
     max_workers: int | None = None
     allow_python: bool = True
     checkpointer: SqliteCheckpointer | None = None
+    # The node cache (YAMLEngine(cache=...), or for a subgraph file its includer's).
+    cache: SqliteCache | None = None
     # settings.parallel keys and backend options, which override the document's
     # (a copy of the caller's; read, never changed).
     parallel: Mapping[str, Any] = field(default_factory=dict)
@@ -159,7 +163,7 @@ class SettingsReader:
             "max_workers": engine.max_workers or parallel.get("max_workers"),
             "branch_timeout": parallel.get("branch_timeout"), "fail_fast": fail_fast,
             "max_steps": max_steps, "lua_timeout": lua_timeout, "lua_max_memory": max_memory,
-            "checkpointer": checkpointer,
+            "checkpointer": checkpointer, "cache": self.node_cache(settings.get("cache")),
         }
         if "branch_max_memory" in parallel:
             try:
@@ -247,6 +251,37 @@ class SettingsReader:
                     return None
             path = self.base_dir / path
         return SqliteCheckpointer(path, pickle=pickle is True)
+
+    def node_cache(self, value: Any) -> SqliteCache | None:
+        """The engine's node cache, else the one ``settings.cache`` describes.
+
+        Its ``path`` is relative to the workflow's directory; a Lua-only
+        document may name a file only inside that directory.
+        """
+        where = "settings.cache"
+        settings = self.mapping(value, where)
+        self.check_keys(settings, CACHE_SETTINGS_KEYS, where)
+        if value is not None and "path" not in settings:
+            self.problem(f"{where}: needs 'path' (the cache file, relative to the workflow)")
+        path = settings.get("path")
+        if "path" in settings and (not isinstance(path, str) or not path):
+            self.problem(f"{where}.path: must be a file path, got {path!r}")
+            return None
+        if path is None or self.engine_options.cache is not None:
+            return self.engine_options.cache
+        if not Path(path).is_absolute() or not self.engine_options.allow_python:
+            if self.base_dir is None:
+                self.problem(f"{where}.path: relative path {path!r} needs load_from_file or "
+                             f"base_dir")
+                return None
+            if not self.engine_options.allow_python:
+                try:
+                    return SqliteCache(contained_file(self.base_dir, path))
+                except ValueError as exc:
+                    self.problem(f"{where}.path: {path!r} {exc} (allow_python=False)")
+                    return None
+            path = self.base_dir / path
+        return SqliteCache(path)
 
     def subgraph_settings(self, settings: Any, ceiling: LuaCeiling
                           ) -> tuple[float | None, int | None]:

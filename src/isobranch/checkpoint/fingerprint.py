@@ -80,6 +80,15 @@ def graph_fingerprint(graph: GraphParts, prefix: str = "") -> dict[str, str]:
     return parts
 
 
+def node_fingerprint(node: Any) -> str:
+    """A digest of one node's code, the same in every process; a subgraph node's
+    covers its whole inner graph (the node cache keys entries by it)."""
+    identity: list[Any] = _node_identity(node)
+    if isinstance(node, SubgraphNode):
+        identity = [identity, graph_fingerprint(node.graph)]
+    return _digest(identity)
+
+
 def fingerprint_text(parts: dict[str, str]) -> str:
     """The fingerprint as stored."""
     return json.dumps(parts, sort_keys=True)

@@ -28,6 +28,7 @@ from typing import Any
 
 from ..branch import ParallelFlowResult
 from ..errors import GraphError, GraphExecutionError, StateDecodeError, StateEncodeError
+from ..interrupts import Interrupt
 from .codec import decode_value, encode_value
 from .store import RunStatus, SqliteCheckpointer, StepKind
 
@@ -46,13 +47,32 @@ class ResumePoint:
 
     ``inner``: the run stopped inside subgraph node ``node`` (its step
     ``steps``), which runs again from ``inner``, the point in its own steps,
-    whose ``state`` is the inner graph's state there.
+    whose ``state`` is the inner graph's state there. ``again``: ``node``
+    itself runs next (a branch that paused in it), not what follows it.
     """
 
     node: str
     steps: int
     inner: ResumePoint | None = None
     state: dict | None = None
+    again: bool = False
+
+    def to_record(self) -> dict[str, Any]:
+        """The point as plain data (what the checkpoint codec stores)."""
+        return {"node": self.node, "steps": self.steps, "state": self.state,
+                "again": self.again,
+                "inner": None if self.inner is None else self.inner.to_record()}
+
+    @classmethod
+    def from_record(cls, record: Any) -> ResumePoint:
+        """A point from ``to_record``'s plain data; ``ValueError`` if it is not one."""
+        if not (isinstance(record, dict) and isinstance(record.get("node"), str)
+                and isinstance(record.get("steps"), int)):
+            raise ValueError("not a recorded resume point")
+        inner = record.get("inner")
+        return cls(record["node"], record["steps"],
+                   inner=None if inner is None else cls.from_record(inner),
+                   state=record.get("state"), again=bool(record.get("again")))
 
 
 def new_run_id() -> str:
@@ -100,7 +120,21 @@ class RunRecorder:
 
     def fan_out(self, node: str, total: int) -> FanOutRecording:
         """Record the fan-out of ``node`` after the last step; what records its branches."""
-        return FanOutRecording(self, node, self.fan_out_started(node, total))
+        return FanOutRecording(self, node, *self.fan_out_started(node, total))
+
+    def paused(self, interrupts: list[Interrupt]) -> None:
+        """Record that the run waits for answers to ``interrupts`` (after every queued branch
+        result); a value that cannot be stored fails the run, naming its node."""
+        records = [(i.id, self.encode(i.to_record(), f"interrupt {i.id!r}",
+                                      f"the value of interrupt {i.id!r}", node=i.node,
+                                      branch=i.branch)) for i in interrupts]
+        try:
+            self._writer.close()
+        finally:
+            try:
+                self.store.finish_run(self.run_id, RunStatus.INTERRUPTED, None, None, records)
+            except GraphError as exc:
+                raise self.failure("the pause of the run", exc) from exc
 
     def inside(self, node: str, state: dict, steps: int) -> SubgraphRecording:
         """What records the inner steps of subgraph node ``node``, its step ``steps``, which
@@ -118,21 +152,23 @@ class RunRecorder:
         except GraphError as exc:
             raise self.failure(f"the step of node {path!r}", exc, path) from exc
 
-    def fan_out_started(self, node: str, total: int) -> dict[int, ParallelFlowResult]:
+    def fan_out_started(self, node: str, total: int
+                        ) -> tuple[dict[int, ParallelFlowResult], dict[int, ParallelFlowResult]]:
         """Record the fan-out after the last step; the successful results already recorded
-        for it (only when it is the fan-out a resume continues), by position."""
+        for it and the results of its branches that paused (only when it is the fan-out a
+        resume continues), each by position."""
+        resumed = self._resumed_seq == self._seq
         try:
             self.store.write_fan_out(self.run_id, self._seq, node, total)
-            recorded = (self.store.successful_branches(self.run_id, self._seq)
-                        if self._resumed_seq == self._seq else [])
+            recorded = self.store.successful_branches(self.run_id, self._seq) if resumed else []
+            paused = self.store.paused_branches(self.run_id, self._seq) if resumed else []
         except GraphError as exc:
             raise self.failure(f"the fan-out from node {node!r}", exc, node) from exc
         self._resumed_seq = None  # only the first fan-out of a resumed run reuses results
-        reused = {}
-        for position, text in recorded:
-            if 0 <= position < total:
-                reused[position] = self._decode_result(text, node, position)
-        return reused
+        return ({position: self._decode_result(text, node, position)
+                 for position, text in recorded if 0 <= position < total},
+                {position: self._decode_result(text, node, position)
+                 for position, text in paused if 0 <= position < total})
 
     def branch_done(self, node: str, position: int, result: ParallelFlowResult) -> None:
         """Queue the final result of branch ``position`` of the fan-out after the last step."""
@@ -143,14 +179,18 @@ class RunRecorder:
         self._writer.flush()
 
     def encode_result(self, node: str, seq: int, position: int, result: ParallelFlowResult
-                      ) -> tuple[str, int, int, bool, str]:
+                      ) -> tuple[str, int, int, bool, str, bool]:
         """A branch result as its database row."""
         record = {name: value for name, default in _FIELD_DEFAULTS
                   if (value := getattr(result, name)) is not default and value != default}
+        if result.interrupts:  # plain data for the codec; a resume rebuilds them
+            record["interrupts"] = [i.to_record() for i in result.interrupts]
+            record["resume_at"] = (None if result.resume_at is None
+                                   else result.resume_at.to_record())
         text = self.encode(record, f"result of branch {result.branch!r}",
                            f"the result of branch {result.branch!r}", node=node,
                            branch=result.branch)
-        return self.run_id, seq, position, bool(result.success), text
+        return self.run_id, seq, position, bool(result.success), text, result.paused
 
     def finished(self, status: RunStatus, state: dict | None = None,
                  error: str | None = None) -> None:
@@ -171,7 +211,12 @@ class RunRecorder:
             record = decode_value(text, allow_pickle=self.store.pickle)
             if not isinstance(record, dict):
                 raise StateDecodeError("not a branch result")
-            return ParallelFlowResult(**{k: v for k, v in record.items() if k in _RESULT_FIELDS})
+            fields_ = {k: v for k, v in record.items() if k in _RESULT_FIELDS}
+            if fields_.get("interrupts"):
+                fields_["interrupts"] = tuple(map(Interrupt.from_record, fields_["interrupts"]))
+                point = fields_.get("resume_at")
+                fields_["resume_at"] = None if point is None else ResumePoint.from_record(point)
+            return ParallelFlowResult(**fields_)
         except (StateDecodeError, ValueError, TypeError, RecursionError) as exc:
             raise GraphExecutionError(
                 f"run {self.run_id!r}: the recorded result of branch {position} of the fan-out "
@@ -241,14 +286,18 @@ class FanOutRecording:
     """Records the branch results of one fan-out as the driver reports them (an observer).
 
     ``recorded`` are the successful results a resumed run already has for
-    it, by position: those branches do not run again.
+    it, by position: those branches do not run again. ``paused`` are the
+    results of its branches that paused, by position: those branches
+    continue from where they paused.
     """
 
     def __init__(self, recorder: RunRecorder, node: str,
-                 recorded: dict[int, ParallelFlowResult]) -> None:
+                 recorded: dict[int, ParallelFlowResult],
+                 paused: dict[int, ParallelFlowResult] | None = None) -> None:
         self._recorder = recorder
         self._node = node
         self.recorded = recorded
+        self.paused = paused or {}
 
     def branch_finished(self, position: int, result: ParallelFlowResult) -> None:
         """Queue the final result of branch ``position`` for the writer."""
@@ -272,7 +321,7 @@ class _BranchWriter:
 
     def __init__(self, store: SqliteCheckpointer,
                  encode: Callable[[str, int, int, ParallelFlowResult],
-                                  tuple[str, int, int, bool, str]],
+                                  tuple[str, int, int, bool, str, bool]],
                  failure: Callable[[str, BaseException], GraphExecutionError]) -> None:
         self._store = store
         self._encode = encode

@@ -18,24 +18,29 @@ record, and the time between a kill and the resume never does.
 from __future__ import annotations
 
 import os
-import random
 import sqlite3
 import threading
 import time
+import uuid
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..errors import GraphError, RunExistsError
+from ..errors import GraphError, RunExistsError, StateDecodeError
+from ..interrupts import Interrupt
+from ..sqlite_retry import BUSY_TIMEOUT_SECONDS, retry_while_locked
+from .codec import decode_value
 
-SCHEMA_VERSION = "2"
-# Version 1 had no working time; it is brought to version 2 when opened.
-_OLD_SCHEMA_VERSION = "1"
-# How long SQLite itself waits for a lock, and how long a locked write is retried after that.
-_BUSY_TIMEOUT_SECONDS = 30.0
-_RETRY_SECONDS = 600.0
+SCHEMA_VERSION = "3"
+# What ``SqliteCheckpointer().path`` is for runs kept in memory.
+MEMORY_PATH = ":memory:"
+# Version 1 had no working time, version 2 no interrupts; both are brought to
+# version 3 when opened.
+_NO_WORKING_TIME_VERSION = "1"
+_NO_INTERRUPTS_VERSION = "2"
 # The wall clock run times are recorded with (tests put their own in its place).
 _clock = time.time
 _T = TypeVar("_T")
@@ -55,7 +60,13 @@ CREATE TABLE IF NOT EXISTS fan_outs (
     PRIMARY KEY (run_id, seq));
 CREATE TABLE IF NOT EXISTS branches (
     run_id TEXT NOT NULL, seq INTEGER NOT NULL, position INTEGER NOT NULL,
-    success INTEGER NOT NULL, result TEXT NOT NULL, PRIMARY KEY (run_id, seq, position));
+    success INTEGER NOT NULL, result TEXT NOT NULL, paused INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (run_id, seq, position));
+CREATE TABLE IF NOT EXISTS interrupts (
+    run_id TEXT NOT NULL, position INTEGER NOT NULL, id TEXT NOT NULL, record TEXT NOT NULL,
+    PRIMARY KEY (run_id, position));
+CREATE TABLE IF NOT EXISTS answers (
+    run_id TEXT NOT NULL, id TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (run_id, id));
 """
 
 
@@ -120,6 +131,19 @@ class StepRow:
 
 
 @dataclass(frozen=True)
+class RecordedStep:
+    """One recorded main-path step of a run (or an inner step of a subgraph node), with when
+    it was recorded (seconds since the epoch)."""
+
+    seq: int
+    node: str
+    kind: str
+    steps: int
+    state: str
+    recorded_at: float
+
+
+@dataclass(frozen=True)
 class RunRow:
     """A run's own row."""
 
@@ -140,15 +164,33 @@ class SqliteCheckpointer:
     pickles, which lets whoever can write the database run code in this
     process: use it only for a database you trust. One object may serve
     many threads; many processes may share one file.
+
+    Without a ``path`` the runs are kept in memory for the life of the
+    object, in this process only (``path`` is then ``:memory:``): enough to
+    pause a run with ``interrupt()`` and resume it, nothing survives the
+    process. Branches in worker processes never touch the database (only
+    the caller records), so every backend may run with one.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, pickle: bool = False) -> None:
-        if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+    def __init__(self, path: str | os.PathLike[str] | None = None, *,
+                 pickle: bool = False) -> None:
+        if path is not None and (not isinstance(path, (str, os.PathLike))
+                                 or not os.fspath(path)):
             raise GraphError(f"SqliteCheckpointer: path must be a file path, got {path!r}")
         if not isinstance(pickle, bool):
             raise GraphError(f"SqliteCheckpointer: pickle must be True or False, got {pickle!r}")
-        self.path = Path(os.fspath(path))
         self.pickle = pickle
+        # An in-memory database: a private shared-cache name, kept alive by a connection
+        # of its own as long as this object lives (a shared-cache database ends with
+        # its last connection), so close() never loses its runs.
+        self._memory_uri: str | None = None
+        if path is None:
+            self.path = Path(MEMORY_PATH)
+            self._memory_uri = f"file:isobranch-{uuid.uuid4().hex}?mode=memory&cache=shared"
+            keeper = sqlite3.connect(self._memory_uri, uri=True, check_same_thread=False)
+            self._keeper = weakref.finalize(self, keeper.close)
+        else:
+            self.path = Path(os.fspath(path))
         self._reset()
 
     def _reset(self) -> None:
@@ -157,14 +199,20 @@ class SqliteCheckpointer:
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
+        if self._memory_uri is not None:
+            raise GraphError("an in-memory SqliteCheckpointer() cannot leave its process: "
+                             "give it a path to share runs between processes")
         return {"path": self.path, "pickle": self.pickle}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.path, self.pickle = state["path"], state["pickle"]
+        self._memory_uri = None
         self._reset()
 
     def __repr__(self) -> str:
-        return f"SqliteCheckpointer({str(self.path)!r}{', pickle=True' if self.pickle else ''})"
+        where = "" if self._memory_uri is not None else repr(str(self.path))
+        pickled = "pickle=True" if self.pickle else ""
+        return f"SqliteCheckpointer({', '.join(filter(None, (where, pickled)))})"
 
     # -- connection -----------------------------------------------------------
 
@@ -174,12 +222,14 @@ class SqliteCheckpointer:
             return self._connection
         self._pid = os.getpid()
         try:
-            connection = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_SECONDS,
-                                         isolation_level=None, check_same_thread=False)
+            connection = sqlite3.connect(self._memory_uri or self.path,
+                                         timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None,
+                                         check_same_thread=False,
+                                         uri=self._memory_uri is not None)
         except sqlite3.Error as exc:
             raise self._unusable(exc) from exc
         try:
-            _retry(lambda: self._prepare(connection))
+            retry_while_locked(lambda: self._prepare(connection))
         except BaseException:
             connection.close()
             raise
@@ -188,7 +238,7 @@ class SqliteCheckpointer:
 
     def _prepare(self, connection: sqlite3.Connection) -> None:
         mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
+        if str(mode).lower() != "wal" and self._memory_uri is None:  # memory has no WAL
             raise GraphError(f"checkpoint database {str(self.path)!r}: cannot use WAL mode "
                              f"(journal mode stays {mode!r})")
         # WAL with synchronous=NORMAL: a commit survives the process being
@@ -202,8 +252,10 @@ class SqliteCheckpointer:
             row = connection.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
             if row is None:
                 connection.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
-            elif row[0] == _OLD_SCHEMA_VERSION:
-                _add_working_time(connection)
+            elif row[0] in (_NO_WORKING_TIME_VERSION, _NO_INTERRUPTS_VERSION):
+                if row[0] == _NO_WORKING_TIME_VERSION:
+                    _add_working_time(connection)
+                _add_paused_branches(connection)
             elif row[0] != SCHEMA_VERSION:
                 raise GraphError(f"checkpoint database {str(self.path)!r} has schema version "
                                  f"{row[0]!r}; this isobranch reads version {SCHEMA_VERSION}")
@@ -232,7 +284,7 @@ class SqliteCheckpointer:
 
         with self._lock:
             try:
-                return _retry(attempt)
+                return retry_while_locked(attempt)
             except sqlite3.IntegrityError:
                 raise
             except sqlite3.Error as exc:
@@ -241,7 +293,7 @@ class SqliteCheckpointer:
     def _read(self, query: str, parameters: Sequence[Any] = ()) -> list[tuple]:
         with self._lock:
             try:
-                return _retry(lambda: self._connect().execute(query, parameters).fetchall())
+                return retry_while_locked(lambda: self._connect().execute(query, parameters).fetchall())
             except sqlite3.Error as exc:
                 raise self._unusable(exc) from exc
 
@@ -267,7 +319,7 @@ class SqliteCheckpointer:
     def delete_run(self, run_id: str) -> bool:
         """Forget the run ``run_id`` and everything recorded for it; False if there was none."""
         def work(connection: sqlite3.Connection) -> bool:
-            for table in ("branches", "fan_outs", "steps"):
+            for table in ("branches", "fan_outs", "steps", "interrupts", "answers"):
                 connection.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
             return connection.execute("DELETE FROM runs WHERE run_id = ?",
                                       (run_id,)).rowcount > 0
@@ -290,14 +342,22 @@ class SqliteCheckpointer:
         except sqlite3.IntegrityError as exc:
             raise RunExistsError(run_id, self.path) from exc
 
-    def reopen_run(self, run_id: str, fingerprint: str | None) -> None:
+    def reopen_run(self, run_id: str, fingerprint: str | None,
+                   answers: Iterable[tuple[str, str]] = ()) -> None:
         """Mark a run running again (for a resume); a new ``fingerprint`` replaces the old.
 
         A run still marked running was killed: its last span counts up to its
-        last record. The resume opens a new span.
+        last record. The resume opens a new span. Its pending interrupts are
+        answered: ``answers`` (``(interrupt id, value text)``) join the ones
+        recorded before, and nothing is pending any more.
         """
+        answers = list(answers)
+
         def work(connection: sqlite3.Connection) -> None:
             now = _clock()
+            connection.executemany("INSERT OR REPLACE INTO answers VALUES (?, ?, ?)",
+                                   [(run_id, id_, text) for id_, text in answers])
+            connection.execute("DELETE FROM interrupts WHERE run_id = ?", (run_id,))
             connection.execute(
                 "UPDATE runs SET worked = worked + CASE WHEN status = ? THEN "
                 "MAX(COALESCE(last_active, span_started) - span_started, 0) ELSE 0 END, "
@@ -321,6 +381,46 @@ class SqliteCheckpointer:
                           "ORDER BY seq DESC LIMIT 1", (run_id,))
         return StepRow(*rows[0]) if rows else None
 
+    def recorded_steps(self, run_id: str) -> list[RecordedStep]:
+        """Every recorded step of the run, oldest first."""
+        return [RecordedStep(*row) for row in self._read(
+            "SELECT seq, node, kind, steps, state, recorded_at FROM steps WHERE run_id = ? "
+            "ORDER BY seq", (run_id,))]
+
+    def fan_out_total(self, run_id: str, seq: int) -> int | None:
+        """How many branches the fan-out after step ``seq`` has; None if it never started."""
+        rows = self._read("SELECT total FROM fan_outs WHERE run_id = ? AND seq = ?",
+                          (run_id, seq))
+        return rows[0][0] if rows else None
+
+    def fork_run(self, source: str, run_id: str, *, seq: int, input_text: str,
+                 state_text: str | None) -> None:
+        """Record run ``run_id`` as a copy of run ``source`` up to its step ``seq``, whose
+        state becomes ``state_text`` (``seq`` 0: no step; ``input_text`` is the new run's
+        input). The copy is paused (``interrupted``), to be resumed; ``source`` is only read.
+        One transaction: the fork is recorded whole or not at all. ``RunExistsError`` if
+        ``run_id`` exists."""
+        def work(connection: sqlite3.Connection) -> None:
+            now = _clock()
+            created = connection.execute(
+                "INSERT INTO runs (run_id, graph, fingerprint, input, status, started_at, "
+                "finished_at, span_started, last_active) SELECT ?, graph, fingerprint, ?, ?, "
+                "?, ?, ?, ? FROM runs WHERE run_id = ?",
+                (run_id, input_text, RunStatus.INTERRUPTED, now, now, now, now, source))
+            if created.rowcount == 0:
+                raise GraphError(f"run {source!r} is no longer in {str(self.path)!r}")
+            connection.execute(
+                "INSERT INTO steps SELECT ?, seq, node, kind, steps, state, recorded_at "
+                "FROM steps WHERE run_id = ? AND seq < ?", (run_id, source, seq))
+            if state_text is not None:
+                connection.execute(
+                    "INSERT INTO steps SELECT ?, seq, node, kind, steps, ?, ? FROM steps "
+                    "WHERE run_id = ? AND seq = ?", (run_id, state_text, now, source, seq))
+        try:
+            self._write(work)
+        except sqlite3.IntegrityError as exc:
+            raise RunExistsError(run_id, self.path) from exc
+
     def write_step(self, run_id: str, seq: int, node: str, kind: str, steps: int,
                    state_text: str) -> None:
         """Record a main-path step and the state after it."""
@@ -339,12 +439,14 @@ class SqliteCheckpointer:
             _mark_active(connection, (run_id,), _clock())
         self._write(work)
 
-    def write_branches(self, rows: Iterable[tuple[str, int, int, bool, str]]) -> None:
-        """Record branch results ``(run_id, seq, position, success, result_text)`` at once."""
+    def write_branches(self, rows: Iterable[tuple[str, int, int, bool, str, bool]]) -> None:
+        """Record branch results ``(run_id, seq, position, success, result_text, paused)`` at
+        once (``paused``: the branch waits for answers; a resume continues it)."""
         rows = list(rows)
 
         def work(connection: sqlite3.Connection) -> None:
-            connection.executemany("INSERT OR REPLACE INTO branches VALUES (?, ?, ?, ?, ?)", rows)
+            connection.executemany("INSERT OR REPLACE INTO branches (run_id, seq, position, "
+                                   "success, result, paused) VALUES (?, ?, ?, ?, ?, ?)", rows)
             _mark_active(connection, {row[0] for row in rows}, _clock())
         self._write(work)
 
@@ -353,11 +455,46 @@ class SqliteCheckpointer:
         return self._read("SELECT position, result FROM branches WHERE run_id = ? AND seq = ? "
                           "AND success = 1 ORDER BY position", (run_id, seq))
 
+    def paused_branches(self, run_id: str, seq: int) -> list[tuple[int, str]]:
+        """``(position, result_text)`` of every branch of a fan-out recorded as paused."""
+        return self._read("SELECT position, result FROM branches WHERE run_id = ? AND seq = ? "
+                          "AND paused = 1 ORDER BY position", (run_id, seq))
+
+    def pending_interrupt_records(self, run_id: str) -> list[str]:
+        """The record text of each interrupt the run ``run_id`` waits for, in order."""
+        return [row[0] for row in self._read(
+            "SELECT record FROM interrupts WHERE run_id = ? ORDER BY position", (run_id,))]
+
+    def pending_interrupts(self, run_id: str) -> list[Interrupt]:
+        """The interrupts the run ``run_id`` waits for (empty unless it is ``interrupted``).
+
+        Each value is decoded as the run's states are; ``GraphError`` for a
+        record that is not readable.
+        """
+        pending = []
+        for text in self.pending_interrupt_records(run_id):
+            try:
+                pending.append(Interrupt.from_record(decode_value(text,
+                                                                  allow_pickle=self.pickle)))
+            except (StateDecodeError, ValueError, TypeError, RecursionError) as exc:
+                raise GraphError(f"run {run_id!r} in {str(self.path)!r}: a recorded interrupt "
+                                 f"is unreadable: {exc}") from exc
+        return pending
+
+    def answer_records(self, run_id: str) -> dict[str, str]:
+        """Every answer given to the run ``run_id``'s interrupts: ``{id: value text}``."""
+        return dict(self._read("SELECT id, value FROM answers WHERE run_id = ?", (run_id,)))
+
     def finish_run(self, run_id: str, status: RunStatus, final_text: str | None,
-                   error: str | None) -> None:
-        """Record how a run ended; its span of work ends now."""
+                   error: str | None, interrupts: Sequence[tuple[str, str]] = ()) -> None:
+        """Record how a run ended; its span of work ends now. ``interrupts`` (``(id,
+        record text)``) are what an interrupted run waits for."""
         def work(connection: sqlite3.Connection) -> None:
             now = _clock()
+            connection.execute("DELETE FROM interrupts WHERE run_id = ?", (run_id,))
+            connection.executemany("INSERT INTO interrupts VALUES (?, ?, ?, ?)",
+                                   [(run_id, position, id_, text)
+                                    for position, (id_, text) in enumerate(interrupts)])
             ended = connection.execute(
                 "UPDATE runs SET status = ?, finished_at = ?, final_state = ?, error = ?, "
                 "worked = worked + MAX(? - COALESCE(span_started, ?), 0), last_active = ? "
@@ -420,20 +557,11 @@ def _add_working_time(connection: sqlite3.Connection) -> None:
     connection.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (SCHEMA_VERSION,))
 
 
-def _is_lock_error(exc: sqlite3.OperationalError) -> bool:
-    text = str(exc).lower()
-    return "locked" in text or "busy" in text
+def _add_paused_branches(connection: sqlite3.Connection) -> None:
+    """Bring a version 2 database to version 3 (inside ``_prepare``'s transaction): branches
+    may be paused (its interrupts and answers tables are new, created with the schema)."""
+    columns = {row[1] for row in connection.execute("PRAGMA table_info(branches)")}
+    if "paused" not in columns:  # (a database without branches got the new table just now)
+        connection.execute("ALTER TABLE branches ADD COLUMN paused INTEGER NOT NULL DEFAULT 0")
+    connection.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (SCHEMA_VERSION,))
 
-
-def _retry(attempt: Callable[[], _T]) -> _T:
-    """``attempt()``, again after a pause while SQLite says the database is locked or busy."""
-    deadline = time.monotonic() + _RETRY_SECONDS
-    pause = 0.005
-    while True:
-        try:
-            return attempt()
-        except sqlite3.OperationalError as exc:
-            if not _is_lock_error(exc) or time.monotonic() > deadline:
-                raise
-        time.sleep(pause * (0.5 + random.random()))
-        pause = min(pause * 2, 0.5)

@@ -4,7 +4,7 @@ The cluster is one given by address (``dask_address``), a client the caller
 passes in (``client``), or, with neither, a ``LocalCluster`` of worker
 processes on 127.0.0.1 started on first use and closed with the graph.
 
-Each branch is one task running ``run_branch``, the function every backend
+Each branch runs ``run_branch`` in a task, the function every backend
 uses, so it gets a fresh Lua VM and its own copy of the state on the worker.
 The compiled graph travels once, in a worker plugin the scheduler hands to
 every worker (also to workers that join or restart later), never per task.
@@ -14,17 +14,18 @@ can, so Lua runs with its count hook (as on threads) and ``branch_timeout``
 is enforced inside the branch. A branch stuck past its deadline in one
 Python call is given up on by the client, and its worker is restarted.
 
-What a branch is to the client and which of its runs count against
-``retries`` live in ``dask_branches``. This module stays longer than most
-(about 630 lines) because what remains is one loop and the checks it makes
-on every wake-up (deadlines, worker deaths, memory restarts, a silent
-scheduler) against the one client and lock they share.
+Short branches run many per task (``dask_batches``); one fan-out's queue
+and tasks are ``dask_fanout``'s. What a branch is to the client and which
+of its runs count against ``retries`` live in ``dask_branches``. This
+module stays longer than most (about 690 lines) because what remains is
+one loop and the checks it makes on every wake-up (deadlines, worker
+deaths, memory restarts, a silent scheduler) against the one client and
+lock they share.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import functools
 import importlib.util
@@ -38,11 +39,21 @@ import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from ..branch import BranchRun, ParallelFlowResult, failed_result
+from ..branch import ParallelFlowResult, failed_result
 from ..error_kinds import ErrorKind
 from ..errors import BackendError, ConfigError, DaskUnavailable
 from .base import BackendFanOut, Finished, IsolationBackend, RunSource
 from .by_value import Receiver
+from .dask_batches import (
+    MAX_BATCH,
+    TASKS_PER_SLOT,
+    Followed,
+    FollowedBatch,
+    batch_results,
+    branches_of,
+    describe_task,
+    pack_payloads,
+)
 from .dask_branches import (
     FETCH_SECONDS,
     FanOutWatch,
@@ -65,6 +76,7 @@ from .dask_cluster import (
     connect,
     start_local_cluster,
 )
+from .dask_fanout import DaskFanOut
 from .memory_limit import BRANCH_MEMORY_ERROR, format_size, memory_message
 from .shipping import ship_graph
 
@@ -91,8 +103,6 @@ MEMORY_EVENT_SECONDS = 5.0
 MIN_WORKER_MEMORY = 128 * 1024 * 1024
 # The topic on which a nanny reports a worker it restarted for memory.
 MEMORY_RESTART_TOPIC = "worker-restart-memory"
-# Branches submitted beyond the cluster's threads, per thread (they wait at the scheduler).
-SUBMIT_AHEAD_PER_THREAD = 8
 
 
 class DaskBackend(IsolationBackend):
@@ -112,8 +122,9 @@ class DaskBackend(IsolationBackend):
     name = "dask"
     # The runner checks this before fan-out: state must pickle to get here.
     crosses_processes = True
-    # Submitted beyond the cluster's threads, per thread (they wait at the scheduler).
-    tasks_ahead_per_worker = SUBMIT_AHEAD_PER_THREAD
+    # Branches are taken ahead to fill batches (queued in the fan-out, then waiting
+    # at the scheduler); how many the fan-out holds, its ``BatchSizer`` decides.
+    tasks_ahead_per_worker = TASKS_PER_SLOT * MAX_BATCH
     # A branch stuck past its deadline in one call is given up on; its worker restarts.
     kills_overdue = True
     kill_grace_seconds = TIMEOUT_GRACE_SECONDS
@@ -156,7 +167,8 @@ class DaskBackend(IsolationBackend):
         self._graph: weakref.ref | None = None
         self._plugin: str | None = None
         self._topic = f"isobranch-{uuid.uuid4().hex}"
-        self._following: dict[str, FollowedBranch] = {}
+        # What the workers' events name: branches and batches, by key.
+        self._following: dict[str, FollowedBranch | FollowedBatch] = {}
         # Workers this backend restarted: a branch killed with one of them did
         # not fail and runs again; other deaths count against ``retries``.
         self._runs = RunLedger(retries, self._lock)
@@ -283,25 +295,37 @@ class DaskBackend(IsolationBackend):
         _, message = event
         now = time.monotonic()
         with self._lock:
-            branch = self._following.get(message.get("key"))
-            if branch is None:
+            followed = self._following.get(message.get("key"))
+            if followed is None:
                 return
-            branch.fan_out.heard_at = now
-            if message.get("kind") == "start":
-                branch.starts.append((now, str(message.get("worker"))))
-                branch.run.started_at = now  # the driver's deadline counts from here
+            followed.fan_out.heard_at = now
+            kind = message.get("kind")
+            if kind == "start":
+                followed.starts.append((now, str(message.get("worker"))))
+                if isinstance(followed, FollowedBatch):
+                    return  # its branches' starts come as "item" (when they have deadlines)
+            if isinstance(followed, FollowedBatch):
+                return
+            if kind == "item" and followed.batch is not None:
+                # The branch before it in the batch has finished: no deadline of its
+                # own runs any more (its result comes with the batch's).
+                number = int(followed.key.rsplit("/", 1)[1])
+                if number:
+                    followed.batch.items[number - 1].run.started_at = None
+            if kind in ("start", "item"):
+                followed.run.started_at = now  # the driver's deadline counts from here
                 # A branch begins at the node it is named after; later nodes are
                 # reported as entered (unless a call holding the GIL stops that).
-                branch.node = branch.task.start
-            elif message.get("kind") == "node":
-                branch.node = str(message.get("node"))
+                followed.node = followed.task.start
+            elif kind == "node":
+                followed.node = str(message.get("node"))
 
     # -- running a fan-out ---------------------------------------------------
 
     def open(self, source: RunSource, graph: BranchGraph) -> BackendFanOut:
         """One fan-out of ``graph`` on the cluster (connected to, or started, now)."""
         connection, plugin = self._prepare(graph)
-        return _DaskFanOut(self, source, connection, plugin, self._worker_slots(connection))
+        return DaskFanOut(self, source, connection, plugin, self._worker_slots(connection))
 
     def _worker_slots(self, connection: Connection) -> int:
         """How many branches the cluster runs at once: its worker threads."""
@@ -324,15 +348,51 @@ class DaskBackend(IsolationBackend):
         branch.key = f"isobranch-{task.name.replace('/', '.')}-{uuid.uuid4().hex}"
         with self._lock:
             branch.current = len(branch.starts)
+            branch.finished_after = None
             branch.run.started_at = None
             self._following[branch.key] = branch
         future = branch.future = client.submit(run_on_worker, plugin, task.payload(),
                                                self._topic, branch.key, key=branch.key,
                                                pure=False)
-        future.add_done_callback(branch.fan_out.finished.put)
+        future.add_done_callback(branch.on_done)
         return future
 
-    def follow_once(self, connection: Connection, plugin: str, pending: dict[Any, FollowedBranch],
+    def submit_batch(self, client: Any, plugin: str, batch: FollowedBatch) -> Any:
+        """Submit the branches of ``batch`` as one Dask task; its future."""
+        from .dask_worker import run_batch_on_worker
+
+        batch.key = f"isobranch-batch-{uuid.uuid4().hex}"
+        with self._lock:
+            for number, item in enumerate(batch.items):
+                item.key, item.batch = f"{batch.key}/{number}", batch
+                item.run.started_at = None
+                self._following[item.key] = item
+            self._following[batch.key] = batch
+        # Each start is reported only for branches with a deadline to count from it.
+        report_starts = bool(batch.items[0].task.limits.branch_timeout)
+        future = batch.future = client.submit(
+            run_batch_on_worker, plugin, pack_payloads([item.task.payload()
+                                                        for item in batch.items]),
+            self._topic, batch.key, [item.key for item in batch.items], report_starts,
+            key=batch.key, pure=False)
+        future.add_done_callback(batch.fan_out.finished.put)
+        return future
+
+    def _dissolve(self, client: Any, plugin: str, batch: FollowedBatch,
+                  pending: dict[Any, Followed], without: FollowedBranch | None = None) -> None:
+        """Run each branch of ``batch`` (whose task is gone) again in a task of its own.
+
+        None of them has a result (a batch returns them together), so none
+        ran to a recorded success. Alone, each start is confirmed before the
+        branch runs: a branch that kills its worker again is named exactly,
+        and counts against ``retries`` from then on.
+        """
+        for item in batch.items:
+            if item is not without:
+                item.batch = None
+                pending[self.submit(client, plugin, item)] = item
+
+    def follow_once(self, connection: Connection, plugin: str, pending: dict[Any, Followed],
                     results: list[Finished], fan_out: FanOutWatch, timeout: float | None
                     ) -> str | None:
         """Wait for a branch to finish (or a wake-up, for at most ``timeout`` and
@@ -351,17 +411,17 @@ class DaskBackend(IsolationBackend):
             pass
         lost = self._lost(connection, fan_out, pending)
         if lost is not None:
-            for branch in pending.values():
+            for branch in branches_of(pending.values()):
                 results.append((branch.run, failed(branch, lost, ErrorKind.DASK_ERROR)))
             self.stop_running(connection, pending.values())
             self.forget(pending, list(pending))
             return lost
-        self._judge_reruns(connection, pending, results)
+        self._judge_reruns(connection, plugin, pending, results)
         self._collect(connection, plugin, pending, results)
         return None
 
     def _lost(self, connection: Connection, fan_out: FanOutWatch,
-              pending: dict[Any, FollowedBranch]) -> str | None:
+              pending: dict[Any, Followed]) -> str | None:
         """Why no pending branch can finish any more, if that is the case."""
         if self._closed:
             # As on the process backend: the whole fan-out fails, not its branches.
@@ -409,26 +469,38 @@ class DaskBackend(IsolationBackend):
                 client.loop.asyncio_loop)
         return None
 
-    def _judge_reruns(self, connection: Connection, pending: dict[Any, FollowedBranch],
+    def _judge_reruns(self, connection: Connection, plugin: str, pending: dict[Any, Followed],
                       results: list[Finished]) -> None:
         for future, branch in list(pending.items()):
             if future.status != "pending":
                 continue  # finished meanwhile: _collect takes it as it is
+            if isinstance(branch, FollowedBatch):
+                if len(branch.starts) > 1:
+                    # A user's scheduler re-ran it after its worker died: its branches
+                    # run alone instead, where the one that killed the worker is named.
+                    quietly(future.cancel)
+                    self.forget(pending, [future])
+                    self._dissolve(connection.client, plugin, branch, pending)
+                continue
             rerun = self._runs.rerun_failure(branch, connection.address)
             if rerun is not None:
                 results.append((branch.run, rerun))
                 quietly(future.cancel)
                 self.forget(pending, [future])
 
-    def give_up(self, connection: Connection, pending: dict[Any, FollowedBranch],
+    def give_up(self, connection: Connection, plugin: str, pending: dict[Any, Followed],
                 branch: FollowedBranch) -> ParallelFlowResult | None:
         """``branch`` is stuck past its ``branch_timeout``: its timed-out result, and its
-        worker restarted; None if it has just finished (its result is collected)."""
-        future = branch.future
+        worker restarted; None if it has just finished (its result is collected).
+        The other branches of its batch run again, each in a task of its own."""
+        batch = branch.batch
+        future = branch.future if batch is None else batch.future
         if future is None or future.status != "pending":
             return None
-        limit, started, worker = (branch.task.limits.branch_timeout or 0.0, branch.started_at,
-                                  branch.running_on)
+        worker = branch.running_on if batch is None else batch.running_on
+        limit, started = branch.task.limits.branch_timeout or 0.0, branch.run.started_at
+        if started is None or time.monotonic() < started + limit:
+            return None  # it runs again since (a batch-mate was given up on), or finished
         now = time.monotonic()
         where = f" in node {branch.node!r}" if branch.node else ""
         result = failed_result(
@@ -436,17 +508,19 @@ class DaskBackend(IsolationBackend):
             f"branch {branch.task.name!r} timed out after {limit:g}s{where}: "
             f"stuck in one call on Dask worker {worker}, which is being restarted",
             ErrorKind.BRANCH_TIMEOUT, state=branch.task.initial_state(), timed_out=True,
-            duration_ms=(now - (started or now)) * 1000.0, isolation=self.name, worker=worker,
+            duration_ms=(now - started) * 1000.0, isolation=self.name, worker=worker,
             node=branch.node)
         quietly(future.cancel)
         self.forget(pending, [future])
+        if batch is not None:
+            self._dissolve(connection.client, plugin, batch, pending, without=branch)
         logger.warning("dask backend: branch %r is stuck past its %gs branch_timeout on Dask "
                        "worker %s; restarting that worker", branch.task.name, limit, worker)
         if worker is not None:
             self._restart(connection, [worker])
         return result
 
-    def _collect(self, connection: Connection, plugin: str, pending: dict[Any, FollowedBranch],
+    def _collect(self, connection: Connection, plugin: str, pending: dict[Any, Followed],
                  results: list[Finished]) -> None:
         client = connection.client
         # Read each status once: the event-loop thread may change it meanwhile.
@@ -458,10 +532,15 @@ class DaskBackend(IsolationBackend):
                 return  # not now: deadlines are judged again before the next try
             for future, value in zip(finished, values, strict=True):
                 branch = pending[future]
+                if isinstance(branch, FollowedBatch):
+                    results.extend(batch_results(branch, value))
+                    continue
                 rerun = self._runs.rerun_failure(branch, connection.address)
                 if rerun is not None:
                     results.append((branch.run, rerun))
                 elif isinstance(value, ParallelFlowResult):
+                    if branch.fan_out.sizer is not None:
+                        branch.fan_out.sizer.observe(1, value.duration_ms / 1000.0)
                     results.append((branch.run, value))
                 else:
                     results.append((branch.run, failed(
@@ -475,8 +554,22 @@ class DaskBackend(IsolationBackend):
                 continue  # the client cancels its tasks when it loses the scheduler: _lost judges
             branch = pending[future]
             self.forget(pending, [future])
+            if status == "lost":
+                # It finished, but its result died with its worker before it was
+                # fetched: nothing of it was recorded, and it is not its failure.
+                logger.warning("dask backend: the result of %s died with its Dask worker "
+                               "before it was fetched; it runs again", describe_task(branch))
+                if isinstance(branch, FollowedBatch):
+                    self._dissolve(client, plugin, branch, pending)
+                else:
+                    pending[self.submit(client, plugin, branch)] = branch
+                continue
             error = quietly(future.exception) if status == "error" else None
             dead = dead_worker(error)
+            if isinstance(branch, FollowedBatch):
+                self._batch_ended(connection, plugin, pending, branch, status, error, dead,
+                                  results)
+                continue
             memory = self._killed_for_memory(branch, dead, connection)
             if memory is not None:  # it would only run out again: no retry
                 results.append((branch.run, memory))
@@ -492,6 +585,21 @@ class DaskBackend(IsolationBackend):
                                dead, branch.task.name)
             results.append((branch.run, failed(branch, describe_failure(
                 branch, status, error, dead, connection), error_type(error, dead))))
+
+    def _batch_ended(self, connection: Connection, plugin: str, pending: dict[Any, Followed],
+                     batch: FollowedBatch, status: str, error: BaseException | None,
+                     dead: str | None, results: list[Finished]) -> None:
+        """The task of ``batch`` ended without results: its worker died (each branch runs
+        again alone, so the one that killed it is named), or it failed as a whole."""
+        if dead is not None:
+            logger.warning("dask backend: Dask worker %s died while it ran a batch of %d "
+                           "branches; each runs again in a task of its own", dead,
+                           len(batch.items))
+            self._dissolve(connection.client, plugin, batch, pending)
+            return
+        for item in batch.items:
+            results.append((item.run, failed(item, describe_failure(
+                item, status, error, None, connection), error_type(error, None))))
 
     def _fetch(self, client: Any, futures: list[Any]) -> list[Any] | None:
         """Results of finished futures, or None if they cannot be had within FETCH_SECONDS."""
@@ -512,7 +620,7 @@ class DaskBackend(IsolationBackend):
                          "fetching them one by one", len(futures), type(exc).__name__, exc)
             return [result_or_error(future) for future in futures]
 
-    def stop_running(self, connection: Connection, branches: Iterable[FollowedBranch]) -> None:
+    def stop_running(self, connection: Connection, branches: Iterable[Followed]) -> None:
         """Restart the workers of branches given up on, on a cluster isobranch started."""
         if connection.cluster is None:
             return  # a shared cluster's workers are restarted only for a stuck branch
@@ -548,13 +656,20 @@ class DaskBackend(IsolationBackend):
                          "(%s: %s)", type(exc).__name__, exc)
             coroutine.close()
 
-    def forget(self, pending: dict[Any, FollowedBranch], futures: list[Any]) -> None:
+    def forget(self, pending: dict[Any, Followed], futures: list[Any]) -> None:
         """Stop following the branches of ``futures`` (and take them out of ``pending``)."""
         with self._lock:
             for future in futures:
-                branch = pending.pop(future, None)
-                if branch is not None:
-                    self._following.pop(branch.key, None)
+                followed = pending.pop(future, None)
+                if followed is None:
+                    continue
+                # Let go of the future: while the client holds one, the scheduler keeps
+                # its result on the worker, and recomputes it if that worker dies (a
+                # finished branch would run again).
+                followed.future = None
+                keys = followed.keys() if isinstance(followed, FollowedBatch) else [followed.key]
+                for key in keys:
+                    self._following.pop(key, None)
 
     def close(self) -> None:
         """Take the graph off the cluster and close the client and cluster isobranch started.
@@ -575,75 +690,3 @@ class DaskBackend(IsolationBackend):
             quietly(connection.client.unsubscribe_topic, MEMORY_RESTART_TOPIC)
         if connection.owns_client:
             connection.close()
-
-
-class _DaskFanOut(BackendFanOut):
-    """One fan-out on a Dask cluster: its branches as tasks, followed by the client.
-
-    ``start`` submits every run the driver hands out (the driver bounds
-    them: the cluster's threads, plus ``SUBMIT_AHEAD_PER_THREAD`` each
-    waiting at the scheduler). Once the cluster is lost, every branch
-    left fails alike without being submitted. ``close`` cancels what is
-    still submitted and, on a cluster isobranch started, restarts the
-    workers running it.
-    """
-
-    def __init__(self, backend: DaskBackend, source: RunSource, connection: Connection,
-                 plugin: str, slots: int) -> None:
-        self.slots = slots
-        self._backend = backend
-        self._source = source
-        self._connection = connection
-        self._plugin = plugin
-        self._watch = FanOutWatch()
-        self._pending: dict[Any, FollowedBranch] = {}
-        # Failed without running: the cluster was lost (why, in ``_lost``).
-        self._failed: list[Finished] = []
-        self._lost: str | None = None
-
-    def start(self) -> None:
-        """Submit what the driver hands out (or fail it, once the cluster is lost)."""
-        while (run := self._source.take()) is not None:
-            branch = FollowedBranch(run, self._watch)
-            run.handle = branch
-            if self._lost is not None:
-                self._failed.append((run, failed(branch, self._lost, ErrorKind.DASK_ERROR)))
-                continue
-            client = self._connection.client
-            self._pending[self._backend.submit(client, self._plugin, branch)] = branch
-
-    def collect(self, timeout: float | None) -> list[Finished]:
-        """What the cluster finished (at most ``POLL_SECONDS`` of waiting at a time)."""
-        if self._failed:
-            failed_alike, self._failed = self._failed, []
-            return failed_alike
-        if not self._pending:
-            # Nothing submitted: wait for a retry to be due, or a wake-up.
-            with contextlib.suppress(queue.Empty):
-                self._watch.finished.get(timeout=timeout)
-            return []
-        results: list[Finished] = []
-        lost = self._backend.follow_once(self._connection, self._plugin, self._pending,
-                                         results, self._watch, timeout)
-        if lost is not None:
-            self._lost = lost  # nothing can run on this cluster any more
-        return results
-
-    def wake(self) -> None:
-        """End ``collect``'s wait (from any thread)."""
-        self._watch.finished.put(None)
-
-    def kill(self, run: BranchRun) -> ParallelFlowResult | None:
-        """Give up on ``run``, stuck past its deadline in one call; restart its worker."""
-        return self._backend.give_up(self._connection, self._pending, run.handle)
-
-    def close(self, *, cancelled: bool) -> None:
-        """Cancel what is still submitted; on a cluster isobranch started, restart the
-        workers running it (a fan-out stopped early must not keep them busy)."""
-        pending = self._pending
-        if not pending:
-            return
-        self._backend.stop_running(self._connection, pending.values())
-        futures = list(pending)
-        self._backend.forget(pending, futures)
-        quietly(self._connection.client.cancel, futures)

@@ -44,6 +44,8 @@ class FanOutWatch:
     heard_at: float = field(default_factory=time.monotonic)
     probe: ProbeFuture | None = None
     no_workers_since: float | None = None
+    # The fan-out's ``BatchSizer``, told how long each finished task ran.
+    sizer: Any = None
 
 
 @dataclass
@@ -63,6 +65,19 @@ class FollowedBranch:
     # Where the current submission's starts begin in ``starts``.
     current: int = 0
     node: str | None = None
+    # The ``FollowedBatch`` it runs in, while it runs in one (None: a task of its own).
+    batch: Any = None
+    # How many starts there were when the current submission first finished (None: it
+    # has not): a later start is the scheduler computing again a result that died
+    # with its worker before it was fetched, not a re-run after a crash.
+    finished_after: int | None = None
+
+    def on_done(self, future: Any) -> None:
+        """The future's done callback (on the client's event-loop thread, which also
+        appends the starts)."""
+        if future.status == "finished" and self.finished_after is None:
+            self.finished_after = len(self.starts)
+        self.fan_out.finished.put(future)
 
     @property
     def task(self) -> BranchTask:
@@ -137,7 +152,8 @@ class RunLedger:
 
     def _counted_runs(self, branch: FollowedBranch) -> list[str]:
         with self._lock:
-            return [worker for at, worker in branch.starts
+            # Starts after the branch finished once computed a lost result again.
+            return [worker for at, worker in branch.starts[:branch.finished_after]
                     if self._restarted.get(worker, -1.0) < at]
 
 

@@ -1,4 +1,4 @@
-"""The worker side of the Dask backend: the graph plugin and the branch task.
+"""The worker side of the Dask backend: the graph plugin, the branch task and the batch task.
 
 Imported on Dask workers (which need isobranch installed) and lazily by the
 client, because it needs ``distributed`` at import time.
@@ -7,6 +7,7 @@ client, because it needs ``distributed`` at import time.
 from __future__ import annotations
 
 import pickle
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -96,6 +97,52 @@ class _ProgressReporter(BranchMonitor):
         self._node = name if name is not None else self._node
 
 
+def _loaded_graph(worker: Any, plugin: str) -> Any:
+    """The graph ``plugin`` carries on this worker; ``BackendError`` says why there is none."""
+    graph_plugin = worker.plugins.get(plugin)
+    if graph_plugin is not None and graph_plugin.load_error is not None:
+        raise BackendError(graph_plugin.load_error)
+    if graph_plugin is None or graph_plugin.graph is None:
+        raise BackendError(f"Dask worker {worker.address} has no graph {plugin!r} "
+                           f"(the backend was closed?)")
+    return graph_plugin.graph
+
+
+def run_batch_on_worker(plugin: str, payloads: bytes, topic: str, key: str,
+                        item_keys: list[str], report_starts: bool
+                        ) -> tuple[list[ParallelFlowResult], float]:
+    """The Dask task of a batch: several branches, one after another, on this worker.
+
+    ``payloads`` is the branches' payloads as one pickle (``pack_payloads``).
+    Returns every result in order and the seconds the batch took here (the
+    client sizes its next batches from it). The batch's start is reported
+    without waiting (where it runs); with ``report_starts`` (the branches
+    have a ``branch_timeout``) so is each branch's, so the client counts each
+    one's deadline from its own start. Node changes are reported under
+    ``item_keys``.
+    """
+    worker = get_worker()
+    graph = _loaded_graph(worker, plugin)
+    # Not waited for, unlike a single branch's: whether a batch started before its worker
+    # died changes nothing (its branches all run again alone), and a round trip to the
+    # scheduler per task is what batching saves.
+    worker.log_event(topic, {"kind": "start", "key": key, "worker": worker.address})
+    began = time.monotonic()
+    results = []
+    try:
+        for payload, item_key in zip(pickle.loads(payloads), item_keys, strict=True):
+            task = BranchTask(graph=graph, **payload)
+            if report_starts:
+                worker.log_event(topic, {"kind": "item", "key": item_key})
+            result = graph.run_branch(task, monitor=_ProgressReporter(worker, topic, item_key,
+                                                                      task.start))
+            result.worker = worker.address
+            results.append(without_unsendable_state(result))
+    finally:
+        flush_node_output()
+    return results, time.monotonic() - began
+
+
 def run_on_worker(plugin: str, payload: dict[str, Any], topic: str, key: str
                   ) -> ParallelFlowResult:
     """The Dask task: one branch of the graph that ``plugin`` carries, on this worker.
@@ -106,15 +153,9 @@ def run_on_worker(plugin: str, payload: dict[str, Any], topic: str, key: str
     told apart from one that ran there, and a re-run cannot go unseen.
     """
     worker = get_worker()
-    graph_plugin = worker.plugins.get(plugin)
-    if graph_plugin is not None and graph_plugin.load_error is not None:
-        raise BackendError(graph_plugin.load_error)
-    if graph_plugin is None or graph_plugin.graph is None:
-        raise BackendError(f"Dask worker {worker.address} has no graph {plugin!r} "
-                           f"(the backend was closed?)")
+    graph = _loaded_graph(worker, plugin)
     sync(worker.loop, worker.scheduler.log_event, topic=topic,
          msg={"kind": "start", "key": key, "worker": worker.address})
-    graph = graph_plugin.graph
     task = BranchTask(graph=graph, **payload)
     try:
         result = graph.run_branch(task, monitor=_ProgressReporter(worker, topic, key, task.start))

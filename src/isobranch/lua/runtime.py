@@ -112,6 +112,9 @@ class LuaRuntime:
     None when Lua returns; only calls with a time limit are reported. An
     outside watchdog enforces that window. A per-call
     ``timeout=`` overrides the default, but only on a runtime that has a hook.
+    ``interrupt`` is what node code's global ``interrupt(value)`` calls
+    (``isobranch.interrupt`` for the nodes of a run; without it, node code
+    has no such global): its argument and its answer cross as any value.
 
     The hook cannot interrupt one single long C call, such as a
     pathological pattern match (``string.find`` with heavy backtracking on
@@ -124,7 +127,8 @@ class LuaRuntime:
                  max_memory: int | None = DEFAULT_LUA_MAX_MEMORY,
                  *, timeout_hook: bool = True,
                  should_stop: Callable[[], bool] | None = None,
-                 deadline_listener: Callable[[float | None], None] | None = None) -> None:
+                 deadline_listener: Callable[[float | None], None] | None = None,
+                 interrupt: Callable[[Any], Any] | None = None) -> None:
         if timeout is not None and not timeout > 0:
             raise ConfigError(f"timeout must be positive or None, got {timeout!r}")
         if max_memory is not None and max_memory <= 0:
@@ -134,6 +138,9 @@ class LuaRuntime:
         self.timeout_hook = timeout_hook
         self.should_stop = should_stop
         self.deadline_listener = deadline_listener
+        self.interrupt = interrupt
+        # Whether the VM holds the bridge to ``interrupt`` (handed over once per VM).
+        self._asks = False
         self._vm: Any = None
         self._run: Any = None
         self._deadline: float | None = None
@@ -203,6 +210,7 @@ class LuaRuntime:
     def close(self) -> None:
         """Drop the VM; the next call starts a fresh one."""
         self._vm = self._run = None
+        self._asks = False
 
     def __enter__(self) -> LuaRuntime:
         return self
@@ -278,6 +286,15 @@ class LuaRuntime:
             self.deadline_listener(None)
         return data
 
+    def _ask(self, data: bytes) -> bytes | None:
+        # Called from Lua by the global interrupt(value): ``data`` is ``{value}`` encoded;
+        # the answer goes back as ``{answer}``. What ``interrupt`` raises (the pause)
+        # ends the Lua call as an error, and the step loop pauses the node anyway.
+        assert self.interrupt is not None
+        value = from_lua_bytes(data)
+        answer = self.interrupt(value[0] if isinstance(value, list) and value else None)
+        return to_lua_bytes([answer], "interrupt() answer")
+
     def _resume_lua_clock(self) -> None:
         if self._paused_at is None:
             return
@@ -325,8 +342,11 @@ class LuaRuntime:
             # with the call that needs it (handing a VM a Python callable
             # costs a microsecond, and most VMs never see a lazy state).
             fetch = self._fetch_state_value if lazy else None
+            ask = None
+            if self.interrupt is not None and not self._asks and mode == "node":
+                ask, self._asks = self._ask, True
             status, payload, failed_index = self._run(mode.encode(), source, lua_name,
-                                                      state_data, variables_data, fetch)
+                                                      state_data, variables_data, fetch, ask)
         except lua54.LuaMemoryError as exc:
             self.close()
             raise self._memory_error(name) from exc

@@ -320,6 +320,19 @@ end
 
 local NODE_PREFIX = "local state, variables = ...; "
 
+-- The global interrupt(value) of node calls: value and answer cross as a
+-- one-element list, through the Python callable the runtime gives once per VM.
+local interrupt_global
+local function make_interrupt(ask)
+  return function(value)
+    local ok, encoded = get_crossing().encode_result({value})
+    if not ok then error(encoded, 2) end
+    local failure, answer = get_crossing().decode_inputs(ask(encoded), nil, false)
+    if failure then error(answer, 2) end
+    return answer[1]
+  end
+end
+
 -- Modes: "execute" (state is a global, returns the chunk's value),
 -- "node" (state and variables are locals), "condition" (an expression).
 -- Returns a status ("ok", "scalar", "error", "convert", "timeout",
@@ -349,6 +362,7 @@ function run(mode, code, chunk_name, state_data, variables_data, lazy_state)
   -- rawset: a metatable user code put on _G must not run before the hook is armed.
   rawset(G, "variables", variables)
   if mode ~= "node" then rawset(G, "state", state) end
+  rawset(G, "interrupt", mode == "node" and interrupt_global or nil)
   handled, expired, in_wall_check, slice_start = false, false, false, false
   armed = true
   -- An outside watchdog (a worker's parent) times the call from here on,
@@ -378,8 +392,10 @@ end
 
 -- The call the runtime makes: run() in its own frame, so that once it has
 -- returned nothing on this stack still holds the call's state.
--- fetch (a lazy state's callback) is given only with a lazy state.
-return function(mode, code, chunk_name, state_data, variables_data, fetch)
+-- fetch (a lazy state's callback) is given only with a lazy state; ask (what
+-- interrupt() calls) once, with a VM's first node call under a run.
+return function(mode, code, chunk_name, state_data, variables_data, fetch, ask)
+  if ask ~= nil then interrupt_global = make_interrupt(ask) end
   local lazy_state = fetch ~= nil
   if lazy_state then get_crossing().begin_call(fetch) end
   local status, payload, index = run(mode, code, chunk_name, state_data, variables_data,

@@ -4,7 +4,8 @@ This package holds the pure parts of the pytest plugin (``isobranch.pytest_plugi
 and never imports pytest, so other runners can reuse it. Its modules:
 ``case_file`` (finding, reading and validating case files), ``running``
 (running one case), ``compare`` (subset matching), ``report`` (the report
-of a failed case) with ``tracebacks`` and ``text``; ``coverage`` (which
+of a failed case) with ``tracebacks`` and ``text``; ``cassettes`` (the
+recordings of ``replay: true`` nodes per case file); ``coverage`` (which
 nodes and edges the cases ran), ``updates`` and ``case_rewrite``
 (``--isobranch-update``: what to change, and rewriting a file through
 ruamel.yaml), ``files`` (atomic writes) and ``session`` (what one pytest
@@ -65,6 +66,7 @@ from .case_rewrite import (
     round_trip_problem,
     ruamel_available,
 )
+from .cassettes import RECORD_FLAG, CassetteShelf, CassetteWriteResult, RecordingLedger, cassette_path
 from .compare import MAX_DIFF_LINES, Difference, all_differences, subset_differences, values_equal
 from .coverage import (
     ANY_NODE,
@@ -107,11 +109,13 @@ __all__ = [
     "FILE_ITEM_NAME", "FILE_KEYS", "INSTALL_HINT",
     "MAX_DIFF_LINES", "MAX_INLINE_INPUT", "MAX_MESSAGE_CHARS", "MAX_STATE_LINES",
     "MAX_TRACEBACKS", "MAX_TRACEBACK_LINES", "MAX_TRACEBACK_LINE_CHARS", "RECORD_EXPECT",
+    "RECORD_FLAG",
     "Case", "CaseContext", "CaseFailure", "CaseFile", "CaseRewriteError", "CaseUpdate",
+    "CassetteShelf", "CassetteWriteResult",
     "CoverageLedger", "Difference", "Exercised", "ExpectChange", "FileUpdateResult",
-    "GraphShape", "RunRecord", "SessionRecords", "ShapeEdge", "UnrecordableValue",
+    "GraphShape", "RecordingLedger", "RunRecord", "SessionRecords", "ShapeEdge", "UnrecordableValue",
     "UpdateKind", "UpdateLedger",
-    "agent_error_report", "all_differences", "case_value", "check_case", "coverage_lines",
+    "agent_error_report", "all_differences", "case_value", "cassette_path", "check_case", "coverage_lines",
     "coverage_report", "exercised", "file_digest", "graph_shape", "invalid_case_report",
     "is_case_file", "is_positive_number", "load_case_file", "plan_update", "reproduce_command",
     "rewrite_case_file", "round_trip_problem", "ruamel_available", "run_agent_case",

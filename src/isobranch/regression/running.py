@@ -10,6 +10,7 @@ from typing import Any
 
 from ..branch import route_step
 from ..errors import GraphError, GraphExecutionError
+from ..replay import Tape
 from ..subgraph import PATH_SEPARATOR, join_path
 from .text import short
 
@@ -34,19 +35,21 @@ class RunRecord:
     duration_ms: float = 0.0
 
 
-def run_agent_case(graph: Any, state: Mapping[str, Any], *, label: str = "case") -> RunRecord:
+def run_agent_case(graph: Any, state: Mapping[str, Any], *, label: str = "case",
+                   replay: Tape | None = None) -> RunRecord:
     """Run a compiled graph on ``state``, recording the route and every fan-out.
 
     ``stream`` rather than ``invoke``: when a fan-in node later fails, the
     report can still say which branch failed before it. ``label`` names the
-    case in the DEBUG records logged when it starts and finishes.
+    case in the DEBUG records logged when it starts and finishes; ``replay``
+    is the run's tape of recorded nodes (replay.py).
     """
     record = RunRecord()
     last_node: str | None = None
     log.debug("%s: started on input %s", label, short(dict(state)))
     started = time.perf_counter()
     try:
-        for event in graph.stream(dict(state)):
+        for event in graph.stream(dict(state), config={"replay": replay} if replay is not None else None):
             kind = event["type"]
             if kind == "node":
                 last_node = event["node"]

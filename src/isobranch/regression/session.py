@@ -1,11 +1,12 @@
-"""What one pytest process gathers across cases: graph coverage and expectation updates.
+"""What one pytest process gathers across cases: graph coverage, expectation updates, recordings.
 
 The plugin keeps one ``SessionRecords`` per pytest process. An xdist
 worker sends ``to_plain()`` to the controller when its session ends, which
 merges it (``merge_plain``) into its own; the controller then writes the
 updated case files (``write_updates``: each file once) and reports. A
 later per-case artefact (recorded node calls, say) would travel the same
-way, as another key of the plain data.
+way, as another key of the plain data: so do the recordings of
+``--isobranch-record`` (cassettes.py), each cassette written once.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..replay import ReplayMode, Tape
 from .case_file import Case
 from .case_rewrite import CaseRewriteError, file_digest, rewrite_case_file, round_trip_problem
+from .cassettes import CassetteShelf, CassetteWriteResult, RecordingLedger
 from .coverage import CoverageLedger, GraphShape, ShapedGraph, graph_shape
 from .running import RunRecord
 from .updates import CaseUpdate, UnrecordableValue, UpdateLedger, plan_update
@@ -34,9 +37,12 @@ class FileUpdateResult:
 class SessionRecords:
     """Coverage (when asked for) and case updates (when asked for) of one pytest process."""
 
-    def __init__(self, *, coverage: bool, update: bool) -> None:
+    def __init__(self, *, coverage: bool, update: bool, record: bool = False) -> None:
         self.coverage = CoverageLedger() if coverage else None
         self.updates = UpdateLedger() if update else None
+        # --isobranch-record: what the cases recorded; else the cassettes they replay.
+        self.recordings = RecordingLedger() if record else None
+        self._cassettes = CassetteShelf()
         # Files this process refused to update, with the reason (reported once each).
         self.refused: dict[str, str] = {}
         self._shapes: dict[int, tuple[ShapedGraph, GraphShape]] = {}
@@ -50,6 +56,21 @@ class SessionRecords:
         if known is None or known[0] is not graph:
             known = self._shapes[id(graph)] = (graph, graph_shape(graph))
         self.coverage.observe(agent, known[1], record)
+
+    def tape(self, case_file: Path, case: str) -> Tape:
+        """The tape of one run of ``case``: recording under ``--isobranch-record``, else
+        replaying its cassette (``GraphError`` for an unreadable cassette)."""
+        mode = ReplayMode.RECORD if self.recordings is not None else ReplayMode.REPLAY
+        return self._cassettes.tape(case_file, case, mode)
+
+    def recorded(self, case_file: Path, case: str, tape: Tape) -> None:
+        """Keep what one recording run of ``case`` recorded."""
+        if self.recordings is not None:
+            self.recordings.add(case_file, case, tape)
+
+    def write_recordings(self) -> list[CassetteWriteResult]:
+        """Write every cassette that has new recordings, once each."""
+        return self.recordings.write() if self.recordings is not None else []
 
     def agent_not_loaded(self, agent: str, message: str) -> None:
         """Note, for coverage, an agent that cannot be loaded."""
@@ -92,7 +113,8 @@ class SessionRecords:
         """Plain data for the trip from an xdist worker to the controller."""
         return {"coverage": self.coverage.to_plain() if self.coverage is not None else None,
                 "updates": self.updates.to_plain() if self.updates is not None else None,
-                "refused": dict(self.refused)}
+                "refused": dict(self.refused),
+                "recordings": self.recordings.to_plain() if self.recordings is not None else None}
 
     def merge_plain(self, plain: Mapping[str, Any]) -> None:
         """Add a worker's ``to_plain``."""
@@ -100,6 +122,8 @@ class SessionRecords:
             self.coverage.merge_plain(plain["coverage"])
         if self.updates is not None and plain.get("updates"):
             self.updates.merge_plain(plain["updates"])
+        if self.recordings is not None and plain.get("recordings"):
+            self.recordings.merge_plain(plain["recordings"])
         for path, reason in (plain.get("refused") or {}).items():
             self.refused.setdefault(path, reason)
 
