@@ -24,6 +24,7 @@ from isobranch.errors import (
     ConfigError,
     ConfigTypeError,
     LuaRuntimeError,
+    NodePaused,
     RemoteTraceback,
     RunCancelled,
     StateDecodeError,
@@ -39,6 +40,9 @@ OUTSIDE_THE_ROOT = {
     # ``except IsobranchError``) may turn a cancellation into a failure. It never
     # reaches the caller, who gets asyncio.CancelledError.
     RunCancelled: "cancellation, not a failure",
+    # The same for a pause: a node's ``except Exception`` must not turn it into
+    # a failure; the run turns it into ``"__interrupt__"``.
+    NodePaused: "a pause for answers, not a failure",
 }
 
 

@@ -29,8 +29,7 @@ from .branch import (
 )
 from .context import ExecutionContext
 from .error_kinds import ErrorKind
-from .errors import BranchCancelled, BranchTimeout, GraphExecutionError
-from .interrupts import NodePaused
+from .errors import BranchCancelled, BranchTimeout, GraphExecutionError, NodePaused
 from .isolation.registry import create_backend
 from .retry import exception_names
 from .runner import run_steps

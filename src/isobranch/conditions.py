@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ast
 import builtins
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +17,61 @@ from .errors import ConfigTypeError
 
 if TYPE_CHECKING:
     from .context import ExecutionContext
+
+
+# What a dict has and a read-only view refuses, rather than reading them as missing keys.
+_DICT_MUTATORS = frozenset({"update", "pop", "popitem", "setdefault", "clear"})
+
+
+class AttributeView(Mapping):
+    """A read-only view of a state dict (or ``variables``) whose keys read as attributes too.
+
+    Expressions written for the_edge_agent's YAML say ``state.score`` where
+    isobranch's say ``state['score']``; both work on this view. A key wins
+    over a mapping method of the same name (``state.items`` is the key
+    ``items`` when the state has one, as in that format), a missing key read
+    as an attribute is None (as there), and a nested dict read as an
+    attribute is a view too. Item access returns the stored value itself.
+    The view cannot change the state: it has no setters.
+    """
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        object.__setattr__(self, "_data", data)
+
+    def __getattribute__(self, name: str) -> Any:
+        if name.startswith("_"):
+            return object.__getattribute__(self, name)
+        data = object.__getattribute__(self, "_data")
+        if name in data:
+            value = data[name]
+            return AttributeView(value) if isinstance(value, dict) else value
+        if name in _DICT_MUTATORS:
+            raise TypeError(f"the state is read-only in an expression (cannot call {name}())")
+        try:
+            return object.__getattribute__(self, name)  # get, keys, items, values, copy
+        except AttributeError:
+            return None
+
+    def copy(self) -> dict:
+        """A shallow copy as a plain dict."""
+        return dict(self._data)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise TypeError(f"the state is read-only in an expression (cannot set {name!r})")
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return repr(self._data)
 
 
 class Expression:
@@ -84,7 +139,9 @@ class PythonCondition(Condition):
         return self._site.python_site(error, self.expression.strip())
 
     def evaluate(self, state: dict, context: ExecutionContext) -> Any:
-        scope = {"state": state, "variables": context.graph.variables}
+        # The view lets ``state.key`` read a key, as the_edge_agent's expressions do.
+        scope = {"state": AttributeView(state),
+                 "variables": AttributeView(context.graph.variables)}
         return context.resolve(eval(self._code, {"__builtins__": builtins}, scope))
 
     def holds(self, state: dict, context: ExecutionContext) -> bool:

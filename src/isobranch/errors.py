@@ -287,6 +287,28 @@ class RunCancelled(BaseException):
     """
 
 
+
+class NodePaused(BaseException):
+    """The control-flow signal of a pause: a node (or a fan-out's branches) waits for answers.
+
+    A ``BaseException`` like ``RunCancelled``: no ``except Exception`` in a
+    node, a branch or a backend may turn a pause into a failure. The run
+    turns it into its ``"__interrupt__"``; it never reaches the caller.
+    ``interrupts`` are the pending ``interrupts.Interrupt``s; ``point`` is
+    where a paused branch resumes (``checkpoint.recorder.ResumePoint``),
+    filled in as the signal leaves each level of the step loop.
+    """
+
+    def __init__(self, interrupts: list[Any]) -> None:
+        super().__init__(", ".join(i.id for i in interrupts))
+        self.interrupts = interrupts
+        self.point: Any = None
+
+
+class InterruptUnavailable(IsobranchError):
+    """``interrupt()`` was called in a run that cannot pause: it has no checkpointer."""
+
+
 # -- backends ------------------------------------------------------------------
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
+from .errors import InterruptUnavailable, NodePaused
+
 
 class Breakpoint(StrEnum):
     """Where a breakpoint (``compile(interrupt_before=..., interrupt_after=...)``) pauses."""
@@ -63,26 +65,6 @@ class Interrupt:
                        breakpoint=None if point is None else Breakpoint(point))
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"not a recorded interrupt: {exc}") from exc
-
-
-class NodePaused(BaseException):
-    """The control-flow signal of a pause: a node (or a fan-out's branches) waits for answers.
-
-    A ``BaseException`` like ``RunCancelled``: no ``except Exception`` in a
-    node, a branch or a backend may turn a pause into a failure. The run
-    turns it into its ``"__interrupt__"``; it never reaches the caller.
-    ``point`` is where a paused branch resumes (``checkpoint.recorder.ResumePoint``),
-    filled in as the signal leaves each level of the step loop.
-    """
-
-    def __init__(self, interrupts: list[Interrupt]) -> None:
-        super().__init__(", ".join(i.id for i in interrupts))
-        self.interrupts = interrupts
-        self.point: Any = None
-
-
-class InterruptUnavailable(Exception):
-    """``interrupt()`` was called in a run that cannot pause: it has no checkpointer."""
 
 
 @dataclass(slots=True)

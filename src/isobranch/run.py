@@ -24,8 +24,8 @@ from .checkpoint.recorder import RunRecorder
 from .checkpoint.runs import begin_run, paused_state, reopen_run
 from .checkpoint.store import RunStatus, SqliteCheckpointer
 from .context import ExecutionContext
-from .errors import GraphError, GraphExecutionError, RunCancelled, StateCopyError
-from .interrupts import NO_INTERRUPTS, Interrupt, InterruptSettings, NodePaused
+from .errors import GraphError, GraphExecutionError, NodePaused, RunCancelled, StateCopyError
+from .interrupts import NO_INTERRUPTS, Interrupt, InterruptSettings
 from .isolation.base import IsolationBackend
 from .isolation.registry import available_backends
 from .replay import Tape

@@ -25,6 +25,7 @@ from .errors import (
     FanOutPlanError,
     GraphExecutionError,
     NodeFailure,
+    NodePaused,
     RetriesStopped,
     StateCopyError,
 )
@@ -34,7 +35,6 @@ from .interrupts import (
     Breakpoint,
     Interrupt,
     InterruptScope,
-    NodePaused,
     enter_scope,
     leave_scope,
 )

@@ -35,6 +35,7 @@ from .keys import (
 )
 from .lua.syntax import LuaSyntaxChecker
 from .nodes import LuaNode, Node, PythonNode
+from .peer_yaml import PeerTranslator, is_peer_document
 from .retry import RetryPolicy, parse_policy
 from .routes import END, START
 from .schema import StateSchema
@@ -159,6 +160,14 @@ class DocumentBuilder(SettingsReader):
         if not isinstance(doc, Mapping):
             self.problem(f"the document must be a mapping with 'nodes', got {type(doc).__name__}")
             raise self.fail()
+        if is_peer_document(doc):
+            # the_edge_agent's format: translated into this one, its problems kept.
+            translator = PeerTranslator(doc)
+            doc = self.document = translator.translate()
+            self.problems.extend(translator.problems)
+            # Its edges are rebuilt, so only the nodes' code keeps its place in the file.
+            self.code_lines = {key: line for key, line in self.code_lines.items()
+                               if key[0] == "nodes"}
         for key in sorted(set(doc) - TOP_LEVEL_KEYS, key=str):
             self.problem(unknown(f"unknown top-level key {key!r}", key, TOP_LEVEL_KEYS))
         return doc
@@ -498,7 +507,7 @@ class DocumentBuilder(SettingsReader):
         if "over" not in spec:
             self.problem(f"{where}: a map edge needs 'over' (a state key, or "
                          f"{{python: ...}} / {{lua: ...}})")
-        elif isinstance(over, Mapping):
+        elif isinstance(over, Mapping | Condition):
             over = self.condition(over, where, f"over {source}->{target}", role="over",
                                   location=self.location(("edges", index, "over")))
         elif not isinstance(over, str) or not over:
@@ -526,6 +535,11 @@ class DocumentBuilder(SettingsReader):
                   location: CodeLocation | None = None) -> Condition | None:
         if when is None:
             return None
+        if isinstance(when, Condition):  # a Jinja2 expression of the_edge_agent's format
+            if not self.python_allowed(where, f"the Jinja2 '{role}' expression",
+                                       f"write it in Lua as {role}: {{lua: ...}}"):
+                return None
+            return when
         language, expression = Language.PYTHON, when
         if isinstance(when, Mapping):
             if len(when) != 1 or next(iter(when)) not in tuple(Language):
