@@ -159,3 +159,45 @@ def test_every_branch_gets_its_own_state_copy_and_context_on_a_reused_lane():
     # All still alive, so distinct ids mean distinct contexts.
     assert len({id(c) for c in contexts}) == len(contexts) == 200
     assert {c.branch_name for c in contexts} == {f"body[{i}]" for i in range(200)}
+
+
+class _NoRuns:
+    """A fan-out source with nothing to run."""
+
+    max_concurrency = None
+
+    def take(self):
+        return None
+
+    def ready(self):
+        return False
+
+    def next_due(self):
+        return None
+
+
+class _Graph:
+    def run_branch(self, task, monitor):
+        raise AssertionError("no branch runs")
+
+
+def test_a_closed_fan_out_lets_go_of_its_graph_while_a_pool_thread_still_holds_its_lane():
+    # A pool thread keeps its lane (and through it the fan-out) for a moment after
+    # the lane's last report; a graph dropped unclosed in that moment must still be
+    # collectable, or its pool threads outlive it.
+    import gc
+    import weakref
+
+    from isobranch.isolation.thread import ThreadBackend, _Lane
+
+    backend = ThreadBackend(max_workers=1)
+    graph = _Graph()
+    lanes = backend.open(_NoRuns(), graph)
+    held_by_pool_thread = _Lane(lanes)
+    lanes.close(cancelled=False)
+    collected = weakref.ref(graph)
+    del graph, lanes
+    gc.collect()
+    assert collected() is None, "the fan-out's lane still reaches the graph after close"
+    assert held_by_pool_thread.run() is None, "a lane of a closed fan-out takes nothing"
+    backend.close()

@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_for_futures
 from typing import TYPE_CHECKING
@@ -123,6 +123,8 @@ class ThreadBackend(IsolationBackend):
 # ``(None, None, error)`` when a lane itself failed, ``(None, None, None)`` to wake
 # the driver.
 _Report = tuple["BranchRun | None", "ParallelFlowResult | None", "BaseException | None"]
+# What a lane takes: the run and the graph's ``run_branch`` to run it with.
+_Taken = tuple[BranchRun, Callable[..., ParallelFlowResult]]
 
 
 class _Lanes(BackendFanOut):
@@ -144,8 +146,8 @@ class _Lanes(BackendFanOut):
     def __init__(self, backend: ThreadBackend, source: RunSource,
                  graph: BranchGraph) -> None:
         self._backend = backend
-        self._source = source
-        self.graph = graph
+        self._source: RunSource | None = source
+        self.graph: BranchGraph | None = graph
         self.slots = backend.max_workers
         self._width: int | None = None
         self._lock = threading.Lock()
@@ -161,6 +163,8 @@ class _Lanes(BackendFanOut):
         """Start lanes, up to the width, as many as there are runs to take now: those runs
         are taken here and queued, and whichever lane starts first takes the first."""
         with self._lock:
+            if self._stopped:
+                return
             if self._width is None:
                 self._width = min(self._source.max_concurrency or self.slots, self.slots)
             while self._live < self._width and not self._stopped:
@@ -194,8 +198,12 @@ class _Lanes(BackendFanOut):
         self._live -= 1
         self._lanes.discard(lane)
 
-    def take(self, lane: _Lane) -> BranchRun | None:
-        """The next run for ``lane``, or None when the lane must leave."""
+    def take(self, lane: _Lane) -> _Taken | None:
+        """The next run for ``lane`` and what runs it, or None when the lane must leave.
+
+        The graph is handed out with each run, under the lock ``close`` drops it
+        under, so a lane holds the graph only while it runs one of its branches.
+        """
         with self._lock:
             if lane.retired:
                 return None
@@ -207,7 +215,7 @@ class _Lanes(BackendFanOut):
                 return None
             run.handle = (lane, BranchMonitor())
             lane.current = run
-            return run
+            return run, self.graph.run_branch
 
     def requeue(self, lane: _Lane) -> None:
         """``lane`` ran its batch: send it to the back of the pool's queue, or let it leave."""
@@ -276,6 +284,12 @@ class _Lanes(BackendFanOut):
         with self._lock:
             self._stopped = True
             self._queued.clear()
+            # A pool thread still holds its lane (and so this fan-out) for a moment
+            # after the last report: it must not hold the graph and its source too,
+            # or a graph dropped unclosed right after its run escapes collection
+            # (and so keeps its pool threads) whenever gc runs in that moment.
+            self.graph = None
+            self._source = None
             stopped = [lane.current for lane in self._lanes
                        if lane.current is not None and not lane.current.done]
             futures = [f for f in self._futures if not f.done()]
@@ -301,11 +315,11 @@ class _Lane:
     def run(self) -> None:
         lanes = self._lanes
         report = lanes.finished.put
-        run_branch = lanes.graph.run_branch
         for _ in range(LANE_BATCH):
-            run = lanes.take(self)
-            if run is None:
+            taken = lanes.take(self)
+            if taken is None:
                 return
+            run, run_branch = taken
             run.started_at = time.monotonic()
             try:
                 result = run_branch(run.task, run.handle[1])
@@ -314,5 +328,5 @@ class _Lane:
             else:
                 report((run, result, None))
             self.current = None
-            del run
+            del run, run_branch, taken
         lanes.requeue(self)
