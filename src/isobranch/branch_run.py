@@ -53,29 +53,32 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
                      task.isolation)
     if monitor is not None:
         monitor.started_at = started
-    deadline = started + task.limits.branch_timeout if task.limits.branch_timeout else None
+    limits = task.limits
+    time_limit = limits.branch_timeout
+    deadline = started + time_limit if time_limit else None
     worker = _worker_name(task.isolation)
     state: dict = {}
     route: list[Any] = list(task.route)  # a resumed branch: what it ran before its pause
     context = ExecutionContext(
-        task.graph, deadline=deadline, time_limit=task.limits.branch_timeout,
+        task.graph, deadline=deadline, time_limit=time_limit,
         branch_name=task.name, branch_index=task.index, monitor=monitor,
-        fan_out_limits=task.limits, watchdog=watchdog, stop=task.stop,
+        fan_out_limits=limits, watchdog=watchdog, stop=task.stop,
         nested_isolation="inline" if task.isolation == "inline" else "thread",
         backend_factory=create_backend)
     context.branch_start = task.start
     # Only a task sent under a traced fan-out records spans (sent back in the result).
-    recorder = None if task.trace is None else SpanRecorder(
-        task.trace, graph=task.graph.name, branch=task.name, index=task.index,
-        isolation=task.isolation)
-    context.spans = recorder
+    recorder = None
+    if task.trace is not None:
+        recorder = context.spans = SpanRecorder(
+            task.trace, graph=task.graph.name, branch=task.name, index=task.index,
+            isolation=task.isolation)
     # Each attempt records on a tape of its own; what it recorded goes back in its result.
-    context.replay = task.replay.for_branch() if task.replay is not None else None
+    if task.replay is not None:
+        context.replay = task.replay.for_branch()
 
-    def result(**outcome: Any) -> ParallelFlowResult:
-        outcome.setdefault("state", state)
-        outcome.setdefault("route", tuple(route))
+    def result(final_state: dict, **outcome: Any) -> ParallelFlowResult:
         done = ParallelFlowResult(branch=result_name(task.start, task.index), index=task.index,
+                                  state=final_state, route=tuple(route),
                                   duration_ms=ms_since(started), isolation=task.isolation,
                                   worker=worker, **outcome)
         if recorder is not None:
@@ -100,30 +103,31 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
                 route.append(route_step(event["branches"]))
         # A last node that ran past the deadline makes the branch late too.
         context.check_deadline()
-        return result(success=True, reducer_writes=context.reducer_writes)
+        return result(state, success=True, reducer_writes=context.reducer_writes)
     except NodePaused as paused:
         # Neither a success nor a failure: the branch waits for answers, and a resume
         # continues it from ``resume_at`` on the state it has now.
         if debug:
             logger.debug("branch %r paused: %s", task.name, paused)
-        return result(success=False, error=f"branch {task.name!r} paused for answers: {paused}",
+        return result(state, success=False,
+                      error=f"branch {task.name!r} paused for answers: {paused}",
                       error_type=ErrorKind.INTERRUPTED, node=paused.interrupts[0].node,
                       interrupts=tuple(paused.interrupts), resume_at=paused.point)
     except BranchTimeout as timeout:
-        return result(success=False, error=str(timeout), error_type=ErrorKind.BRANCH_TIMEOUT,
+        return result(state, success=False, error=str(timeout), error_type=ErrorKind.BRANCH_TIMEOUT,
                       timed_out=True, node=timeout.node, traceback=format_traceback(timeout))
     except BranchCancelled as cancelled:
         if debug:
             logger.debug("branch %r finished: cancelled (%s)", task.name, cancelled)
         return cancelled_result(task, str(cancelled))
     except GraphExecutionError as exc:  # a node failed, or a nested fan-out under fail_fast
-        return result(state=exc.state if exc.state is not None else state, success=False,
+        return result(exc.state if exc.state is not None else state, success=False,
                       error=str(exc), error_type=exc.error_type or type(exc).__name__,
                       timed_out=exc.timed_out, node=exc.node,
                       traceback=exc.traceback or format_traceback(exc),
                       error_bases=tuple(getattr(exc, "error_bases", ()) or ()))
     except Exception as exc:  # a branch must never take its siblings down
-        return result(success=False, error=f"branch {task.name!r}: {type(exc).__name__}: {exc}",
+        return result(state, success=False, error=f"branch {task.name!r}: {type(exc).__name__}: {exc}",
                       error_type=type(exc).__name__, traceback=format_traceback(exc),
                       error_bases=exception_names(type(exc)))
     finally:

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from typing import Any
 
 from . import async_api, drawing, run_history
-from .branch import BranchMonitor, BranchTask, ParallelFlowResult, Watchdog
 from .branch_run import run_branch
 from .cancellation import CancelSignal
 from .checkpoint.answering import NO_ANSWER
@@ -306,11 +305,10 @@ class CompiledGraph:
             self._fingerprint = graph_fingerprint(self)
         return dict(self._fingerprint)
 
-    def run_branch(self, task: BranchTask, monitor: BranchMonitor | None = None,
-                   watchdog: Watchdog | None = None) -> ParallelFlowResult:
-        """Run one branch of this graph (``branch_run.run_branch``): what a backend calls,
-        handed this graph, so no backend imports the step loop."""
-        return run_branch(task, monitor, watchdog)
+    # How a backend runs one branch of this graph, handed the graph, so no backend imports
+    # the step loop: ``branch_run.run_branch`` itself (the task holds this graph), not a
+    # method calling it, which would cost every branch a call.
+    run_branch = staticmethod(run_branch)
 
     def _backend(self, isolation: str, max_workers: int | None) -> IsolationBackend:
         key = (isolation, max_workers)

@@ -309,6 +309,12 @@ class InterruptUnavailable(IsobranchError):
     """``interrupt()`` was called in a run that cannot pause: it has no checkpointer."""
 
 
+
+class JinjaExpressionError(IsobranchError):
+    """A Jinja2 expression (an agent in the peer YAML format) failed at run time; the
+    message quotes the expression."""
+
+
 # -- backends ------------------------------------------------------------------
 
 

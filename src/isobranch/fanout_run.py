@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import itertools
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -85,13 +87,14 @@ class FanOutSource:
 
     def __init__(self, tasks: Iterator[BranchTask], positions: Sequence[int] | None = None,
                  *, clock: Callable[[], float] = time.monotonic) -> None:
-        self._tasks = tasks
-        self._positions = positions
+        # Each task with its position in the plan, numbered as it is built (as many
+        # positions as tasks when some were skipped; count() never ends).
+        self._tasks: Iterator[tuple[int, BranchTask]] = zip(
+            itertools.count() if positions is None else positions, tasks, strict=False)
         self._clock = clock
-        self._lock: threading.Lock | None = threading.Lock()
+        self._lock = threading.Lock()
         # What ``with`` guards the rarer operations with: the lock, or nothing.
         self._guard: contextlib.AbstractContextManager = self._lock
-        self._built = 0
         # The next run, built ahead (by ``prime`` or ``ready``).
         self._next: BranchRun | None = None
         self._driver_thread = threading.get_ident()
@@ -103,7 +106,7 @@ class FanOutSource:
         self.exhausted = False
         self.stopped = False
         self.error: BaseException | None = None
-        self.cap: int | None = None
+        self.cap = sys.maxsize  # the driver sets it; this high: no bound
         self.max_concurrency: int | None = None
         self.out = 0
         # A take was refused because ``cap`` runs were out (since the last release).
@@ -113,12 +116,11 @@ class FanOutSource:
 
     def prime(self) -> BranchRun | None:
         """Build the first run now (its error raises here); None if the fan-out has none."""
-        task = next(self._tasks, None)
-        if task is None:
+        first = next(self._tasks, None)
+        if first is None:
             self.exhausted = True
             return None
-        self._built = 1
-        self._next = BranchRun(task, 0 if self._positions is None else self._positions[0])
+        self._next = BranchRun(first[1], first[0])
         return self._next
 
     def track(self) -> None:
@@ -128,55 +130,59 @@ class FanOutSource:
     def single_threaded(self) -> None:
         """Only the driver's thread takes and releases runs from now on: lock nothing.
         (A stop flag may still stop it from another thread: a flag and a list copy.)"""
-        self._lock = None
         self._guard = contextlib.nullcontext()
+        # The unlocked bodies become ``take`` and ``release`` themselves: no lock, and no
+        # call through a locking wrapper, which is most of what a branch costs the driver
+        # on the inline backend.
+        self.take = self._take  # type: ignore[method-assign]
+        self.release = self._release  # type: ignore[method-assign]
 
     def take(self) -> BranchRun | None:
         """The next run to start, or None when there is none now (see ``RunSource``)."""
-        lock, ended, run = self._lock, False, None
-        if lock is not None:
-            lock.acquire()
-        try:
-            if self.stopped:
-                pass
-            elif self.cap is not None and self.out >= self.cap:
-                self.starved = True
-            else:
-                due = self._due
-                if due and due[0][0] <= self._clock():
-                    run = heapq.heappop(due)[2]
-                    self.retrying = bool(due)
-                elif self._next is not None:
-                    run, self._next = self._next, None
-                elif not self.exhausted:
-                    # _build_next, written out: this is once per branch.
-                    try:
-                        task = next(self._tasks)
-                    except StopIteration:
-                        self.exhausted = ended = True
-                    except BaseException as exc:  # building a task failed: the driver raises it
-                        self.exhausted = ended = True
-                        self.error = exc
-                    else:
-                        index = self._built
-                        self._built = index + 1
-                        run = BranchRun(task, index if self._positions is None
-                                        else self._positions[index])
-                if run is not None:
-                    self.out += 1
-                    if self._held is not None:
-                        self._held.add(run)
-        finally:
-            if lock is not None:
-                lock.release()
-        if ended and lock is not None:
+        with self._lock:
+            exhausted = self.exhausted
+            run = self._take()
+            ended = self.exhausted and not exhausted
+        if ended:
             self._ended()
+        return run
+
+    def _take(self) -> BranchRun | None:
+        """``take`` without the lock (``single_threaded`` makes it ``take`` itself)."""
+        if self.stopped:
+            return None
+        if self.out >= self.cap:
+            self.starved = True
+            return None
+        due = self._due
+        if due and due[0][0] <= self._clock():
+            run = heapq.heappop(due)[2]
+            self.retrying = bool(due)
+        elif self._next is not None:
+            run, self._next = self._next, None
+        elif self.exhausted:
+            return None
+        else:
+            # _build_next, written out: this is once per branch.
+            try:
+                position, task = next(self._tasks)
+            except StopIteration:
+                self.exhausted = True
+                return None
+            except BaseException as exc:  # building a task failed: the driver raises it
+                self.exhausted = True
+                self.error = exc
+                return None
+            run = BranchRun(task, position)
+        self.out += 1
+        if self._held is not None:
+            self._held.add(run)
         return run
 
     def ready(self) -> bool:
         """Whether ``take`` may hand out a run now (the next task is built to know)."""
         with self._guard:
-            if self.stopped or (self.cap is not None and self.out >= self.cap):
+            if self.stopped or self.out >= self.cap:
                 return False
             if self._due and self._due[0][0] <= self._clock():
                 return True
@@ -192,7 +198,7 @@ class FanOutSource:
         if self.exhausted:
             return False
         try:
-            task = next(self._tasks)
+            position, task = next(self._tasks)
         except StopIteration:
             self.exhausted = True
             return True
@@ -200,10 +206,7 @@ class FanOutSource:
             self.exhausted = True
             self.error = exc
             return True
-        index = self._built
-        self._built = index + 1
-        self._next = BranchRun(task, index if self._positions is None
-                               else self._positions[index])
+        self._next = BranchRun(task, position)
         return False
 
     def _ended(self) -> None:
@@ -213,17 +216,15 @@ class FanOutSource:
     def release(self, run: BranchRun) -> bool:
         """``run``'s result is in: it no longer counts as out. True if a take was refused
         for the cap meanwhile (the backend may take again now)."""
-        lock = self._lock
-        if lock is not None:
-            lock.acquire()
-        try:
-            self.out -= 1
-            if self._held is not None:
-                self._held.discard(run)
-            starved, self.starved = self.starved, False
-        finally:
-            if lock is not None:
-                lock.release()
+        with self._lock:
+            return self._release(run)
+
+    def _release(self, run: BranchRun) -> bool:
+        """``release`` without the lock (``single_threaded`` makes it ``release`` itself)."""
+        self.out -= 1
+        if self._held is not None:
+            self._held.discard(run)
+        starved, self.starved = self.starved, False
         return starved
 
     def schedule(self, run: BranchRun, at: float) -> None:
@@ -291,6 +292,13 @@ class _Driver:
         self.abandoned: list[BranchRun] = []
         self.timeout: float | None = None
         self.grace = backend.kill_grace_seconds
+        # Where a final result only goes when nothing watches an attempt, no branch can
+        # retry, and nobody observes or reads a note of a result (an invoke's fan-out,
+        # most of them): decided once, so each branch skips the rest of ``_finish``.
+        self.places_only: Gathered | None = (
+            gathering.gathered if gathering is not None and attempt_observer is None
+            and retry_of is None and not gathering.observers and not gathering.notes
+            else None)
 
     def run(self) -> Iterator[tuple[int, ParallelFlowResult] | RetryNotice | BranchFinished]:
         source, backend, gathering = self.source, self.backend, self.gathering
@@ -418,6 +426,8 @@ class _Driver:
             assert self.work is not None
             self.work.start()  # room again for a backend that was refused
         result.attempts = run.attempt
+        if self.places_only is not None:
+            return None, self.places_only.place(run.position, result)
         if self.attempt_observer is not None:  # told of every attempt, retried ones too
             self.attempt_observer(run, result)
         if self.retry_of is not None and not result.success and not result.interrupts:
@@ -544,19 +554,21 @@ class Gathered:
     def finish(self, names: Callable[[int], str], indexes: Callable[[int], int | None],
                isolation: str) -> list[ParallelFlowResult]:
         """Every result in order; branches without one are cancelled (after a fail_fast stop)."""
+        cancelled = 0
         if self.failure is not None:
             reason = fail_fast_reason(self.failure)
             for position in self.missing():
                 self.results[position] = ParallelFlowResult(
                     branch=names(position), index=indexes(position), success=False,
                     error=reason, error_type=CANCELLED, isolation=isolation)
+                cancelled += 1
+        if self.done + cancelled == len(self.results):  # every branch has one now
+            return list(self.results)  # type: ignore[arg-type]
         missing = self.missing()
-        if missing:
-            raise BackendError(f"backend {self.backend!r} returned {self.done} results for "
-                               f"{len(self.results)} branches (none for "
-                               f"{', '.join(names(i) for i in missing[:5])}"
-                               f"{', ...' if len(missing) > 5 else ''})")
-        return [result for result in self.results if result is not None]
+        raise BackendError(f"backend {self.backend!r} returned {self.done} results for "
+                           f"{len(self.results)} branches (none for "
+                           f"{', '.join(names(i) for i in missing[:5])}"
+                           f"{', ...' if len(missing) > 5 else ''})")
 
 
 class FanOutObserver(Protocol):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .conditions import AttributeView, Condition
+from .errors import JinjaExpressionError
 
 if TYPE_CHECKING:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -128,7 +129,3 @@ class JinjaCondition(Condition):
 
     def describe(self) -> str:
         return f"jinja: {self.expression}"
-
-
-class JinjaExpressionError(Exception):
-    """A Jinja2 expression failed at run time; the message quotes the expression."""

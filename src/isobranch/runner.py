@@ -103,23 +103,25 @@ def run_steps(graph: StepGraph, state: dict, context: ExecutionContext, *, start
     """
     recorder = context.recorder if context.branch_name is None else None
     spans = context.spans  # None: not traced
-    current, steps = start, 0
+    ends = (END, stop_at)
     # After a fan-out: its fan-in node runs next, with these. It runs even
     # where the path stops (a nested fan-out meeting at its branch's own
     # fan-in node) and is then a node like any other: it may fan out again.
     results: list[ParallelFlowResult] | None = None
-    # A resumed step already ran, and its fan-out, if any, is next; unless the
-    # run stopped inside it (a subgraph node), which then runs on from there.
-    # A branch that paused runs its interrupted node ``again``.
-    inside = resume.inner if resume is not None else None
-    ran = resume is not None and inside is None and not resume.again
+    current, steps, ran, inside = start, 0, False, None
     if resume is not None:
+        # A resumed step already ran, and its fan-out, if any, is next; unless the
+        # run stopped inside it (a subgraph node), which then runs on from there.
+        # A branch that paused runs its interrupted node ``again``.
+        inside = resume.inner
+        ran = inside is None and not resume.again
         current, steps = resume.node, resume.steps - (not ran)
     # Breakpoints pause the top graph's main path only.
     breakpoints = context.interrupts if (
         context.branch_name is None and not context.prefix and (
             context.interrupts.before or context.interrupts.after)) else None
-    while ran or results is not None or current not in (END, stop_at):
+    # (The usual case first: a branch's loop runs once per node.)
+    while current not in ends or ran or results is not None:
         if not ran:
             steps += 1
             if steps > graph.max_steps:
