@@ -281,6 +281,8 @@ class DaskBackend(IsolationBackend):
         with self._lock:
             if not branch.ran_on(dead):
                 return None  # only queued there: not the branch that used the memory
+        if self._runs.exonerated(branch, dead):
+            return None  # another branch ran there when it was restarted
         used = self._memory_restarts.used_by(dead, MEMORY_EVENT_SECONDS)
         if used is None:
             return None
@@ -301,7 +303,9 @@ class DaskBackend(IsolationBackend):
             followed.fan_out.heard_at = now
             kind = message.get("kind")
             if kind == "start":
-                followed.starts.append((now, str(message.get("worker"))))
+                worker = str(message.get("worker"))
+                followed.starts.append((now, worker))
+                self._runs.worker_started(worker, message.get("threads"))
                 if isinstance(followed, FollowedBatch):
                     return  # its branches' starts come as "item" (when they have deadlines)
             if isinstance(followed, FollowedBatch):
@@ -349,6 +353,7 @@ class DaskBackend(IsolationBackend):
         with self._lock:
             branch.current = len(branch.starts)
             branch.finished_after = None
+            branch.recomputing = False
             branch.run.started_at = None
             self._following[branch.key] = branch
         future = branch.future = client.submit(run_on_worker, plugin, task.payload(),
@@ -475,7 +480,7 @@ class DaskBackend(IsolationBackend):
             if future.status != "pending":
                 continue  # finished meanwhile: _collect takes it as it is
             if isinstance(branch, FollowedBatch):
-                if len(branch.starts) > 1:
+                if len(branch.starts) > 1 + len(branch.spared):
                     # A user's scheduler re-ran it after its worker died: its branches
                     # run alone instead, where the one that killed the worker is named.
                     quietly(future.cancel)
@@ -553,19 +558,27 @@ class DaskBackend(IsolationBackend):
             if status in ("cancelled", "lost") and client.status != "running":
                 continue  # the client cancels its tasks when it loses the scheduler: _lost judges
             branch = pending[future]
-            self.forget(pending, [future])
             if status == "lost":
                 # It finished, but its result died with its worker before it was
-                # fetched: nothing of it was recorded, and it is not its failure.
-                logger.warning("dask backend: the result of %s died with its Dask worker "
-                               "before it was fetched; it runs again", describe_task(branch))
-                if isinstance(branch, FollowedBatch):
-                    self._dissolve(client, plugin, branch, pending)
-                else:
-                    pending[self.submit(client, plugin, branch)] = branch
+                # fetched: nothing of it was recorded, and it is not its failure. The
+                # scheduler computes it again under the same key, since this client
+                # holds its future: it is followed on, never submitted anew, as a second
+                # task would run its branches twice, once after their success was told.
+                if not branch.recomputing:
+                    branch.recomputing = True
+                    logger.warning("dask backend: the result of %s died with its Dask "
+                                   "worker before it was fetched; it runs again",
+                                   describe_task(branch))
+                    self._runs.result_lost(branch)
                 continue
+            self.forget(pending, [future])
             error = quietly(future.exception) if status == "error" else None
             dead = dead_worker(error)
+            if dead is not None:
+                # Judged before any task the death killed runs again (or is forgotten).
+                with self._lock:
+                    followed = [branch, *self._following.values()]
+                self._runs.worker_died(dead, followed)
             if isinstance(branch, FollowedBatch):
                 self._batch_ended(connection, plugin, pending, branch, status, error, dead,
                                   results)

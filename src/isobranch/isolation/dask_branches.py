@@ -4,8 +4,9 @@
 start a worker confirmed, its node); ``FanOutWatch`` what a fan-out's
 branches share. ``RunLedger`` is the retry bookkeeping: which workers this
 backend restarted and when, so a branch killed by such a restart is not
-counted against its ``retries``, and a branch the scheduler re-ran more
-often than that is failed. ``MemoryRestarts`` collects the workers a nanny
+counted against its ``retries``; which branch caused a worker's death, so
+one that only shared the worker with it is not counted either; and a branch
+the scheduler re-ran more often than that is failed. ``MemoryRestarts`` collects the workers a nanny
 restarted for memory. The functions below describe a failed branch, and a
 graph a worker cannot load.
 """
@@ -16,7 +17,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future as ProbeFuture
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,10 @@ logger = logging.getLogger(__name__)
 RESTART_MEMORY_SECONDS = 120.0
 # The longest a fan-out waits for one result fetched on its own.
 FETCH_SECONDS = 2.0
+# A branch that died with its worker this many times, each time beside other started
+# branches none of which could be told to be the cause, is taken as the cause: a
+# crasher that always shares its worker must not run for ever.
+SHARED_DEATHS_LIMIT = 3
 
 
 @dataclass
@@ -71,6 +76,13 @@ class FollowedBranch:
     # has not): a later start is the scheduler computing again a result that died
     # with its worker before it was fetched, not a re-run after a crash.
     finished_after: int | None = None
+    # Indices in ``starts`` of runs that died with a worker another branch killed (or
+    # may have): they do not count against ``retries``.
+    spared: set[int] = field(default_factory=set)
+    # Deaths it shared with other started branches, none of them told to be the cause.
+    shared_deaths: int = 0
+    # Its result died with its worker and the scheduler computes it again.
+    recomputing: bool = False
 
     def on_done(self, future: Any) -> None:
         """The future's done callback (on the client's event-loop thread, which also
@@ -98,6 +110,32 @@ class FollowedBranch:
         """Whether the current submission started on ``worker`` (not only queued there)."""
         return any(where == worker for _, where in self.starts[self.current:])
 
+    def started_on(self, worker: str) -> float | None:
+        """When the current submission last started on ``worker`` (client clock), if it did."""
+        times = [at for at, where in self.starts[self.current:] if where == worker]
+        return times[-1] if times else None
+
+    def unfinished(self) -> bool:
+        """Whether no finish of the current submission has been seen."""
+        return self.finished_after is None
+
+
+@dataclass
+class WorkerDeath:
+    """One worker's death as the client judged it, when the first task it killed was seen.
+
+    ``cause`` is the task (a ``FollowedBranch`` or a batch) that was running
+    there when it died, if that can be told: the only task that had started
+    there and was not seen to finish, or, on a worker of one thread, the last
+    of them to start (one thread runs one task at a time, so every earlier
+    one had finished; their results only had not reached the scheduler yet,
+    which then counts them as killed too). With several started tasks on a
+    worker of several threads, None: any of them may have killed it.
+    """
+
+    at: float
+    cause: Any
+
 
 class RunLedger:
     """Which runs of a branch count against ``retries``: not those on a worker this
@@ -111,6 +149,72 @@ class RunLedger:
         self._lock = lock
         # Workers this backend restarted: address -> when (client clock).
         self._restarted: dict[str, float] = {}
+        # Worker threads, as each worker reported them with a start: address -> threads.
+        self._threads: dict[str, int] = {}
+        # Workers seen dead, and which task killed each: address -> its death.
+        self._deaths: dict[str, WorkerDeath] = {}
+
+    def worker_started(self, worker: str, threads: Any) -> None:
+        """A task started on ``worker``, which runs ``threads`` tasks at once. The caller
+        holds the lock (the event-loop thread, appending the start)."""
+        if isinstance(threads, int) and threads > 0:
+            self._threads[worker] = threads
+
+    def worker_died(self, dead: str, tasks: Iterable[Any]) -> None:
+        """``dead`` killed a task: judge once which of ``tasks`` (every branch and batch
+        followed, the one that just failed included, before any runs again) was the cause.
+
+        Every start on ``dead`` reached the client before any task it killed
+        did (the scheduler sends both, in that order), so the tasks that had
+        started there and were not seen to finish are all known here.
+        """
+        now = time.monotonic()
+        with self._lock:
+            if dead in self._deaths:
+                return
+            for worker, death in list(self._deaths.items()):
+                if death.at < now - RESTART_MEMORY_SECONDS:
+                    del self._deaths[worker]
+            started: dict[int, tuple[float, Any]] = {}
+            for task in tasks:
+                at = _unfinished_start(task, dead)
+                if at is not None:
+                    started[id(task)] = (at, task)
+            runs_at_once = self._threads.pop(dead, None)
+            cause = None
+            if len(started) == 1 or (started and runs_at_once == 1):
+                cause = max(started.values(), key=lambda start: start[0])[1]
+            self._deaths[dead] = WorkerDeath(now, cause)
+
+    def exonerated(self, branch: FollowedBranch, dead: str) -> bool:
+        """Whether another task is known to have killed ``dead`` (not ``branch``)."""
+        with self._lock:
+            death = self._deaths.get(dead)
+            return death is not None and death.cause is not None and death.cause is not branch
+
+    def result_lost(self, branch: Any) -> None:
+        """The current run of ``branch`` (a branch or a batch) finished, but its result
+        died with its worker before it was fetched: the scheduler runs it again, and
+        the run that finished does not count."""
+        with self._lock:
+            first = branch.current if isinstance(branch, FollowedBranch) else 0
+            # Its first start only: the scheduler's run again may have begun meanwhile.
+            branch.spared.update(range(first, min(first + 1, len(branch.starts))))
+
+    def _counts_death(self, branch: FollowedBranch, dead: str) -> bool:
+        """Whether the death of ``dead`` (where ``branch`` ran) counts against ``branch``:
+        it was the cause, or it shared ``SHARED_DEATHS_LIMIT`` deaths none was blamed for.
+        A death that does not count spares the run from ``retries``. Under the lock."""
+        death = self._deaths.get(dead)
+        if death is None or death.cause is branch:
+            return True
+        if death.cause is None:
+            branch.shared_deaths += 1
+            if branch.shared_deaths >= SHARED_DEATHS_LIMIT:
+                return True
+        branch.spared.update(number for number in range(branch.current, len(branch.starts))
+                             if branch.starts[number][1] == dead)
+        return False
 
     def restarting(self, workers: list[str]) -> None:
         """Remember that ``workers`` are being restarted now (and forget old restarts)."""
@@ -127,9 +231,11 @@ class RunLedger:
         with self._lock:
             restarted = self._restarted.get(dead, 0.0) > time.monotonic() - RESTART_MEMORY_SECONDS
             ran_there = branch.ran_on(dead)
-        if restarted or not ran_there:
-            # Killed by a restart isobranch asked for, or queued on a worker that
-            # died before it started: not the branch's failure.
+            # Killed beside the branch that killed the worker (or may have): not its failure.
+            caused = ran_there and not restarted and self._counts_death(branch, dead)
+        if restarted or not caused:
+            # Killed by a restart isobranch asked for, queued on a worker that died
+            # before it started, or one that another branch killed: not its failure.
             return True
         return self.attempts(branch) <= self.retries
 
@@ -153,8 +259,23 @@ class RunLedger:
     def _counted_runs(self, branch: FollowedBranch) -> list[str]:
         with self._lock:
             # Starts after the branch finished once computed a lost result again.
-            return [worker for at, worker in branch.starts[:branch.finished_after]
-                    if self._restarted.get(worker, -1.0) < at]
+            return [worker for number, (at, worker) in enumerate(
+                        branch.starts[:branch.finished_after])
+                    if self._restarted.get(worker, -1.0) < at and number not in branch.spared]
+
+
+def _unfinished_start(task: Any, worker: str) -> float | None:
+    """When ``task`` (a branch or a batch) last started on ``worker``, if its current run
+    did and was not seen to finish there."""
+    if isinstance(task, FollowedBranch):
+        if task.batch is not None:
+            return None  # its batch is the task that runs
+        return task.started_on(worker) if task.unfinished() else None
+    future = getattr(task, "future", None)
+    if future is not None and future.status == "finished":
+        return None
+    times = [at for at, where in task.starts if where == worker]
+    return times[-1] if times else None
 
 
 class MemoryRestarts:
@@ -203,6 +324,9 @@ def describe_failure(branch: FollowedBranch, status: str, error: BaseException |
     if dead is not None:
         runs = len(branch.starts)
         tried = f" (it ran {runs} times)" if runs > 1 else ""
+        if branch.shared_deaths >= SHARED_DEATHS_LIMIT:
+            tried = (f" (its worker died in {branch.shared_deaths} of its runs, each time "
+                     f"running other branches too, and no other branch was the cause)")
         return f"Dask worker {dead} died while running it{tried}"
     if error is not None:
         # A missing module (the engine, or one a map item's class is defined

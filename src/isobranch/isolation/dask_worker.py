@@ -126,7 +126,8 @@ def run_batch_on_worker(plugin: str, payloads: bytes, topic: str, key: str,
     # Not waited for, unlike a single branch's: whether a batch started before its worker
     # died changes nothing (its branches all run again alone), and a round trip to the
     # scheduler per task is what batching saves.
-    worker.log_event(topic, {"kind": "start", "key": key, "worker": worker.address})
+    worker.log_event(topic, {"kind": "start", "key": key, "worker": worker.address,
+                             "threads": worker.state.nthreads})
     began = time.monotonic()
     results = []
     try:
@@ -155,7 +156,8 @@ def run_on_worker(plugin: str, payload: dict[str, Any], topic: str, key: str
     worker = get_worker()
     graph = _loaded_graph(worker, plugin)
     sync(worker.loop, worker.scheduler.log_event, topic=topic,
-         msg={"kind": "start", "key": key, "worker": worker.address})
+         msg={"kind": "start", "key": key, "worker": worker.address,
+              "threads": worker.state.nthreads})
     task = BranchTask(graph=graph, **payload)
     try:
         result = graph.run_branch(task, monitor=_ProgressReporter(worker, topic, key, task.start))
