@@ -237,20 +237,10 @@ class SettingsReader:
             return None
         if path is None or self.engine_options.checkpointer is not None:
             return self.engine_options.checkpointer
-        if not Path(path).is_absolute() or not self.engine_options.allow_python:
-            if self.base_dir is None:
-                self.problem(f"{where}.path: relative path {path!r} needs load_from_file or "
-                             f"base_dir")
-                return None
-            if not self.engine_options.allow_python:
-                try:
-                    return SqliteCheckpointer(contained_file(self.base_dir, path),
-                                              pickle=False)
-                except ValueError as exc:
-                    self.problem(f"{where}.path: {path!r} {exc} (allow_python=False)")
-                    return None
-            path = self.base_dir / path
-        return SqliteCheckpointer(path, pickle=pickle is True)
+        file = self.settings_file(where, path)
+        if file is None:
+            return None
+        return SqliteCheckpointer(file, pickle=pickle is True and self.engine_options.allow_python)
 
     def node_cache(self, value: Any) -> SqliteCache | None:
         """The engine's node cache, else the one ``settings.cache`` describes.
@@ -269,19 +259,27 @@ class SettingsReader:
             return None
         if path is None or self.engine_options.cache is not None:
             return self.engine_options.cache
-        if not Path(path).is_absolute() or not self.engine_options.allow_python:
-            if self.base_dir is None:
-                self.problem(f"{where}.path: relative path {path!r} needs load_from_file or "
-                             f"base_dir")
+        file = self.settings_file(where, path)
+        return None if file is None else SqliteCache(file)
+
+    def settings_file(self, where: str, path: str) -> Path | None:
+        """The file a setting's ``path`` names, relative to the workflow's directory; None
+        after reporting why it cannot be used. A Lua-only document may name a file only
+        inside that directory."""
+        allow_python = self.engine_options.allow_python
+        if Path(path).is_absolute() and allow_python:
+            return Path(path)
+        if self.base_dir is None:
+            self.problem(f"{where}.path: relative path {path!r} needs load_from_file or "
+                         f"base_dir")
+            return None
+        if not allow_python:
+            try:
+                return Path(contained_file(self.base_dir, path))
+            except ValueError as exc:
+                self.problem(f"{where}.path: {path!r} {exc} (allow_python=False)")
                 return None
-            if not self.engine_options.allow_python:
-                try:
-                    return SqliteCache(contained_file(self.base_dir, path))
-                except ValueError as exc:
-                    self.problem(f"{where}.path: {path!r} {exc} (allow_python=False)")
-                    return None
-            path = self.base_dir / path
-        return SqliteCache(path)
+        return self.base_dir / path
 
     def subgraph_settings(self, settings: Any, ceiling: LuaCeiling
                           ) -> tuple[float | None, int | None]:
