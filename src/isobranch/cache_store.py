@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import GraphError
-from .sqlite_retry import BUSY_TIMEOUT_SECONDS, retry_while_locked
+from .sqlite_retry import open_connection, retry_while_locked
 
 # What the meta table of a node cache file says it is.
 FORMAT = "isobranch-node-cache"
@@ -124,13 +124,7 @@ class SqliteCache:
         if self._connection is not None and self._pid == os.getpid():
             return self._connection
         self._pid = os.getpid()
-        connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS,
-                                     isolation_level=None, check_same_thread=False)
-        try:
-            retry_while_locked(lambda: self._prepare(connection))
-        except BaseException:
-            connection.close()
-            raise
+        connection = open_connection(self.path, self._prepare)
         self._connection = connection
         return connection
 

@@ -15,6 +15,7 @@ import random
 import sqlite3
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 # How long SQLite itself waits for a lock, and how long a locked statement is retried after that.
@@ -41,3 +42,20 @@ def retry_while_locked(attempt: Callable[[], _T], *, within: float = RETRY_SECON
                 raise
         time.sleep(pause * (0.5 + random.random()))
         pause = min(pause * 2, 0.5)
+
+
+def open_connection(target: str | Path, prepare: Callable[[sqlite3.Connection], None], *,
+                    uri: bool = False) -> sqlite3.Connection:
+    """A connection to ``target`` for any thread, in autocommit mode with the busy timeout,
+    once ``prepare`` (its pragmas and schema) succeeded on it, retried while locked.
+
+    A connection ``prepare`` failed on is closed, never returned half-set-up.
+    """
+    connection = sqlite3.connect(target, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None,
+                                 check_same_thread=False, uri=uri)
+    try:
+        retry_while_locked(lambda: prepare(connection))
+    except BaseException:
+        connection.close()
+        raise
+    return connection

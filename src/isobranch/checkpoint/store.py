@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 from ..errors import GraphError, RunExistsError, StateDecodeError
 from ..interrupts import Interrupt
-from ..sqlite_retry import BUSY_TIMEOUT_SECONDS, retry_while_locked
+from ..sqlite_retry import open_connection, retry_while_locked
 from .codec import decode_value
 
 SCHEMA_VERSION = "3"
@@ -222,17 +222,10 @@ class SqliteCheckpointer:
             return self._connection
         self._pid = os.getpid()
         try:
-            connection = sqlite3.connect(self._memory_uri or self.path,
-                                         timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None,
-                                         check_same_thread=False,
+            connection = open_connection(self._memory_uri or self.path, self._prepare,
                                          uri=self._memory_uri is not None)
         except sqlite3.Error as exc:
             raise self._unusable(exc) from exc
-        try:
-            retry_while_locked(lambda: self._prepare(connection))
-        except BaseException:
-            connection.close()
-            raise
         self._connection = connection
         return connection
 
