@@ -295,3 +295,20 @@ def test_lua_code_outside_a_run_has_no_interrupt_global():
 
     with LuaRuntime() as runtime, pytest.raises(LuaRuntimeError, match="interrupt"):
         runtime.execute_node_code("return interrupt(1)")
+
+
+YAML_PYTHON_ASKING = {
+    "nodes": [{"name": "approve",
+               "run": "return {'approved': interrupt({'question': 'send it?'}) == 'yes'}"}],
+    "edges": [{"from": "__start__", "to": "approve"}],
+}
+
+
+def test_yaml_python_code_has_the_global_interrupt_without_an_import(tmp_path, isolation):
+    engine = YAMLEngine(isolation=isolation, checkpointer=SqliteCheckpointer(tmp_path / "r.db"))
+    with engine.load_from_dict(YAML_PYTHON_ASKING) as app:
+        first = app.invoke({}, config={"run_id": "py"})
+        assert first["__interrupt__"] == [
+            Interrupt("approve", {"question": "send it?"}, "approve", None)]
+        final = app.resume("py", answer="yes")
+    assert final == {"approved": True}

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .code_location import CodeLocation
 from .errors import ConfigError, ConfigTypeError
+from .interrupts import interrupt
 
 if TYPE_CHECKING:
     from .branch import ParallelFlowResult
@@ -47,8 +48,8 @@ class Node:
 class PythonNode(Node):
     """A node whose ``run:`` body is Python: the body of a function of ``state``.
 
-    The body sees ``state``, ``variables`` and, in fan-in nodes,
-    ``parallel_results``. Syntax errors are found when the node is built.
+    The body sees ``state``, ``variables``, ``interrupt`` (as a Lua node has
+    it) and, in fan-in nodes, ``parallel_results``. Syntax errors are found when the node is built.
     With a ``location`` (the body was read from a file), tracebacks name
     that file and its line numbers.
     """
@@ -76,7 +77,8 @@ class PythonNode(Node):
 
     def run(self, state: dict, context: ExecutionContext,
             parallel_results: list[ParallelFlowResult] | None = None) -> Any:
-        namespace: dict[str, Any] = {"__builtins__": builtins, "__name__": f"isobranch.node.{self.name}"}
+        namespace: dict[str, Any] = {"__builtins__": builtins, "__name__": f"isobranch.node.{self.name}",
+                                     "interrupt": interrupt}
         exec(self._code, namespace)
         return namespace[_FUNCTION_NAME](state, context.graph.variables, parallel_results)
 
