@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 from .branch import BranchLimits
-from .checkpoint.codec import decode_value, encode_value
+from .checkpoint.codec import encode_value
 from .checkpoint.recorder import new_run_id as fresh_run_id
-from .checkpoint.runs import check_run_id
+from .checkpoint.runs import check_run_id, decode_recorded, decode_recorded_state
 from .checkpoint.store import (
     RecordedStep,
     RunRow,
@@ -31,7 +31,7 @@ from .checkpoint.store import (
     StepRow,
 )
 from .context import ExecutionContext
-from .errors import GraphError, GraphExecutionError, StateDecodeError, StateEncodeError
+from .errors import GraphError, GraphExecutionError, StateEncodeError
 from .fanout import MapFanOut, map_items
 from .interrupts import Breakpoint, Interrupt
 from .routes import END, START
@@ -106,14 +106,14 @@ def read_run(store: SqliteCheckpointer, run_id: str) -> RecordedRun:
     interrupts = tuple(store.pending_interrupts(run_id))
     step, frames = (last.seq if last else 0), None
     if row.status == RunStatus.SUCCEEDED:
-        values = _decode_state(store, row.final_state, where, "final state")
+        values = decode_recorded_state(store, row.final_state, where, "final state")
     elif last is None:
-        values = _decode_state(store, row.input, where, "input state")
+        values = decode_recorded_state(store, row.input, where, "input state")
     elif last.kind == StepKind.SUBGRAPH:
         frames = _frames(store, last, where)
         values = frames[0]["state"]
     else:
-        values = _decode_state(store, last.state, where, f"state after node {last.node!r}")
+        values = decode_recorded_state(store, last.state, where, f"state after node {last.node!r}")
     return RecordedRun(values, row.status, interrupts, step, last, frames)
 
 
@@ -142,7 +142,7 @@ def recorded_history(store: SqliteCheckpointer, run_id: str) -> list[StepRecord]
     """``history`` read from ``store`` alone."""
     row, where = _run_row(store, run_id)
     started = store.get_run(run_id)
-    records = [StepRecord(0, START, _decode_state(store, row.input, where, "input state"),
+    records = [StepRecord(0, START, decode_recorded_state(store, row.input, where, "input state"),
                           started.started_at if started is not None else 0.0)]
     for step in store.recorded_steps(run_id):
         records.append(StepRecord(step.seq, step.node, _step_state(store, step, where),
@@ -172,7 +172,7 @@ def fork(graph: HistoryGraph, run_id: str, step: int, update: Mapping[str, Any] 
                          f"0 (the input) to {last_seq}")
     input_text, state_text = row.input, None
     if step == 0:
-        state = _decode_state(store, row.input, where, "input state")
+        state = decode_recorded_state(store, row.input, where, "input state")
         input_text = _encode(store, _merged(graph, state, update, START, where), where)
     else:
         chosen = next(s for s in steps if s.seq == step)
@@ -182,7 +182,7 @@ def fork(graph: HistoryGraph, run_id: str, step: int, update: Mapping[str, Any] 
             frames[-1]["state"] = _merged(inner, frames[-1]["state"], update, chosen.node, where)
             state_text = _encode(store, frames, where)
         else:
-            state = _decode_state(store, chosen.state, where,
+            state = decode_recorded_state(store, chosen.state, where,
                                   f"state after node {chosen.node!r}")
             state_text = _encode(store, _merged(graph, state, update, chosen.node, where), where)
     store.fork_run(run_id, new_id, seq=step, input_text=input_text, state_text=state_text)
@@ -273,23 +273,9 @@ def _paused_nodes(interrupts: Sequence[Interrupt]) -> tuple[str, ...]:
                                if interrupt.breakpoint is not Breakpoint.AFTER))
 
 
-def _decode(store: SqliteCheckpointer, text: str | None, where: str, what: str) -> Any:
-    try:
-        return decode_value(text if text is not None else "null", allow_pickle=store.pickle)
-    except (StateDecodeError, ValueError, TypeError, RecursionError) as exc:  # tampered, damaged
-        raise GraphError(f"{where}: the recorded {what} is unreadable: {exc}") from exc
-
-
-def _decode_state(store: SqliteCheckpointer, text: str | None, where: str, what: str) -> dict:
-    value = _decode(store, text, where, what)
-    if not isinstance(value, dict):
-        raise GraphError(f"{where}: the recorded {what} is not a state (a dict)")
-    return value
-
-
 def _frames(store: SqliteCheckpointer, step: StepRow | RecordedStep, where: str) -> list[dict]:
     """The frames of an inner step, from the main path in (see ``recorder.inner_step``)."""
-    frames = _decode(store, step.state, where, f"state after node {step.node!r}")
+    frames = decode_recorded(store, step.state, where, f"state after node {step.node!r}")
     if not (isinstance(frames, list) and frames and all(
             isinstance(f, dict) and isinstance(f.get("node"), str)
             and isinstance(f.get("state"), dict) for f in frames)):
@@ -301,7 +287,7 @@ def _frames(store: SqliteCheckpointer, step: StepRow | RecordedStep, where: str)
 def _step_state(store: SqliteCheckpointer, step: RecordedStep, where: str) -> dict:
     if step.kind == StepKind.SUBGRAPH:
         return _frames(store, step, where)[-1]["state"]
-    return _decode_state(store, step.state, where, f"state after node {step.node!r}")
+    return decode_recorded_state(store, step.state, where, f"state after node {step.node!r}")
 
 
 def _inner_graph(graph: HistoryGraph, frames: list[dict], where: str) -> HistoryGraph:

@@ -82,7 +82,7 @@ def reopen_run(store: SqliteCheckpointer, run_id: str, *, fingerprint: dict[str,
     pending = store.pending_interrupts(run_id) if row.status == RunStatus.INTERRUPTED else []
     given = answers_for(run_id, pending, answer, answers)
     if row.status == RunStatus.SUCCEEDED:
-        return Reopened(None, _decode(store, row.final_state, where, "final state"), None, True)
+        return Reopened(None, decode_recorded_state(store, row.final_state, where, "final state"), None, True)
     changes = describe_changes(row.fingerprint, fingerprint)
     if changes and not force:
         raise GraphChangedError(run_id, store.path, changes)
@@ -97,7 +97,7 @@ def reopen_run(store: SqliteCheckpointer, run_id: str, *, fingerprint: dict[str,
                              f"checkpointed: {exc}") from exc
     store.reopen_run(run_id, fingerprint_text(fingerprint) if changes else None, answer_texts)
     recorder = RunRecorder(store, run_id, seq=seq, resumed_seq=seq if point else None)
-    all_answers = {id_: _decode_value(store, text, where, f"answer to {id_!r}")
+    all_answers = {id_: decode_recorded(store, text, where, f"answer to {id_!r}")
                    for id_, text in store.answer_records(run_id).items()}
     # The main-path node the run paused before or in runs next: its before-breakpoint
     # (if any) is passed once, not hit again.
@@ -118,20 +118,20 @@ def recorded_point(store: SqliteCheckpointer, run_id: str, row: RunRow,
     where = f"run {run_id!r} in {str(store.path)!r}"
     last = store.last_step(run_id)
     if last is None:
-        state, point, seq = _decode(store, row.input, where, "input state"), None, 0
+        state, point, seq = decode_recorded_state(store, row.input, where, "input state"), None, 0
     else:
         if nodes is not None and last.node not in nodes:
             raise GraphError(f"{where}: its last recorded step is node {last.node!r}, which "
                              f"the graph no longer has")
         if last.kind == StepKind.SUBGRAPH:
-            frames = _decode_value(store, last.state, where, f"state after node {last.node!r}")
+            frames = decode_recorded(store, last.state, where, f"state after node {last.node!r}")
             try:
                 state, point = resume_point(frames)
             except ValueError as exc:
                 raise GraphError(f"{where}: the recorded state after node {last.node!r} is "
                                  f"unreadable: {exc}") from exc
         else:
-            state = _decode(store, last.state, where, f"state after node {last.node!r}")
+            state = decode_recorded_state(store, last.state, where, f"state after node {last.node!r}")
             point = ResumePoint(last.node, last.steps)
         seq = last.seq
     return state, point, seq
@@ -146,15 +146,18 @@ def paused_state(store: SqliteCheckpointer, run_id: str) -> dict:
     return recorded_point(store, run_id, row)[0]
 
 
-def _decode_value(store: SqliteCheckpointer, text: str | None, where: str, what: str) -> Any:
+def decode_recorded(store: SqliteCheckpointer, text: str | None, where: str, what: str) -> Any:
+    """A recorded value of ``store``; a ``GraphError`` naming ``where`` and ``what`` if unreadable."""
     try:
         return decode_value(text if text is not None else "null", allow_pickle=store.pickle)
     except (StateDecodeError, ValueError, TypeError, RecursionError) as exc:  # tampered, damaged
         raise GraphError(f"{where}: the recorded {what} is unreadable: {exc}") from exc
 
 
-def _decode(store: SqliteCheckpointer, text: str | None, where: str, what: str) -> dict:
-    value = _decode_value(store, text, where, what)
+def decode_recorded_state(store: SqliteCheckpointer, text: str | None, where: str, what: str
+                          ) -> dict:
+    """A recorded state (a dict) of ``store``; a ``GraphError`` if unreadable or not a state."""
+    value = decode_recorded(store, text, where, what)
     if not isinstance(value, dict):
         raise GraphError(f"{where}: the recorded {what} is not a state (a dict)")
     return value
