@@ -21,6 +21,7 @@ from typing import Any
 from .conditions import Condition
 from .jinja_conditions import UNAVAILABLE_NAMES, JinjaCondition, is_jinja
 from .keys import EdgeType
+from .peer_nodes import MAX_ITERATIONS, MIN_ITERATIONS
 from .routes import END, START
 
 # Top-level keys only the_edge_agent's format has, and that isobranch takes.
@@ -59,11 +60,18 @@ UNSUPPORTED_NODE_KEYS = {
     "with": "'with:' gives a built-in action's parameters; built-in actions are not supported",
     "steps": "multi-step nodes are not supported outside type: dynamic_parallel; split the "
              "steps into nodes",
-    "output": "'output:' on a node with code is not supported; return {key: value} from the "
-              "code instead",
     "retry_policy": "use isobranch's 'retry:' policy",
 }
 NODE_TYPES = ("dynamic_parallel", "while_loop")
+WHILE_LOOP_KEYS = frozenset({"name", "type", "condition", "max_iterations", "body",
+                             "description", "goto", "interrupt"})
+# Keys of a node that make sense only for a node of the graph, not one of a loop's body.
+GRAPH_ONLY_NODE_KEYS = ("goto", "interrupt", "fan_in", "type", "retry", "cache", "replay",
+                        "subgraph")
+# What the translated document hands the builder, under keys no document can use:
+# a while_loop node's parts, and the state key a node's result is stored under.
+WHILE_LOOP_SPEC = "__while_loop__"
+OUTPUT_KEY_SPEC = "__output_key__"
 DYNAMIC_PARALLEL_KEYS = frozenset({
     "name", "type", "items", "item_var", "index_var", "max_concurrency", "fail_fast",
     "action", "steps", "subgraph", "input", "fan_in", "output", "parallel_config",
@@ -219,10 +227,15 @@ class PeerTranslator:
                 self.problems.append(f"settings.{key}: not supported: {advice}")
 
     def collect_known_keys(self, specs: list[Mapping[str, Any]]) -> None:
-        """Keys a declared state may also hold: the items and results of dynamic_parallel nodes."""
+        """Keys a declared state may also hold: the items and results of dynamic_parallel
+        nodes, and the keys nodes store their results under (``output:``)."""
         if self.known_keys is None:
             return
         for spec in specs:
+            for node in (spec, *(spec.get("body") if isinstance(spec.get("body"), list) else ())):
+                output = node.get("output") if isinstance(node, Mapping) else None
+                if isinstance(output, str) and spec.get("type") != "dynamic_parallel":
+                    self.known_keys.add(output)
             if spec.get("type") == "dynamic_parallel":
                 self.known_keys |= {str(spec.get("item_var", "item")),
                                     str(spec.get("index_var", "index")),
@@ -243,17 +256,23 @@ class PeerTranslator:
                                  f"{', '.join(NODE_TYPES)})")
             return placeholder
         if kind == "while_loop":
-            self.problems.append(f"{where}: type: while_loop is not supported; loop with goto "
-                                 f"rules (goto: [{{if: ..., to: {name}}}]) instead")
-            return placeholder
+            loop = self.while_loop(spec, where)
+            self.interrupt(spec, name, where)
+            return placeholder if loop is None else {"name": name, WHILE_LOOP_SPEC: loop}
         if kind == "dynamic_parallel":
             self.dynamic_parallel(spec, where)
             return placeholder  # the node itself runs nothing
         self.interrupt(spec, name, where)
         out: dict[str, Any] = {}
         for key, value in spec.items():
-            if key in UNSUPPORTED_NODE_KEYS and not (key == "output" and "subgraph" in spec):
+            if key in UNSUPPORTED_NODE_KEYS:
                 self.problems.append(f"{where}: {key}: not supported: {UNSUPPORTED_NODE_KEYS[key]}")
+            elif key == "output" and "subgraph" not in spec:
+                if not isinstance(value, str) or not value.isidentifier():
+                    self.problems.append(f"{where}: output: must be the state key the node's "
+                                         f"result is stored under, got {value!r}")
+                else:
+                    out[OUTPUT_KEY_SPEC] = value
             elif key == "script":
                 if "run" in spec:
                     self.problems.append(f"{where}: give either 'run' or 'script' (its alias), "
@@ -269,6 +288,73 @@ class PeerTranslator:
             elif key not in PEER_NODE_KEYS:
                 out[key] = value
         return out
+
+    def while_loop(self, spec: Mapping[str, Any], where: str) -> dict[str, Any] | None:
+        """``type: while_loop``: its condition, bound and translated body, for the builder.
+
+        None when it cannot be translated (each reason is a problem).
+        """
+        name = spec["name"]
+        before = len(self.problems)
+        for key in sorted(set(spec) - WHILE_LOOP_KEYS, key=str):
+            self.problems.append(f"{where}: {key}: not a key of a while_loop node (allowed: "
+                                 f"{', '.join(sorted(WHILE_LOOP_KEYS))})")
+        bound = spec.get("max_iterations")
+        if bound is None:
+            self.problems.append(f"{where}: a while_loop node needs 'max_iterations' (an "
+                                 f"integer from {MIN_ITERATIONS} to {MAX_ITERATIONS})")
+        elif isinstance(bound, bool) or not isinstance(bound, int) \
+                or not MIN_ITERATIONS <= bound <= MAX_ITERATIONS:
+            self.problems.append(f"{where}: max_iterations: must be an integer from "
+                                 f"{MIN_ITERATIONS} to {MAX_ITERATIONS}, got {bound!r}")
+        condition = None
+        if "condition" not in spec:
+            self.problems.append(f"{where}: a while_loop node needs 'condition' (evaluated "
+                                 f"before each iteration)")
+        else:
+            condition = self.expression(spec["condition"], where, "condition")
+        body = spec.get("body")
+        nodes: list[Any] = []
+        if not isinstance(body, list) or not body:
+            self.problems.append(f"{where}: body: must be a non-empty list of nodes")
+        else:
+            seen: set[str] = set()
+            for position, step in enumerate(body):
+                node = self.loop_body_node(step, position, name, where, seen)
+                if node is not None:
+                    nodes.append(node)
+        if len(self.problems) > before or condition is None:
+            return None
+        return {"condition": condition, "max_iterations": bound, "body": nodes,
+                "name": name}
+
+    def loop_body_node(self, step: Any, position: int, loop: str, where: str,
+                       seen: set[str]) -> dict[str, Any] | None:
+        """One node of a while_loop's body, named ``loop.node``, translated like any node."""
+        at = f"{where}: body[{position}]"
+        if not isinstance(step, Mapping):
+            self.problems.append(f"{at}: must be a mapping with 'name' and 'run'")
+            return None
+        if step.get("type") == "while_loop":
+            self.problems.append(f"{at}: nested while_loop {step.get('name', '')!r}: a "
+                                 f"while_loop's body cannot hold another while_loop")
+            return None
+        inner = step.get("name", f"body_{position}")
+        if not isinstance(inner, str) or not inner:
+            self.problems.append(f"{at}: 'name' must be a string, got {inner!r}")
+            return None
+        if inner in seen:
+            self.problems.append(f"{at}: body node {inner!r} is defined twice")
+            return None
+        seen.add(inner)
+        graph_only = [key for key in GRAPH_ONLY_NODE_KEYS if key in step]
+        for key in graph_only:
+            self.problems.append(f"{at} ({inner!r}): {key}: a while_loop's body nodes run "
+                                 f"in order within the loop node; {key!r} is for nodes "
+                                 f"of the graph")
+        if graph_only:
+            return None
+        return self.node({**step, "name": f"{loop}.{inner}"})
 
     def interrupt(self, spec: Mapping[str, Any], name: str, where: str) -> None:
         when = spec.get("interrupt")
