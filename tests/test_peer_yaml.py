@@ -241,7 +241,8 @@ def test_validate_catches_what_would_fail_at_run_time(change, expected):
 @pytest.mark.parametrize(("node_extra", "expected"), [
     ("uses: http.get", "node 'a': uses: not supported: built-in actions are not supported"),
     ("language: prolog", "node 'a': language: prolog: not supported"),
-    ("output: result", "node 'a': output: not supported"),
+    ("output: [a, b]", "node 'a': output: must be the state key the node's result is stored "
+                       "under, got ['a', 'b']"),
     ("steps: []", "node 'a': steps: not supported"),
 ])
 def test_unsupported_node_keys_are_named(node_extra, expected):
@@ -273,14 +274,9 @@ def test_unsupported_top_level_keys_are_named(top, expected):
     assert any(expected in problem for problem in found), found
 
 
-def test_while_loop_and_parallel_strategy_are_named_as_unsupported():
+def test_parallel_strategy_is_named_as_unsupported():
     found = problems("""
         nodes:
-          - name: loop
-            type: while_loop
-            condition: "state.n < 3"
-            max_iterations: 5
-            body: []
           - name: a
             run: |
               return None
@@ -294,8 +290,213 @@ def test_while_loop_and_parallel_strategy_are_named_as_unsupported():
         edges:
           - {from: a, to: b, type: parallel, fan_in: c, parallel_strategy: process}
     """)
-    assert any("type: while_loop is not supported" in p for p in found), found
     assert any("parallel_strategy: not supported" in p for p in found), found
+
+
+COUNTER_LOOP = """
+    name: counter
+    state_schema: {count: int, sum: int, trail: list, after: int}
+    nodes:
+      - name: count_loop
+        type: while_loop
+        condition: "{{ state.count < variables.limit }}"
+        max_iterations: 10
+        body:
+          - name: increment
+            run: |
+              -- lua
+              local count = state.count or 0
+              return { count = count + 1 }
+          - name: add
+            run: |
+              return {"sum": state["sum"] + state["count"],
+                      "trail": state["trail"] + [state["count"]]}
+      - name: after
+        run: |
+          return {"after": state["sum"] * 10}
+    variables: {limit: 5}
+"""
+
+
+@pytest.mark.parametrize("isolation", BACKENDS)
+def test_while_loop_runs_its_body_in_order_until_the_condition_is_false(isolation):
+    # Each body node sees the one before it (add reads the count increment set), each
+    # iteration the last, the condition the latest state; the loop then chains on.
+    final = run(COUNTER_LOOP, isolation, {"count": 0, "sum": 0, "trail": []})
+    assert final == {"count": 5, "sum": 15, "trail": [1, 2, 3, 4, 5], "after": 150}
+
+
+@pytest.mark.parametrize("isolation", BACKENDS)
+def test_while_loop_stops_after_max_iterations_without_an_error(isolation):
+    text = COUNTER_LOOP.replace("max_iterations: 10", "max_iterations: 3")
+    final = run(text, isolation, {"count": 0, "sum": 0, "trail": []})
+    assert final == {"count": 3, "sum": 6, "trail": [1, 2, 3], "after": 60}
+
+
+def test_while_loop_whose_condition_is_false_at_first_runs_no_body():
+    final = run(COUNTER_LOOP, "thread", {"count": 7, "sum": 1, "trail": []})
+    assert final == {"count": 7, "sum": 1, "trail": [], "after": 10}
+
+
+@pytest.mark.parametrize("isolation", BACKENDS)
+def test_while_loop_as_a_dynamic_parallel_step_loops_in_each_branch(isolation):
+    text = """
+        nodes:
+          - name: fan
+            type: dynamic_parallel
+            items: "{{ state.starts }}"
+            item_var: n
+            steps:
+              - name: loop
+                type: while_loop
+                condition: "state.n < 4"
+                max_iterations: 10
+                body:
+                  - name: up
+                    run: |
+                      return {"n": state["n"] + 1, "steps": state.get("steps", 0) + 1}
+            output: done
+          - name: total
+            run: |
+              return {"steps": [r.state["steps"] for r in state["done"]]}
+    """
+    final = run(text, isolation, {"starts": [0, 2, 3]})
+    assert final["steps"] == [4, 2, 1]
+
+
+def test_while_loop_body_failure_names_the_loop_the_body_node_and_the_iteration():
+    text = """
+        nodes:
+          - name: refine
+            type: while_loop
+            condition: "state.n < 5"
+            max_iterations: 10
+            body:
+              - name: step
+                run: |
+                  if state["n"] == 2:
+                      raise ValueError("two is not allowed")
+                  return {"n": state["n"] + 1}
+    """
+    with pytest.raises(GraphExecutionError) as caught:
+        run(text, "thread", {"n": 0})
+    message = str(caught.value)
+    assert "node 'refine' failed" in message, message
+    assert "while_loop 'refine': body node 'refine.step' failed at iteration 2" in message
+    assert "ValueError: two is not allowed" in message
+
+
+def test_while_loop_condition_failure_is_named_with_the_condition():
+    text = """
+        nodes:
+          - name: refine
+            type: while_loop
+            condition: "{{ state.n < 5 }}"
+            max_iterations: 10
+            body:
+              - name: step
+                run: |
+                  return {"n": None}
+    """
+    with pytest.raises(GraphExecutionError) as caught:
+        run(text, "thread", {"n": 0})
+    assert "while_loop 'refine': condition '{{ state.n < 5 }}' failed at iteration 1" \
+        in str(caught.value), str(caught.value)
+
+
+LOOP_TEMPLATE = """
+    state_schema: {{n: int}}
+    nodes:
+      - name: loop
+        type: while_loop
+        {extra}
+        body:
+          - name: step
+            run: |
+              return {{"n": state["n"] + 1}}
+"""
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    ('condition: "state.n < 3"', "node 'loop': a while_loop node needs 'max_iterations'"),
+    ('condition: "state.n < 3"\n        max_iterations: 0',
+     "node 'loop': max_iterations: must be an integer from 1 to 1000, got 0"),
+    ('condition: "state.n < 3"\n        max_iterations: 1001',
+     "max_iterations: must be an integer from 1 to 1000, got 1001"),
+    ('condition: "state.n < 3"\n        max_iterations: "5"',
+     "max_iterations: must be an integer from 1 to 1000, got '5'"),
+    ('condition: "state.n < 3"\n        max_iterations: true',
+     "max_iterations: must be an integer from 1 to 1000, got True"),
+    ("max_iterations: 5", "node 'loop': a while_loop node needs 'condition'"),
+    ('condition: "{{ state.n < }}"\n        max_iterations: 5',
+     "node 'loop': 'condition' '{{ state.n < }}' is invalid Jinja2"),
+    ('condition: "state.m < 3"\n        max_iterations: 5',
+     "node 'loop': 'condition' 'state.m < 3' reads state key 'm', which state_schema does "
+     "not declare"),
+    ('condition: "state.n < 3"\n        max_iterations: 5\n        retry: {max_attempts: 2}',
+     "node 'loop': retry: not a key of a while_loop node"),
+])
+def test_while_loop_definition_problems_are_named(extra, expected):
+    found = problems(LOOP_TEMPLATE.format(extra=extra))
+    assert any(expected in problem for problem in found), found
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ("body: []", "node 'loop': body: must be a non-empty list of nodes"),
+    ("body: [{name: inner, type: while_loop, condition: 'true', max_iterations: 2, "
+     "body: [{name: s, run: return None}]}]",
+     "node 'loop': body[0]: nested while_loop 'inner': a while_loop's body cannot hold"),
+    ("body: [{name: s, goto: __end__, run: return None}]",
+     "node 'loop': body[0] ('s'): goto: a while_loop's body nodes run in order"),
+    ("body: [{name: s, uses: llm.call}]", "node 'loop.s': uses: not supported"),
+    ("body: [{name: s, run: 'return {'}]", "node 'loop': body node 'loop.s': invalid Python"),
+])
+def test_while_loop_body_problems_are_named(body, expected):
+    found = problems(f"""
+        nodes:
+          - name: loop
+            type: while_loop
+            condition: "state.n < 3"
+            max_iterations: 5
+            {body}
+    """)
+    assert any(expected in problem for problem in found), found
+
+
+OUTPUT = """
+    state_schema: {doubled: int, pair: dict}
+    nodes:
+      - name: double
+        run: |
+          return state["n"] * 2
+        output: doubled
+      - name: pair
+        run: |
+          -- lua
+          return {a = state.n, b = "x"}
+        output: pair
+      - name: nothing
+        run: |
+          x = 1
+        output: none
+"""
+
+
+@pytest.mark.parametrize("isolation", BACKENDS)
+def test_output_stores_what_the_code_returned_under_the_key(isolation):
+    final = run(OUTPUT, isolation, {"n": 4})
+    assert final == {"n": 4, "doubled": 8, "pair": {"a": 4, "b": "x"}, "none": None}
+
+
+def test_output_keys_count_as_declared_for_validation():
+    text = OUTPUT.replace("state_schema: {doubled: int, pair: dict}",
+                          "state_schema: {n: int}") + """
+        goto:
+          - if: "{{ state.doubled > 3 }}"
+            to: double
+          - to: __end__
+    """
+    assert problems(text) == []
 
 
 def test_isobranch_conditions_read_state_as_attributes_too():
