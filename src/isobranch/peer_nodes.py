@@ -11,7 +11,7 @@ every backend.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .conditions import Condition
 from .errors import BranchCancelled, BranchTimeout, GraphExecutionError, IsobranchError
