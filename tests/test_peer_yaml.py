@@ -260,7 +260,7 @@ def test_unsupported_node_keys_are_named(node_extra, expected):
     ("imports: [{path: x.py, namespace: x}]", "imports: not supported"),
     ("settings: {llm: {model: x}}", "settings.llm: not supported: LLM settings"),
     ("config: {checkpoint_dir: ./c}", "config.checkpoint_dir: not supported; use settings.checkpoint.path"),
-    ("config: {raise_exceptions: false}", "config.raise_exceptions: only true is supported"),
+    ("config: {raise_exceptions: 'no'}", "config.raise_exceptions: must be true or false, got 'no'"),
 ])
 def test_unsupported_top_level_keys_are_named(top, expected):
     found = problems(f"""
@@ -514,3 +514,58 @@ def test_a_condition_cannot_change_the_state():
     with YAMLEngine(isolation="inline").load_from_dict(document) as graph, \
             pytest.raises(GraphExecutionError, match="read-only"):
         graph.invoke({})
+
+
+def test_raise_exceptions_false_is_accepted_and_a_failure_still_raises():
+    text = """
+        config: {raise_exceptions: false}
+        nodes:
+          - name: a
+            run: |
+              return {"n": state.get("n", 0) + 1}
+          - name: b
+            run: |
+              if state["n"] > 1:
+                  raise RuntimeError("boom")
+              return {"ok": True}
+    """
+    assert run(text, "thread", {}) == {"n": 1, "ok": True}
+    with pytest.raises(GraphExecutionError, match="node 'b' failed: RuntimeError: boom") as caught:
+        run(text, "thread", {"n": 1})
+    assert caught.value.state == {"n": 2}
+
+
+@pytest.mark.parametrize("isolation", BACKENDS)
+def test_lua_code_without_a_lua_line_is_recognised_as_the_format_does(isolation):
+    text = """
+        version: "1"
+        nodes:
+          - name: marked
+            run: |
+              --lua
+              return {a = "x" .. "y"}
+          - name: unmarked
+            run: |
+              local b = state.a .. "z"
+              return {b = b}
+          - name: python_that_mentions_end
+            run: |
+              return {"c": state["b"] + " then the end .."}
+    """
+    assert run(text, isolation) == {"a": "xy", "b": "xyz", "c": "xyz then the end .."}
+
+
+@pytest.mark.parametrize(("settings", "expected"), [
+    ("{auto_trace: false}", "settings.auto_trace: not supported: trace settings"),
+    ("{model: gpt-4o-mini, temperature: 0.7}", "settings.model: not supported: LLM settings"),
+])
+def test_the_formats_settings_mark_a_document_and_are_named_once(settings, expected):
+    found = problems(f"""
+        settings: {settings}
+        nodes:
+          - name: a
+            run: |
+              return None
+    """)
+    assert any(expected in problem for problem in found), found
+    assert not any("unknown key" in problem for problem in found), found

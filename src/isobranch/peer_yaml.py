@@ -14,6 +14,7 @@ isobranch lacks is a problem naming the key, never dropped.
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Mapping
 from itertools import pairwise
 from typing import Any
@@ -47,6 +48,10 @@ UNSUPPORTED_SETTINGS = {
     "opik": "Opik tracing is not supported; use isobranch's tracing (docs/observing.md)",
     "trace_context": "trace settings are not supported; use isobranch's tracing",
     "trace_exporter": "trace settings are not supported; use isobranch's tracing",
+    "trace_file": "trace settings are not supported; use isobranch's tracing",
+    "auto_trace": "trace settings are not supported; use isobranch's tracing",
+    "model": "LLM settings are not supported (no LLM actions)",
+    "temperature": "LLM settings are not supported (no LLM actions)",
     "secrets": "secrets are not supported; pass them in the input state",
     "prolog": "Prolog is not supported",
     "backend": "LLM backends are not supported",
@@ -93,6 +98,9 @@ def is_peer_document(document: Any) -> bool:
         return False
     if set(document) & (PEER_TOP_LEVEL_KEYS | set(UNSUPPORTED_TOP_LEVEL)):
         return True
+    settings = document.get("settings")
+    if isinstance(settings, Mapping) and set(settings) & set(UNSUPPORTED_SETTINGS):
+        return True
     for spec in document.get("nodes") or ():
         if not isinstance(spec, Mapping):
             continue
@@ -109,6 +117,32 @@ def is_peer_document(document: Any) -> bool:
         when = spec.get("when")
         if isinstance(when, bool) or is_jinja(when) or _is_peer_shorthand(when):
             return True
+    return False
+
+
+# What marks code as Lua in the format besides a '-- lua' first line: a Lua keyword or
+# operator Python has not.
+_LUA_SIGNS = re.compile(r"\blocal\b|\bthen\b|\bend\b|\belseif\b|\.\.")
+
+
+def _is_unmarked_lua(code: Any) -> bool:
+    """Whether ``code`` is Lua the format recognises without a ``-- lua`` line.
+
+    The format also takes ``--lua`` as the first line, and code with Lua's
+    ``local``, ``then``, ``end``, ``elseif`` or ``..``; here only when the code
+    is not Python, so no Python node is ever read as Lua.
+    """
+    if not isinstance(code, str):
+        return False
+    first = code.strip().lower()
+    if first.startswith("--lua"):
+        return True
+    if first.startswith("-- lua") or not _LUA_SIGNS.search(code):
+        return False  # the builder reads a '-- lua' line itself
+    try:
+        ast.parse(code)
+    except SyntaxError:
+        return True
     return False
 
 
@@ -153,6 +187,9 @@ class PeerTranslator:
                 self.problems.append(f"{key}: not supported: {advice}")
         self.config(doc.get("config"))
         self.settings(doc.get("settings"))
+        if isinstance(doc.get("settings"), Mapping):  # named above, not again by the builder
+            out["settings"] = {key: value for key, value in doc["settings"].items()
+                               if key not in UNSUPPORTED_SETTINGS}
         version = doc.get("version")
         if version is not None and not isinstance(version, (str, int, float)):
             self.problems.append(f"version: must be a string or a number, got {version!r}")
@@ -205,9 +242,11 @@ class PeerTranslator:
         for key in sorted(set(config) - CONFIG_KEYS, key=str):
             self.problems.append(f"config.{key}: unknown key (allowed: "
                                  f"{', '.join(sorted(CONFIG_KEYS))})")
-        if config.get("raise_exceptions", True) is not True:
-            self.problems.append("config.raise_exceptions: only true is supported: a failing "
-                                 "node raises GraphExecutionError; use stream() to see events")
+        # Either value is accepted: the format's false (report a failure instead of raising)
+        # has no counterpart, and refusing it would refuse agents that never fail.
+        if not isinstance(config.get("raise_exceptions", True), bool):
+            self.problems.append(f"config.raise_exceptions: must be true or false, got "
+                                 f"{config['raise_exceptions']!r}")
         if "checkpoint_dir" in config:
             self.problems.append("config.checkpoint_dir: not supported; use "
                                  "settings.checkpoint.path (an SQLite file)")
@@ -287,6 +326,8 @@ class PeerTranslator:
                                      f"supported; write 'run: return {{key: expression}}'")
             elif key not in PEER_NODE_KEYS:
                 out[key] = value
+        if "language" not in out and _is_unmarked_lua(out.get("run")):
+            out["language"] = "lua"
         return out
 
     def while_loop(self, spec: Mapping[str, Any], where: str) -> dict[str, Any] | None:
