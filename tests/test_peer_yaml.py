@@ -569,3 +569,63 @@ def test_the_formats_settings_mark_a_document_and_are_named_once(settings, expec
     """)
     assert any(expected in problem for problem in found), found
     assert not any("unknown key" in problem for problem in found), found
+
+
+def test_isobranch_validate_names_each_node_and_expression_of_a_peer_document(tmp_path, capfd):
+    from isobranch.cli import main
+    path = tmp_path / "agent.yaml"
+    path.write_text(textwrap.dedent("""
+        version: "1"
+        state_schema: {n: int}
+        nodes:
+          - name: start
+            run: |
+              return {"n": 1}
+            goto:
+              - if: "{{ state.n > }}"
+                to: loop
+              - if: "state.n == 2"
+                to: nowhere
+              - to: loop
+          - name: loop
+            type: while_loop
+            condition: "state.count < 3"
+            max_iterations: 5
+            body:
+              - name: step
+                run: |
+                  return {"n": state["n"] + 1}
+          - name: reason
+            language: prolog
+            run: |
+              state(n, N), N > 0.
+    """))
+    assert main(["validate", str(path)]) == 2
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert all(line.startswith(str(path)) for line in lines), lines
+    expected = [
+        "node 'start': goto[0]: 'if' '{{ state.n > }}' is invalid Jinja2",
+        "node 'start': goto[1]: goto to unknown node 'nowhere'",
+        "node 'loop': 'condition' 'state.count < 3' reads state key 'count', which "
+        "state_schema does not declare",
+        "node 'reason': language: prolog: not supported",
+    ]
+    for text in expected:
+        assert sum(text in line for line in lines) == 1, (text, lines)
+    # One line per problem: the Prolog body is not also reported as invalid Python.
+    assert len(lines) == len(expected), lines
+
+
+def test_fail_fast_on_a_dynamic_parallel_node_is_named_with_what_differs():
+    found = problems("""
+        nodes:
+          - name: fan
+            type: dynamic_parallel
+            items: "{{ state.xs }}"
+            fail_fast: true
+            action:
+              run: |
+                return None
+    """)
+    assert any("node 'fan': fail_fast on a dynamic_parallel node is not supported: isobranch "
+               "cannot cancel only this fan-out's branches" in p for p in found), found

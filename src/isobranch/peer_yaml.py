@@ -302,6 +302,7 @@ class PeerTranslator:
             self.dynamic_parallel(spec, where)
             return placeholder  # the node itself runs nothing
         self.interrupt(spec, name, where)
+        before = len(self.problems)
         out: dict[str, Any] = {}
         for key, value in spec.items():
             if key in UNSUPPORTED_NODE_KEYS:
@@ -326,6 +327,10 @@ class PeerTranslator:
                                      f"supported; write 'run: return {{key: expression}}'")
             elif key not in PEER_NODE_KEYS:
                 out[key] = value
+        if len(self.problems) > before:
+            # Its code is not read: a Prolog body, or none beside 'uses:', would only add
+            # a second, misleading problem (invalid Python, missing 'run').
+            return placeholder
         if "language" not in out and _is_unmarked_lua(out.get("run")):
             out["language"] = "lua"
         return out
@@ -441,8 +446,12 @@ class PeerTranslator:
                                  f"retry in settings.parallel)")
         fail_fast = spec.get("fail_fast", config.get("fail_fast", False))
         if fail_fast:
-            self.problems.append(f"{where}: fail_fast on one node is not supported; set "
-                                 f"settings.parallel.fail_fast: true for the graph")
+            self.problems.append(f"{where}: fail_fast on a dynamic_parallel node is not "
+                                 f"supported: isobranch cannot cancel only this fan-out's "
+                                 f"branches not yet started (settings.parallel.fail_fast "
+                                 f"fails the whole run on the first failure instead); "
+                                 f"without it every branch runs and a failed one is a "
+                                 f"result with success false")
         body = self.dynamic_body(spec, where, bodies[0])
         if body is None:
             return
@@ -493,7 +502,7 @@ class PeerTranslator:
             if not isinstance(step, Mapping):
                 self.problems.append(f"{where}: {kind}[{position}]: must be a mapping")
                 return None
-            step_name = f"{name}.{step.get('name', position)}"
+            step_name = f"{name}.{step.get('name', kind if kind == 'action' else position)}"
             before = len(self.problems)
             self.extra_nodes.append(self.node({**step, "name": step_name}))
             if len(self.problems) > before:
