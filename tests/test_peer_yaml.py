@@ -598,7 +598,9 @@ def test_isobranch_validate_names_each_node_and_expression_of_a_peer_document(tm
           - name: reason
             language: prolog
             run: |
-              state(n, N), N > 0.
+              state(n, N),
+              N2 is N * 2,
+              return(n, N2).
     """))
     assert main(["validate", str(path)]) == 2
     lines = capfd.readouterr().err.strip().splitlines()
