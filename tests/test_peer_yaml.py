@@ -631,3 +631,22 @@ def test_fail_fast_on_a_dynamic_parallel_node_is_named_with_what_differs():
     """)
     assert any("node 'fan': fail_fast on a dynamic_parallel node is not supported: isobranch "
                "cannot cancel only this fan-out's branches" in p for p in found), found
+
+
+@pytest.mark.parametrize("isolation", BACKENDS)
+def test_python_code_has_json_and_datetime_as_the_format_gives_them(isolation):
+    text = """
+        version: "1"
+        nodes:
+          - name: encode
+            run: |
+              return {"text": json.dumps({"a": 1}), "year": datetime.date(2024, 5, 1).year}
+    """
+    assert run(text, isolation) == {"text": '{"a": 1}', "year": 2024}
+
+
+def test_isobranch_documents_python_code_has_no_json_global():
+    document = {"nodes": [{"name": "a", "run": "return {'t': json.dumps(1)}"}]}
+    with YAMLEngine(isolation="inline").load_from_dict(document) as graph, \
+            pytest.raises(GraphExecutionError, match="NameError: name 'json' is not defined"):
+        graph.invoke({})

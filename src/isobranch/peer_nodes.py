@@ -4,18 +4,21 @@ A ``WhileLoopNode`` runs its body nodes in order, again and again, while its
 condition holds, at most ``max_iterations`` times, as one step of the graph:
 the format defines the loop as one node, so its iterations are not steps of
 their own (no events, checkpoints or breakpoints between them). A
-``ResultUnderKey`` node stores what its code returned under one state key.
+``ResultUnderKey`` node stores what its code returned under one state key,
+and a ``PeerPythonNode`` has the globals that format gives Python code.
 Both are plain picklable objects like the nodes they hold, so they run on
 every backend.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import datetime
+import json
+from typing import TYPE_CHECKING, Any
 
 from .conditions import Condition
 from .errors import BranchCancelled, BranchTimeout, GraphExecutionError, IsobranchError
-from .nodes import Node
+from .nodes import Node, PythonNode
 
 if TYPE_CHECKING:
     from .branch import ParallelFlowResult
@@ -95,6 +98,18 @@ class WhileLoopNode(Node):
             if site is not None:
                 return site
         return None
+
+
+class PeerPythonNode(PythonNode):
+    """Python code of the_edge_agent's format: ``json`` is a global, as that format
+    gives it, and so is the module ``datetime`` when the code names it."""
+
+    def globals(self) -> dict[str, Any]:
+        names = super().globals()
+        names["json"] = json
+        if "datetime" in self.source:
+            names["datetime"] = datetime
+        return names
 
 
 class ResultUnderKey(Node):

@@ -35,7 +35,7 @@ from .keys import (
 )
 from .lua.syntax import LuaSyntaxChecker
 from .nodes import LuaNode, Node, PythonNode
-from .peer_nodes import ResultUnderKey, WhileLoopNode
+from .peer_nodes import PeerPythonNode, ResultUnderKey, WhileLoopNode
 from .peer_yaml import OUTPUT_KEY_SPEC, WHILE_LOOP_SPEC, PeerTranslator, is_peer_document
 from .retry import RetryPolicy, parse_policy
 from .routes import END, START
@@ -78,6 +78,8 @@ class DocumentBuilder(SettingsReader):
         self.own_lua_limits: LuaCeiling | None = None
         # The node cache of this document's graph (and of the files it includes).
         self.own_cache = engine_options.cache
+        # Python nodes of the_edge_agent's format get the globals that format gives them.
+        self.python_node: type[PythonNode] = PythonNode
 
     def location(self, key: CodeKey) -> CodeLocation | None:
         """Where the code value at ``key`` starts in the file, if known."""
@@ -166,6 +168,7 @@ class DocumentBuilder(SettingsReader):
             translator = PeerTranslator(doc)
             doc = self.document = translator.translate()
             self.problems.extend(translator.problems)
+            self.python_node = PeerPythonNode
             # Its edges are rebuilt, so only the nodes' code keeps its place in the file.
             self.code_lines = {key: line for key, line in self.code_lines.items()
                                if key[0] == "nodes"}
@@ -400,7 +403,7 @@ class DocumentBuilder(SettingsReader):
                                    "with a '-- lua' line"):
             return None
         try:
-            return PythonNode(name, code, origin=f"<node {name}>", location=location)
+            return self.python_node(name, code, origin=f"<node {name}>", location=location)
         except SyntaxError as exc:
             message = exc.msg.removeprefix(f"node {name!r}: ")  # ``where`` names the node
             self.problem(f"{where}: invalid Python: {message}{_in_file(in_file, exc.lineno)}")
