@@ -650,3 +650,20 @@ def test_isobranch_documents_python_code_has_no_json_global():
     with YAMLEngine(isolation="inline").load_from_dict(document) as graph, \
             pytest.raises(GraphExecutionError, match="NameError: name 'json' is not defined"):
         graph.invoke({})
+
+
+def test_while_loop_with_a_lua_body_returns_an_empty_lua_table_as_an_empty_list():
+    text = """
+        state_schema: {items: list, n: int}
+        nodes:
+          - name: loop
+            type: while_loop
+            condition: "state.n < 2"
+            max_iterations: 5
+            body:
+              - name: clear
+                run: |
+                  -- lua
+                  return {items = {}, n = state.n + 1}
+    """
+    assert run(text, "thread", {"items": [1], "n": 0}) == {"items": [], "n": 2}

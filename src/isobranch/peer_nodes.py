@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .conditions import Condition
 from .errors import BranchCancelled, BranchTimeout, GraphExecutionError, IsobranchError
+from .keys import Language
 from .nodes import Node, PythonNode
 
 if TYPE_CHECKING:
@@ -53,7 +54,10 @@ class WhileLoopNode(Node):
         self.condition = condition
         self.max_iterations = max_iterations
         self.body = body
-        self.language = "python"
+        # A Lua body's empty table may stand for an empty list (the runner's merge
+        # decides by the node's language).
+        self.language = (Language.LUA if any(node.language == Language.LUA for node in body)
+                         else Language.PYTHON)
 
     def run(self, state: dict, context: ExecutionContext,
             parallel_results: list[ParallelFlowResult] | None = None) -> dict:
