@@ -477,15 +477,21 @@ OUTPUT = """
         output: pair
       - name: nothing
         run: |
-          x = 1
+          if state["n"] < 0:
+              return 1
         output: none
+      - name: assigned
+        run: |
+          x = state["n"] + 1
+        output: names
 """
 
 
 @pytest.mark.parametrize("isolation", BACKENDS)
 def test_output_stores_what_the_code_returned_under_the_key(isolation):
     final = run(OUTPUT, isolation, {"n": 4})
-    assert final == {"n": 4, "doubled": 8, "pair": {"a": 4, "b": "x"}, "none": None}
+    assert final == {"n": 4, "doubled": 8, "pair": {"a": 4, "b": "x"}, "none": None,
+                     "names": {"x": 5}}
 
 
 def test_output_keys_count_as_declared_for_validation():
@@ -667,3 +673,34 @@ def test_while_loop_with_a_lua_body_returns_an_empty_lua_table_as_an_empty_list(
                   return {items = {}, n = state.n + 1}
     """
     assert run(text, "thread", {"items": [1], "n": 0}) == {"items": [], "n": 2}
+
+
+@pytest.mark.parametrize("isolation", BACKENDS)
+def test_python_code_without_return_updates_the_names_it_assigned(isolation):
+    text = """
+        version: "1"
+        nodes:
+          - name: compute
+            run: |
+              import math
+              doubled = state["n"] * 2
+              _scratch = "not in the state"
+              label = f"n={state['n']}"
+              def helper():
+                  pass
+          - name: commented
+            run: |
+              # the word return here: the format then reads the code as a function body
+              ignored = 1
+    """
+    assert run(text, isolation, {"n": 3}) == {"n": 3, "doubled": 6, "label": "n=3"}
+
+
+def test_python_code_without_return_keeps_its_line_numbers_in_errors(tmp_path):
+    path = tmp_path / "agent.yaml"
+    path.write_text('version: "1"\nnodes:\n  - name: a\n    run: |\n      x = 1\n'
+                    '      y = x / 0\n')
+    with YAMLEngine(isolation="thread").load_from_file(path) as graph, \
+            pytest.raises(GraphExecutionError) as caught:
+        graph.invoke({})
+    assert f"{path}:6" in str(caught.value), str(caught.value)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import types
 from typing import TYPE_CHECKING, Any
 
 from .conditions import Condition
@@ -104,13 +105,40 @@ class WhileLoopNode(Node):
         return None
 
 
+# The line that ends code without ``return`` (see PeerPythonNode); the helper is a global.
+_LOCALS_HELPER = "__isobranch_assigned__"
+_RETURN_LOCALS = f"\nreturn {_LOCALS_HELPER}(locals())\n"
+# The body function's parameters: not names the code assigned.
+_PARAMETERS = frozenset({"state", "variables", "parallel_results"})
+
+
+def _assigned(names: dict[str, Any]) -> dict[str, Any]:
+    """The names code without ``return`` assigned, as the format's update: not ``_x``,
+    not the body's parameters, not modules, functions or classes (no state value)."""
+    return {name: value for name, value in names.items()
+            if not name.startswith("_") and name not in _PARAMETERS
+            and not isinstance(value, (types.ModuleType, types.FunctionType, type))}
+
+
 class PeerPythonNode(PythonNode):
-    """Python code of the_edge_agent's format: ``json`` is a global, as that format
-    gives it, and so is the module ``datetime`` when the code names it."""
+    """Python code of the_edge_agent's format.
+
+    ``json`` is a global, as that format gives it, and so is the module
+    ``datetime`` when the code names it. Code in which the word ``return``
+    does not appear updates the state with the names it assigned (except
+    ``_x``, modules, functions and classes), as that format runs it.
+    """
+
+    def __init__(self, name: str, source: str, **options: Any) -> None:
+        if "return" not in source:
+            # Appended after the code, its lines keep their numbers in messages.
+            source = source.rstrip("\n") + _RETURN_LOCALS
+        super().__init__(name, source, **options)
 
     def globals(self) -> dict[str, Any]:
         names = super().globals()
         names["json"] = json
+        names[_LOCALS_HELPER] = _assigned
         if "datetime" in self.source:
             names["datetime"] = datetime
         return names
