@@ -704,3 +704,87 @@ def test_python_code_without_return_keeps_its_line_numbers_in_errors(tmp_path):
             pytest.raises(GraphExecutionError) as caught:
         graph.invoke({})
     assert f"{path}:6" in str(caught.value), str(caught.value)
+
+
+TEMPLATED_CODE = """
+    version: "1"
+    variables: {greeting: hello}
+    nodes:
+      - name: greet
+        run: |
+          name = "{{ state.name }}"
+          {% if state.loud %}
+          name = name.upper()
+          {% endif %}
+          print("rendered first...")
+          return {"text": f"${greeting} {name}", "n": {{ state.n }} + 1}
+"""
+
+
+@pytest.mark.parametrize("isolation", BACKENDS)
+@pytest.mark.parametrize(("loud", "text"), [(True, "hello BOB"), (False, "hello bob")])
+def test_python_code_is_rendered_as_a_jinja_template_before_it_runs(isolation, loud, text):
+    final = run(TEMPLATED_CODE, isolation, {"name": "bob", "loud": loud, "n": 2})
+    assert final["text"] == text and final["n"] == 3
+
+
+def test_templated_code_is_rendered_again_for_each_state():
+    document = yaml.safe_load(textwrap.dedent(TEMPLATED_CODE))
+    with YAMLEngine(isolation="inline").load_from_dict(document) as graph:
+        first = graph.invoke({"name": "ann", "loud": False, "n": 1})
+        second = graph.invoke({"name": "bob", "loud": True, "n": 5})
+    assert (first["text"], first["n"]) == ("hello ann", 2)
+    assert (second["text"], second["n"]) == ("hello BOB", 6)
+
+
+def test_isobranch_documents_python_code_is_not_rendered():
+    document = {"nodes": [{"name": "a", "run": 'return {"t": f"{{x}}", "s": "{{ state.x }}"}'}]}
+    with YAMLEngine(isolation="inline").load_from_dict(document) as graph:
+        assert graph.invoke({"x": 1}) == {"x": 1, "t": "{x}", "s": "{{ state.x }}"}
+
+
+def test_lua_code_of_a_peer_document_is_not_rendered():
+    text = """
+        version: "1"
+        nodes:
+          - name: a
+            run: |
+              -- lua
+              return {rows = {{n = 1}}, s = "{{ state.x }}"}
+    """
+    assert run(text, "thread") == {"rows": [{"n": 1}], "s": "{{ state.x }}"}
+
+
+@pytest.mark.parametrize(("code", "expected"), [
+    ('x = "{{ state.name "\nreturn {"x": x}', "its code is a Jinja2 template (it holds {{ }} or "
+                                               "{% %}) that does not parse"),
+    ('return {"k": "{{ secrets.key }}"}', "reads names it cannot see (it sees 'state' and "
+                                          "'variables'): 'secrets': secrets are not supported"),
+])
+def test_a_template_in_code_that_cannot_be_used_is_named_at_load(code, expected):
+    document = {"version": "1", "nodes": [{"name": "tpl", "run": code}]}
+    found = YAMLEngine().validate_dict(document)
+    assert any(p.startswith("node 'tpl'") and expected in p for p in found), found
+
+
+def test_templated_code_that_renders_to_invalid_python_fails_naming_the_node():
+    text = """
+        version: "1"
+        nodes:
+          - name: tpl
+            run: |
+              return {"x": {{ state.expr }}}
+    """
+    with pytest.raises(GraphExecutionError, match=r"node 'tpl'.*rendered as a Jinja2 template, "
+                                                  r"is not valid Python"):
+        run(text, "thread", {"expr": "1 +"})
+
+
+def test_templated_code_keeps_its_file_lines_in_errors(tmp_path):
+    path = tmp_path / "agent.yaml"
+    path.write_text('version: "1"\nnodes:\n  - name: a\n    run: |\n      x = {{ state.n }}\n'
+                    '      return {"y": x / 0}\n')
+    with YAMLEngine(isolation="thread").load_from_file(path) as graph, \
+            pytest.raises(GraphExecutionError) as caught:
+        graph.invoke({"n": 1})
+    assert f"{path}:6" in str(caught.value), str(caught.value)

@@ -140,10 +140,21 @@ def _is_unmarked_lua(code: Any) -> bool:
     if first.startswith("-- lua") or not _LUA_SIGNS.search(code):
         return False  # the builder reads a '-- lua' line itself
     try:
-        ast.parse(code)
+        ast.parse(_without_template_tags(code))
     except SyntaxError:
         return True
     return False
+
+
+# Jinja2's parts of Python code that is a template (rendered before it runs, Python after).
+_TEMPLATE_EXPRESSION = re.compile(r"\{\{.*?\}\}", re.DOTALL)
+_TEMPLATE_STATEMENT = re.compile(r"\{%.*?%\}", re.DOTALL)
+
+
+def _without_template_tags(code: str) -> str:
+    """``code`` with each ``{{ }}`` as a value and each ``{% %}`` gone: Python code that is a
+    template parses as Python then, so its tags do not make it look like Lua."""
+    return _TEMPLATE_STATEMENT.sub("", _TEMPLATE_EXPRESSION.sub("None", code))
 
 
 def _is_peer_shorthand(when: Any) -> bool:

@@ -11,7 +11,7 @@ back named with the chain of files (yaml_subgraphs.py).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
@@ -35,7 +35,7 @@ from .keys import (
 )
 from .lua.syntax import LuaSyntaxChecker
 from .nodes import LuaNode, Node, PythonNode
-from .peer_nodes import PeerPythonNode, ResultUnderKey, WhileLoopNode
+from .peer_nodes import CodeTemplateError, ResultUnderKey, WhileLoopNode, peer_python_node
 from .peer_yaml import OUTPUT_KEY_SPEC, WHILE_LOOP_SPEC, PeerTranslator, is_peer_document
 from .retry import RetryPolicy, parse_policy
 from .routes import END, START
@@ -78,8 +78,9 @@ class DocumentBuilder(SettingsReader):
         self.own_lua_limits: LuaCeiling | None = None
         # The node cache of this document's graph (and of the files it includes).
         self.own_cache = engine_options.cache
-        # Python nodes of the_edge_agent's format get the globals that format gives them.
-        self.python_node: type[PythonNode] = PythonNode
+        # Python nodes of the_edge_agent's format get the globals that format gives them
+        # (and code that is a template is rendered first).
+        self.python_node: Callable[..., Node] = PythonNode
 
     def location(self, key: CodeKey) -> CodeLocation | None:
         """Where the code value at ``key`` starts in the file, if known."""
@@ -168,7 +169,7 @@ class DocumentBuilder(SettingsReader):
             translator = PeerTranslator(doc)
             doc = self.document = translator.translate()
             self.problems.extend(translator.problems)
-            self.python_node = PeerPythonNode
+            self.python_node = peer_python_node
             # Its edges are rebuilt, so only the nodes' code keeps its place in the file.
             self.code_lines = {key: line for key, line in self.code_lines.items()
                                if key[0] == "nodes"}
@@ -407,6 +408,9 @@ class DocumentBuilder(SettingsReader):
         except SyntaxError as exc:
             message = exc.msg.removeprefix(f"node {name!r}: ")  # ``where`` names the node
             self.problem(f"{where}: invalid Python: {message}{_in_file(in_file, exc.lineno)}")
+            return None
+        except CodeTemplateError as exc:
+            self.problem(f"{where}: {str(exc).removeprefix(f'node {name!r}: ')}")
             return None
 
     def node_file_name(self, reference: str) -> str:
