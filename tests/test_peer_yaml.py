@@ -788,3 +788,43 @@ def test_templated_code_keeps_its_file_lines_in_errors(tmp_path):
             pytest.raises(GraphExecutionError) as caught:
         graph.invoke({"n": 1})
     assert f"{path}:6" in str(caught.value), str(caught.value)
+
+
+UNMARKED_LUA = """
+    name: simple
+    nodes:
+      - name: process
+        run: |
+          -- Lua code
+          return { result = "processed: " .. (state.input or "none") }
+      - name: finalize
+        run: |
+          return { output = state.result .. " - done" }
+    edges:
+      - {from: __start__, to: process}
+      - {from: process, to: finalize}
+      - {from: finalize, to: __end__}
+"""
+
+
+@pytest.mark.parametrize("isolation", BACKENDS)
+def test_a_document_without_format_keys_whose_code_is_unmarked_lua_is_the_peers(isolation):
+    assert run(UNMARKED_LUA, isolation, {"input": "x"}) == {
+        "input": "x", "result": "processed: x", "output": "processed: x - done"}
+
+
+def test_isobranch_document_with_unmarked_lua_says_what_to_add():
+    document = yaml.safe_load(textwrap.dedent(UNMARKED_LUA))
+    document["nodes"][1]["retry"] = {"max_attempts": 2}  # a key only isobranch's format has
+    found = YAMLEngine().validate_dict(document)
+    assert len(found) == 1 and found[0].startswith("node 'finalize': invalid Python:"), found
+    assert "it is valid Lua: to run it as Lua, add 'language: lua'" in found[0]
+
+
+def test_isobranch_document_with_a_python_syntax_error_still_reports_it_with_its_line(tmp_path):
+    path = tmp_path / "agent.yaml"
+    path.write_text("nodes:\n  - name: broken\n    run: |\n      x = state['a'] .. 1\n"
+                    "      return {'b': x\n")
+    found = YAMLEngine().validate_file(path)
+    assert len(found) == 1 and "node 'broken': invalid Python: invalid syntax" in found[0], found
+    assert f"{path}:4" in found[0] and "valid Lua" not in found[0]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from itertools import pairwise
 from typing import Any
 
@@ -84,6 +84,8 @@ DYNAMIC_PARALLEL_KEYS = frozenset({
 PARALLEL_CONFIG_KEYS = frozenset({"max_concurrency", "fail_fast", "timeout_seconds",
                                   "retry_policy", "circuit_breaker"})
 PEER_EDGE_KEYS = frozenset({"condition", "parallel"})
+# Edge types only that format has: an edge from __start__, an edge to __end__.
+PEER_EDGE_TYPES = frozenset({"entry", "finish"})
 UNSUPPORTED_EDGE_KEYS = {
     "parallel_strategy": "a backend per edge is not supported; choose one for the whole "
                          "graph in settings.parallel.isolation",
@@ -112,12 +114,54 @@ def is_peer_document(document: Any) -> bool:
     for spec in edges if isinstance(edges, list) else ():
         if not isinstance(spec, Mapping):
             continue
-        if set(spec) & (PEER_EDGE_KEYS | set(UNSUPPORTED_EDGE_KEYS)):
+        if set(spec) & (PEER_EDGE_KEYS | set(UNSUPPORTED_EDGE_KEYS)) \
+                or spec.get("type") in PEER_EDGE_TYPES:
             return True
         when = spec.get("when")
         if isinstance(when, bool) or is_jinja(when) or _is_peer_shorthand(when):
             return True
     return False
+
+
+# The keys both formats have, with the same meaning. A document that uses only these and no
+# mark of either format reads the same in both, except for code that only the_edge_agent's
+# format reads as Lua (see is_unmarked_peer_document).
+SHARED_TOP_LEVEL_KEYS = frozenset({"name", "description", "variables", "state_schema",
+                                   "settings", "nodes", "edges"})
+SHARED_SETTINGS_KEYS = frozenset({"parallel"})
+SHARED_NODE_KEYS = frozenset({"name", "description", "run", "language", "fan_in"})
+SHARED_EDGE_KEYS = frozenset({"from", "to", "when", "type", "fan_in"})
+SHARED_EDGE_TYPES = frozenset({EdgeType.NORMAL.value, EdgeType.PARALLEL.value})
+
+
+def is_unmarked_peer_document(document: Any, compiles_as_lua: Callable[[str], bool]) -> bool:
+    """Whether ``document``, with no mark of either format, is the_edge_agent's by its code.
+
+    True when it uses only keys both formats share (so isobranch's format
+    has nothing of its own to say) and some node without ``language`` has
+    code that the_edge_agent's format reads as Lua: it shows Lua's words
+    (``local``, ``then``, ``end``, ``elseif``, ``..``), is not Python, and
+    ``compiles_as_lua``. In isobranch's format that code could only be a
+    Python syntax error, so no document that loads changes meaning.
+    """
+    if not isinstance(document, Mapping) or not set(document) <= SHARED_TOP_LEVEL_KEYS:
+        return False
+    settings = document.get("settings")
+    if settings is not None and not (isinstance(settings, Mapping)
+                                     and set(settings) <= SHARED_SETTINGS_KEYS):
+        return False
+    nodes, edges = document.get("nodes"), document.get("edges") or []
+    if not isinstance(nodes, list) or not isinstance(edges, list):
+        return False
+    for edge in edges:
+        if not isinstance(edge, Mapping) or not set(edge) <= SHARED_EDGE_KEYS \
+                or edge.get("type", EdgeType.NORMAL.value) not in SHARED_EDGE_TYPES \
+                or not isinstance(edge.get("when", ""), str):
+            return False
+    if not all(isinstance(node, Mapping) and set(node) <= SHARED_NODE_KEYS for node in nodes):
+        return False
+    return any("language" not in node and _is_unmarked_lua(node.get("run"))
+               and compiles_as_lua(node["run"]) for node in nodes)
 
 
 # What marks code as Lua in the format besides a '-- lua' first line: a Lua keyword or

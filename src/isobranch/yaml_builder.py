@@ -36,7 +36,13 @@ from .keys import (
 from .lua.syntax import LuaSyntaxChecker
 from .nodes import LuaNode, Node, PythonNode
 from .peer_nodes import CodeTemplateError, ResultUnderKey, WhileLoopNode, peer_python_node
-from .peer_yaml import OUTPUT_KEY_SPEC, WHILE_LOOP_SPEC, PeerTranslator, is_peer_document
+from .peer_yaml import (
+    OUTPUT_KEY_SPEC,
+    WHILE_LOOP_SPEC,
+    PeerTranslator,
+    is_peer_document,
+    is_unmarked_peer_document,
+)
 from .retry import RetryPolicy, parse_policy
 from .routes import END, START
 from .schema import StateSchema
@@ -164,7 +170,7 @@ class DocumentBuilder(SettingsReader):
         if not isinstance(doc, Mapping):
             self.problem(f"the document must be a mapping with 'nodes', got {type(doc).__name__}")
             raise self.fail()
-        if is_peer_document(doc):
+        if is_peer_document(doc) or is_unmarked_peer_document(doc, self.compiles_as_lua):
             # the_edge_agent's format: translated into this one, its problems kept.
             translator = PeerTranslator(doc)
             doc = self.document = translator.translate()
@@ -176,6 +182,10 @@ class DocumentBuilder(SettingsReader):
         for key in sorted(set(doc) - TOP_LEVEL_KEYS, key=str):
             self.problem(unknown(f"unknown top-level key {key!r}", key, TOP_LEVEL_KEYS))
         return doc
+
+    def compiles_as_lua(self, code: str) -> bool:
+        """Whether ``code`` is a Lua node body without a syntax error."""
+        return self.lua.check_node(code) is None
 
     def variables(self, doc: Mapping[str, Any]) -> dict[str, Any]:
         """The document's ``variables``; empty if they are not a mapping (``graph`` says so)."""
@@ -407,7 +417,10 @@ class DocumentBuilder(SettingsReader):
             return self.python_node(name, code, origin=f"<node {name}>", location=location)
         except SyntaxError as exc:
             message = exc.msg.removeprefix(f"node {name!r}: ")  # ``where`` names the node
-            self.problem(f"{where}: invalid Python: {message}{_in_file(in_file, exc.lineno)}")
+            hint = ("; it is valid Lua: to run it as Lua, add 'language: lua' to the node or "
+                    "start the code with a '-- lua' line" if self.compiles_as_lua(code) else "")
+            self.problem(f"{where}: invalid Python: {message}{_in_file(in_file, exc.lineno)}"
+                         f"{hint}")
             return None
         except CodeTemplateError as exc:
             self.problem(f"{where}: {str(exc).removeprefix(f'node {name!r}: ')}")
