@@ -259,7 +259,6 @@ def test_unsupported_node_keys_are_named(node_extra, expected):
 @pytest.mark.parametrize(("top", "expected"), [
     ("imports: [{path: x.py, namespace: x}]", "imports: not supported"),
     ("settings: {llm: {model: x}}", "settings.llm: not supported: LLM settings"),
-    ("config: {checkpoint_dir: ./c}", "config.checkpoint_dir: not supported; use settings.checkpoint.path"),
     ("config: {raise_exceptions: 'no'}", "config.raise_exceptions: must be true or false, got 'no'"),
 ])
 def test_unsupported_top_level_keys_are_named(top, expected):
@@ -828,3 +827,50 @@ def test_isobranch_document_with_a_python_syntax_error_still_reports_it_with_its
     found = YAMLEngine().validate_file(path)
     assert len(found) == 1 and "node 'broken': invalid Python: invalid syntax" in found[0], found
     assert f"{path}:4" in found[0] and "valid Lua" not in found[0]
+
+
+CHECKPOINT_DIR_AGENT = """\
+    name: approval
+    state_schema: {value: int, message: str}
+    nodes:
+      - name: step1
+        run: |
+          return {"value": state.get("value", 0) + 1, "message": "step 1"}
+      - name: step2
+        run: |
+          return {"value": state["value"] * 2, "message": "step 2"}
+    config:
+      checkpoint_dir: ./runs/checkpoints
+      interrupt_after: [step1]
+"""
+
+
+@pytest.mark.parametrize("isolation", BACKENDS)
+def test_config_checkpoint_dir_records_runs_in_a_database_made_there_on_first_use(
+        isolation, tmp_path):
+    path = tmp_path / "agent.yaml"
+    path.write_text(textwrap.dedent(CHECKPOINT_DIR_AGENT))
+    directory = tmp_path / "runs" / "checkpoints"
+    with YAMLEngine(isolation=isolation).load_from_file(path) as graph:
+        assert not (tmp_path / "runs").exists()  # loading makes nothing
+        paused = graph.invoke({"value": 1}, config={"run_id": "r1"})
+        assert (paused["value"], paused["message"]) == (2, "step 1")
+        assert (directory / "checkpoints.sqlite").is_file()
+    with YAMLEngine(isolation=isolation).load_from_file(path) as graph:
+        assert graph.resume("r1") == {"value": 4, "message": "step 2"}
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"settings": {"checkpoint": {"path": "runs.db"}}},
+     "settings.checkpoint and config.checkpoint_dir both name where runs are recorded"),
+    ({"config": {"checkpoint_dir": 3}}, "config.checkpoint_dir: must be a directory path, got 3"),
+])
+def test_config_checkpoint_dir_problems_are_named(change, expected, tmp_path):
+    document = {**yaml.safe_load(textwrap.dedent(CHECKPOINT_DIR_AGENT)), **change}
+    found = YAMLEngine().validate_dict(document, base_dir=tmp_path)
+    assert any(expected in p for p in found), found
+
+
+def test_config_checkpoint_dir_relative_needs_a_file_or_base_dir():
+    found = YAMLEngine().validate_dict(yaml.safe_load(textwrap.dedent(CHECKPOINT_DIR_AGENT)))
+    assert any(p.startswith("config.checkpoint_dir: relative path") for p in found), found

@@ -230,6 +230,8 @@ class PeerTranslator:
         # Fan-ins made for dynamic_parallel nodes: the run continues from them.
         self.continues_from: dict[str, str] = {}
         self.known_keys: set[str] | None = None
+        # config.checkpoint_dir, if given (checked by the builder, which makes the checkpointer).
+        self.checkpoint_dir: Any = None
 
     def translate(self) -> dict[str, Any]:
         """The isobranch document (problems in ``self.problems``)."""
@@ -302,9 +304,8 @@ class PeerTranslator:
         if not isinstance(config.get("raise_exceptions", True), bool):
             self.problems.append(f"config.raise_exceptions: must be true or false, got "
                                  f"{config['raise_exceptions']!r}")
-        if "checkpoint_dir" in config:
-            self.problems.append("config.checkpoint_dir: not supported; use "
-                                 "settings.checkpoint.path (an SQLite file)")
+        # A directory for the run's checkpoints: the builder records runs in a database there.
+        self.checkpoint_dir = config.get("checkpoint_dir")
         for key, into in (("interrupt_before", self.interrupt_before),
                           ("interrupt_after", self.interrupt_after)):
             names = config.get(key) or []

@@ -175,6 +175,7 @@ class DocumentBuilder(SettingsReader):
             translator = PeerTranslator(doc)
             doc = self.document = translator.translate()
             self.problems.extend(translator.problems)
+            self.checkpoint_directory = translator.checkpoint_dir
             self.python_node = peer_python_node
             # Its edges are rebuilt, so only the nodes' code keeps its place in the file.
             self.code_lines = {key: line for key, line in self.code_lines.items()
