@@ -117,6 +117,18 @@ def test_spans_of_a_map_are_linked_on_every_backend(exporter, isolation):
     check_map_trace(exporter.get_finished_spans(), isolation, [1, 2, 3, 4])
 
 
+def test_spans_are_made_with_keywords_when_the_sdk_orders_them_otherwise(exporter,
+                                                                        monkeypatch):
+    """Branch spans are made by position only when the SDK's ``ReadableSpan`` takes its
+    parameters in the order isobranch knows; otherwise by keyword, with the same spans."""
+    from isobranch import tracing
+
+    monkeypatch.setattr(tracing, "_readable_takes_positions", lambda: False)
+    with map_graph("process") as app:
+        app.invoke({"items": [1, 2, 3, 4]})
+    check_map_trace(exporter.get_finished_spans(), "process", [1, 2, 3, 4])
+
+
 @pytest.mark.skipif(not HAVE_DASK, reason="the dask extra is not installed")
 def test_spans_made_on_dask_workers_reach_the_callers_exporter(exporter):
     from distributed import LocalCluster

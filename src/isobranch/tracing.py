@@ -268,6 +268,7 @@ class _ToSdkProcessors:
         self._flags = TraceFlags(TraceFlags.SAMPLED)
         self._scope = InstrumentationScope(SCOPE_NAME, _version())
         self._resource = tracer.resource
+        self._positional = _readable_takes_positions()
 
     def __call__(self, parent: Any, records: Sequence[SpanRecord]) -> None:
         # A span's children are recorded before it ends: its context is made for the first
@@ -275,6 +276,8 @@ class _ToSdkProcessors:
         contexts = {parent.span_id: parent}
         span_context, flags, readable, on_end = (self._span_context, self._flags,
                                                  self._readable, self._on_end)
+        resource, kind, scope, unset = self._resource, self._kind, self._scope, self._unset
+        positional = self._positional
         for record in records:
             trace_id = record.trace_id
             own = contexts.get(record.span_id)
@@ -285,16 +288,37 @@ class _ToSdkProcessors:
                 up = contexts[record.parent_id] = span_context(trace_id, record.parent_id,
                                                                False, flags)
             events = record.events
-            on_end(readable(
-                record.name, context=own, parent=up, resource=self._resource,
-                attributes=record.attributes,
-                events=[self._event(name, attributes, at) for name, at, attributes in events]
-                if events else (),
-                kind=self._kind,
-                status=self._unset if record.error is None
-                else self._status(self._error, record.error),
-                start_time=record.start_ns, end_time=record.end_ns,
-                instrumentation_scope=self._scope))
+            if events:
+                events = [self._event(name, attributes, at) for name, at, attributes in events]
+            status = unset if record.error is None else self._status(self._error, record.error)
+            if positional:
+                span = readable(record.name, own, up, resource, record.attributes, events, (),
+                                kind, None, status, record.start_ns, record.end_ns, scope)
+            else:
+                span = readable(record.name, context=own, parent=up, resource=resource,
+                                attributes=record.attributes, events=events, kind=kind,
+                                status=status, start_time=record.start_ns,
+                                end_time=record.end_ns, instrumentation_scope=scope)
+            on_end(span)
+
+
+# ``ReadableSpan``'s parameters in order, as the SDK has had them since 1.20: passed by
+# position, a span is made in half the time keywords take (two are made per branch).
+_READABLE_PARAMETERS = ("name", "context", "parent", "resource", "attributes", "events", "links",
+                        "kind", "instrumentation_info", "status", "start_time", "end_time",
+                        "instrumentation_scope")
+
+
+@functools.cache
+def _readable_takes_positions() -> bool:
+    """Whether the installed SDK's ``ReadableSpan`` takes ``_READABLE_PARAMETERS`` in that
+    order (asked once per process; otherwise spans are made with keywords)."""
+    import inspect
+
+    from opentelemetry.sdk.trace import ReadableSpan
+
+    parameters = tuple(inspect.signature(ReadableSpan.__init__).parameters)
+    return parameters[1:len(_READABLE_PARAMETERS) + 1] == _READABLE_PARAMETERS
 
 
 class _ThroughApi:
