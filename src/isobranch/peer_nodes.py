@@ -23,7 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 from .code_location import CodeLocation, line_count
 from .conditions import Condition
-from .errors import BranchCancelled, BranchTimeout, GraphExecutionError, IsobranchError
+from .errors import (
+    BranchCancelled,
+    BranchTimeout,
+    CodeTemplateError,
+    GraphExecutionError,
+    LoopBodyError,
+)
 from .jinja_conditions import (
     UNAVAILABLE_NAMES,
     compile_template,
@@ -42,11 +48,6 @@ _NOT_THE_BODYS_FAILURE = (BranchTimeout, BranchCancelled, GraphExecutionError)
 # The bounds the format puts on a loop's max_iterations.
 MIN_ITERATIONS = 1
 MAX_ITERATIONS = 1000
-
-
-class LoopBodyError(IsobranchError):
-    """A while_loop's condition or body node failed; the message names the loop, the
-    condition or node and the iteration (counted from 0); the error is the ``__cause__``."""
 
 
 class WhileLoopNode(Node):
@@ -183,12 +184,6 @@ _VARIABLE_REFERENCE = re.compile(r"\$\{([^}]+)\}")
 # Compiled code kept per node, one per distinct rendered text (most templates render to a
 # few texts; one that embeds a changing value would otherwise grow without bound).
 RENDERED_CODE_CACHE_SIZE = 64
-
-
-class CodeTemplateError(IsobranchError):
-    """Python code of the peer format is a Jinja2 template that cannot be used: it does not
-    parse, reads a name outside ``state`` and ``variables``, fails to render, or renders to
-    text that is not Python. The message names the node."""
 
 
 def is_code_template(code: str) -> bool:

@@ -21,7 +21,7 @@ from .cache import as_cache_policy
 from .code_location import CodeLocation
 from .compiled import CompiledGraph
 from .conditions import Condition, LuaCondition, PythonCondition
-from .errors import GraphError
+from .errors import CodeTemplateError, GraphError
 from .graph import StateGraph
 from .keys import (
     EDGE_KEYS,
@@ -35,7 +35,7 @@ from .keys import (
 )
 from .lua.syntax import LuaSyntaxChecker
 from .nodes import LuaNode, Node, PythonNode
-from .peer_nodes import CodeTemplateError, ResultUnderKey, WhileLoopNode, peer_python_node
+from .peer_nodes import ResultUnderKey, WhileLoopNode, peer_python_node
 from .peer_yaml import (
     OUTPUT_KEY_SPEC,
     WHILE_LOOP_SPEC,
