@@ -334,7 +334,9 @@ def _run_node(graph: StepGraph, name: str, state: dict, context: ExecutionContex
         token = None if context.is_running_site else enter_site(context)
         context.calling, context.calling_scope = name, None
         try:
-            update = context.resolve(graph.nodes[name].run(state, context, parallel_results))
+            update = graph.nodes[name].run(state, context, parallel_results)
+            if update is not None and type(update) is not dict:  # maybe awaitable: resolve
+                update = context.resolve(update)
         except (BranchTimeout, BranchCancelled, GraphExecutionError):
             raise
         except Exception as error:
