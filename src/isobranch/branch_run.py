@@ -90,7 +90,8 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
             elif kind == "parallel":
                 route.append(route_step(event["branches"]))
         # A last node that ran past the deadline makes the branch late too.
-        context.check_deadline()
+        if context.deadline is not None:
+            context.check_deadline()
         outcome: dict[str, Any] = {"reducer_writes": context.reducer_writes}
     except NodePaused as paused:
         # Neither a success nor a failure: the branch waits for answers, and a resume
