@@ -18,7 +18,7 @@ import types
 from typing import TYPE_CHECKING, Any
 
 from .conditions import Condition
-from .errors import BranchCancelled, BranchTimeout, GraphExecutionError, IsobranchError
+from .errors import BranchCancelled, BranchTimeout, GraphExecutionError, LoopBodyError
 from .keys import Language
 from .nodes import Node, PythonNode
 
@@ -31,11 +31,6 @@ _NOT_THE_BODYS_FAILURE = (BranchTimeout, BranchCancelled, GraphExecutionError)
 # The bounds the format puts on a loop's max_iterations.
 MIN_ITERATIONS = 1
 MAX_ITERATIONS = 1000
-
-
-class LoopBodyError(IsobranchError):
-    """A while_loop's condition or body node failed; the message names the loop, the
-    condition or node and the iteration (counted from 0); the error is the ``__cause__``."""
 
 
 class WhileLoopNode(Node):
