@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+import threading
 
 import pytest
 import yaml
@@ -623,19 +624,19 @@ def test_isobranch_validate_names_each_node_and_expression_of_a_peer_document(tm
     assert len(lines) == len(expected), lines
 
 
-def test_fail_fast_on_a_dynamic_parallel_node_is_named_with_what_differs():
+def test_fail_fast_on_a_dynamic_parallel_node_must_be_a_boolean():
     found = problems("""
         nodes:
           - name: fan
             type: dynamic_parallel
             items: "{{ state.xs }}"
-            fail_fast: true
+            fail_fast: "yes"
             action:
               run: |
                 return None
     """)
-    assert any("node 'fan': fail_fast on a dynamic_parallel node is not supported: isobranch "
-               "cannot cancel only this fan-out's branches" in p for p in found), found
+    assert any("node 'fan': fail_fast: must be true or false, got 'yes'" in p
+               for p in found), found
 
 
 @pytest.mark.parametrize("isolation", BACKENDS)
@@ -874,3 +875,88 @@ def test_config_checkpoint_dir_problems_are_named(change, expected, tmp_path):
 def test_config_checkpoint_dir_relative_needs_a_file_or_base_dir():
     found = YAMLEngine().validate_dict(yaml.safe_load(textwrap.dedent(CHECKPOINT_DIR_AGENT)))
     assert any(p.startswith("config.checkpoint_dir: relative path") for p in found), found
+
+
+FAIL_FAST_MAP = """
+    version: "1"
+    nodes:
+      - name: setup
+        run: |
+          return {"values": list(range(10))}
+      - name: check_all
+        type: dynamic_parallel
+        items: "{{ state['values'] }}"
+        item_var: value
+        max_concurrency: 1
+        fail_fast: FAIL_FAST
+        steps:
+          - name: check
+            run: |
+              if state["value"] == 1:
+                  raise ValueError("bad value 1")
+              return {"checked": state["value"]}
+        output: results
+      - name: summary
+        run: |
+          return {"outcomes": [r.success for r in state["results"]],
+                  "errors": [r.error for r in state["results"]]}
+"""
+
+
+@pytest.mark.parametrize("isolation", BACKENDS)
+def test_dynamic_parallel_fail_fast_cancels_unstarted_branches_and_goes_on(isolation):
+    final = run(FAIL_FAST_MAP.replace("FAIL_FAST", "true"), isolation)
+    outcomes, errors = final["outcomes"], final["errors"]
+    assert len(outcomes) == 10 and outcomes[0] is True and outcomes[1] is False
+    assert "bad value 1" in errors[1]
+    # One branch may be handed out while the failure is reported; none after it.
+    cancelled = [i for i, error in enumerate(errors)
+                 if error and "check_all.check[1]' failed first (fail_fast)" in error]
+    assert cancelled and cancelled == list(range(cancelled[0], 10)) and cancelled[0] <= 3
+    assert all(outcomes[i] for i in range(2, cancelled[0]))
+
+
+@pytest.mark.parametrize("isolation", BACKENDS)
+def test_dynamic_parallel_without_fail_fast_runs_every_branch(isolation):
+    final = run(FAIL_FAST_MAP.replace("FAIL_FAST", "false"), isolation)
+    assert final["outcomes"] == [True, False] + [True] * 8
+
+
+def test_settings_parallel_fail_fast_still_fails_the_run():
+    document = yaml.safe_load(textwrap.dedent(FAIL_FAST_MAP.replace("FAIL_FAST", "true")))
+    document["settings"] = {"parallel": {"fail_fast": True}}
+    with YAMLEngine(isolation="thread").load_from_dict(document) as graph, \
+            pytest.raises(GraphExecutionError, match=r"failed \(fail_fast\): .*bad value 1"):
+        graph.invoke({})
+
+
+def test_a_map_edge_that_cancels_unstarted_branches_lets_running_ones_finish():
+    # Branch 0 runs until the driver has reported branch 1's failure (its branch event):
+    # it must then finish with its own result, not be cancelled with the unstarted ones.
+    from isobranch import StateGraph
+    reported = threading.Event()
+
+    def check(state):
+        if state["item"] == 1:
+            raise ValueError("bad item 1")
+        if state["item"] == 0:
+            assert reported.wait(30), "branch 1's failure was never reported"
+        return {"checked": state["item"]}
+
+    graph = StateGraph()
+    graph.add_node("start", lambda state: None)
+    graph.add_node("check", check)
+    graph.add_fan_in_node("join", lambda state, results: {"ok": [r.success for r in results],
+                                                           "errors": [r.error for r in results]})
+    graph.set_entry_point("start")
+    graph.add_map_edge("start", "check", over="items", fan_in="join", max_concurrency=2,
+                       cancel_unstarted_on_failure=True)
+    graph.add_edge("join", "__end__")
+    with graph.compile(isolation="thread") as compiled:
+        for event in compiled.stream({"items": list(range(6))}):
+            if event["type"] == "branch" and event["index"] == 1:
+                reported.set()
+            if event["type"] == "final":
+                final = event["state"]
+    assert final["ok"][:2] == [True, False]
+    assert all("failed first (fail_fast)" in error for error in final["errors"][3:])

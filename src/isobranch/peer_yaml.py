@@ -77,6 +77,9 @@ GRAPH_ONLY_NODE_KEYS = ("goto", "interrupt", "fan_in", "type", "retry", "cache",
 # a while_loop node's parts, and the state key a node's result is stored under.
 WHILE_LOOP_SPEC = "__while_loop__"
 OUTPUT_KEY_SPEC = "__output_key__"
+# A dynamic_parallel node's fail_fast on the map edge it becomes: a failure cancels the
+# branches not yet started, and the run goes on to the fan-in.
+CANCEL_UNSTARTED_SPEC = "__cancel_unstarted_on_failure__"
 DYNAMIC_PARALLEL_KEYS = frozenset({
     "name", "type", "items", "item_var", "index_var", "max_concurrency", "fail_fast",
     "action", "steps", "subgraph", "input", "fan_in", "output", "parallel_config",
@@ -498,16 +501,12 @@ class PeerTranslator:
             config = {}
         for key in sorted(set(config) - {"max_concurrency", "fail_fast"}, key=str):
             self.problems.append(f"{where}: parallel_config.{key}: not supported (isobranch "
-                                 f"takes max_concurrency here; fail_fast, branch_timeout and "
-                                 f"retry in settings.parallel)")
+                                 f"takes max_concurrency and fail_fast here; branch_timeout "
+                                 f"and retry in settings.parallel)")
         fail_fast = spec.get("fail_fast", config.get("fail_fast", False))
-        if fail_fast:
-            self.problems.append(f"{where}: fail_fast on a dynamic_parallel node is not "
-                                 f"supported: isobranch cannot cancel only this fan-out's "
-                                 f"branches not yet started (settings.parallel.fail_fast "
-                                 f"fails the whole run on the first failure instead); "
-                                 f"without it every branch runs and a failed one is a "
-                                 f"result with success false")
+        if not isinstance(fail_fast, bool):
+            self.problems.append(f"{where}: fail_fast: must be true or false, got "
+                                 f"{fail_fast!r}")
         body = self.dynamic_body(spec, where, bodies[0])
         if body is None:
             return
@@ -528,6 +527,8 @@ class PeerTranslator:
                                 "over": over, "fan_in": fan_in,
                                 "as": spec.get("item_var", "item"),
                                 "index_as": spec.get("index_var", "index")}
+        if fail_fast is True:
+            edge[CANCEL_UNSTARTED_SPEC] = True
         concurrency = spec.get("max_concurrency", config.get("max_concurrency"))
         if concurrency is not None:
             edge["max_concurrency"] = concurrency

@@ -37,6 +37,7 @@ from .lua.syntax import LuaSyntaxChecker
 from .nodes import LuaNode, Node, PythonNode
 from .peer_nodes import ResultUnderKey, WhileLoopNode, peer_python_node
 from .peer_yaml import (
+    CANCEL_UNSTARTED_SPEC,
     OUTPUT_KEY_SPEC,
     WHILE_LOOP_SPEC,
     PeerTranslator,
@@ -487,7 +488,7 @@ class DocumentBuilder(SettingsReader):
                 continue
             source, target = spec.get("from"), spec.get("to")
             where = f"edges[{index}] ({source} -> {target})"
-            for key in sorted(set(spec) - EDGE_KEYS, key=str):
+            for key in sorted(set(spec) - EDGE_KEYS - {CANCEL_UNSTARTED_SPEC}, key=str):
                 self.problem(unknown(f"{where}: unknown key {key!r}", key, EDGE_KEYS))
             bad = False
             for role, name, allowed in (("from", source, {START}), ("to", target, {END})):
@@ -580,7 +581,9 @@ class DocumentBuilder(SettingsReader):
         try:
             graph.add_map_edge(source, target, over=over, fan_in=fan_in, item_key=keys["as"],
                                index_key=keys["index_as"],
-                               max_concurrency=spec.get("max_concurrency"), retry=retry)
+                               max_concurrency=spec.get("max_concurrency"), retry=retry,
+                               cancel_unstarted_on_failure=spec.get(CANCEL_UNSTARTED_SPEC,
+                                                                    False))
         except GraphError as exc:
             for problem in exc.problems:
                 self.problem(problem.replace(f"map edge {source} -> {target}", where, 1))
