@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+import threading
 
 import pytest
 import yaml
@@ -259,7 +260,6 @@ def test_unsupported_node_keys_are_named(node_extra, expected):
 @pytest.mark.parametrize(("top", "expected"), [
     ("imports: [{path: x.py, namespace: x}]", "imports: not supported"),
     ("settings: {llm: {model: x}}", "settings.llm: not supported: LLM settings"),
-    ("config: {checkpoint_dir: ./c}", "config.checkpoint_dir: not supported; use settings.checkpoint.path"),
     ("config: {raise_exceptions: 'no'}", "config.raise_exceptions: must be true or false, got 'no'"),
 ])
 def test_unsupported_top_level_keys_are_named(top, expected):
@@ -624,19 +624,19 @@ def test_isobranch_validate_names_each_node_and_expression_of_a_peer_document(tm
     assert len(lines) == len(expected), lines
 
 
-def test_fail_fast_on_a_dynamic_parallel_node_is_named_with_what_differs():
+def test_fail_fast_on_a_dynamic_parallel_node_must_be_a_boolean():
     found = problems("""
         nodes:
           - name: fan
             type: dynamic_parallel
             items: "{{ state.xs }}"
-            fail_fast: true
+            fail_fast: "yes"
             action:
               run: |
                 return None
     """)
-    assert any("node 'fan': fail_fast on a dynamic_parallel node is not supported: isobranch "
-               "cannot cancel only this fan-out's branches" in p for p in found), found
+    assert any("node 'fan': fail_fast: must be true or false, got 'yes'" in p
+               for p in found), found
 
 
 @pytest.mark.parametrize("isolation", BACKENDS)
@@ -704,3 +704,259 @@ def test_python_code_without_return_keeps_its_line_numbers_in_errors(tmp_path):
             pytest.raises(GraphExecutionError) as caught:
         graph.invoke({})
     assert f"{path}:6" in str(caught.value), str(caught.value)
+
+
+TEMPLATED_CODE = """
+    version: "1"
+    variables: {greeting: hello}
+    nodes:
+      - name: greet
+        run: |
+          name = "{{ state.name }}"
+          {% if state.loud %}
+          name = name.upper()
+          {% endif %}
+          print("rendered first...")
+          return {"text": f"${greeting} {name}", "n": {{ state.n }} + 1}
+"""
+
+
+@pytest.mark.parametrize("isolation", BACKENDS)
+@pytest.mark.parametrize(("loud", "text"), [(True, "hello BOB"), (False, "hello bob")])
+def test_python_code_is_rendered_as_a_jinja_template_before_it_runs(isolation, loud, text):
+    final = run(TEMPLATED_CODE, isolation, {"name": "bob", "loud": loud, "n": 2})
+    assert final["text"] == text and final["n"] == 3
+
+
+def test_templated_code_is_rendered_again_for_each_state():
+    document = yaml.safe_load(textwrap.dedent(TEMPLATED_CODE))
+    with YAMLEngine(isolation="inline").load_from_dict(document) as graph:
+        first = graph.invoke({"name": "ann", "loud": False, "n": 1})
+        second = graph.invoke({"name": "bob", "loud": True, "n": 5})
+    assert (first["text"], first["n"]) == ("hello ann", 2)
+    assert (second["text"], second["n"]) == ("hello BOB", 6)
+
+
+def test_isobranch_documents_python_code_is_not_rendered():
+    document = {"nodes": [{"name": "a", "run": 'return {"t": f"{{x}}", "s": "{{ state.x }}"}'}]}
+    with YAMLEngine(isolation="inline").load_from_dict(document) as graph:
+        assert graph.invoke({"x": 1}) == {"x": 1, "t": "{x}", "s": "{{ state.x }}"}
+
+
+def test_lua_code_of_a_peer_document_is_not_rendered():
+    text = """
+        version: "1"
+        nodes:
+          - name: a
+            run: |
+              -- lua
+              return {rows = {{n = 1}}, s = "{{ state.x }}"}
+    """
+    assert run(text, "thread") == {"rows": [{"n": 1}], "s": "{{ state.x }}"}
+
+
+@pytest.mark.parametrize(("code", "expected"), [
+    ('x = "{{ state.name "\nreturn {"x": x}', "its code is a Jinja2 template (it holds {{ }} or "
+                                               "{% %}) that does not parse"),
+    ('return {"k": "{{ secrets.key }}"}', "reads names it cannot see (it sees 'state' and "
+                                          "'variables'): 'secrets': secrets are not supported"),
+])
+def test_a_template_in_code_that_cannot_be_used_is_named_at_load(code, expected):
+    document = {"version": "1", "nodes": [{"name": "tpl", "run": code}]}
+    found = YAMLEngine().validate_dict(document)
+    assert any(p.startswith("node 'tpl'") and expected in p for p in found), found
+
+
+def test_templated_code_that_renders_to_invalid_python_fails_naming_the_node():
+    text = """
+        version: "1"
+        nodes:
+          - name: tpl
+            run: |
+              return {"x": {{ state.expr }}}
+    """
+    with pytest.raises(GraphExecutionError, match=r"node 'tpl'.*rendered as a Jinja2 template, "
+                                                  r"is not valid Python"):
+        run(text, "thread", {"expr": "1 +"})
+
+
+def test_templated_code_keeps_its_file_lines_in_errors(tmp_path):
+    path = tmp_path / "agent.yaml"
+    path.write_text('version: "1"\nnodes:\n  - name: a\n    run: |\n      x = {{ state.n }}\n'
+                    '      return {"y": x / 0}\n')
+    with YAMLEngine(isolation="thread").load_from_file(path) as graph, \
+            pytest.raises(GraphExecutionError) as caught:
+        graph.invoke({"n": 1})
+    assert f"{path}:6" in str(caught.value), str(caught.value)
+
+
+UNMARKED_LUA = """
+    name: simple
+    nodes:
+      - name: process
+        run: |
+          -- Lua code
+          return { result = "processed: " .. (state.input or "none") }
+      - name: finalize
+        run: |
+          return { output = state.result .. " - done" }
+    edges:
+      - {from: __start__, to: process}
+      - {from: process, to: finalize}
+      - {from: finalize, to: __end__}
+"""
+
+
+@pytest.mark.parametrize("isolation", BACKENDS)
+def test_a_document_without_format_keys_whose_code_is_unmarked_lua_is_the_peers(isolation):
+    assert run(UNMARKED_LUA, isolation, {"input": "x"}) == {
+        "input": "x", "result": "processed: x", "output": "processed: x - done"}
+
+
+def test_isobranch_document_with_unmarked_lua_says_what_to_add():
+    document = yaml.safe_load(textwrap.dedent(UNMARKED_LUA))
+    document["nodes"][1]["retry"] = {"max_attempts": 2}  # a key only isobranch's format has
+    found = YAMLEngine().validate_dict(document)
+    assert len(found) == 1 and found[0].startswith("node 'finalize': invalid Python:"), found
+    assert "it is valid Lua: to run it as Lua, add 'language: lua'" in found[0]
+
+
+def test_isobranch_document_with_a_python_syntax_error_still_reports_it_with_its_line(tmp_path):
+    path = tmp_path / "agent.yaml"
+    path.write_text("nodes:\n  - name: broken\n    run: |\n      x = state['a'] .. 1\n"
+                    "      return {'b': x\n")
+    found = YAMLEngine().validate_file(path)
+    assert len(found) == 1 and "node 'broken': invalid Python: invalid syntax" in found[0], found
+    assert f"{path}:4" in found[0] and "valid Lua" not in found[0]
+
+
+CHECKPOINT_DIR_AGENT = """\
+    name: approval
+    state_schema: {value: int, message: str}
+    nodes:
+      - name: step1
+        run: |
+          return {"value": state.get("value", 0) + 1, "message": "step 1"}
+      - name: step2
+        run: |
+          return {"value": state["value"] * 2, "message": "step 2"}
+    config:
+      checkpoint_dir: ./runs/checkpoints
+      interrupt_after: [step1]
+"""
+
+
+@pytest.mark.parametrize("isolation", BACKENDS)
+def test_config_checkpoint_dir_records_runs_in_a_database_made_there_on_first_use(
+        isolation, tmp_path):
+    path = tmp_path / "agent.yaml"
+    path.write_text(textwrap.dedent(CHECKPOINT_DIR_AGENT))
+    directory = tmp_path / "runs" / "checkpoints"
+    with YAMLEngine(isolation=isolation).load_from_file(path) as graph:
+        assert not (tmp_path / "runs").exists()  # loading makes nothing
+        paused = graph.invoke({"value": 1}, config={"run_id": "r1"})
+        assert (paused["value"], paused["message"]) == (2, "step 1")
+        assert (directory / "checkpoints.sqlite").is_file()
+    with YAMLEngine(isolation=isolation).load_from_file(path) as graph:
+        assert graph.resume("r1") == {"value": 4, "message": "step 2"}
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"settings": {"checkpoint": {"path": "runs.db"}}},
+     "settings.checkpoint and config.checkpoint_dir both name where runs are recorded"),
+    ({"config": {"checkpoint_dir": 3}}, "config.checkpoint_dir: must be a directory path, got 3"),
+])
+def test_config_checkpoint_dir_problems_are_named(change, expected, tmp_path):
+    document = {**yaml.safe_load(textwrap.dedent(CHECKPOINT_DIR_AGENT)), **change}
+    found = YAMLEngine().validate_dict(document, base_dir=tmp_path)
+    assert any(expected in p for p in found), found
+
+
+def test_config_checkpoint_dir_relative_needs_a_file_or_base_dir():
+    found = YAMLEngine().validate_dict(yaml.safe_load(textwrap.dedent(CHECKPOINT_DIR_AGENT)))
+    assert any(p.startswith("config.checkpoint_dir: relative path") for p in found), found
+
+
+FAIL_FAST_MAP = """
+    version: "1"
+    nodes:
+      - name: setup
+        run: |
+          return {"values": list(range(10))}
+      - name: check_all
+        type: dynamic_parallel
+        items: "{{ state['values'] }}"
+        item_var: value
+        max_concurrency: 1
+        fail_fast: FAIL_FAST
+        steps:
+          - name: check
+            run: |
+              if state["value"] == 1:
+                  raise ValueError("bad value 1")
+              return {"checked": state["value"]}
+        output: results
+      - name: summary
+        run: |
+          return {"outcomes": [r.success for r in state["results"]],
+                  "errors": [r.error for r in state["results"]]}
+"""
+
+
+@pytest.mark.parametrize("isolation", BACKENDS)
+def test_dynamic_parallel_fail_fast_cancels_unstarted_branches_and_goes_on(isolation):
+    final = run(FAIL_FAST_MAP.replace("FAIL_FAST", "true"), isolation)
+    outcomes, errors = final["outcomes"], final["errors"]
+    assert len(outcomes) == 10 and outcomes[0] is True and outcomes[1] is False
+    assert "bad value 1" in errors[1]
+    # One branch may be handed out while the failure is reported; none after it.
+    cancelled = [i for i, error in enumerate(errors)
+                 if error and "check_all.check[1]' failed first (fail_fast)" in error]
+    assert cancelled and cancelled == list(range(cancelled[0], 10)) and cancelled[0] <= 3
+    assert all(outcomes[i] for i in range(2, cancelled[0]))
+
+
+@pytest.mark.parametrize("isolation", BACKENDS)
+def test_dynamic_parallel_without_fail_fast_runs_every_branch(isolation):
+    final = run(FAIL_FAST_MAP.replace("FAIL_FAST", "false"), isolation)
+    assert final["outcomes"] == [True, False] + [True] * 8
+
+
+def test_settings_parallel_fail_fast_still_fails_the_run():
+    document = yaml.safe_load(textwrap.dedent(FAIL_FAST_MAP.replace("FAIL_FAST", "true")))
+    document["settings"] = {"parallel": {"fail_fast": True}}
+    with YAMLEngine(isolation="thread").load_from_dict(document) as graph, \
+            pytest.raises(GraphExecutionError, match=r"failed \(fail_fast\): .*bad value 1"):
+        graph.invoke({})
+
+
+def test_a_map_edge_that_cancels_unstarted_branches_lets_running_ones_finish():
+    # Branch 0 runs until the driver has reported branch 1's failure (its branch event):
+    # it must then finish with its own result, not be cancelled with the unstarted ones.
+    from isobranch import StateGraph
+    reported = threading.Event()
+
+    def check(state):
+        if state["item"] == 1:
+            raise ValueError("bad item 1")
+        if state["item"] == 0:
+            assert reported.wait(30), "branch 1's failure was never reported"
+        return {"checked": state["item"]}
+
+    graph = StateGraph()
+    graph.add_node("start", lambda state: None)
+    graph.add_node("check", check)
+    graph.add_fan_in_node("join", lambda state, results: {"ok": [r.success for r in results],
+                                                           "errors": [r.error for r in results]})
+    graph.set_entry_point("start")
+    graph.add_map_edge("start", "check", over="items", fan_in="join", max_concurrency=2,
+                       cancel_unstarted_on_failure=True)
+    graph.add_edge("join", "__end__")
+    with graph.compile(isolation="thread") as compiled:
+        for event in compiled.stream({"items": list(range(6))}):
+            if event["type"] == "branch" and event["index"] == 1:
+                reported.set()
+            if event["type"] == "final":
+                final = event["state"]
+    assert final["ok"][:2] == [True, False]
+    assert all("failed first (fail_fast)" in error for error in final["errors"][3:])

@@ -320,6 +320,12 @@ class LoopBodyError(IsobranchError):
     condition or node and the iteration (counted from 0); the error is the ``__cause__``."""
 
 
+class CodeTemplateError(IsobranchError):
+    """Python code of the peer YAML format is a Jinja2 template that cannot be used: it
+    does not parse, reads a name outside ``state`` and ``variables``, fails to render, or
+    renders to text that is not Python. The message names the node."""
+
+
 # -- backends ------------------------------------------------------------------
 
 

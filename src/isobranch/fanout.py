@@ -63,6 +63,8 @@ class MapFanOut:
     index_key: str = "index"
     max_concurrency: int | None = None
     retry: RetryPolicy | None = None
+    # A failed branch cancels the branches not yet handed out; the run goes on to the fan-in.
+    cancel_unstarted_on_failure: bool = False
 
     def retry_of(self, position: int) -> RetryPolicy | None:
         """The retry policy of the map edge (every branch has the same)."""

@@ -258,6 +258,15 @@ class FanOutSource:
                 self._build_next()
             return self._next is None
 
+    def cancel_unstarted(self) -> None:
+        """Hand out nothing more and drop what waits (the run built ahead, retries due
+        later): the runs out still finish, the rest never run."""
+        with self._guard:
+            self.stopped = self.exhausted = True
+            self._next = None
+            self._due.clear()
+            self.retrying = False
+
     def stop(self) -> list[BranchRun]:
         """Hand out nothing more; the retries that were waiting, soonest first."""
         with self._guard:
@@ -427,7 +436,7 @@ class _Driver:
             self.work.start()  # room again for a backend that was refused
         result.attempts = run.attempt
         if self.places_only is not None:
-            return None, self.places_only.place(run.position, result)
+            return None, self._stops(self.places_only.place(run.position, result))
         if self.attempt_observer is not None:  # told of every attempt, retried ones too
             self.attempt_observer(run, result)
         if self.retry_of is not None and not result.success and not result.interrupts:
@@ -439,13 +448,21 @@ class _Driver:
         if gathering is None:
             return (run.position, result), False
         # FanOutRun's part, written out here: it runs once per branch.
-        stop = gathering.gathered.place(run.position, result)
+        stop = self._stops(gathering.gathered.place(run.position, result))
         for observer in gathering.observers:
             observer.branch_finished(run.position, result)
         if not gathering.notes:
             return None, stop
         return BranchFinished(run.position, result, gathering.gathered.done,
                               gathering.plan.total), stop
+
+    def _stops(self, failed_first: bool) -> bool:
+        """Whether the fan-out stops now that a branch failed first (``failed_first``); a
+        fan-out that cancels only its unstarted branches goes on with those running."""
+        if failed_first and self.gathering is not None and self.gathering.cancels_unstarted:
+            self.source.cancel_unstarted()
+            return False
+        return failed_first
 
     def _retry(self, run: BranchRun, result: ParallelFlowResult) -> RetryNotice | None:
         """Schedule ``run`` again if its policy allows (its notice); else say in its error
@@ -598,8 +615,11 @@ class _Gathering:
     ``notes=False``)."""
 
     def __init__(self, gathered: Gathered, plan: FanOutPlan, isolation: str,
-                 observers: Sequence[FanOutObserver], notes: bool) -> None:
+                 observers: Sequence[FanOutObserver], notes: bool,
+                 cancels_unstarted: bool = False) -> None:
         self.gathered = gathered
+        # A failure cancels only the branches not yet handed out (see FanOutRun).
+        self.cancels_unstarted = cancels_unstarted
         self.plan = plan
         self.isolation = isolation
         self.observers = observers
@@ -625,7 +645,10 @@ class FanOutRun:
     stopped it, if any. ``recorded`` are results a resumed run already has,
     by position: those branches do not run again. ``observers`` are told of
     every final result and of the end; ``attempt_observer`` of every
-    attempt's result first (a retried one too).
+    attempt's result first (a retried one too). With ``fail_fast`` and
+    ``cancel_unstarted``, the first failure cancels only the branches not
+    yet handed to the backend: those out finish, the fan-out ends normally
+    with the cancelled ones among ``results``, and ``failure`` stays None.
     """
 
     def __init__(self, backend: IsolationBackend, plan: FanOutPlan, *, fail_fast: bool,
@@ -634,13 +657,15 @@ class FanOutRun:
                  cancel: CancelSignal | None = None, stop_flags: Iterable[CancelSignal] = (),
                  recorded: Mapping[int, ParallelFlowResult] | None = None,
                  observers: Sequence[FanOutObserver] = (), notes: bool = True,
-                 attempt_observer: AttemptObserver | None = None) -> None:
+                 attempt_observer: AttemptObserver | None = None,
+                 cancel_unstarted: bool = False) -> None:
         self._plan = plan
         gathered = Gathered(plan.total, fail_fast, backend.name)
         recorded = dict(recorded or {})
         for position, result in sorted(recorded.items()):
             gathered.add(position, result)
-        self._gathering = _Gathering(gathered, plan, backend.name, list(observers), notes)
+        self._gathering = _Gathering(gathered, plan, backend.name, list(observers), notes,
+                                     cancels_unstarted=fail_fast and cancel_unstarted)
         tasks: Iterable[BranchTask] = plan.tasks
         positions = None
         if recorded:
@@ -670,6 +695,8 @@ class FanOutRun:
     @property
     def failure(self) -> ParallelFlowResult | None:
         """The failed branch that stopped the fan-out under ``fail_fast``, if any."""
+        if self._gathering.cancels_unstarted:
+            return None  # it cancelled the unstarted branches; the fan-out did not stop
         return self._gathering.gathered.failure
 
     def __iter__(self) -> Iterator[BranchFinished | RetryNotice]:

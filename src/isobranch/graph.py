@@ -184,7 +184,8 @@ class StateGraph:
     def add_map_edge(self, source: str, target: str, *,
                      over: str | Expression | Callable[[dict], Any], fan_in: str,
                      item_key: str = "item", index_key: str = "index",
-                     max_concurrency: int | None = None, retry: Any = None) -> StateGraph:
+                     max_concurrency: int | None = None, retry: Any = None,
+                     cancel_unstarted_on_failure: bool = False) -> StateGraph:
         """After ``source``, run one branch from ``target`` per item of ``over``; they meet at ``fan_in``.
 
         ``over`` is a state key whose value is a list or tuple, or a callable
@@ -196,6 +197,10 @@ class StateGraph:
         once. ``retry`` (a ``RetryPolicy``, a mapping of its fields, or a
         number of attempts) runs a failed branch again from ``target`` on a
         fresh copy of its input (default: ``compile(branch_retry=)``).
+        With ``cancel_unstarted_on_failure`` a branch's failure (after its
+        retries) cancels the branches not yet started, whose results are
+        cancelled ones; those running finish, and the fan-in runs on them
+        all (unlike ``compile(fail_fast=True)``, which fails the run).
         """
         where = f"map edge {source} -> {target}"
         problems = []
@@ -223,7 +228,8 @@ class StateGraph:
             raise GraphError(problems=problems)
         self._maps.append(MapFanOut(target=target, fan_in=fan_in, over=over, item_key=item_key,
                                     index_key=index_key, max_concurrency=max_concurrency,
-                                    retry=retry))
+                                    retry=retry,
+                                    cancel_unstarted_on_failure=cancel_unstarted_on_failure))
         self._map_sources.append(source)
         return self
 

@@ -18,6 +18,7 @@ from .conditions import AttributeView, Condition
 from .errors import JinjaExpressionError
 
 if TYPE_CHECKING:
+    from jinja2 import Template
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     from .context import ExecutionContext
@@ -60,6 +61,40 @@ class JinjaReferences:
     unknown_names: frozenset[str]
 
 
+def template_references(source: str) -> JinjaReferences:
+    """What the template ``source`` reads: state keys by name, and names outside its scope.
+
+    Names the template sets itself (``{% for x in ... %}``, ``{% set %}``),
+    ``loop`` and Jinja2's own globals (``range``, ``dict`` ...) are in scope.
+    Raises ``jinja2.TemplateSyntaxError`` for a template that does not parse.
+    """
+    from jinja2 import nodes
+    environment = _environment()
+    tree = environment.parse(source)
+    keys: set[str] = set()
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
+        target = node.node
+        if isinstance(target, nodes.Name) and target.name == "state":
+            if isinstance(node, nodes.Getattr):
+                keys.add(node.attr)
+            elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+                keys.add(node.arg.value)
+    loads = {node.name for node in tree.find_all(nodes.Name) if node.ctx == "load"}
+    stores = {node.name for node in tree.find_all(nodes.Name) if node.ctx != "load"}
+    in_scope = SCOPE_NAMES | {"loop"} | set(environment.globals)
+    return JinjaReferences(frozenset(keys), frozenset(loads - stores - in_scope))
+
+
+def render_template(template: Template, state: dict, variables: dict) -> str:
+    """``template`` rendered with read-only ``state`` and ``variables`` views."""
+    return template.render(state=AttributeView(state), variables=AttributeView(variables))
+
+
+def compile_template(source: str) -> Template:
+    """``source`` as a template of the sandboxed environment (``TemplateSyntaxError`` if not)."""
+    return _environment().from_string(source)
+
+
 class JinjaCondition(Condition):
     """A Jinja2 expression over ``state`` and ``variables``; its value, or its truth, decides.
 
@@ -94,20 +129,8 @@ class JinjaCondition(Condition):
 
     def references(self) -> JinjaReferences:
         """The state keys the expression reads by name and the unknown names it uses."""
-        from jinja2 import nodes
         source = "{{ " + self._body + " }}" if self._body is not None else self.expression
-        tree = _environment().parse(source)
-        keys: set[str] = set()
-        for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
-            target = node.node
-            if isinstance(target, nodes.Name) and target.name == "state":
-                if isinstance(node, nodes.Getattr):
-                    keys.add(node.attr)
-                elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
-                    keys.add(node.arg.value)
-        loads = {node.name for node in tree.find_all(nodes.Name) if node.ctx == "load"}
-        stores = {node.name for node in tree.find_all(nodes.Name) if node.ctx != "load"}
-        return JinjaReferences(frozenset(keys), frozenset(loads - stores - SCOPE_NAMES))
+        return template_references(source)
 
     def evaluate(self, state: dict, context: ExecutionContext) -> Any:
         scope = {"state": AttributeView(state),

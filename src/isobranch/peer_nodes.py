@@ -1,24 +1,41 @@
-"""Node kinds only the_edge_agent's YAML format has: ``type: while_loop`` and ``output:``.
+"""Node kinds only the_edge_agent's YAML format has: ``type: while_loop``, ``output:``,
+and Python code that is a Jinja2 template.
 
 A ``WhileLoopNode`` runs its body nodes in order, again and again, while its
 condition holds, at most ``max_iterations`` times, as one step of the graph:
 the format defines the loop as one node, so its iterations are not steps of
 their own (no events, checkpoints or breakpoints between them). A
 ``ResultUnderKey`` node stores what its code returned under one state key,
-and a ``PeerPythonNode`` has the globals that format gives Python code.
-Both are plain picklable objects like the nodes they hold, so they run on
-every backend.
+a ``PeerPythonNode`` has the globals that format gives Python code, and a
+``TemplatedPythonNode`` renders its code as a Jinja2 template before each
+run, as that format does. All are plain picklable objects like the nodes
+they hold, so they run on every backend.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import json
+import re
 import types
 from typing import TYPE_CHECKING, Any
 
+from .code_location import CodeLocation, line_count
 from .conditions import Condition
-from .errors import BranchCancelled, BranchTimeout, GraphExecutionError, LoopBodyError
+from .errors import (
+    BranchCancelled,
+    BranchTimeout,
+    CodeTemplateError,
+    GraphExecutionError,
+    LoopBodyError,
+)
+from .jinja_conditions import (
+    UNAVAILABLE_NAMES,
+    compile_template,
+    render_template,
+    template_references,
+)
 from .keys import Language
 from .nodes import Node, PythonNode
 
@@ -158,3 +175,106 @@ class ResultUnderKey(Node):
 
     def failure_site(self, error: BaseException) -> str | None:
         return self.inner.failure_site(error)
+
+
+# What makes Python code of the format a template, rendered before each run: Jinja2's
+# ``{{ }}`` and ``{% %}``, and the ``${name}`` of a variable, which the format also replaces.
+_TEMPLATE_MARKS = ("{{", "{%", "${")
+_VARIABLE_REFERENCE = re.compile(r"\$\{([^}]+)\}")
+# Compiled code kept per node, one per distinct rendered text (most templates render to a
+# few texts; one that embeds a changing value would otherwise grow without bound).
+RENDERED_CODE_CACHE_SIZE = 64
+
+
+def is_code_template(code: str) -> bool:
+    """Whether Python ``code`` of the format is a template the format renders before running."""
+    return any(mark in code for mark in _TEMPLATE_MARKS)
+
+
+def peer_python_node(name: str, source: str, *, origin: str | None = None,
+                     location: CodeLocation | None = None) -> Node:
+    """The node for Python code of the format: templated if the code is a template.
+
+    Raises ``SyntaxError`` for code that is not Python, ``CodeTemplateError``
+    for a template that cannot be used, both naming the node.
+    """
+    if is_code_template(source):
+        return TemplatedPythonNode(name, source, origin=origin, location=location)
+    return PeerPythonNode(name, source, origin=origin, location=location)
+
+
+class TemplatedPythonNode(Node):
+    """Python code of the format holding ``{{ }}``, ``{% %}`` or ``${name}``.
+
+    As that format runs such code, it is rendered before each run as a
+    Jinja2 template, with ``state`` and ``variables`` in scope (read-only
+    views, in the sandboxed environment), and ``${name}`` is replaced by
+    the variable ``name`` when there is one; the rendered text then runs as
+    a ``PeerPythonNode``. Code without these marks never comes here, so it
+    pays nothing. The template is parsed, and the names it reads checked,
+    when the node is built; the rendered text is compiled once per distinct
+    text (up to ``RENDERED_CODE_CACHE_SIZE`` texts).
+    """
+
+    language = Language.PYTHON
+
+    def __init__(self, name: str, source: str, *, origin: str | None = None,
+                 location: CodeLocation | None = None) -> None:
+        from jinja2 import TemplateSyntaxError
+        self.name = name
+        self.source = source
+        self.origin = origin or f"<node {name}>"
+        self.location = location
+        try:
+            unknown = template_references(source).unknown_names
+            self._template = compile_template(source)
+        except TemplateSyntaxError as exc:
+            raise CodeTemplateError(f"node {name!r}: its code is a Jinja2 template (it holds "
+                                    f"{{{{ }}}} or {{% %}}) that does not parse: {exc.message} "
+                                    f"(line {exc.lineno})") from None
+        if unknown:
+            advice = "; ".join(f"{reader!r}: {UNAVAILABLE_NAMES.get(reader, 'not in scope')}"
+                               for reader in sorted(unknown))
+            raise CodeTemplateError(f"node {name!r}: its code is a Jinja2 template that reads "
+                                    f"names it cannot see (it sees 'state' and 'variables'): "
+                                    f"{advice}")
+        # Thread-safe, and per node: nodes are shared by the threads of a run.
+        self._compiled = functools.lru_cache(maxsize=RENDERED_CODE_CACHE_SIZE)(self._node_for)
+
+    def __getstate__(self) -> dict:
+        return {"name": self.name, "source": self.source, "origin": self.origin,
+                "location": self.location}
+
+    def __setstate__(self, data: dict) -> None:
+        self.__init__(data["name"], data["source"], origin=data["origin"],
+                      location=data.get("location"))
+
+    def render(self, state: dict, variables: dict) -> str:
+        """The code as it runs for ``state``: the template rendered, ``${name}`` replaced."""
+        try:
+            text = render_template(self._template, state, variables)
+        except Exception as exc:
+            raise CodeTemplateError(f"node {self.name!r}: rendering its code as a Jinja2 "
+                                    f"template failed: {type(exc).__name__}: {exc}") from exc
+        return _VARIABLE_REFERENCE.sub(
+            lambda match: str(variables[match[1]]) if match[1] in variables else match[0], text)
+
+    def _node_for(self, rendered: str) -> PeerPythonNode:
+        # The file's line numbers still hold when rendering kept the number of lines.
+        keeps_lines = line_count(rendered) == line_count(self.source)
+        try:
+            return PeerPythonNode(self.name, rendered, origin=f"{self.origin} (rendered)",
+                                  location=self.location if keeps_lines else None)
+        except SyntaxError as exc:
+            message = exc.msg.removeprefix(f"node {self.name!r}: ")
+            raise CodeTemplateError(f"node {self.name!r}: its code, rendered as a Jinja2 "
+                                    f"template, is not valid Python: {message} (of the "
+                                    f"rendered code:\n{rendered})") from None
+
+    def run(self, state: dict, context: ExecutionContext,
+            parallel_results: list[ParallelFlowResult] | None = None) -> Any:
+        node = self._compiled(self.render(state, context.graph.variables))
+        return node.run(state, context, parallel_results)
+
+    def failure_site(self, error: BaseException) -> str | None:
+        return self.location.python_site(error, self.source) if self.location else None

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from itertools import pairwise
 from typing import Any
 
@@ -77,6 +77,9 @@ GRAPH_ONLY_NODE_KEYS = ("goto", "interrupt", "fan_in", "type", "retry", "cache",
 # a while_loop node's parts, and the state key a node's result is stored under.
 WHILE_LOOP_SPEC = "__while_loop__"
 OUTPUT_KEY_SPEC = "__output_key__"
+# A dynamic_parallel node's fail_fast on the map edge it becomes: a failure cancels the
+# branches not yet started, and the run goes on to the fan-in.
+CANCEL_UNSTARTED_SPEC = "__cancel_unstarted_on_failure__"
 DYNAMIC_PARALLEL_KEYS = frozenset({
     "name", "type", "items", "item_var", "index_var", "max_concurrency", "fail_fast",
     "action", "steps", "subgraph", "input", "fan_in", "output", "parallel_config",
@@ -84,6 +87,8 @@ DYNAMIC_PARALLEL_KEYS = frozenset({
 PARALLEL_CONFIG_KEYS = frozenset({"max_concurrency", "fail_fast", "timeout_seconds",
                                   "retry_policy", "circuit_breaker"})
 PEER_EDGE_KEYS = frozenset({"condition", "parallel"})
+# Edge types only that format has: an edge from __start__, an edge to __end__.
+PEER_EDGE_TYPES = frozenset({"entry", "finish"})
 UNSUPPORTED_EDGE_KEYS = {
     "parallel_strategy": "a backend per edge is not supported; choose one for the whole "
                          "graph in settings.parallel.isolation",
@@ -112,12 +117,54 @@ def is_peer_document(document: Any) -> bool:
     for spec in edges if isinstance(edges, list) else ():
         if not isinstance(spec, Mapping):
             continue
-        if set(spec) & (PEER_EDGE_KEYS | set(UNSUPPORTED_EDGE_KEYS)):
+        if set(spec) & (PEER_EDGE_KEYS | set(UNSUPPORTED_EDGE_KEYS)) \
+                or spec.get("type") in PEER_EDGE_TYPES:
             return True
         when = spec.get("when")
         if isinstance(when, bool) or is_jinja(when) or _is_peer_shorthand(when):
             return True
     return False
+
+
+# The keys both formats have, with the same meaning. A document that uses only these and no
+# mark of either format reads the same in both, except for code that only the_edge_agent's
+# format reads as Lua (see is_unmarked_peer_document).
+SHARED_TOP_LEVEL_KEYS = frozenset({"name", "description", "variables", "state_schema",
+                                   "settings", "nodes", "edges"})
+SHARED_SETTINGS_KEYS = frozenset({"parallel"})
+SHARED_NODE_KEYS = frozenset({"name", "description", "run", "language", "fan_in"})
+SHARED_EDGE_KEYS = frozenset({"from", "to", "when", "type", "fan_in"})
+SHARED_EDGE_TYPES = frozenset({EdgeType.NORMAL.value, EdgeType.PARALLEL.value})
+
+
+def is_unmarked_peer_document(document: Any, compiles_as_lua: Callable[[str], bool]) -> bool:
+    """Whether ``document``, with no mark of either format, is the_edge_agent's by its code.
+
+    True when it uses only keys both formats share (so isobranch's format
+    has nothing of its own to say) and some node without ``language`` has
+    code that the_edge_agent's format reads as Lua: it shows Lua's words
+    (``local``, ``then``, ``end``, ``elseif``, ``..``), is not Python, and
+    ``compiles_as_lua``. In isobranch's format that code could only be a
+    Python syntax error, so no document that loads changes meaning.
+    """
+    if not isinstance(document, Mapping) or not set(document) <= SHARED_TOP_LEVEL_KEYS:
+        return False
+    settings = document.get("settings")
+    if settings is not None and not (isinstance(settings, Mapping)
+                                     and set(settings) <= SHARED_SETTINGS_KEYS):
+        return False
+    nodes, edges = document.get("nodes"), document.get("edges") or []
+    if not isinstance(nodes, list) or not isinstance(edges, list):
+        return False
+    for edge in edges:
+        if not isinstance(edge, Mapping) or not set(edge) <= SHARED_EDGE_KEYS \
+                or edge.get("type", EdgeType.NORMAL.value) not in SHARED_EDGE_TYPES \
+                or not isinstance(edge.get("when", ""), str):
+            return False
+    if not all(isinstance(node, Mapping) and set(node) <= SHARED_NODE_KEYS for node in nodes):
+        return False
+    return any("language" not in node and _is_unmarked_lua(node.get("run"))
+               and compiles_as_lua(node["run"]) for node in nodes)
 
 
 # What marks code as Lua in the format besides a '-- lua' first line: a Lua keyword or
@@ -140,10 +187,21 @@ def _is_unmarked_lua(code: Any) -> bool:
     if first.startswith("-- lua") or not _LUA_SIGNS.search(code):
         return False  # the builder reads a '-- lua' line itself
     try:
-        ast.parse(code)
+        ast.parse(_without_template_tags(code))
     except SyntaxError:
         return True
     return False
+
+
+# Jinja2's parts of Python code that is a template (rendered before it runs, Python after).
+_TEMPLATE_EXPRESSION = re.compile(r"\{\{.*?\}\}", re.DOTALL)
+_TEMPLATE_STATEMENT = re.compile(r"\{%.*?%\}", re.DOTALL)
+
+
+def _without_template_tags(code: str) -> str:
+    """``code`` with each ``{{ }}`` as a value and each ``{% %}`` gone: Python code that is a
+    template parses as Python then, so its tags do not make it look like Lua."""
+    return _TEMPLATE_STATEMENT.sub("", _TEMPLATE_EXPRESSION.sub("None", code))
 
 
 def _is_peer_shorthand(when: Any) -> bool:
@@ -175,6 +233,8 @@ class PeerTranslator:
         # Fan-ins made for dynamic_parallel nodes: the run continues from them.
         self.continues_from: dict[str, str] = {}
         self.known_keys: set[str] | None = None
+        # config.checkpoint_dir, if given (checked by the builder, which makes the checkpointer).
+        self.checkpoint_dir: Any = None
 
     def translate(self) -> dict[str, Any]:
         """The isobranch document (problems in ``self.problems``)."""
@@ -247,9 +307,8 @@ class PeerTranslator:
         if not isinstance(config.get("raise_exceptions", True), bool):
             self.problems.append(f"config.raise_exceptions: must be true or false, got "
                                  f"{config['raise_exceptions']!r}")
-        if "checkpoint_dir" in config:
-            self.problems.append("config.checkpoint_dir: not supported; use "
-                                 "settings.checkpoint.path (an SQLite file)")
+        # A directory for the run's checkpoints: the builder records runs in a database there.
+        self.checkpoint_dir = config.get("checkpoint_dir")
         for key, into in (("interrupt_before", self.interrupt_before),
                           ("interrupt_after", self.interrupt_after)):
             names = config.get(key) or []
@@ -442,16 +501,12 @@ class PeerTranslator:
             config = {}
         for key in sorted(set(config) - {"max_concurrency", "fail_fast"}, key=str):
             self.problems.append(f"{where}: parallel_config.{key}: not supported (isobranch "
-                                 f"takes max_concurrency here; fail_fast, branch_timeout and "
-                                 f"retry in settings.parallel)")
+                                 f"takes max_concurrency and fail_fast here; branch_timeout "
+                                 f"and retry in settings.parallel)")
         fail_fast = spec.get("fail_fast", config.get("fail_fast", False))
-        if fail_fast:
-            self.problems.append(f"{where}: fail_fast on a dynamic_parallel node is not "
-                                 f"supported: isobranch cannot cancel only this fan-out's "
-                                 f"branches not yet started (settings.parallel.fail_fast "
-                                 f"fails the whole run on the first failure instead); "
-                                 f"without it every branch runs and a failed one is a "
-                                 f"result with success false")
+        if not isinstance(fail_fast, bool):
+            self.problems.append(f"{where}: fail_fast: must be true or false, got "
+                                 f"{fail_fast!r}")
         body = self.dynamic_body(spec, where, bodies[0])
         if body is None:
             return
@@ -472,6 +527,8 @@ class PeerTranslator:
                                 "over": over, "fan_in": fan_in,
                                 "as": spec.get("item_var", "item"),
                                 "index_as": spec.get("index_var", "index")}
+        if fail_fast is True:
+            edge[CANCEL_UNSTARTED_SPEC] = True
         concurrency = spec.get("max_concurrency", config.get("max_concurrency"))
         if concurrency is not None:
             edge["max_concurrency"] = concurrency

@@ -29,7 +29,7 @@ from .errors import (
     RetriesStopped,
     StateCopyError,
 )
-from .fanout import FanOut, StaticFanOut, plan_fan_out
+from .fanout import FanOut, MapFanOut, StaticFanOut, plan_fan_out
 from .fanout_run import BranchFinished, FanOutRun, RetryNotice
 from .interrupts import (
     Breakpoint,
@@ -587,7 +587,11 @@ def _fan_out(graph: StepGraph, node: str, fan_out: FanOut, state: dict,
     tape = context.replay
     if tape is not None:
         plan.tasks = _taped(plan.tasks, tape)
-    run = FanOutRun(backend, plan, fail_fast=limits.fail_fast,
+    # A map edge's own fail-fast cancels its unstarted branches; the graph's fails the run.
+    cancel_unstarted = (not limits.fail_fast and isinstance(fan_out, MapFanOut)
+                        and fan_out.cancel_unstarted_on_failure)
+    run = FanOutRun(backend, plan, fail_fast=limits.fail_fast or cancel_unstarted,
+                    cancel_unstarted=cancel_unstarted,
                     max_concurrency=fan_out.max_concurrency or context.max_concurrency,
                     retry_of=retry_of, cancel=context.fan_out_cancel,
                     # Without retries nothing waits that close() would have to end.

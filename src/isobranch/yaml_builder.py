@@ -11,7 +11,7 @@ back named with the chain of files (yaml_subgraphs.py).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
@@ -21,7 +21,7 @@ from .cache import as_cache_policy
 from .code_location import CodeLocation
 from .compiled import CompiledGraph
 from .conditions import Condition, LuaCondition, PythonCondition
-from .errors import GraphError
+from .errors import CodeTemplateError, GraphError
 from .graph import StateGraph
 from .keys import (
     EDGE_KEYS,
@@ -35,8 +35,15 @@ from .keys import (
 )
 from .lua.syntax import LuaSyntaxChecker
 from .nodes import LuaNode, Node, PythonNode
-from .peer_nodes import PeerPythonNode, ResultUnderKey, WhileLoopNode
-from .peer_yaml import OUTPUT_KEY_SPEC, WHILE_LOOP_SPEC, PeerTranslator, is_peer_document
+from .peer_nodes import ResultUnderKey, WhileLoopNode, peer_python_node
+from .peer_yaml import (
+    CANCEL_UNSTARTED_SPEC,
+    OUTPUT_KEY_SPEC,
+    WHILE_LOOP_SPEC,
+    PeerTranslator,
+    is_peer_document,
+    is_unmarked_peer_document,
+)
 from .retry import RetryPolicy, parse_policy
 from .routes import END, START
 from .schema import StateSchema
@@ -78,8 +85,9 @@ class DocumentBuilder(SettingsReader):
         self.own_lua_limits: LuaCeiling | None = None
         # The node cache of this document's graph (and of the files it includes).
         self.own_cache = engine_options.cache
-        # Python nodes of the_edge_agent's format get the globals that format gives them.
-        self.python_node: type[PythonNode] = PythonNode
+        # Python nodes of the_edge_agent's format get the globals that format gives them
+        # (and code that is a template is rendered first).
+        self.python_node: Callable[..., Node] = PythonNode
 
     def location(self, key: CodeKey) -> CodeLocation | None:
         """Where the code value at ``key`` starts in the file, if known."""
@@ -163,18 +171,23 @@ class DocumentBuilder(SettingsReader):
         if not isinstance(doc, Mapping):
             self.problem(f"the document must be a mapping with 'nodes', got {type(doc).__name__}")
             raise self.fail()
-        if is_peer_document(doc):
+        if is_peer_document(doc) or is_unmarked_peer_document(doc, self.compiles_as_lua):
             # the_edge_agent's format: translated into this one, its problems kept.
             translator = PeerTranslator(doc)
             doc = self.document = translator.translate()
             self.problems.extend(translator.problems)
-            self.python_node = PeerPythonNode
+            self.checkpoint_directory = translator.checkpoint_dir
+            self.python_node = peer_python_node
             # Its edges are rebuilt, so only the nodes' code keeps its place in the file.
             self.code_lines = {key: line for key, line in self.code_lines.items()
                                if key[0] == "nodes"}
         for key in sorted(set(doc) - TOP_LEVEL_KEYS, key=str):
             self.problem(unknown(f"unknown top-level key {key!r}", key, TOP_LEVEL_KEYS))
         return doc
+
+    def compiles_as_lua(self, code: str) -> bool:
+        """Whether ``code`` is a Lua node body without a syntax error."""
+        return self.lua.check_node(code) is None
 
     def variables(self, doc: Mapping[str, Any]) -> dict[str, Any]:
         """The document's ``variables``; empty if they are not a mapping (``graph`` says so)."""
@@ -406,7 +419,13 @@ class DocumentBuilder(SettingsReader):
             return self.python_node(name, code, origin=f"<node {name}>", location=location)
         except SyntaxError as exc:
             message = exc.msg.removeprefix(f"node {name!r}: ")  # ``where`` names the node
-            self.problem(f"{where}: invalid Python: {message}{_in_file(in_file, exc.lineno)}")
+            hint = ("; it is valid Lua: to run it as Lua, add 'language: lua' to the node or "
+                    "start the code with a '-- lua' line" if self.compiles_as_lua(code) else "")
+            self.problem(f"{where}: invalid Python: {message}{_in_file(in_file, exc.lineno)}"
+                         f"{hint}")
+            return None
+        except CodeTemplateError as exc:
+            self.problem(f"{where}: {str(exc).removeprefix(f'node {name!r}: ')}")
             return None
 
     def node_file_name(self, reference: str) -> str:
@@ -469,7 +488,7 @@ class DocumentBuilder(SettingsReader):
                 continue
             source, target = spec.get("from"), spec.get("to")
             where = f"edges[{index}] ({source} -> {target})"
-            for key in sorted(set(spec) - EDGE_KEYS, key=str):
+            for key in sorted(set(spec) - EDGE_KEYS - {CANCEL_UNSTARTED_SPEC}, key=str):
                 self.problem(unknown(f"{where}: unknown key {key!r}", key, EDGE_KEYS))
             bad = False
             for role, name, allowed in (("from", source, {START}), ("to", target, {END})):
@@ -562,7 +581,9 @@ class DocumentBuilder(SettingsReader):
         try:
             graph.add_map_edge(source, target, over=over, fan_in=fan_in, item_key=keys["as"],
                                index_key=keys["index_as"],
-                               max_concurrency=spec.get("max_concurrency"), retry=retry)
+                               max_concurrency=spec.get("max_concurrency"), retry=retry,
+                               cancel_unstarted_on_failure=spec.get(CANCEL_UNSTARTED_SPEC,
+                                                                    False))
         except GraphError as exc:
             for problem in exc.problems:
                 self.problem(problem.replace(f"map edge {source} -> {target}", where, 1))

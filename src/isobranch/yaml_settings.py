@@ -97,6 +97,10 @@ def contained_file(base_dir: Path, reference: str) -> Path:
     return resolved
 
 
+# The database a checkpoint directory (the peer format's config.checkpoint_dir) holds.
+CHECKPOINT_DIRECTORY_FILE = "checkpoints.sqlite"
+
+
 class SettingsReader:
     """Reads ``settings:`` and collects problems in ``problems``."""
 
@@ -108,6 +112,8 @@ class SettingsReader:
         self.problems: list[str] = []
         # Options of the backends that do not run, by name: used if a run's config picks one.
         self.other_backends_options: dict[str, dict[str, Any]] = {}
+        # The peer format's config.checkpoint_dir, once its document is translated.
+        self.checkpoint_directory: Any = None
 
     def problem(self, text: str) -> None:
         """Record one problem (already naming where it is)."""
@@ -235,12 +241,33 @@ class SettingsReader:
         if "path" in settings and (not isinstance(path, str) or not path):
             self.problem(f"{where}.path: must be a file path, got {path!r}")
             return None
-        if path is None or self.engine_options.checkpointer is not None:
+        directory = self.checkpoint_directory
+        if directory is not None and value is not None:
+            self.problem(f"{where} and config.checkpoint_dir both name where runs are "
+                         f"recorded; give one of them")
+            return None
+        if self.engine_options.checkpointer is not None:
             return self.engine_options.checkpointer
-        file = self.settings_file(where, path)
+        if directory is not None:
+            return self.directory_checkpointer(directory)
+        if path is None:
+            return None
+        file = self.settings_file(f"{where}.path", path)
         if file is None:
             return None
         return SqliteCheckpointer(file, pickle=pickle is True and self.engine_options.allow_python)
+
+    def directory_checkpointer(self, directory: Any) -> SqliteCheckpointer | None:
+        """The checkpointer of the peer format's ``config.checkpoint_dir``: the database
+        ``CHECKPOINT_DIRECTORY_FILE`` in that directory, both made when first used."""
+        where = "config.checkpoint_dir"
+        if not isinstance(directory, str) or not directory:
+            self.problem(f"{where}: must be a directory path, got {directory!r}")
+            return None
+        folder = self.settings_file(where, directory)
+        if folder is None:
+            return None
+        return SqliteCheckpointer(folder / CHECKPOINT_DIRECTORY_FILE, create_directory=True)
 
     def node_cache(self, value: Any) -> SqliteCache | None:
         """The engine's node cache, else the one ``settings.cache`` describes.
@@ -259,25 +286,25 @@ class SettingsReader:
             return None
         if path is None or self.engine_options.cache is not None:
             return self.engine_options.cache
-        file = self.settings_file(where, path)
+        file = self.settings_file(f"{where}.path", path)
         return None if file is None else SqliteCache(file)
 
     def settings_file(self, where: str, path: str) -> Path | None:
-        """The file a setting's ``path`` names, relative to the workflow's directory; None
-        after reporting why it cannot be used. A Lua-only document may name a file only
-        inside that directory."""
+        """The file the setting ``where`` (``settings.cache.path``) names, relative to the
+        workflow's directory; None after reporting why it cannot be used. A Lua-only
+        document may name a file only inside that directory."""
         allow_python = self.engine_options.allow_python
         if Path(path).is_absolute() and allow_python:
             return Path(path)
         if self.base_dir is None:
-            self.problem(f"{where}.path: relative path {path!r} needs load_from_file or "
+            self.problem(f"{where}: relative path {path!r} needs load_from_file or "
                          f"base_dir")
             return None
         if not allow_python:
             try:
                 return Path(contained_file(self.base_dir, path))
             except ValueError as exc:
-                self.problem(f"{where}.path: {path!r} {exc} (allow_python=False)")
+                self.problem(f"{where}: {path!r} {exc} (allow_python=False)")
                 return None
         return self.base_dir / path
 

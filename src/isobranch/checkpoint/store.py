@@ -169,17 +169,22 @@ class SqliteCheckpointer:
     object, in this process only (``path`` is then ``:memory:``): enough to
     pause a run with ``interrupt()`` and resume it, nothing survives the
     process. Branches in worker processes never touch the database (only
-    the caller records), so every backend may run with one.
+    the caller records), so every backend may run with one. With
+    ``create_directory=True`` the file's directory is made when the
+    database is first opened, not before.
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *,
-                 pickle: bool = False) -> None:
+                 pickle: bool = False, create_directory: bool = False) -> None:
         if path is not None and (not isinstance(path, (str, os.PathLike))
                                  or not os.fspath(path)):
             raise GraphError(f"SqliteCheckpointer: path must be a file path, got {path!r}")
         if not isinstance(pickle, bool):
             raise GraphError(f"SqliteCheckpointer: pickle must be True or False, got {pickle!r}")
         self.pickle = pickle
+        # Whether the file's directory is made when the database is first opened (a
+        # directory named for checkpoints, as the peer format's config.checkpoint_dir).
+        self.create_directory = create_directory
         # An in-memory database: a private shared-cache name, kept alive by a connection
         # of its own as long as this object lives (a shared-cache database ends with
         # its last connection), so close() never loses its runs.
@@ -202,10 +207,12 @@ class SqliteCheckpointer:
         if self._memory_uri is not None:
             raise GraphError("an in-memory SqliteCheckpointer() cannot leave its process: "
                              "give it a path to share runs between processes")
-        return {"path": self.path, "pickle": self.pickle}
+        return {"path": self.path, "pickle": self.pickle,
+                "create_directory": self.create_directory}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.path, self.pickle = state["path"], state["pickle"]
+        self.create_directory = state.get("create_directory", False)
         self._memory_uri = None
         self._reset()
 
@@ -222,9 +229,11 @@ class SqliteCheckpointer:
             return self._connection
         self._pid = os.getpid()
         try:
+            if self.create_directory and self._memory_uri is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
             connection = open_connection(self._memory_uri or self.path, self._prepare,
                                          uri=self._memory_uri is not None)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise self._unusable(exc) from exc
         self._connection = connection
         return connection
