@@ -11,6 +11,10 @@ local type, next, error, tostring, rawget, rawset, rawlen, setmetatable, math_ty
   lazy_bytecode = ...
 
 local M = {}
+-- The call statuses this returns (sandbox.lua and runtime.py's _Status
+-- give the same numbers).
+local FAILED <const> = 3; local OUT_OF_MEMORY <const> = 6; local CONVERT_INPUT <const> = 7
+local CONVERT_ESCAPED <const> = 8
 
 -- Which Python container a decoded table came from (decode.lua explains).
 local KIND = setmetatable({}, {__mode = "k"})
@@ -38,9 +42,9 @@ end
 
 local function decode_failed(err)
   raw_collect("restart")
-  if find(err, CONVERT, 1, true) == 1 then return "convert_input", sub(err, #CONVERT + 1) end
-  if err == "not enough memory" then return "memory", err end
-  return "error", err
+  if find(err, CONVERT, 1, true) == 1 then return CONVERT_INPUT, sub(err, #CONVERT + 1) end
+  if err == "not enough memory" then return OUT_OF_MEMORY, err end
+  return FAILED, err
 end
 
 -- A call's input: nil, state, variables; or a failure's status and message.
@@ -67,6 +71,20 @@ end
 -- unhooked, with the collector paused (it makes little garbage).
 function M.encode_result(result)
   return unhooked(get_encode(), result)
+end
+
+-- The global interrupt(value) of node calls: value and answer cross as a
+-- one-element list, through ask, the Python callable the runtime gives.
+-- Made here, not in the sandbox, so that a VM that never pauses does not
+-- load it.
+function M.make_interrupt(ask)
+  return function(value)
+    local ok, encoded = M.encode_result({value})
+    if not ok then error(encoded, 2) end
+    local failure, answer = M.decode_inputs(ask(encoded), nil, false)
+    if failure then error(answer, 2) end
+    return answer[1]
+  end
 end
 
 ---------------------------------------------------------------- lazy state
@@ -103,10 +121,10 @@ function M.fill_escaped_states()
   local failed = lazy.take_failure()
   if ok then return nil end
   lazy.abandon_all()
-  if failed and failed.memory then return "memory", "not enough memory" end
-  if failed then return "convert_escaped", failed.message, failed.index end
+  if failed and failed.memory then return OUT_OF_MEMORY, "not enough memory" end
+  if failed then return CONVERT_ESCAPED, failed.message, failed.index end
   local status, message = decode_failed(err)
-  return status == "convert_input" and "convert_escaped" or status, message
+  return status == CONVERT_INPUT and CONVERT_ESCAPED or status, message
 end
 
 return M
