@@ -4,7 +4,9 @@
 -- only ever sees scalars never does), passing the library functions and the
 -- sandbox's own pieces it needs, so nothing user code did to the globals
 -- can reach it. It loads the codec (decode.lua, encode.lua) and lazy.lua in
--- turn, each when first needed. Returns its functions by name.
+-- turn, each when first needed. Returns its functions: by index for the
+-- sandbox (the numbers at the end of this file), by name for
+-- rarely_used.lua.
 local type, next, error, tostring, rawget, rawset, rawlen, setmetatable, math_type, format, sub,
   byte, char, find, concat, unpack_string, pack_string, load, pcall, raw_collect, CONVERT,
   MAX_DEPTH, DEPTH_REASON, LAZY, check_time, unhooked, decode_bytecode, encode_bytecode,
@@ -104,8 +106,13 @@ M.fill_all = fill_all
 function M.fill_key(t, key) lazy.fill_key(t, key) end
 function M.forget_key(t, key) lazy.forget_key(t, key) end
 
--- The first failed fill of the call that just ended, if any.
-function M.take_failure() return lazy.take_failure() end
+-- The first failed fill of the call that just ended, if any: true, whether
+-- it ran out of memory, its message and the index of its key.
+local function take_failure()
+  local failed = lazy.take_failure()
+  if failed then return true, failed.memory, failed.message, failed.index end
+  return false
+end
 
 -- Only the value of this call is in Python: a lazy state still reachable
 -- after the call (kept in a global, say) is filled now, or a later call
@@ -127,4 +134,7 @@ function M.fill_escaped_states()
   return status == CONVERT_INPUT and CONVERT_ESCAPED or status, message
 end
 
+-- For the sandbox, by index (sandbox.lua names the same numbers).
+M[1], M[2], M[3], M[4] = M.decode_inputs, M.encode_result, M.make_interrupt, M.begin_call
+M[5], M[6], M[7] = fill_all, take_failure, M.fill_escaped_states
 return M

@@ -228,7 +228,12 @@ end
 -- touches first.
 local LAZY = setmetatable({}, WEAK_KEYS)
 -- crossing.lua, loaded with the first call that brings or returns a table.
+-- Its functions are read by index (the same numbers there): a field name
+-- would be one more string constant for every new VM to allocate.
 local crossing
+local DECODE_INPUTS <const> = 1; local ENCODE_RESULT <const> = 2
+local MAKE_INTERRUPT <const> = 3; local BEGIN_CALL <const> = 4; local FILL_ALL <const> = 5
+local TAKE_FAILURE <const> = 6; local FILL_ESCAPED_STATES <const> = 7
 local function get_crossing()
   if crossing == nil then
     local lib = FOR_FIRST_USE
@@ -249,7 +254,7 @@ end
 local function safe_next(...)
   local t = ...
   if type(t) ~= "table" then table_expected("next", ...) end
-  if LAZY[t] then crossing.fill_all(t) end
+  if LAZY[t] then crossing[FILL_ALL](t) end
   return next(...)
 end
 G.next = safe_next
@@ -259,7 +264,7 @@ G.pairs = function(...)
     local mt = getmetatable(t)
     if type(mt) ~= "table" or rawget(mt, "__pairs") == nil then table_expected("pairs", ...) end
   elseif LAZY[t] then
-    crossing.fill_all(t)
+    crossing[FILL_ALL](t)
   end
   local iterator, subject, control = pairs(...)
   -- pairs hands out next: it must be this one, not the raw one.
@@ -317,7 +322,7 @@ local function call_and_encode(fn, state, variables)
   local result = fn(state, variables)
   local kind = type(result)
   if kind == "table" then
-    local ok, encoded = get_crossing().encode_result(result)
+    local ok, encoded = get_crossing()[ENCODE_RESULT](result)
     if not ok then error(encoded, 0) end
     return OK, encoded
   end
@@ -342,7 +347,8 @@ function run(mode, code, chunk_name, state_data, variables_data, lazy_state)
   local ok, state, variables
   if state_data or variables_data then
     local failure
-    failure, state, variables = get_crossing().decode_inputs(state_data, variables_data, lazy_state)
+    failure, state, variables = get_crossing()[DECODE_INPUTS](state_data, variables_data,
+                                                                 lazy_state)
     -- A failure comes with its message.
     if failure then return failure, state end
   end
@@ -379,10 +385,10 @@ function run(mode, code, chunk_name, state_data, variables_data, lazy_state)
   -- a microsecond or two on every call.
   if not raw_collect("isrunning") then raw_collect("restart") end
   if expired or in_wall_check then return TIMED_OUT, "timeout" end
-  local failed = lazy_state and crossing.take_failure()
-  if failed then
-    if failed.memory then return OUT_OF_MEMORY, "not enough memory" end
-    return CONVERT_INPUT, failed.message, failed.index
+  if lazy_state then
+    local failed, memory, message, index = crossing[TAKE_FAILURE]()
+    if memory then return OUT_OF_MEMORY, "not enough memory" end
+    if failed then return CONVERT_INPUT, message, index end
   end
   if ok then return status, payload end
   -- Lua calls no message handler for out-of-memory errors.
@@ -396,15 +402,15 @@ end
 -- fetch (a lazy state's callback) is given only with a lazy state; ask (what
 -- interrupt() calls) once, with a VM's first node call under a run.
 return function(mode, code, chunk_name, state_data, variables_data, fetch, ask)
-  if ask ~= nil then interrupt_global = get_crossing().make_interrupt(ask) end
+  if ask ~= nil then interrupt_global = get_crossing()[MAKE_INTERRUPT](ask) end
   local lazy_state = fetch ~= nil
-  if lazy_state then get_crossing().begin_call(fetch) end
+  if lazy_state then get_crossing()[BEGIN_CALL](fetch) end
   local status, payload, index = run(mode, code, chunk_name, state_data, variables_data,
                                      lazy_state)
   -- After a timeout or a memory error the VM is thrown away.
   if lazy_state and status ~= TIMED_OUT and status ~= OUT_OF_MEMORY then
     rawset(G, "state", nil)
-    local escaped_status, escaped_payload, escaped_index = crossing.fill_escaped_states()
+    local escaped_status, escaped_payload, escaped_index = crossing[FILL_ESCAPED_STATES]()
     if escaped_status then return escaped_status, escaped_payload, escaped_index end
   end
   return status, payload, index
