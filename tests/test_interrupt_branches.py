@@ -207,3 +207,34 @@ def test_a_main_path_subgraph_pauses_inside_with_its_path_as_id(tmp_path):
     assert final == {"marks": str(marks), "item": 3, "ok": "fine"}
     # The inner step before the pause was recorded: a resume continues after it.
     assert ran(marks) == {"inner-prep-3": 1, "inner-approve-3": 2}
+
+
+@pytest.mark.parametrize("isolation", ["inline", "thread"])
+def test_interrupt_in_a_branch_router_is_outside_a_node_even_after_a_node_asked(tmp_path,
+                                                                               isolation):
+    """A branch's nodes find their call through the branch's context, which stays the
+    running one between its nodes: a router there is still no node call to pause."""
+
+    def ask(state: dict) -> dict:
+        return {"answer": interrupt("go on?")}  # answered below: returns at once
+
+    def route(state: dict) -> str:
+        interrupt("from a router")
+        return "after"
+
+    graph = StateGraph()
+    graph.add_node("start", lambda state: {"items": [0, 1]})
+    graph.add_node("ask", ask).add_node("after", lambda state: {"done": True})
+    graph.add_fan_in_node("join", lambda state, results: {
+        "errors": [(r.error_type, r.error) for r in results]})
+    graph.add_edge(START, "start")
+    graph.add_map_edge("start", "ask", over="items", fan_in="join")
+    graph.add_conditional_edges("ask", route)
+    graph.add_edge("after", "join").add_edge("join", END)
+    store = SqliteCheckpointer(tmp_path / "r.db")
+    with graph.compile(isolation=isolation, checkpointer=store) as app:
+        app.invoke({}, config={"run_id": "r"})
+        final = app.resume("r", answers={"ask[0]": "yes", "ask[1]": "yes"})
+    assert "__interrupt__" not in final, "a router's interrupt() pauses nothing"
+    assert [error_type for error_type, _ in final["errors"]] == ["RuntimeError"] * 2
+    assert all("outside a node" in error for _, error in final["errors"])

@@ -117,6 +117,18 @@ def test_spans_of_a_map_are_linked_on_every_backend(exporter, isolation):
     check_map_trace(exporter.get_finished_spans(), isolation, [1, 2, 3, 4])
 
 
+def test_spans_are_made_with_keywords_when_the_sdk_orders_them_otherwise(exporter,
+                                                                        monkeypatch):
+    """Branch spans are made by position only when the SDK's ``ReadableSpan`` takes its
+    parameters in the order isobranch knows; otherwise by keyword, with the same spans."""
+    from isobranch import tracing
+
+    monkeypatch.setattr(tracing, "_readable_takes_positions", lambda: False)
+    with map_graph("process") as app:
+        app.invoke({"items": [1, 2, 3, 4]})
+    check_map_trace(exporter.get_finished_spans(), "process", [1, 2, 3, 4])
+
+
 @pytest.mark.skipif(not HAVE_DASK, reason="the dask extra is not installed")
 def test_spans_made_on_dask_workers_reach_the_callers_exporter(exporter):
     from distributed import LocalCluster
@@ -249,3 +261,209 @@ def test_results_handed_on_carry_no_spans(exporter):
     (parallel,) = [e for e in events if e["type"] == "parallel"]
     assert all(result.spans == () for result in parallel["branches"])
     assert len(by_name(exporter.get_finished_spans(), "isobranch.branch")) == 2
+
+
+class RecordedSpan(trace.Span):
+    """A span of ``RecordingProvider``: it keeps what the API told it."""
+
+    def __init__(self, name: str, context: trace.SpanContext, parent: trace.SpanContext | None,
+                 attributes, start_time: int | None) -> None:
+        self.name, self.context, self.parent = name, context, parent
+        self.attributes = dict(attributes or {})
+        self.start_time, self.end_time = start_time, None
+        self.events: list[tuple] = []
+        self.status = trace.Status(StatusCode.UNSET)
+        self.ends = 0
+
+    def get_span_context(self) -> trace.SpanContext:
+        return self.context
+
+    def set_attributes(self, attributes) -> None:
+        self.attributes.update(attributes)
+
+    def set_attribute(self, key: str, value) -> None:
+        self.attributes[key] = value
+
+    def add_event(self, name: str, attributes=None, timestamp=None) -> None:
+        self.events.append((name, dict(attributes or {}), timestamp))
+
+    def update_name(self, name: str) -> None:
+        self.name = name
+
+    def is_recording(self) -> bool:
+        return self.ends == 0
+
+    def set_status(self, status, description=None) -> None:
+        self.status = status
+
+    def record_exception(self, exception, attributes=None, timestamp=None, escaped=False) -> None:
+        raise AssertionError("isobranch records no exceptions on spans")
+
+    def end(self, end_time: int | None = None) -> None:
+        self.ends += 1
+        self.end_time = end_time
+
+
+class RecordingProvider(trace.TracerProvider, trace.Tracer):
+    """A tracer provider that is not the SDK's: its own ids (counting up), every span kept.
+
+    ``fail_on`` names a span that makes ``start_span`` raise (a provider that breaks).
+    """
+
+    def __init__(self, fail_on: str | None = None) -> None:
+        self.spans: list[RecordedSpan] = []
+        self.fail_on = fail_on
+
+    def get_tracer(self, instrumenting_module_name, instrumenting_library_version=None,
+                   schema_url=None, attributes=None) -> trace.Tracer:
+        return self
+
+    def start_span(self, name, context=None, kind=trace.SpanKind.INTERNAL, attributes=None,
+                   links=None, start_time=None, record_exception=True,
+                   set_status_on_exception=True) -> RecordedSpan:
+        if name == self.fail_on:
+            raise RuntimeError(f"this provider cannot start {name}")
+        parent = trace.get_current_span(context).get_span_context()
+        trace_id = parent.trace_id if parent.is_valid else 1000 + len(self.spans)
+        own = trace.SpanContext(trace_id, len(self.spans) + 1, False,
+                                trace.TraceFlags(trace.TraceFlags.SAMPLED))
+        span = RecordedSpan(name, own, parent if parent.is_valid else None, attributes,
+                            start_time)
+        self.spans.append(span)
+        return span
+
+    def start_as_current_span(self, *args, **kwargs):
+        raise AssertionError("isobranch never makes a span current")
+
+
+def test_worker_spans_reach_a_provider_that_is_not_the_sdks_through_the_api(monkeypatch):
+    """The fallback: spans recorded in worker processes are started and ended again through
+    the API, under the provider's own ids, with their parents, times and status."""
+    provider = RecordingProvider()
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
+    items = [1, 2, 3, 4]
+    with map_graph("process") as app:
+        assert app.invoke({"items": items}) == {"items": items, "total": 80}
+    spans = provider.spans
+    assert all(span.ends == 1 for span in spans)
+    (run,) = by_name(spans, "isobranch.run")
+    (fan_out,) = by_name(spans, "isobranch.fan_out")
+    branches = by_name(spans, "isobranch.branch")
+    nodes = by_name(spans, "isobranch.node")
+    assert len(spans) == 1 + 1 + len(items) + 2 + len(items)
+    assert {span.context.trace_id for span in spans} == {run.context.trace_id}
+    assert fan_out.parent.span_id == run.context.span_id
+    assert {b.parent.span_id for b in branches} == {fan_out.context.span_id}
+    by_id = {b.context.span_id: b for b in branches}
+    branch_nodes = [n for n in nodes if n.parent.span_id in by_id]
+    assert len(branch_nodes) == len(items)
+    for node in branch_nodes:
+        branch = by_id[node.parent.span_id]
+        assert node.attributes[ATTR + "branch"] == branch.attributes[ATTR + "branch"]
+        assert node.attributes[ATTR + "node"] == "body"
+        # The times they were recorded with, in the worker: the node within its branch.
+        assert branch.start_time <= node.start_time <= node.end_time <= branch.end_time
+    import os
+
+    for branch in branches:
+        index = branch.attributes[ATTR + "index"]
+        assert branch.attributes[ATTR + "branch"] == f"body[{index}]"
+        assert branch.attributes[ATTR + "isolation"] == "process"
+        assert branch.attributes[ATTR + "attempt"] == 1
+        assert branch.attributes[ATTR + "worker.pid"] != os.getpid()
+        node = next(n for n in branch_nodes if n.parent.span_id == branch.context.span_id)
+        failed = items[index] == 2
+        for span in (branch, node):
+            assert (span.status.status_code is StatusCode.ERROR) == failed
+            if failed:
+                assert span.attributes[ATTR + "error_type"] == "ValueError"
+                assert "item 2 is bad" in span.status.description
+    assert sorted(b.attributes[ATTR + "index"] for b in branches) == list(range(len(items)))
+
+
+def test_a_node_retry_in_a_worker_is_an_event_through_the_api_fallback(monkeypatch, tmp_path):
+    provider = RecordingProvider()
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
+    marker = tmp_path / "failed-once"
+
+    def flaky(state: dict) -> dict:
+        if not marker.exists():
+            marker.touch()
+            raise ConnectionError("flaky")
+        return {"ok": True}
+
+    graph = StateGraph()
+    graph.add_node("start", lambda state: None)
+    graph.add_node("flaky", flaky, retry={"max_attempts": 2, "initial_interval": 0.001,
+                                          "retry_on": ("ConnectionError",)})
+    graph.add_fan_in_node("join", lambda state, results: None)
+    graph.add_edge(START, "start")
+    graph.add_parallel_edge("start", "flaky", fan_in="join")
+    graph.add_edge("flaky", "join")
+    graph.add_edge("join", END)
+    with graph.compile(isolation="process") as app:
+        app.invoke({})
+    (node,) = [n for n in by_name(provider.spans, "isobranch.node")
+               if n.attributes[ATTR + "node"] == "flaky"]
+    ((name, attributes, at),) = node.events
+    assert name == "isobranch.retry"
+    assert attributes == {ATTR + "attempt": 1, ATTR + "error_type": "ConnectionError"}
+    assert node.start_time <= at <= node.end_time
+    assert node.attributes[ATTR + "attempt"] == 2
+    assert node.status.status_code is StatusCode.UNSET
+
+
+class RaisingProcessor(SimpleSpanProcessor):
+    """A span processor whose ``on_end`` raises for the branch spans (an exporter setup that
+    broke): they are the spans the caller hands on for a branch, wherever it ran."""
+
+    def __init__(self) -> None:
+        self.exporter = InMemorySpanExporter()
+        super().__init__(self.exporter)
+
+    def on_end(self, span) -> None:
+        if span.name == "isobranch.branch":
+            raise RuntimeError("the collector is gone")
+        super().on_end(span)
+
+
+class RaisingSdkProvider(TracerProvider):
+    """The SDK's provider with a ``RaisingProcessor``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.processor = RaisingProcessor()
+        self.add_span_processor(self.processor)
+
+
+@pytest.mark.parametrize(("isolation", "provider", "raised"), [
+    ("inline", lambda: RecordingProvider(fail_on="isobranch.run"), "cannot start isobranch.run"),
+    ("process", lambda: RecordingProvider(fail_on="isobranch.fan_out"),
+     "cannot start isobranch.fan_out"),
+    ("thread", RaisingSdkProvider, "the collector is gone"),
+    ("process", RaisingSdkProvider, "the collector is gone"),
+], ids=["start-run", "start-fan-out", "on-end-thread", "on-end-process"])
+def test_a_provider_that_raises_never_fails_the_run(monkeypatch, caplog, isolation, provider,
+                                                    raised):
+    """Tracing never fails a run: the first error from the provider is logged once as a
+    warning, and the rest of the run is not traced (nothing more reaches the provider)."""
+    provider = provider()
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
+    with caplog.at_level(logging.WARNING, logger="isobranch.tracing"), \
+            map_graph(isolation) as app:
+        for _ in range(2):  # each run says so once
+            assert app.invoke({"items": [1, 2, 3, 4]}) == {"items": [1, 2, 3, 4], "total": 80}
+    warnings = [r.getMessage() for r in caplog.records if r.name == "isobranch.tracing"]
+    assert len(warnings) == 2, warnings
+    assert all(raised in message and "nothing more of this run is traced" in message
+               for message in warnings)
+    if isinstance(provider, RecordingProvider):
+        started = [span.name for span in provider.spans]
+        # Nothing is started after the failure: only the spans before it, per run.
+        assert started == ([] if provider.fail_on == "isobranch.run"
+                           else ["isobranch.run", "isobranch.node"] * 2)
+    else:  # the main path's first node ended before the first branch span failed
+        exported = provider.processor.exporter.get_finished_spans()
+        assert [s.attributes.get(ATTR + "node") for s in exported
+                if s.name == "isobranch.node" and ATTR + "branch" not in s.attributes] == [
+            "start", "start"]

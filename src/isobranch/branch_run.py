@@ -30,6 +30,7 @@ from .branch import (
 from .context import ExecutionContext
 from .error_kinds import ErrorKind
 from .errors import BranchCancelled, BranchTimeout, GraphExecutionError, NodePaused
+from .interrupts import enter_site, leave_site
 from .isolation.registry import create_backend
 from .retry import exception_names
 from .runner import run_steps
@@ -55,14 +56,12 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
         monitor.started_at = started
     limits = task.limits
     time_limit = limits.branch_timeout
-    deadline = started + time_limit if time_limit else None
-    worker = _worker_name(task.isolation)
     state: dict = {}
     route: list[Any] = list(task.route)  # a resumed branch: what it ran before its pause
     context = ExecutionContext(
-        task.graph, deadline=deadline, time_limit=time_limit,
-        branch_name=task.name, branch_index=task.index, monitor=monitor,
-        fan_out_limits=limits, watchdog=watchdog, stop=task.stop,
+        task.graph, deadline=started + time_limit if time_limit else None,
+        time_limit=time_limit, branch_name=task.name, branch_index=task.index,
+        monitor=monitor, fan_out_limits=limits, watchdog=watchdog, stop=task.stop,
         nested_isolation="inline" if task.isolation == "inline" else "thread",
         backend_factory=create_backend)
     context.branch_start = task.start
@@ -75,21 +74,10 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
     # Each attempt records on a tape of its own; what it recorded goes back in its result.
     if task.replay is not None:
         context.replay = task.replay.for_branch()
-
-    def result(final_state: dict, **outcome: Any) -> ParallelFlowResult:
-        done = ParallelFlowResult(branch=result_name(task.start, task.index), index=task.index,
-                                  state=final_state, route=tuple(route),
-                                  duration_ms=ms_since(started), isolation=task.isolation,
-                                  worker=worker, **outcome)
-        if recorder is not None:
-            done.spans = recorder.finish(done)
-        if context.replay is not None and context.replay.new:
-            done.recordings = context.replay.new
-        if debug:
-            logger.debug("branch %r finished in %.1f ms: %s", task.name, done.duration_ms,
-                         "success" if done.success else f"failed ({done.error_type})")
-        return done
-
+    # interrupt() in any of the branch's nodes finds it through its context (set once
+    # per branch, not per node call).
+    site = enter_site(context)
+    context.is_running_site = True
     try:
         state = task.initial_state()
         if monitor is not None:
@@ -102,36 +90,52 @@ def run_branch(task: BranchTask, monitor: BranchMonitor | None = None,
             elif kind == "parallel":
                 route.append(route_step(event["branches"]))
         # A last node that ran past the deadline makes the branch late too.
-        context.check_deadline()
-        return result(state, success=True, reducer_writes=context.reducer_writes)
+        if context.deadline is not None:
+            context.check_deadline()
+        outcome: dict[str, Any] = {"reducer_writes": context.reducer_writes}
     except NodePaused as paused:
         # Neither a success nor a failure: the branch waits for answers, and a resume
         # continues it from ``resume_at`` on the state it has now.
         if debug:
             logger.debug("branch %r paused: %s", task.name, paused)
-        return result(state, success=False,
-                      error=f"branch {task.name!r} paused for answers: {paused}",
-                      error_type=ErrorKind.INTERRUPTED, node=paused.interrupts[0].node,
-                      interrupts=tuple(paused.interrupts), resume_at=paused.point)
+        outcome = dict(success=False, error=f"branch {task.name!r} paused for answers: {paused}",
+                       error_type=ErrorKind.INTERRUPTED, node=paused.interrupts[0].node,
+                       interrupts=tuple(paused.interrupts), resume_at=paused.point)
     except BranchTimeout as timeout:
-        return result(state, success=False, error=str(timeout), error_type=ErrorKind.BRANCH_TIMEOUT,
-                      timed_out=True, node=timeout.node, traceback=format_traceback(timeout))
+        outcome = dict(success=False, error=str(timeout), error_type=ErrorKind.BRANCH_TIMEOUT,
+                       timed_out=True, node=timeout.node, traceback=format_traceback(timeout))
     except BranchCancelled as cancelled:
         if debug:
             logger.debug("branch %r finished: cancelled (%s)", task.name, cancelled)
         return cancelled_result(task, str(cancelled))
     except GraphExecutionError as exc:  # a node failed, or a nested fan-out under fail_fast
-        return result(exc.state if exc.state is not None else state, success=False,
-                      error=str(exc), error_type=exc.error_type or type(exc).__name__,
-                      timed_out=exc.timed_out, node=exc.node,
-                      traceback=exc.traceback or format_traceback(exc),
-                      error_bases=tuple(getattr(exc, "error_bases", ()) or ()))
+        if exc.state is not None:
+            state = exc.state
+        outcome = dict(success=False, error=str(exc),
+                       error_type=exc.error_type or type(exc).__name__,
+                       timed_out=exc.timed_out, node=exc.node,
+                       traceback=exc.traceback or format_traceback(exc),
+                       error_bases=tuple(getattr(exc, "error_bases", ()) or ()))
     except Exception as exc:  # a branch must never take its siblings down
-        return result(state, success=False, error=f"branch {task.name!r}: {type(exc).__name__}: {exc}",
-                      error_type=type(exc).__name__, traceback=format_traceback(exc),
-                      error_bases=exception_names(type(exc)))
+        outcome = dict(success=False,
+                       error=f"branch {task.name!r}: {type(exc).__name__}: {exc}",
+                       error_type=type(exc).__name__, traceback=format_traceback(exc),
+                       error_bases=exception_names(type(exc)))
     finally:
+        leave_site(site)
         context.close()
+    done = ParallelFlowResult(branch=result_name(task.start, task.index), index=task.index,
+                              state=state, route=tuple(route), duration_ms=ms_since(started),
+                              isolation=task.isolation, worker=_worker_name(task.isolation),
+                              **outcome)
+    if recorder is not None:
+        done.spans = recorder.finish(done)
+    if context.replay is not None and context.replay.new:
+        done.recordings = context.replay.new
+    if debug:
+        logger.debug("branch %r finished in %.1f ms: %s", task.name, done.duration_ms,
+                     "success" if done.success else f"failed ({done.error_type})")
+    return done
 
 
 def _worker_name(isolation: str) -> str | int:

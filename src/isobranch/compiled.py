@@ -29,6 +29,7 @@ from .routes import Routes
 from .run import ActiveRuns, last_state, run_events
 from .schema import StateSchema
 from .stream_modes import StreamMode, stream_mode
+from .subgraph import SubgraphNode
 
 
 class CompiledGraph:
@@ -64,6 +65,12 @@ class CompiledGraph:
         # The retry policy of each node that has one.
         self.node_retries = node_retries or {}
         self.branch_retry = branch_retry
+        # The nodes the step loop just runs: no cache or recording, no retry policy, not
+        # a subgraph (it takes one short path for these, a branch's nodes most often).
+        self.plain_nodes = frozenset(
+            name for name, node in nodes.items()
+            if name not in memos.nodes and name not in self.node_retries
+            and not isinstance(node, SubgraphNode))
         # Declared types and reducers; every update merges through it.
         self.schema = schema if schema is not None else StateSchema()
         self._routes = routes

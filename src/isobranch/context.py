@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from .async_nodes import AwaitRunner
 from .errors import BranchCancelled, BranchTimeout, InternalError, LuaTimeoutError
-from .interrupts import NO_INTERRUPTS, InterruptSettings, interrupt
+from .interrupts import NO_INTERRUPTS, InterruptScope, InterruptSettings, interrupt
 from .lua.runtime import LuaRuntime
 
 if TYPE_CHECKING:
@@ -57,6 +57,34 @@ class ExecutionContext(Generic[BackendT]):
     ``backend_factory`` and handed back by ``fan_out_backend``.
     """
 
+    # What most contexts never change is read from the class until one sets its own:
+    # a context is made for every branch, and a trivial branch costs microseconds.
+    # The branch's first node (BranchTask.start), which its interrupt ids leave out.
+    branch_start: str | None = None
+    # The running node's path (enter_node), for messages.
+    node: str | None = None
+    _lua: LuaRuntime | None = None
+    _lua_call: tuple[str, float | None, bool] = ("lua", None, False)
+    _awaiter: AwaitRunner | None = None
+    # Inside a subgraph node: what its inner nodes' names are shown under (``review/``).
+    prefix = ""
+    # Whether merged updates are this branch's own (the watchdog rebuilds its state
+    # from them); a subgraph's inner state is private, so never its.
+    _reports_merges = True
+    # Who traces this path's nodes and fan-outs (tracing.py, trace_records.py); None: off.
+    spans: Spans | None = None
+    # The run's tape of recorded nodes (a replay.Tape, which sits above this module);
+    # None: they run live.
+    replay: Any = None
+    # The node whose call is running now (its name; the step loop sets it around the
+    # call), None between calls; and that call's interrupt scope, made only by its
+    # first interrupt() (node_call), since most calls never ask.
+    calling: str | None = None
+    calling_scope: InterruptScope | None = None
+    # Whether interrupt() already finds this context (interrupts.enter_site) for as long
+    # as it runs: a branch's, set once for the branch; else each node call sets it.
+    is_running_site = False
+
     def __init__(self, graph: BranchGraph, *, deadline: float | None = None,
                  branch_name: str | None = None, monitor: BranchMonitor | None = None,
                  time_limit: float | None = None, backend: BackendT | None = None,
@@ -84,8 +112,6 @@ class ExecutionContext(Generic[BackendT]):
         self.branch_name = branch_name
         # The item's position in a map branch (BranchTask.index).
         self.branch_index = branch_index
-        # The branch's first node (BranchTask.start), which its interrupt ids leave out.
-        self.branch_start: str | None = None
         # The run's answers to interrupts, whether it can pause, its breakpoints.
         self.interrupts: InterruptSettings = (
             fan_out_limits.interrupts if fan_out_limits.interrupts is not None
@@ -98,25 +124,11 @@ class ExecutionContext(Generic[BackendT]):
         self._backend = backend
         self._owns_backend = backend is None
         self._nested_isolation = nested_isolation
-        self._lua: LuaRuntime | None = None
-        self.node: str | None = None
         self.watchdog = watchdog
-        self._lua_call: tuple[str, float | None, bool] = ("lua", None, False)
         # A branch's writes to reducer keys, in order, for its fan-in (None on the main path).
         self.reducer_writes: list[tuple[str, Any]] | None = [] if branch_name is not None else None
-        self._awaiter: AwaitRunner | None = None
-        # Inside a subgraph node: what its inner nodes' names are shown under
-        # (``review/``), and what the branches of its fan-outs are named under.
-        self.prefix = ""
+        # What the branches of its fan-outs are named under (inside a subgraph node too).
         self.scope: str | None = branch_name
-        # Whether merged updates are this branch's own (the watchdog rebuilds its
-        # state from them); a subgraph's inner state is private, so never its.
-        self._reports_merges = True
-        # Who traces this path's nodes and fan-outs (tracing.py, trace_records.py); None: off.
-        self.spans: Spans | None = None
-        # The run's tape of recorded nodes (a replay.Tape, which sits above this module);
-        # None: they run live.
-        self.replay: Any = None
 
     def enter_subgraph(self, graph: BranchGraph, shown: str, *, branch_itself: bool,
                        recorder: Any = None) -> SubgraphScope:
@@ -156,6 +168,15 @@ class ExecutionContext(Generic[BackendT]):
         """``node`` as messages and events name it: ``review/score`` inside subgraph ``review``."""
         return self.prefix + node if self.prefix else node
 
+    def node_call(self) -> InterruptScope | None:
+        """The interrupt scope of the node call running now, made by its first
+        ``interrupt()``; None between node calls (``interrupts.NodeSite``)."""
+        if self.calling is None:
+            return None
+        if self.calling_scope is None:
+            self.calling_scope = InterruptScope(self, self.calling)
+        return self.calling_scope
+
     @property
     def isolation(self) -> str:
         """Name of the backend this context's fan-outs run on."""
@@ -192,7 +213,8 @@ class ExecutionContext(Generic[BackendT]):
             self.monitor.node = node
             if self.monitor.cancelled.is_set():
                 raise BranchCancelled(f"branch {self.branch_name!r} cancelled before node {node!r}")
-        self.check_deadline()
+        if self.deadline is not None and time.monotonic() >= self.deadline:  # check_deadline
+            raise self._timeout(node)
 
     def stop_flags(self) -> list[CancelSignal]:
         """The signals that end this context's backoffs: the run's cancellation, the

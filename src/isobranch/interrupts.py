@@ -3,19 +3,22 @@
 A node calls ``interrupt(value)``; the k-th call in one run of the node
 returns the k-th answer given for it (``resume(run_id, answer=...)``), and
 the first call that has no answer yet pauses the run there. The node finds
-what it may answer from through ``_scope``, a ``ContextVar`` the step loop
-sets around each node call (``node_scope``). It is per node call, not per
-thread or per VM: a pool thread that runs a branch's node sets it for that
-call and resets it right after, so nothing of one branch is ever seen by the
-next one the thread runs (the thread-local pattern this project forbids
-kept a VM alive across branches; a context variable scoped to one call
-cannot). Context variables also flow into the asyncio tasks an ``async``
-node awaits.
+where it runs through ``_site``, a ``ContextVar`` holding the running
+execution context (a ``NodeSite``): a branch sets it once around its whole
+run (branch_run.py), the main path around each node call (runner.py). The
+site knows which node call is running, and builds that call's
+``InterruptScope`` only when the call asks (most never do, and a branch can
+be a few microseconds). The variable is set per branch or per call, not per
+thread or per VM, and reset right after, so nothing of one branch is ever
+seen by the next one a pool thread runs (the thread-local pattern this
+project forbids kept a VM alive across branches; a context variable scoped
+to one run cannot). Context variables also flow into the asyncio tasks an
+``async`` node awaits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -88,7 +91,7 @@ NO_INTERRUPTS = InterruptSettings()
 
 
 class NodeSite(Protocol):
-    """Where a node runs, as its interrupt id needs it (an ``ExecutionContext`` is one)."""
+    """Where a node runs, as ``interrupt()`` needs it (an ``ExecutionContext`` is one)."""
 
     branch_name: str | None
     branch_index: int | None
@@ -97,6 +100,11 @@ class NodeSite(Protocol):
 
     def path_of(self, node: str) -> str:
         """``node``'s path (``review/approve`` inside subgraph node ``review``)."""
+        ...
+
+    def node_call(self) -> InterruptScope | None:
+        """The scope of the node call running here now (made on first use); None
+        between node calls (a router, a condition)."""
         ...
 
 
@@ -142,18 +150,15 @@ class InterruptScope:
         raise NodePaused([self.pending])
 
 
-_scope: ContextVar[InterruptScope | None] = ContextVar("isobranch_interrupt_scope",
-                                                       default=None)
+_site: ContextVar[NodeSite | None] = ContextVar("isobranch_node_site", default=None)
 
 
-def enter_scope(scope: InterruptScope) -> Token:
-    """Make ``scope`` the one ``interrupt()`` answers from until ``leave_scope``."""
-    return _scope.set(scope)
-
-
-def leave_scope(token: Token) -> None:
-    """End the scope ``enter_scope`` started."""
-    _scope.reset(token)
+# Setting and resetting it: the variable's own methods, no wrapper around them (a branch
+# calls each once, and a trivial branch costs microseconds). ``enter_site(site)`` makes
+# ``site`` the one ``interrupt()`` answers for and returns a token; ``leave_site(token)``
+# ends that.
+enter_site: Callable[[NodeSite], Token] = _site.set
+leave_site: Callable[[Token], None] = _site.reset
 
 
 def interrupt(value: Any = None) -> Any:
@@ -165,7 +170,8 @@ def interrupt(value: Any = None) -> Any:
     call returns ``x``. ``value`` (what the person is asked) must be
     storable by the checkpoint codec. Outside a node, a ``RuntimeError``.
     """
-    scope = _scope.get()
+    site = _site.get()
+    scope = site.node_call() if site is not None else None
     if scope is None:
         raise RuntimeError("interrupt() was called outside a node of a running graph")
     return scope.ask(value)

@@ -34,9 +34,9 @@ from .fanout_run import BranchFinished, FanOutRun, RetryNotice
 from .interrupts import (
     Breakpoint,
     Interrupt,
-    InterruptScope,
-    enter_scope,
-    leave_scope,
+    InterruptSettings,
+    enter_site,
+    leave_site,
 )
 from .keys import Language
 from .node_memo import NodeMemos, open_memo
@@ -68,6 +68,8 @@ class StepGraph(BranchGraph, Protocol):
     the compiled graph calls the step loop, so the loop is handed it as this)."""
 
     nodes: Mapping[str, Node]
+    # The nodes with no cache or recording, no retry policy, that are no subgraph.
+    plain_nodes: frozenset[str]
     node_retries: Mapping[str, RetryPolicy]
     memos: NodeMemos
     schema: StateSchema
@@ -120,7 +122,12 @@ def run_steps(graph: StepGraph, state: dict, context: ExecutionContext, *, start
     breakpoints = context.interrupts if (
         context.branch_name is None and not context.prefix and (
             context.interrupts.before or context.interrupts.after)) else None
-    # (The usual case first: a branch's loop runs once per node.)
+    # The nodes that just run: no breakpoint, span, cache, retry or subgraph on the way.
+    # (The usual case, and a branch's loop runs once per node.)
+    plain = graph.plain_nodes if spans is None and breakpoints is None else frozenset()
+    # Where node names are shown (inside a subgraph node: under its path); a subgraph
+    # node run from this loop puts it back before the loop goes on.
+    prefix = context.prefix
     while current not in ends or ran or results is not None:
         if not ran:
             steps += 1
@@ -129,51 +136,26 @@ def run_steps(graph: StepGraph, state: dict, context: ExecutionContext, *, start
                     f"{_where(current, context)}: stopped after {graph.max_steps} steps "
                     f"(max_steps); the graph loops", node=context.path_of(current),
                     branch=context.branch_name, error_type="MaxStepsExceeded", state=dict(state))
-            if breakpoints is not None:
-                passed, breakpoints.passed = breakpoints.passed, None  # once, on resume
-                if current in breakpoints.before and current != passed:
-                    raise NodePaused([Interrupt(current, None, current, None, Breakpoint.BEFORE)])
-            span = spans.node_started(context.path_of(current)) if spans is not None else None
-            node = graph.nodes[current]
             try:
-                # A cached or recorded node whose update is known does not run.
-                memo = (open_memo(graph.memos, current, state, context)
-                        if current in graph.memos.nodes else None)
-                if memo is not None and memo.recalled is not None:
-                    context.enter_node(current)
-                    update = memo.update
-                    _merge(graph, current, update, state, context)
-                elif current in graph.node_retries:  # (a generator per node costs every branch)
-                    attempts = _run_node_with_retries(
-                        graph, current, state, context, results,
-                        SubgraphRun(start, steps, snapshots, branch_events, inside, updates))
-                    update = yield from (attempts if span is None
-                                         else _noting_retries(attempts, spans, span))
-                elif isinstance(node, SubgraphNode):
-                    # Not entered itself: its first inner node is at once (deadline,
-                    # cancellation, the watchdog's view; a worker tells its parent once).
-                    update = yield from _run_subgraph(node, state, context, start, steps,
-                                                      snapshots, branch_events, inside, updates)
-                    _merge(graph, current, update, state, context)
-                else:
+                if current in plain:
                     update = _run_node(graph, current, state, context, results)
-                if memo is not None and memo.recalled is None:
-                    memo.keep(update)
-            except BaseException as exc:
-                if span is not None:
-                    spans.node_ended(span, exc)
-                if isinstance(exc, NodePaused) and exc.point is None:
-                    exc.point = ResumePoint(current, steps, again=True)
+                    recalled = None
+                else:
+                    update, recalled = yield from _run_step(
+                        graph, current, state, context, results, breakpoints,
+                        SubgraphRun(start, steps, snapshots, branch_events, inside, updates))
+                    inside = None
+            except NodePaused as paused:
+                if paused.point is None:  # paused in this node: a resume runs it again
+                    paused.point = ResumePoint(current, steps, again=True)
                 raise
-            if span is not None:
-                spans.node_ended(span)
-            inside = None
             if recorder is not None:
                 recorder.step(current, state, steps, fan_in=results is not None)
-            event = update_event(context.path_of(current), update) if updates else \
-                _node_event(context.path_of(current), state, snapshots)
-            if memo is not None and memo.recalled is not None:
-                event[memo.recalled.value] = True
+            path = prefix + current if prefix else current
+            event = update_event(path, update) if updates else \
+                {"type": "node", "node": path, "state": dict(state) if snapshots else state}
+            if recalled is not None:
+                event[recalled.value] = True
             yield event
             if breakpoints is not None and current in breakpoints.after:
                 raise NodePaused([Interrupt(current, None, current, None, Breakpoint.AFTER)])
@@ -208,6 +190,51 @@ def run_steps(graph: StepGraph, state: dict, context: ExecutionContext, *, start
         # Branches' writes to reducer keys reach the state before the fan-in node runs.
         graph.schema.combine(state, results, node=fan_in, context=context)
         current = fan_out.fan_in
+
+
+def _run_step(graph: StepGraph, current: str, state: dict, context: ExecutionContext,
+              results: list[ParallelFlowResult] | None, breakpoints: InterruptSettings | None,
+              subgraph: SubgraphRun) -> Generator[dict[str, Any], None, tuple[Any, Any]]:
+    """Run node ``current`` as one step when it is not plain: a breakpoint before it, its
+    span, its cache or recording, its retries, its subgraph. Yield the events of its
+    retries and inner nodes; return its update and, when that was recalled instead of
+    run, where from (a ``node_memo`` recall kind, else None)."""
+    if breakpoints is not None:
+        passed, breakpoints.passed = breakpoints.passed, None  # once, on resume
+        if current in breakpoints.before and current != passed:
+            raise NodePaused([Interrupt(current, None, current, None, Breakpoint.BEFORE)])
+    spans = context.spans
+    span = spans.node_started(context.path_of(current)) if spans is not None else None
+    node = graph.nodes[current]
+    try:
+        # A cached or recorded node whose update is known does not run.
+        memo = (open_memo(graph.memos, current, state, context)
+                if current in graph.memos.nodes else None)
+        if memo is not None and memo.recalled is not None:
+            context.enter_node(current)
+            update = memo.update
+            _merge(graph, current, update, state, context)
+        elif current in graph.node_retries:
+            attempts = _run_node_with_retries(graph, current, state, context, results,
+                                              subgraph)
+            update = yield from (attempts if span is None
+                                 else _noting_retries(attempts, spans, span))
+        elif isinstance(node, SubgraphNode):
+            # Not entered itself: its first inner node is at once (deadline,
+            # cancellation, the watchdog's view; a worker tells its parent once).
+            update = yield from _run_subgraph(node, state, context, *subgraph)
+            _merge(graph, current, update, state, context)
+        else:
+            update = _run_node(graph, current, state, context, results)
+        if memo is not None and memo.recalled is None:
+            memo.keep(update)
+    except BaseException as exc:
+        if span is not None:
+            spans.node_ended(span, exc)  # type: ignore[union-attr]
+        raise
+    if span is not None:
+        spans.node_ended(span)  # type: ignore[union-attr]
+    return update, (memo.recalled if memo is not None else None)
 
 
 class SubgraphRun(NamedTuple):
@@ -280,10 +307,6 @@ def _noting_retries(attempts: Generator[dict[str, Any], None, Any], spans: Spans
         yield event
 
 
-def _node_event(node: str, state: dict, snapshot: bool) -> dict[str, Any]:
-    return {"type": "node", "node": node, "state": dict(state) if snapshot else state}
-
-
 def _where(node: str, context: ExecutionContext) -> str:
     where = f"node {context.path_of(node)!r}"
     return f"{where} in branch {context.branch_name!r}" if context.branch_name else where
@@ -306,16 +329,22 @@ def _run_node(graph: StepGraph, name: str, state: dict, context: ExecutionContex
     """Run node ``name`` and merge what it returned into ``state``; return that update."""
     try:
         context.enter_node(name)
-        scope = InterruptScope(context, name)
-        token = enter_scope(scope)
+        # interrupt() finds this call through the running context: a branch made it the
+        # running site for its whole run; the main path does it per call.
+        token = None if context.is_running_site else enter_site(context)
+        context.calling, context.calling_scope = name, None
         try:
-            update = context.resolve(graph.nodes[name].run(state, context, parallel_results))
+            update = graph.nodes[name].run(state, context, parallel_results)
+            if update is not None and type(update) is not dict:  # maybe awaitable: resolve
+                update = context.resolve(update)
         except (BranchTimeout, BranchCancelled, GraphExecutionError):
             raise
         except Exception as error:
-            if scope.pending is not None:  # the node turned its pause into an error
-                raise NodePaused([scope.pending]) from None
-            exc = scope.refused or error  # (Lua turns a refused pause into its own error)
+            scope = context.calling_scope  # None unless the node called interrupt()
+            if scope is not None and scope.pending is not None:
+                raise NodePaused([scope.pending]) from None  # it turned its pause into an error
+            # (Lua turns a refused pause into its own error)
+            exc = (scope.refused or error) if scope is not None else error
             raise NodeFailure(f"{_where(name, context)} failed: {type(exc).__name__}: {exc}"
                               f"{_at([graph.nodes[name]], exc)}",
                               node=context.path_of(name), branch=context.branch_name,
@@ -323,8 +352,11 @@ def _run_node(graph: StepGraph, name: str, state: dict, context: ExecutionContex
                               state=dict(state), traceback=format_traceback(exc),
                               error_bases=exception_names(type(exc))) from exc
         finally:
-            leave_scope(token)
-        if scope.pending is not None:  # the node swallowed its pause
+            context.calling = None
+            if token is not None:
+                leave_site(token)
+        scope = context.calling_scope
+        if scope is not None and scope.pending is not None:  # the node swallowed its pause
             raise NodePaused([scope.pending])
         _merge(graph, name, update, state, context)
     except GraphExecutionError as exc:
@@ -357,14 +389,17 @@ def _run_node_with_retries(graph: StepGraph, name: str, state: dict,
         attempt = 1
         while True:
             working = pristine.copy()
-            scope = InterruptScope(context, name)
-            token = enter_scope(scope)
+            # A subgraph's inner nodes are the calls that may ask (their own _run_node).
+            token = None if inner is not None or context.is_running_site \
+                else enter_site(context)
+            context.calling, context.calling_scope = (name if inner is None else None), None
             try:
                 if inner is not None:
                     update = yield from _run_subgraph(inner, working, context, *subgraph)
                 else:
                     update = context.resolve(node.run(working, context, parallel_results))
-                if scope.pending is not None:  # the node swallowed its pause
+                scope = context.calling_scope if inner is None else None
+                if scope is not None and scope.pending is not None:  # it swallowed its pause
                     raise NodePaused([scope.pending])
                 break
             except (BranchTimeout, BranchCancelled):
@@ -375,9 +410,11 @@ def _run_node_with_retries(graph: StepGraph, name: str, state: dict,
                 failure, cause = _Failure(exc.error_type, tuple(exc.error_bases), str(exc),
                                           exc.node, exc.traceback), exc
             except Exception as exc:
-                if scope.pending is not None:  # the node turned its pause into an error
-                    raise NodePaused([scope.pending]) from None
-                if scope.refused is not None:  # no retry gives the run a checkpointer
+                scope = context.calling_scope if inner is None else None
+                if scope is not None and scope.pending is not None:
+                    raise NodePaused([scope.pending]) from None  # it turned its pause into an error
+                if scope is not None and scope.refused is not None:
+                    # no retry gives the run a checkpointer
                     raise NodeFailure(f"{_where(name, context)} failed: "
                                       f"{type(scope.refused).__name__}: {scope.refused}",
                                       node=context.path_of(name), branch=context.branch_name,
@@ -387,7 +424,9 @@ def _run_node_with_retries(graph: StepGraph, name: str, state: dict,
                                           f"{type(exc).__name__}: {exc}{_at([node], exc)}",
                                           context.path_of(name), format_traceback(exc)), exc
             finally:
-                leave_scope(token)
+                context.calling = None
+                if token is not None:
+                    leave_site(token)
             subgraph = subgraph._replace(resume=None)  # a retry starts a subgraph over
             delay = _retry_delay(policy, attempt, failure.names)
             if delay is None:
@@ -463,9 +502,15 @@ def _merge(graph: StepGraph, name: str, update: Any, state: dict,
         raise NodeFailure(
             f"{_where(name, context)} returned {type(update).__name__}, expected a dict or None",
             node=context.path_of(name), branch=context.branch_name, error_type="TypeError", state=dict(state))
-    applied = graph.schema.apply(state, update, node=context.path_of(name), context=context,
-                                 from_lua=graph.nodes[name].language == Language.LUA)
-    context.merged(name, applied)
+    schema = graph.schema
+    if schema.fields:
+        applied = schema.apply(state, update, node=context.path_of(name), context=context,
+                               from_lua=graph.nodes[name].language == Language.LUA)
+    else:  # no declared keys: nothing to check or reduce (what apply does, without a call)
+        state.update(update)
+        applied = update
+    if context.watchdog is not None:
+        context.merged(name, applied)
 
 
 def _input_snapshot(name: str, state: dict, context: ExecutionContext) -> StateSnapshot:
