@@ -4,13 +4,19 @@
 -- only ever sees scalars never does), passing the library functions and the
 -- sandbox's own pieces it needs, so nothing user code did to the globals
 -- can reach it. It loads the codec (decode.lua, encode.lua) and lazy.lua in
--- turn, each when first needed. Returns its functions by name.
+-- turn, each when first needed. Returns its functions: by index for the
+-- sandbox (the numbers at the end of this file), by name for
+-- rarely_used.lua.
 local type, next, error, tostring, rawget, rawset, rawlen, setmetatable, math_type, format, sub,
   byte, char, find, concat, unpack_string, pack_string, load, pcall, raw_collect, CONVERT,
   MAX_DEPTH, DEPTH_REASON, LAZY, check_time, unhooked, decode_bytecode, encode_bytecode,
   lazy_bytecode = ...
 
 local M = {}
+-- The call statuses this returns (sandbox.lua and runtime.py's _Status
+-- give the same numbers).
+local FAILED <const> = 3; local OUT_OF_MEMORY <const> = 6; local CONVERT_INPUT <const> = 7
+local CONVERT_ESCAPED <const> = 8
 
 -- Which Python container a decoded table came from (decode.lua explains).
 local KIND = setmetatable({}, {__mode = "k"})
@@ -38,9 +44,9 @@ end
 
 local function decode_failed(err)
   raw_collect("restart")
-  if find(err, CONVERT, 1, true) == 1 then return "convert_input", sub(err, #CONVERT + 1) end
-  if err == "not enough memory" then return "memory", err end
-  return "error", err
+  if find(err, CONVERT, 1, true) == 1 then return CONVERT_INPUT, sub(err, #CONVERT + 1) end
+  if err == "not enough memory" then return OUT_OF_MEMORY, err end
+  return FAILED, err
 end
 
 -- A call's input: nil, state, variables; or a failure's status and message.
@@ -69,6 +75,20 @@ function M.encode_result(result)
   return unhooked(get_encode(), result)
 end
 
+-- The global interrupt(value) of node calls: value and answer cross as a
+-- one-element list, through ask, the Python callable the runtime gives.
+-- Made here, not in the sandbox, so that a VM that never pauses does not
+-- load it.
+function M.make_interrupt(ask)
+  return function(value)
+    local ok, encoded = M.encode_result({value})
+    if not ok then error(encoded, 2) end
+    local failure, answer = M.decode_inputs(ask(encoded), nil, false)
+    if failure then error(answer, 2) end
+    return answer[1]
+  end
+end
+
 ---------------------------------------------------------------- lazy state
 -- The running call's state is lazy (its values come through fetch).
 function M.begin_call(fetch)
@@ -86,8 +106,13 @@ M.fill_all = fill_all
 function M.fill_key(t, key) lazy.fill_key(t, key) end
 function M.forget_key(t, key) lazy.forget_key(t, key) end
 
--- The first failed fill of the call that just ended, if any.
-function M.take_failure() return lazy.take_failure() end
+-- The first failed fill of the call that just ended, if any: true, whether
+-- it ran out of memory, its message and the index of its key.
+local function take_failure()
+  local failed = lazy.take_failure()
+  if failed then return true, failed.memory, failed.message, failed.index end
+  return false
+end
 
 -- Only the value of this call is in Python: a lazy state still reachable
 -- after the call (kept in a global, say) is filled now, or a later call
@@ -103,10 +128,13 @@ function M.fill_escaped_states()
   local failed = lazy.take_failure()
   if ok then return nil end
   lazy.abandon_all()
-  if failed and failed.memory then return "memory", "not enough memory" end
-  if failed then return "convert_escaped", failed.message, failed.index end
+  if failed and failed.memory then return OUT_OF_MEMORY, "not enough memory" end
+  if failed then return CONVERT_ESCAPED, failed.message, failed.index end
   local status, message = decode_failed(err)
-  return status == "convert_input" and "convert_escaped" or status, message
+  return status == CONVERT_INPUT and CONVERT_ESCAPED or status, message
 end
 
+-- For the sandbox, by index (sandbox.lua names the same numbers).
+M[1], M[2], M[3], M[4] = M.decode_inputs, M.encode_result, M.make_interrupt, M.begin_call
+M[5], M[6], M[7] = fill_all, take_failure, M.fill_escaped_states
 return M

@@ -67,7 +67,8 @@ local function encode(value)
   local out, n = {}, 0
   local visiting = {}
   local keys, depth = {}, 0
-  -- String key -> its reference index in this result (0-based, as Python counts).
+  -- String key -> the back reference to it in this result (its index is
+  -- 0-based, as Python counts), looked up once per dict entry.
   local key_refs, ref_count, ref_keys = {}, 0, {}
 
   local function fail(key, message)
@@ -146,7 +147,8 @@ local function encode(value)
       ref_count = refs_before
       list = true
     end
-    local length = rawlen(t)
+    -- Only a list needs its length: a dict (most tables here) skips the call.
+    local length = list and rawlen(t)
     if list then
       -- A list only if every key is an integer 1..n (a marked list may
       -- also declare a longer length, for a tail of None).
@@ -177,12 +179,12 @@ local function encode(value)
       for k, v in next, t do
         ticks = ticks - 1
         if ticks == 0 then ticks = TICK; check_time() end
-        local index = key_refs[k]
-        if index then
-          n = n + 1; out[n] = REF_BYTES[index]
+        local ref = key_refs[k]
+        if ref then
+          n = n + 1; out[n] = ref
         elseif type(k) == "string" then
           n = n + 1; out[n] = KEY_BYTES[k]
-          key_refs[k] = ref_count; ref_count = ref_count + 1; ref_keys[ref_count] = k
+          key_refs[k] = REF_BYTES[ref_count]; ref_count = ref_count + 1; ref_keys[ref_count] = k
         elseif type(k) == "table" then
           fail(k, "a table cannot be a Python dict key")
         else

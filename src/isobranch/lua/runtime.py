@@ -26,6 +26,7 @@ in the ``.lua`` files beside it.
 
 from __future__ import annotations
 
+import enum
 import functools
 import time
 from collections.abc import Callable
@@ -65,6 +66,31 @@ _CHUNKS = ("sandbox", "crossing", "decode", "encode", "lazy", "rarely_used")
 _VM_OPTIONS = {"register_eval": False, "register_builtins": False, "encoding": None}
 _LIMITED_VM_OPTIONS = {**_VM_OPTIONS, "max_memory": 0}
 _DEPTH_REASON = DEPTH_REASON.encode()
+
+
+class _Mode(enum.IntEnum):
+    """How ``sandbox.lua``'s run() treats a call's code (the same numbers there)."""
+
+    EXECUTE = 1
+    NODE = 2
+    CONDITION = 3
+
+
+class _Status(enum.IntEnum):
+    """What ``sandbox.lua``'s run() answers (the same numbers there and in crossing.lua).
+
+    Integers, not strings: every distinct string constant costs each new VM
+    an allocation when the sandbox is loaded.
+    """
+
+    OK = 1
+    SCALAR = 2
+    FAILED = 3
+    CONVERT_FAILED = 4
+    TIMED_OUT = 5
+    OUT_OF_MEMORY = 6
+    CONVERT_INPUT = 7
+    CONVERT_ESCAPED = 8
 
 
 def compile_sandbox() -> None:
@@ -164,7 +190,7 @@ class LuaRuntime:
 
         ``nil`` comes back as None, tables as lists or dicts.
         """
-        return self._call("execute", code, state, variables, chunk_name, timeout)
+        return self._call(_Mode.EXECUTE, code, state, variables, chunk_name, timeout)
 
     def eval_condition(self, expr: str, state: dict | None = None, *,
                        variables: dict | None = None, chunk_name: str | None = None,
@@ -174,7 +200,7 @@ class LuaRuntime:
         Booleans give ``"true"``/``"false"``, strings come back as they are,
         other values as their ``str()``, ``nil`` as None.
         """
-        value = self._call("condition", expr, state, variables, chunk_name, timeout)
+        value = self._call(_Mode.CONDITION, expr, state, variables, chunk_name, timeout)
         if value is None:
             return None
         if isinstance(value, bool):
@@ -190,7 +216,7 @@ class LuaRuntime:
         Unlike ``eval_condition`` the value comes back as Python, unchanged:
         a sequence table is a list, ``nil`` is None.
         """
-        return self._call("condition", expr, state, variables, chunk_name, timeout)
+        return self._call(_Mode.CONDITION, expr, state, variables, chunk_name, timeout)
 
     def execute_node_code(self, code: str, state: dict | None = None, *,
                           variables: dict | None = None, chunk_name: str | None = None,
@@ -200,7 +226,7 @@ class LuaRuntime:
         ``nil`` gives ``{}``; anything that is not a dict (a scalar, or a
         table that converts to a list) is ``{"result": value}``.
         """
-        value = self._call("node", code, state, variables, chunk_name, timeout)
+        value = self._call(_Mode.NODE, code, state, variables, chunk_name, timeout)
         if value is None:
             return {}
         if isinstance(value, dict):
@@ -312,7 +338,7 @@ class LuaRuntime:
             self._expired = True
         return self._expired
 
-    def _call(self, mode: str, code: str, state: Any, variables: Any,
+    def _call(self, mode: _Mode, code: str, state: Any, variables: Any,
               chunk_name: str | None, timeout: float | None) -> Any:
         if not isinstance(code, str):
             raise ConfigTypeError(f"Lua code must be a str, got {type(code).__name__}")
@@ -343,9 +369,9 @@ class LuaRuntime:
             # costs a microsecond, and most VMs never see a lazy state).
             fetch = self._fetch_state_value if lazy else None
             ask = None
-            if self.interrupt is not None and not self._asks and mode == "node":
+            if self.interrupt is not None and not self._asks and mode is _Mode.NODE:
                 ask, self._asks = self._ask, True
-            status, payload, failed_index = self._run(mode.encode(), source, lua_name,
+            status, payload, failed_index = self._run(mode.value, source, lua_name,
                                                       state_data, variables_data, fetch, ask)
         except lua54.LuaMemoryError as exc:
             self.close()
@@ -362,8 +388,7 @@ class LuaRuntime:
             lazy_keys, self._lazy_keys, self._lazy_state = self._lazy_keys, [], None
             if self.deadline_listener is not None and self._limit is not None:
                 self.deadline_listener(None)
-        status = status.decode()
-        if status == "scalar":
+        if status == _Status.SCALAR:
             if isinstance(payload, bytes):
                 try:
                     return payload.decode("utf-8")
@@ -371,24 +396,24 @@ class LuaRuntime:
                     raise LuaConversionError(f"result: a Lua string is not valid UTF-8 text "
                                              f"({exc.reason})") from exc
             return payload
-        if status == "ok":
+        if status == _Status.OK:
             try:
                 return from_lua_bytes(payload)
             except ConversionError as exc:
                 raise LuaConversionError(str(exc)) from exc
-        if status == "timeout":
+        if status == _Status.TIMED_OUT:
             self.close()
             raise self._timeout_error(name, limit)
-        if status == "memory":
+        if status == _Status.OUT_OF_MEMORY:
             self.close()
             raise self._memory_error(name)
         message = _lua_message(payload)
-        if status == "convert_escaped":
+        if status == _Status.CONVERT_ESCAPED:
             # A state kept past its call could not be filled: the VM, which
             # still refers to it, is thrown away.
             self.close()
-            status = "convert_input"
-        if status == "convert_input":
+            status = _Status.CONVERT_INPUT
+        if status == _Status.CONVERT_INPUT:
             if self._lazy_error is not None:
                 raise LuaConversionError(str(self._lazy_error))
             if failed_index is not None and lazy:
@@ -398,7 +423,7 @@ class LuaRuntime:
                     raise LuaConversionError(str(exc)) from None
                 raise LuaConversionError(f"state[{lazy_keys[failed_index - 1]!r}]: {message}")
             raise self._input_conversion_error(message, state, variables)
-        if status == "convert":
+        if status == _Status.CONVERT_FAILED:
             raise LuaConversionError(message)
         raise LuaRuntimeError(message)
 

@@ -25,6 +25,15 @@ local clock, wall_second = os.clock, os.time
 local raw_collect = collectgarbage
 local G = _G
 local CONVERT <const> = "isobranch.convert: "
+-- A call's mode and result status are small integers, not strings: each
+-- distinct string constant costs a new VM an allocation when it is loaded.
+-- runtime.py's _Mode and _Status give the same numbers (and crossing.lua's
+-- statuses). One declaration each: only the last constant of a multiple
+-- declaration is folded at compile time.
+local MODE_NODE <const> = 2; local MODE_CONDITION <const> = 3
+local OK <const> = 1; local SCALAR <const> = 2; local FAILED <const> = 3
+local CONVERT_FAILED <const> = 4; local TIMED_OUT <const> = 5; local OUT_OF_MEMORY <const> = 6
+local CONVERT_INPUT <const> = 7
 local WEAK_KEYS, WEAK_VALUES = {__mode = "k"}, {__mode = "v"}
 -- What only the chunks loaded on first use need, in one array that
 -- sandbox() captures as one variable instead of one per piece: each
@@ -219,7 +228,12 @@ end
 -- touches first.
 local LAZY = setmetatable({}, WEAK_KEYS)
 -- crossing.lua, loaded with the first call that brings or returns a table.
+-- Its functions are read by index (the same numbers there): a field name
+-- would be one more string constant for every new VM to allocate.
 local crossing
+local DECODE_INPUTS <const> = 1; local ENCODE_RESULT <const> = 2
+local MAKE_INTERRUPT <const> = 3; local BEGIN_CALL <const> = 4; local FILL_ALL <const> = 5
+local TAKE_FAILURE <const> = 6; local FILL_ESCAPED_STATES <const> = 7
 local function get_crossing()
   if crossing == nil then
     local lib = FOR_FIRST_USE
@@ -240,7 +254,7 @@ end
 local function safe_next(...)
   local t = ...
   if type(t) ~= "table" then table_expected("next", ...) end
-  if LAZY[t] then crossing.fill_all(t) end
+  if LAZY[t] then crossing[FILL_ALL](t) end
   return next(...)
 end
 G.next = safe_next
@@ -250,7 +264,7 @@ G.pairs = function(...)
     local mt = getmetatable(t)
     if type(mt) ~= "table" or rawget(mt, "__pairs") == nil then table_expected("pairs", ...) end
   elseif LAZY[t] then
-    crossing.fill_all(t)
+    crossing[FILL_ALL](t)
   end
   local iterator, subject, control = pairs(...)
   -- pairs hands out next: it must be this one, not the raw one.
@@ -308,61 +322,54 @@ local function call_and_encode(fn, state, variables)
   local result = fn(state, variables)
   local kind = type(result)
   if kind == "table" then
-    local ok, encoded = get_crossing().encode_result(result)
+    local ok, encoded = get_crossing()[ENCODE_RESULT](result)
     if not ok then error(encoded, 0) end
-    return "ok", encoded
+    return OK, encoded
   end
   if kind == "function" or kind == "thread" or kind == "userdata" then
     error(CONVERT .. "result: cannot convert a Lua " .. kind .. " to Python", 0)
   end
-  return "scalar", result
+  return SCALAR, result
 end
 
 local NODE_PREFIX = "local state, variables = ...; "
 
--- The global interrupt(value) of node calls: value and answer cross as a
--- one-element list, through the Python callable the runtime gives once per VM.
+-- The global interrupt(value) of node calls (crossing.lua makes it, with
+-- the Python callable the runtime gives once per VM).
 local interrupt_global
-local function make_interrupt(ask)
-  return function(value)
-    local ok, encoded = get_crossing().encode_result({value})
-    if not ok then error(encoded, 2) end
-    local failure, answer = get_crossing().decode_inputs(ask(encoded), nil, false)
-    if failure then error(answer, 2) end
-    return answer[1]
-  end
-end
 
--- Modes: "execute" (state is a global, returns the chunk's value),
--- "node" (state and variables are locals), "condition" (an expression).
--- Returns a status ("ok", "scalar", "error", "convert", "timeout",
--- "memory") and a payload.
+-- Modes: execute (state is a global, returns the chunk's value), MODE_NODE
+-- (state and variables are locals), MODE_CONDITION (an expression).
+-- Returns a status (OK, SCALAR, FAILED, CONVERT_FAILED, TIMED_OUT,
+-- OUT_OF_MEMORY, CONVERT_INPUT, or crossing.lua's CONVERT_ESCAPED) and a
+-- payload.
 function run(mode, code, chunk_name, state_data, variables_data, lazy_state)
   local ok, state, variables
   if state_data or variables_data then
     local failure
-    failure, state, variables = get_crossing().decode_inputs(state_data, variables_data, lazy_state)
+    failure, state, variables = get_crossing()[DECODE_INPUTS](state_data, variables_data,
+                                                                 lazy_state)
     -- A failure comes with its message.
     if failure then return failure, state end
   end
   local fn, err
-  if mode == "node" then
+  if mode == MODE_NODE then
     -- Same line as the user's first line, so line numbers stay right.
     fn, err = load(NODE_PREFIX .. code, chunk_name, "t", G)
-  elseif mode == "condition" then
+  elseif mode == MODE_CONDITION then
     fn = load("return " .. code, chunk_name, "t", G)
     if not fn then fn, err = load(code, chunk_name, "t", G) end
   else
     fn, err = load(code, chunk_name, "t", G)
   end
   if not fn then
-    if err == "not enough memory" then return "memory", err end
-    return "error", err
+    if err == "not enough memory" then return OUT_OF_MEMORY, err end
+    return FAILED, err
   end
   -- rawset: a metatable user code put on _G must not run before the hook is armed.
   rawset(G, "variables", variables)
-  if mode ~= "node" then rawset(G, "state", state) end
-  rawset(G, "interrupt", mode == "node" and interrupt_global or nil)
+  if mode ~= MODE_NODE then rawset(G, "state", state) end
+  rawset(G, "interrupt", mode == MODE_NODE and interrupt_global or nil)
   handled, expired, in_wall_check, slice_start = false, false, false, false
   armed = true
   -- An outside watchdog (a worker's parent) times the call from here on,
@@ -377,17 +384,17 @@ function run(mode, code, chunk_name, state_data, variables_data, lazy_state)
   -- and only then: a restart makes the next allocation do a collector step,
   -- a microsecond or two on every call.
   if not raw_collect("isrunning") then raw_collect("restart") end
-  if expired or in_wall_check then return "timeout", "timeout" end
-  local failed = lazy_state and crossing.take_failure()
-  if failed then
-    if failed.memory then return "memory", "not enough memory" end
-    return "convert_input", failed.message, failed.index
+  if expired or in_wall_check then return TIMED_OUT, "timeout" end
+  if lazy_state then
+    local failed, memory, message, index = crossing[TAKE_FAILURE]()
+    if memory then return OUT_OF_MEMORY, "not enough memory" end
+    if failed then return CONVERT_INPUT, message, index end
   end
   if ok then return status, payload end
   -- Lua calls no message handler for out-of-memory errors.
-  if not handled and status == "not enough memory" then return "memory", status end
-  if find(status, CONVERT, 1, true) == 1 then return "convert", sub(status, #CONVERT + 1) end
-  return "error", status
+  if not handled and status == "not enough memory" then return OUT_OF_MEMORY, status end
+  if find(status, CONVERT, 1, true) == 1 then return CONVERT_FAILED, sub(status, #CONVERT + 1) end
+  return FAILED, status
 end
 
 -- The call the runtime makes: run() in its own frame, so that once it has
@@ -395,15 +402,15 @@ end
 -- fetch (a lazy state's callback) is given only with a lazy state; ask (what
 -- interrupt() calls) once, with a VM's first node call under a run.
 return function(mode, code, chunk_name, state_data, variables_data, fetch, ask)
-  if ask ~= nil then interrupt_global = make_interrupt(ask) end
+  if ask ~= nil then interrupt_global = get_crossing()[MAKE_INTERRUPT](ask) end
   local lazy_state = fetch ~= nil
-  if lazy_state then get_crossing().begin_call(fetch) end
+  if lazy_state then get_crossing()[BEGIN_CALL](fetch) end
   local status, payload, index = run(mode, code, chunk_name, state_data, variables_data,
                                      lazy_state)
   -- After a timeout or a memory error the VM is thrown away.
-  if lazy_state and status ~= "timeout" and status ~= "memory" then
+  if lazy_state and status ~= TIMED_OUT and status ~= OUT_OF_MEMORY then
     rawset(G, "state", nil)
-    local escaped_status, escaped_payload, escaped_index = crossing.fill_escaped_states()
+    local escaped_status, escaped_payload, escaped_index = crossing[FILL_ESCAPED_STATES]()
     if escaped_status then return escaped_status, escaped_payload, escaped_index end
   end
   return status, payload, index
