@@ -8,7 +8,8 @@ counted against its ``retries``; which branch caused a worker's death, so
 one that only shared the worker with it is not counted either; and a branch
 the scheduler re-ran more often than that is failed. ``MemoryRestarts`` collects the workers a nanny
 restarted for memory. The functions below describe a failed branch, and a
-graph a worker cannot load.
+graph a worker cannot load. ``AlreadyClaimed`` is what a task returns when
+an earlier run of its key claimed it (``dask_worker``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,17 @@ FETCH_SECONDS = 2.0
 SHARED_DEATHS_LIMIT = 3
 
 
+@dataclass(frozen=True)
+class AlreadyClaimed:
+    """What a Dask task returns instead of running anything: an earlier run of its key
+    claimed it with the scheduler, so this run is the scheduler computing again a result
+    that died with its worker, or re-running the task after its worker died. The first
+    run's results may have been reported already, so its branches must not run again
+    here; the client runs them again in tasks of their own only if it never took them."""
+
+    key: str
+
+
 @dataclass
 class FanOutWatch:
     """What the branches of one fan-out share on the client side."""
@@ -51,6 +63,8 @@ class FanOutWatch:
     no_workers_since: float | None = None
     # The fan-out's ``BatchSizer``, told how long each finished task ran.
     sizer: Any = None
+    # The ids of the claims its tasks' first runs hold on the scheduler (let go at its end).
+    claims: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -81,8 +95,6 @@ class FollowedBranch:
     spared: set[int] = field(default_factory=set)
     # Deaths it shared with other started branches, none of them told to be the cause.
     shared_deaths: int = 0
-    # Its result died with its worker and the scheduler computes it again.
-    recomputing: bool = False
 
     def on_done(self, future: Any) -> None:
         """The future's done callback (on the client's event-loop thread, which also
