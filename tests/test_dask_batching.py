@@ -30,13 +30,17 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A user's cluster: default scheduler settings, 2 workers of 2 threads each."""
+    """A user's cluster: default scheduler settings, 2 workers of 2 threads each. Its worker
+    processes are gone when the module ends, also after a failed test (closing only tells
+    them to stop; one still ending would be taken for a leak by a later module's check)."""
     from distributed import LocalCluster
 
+    before = descendants()
     with LocalCluster(n_workers=2, threads_per_worker=2, processes=True, host="127.0.0.1",
                       scheduler_port=0, dashboard_address="127.0.0.1:0",
                       silence_logs=logging.CRITICAL) as local:
         yield local
+    assert wait_until(lambda: not descendants() - before), "the module's cluster left processes"
 
 
 @pytest.fixture

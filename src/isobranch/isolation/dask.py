@@ -56,11 +56,11 @@ from .dask_batches import (
 )
 from .dask_branches import (
     FETCH_SECONDS,
-    AlreadyClaimed,
     FanOutWatch,
     FollowedBranch,
     MemoryRestarts,
     RunLedger,
+    TaskAlreadyClaimed,
     dead_worker,
     describe_failure,
     error_type,
@@ -533,7 +533,7 @@ class DaskBackend(IsolationBackend):
         # Read each status once: the event-loop thread may change it meanwhile.
         statuses = {future: future.status for future in pending}
         finished = [future for future, status in statuses.items() if status == "finished"]
-        # Tasks whose first run ended without a result this client took.
+        # Finished, but their results died as they were fetched, and their recomputes ran nothing.
         unclaimed: list[tuple[Any, Followed]] = []
         if finished:
             values = self._fetch(client, finished)
@@ -541,7 +541,7 @@ class DaskBackend(IsolationBackend):
                 return  # not now: deadlines are judged again before the next try
             for future, value in zip(finished, values, strict=True):
                 branch = pending[future]
-                if isinstance(value, AlreadyClaimed):
+                if isinstance(value, TaskAlreadyClaimed):
                     unclaimed.append((future, branch))
                     continue
                 if isinstance(branch, FollowedBatch):
@@ -572,6 +572,9 @@ class DaskBackend(IsolationBackend):
                 self._result_died(client, plugin, pending, future, branch)
                 continue
             error = quietly(future.exception) if status == "error" else None
+            if isinstance(error, TaskAlreadyClaimed):
+                self._ran_nothing(connection, plugin, pending, future, branch, results)
+                continue
             self._task_failed(connection, plugin, pending, branch, status, error,
                               dead_worker(error), results)
 
@@ -603,7 +606,8 @@ class DaskBackend(IsolationBackend):
             self._dissolve(connection.client, plugin, task, pending)
             return
         if task.finished_after is not None:
-            # Finished, and its result died with its worker (its "lost" went unseen).
+            # Its first run finished (a run that ran nothing raises, so never counts as
+            # finished), and its result died with its worker: its "lost" went unseen.
             self._result_died(connection.client, plugin, pending, future, task)
             return
         # It died with the worker it ran on (a branch whose start never arrived was only

@@ -8,7 +8,7 @@ counted against its ``retries``; which branch caused a worker's death, so
 one that only shared the worker with it is not counted either; and a branch
 the scheduler re-ran more often than that is failed. ``MemoryRestarts`` collects the workers a nanny
 restarted for memory. The functions below describe a failed branch, and a
-graph a worker cannot load. ``AlreadyClaimed`` is what a task returns when
+graph a worker cannot load. ``TaskAlreadyClaimed`` is what a task raises when
 an earlier run of its key claimed it (``dask_worker``).
 """
 
@@ -40,15 +40,25 @@ FETCH_SECONDS = 2.0
 SHARED_DEATHS_LIMIT = 3
 
 
-@dataclass(frozen=True)
-class AlreadyClaimed:
-    """What a Dask task returns instead of running anything: an earlier run of its key
+class TaskAlreadyClaimed(Exception):
+    """What a Dask task raises instead of running anything: an earlier run of its key
     claimed it with the scheduler, so this run is the scheduler computing again a result
     that died with its worker, or re-running the task after its worker died. The first
     run's results may have been reported already, so its branches must not run again
-    here; the client runs them again in tasks of their own only if it never took them."""
+    here; the client runs them again in tasks of their own only if it never took them.
 
-    key: str
+    Raised rather than returned, so the task does not count as finished: the client
+    tells a first run that finished (and lost its result) from one that died by
+    whether it saw the task finish.
+    """
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"task {key!r}: an earlier run of it claimed it, so this run ran "
+                         f"nothing (the scheduler ran it again after a worker died)")
+        self.key = key
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return type(self), (self.key,)
 
 
 @dataclass
@@ -376,9 +386,12 @@ def error_type(error: BaseException | None, dead: str | None) -> str:
 
 
 def result_or_error(future: Any) -> Any:
-    """The future's result, or its error as text (one lost result among several)."""
+    """The future's result, or its error as text (one lost result among several); a
+    ``TaskAlreadyClaimed`` as it is (the result died, and its recompute ran nothing)."""
     try:
         return future.result(timeout=FETCH_SECONDS)
+    except TaskAlreadyClaimed as exc:
+        return exc
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
 

@@ -8,8 +8,8 @@ Every run of a task first claims the task's key with the scheduler
 scheduler runs a key again when the worker holding its result dies while a
 client still holds the key's future — which the client may do for a moment
 after it reported the results — and a task whose worker died may be re-run
-by a user's scheduler: such runs find the key claimed and return
-``AlreadyClaimed`` without running anything.
+by a user's scheduler: such runs find the key claimed and raise
+``TaskAlreadyClaimed`` without running anything.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from ..branch import (
 )
 from ..errors import BackendError
 from ..node_output import flush_node_output, line_buffer_node_output
-from .dask_branches import AlreadyClaimed, load_failure
+from .dask_branches import TaskAlreadyClaimed, load_failure
 from .memory_limit import raise_oom_score
 
 
@@ -135,7 +135,7 @@ def claim_first_run(worker: Any, key: str) -> str | None:
 
 def run_batch_on_worker(plugin: str, payloads: bytes, topic: str, key: str,
                         item_keys: list[str], report_starts: bool
-                        ) -> tuple[list[ParallelFlowResult], float] | AlreadyClaimed:
+                        ) -> tuple[list[ParallelFlowResult], float]:
     """The Dask task of a batch: several branches, one after another, on this worker.
 
     ``payloads`` is the branches' payloads as one pickle (``pack_payloads``).
@@ -144,14 +144,14 @@ def run_batch_on_worker(plugin: str, payloads: bytes, topic: str, key: str,
     without waiting (where it runs); with ``report_starts`` (the branches
     have a ``branch_timeout``) so is each branch's, so the client counts each
     one's deadline from its own start. Node changes are reported under
-    ``item_keys``. A run that is not the first of ``key`` runs nothing and returns
-    ``AlreadyClaimed``.
+    ``item_keys``. A run that is not the first of ``key`` runs nothing and raises
+    ``TaskAlreadyClaimed``.
     """
     worker = get_worker()
     graph = _loaded_graph(worker, plugin)
     claim = claim_first_run(worker, key)
     if claim is None:
-        return AlreadyClaimed(key)
+        raise TaskAlreadyClaimed(key)
     # Not waited for, unlike a single branch's: whether a batch started before its worker
     # died changes nothing (its branches all run again alone), and the claim is the one
     # round trip to the scheduler a batch makes.
@@ -174,20 +174,20 @@ def run_batch_on_worker(plugin: str, payloads: bytes, topic: str, key: str,
 
 
 def run_on_worker(plugin: str, payload: dict[str, Any], topic: str, key: str
-                  ) -> ParallelFlowResult | AlreadyClaimed:
+                  ) -> ParallelFlowResult:
     """The Dask task: one branch of the graph that ``plugin`` carries, on this worker.
 
     The start is confirmed with the scheduler before the branch runs (one
     round trip), so the client knows where and since when it runs even if a
     call in it then holds the GIL; a branch queued on a worker that dies is
     told apart from one that ran there. A run that is not the first of ``key`` runs
-    nothing and returns ``AlreadyClaimed``.
+    nothing and raises ``TaskAlreadyClaimed``.
     """
     worker = get_worker()
     graph = _loaded_graph(worker, plugin)
     claim = claim_first_run(worker, key)
     if claim is None:
-        return AlreadyClaimed(key)
+        raise TaskAlreadyClaimed(key)
     sync(worker.loop, worker.scheduler.log_event, topic=topic,
          msg={"kind": "start", "key": key, "worker": worker.address,
               "threads": worker.state.nthreads, "claim": claim})
