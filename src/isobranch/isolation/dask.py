@@ -17,7 +17,7 @@ Python call is given up on by the client, and its worker is restarted.
 Short branches run many per task (``dask_batches``); one fan-out's queue
 and tasks are ``dask_fanout``'s. What a branch is to the client and which
 of its runs count against ``retries`` live in ``dask_branches``. This
-module stays longer than most (about 690 lines) because what remains is
+module stays longer than most (about 780 lines) because what remains is
 one loop and the checks it makes on every wake-up (deadlines, worker
 deaths, memory restarts, a silent scheduler) against the one client and
 lock they share.
