@@ -8,9 +8,11 @@ worker), or the local cluster isobranch starts (for those that kill one).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import pathlib
+import signal
 import sqlite3
 import time
 
@@ -28,13 +30,17 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A user's cluster: default scheduler settings, 2 workers of 2 threads each."""
+    """A user's cluster: default scheduler settings, 2 workers of 2 threads each. Its worker
+    processes are gone when the module ends, also after a failed test (closing only tells
+    them to stop; one still ending would be taken for a leak by a later module's check)."""
     from distributed import LocalCluster
 
+    before = descendants()
     with LocalCluster(n_workers=2, threads_per_worker=2, processes=True, host="127.0.0.1",
                       scheduler_port=0, dashboard_address="127.0.0.1:0",
                       silence_logs=logging.CRITICAL) as local:
         yield local
+    assert wait_until(lambda: not descendants() - before), "the module's cluster left processes"
 
 
 @pytest.fixture
@@ -132,6 +138,105 @@ def test_a_crash_in_a_batch_fails_only_its_item_and_no_branch_runs_after_its_suc
                          if len(runs(marks_dir, i)) != at_success}
     assert ran_after_success == {}, "(runs at its success, runs in all) of each branch"
     assert max(runs_at_success.values()) <= 3
+
+
+def computed_again(key: str, dead: str, dask_scheduler=None) -> bool:
+    """On the scheduler: whether ``key`` was computed again after worker ``dead`` died
+    holding its result (in memory elsewhere), or is gone."""
+    task = dask_scheduler.tasks.get(key)
+    return task is None or task.state == "erred" or (
+        task.state == "memory" and dead not in {ws.address for ws in task.who_has})
+
+
+def test_a_batch_whose_results_were_taken_runs_nothing_when_its_worker_dies_before_letting_go(
+        tmp_path, monkeypatch):
+    # The race made certain: the client has taken a batch's results and still holds its
+    # future (it lets go after reporting them) when the worker holding them dies, and
+    # the scheduler computes the batch again before the client reports anything. That
+    # run must run none of the batch's branches: they would run after their success.
+    from isobranch.isolation.dask import DaskBackend
+
+    marks_dir = tmp_path / "marks"
+    marks_dir.mkdir()
+    fetch = DaskBackend._fetch
+    taken: dict[str, list[int]] = {}
+
+    def fetch_then_kill_the_holder(self, client, futures):
+        values = fetch(self, client, futures)
+        if values is None or taken:
+            return values
+        for future, value in zip(futures, values, strict=True):
+            if not (str(future.key).startswith("isobranch-batch-")
+                    and isinstance(value, tuple)):
+                continue
+            holder = next(iter(client.who_has([future])[future.key]))
+            os.kill(client.run(os.getpid, workers=[holder])[holder], signal.SIGKILL)
+            key = future.key
+            taken[key] = [result.index for result in value[0]]
+            assert wait_until(functools.partial(client.run_on_scheduler, computed_again, key,
+                                                holder)), "the scheduler did not compute it again"
+            break
+        return values
+
+    monkeypatch.setattr(DaskBackend, "_fetch", fetch_then_kill_the_holder)
+    items = list(range(300))
+    with map_graph(counted(marks_dir), max_workers=2) as app:
+        results = app.invoke({"items": items})["results"]
+    assert taken, "no batch's results were taken"
+    assert [r.error for r in results if not r.success] == []
+    assert [r.state["value"] for r in results] == [i + 1 for i in items]
+    (batch,) = taken.values()
+    assert {i: len(runs(marks_dir, i)) for i in batch} == {i: 1 for i in batch}
+
+
+def test_a_task_claimed_by_an_earlier_run_runs_nothing(cluster):
+    # Two runs of one key race for its claim on the scheduler: exactly one wins, every
+    # later one loses, and letting go of the claim leaves the scheduler nothing.
+    from distributed import Client
+
+    from isobranch.isolation.dask_worker import claim_first_run
+
+    def claim_twice(key):
+        from distributed import get_worker
+
+        worker = get_worker()
+        return claim_first_run(worker, key), claim_first_run(worker, key)
+
+    def held(dask_scheduler=None):
+        return {name: users for name, users in
+                dask_scheduler.extensions["multi_locks"].locks.items() if users}
+
+    with Client(cluster, set_as_default=False) as client:
+        first, second = client.submit(claim_twice, "isobranch-claim-test", pure=False).result()
+        assert first is not None and first.startswith("isobranch-claim-test@")
+        assert second is None
+        assert client.run_on_scheduler(held) == {"isobranch-claim-test": [first]}
+        client.sync(client.scheduler.multi_lock_release, id=first)
+        assert client.run_on_scheduler(held) == {}
+
+
+def claims_held(dask_scheduler=None) -> list[str]:
+    """On the scheduler: the task claims held (``dask_worker.claim_first_run``)."""
+    return [name for name, users in dask_scheduler.extensions["multi_locks"].locks.items()
+            if users and name.startswith("isobranch-")]
+
+
+def test_a_fan_out_lets_go_of_its_task_claims_when_it_ends(cluster):
+    from distributed import Client
+
+    items = list(range(300))
+    seen_during: list[list[str]] = []
+
+    def body(state):
+        return {"value": state["item"] + 1}
+
+    with Client(cluster, set_as_default=False) as client, \
+            map_graph(body, client=client) as app:
+        for event in app.stream({"items": items}):
+            if event["type"] == "branch" and event["done"] == len(items) // 2:
+                seen_during.append(client.run_on_scheduler(claims_held))
+        assert seen_during and seen_during[0], "no task claimed while the map ran"
+        assert wait_until(lambda: client.run_on_scheduler(claims_held) == [])
 
 
 def test_each_branch_of_a_batch_counts_its_deadline_from_its_own_start(cluster):

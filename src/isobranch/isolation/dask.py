@@ -17,7 +17,7 @@ Python call is given up on by the client, and its worker is restarted.
 Short branches run many per task (``dask_batches``); one fan-out's queue
 and tasks are ``dask_fanout``'s. What a branch is to the client and which
 of its runs count against ``retries`` live in ``dask_branches``. This
-module stays longer than most (about 690 lines) because what remains is
+module stays longer than most (about 780 lines) because what remains is
 one loop and the checks it makes on every wake-up (deadlines, worker
 deaths, memory restarts, a silent scheduler) against the one client and
 lock they share.
@@ -60,6 +60,7 @@ from .dask_branches import (
     FollowedBranch,
     MemoryRestarts,
     RunLedger,
+    TaskAlreadyClaimed,
     dead_worker,
     describe_failure,
     error_type,
@@ -303,6 +304,8 @@ class DaskBackend(IsolationBackend):
             followed.fan_out.heard_at = now
             kind = message.get("kind")
             if kind == "start":
+                if message.get("claim"):
+                    followed.fan_out.claims.append(str(message["claim"]))
                 worker = str(message.get("worker"))
                 followed.starts.append((now, worker))
                 self._runs.worker_started(worker, message.get("threads"))
@@ -353,7 +356,6 @@ class DaskBackend(IsolationBackend):
         with self._lock:
             branch.current = len(branch.starts)
             branch.finished_after = None
-            branch.recomputing = False
             branch.run.started_at = None
             self._following[branch.key] = branch
         future = branch.future = client.submit(run_on_worker, plugin, task.payload(),
@@ -531,12 +533,17 @@ class DaskBackend(IsolationBackend):
         # Read each status once: the event-loop thread may change it meanwhile.
         statuses = {future: future.status for future in pending}
         finished = [future for future, status in statuses.items() if status == "finished"]
+        # Finished, but their results died as they were fetched, and their recomputes ran nothing.
+        unclaimed: list[tuple[Any, Followed]] = []
         if finished:
             values = self._fetch(client, finished)
             if values is None:
                 return  # not now: deadlines are judged again before the next try
             for future, value in zip(finished, values, strict=True):
                 branch = pending[future]
+                if isinstance(value, TaskAlreadyClaimed):
+                    unclaimed.append((future, branch))
+                    continue
                 if isinstance(branch, FollowedBatch):
                     results.extend(batch_results(branch, value))
                     continue
@@ -552,52 +559,92 @@ class DaskBackend(IsolationBackend):
                         branch, f"its result could not be fetched from the cluster: {value}",
                         ErrorKind.DASK_ERROR)))
             self.forget(pending, finished)
+        for future, task in unclaimed:
+            self._ran_nothing(connection, plugin, pending, future, task, results)
         for future, status in statuses.items():
             if status in ("pending", "finished"):
                 continue
             if status in ("cancelled", "lost") and client.status != "running":
                 continue  # the client cancels its tasks when it loses the scheduler: _lost judges
             branch = pending[future]
-            if status == "lost":
-                # It finished, but its result died with its worker before it was
-                # fetched: nothing of it was recorded, and it is not its failure. The
-                # scheduler computes it again under the same key, since this client
-                # holds its future: it is followed on, never submitted anew, as a second
-                # task would run its branches twice, once after their success was told.
-                if not branch.recomputing:
-                    branch.recomputing = True
-                    logger.warning("dask backend: the result of %s died with its Dask "
-                                   "worker before it was fetched; it runs again",
-                                   describe_task(branch))
-                    self._runs.result_lost(branch)
-                continue
             self.forget(pending, [future])
+            if status == "lost":
+                self._result_died(client, plugin, pending, future, branch)
+                continue
             error = quietly(future.exception) if status == "error" else None
-            dead = dead_worker(error)
-            if dead is not None:
-                # Judged before any task the death killed runs again (or is forgotten).
-                with self._lock:
-                    followed = [branch, *self._following.values()]
-                self._runs.worker_died(dead, followed)
-            if isinstance(branch, FollowedBatch):
-                self._batch_ended(connection, plugin, pending, branch, status, error, dead,
-                                  results)
+            if isinstance(error, TaskAlreadyClaimed):
+                self._ran_nothing(connection, plugin, pending, future, branch, results)
                 continue
-            memory = self._killed_for_memory(branch, dead, connection)
-            if memory is not None:  # it would only run out again: no retry
-                results.append((branch.run, memory))
-                continue
-            if dead is not None and self._runs.may_run_again(branch, dead):
-                logger.warning("dask backend: Dask worker %s died while it had branch %r; "
-                               "it runs again (run %d)", dead, branch.task.name,
-                               self._runs.attempts(branch) + 1)
-                pending[self.submit(client, plugin, branch)] = branch
-                continue
-            if dead is not None:
-                logger.warning("dask backend: Dask worker %s died while it ran branch %r",
-                               dead, branch.task.name)
-            results.append((branch.run, failed(branch, describe_failure(
-                branch, status, error, dead, connection), error_type(error, dead))))
+            self._task_failed(connection, plugin, pending, branch, status, error,
+                              dead_worker(error), results)
+
+    def _result_died(self, client: Any, plugin: str, pending: dict[Any, Followed],
+                     future: Any, task: Followed) -> None:
+        """The task finished, but its result died with its worker before it was fetched:
+        nothing of it was reported, and it is not its branches' failure (that run does not
+        count against ``retries``). The scheduler computes the key again for as long as
+        this client holds its future, but that run finds the key claimed and runs
+        nothing: the branches run again now, each in a new task of its own."""
+        logger.warning("dask backend: the result of %s died with its Dask worker before it "
+                       "was fetched; it runs again", describe_task(task))
+        self._runs.result_lost(task)
+        quietly(future.cancel)
+        if isinstance(task, FollowedBatch):
+            self._dissolve(client, plugin, task, pending)
+        else:
+            pending[self.submit(client, plugin, task)] = task
+
+    def _ran_nothing(self, connection: Connection, plugin: str, pending: dict[Any, Followed],
+                     future: Any, task: Followed, results: list[Finished]) -> None:
+        """A run of the task found its key claimed by an earlier run, whose result this
+        client never took: that run's worker died under it (and a user's scheduler ran
+        the task again), or its result died before it was fetched."""
+        if isinstance(task, FollowedBatch):
+            logger.warning("dask backend: the first run of %s ended without a result; each "
+                           "of its branches runs again in a task of its own",
+                           describe_task(task))
+            self._dissolve(connection.client, plugin, task, pending)
+            return
+        if task.finished_after is not None:
+            # Its first run finished (a run that ran nothing raises, so never counts as
+            # finished), and its result died with its worker: its "lost" went unseen.
+            self._result_died(connection.client, plugin, pending, future, task)
+            return
+        # It died with the worker it ran on (a branch whose start never arrived was only
+        # queued there, as far as anyone can tell).
+        self._task_failed(connection, plugin, pending, task, "error", None,
+                          task.running_on or "(unknown worker)", results)
+
+    def _task_failed(self, connection: Connection, plugin: str, pending: dict[Any, Followed],
+                     branch: Followed, status: str, error: BaseException | None,
+                     dead: str | None, results: list[Finished]) -> None:
+        """The task of ``branch`` (already forgotten) ended without a result: ``error``, or
+        its worker ``dead`` died. Run it again where that is allowed, or fail it."""
+        client = connection.client
+        if dead is not None:
+            # Judged before any task the death killed runs again (or is forgotten).
+            with self._lock:
+                followed = [branch, *self._following.values()]
+            self._runs.worker_died(dead, followed)
+        if isinstance(branch, FollowedBatch):
+            self._batch_ended(connection, plugin, pending, branch, status, error, dead,
+                              results)
+            return
+        memory = self._killed_for_memory(branch, dead, connection)
+        if memory is not None:  # it would only run out again: no retry
+            results.append((branch.run, memory))
+            return
+        if dead is not None and self._runs.may_run_again(branch, dead):
+            logger.warning("dask backend: Dask worker %s died while it had branch %r; "
+                           "it runs again (run %d)", dead, branch.task.name,
+                           self._runs.attempts(branch) + 1)
+            pending[self.submit(client, plugin, branch)] = branch
+            return
+        if dead is not None:
+            logger.warning("dask backend: Dask worker %s died while it ran branch %r",
+                           dead, branch.task.name)
+        results.append((branch.run, failed(branch, describe_failure(
+            branch, status, error, dead, connection), error_type(error, dead))))
 
     def _batch_ended(self, connection: Connection, plugin: str, pending: dict[Any, Followed],
                      batch: FollowedBatch, status: str, error: BaseException | None,
@@ -667,6 +714,35 @@ class DaskBackend(IsolationBackend):
         except Exception as exc:
             logger.debug("dask backend: cannot restart workers, the client's loop is gone "
                          "(%s: %s)", type(exc).__name__, exc)
+            coroutine.close()
+
+    def release_claims(self, connection: Connection, fan_out: FanOutWatch) -> None:
+        """Let go of the claims the first runs of ``fan_out``'s tasks hold on the scheduler
+        (``dask_worker.claim_first_run``), without waiting: the fan-out has let go of every
+        task by now, so the scheduler runs none of them again. A claim left (a scheduler
+        gone, or a start never heard of) costs the scheduler a few hundred bytes."""
+        with self._lock:
+            claims, fan_out.claims = fan_out.claims, []
+        if not claims or not connection.usable:
+            return
+        client = connection.client
+
+        async def release() -> None:
+            outcomes = await asyncio.gather(
+                *(client.scheduler.multi_lock_release(id=claim) for claim in claims),
+                return_exceptions=True)
+            failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+            if failures:
+                logger.debug("dask backend: letting go of %d of %d task claims failed "
+                             "(first: %s: %s)", len(failures), len(claims),
+                             type(failures[0]).__name__, failures[0])
+
+        coroutine = release()
+        try:
+            asyncio.run_coroutine_threadsafe(coroutine, client.loop.asyncio_loop)
+        except Exception as exc:
+            logger.debug("dask backend: cannot let go of task claims, the client's loop is "
+                         "gone (%s: %s)", type(exc).__name__, exc)
             coroutine.close()
 
     def forget(self, pending: dict[Any, Followed], futures: list[Any]) -> None:

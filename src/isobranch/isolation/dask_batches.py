@@ -84,8 +84,6 @@ class FollowedBatch:
     # Indices in ``starts`` of runs whose results died with their worker (the
     # scheduler computes the batch again): not a re-run after a crash.
     spared: set[int] = field(default_factory=set)
-    # Its result died with its worker and the scheduler computes it again.
-    recomputing: bool = False
 
     @property
     def running_on(self) -> str | None:

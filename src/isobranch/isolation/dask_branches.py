@@ -8,7 +8,8 @@ counted against its ``retries``; which branch caused a worker's death, so
 one that only shared the worker with it is not counted either; and a branch
 the scheduler re-ran more often than that is failed. ``MemoryRestarts`` collects the workers a nanny
 restarted for memory. The functions below describe a failed branch, and a
-graph a worker cannot load.
+graph a worker cannot load. ``TaskAlreadyClaimed`` is what a task raises when
+an earlier run of its key claimed it (``dask_worker``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,27 @@ FETCH_SECONDS = 2.0
 SHARED_DEATHS_LIMIT = 3
 
 
+class TaskAlreadyClaimed(Exception):
+    """What a Dask task raises instead of running anything: an earlier run of its key
+    claimed it with the scheduler, so this run is the scheduler computing again a result
+    that died with its worker, or re-running the task after its worker died. The first
+    run's results may have been reported already, so its branches must not run again
+    here; the client runs them again in tasks of their own only if it never took them.
+
+    Raised rather than returned, so the task does not count as finished: the client
+    tells a first run that finished (and lost its result) from one that died by
+    whether it saw the task finish.
+    """
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"task {key!r}: an earlier run of it claimed it, so this run ran "
+                         f"nothing (the scheduler ran it again after a worker died)")
+        self.key = key
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return type(self), (self.key,)
+
+
 @dataclass
 class FanOutWatch:
     """What the branches of one fan-out share on the client side."""
@@ -51,6 +73,8 @@ class FanOutWatch:
     no_workers_since: float | None = None
     # The fan-out's ``BatchSizer``, told how long each finished task ran.
     sizer: Any = None
+    # The ids of the claims its tasks' first runs hold on the scheduler (let go at its end).
+    claims: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -81,8 +105,6 @@ class FollowedBranch:
     spared: set[int] = field(default_factory=set)
     # Deaths it shared with other started branches, none of them told to be the cause.
     shared_deaths: int = 0
-    # Its result died with its worker and the scheduler computes it again.
-    recomputing: bool = False
 
     def on_done(self, future: Any) -> None:
         """The future's done callback (on the client's event-loop thread, which also
@@ -364,9 +386,12 @@ def error_type(error: BaseException | None, dead: str | None) -> str:
 
 
 def result_or_error(future: Any) -> Any:
-    """The future's result, or its error as text (one lost result among several)."""
+    """The future's result, or its error as text (one lost result among several); a
+    ``TaskAlreadyClaimed`` as it is (the result died, and its recompute ran nothing)."""
     try:
         return future.result(timeout=FETCH_SECONDS)
+    except TaskAlreadyClaimed as exc:
+        return exc
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
 

@@ -41,6 +41,8 @@ class TaskSubmitter(Protocol):
 
     def forget(self, pending: dict[Any, Followed], futures: list[Any]) -> None: ...
 
+    def release_claims(self, connection: Connection, fan_out: FanOutWatch) -> None: ...
+
 
 class DaskFanOut(BackendFanOut):
     """One fan-out on a Dask cluster: its branches as tasks, followed by the client.
@@ -126,12 +128,13 @@ class DaskFanOut(BackendFanOut):
     def close(self, *, cancelled: bool) -> None:
         """Cancel what is still submitted; on a cluster isobranch started, restart the
         workers running it (a fan-out stopped early must not keep them busy); what is
-        queued is dropped unsubmitted."""
+        queued is dropped unsubmitted. The claims its tasks' first runs hold on the
+        scheduler are let go (the scheduler has forgotten those tasks, or is told to)."""
         self._queued.clear()
         pending = self._pending
-        if not pending:
-            return
-        self._backend.stop_running(self._connection, pending.values())
-        futures = list(pending)
-        self._backend.forget(pending, futures)
-        quietly(self._connection.client.cancel, futures)
+        if pending:
+            self._backend.stop_running(self._connection, pending.values())
+            futures = list(pending)
+            self._backend.forget(pending, futures)
+            quietly(self._connection.client.cancel, futures)
+        self._backend.release_claims(self._connection, self._watch)

@@ -2,12 +2,21 @@
 
 Imported on Dask workers (which need isobranch installed) and lazily by the
 client, because it needs ``distributed`` at import time.
+
+Every run of a task first claims the task's key with the scheduler
+(``claim_first_run``); only the first run to claim it runs branches. The
+scheduler runs a key again when the worker holding its result dies while a
+client still holds the key's future — which the client may do for a moment
+after it reported the results — and a task whose worker died may be re-run
+by a user's scheduler: such runs find the key claimed and raise
+``TaskAlreadyClaimed`` without running anything.
 """
 
 from __future__ import annotations
 
 import pickle
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,7 +31,7 @@ from ..branch import (
 )
 from ..errors import BackendError
 from ..node_output import flush_node_output, line_buffer_node_output
-from .dask_branches import load_failure
+from .dask_branches import TaskAlreadyClaimed, load_failure
 from .memory_limit import raise_oom_score
 
 
@@ -108,6 +117,22 @@ def _loaded_graph(worker: Any, plugin: str) -> Any:
     return graph_plugin.graph
 
 
+def claim_first_run(worker: Any, key: str) -> str | None:
+    """Claim the task ``key`` for this run: the claim's id if no run of the key claimed it
+    before, else None (and this run must run nothing).
+
+    One round trip: the scheduler's multi-lock ``acquire`` without waiting is a test and
+    set on its one event loop, so of two runs of a key exactly one holds the claim, also
+    when they race. A claim is never let go by its run (a run whose worker dies keeps
+    it, so no later run of that key runs anything); the client lets go of its fan-out's
+    claims when the fan-out ends.
+    """
+    claim = f"{key}@{uuid.uuid4().hex}"
+    first = sync(worker.loop, worker.scheduler.multi_lock_acquire, locks=[key], id=claim,
+                 timeout=0, num_locks=1)
+    return claim if first else None
+
+
 def run_batch_on_worker(plugin: str, payloads: bytes, topic: str, key: str,
                         item_keys: list[str], report_starts: bool
                         ) -> tuple[list[ParallelFlowResult], float]:
@@ -119,15 +144,19 @@ def run_batch_on_worker(plugin: str, payloads: bytes, topic: str, key: str,
     without waiting (where it runs); with ``report_starts`` (the branches
     have a ``branch_timeout``) so is each branch's, so the client counts each
     one's deadline from its own start. Node changes are reported under
-    ``item_keys``.
+    ``item_keys``. A run that is not the first of ``key`` runs nothing and raises
+    ``TaskAlreadyClaimed``.
     """
     worker = get_worker()
     graph = _loaded_graph(worker, plugin)
+    claim = claim_first_run(worker, key)
+    if claim is None:
+        raise TaskAlreadyClaimed(key)
     # Not waited for, unlike a single branch's: whether a batch started before its worker
-    # died changes nothing (its branches all run again alone), and a round trip to the
-    # scheduler per task is what batching saves.
+    # died changes nothing (its branches all run again alone), and the claim is the one
+    # round trip to the scheduler a batch makes.
     worker.log_event(topic, {"kind": "start", "key": key, "worker": worker.address,
-                             "threads": worker.state.nthreads})
+                             "threads": worker.state.nthreads, "claim": claim})
     began = time.monotonic()
     results = []
     try:
@@ -151,13 +180,17 @@ def run_on_worker(plugin: str, payload: dict[str, Any], topic: str, key: str
     The start is confirmed with the scheduler before the branch runs (one
     round trip), so the client knows where and since when it runs even if a
     call in it then holds the GIL; a branch queued on a worker that dies is
-    told apart from one that ran there, and a re-run cannot go unseen.
+    told apart from one that ran there. A run that is not the first of ``key`` runs
+    nothing and raises ``TaskAlreadyClaimed``.
     """
     worker = get_worker()
     graph = _loaded_graph(worker, plugin)
+    claim = claim_first_run(worker, key)
+    if claim is None:
+        raise TaskAlreadyClaimed(key)
     sync(worker.loop, worker.scheduler.log_event, topic=topic,
          msg={"kind": "start", "key": key, "worker": worker.address,
-              "threads": worker.state.nthreads})
+              "threads": worker.state.nthreads, "claim": claim})
     task = BranchTask(graph=graph, **payload)
     try:
         result = graph.run_branch(task, monitor=_ProgressReporter(worker, topic, key, task.start))
