@@ -345,6 +345,24 @@ class DaskUnavailable(BackendError):
     """The Dask cluster cannot be used: extra missing, scheduler unreachable, start failed."""
 
 
+class TaskAlreadyClaimed(BackendError):
+    """What a Dask task raises instead of running anything: an earlier run of its key
+    claimed it with the scheduler, so this run is the scheduler computing again a result
+    that died with its worker, or re-running the task after its worker died. The first
+    run's results may have been reported already, so its branches must not run again
+    here; the client runs them again in tasks of their own only if it never took them.
+
+    Raised rather than returned, so the task does not count as finished: the client
+    tells a first run that finished (and lost its result) from one that died by
+    whether it saw the task finish.
+    """
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"task {key!r}: an earlier run of it claimed it, so this run ran "
+                         f"nothing (the scheduler ran it again after a worker died)")
+        self.key = key
+
+
 class InternalError(IsobranchError, RuntimeError):
     """isobranch broke one of its own rules: a bug to report, not a misuse.
 

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..branch import ParallelFlowResult, failed_result
 from ..error_kinds import ErrorKind
-from ..errors import BackendError, ConfigError, DaskUnavailable
+from ..errors import BackendError, ConfigError, DaskUnavailable, TaskAlreadyClaimed
 from .base import BackendFanOut, Finished, IsolationBackend, RunSource
 from .by_value import Receiver
 from .dask_batches import (
@@ -60,7 +60,6 @@ from .dask_branches import (
     FollowedBranch,
     MemoryRestarts,
     RunLedger,
-    TaskAlreadyClaimed,
     dead_worker,
     describe_failure,
     error_type,

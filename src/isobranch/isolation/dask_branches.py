@@ -25,6 +25,7 @@ from typing import Any
 
 from ..branch import BranchRun, BranchTask, ParallelFlowResult, failed_result
 from ..error_kinds import ErrorKind
+from ..errors import TaskAlreadyClaimed
 from .by_value import ENGINE_PACKAGES
 from .dask_cluster import Connection
 
@@ -38,27 +39,6 @@ FETCH_SECONDS = 2.0
 # branches none of which could be told to be the cause, is taken as the cause: a
 # crasher that always shares its worker must not run for ever.
 SHARED_DEATHS_LIMIT = 3
-
-
-class TaskAlreadyClaimed(Exception):
-    """What a Dask task raises instead of running anything: an earlier run of its key
-    claimed it with the scheduler, so this run is the scheduler computing again a result
-    that died with its worker, or re-running the task after its worker died. The first
-    run's results may have been reported already, so its branches must not run again
-    here; the client runs them again in tasks of their own only if it never took them.
-
-    Raised rather than returned, so the task does not count as finished: the client
-    tells a first run that finished (and lost its result) from one that died by
-    whether it saw the task finish.
-    """
-
-    def __init__(self, key: str) -> None:
-        super().__init__(f"task {key!r}: an earlier run of it claimed it, so this run ran "
-                         f"nothing (the scheduler ran it again after a worker died)")
-        self.key = key
-
-    def __reduce__(self) -> tuple[Any, tuple[str]]:
-        return type(self), (self.key,)
 
 
 @dataclass

@@ -29,9 +29,9 @@ from ..branch import (
     ParallelFlowResult,
     without_unsendable_state,
 )
-from ..errors import BackendError
+from ..errors import BackendError, TaskAlreadyClaimed
 from ..node_output import flush_node_output, line_buffer_node_output
-from .dask_branches import TaskAlreadyClaimed, load_failure
+from .dask_branches import load_failure
 from .memory_limit import raise_oom_score
 
 
