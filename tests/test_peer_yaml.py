@@ -241,7 +241,8 @@ def test_validate_catches_what_would_fail_at_run_time(change, expected):
 @pytest.mark.parametrize(("node_extra", "expected"), [
     ("uses: http.get", "node 'a': uses: not supported: built-in actions are not supported"),
     ("language: prolog", "node 'a': language: prolog: not supported"),
-    ("output: result", "node 'a': output: not supported"),
+    ("output: [a, b]", "node 'a': output: must be the state key the node's result is stored "
+                       "under, got ['a', 'b']"),
     ("steps: []", "node 'a': steps: not supported"),
 ])
 def test_unsupported_node_keys_are_named(node_extra, expected):
@@ -259,7 +260,7 @@ def test_unsupported_node_keys_are_named(node_extra, expected):
     ("imports: [{path: x.py, namespace: x}]", "imports: not supported"),
     ("settings: {llm: {model: x}}", "settings.llm: not supported: LLM settings"),
     ("config: {checkpoint_dir: ./c}", "config.checkpoint_dir: not supported; use settings.checkpoint.path"),
-    ("config: {raise_exceptions: false}", "config.raise_exceptions: only true is supported"),
+    ("config: {raise_exceptions: 'no'}", "config.raise_exceptions: must be true or false, got 'no'"),
 ])
 def test_unsupported_top_level_keys_are_named(top, expected):
     found = problems(f"""
@@ -273,14 +274,9 @@ def test_unsupported_top_level_keys_are_named(top, expected):
     assert any(expected in problem for problem in found), found
 
 
-def test_while_loop_and_parallel_strategy_are_named_as_unsupported():
+def test_parallel_strategy_is_named_as_unsupported():
     found = problems("""
         nodes:
-          - name: loop
-            type: while_loop
-            condition: "state.n < 3"
-            max_iterations: 5
-            body: []
           - name: a
             run: |
               return None
@@ -294,8 +290,219 @@ def test_while_loop_and_parallel_strategy_are_named_as_unsupported():
         edges:
           - {from: a, to: b, type: parallel, fan_in: c, parallel_strategy: process}
     """)
-    assert any("type: while_loop is not supported" in p for p in found), found
     assert any("parallel_strategy: not supported" in p for p in found), found
+
+
+COUNTER_LOOP = """
+    name: counter
+    state_schema: {count: int, sum: int, trail: list, after: int}
+    nodes:
+      - name: count_loop
+        type: while_loop
+        condition: "{{ state.count < variables.limit }}"
+        max_iterations: 10
+        body:
+          - name: increment
+            run: |
+              -- lua
+              local count = state.count or 0
+              return { count = count + 1 }
+          - name: add
+            run: |
+              return {"sum": state["sum"] + state["count"],
+                      "trail": state["trail"] + [state["count"]]}
+      - name: after
+        run: |
+          return {"after": state["sum"] * 10}
+    variables: {limit: 5}
+"""
+
+
+@pytest.mark.parametrize("isolation", BACKENDS)
+def test_while_loop_runs_its_body_in_order_until_the_condition_is_false(isolation):
+    # Each body node sees the one before it (add reads the count increment set), each
+    # iteration the last, the condition the latest state; the loop then chains on.
+    final = run(COUNTER_LOOP, isolation, {"count": 0, "sum": 0, "trail": []})
+    assert final == {"count": 5, "sum": 15, "trail": [1, 2, 3, 4, 5], "after": 150}
+
+
+@pytest.mark.parametrize("isolation", BACKENDS)
+def test_while_loop_stops_after_max_iterations_without_an_error(isolation):
+    text = COUNTER_LOOP.replace("max_iterations: 10", "max_iterations: 3")
+    final = run(text, isolation, {"count": 0, "sum": 0, "trail": []})
+    assert final == {"count": 3, "sum": 6, "trail": [1, 2, 3], "after": 60}
+
+
+def test_while_loop_whose_condition_is_false_at_first_runs_no_body():
+    final = run(COUNTER_LOOP, "thread", {"count": 7, "sum": 1, "trail": []})
+    assert final == {"count": 7, "sum": 1, "trail": [], "after": 10}
+
+
+@pytest.mark.parametrize("isolation", BACKENDS)
+def test_while_loop_as_a_dynamic_parallel_step_loops_in_each_branch(isolation):
+    text = """
+        nodes:
+          - name: fan
+            type: dynamic_parallel
+            items: "{{ state.starts }}"
+            item_var: n
+            steps:
+              - name: loop
+                type: while_loop
+                condition: "state.n < 4"
+                max_iterations: 10
+                body:
+                  - name: up
+                    run: |
+                      return {"n": state["n"] + 1, "steps": state.get("steps", 0) + 1}
+            output: done
+          - name: total
+            run: |
+              return {"steps": [r.state["steps"] for r in state["done"]]}
+    """
+    final = run(text, isolation, {"starts": [0, 2, 3]})
+    assert final["steps"] == [4, 2, 1]
+
+
+def test_while_loop_body_failure_names_the_loop_the_body_node_and_the_iteration():
+    text = """
+        nodes:
+          - name: refine
+            type: while_loop
+            condition: "state.n < 5"
+            max_iterations: 10
+            body:
+              - name: step
+                run: |
+                  if state["n"] == 2:
+                      raise ValueError("two is not allowed")
+                  return {"n": state["n"] + 1}
+    """
+    with pytest.raises(GraphExecutionError) as caught:
+        run(text, "thread", {"n": 0})
+    message = str(caught.value)
+    assert "node 'refine' failed" in message, message
+    assert "while_loop 'refine': body node 'refine.step' failed at iteration 2" in message
+    assert "ValueError: two is not allowed" in message
+
+
+def test_while_loop_condition_failure_is_named_with_the_condition():
+    text = """
+        nodes:
+          - name: refine
+            type: while_loop
+            condition: "{{ state.n < 5 }}"
+            max_iterations: 10
+            body:
+              - name: step
+                run: |
+                  return {"n": None}
+    """
+    with pytest.raises(GraphExecutionError) as caught:
+        run(text, "thread", {"n": 0})
+    assert "while_loop 'refine': condition '{{ state.n < 5 }}' failed at iteration 1" \
+        in str(caught.value), str(caught.value)
+
+
+LOOP_TEMPLATE = """
+    state_schema: {{n: int}}
+    nodes:
+      - name: loop
+        type: while_loop
+        {extra}
+        body:
+          - name: step
+            run: |
+              return {{"n": state["n"] + 1}}
+"""
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    ('condition: "state.n < 3"', "node 'loop': a while_loop node needs 'max_iterations'"),
+    ('condition: "state.n < 3"\n        max_iterations: 0',
+     "node 'loop': max_iterations: must be an integer from 1 to 1000, got 0"),
+    ('condition: "state.n < 3"\n        max_iterations: 1001',
+     "max_iterations: must be an integer from 1 to 1000, got 1001"),
+    ('condition: "state.n < 3"\n        max_iterations: "5"',
+     "max_iterations: must be an integer from 1 to 1000, got '5'"),
+    ('condition: "state.n < 3"\n        max_iterations: true',
+     "max_iterations: must be an integer from 1 to 1000, got True"),
+    ("max_iterations: 5", "node 'loop': a while_loop node needs 'condition'"),
+    ('condition: "{{ state.n < }}"\n        max_iterations: 5',
+     "node 'loop': 'condition' '{{ state.n < }}' is invalid Jinja2"),
+    ('condition: "state.m < 3"\n        max_iterations: 5',
+     "node 'loop': 'condition' 'state.m < 3' reads state key 'm', which state_schema does "
+     "not declare"),
+    ('condition: "state.n < 3"\n        max_iterations: 5\n        retry: {max_attempts: 2}',
+     "node 'loop': retry: not a key of a while_loop node"),
+])
+def test_while_loop_definition_problems_are_named(extra, expected):
+    found = problems(LOOP_TEMPLATE.format(extra=extra))
+    assert any(expected in problem for problem in found), found
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ("body: []", "node 'loop': body: must be a non-empty list of nodes"),
+    ("body: [{name: inner, type: while_loop, condition: 'true', max_iterations: 2, "
+     "body: [{name: s, run: return None}]}]",
+     "node 'loop': body[0]: nested while_loop 'inner': a while_loop's body cannot hold"),
+    ("body: [{name: s, goto: __end__, run: return None}]",
+     "node 'loop': body[0] ('s'): goto: a while_loop's body nodes run in order"),
+    ("body: [{name: s, uses: llm.call}]", "node 'loop.s': uses: not supported"),
+    ("body: [{name: s, run: 'return {'}]", "node 'loop': body node 'loop.s': invalid Python"),
+])
+def test_while_loop_body_problems_are_named(body, expected):
+    found = problems(f"""
+        nodes:
+          - name: loop
+            type: while_loop
+            condition: "state.n < 3"
+            max_iterations: 5
+            {body}
+    """)
+    assert any(expected in problem for problem in found), found
+
+
+OUTPUT = """
+    state_schema: {doubled: int, pair: dict}
+    nodes:
+      - name: double
+        run: |
+          return state["n"] * 2
+        output: doubled
+      - name: pair
+        run: |
+          -- lua
+          return {a = state.n, b = "x"}
+        output: pair
+      - name: nothing
+        run: |
+          if state["n"] < 0:
+              return 1
+        output: none
+      - name: assigned
+        run: |
+          x = state["n"] + 1
+        output: names
+"""
+
+
+@pytest.mark.parametrize("isolation", BACKENDS)
+def test_output_stores_what_the_code_returned_under_the_key(isolation):
+    final = run(OUTPUT, isolation, {"n": 4})
+    assert final == {"n": 4, "doubled": 8, "pair": {"a": 4, "b": "x"}, "none": None,
+                     "names": {"x": 5}}
+
+
+def test_output_keys_count_as_declared_for_validation():
+    text = OUTPUT.replace("state_schema: {doubled: int, pair: dict}",
+                          "state_schema: {n: int}") + """
+        goto:
+          - if: "{{ state.doubled > 3 }}"
+            to: double
+          - to: __end__
+    """
+    assert problems(text) == []
 
 
 def test_isobranch_conditions_read_state_as_attributes_too():
@@ -313,3 +520,187 @@ def test_a_condition_cannot_change_the_state():
     with YAMLEngine(isolation="inline").load_from_dict(document) as graph, \
             pytest.raises(GraphExecutionError, match="read-only"):
         graph.invoke({})
+
+
+def test_raise_exceptions_false_is_accepted_and_a_failure_still_raises():
+    text = """
+        config: {raise_exceptions: false}
+        nodes:
+          - name: a
+            run: |
+              return {"n": state.get("n", 0) + 1}
+          - name: b
+            run: |
+              if state["n"] > 1:
+                  raise RuntimeError("boom")
+              return {"ok": True}
+    """
+    assert run(text, "thread", {}) == {"n": 1, "ok": True}
+    with pytest.raises(GraphExecutionError, match="node 'b' failed: RuntimeError: boom") as caught:
+        run(text, "thread", {"n": 1})
+    assert caught.value.state == {"n": 2}
+
+
+@pytest.mark.parametrize("isolation", BACKENDS)
+def test_lua_code_without_a_lua_line_is_recognised_as_the_format_does(isolation):
+    text = """
+        version: "1"
+        nodes:
+          - name: marked
+            run: |
+              --lua
+              return {a = "x" .. "y"}
+          - name: unmarked
+            run: |
+              local b = state.a .. "z"
+              return {b = b}
+          - name: python_that_mentions_end
+            run: |
+              return {"c": state["b"] + " then the end .."}
+    """
+    assert run(text, isolation) == {"a": "xy", "b": "xyz", "c": "xyz then the end .."}
+
+
+@pytest.mark.parametrize(("settings", "expected"), [
+    ("{auto_trace: false}", "settings.auto_trace: not supported: trace settings"),
+    ("{model: gpt-4o-mini, temperature: 0.7}", "settings.model: not supported: LLM settings"),
+])
+def test_the_formats_settings_mark_a_document_and_are_named_once(settings, expected):
+    found = problems(f"""
+        settings: {settings}
+        nodes:
+          - name: a
+            run: |
+              return None
+    """)
+    assert any(expected in problem for problem in found), found
+    assert not any("unknown key" in problem for problem in found), found
+
+
+def test_isobranch_validate_names_each_node_and_expression_of_a_peer_document(tmp_path, capfd):
+    from isobranch.cli import main
+    path = tmp_path / "agent.yaml"
+    path.write_text(textwrap.dedent("""
+        version: "1"
+        state_schema: {n: int}
+        nodes:
+          - name: start
+            run: |
+              return {"n": 1}
+            goto:
+              - if: "{{ state.n > }}"
+                to: loop
+              - if: "state.n == 2"
+                to: nowhere
+              - to: loop
+          - name: loop
+            type: while_loop
+            condition: "state.count < 3"
+            max_iterations: 5
+            body:
+              - name: step
+                run: |
+                  return {"n": state["n"] + 1}
+          - name: reason
+            language: prolog
+            run: |
+              state(n, N),
+              N2 is N * 2,
+              return(n, N2).
+    """))
+    assert main(["validate", str(path)]) == 2
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert all(line.startswith(str(path)) for line in lines), lines
+    expected = [
+        "node 'start': goto[0]: 'if' '{{ state.n > }}' is invalid Jinja2",
+        "node 'start': goto[1]: goto to unknown node 'nowhere'",
+        "node 'loop': 'condition' 'state.count < 3' reads state key 'count', which "
+        "state_schema does not declare",
+        "node 'reason': language: prolog: not supported",
+    ]
+    for text in expected:
+        assert sum(text in line for line in lines) == 1, (text, lines)
+    # One line per problem: the Prolog body is not also reported as invalid Python.
+    assert len(lines) == len(expected), lines
+
+
+def test_fail_fast_on_a_dynamic_parallel_node_is_named_with_what_differs():
+    found = problems("""
+        nodes:
+          - name: fan
+            type: dynamic_parallel
+            items: "{{ state.xs }}"
+            fail_fast: true
+            action:
+              run: |
+                return None
+    """)
+    assert any("node 'fan': fail_fast on a dynamic_parallel node is not supported: isobranch "
+               "cannot cancel only this fan-out's branches" in p for p in found), found
+
+
+@pytest.mark.parametrize("isolation", BACKENDS)
+def test_python_code_has_json_and_datetime_as_the_format_gives_them(isolation):
+    text = """
+        version: "1"
+        nodes:
+          - name: encode
+            run: |
+              return {"text": json.dumps({"a": 1}), "year": datetime.date(2024, 5, 1).year}
+    """
+    assert run(text, isolation) == {"text": '{"a": 1}', "year": 2024}
+
+
+def test_isobranch_documents_python_code_has_no_json_global():
+    document = {"nodes": [{"name": "a", "run": "return {'t': json.dumps(1)}"}]}
+    with YAMLEngine(isolation="inline").load_from_dict(document) as graph, \
+            pytest.raises(GraphExecutionError, match="NameError: name 'json' is not defined"):
+        graph.invoke({})
+
+
+def test_while_loop_with_a_lua_body_returns_an_empty_lua_table_as_an_empty_list():
+    text = """
+        state_schema: {items: list, n: int}
+        nodes:
+          - name: loop
+            type: while_loop
+            condition: "state.n < 2"
+            max_iterations: 5
+            body:
+              - name: clear
+                run: |
+                  -- lua
+                  return {items = {}, n = state.n + 1}
+    """
+    assert run(text, "thread", {"items": [1], "n": 0}) == {"items": [], "n": 2}
+
+
+@pytest.mark.parametrize("isolation", BACKENDS)
+def test_python_code_without_return_updates_the_names_it_assigned(isolation):
+    text = """
+        version: "1"
+        nodes:
+          - name: compute
+            run: |
+              import math
+              doubled = state["n"] * 2
+              _scratch = "not in the state"
+              label = f"n={state['n']}"
+              def helper():
+                  pass
+          - name: commented
+            run: |
+              # the word return here: the format then reads the code as a function body
+              ignored = 1
+    """
+    assert run(text, isolation, {"n": 3}) == {"n": 3, "doubled": 6, "label": "n=3"}
+
+
+def test_python_code_without_return_keeps_its_line_numbers_in_errors(tmp_path):
+    path = tmp_path / "agent.yaml"
+    path.write_text('version: "1"\nnodes:\n  - name: a\n    run: |\n      x = 1\n'
+                    '      y = x / 0\n')
+    with YAMLEngine(isolation="thread").load_from_file(path) as graph, \
+            pytest.raises(GraphExecutionError) as caught:
+        graph.invoke({})
+    assert f"{path}:6" in str(caught.value), str(caught.value)

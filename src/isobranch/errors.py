@@ -315,6 +315,11 @@ class JinjaExpressionError(IsobranchError):
     message quotes the expression."""
 
 
+class LoopBodyError(IsobranchError):
+    """A while_loop's condition or body node failed; the message names the loop, the
+    condition or node and the iteration (counted from 0); the error is the ``__cause__``."""
+
+
 # -- backends ------------------------------------------------------------------
 
 

@@ -75,10 +75,14 @@ class PythonNode(Node):
     def failure_site(self, error: BaseException) -> str | None:
         return self.location.python_site(error, self.source) if self.location else None
 
+    def globals(self) -> dict[str, Any]:
+        """The body's global names, fresh for each call (a subclass may add some)."""
+        return {"__builtins__": builtins, "__name__": f"isobranch.node.{self.name}",
+                "interrupt": interrupt}
+
     def run(self, state: dict, context: ExecutionContext,
             parallel_results: list[ParallelFlowResult] | None = None) -> Any:
-        namespace: dict[str, Any] = {"__builtins__": builtins, "__name__": f"isobranch.node.{self.name}",
-                                     "interrupt": interrupt}
+        namespace = self.globals()
         exec(self._code, namespace)
         return namespace[_FUNCTION_NAME](state, context.graph.variables, parallel_results)
 

@@ -14,6 +14,7 @@ isobranch lacks is a problem naming the key, never dropped.
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Mapping
 from itertools import pairwise
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 from .conditions import Condition
 from .jinja_conditions import UNAVAILABLE_NAMES, JinjaCondition, is_jinja
 from .keys import EdgeType
+from .peer_nodes import MAX_ITERATIONS, MIN_ITERATIONS
 from .routes import END, START
 
 # Top-level keys only the_edge_agent's format has, and that isobranch takes.
@@ -46,6 +48,10 @@ UNSUPPORTED_SETTINGS = {
     "opik": "Opik tracing is not supported; use isobranch's tracing (docs/observing.md)",
     "trace_context": "trace settings are not supported; use isobranch's tracing",
     "trace_exporter": "trace settings are not supported; use isobranch's tracing",
+    "trace_file": "trace settings are not supported; use isobranch's tracing",
+    "auto_trace": "trace settings are not supported; use isobranch's tracing",
+    "model": "LLM settings are not supported (no LLM actions)",
+    "temperature": "LLM settings are not supported (no LLM actions)",
     "secrets": "secrets are not supported; pass them in the input state",
     "prolog": "Prolog is not supported",
     "backend": "LLM backends are not supported",
@@ -59,11 +65,18 @@ UNSUPPORTED_NODE_KEYS = {
     "with": "'with:' gives a built-in action's parameters; built-in actions are not supported",
     "steps": "multi-step nodes are not supported outside type: dynamic_parallel; split the "
              "steps into nodes",
-    "output": "'output:' on a node with code is not supported; return {key: value} from the "
-              "code instead",
     "retry_policy": "use isobranch's 'retry:' policy",
 }
 NODE_TYPES = ("dynamic_parallel", "while_loop")
+WHILE_LOOP_KEYS = frozenset({"name", "type", "condition", "max_iterations", "body",
+                             "description", "goto", "interrupt"})
+# Keys of a node that make sense only for a node of the graph, not one of a loop's body.
+GRAPH_ONLY_NODE_KEYS = ("goto", "interrupt", "fan_in", "type", "retry", "cache", "replay",
+                        "subgraph")
+# What the translated document hands the builder, under keys no document can use:
+# a while_loop node's parts, and the state key a node's result is stored under.
+WHILE_LOOP_SPEC = "__while_loop__"
+OUTPUT_KEY_SPEC = "__output_key__"
 DYNAMIC_PARALLEL_KEYS = frozenset({
     "name", "type", "items", "item_var", "index_var", "max_concurrency", "fail_fast",
     "action", "steps", "subgraph", "input", "fan_in", "output", "parallel_config",
@@ -85,6 +98,9 @@ def is_peer_document(document: Any) -> bool:
         return False
     if set(document) & (PEER_TOP_LEVEL_KEYS | set(UNSUPPORTED_TOP_LEVEL)):
         return True
+    settings = document.get("settings")
+    if isinstance(settings, Mapping) and set(settings) & set(UNSUPPORTED_SETTINGS):
+        return True
     for spec in document.get("nodes") or ():
         if not isinstance(spec, Mapping):
             continue
@@ -101,6 +117,32 @@ def is_peer_document(document: Any) -> bool:
         when = spec.get("when")
         if isinstance(when, bool) or is_jinja(when) or _is_peer_shorthand(when):
             return True
+    return False
+
+
+# What marks code as Lua in the format besides a '-- lua' first line: a Lua keyword or
+# operator Python has not.
+_LUA_SIGNS = re.compile(r"\blocal\b|\bthen\b|\bend\b|\belseif\b|\.\.")
+
+
+def _is_unmarked_lua(code: Any) -> bool:
+    """Whether ``code`` is Lua the format recognises without a ``-- lua`` line.
+
+    The format also takes ``--lua`` as the first line, and code with Lua's
+    ``local``, ``then``, ``end``, ``elseif`` or ``..``; here only when the code
+    is not Python, so no Python node is ever read as Lua.
+    """
+    if not isinstance(code, str):
+        return False
+    first = code.strip().lower()
+    if first.startswith("--lua"):
+        return True
+    if first.startswith("-- lua") or not _LUA_SIGNS.search(code):
+        return False  # the builder reads a '-- lua' line itself
+    try:
+        ast.parse(code)
+    except SyntaxError:
+        return True
     return False
 
 
@@ -145,6 +187,9 @@ class PeerTranslator:
                 self.problems.append(f"{key}: not supported: {advice}")
         self.config(doc.get("config"))
         self.settings(doc.get("settings"))
+        if isinstance(doc.get("settings"), Mapping):  # named above, not again by the builder
+            out["settings"] = {key: value for key, value in doc["settings"].items()
+                               if key not in UNSUPPORTED_SETTINGS}
         version = doc.get("version")
         if version is not None and not isinstance(version, (str, int, float)):
             self.problems.append(f"version: must be a string or a number, got {version!r}")
@@ -197,9 +242,11 @@ class PeerTranslator:
         for key in sorted(set(config) - CONFIG_KEYS, key=str):
             self.problems.append(f"config.{key}: unknown key (allowed: "
                                  f"{', '.join(sorted(CONFIG_KEYS))})")
-        if config.get("raise_exceptions", True) is not True:
-            self.problems.append("config.raise_exceptions: only true is supported: a failing "
-                                 "node raises GraphExecutionError; use stream() to see events")
+        # Either value is accepted: the format's false (report a failure instead of raising)
+        # has no counterpart, and refusing it would refuse agents that never fail.
+        if not isinstance(config.get("raise_exceptions", True), bool):
+            self.problems.append(f"config.raise_exceptions: must be true or false, got "
+                                 f"{config['raise_exceptions']!r}")
         if "checkpoint_dir" in config:
             self.problems.append("config.checkpoint_dir: not supported; use "
                                  "settings.checkpoint.path (an SQLite file)")
@@ -219,10 +266,15 @@ class PeerTranslator:
                 self.problems.append(f"settings.{key}: not supported: {advice}")
 
     def collect_known_keys(self, specs: list[Mapping[str, Any]]) -> None:
-        """Keys a declared state may also hold: the items and results of dynamic_parallel nodes."""
+        """Keys a declared state may also hold: the items and results of dynamic_parallel
+        nodes, and the keys nodes store their results under (``output:``)."""
         if self.known_keys is None:
             return
         for spec in specs:
+            for node in (spec, *(spec.get("body") if isinstance(spec.get("body"), list) else ())):
+                output = node.get("output") if isinstance(node, Mapping) else None
+                if isinstance(output, str) and spec.get("type") != "dynamic_parallel":
+                    self.known_keys.add(output)
             if spec.get("type") == "dynamic_parallel":
                 self.known_keys |= {str(spec.get("item_var", "item")),
                                     str(spec.get("index_var", "index")),
@@ -243,17 +295,24 @@ class PeerTranslator:
                                  f"{', '.join(NODE_TYPES)})")
             return placeholder
         if kind == "while_loop":
-            self.problems.append(f"{where}: type: while_loop is not supported; loop with goto "
-                                 f"rules (goto: [{{if: ..., to: {name}}}]) instead")
-            return placeholder
+            loop = self.while_loop(spec, where)
+            self.interrupt(spec, name, where)
+            return placeholder if loop is None else {"name": name, WHILE_LOOP_SPEC: loop}
         if kind == "dynamic_parallel":
             self.dynamic_parallel(spec, where)
             return placeholder  # the node itself runs nothing
         self.interrupt(spec, name, where)
+        before = len(self.problems)
         out: dict[str, Any] = {}
         for key, value in spec.items():
-            if key in UNSUPPORTED_NODE_KEYS and not (key == "output" and "subgraph" in spec):
+            if key in UNSUPPORTED_NODE_KEYS:
                 self.problems.append(f"{where}: {key}: not supported: {UNSUPPORTED_NODE_KEYS[key]}")
+            elif key == "output" and "subgraph" not in spec:
+                if not isinstance(value, str) or not value.isidentifier():
+                    self.problems.append(f"{where}: output: must be the state key the node's "
+                                         f"result is stored under, got {value!r}")
+                else:
+                    out[OUTPUT_KEY_SPEC] = value
             elif key == "script":
                 if "run" in spec:
                     self.problems.append(f"{where}: give either 'run' or 'script' (its alias), "
@@ -268,7 +327,80 @@ class PeerTranslator:
                                      f"supported; write 'run: return {{key: expression}}'")
             elif key not in PEER_NODE_KEYS:
                 out[key] = value
+        if len(self.problems) > before:
+            # Its code is not read: a Prolog body, or none beside 'uses:', would only add
+            # a second, misleading problem (invalid Python, missing 'run').
+            return placeholder
+        if "language" not in out and _is_unmarked_lua(out.get("run")):
+            out["language"] = "lua"
         return out
+
+    def while_loop(self, spec: Mapping[str, Any], where: str) -> dict[str, Any] | None:
+        """``type: while_loop``: its condition, bound and translated body, for the builder.
+
+        None when it cannot be translated (each reason is a problem).
+        """
+        name = spec["name"]
+        before = len(self.problems)
+        for key in sorted(set(spec) - WHILE_LOOP_KEYS, key=str):
+            self.problems.append(f"{where}: {key}: not a key of a while_loop node (allowed: "
+                                 f"{', '.join(sorted(WHILE_LOOP_KEYS))})")
+        bound = spec.get("max_iterations")
+        if bound is None:
+            self.problems.append(f"{where}: a while_loop node needs 'max_iterations' (an "
+                                 f"integer from {MIN_ITERATIONS} to {MAX_ITERATIONS})")
+        elif isinstance(bound, bool) or not isinstance(bound, int) \
+                or not MIN_ITERATIONS <= bound <= MAX_ITERATIONS:
+            self.problems.append(f"{where}: max_iterations: must be an integer from "
+                                 f"{MIN_ITERATIONS} to {MAX_ITERATIONS}, got {bound!r}")
+        condition = None
+        if "condition" not in spec:
+            self.problems.append(f"{where}: a while_loop node needs 'condition' (evaluated "
+                                 f"before each iteration)")
+        else:
+            condition = self.expression(spec["condition"], where, "condition")
+        body = spec.get("body")
+        nodes: list[Any] = []
+        if not isinstance(body, list) or not body:
+            self.problems.append(f"{where}: body: must be a non-empty list of nodes")
+        else:
+            seen: set[str] = set()
+            for position, step in enumerate(body):
+                node = self.loop_body_node(step, position, name, where, seen)
+                if node is not None:
+                    nodes.append(node)
+        if len(self.problems) > before or condition is None:
+            return None
+        return {"condition": condition, "max_iterations": bound, "body": nodes,
+                "name": name}
+
+    def loop_body_node(self, step: Any, position: int, loop: str, where: str,
+                       seen: set[str]) -> dict[str, Any] | None:
+        """One node of a while_loop's body, named ``loop.node``, translated like any node."""
+        at = f"{where}: body[{position}]"
+        if not isinstance(step, Mapping):
+            self.problems.append(f"{at}: must be a mapping with 'name' and 'run'")
+            return None
+        if step.get("type") == "while_loop":
+            self.problems.append(f"{at}: nested while_loop {step.get('name', '')!r}: a "
+                                 f"while_loop's body cannot hold another while_loop")
+            return None
+        inner = step.get("name", f"body_{position}")
+        if not isinstance(inner, str) or not inner:
+            self.problems.append(f"{at}: 'name' must be a string, got {inner!r}")
+            return None
+        if inner in seen:
+            self.problems.append(f"{at}: body node {inner!r} is defined twice")
+            return None
+        seen.add(inner)
+        graph_only = [key for key in GRAPH_ONLY_NODE_KEYS if key in step]
+        for key in graph_only:
+            self.problems.append(f"{at} ({inner!r}): {key}: a while_loop's body nodes run "
+                                 f"in order within the loop node; {key!r} is for nodes "
+                                 f"of the graph")
+        if graph_only:
+            return None
+        return self.node({**step, "name": f"{loop}.{inner}"})
 
     def interrupt(self, spec: Mapping[str, Any], name: str, where: str) -> None:
         when = spec.get("interrupt")
@@ -314,8 +446,12 @@ class PeerTranslator:
                                  f"retry in settings.parallel)")
         fail_fast = spec.get("fail_fast", config.get("fail_fast", False))
         if fail_fast:
-            self.problems.append(f"{where}: fail_fast on one node is not supported; set "
-                                 f"settings.parallel.fail_fast: true for the graph")
+            self.problems.append(f"{where}: fail_fast on a dynamic_parallel node is not "
+                                 f"supported: isobranch cannot cancel only this fan-out's "
+                                 f"branches not yet started (settings.parallel.fail_fast "
+                                 f"fails the whole run on the first failure instead); "
+                                 f"without it every branch runs and a failed one is a "
+                                 f"result with success false")
         body = self.dynamic_body(spec, where, bodies[0])
         if body is None:
             return
@@ -366,7 +502,7 @@ class PeerTranslator:
             if not isinstance(step, Mapping):
                 self.problems.append(f"{where}: {kind}[{position}]: must be a mapping")
                 return None
-            step_name = f"{name}.{step.get('name', position)}"
+            step_name = f"{name}.{step.get('name', kind if kind == 'action' else position)}"
             before = len(self.problems)
             self.extra_nodes.append(self.node({**step, "name": step_name}))
             if len(self.problems) > before:

@@ -35,7 +35,8 @@ from .keys import (
 )
 from .lua.syntax import LuaSyntaxChecker
 from .nodes import LuaNode, Node, PythonNode
-from .peer_yaml import PeerTranslator, is_peer_document
+from .peer_nodes import PeerPythonNode, ResultUnderKey, WhileLoopNode
+from .peer_yaml import OUTPUT_KEY_SPEC, WHILE_LOOP_SPEC, PeerTranslator, is_peer_document
 from .retry import RetryPolicy, parse_policy
 from .routes import END, START
 from .schema import StateSchema
@@ -77,6 +78,8 @@ class DocumentBuilder(SettingsReader):
         self.own_lua_limits: LuaCeiling | None = None
         # The node cache of this document's graph (and of the files it includes).
         self.own_cache = engine_options.cache
+        # Python nodes of the_edge_agent's format get the globals that format gives them.
+        self.python_node: type[PythonNode] = PythonNode
 
     def location(self, key: CodeKey) -> CodeLocation | None:
         """Where the code value at ``key`` starts in the file, if known."""
@@ -165,6 +168,7 @@ class DocumentBuilder(SettingsReader):
             translator = PeerTranslator(doc)
             doc = self.document = translator.translate()
             self.problems.extend(translator.problems)
+            self.python_node = PeerPythonNode
             # Its edges are rebuilt, so only the nodes' code keeps its place in the file.
             self.code_lines = {key: line for key, line in self.code_lines.items()
                                if key[0] == "nodes"}
@@ -219,10 +223,19 @@ class DocumentBuilder(SettingsReader):
                              f"{name!r} (quote it in YAML)")
                 continue
             where = f"node {name!r}"
+            if WHILE_LOOP_SPEC in spec:  # made by PeerTranslator, never written in a file
+                if name in names:
+                    self.problem(f"{where}: defined twice")
+                    continue
+                names.append(name)
+                loop = self.while_loop_node(name, spec[WHILE_LOOP_SPEC], where)
+                if loop is not None:
+                    graph.add_node(name, loop)
+                continue
             is_subgraph = "subgraph" in spec
             # On a subgraph node, a code key is a conflict (said below), not a typo.
             known_keys = NODE_KEYS | set(_CODE_KEYS) if is_subgraph else NODE_KEYS
-            for key in sorted(set(spec) - known_keys, key=str):
+            for key in sorted(set(spec) - known_keys - {OUTPUT_KEY_SPEC}, key=str):
                 self.problem(unknown(f"{where}: unknown key {key!r}", key, NODE_KEYS))
             if name in names:
                 self.problem(f"{where}: defined twice")
@@ -319,10 +332,35 @@ class DocumentBuilder(SettingsReader):
             self.subgraph_problems.extend(exc.problems)
             return None
 
-    def node(self, name: str, spec: Mapping[str, Any], where: str, index: int) -> Node | None:
+    def while_loop_node(self, name: str, loop: Mapping[str, Any],
+                        where: str) -> WhileLoopNode | None:
+        """A while_loop of the_edge_agent's format (translated by PeerTranslator) as one node."""
+        condition = self.condition(loop["condition"], where, f"while_loop {name}",
+                                   role="condition")
+        body = []
+        for spec in loop["body"]:
+            inner = spec["name"]
+            node = self.node(inner, spec, f"{where}: body node {inner!r}", None)
+            if node is not None:
+                body.append(node)
+        if condition is None or len(body) != len(loop["body"]):
+            return None
+        return WhileLoopNode(name, condition, loop["max_iterations"], body)
+
+    def node(self, name: str, spec: Mapping[str, Any], where: str,
+             index: int | None) -> Node | None:
+        """The node ``spec`` gives, or None (its problems recorded); ``index`` locates its
+        code in the file (None: a node the file does not list, whose lines are unknown)."""
+        node = self.code_node(name, spec, where, index)
+        key = spec.get(OUTPUT_KEY_SPEC)
+        return node if node is None or key is None else ResultUnderKey(node, key)
+
+    def code_node(self, name: str, spec: Mapping[str, Any], where: str,
+                  index: int | None) -> Node | None:
         code = spec.get("run")
         language = spec.get("language")
-        location = in_file = self.location(("nodes", index, "run"))
+        location = in_file = (self.location(("nodes", index, "run")) if index is not None
+                              else None)
         if "file" in spec:
             if code is not None:
                 self.problem(f"{where}: give either 'run' or 'file', not both")
@@ -365,7 +403,7 @@ class DocumentBuilder(SettingsReader):
                                    "with a '-- lua' line"):
             return None
         try:
-            return PythonNode(name, code, origin=f"<node {name}>", location=location)
+            return self.python_node(name, code, origin=f"<node {name}>", location=location)
         except SyntaxError as exc:
             message = exc.msg.removeprefix(f"node {name!r}: ")  # ``where`` names the node
             self.problem(f"{where}: invalid Python: {message}{_in_file(in_file, exc.lineno)}")
