@@ -28,8 +28,9 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-__all__ = ["BACKENDS", "HAVE_DASK", "blocked_in_threading", "children", "descendants", "fan_out",
-           "frames_of", "invoke_concurrently", "live_processes", "plain_environment", "wait_until"]
+__all__ = ["BACKENDS", "HAVE_DASK", "blocked_in_threading", "children", "command_line",
+           "descendants", "fan_out", "frames_of", "invoke_concurrently", "live_processes",
+           "plain_environment", "processes_left_behind", "wait_until"]
 
 # Every built-in backend; dask only runs where its extra is installed (CI installs it).
 BACKENDS = ["inline", "thread", "process", pytest.param("dask", marks=pytest.mark.skipif(
@@ -75,6 +76,7 @@ def load(isolation: str):
     """Compile a YAML document (dict or text) on the backend under test; closed afterwards."""
     import yaml
 
+    before = descendants()
     graphs = []
 
     def _load(document, **options):
@@ -87,7 +89,7 @@ def load(isolation: str):
     yield _load
     for graph in graphs:
         graph.close()
-    assert not descendants(), "closing the graphs must end every worker process"
+    assert not descendants() - before, "closing the graphs must end every worker process"
 
 
 @pytest.fixture
@@ -118,6 +120,50 @@ def no_thread_leak():
         thread.join(timeout=5)
     still = [t.name for t in leaked if t.is_alive()]
     assert not still, f"threads left running: {still}"
+
+
+def processes_left_behind(before: set[int], grace: float = 0.0) -> dict[int, str]:
+    """The processes below this one that were not in ``before``, each with its command line.
+
+    ``grace``: seconds a process that is on its way out (a Dask worker whose
+    nanny is still closing) may take to go first.
+    """
+    wait_until(lambda: not descendants() - before, grace)
+    return {pid: command_line(pid) for pid in sorted(descendants() - before)}
+
+
+def command_line(pid: int) -> str:
+    """``pid``'s command line as one string ('' once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+# How long a process a module's tests or fixtures closed may take to exit.
+PROCESS_EXIT_GRACE_SECONDS = 5.0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_process_outlives_its_module(request: pytest.FixtureRequest):
+    """Fail the module whose tests or fixtures leave a process running after it.
+
+    Compared with the processes alive when the module started, so it blames
+    the module that started one and never a later module (on an xdist
+    worker, modules run one after another and a module may run again later:
+    each run of it is checked). Autouse and module-scoped, it is set up
+    before the module's own fixtures and torn down after them, so a
+    cluster a module fixture closes is gone by then. A graph left unclosed
+    is a leak here even though garbage collection would end its pool later:
+    when is up to the collector, and it was another module's checks that
+    failed then.
+    """
+    before = descendants()
+    yield
+    left = processes_left_behind(before, PROCESS_EXIT_GRACE_SECONDS)
+    assert not left, (f"{request.node.nodeid} left processes running after its last test: "
+                      + "; ".join(f"{pid}: {command[:200]}" for pid, command in left.items()))
 
 
 @pytest.fixture

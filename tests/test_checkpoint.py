@@ -6,12 +6,15 @@ import math
 import operator
 import pickle
 import sqlite3
+import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, TypedDict
 
 import pytest
 
+from conftest import frames_of, wait_until
 from isobranch import END, START, GraphError, GraphExecutionError, SqliteCheckpointer, StateGraph
 from isobranch.checkpoint import RunStatus
 from isobranch.checkpoint.codec import encode_value
@@ -19,16 +22,60 @@ from isobranch.checkpoint.codec import encode_value
 ITEMS = list(range(12))
 
 
-def _body(state: dict) -> dict:
-    marks = Path(state["marks"])
-    phase = marks.parent / "phase"
-    # Named by the phase of the test in which the branch started (a branch the
-    # thread backend could not stop may finish after its run has ended).
-    label = phase.read_text() if phase.exists() else "first"
-    (marks / f"{state['item']}.{label}.{uuid.uuid4().hex}").touch()
-    if (marks.parent / f"fail-{state['item']}").exists():
-        raise RuntimeError(f"item {state['item']} fails this time")
-    return {"v": state["item"] * 10}
+class HeldBranch:
+    """Holds the branch of map item ``item`` at the start of its node until ``release``.
+
+    The items that fail wait until it is there, so it is still in its node
+    when the fail_fast stop comes: a thread backend cannot stop a Python
+    node, so the branch does all its work after its run has ended.
+    ``thread`` is the ident of the thread it ran on.
+    """
+
+    def __init__(self, item: int) -> None:
+        self.item = item
+        self.inside = threading.Event()
+        self.release = threading.Event()
+        self.thread: int | None = None
+
+    def hold(self) -> None:
+        self.thread = threading.get_ident()
+        self.inside.set()
+        assert self.release.wait(60), "the test never released the held branch"
+
+    def wait_inside(self) -> None:
+        assert self.inside.wait(60), f"item {self.item}'s branch never started"
+
+    def finished(self) -> bool:
+        """Whether its thread is done with the branch: waiting for more work in its pool
+        (so past reporting the result), or ended."""
+        frames = frames_of(self.thread)
+        return not frames or (frames[-1] == "wait" and "run_branch" not in frames)
+
+
+def map_body(label: str, held: HeldBranch | None = None) -> Callable[[dict], dict]:
+    """The map's body; each run of it leaves a mark in ``state["marks"]`` named by
+    ``label``, fixed when the graph is built: a branch's executions are named by the
+    compiled graph that ran them, even one that finishes after its run has ended
+    (where a label read when the branch runs would name the moment instead). The same
+    code whatever the label, so the graph's fingerprint is too."""
+
+    def body(state: dict) -> dict:
+        item = state["item"]
+        marks = Path(state["marks"])
+        fails = (marks.parent / f"fail-{item}").exists()
+        if held is not None and item == held.item:
+            held.hold()
+        elif held is not None and fails:
+            held.wait_inside()
+        (marks / f"{item}.{label}.{uuid.uuid4().hex}").touch()
+        if fails:
+            raise RuntimeError(f"item {item} fails this time")
+        return {"v": item * 10}
+
+    return body
+
+
+_body = map_body("first")
 
 
 def _join(state: dict, results: list) -> dict:
@@ -60,7 +107,8 @@ def map_graph(tmp_path: Path, *, body=_body, join=_join, after=_after,
 
 
 def executions(marks: Path, phase: str | None = None) -> list[int]:
-    """Items whose branch ran (in ``phase``, or in any), once per run of it."""
+    """Items whose branch ran (by a graph built with ``map_body(phase)``, or by any), once
+    per run of it."""
     return sorted(int(path.name.split(".")[0]) for path in marks.iterdir()
                   if phase is None or path.name.split(".")[1] == phase)
 
@@ -99,22 +147,34 @@ def test_a_failed_run_carries_its_run_id_and_is_recorded_failed(tmp_path, marks)
     assert run.status is RunStatus.FAILED and "item 3 fails" in run.error
 
 
-@pytest.mark.parametrize("isolation", ["inline", "thread", "process"])
-def test_resume_reruns_only_the_branches_without_a_recorded_success(tmp_path, marks, isolation,
-                                                                    no_thread_leak):
+def _fail_then_resume(tmp_path: Path, marks: Path, isolation: str,
+                      held: HeldBranch | None = None) -> None:
+    """Items 3 and 7 fail the run under fail_fast; a resume finishes it and runs exactly
+    the items the failed run did not report successful, once each."""
     for item in (3, 7):
         (tmp_path / f"fail-{item}").touch()
     checkpointer = SqliteCheckpointer(tmp_path / "runs.db")
-    with map_graph(tmp_path).compile(isolation=isolation, max_workers=2, fail_fast=True,
-                                     checkpointer=checkpointer) as app:
+    options = {"isolation": isolation, "max_workers": 2, "fail_fast": True,
+               "checkpointer": checkpointer}
+    with map_graph(tmp_path, body=map_body("first", held)).compile(**options) as app:
         with pytest.raises(GraphExecutionError) as caught:
             app.invoke({"marks": str(marks)}, config={"run_id": "r"})
         # What the run itself reported, not what the database under test holds.
         succeeded = {r.index for r in caught.value.results if r.success}
         assert succeeded and 3 not in succeeded, "the run got somewhere before item 3 failed"
-        for item in (3, 7):
-            (tmp_path / f"fail-{item}").unlink()
-        (tmp_path / "phase").write_text("resume")
+        if held is not None:
+            assert held.item not in succeeded, "the held branch was still in its node"
+            held.release.set()
+            # Back in the pool: the branch has finished and said so, after its run.
+            assert wait_until(held.finished)
+            assert held.item in executions(marks, "first"), "the held branch ran to its end"
+        assert _recorded_successes(tmp_path / "runs.db", "r") == succeeded, (
+            "what the run reported successful is recorded, and nothing else")
+    for item in (3, 7):
+        (tmp_path / f"fail-{item}").unlink()
+    # Resumed by another build of the same graph, as another process would: its branches
+    # mark their executions as the resume's, whenever the first run's branches end.
+    with map_graph(tmp_path, body=map_body("resume")).compile(**options) as app:
         final = app.resume("r")
     # The state an uninterrupted run ends with, computed from the input.
     assert final == {"marks": str(marks), "items": ITEMS, "values": EXPECTED_VALUES,
@@ -122,6 +182,20 @@ def test_resume_reruns_only_the_branches_without_a_recorded_success(tmp_path, ma
     assert executions(marks, "resume") == sorted(set(ITEMS) - succeeded), (
         "exactly the items without a reported success ran again, once each")
     assert checkpointer.get_run("r").status is RunStatus.SUCCEEDED
+
+
+@pytest.mark.parametrize("isolation", ["inline", "thread", "process"])
+def test_resume_reruns_only_the_branches_without_a_recorded_success(tmp_path, marks, isolation,
+                                                                    no_thread_leak):
+    _fail_then_resume(tmp_path, marks, isolation)
+
+
+def test_a_branch_still_in_its_node_at_a_fail_fast_stop_is_not_recorded_and_runs_again(
+        tmp_path, marks, no_thread_leak):
+    # The thread backend cannot stop a Python node: item 0's branch entered its node
+    # before the stop and does all its work after the run raised. Its late success is
+    # neither reported nor recorded, so the resume runs it again.
+    _fail_then_resume(tmp_path, marks, "thread", held=HeldBranch(0))
 
 
 def _recorded_successes(database: Path, run_id: str) -> set[int]:

@@ -161,6 +161,7 @@ def test_a_ledger_merged_from_parts_equals_one_that_saw_every_run() -> None:
 
 
 def _review_agent(isolation: str, *, mapped: bool, fail: bool = False):
+    """The compiled agent (its caller closes it: on process or dask it holds workers)."""
     inner = StateGraph()
     inner.add_node("read", lambda state: {"seen": True})
     inner.add_node("score", (lambda state: 1 / 0) if fail else (lambda state: {"score": 1}))
@@ -185,10 +186,10 @@ def _review_agent(isolation: str, *, mapped: bool, fail: bool = False):
 @pytest.mark.parametrize("mapped", [False, True], ids=["main-path", "map-target"])
 def test_a_subgraph_node_counts_as_one_node_and_its_edges_as_taken(isolation: str,
                                                                    mapped: bool) -> None:
-    graph = _review_agent(isolation, mapped=mapped)
-    shape = graph_shape(graph)
-    assert shape.subgraphs == ("review",)
-    record = run_agent_case(graph, {})
+    with _review_agent(isolation, mapped=mapped) as graph:
+        shape = graph_shape(graph)
+        assert shape.subgraphs == ("review",)
+        record = run_agent_case(graph, {})
     assert record.error is None
     found = exercised(shape, record)
     # The inner nodes (review/read, review[2]/score ...) are not nodes of this agent.
@@ -205,9 +206,9 @@ def _ledger_of(graph, shape, record) -> CoverageLedger:
 
 
 def test_a_failure_inside_a_subgraph_node_counts_the_subgraph_node_as_run() -> None:
-    graph = _review_agent("inline", mapped=False, fail=True)
-    shape = graph_shape(graph)
-    record = run_agent_case(graph, {})
+    with _review_agent("inline", mapped=False, fail=True) as graph:
+        shape = graph_shape(graph)
+        record = run_agent_case(graph, {})
     assert record.error is not None
     found = exercised(shape, record)
     assert found.nodes == {"pre", "review"}
@@ -228,10 +229,11 @@ def test_a_fan_out_inside_a_subgraph_node_is_named_by_path_and_is_not_this_agent
     outer.add_node("sub", inner, output={})
     outer.set_entry_point("sub")
     outer.add_edge("sub", END)
-    graph = outer.compile(isolation=isolation)
-    record = run_agent_case(graph, {})
+    with outer.compile(isolation=isolation) as graph:
+        record = run_agent_case(graph, {})
+        shape = graph_shape(graph)
     assert record.error is None
     assert record.route == ["sub/pre", "[sub/work[0] | sub/work[1]]", "sub/done", "sub"]
-    found = exercised(graph_shape(graph), record)
+    found = exercised(shape, record)
     assert found.nodes == {"sub"} and found.fan_outs == set()
     assert found.edges == {(START, "sub"), ("sub", END)}
