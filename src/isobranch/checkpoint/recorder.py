@@ -109,9 +109,12 @@ class RunRecorder:
         try:
             return encode_value(value, allow_pickle=self.store.pickle, path=path)
         except StateEncodeError as exc:
-            raise GraphExecutionError(
-                f"run {self.run_id!r}: cannot checkpoint {what}: {exc}",
-                error_type="StateEncodeError", run_id=self.run_id, **where) from exc
+            raise self._cannot_store(what, exc, **where) from exc
+
+    def _cannot_store(self, what: str, exc: StateEncodeError, **where: Any
+                      ) -> GraphExecutionError:
+        return GraphExecutionError(f"run {self.run_id!r}: cannot checkpoint {what}: {exc}",
+                                   error_type="StateEncodeError", run_id=self.run_id, **where)
 
     def failure(self, what: str, exc: BaseException, node: str | None = None
                 ) -> GraphExecutionError:
@@ -202,9 +205,11 @@ class RunRecorder:
             record["interrupts"] = [i.to_record() for i in result.interrupts]
             record["resume_at"] = (None if result.resume_at is None
                                    else result.resume_at.to_record())
-        text = self.encode(record, f"result of branch {result.branch!r}",
-                           f"the result of branch {result.branch!r}", node=node,
-                           branch=result.branch)
+        try:  # (the error's words are made only when it happens: this runs per branch)
+            text = encode_value(record, allow_pickle=self.store.pickle, path="result")
+        except StateEncodeError as exc:
+            raise self._cannot_store(f"the result of branch {result.branch!r}", exc,
+                                     node=node, branch=result.branch) from exc
         return self.run_id, seq, position, bool(result.success), text, result.paused
 
     def finished(self, status: RunStatus, state: dict | None = None,
