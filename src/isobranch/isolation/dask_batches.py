@@ -28,9 +28,11 @@ from .base import Finished
 from .dask_branches import FanOutWatch, FollowedBranch, failed
 
 # About how long one task's branches should run: long enough that the
-# per-task cost is a few percent of it, short enough that results, events and
-# fail_fast see each branch soon after it finished.
-TARGET_TASK_SECONDS = 0.05
+# per-task cost (the scheduler's and client's millisecond, and the run's claim: a
+# round trip to the scheduler, several milliseconds on a busy machine) stays near
+# one percent of it, short enough that results, events and fail_fast see each
+# branch soon after it finished.
+TARGET_TASK_SECONDS = 0.2
 # How many branches one task carries at most.
 MAX_BATCH = 1024
 # How much larger a task may be than the largest one measured so far.
