@@ -494,17 +494,12 @@ class DaskBackend(IsolationBackend):
 
     def _judge_reruns(self, connection: Connection, plugin: str, pending: dict[Any, Followed],
                       results: list[Finished]) -> None:
+        """Fail a pending branch that ran more often than ``retries`` allows (its earlier
+        runs on workers that died; see ``RunLedger.rerun_failure``). A batch is never
+        judged here: its key is claimed by one run only, so it has at most one start."""
         for future, branch in list(pending.items()):
-            if future.status != "pending":
+            if future.status != "pending" or isinstance(branch, FollowedBatch):
                 continue  # finished meanwhile: _collect takes it as it is
-            if isinstance(branch, FollowedBatch):
-                if len(branch.starts) > 1 + len(branch.spared):
-                    # A user's scheduler re-ran it after its worker died: its branches
-                    # run alone instead, where the one that killed the worker is named.
-                    quietly(future.cancel)
-                    self.forget(pending, [future])
-                    self._dissolve(connection.client, plugin, branch, pending)
-                continue
             rerun = self._runs.rerun_failure(branch, connection.address)
             if rerun is not None:
                 results.append((branch.run, rerun))
@@ -603,7 +598,8 @@ class DaskBackend(IsolationBackend):
         nothing: the branches run again now, each in a new task of its own."""
         logger.warning("dask backend: the result of %s died with its Dask worker before it "
                        "was fetched; it runs again", describe_task(task))
-        self._runs.result_lost(task)
+        if isinstance(task, FollowedBranch):  # a batch's runs are never counted
+            self._runs.result_lost(task)
         quietly(future.cancel)
         if isinstance(task, FollowedBatch):
             self._dissolve(client, plugin, task, pending)

@@ -82,10 +82,8 @@ class FollowedBatch:
     key: str = ""
     future: Any = None
     # (client-side arrival time, worker address) of each start a worker confirmed.
+    # Only the run that claims the batch's key reports a start: at most one.
     starts: list[tuple[float, str]] = field(default_factory=list)
-    # Indices in ``starts`` of runs whose results died with their worker (the
-    # scheduler computes the batch again): not a re-run after a crash.
-    spared: set[int] = field(default_factory=set)
 
     @property
     def running_on(self) -> str | None:

@@ -196,13 +196,13 @@ class RunLedger:
             death = self._deaths.get(dead)
             return death is not None and death.cause is not None and death.cause is not branch
 
-    def result_lost(self, branch: Any) -> None:
-        """The current run of ``branch`` (a branch or a batch) finished, but its result
-        died with its worker before it was fetched: the scheduler runs it again, and
-        the run that finished does not count."""
+    def result_lost(self, branch: FollowedBranch) -> None:
+        """The current run of ``branch`` finished, but its result died with its worker
+        before it was fetched: the branch runs again, and the run that finished does
+        not count."""
         with self._lock:
-            first = branch.current if isinstance(branch, FollowedBranch) else 0
-            # Its first start only: the scheduler's run again may have begun meanwhile.
+            first = branch.current
+            # Its first start only (the one run that claimed its key).
             branch.spared.update(range(first, min(first + 1, len(branch.starts))))
 
     def _counts_death(self, branch: FollowedBranch, dead: str) -> bool:
