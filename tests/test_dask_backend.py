@@ -400,6 +400,14 @@ def test_a_branch_whose_start_reaches_the_client_after_the_stop_still_has_its_wo
         sleeper_pid = int(pid_file.read_text())
         assert wait_until(lambda: process_gone(sleeper_pid), 60), \
             "the worker running the cancelled branch must be restarted"
+        assert wait_until(lambda: client.run_on_scheduler(claims_held) == []), \
+            "the late start's claim is let go too"
+
+
+def claims_held(dask_scheduler) -> list[str]:
+    """The task claims (multi-lock names) the scheduler holds for isobranch."""
+    return [name for name, users in dask_scheduler.extensions["multi_locks"].locks.items()
+            if users and name.startswith("isobranch-")]
 
 
 def test_closing_the_graph_during_a_fan_out_fails_it_as_closed(tmp_path):

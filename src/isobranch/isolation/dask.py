@@ -307,13 +307,17 @@ class DaskBackend(IsolationBackend):
                 late_start = None
             followed = self._following.get(key)
             if followed is not None:
-                self._follow(followed, message, now)
+                self._follow(followed, message, now)  # its claim is let go with its fan-out's
+            # Its fan-out let go of its claims before this one was heard of.
+            late_claims = [str(message["claim"])] if (
+                late_start is not None and followed is None and message.get("claim")) else []
         connection = self._connection
         if late_start is not None and connection is not None:
             # Stopped before this start arrived: nothing else would ever stop it.
             logger.debug("dask backend: restarting Dask worker %s, which started a task of a "
                          "fan-out stopped before it heard of it", late_start)
             self._restart(connection, [late_start])
+            self._let_go(connection, late_claims)
 
     def _follow(self, followed: Followed, message: dict, now: float) -> None:
         """Note a worker's report on ``followed`` (under the lock)."""
@@ -741,6 +745,10 @@ class DaskBackend(IsolationBackend):
         gone, or a start never heard of) costs the scheduler a few hundred bytes."""
         with self._lock:
             claims, fan_out.claims = fan_out.claims, []
+        self._let_go(connection, claims)
+
+    def _let_go(self, connection: Connection, claims: list[str]) -> None:
+        """Release ``claims`` on the scheduler, without waiting."""
         if not claims or not connection.usable:
             return
         client = connection.client
