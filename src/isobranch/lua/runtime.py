@@ -253,7 +253,7 @@ class LuaRuntime:
                                  else _LIMITED_VM_OPTIONS))
         # No limit to enforce, no hook: Lua then runs at bare speed.
         enforce = self.timeout_hook and (self.timeout is not None or self.should_stop is not None)
-        # The only Python objects the VM ever holds: bound methods, kept as
+        # The only Python objects the VM ever holds: bound methods (see _for_lua), kept as
         # private upvalues of the sandbox.
         sandbox, crossing, decode, encode, lazy, rarely_used = _sandbox_bytecode()
         self._run = vm.execute(sandbox, _for_lua(self._out_of_time),
