@@ -17,6 +17,12 @@ local LAZY, fill_lazy = lib.LAZY, lib.fill_lazy
 -- convert.py's MAX_DEPTH and the reason it gives (decode.lua has the same).
 local MAX_DEPTH, DEPTH_REASON = lib.MAX_DEPTH, lib.DEPTH_REASON
 local PATH_KEYS_SHOWN = 8
+-- Cycle detection: a table is compared with its ancestors up to this depth
+-- (a few comparisons for the shallow tables most data is made of, and no
+-- hash table written and cleared per table); deeper ancestors are kept in
+-- a set as well, so a check never costs more than SCAN_DEPTH comparisons.
+local SCAN_DEPTH <const> = 16
+local CYCLE = "cycle (a table that contains itself)"
 -- Which Python container a decoded table came from (see decode.lua).
 local KIND = lib.KIND
 local B_INT <const>, B_LONG <const>, B_FLOAT <const>, B_UNICODE <const> = 105, 108, 103, 117
@@ -41,21 +47,20 @@ local function long_bytes(v)
 end
 
 -- Memo tables: prefixes and small integers repeat, and string.pack is the
--- slowest step of encoding. Weak values: they cannot grow without bound.
+-- slowest step of encoding. They live as long as the VM, so each holds only
+-- small numbers (below MEMO_LIMIT): a weak table would not bound them, since
+-- Lua never removes strings from weak tables.
+local MEMO_LIMIT <const> = 1024
 local function memo(build)
-  return setmetatable({}, {__index = function(cache, key)
-    local value = build(key)
-    cache[key] = value
+  return setmetatable({}, {__index = function(cache, number)
+    local value = build(number)
+    if number < MEMO_LIMIT then cache[number] = value end
     return value
-  end, __mode = "v"})
+  end})
 end
 local STRING_PREFIX = memo(function(size) return pack_string("<Bi4", B_UNICODE, size) end)
 local LIST_PREFIX = memo(function(size) return pack_string("<Bi4", B_LIST, size) end)
 local INT_BYTES = memo(function(v) return pack_string("<Bi4", B_INT, v) end)
--- A string key is written once per result, flagged so that Python keeps a
--- reference to it, and then as a back reference ('r' and its index):
--- Python then makes one str per distinct key, not one per dict entry.
-local KEY_BYTES = memo(function(key) return pack_string("<Bs4", B_UNICODE + FLAG_REF, key) end)
 local REF_BYTES = memo(function(index) return pack_string("<Bi4", B_REF, index) end)
 
 local function key_text(k)
@@ -65,7 +70,9 @@ end
 
 local function encode(value)
   local out, n = {}, 0
-  local visiting = {}
+  -- The tables being written, by depth (ancestors[1] is the root), and the
+  -- key each one sits under; deeper than SCAN_DEPTH they are in `visiting`.
+  local ancestors, visiting = {}, {}
   local keys, depth = {}, 0
   -- String key -> the back reference to it in this result (its index is
   -- 0-based, as Python counts), looked up once per dict entry.
@@ -93,11 +100,17 @@ local function encode(value)
   -- (SCALAR below, the same in both loops); only tables and rare values
   -- go through enc().
   local function enc_table(t, key)
-    if visiting[t] then fail(key, "cycle (a table that contains itself)") end
+    if depth < SCAN_DEPTH then
+      for i = 1, depth do if ancestors[i] == t then fail(key, CYCLE) end end
+    else
+      for i = 1, SCAN_DEPTH do if ancestors[i] == t then fail(key, CYCLE) end end
+      if visiting[t] then fail(key, CYCLE) end
+    end
     if LAZY[t] then fill_lazy(t) end
-    visiting[t] = true
     depth = depth + 1
+    ancestors[depth] = t
     keys[depth] = key
+    if depth > SCAN_DEPTH then visiting[t] = true end
     if depth > MAX_DEPTH then fail(nil, DEPTH_REASON) end
     local kind = KIND[t]
     local list = kind
@@ -137,8 +150,8 @@ local function encode(value)
           if kind > length then length = kind end
         end
         out[start + 1] = LIST_PREFIX[length]
+        if depth > SCAN_DEPTH then visiting[t] = nil end
         depth = depth - 1
-        visiting[t] = nil
         return
       end
       -- Dropped output: keys first written in it must be written again.
@@ -183,7 +196,10 @@ local function encode(value)
         if ref then
           n = n + 1; out[n] = ref
         elseif type(k) == "string" then
-          n = n + 1; out[n] = KEY_BYTES[k]
+          -- Written once per result, flagged so that Python keeps a reference
+          -- to it; later entries write a back reference ('r' and its index):
+          -- Python then makes one str per distinct key, not one per entry.
+          n = n + 1; out[n] = pack_string("<Bs4", B_UNICODE + FLAG_REF, k)
           key_refs[k] = REF_BYTES[ref_count]; ref_count = ref_count + 1; ref_keys[ref_count] = k
         elseif type(k) == "table" then
           fail(k, "a table cannot be a Python dict key")
@@ -209,8 +225,8 @@ local function encode(value)
       end
       n = n + 1; out[n] = "0"
     end
+    if depth > SCAN_DEPTH then visiting[t] = nil end
     depth = depth - 1
-    visiting[t] = nil
   end
 
   function enc(v, key)
