@@ -69,7 +69,7 @@ local function key_text(k)
 end
 
 local function encode(value)
-  local out, n = {}, 0
+  local out = {}
   -- The tables being written, by depth (ancestors[1] is the root), and the
   -- key each one sits under; deeper than SCAN_DEPTH they are in `visiting`.
   local ancestors, visiting = {}, {}
@@ -98,8 +98,11 @@ local function encode(value)
 
   -- Speed: the scalar types JSON-like data is made of are written inline
   -- (SCALAR below, the same in both loops); only tables and rare values
-  -- go through enc().
-  local function enc_table(t, key)
+  -- go through enc(). Both take and return n, the count of pieces in out:
+  -- as a local (and out as one), each write is a third of the
+  -- instructions an upvalue costs.
+  local function enc_table(t, key, n)
+    local out = out
     if depth < SCAN_DEPTH then
       for i = 1, depth do if ancestors[i] == t then fail(key, CYCLE) end end
     else
@@ -138,9 +141,9 @@ local function encode(value)
         elseif kind_v == "boolean" then
           n = n + 1; out[n] = v and "T" or "F"
         elseif kind_v == "table" then
-          enc_table(v, k)
+          n = enc_table(v, k, n)
         else
-          enc(v, k)
+          n = enc(v, k, n)
         end
       end
       if list then
@@ -152,7 +155,7 @@ local function encode(value)
         out[start + 1] = LIST_PREFIX[length]
         if depth > SCAN_DEPTH then visiting[t] = nil end
         depth = depth - 1
-        return
+        return n
       end
       -- Dropped output: keys first written in it must be written again.
       n = start
@@ -185,7 +188,7 @@ local function encode(value)
         local v = rawget(t, i)
         ticks = ticks - 1
         if ticks == 0 then ticks = TICK; check_time() end
-        if v == nil then n = n + 1; out[n] = "N" else enc(v, i) end
+        if v == nil then n = n + 1; out[n] = "N" else n = enc(v, i, n) end
       end
     else
       n = n + 1; out[n] = "{"
@@ -204,7 +207,7 @@ local function encode(value)
         elseif type(k) == "table" then
           fail(k, "a table cannot be a Python dict key")
         else
-          enc(k, k)
+          n = enc(k, k, n)
         end
         local kind_v = type(v)                                          -- SCALAR
         if kind_v == "string" then
@@ -218,18 +221,19 @@ local function encode(value)
         elseif kind_v == "boolean" then
           n = n + 1; out[n] = v and "T" or "F"
         elseif kind_v == "table" then
-          enc_table(v, k)
+          n = enc_table(v, k, n)
         else
-          enc(v, k)
+          n = enc(v, k, n)
         end
       end
       n = n + 1; out[n] = "0"
     end
     if depth > SCAN_DEPTH then visiting[t] = nil end
     depth = depth - 1
+    return n
   end
 
-  function enc(v, key)
+  function enc(v, key, n)
     local kind = type(v)
     if kind == "string" then
       n = n + 2; out[n - 1] = STRING_PREFIX[#v]; out[n] = v
@@ -245,15 +249,16 @@ local function encode(value)
     elseif kind == "boolean" then
       n = n + 1; out[n] = v and "T" or "F"
     elseif kind == "table" then
-      enc_table(v, key)
+      return enc_table(v, key, n)
     elseif kind == "nil" then
       n = n + 1; out[n] = "N"
     else
       fail(key, "cannot convert a Lua " .. kind .. " to Python")
     end
+    return n
   end
 
-  enc(value, nil)
+  local n = enc(value, nil, 0)
   return concat(out, "", 1, n)
 end
 
