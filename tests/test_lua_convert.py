@@ -187,6 +187,23 @@ def test_unconvertible_lua_values_name_their_path(code, fragment):
     assert fragment in str(info.value)
 
 
+@pytest.mark.parametrize("back_to", [2, 25, 38])
+def test_a_lua_cycle_closing_deep_in_a_result_is_named_where_it_closes(back_to):
+    """Shallow and deep ancestors are checked in different ways (compared one
+    by one, or looked up in a set): a cycle back to either is found at once,
+    not reported as nesting past the depth limit."""
+    code = f"""local root = {{}}
+    local chain, t = {{root}}, root
+    for i = 2, 40 do local inner = {{}} t.next = inner t = inner chain[i] = inner end
+    t.back = chain[{back_to}]
+    return root"""
+    with pytest.raises(LuaConversionError) as info:
+        LuaRuntime().execute(code)
+    # The path is shortened as every long path is: its ends and the count.
+    assert str(info.value).endswith("...(33 more)...['next']['next']['back']: "
+                                    "cycle (a table that contains itself)")
+
+
 def test_conversion_error_is_a_runtime_error_and_the_vm_survives():
     runtime = LuaRuntime()
     runtime.execute("kept = 1")
@@ -334,3 +351,19 @@ def test_nesting_past_the_limit_in_a_graph_names_node_branch_and_limit(isolation
     assert f"deeper than {MAX_DEPTH} levels" in failed.error
     assert ("state['deep']['a']" if kind == "python state" else "result['deep'][1]") in failed.error
     assert sibling.success and sibling.state["sum"] == 2
+
+
+def test_encoding_many_distinct_keys_keeps_the_vm_memory_bounded():
+    """The encoder's memo tables live as long as the VM; fresh dict keys,
+    list lengths and string lengths in every result must not pile up in
+    them (Lua never removes strings from weak tables)."""
+    runtime = LuaRuntime(max_memory=8 * 2**20)
+    code = """local out, list, base = {}, {}, state.base
+    for i = 1, 2000 do out["key-" .. (base + i)] = i end
+    for i = 1, 40 do list[i] = string.rep("x", base // 100 + i) end
+    out.list = list
+    return out"""
+    # 100 results of 2,000 new keys each: ~30 MB if every key stayed cached.
+    for call in range(100):
+        result = runtime.execute_node_code(code, {"base": call * 2000})
+        assert len(result) == 2001 and result[f"key-{call * 2000 + 1}"] == 1

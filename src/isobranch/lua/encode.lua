@@ -17,6 +17,12 @@ local LAZY, fill_lazy = lib.LAZY, lib.fill_lazy
 -- convert.py's MAX_DEPTH and the reason it gives (decode.lua has the same).
 local MAX_DEPTH, DEPTH_REASON = lib.MAX_DEPTH, lib.DEPTH_REASON
 local PATH_KEYS_SHOWN = 8
+-- Cycle detection: a table is compared with its ancestors up to this depth
+-- (a few comparisons for the shallow tables most data is made of, and no
+-- hash table written and cleared per table); deeper ancestors are kept in
+-- a set as well, so a check never costs more than SCAN_DEPTH comparisons.
+local SCAN_DEPTH <const> = 16
+local CYCLE = "cycle (a table that contains itself)"
 -- Which Python container a decoded table came from (see decode.lua).
 local KIND = lib.KIND
 local B_INT <const>, B_LONG <const>, B_FLOAT <const>, B_UNICODE <const> = 105, 108, 103, 117
@@ -41,21 +47,20 @@ local function long_bytes(v)
 end
 
 -- Memo tables: prefixes and small integers repeat, and string.pack is the
--- slowest step of encoding. Weak values: they cannot grow without bound.
+-- slowest step of encoding. They live as long as the VM, so each holds only
+-- small numbers (below MEMO_LIMIT): a weak table would not bound them, since
+-- Lua never removes strings from weak tables.
+local MEMO_LIMIT <const> = 1024
 local function memo(build)
-  return setmetatable({}, {__index = function(cache, key)
-    local value = build(key)
-    cache[key] = value
+  return setmetatable({}, {__index = function(cache, number)
+    local value = build(number)
+    if number < MEMO_LIMIT then cache[number] = value end
     return value
-  end, __mode = "v"})
+  end})
 end
 local STRING_PREFIX = memo(function(size) return pack_string("<Bi4", B_UNICODE, size) end)
 local LIST_PREFIX = memo(function(size) return pack_string("<Bi4", B_LIST, size) end)
 local INT_BYTES = memo(function(v) return pack_string("<Bi4", B_INT, v) end)
--- A string key is written once per result, flagged so that Python keeps a
--- reference to it, and then as a back reference ('r' and its index):
--- Python then makes one str per distinct key, not one per dict entry.
-local KEY_BYTES = memo(function(key) return pack_string("<Bs4", B_UNICODE + FLAG_REF, key) end)
 local REF_BYTES = memo(function(index) return pack_string("<Bi4", B_REF, index) end)
 
 local function key_text(k)
@@ -64,8 +69,10 @@ local function key_text(k)
 end
 
 local function encode(value)
-  local out, n = {}, 0
-  local visiting = {}
+  local out = {}
+  -- The tables being written, by depth (ancestors[1] is the root), and the
+  -- key each one sits under; deeper than SCAN_DEPTH they are in `visiting`.
+  local ancestors, visiting = {}, {}
   local keys, depth = {}, 0
   -- String key -> the back reference to it in this result (its index is
   -- 0-based, as Python counts), looked up once per dict entry.
@@ -91,13 +98,22 @@ local function encode(value)
 
   -- Speed: the scalar types JSON-like data is made of are written inline
   -- (SCALAR below, the same in both loops); only tables and rare values
-  -- go through enc().
-  local function enc_table(t, key)
-    if visiting[t] then fail(key, "cycle (a table that contains itself)") end
+  -- go through enc(). Both take and return n, the count of pieces in out:
+  -- as a local (and out as one), each write is a third of the
+  -- instructions an upvalue costs.
+  local function enc_table(t, key, n)
+    local out = out
+    if depth < SCAN_DEPTH then
+      for i = 1, depth do if ancestors[i] == t then fail(key, CYCLE) end end
+    else
+      for i = 1, SCAN_DEPTH do if ancestors[i] == t then fail(key, CYCLE) end end
+      if visiting[t] then fail(key, CYCLE) end
+    end
     if LAZY[t] then fill_lazy(t) end
-    visiting[t] = true
     depth = depth + 1
+    ancestors[depth] = t
     keys[depth] = key
+    if depth > SCAN_DEPTH then visiting[t] = true end
     if depth > MAX_DEPTH then fail(nil, DEPTH_REASON) end
     local kind = KIND[t]
     local list = kind
@@ -125,9 +141,9 @@ local function encode(value)
         elseif kind_v == "boolean" then
           n = n + 1; out[n] = v and "T" or "F"
         elseif kind_v == "table" then
-          enc_table(v, k)
+          n = enc_table(v, k, n)
         else
-          enc(v, k)
+          n = enc(v, k, n)
         end
       end
       if list then
@@ -137,9 +153,9 @@ local function encode(value)
           if kind > length then length = kind end
         end
         out[start + 1] = LIST_PREFIX[length]
+        if depth > SCAN_DEPTH then visiting[t] = nil end
         depth = depth - 1
-        visiting[t] = nil
-        return
+        return n
       end
       -- Dropped output: keys first written in it must be written again.
       n = start
@@ -172,7 +188,7 @@ local function encode(value)
         local v = rawget(t, i)
         ticks = ticks - 1
         if ticks == 0 then ticks = TICK; check_time() end
-        if v == nil then n = n + 1; out[n] = "N" else enc(v, i) end
+        if v == nil then n = n + 1; out[n] = "N" else n = enc(v, i, n) end
       end
     else
       n = n + 1; out[n] = "{"
@@ -183,12 +199,15 @@ local function encode(value)
         if ref then
           n = n + 1; out[n] = ref
         elseif type(k) == "string" then
-          n = n + 1; out[n] = KEY_BYTES[k]
+          -- Written once per result, flagged so that Python keeps a reference
+          -- to it; later entries write a back reference ('r' and its index):
+          -- Python then makes one str per distinct key, not one per entry.
+          n = n + 1; out[n] = pack_string("<Bs4", B_UNICODE + FLAG_REF, k)
           key_refs[k] = REF_BYTES[ref_count]; ref_count = ref_count + 1; ref_keys[ref_count] = k
         elseif type(k) == "table" then
           fail(k, "a table cannot be a Python dict key")
         else
-          enc(k, k)
+          n = enc(k, k, n)
         end
         local kind_v = type(v)                                          -- SCALAR
         if kind_v == "string" then
@@ -202,18 +221,19 @@ local function encode(value)
         elseif kind_v == "boolean" then
           n = n + 1; out[n] = v and "T" or "F"
         elseif kind_v == "table" then
-          enc_table(v, k)
+          n = enc_table(v, k, n)
         else
-          enc(v, k)
+          n = enc(v, k, n)
         end
       end
       n = n + 1; out[n] = "0"
     end
+    if depth > SCAN_DEPTH then visiting[t] = nil end
     depth = depth - 1
-    visiting[t] = nil
+    return n
   end
 
-  function enc(v, key)
+  function enc(v, key, n)
     local kind = type(v)
     if kind == "string" then
       n = n + 2; out[n - 1] = STRING_PREFIX[#v]; out[n] = v
@@ -229,15 +249,16 @@ local function encode(value)
     elseif kind == "boolean" then
       n = n + 1; out[n] = v and "T" or "F"
     elseif kind == "table" then
-      enc_table(v, key)
+      return enc_table(v, key, n)
     elseif kind == "nil" then
       n = n + 1; out[n] = "N"
     else
       fail(key, "cannot convert a Lua " .. kind .. " to Python")
     end
+    return n
   end
 
-  enc(value, nil)
+  local n = enc(value, nil, 0)
   return concat(out, "", 1, n)
 end
 
