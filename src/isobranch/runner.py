@@ -280,7 +280,7 @@ def _run_subgraph(node: SubgraphNode, state: dict, context: ExecutionContext, st
         raise NodeFailure(f"{_where(name, context)}: cannot copy the state into its subgraph: "
                           f"{exc}", node=context.path_of(name), branch=context.branch_name,
                           error_type=ErrorKind.STATE_COPY_ERROR, state=dict(state)) from exc
-    if resume is None and inner.schema and (mismatched := inner.schema.check_input(
+    if resume is None and inner.schema.fields and (mismatched := inner.schema.check_input(
             inner_state)):
         raise NodeFailure(f"{_where(name, context)}: its subgraph's input: "
                           f"{'; '.join(mismatched)}", node=context.path_of(name),
