@@ -158,7 +158,10 @@ def test_map_branches_share_the_cache_on_every_backend(isolation, tmp_path):
                        cache=SqliteCache(tmp_path / "cache.db")) as app:
         first = app.invoke({"items": [1, 2, 1, 3]})["tokens"]
         second = app.invoke({"items": [3, 2, 1]})["tokens"]
-    assert second == [first[3], first[1], first[0]]
+    assert second[:2] == [first[3], first[1]]
+    # Item 1 is in the first map twice: when both copies miss the cache and run at
+    # once, either one's result may be the one kept, never a third.
+    assert second[2] in (first[0], first[2])
     assert len(set(first)) in (3, 4), "item 1 may run twice in one fan-out (both missed)"
 
 

@@ -562,7 +562,8 @@ def test_lua_code_without_a_lua_line_is_recognised_as_the_format_does(isolation)
 
 
 @pytest.mark.parametrize(("settings", "expected"), [
-    ("{auto_trace: false}", "settings.auto_trace: not supported: trace settings"),
+    ("{auto_trace: true}", "settings.auto_trace: not supported: trace settings"),
+    ("{auto_trace: false, trace_file: t.jsonl}", "settings.trace_file: not supported: trace settings"),
     ("{model: gpt-4o-mini, temperature: 0.7}", "settings.model: not supported: LLM settings"),
 ])
 def test_the_formats_settings_mark_a_document_and_are_named_once(settings, expected):
@@ -575,6 +576,19 @@ def test_the_formats_settings_mark_a_document_and_are_named_once(settings, expec
     """)
     assert any(expected in problem for problem in found), found
     assert not any("unknown key" in problem for problem in found), found
+
+
+@pytest.mark.parametrize("isolation", ["thread", "process"])
+def test_auto_trace_false_is_accepted_as_the_run_traces_nothing(isolation):
+    text = """
+        settings:
+          auto_trace: false
+        nodes:
+          - name: a
+            run: |
+              return {"result": "ok"}
+    """
+    assert run(text, isolation) == {"result": "ok"}
 
 
 def test_isobranch_validate_names_each_node_and_expression_of_a_peer_document(tmp_path, capfd):

@@ -321,6 +321,8 @@ class PeerTranslator:
         if not isinstance(settings, Mapping):
             return
         for key, advice in UNSUPPORTED_SETTINGS.items():
+            if key == "auto_trace" and settings.get(key) is False:
+                continue  # tracing off is what a run does with no tracer provider
             if key in settings:
                 self.problems.append(f"settings.{key}: not supported: {advice}")
 
