@@ -259,3 +259,27 @@ def test_streamed_inner_node_events_keep_the_state_as_that_node_left_it():
     assert states["review/score"] == {"doc": "xy", "score": 2, "scratch": "inner only"}
     assert states["review/check"]["checked"] is True
     assert states["review"]["checked"] is True
+
+
+def test_a_traced_map_of_subgraphs_has_a_span_for_each_inner_node(monkeypatch):
+    trace = pytest.importorskip("opentelemetry.trace")
+    sdk = pytest.importorskip("opentelemetry.sdk.trace")
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    memory, provider = InMemorySpanExporter(), sdk.TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)  # this test's provider only
+    graph = StateGraph()
+    graph.add_node("start", lambda s: None)
+    graph.add_node("review", review_graph(), input={"doc": "item"}, output={"score": "score"})
+    graph.add_fan_in_node("join", lambda s, results: {"n": len(results)})
+    graph.add_edge(START, "start").add_edge("review", "join").add_edge("join", END)
+    graph.add_map_edge("start", "review", over="items", fan_in="join")
+    with graph.compile(isolation="inline") as app:
+        assert app.invoke({"items": ["a", "bb"]})["n"] == 2
+    provider.shutdown()
+    nodes = sorted(span.attributes["isobranch.node"] for span in memory.get_finished_spans()
+                   if span.name == "isobranch.node")
+    assert nodes == sorted(["start", "join", "review", "review", "review[0]/score",
+                            "review[0]/check", "review[1]/score", "review[1]/check"])
