@@ -362,6 +362,42 @@ def test_a_value_that_cannot_be_stored_fails_at_the_first_checkpoint_naming_its_
         assert app.invoke({}, config={"run_id": "r"})["deep"]["list"][1] == Opaque()
 
 
+def test_a_branch_result_that_cannot_be_stored_fails_the_run_naming_the_branch_and_its_path(
+        tmp_path):
+    # The other results are recorded all the same: a resume reruns none of them.
+    opaque = {"on": True}  # item 2's result holds an Opaque on the first run only
+    ran: list[int] = []
+
+    def score(state):
+        ran.append(state["item"])
+        return {"value": Opaque() if state["item"] == 2 and opaque["on"] else state["item"]}
+
+    graph = StateGraph()
+    graph.add_node("split", lambda state: {"items": [0, 1, 2, 3]})
+    graph.add_node("score", score)
+    graph.add_fan_in_node("collect", lambda state, results: {
+        "values": [r.state["value"] for r in results]})
+    graph.add_edge(START, "split")
+    graph.add_map_edge("split", "score", over="items", fan_in="collect")
+    graph.add_edge("score", "collect")
+    graph.add_edge("collect", END)
+    checkpointer = SqliteCheckpointer(tmp_path / "runs.db")
+    with graph.compile(isolation="inline", checkpointer=checkpointer) as app:
+        with pytest.raises(GraphExecutionError) as caught:
+            app.invoke({}, config={"run_id": "r"})
+        assert "branch 'score[2]'" in str(caught.value)
+        assert "['state']['value']" in str(caught.value)
+        assert caught.value.error_type == "StateEncodeError"
+        assert checkpointer.get_run("r").status is RunStatus.FAILED
+        recorded = _recorded_successes(tmp_path / "runs.db", "r")
+        # 3 may or may not have run before the run stopped; 0 and 1 ran before 2.
+        assert {0, 1} <= recorded and 2 not in recorded
+        opaque["on"], ran[:] = False, []
+        assert app.resume("r")["values"] == [0, 1, 2, 3]
+    assert sorted(ran) == sorted({0, 1, 2, 3} - recorded)
+    checkpointer.close()
+
+
 def test_a_tampered_database_cannot_run_code(tmp_path):
     marker = tmp_path / "code-ran"
 

@@ -8,6 +8,7 @@ Every cluster here is a LocalCluster on 127.0.0.1 with ports the OS picks.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -360,6 +361,53 @@ def test_an_interrupted_fan_out_stops_its_running_branch(tmp_path):
             assert wait_until(lambda: process_gone(sleeper_pid), 60)
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_branch_whose_start_reaches_the_client_after_the_stop_still_has_its_worker_restarted(
+        tmp_path):
+    # The worker confirms a start with the scheduler before the branch runs, but the
+    # scheduler passes it on to the client later: under load the branch can be seen
+    # running (its pid file) and the run cancelled before the client heard where it runs.
+    pid_file = tmp_path / "sleeper.pid"
+    graph = fan_out(("sleeper", pid_file_then(120, str(tmp_path))))
+    with graph.compile(isolation="dask", max_workers=1) as compiled:
+        backend = next(iter(compiled._backends.values()))
+        on_event, held = backend._on_event, []
+
+        def starts_held_back(event):
+            if event[1].get("kind") == "start" and held is not None:
+                held.append(event)
+            else:
+                on_event(event)
+
+        backend._on_event = starts_held_back  # subscribed on the first fan-out
+
+        async def cancelled_once_running():
+            run = asyncio.create_task(compiled.ainvoke({}))
+            while not pid_file.exists():
+                assert not run.done(), "the run ended before its branch started"
+                await asyncio.sleep(0.01)
+            run.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await run
+
+        asyncio.run(cancelled_once_running())
+        late, held = held, None
+        assert late, "the start was held back until after the stop"
+        client = backend._connection.client
+        for event in late:  # delivered as the client's event loop would, late
+            client.loop.add_callback(on_event, event)
+        sleeper_pid = int(pid_file.read_text())
+        assert wait_until(lambda: process_gone(sleeper_pid), 60), \
+            "the worker running the cancelled branch must be restarted"
+        assert wait_until(lambda: client.run_on_scheduler(claims_held) == []), \
+            "the late start's claim is let go too"
+
+
+def claims_held(dask_scheduler) -> list[str]:
+    """The task claims (multi-lock names) the scheduler holds for isobranch."""
+    return [name for name, users in dask_scheduler.extensions["multi_locks"].locks.items()
+            if users and name.startswith("isobranch-")]
 
 
 def test_closing_the_graph_during_a_fan_out_fails_it_as_closed(tmp_path):

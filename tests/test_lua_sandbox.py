@@ -202,3 +202,34 @@ def test_library_functions_loaded_on_first_use_report_errors_at_the_callers_line
     messages = LuaRuntime().execute(code, chunk_name="user")
     assert [message.split(" ", 1)[0] for message in messages] == [
         f"user:{n + 1}:" for n in range(len(calls))]
+
+
+@pytest.mark.parametrize(("code", "message"), [
+    ("local x = 1\nnext(nil)", "lua:2: bad argument #1 to 'next' (table expected, got nil)"),
+    ("local x = 1\npairs(5)", "lua:2: bad argument #1 to 'pairs' (table expected, got number)"),
+    ("local x = 1\nnext()", "lua:2: bad argument #1 to 'next' (table expected, got no value)"),
+])
+def test_next_and_pairs_argument_errors_name_the_callers_line(code, message):
+    # The error is raised by a function loaded on first use (rarely_used.lua),
+    # here in a fresh VM that has loaded nothing yet: the message and the
+    # line are still Lua's own, at the caller.
+    runtime = LuaRuntime()
+    with pytest.raises(LuaRuntimeError) as info:
+        runtime.execute(code)
+    assert str(info.value).startswith(message)
+
+
+def test_callables_reach_the_vm_without_lupas_getitem_probe(monkeypatch):
+    # Every Python callable the sandbox holds is wrapped as an attribute
+    # getter, so lupa does not probe it for __getitem__ (see _for_lua);
+    # the calls through it still work: a hook firing asks the clock.
+    from isobranch.lua import runtime as runtime_module
+    wrapped = []
+    real = runtime_module._for_lua
+    monkeypatch.setattr(runtime_module, "_for_lua",
+                        lambda method: wrapped.append(method.__name__) or real(method))
+    runtime = LuaRuntime(timeout=5.0, deadline_listener=lambda deadline: None)
+    assert runtime.execute("local n = 0 for i = 1, 200000 do n = n + i end return n") \
+        == 200000 * 200001 // 2
+    assert runtime.execute_node_code("return {v = state.k}", {"k": 3}) == {"v": 3}
+    assert set(wrapped) == {"_out_of_time", "_armed", "_fetch_state_value"}

@@ -104,7 +104,7 @@ def encode_value(value: Any, *, allow_pickle: bool = False, path: str = "state")
     contains itself, is a ``StateEncodeError`` too.
     """
     try:
-        return _ENCODER.encode(_encode(value, 0, allow_pickle))
+        return _json_text(_encode(value, 0, allow_pickle))
     except _Failure as failure:
         raise _error(failure, path) from None
     except RecursionError:
@@ -304,6 +304,31 @@ def _type_name(kind: type) -> str:
 
 # allow_nan=False: every non-finite float was tagged, so one reaching here is a bug to see.
 _ENCODER = json.JSONEncoder(allow_nan=False, check_circular=False, separators=(",", ":"))
+
+
+def _make_json_text() -> Callable[[Any], str]:
+    """``_ENCODER.encode``, the same text, without making a C encoder for every value.
+
+    ``JSONEncoder.encode`` builds a fresh C encoder per call, which costs a
+    checkpoint more than encoding a small branch result does; this one is
+    built once from ``_ENCODER``'s own settings (no circular-reference
+    markers, as ``check_circular=False`` has none). Without the C
+    accelerator it is ``_ENCODER.encode`` itself.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return _ENCODER.encode
+    encoder = _ENCODER
+    strings = (json.encoder.encode_basestring_ascii if encoder.ensure_ascii
+               else json.encoder.encode_basestring)
+    chunks = make(None, encoder.default, strings, encoder.indent,
+                  encoder.key_separator, encoder.item_separator, encoder.sort_keys,
+                  encoder.skipkeys, encoder.allow_nan)
+    join = "".join
+    return lambda value: join(chunks(value, 0))
+
+
+_json_text = _make_json_text()
 
 
 # --- decoding -------------------------------------------------------------------------

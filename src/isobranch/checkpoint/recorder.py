@@ -8,12 +8,18 @@ fan-outs are never recorded.
 
 Steps are committed before the runner goes on. Branch results are queued
 for a writer thread, which encodes them and commits the results that
-finish within a few milliseconds of each other in one transaction, while
-the runner waits for the next branch: a result may be recorded a few milliseconds late, never wrongly,
-and a kill in between loses only results that were not yet recorded, whose
-branches then run again on resume. The fan-out waits for the writer before
-the fan-in node runs (``fan_out_finished``), so nothing the fan-in node does
-to the results can change what is stored.
+finish within ``_GATHER_SECONDS`` of each other in one transaction, while
+the runner waits for the next branch: a result may be recorded that much
+late, never wrongly, and a kill in between loses only results that were
+not yet recorded, whose branches then run again on resume. The writer,
+not the runner, encodes: a batch encoded in one loop costs the process
+less CPU than each result encoded on the runner's thread between its
+other work (measured on a process map), and the runner's thread is the
+one a fan-out waits on. A result that cannot be encoded is left out and
+fails the run; the batch's other results are committed all the same.
+The fan-out waits for the writer before the fan-in node runs
+(``fan_out_finished``), so nothing the fan-in node does to the results
+can change what is stored.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields, replace
+from operator import attrgetter
 from typing import Any
 
 from ..branch import ParallelFlowResult
@@ -33,11 +40,17 @@ from .codec import decode_value, encode_value
 from .store import RunStatus, SqliteCheckpointer, StepKind
 
 _RESULT_FIELDS = frozenset(f.name for f in fields(ParallelFlowResult))
-# Fields left at their defaults are not stored (most of them, for a success);
-# a field without a plain default compares unequal to the marker, so it always is.
+# Fields left at their defaults are not stored (most of them, for a success): an
+# empty list or dict made by a default factory counts as its default too. A field
+# without any default compares unequal to the marker, so it always is stored.
 _NO_DEFAULT = object()
-_FIELD_DEFAULTS = tuple((f.name, _NO_DEFAULT if f.default is MISSING else f.default)
-                        for f in fields(ParallelFlowResult))
+_FIELD_NAMES = tuple(f.name for f in fields(ParallelFlowResult))
+_FIELD_DEFAULTS = tuple(f.default if f.default is not MISSING
+                        else f.default_factory() if f.default_factory is not MISSING
+                        else _NO_DEFAULT for f in fields(ParallelFlowResult))
+# Every field of a result at once, as a tuple in _FIELD_NAMES order (one C call, where a
+# getattr per field is most of what building a small result's record costs).
+_field_values = attrgetter(*_FIELD_NAMES)
 
 
 @dataclass(frozen=True)
@@ -96,9 +109,12 @@ class RunRecorder:
         try:
             return encode_value(value, allow_pickle=self.store.pickle, path=path)
         except StateEncodeError as exc:
-            raise GraphExecutionError(
-                f"run {self.run_id!r}: cannot checkpoint {what}: {exc}",
-                error_type="StateEncodeError", run_id=self.run_id, **where) from exc
+            raise self._cannot_store(what, exc, **where) from exc
+
+    def _cannot_store(self, what: str, exc: StateEncodeError, **where: Any
+                      ) -> GraphExecutionError:
+        return GraphExecutionError(f"run {self.run_id!r}: cannot checkpoint {what}: {exc}",
+                                   error_type="StateEncodeError", run_id=self.run_id, **where)
 
     def failure(self, what: str, exc: BaseException, node: str | None = None
                 ) -> GraphExecutionError:
@@ -171,7 +187,8 @@ class RunRecorder:
                  for position, text in paused if 0 <= position < total})
 
     def branch_done(self, node: str, position: int, result: ParallelFlowResult) -> None:
-        """Queue the final result of branch ``position`` of the fan-out after the last step."""
+        """Encode the final result of branch ``position`` of the fan-out after the last step
+        and queue it for the writer; a result that cannot be stored fails the run here."""
         self._writer.put((node, self._seq, position, result))
 
     def fan_out_done(self) -> None:
@@ -181,15 +198,18 @@ class RunRecorder:
     def encode_result(self, node: str, seq: int, position: int, result: ParallelFlowResult
                       ) -> tuple[str, int, int, bool, str, bool]:
         """A branch result as its database row."""
-        record = {name: value for name, default in _FIELD_DEFAULTS
-                  if (value := getattr(result, name)) is not default and value != default}
+        record = {name: value for name, value, default
+                  in zip(_FIELD_NAMES, _field_values(result), _FIELD_DEFAULTS, strict=True)
+                  if value is not default and value != default}
         if result.interrupts:  # plain data for the codec; a resume rebuilds them
             record["interrupts"] = [i.to_record() for i in result.interrupts]
             record["resume_at"] = (None if result.resume_at is None
                                    else result.resume_at.to_record())
-        text = self.encode(record, f"result of branch {result.branch!r}",
-                           f"the result of branch {result.branch!r}", node=node,
-                           branch=result.branch)
+        try:  # (the error's words are made only when it happens: this runs per branch)
+            text = encode_value(record, allow_pickle=self.store.pickle, path="result")
+        except StateEncodeError as exc:
+            raise self._cannot_store(f"the result of branch {result.branch!r}", exc,
+                                     node=node, branch=result.branch) from exc
         return self.run_id, seq, position, bool(result.success), text, result.paused
 
     def finished(self, status: RunStatus, state: dict | None = None,
@@ -315,7 +335,7 @@ class _BranchWriter:
     under a microsecond and takes no lock the writer holds while it works.
     After the first result of a batch the writer waits ``_GATHER_SECONDS``
     for the results that finish right after it, so a fast map commits one
-    transaction per few milliseconds instead of one per branch (and wakes
+    transaction per ``_GATHER_SECONDS`` instead of one per branch (and wakes
     the writer as rarely); ``flush`` and ``close`` cut that wait short.
     """
 
@@ -329,16 +349,18 @@ class _BranchWriter:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._hurry = threading.Event()  # set by flush/close: commit what is queued now
         self._error: BaseException | None = None
+        self._database_failed = False  # after a failed write nothing more is written
         self._thread: threading.Thread | None = None
 
-    def put(self, row: tuple[str, int, int, ParallelFlowResult]) -> None:
-        """Queue one result; raise the error of an earlier write, if one failed."""
+    def put(self, entry: tuple[str, int, int, ParallelFlowResult]) -> None:
+        """Queue one result (fan-out node, step, position, result) to encode and commit;
+        raise the error of an earlier result or write, if one failed."""
         self._raise_error()
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="isobranch-checkpoint",
                                             daemon=True)
             self._thread.start()
-        self._queue.put(row)
+        self._queue.put(entry)
 
     def flush(self) -> None:
         """Wait until every queued result is committed; raise a write's error."""
@@ -382,13 +404,8 @@ class _BranchWriter:
                     rows.append(entry)
                 else:
                     signals.append(entry)
-            if rows and self._error is None:
-                try:
-                    self._store.write_branches([self._encode(*row) for row in rows])
-                except GraphExecutionError as exc:  # a result that cannot be encoded
-                    self._error = exc
-                except BaseException as exc:  # reported to the runner by put/flush/close
-                    self._error = self._failure("branch results", exc)
+            if rows and not self._database_failed:
+                self._write(rows)
             for signal in signals:
                 if isinstance(signal, threading.Event):
                     signal.set()
@@ -396,7 +413,29 @@ class _BranchWriter:
                 return
 
 
+    def _write(self, entries: list[tuple[str, int, int, ParallelFlowResult]]) -> None:
+        """Encode and commit ``entries``. A result that cannot be encoded is left out and
+        its error kept for the runner; the others are committed all the same, so every
+        result the run reports as a success is recorded (the run fails on that error)."""
+        rows = []
+        for entry in entries:
+            try:
+                rows.append(self._encode(*entry))
+            except GraphExecutionError as exc:  # this result cannot be stored
+                if self._error is None:
+                    self._error = exc
+        if not rows:
+            return
+        try:
+            self._store.write_branches(rows)
+        except BaseException as exc:  # reported to the runner by put/flush/close
+            self._database_failed = True
+            if self._error is None:
+                self._error = self._failure("branch results", exc)
+
 # What close() puts in the queue: stop after writing what came before.
 _STOP = "stop"
-# How long the writer lets results gather before it commits them.
-_GATHER_SECONDS = 0.002
+# How long the writer lets results gather before it commits them: each commit costs
+# the caller's process ~40 us of SQLite and thread wake-ups, so a map of fast
+# branches commits every 10 ms, not every few results (docs/durable-runs.md says so).
+_GATHER_SECONDS = 0.01

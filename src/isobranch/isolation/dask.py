@@ -60,6 +60,7 @@ from .dask_branches import (
     FollowedBranch,
     MemoryRestarts,
     RunLedger,
+    StoppedUnheard,
     dead_worker,
     describe_failure,
     error_type,
@@ -172,6 +173,8 @@ class DaskBackend(IsolationBackend):
         # Workers this backend restarted: a branch killed with one of them did
         # not fail and runs again; other deaths count against ``retries``.
         self._runs = RunLedger(retries, self._lock)
+        # Tasks stopped before their starts arrived: their workers restart when they do.
+        self._stopped_unheard = StoppedUnheard()
         self._memory_restarts = MemoryRestarts()
 
     def check_branch_max_memory(self, limit: int) -> str | None:
@@ -297,34 +300,52 @@ class DaskBackend(IsolationBackend):
         _, message = event
         now = time.monotonic()
         with self._lock:
-            followed = self._following.get(message.get("key"))
-            if followed is None:
-                return
-            followed.fan_out.heard_at = now
-            kind = message.get("kind")
-            if kind == "start":
-                if message.get("claim"):
-                    followed.fan_out.claims.append(str(message["claim"]))
-                worker = str(message.get("worker"))
-                followed.starts.append((now, worker))
-                self._runs.worker_started(worker, message.get("threads"))
-                if isinstance(followed, FollowedBatch):
-                    return  # its branches' starts come as "item" (when they have deadlines)
+            key = message.get("key")
+            if message.get("kind") == "start" and self._stopped_unheard.take(key):
+                late_start = str(message.get("worker"))
+            else:
+                late_start = None
+            followed = self._following.get(key)
+            if followed is not None:
+                self._follow(followed, message, now)  # its claim is let go with its fan-out's
+            # Its fan-out let go of its claims before this one was heard of.
+            late_claims = [str(message["claim"])] if (
+                late_start is not None and followed is None and message.get("claim")) else []
+        connection = self._connection
+        if late_start is not None and connection is not None:
+            # Stopped before this start arrived: nothing else would ever stop it.
+            logger.debug("dask backend: restarting Dask worker %s, which started a task of a "
+                         "fan-out stopped before it heard of it", late_start)
+            self._restart(connection, [late_start])
+            self._let_go(connection, late_claims)
+
+    def _follow(self, followed: Followed, message: dict, now: float) -> None:
+        """Note a worker's report on ``followed`` (under the lock)."""
+        followed.fan_out.heard_at = now
+        kind = message.get("kind")
+        if kind == "start":
+            if message.get("claim"):
+                followed.fan_out.claims.append(str(message["claim"]))
+            worker = str(message.get("worker"))
+            followed.starts.append((now, worker))
+            self._runs.worker_started(worker, message.get("threads"))
             if isinstance(followed, FollowedBatch):
-                return
-            if kind == "item" and followed.batch is not None:
-                # The branch before it in the batch has finished: no deadline of its
-                # own runs any more (its result comes with the batch's).
-                number = int(followed.key.rsplit("/", 1)[1])
-                if number:
-                    followed.batch.items[number - 1].run.started_at = None
-            if kind in ("start", "item"):
-                followed.run.started_at = now  # the driver's deadline counts from here
-                # A branch begins at the node it is named after; later nodes are
-                # reported as entered (unless a call holding the GIL stops that).
-                followed.node = followed.task.start
-            elif kind == "node":
-                followed.node = str(message.get("node"))
+                return  # its branches' starts come as "item" (when they have deadlines)
+        if isinstance(followed, FollowedBatch):
+            return
+        if kind == "item" and followed.batch is not None:
+            # The branch before it in the batch has finished: no deadline of its
+            # own runs any more (its result comes with the batch's).
+            number = int(followed.key.rsplit("/", 1)[1])
+            if number:
+                followed.batch.items[number - 1].run.started_at = None
+        if kind in ("start", "item"):
+            followed.run.started_at = now  # the driver's deadline counts from here
+            # A branch begins at the node it is named after; later nodes are
+            # reported as entered (unless a call holding the GIL stops that).
+            followed.node = followed.task.start
+        elif kind == "node":
+            followed.node = str(message.get("node"))
 
     # -- running a fan-out ---------------------------------------------------
 
@@ -477,17 +498,12 @@ class DaskBackend(IsolationBackend):
 
     def _judge_reruns(self, connection: Connection, plugin: str, pending: dict[Any, Followed],
                       results: list[Finished]) -> None:
+        """Fail a pending branch that ran more often than ``retries`` allows (its earlier
+        runs on workers that died; see ``RunLedger.rerun_failure``). A batch is never
+        judged here: its key is claimed by one run only, so it has at most one start."""
         for future, branch in list(pending.items()):
-            if future.status != "pending":
+            if future.status != "pending" or isinstance(branch, FollowedBatch):
                 continue  # finished meanwhile: _collect takes it as it is
-            if isinstance(branch, FollowedBatch):
-                if len(branch.starts) > 1 + len(branch.spared):
-                    # A user's scheduler re-ran it after its worker died: its branches
-                    # run alone instead, where the one that killed the worker is named.
-                    quietly(future.cancel)
-                    self.forget(pending, [future])
-                    self._dissolve(connection.client, plugin, branch, pending)
-                continue
             rerun = self._runs.rerun_failure(branch, connection.address)
             if rerun is not None:
                 results.append((branch.run, rerun))
@@ -586,7 +602,8 @@ class DaskBackend(IsolationBackend):
         nothing: the branches run again now, each in a new task of its own."""
         logger.warning("dask backend: the result of %s died with its Dask worker before it "
                        "was fetched; it runs again", describe_task(task))
-        self._runs.result_lost(task)
+        if isinstance(task, FollowedBranch):  # a batch's runs are never counted
+            self._runs.result_lost(task)
         quietly(future.cancel)
         if isinstance(task, FollowedBatch):
             self._dissolve(client, plugin, task, pending)
@@ -683,7 +700,13 @@ class DaskBackend(IsolationBackend):
         """Restart the workers of branches given up on, on a cluster isobranch started."""
         if connection.cluster is None:
             return  # a shared cluster's workers are restarted only for a stuck branch
-        workers = {branch.running_on for branch in branches} - {None}
+        with self._lock:
+            # Under the lock with their starts: each is either heard of now, or restarts
+            # its worker when it arrives (``_on_event``).
+            branches = list(branches)
+            workers = {branch.running_on for branch in branches} - {None}
+            self._stopped_unheard.add(branch.key for branch in branches
+                                      if branch.running_on is None)
         if workers:
             # Expected on a stop (fail_fast, Ctrl-C, a closed stream): only a debug record.
             logger.debug("dask backend: restarting Dask worker(s) %s of branches stopped early",
@@ -722,6 +745,10 @@ class DaskBackend(IsolationBackend):
         gone, or a start never heard of) costs the scheduler a few hundred bytes."""
         with self._lock:
             claims, fan_out.claims = fan_out.claims, []
+        self._let_go(connection, claims)
+
+    def _let_go(self, connection: Connection, claims: list[str]) -> None:
+        """Release ``claims`` on the scheduler, without waiting."""
         if not claims or not connection.usable:
             return
         client = connection.client

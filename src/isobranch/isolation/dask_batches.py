@@ -28,9 +28,11 @@ from .base import Finished
 from .dask_branches import FanOutWatch, FollowedBranch, failed
 
 # About how long one task's branches should run: long enough that the
-# per-task cost is a few percent of it, short enough that results, events and
-# fail_fast see each branch soon after it finished.
-TARGET_TASK_SECONDS = 0.05
+# per-task cost (the scheduler's and client's millisecond, and the run's claim: a
+# round trip to the scheduler, several milliseconds on a busy machine) stays near
+# one percent of it, short enough that results, events and fail_fast see each
+# branch soon after it finished.
+TARGET_TASK_SECONDS = 0.2
 # How many branches one task carries at most.
 MAX_BATCH = 1024
 # How much larger a task may be than the largest one measured so far.
@@ -80,10 +82,8 @@ class FollowedBatch:
     key: str = ""
     future: Any = None
     # (client-side arrival time, worker address) of each start a worker confirmed.
+    # Only the run that claims the batch's key reports a start: at most one.
     starts: list[tuple[float, str]] = field(default_factory=list)
-    # Indices in ``starts`` of runs whose results died with their worker (the
-    # scheduler computes the batch again): not a re-run after a crash.
-    spared: set[int] = field(default_factory=set)
 
     @property
     def running_on(self) -> str | None:

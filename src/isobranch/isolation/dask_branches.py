@@ -6,7 +6,9 @@ branches share. ``RunLedger`` is the retry bookkeeping: which workers this
 backend restarted and when, so a branch killed by such a restart is not
 counted against its ``retries``; which branch caused a worker's death, so
 one that only shared the worker with it is not counted either; and a branch
-the scheduler re-ran more often than that is failed. ``MemoryRestarts`` collects the workers a nanny
+the scheduler re-ran more often than that is failed. ``StoppedUnheard`` keeps
+the tasks a fan-out stopped before their starts reached the client, whose
+workers are restarted when they do. ``MemoryRestarts`` collects the workers a nanny
 restarted for memory. The functions below describe a failed branch, and a
 graph a worker cannot load. ``TaskAlreadyClaimed`` is what a task raises when
 an earlier run of its key claimed it (``dask_worker``).
@@ -194,13 +196,13 @@ class RunLedger:
             death = self._deaths.get(dead)
             return death is not None and death.cause is not None and death.cause is not branch
 
-    def result_lost(self, branch: Any) -> None:
-        """The current run of ``branch`` (a branch or a batch) finished, but its result
-        died with its worker before it was fetched: the scheduler runs it again, and
-        the run that finished does not count."""
+    def result_lost(self, branch: FollowedBranch) -> None:
+        """The current run of ``branch`` finished, but its result died with its worker
+        before it was fetched: the branch runs again, and the run that finished does
+        not count."""
         with self._lock:
-            first = branch.current if isinstance(branch, FollowedBranch) else 0
-            # Its first start only: the scheduler's run again may have begun meanwhile.
+            first = branch.current
+            # Its first start only (the one run that claimed its key).
             branch.spared.update(range(first, min(first + 1, len(branch.starts))))
 
     def _counts_death(self, branch: FollowedBranch, dead: str) -> bool:
@@ -278,6 +280,34 @@ def _unfinished_start(task: Any, worker: str) -> float | None:
         return None
     times = [at for at, where in task.starts if where == worker]
     return times[-1] if times else None
+
+
+class StoppedUnheard:
+    """Keys of tasks a fan-out stopped before the client heard that they started, each
+    with when (client clock).
+
+    A worker confirms a start with the scheduler before the branch runs, but the
+    scheduler passes it on to the client later; a fan-out stopped in between (a
+    cancelled run that saw its branch running, ``fail_fast``) cannot tell where the
+    task runs. Its start, when it arrives, restarts that worker. Used under the
+    backend's lock; a key is forgotten after ``RESTART_MEMORY_SECONDS`` (a stopped task
+    that had not started by then never will: the scheduler has cancelled it).
+    """
+
+    def __init__(self) -> None:
+        self._keys: dict[str, float] = {}
+
+    def add(self, keys: Iterable[str]) -> None:
+        """Remember ``keys`` as stopped now (and forget keys stopped long ago)."""
+        now = time.monotonic()
+        for key, when in list(self._keys.items()):
+            if when < now - RESTART_MEMORY_SECONDS:
+                del self._keys[key]
+        self._keys.update((key, now) for key in keys)
+
+    def take(self, key: str) -> bool:
+        """Whether ``key`` was stopped before its start was heard (forgetting it)."""
+        return self._keys.pop(key, None) is not None
 
 
 class MemoryRestarts:

@@ -9,9 +9,20 @@
 -- functions by name.
 local type, select, error, format, pcall, co_create, co_resume, co_status, co_close, co_running,
   load, raw_collect, getmetatable, setmetatable, rawget, rawset, WEAK_KEYS, check_after_error,
-  refuse_when_out_of_time, hooked, LAZY, get_crossing, table_expected = ...
+  refuse_when_out_of_time, hooked, LAZY, get_crossing = ...
 
 local M = {}
+
+-- Lua's own argument error of next, pairs, rawget and rawset, at the
+-- caller's line. An error path only, so it lives here and not in every new
+-- VM; sandbox.lua reads it by index (the same number there), not by a name
+-- each VM would have to allocate.
+local TABLE_EXPECTED <const> = 1
+local function table_expected(name, ...)
+  local got = select("#", ...) == 0 and "no value" or type((...))
+  error("bad argument #1 to '" .. name .. "' (table expected, got " .. got .. ")", 3)
+end
+M[TABLE_EXPECTED] = table_expected
 
 ---------------------------------------------------------------- pcall
 -- Protected calls nest at most MAX_PROTECTED_DEPTH deep on one thread.

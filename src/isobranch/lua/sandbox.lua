@@ -246,31 +246,6 @@ local function get_crossing()
   return crossing
 end
 
--- Lua's own argument errors, at the caller's line.
-local function table_expected(name, ...)
-  local got = select("#", ...) == 0 and "no value" or type((...))
-  error("bad argument #1 to '" .. name .. "' (table expected, got " .. got .. ")", 3)
-end
-local function safe_next(...)
-  local t = ...
-  if type(t) ~= "table" then table_expected("next", ...) end
-  if LAZY[t] then crossing[FILL_ALL](t) end
-  return next(...)
-end
-G.next = safe_next
-G.pairs = function(...)
-  local t = ...
-  if type(t) ~= "table" then
-    local mt = getmetatable(t)
-    if type(mt) ~= "table" or rawget(mt, "__pairs") == nil then table_expected("pairs", ...) end
-  elseif LAZY[t] then
-    crossing[FILL_ALL](t)
-  end
-  local iterator, subject, control = pairs(...)
-  -- pairs hands out next: it must be this one, not the raw one.
-  if iterator == next then iterator = safe_next end
-  return iterator, subject, control
-end
 -- The library functions most VMs never call live in rarely_used.lua,
 -- loaded the first time one of them is called: a stub per function
 -- tail-calls the real one, so error levels and results are the same.
@@ -283,10 +258,34 @@ local function get_rarely_used()
     rarely_used = load(lib[RARELY_USED_BC], "=isobranch/rarely_used", "b", {})(
       type, select, error, format, pcall, lib[CO_CREATE], lib[CO_RESUME], lib[CO_STATUS],
       lib[CO_CLOSE], co_running, load, raw_collect, getmetatable, setmetatable, rawget, rawset,
-      WEAK_KEYS, check_after_error, refuse_when_out_of_time, hooked, LAZY, get_crossing,
-      table_expected)
+      WEAK_KEYS, check_after_error, refuse_when_out_of_time, hooked, LAZY, get_crossing)
   end
   return rarely_used
+end
+-- Lua's own argument error, raised by rarely_used.lua's function at this
+-- index (an error path: no VM pays for it until it fails that way).
+local TABLE_EXPECTED <const> = 1
+local function safe_next(...)
+  local t = ...
+  if type(t) ~= "table" then get_rarely_used()[TABLE_EXPECTED]("next", ...) end
+  if LAZY[t] then crossing[FILL_ALL](t) end
+  return next(...)
+end
+G.next = safe_next
+G.pairs = function(...)
+  local t = ...
+  if type(t) ~= "table" then
+    local mt = getmetatable(t)
+    if type(mt) ~= "table" or rawget(mt, "__pairs") == nil then
+      get_rarely_used()[TABLE_EXPECTED]("pairs", ...)
+    end
+  elseif LAZY[t] then
+    crossing[FILL_ALL](t)
+  end
+  local iterator, subject, control = pairs(...)
+  -- pairs hands out next: it must be this one, not the raw one.
+  if iterator == next then iterator = safe_next end
+  return iterator, subject, control
 end
 local function loaded_on_first_call(name)
   return function(...) return get_rarely_used()[name](...) end
