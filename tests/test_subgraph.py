@@ -219,3 +219,67 @@ def test_a_regression_route_names_inner_nodes_by_path():
     with graph.compile(isolation="inline") as app:
         record = run_agent_case(app, {})
     assert record.route == ["prep", "review/score", "review/check", "review"]
+
+
+def spinning_graph() -> StateGraph:
+    """``spin`` forever: its edge leads back to itself until ``done``, which it never sets."""
+    inner = StateGraph()
+    inner.add_node("spin", lambda s: {"turns": s.get("turns", 0) + 1})
+    inner.set_entry_point("spin")
+    inner.add_conditional_edges("spin", lambda s: "stop" if s.get("done") else "again",
+                                {"again": "spin", "stop": END})
+    return inner
+
+
+@pytest.mark.parametrize("isolation", ["inline", "thread"])
+def test_a_looping_subgraph_stops_at_its_own_max_steps_naming_the_inner_node(isolation):
+    with spinning_graph().compile(isolation="inline", max_steps=4) as inner:
+        graph = StateGraph()
+        graph.add_node("start", lambda s: None)
+        graph.add_node("loop", inner, input={})
+        graph.add_fan_in_node("join", lambda s, results: {
+            "errors": [(r.node, r.error_type) for r in results]})
+        graph.add_edge(START, "start").add_edge("loop", "join").add_edge("join", END)
+        graph.add_map_edge("start", "loop", over="items", fan_in="join")
+        with graph.compile(isolation=isolation, max_workers=2) as app:
+            assert app.invoke({"items": [1]})["errors"] == [("loop[0]/spin", "MaxStepsExceeded")]
+    main_path = chain(("loop", spinning_graph(), {}))
+    with main_path.compile(isolation="inline") as app, \
+            pytest.raises(GraphExecutionError) as caught:
+        app.invoke({})
+    assert caught.value.node == "loop/spin" and caught.value.error_type == "MaxStepsExceeded"
+    assert "node 'loop/spin': stopped after" in str(caught.value)
+
+
+def test_streamed_inner_node_events_keep_the_state_as_that_node_left_it():
+    graph = chain(("review", review_graph(), {"input": {"doc": "item"}}))
+    with graph.compile(isolation="inline") as app:
+        states = {e["node"]: e["state"] for e in app.stream({"item": "xy"})
+                  if e["type"] == "node"}
+    assert states["review/score"] == {"doc": "xy", "score": 2, "scratch": "inner only"}
+    assert states["review/check"]["checked"] is True
+    assert states["review"]["checked"] is True
+
+
+def test_a_traced_map_of_subgraphs_has_a_span_for_each_inner_node(monkeypatch):
+    trace = pytest.importorskip("opentelemetry.trace")
+    sdk = pytest.importorskip("opentelemetry.sdk.trace")
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    memory, provider = InMemorySpanExporter(), sdk.TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)  # this test's provider only
+    graph = StateGraph()
+    graph.add_node("start", lambda s: None)
+    graph.add_node("review", review_graph(), input={"doc": "item"}, output={"score": "score"})
+    graph.add_fan_in_node("join", lambda s, results: {"n": len(results)})
+    graph.add_edge(START, "start").add_edge("review", "join").add_edge("join", END)
+    graph.add_map_edge("start", "review", over="items", fan_in="join")
+    with graph.compile(isolation="inline") as app:
+        assert app.invoke({"items": ["a", "bb"]})["n"] == 2
+    provider.shutdown()
+    nodes = sorted(span.attributes["isobranch.node"] for span in memory.get_finished_spans()
+                   if span.name == "isobranch.node")
+    assert nodes == sorted(["start", "join", "review", "review", "review[0]/score",
+                            "review[0]/check", "review[1]/score", "review[1]/check"])

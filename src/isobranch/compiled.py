@@ -67,10 +67,17 @@ class CompiledGraph:
         self.branch_retry = branch_retry
         # The nodes the step loop just runs: no cache or recording, no retry policy, not
         # a subgraph (it takes one short path for these, a branch's nodes most often).
+        unadorned = [name for name in nodes
+                     if name not in memos.nodes and name not in self.node_retries]
         self.plain_nodes = frozenset(
-            name for name, node in nodes.items()
-            if name not in memos.nodes and name not in self.node_retries
-            and not isinstance(node, SubgraphNode))
+            name for name in unadorned if not isinstance(nodes[name], SubgraphNode))
+        # The subgraph nodes it runs as directly: no cache or recording, no retry policy
+        # (a map whose body is a subgraph meets one per item).
+        self.plain_subgraphs = frozenset(
+            name for name in unadorned if isinstance(nodes[name], SubgraphNode))
+        # Every node is plain and none fans out: run as a subgraph node, its steps take
+        # the step loop's shortest path.
+        self.all_plain = len(self.plain_nodes) == len(nodes) and not fan_outs
         # Declared types and reducers; every update merges through it.
         self.schema = schema if schema is not None else StateSchema()
         self._routes = routes

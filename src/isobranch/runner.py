@@ -70,6 +70,11 @@ class StepGraph(BranchGraph, Protocol):
     nodes: Mapping[str, Node]
     # The nodes with no cache or recording, no retry policy, that are no subgraph.
     plain_nodes: frozenset[str]
+    # The subgraph nodes with no cache or recording and no retry policy.
+    plain_subgraphs: frozenset[str]
+    # Every node is plain and none fans out.
+    all_plain: bool
+    entry: str
     node_retries: Mapping[str, RetryPolicy]
     memos: NodeMemos
     schema: StateSchema
@@ -124,7 +129,9 @@ def run_steps(graph: StepGraph, state: dict, context: ExecutionContext, *, start
             context.interrupts.before or context.interrupts.after)) else None
     # The nodes that just run: no breakpoint, span, cache, retry or subgraph on the way.
     # (The usual case, and a branch's loop runs once per node.)
-    plain = graph.plain_nodes if spans is None and breakpoints is None else frozenset()
+    unobserved = spans is None and breakpoints is None
+    plain = graph.plain_nodes if unobserved else frozenset()
+    plain_subgraphs = graph.plain_subgraphs if unobserved else frozenset()
     # Where node names are shown (inside a subgraph node: under its path); a subgraph
     # node run from this loop puts it back before the loop goes on.
     prefix = context.prefix
@@ -132,14 +139,16 @@ def run_steps(graph: StepGraph, state: dict, context: ExecutionContext, *, start
         if not ran:
             steps += 1
             if steps > graph.max_steps:
-                raise NodeFailure(
-                    f"{_where(current, context)}: stopped after {graph.max_steps} steps "
-                    f"(max_steps); the graph loops", node=context.path_of(current),
-                    branch=context.branch_name, error_type="MaxStepsExceeded", state=dict(state))
+                raise _looping(graph, current, state, context)
             try:
+                recalled = None
                 if current in plain:
                     update = _run_node(graph, current, state, context, results)
-                    recalled = None
+                elif current in plain_subgraphs and inside is None:
+                    update = yield from _run_subgraph(graph.nodes[current], state, context,
+                                                      start, steps, snapshots, branch_events,
+                                                      None, updates)
+                    _merge(graph, current, update, state, context)
                 else:
                     update, recalled = yield from _run_step(
                         graph, current, state, context, results, breakpoints,
@@ -271,20 +280,26 @@ def _run_subgraph(node: SubgraphNode, state: dict, context: ExecutionContext, st
         raise NodeFailure(f"{_where(name, context)}: cannot copy the state into its subgraph: "
                           f"{exc}", node=context.path_of(name), branch=context.branch_name,
                           error_type=ErrorKind.STATE_COPY_ERROR, state=dict(state)) from exc
-    if resume is None and inner.schema and (mismatched := inner.schema.check_input(
+    if resume is None and inner.schema.fields and (mismatched := inner.schema.check_input(
             inner_state)):
         raise NodeFailure(f"{_where(name, context)}: its subgraph's input: "
                           f"{'; '.join(mismatched)}", node=context.path_of(name),
                           branch=context.branch_name, error_type=STATE_TYPE_ERROR,
                           state=dict(state))
     recorder = context.recorder if context.branch_name is None else None
+    # Nothing records, traces or resumes its steps and each just runs: the short loop.
+    plainly = (inner.all_plain and recorder is None and resume is None
+               and context.spans is None)
     outer = context.enter_subgraph(
         inner, shown, branch_itself=branch_itself,
         recorder=recorder.inside(name, state, steps) if recorder is not None else None)
     try:
-        yield from run_steps(inner, inner_state, context, start=inner.entry,
-                             snapshots=snapshots, branch_events=branch_events, resume=resume,
-                             updates=updates)
+        if plainly:
+            yield from _run_plain_steps(inner, inner_state, context, snapshots, updates)
+        else:
+            yield from run_steps(inner, inner_state, context, start=inner.entry,
+                                 snapshots=snapshots, branch_events=branch_events,
+                                 resume=resume, updates=updates)
     except NodePaused as paused:
         # A branch resumes inside the subgraph, on its inner state as of the pause.
         if paused.point is not None:
@@ -293,6 +308,39 @@ def _run_subgraph(node: SubgraphNode, state: dict, context: ExecutionContext, st
     finally:
         context.leave_subgraph(outer)
     return node.update(inner_state)
+
+
+def _run_plain_steps(graph: StepGraph, state: dict, context: ExecutionContext, snapshots: bool,
+                     updates: bool) -> Generator[dict[str, Any], None, None]:
+    """``run_steps`` from ``graph``'s entry to END for a graph whose nodes are all plain
+    and none fans out, with no recorder, span or breakpoint: what that loop does for
+    such a graph, without what it does for any other (a subgraph node run per map
+    item is most often one plain node)."""
+    prefix = context.prefix
+    current, steps = graph.entry, 0
+    while current != END:
+        steps += 1
+        if steps > graph.max_steps:
+            raise _looping(graph, current, state, context)
+        try:
+            update = _run_node(graph, current, state, context, None)
+        except NodePaused as paused:
+            if paused.point is None:  # paused in this node: a resume runs it again
+                paused.point = ResumePoint(current, steps, again=True)
+            raise
+        path = prefix + current
+        yield update_event(path, update) if updates else \
+            {"type": "node", "node": path, "state": dict(state) if snapshots else state}
+        current = _route(graph, current, state, context)
+
+
+def _looping(graph: StepGraph, current: str, state: dict, context: ExecutionContext
+             ) -> NodeFailure:
+    """The error of a run about to take more than ``max_steps`` steps at node ``current``."""
+    return NodeFailure(f"{_where(current, context)}: stopped after {graph.max_steps} steps "
+                       f"(max_steps); the graph loops", node=context.path_of(current),
+                       branch=context.branch_name, error_type="MaxStepsExceeded",
+                       state=dict(state))
 
 
 def _noting_retries(attempts: Generator[dict[str, Any], None, Any], spans: Spans, span: Any
