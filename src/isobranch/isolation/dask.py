@@ -731,12 +731,7 @@ class DaskBackend(IsolationBackend):
             logger.debug("dask backend: cannot restart workers, the client is going away "
                          "(%s: %s)", type(exc).__name__, exc)
             return
-        try:
-            asyncio.run_coroutine_threadsafe(coroutine, client.loop.asyncio_loop)
-        except Exception as exc:
-            logger.debug("dask backend: cannot restart workers, the client's loop is gone "
-                         "(%s: %s)", type(exc).__name__, exc)
-            coroutine.close()
+        _start_on_client_loop(client, coroutine, "restart workers")
 
     def release_claims(self, connection: Connection, fan_out: FanOutWatch) -> None:
         """Let go of the claims the first runs of ``fan_out``'s tasks hold on the scheduler
@@ -763,13 +758,7 @@ class DaskBackend(IsolationBackend):
                              "(first: %s: %s)", len(failures), len(claims),
                              type(failures[0]).__name__, failures[0])
 
-        coroutine = release()
-        try:
-            asyncio.run_coroutine_threadsafe(coroutine, client.loop.asyncio_loop)
-        except Exception as exc:
-            logger.debug("dask backend: cannot let go of task claims, the client's loop is "
-                         "gone (%s: %s)", type(exc).__name__, exc)
-            coroutine.close()
+        _start_on_client_loop(client, release(), "let go of task claims")
 
     def forget(self, pending: dict[Any, Followed], futures: list[Any]) -> None:
         """Stop following the branches of ``futures`` (and take them out of ``pending``)."""
@@ -805,3 +794,14 @@ class DaskBackend(IsolationBackend):
             quietly(connection.client.unsubscribe_topic, MEMORY_RESTART_TOPIC)
         if connection.owns_client:
             connection.close()
+
+
+def _start_on_client_loop(client: Any, coroutine: Any, what: str) -> None:
+    """Start ``coroutine`` on the Dask client's event loop without waiting for it; a
+    loop already gone (the client closing) only costs a debug record."""
+    try:
+        asyncio.run_coroutine_threadsafe(coroutine, client.loop.asyncio_loop)
+    except Exception as exc:
+        logger.debug("dask backend: cannot %s, the client's loop is gone (%s: %s)",
+                     what, type(exc).__name__, exc)
+        coroutine.close()
