@@ -66,6 +66,9 @@ _CHUNKS = ("sandbox", "crossing", "decode", "encode", "lazy", "rarely_used")
 _VM_OPTIONS = {"register_eval": False, "register_builtins": False, "encoding": None}
 _LIMITED_VM_OPTIONS = {**_VM_OPTIONS, "max_memory": 0}
 _DEPTH_REASON = DEPTH_REASON.encode()
+# A call without a chunk name, and that name as lupa gets it (encoded once).
+_DEFAULT_CHUNK_NAME = "lua"
+_DEFAULT_LUA_CHUNK_NAME = b"=lua"
 
 
 class _Mode(enum.IntEnum):
@@ -344,13 +347,15 @@ class LuaRuntime:
               chunk_name: str | None, timeout: float | None) -> Any:
         if not isinstance(code, str):
             raise ConfigTypeError(f"Lua code must be a str, got {type(code).__name__}")
-        name = chunk_name or "lua"
-        lazy = _crosses_lazily(state)
+        if chunk_name:
+            name, lua_name = chunk_name, ("=" + chunk_name).encode("utf-8", "surrogateescape")
+        else:
+            name, lua_name = _DEFAULT_CHUNK_NAME, _DEFAULT_LUA_CHUNK_NAME
+        lazy = state is not None and _crosses_lazily(state)
         state_data = None if state is None else self._to_lua(list(state) if lazy else state,
                                                              "state")
         variables_data = None if variables is None else self._to_lua(variables, "variables")
         source = code.encode("utf-8", "surrogateescape")
-        lua_name = ("=" + name).encode("utf-8", "surrogateescape")
         if self._run is None:
             self._start_vm()
         if self.max_memory is not None and not self._arguments_fit(source, lua_name, state_data,
@@ -373,7 +378,9 @@ class LuaRuntime:
             ask = None
             if self.interrupt is not None and not self._asks and mode is _Mode.NODE:
                 ask, self._asks = _for_lua(self._ask), True
-            status, payload, failed_index = self._run(mode.value, source, lua_name,
+            # ``mode`` crosses as it is: an IntEnum member is a Lua integer to
+            # lupa, and reading ``.value`` costs as much as a short call.
+            status, payload, failed_index = self._run(mode, source, lua_name,
                                                       state_data, variables_data, fetch, ask)
         except lua54.LuaMemoryError as exc:
             self.close()
