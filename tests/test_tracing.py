@@ -192,14 +192,19 @@ def test_nested_fan_outs_in_a_worker_process_nest_their_spans(exporter):
     assert len({span.context.trace_id for span in spans}) == 1
 
 
-def test_each_attempt_of_a_retried_branch_is_its_own_span(exporter, tmp_path):
-    marker = tmp_path / "failed-once"
-
+def fails_once(marker):
+    """A node body that raises ConnectionError on its first run (``marker`` absent), then
+    returns ``{"ok": True}``."""
     def flaky(state: dict) -> dict:
         if not marker.exists():
             marker.touch()
             raise ConnectionError("flaky")
         return {"ok": True}
+    return flaky
+
+
+def test_each_attempt_of_a_retried_branch_is_its_own_span(exporter, tmp_path):
+    flaky = fails_once(tmp_path / "failed-once")
 
     graph = StateGraph()
     graph.add_node("start", lambda state: None)
@@ -384,13 +389,7 @@ def test_worker_spans_reach_a_provider_that_is_not_the_sdks_through_the_api(monk
 def test_a_node_retry_in_a_worker_is_an_event_through_the_api_fallback(monkeypatch, tmp_path):
     provider = RecordingProvider()
     monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
-    marker = tmp_path / "failed-once"
-
-    def flaky(state: dict) -> dict:
-        if not marker.exists():
-            marker.touch()
-            raise ConnectionError("flaky")
-        return {"ok": True}
+    flaky = fails_once(tmp_path / "failed-once")
 
     graph = StateGraph()
     graph.add_node("start", lambda state: None)

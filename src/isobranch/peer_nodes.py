@@ -241,13 +241,9 @@ class TemplatedPythonNode(Node):
         # Thread-safe, and per node: nodes are shared by the threads of a run.
         self._compiled = functools.lru_cache(maxsize=RENDERED_CODE_CACHE_SIZE)(self._node_for)
 
-    def __getstate__(self) -> dict:
-        return {"name": self.name, "source": self.source, "origin": self.origin,
-                "location": self.location}
-
-    def __setstate__(self, data: dict) -> None:
-        self.__init__(data["name"], data["source"], origin=data["origin"],
-                      location=data.get("location"))
+    # Pickled by its source, as a PythonNode is (same constructor arguments).
+    __getstate__ = PythonNode.__getstate__
+    __setstate__ = PythonNode.__setstate__
 
     def render(self, state: dict, variables: dict) -> str:
         """The code as it runs for ``state``: the template rendered, ``${name}`` replaced."""
