@@ -1,7 +1,7 @@
 -- Lua values -> Python marshal bytes, for isobranch's sandbox (loaded like
 -- decode.lua, the first time a VM encodes a table). Returns encode(value).
 local lib = ...
-local type, next, error, tostring = lib.type, lib.next, lib.error, lib.tostring
+local type, next, error, tostring, pcall = lib.type, lib.next, lib.error, lib.tostring, lib.pcall
 local rawget, rawlen, setmetatable = lib.rawget, lib.rawlen, lib.setmetatable
 local math_type, format = lib.math_type, lib.format
 local concat, pack_string = lib.concat, lib.pack_string
@@ -29,6 +29,15 @@ local B_INT <const>, B_LONG <const>, B_FLOAT <const>, B_UNICODE <const> = 105, 1
 local B_LIST <const>, B_REF <const>, FLAG_REF <const> = 91, 114, 128
 
 local INT32_MIN, INT32_MAX = -2147483648, 2147483647
+-- The pieces written so far are joined into one chunk once a table ends
+-- with at least this many of them: `out` then stays small and is reused
+-- (a 20k-item result is ~340k pieces; one table that size, grown by
+-- doubling, cost more in resizing and fresh memory than joining twice).
+local FLUSH_AT <const> = 4096
+-- Raised when a list written in one pass turns out not to be a sequence
+-- after part of it was already joined into a chunk: encode() then starts
+-- again without writing lists in one pass.
+local RESTART = {}
 
 local function long_bytes(v)
   -- Python's 'l' marshal type: a signed count of base-2^15 digits. Work on
@@ -68,8 +77,10 @@ local function key_text(k)
   return "[" .. tostring(k) .. "]"
 end
 
-local function encode(value)
+local function encode_pass(value, one_pass)
   local out = {}
+  -- Joined pieces (see FLUSH_AT).
+  local chunks, chunk_count = {}, 0
   -- The tables being written, by depth (ancestors[1] is the root), and the
   -- key each one sits under; deeper than SCAN_DEPTH they are in `visiting`.
   local ancestors, visiting = {}, {}
@@ -118,12 +129,15 @@ local function encode(value)
     local kind = KIND[t]
     local list = kind
     if kind == nil then list = rawlen(t) > 0 end
-    if list then
+    if list and one_pass then
       -- One pass when next gives exactly 1, 2, ..., n in order (a sequence
       -- in the array part, the usual case); else the output is dropped and
-      -- the checks below decide.
-      local start, expected, refs_before = n, 1, ref_count
-      n = n + 1
+      -- the checks below decide. The length is written first: a sequence's
+      -- is rawlen's (its only border), checked at the end.
+      local start, expected, refs_before, chunks_before = n, 1, ref_count, chunk_count
+      local length = rawlen(t)
+      if math_type(kind) == "integer" and kind > length then length = kind end
+      n = n + 1; out[n] = LIST_PREFIX[length]
       for k, v in next, t do
         if k ~= expected then list = nil; break end
         ticks = ticks - 1
@@ -146,17 +160,19 @@ local function encode(value)
           n = enc(v, k, n)
         end
       end
+      if list and expected - 1 ~= rawlen(t) then list = nil end
       if list then
-        local length = expected - 1
-        if math_type(kind) == "integer" then
-          for _ = length + 1, kind do n = n + 1; out[n] = "N" end
-          if kind > length then length = kind end
-        end
-        out[start + 1] = LIST_PREFIX[length]
+        for _ = expected, length do n = n + 1; out[n] = "N" end
         if depth > SCAN_DEPTH then visiting[t] = nil end
         depth = depth - 1
+        if n >= FLUSH_AT then
+          chunk_count = chunk_count + 1; chunks[chunk_count] = concat(out, "", 1, n); n = 0
+        end
         return n
       end
+      -- Part of the output is already joined: start again (rare: a large
+      -- table that is not a sequence, or one met just after a join).
+      if chunk_count ~= chunks_before then error(RESTART, 0) end
       -- Dropped output: keys first written in it must be written again.
       n = start
       for i = ref_count, refs_before + 1, -1 do key_refs[ref_keys[i]] = nil end
@@ -230,6 +246,9 @@ local function encode(value)
     end
     if depth > SCAN_DEPTH then visiting[t] = nil end
     depth = depth - 1
+    if n >= FLUSH_AT then
+      chunk_count = chunk_count + 1; chunks[chunk_count] = concat(out, "", 1, n); n = 0
+    end
     return n
   end
 
@@ -259,7 +278,16 @@ local function encode(value)
   end
 
   local n = enc(value, nil, 0)
-  return concat(out, "", 1, n)
+  if chunk_count == 0 then return concat(out, "", 1, n) end
+  chunk_count = chunk_count + 1; chunks[chunk_count] = concat(out, "", 1, n)
+  return concat(chunks, "", 1, chunk_count)
+end
+
+local function encode(value)
+  local ok, result = pcall(encode_pass, value, true)
+  if ok then return result end
+  if result ~= RESTART then error(result, 0) end
+  return encode_pass(value, false)
 end
 
 return encode
