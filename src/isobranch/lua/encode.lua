@@ -7,11 +7,12 @@ local math_type, format = lib.math_type, lib.format
 local concat, pack_string = lib.concat, lib.pack_string
 local CONVERT = lib.CONVERT
 -- Conversion runs without the count hook (sandbox.lua's unhooked), so it
--- looks at the clock itself, every TICK values: check_time raises the
--- timeout once a call's deadline has passed.
+-- looks at the clock itself, every TICK pieces of output (each value
+-- writes at least one): check_time raises the timeout once a call's
+-- deadline has passed. Counting with the output's own count costs one
+-- comparison per value.
 local check_time = lib.check_time
 local TICK <const> = 1024
-local ticks = TICK
 -- Lazily filled states (lazy.lua): each is filled before it is encoded.
 local LAZY, fill_lazy = lib.LAZY, lib.fill_lazy
 -- convert.py's MAX_DEPTH and the reason it gives (decode.lua has the same).
@@ -81,6 +82,8 @@ local function encode_pass(value, one_pass)
   local out = {}
   -- Joined pieces (see FLUSH_AT).
   local chunks, chunk_count = {}, 0
+  -- When the output reaches this many pieces, look at the clock.
+  local check_at = TICK
   -- The tables being written, by depth (ancestors[1] is the root), and the
   -- key each one sits under; deeper than SCAN_DEPTH they are in `visiting`.
   local ancestors, visiting = {}, {}
@@ -133,15 +136,14 @@ local function encode_pass(value, one_pass)
       -- One pass when next gives exactly 1, 2, ..., n in order (a sequence
       -- in the array part, the usual case); else the output is dropped and
       -- the checks below decide. The length is written first: a sequence's
-      -- is rawlen's (its only border), checked at the end.
+      -- is rawlen's (its only border).
       local start, expected, refs_before, chunks_before = n, 1, ref_count, chunk_count
       local length = rawlen(t)
       if math_type(kind) == "integer" and kind > length then length = kind end
       n = n + 1; out[n] = LIST_PREFIX[length]
       for k, v in next, t do
         if k ~= expected then list = nil; break end
-        ticks = ticks - 1
-        if ticks == 0 then ticks = TICK; check_time() end
+        if n >= check_at then check_at = n + TICK; check_time() end
         expected = expected + 1
         local kind_v = type(v)                                          -- SCALAR
         if kind_v == "string" then
@@ -160,13 +162,13 @@ local function encode_pass(value, one_pass)
           n = enc(v, k, n)
         end
       end
-      if list and expected - 1 ~= rawlen(t) then list = nil end
       if list then
         for _ = expected, length do n = n + 1; out[n] = "N" end
         if depth > SCAN_DEPTH then visiting[t] = nil end
         depth = depth - 1
         if n >= FLUSH_AT then
           chunk_count = chunk_count + 1; chunks[chunk_count] = concat(out, "", 1, n); n = 0
+          check_at = TICK
         end
         return n
       end
@@ -175,6 +177,7 @@ local function encode_pass(value, one_pass)
       if chunk_count ~= chunks_before then error(RESTART, 0) end
       -- Dropped output: keys first written in it must be written again.
       n = start
+      check_at = n + TICK
       for i = ref_count, refs_before + 1, -1 do key_refs[ref_keys[i]] = nil end
       ref_count = refs_before
       list = true
@@ -202,15 +205,13 @@ local function encode_pass(value, one_pass)
       n = n + 1; out[n] = LIST_PREFIX[length]
       for i = 1, length do
         local v = rawget(t, i)
-        ticks = ticks - 1
-        if ticks == 0 then ticks = TICK; check_time() end
+        if n >= check_at then check_at = n + TICK; check_time() end
         if v == nil then n = n + 1; out[n] = "N" else n = enc(v, i, n) end
       end
     else
       n = n + 1; out[n] = "{"
       for k, v in next, t do
-        ticks = ticks - 1
-        if ticks == 0 then ticks = TICK; check_time() end
+        if n >= check_at then check_at = n + TICK; check_time() end
         local ref = key_refs[k]
         if ref then
           n = n + 1; out[n] = ref
@@ -248,6 +249,7 @@ local function encode_pass(value, one_pass)
     depth = depth - 1
     if n >= FLUSH_AT then
       chunk_count = chunk_count + 1; chunks[chunk_count] = concat(out, "", 1, n); n = 0
+      check_at = TICK
     end
     return n
   end
