@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import signal
@@ -30,7 +31,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 __all__ = ["BACKENDS", "HAVE_DASK", "blocked_in_threading", "children", "command_line",
            "descendants", "fan_out", "frames_of", "invoke_concurrently", "live_processes",
-           "plain_environment", "processes_left_behind", "wait_until"]
+           "module_dask_cluster", "plain_environment", "processes_left_behind",
+           "start_local_dask_cluster", "wait_until"]
 
 # Every built-in backend; dask only runs where its extra is installed (CI installs it).
 BACKENDS = ["inline", "thread", "process", pytest.param("dask", marks=pytest.mark.skipif(
@@ -173,6 +175,37 @@ def no_process_leak():
     yield
     left = (descendants() - before) | (children() - before_children)
     assert not left, f"processes left behind: {sorted(left)}"
+
+
+def start_local_dask_cluster(n_workers: int = 2, threads_per_worker: int = 1):
+    """A cluster a user would have started: default scheduler settings, loopback, ports the
+    OS picks (never a fixed one, so xdist workers never collide)."""
+    import logging
+
+    from distributed import LocalCluster
+
+    return LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
+                        processes=True, host="127.0.0.1", scheduler_port=0,
+                        dashboard_address="127.0.0.1:0", silence_logs=logging.CRITICAL)
+
+
+@contextlib.contextmanager
+def module_dask_cluster(threads_per_worker: int = 1):
+    """A module's shared cluster, whose worker processes are gone when it is left, also
+    after a failed test: closing only tells them to stop, and one still ending would be
+    taken for a leak by a later module's check."""
+    before = descendants()
+    with start_local_dask_cluster(threads_per_worker=threads_per_worker) as local:
+        yield local
+    assert wait_until(lambda: not descendants() - before), "the module's cluster left processes"
+
+
+@pytest.fixture
+def no_process_leak_beside_the_cluster(cluster):
+    """``no_process_leak`` for a module whose own ``cluster`` fixture stays up across tests."""
+    before = descendants()
+    yield
+    assert not descendants() - before, "the test left processes behind"
 
 
 def fan_out(*branches, fan_in=None, start=None):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import pathlib
 import pickle
@@ -30,7 +29,9 @@ from conftest import (
     descendants,
     fan_out,
     invoke_concurrently,
+    module_dask_cluster,
     plain_environment,
+    start_local_dask_cluster,
     wait_until,
 )
 from isobranch import GraphError, GraphExecutionError, YAMLEngine
@@ -38,7 +39,7 @@ from isobranch import GraphError, GraphExecutionError, YAMLEngine
 pytestmark = [
     pytest.mark.skipif(not HAVE_DASK, reason="the dask extra is not installed: "
                        "pip install -e '.[test,dask]'"),
-    pytest.mark.usefixtures("no_process_leak"),
+    pytest.mark.usefixtures("no_process_leak_beside_the_cluster"),
 ]
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -46,32 +47,11 @@ DEMO = ROOT / "examples" / "fan_out_demo.yaml"
 DEMO_INPUT = {"items": [4, 8, 15]}
 
 
-def start_cluster(n_workers: int = 2):
-    """A cluster a user would have started: default scheduler settings, loopback, any port."""
-    from distributed import LocalCluster
-
-    return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                        host="127.0.0.1", scheduler_port=0, dashboard_address="127.0.0.1:0",
-                        silence_logs=logging.CRITICAL)
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    """One cluster for this module's tests that do not break workers. Its worker processes
-    are gone when the module ends, also after a failed test: closing only tells them to
-    stop, and one still ending would be taken for a leak by a later module's check."""
-    before = descendants()
-    with start_cluster() as local:
+    """One cluster for this module's tests that do not break workers."""
+    with module_dask_cluster() as local:
         yield local
-    assert wait_until(lambda: not descendants() - before), "the module's cluster left processes"
-
-
-@pytest.fixture
-def no_process_leak(cluster):
-    """Like conftest's, but the module's own cluster is expected to stay up."""
-    before = descendants()
-    yield
-    assert not descendants() - before, "the test left processes behind"
 
 
 def worker_addresses(cluster) -> set[str]:
@@ -179,7 +159,7 @@ def test_the_graph_reaches_workers_that_restart_or_join_later():
     from distributed import Client
 
     graph = fan_out(*[(f"b{i}", lambda s: {"ok": True}) for i in range(4)])
-    with start_cluster() as own, Client(own, set_as_default=False) as client, \
+    with start_local_dask_cluster() as own, Client(own, set_as_default=False) as client, \
             graph.compile(isolation="dask", client=client) as compiled:
         assert all(r.success for r in compiled.invoke({})["results"])
         client.restart_workers(list(worker_addresses(own)))  # every holder of the graph
@@ -231,7 +211,7 @@ def test_a_scheduler_that_reruns_tasks_itself_cannot_hide_a_worker_death(tmp_pat
     # the branch fails, naming the dead worker.
     marker = str(tmp_path / "died")
     graph = fan_out(("dies", dies_once(marker)), ("lives", lambda s: {"fine": True}))
-    with start_cluster() as user_cluster:
+    with start_local_dask_cluster() as user_cluster:
         before = worker_addresses(user_cluster)
         with graph.compile(isolation="dask", dask_address=user_cluster.scheduler_address
                            ) as compiled:

@@ -9,7 +9,6 @@ worker), or the local cluster isobranch starts (for those that kill one).
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import pathlib
 import signal
@@ -18,37 +17,21 @@ import time
 
 import pytest
 
-from conftest import HAVE_DASK, descendants, wait_until
+from conftest import HAVE_DASK, module_dask_cluster, wait_until
 from isobranch import END, START, GraphExecutionError, SqliteCheckpointer, StateGraph
 
 pytestmark = [
     pytest.mark.skipif(not HAVE_DASK, reason="the dask extra is not installed: "
                        "pip install -e '.[test,dask]'"),
-    pytest.mark.usefixtures("no_process_leak"),
+    pytest.mark.usefixtures("no_process_leak_beside_the_cluster"),
 ]
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A user's cluster: default scheduler settings, 2 workers of 2 threads each. Its worker
-    processes are gone when the module ends, also after a failed test (closing only tells
-    them to stop; one still ending would be taken for a leak by a later module's check)."""
-    from distributed import LocalCluster
-
-    before = descendants()
-    with LocalCluster(n_workers=2, threads_per_worker=2, processes=True, host="127.0.0.1",
-                      scheduler_port=0, dashboard_address="127.0.0.1:0",
-                      silence_logs=logging.CRITICAL) as local:
+    """A user's cluster: default scheduler settings, 2 workers of 2 threads each."""
+    with module_dask_cluster(threads_per_worker=2) as local:
         yield local
-    assert wait_until(lambda: not descendants() - before), "the module's cluster left processes"
-
-
-@pytest.fixture
-def no_process_leak(cluster):
-    """Like conftest's, but the module's own cluster is expected to stay up."""
-    before = descendants()
-    yield
-    assert not descendants() - before, "the test left processes behind"
 
 
 def map_graph(body, **options):

@@ -974,3 +974,20 @@ def test_a_map_edge_that_cancels_unstarted_branches_lets_running_ones_finish():
                 final = event["state"]
     assert final["ok"][:2] == [True, False]
     assert all("failed first (fail_fast)" in error for error in final["errors"][3:])
+
+
+@pytest.mark.parametrize("isolation", BACKENDS)
+def test_a_map_edge_that_cancels_unstarted_branches_reports_every_branch(isolation):
+    # A stream shows one branch event per item, the cancelled ones too, each with the
+    # result the fan-in gets for it: a cancelled branch is never silent.
+    document = yaml.safe_load(textwrap.dedent(FAIL_FAST_MAP.replace("FAIL_FAST", "true")))
+    with YAMLEngine(isolation=isolation).load_from_dict(document) as graph:
+        events = list(graph.stream({}))
+    branches = {event["index"]: event for event in events if event["type"] == "branch"}
+    final = events[-1]["state"]
+    assert sorted(branches) == list(range(10))
+    assert [branches[i]["success"] for i in range(10)] == final["outcomes"]
+    cancelled = [i for i in range(10) if branches[i]["error_type"] == "Cancelled"]
+    assert cancelled and cancelled == list(range(cancelled[0], 10))
+    done = [event["done"] for event in events if event["type"] == "branch"]
+    assert done == list(range(1, 11))

@@ -382,6 +382,8 @@ class _Driver:
             source.stop()
             work.close(cancelled=self.cancel is not None and self.cancel.is_set())
         if completed and gathering is not None:
+            if gathering.cancels_unstarted:
+                yield from gathering.cancel_unstarted()
             gathering.end()
 
     def _check(self) -> None:
@@ -625,6 +627,25 @@ class _Gathering:
         self.observers = observers
         self.notes = notes
         self.results: list[ParallelFlowResult] = []
+
+    def cancel_unstarted(self) -> Iterator[BranchFinished]:
+        """After a failure that cancelled the branches not yet started: give each its
+        cancelled result as a final one, so observers and the caller's notes see every
+        branch of the fan-out finish, not only those that ran."""
+        gathered = self.gathered
+        if gathered.failure is None:
+            return
+        plan, reason = self.plan, fail_fast_reason(gathered.failure)
+        for position in gathered.missing():
+            result = ParallelFlowResult(branch=plan.names(position),
+                                        index=plan.indexes(position), success=False,
+                                        error=reason, error_type=CANCELLED,
+                                        isolation=self.isolation)
+            gathered.place(position, result)
+            for observer in self.observers:
+                observer.branch_finished(position, result)
+            if self.notes:
+                yield BranchFinished(position, result, gathered.done, plan.total)
 
     def end(self) -> None:
         """The fan-out ended (every branch finished, or fail_fast stopped it)."""

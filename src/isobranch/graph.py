@@ -198,8 +198,8 @@ class StateGraph:
         number of attempts) runs a failed branch again from ``target`` on a
         fresh copy of its input (default: ``compile(branch_retry=)``).
         With ``cancel_unstarted_on_failure`` a branch's failure (after its
-        retries) cancels the branches not yet started, whose results are
-        cancelled ones; those running finish, and the fan-in runs on them
+        retries) cancels the branches not yet started, whose results (and
+        ``branch`` events) are cancelled ones; those running finish, and the fan-in runs on them
         all (unlike ``compile(fail_fast=True)``, which fails the run).
         """
         where = f"map edge {source} -> {target}"
