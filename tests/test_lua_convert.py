@@ -367,3 +367,38 @@ def test_encoding_many_distinct_keys_keeps_the_vm_memory_bounded():
     for call in range(100):
         result = runtime.execute_node_code(code, {"base": call * 2000})
         assert len(result) == 2001 and result[f"key-{call * 2000 + 1}"] == 1
+
+
+def test_large_results_joined_in_chunks_keep_list_lengths_and_trailing_none():
+    """A result of many pieces is joined in chunks as it is written; every
+    list's length is written before its items, a None tail included."""
+    state = {"rows": [[i, f"row-{i}", None] for i in range(3000)] + [None],
+             "tags": [["a"] * 5 for _ in range(2000)]}
+    assert LuaRuntime().execute_node_code("return state", state) == state
+
+
+def test_a_large_table_that_is_not_a_sequence_after_a_join_comes_back_as_a_dict():
+    """A table with items 1..n and a string key, big enough that part of it
+    is joined into a chunk before the string key is met: the encoder starts
+    again and writes it as a dict, every key and value in place."""
+    code = """local t = {}
+    for i = 1, 3000 do t[i] = {i, "s"} end
+    t.x = 1
+    return {t = t, after = {1, 2, 3}}"""
+    result = LuaRuntime().execute_node_code(code)
+    assert result == {"t": {**{i: [i, "s"] for i in range(1, 3001)}, "x": 1},
+                      "after": [1, 2, 3]}
+
+
+def test_a_small_mixed_table_after_a_join_is_written_as_a_dict_in_place():
+    """A small table that is not a sequence, met after earlier output was
+    joined into chunks: only its own pieces are dropped and rewritten."""
+    code = """local rows = {}
+    for i = 1, 3000 do rows[i] = {i, "s"} end
+    local mixed = {10, 20}
+    mixed.n = 2
+    rows[#rows + 1] = mixed
+    return {rows = rows}"""
+    result = LuaRuntime().execute_node_code(code)
+    assert result["rows"][:3000] == [[i, "s"] for i in range(1, 3001)]
+    assert result["rows"][3000] == {1: 10, 2: 20, "n": 2}

@@ -201,6 +201,20 @@ def test_encoding_a_return_value_runs_under_the_timeout():
     assert time.monotonic() - start < 0.05 + MARGIN
 
 
+@pytest.mark.parametrize("fill", ["t[i] = {s, i, i + 0.5}", "t[i] = i", "t[s .. i] = i"],
+                         ids=["nested", "flat-list", "flat-dict"])
+def test_encoding_a_result_made_of_one_table_many_times_stops_at_the_timeout(fill):
+    """Building a 20k-item table takes milliseconds; the result holds it 400
+    times, ~8M values to encode (seconds): the encoder itself must look at
+    the clock, within one flat list or dict as well as between nested tables."""
+    runtime = LuaRuntime(timeout=0.2, max_memory=None)
+    start = time.monotonic()
+    with pytest.raises(LuaTimeoutError):
+        runtime.execute(f"local s = string.rep('x', 10) local t = {{}} for i = 1, 2e4 do {fill} end "
+                        "local r = {} for i = 1, 400 do r[i] = t end return r")
+    assert time.monotonic() - start < 0.2 + MARGIN
+
+
 def test_per_call_timeout_overrides_the_default():
     runtime = LuaRuntime(timeout=60)
     start = time.monotonic()

@@ -25,7 +25,7 @@ local function fill_all(t) lazy.fill_all(t) end
 local function load_codec(bytecode, name)
   -- An empty environment: the codec sees only what it is given.
   return load(bytecode, name, "b", {})({
-    type = type, next = next, error = error, tostring = tostring, rawget = rawget,
+    type = type, next = next, error = error, tostring = tostring, pcall = pcall, rawget = rawget,
     rawlen = rawlen, setmetatable = setmetatable, math_type = math_type, format = format,
     sub = sub, byte = byte, char = char, concat = concat, unpack_string = unpack_string,
     pack_string = pack_string, CONVERT = CONVERT, MAX_DEPTH = MAX_DEPTH,

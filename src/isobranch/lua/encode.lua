@@ -1,17 +1,18 @@
 -- Lua values -> Python marshal bytes, for isobranch's sandbox (loaded like
 -- decode.lua, the first time a VM encodes a table). Returns encode(value).
 local lib = ...
-local type, next, error, tostring = lib.type, lib.next, lib.error, lib.tostring
+local type, next, error, tostring, pcall = lib.type, lib.next, lib.error, lib.tostring, lib.pcall
 local rawget, rawlen, setmetatable = lib.rawget, lib.rawlen, lib.setmetatable
 local math_type, format = lib.math_type, lib.format
 local concat, pack_string = lib.concat, lib.pack_string
 local CONVERT = lib.CONVERT
 -- Conversion runs without the count hook (sandbox.lua's unhooked), so it
--- looks at the clock itself, every TICK values: check_time raises the
--- timeout once a call's deadline has passed.
+-- looks at the clock itself, every TICK pieces of output (each value
+-- writes at least one): check_time raises the timeout once a call's
+-- deadline has passed. Counting with the output's own count costs one
+-- comparison per value.
 local check_time = lib.check_time
 local TICK <const> = 1024
-local ticks = TICK
 -- Lazily filled states (lazy.lua): each is filled before it is encoded.
 local LAZY, fill_lazy = lib.LAZY, lib.fill_lazy
 -- convert.py's MAX_DEPTH and the reason it gives (decode.lua has the same).
@@ -29,6 +30,15 @@ local B_INT <const>, B_LONG <const>, B_FLOAT <const>, B_UNICODE <const> = 105, 1
 local B_LIST <const>, B_REF <const>, FLAG_REF <const> = 91, 114, 128
 
 local INT32_MIN, INT32_MAX = -2147483648, 2147483647
+-- The pieces written so far are joined into one chunk once a table ends
+-- with at least this many of them: `out` then stays small and is reused
+-- (a 20k-item result is ~340k pieces; one table that size, grown by
+-- doubling, cost more in resizing and fresh memory than joining twice).
+local FLUSH_AT <const> = 4096
+-- Raised when a list written in one pass turns out not to be a sequence
+-- after part of it was already joined into a chunk: encode() then starts
+-- again without writing lists in one pass.
+local RESTART = {}
 
 local function long_bytes(v)
   -- Python's 'l' marshal type: a signed count of base-2^15 digits. Work on
@@ -68,8 +78,12 @@ local function key_text(k)
   return "[" .. tostring(k) .. "]"
 end
 
-local function encode(value)
+local function encode_pass(value, one_pass)
   local out = {}
+  -- Joined pieces (see FLUSH_AT).
+  local chunks, chunk_count = {}, 0
+  -- When the output reaches this many pieces, look at the clock.
+  local check_at = TICK
   -- The tables being written, by depth (ancestors[1] is the root), and the
   -- key each one sits under; deeper than SCAN_DEPTH they are in `visiting`.
   local ancestors, visiting = {}, {}
@@ -118,16 +132,18 @@ local function encode(value)
     local kind = KIND[t]
     local list = kind
     if kind == nil then list = rawlen(t) > 0 end
-    if list then
+    if list and one_pass then
       -- One pass when next gives exactly 1, 2, ..., n in order (a sequence
       -- in the array part, the usual case); else the output is dropped and
-      -- the checks below decide.
-      local start, expected, refs_before = n, 1, ref_count
-      n = n + 1
+      -- the checks below decide. The length is written first: a sequence's
+      -- is rawlen's (its only border).
+      local start, expected, refs_before, chunks_before = n, 1, ref_count, chunk_count
+      local length = rawlen(t)
+      if math_type(kind) == "integer" and kind > length then length = kind end
+      n = n + 1; out[n] = LIST_PREFIX[length]
       for k, v in next, t do
         if k ~= expected then list = nil; break end
-        ticks = ticks - 1
-        if ticks == 0 then ticks = TICK; check_time() end
+        if n >= check_at then check_at = n + TICK; check_time() end
         expected = expected + 1
         local kind_v = type(v)                                          -- SCALAR
         if kind_v == "string" then
@@ -147,18 +163,21 @@ local function encode(value)
         end
       end
       if list then
-        local length = expected - 1
-        if math_type(kind) == "integer" then
-          for _ = length + 1, kind do n = n + 1; out[n] = "N" end
-          if kind > length then length = kind end
-        end
-        out[start + 1] = LIST_PREFIX[length]
+        for _ = expected, length do n = n + 1; out[n] = "N" end
         if depth > SCAN_DEPTH then visiting[t] = nil end
         depth = depth - 1
+        if n >= FLUSH_AT then
+          chunk_count = chunk_count + 1; chunks[chunk_count] = concat(out, "", 1, n); n = 0
+          check_at = TICK
+        end
         return n
       end
+      -- Part of the output is already joined: start again (rare: a large
+      -- table that is not a sequence, or one met just after a join).
+      if chunk_count ~= chunks_before then error(RESTART, 0) end
       -- Dropped output: keys first written in it must be written again.
       n = start
+      check_at = n + TICK
       for i = ref_count, refs_before + 1, -1 do key_refs[ref_keys[i]] = nil end
       ref_count = refs_before
       list = true
@@ -186,15 +205,13 @@ local function encode(value)
       n = n + 1; out[n] = LIST_PREFIX[length]
       for i = 1, length do
         local v = rawget(t, i)
-        ticks = ticks - 1
-        if ticks == 0 then ticks = TICK; check_time() end
+        if n >= check_at then check_at = n + TICK; check_time() end
         if v == nil then n = n + 1; out[n] = "N" else n = enc(v, i, n) end
       end
     else
       n = n + 1; out[n] = "{"
       for k, v in next, t do
-        ticks = ticks - 1
-        if ticks == 0 then ticks = TICK; check_time() end
+        if n >= check_at then check_at = n + TICK; check_time() end
         local ref = key_refs[k]
         if ref then
           n = n + 1; out[n] = ref
@@ -230,6 +247,10 @@ local function encode(value)
     end
     if depth > SCAN_DEPTH then visiting[t] = nil end
     depth = depth - 1
+    if n >= FLUSH_AT then
+      chunk_count = chunk_count + 1; chunks[chunk_count] = concat(out, "", 1, n); n = 0
+      check_at = TICK
+    end
     return n
   end
 
@@ -259,7 +280,16 @@ local function encode(value)
   end
 
   local n = enc(value, nil, 0)
-  return concat(out, "", 1, n)
+  if chunk_count == 0 then return concat(out, "", 1, n) end
+  chunk_count = chunk_count + 1; chunks[chunk_count] = concat(out, "", 1, n)
+  return concat(chunks, "", 1, chunk_count)
+end
+
+local function encode(value)
+  local ok, result = pcall(encode_pass, value, true)
+  if ok then return result end
+  if result ~= RESTART then error(result, 0) end
+  return encode_pass(value, false)
 end
 
 return encode
