@@ -61,7 +61,8 @@ class ParallelFlowResult(Mapping):
     it continues on resume (a ``checkpoint.recorder.ResumePoint``) and
     ``state`` its state as of the pause.
     ``recordings`` are what the branch's recorded nodes recorded (a tape in
-    record mode, ``replay.Tape``), on their way back to the run's tape.
+    record mode, ``replay.Tape``; None when nothing was recorded), on their way back to the
+    run's tape.
 
     Reads like a dict too: ``result["state"]``, ``result.get("branch")``. A
     key that is not a field name is looked up in the branch's state
@@ -89,7 +90,7 @@ class ParallelFlowResult(Mapping):
     route: tuple[Any, ...] = ()
     interrupts: tuple[Interrupt, ...] = ()
     resume_at: Any = None  # a checkpoint.recorder.ResumePoint (a layer above this one)
-    recordings: dict[str, list[Any]] = field(default_factory=dict)
+    recordings: dict[str, list[Any]] | None = None
 
     @property
     def paused(self) -> bool:
