@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .code_location import CodeLocation
 from .errors import ConfigError, ConfigTypeError
 from .interrupts import interrupt
+from .keys import Language
 
 if TYPE_CHECKING:
     from .branch import ParallelFlowResult
@@ -30,7 +31,7 @@ class Node:
     """Base of all node kinds: ``run`` returns the update dict (or None)."""
 
     name: str
-    language: str = "python"
+    language: str = Language.PYTHON
 
     def run(self, state: dict, context: ExecutionContext,
             parallel_results: list[ParallelFlowResult] | None = None) -> Any:
@@ -54,7 +55,7 @@ class PythonNode(Node):
     that file and its line numbers.
     """
 
-    language = "python"
+    language = Language.PYTHON
 
     def __init__(self, name: str, source: str, *, origin: str | None = None,
                  location: CodeLocation | None = None) -> None:
@@ -97,7 +98,7 @@ class LuaNode(Node):
     numbers.
     """
 
-    language = "lua"
+    language = Language.LUA
 
     def __init__(self, name: str, source: str, *, location: CodeLocation | None = None) -> None:
         self.name = name
@@ -136,7 +137,7 @@ class CallableNode(Node):
     ``fn(state, parallel_results)``.
     """
 
-    language = "python"
+    language = Language.PYTHON
 
     def __init__(self, name: str, fn: Callable[..., Any]) -> None:
         if not callable(fn):
