@@ -46,24 +46,18 @@ class Node:
         return None
 
 
-class PythonNode(Node):
-    """A node whose ``run:`` body is Python: the body of a function of ``state``.
-
-    The body sees ``state``, ``variables``, ``interrupt`` (as a Lua node has
-    it) and, in fan-in nodes, ``parallel_results``. Syntax errors are found when the node is built.
-    With a ``location`` (the body was read from a file), tracebacks name
-    that file and its line numbers.
-    """
+class PythonSourceNode(Node):
+    """A node built from Python source text: what it keeps of that text, and pickling by
+    it (a copy is built again from its source, as the original was)."""
 
     language = Language.PYTHON
 
-    def __init__(self, name: str, source: str, *, origin: str | None = None,
-                 location: CodeLocation | None = None) -> None:
+    def _keep_source(self, name: str, source: str, origin: str | None,
+                     location: CodeLocation | None) -> None:
         self.name = name
         self.source = source
         self.origin = origin or f"<node {name}>"
         self.location = location
-        self._code = compile_python_body(source, self.origin, node=name, location=location)
 
     def __getstate__(self) -> dict:
         return {"name": self.name, "source": self.source, "origin": self.origin,
@@ -72,6 +66,21 @@ class PythonNode(Node):
     def __setstate__(self, data: dict) -> None:
         self.__init__(data["name"], data["source"], origin=data["origin"],
                       location=data.get("location"))
+
+
+class PythonNode(PythonSourceNode):
+    """A node whose ``run:`` body is Python: the body of a function of ``state``.
+
+    The body sees ``state``, ``variables``, ``interrupt`` (as a Lua node has
+    it) and, in fan-in nodes, ``parallel_results``. Syntax errors are found when the node is built.
+    With a ``location`` (the body was read from a file), tracebacks name
+    that file and its line numbers.
+    """
+
+    def __init__(self, name: str, source: str, *, origin: str | None = None,
+                 location: CodeLocation | None = None) -> None:
+        self._keep_source(name, source, origin, location)
+        self._code = compile_python_body(source, self.origin, node=name, location=location)
 
     def failure_site(self, error: BaseException) -> str | None:
         return self.location.python_site(error, self.source) if self.location else None

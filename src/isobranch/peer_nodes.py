@@ -37,7 +37,7 @@ from .jinja_conditions import (
     template_references,
 )
 from .keys import Language
-from .nodes import Node, PythonNode
+from .nodes import Node, PythonNode, PythonSourceNode
 
 if TYPE_CHECKING:
     from .branch import ParallelFlowResult
@@ -203,7 +203,7 @@ def peer_python_node(name: str, source: str, *, origin: str | None = None,
     return PeerPythonNode(name, source, origin=origin, location=location)
 
 
-class TemplatedPythonNode(Node):
+class TemplatedPythonNode(PythonSourceNode):
     """Python code of the format holding ``{{ }}``, ``{% %}`` or ``${name}``.
 
     As that format runs such code, it is rendered before each run as a
@@ -216,15 +216,10 @@ class TemplatedPythonNode(Node):
     text (up to ``RENDERED_CODE_CACHE_SIZE`` texts).
     """
 
-    language = Language.PYTHON
-
     def __init__(self, name: str, source: str, *, origin: str | None = None,
                  location: CodeLocation | None = None) -> None:
         from jinja2 import TemplateSyntaxError
-        self.name = name
-        self.source = source
-        self.origin = origin or f"<node {name}>"
-        self.location = location
+        self._keep_source(name, source, origin, location)
         try:
             unknown = template_references(source).unknown_names
             self._template = compile_template(source)
@@ -240,10 +235,6 @@ class TemplatedPythonNode(Node):
                                     f"{advice}")
         # Thread-safe, and per node: nodes are shared by the threads of a run.
         self._compiled = functools.lru_cache(maxsize=RENDERED_CODE_CACHE_SIZE)(self._node_for)
-
-    # Pickled by its source, as a PythonNode is (same constructor arguments).
-    __getstate__ = PythonNode.__getstate__
-    __setstate__ = PythonNode.__setstate__
 
     def render(self, state: dict, variables: dict) -> str:
         """The code as it runs for ``state``: the template rendered, ``${name}`` replaced."""
