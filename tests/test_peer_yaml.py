@@ -991,3 +991,28 @@ def test_a_map_edge_that_cancels_unstarted_branches_reports_every_branch(isolati
     assert cancelled and cancelled == list(range(cancelled[0], 10))
     done = [event["done"] for event in events if event["type"] == "branch"]
     assert done == list(range(1, 11))
+
+
+def fingerprint(text: str) -> dict[str, str]:
+    with YAMLEngine().load_from_dict(yaml.safe_load(textwrap.dedent(text))) as graph:
+        return graph.fingerprint()
+
+
+@pytest.mark.parametrize(("document", "node", "old", "new"), [
+    (TEMPLATED_CODE, "greet", 'name = name.upper()', 'name = name.lower()'),
+    (COUNTER_LOOP, "count_loop", 'return { count = count + 1 }', 'return { count = count + 2 }'),
+    (COUNTER_LOOP, "count_loop", 'state["sum"] + state["count"]', 'state["sum"] - state["count"]'),
+    (COUNTER_LOOP, "count_loop", "state.count < variables.limit", "state.count <= variables.limit"),
+    (COUNTER_LOOP, "count_loop", "max_iterations: 10", "max_iterations: 20"),
+    (OUTPUT, "double", 'return state["n"] * 2', 'return state["n"] * 3'),
+    (OUTPUT, "double", "output: doubled", "output: tripled"),
+])
+def test_a_peer_nodes_fingerprint_changes_with_its_code(document, node, old, new):
+    # The fingerprint is what resume checks a recorded run against and what the node
+    # cache keys entries by: code inside a template, a loop or an output node counts.
+    assert old in document
+    before, again = fingerprint(document), fingerprint(document)
+    after = fingerprint(document.replace(old, new))
+    assert before == again
+    changed = {part for part in before if before[part] != after.get(part)}
+    assert changed == {f"node {node!r}"}

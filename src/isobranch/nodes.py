@@ -38,6 +38,12 @@ class Node:
         """Execute the node on ``state``; fan-in nodes also get ``parallel_results``."""
         raise NotImplementedError
 
+    def identity_parts(self) -> list[Any] | None:
+        """What tells this node's code from another's, for checkpoint fingerprints and
+        node-cache keys, when its class's ``run`` does not say it all: plain values, nodes
+        and conditions (each identified in turn). None: the class and its ``run`` do."""
+        return None
+
     def failure_site(self, error: BaseException) -> str | None:
         """What a message about ``error`` adds: where in its file the node's code raised it.
 

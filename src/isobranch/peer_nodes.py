@@ -106,6 +106,9 @@ class WhileLoopNode(Node):
         return {key: value for key, value in working.items()
                 if key not in state or state[key] is not value}
 
+    def identity_parts(self) -> list[Any]:
+        return ["while_loop", self.condition, self.max_iterations, *self.body]
+
     def failure_site(self, error: BaseException) -> str | None:
         cause = error.__cause__ if isinstance(error, LoopBodyError) else error
         if cause is None:
@@ -173,6 +176,9 @@ class ResultUnderKey(Node):
             parallel_results: list[ParallelFlowResult] | None = None) -> dict:
         return {self.key: context.resolve(self.inner.run(state, context, parallel_results))}
 
+    def identity_parts(self) -> list[Any]:
+        return ["output", self.key, self.inner]
+
     def failure_site(self, error: BaseException) -> str | None:
         return self.inner.failure_site(error)
 
@@ -235,6 +241,9 @@ class TemplatedPythonNode(PythonSourceNode):
                                     f"{advice}")
         # Thread-safe, and per node: nodes are shared by the threads of a run.
         self._compiled = functools.lru_cache(maxsize=RENDERED_CODE_CACHE_SIZE)(self._node_for)
+
+    def identity_parts(self) -> list[Any]:
+        return ["python template", self.source]
 
     def render(self, state: dict, variables: dict) -> str:
         """The code as it runs for ``state``: the template rendered, ``${name}`` replaced."""

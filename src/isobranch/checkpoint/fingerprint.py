@@ -16,9 +16,9 @@ import json
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from ..conditions import CallableCondition, Expression
+from ..conditions import CallableCondition, Condition, Expression
 from ..fanout import FanOut, MapFanOut
-from ..nodes import CallableNode, LuaNode, PythonNode
+from ..nodes import CallableNode, LuaNode, Node, PythonNode
 from ..subgraph import SubgraphNode
 
 
@@ -128,6 +128,11 @@ def _node_identity(node: Any) -> list[Any]:
         return ["callable", _callable_identity(node.fn)]
     if isinstance(node, SubgraphNode):  # its inner graph has parts of its own
         return ["subgraph", node.input, node.output]
+    parts = node.identity_parts() if isinstance(node, Node) else None
+    if parts is not None:  # a node whose code is in its parts (a loop's body, a template)
+        return [_node_identity(part) if isinstance(part, Node)
+                else _expression(part) if isinstance(part, Condition) else part
+                for part in parts]
     return ["node", type(node).__module__, type(node).__qualname__,
             _callable_identity(type(node).run)]
 
