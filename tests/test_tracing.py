@@ -203,19 +203,25 @@ def fails_once(marker):
     return flaky
 
 
-def test_each_attempt_of_a_retried_branch_is_its_own_span(exporter, tmp_path):
-    flaky = fails_once(tmp_path / "failed-once")
-
+def one_branch_graph(name: str, body, *, node_retry=None, edge_retry=None) -> StateGraph:
+    """start -> one parallel branch, node ``name`` running ``body`` -> join; ``node_retry``
+    goes on the node, ``edge_retry`` on the parallel edge."""
     graph = StateGraph()
     graph.add_node("start", lambda state: None)
-    graph.add_node("flaky", flaky)
+    graph.add_node(name, body, **({"retry": node_retry} if node_retry else {}))
     graph.add_fan_in_node("join", lambda state, results: None)
     graph.add_edge(START, "start")
-    graph.add_parallel_edge("start", "flaky", fan_in="join",
-                            retry={"max_attempts": 2, "initial_interval": 0.001,
-                                   "retry_on": ("ConnectionError",)})
-    graph.add_edge("flaky", "join")
+    graph.add_parallel_edge("start", name, fan_in="join",
+                            **({"retry": edge_retry} if edge_retry else {}))
+    graph.add_edge(name, "join")
     graph.add_edge("join", END)
+    return graph
+
+
+def test_each_attempt_of_a_retried_branch_is_its_own_span(exporter, tmp_path):
+    graph = one_branch_graph("flaky", fails_once(tmp_path / "failed-once"),
+                             edge_retry={"max_attempts": 2, "initial_interval": 0.001,
+                                         "retry_on": ("ConnectionError",)})
     with graph.compile(isolation="thread") as app:
         app.invoke({})
     branches = sorted(by_name(exporter.get_finished_spans(), "isobranch.branch"),
@@ -227,14 +233,7 @@ def test_each_attempt_of_a_retried_branch_is_its_own_span(exporter, tmp_path):
 def test_a_branch_killed_in_its_worker_still_gets_a_span_made_by_the_caller(exporter):
     import os
 
-    graph = StateGraph()
-    graph.add_node("start", lambda state: None)
-    graph.add_node("dies", lambda state: os._exit(3))
-    graph.add_fan_in_node("join", lambda state, results: None)
-    graph.add_edge(START, "start")
-    graph.add_parallel_edge("start", "dies", fan_in="join")
-    graph.add_edge("dies", "join")
-    graph.add_edge("join", END)
+    graph = one_branch_graph("dies", lambda state: os._exit(3))
     with graph.compile(isolation="process") as app:
         app.invoke({})
     (branch,) = by_name(exporter.get_finished_spans(), "isobranch.branch")
@@ -389,17 +388,9 @@ def test_worker_spans_reach_a_provider_that_is_not_the_sdks_through_the_api(monk
 def test_a_node_retry_in_a_worker_is_an_event_through_the_api_fallback(monkeypatch, tmp_path):
     provider = RecordingProvider()
     monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
-    flaky = fails_once(tmp_path / "failed-once")
-
-    graph = StateGraph()
-    graph.add_node("start", lambda state: None)
-    graph.add_node("flaky", flaky, retry={"max_attempts": 2, "initial_interval": 0.001,
-                                          "retry_on": ("ConnectionError",)})
-    graph.add_fan_in_node("join", lambda state, results: None)
-    graph.add_edge(START, "start")
-    graph.add_parallel_edge("start", "flaky", fan_in="join")
-    graph.add_edge("flaky", "join")
-    graph.add_edge("join", END)
+    graph = one_branch_graph("flaky", fails_once(tmp_path / "failed-once"),
+                             node_retry={"max_attempts": 2, "initial_interval": 0.001,
+                                         "retry_on": ("ConnectionError",)})
     with graph.compile(isolation="process") as app:
         app.invoke({})
     (node,) = [n for n in by_name(provider.spans, "isobranch.node")
